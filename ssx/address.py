@@ -1,0 +1,207 @@
+"""
+The Shadowsocks target address header: ``ATYP | ADDR | PORT`` (wire.md §2).
+
+The same bytes appear in three places on the data path: the SOCKS5 request
+that `ssx-local` parses from an application (wire.md §1.3), the head of the
+decrypted client-to-server stream that `ssx-server` parses to learn where to
+connect (§3), and the head of every UDP plaintext in both directions.  This
+module is the one codec for all of them; it is sans-IO and knows nothing of
+sockets or ciphers.
+
+`decode_address` sits on the server's hot path and reads straight out of the
+caller's receive buffer (``bytes``, ``bytearray`` or a byte ``memoryview``)
+without copying more than the address itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from ssx.errors import AddressError, UnsupportedAddressType
+
+__all__ = [
+    "ATYP_IPV4",
+    "ATYP_DOMAIN",
+    "ATYP_IPV6",
+    "Address",
+    "encode_address",
+    "decode_address",
+    "address_size",
+]
+
+ATYP_IPV4 = 1
+ATYP_DOMAIN = 3
+ATYP_IPV6 = 4
+
+_IPV4_SIZE = 1 + 4 + 2
+_IPV6_SIZE = 1 + 16 + 2
+# ATYP, LEN and PORT around the name itself.
+_DOMAIN_OVERHEAD = 1 + 1 + 2
+_MAX_DOMAIN = 255
+
+# A name with control characters in it is never a host name; letting one
+# through would hand a peer a way to smuggle line breaks or NULs into logs
+# and into the resolver.
+_ASCII_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_TEXT_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """
+    A target: an IP literal or a domain name, and a port.
+
+    `host` is dotted-quad IPv4, IPv6 text without brackets (compressed form
+    when it comes from `decode_address`), or a domain name.  Nothing is
+    checked here: `encode_address` refuses what cannot go on the wire.
+    """
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def encode_address(address: Address) -> bytes:
+    """
+    The wire form of `address`.
+
+    IP literals keep their own ATYP (1 or 4) so that a SOCKS client's choice
+    survives the hop; anything else is sent as a name for the far end to
+    resolve.  Raises `AddressError` for a port outside 0..65535, a scoped
+    IPv6 literal, or a name that is empty, longer than 255 bytes once
+    encoded, not IDNA-encodable, or contains control characters.
+    """
+    host = address.host
+    port = address.port
+    # bool is an int subclass; True as a port is a bug, not port 1.
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise AddressError(f"port must be an integer, not {port!r}")
+    if not 0 <= port <= 0xFFFF:
+        raise AddressError(f"port {port} out of range 0..65535")
+    port_bytes = port.to_bytes(2, "big")
+
+    # IDNA first: its mapping can turn text such as fullwidth digits into an
+    # IP literal, and that must go out with the same ATYP as the plain one.
+    text = host if host.isascii() else _idna_encode(host)
+    ip = _parse_ip_literal(text)
+    if isinstance(ip, ipaddress.IPv4Address):
+        return b"\x01" + ip.packed + port_bytes
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id is not None:
+            # The 16 wire bytes cannot carry a zone; dropping it silently
+            # would send the peer somewhere other than what was asked.
+            raise AddressError(f"scoped IPv6 address {host!r} cannot be sent")
+        return b"\x04" + ip.packed + port_bytes
+
+    name = text.encode("ascii")
+    if not 1 <= len(name) <= _MAX_DOMAIN:
+        raise AddressError(
+            f"domain name must be 1..{_MAX_DOMAIN} bytes, not {len(name)}"
+        )
+    if _ASCII_CONTROL.search(name) is not None:
+        raise AddressError(f"control character in domain name {host!r}")
+    return b"\x03" + bytes((len(name),)) + name + port_bytes
+
+
+def address_size(
+    data: bytes | bytearray | memoryview, offset: int = 0
+) -> int | None:
+    """
+    The length of the address header starting at `offset`.
+
+    Needs only the ATYP byte (and LEN for a name); returns None while those
+    are not there yet.  Raises `UnsupportedAddressType` for an ATYP other
+    than 1, 3 or 4 (the OTA bit 0x10 included) and `AddressError` for a name
+    of length 0, as soon as the offending byte has arrived.
+    """
+    if offset < 0:
+        raise ValueError(f"negative offset {offset}")
+    available = len(data) - offset
+    if available < 1:
+        return None
+    atyp = data[offset]
+    if atyp == ATYP_IPV4:
+        return _IPV4_SIZE
+    if atyp == ATYP_IPV6:
+        return _IPV6_SIZE
+    if atyp == ATYP_DOMAIN:
+        if available < 2:
+            return None
+        length = data[offset + 1]
+        if length == 0:
+            raise AddressError("domain name of length 0")
+        return _DOMAIN_OVERHEAD + length
+    raise UnsupportedAddressType(f"unsupported address type 0x{atyp:02x}")
+
+
+def decode_address(
+    data: bytes | bytearray | memoryview, offset: int = 0
+) -> tuple[Address, int] | None:
+    """
+    Parse the address header that starts at `offset` in `data`.
+
+    Returns ``(address, end)`` where `end` is the index just past the port,
+    or None when `data` ends before the header does.  Malformed input raises
+    an `AddressError` (`UnsupportedAddressType` for a bad ATYP) and nothing
+    else.  A name is returned as sent (an IDNA A-label stays ``xn--…``);
+    raw UTF-8 is accepted since some clients send it.
+    """
+    size = address_size(data, offset)
+    if size is None:
+        return None
+    end = offset + size
+    if len(data) < end:
+        return None
+    atyp = data[offset]
+    port = (data[end - 2] << 8) | data[end - 1]
+    host: str
+    if atyp == ATYP_IPV4:
+        host = (
+            f"{data[offset + 1]}.{data[offset + 2]}."
+            f"{data[offset + 3]}.{data[offset + 4]}"
+        )
+    elif atyp == ATYP_IPV6:
+        host = ipaddress.IPv6Address(bytes(data[offset + 1 : end - 2])).compressed
+    else:
+        host = _decode_domain(bytes(data[offset + 2 : end - 2]))
+    return Address(host, port), end
+
+
+def _parse_ip_literal(
+    host: str,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    # Pick the one parser that can match so a domain costs a single failed
+    # parse rather than two.
+    try:
+        if ":" in host:
+            return ipaddress.IPv6Address(host)
+        return ipaddress.IPv4Address(host)
+    except ValueError:
+        return None
+
+
+def _idna_encode(host: str) -> str:
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError as e:
+        raise AddressError(f"cannot IDNA-encode host {host!r}: {e}") from e
+
+
+def _decode_domain(raw: bytes) -> str:
+    if raw.isascii():
+        if _ASCII_CONTROL.search(raw) is not None:
+            raise AddressError(f"control character in domain name {raw!r}")
+        return raw.decode("ascii")
+    try:
+        host = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AddressError(f"domain name is not UTF-8: {raw!r}") from e
+    if _TEXT_CONTROL.search(host) is not None:
+        raise AddressError(f"control character in domain name {raw!r}")
+    return host

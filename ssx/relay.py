@@ -1,0 +1,140 @@
+"""
+The relay between two connections, shared by both ends.
+
+Once a handshake is over (SOCKS5 on the local end, the Shadowsocks header on
+the server end) two protocols are joined: whatever one reads, transformed by
+its `forward` (encrypt or decrypt), is written to the other.  Each transport
+is registered as the streaming producer of the other, so a slow reader pauses
+reads on the fast side and neither end buffers without bound.  A read EOF on
+one side becomes a write half-close on the other; a connection closes once
+both of its halves are done, or at once when its peer goes away.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ssx.errors import ProtocolError
+
+__all__ = ["RelayProtocol", "OutboundProtocol", "set_no_delay"]
+
+_log = Logger()
+
+
+def set_no_delay(transport: object) -> None:
+    """Turn Nagle off where the transport is TCP: a relay adds latency enough."""
+    if ITCPTransport.providedBy(transport):
+        try:
+            transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        except OSError:
+            pass
+
+
+@implementer(IHalfCloseableProtocol)
+class RelayProtocol(Protocol):
+    """
+    One side of a relay.
+
+    Subclasses handle their handshake in `dataReceived` and call `join` when
+    the relay starts; from then on `relayReceived` carries the data.
+    `transform` turns bytes read here into bytes for the peer.
+    """
+
+    peer: "RelayProtocol | None" = None
+    transform: Callable[[bytes], bytes] | None = None
+    _read_closed = False
+    _write_closed = False
+    _closed = False
+
+    def join(self, peer: "RelayProtocol") -> None:
+        """Start relaying between this protocol and `peer` (both connected)."""
+        self.peer = peer
+        peer.peer = self
+        self.transport.registerProducer(peer.transport, True)
+        peer.transport.registerProducer(self.transport, True)
+
+    def relayReceived(self, data: bytes) -> None:
+        """Bytes read from this side while relaying."""
+        peer = self.peer
+        if peer is None or peer._closed:
+            return
+        transform = self.transform
+        try:
+            out = transform(data) if transform is not None else data
+        except ProtocolError as e:
+            self.relayFailed(e)
+            return
+        if out:
+            peer.transport.write(out)
+        self.activity()
+
+    def relayFailed(self, error: ProtocolError) -> None:
+        """The stream read on this side is broken: close both sides."""
+        _log.info("relay closed: {error}", error=error)
+        self.close_both()
+
+    def activity(self) -> None:
+        """Data moved; subclasses reset their idle timer here."""
+
+    def readConnectionLost(self) -> None:
+        self._read_closed = True
+        peer = self.peer
+        if peer is not None and not peer._closed:
+            peer.transport.unregisterProducer()
+            peer.transport.loseWriteConnection()
+        self._maybe_close()
+
+    def writeConnectionLost(self) -> None:
+        self._write_closed = True
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self._read_closed and self._write_closed:
+            self.transport.loseConnection()
+
+    def close_both(self) -> None:
+        """Close this side and its peer, each after its pending writes."""
+        for side in (self, self.peer):
+            if side is not None and not side._closed:
+                side.transport.unregisterProducer()
+                side.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._closed = True
+        peer = self.peer
+        if peer is not None and not peer._closed:
+            # Unregister first: a transport whose paused producer is gone
+            # would otherwise wait for it before closing.
+            peer.transport.unregisterProducer()
+            peer.transport.loseConnection()
+
+
+class OutboundProtocol(RelayProtocol):
+    """
+    The connection a relay opens: to the target on the server end, to the
+    server on the local end.  It reports its connection to `on_connected`
+    and from then on only relays.
+    """
+
+    def __init__(self, on_connected: Callable[["OutboundProtocol"], None]) -> None:
+        self._on_connected: Callable[["OutboundProtocol"], None] | None = on_connected
+
+    def connectionMade(self) -> None:
+        set_no_delay(self.transport)
+        callback, self._on_connected = self._on_connected, None
+        if callback is not None:
+            callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.relayReceived(data)
+
+    def activity(self) -> None:
+        peer = self.peer
+        if peer is not None:
+            peer.activity()

@@ -1,0 +1,194 @@
+"""
+The server end: one `ShadowsocksServerProtocol` per client connection.
+
+Data path: read the salt and decrypt the stream (`ssx.crypto`), parse the
+target address at its start (`ssx.address`), resolve it (`ssx.resolver`),
+refuse forbidden IPs (`ssx.forbidden`), connect, then relay (`ssx.relay`):
+client bytes are decrypted towards the target, target bytes encrypted back.
+
+Anything that fails before the relay starts because of the client's bytes
+(a bad tag, a malformed header) gets silence: the connection keeps reading
+and discarding until its timeout, then closes with a FIN, so a prober learns
+nothing from when or how it closed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from ssx.address import Address, decode_address
+from ssx.crypto import CipherSuite
+from ssx.errors import ProtocolError
+from ssx.forbidden import ForbiddenNetworks
+from ssx.relay import OutboundProtocol, RelayProtocol, set_no_delay
+from ssx.resolver import NameResolutionError, TargetResolver
+
+__all__ = ["ShadowsocksServerFactory", "ShadowsocksServerProtocol"]
+
+_log = Logger()
+
+_HEADER, _CONNECTING, _RELAY, _DISCARD = range(4)
+
+
+class ShadowsocksServerFactory(Factory):
+    """Holds what every server connection shares: keys, resolver, policy, clock."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        suite: CipherSuite,
+        resolver: TargetResolver,
+        forbidden: ForbiddenNetworks,
+        timeout: float = 300.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.reactor = reactor
+        self.suite = suite
+        self.resolver = resolver
+        self.forbidden = forbidden
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.connections: set[ShadowsocksServerProtocol] = set()
+        # Counters for logs and tests now, for per-user stats and metrics later.
+        self.connections_refused = 0
+        self.handshake_failures = 0
+
+    def buildProtocol(self, addr: Any) -> "ShadowsocksServerProtocol":
+        return ShadowsocksServerProtocol(self)
+
+
+class ShadowsocksServerProtocol(RelayProtocol, TimeoutMixin):
+    """A client connection to the server, from the salt to the end of the relay."""
+
+    def __init__(self, factory: ShadowsocksServerFactory) -> None:
+        self.factory = factory
+        self._state = _HEADER
+        self._decryptor = factory.suite.tcp_decryptor()
+        self._plain = bytearray()
+        self._connecting: Deferred | None = None
+
+    def callLater(self, period: float, func: Any) -> Any:  # TimeoutMixin's clock
+        return self.factory.reactor.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        self.factory.connections.add(self)
+        set_no_delay(self.transport)
+        # Not reset by anything before the relay starts: a client gets one
+        # timeout's worth of time to present a valid header.
+        self.setTimeout(self.factory.timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self._state
+        if state == _RELAY:
+            self.relayReceived(data)
+            return
+        if state == _DISCARD:
+            return
+        try:
+            plain = self._decryptor.decrypt(data)
+        except ProtocolError as e:
+            self._discard(e)
+            return
+        self._plain += plain
+        if state == _HEADER:
+            try:
+                parsed = decode_address(self._plain)
+            except ProtocolError as e:
+                self._discard(e)
+                return
+            if parsed is not None:
+                address, end = parsed
+                del self._plain[:end]
+                self._state = _CONNECTING
+                # Hold further reads until the target answers: bounds what
+                # we buffer to one read.
+                self.transport.pauseProducing()
+                self._connecting = Deferred.fromCoroutine(self._connect(address))
+
+    def _discard(self, error: ProtocolError) -> None:
+        peer = self.transport.getPeer()
+        _log.info(
+            "{peer}: {error}; discarding until the timeout",
+            peer=getattr(peer, "host", peer),
+            error=type(error).__name__,
+        )
+        self._state = _DISCARD
+        self._plain = bytearray()
+        self.factory.handshake_failures += 1
+
+    async def _connect(self, address: Address) -> None:
+        factory = self.factory
+        try:
+            ips = await factory.resolver.resolve(address.host)
+            allowed = [ip for ip in ips if not factory.forbidden.forbids(ip)]
+            if not allowed:
+                _log.info("refused {target}: forbidden address {ips}", target=address, ips=",".join(ips))
+                factory.connections_refused += 1
+                self.transport.loseConnection()
+                return
+            ip = allowed[0]
+            endpoint_type = TCP6ClientEndpoint if ipaddress.ip_address(ip).version == 6 else TCP4ClientEndpoint
+            endpoint = endpoint_type(factory.reactor, ip, address.port, timeout=factory.connect_timeout)
+            await connectProtocol(endpoint, OutboundProtocol(self._target_connected))
+        except CancelledError:
+            return
+        except (NameResolutionError, ConnectError) as e:
+            _log.info("cannot reach {target}: {error}", target=address, error=e)
+            self.transport.loseConnection()
+        finally:
+            self._connecting = None
+
+    def _target_connected(self, target: OutboundProtocol) -> None:
+        if self._closed:
+            target.transport.loseConnection()
+            return
+        self._state = _RELAY
+        self.transform = self._decryptor.decrypt
+        target.transform = self.factory.suite.tcp_encryptor().encrypt
+        self.join(target)
+        if self._plain:
+            target.transport.write(bytes(self._plain))
+        self._plain = bytearray()
+        self.resetTimeout()
+        if self._read_closed:
+            target.transport.unregisterProducer()
+            target.transport.loseWriteConnection()
+        else:
+            self.transport.resumeProducing()
+
+    def activity(self) -> None:
+        self.resetTimeout()
+
+    def timeoutConnection(self) -> None:
+        if self._state == _RELAY:
+            self.close_both()
+        else:
+            if self._connecting is not None:
+                self._connecting.cancel()
+            self.transport.loseConnection()
+
+    def readConnectionLost(self) -> None:
+        if self._state == _RELAY:
+            RelayProtocol.readConnectionLost(self)
+        elif self._state == _CONNECTING:
+            # The client is done sending; its data is buffered.  Finish the
+            # half-close once the target is connected.
+            self._read_closed = True
+        else:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.factory.connections.discard(self)
+        self.setTimeout(None)
+        if self._connecting is not None:
+            self._connecting.cancel()
+        RelayProtocol.connectionLost(self, reason)

@@ -1,0 +1,93 @@
+"""
+What the two commands' options share: `-c config.json`, repeatable
+`--listen`, merging flags over the file, and one clear line on a bad value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.python import usage
+
+from ssx.config import merge, read_config_file
+from ssx.crypto import METHODS, CipherSuite, lookup_method
+from ssx.errors import ConfigError
+
+__all__ = ["SsxOptions", "check_endpoint", "make_suite", "method_help"]
+
+
+def method_help() -> str:
+    return "encryption method, one of: " + ", ".join(METHODS)
+
+
+class SsxOptions(usage.Options):
+    """
+    Options whose values are config.json keys.  `flag_keys` maps each
+    option's long name to its key; subclasses set `command` and `build`.
+    """
+
+    command = "ssx"
+    flag_keys: Mapping[str, str] = {}
+    build: Callable[[Mapping[str, Any]], Any]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = None
+
+    def opt_listen(self, description: str) -> None:
+        """
+        Twisted endpoint description to listen on (repeatable), e.g.
+        tcp:8388:interface=\\:\\: or ssl:8443:privateKey=key.pem:certKey=cert.pem
+        or unix:/run/ssx.sock; replaces the address/port options.
+        """
+        if self["listen"] is None:
+            self["listen"] = []
+        self["listen"].append(description)
+
+    def opt_version(self) -> None:
+        """Print the ssx version and exit."""
+        from ssx import __version__
+
+        print(f"{self.command} (ssx) {__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        try:
+            file_values = read_config_file(self["config"]) if self["config"] else {}
+            flags = {key: self[name] for name, key in self.flag_keys.items()}
+            flags["listen"] = self["listen"]
+            self.config = type(self).build(merge(file_values, flags))
+            self.check(self.config)
+        except ConfigError as e:
+            # One line naming the key, rather than twistd's full usage text:
+            # the command line itself was well-formed.
+            raise SystemExit(f"{self.command}: bad configuration: {e}") from None
+
+    def check(self, config: Any) -> None:
+        for description in config.listen:
+            check_endpoint("listen", description, server=True)
+
+
+def check_endpoint(key: str, description: str, server: bool) -> None:
+    """Parse an endpoint description now, so a bad one stops start-up."""
+    parse = serverFromString if server else clientFromString
+    try:
+        parse(None, description)
+    except Exception as e:  # the parsers raise ValueError, KeyError, TypeError, OSError...
+        raise ConfigError(key, f"bad endpoint description {description!r}: {e}") from None
+
+
+def make_suite(method: str, password: str, key: bytes | None) -> CipherSuite:
+    if key is not None:
+        return CipherSuite.from_key(method, key)
+    return CipherSuite(method, password)
+
+
+def insecure_warning(method: str) -> str | None:
+    if lookup_method(method).insecure:
+        return (
+            f"method {method} has no integrity protection and is insecure: "
+            "use it only to reach old servers; prefer an AEAD method such as chacha20-ietf-poly1305"
+        )
+    return None

@@ -1,0 +1,124 @@
+"""
+`twistd ssx-server`: options and the service tree of the server end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from ssx.config import ServerConfig, server_config
+from ssx.listener import ListenerService
+from ssx.resolver import TargetResolver
+from ssx.server import ShadowsocksServerFactory
+from ssx.tap._options import SsxOptions, insecure_warning, make_suite, method_help
+from ssx.url import format_url
+
+__all__ = ["Options", "makeService", "build_service"]
+
+_log = Logger()
+
+
+class Options(SsxOptions):
+    command = "ssx-server"
+    synopsis = "[options]"
+    longdesc = (
+        "Shadowsocks server. With no options at all it listens on port 8388 with "
+        "chacha20-ietf-poly1305 and a freshly generated password, and logs the ss:// "
+        "URL that clients import. Keys and flags follow shadowsocks-libev and the "
+        "original Python shadowsocks: -c config.json, then flags override the file. "
+        "Example: twistd -n ssx-server -p 8388 -k SECRET -m aes-256-gcm"
+    )
+    optParameters = [
+        ["config", "c", None, "JSON config file (shadowsocks key names)"],
+        ["server", "s", None, "address to bind [default: 0.0.0.0]"],
+        ["server-port", "p", None, "port to listen on [default: 8388]"],
+        ["password", "k", None, "password [default: a fresh random one, logged as an ss:// URL]"],
+        ["key", None, None, "master key in URL-safe base64, instead of a password"],
+        ["method", "m", None, method_help() + " [default: chacha20-ietf-poly1305]"],
+        ["timeout", "t", None, "idle timeout in seconds [default: 300]"],
+        ["nameserver", None, None, "DNS servers, comma-separated IP[:port] [default: from resolv.conf, else 8.8.8.8,8.8.4.4]"],
+        ["forbidden-ip", None, None, "destinations refused, comma-separated IPs/CIDRs; '' allows all "
+         "[default: loopback, private, link-local, CGNAT, unique-local, multicast, unspecified]"],
+        ["hosts-file", None, None, "hosts file consulted before DNS [default: /etc/hosts]"],
+        ["resolv-conf", None, None, "resolv.conf to take DNS servers from [default: /etc/resolv.conf]"],
+    ]
+    optFlags = [["prefer-ipv6", "6", "try AAAA records before A records"]]
+    flag_keys = {
+        "server": "server",
+        "server-port": "server_port",
+        "password": "password",
+        "key": "key",
+        "method": "method",
+        "timeout": "timeout",
+        "nameserver": "nameserver",
+        "forbidden-ip": "forbidden_ip",
+        "hosts-file": "hosts_file",
+        "resolv-conf": "resolv_conf",
+    }
+    build = staticmethod(server_config)
+
+    def postOptions(self) -> None:
+        # A flag given only as a switch must not override the file's value.
+        self["prefer-ipv6"] = True if self["prefer-ipv6"] else None
+        self.flag_keys = {**self.flag_keys, "prefer-ipv6": "prefer_ipv6"}
+        super().postOptions()
+
+
+def build_service(reactor: Any, config: ServerConfig) -> MultiService:
+    """The server's service tree for `config`."""
+    suite = make_suite(config.method, config.password, config.key)
+    resolver = TargetResolver(
+        reactor,
+        nameservers=config.nameservers,
+        hosts_file=config.hosts_file,
+        resolv_conf=config.resolv_conf,
+        prefer_ipv6=config.prefer_ipv6,
+    )
+    factory = ShadowsocksServerFactory(reactor, suite, resolver, config.forbidden, timeout=config.timeout)
+    top = MultiService()
+    for description in config.listen:
+        listener = ListenerService(serverFromString(reactor, description), factory, description, "ssx-server")
+        listener.setServiceParent(top)
+    top.factory = factory  # type: ignore[attr-defined]
+    _report(config, resolver)
+    return top
+
+
+def _report(config: ServerConfig, resolver: TargetResolver) -> None:
+    warning = insecure_warning(config.method)
+    if warning:
+        _log.warn(warning)
+    for line in config.warnings:
+        _log.warn(line)
+    if config.ignored:
+        _log.info("config keys not used by ssx-server: {keys}", keys=", ".join(config.ignored))
+    _log.info(
+        "ssx-server: method {method}, timeout {timeout}s, DNS {dns}, forbidden {forbidden}",
+        method=config.method,
+        timeout=config.timeout,
+        dns=",".join(h for h, _ in resolver.nameservers),
+        forbidden=str(config.forbidden),
+    )
+    if config.password_generated:
+        host = config.host if config.host not in ("0.0.0.0", "::", "") else _this_host()
+        _log.warn(
+            "no password given: generated one; clients connect with {url} "
+            "(replace the host if clients know this machine by another name)",
+            url=format_url(config.method, config.password, host, config.port or 8388),
+        )
+
+
+def _this_host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    return build_service(reactor, options.config)

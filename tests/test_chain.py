@@ -1,0 +1,260 @@
+"""
+ssx-local -> ssx-server -> target, on real loopback sockets in trial's reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
+from twisted.web import resource, server as web_server
+
+from ssx import socks5
+from tests import support
+
+EIGHT_MIB = 8 * 1024 * 1024
+
+
+class ChainTestCase(unittest.TestCase):
+    """Starts an echo target and tears down whatever a test started."""
+
+    def setUp(self) -> None:
+        self.echo = support.listen_echo()
+        self.addCleanup(self.echo.stopListening)
+
+    def chain(self, **values) -> int:
+        """Start ssx-server and ssx-local with `values`; return the SOCKS port."""
+        server_values = {k: v for k, v in values.items() if k not in ("socks_user", "socks_password")}
+        server, server_port = support.start_server(**server_values)
+        self.addCleanup(server.stopService)
+        local, local_port = support.start_local(server_port, **values)
+        self.addCleanup(local.stopService)
+        self.server_service, self.local_service = server, local
+        return local_port
+
+    async def echo_through(self, socks_port: int, size: int, host: str = "127.0.0.1", port: int | None = None) -> None:
+        payload = os.urandom(size)
+        reply, received = await support.socks_transfer(socks_port, host, port or self.echo.getHost().port, payload)
+        self.assertEqual(reply, 0)
+        self.assertEqual(len(received), len(payload))
+        self.assertEqual(support.sha256(received), support.sha256(payload))
+
+
+def _make_bulk_test(method: str):
+    @defer.inlineCallbacks
+    def test(self):
+        socks_port = self.chain(method=method)
+        yield defer.Deferred.fromCoroutine(self.echo_through(socks_port, EIGHT_MIB))
+
+    test.__doc__ = f"8 MiB each way through a {method} chain arrive intact (hashed at both ends)."
+    return test
+
+
+class BulkTests(ChainTestCase):
+    """Every AEAD method and two stream methods carry 8 MiB each way intact."""
+
+    for _method in ("aes-128-gcm", "aes-192-gcm", "aes-256-gcm", "chacha20-ietf-poly1305", "aes-256-cfb", "chacha20-ietf"):
+        locals()["test_" + _method.replace("-", "_")] = _make_bulk_test(_method)
+    del _method
+
+
+class TargetTests(ChainTestCase):
+    """Targets of every address type are reached."""
+
+    async def _ipv6(self) -> None:
+        echo6 = support.listen_echo("::1")
+        self.addCleanup(echo6.stopListening)
+        socks_port = self.chain(method="aes-256-gcm")
+        await self.echo_through(socks_port, 100_000, host="::1", port=echo6.getHost().port)
+
+    def test_ipv6_target(self):
+        """An IPv6 literal target (::1) is reached through the chain."""
+        if not support.ipv6_loopback():
+            raise unittest.SkipTest("no IPv6 loopback on this machine")
+        return defer.Deferred.fromCoroutine(self._ipv6())
+
+    def test_domain_from_hosts_file(self):
+        """A domain target is resolved by the server's twisted.names resolver from the test's hosts file."""
+        with tempfile.NamedTemporaryFile("w", suffix=".hosts", delete=False) as f:
+            f.write("127.0.0.1 echo.ssx.test\n")
+        self.addCleanup(os.unlink, f.name)
+        # An unreachable DNS server: only the hosts file can answer.
+        socks_port = self.chain(method="chacha20-ietf-poly1305", hosts_file=f.name, nameserver="127.0.0.1:9")
+        return defer.Deferred.fromCoroutine(self.echo_through(socks_port, 300_000, host="echo.ssx.test"))
+
+    async def _unresolvable(self) -> None:
+        with tempfile.NamedTemporaryFile("w", suffix=".hosts", delete=False) as f:
+            f.write("127.0.0.1 echo.ssx.test\n")
+        self.addCleanup(os.unlink, f.name)
+        socks_port = self.chain(method="aes-128-gcm", hosts_file=f.name, nameserver="127.0.0.1:9")
+        reply, received = await support.socks_transfer(socks_port, "missing.ssx.test", 80, b"x" * 10)
+        # The local end cannot know the server failed to resolve: it replied
+        # success, and the server closes the connection with nothing relayed.
+        self.assertEqual(reply, 0)
+        self.assertEqual(received, b"")
+
+    def test_unresolvable_name_closes(self):
+        """A name the server cannot resolve ends the connection with no data."""
+        return defer.Deferred.fromCoroutine(self._unresolvable())
+
+    async def _forbidden(self) -> None:
+        socks_port = self.chain(method="aes-256-gcm", forbidden_ip=None)
+        reply, received = await support.socks_transfer(socks_port, "127.0.0.1", self.echo.getHost().port, b"secret")
+        self.assertEqual(reply, 0)
+        self.assertEqual(received, b"")
+        self.assertEqual(self.server_service.factory.connections_refused, 1)
+
+    def test_default_forbidden_refuses_loopback(self):
+        """With the default forbidden list, the server never connects to a loopback target."""
+        return defer.Deferred.fromCoroutine(self._forbidden())
+
+
+class HttpTests(ChainTestCase):
+    """A real client (curl) through the chain to a local HTTP server."""
+
+    def _web(self, body: bytes) -> int:
+        root = resource.Resource()
+        leaf = resource.Resource()
+        leaf.render_GET = lambda request: body  # type: ignore[method-assign]
+        leaf.isLeaf = True
+        root.putChild(b"blob", leaf)
+        port = reactor.listenTCP(0, web_server.Site(root), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    async def _curl(self, mode: str, **values) -> None:
+        body = os.urandom(3 * 1024 * 1024 + 17)
+        web_port = self._web(body)
+        socks_port = self.chain(**values)
+        out, err, code = await getProcessOutputAndValue(
+            "curl",
+            ["-sS", "--max-time", "30", mode, f"127.0.0.1:{socks_port}", f"http://localhost:{web_port}/blob"],
+            env=dict(os.environ, no_proxy="", NO_PROXY=""),
+        )
+        self.assertEqual(code, 0, err)
+        self.assertEqual(support.sha256(out), support.sha256(body))
+
+    def test_curl_socks5_hostname(self):
+        """curl --socks5-hostname fetches 3 MiB through the chain intact (name resolved by the server)."""
+        return defer.Deferred.fromCoroutine(self._curl("--socks5-hostname", method="aes-256-gcm"))
+
+    def test_curl_socks5(self):
+        """curl --socks5 (IP resolved by curl) fetches 3 MiB intact."""
+        return defer.Deferred.fromCoroutine(self._curl("--socks5", method="chacha20-ietf-poly1305"))
+
+    async def _curl_auth(self, user: str, password: str) -> tuple:
+        body = b"authorised\n"
+        web_port = self._web(body)
+        socks_port = self.chain(method="aes-128-gcm", socks_user="alice", socks_password="s3cret")
+        return await getProcessOutputAndValue(
+            "curl",
+            ["-sS", "--max-time", "10", "--socks5-hostname", f"{user}:{password}@127.0.0.1:{socks_port}",
+             f"http://localhost:{web_port}/blob"],
+            env=dict(os.environ, no_proxy="", NO_PROXY=""),
+        )
+
+    @defer.inlineCallbacks
+    def test_curl_socks5_auth(self):
+        """With --socks-user/--socks-password, curl with the right credentials gets through and wrong ones do not."""
+        out, err, code = yield defer.Deferred.fromCoroutine(self._curl_auth("alice", "s3cret"))
+        self.assertEqual((code, out), (0, b"authorised\n"))
+        out, err, code = yield defer.Deferred.fromCoroutine(self._curl_auth("alice", "wrong"))
+        self.assertNotEqual(code, 0)
+        self.assertEqual(out, b"")
+
+
+class ServerFailureTests(ChainTestCase):
+    """What the application sees when the server cannot be reached."""
+
+    async def _refused(self) -> None:
+        dead_port = support.free_port()
+        local, socks_port = support.start_local(dead_port, method="aes-256-gcm")
+        self.addCleanup(local.stopService)
+        reply, received = await support.socks_transfer(socks_port, "127.0.0.1", 80, b"")
+        self.assertEqual(reply, socks5.REP_CONNECTION_REFUSED)
+        self.assertEqual(received, b"")
+
+    def test_server_down_connection_refused(self):
+        """A server port that refuses connections gives SOCKS5 reply 05 (connection refused)."""
+        return defer.Deferred.fromCoroutine(self._refused())
+
+    async def _wrong_password(self) -> None:
+        server, server_port = support.start_server(method="aes-256-gcm", password="one", timeout=2)
+        self.addCleanup(server.stopService)
+        local, socks_port = support.start_local(server_port, method="aes-256-gcm", password="two")
+        self.addCleanup(local.stopService)
+        reply, received = await support.socks_transfer(
+            socks_port, "127.0.0.1", self.echo.getHost().port, b"hello" * 100
+        )
+        # The server discards the stream silently, so nothing comes back.
+        self.assertEqual(reply, 0)
+        self.assertEqual(received, b"")
+
+    def test_wrong_password_relays_nothing(self):
+        """A client with the wrong password gets nothing back and the target is never reached."""
+        return defer.Deferred.fromCoroutine(self._wrong_password())
+
+
+class SlowReaderTests(ChainTestCase):
+    """Backpressure: a target that stops reading stalls the sender instead of filling the proxies' memory."""
+
+    async def _slow(self) -> None:
+        from twisted.internet import protocol
+
+        received: list[bytes] = []
+        sinks: list = []
+        finished = defer.Deferred()
+
+        class Sink(protocol.Protocol):
+            def connectionMade(self):
+                sinks.append(self)
+                self.transport.pauseProducing()
+
+            def dataReceived(self, data):
+                received.append(data)
+
+            def connectionLost(self, reason=None):
+                finished.callback(None)
+
+        factory = protocol.Factory.forProtocol(Sink)
+        sink_port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(sink_port.stopListening)
+        socks_port = self.chain(method="aes-256-gcm")
+        payload = os.urandom(64 * 1024 * 1024)
+        client = support.SocksTransfer("127.0.0.1", sink_port.getHost().port, payload)
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
+        # Let the sender run until it is stalled by the full pipe.
+        last = -1
+        while client.sent != last:
+            last = client.sent
+            await deferLater(reactor, 0.5, lambda: None)
+        buffered = self._buffered()
+        self.assertLess(client.sent, len(payload) // 2, "the sender was never slowed down")
+        self.assertLess(buffered, 4 * 1024 * 1024, f"proxies buffer {buffered} bytes")
+        # Now let the target read: everything must still arrive, intact.
+        sinks[0].transport.resumeProducing()
+        await client.done
+        await finished
+        data = b"".join(received)
+        self.assertEqual(len(data), len(payload))
+        self.assertEqual(support.sha256(data), support.sha256(payload))
+
+    def _buffered(self) -> int:
+        total = 0
+        for service in (self.server_service, self.local_service):
+            for proto in service.factory.connections:
+                for side in (proto, proto.peer):
+                    if side is not None:
+                        t = side.transport
+                        total += len(t.dataBuffer) + t._tempDataLen
+        return total
+
+    def test_slow_reader_bounded(self):
+        """64 MiB towards a target that does not read: the proxies hold under 4 MiB, and all bytes arrive later."""
+        return defer.Deferred.fromCoroutine(self._slow())
