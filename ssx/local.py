@@ -63,6 +63,8 @@ def reply_code_for(failure: Failure) -> int:
 class Socks5LocalFactory(Factory):
     """What every application connection shares: keys, the way to the server, policy, clock."""
 
+    noisy = False
+
     def __init__(
         self,
         reactor: Any,

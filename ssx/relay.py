@@ -14,15 +14,16 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, ITCPTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ssx.errors import ProtocolError
 
-__all__ = ["RelayProtocol", "OutboundProtocol", "set_no_delay"]
+__all__ = ["RelayProtocol", "OutboundProtocol", "connect_protocol", "set_no_delay"]
 
 _log = Logger()
 
@@ -34,6 +35,23 @@ def set_no_delay(transport: object) -> None:
             transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
         except OSError:
             pass
+
+
+class _OneConnection(Factory):
+    # Like the factory of twisted's connectProtocol, but without a
+    # "Starting factory" log line for every relayed connection.
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        return self._protocol
+
+
+def connect_protocol(endpoint: IStreamClientEndpoint, protocol: Protocol) -> Deferred:
+    """Connect `protocol` through `endpoint`; fires with it once connected."""
+    return endpoint.connect(_OneConnection(protocol))
 
 
 @implementer(IHalfCloseableProtocol)

@@ -18,7 +18,7 @@ import ipaddress
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -29,7 +29,7 @@ from ssx.address import Address, decode_address
 from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
 from ssx.forbidden import ForbiddenNetworks
-from ssx.relay import OutboundProtocol, RelayProtocol, set_no_delay
+from ssx.relay import OutboundProtocol, RelayProtocol, connect_protocol, set_no_delay
 from ssx.resolver import NameResolutionError, TargetResolver
 
 __all__ = ["ShadowsocksServerFactory", "ShadowsocksServerProtocol"]
@@ -41,6 +41,8 @@ _HEADER, _CONNECTING, _RELAY, _DISCARD = range(4)
 
 class ShadowsocksServerFactory(Factory):
     """Holds what every server connection shares: keys, resolver, policy, clock."""
+
+    noisy = False
 
     def __init__(
         self,
@@ -138,7 +140,7 @@ class ShadowsocksServerProtocol(RelayProtocol, TimeoutMixin):
             ip = allowed[0]
             endpoint_type = TCP6ClientEndpoint if ipaddress.ip_address(ip).version == 6 else TCP4ClientEndpoint
             endpoint = endpoint_type(factory.reactor, ip, address.port, timeout=factory.connect_timeout)
-            await connectProtocol(endpoint, OutboundProtocol(self._target_connected))
+            await connect_protocol(endpoint, OutboundProtocol(self._target_connected))
         except CancelledError:
             return
         except (NameResolutionError, ConnectError) as e:

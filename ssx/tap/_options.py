@@ -36,11 +36,7 @@ class SsxOptions(usage.Options):
         self["listen"] = None
 
     def opt_listen(self, description: str) -> None:
-        """
-        Twisted endpoint description to listen on (repeatable), e.g.
-        tcp:8388:interface=\\:\\: or ssl:8443:privateKey=key.pem:certKey=cert.pem
-        or unix:/run/ssx.sock; replaces the address/port options.
-        """
+        """Twisted endpoint description to listen on (repeatable), e.g. tcp:8388:interface=\\:\\: or ssl:8443:privateKey=key.pem:certKey=cert.pem or unix:/run/ssx.sock; replaces the address/port options."""
         if self["listen"] is None:
             self["listen"] = []
         self["listen"].append(description)
@@ -74,6 +70,9 @@ def check_endpoint(key: str, description: str, server: bool) -> None:
     parse = serverFromString if server else clientFromString
     try:
         parse(None, description)
+    except IndexError:
+        # The systemd parser indexes the sockets it inherited.
+        raise ConfigError(key, f"{description!r}: no socket at that index was passed by systemd") from None
     except Exception as e:  # the parsers raise ValueError, KeyError, TypeError, OSError...
         raise ConfigError(key, f"bad endpoint description {description!r}: {e}") from None
 

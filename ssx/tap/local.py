@@ -14,7 +14,6 @@ from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     clientFromString,
-    connectProtocol,
     serverFromString,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -24,6 +23,7 @@ from twisted.logger import Logger
 from ssx.config import LocalConfig, local_config
 from ssx.listener import ListenerService
 from ssx.local import Socks5LocalFactory
+from ssx.relay import connect_protocol
 from ssx.tap._options import SsxOptions, check_endpoint, insecure_warning, make_suite, method_help
 
 __all__ = ["Options", "makeService", "build_service"]
@@ -97,7 +97,7 @@ def build_service(reactor: Any, config: LocalConfig) -> MultiService:
     """The local end's service tree for `config`."""
     suite = make_suite(config.method, config.password, config.key)
     endpoint = server_endpoint(reactor, config)
-    connect: Callable[[Protocol], Deferred] = lambda protocol: connectProtocol(endpoint, protocol)
+    connect: Callable[[Protocol], Deferred] = lambda protocol: connect_protocol(endpoint, protocol)
     factory = Socks5LocalFactory(
         reactor, suite, connect, timeout=config.timeout, credentials=config.socks_credentials
     )
@@ -114,7 +114,7 @@ def build_service(reactor: Any, config: LocalConfig) -> MultiService:
     if config.ignored:
         _log.info("config keys not used by ssx-local: {keys}", keys=", ".join(config.ignored))
     _log.info(
-        "ssx-local: server {server}, method {method}, timeout {timeout}s",
+        "ssx-local: server {server}, method {method}, timeout {timeout:g}s",
         server=config.server_endpoint or f"{config.server}:{config.server_port}",
         method=config.method,
         timeout=config.timeout,

@@ -97,7 +97,7 @@ def _report(config: ServerConfig, resolver: TargetResolver) -> None:
     if config.ignored:
         _log.info("config keys not used by ssx-server: {keys}", keys=", ".join(config.ignored))
     _log.info(
-        "ssx-server: method {method}, timeout {timeout}s, DNS {dns}, forbidden {forbidden}",
+        "ssx-server: method {method}, timeout {timeout:g}s, DNS {dns}, forbidden {forbidden}",
         method=config.method,
         timeout=config.timeout,
         dns=",".join(h for h, _ in resolver.nameservers),

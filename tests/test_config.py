@@ -1,0 +1,167 @@
+"""Configuration: defaults < config.json < flags, and one error naming the key."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from twisted.trial import unittest
+
+from ssx.config import local_config, merge, read_config_file, server_config
+from ssx.errors import ConfigError
+from ssx.tap import local as local_tap, server as server_tap
+
+
+def write_config(test: unittest.SynchronousTestCase, values: object) -> str:
+    fd, path = tempfile.mkstemp(suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        f.write(values if isinstance(values, str) else json.dumps(values))
+    test.addCleanup(os.unlink, path)
+    return path
+
+
+class ServerConfigTests(unittest.SynchronousTestCase):
+    """The server's settings."""
+
+    def test_defaults(self):
+        """No settings at all: port 8388 on 0.0.0.0, chacha20-ietf-poly1305, 300 s, a generated password."""
+        config = server_config({})
+        self.assertEqual(config.listen, ("tcp:8388:interface=0.0.0.0",))
+        self.assertEqual(config.method, "chacha20-ietf-poly1305")
+        self.assertEqual(config.timeout, 300.0)
+        self.assertTrue(config.password_generated)
+        self.assertGreaterEqual(len(config.password), 24)
+        self.assertNotEqual(config.password, server_config({}).password)
+        self.assertTrue(config.forbidden.forbids("127.0.0.1"))
+
+    def test_libev_style_file(self):
+        """A libev config.json is taken as it is, with string ports and a list of bind addresses."""
+        config = server_config(
+            {"server": ["127.0.0.1", "::1"], "server_port": "8389", "password": "barfoo!", "method": "AES-256-GCM",
+             "timeout": 60, "fast_open": True, "nameserver": "1.1.1.1,[2606:4700::1111]:53"}
+        )
+        self.assertEqual(config.listen, ("tcp:8389:interface=127.0.0.1", "tcp:8389:interface=\\:\\:1"))
+        self.assertEqual(config.method, "aes-256-gcm")
+        self.assertEqual(config.nameservers, (("1.1.1.1", 53), ("2606:4700::1111", 53)))
+        self.assertEqual(config.ignored, ("fast_open",))
+        self.assertFalse(config.password_generated)
+
+    def test_empty_forbidden_disables(self):
+        """forbidden_ip "" turns the destination check off."""
+        self.assertFalse(server_config({"forbidden_ip": ""}).forbidden.forbids("127.0.0.1"))
+
+    def test_password_not_in_repr(self):
+        """The password never appears in the config's repr (which may be logged)."""
+        self.assertNotIn("hunter2", repr(server_config({"password": "hunter2"})))
+
+    def test_bad_values_name_their_key(self):
+        """Each bad value raises ConfigError naming its key."""
+        cases = [
+            ({"method": "rot13"}, "method"),
+            ({"server_port": 70000}, "server_port"),
+            ({"server_port": "http"}, "server_port"),
+            ({"timeout": -1}, "timeout"),
+            ({"timeout": "soon"}, "timeout"),
+            ({"key": "!!!"}, "key"),
+            ({"key": "AAAA", "method": "aes-256-gcm"}, "key"),
+            ({"forbidden_ip": "10.0.0.0/33"}, "forbidden_ip"),
+            ({"nameserver": "dns.google"}, "nameserver"),
+            ({"mode": "both"}, "mode"),
+            ({"plugin": "obfs-server"}, "plugin"),
+            ({"listen": []}, "listen"),
+            ({"prefer_ipv6": "yes"}, "prefer_ipv6"),
+        ]
+        for values, key in cases:
+            with self.assertRaises(ConfigError, msg=str(values)) as caught:
+                server_config(values)
+            self.assertEqual(caught.exception.key, key, values)
+
+    def test_udp_mode_warns(self):
+        """mode tcp_and_udp starts, with a warning that only TCP is relayed for now."""
+        self.assertIn("UDP", server_config({"mode": "tcp_and_udp"}).warnings[0])
+
+
+class LocalConfigTests(unittest.SynchronousTestCase):
+    """The local end's settings."""
+
+    def test_defaults(self):
+        """SOCKS5 on 127.0.0.1:1080, server port 8388."""
+        config = local_config({"server": "192.0.2.1", "password": "pw"})
+        self.assertEqual(config.listen, ("tcp:1080:interface=127.0.0.1",))
+        self.assertEqual(config.server_port, 8388)
+        self.assertIsNone(config.socks_credentials)
+
+    def test_required(self):
+        """A local end needs a server and a password."""
+        for values, key in [({"password": "pw"}, "server"), ({"server": "192.0.2.1"}, "password")]:
+            with self.assertRaises(ConfigError) as caught:
+                local_config(values)
+            self.assertEqual(caught.exception.key, key)
+
+    def test_socks_credentials_together(self):
+        """socks_user without socks_password is an error naming socks_password."""
+        with self.assertRaises(ConfigError) as caught:
+            local_config({"server": "192.0.2.1", "password": "pw", "socks_user": "alice"})
+        self.assertEqual(caught.exception.key, "socks_password")
+
+    def test_server_endpoint_replaces_server(self):
+        """--server-endpoint alone is enough to reach the server."""
+        config = local_config({"server_endpoint": "tcp:host=192.0.2.1:port=443", "password": "pw"})
+        self.assertEqual(config.server_endpoint, "tcp:host=192.0.2.1:port=443")
+
+
+class FileAndFlagTests(unittest.SynchronousTestCase):
+    """config.json and flags together, through the twistd Options."""
+
+    def test_flags_override_file(self):
+        """A flag wins over the file; the file wins over the defaults."""
+        path = write_config(self, {"server": "192.0.2.1", "server_port": 8000, "password": "file", "method": "aes-128-gcm", "local_port": 1081})
+        options = local_tap.Options()
+        options.parseOptions(["-c", path, "-k", "flag", "-l", "1090"])
+        config = options.config
+        self.assertEqual((config.server, config.server_port, config.password, config.method), ("192.0.2.1", 8000, "flag", "aes-128-gcm"))
+        self.assertEqual(config.listen, ("tcp:1090:interface=127.0.0.1",))
+
+    def test_listen_repeatable(self):
+        """--listen can be given several times and replaces -s/-p."""
+        options = server_tap.Options()
+        options.parseOptions(["-k", "pw", "--listen", "tcp:0:interface=127.0.0.1", "--listen", "tcp:0:interface=\\:\\:1"])
+        self.assertEqual(options.config.listen, ("tcp:0:interface=127.0.0.1", "tcp:0:interface=\\:\\:1"))
+
+    def test_prefer_ipv6_flag(self):
+        """-6 sets prefer_ipv6; without it the file's value stands."""
+        path = write_config(self, {"prefer_ipv6": True})
+        options = server_tap.Options()
+        options.parseOptions(["-c", path])
+        self.assertTrue(options.config.prefer_ipv6)
+        options = server_tap.Options()
+        options.parseOptions(["-6"])
+        self.assertTrue(options.config.prefer_ipv6)
+
+    def test_errors_are_one_line(self):
+        """Bad files and values stop with one line naming the key, not a traceback or the usage text."""
+        cases = [
+            (["-c", "/nonexistent/config.json"], "config"),
+            (["-c", write_config(self, "{not json")], "config"),
+            (["-c", write_config(self, [1, 2])], "config"),
+            (["-m", "nope"], "method"),
+            (["-p", "99999"], "server_port"),
+            (["--listen", "bogus:1234"], "listen"),
+        ]
+        for argv, key in cases:
+            options = server_tap.Options()
+            with self.assertRaises(SystemExit) as caught:
+                options.parseOptions(argv)
+            message = str(caught.exception.code)
+            self.assertNotIn("\n", message)
+            self.assertTrue(message.startswith(f"ssx-server: bad configuration: {key}:"), message)
+
+    def test_read_config_file(self):
+        """read_config_file gives the JSON object."""
+        path = write_config(self, {"server": "x"})
+        self.assertEqual(read_config_file(path), {"server": "x"})
+
+    def test_merge_ignores_unset_flags(self):
+        """Flags left at None do not override the file."""
+        self.assertEqual(merge({"a": 1, "b": 2}, {"a": None, "b": 3}), {"a": 1, "b": 3})

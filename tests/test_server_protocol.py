@@ -1,0 +1,149 @@
+"""
+The server protocol alone: in-memory transports and a fake clock for the
+handshake logic, and one real socket for the silence a prober sees.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.internet import defer, reactor, threads
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial import unittest
+
+from ssx.address import Address, encode_address
+from ssx.crypto import CipherSuite
+from ssx.forbidden import parse_forbidden
+from ssx.server import ShadowsocksServerFactory
+from tests import support
+
+
+class FakeResolver:
+    """Answers every name with fixed addresses, recording what was asked."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.addresses = addresses
+        self.asked: list[str] = []
+
+    def resolve(self, name: str) -> defer.Deferred:
+        self.asked.append(name)
+        return defer.succeed(self.addresses)
+
+
+class ServerHandshakeTests(unittest.SynchronousTestCase):
+    """The server's handshake, driven byte by byte on a fake reactor."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.suite = CipherSuite("aes-256-gcm", "pw")
+        self.resolver = FakeResolver(["93.184.216.34"])
+        self.factory = ShadowsocksServerFactory(
+            self.reactor, self.suite, self.resolver, parse_forbidden(None), timeout=60
+        )
+        self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "198.51.100.1", 40000))
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.1", 40000))
+        self.protocol.makeConnection(self.transport)
+
+    def test_garbage_gets_silence_until_timeout(self):
+        """Random bytes get no reply and no close until the timeout, then a graceful close (FIN, not abort)."""
+        for _ in range(20):
+            self.protocol.dataReceived(os.urandom(100))
+        self.reactor.advance(59)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertFalse(self.transport.disconnecting)
+        self.reactor.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(self.factory.handshake_failures, 1)
+
+    def test_data_after_failure_does_not_extend_deadline(self):
+        """A prober that keeps sending after a failure is still closed at the original deadline."""
+        self.protocol.dataReceived(os.urandom(64))
+        for _ in range(6):
+            self.reactor.advance(10)
+            self.protocol.dataReceived(os.urandom(64))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_header_split_byte_by_byte(self):
+        """A request fed one byte at a time resolves the name, connects to the port, and forwards the first payload."""
+        stream = self.suite.tcp_encryptor().encrypt(encode_address(Address("example.com", 443)) + b"hello")
+        for i in range(len(stream)):
+            self.protocol.dataReceived(stream[i : i + 1])
+        self.assertEqual(self.resolver.asked, ["example.com"])
+        [(host, port, factory, _, _)] = self.reactor.tcpClients
+        self.assertEqual((host, port), ("93.184.216.34", 443))
+        target = StringTransport()
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(target)
+        self.assertEqual(target.value(), b"hello")
+        # The reply direction is encrypted back to the client.
+        protocol.dataReceived(b"world")
+        self.assertEqual(self.suite.tcp_decryptor().decrypt(self.transport.value()), b"world")
+
+    def test_forbidden_target_not_connected(self):
+        """A name resolving to a forbidden address (loopback) is never connected to."""
+        self.resolver.addresses = ["127.0.0.1"]
+        stream = self.suite.tcp_encryptor().encrypt(encode_address(Address("evil.example", 22)) + b"x")
+        self.protocol.dataReceived(stream)
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.factory.connections_refused, 1)
+
+    def test_ipv4_mapped_loopback_forbidden(self):
+        """An IPv6 literal that maps IPv4 loopback (::ffff:127.0.0.1) is refused too."""
+        self.resolver.addresses = ["::ffff:127.0.0.1"]
+        stream = self.suite.tcp_encryptor().encrypt(encode_address(Address("::ffff:127.0.0.1", 22)) + b"x")
+        self.protocol.dataReceived(stream)
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(self.factory.connections_refused, 1)
+
+    def test_bad_address_type_is_silent(self):
+        """A correctly encrypted stream with a bad address type gets the same silence as garbage."""
+        stream = self.suite.tcp_encryptor().encrypt(b"\x07\x00\x00\x00\x00\x00\x50")
+        self.protocol.dataReceived(stream)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.factory.handshake_failures, 1)
+
+    def test_idle_relay_times_out(self):
+        """A relayed connection with no traffic for the timeout is closed on both sides."""
+        stream = self.suite.tcp_encryptor().encrypt(encode_address(Address("example.com", 80)) + b"GET")
+        self.protocol.dataReceived(stream)
+        [(_, _, factory, _, _)] = self.reactor.tcpClients
+        target = StringTransport()
+        factory.buildProtocol(None).makeConnection(target)
+        self.reactor.advance(59)
+        self.assertFalse(self.transport.disconnecting)
+        self.reactor.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(target.disconnecting)
+
+
+class SilenceOnRealSocketTests(unittest.TestCase):
+    """What a prober sees on a real socket: nothing at all, then a FIN at the timeout."""
+
+    def _probe(self, port: int, garbage: bytes) -> tuple[bytes, float, str]:
+        import time
+
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(garbage)
+            start = time.monotonic()
+            s.settimeout(5)
+            try:
+                data = s.recv(4096)
+                how = "fin" if data == b"" else "data"
+            except ConnectionResetError:
+                data, how = b"", "rst"
+            return data, time.monotonic() - start, how
+
+    @defer.inlineCallbacks
+    def test_random_bytes_get_no_answer(self):
+        """Random bytes get no byte back; the server closes with FIN only when its timeout has passed."""
+        service, port = support.start_server(method="chacha20-ietf-poly1305", timeout=1.5)
+        self.addCleanup(service.stopService)
+        data, waited, how = yield threads.deferToThread(self._probe, port, os.urandom(77))
+        self.assertEqual((data, how), (b"", "fin"))
+        self.assertGreater(waited, 1.0)

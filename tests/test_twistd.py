@@ -1,0 +1,129 @@
+"""
+The commands as users run them: `twistd ssx-server` and `twistd ssx-local` in
+child processes, curl through them.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import sys
+import tempfile
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
+from twisted.web import resource, server as web_server
+
+from tests import support
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def twistd_env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=ROOT + (os.pathsep + path if path else ""), no_proxy="", NO_PROXY="")
+
+
+def run_twistd(*args: str) -> defer.Deferred:
+    """Run twistd to completion: (stdout, stderr, exit code)."""
+    return getProcessOutputAndValue(sys.executable, [*TWISTD, *args], env=twistd_env(), path=tempfile.gettempdir())
+
+
+class TwistdHelpTests(unittest.TestCase):
+    """twistd knows both commands and explains them."""
+
+    @defer.inlineCallbacks
+    def test_plugins_listed(self):
+        """`twistd --help` lists ssx-local and ssx-server."""
+        out, err, code = yield run_twistd("--help")
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"ssx-local", out)
+        self.assertIn(b"ssx-server", out)
+
+    @defer.inlineCallbacks
+    def test_command_help(self):
+        """Each command's --help describes its options and the methods."""
+        out, err, code = yield run_twistd("ssx-server", "--help")
+        self.assertEqual(code, 0, err)
+        for word in (b"--password", b"--forbidden-ip", b"--nameserver", b"--listen", b"aes-256-gcm"):
+            self.assertIn(word, out)
+        out, err, code = yield run_twistd("ssx-local", "--help")
+        self.assertEqual(code, 0, err)
+        for word in (b"--server-endpoint", b"--socks-user", b"--local-port", b"chacha20-ietf-poly1305"):
+            self.assertIn(word, out)
+
+    @defer.inlineCallbacks
+    def test_bad_method_one_line(self):
+        """An unknown method stops start-up with exactly one line naming the key, and a non-zero status."""
+        out, err, code = yield run_twistd("-n", "--pidfile=", "ssx-server", "-m", "rot13")
+        self.assertNotEqual(code, 0)
+        lines = (out + err).decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith("ssx-server: bad configuration: method: unknown method 'rot13'"), lines)
+
+    @defer.inlineCallbacks
+    def test_local_without_server_one_line(self):
+        """ssx-local with no server says so in one line naming the key."""
+        out, err, code = yield run_twistd("-n", "--pidfile=", "ssx-local", "-k", "pw")
+        self.assertNotEqual(code, 0)
+        lines = (out + err).decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("server: required", lines[0])
+
+
+class TwistdChainTests(unittest.TestCase):
+    """The README's commands, end to end."""
+
+    async def _start(self, *args: str, ready: bytes) -> support.ChildProcess:
+        child = support.ChildProcess()
+        reactor.spawnProcess(child, sys.executable, [sys.executable, *TWISTD, *args], env=twistd_env(), path=tempfile.gettempdir())
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
+        for _ in range(200):
+            if ready in b"".join(child.output):
+                return child
+            if child.ended.called:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"twistd did not get ready: {child.text()}")
+
+    async def _default_server(self) -> None:
+        body = os.urandom(1024 * 1024)
+        root = resource.Resource()
+        leaf = resource.Resource()
+        leaf.isLeaf = True
+        leaf.render_GET = lambda request: body  # type: ignore[method-assign]
+        root.putChild(b"file", leaf)
+        web = reactor.listenTCP(0, web_server.Site(root), interface="127.0.0.1")
+        self.addCleanup(web.stopListening)
+
+        server_port = support.free_port()
+        # No password: the server generates one and logs the ss:// URL.
+        server = await self._start("-n", "--pidfile=", "ssx-server", "-p", str(server_port), "--forbidden-ip=", ready=b"listening on")
+        match = re.search(r"ss://([A-Za-z0-9_-]+)@([^:\s]+):(\d+)", server.text())
+        self.assertIsNotNone(match, server.text())
+        userinfo = base64.urlsafe_b64decode(match.group(1) + "=" * (-len(match.group(1)) % 4)).decode()
+        method, password = userinfo.split(":", 1)
+        self.assertEqual(method, "chacha20-ietf-poly1305")
+        self.assertEqual(int(match.group(3)), server_port)
+        self.assertNotIn(password, server.text().replace(match.group(0), ""))
+
+        socks_port = support.free_port()
+        await self._start(
+            "-n", "--pidfile=", "ssx-local", "-s", "127.0.0.1", "-p", str(server_port), "-l", str(socks_port),
+            "-k", password, "-m", method, ready=b"listening on",
+        )
+        out, err, code = await getProcessOutputAndValue(
+            "curl", ["-sS", "--max-time", "20", "--socks5-hostname", f"127.0.0.1:{socks_port}",
+                     f"http://localhost:{web.getHost().port}/file"],
+            env=twistd_env(),
+        )
+        self.assertEqual(code, 0, err)
+        self.assertEqual(support.sha256(out), support.sha256(body))
+
+    def test_default_server_and_local(self):
+        """`twistd -n ssx-server` with no password logs an ss:// URL; ssx-local with it carries curl's download intact."""
+        return defer.Deferred.fromCoroutine(self._default_server())
