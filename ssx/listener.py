@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["ListenerService"]
+__all__ = ["ListenerService", "listeners"]
 
 _log = Logger()
 
@@ -67,3 +68,12 @@ def _describe(address: Any) -> str:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     name = getattr(address, "name", None)
     return str(name if name is not None else address)
+
+
+def listeners(reactor: Any, factory: Factory, descriptions: tuple[str, ...], label: str) -> MultiService:
+    """A service tree listening with `factory` on every endpoint description; `.factory` is kept on it."""
+    top = MultiService()
+    for description in descriptions:
+        ListenerService(serverFromString(reactor, description), factory, description, label).setServiceParent(top)
+    top.factory = factory  # type: ignore[attr-defined]
+    return top

@@ -21,16 +21,15 @@ from twisted.internet.error import (
     TCPTimedOutError,
     TimeoutError,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from ssx import socks5
-from ssx.address import Address, encode_address
+from ssx.address import encode_address
 from ssx.crypto import CipherSuite
 from ssx.errors import Socks5Error
-from ssx.relay import OutboundProtocol, RelayProtocol, set_no_delay
+from ssx.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol
 
 __all__ = ["Socks5LocalFactory", "Socks5LocalProtocol", "reply_code_for"]
 
@@ -60,10 +59,8 @@ def reply_code_for(failure: Failure) -> int:
     return socks5.REP_GENERAL_FAILURE
 
 
-class Socks5LocalFactory(Factory):
+class Socks5LocalFactory(RelayFactory):
     """What every application connection shares: keys, the way to the server, policy, clock."""
-
-    noisy = False
 
     def __init__(
         self,
@@ -73,19 +70,17 @@ class Socks5LocalFactory(Factory):
         timeout: float = 300.0,
         credentials: tuple[bytes, bytes] | None = None,
     ) -> None:
-        self.reactor = reactor
+        RelayFactory.__init__(self, reactor, timeout)
         self.suite = suite
         self.connect_server = connect_server
-        self.timeout = timeout
         self.credentials = credentials
         self.commands = frozenset({socks5.CMD_CONNECT})
-        self.connections: set[Socks5LocalProtocol] = set()
 
     def buildProtocol(self, addr: Any) -> "Socks5LocalProtocol":
         return Socks5LocalProtocol(self)
 
 
-class Socks5LocalProtocol(RelayProtocol, TimeoutMixin):
+class Socks5LocalProtocol(InboundProtocol):
     """An application's connection to the local end."""
 
     def __init__(self, factory: Socks5LocalFactory) -> None:
@@ -97,14 +92,6 @@ class Socks5LocalProtocol(RelayProtocol, TimeoutMixin):
         self._connecting: Deferred | None = None
         self._header_call: Any = None
         self._encrypt: Callable[[bytes], bytes] | None = None
-
-    def callLater(self, period: float, func: Any) -> Any:  # TimeoutMixin's clock
-        return self.factory.reactor.callLater(period, func)
-
-    def connectionMade(self) -> None:
-        self.factory.connections.add(self)
-        set_no_delay(self.transport)
-        self.setTimeout(self.factory.timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._state == _RELAY:
@@ -196,9 +183,6 @@ class Socks5LocalProtocol(RelayProtocol, TimeoutMixin):
                 self._header_call.cancel()
             self._header_call = None
 
-    def activity(self) -> None:
-        self.resetTimeout()
-
     def timeoutConnection(self) -> None:
         self.close_both()
 
@@ -214,9 +198,7 @@ class Socks5LocalProtocol(RelayProtocol, TimeoutMixin):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.factory.connections.discard(self)
-        self.setTimeout(None)
         self._cancel_header_call()
         if self._connecting is not None:
             self._connecting.cancel()
-        RelayProtocol.connectionLost(self, reason)
+        InboundProtocol.connectionLost(self, reason)

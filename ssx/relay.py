@@ -12,18 +12,19 @@ both of its halves are done, or at once when its peer goes away.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ssx.errors import ProtocolError
 
-__all__ = ["RelayProtocol", "OutboundProtocol", "connect_protocol", "set_no_delay"]
+__all__ = ["InboundProtocol", "OutboundProtocol", "RelayFactory", "RelayProtocol", "connect_protocol", "set_no_delay"]
 
 _log = Logger()
 
@@ -156,3 +157,43 @@ class OutboundProtocol(RelayProtocol):
         peer = self.peer
         if peer is not None:
             peer.activity()
+
+
+class RelayFactory(Factory):
+    """
+    What the accepted connections of one listener share: the clock and the
+    idle timeout, and the set of live connections (for tests now; for
+    connection limits, graceful shutdown and stats later).
+    """
+
+    noisy = False
+
+    def __init__(self, reactor: Any, timeout: float) -> None:
+        self.reactor = reactor
+        self.timeout = timeout
+        self.connections: set[InboundProtocol] = set()
+
+
+class InboundProtocol(RelayProtocol, TimeoutMixin):
+    """
+    An accepted connection: tracked by its factory, idle-timed on the
+    factory's clock (so tests drive it with task.Clock).
+    """
+
+    factory: RelayFactory
+
+    def callLater(self, period: float, func: Callable[[], object]) -> Any:  # TimeoutMixin's clock
+        return self.factory.reactor.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        self.factory.connections.add(self)
+        set_no_delay(self.transport)
+        self.setTimeout(self.factory.timeout)
+
+    def activity(self) -> None:
+        self.resetTimeout()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.factory.connections.discard(self)
+        self.setTimeout(None)
+        RelayProtocol.connectionLost(self, reason)

@@ -20,16 +20,14 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from ssx.address import Address, decode_address
 from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
 from ssx.forbidden import ForbiddenNetworks
-from ssx.relay import OutboundProtocol, RelayProtocol, connect_protocol, set_no_delay
+from ssx.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol, connect_protocol
 from ssx.resolver import NameResolutionError, TargetResolver
 
 __all__ = ["ShadowsocksServerFactory", "ShadowsocksServerProtocol"]
@@ -39,10 +37,8 @@ _log = Logger()
 _HEADER, _CONNECTING, _RELAY, _DISCARD = range(4)
 
 
-class ShadowsocksServerFactory(Factory):
+class ShadowsocksServerFactory(RelayFactory):
     """Holds what every server connection shares: keys, resolver, policy, clock."""
-
-    noisy = False
 
     def __init__(
         self,
@@ -53,13 +49,11 @@ class ShadowsocksServerFactory(Factory):
         timeout: float = 300.0,
         connect_timeout: float = 10.0,
     ) -> None:
-        self.reactor = reactor
+        RelayFactory.__init__(self, reactor, timeout)
         self.suite = suite
         self.resolver = resolver
         self.forbidden = forbidden
-        self.timeout = timeout
         self.connect_timeout = connect_timeout
-        self.connections: set[ShadowsocksServerProtocol] = set()
         # Counters for logs and tests now, for per-user stats and metrics later.
         self.connections_refused = 0
         self.handshake_failures = 0
@@ -68,7 +62,7 @@ class ShadowsocksServerFactory(Factory):
         return ShadowsocksServerProtocol(self)
 
 
-class ShadowsocksServerProtocol(RelayProtocol, TimeoutMixin):
+class ShadowsocksServerProtocol(InboundProtocol):
     """A client connection to the server, from the salt to the end of the relay."""
 
     def __init__(self, factory: ShadowsocksServerFactory) -> None:
@@ -78,15 +72,9 @@ class ShadowsocksServerProtocol(RelayProtocol, TimeoutMixin):
         self._plain = bytearray()
         self._connecting: Deferred | None = None
 
-    def callLater(self, period: float, func: Any) -> Any:  # TimeoutMixin's clock
-        return self.factory.reactor.callLater(period, func)
-
-    def connectionMade(self) -> None:
-        self.factory.connections.add(self)
-        set_no_delay(self.transport)
-        # Not reset by anything before the relay starts: a client gets one
-        # timeout's worth of time to present a valid header.
-        self.setTimeout(self.factory.timeout)
+    # The idle timer starts at connectionMade and nothing resets it before
+    # the relay starts: a client gets one timeout's worth of time to present
+    # a valid header, however it trickles its bytes.
 
     def dataReceived(self, data: bytes) -> None:
         state = self._state
@@ -167,9 +155,6 @@ class ShadowsocksServerProtocol(RelayProtocol, TimeoutMixin):
         else:
             self.transport.resumeProducing()
 
-    def activity(self) -> None:
-        self.resetTimeout()
-
     def timeoutConnection(self) -> None:
         if self._state == _RELAY:
             self.close_both()
@@ -189,8 +174,6 @@ class ShadowsocksServerProtocol(RelayProtocol, TimeoutMixin):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.factory.connections.discard(self)
-        self.setTimeout(None)
         if self._connecting is not None:
             self._connecting.cancel()
-        RelayProtocol.connectionLost(self, reason)
+        InboundProtocol.connectionLost(self, reason)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest

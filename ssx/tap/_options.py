@@ -8,13 +8,14 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
 from ssx.config import merge, read_config_file
 from ssx.crypto import METHODS, CipherSuite, lookup_method
 from ssx.errors import ConfigError
 
-__all__ = ["SsxOptions", "check_endpoint", "make_suite", "method_help"]
+__all__ = ["SsxOptions", "check_endpoint", "log_config_notes", "make_suite", "method_help"]
 
 
 def method_help() -> str:
@@ -28,6 +29,22 @@ class SsxOptions(usage.Options):
     """
 
     command = "ssx"
+    # usage.Options gathers optParameters from every class in the hierarchy:
+    # these are the ones both commands have.
+    optParameters = [
+        ["config", "c", None, "JSON config file (shadowsocks key names)"],
+        ["key", None, None, "master key in URL-safe base64, instead of a password"],
+        ["method", "m", None, method_help() + " [default: chacha20-ietf-poly1305]"],
+        ["timeout", "t", None, "idle timeout in seconds [default: 300]"],
+    ]
+    common_keys: Mapping[str, str] = {
+        "server": "server",
+        "server-port": "server_port",
+        "password": "password",
+        "key": "key",
+        "method": "method",
+        "timeout": "timeout",
+    }
     flag_keys: Mapping[str, str] = {}
     build: Callable[[Mapping[str, Any]], Any]
 
@@ -51,7 +68,8 @@ class SsxOptions(usage.Options):
     def postOptions(self) -> None:
         try:
             file_values = read_config_file(self["config"]) if self["config"] else {}
-            flags = {key: self[name] for name, key in self.flag_keys.items()}
+            keys = {**self.common_keys, **self.flag_keys}
+            flags = {key: self[name] for name, key in keys.items()}
             flags["listen"] = self["listen"]
             self.config = type(self).build(merge(file_values, flags))
             self.check(self.config)
@@ -83,10 +101,18 @@ def make_suite(method: str, password: str, key: bytes | None) -> CipherSuite:
     return CipherSuite(method, password)
 
 
-def insecure_warning(method: str) -> str | None:
+_log = Logger()
+
+
+def log_config_notes(label: str, method: str, warnings: tuple[str, ...], ignored: tuple[str, ...]) -> None:
+    """Warn about an insecure method and settings not (yet) acted on."""
     if lookup_method(method).insecure:
-        return (
-            f"method {method} has no integrity protection and is insecure: "
-            "use it only to reach old servers; prefer an AEAD method such as chacha20-ietf-poly1305"
+        _log.warn(
+            "method {method} has no integrity protection and is insecure: use it only to reach "
+            "old servers; prefer an AEAD method such as chacha20-ietf-poly1305",
+            method=method,
         )
-    return None
+    for line in warnings:
+        _log.warn(line)
+    if ignored:
+        _log.info("config keys not used by {label}: {keys}", label=label, keys=", ".join(ignored))

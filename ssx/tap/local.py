@@ -14,17 +14,16 @@ from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     clientFromString,
-    serverFromString,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from ssx.config import LocalConfig, local_config
-from ssx.listener import ListenerService
+from ssx.listener import listeners
 from ssx.local import Socks5LocalFactory
 from ssx.relay import connect_protocol
-from ssx.tap._options import SsxOptions, check_endpoint, insecure_warning, make_suite, method_help
+from ssx.tap._options import SsxOptions, check_endpoint, log_config_notes, make_suite
 
 __all__ = ["Options", "makeService", "build_service"]
 
@@ -44,29 +43,19 @@ class Options(SsxOptions):
         "twistd -n ssx-local -s 203.0.113.5 -p 8388 -l 1080 -k SECRET -m aes-256-gcm"
     )
     optParameters = [
-        ["config", "c", None, "JSON config file (shadowsocks key names)"],
         ["server", "s", None, "server host name or IP address"],
         ["server-port", "p", None, "server port [default: 8388]"],
         ["local-address", "b", None, "address to offer SOCKS5 on [default: 127.0.0.1]"],
         ["local-port", "l", None, "port to offer SOCKS5 on [default: 1080]"],
         ["password", "k", None, "the server's password"],
-        ["key", None, None, "master key in URL-safe base64, instead of a password"],
-        ["method", "m", None, method_help() + " [default: chacha20-ietf-poly1305]"],
-        ["timeout", "t", None, "idle timeout in seconds [default: 300]"],
         ["socks-user", None, None, "require SOCKS5 username/password authentication with this user"],
         ["socks-password", None, None, "... and this password"],
         ["server-endpoint", None, None, "Twisted client endpoint to reach the server, instead of -s/-p, "
          "e.g. tcp:host=198.51.100.7:port=8388 or tls:host=example.net:port=443"],
     ]
     flag_keys = {
-        "server": "server",
-        "server-port": "server_port",
         "local-address": "local_address",
         "local-port": "local_port",
-        "password": "password",
-        "key": "key",
-        "method": "method",
-        "timeout": "timeout",
         "socks-user": "socks_user",
         "socks-password": "socks_password",
         "server-endpoint": "server_endpoint",
@@ -101,18 +90,8 @@ def build_service(reactor: Any, config: LocalConfig) -> MultiService:
     factory = Socks5LocalFactory(
         reactor, suite, connect, timeout=config.timeout, credentials=config.socks_credentials
     )
-    top = MultiService()
-    for description in config.listen:
-        listener = ListenerService(serverFromString(reactor, description), factory, description, "ssx-local")
-        listener.setServiceParent(top)
-    top.factory = factory  # type: ignore[attr-defined]
-    warning = insecure_warning(config.method)
-    if warning:
-        _log.warn(warning)
-    for line in config.warnings:
-        _log.warn(line)
-    if config.ignored:
-        _log.info("config keys not used by ssx-local: {keys}", keys=", ".join(config.ignored))
+    top = listeners(reactor, factory, config.listen, "ssx-local")
+    log_config_notes("ssx-local", config.method, config.warnings, config.ignored)
     _log.info(
         "ssx-local: server {server}, method {method}, timeout {timeout:g}s",
         server=config.server_endpoint or f"{config.server}:{config.server_port}",

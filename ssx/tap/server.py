@@ -7,14 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from ssx.config import ServerConfig, server_config
-from ssx.listener import ListenerService
+from ssx.listener import listeners
 from ssx.resolver import TargetResolver
 from ssx.server import ShadowsocksServerFactory
-from ssx.tap._options import SsxOptions, insecure_warning, make_suite, method_help
+from ssx.tap._options import SsxOptions, log_config_notes, make_suite
 from ssx.url import format_url
 
 __all__ = ["Options", "makeService", "build_service"]
@@ -33,13 +32,9 @@ class Options(SsxOptions):
         "Example: twistd -n ssx-server -p 8388 -k SECRET -m aes-256-gcm"
     )
     optParameters = [
-        ["config", "c", None, "JSON config file (shadowsocks key names)"],
         ["server", "s", None, "address to bind [default: 0.0.0.0]"],
         ["server-port", "p", None, "port to listen on [default: 8388]"],
         ["password", "k", None, "password [default: a fresh random one, logged as an ss:// URL]"],
-        ["key", None, None, "master key in URL-safe base64, instead of a password"],
-        ["method", "m", None, method_help() + " [default: chacha20-ietf-poly1305]"],
-        ["timeout", "t", None, "idle timeout in seconds [default: 300]"],
         ["nameserver", None, None, "DNS servers, comma-separated IP[:port] [default: from resolv.conf, else 8.8.8.8,8.8.4.4]"],
         ["forbidden-ip", None, None, "destinations refused, comma-separated IPs/CIDRs; '' allows all "
          "[default: loopback, private, link-local, CGNAT, unique-local, multicast, unspecified]"],
@@ -48,12 +43,6 @@ class Options(SsxOptions):
     ]
     optFlags = [["prefer-ipv6", "6", "try AAAA records before A records"]]
     flag_keys = {
-        "server": "server",
-        "server-port": "server_port",
-        "password": "password",
-        "key": "key",
-        "method": "method",
-        "timeout": "timeout",
         "nameserver": "nameserver",
         "forbidden-ip": "forbidden_ip",
         "hosts-file": "hosts_file",
@@ -79,23 +68,13 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
         prefer_ipv6=config.prefer_ipv6,
     )
     factory = ShadowsocksServerFactory(reactor, suite, resolver, config.forbidden, timeout=config.timeout)
-    top = MultiService()
-    for description in config.listen:
-        listener = ListenerService(serverFromString(reactor, description), factory, description, "ssx-server")
-        listener.setServiceParent(top)
-    top.factory = factory  # type: ignore[attr-defined]
+    top = listeners(reactor, factory, config.listen, "ssx-server")
     _report(config, resolver)
     return top
 
 
 def _report(config: ServerConfig, resolver: TargetResolver) -> None:
-    warning = insecure_warning(config.method)
-    if warning:
-        _log.warn(warning)
-    for line in config.warnings:
-        _log.warn(line)
-    if config.ignored:
-        _log.info("config keys not used by ssx-server: {keys}", keys=", ".join(config.ignored))
+    log_config_notes("ssx-server", config.method, config.warnings, config.ignored)
     _log.info(
         "ssx-server: method {method}, timeout {timeout:g}s, DNS {dns}, forbidden {forbidden}",
         method=config.method,
