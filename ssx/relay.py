@@ -70,6 +70,7 @@ class RelayProtocol(Protocol):
     _read_closed = False
     _write_closed = False
     _closed = False
+    _has_producer = False  # the peer's transport is registered as ours' producer
 
     def join(self, peer: "RelayProtocol") -> None:
         """Start relaying between this protocol and `peer` (both connected)."""
@@ -77,6 +78,13 @@ class RelayProtocol(Protocol):
         peer.peer = self
         self.transport.registerProducer(peer.transport, True)
         peer.transport.registerProducer(self.transport, True)
+        self._has_producer = peer._has_producer = True
+
+    def release_producer(self) -> None:
+        """Stop throttling the peer's reads by this transport's buffer (once)."""
+        if self._has_producer:
+            self._has_producer = False
+            self.transport.unregisterProducer()
 
     def relayReceived(self, data: bytes) -> None:
         """Bytes read from this side while relaying."""
@@ -105,7 +113,7 @@ class RelayProtocol(Protocol):
         self._read_closed = True
         peer = self.peer
         if peer is not None and not peer._closed:
-            peer.transport.unregisterProducer()
+            peer.release_producer()
             peer.transport.loseWriteConnection()
         self._maybe_close()
 
@@ -121,7 +129,7 @@ class RelayProtocol(Protocol):
         """Close this side and its peer, each after its pending writes."""
         for side in (self, self.peer):
             if side is not None and not side._closed:
-                side.transport.unregisterProducer()
+                side.release_producer()
                 side.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -130,7 +138,7 @@ class RelayProtocol(Protocol):
         if peer is not None and not peer._closed:
             # Unregister first: a transport whose paused producer is gone
             # would otherwise wait for it before closing.
-            peer.transport.unregisterProducer()
+            peer.release_producer()
             peer.transport.loseConnection()
 
 

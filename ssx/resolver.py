@@ -13,7 +13,7 @@ import ipaddress
 import socket
 from typing import Any, Iterable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.names import cache, client, dns, hosts, resolve
@@ -34,8 +34,9 @@ _log = Logger()
 FALLBACK_NAMESERVERS: tuple[tuple[str, int], ...] = (("8.8.8.8", 53), ("8.8.4.4", 53))
 
 # Shorter than twisted.names' default (1, 3, 11, 45): a proxied connection
-# should fail within seconds, not a minute.
-_QUERY_TIMEOUTS = (1, 3, 7)
+# should fail within seconds, not a minute.  Each value is one attempt, on
+# the next server in turn.
+QUERY_TIMEOUTS: tuple[float, ...] = (1, 2, 4)
 
 
 class NameResolutionError(SSXError):
@@ -103,12 +104,13 @@ def nameservers_from_resolv_conf(path: str) -> tuple[tuple[str, int], ...]:
 class _CachingUpstream:
     """Queries the upstream servers and stores every answer in the cache."""
 
-    def __init__(self, upstream: client.Resolver, store: cache.CacheResolver) -> None:
+    def __init__(self, upstream: client.Resolver, store: cache.CacheResolver, timeouts: tuple[float, ...]) -> None:
         self._upstream = upstream
         self._store = store
+        self._timeouts = timeouts
 
     def query(self, query: dns.Query, timeout: Any = None) -> Deferred:
-        d = self._upstream.query(query, timeout or _QUERY_TIMEOUTS)
+        d = self._upstream.query(query, timeout or self._timeouts)
         d.addCallback(self._remember, query)
         return d
 
@@ -122,7 +124,8 @@ class TargetResolver:
     Resolves destination names to IP addresses.
 
     `resolve(name)` gives the addresses to try, IPv4 first unless
-    `prefer_ipv6` is set.  IP literals are returned as they are.
+    `prefer_ipv6` is set.  IP literals are returned as they are.  A name the
+    hosts file knows (in either family) never reaches DNS.
     """
 
     def __init__(
@@ -132,19 +135,33 @@ class TargetResolver:
         hosts_file: str = "/etc/hosts",
         resolv_conf: str = "/etc/resolv.conf",
         prefer_ipv6: bool = False,
+        query_timeouts: tuple[float, ...] = QUERY_TIMEOUTS,
     ) -> None:
         servers = tuple(nameservers) or nameservers_from_resolv_conf(resolv_conf) or FALLBACK_NAMESERVERS
         self.nameservers = servers
         self.prefer_ipv6 = prefer_ipv6
-        store = cache.CacheResolver(reactor=reactor)
-        upstream = client.Resolver(servers=list(servers), reactor=reactor, timeout=_QUERY_TIMEOUTS)
-        self._chain = resolve.ResolverChain(
-            [
-                hosts.Resolver(file=hosts_file.encode() if isinstance(hosts_file, str) else hosts_file),
-                store,
-                _CachingUpstream(upstream, store),
-            ]
-        )
+        self._hosts = hosts.Resolver(file=hosts_file.encode() if isinstance(hosts_file, str) else hosts_file)
+        self._store = cache.CacheResolver(reactor=reactor)
+        upstream = client.Resolver(servers=list(servers), reactor=reactor, timeout=query_timeouts)
+        self._dns = resolve.ResolverChain([self._store, _CachingUpstream(upstream, self._store, query_timeouts)])
+        self._pending: set[Deferred] = set()
+
+    def close(self) -> Deferred:
+        """
+        Forget the cache and cancel its expiry timers (at service stop); the
+        Deferred fires once queries still in flight have ended.
+        """
+        for call in self._store.cancel.values():
+            if call.active():
+                call.cancel()
+        self._store.cancel.clear()
+        self._store.cache.clear()
+        waiting = []
+        for d in list(self._pending):
+            ended: Deferred = Deferred()
+            d.addBoth(lambda result, ended=ended: (ended.callback(None), result)[1])
+            waiting.append(ended)
+        return DeferredList(waiting)
 
     def resolve(self, name: str) -> Deferred:
         """A Deferred firing with a non-empty list of IP strings, or failing with NameResolutionError."""
@@ -155,25 +172,51 @@ class TargetResolver:
         return succeed([name])
 
     async def _resolve(self, name: str) -> list[str]:
-        order = (self._ipv6, self._ipv4) if self.prefer_ipv6 else (self._ipv4, self._ipv6)
-        last: Exception | None = None
-        for lookup in order:
+        lookups = [self._lookup(self._hosts, name, dns.A), self._lookup(self._hosts, name, dns.AAAA)]
+        local, _ = await self._first_found(lookups)
+        if local:
+            return local
+        # Both families at once, so a dead or slow upstream costs one timeout
+        # sequence, not two; the preferred family wins when it has addresses.
+        lookups = [self._track(self._lookup(self._dns, name, dns.A)), self._track(self._lookup(self._dns, name, dns.AAAA))]
+        found, error = await self._first_found(lookups)
+        if found:
+            return found
+        raise NameResolutionError(f"cannot resolve {name!r}: {_describe(error)}")
+
+    async def _first_found(self, lookups: list[Deferred]) -> tuple[list[str], Exception | None]:
+        """The preferred family's addresses if it has any, else the other's; and the last error."""
+        if self.prefer_ipv6:
+            lookups.reverse()
+        error: Exception | None = None
+        for i, lookup in enumerate(lookups):
             try:
-                addresses = await lookup(name)
+                addresses = await lookup
             except Exception as e:  # no such name, timeouts, server failures, refused queries
-                last = e
+                error = e
                 continue
             if addresses:
-                return addresses
-        raise NameResolutionError(f"cannot resolve {name!r}: {_describe(last)}")
+                for rest in lookups[i + 1 :]:
+                    rest.addErrback(lambda _: None)  # its outcome no longer matters
+                return addresses, None
+        return [], error
 
-    async def _ipv4(self, name: str) -> list[str]:
-        answers, _, _ = await self._chain.lookupAddress(name)
+    def _track(self, d: Deferred) -> Deferred:
+        self._pending.add(d)
+        d.addBoth(lambda result: (self._pending.discard(d), result)[1])
+        return d
+
+    @staticmethod
+    def _lookup(resolver: Any, name: str, record_type: int) -> Deferred:
+        return Deferred.fromCoroutine(_addresses(resolver, name, record_type))
+
+
+async def _addresses(resolver: Any, name: str, record_type: int) -> list[str]:
+    if record_type == dns.A:
+        answers, _, _ = await resolver.lookupAddress(name)
         return [r.payload.dottedQuad() for r in answers if r.type == dns.A]
-
-    async def _ipv6(self, name: str) -> list[str]:
-        answers, _, _ = await self._chain.lookupIPV6Address(name)
-        return [socket.inet_ntop(socket.AF_INET6, r.payload.address) for r in answers if r.type == dns.AAAA]
+    answers, _, _ = await resolver.lookupIPV6Address(name)
+    return [socket.inet_ntop(socket.AF_INET6, r.payload.address) for r in answers if r.type == dns.AAAA]
 
 
 def _describe(error: Exception | None) -> str:

@@ -150,7 +150,7 @@ class ShadowsocksServerProtocol(InboundProtocol):
         self._plain = bytearray()
         self.resetTimeout()
         if self._read_closed:
-            target.transport.unregisterProducer()
+            target.release_producer()
             target.transport.loseWriteConnection()
         else:
             self.transport.resumeProducing()

@@ -258,3 +258,40 @@ class SlowReaderTests(ChainTestCase):
     def test_slow_reader_bounded(self):
         """64 MiB towards a target that does not read: the proxies hold under 4 MiB, and all bytes arrive later."""
         return defer.Deferred.fromCoroutine(self._slow())
+
+
+class LogSecrecyTests(ChainTestCase):
+    """Nothing logged while starting and relaying carries the password or the key."""
+
+    async def _relay_and_log(self) -> None:
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from ssx.crypto._kdf import evp_bytes_to_key
+
+        password = "very-distinctive-password-4c1d"
+        texts: list[str] = []
+
+        def observe(event: dict) -> None:
+            texts.append(formatEvent(event) + repr(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        socks_port = self.chain(method="aes-256-cfb", password=password)
+        await self.echo_through(socks_port, 10_000)
+        # A wrong password and a refused target log too.
+        server, server_port = support.start_server(method="aes-256-gcm", password=password, timeout=1, forbidden_ip=None)
+        self.addCleanup(server.stopService)
+        local, local_port = support.start_local(server_port, method="aes-256-gcm", password=password)
+        self.addCleanup(local.stopService)
+        await support.socks_transfer(local_port, "127.0.0.1", self.echo.getHost().port, b"x")
+        self.assertTrue(any("insecure" in t for t in texts), "no warning for a stream method")
+        self.assertTrue(any("forbidden" in t for t in texts), "the refused target was not logged")
+        key = evp_bytes_to_key(password.encode(), 32)
+        for text in texts:
+            self.assertNotIn(password, text)
+            self.assertNotIn(key.hex(), text)
+            self.assertNotIn(repr(key)[2:-1], text)
+
+    def test_no_secrets_in_logs(self):
+        """Start-up, relaying, a stream-method warning and a refusal log nothing that holds the password or key."""
+        return defer.Deferred.fromCoroutine(self._relay_and_log())

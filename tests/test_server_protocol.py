@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 
+from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.internet import defer, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -147,3 +148,64 @@ class SilenceOnRealSocketTests(unittest.TestCase):
         data, waited, how = yield threads.deferToThread(self._probe, port, os.urandom(77))
         self.assertEqual((data, how), (b"", "fin"))
         self.assertGreater(waited, 1.0)
+
+
+class ServerFuzzTests(unittest.SynchronousTestCase):
+    """Whatever a client sends, the server protocol never raises or logs an error."""
+
+    def _feed(self, method: str, stream: bytes, cuts: list[int], addresses: list[str]) -> StringTransport:
+        from twisted.logger import globalLogPublisher
+
+        errors: list[dict] = []
+
+        def observe(event: dict) -> None:
+            if event.get("log_failure") is not None or event.get("isError"):
+                errors.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        try:
+            reactor = MemoryReactorClock()
+            factory = ShadowsocksServerFactory(
+                reactor, CipherSuite(method, "pw"), FakeResolver(addresses), parse_forbidden(None), timeout=30
+            )
+            protocol = factory.buildProtocol(None)
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.1", 1))
+            protocol.makeConnection(transport)
+            start = 0
+            for cut in sorted(set(c % (len(stream) + 1) for c in cuts)) + [len(stream)]:
+                protocol.dataReceived(stream[start:cut])
+                start = cut
+            for _, _, client_factory, _, _ in reactor.tcpClients:
+                target = client_factory.buildProtocol(None)
+                target.makeConnection(StringTransport())
+                target.dataReceived(b"reply")
+            reactor.advance(31)
+            protocol.connectionLost(None)
+        finally:
+            globalLogPublisher.removeObserver(observe)
+        self.assertEqual(errors, [])
+        return transport
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        plaintext=st.binary(max_size=300) | st.builds(lambda a, b: a + b, st.sampled_from([b"\x01", b"\x03", b"\x04"]), st.binary(max_size=300)),
+        cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=6),
+        addresses=st.lists(st.sampled_from(["8.8.8.8", "127.0.0.1", "::1", "2001:db8::1", "::ffff:10.0.0.1"]), max_size=3),
+    )
+    def test_any_authenticated_plaintext(self, plaintext, cuts, addresses):
+        """Arbitrary plaintext behind a valid AEAD encryption, cut anywhere, never raises or logs an error."""
+        stream = CipherSuite("aes-128-gcm", "pw").tcp_encryptor().encrypt(plaintext) if plaintext else b""
+        self._feed("aes-128-gcm", stream, cuts, addresses)
+
+    @settings(max_examples=100, deadline=None)
+    @given(garbage=st.binary(max_size=400), cuts=st.lists(st.integers(min_value=0, max_value=500), max_size=6))
+    def test_stream_cipher_garbage(self, garbage, cuts):
+        """Under a stream cipher garbage decrypts to anything; still nothing raises or logs an error."""
+        self._feed("aes-256-cfb", garbage, cuts, ["8.8.8.8"])
+
+    @settings(max_examples=100, deadline=None)
+    @given(garbage=st.binary(max_size=400), cuts=st.lists(st.integers(min_value=0, max_value=500), max_size=6))
+    def test_aead_garbage_silent(self, garbage, cuts):
+        """Raw garbage to an AEAD server gets no byte back at all."""
+        transport = self._feed("chacha20-ietf-poly1305", garbage, cuts, ["8.8.8.8"])
+        self.assertEqual(transport.value(), b"")

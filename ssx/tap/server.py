@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
 
 from ssx.config import ServerConfig, server_config
@@ -69,8 +69,20 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
     )
     factory = ShadowsocksServerFactory(reactor, suite, resolver, config.forbidden, timeout=config.timeout)
     top = listeners(reactor, factory, config.listen, "ssx-server")
+    _ResolverCache(resolver).setServiceParent(top)
     _report(config, resolver)
     return top
+
+
+class _ResolverCache(Service):
+    """Empties the resolver's cache when the server stops."""
+
+    def __init__(self, resolver: TargetResolver) -> None:
+        self.resolver = resolver
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        return self.resolver.close()
 
 
 def _report(config: ServerConfig, resolver: TargetResolver) -> None:
