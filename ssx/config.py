@@ -16,6 +16,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ssx.address import Address
 from ssx.crypto import lookup_method
 from ssx.errors import ConfigError
 from ssx.forbidden import ForbiddenNetworks, parse_forbidden
@@ -25,6 +26,8 @@ __all__ = [
     "DEFAULT_METHOD",
     "LocalConfig",
     "ServerConfig",
+    "Tunnel",
+    "UdpSettings",
     "local_config",
     "merge",
     "read_config_file",
@@ -35,10 +38,37 @@ DEFAULT_METHOD = "chacha20-ietf-poly1305"
 DEFAULT_SERVER_PORT = 8388
 DEFAULT_LOCAL_PORT = 1080
 DEFAULT_TIMEOUT = 300.0
+DEFAULT_UDP_TIMEOUT = 60.0
+DEFAULT_UDP_CAPACITY = 1024
 
-_COMMON_KEYS = {"server", "server_port", "password", "key", "method", "timeout", "listen", "mode", "plugin", "plugin_opts"}
+_COMMON_KEYS = {
+    "server", "server_port", "password", "key", "method", "timeout", "listen", "mode", "plugin", "plugin_opts",
+    "udp_timeout", "udp_max_associations",
+}
 SERVER_KEYS = _COMMON_KEYS | {"nameserver", "forbidden_ip", "hosts_file", "resolv_conf", "prefer_ipv6"}
-LOCAL_KEYS = _COMMON_KEYS | {"local_address", "local_port", "server_endpoint", "socks_user", "socks_password"}
+LOCAL_KEYS = _COMMON_KEYS | {
+    "local_address", "local_port", "server_endpoint", "socks_user", "socks_password", "tunnel_address", "tunnels",
+}
+
+
+@dataclass(frozen=True)
+class UdpSettings:
+    """Which relays run, and the UDP NAT's bounds."""
+
+    tcp: bool
+    udp: bool
+    timeout: float
+    capacity: int
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """A local port forwarded through the server to a fixed target."""
+
+    listen: str
+    target: Address
+    # Where a UDP-only tunnel binds (TCP tunnels put UDP beside `listen`).
+    address: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +88,8 @@ class ServerConfig:
     hosts_file: str
     resolv_conf: str
     prefer_ipv6: bool
+    relays: UdpSettings
+    hosts: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -75,6 +107,9 @@ class LocalConfig:
     key: bytes | None = field(repr=False)
     timeout: float
     socks_credentials: tuple[bytes, bytes] | None = field(repr=False)
+    relays: UdpSettings
+    # The main listener offers SOCKS5, unless -L/tunnel_address makes it a tunnel.
+    tunnels: tuple[Tunnel, ...] = ()
     ignored: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -110,6 +145,9 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
     if not listen:
         listen = tuple(_tcp_listen(host, port) for host in hosts)
     warnings = _common_warnings(values)
+    relays = _relays(values)
+    if not relays.tcp and values.get("listen") is not None:
+        raise ConfigError("listen", "endpoint descriptions are for TCP; in udp_only mode use server and server_port")
     return ServerConfig(
         listen=listen,
         method=method,
@@ -124,6 +162,8 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         hosts_file=_string(values, "hosts_file", "/etc/hosts"),
         resolv_conf=_string(values, "resolv_conf", "/etc/resolv.conf"),
         prefer_ipv6=_bool(values, "prefer_ipv6"),
+        relays=relays,
+        hosts=hosts,
         ignored=tuple(sorted(set(values) - SERVER_KEYS)),
         warnings=warnings,
     )
@@ -145,9 +185,29 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         raise ConfigError("server", "required: the server's address (-s HOST) or --server-endpoint")
     server_port = _port(values, "server_port", DEFAULT_SERVER_PORT, allow_zero=False)
     listen = _listen(values)
+    address = _string(values, "local_address", "127.0.0.1")
     if not listen:
-        address = _string(values, "local_address", "127.0.0.1")
         listen = (_tcp_listen(address, _port(values, "local_port", DEFAULT_LOCAL_PORT, allow_zero=True)),)
+    relays = _relays(values)
+    if relays.udp and server is None:
+        raise ConfigError("server", "the UDP relay needs the server's address (-s HOST), not only --server-endpoint")
+    tunnels = []
+    if values.get("tunnel_address"):
+        target = _target(values["tunnel_address"], "tunnel_address")
+        if values.get("listen") is None:
+            local_port = _port(values, "local_port", DEFAULT_LOCAL_PORT, allow_zero=True)
+            tunnels = [Tunnel(listen[0], target, (address, local_port))]
+        elif not relays.tcp:
+            raise ConfigError("listen", "endpoint descriptions are for TCP; a udp_only tunnel uses local_address and local_port")
+        else:
+            tunnels = [Tunnel(description, target) for description in listen]
+    socks_listen = () if tunnels else listen
+    raw = values.get("tunnels") or []
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise ConfigError("tunnels", "expected a list of [ADDRESS:]PORT=HOST:PORT")
+    tunnels += [_tunnel(item, address) for item in raw]
     user = values.get("socks_user")
     secret = values.get("socks_password")
     credentials = None
@@ -159,7 +219,7 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
                 raise ConfigError(name, "at most 255 bytes (RFC 1929)")
         credentials = (user.encode(), secret.encode())  # type: ignore[union-attr]
     return LocalConfig(
-        listen=listen,
+        listen=socks_listen,
         server=server,
         server_port=server_port,
         server_endpoint=endpoint,
@@ -168,6 +228,8 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         key=key,
         timeout=_timeout(values),
         socks_credentials=credentials,
+        relays=relays,
+        tunnels=tuple(tunnels),
         ignored=tuple(sorted(set(values) - LOCAL_KEYS)),
         warnings=_common_warnings(values),
     )
@@ -221,15 +283,15 @@ def _port(values: Mapping[str, Any], key: str, default: int, allow_zero: bool) -
     return value
 
 
-def _timeout(values: Mapping[str, Any]) -> float:
-    value = values.get("timeout", DEFAULT_TIMEOUT)
+def _timeout(values: Mapping[str, Any], key: str = "timeout", default: float = DEFAULT_TIMEOUT) -> float:
+    value = values.get(key, default)
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError("timeout", f"expected a positive number of seconds, not {value!r}")
+        raise ConfigError(key, f"expected a positive number of seconds, not {value!r}")
     return float(value)
 
 
@@ -266,10 +328,48 @@ def _common_warnings(values: Mapping[str, Any]) -> tuple[str, ...]:
     plugin = values.get("plugin")
     if plugin:
         raise ConfigError("plugin", "SIP003 plugins are not supported yet")
-    warnings = []
+    return ()
+
+
+def _relays(values: Mapping[str, Any]) -> UdpSettings:
     mode = values.get("mode", "tcp_only")
     if mode not in ("tcp_only", "tcp_and_udp", "udp_only"):
         raise ConfigError("mode", "expected tcp_only, tcp_and_udp or udp_only")
-    if mode != "tcp_only":
-        warnings.append(f"mode {mode}: the UDP relay is not available yet; relaying TCP only")
-    return tuple(warnings)
+    capacity = values.get("udp_max_associations", DEFAULT_UDP_CAPACITY)
+    if isinstance(capacity, str) and capacity.isdigit():
+        capacity = int(capacity)
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ConfigError("udp_max_associations", f"expected a positive whole number, not {capacity!r}")
+    return UdpSettings(
+        tcp=mode != "udp_only",
+        udp=mode != "tcp_only",
+        timeout=_timeout(values, "udp_timeout", DEFAULT_UDP_TIMEOUT),
+        capacity=capacity,
+    )
+
+
+def _target(text: Any, key: str) -> Address:
+    """HOST:PORT or [IPv6]:PORT."""
+    if not isinstance(text, str):
+        raise ConfigError(key, "expected HOST:PORT")
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(key, f"expected HOST:PORT, not {text!r}")
+    return Address(host, int(port))
+
+
+def _tunnel(text: Any, default_address: str) -> Tunnel:
+    """[ADDRESS:]PORT=HOST:PORT, e.g. 5353=8.8.8.8:53."""
+    if not isinstance(text, str) or "=" not in text:
+        raise ConfigError("tunnels", f"expected [ADDRESS:]PORT=HOST:PORT, not {text!r}")
+    local, _, target = text.partition("=")
+    address, sep, port = local.rpartition(":")
+    if not sep:
+        address = default_address
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
+    if not port.isdigit() or not int(port) < 65536 or not address:
+        raise ConfigError("tunnels", f"bad local port in {text!r}")
+    return Tunnel(_tcp_listen(address, int(port)), _target(target, "tunnels"), (address, int(port)))

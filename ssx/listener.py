@@ -18,7 +18,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["ListenerService", "listeners"]
+__all__ = ["DatagramListenerService", "ListenerService", "serve"]
 
 _log = Logger()
 
@@ -70,10 +70,72 @@ def _describe(address: Any) -> str:
     return str(name if name is not None else address)
 
 
-def listeners(reactor: Any, factory: Factory, descriptions: tuple[str, ...], label: str) -> MultiService:
-    """A service tree listening with `factory` on every endpoint description; `.factory` is kept on it."""
-    top = MultiService()
-    for description in descriptions:
-        ListenerService(serverFromString(reactor, description), factory, description, label).setServiceParent(top)
-    top.factory = factory  # type: ignore[attr-defined]
-    return top
+class DatagramListenerService(Service):
+    """
+    A UDP port: at a fixed address, or beside a TCP `ListenerService` on the
+    very address and port it bound (so port 0 works, and the UDP relay
+    shares the TCP port as Shadowsocks peers expect).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        protocol: Any,
+        label: str,
+        address: tuple[str, int] | None = None,
+        beside: ListenerService | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.protocol = protocol
+        self.label = label
+        self.address = address
+        self.beside = beside
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        self._listen()
+        Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        if self.port is None:
+            self._listen()
+        Service.startService(self)
+
+    def _listen(self) -> None:
+        address = self.address
+        if address is None:
+            assert self.beside is not None and self.beside.port is not None
+            bound = self.beside.port.getHost()
+            if not hasattr(bound, "port"):
+                _log.warn("{label}: no UDP beside {where}: not an IP listener", label=self.label, where=self.beside.description)
+                return
+            address = (bound.host, bound.port)
+        try:
+            # 65535: Twisted's default read size (8192) would truncate larger datagrams.
+            self.port = self.reactor.listenUDP(address[1], self.protocol, interface=address[0], maxPacketSize=65535)
+        except Exception as e:  # CannotListenError, or a bad address
+            raise SystemExit(f"{self.label}: cannot listen for UDP on {_describe_pair(address)}: {e}") from None
+        _log.info("{label} relaying UDP on {address}", label=self.label, address=_describe(self.port.getHost()))
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+
+def serve(
+    top: MultiService, reactor: Any, description: str, factory: Factory, label: str, udp: Any = None
+) -> ListenerService:
+    """Listen with `factory` on `description` under `top`, with the UDP protocol `udp` beside it if given."""
+    listener = ListenerService(serverFromString(reactor, description), factory, description, label)
+    listener.setServiceParent(top)
+    if udp is not None:
+        DatagramListenerService(reactor, udp, label, beside=listener).setServiceParent(top)
+    return listener
+
+
+def _describe_pair(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint, ITCPTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -24,9 +24,27 @@ from zope.interface import implementer
 
 from ssx.errors import ProtocolError
 
-__all__ = ["InboundProtocol", "OutboundProtocol", "RelayFactory", "RelayProtocol", "connect_protocol", "set_no_delay"]
+__all__ = [
+    "InboundProtocol",
+    "OutboundProtocol",
+    "RelayFactory",
+    "RelayProtocol",
+    "can_half_close",
+    "connect_protocol",
+    "set_no_delay",
+]
 
 _log = Logger()
+
+
+def can_half_close(transport: object) -> bool:
+    """
+    Whether a write half-close can be passed on.  Twisted's TLS transport
+    has none of its own (the call would reach the raw socket and cut the
+    stream without close_notify), so over TLS the pair ends when the other
+    direction does, or at the idle timeout.
+    """
+    return not ISSLTransport.providedBy(transport)
 
 
 def set_no_delay(transport: object) -> None:
@@ -71,11 +89,19 @@ class RelayProtocol(Protocol):
     _write_closed = False
     _closed = False
     _has_producer = False  # the peer's transport is registered as ours' producer
+    # Set by join: the clock, and how long a side whose peer is gone may take
+    # to flush before it is aborted (a peer that never reads must not keep
+    # a connection open forever).
+    clock: Any = None
+    linger: float = 0.0
+    _linger_call: Any = None
 
-    def join(self, peer: "RelayProtocol") -> None:
+    def join(self, peer: "RelayProtocol", clock: Any = None, linger: float = 0.0) -> None:
         """Start relaying between this protocol and `peer` (both connected)."""
         self.peer = peer
         peer.peer = self
+        self.clock = peer.clock = clock
+        self.linger = peer.linger = linger
         self.transport.registerProducer(peer.transport, True)
         peer.transport.registerProducer(self.transport, True)
         self._has_producer = peer._has_producer = True
@@ -114,7 +140,8 @@ class RelayProtocol(Protocol):
         peer = self.peer
         if peer is not None and not peer._closed:
             peer.release_producer()
-            peer.transport.loseWriteConnection()
+            if can_half_close(peer.transport):
+                peer.transport.loseWriteConnection()
         self._maybe_close()
 
     def writeConnectionLost(self) -> None:
@@ -125,21 +152,35 @@ class RelayProtocol(Protocol):
         if self._read_closed and self._write_closed:
             self.transport.loseConnection()
 
-    def close_both(self) -> None:
-        """Close this side and its peer, each after its pending writes."""
+    def close_both(self, abort: bool = False) -> None:
+        """Close this side and its peer: each after its pending writes, or at once with `abort`."""
         for side in (self, self.peer):
             if side is not None and not side._closed:
                 side.release_producer()
-                side.transport.loseConnection()
+                if abort:
+                    side.transport.abortConnection()
+                else:
+                    side.transport.loseConnection()
+
+    def _abort(self) -> None:
+        self._linger_call = None
+        if not self._closed:
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._closed = True
+        if self._linger_call is not None:
+            if self._linger_call.active():
+                self._linger_call.cancel()
+            self._linger_call = None
         peer = self.peer
         if peer is not None and not peer._closed:
             # Unregister first: a transport whose paused producer is gone
             # would otherwise wait for it before closing.
             peer.release_producer()
             peer.transport.loseConnection()
+            if peer.clock is not None and peer.linger > 0 and peer._linger_call is None:
+                peer._linger_call = peer.clock.callLater(peer.linger, peer._abort)
 
 
 class OutboundProtocol(RelayProtocol):
@@ -198,8 +239,16 @@ class InboundProtocol(RelayProtocol, TimeoutMixin):
         set_no_delay(self.transport)
         self.setTimeout(self.factory.timeout)
 
+    def join(self, peer: RelayProtocol, clock: Any = None, linger: float = 0.0) -> None:
+        RelayProtocol.join(self, peer, self.factory.reactor, self.factory.timeout)
+
     def activity(self) -> None:
         self.resetTimeout()
+
+    def timeoutConnection(self) -> None:
+        # Idle means nothing moved either way: a peer that stopped reading
+        # cannot be waited for, so abort rather than flush.
+        self.close_both(abort=True)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.factory.connections.discard(self)

@@ -1,7 +1,8 @@
 """
 Name resolution for the server end, built on twisted.names.
 
-Order: the hosts file, then a cache, then the upstream DNS servers (the
+Order: the hosts file, then a cache (bounded: at most CACHE_CAPACITY names
+for at most CACHE_MAX_TTL seconds), then the upstream DNS servers (the
 configured ones, else those of resolv.conf, else 8.8.8.8 and 8.8.4.4).  The
 server calls `TargetResolver.resolve` for every domain-name target, then filters
 the resulting IPs (see `ssx.forbidden`) and connects to one of them.
@@ -13,13 +14,14 @@ import ipaddress
 import socket
 from typing import Any, Iterable
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.names import cache, client, dns, hosts, resolve
+from twisted.names import client, dns, hosts
 from twisted.names.error import DomainError, DNSNameError
 
 from ssx.errors import ConfigError, SSXError
+from ssx.nat import NatTable
 
 __all__ = [
     "FALLBACK_NAMESERVERS",
@@ -101,22 +103,11 @@ def nameservers_from_resolv_conf(path: str) -> tuple[tuple[str, int], ...]:
     return tuple(servers)
 
 
-class _CachingUpstream:
-    """Queries the upstream servers and stores every answer in the cache."""
-
-    def __init__(self, upstream: client.Resolver, store: cache.CacheResolver, timeouts: tuple[float, ...]) -> None:
-        self._upstream = upstream
-        self._store = store
-        self._timeouts = timeouts
-
-    def query(self, query: dns.Query, timeout: Any = None) -> Deferred:
-        d = self._upstream.query(query, timeout or self._timeouts)
-        d.addCallback(self._remember, query)
-        return d
-
-    def _remember(self, result: Any, query: dns.Query) -> Any:
-        self._store.cacheResult(query, result)
-        return result
+# Answers are cached for at most this long whatever their TTL, and at most
+# this many names: a client must not be able to grow the server's memory by
+# asking for names whose zone it controls.
+CACHE_MAX_TTL = 300.0
+CACHE_CAPACITY = 4096
 
 
 class TargetResolver:
@@ -125,7 +116,8 @@ class TargetResolver:
 
     `resolve(name)` gives the addresses to try, IPv4 first unless
     `prefer_ipv6` is set.  IP literals are returned as they are.  A name the
-    hosts file knows (in either family) never reaches DNS.
+    hosts file knows (in either family) never reaches DNS.  Upstream answers
+    are cached (bounded in size and time) in a `NatTable`.
     """
 
     def __init__(
@@ -136,26 +128,24 @@ class TargetResolver:
         resolv_conf: str = "/etc/resolv.conf",
         prefer_ipv6: bool = False,
         query_timeouts: tuple[float, ...] = QUERY_TIMEOUTS,
+        cache_capacity: int = CACHE_CAPACITY,
     ) -> None:
         servers = tuple(nameservers) or nameservers_from_resolv_conf(resolv_conf) or FALLBACK_NAMESERVERS
         self.nameservers = servers
         self.prefer_ipv6 = prefer_ipv6
+        self._reactor = reactor
         self._hosts = hosts.Resolver(file=hosts_file.encode() if isinstance(hosts_file, str) else hosts_file)
-        self._store = cache.CacheResolver(reactor=reactor)
-        upstream = client.Resolver(servers=list(servers), reactor=reactor, timeout=query_timeouts)
-        self._dns = resolve.ResolverChain([self._store, _CachingUpstream(upstream, self._store, query_timeouts)])
+        self._upstream = client.Resolver(servers=list(servers), reactor=reactor, timeout=query_timeouts)
+        self._timeouts = query_timeouts
+        # (name, record type) -> (addresses, expiry time)
+        self._cache: NatTable[tuple[str, int], tuple[list[str], float]] = NatTable(
+            reactor.seconds, CACHE_MAX_TTL, cache_capacity
+        )
         self._pending: set[Deferred] = set()
 
     def close(self) -> Deferred:
-        """
-        Forget the cache and cancel its expiry timers (at service stop); the
-        Deferred fires once queries still in flight have ended.
-        """
-        for call in self._store.cancel.values():
-            if call.active():
-                call.cancel()
-        self._store.cancel.clear()
-        self._store.cache.clear()
+        """Forget the cache (at service stop); fires once queries still in flight have ended."""
+        self._cache.clear()
         waiting = []
         for d in list(self._pending):
             ended: Deferred = Deferred()
@@ -165,6 +155,9 @@ class TargetResolver:
 
     def resolve(self, name: str) -> Deferred:
         """A Deferred firing with a non-empty list of IP strings, or failing with NameResolutionError."""
+        if "%" in name:
+            # A scoped IPv6 literal names an interface of this machine.
+            return fail(NameResolutionError(f"refusing the scoped address {name!r}"))
         try:
             ipaddress.ip_address(name)
         except ValueError:
@@ -172,13 +165,13 @@ class TargetResolver:
         return succeed([name])
 
     async def _resolve(self, name: str) -> list[str]:
-        lookups = [self._lookup(self._hosts, name, dns.A), self._lookup(self._hosts, name, dns.AAAA)]
+        lookups = [_lookup(self._hosts, name, dns.A), _lookup(self._hosts, name, dns.AAAA)]
         local, _ = await self._first_found(lookups)
         if local:
             return local
         # Both families at once, so a dead or slow upstream costs one timeout
         # sequence, not two; the preferred family wins when it has addresses.
-        lookups = [self._track(self._lookup(self._dns, name, dns.A)), self._track(self._lookup(self._dns, name, dns.AAAA))]
+        lookups = [self._cached(name, dns.A), self._cached(name, dns.AAAA)]
         found, error = await self._first_found(lookups)
         if found:
             return found
@@ -192,6 +185,11 @@ class TargetResolver:
         for i, lookup in enumerate(lookups):
             try:
                 addresses = await lookup
+            except CancelledError:
+                for other in lookups:
+                    other.addErrback(lambda _: None)  # consumed here: we are giving up
+                    other.cancel()
+                raise
             except Exception as e:  # no such name, timeouts, server failures, refused queries
                 error = e
                 continue
@@ -201,21 +199,44 @@ class TargetResolver:
                 return addresses, None
         return [], error
 
-    def _track(self, d: Deferred) -> Deferred:
+    def _cached(self, name: str, record_type: int) -> Deferred:
+        key = (name.lower(), record_type)
+        hit = self._cache.peek(key)
+        if hit is not None:
+            addresses, expires = hit
+            if expires > self._reactor.seconds():
+                return succeed(addresses)
+            self._cache.remove(key)
+        d = Deferred.fromCoroutine(self._query(name, record_type))
         self._pending.add(d)
         d.addBoth(lambda result: (self._pending.discard(d), result)[1])
         return d
 
-    @staticmethod
-    def _lookup(resolver: Any, name: str, record_type: int) -> Deferred:
-        return Deferred.fromCoroutine(_addresses(resolver, name, record_type))
+    async def _query(self, name: str, record_type: int) -> list[str]:
+        query = dns.Query(name, record_type, dns.IN)
+        answers, _, _ = await self._upstream.query(query, self._timeouts)
+        addresses = _addresses_in(answers, record_type)
+        ttl = min([r.ttl for r in answers if r.type == record_type] or [0])
+        if addresses and ttl > 0:
+            self._cache.add((name.lower(), record_type), (addresses, self._reactor.seconds() + min(ttl, CACHE_MAX_TTL)))
+        return addresses
 
 
-async def _addresses(resolver: Any, name: str, record_type: int) -> list[str]:
+def _lookup(resolver: Any, name: str, record_type: int) -> Deferred:
+    return Deferred.fromCoroutine(_lookup_addresses(resolver, name, record_type))
+
+
+async def _lookup_addresses(resolver: Any, name: str, record_type: int) -> list[str]:
     if record_type == dns.A:
         answers, _, _ = await resolver.lookupAddress(name)
+    else:
+        answers, _, _ = await resolver.lookupIPV6Address(name)
+    return _addresses_in(answers, record_type)
+
+
+def _addresses_in(answers: list[dns.RRHeader], record_type: int) -> list[str]:
+    if record_type == dns.A:
         return [r.payload.dottedQuad() for r in answers if r.type == dns.A]
-    answers, _, _ = await resolver.lookupIPV6Address(name)
     return [socket.inet_ntop(socket.AF_INET6, r.payload.address) for r in answers if r.type == dns.AAAA]
 
 

@@ -27,7 +27,7 @@ from ssx.address import Address, decode_address
 from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
 from ssx.forbidden import ForbiddenNetworks
-from ssx.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol, connect_protocol
+from ssx.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol, can_half_close, connect_protocol
 from ssx.resolver import NameResolutionError, TargetResolver
 
 __all__ = ["ShadowsocksServerFactory", "ShadowsocksServerProtocol"]
@@ -57,6 +57,7 @@ class ShadowsocksServerFactory(RelayFactory):
         # Counters for logs and tests now, for per-user stats and metrics later.
         self.connections_refused = 0
         self.handshake_failures = 0
+        self.targets_unreachable = 0
 
     def buildProtocol(self, addr: Any) -> "ShadowsocksServerProtocol":
         return ShadowsocksServerProtocol(self)
@@ -106,7 +107,7 @@ class ShadowsocksServerProtocol(InboundProtocol):
 
     def _discard(self, error: ProtocolError) -> None:
         peer = self.transport.getPeer()
-        _log.info(
+        _log.debug(
             "{peer}: {error}; discarding until the timeout",
             peer=getattr(peer, "host", peer),
             error=type(error).__name__,
@@ -121,7 +122,7 @@ class ShadowsocksServerProtocol(InboundProtocol):
             ips = await factory.resolver.resolve(address.host)
             allowed = [ip for ip in ips if not factory.forbidden.forbids(ip)]
             if not allowed:
-                _log.info("refused {target}: forbidden address {ips}", target=address, ips=",".join(ips))
+                _log.debug("refused {target}: forbidden address {ips}", target=address, ips=",".join(ips))
                 factory.connections_refused += 1
                 self.transport.loseConnection()
                 return
@@ -132,13 +133,20 @@ class ShadowsocksServerProtocol(InboundProtocol):
         except CancelledError:
             return
         except (NameResolutionError, ConnectError) as e:
-            _log.info("cannot reach {target}: {error}", target=address, error=e)
+            _log.debug("cannot reach {target}: {error}", target=address, error=e)
+            self.factory.targets_unreachable += 1
+            self.transport.loseConnection()
+        except Exception as e:  # e.g. socket.gaierror for an address the OS cannot use
+            _log.debug("cannot connect to {target}: {error!r}", target=address, error=e)
+            self.factory.targets_unreachable += 1
             self.transport.loseConnection()
         finally:
             self._connecting = None
 
     def _target_connected(self, target: OutboundProtocol) -> None:
-        if self._closed:
+        if self._closed or self._state != _CONNECTING:
+            # Gone, or (over TLS, where reads can arrive while paused) the
+            # stream failed authentication meanwhile.
             target.transport.loseConnection()
             return
         self._state = _RELAY
@@ -151,13 +159,14 @@ class ShadowsocksServerProtocol(InboundProtocol):
         self.resetTimeout()
         if self._read_closed:
             target.release_producer()
-            target.transport.loseWriteConnection()
+            if can_half_close(target.transport):
+                target.transport.loseWriteConnection()
         else:
             self.transport.resumeProducing()
 
     def timeoutConnection(self) -> None:
         if self._state == _RELAY:
-            self.close_both()
+            InboundProtocol.timeoutConnection(self)
         else:
             if self._connecting is not None:
                 self._connecting.cancel()

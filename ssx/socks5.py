@@ -40,9 +40,15 @@ __all__ = [
     "Socks5Request",
     "build_reply",
     "Socks5Negotiation",
+    "UDP_HEADER",
+    "udp_to_shadowsocks",
 ]
 
 CMD_CONNECT, CMD_BIND, CMD_UDP_ASSOCIATE = 1, 2, 3
+
+# RSV(2) FRAG(1) of a standalone SOCKS5 UDP datagram (RFC 1928 §7); a reply
+# to the application is this followed by the Shadowsocks plaintext.
+UDP_HEADER = b"\x00\x00\x00"
 
 (
     REP_SUCCEEDED,
@@ -90,6 +96,24 @@ class Socks5Request:
     command: int
     address: Address
     extra: bytes
+
+
+def udp_to_shadowsocks(datagram: bytes) -> bytes:
+    """
+    The Shadowsocks UDP plaintext (`ATYP ADDR PORT DATA`) of an
+    application's SOCKS5 UDP datagram: RSV and FRAG stripped.
+
+    Fragments (FRAG != 0) are refused: no Shadowsocks local reassembles
+    them.  A truncated or malformed address raises ProtocolError.
+    """
+    if len(datagram) < 4:
+        raise ProtocolError("SOCKS5 UDP datagram too short")
+    if datagram[2] != 0:
+        raise ProtocolError("SOCKS5 UDP fragment (FRAG != 0)")
+    plaintext = datagram[3:]
+    if decode_address(plaintext) is None:
+        raise AddressError("SOCKS5 UDP datagram truncated inside its address")
+    return plaintext
 
 
 def build_reply(code: int, bind: Address = Address("0.0.0.0", 0)) -> bytes:

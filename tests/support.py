@@ -243,3 +243,127 @@ async def wait_for_port(port: int, host: str = "127.0.0.1", seconds: float = 10.
             if reactor.seconds() > deadline:
                 raise
             await deferLater(reactor, 0.05, lambda: None)
+
+
+class UdpEcho(protocol.DatagramProtocol):
+    """Echoes every datagram to where it came from; counts them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.count += 1
+        self.transport.write(data, addr)
+
+
+def listen_udp_echo(address: str = "127.0.0.1") -> tuple[Any, UdpEcho]:
+    echo = UdpEcho()
+    return reactor.listenUDP(0, echo, interface=address, maxPacketSize=65535), echo
+
+
+def socks5_udp_header(host: str, port: int) -> bytes:
+    """RSV FRAG ATYP ADDR PORT, built straight from RFC 1928 §7."""
+    return b"\x00\x00\x00" + socks5_request(host, port)[3:]
+
+
+class _Collector(protocol.DatagramProtocol):
+    def __init__(self) -> None:
+        self.queue: defer.DeferredQueue = defer.DeferredQueue()
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.queue.put((data, addr))
+
+
+class Socks5UdpClient:
+    """
+    An application using SOCKS5 UDP ASSOCIATE: a TCP control connection and
+    a UDP socket.  `exchange` sends datagrams through the proxy (a window at
+    a time, resending what got no answer) and checks every reply.
+    """
+
+    def __init__(self) -> None:
+        self.control: protocol.Protocol | None = None
+        self.relay: tuple[str, int] | None = None
+        self.udp = _Collector()
+        self.port: Any = None
+        self.reply = b""
+
+    async def open(self, socks_port: int, host: str = "127.0.0.1") -> int:
+        """Associate; returns the SOCKS5 reply code."""
+        got: defer.Deferred = defer.Deferred()
+        client = self
+
+        class Control(protocol.Protocol):
+            def connectionMade(self):
+                self.buffer = b""
+                self.transport.write(b"\x05\x01\x00")
+
+            def dataReceived(self, data):
+                self.buffer += data
+                if self.buffer[:2] == b"\x05\x00" and len(self.buffer) == 2:
+                    self.transport.write(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+                elif len(self.buffer) >= 12 and not got.called:
+                    client.reply = self.buffer[2:]
+                    got.callback(self.buffer[2:])
+
+            def connectionLost(self, reason=None):
+                if not got.called:
+                    got.callback(self.buffer[2:])
+
+        endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+        self.control = await connectProtocol(endpoint_type(reactor, host, socks_port), Control())
+        reply = await got
+        if len(reply) < 10 or reply[1] != 0:
+            return reply[1] if len(reply) > 1 else -1
+        if reply[3] == 1:
+            self.relay = (socket.inet_ntop(socket.AF_INET, reply[4:8]), struct.unpack("!H", reply[8:10])[0])
+        else:
+            self.relay = (socket.inet_ntop(socket.AF_INET6, reply[4:20]), struct.unpack("!H", reply[20:22])[0])
+        self.port = reactor.listenUDP(0, self.udp, interface="::1" if ":" in self.relay[0] else "127.0.0.1", maxPacketSize=65535)
+        return 0
+
+    def send(self, host: str, port: int, payload: bytes) -> None:
+        assert self.relay is not None
+        self.port.write(socks5_udp_header(host, port) + payload, self.relay)
+
+    async def exchange(self, host: str, port: int, payloads: list[bytes], window: int = 16, reply_host: str | None = None) -> int:
+        """
+        Send every payload to host:port and wait for each echo (checked byte
+        for byte, with the SOCKS5 header naming the echo's address); returns
+        how many had to be sent again.
+        """
+        header = socks5_udp_header(reply_host or host, port)
+        waiting = {p: 0 for p in payloads}
+        resent = 0
+        todo = list(payloads)
+        while waiting:
+            batch, todo = todo[:window], todo[window:]
+            for payload in batch:
+                self.send(host, port, payload)
+            deadline = reactor.seconds() + 2
+            while any(p in waiting for p in batch) and reactor.seconds() < deadline:
+                d = self.udp.queue.get()
+                timer = reactor.callLater(max(0.01, deadline - reactor.seconds()), d.cancel)
+                try:
+                    data, _ = await d
+                except defer.CancelledError:
+                    break
+                finally:
+                    if timer.active():
+                        timer.cancel()
+                assert data.startswith(header), (data[:30], header)
+                waiting.pop(data[len(header):], None)
+            missing = [p for p in batch if p in waiting]
+            for payload in missing:
+                waiting[payload] += 1
+                assert waiting[payload] <= 3, f"no echo for a {len(payload)}-byte datagram after 3 tries"
+            resent += len(missing)
+            todo = missing + todo
+        return resent
+
+    def close(self) -> None:
+        if self.control is not None and self.control.transport is not None:
+            self.control.transport.loseConnection()
+        if self.port is not None:
+            self.port.stopListening()
+            self.port = None

@@ -77,9 +77,17 @@ class ServerConfigTests(unittest.SynchronousTestCase):
                 server_config(values)
             self.assertEqual(caught.exception.key, key, values)
 
-    def test_udp_mode_warns(self):
-        """mode tcp_and_udp starts, with a warning that only TCP is relayed for now."""
-        self.assertIn("UDP", server_config({"mode": "tcp_and_udp"}).warnings[0])
+    def test_modes(self):
+        """mode picks the relays (libev's keys), with the UDP NAT's timeout and bound."""
+        for mode, tcp, udp in (("tcp_only", True, False), ("tcp_and_udp", True, True), ("udp_only", False, True)):
+            relays = server_config({"mode": mode, "udp_timeout": 30, "udp_max_associations": "64"}).relays
+            self.assertEqual((relays.tcp, relays.udp, relays.timeout, relays.capacity), (tcp, udp, 30.0, 64))
+        self.assertEqual(server_config({}).relays.timeout, 60.0)
+        for values, key in (({"udp_timeout": 0}, "udp_timeout"), ({"udp_max_associations": 0}, "udp_max_associations"),
+                            ({"mode": "udp_only", "listen": "tcp:1"}, "listen")):
+            with self.assertRaises(ConfigError) as caught:
+                server_config(values)
+            self.assertEqual(caught.exception.key, key)
 
 
 class LocalConfigTests(unittest.SynchronousTestCase):

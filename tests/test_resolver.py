@@ -28,6 +28,7 @@ class Zone(common.ResolverBase):
 
     RECORDS = {
         (b"www.ssx.test", dns.A): dns.Record_A("192.0.2.10", ttl=60),
+        (b"forever.ssx.test", dns.A): dns.Record_A("192.0.2.40", ttl=2**31 - 1),
         (b"dual.ssx.test", dns.A): dns.Record_A("192.0.2.20", ttl=60),
         (b"dual.ssx.test", dns.AAAA): dns.Record_AAAA("2001:db8::20", ttl=60),
         (b"v6only.ssx.test", dns.AAAA): dns.Record_AAAA("2001:db8::6", ttl=60),
@@ -42,7 +43,7 @@ class Zone(common.ResolverBase):
         self.queries.append((name, type))
         record = self.RECORDS.get((name, type))
         if record is not None:
-            return defer.succeed(([dns.RRHeader(name, type, cls, 60, record, auth=True)], [], []))
+            return defer.succeed(([dns.RRHeader(name, type, cls, record.ttl, record, auth=True)], [], []))
         if any(key[0] == name for key in self.RECORDS):
             return defer.succeed(([], [], []))
         return defer.fail(error.DomainError(name))
@@ -77,6 +78,56 @@ class ResolverTests(unittest.TestCase):
         self.assertEqual(second, ["192.0.2.10"])
         self.assertEqual(len(self.zone.queries), asked)
         self.assertIn((b"www.ssx.test", dns.A), self.zone.queries)
+
+    @defer.inlineCallbacks
+    def test_cache_ttl_clamped(self):
+        """A record with a huge TTL is cached for at most CACHE_MAX_TTL seconds."""
+        from twisted.internet.task import Clock
+
+        from ssx import resolver as resolver_module
+
+        resolver = self.resolver()
+        clock = Clock()
+        clock.advance(reactor.seconds())
+        resolver._reactor = clock
+        resolver._cache._now = clock.seconds
+        yield resolver.resolve("forever.ssx.test")
+        asked = len(self.zone.queries)
+        clock.advance(resolver_module.CACHE_MAX_TTL - 1)
+        yield resolver.resolve("forever.ssx.test")
+        self.assertEqual(len(self.zone.queries), asked)
+        clock.advance(2)
+        yield resolver.resolve("forever.ssx.test")
+        self.assertGreater(len(self.zone.queries), asked)
+
+    @defer.inlineCallbacks
+    def test_cache_bounded(self):
+        """The cache never holds more names than its capacity."""
+        resolver = self.resolver(cache_capacity=2)
+        for name in ("www.ssx.test", "dual.ssx.test", "v6only.ssx.test", "forever.ssx.test"):
+            yield resolver.resolve(name)
+            self.assertLessEqual(len(resolver._cache), 2)
+
+    @defer.inlineCallbacks
+    def test_scoped_address_refused(self):
+        """A scoped IPv6 literal (an interface of this machine) is refused, not connected to."""
+        with self.assertRaises(NameResolutionError):
+            yield self.resolver().resolve("2001:db8::1%eth0")
+
+    def test_cancel_stops_lookup(self):
+        """Cancelling a resolution ends it: it never fires with addresses later."""
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        silent.bind(("127.0.0.1", 0))
+        self.addCleanup(silent.close)
+        resolver = TargetResolver(reactor, [silent.getsockname()], hosts_file=self.hosts, query_timeouts=(0.3,))
+        d = resolver.resolve("www.ssx.test")
+        d.cancel()
+        failure = self.failureResultOf(d)
+        self.assertTrue(failure.check(defer.CancelledError))
+        # twisted.names keeps each abandoned query's id reserved for one timeout.
+        from twisted.internet.task import deferLater
+
+        return deferLater(reactor, 0.5, resolver.close)
 
     @defer.inlineCallbacks
     def test_ipv6_only_name(self):

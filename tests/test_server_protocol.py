@@ -110,7 +110,7 @@ class ServerHandshakeTests(unittest.SynchronousTestCase):
         self.assertEqual(self.factory.handshake_failures, 1)
 
     def test_idle_relay_times_out(self):
-        """A relayed connection with no traffic for the timeout is closed on both sides."""
+        """A relayed connection with no traffic for the timeout is aborted on both sides (a stalled reader cannot hold it)."""
         stream = self.suite.tcp_encryptor().encrypt(encode_address(Address("example.com", 80)) + b"GET")
         self.protocol.dataReceived(stream)
         [(_, _, factory, _, _)] = self.reactor.tcpClients
@@ -119,8 +119,30 @@ class ServerHandshakeTests(unittest.SynchronousTestCase):
         self.reactor.advance(59)
         self.assertFalse(self.transport.disconnecting)
         self.reactor.advance(1)
-        self.assertTrue(self.transport.disconnecting)
-        self.assertTrue(target.disconnecting)
+        self.assertTrue(self.transport.disconnected)
+        self.assertTrue(target.disconnected)
+
+    def test_scoped_address_closes_quietly(self):
+        """A target naming a scoped IPv6 address is refused by the real resolver: closed, nothing logged as an error."""
+        from twisted.logger import globalLogPublisher
+
+        from ssx.resolver import TargetResolver
+
+        errors: list = []
+        observer = lambda event: errors.append(event) if event.get("log_failure") or event.get("isError") else None
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.factory.resolver = TargetResolver(self.reactor, [("127.0.0.1", 9)])
+        for name in ("2001:db8::1%foo", "::1%lo"):
+            protocol = self.factory.buildProtocol(None)
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.1", 40001))
+            protocol.makeConnection(transport)
+            # As a peer would send it: ATYP 3 with the scoped literal as the name.
+            header = b"\x03" + bytes([len(name)]) + name.encode() + b"\x00\x50"
+            protocol.dataReceived(self.suite.tcp_encryptor().encrypt(header + b"x"))
+            self.assertTrue(transport.disconnecting, name)
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(errors, [])
 
 
 class SilenceOnRealSocketTests(unittest.TestCase):

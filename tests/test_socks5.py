@@ -520,3 +520,35 @@ class PropertyTests(_Runner):
         self.assertEqual(self.run_chunks(negotiation, _split(wire, cuts)), whole)
         if whole.kind != "pending":
             self.assertRaises(ProtocolError, negotiation.feed, b"\x05")
+
+
+class UdpDatagramTests(SynchronousTestCase):
+    """SOCKS5 UDP datagrams (RFC 1928 §7) to and from the Shadowsocks plaintext."""
+
+    def test_strip_header(self):
+        """RSV and FRAG are stripped; what remains is ATYP ADDR PORT DATA."""
+        from ssx.socks5 import udp_to_shadowsocks
+
+        self.assertEqual(udp_to_shadowsocks(b"\x00\x00\x00\x01\x08\x08\x08\x08\x00\x35query"), b"\x01\x08\x08\x08\x08\x00\x35query")
+
+    def test_refused(self):
+        """Fragments, short datagrams and truncated addresses raise ProtocolError."""
+        from ssx.errors import ProtocolError
+        from ssx.socks5 import udp_to_shadowsocks
+
+        for datagram in (b"", b"\x00\x00\x00", b"\x00\x00\x01\x01\x08\x08\x08\x08\x00\x35x", b"\x00\x00\x00\x01\x08\x08", b"\x00\x00\x00\x09abc"):
+            with self.assertRaises(ProtocolError, msg=datagram):
+                udp_to_shadowsocks(datagram)
+
+    @given(st.binary(max_size=64))
+    def test_arbitrary_bytes(self, datagram):
+        """Arbitrary bytes give a plaintext starting with a whole address, or ProtocolError, nothing else."""
+        from ssx.address import decode_address
+        from ssx.errors import ProtocolError
+        from ssx.socks5 import udp_to_shadowsocks
+
+        try:
+            plaintext = udp_to_shadowsocks(datagram)
+        except ProtocolError:
+            return
+        self.assertIsNotNone(decode_address(plaintext))

@@ -36,6 +36,13 @@ class SsxOptions(usage.Options):
         ["key", None, None, "master key in URL-safe base64, instead of a password"],
         ["method", "m", None, method_help() + " [default: chacha20-ietf-poly1305]"],
         ["timeout", "t", None, "idle timeout in seconds [default: 300]"],
+        ["udp-timeout", None, None, "seconds a UDP association lives without traffic [default: 60]"],
+        ["udp-max-associations", None, None, "most UDP associations kept at once; the least recently used "
+         "goes first [default: 1024]"],
+    ]
+    optFlags = [
+        ["tcp-and-udp", "u", "relay UDP as well as TCP (mode tcp_and_udp)"],
+        ["udp-only", "U", "relay UDP only (mode udp_only)"],
     ]
     common_keys: Mapping[str, str] = {
         "server": "server",
@@ -44,6 +51,8 @@ class SsxOptions(usage.Options):
         "key": "key",
         "method": "method",
         "timeout": "timeout",
+        "udp-timeout": "udp_timeout",
+        "udp-max-associations": "udp_max_associations",
     }
     flag_keys: Mapping[str, str] = {}
     build: Callable[[Mapping[str, Any]], Any]
@@ -71,6 +80,10 @@ class SsxOptions(usage.Options):
             keys = {**self.common_keys, **self.flag_keys}
             flags = {key: self[name] for name, key in keys.items()}
             flags["listen"] = self["listen"]
+            if self["udp-only"]:
+                flags["mode"] = "udp_only"
+            elif self["tcp-and-udp"]:
+                flags["mode"] = "tcp_and_udp"
             self.config = type(self).build(merge(file_values, flags))
             self.check(self.config)
         except ConfigError as e:

@@ -20,8 +20,9 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from ssx.config import LocalConfig, local_config
-from ssx.listener import listeners
-from ssx.local import Socks5LocalFactory
+from ssx.listener import DatagramListenerService, serve
+from ssx.local import Socks5LocalFactory, TunnelFactory
+from ssx.local_udp import Socks5UdpRelay, TunnelUdpRelay
 from ssx.relay import connect_protocol
 from ssx.tap._options import SsxOptions, check_endpoint, log_config_notes, make_suite
 
@@ -50,6 +51,8 @@ class Options(SsxOptions):
         ["password", "k", None, "the server's password"],
         ["socks-user", None, None, "require SOCKS5 username/password authentication with this user"],
         ["socks-password", None, None, "... and this password"],
+        ["tunnel-address", "L", None, "make the listener a tunnel (port forward) to HOST:PORT through the "
+         "server instead of SOCKS5, like ss-tunnel"],
         ["server-endpoint", None, None, "Twisted client endpoint to reach the server, instead of -s/-p, "
          "e.g. tcp:host=198.51.100.7:port=8388 or tls:host=example.net:port=443"],
     ]
@@ -59,11 +62,28 @@ class Options(SsxOptions):
         "socks-user": "socks_user",
         "socks-password": "socks_password",
         "server-endpoint": "server_endpoint",
+        "tunnel-address": "tunnel_address",
     }
     build = staticmethod(local_config)
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["tunnels"] = None
+
+    def opt_tunnel(self, spec: str) -> None:
+        """[ADDRESS:]PORT=HOST:PORT: forward a further local port to HOST:PORT through the server (repeatable), e.g. 5353=8.8.8.8:53."""
+        if self["tunnels"] is None:
+            self["tunnels"] = []
+        self["tunnels"].append(spec)
+
+    def postOptions(self) -> None:
+        self.flag_keys = {**self.flag_keys, "tunnels": "tunnels"}
+        super().postOptions()
+
     def check(self, config: LocalConfig) -> None:
         super().check(config)
+        for tunnel in config.tunnels:
+            check_endpoint("listen", tunnel.listen, server=True)
         if config.server_endpoint is not None:
             check_endpoint("server_endpoint", config.server_endpoint, server=False)
 
@@ -87,10 +107,39 @@ def build_service(reactor: Any, config: LocalConfig) -> MultiService:
     suite = make_suite(config.method, config.password, config.key)
     endpoint = server_endpoint(reactor, config)
     connect: Callable[[Protocol], Deferred] = lambda protocol: connect_protocol(endpoint, protocol)
-    factory = Socks5LocalFactory(
-        reactor, suite, connect, timeout=config.timeout, credentials=config.socks_credentials
-    )
-    top = listeners(reactor, factory, config.listen, "ssx-local")
+    relays = config.relays
+    server = (config.server or "", config.server_port)
+    top = MultiService()
+    top.factories = []  # type: ignore[attr-defined]
+    top.udp_relays = []  # type: ignore[attr-defined]
+
+    def keep(relay: Any) -> Any:
+        top.udp_relays.append(relay)  # type: ignore[attr-defined]
+        return relay
+
+    for description in config.listen:
+        socks_udp = keep(Socks5UdpRelay(reactor, suite, server, relays.timeout, relays.capacity)) if relays.udp else None
+        factory = Socks5LocalFactory(
+            reactor, suite, connect, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp
+        )
+        top.factories.append(factory)  # type: ignore[attr-defined]
+        serve(top, reactor, description, factory, "ssx-local", socks_udp)
+    for tunnel in config.tunnels:
+        tunnel_udp = None
+        if relays.udp:
+            tunnel_udp = keep(
+                TunnelUdpRelay(reactor, suite, server, tunnel.target, timeout=relays.timeout, capacity=relays.capacity)
+            )
+        if relays.tcp:
+            factory = TunnelFactory(reactor, suite, connect, tunnel.target, config.timeout)
+            top.factories.append(factory)  # type: ignore[attr-defined]
+            serve(top, reactor, tunnel.listen, factory, f"ssx-local tunnel to {tunnel.target}", tunnel_udp)
+        else:
+            assert tunnel.address is not None
+            DatagramListenerService(
+                reactor, tunnel_udp, f"ssx-local tunnel to {tunnel.target}", address=tunnel.address
+            ).setServiceParent(top)
+    top.factory = top.factories[0] if top.factories else None  # type: ignore[attr-defined]
     log_config_notes("ssx-local", config.method, config.warnings, config.ignored)
     _log.info(
         "ssx-local: server {server}, method {method}, timeout {timeout:g}s",

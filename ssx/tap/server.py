@@ -7,12 +7,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ssx.config import ServerConfig, server_config
-from ssx.listener import listeners
+from ssx.listener import DatagramListenerService, serve
 from ssx.resolver import TargetResolver
 from ssx.server import ShadowsocksServerFactory
+from ssx.server_udp import ShadowsocksUdpRelay
 from ssx.tap._options import SsxOptions, log_config_notes, make_suite
 from ssx.url import format_url
 
@@ -68,10 +70,81 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
         prefer_ipv6=config.prefer_ipv6,
     )
     factory = ShadowsocksServerFactory(reactor, suite, resolver, config.forbidden, timeout=config.timeout)
-    top = listeners(reactor, factory, config.listen, "ssx-server")
+    top = MultiService()
+    top.factory = factory  # type: ignore[attr-defined]
+    top.udp_relays = []  # type: ignore[attr-defined]
+    relays = config.relays
+
+    def udp_relay() -> ShadowsocksUdpRelay | None:
+        if not relays.udp:
+            return None
+        relay = ShadowsocksUdpRelay(reactor, suite, resolver, config.forbidden, relays.timeout, relays.capacity)
+        top.udp_relays.append(relay)  # type: ignore[attr-defined]
+        return relay
+
+    if relays.tcp:
+        for description in config.listen:
+            serve(top, reactor, description, factory, "ssx-server", udp_relay())
+    else:
+        for host in config.hosts:
+            DatagramListenerService(reactor, udp_relay(), "ssx-server", address=(host, config.port)).setServiceParent(top)
     _ResolverCache(resolver).setServiceParent(top)
+    _CounterReport(reactor, factory, top.udp_relays).setServiceParent(top)  # type: ignore[attr-defined]
     _report(config, resolver)
     return top
+
+
+class _CounterReport(Service):
+    """
+    Logs, every `interval` seconds, what was refused or failed meanwhile:
+    one line instead of one per probe (those are at debug level).
+    """
+
+    interval = 600.0
+
+    def __init__(self, reactor: Any, factory: ShadowsocksServerFactory, relays: list) -> None:
+        self.reactor = reactor
+        self.factory = factory
+        self.relays = relays
+        self._last = self._counts()
+        self._call = LoopingCall(self._report)
+        self._call.clock = reactor
+
+    def _counts(self) -> tuple[int, ...]:
+        f = self.factory
+        return (
+            f.handshake_failures,
+            f.connections_refused,
+            f.targets_unreachable,
+            sum(r.dropped for r in self.relays),
+            sum(r.refused for r in self.relays),
+        )
+
+    def _report(self) -> None:
+        now = self._counts()
+        delta = [b - a for a, b in zip(self._last, now)]
+        self._last = now
+        if any(delta):
+            _log.info(
+                "ssx-server, last {minutes:g} min: {auth} connections failed authentication or sent a bad header, "
+                "{refused} forbidden targets refused, {unreachable} targets unreachable, "
+                "{dropped} UDP datagrams dropped, {udp_refused} UDP datagrams to forbidden targets",
+                minutes=self.interval / 60,
+                auth=delta[0],
+                refused=delta[1],
+                unreachable=delta[2],
+                dropped=delta[3],
+                udp_refused=delta[4],
+            )
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._call.start(self.interval, now=False)
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        if self._call.running:
+            self._call.stop()
 
 
 class _ResolverCache(Service):

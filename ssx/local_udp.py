@@ -1,0 +1,266 @@
+"""
+The local end's UDP relays: SOCKS5 UDP ASSOCIATE and UDP tunnels.
+
+An application's datagram is turned into the Shadowsocks UDP plaintext
+(`ATYP ADDR PORT DATA`: the SOCKS5 header stripped, or the tunnel's fixed
+target put in front), sealed (`CipherSuite.udp_seal`) and sent to the server
+from a socket kept for that application address in a `NatTable`, connected
+to the server so nothing else can answer on it.  The server's datagrams come
+back on that socket, are opened and handed to the application (with the
+SOCKS5 header, or bare for a tunnel).  Bad datagrams are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ssx.address import Address, decode_address, encode_address
+from ssx.crypto import CipherSuite
+from ssx.errors import ProtocolError
+from ssx.nat import NatTable
+from ssx.server_udp import MAX_DATAGRAM, READ_SIZE
+from ssx.socks5 import UDP_HEADER, udp_to_shadowsocks
+
+__all__ = ["LocalUdpRelay", "Socks5UdpRelay", "TunnelUdpRelay"]
+
+_log = Logger()
+
+# Datagrams held per application while the server's name resolves.
+_PENDING_LIMIT = 32
+
+
+class _ServerSocket(DatagramProtocol):
+    """One application's socket towards the server."""
+
+    noisy = False
+
+    def __init__(self, relay: "LocalUdpRelay", client: tuple) -> None:
+        self.relay = relay
+        self.client = client
+        self.port: Any = None
+        self._pending: list[bytes] | None = []
+
+    def open(self) -> None:
+        d = self.relay.server_ip()
+        d.addCallbacks(self._connect, self._unresolved)
+
+    def _connect(self, ip: str) -> None:
+        if self._pending is None:  # closed meanwhile
+            return
+        try:
+            self.port = self.relay.reactor.listenUDP(
+                0, self, interface="::" if ":" in ip else "0.0.0.0", maxPacketSize=READ_SIZE
+            )
+            self.port.connect(ip, self.relay.server[1])
+        except (CannotListenError, OSError) as e:
+            _log.warn("UDP: cannot open a socket to the server: {error}", error=e)
+            self.relay.dropped += len(self._pending)
+            self.relay.nat.remove(self.client)
+            return
+        pending, self._pending = self._pending, []
+        for packet in pending:
+            self.send(packet)
+
+    def _unresolved(self, failure: Any) -> None:
+        if self._pending is not None:
+            self.relay.dropped += len(self._pending)
+            _log.info("UDP: cannot resolve the server {host}: {error}", host=self.relay.server[0], error=failure.getErrorMessage())
+            self.relay.nat.remove(self.client)
+
+    def send(self, packet: bytes) -> None:
+        if self.port is None:
+            if self._pending is not None and len(self._pending) < _PENDING_LIMIT:
+                self._pending.append(packet)
+            else:
+                self.relay.dropped += 1
+            return
+        try:
+            self.port.write(packet)
+        except OSError:
+            self.relay.dropped += 1
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.relay.from_server(self.client, data)
+
+    def connectionRefused(self) -> None:
+        # ICMP port unreachable from the server: nothing to do but wait.
+        pass
+
+    def close(self) -> None:
+        self._pending = None
+        if self.port is not None:
+            port, self.port = self.port, None
+            port.stopListening()
+
+
+class LocalUdpRelay(DatagramProtocol):
+    """
+    The shared part of the local UDP relays; subclasses say which
+    applications are accepted and how their datagrams map to Shadowsocks
+    plaintext and back.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        reactor: Any,
+        suite: CipherSuite,
+        server: tuple[str, int],
+        timeout: float = 60.0,
+        capacity: int = 1024,
+    ) -> None:
+        self.reactor = reactor
+        self.suite = suite
+        self.server = server
+        self.nat: NatTable[tuple, _ServerSocket] = NatTable(
+            reactor.seconds, timeout, capacity, on_evict=lambda key, sock: sock.close()
+        )
+        self._sweeper = LoopingCall(self.nat.sweep)
+        self._sweeper.clock = reactor
+        self._server_ip: str | None = None
+        self.received = 0
+        self.dropped = 0
+
+    def startProtocol(self) -> None:
+        self._sweeper.start(max(1.0, min(self.nat.timeout / 4, 15.0)), now=False)
+
+    def stopProtocol(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
+        self.nat.clear()
+
+    def server_ip(self) -> Any:
+        """A Deferred IP for the server (resolved once, then remembered)."""
+        from twisted.internet.defer import succeed
+
+        if self._server_ip is not None:
+            return succeed(self._server_ip)
+        host = self.server[0]
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            d = self.reactor.resolve(host)
+
+            def remember(ip: str) -> str:
+                self._server_ip = ip
+                return ip
+
+            return d.addCallback(remember)
+        self._server_ip = host
+        return succeed(host)
+
+    # What subclasses decide.
+    def accepts(self, client: tuple) -> bool:
+        return True
+
+    def to_server(self, datagram: bytes) -> bytes:
+        """The Shadowsocks plaintext for an application's datagram (ProtocolError to drop it)."""
+        raise NotImplementedError
+
+    def to_client(self, plaintext: bytes) -> bytes:
+        """The datagram for the application from the server's plaintext (ProtocolError to drop it)."""
+        raise NotImplementedError
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.received += 1
+        if not self.accepts(addr):
+            self.dropped += 1
+            return
+        try:
+            packet = self.suite.udp_seal(self.to_server(data))
+        except ProtocolError:
+            self.dropped += 1
+            return
+        if len(packet) > MAX_DATAGRAM:
+            self.dropped += 1
+            return
+        sock = self.nat.get(addr)
+        if sock is None:
+            sock = _ServerSocket(self, addr)
+            self.nat.add(addr, sock)
+            sock.open()
+        sock.send(packet)
+
+    def from_server(self, client: tuple, packet: bytes) -> None:
+        if self.transport is None or client not in self.nat:
+            return
+        try:
+            datagram = self.to_client(self.suite.udp_open(packet))
+        except ProtocolError:
+            self.dropped += 1
+            return
+        self.nat.touch(client)
+        try:
+            self.transport.write(datagram, client)
+        except OSError:
+            self.dropped += 1
+
+
+class Socks5UdpRelay(LocalUdpRelay):
+    """
+    The UDP side of SOCKS5 UDP ASSOCIATE: datagrams are accepted only from
+    the IPs of applications holding an association (their TCP control
+    connection); when the last one from an IP ends, its NAT entries go too.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.associations: dict[str, int] = {}
+
+    def associate(self, ip: str) -> None:
+        self.associations[_plain_ip(ip)] = self.associations.get(_plain_ip(ip), 0) + 1
+
+    def dissociate(self, ip: str) -> None:
+        ip = _plain_ip(ip)
+        count = self.associations.get(ip, 0) - 1
+        if count > 0:
+            self.associations[ip] = count
+            return
+        self.associations.pop(ip, None)
+        for client in self.nat:
+            if _plain_ip(client[0]) == ip:
+                self.nat.remove(client)
+
+    def active(self, ip: str) -> bool:
+        """Whether any application at `ip` used UDP within the timeout."""
+        ip = _plain_ip(ip)
+        return any(_plain_ip(client[0]) == ip for client in self.nat)
+
+    def accepts(self, client: tuple) -> bool:
+        return _plain_ip(client[0]) in self.associations
+
+    def to_server(self, datagram: bytes) -> bytes:
+        return udp_to_shadowsocks(datagram)
+
+    def to_client(self, plaintext: bytes) -> bytes:
+        return UDP_HEADER + plaintext
+
+
+class TunnelUdpRelay(LocalUdpRelay):
+    """A UDP port forward: every datagram goes to one fixed target through the server."""
+
+    def __init__(self, reactor: Any, suite: CipherSuite, server: tuple[str, int], target: Address, **kwargs: Any) -> None:
+        super().__init__(reactor, suite, server, **kwargs)
+        self.target = target
+        self._header = encode_address(target)
+
+    def to_server(self, datagram: bytes) -> bytes:
+        return self._header + datagram
+
+    def to_client(self, plaintext: bytes) -> bytes:
+        parsed = decode_address(plaintext)
+        if parsed is None:
+            raise ProtocolError("server datagram truncated inside its address")
+        return plaintext[parsed[1]:]
+
+
+def _plain_ip(ip: str) -> str:
+    """IPv4-mapped IPv6 as plain IPv4, so both spellings of a client match."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip

@@ -1,0 +1,109 @@
+"""
+A bounded, time-expiring LRU table: the NAT of the UDP relays.
+
+Each end keeps one entry per client (address, or 2022 session later) with the
+socket that talks upstream for it.  `touch` on every packet keeps an entry
+alive and most recent; `sweep` (called periodically with the reactor's
+clock by the owner) expires idle entries from the old end; adding beyond
+`capacity` evicts the least recently used.  So a flood of distinct clients
+costs at most `capacity` entries.  No Twisted here: time is a callable.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Generic, Hashable, Iterator, TypeVar
+
+__all__ = ["NatTable"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class NatTable(Generic[K, V]):
+    """Key -> value with LRU order, idle expiry and a size bound."""
+
+    def __init__(
+        self,
+        now: Callable[[], float],
+        timeout: float,
+        capacity: int,
+        on_evict: Callable[[K, V], None] = lambda key, value: None,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self._now = now
+        self.timeout = timeout
+        self.capacity = capacity
+        self._on_evict = on_evict
+        # key -> [value, last_seen]; insertion order = least recently used first.
+        self._entries: OrderedDict[K, list] = OrderedDict()
+        self.evicted = 0
+        self.expired = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(list(self._entries))
+
+    def get(self, key: K) -> V | None:
+        """The value for `key` (refreshed as just used), or None."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        entry[1] = self._now()
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def peek(self, key: K) -> V | None:
+        """The value for `key` without refreshing it."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry[0]
+
+    def touch(self, key: K) -> None:
+        """Mark `key` as just used."""
+        self.get(key)
+
+    def add(self, key: K, value: V) -> None:
+        """Insert (or replace) `key`; evicts the least recently used entry when full."""
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._on_evict(key, old[0])
+        while len(self._entries) >= self.capacity:
+            lru_key, (lru_value, _) = self._entries.popitem(last=False)
+            self.evicted += 1
+            self._on_evict(lru_key, lru_value)
+        self._entries[key] = [value, self._now()]
+
+    def remove(self, key: K) -> V | None:
+        """Remove `key` (its eviction callback runs); returns its value."""
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return None
+        self._on_evict(key, entry[0])
+        return entry[0]
+
+    def sweep(self) -> int:
+        """Expire entries idle for `timeout` or longer; returns how many."""
+        deadline = self._now() - self.timeout
+        count = 0
+        entries = self._entries
+        while entries:
+            key, entry = next(iter(entries.items()))
+            if entry[1] > deadline:
+                break
+            del entries[key]
+            count += 1
+            self._on_evict(key, entry[0])
+        self.expired += count
+        return count
+
+    def clear(self) -> None:
+        """Remove everything (eviction callbacks run)."""
+        while self._entries:
+            key, (value, _) = self._entries.popitem(last=False)
+            self._on_evict(key, value)

@@ -1,0 +1,174 @@
+"""
+The server end's UDP relay (full-cone NAT).
+
+Each datagram from a client is opened (`CipherSuite.udp_open`), its target
+address parsed, resolved and checked against the forbidden networks, and its
+payload sent from the client's own outgoing socket.  Whatever arrives on that
+socket, from any source, goes back to the client sealed with the source's
+address in front.  Clients live in a `NatTable` (bounded, idle entries swept
+on the reactor clock), so a flood of client addresses costs at most its
+capacity in sockets.  Bad datagrams are dropped and counted, never answered.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ssx.address import Address, decode_address, encode_address
+from ssx.crypto import CipherSuite
+from ssx.errors import ProtocolError
+from ssx.forbidden import ForbiddenNetworks
+from ssx.nat import NatTable
+from ssx.resolver import TargetResolver
+
+__all__ = ["MAX_DATAGRAM", "READ_SIZE", "ShadowsocksUdpRelay"]
+
+_log = Logger()
+
+# The largest UDP payload an IPv4 datagram can carry.
+MAX_DATAGRAM = 65507
+# What every UDP socket of ours reads at once: Twisted's default (8192)
+# would silently truncate larger datagrams.
+READ_SIZE = 65535
+
+
+class _ClientSockets:
+    """A client's outgoing sockets, one per address family, opened on first use."""
+
+    def __init__(self, relay: "ShadowsocksUdpRelay", client: tuple) -> None:
+        self.relay = relay
+        self.client = client
+        self._ports: dict[int, Any] = {}
+
+    def send(self, payload: bytes, ip: str, port: int) -> None:
+        version = 6 if ":" in ip else 4
+        transport = self._ports.get(version)
+        if transport is None:
+            protocol = _Upstream(self)
+            try:
+                transport = self.relay.reactor.listenUDP(
+                    0, protocol, interface="::" if version == 6 else "0.0.0.0", maxPacketSize=READ_SIZE
+                )
+            except CannotListenError as e:
+                self.relay.dropped += 1
+                _log.warn("UDP: cannot open an outgoing socket: {error}", error=e.socketError)
+                return
+            self._ports[version] = transport
+        try:
+            transport.write(payload, (ip, port))
+        except OSError:
+            self.relay.dropped += 1
+
+    def close(self) -> None:
+        ports, self._ports = self._ports, {}
+        for port in ports.values():
+            port.stopListening()
+
+
+class _Upstream(DatagramProtocol):
+    """Replies from targets to one client, relayed back sealed with their source address."""
+
+    noisy = False
+
+    def __init__(self, sockets: _ClientSockets) -> None:
+        self.sockets = sockets
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        host, port = addr[0], addr[1]
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        self.sockets.relay.reply(self.sockets.client, Address(host.split("%", 1)[0], port), data)
+
+
+class ShadowsocksUdpRelay(DatagramProtocol):
+    """The server's UDP port: one instance per bound address."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        reactor: Any,
+        suite: CipherSuite,
+        resolver: TargetResolver,
+        forbidden: ForbiddenNetworks,
+        timeout: float = 60.0,
+        capacity: int = 1024,
+    ) -> None:
+        self.reactor = reactor
+        self.suite = suite
+        self.resolver = resolver
+        self.forbidden = forbidden
+        self.nat: NatTable[tuple, _ClientSockets] = NatTable(
+            reactor.seconds, timeout, capacity, on_evict=lambda key, sockets: sockets.close()
+        )
+        self._sweeper = LoopingCall(self.nat.sweep)
+        self._sweeper.clock = reactor
+        # Counters for logs and tests now, for stats and metrics later.
+        self.received = 0
+        self.dropped = 0
+        self.refused = 0
+
+    def startProtocol(self) -> None:
+        self._sweeper.start(max(1.0, min(self.nat.timeout / 4, 15.0)), now=False)
+
+    def stopProtocol(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
+        self.nat.clear()
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.received += 1
+        try:
+            plaintext = self.suite.udp_open(data)
+            parsed = decode_address(plaintext)
+        except ProtocolError:
+            self.dropped += 1
+            return
+        if parsed is None:
+            self.dropped += 1
+            return
+        target, end = parsed
+        payload = plaintext[end:]
+        sockets = self.nat.get(addr)
+        if sockets is None:
+            sockets = _ClientSockets(self, addr)
+            self.nat.add(addr, sockets)
+        try:
+            ipaddress.ip_address(target.host)
+        except ValueError:
+            d = self.resolver.resolve(target.host)
+            d.addCallbacks(lambda ips: self._send(addr, target, ips, payload), lambda _: self._unresolved())
+        else:
+            self._send(addr, target, [target.host], payload)
+
+    def _unresolved(self) -> None:
+        self.dropped += 1
+
+    def _send(self, client: tuple, target: Address, ips: list[str], payload: bytes) -> None:
+        allowed = [ip for ip in ips if not self.forbidden.forbids(ip)]
+        if not allowed:
+            self.refused += 1
+            return
+        sockets = self.nat.peek(client)
+        if sockets is not None:
+            sockets.send(payload, allowed[0], target.port)
+
+    def reply(self, client: tuple, source: Address, data: bytes) -> None:
+        """A target's datagram for `client`: sealed with its source address and sent back."""
+        if self.transport is None or client not in self.nat:
+            return
+        self.nat.touch(client)
+        packet = self.suite.udp_seal(encode_address(source) + data)
+        if len(packet) > MAX_DATAGRAM:
+            self.dropped += 1
+            return
+        try:
+            self.transport.write(packet, client)
+        except OSError:
+            self.dropped += 1

@@ -1,0 +1,70 @@
+"""The UDP NAT table: expiry on the reactor clock, the size bound, reuse."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from ssx.nat import NatTable
+
+
+class NatTableTests(unittest.SynchronousTestCase):
+    """NatTable driven by task.Clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.evicted: list[tuple] = []
+        self.table = NatTable(self.clock.seconds, timeout=60, capacity=3, on_evict=lambda k, v: self.evicted.append((k, v)))
+
+    def test_expiry(self):
+        """An entry idle for the timeout is swept; one used meanwhile survives."""
+        self.table.add("a", 1)
+        self.table.add("b", 2)
+        self.clock.advance(30)
+        self.assertEqual(self.table.get("b"), 2)
+        self.clock.advance(29)
+        self.assertEqual(self.table.sweep(), 0)
+        self.clock.advance(1)
+        self.assertEqual(self.table.sweep(), 1)
+        self.assertEqual(self.evicted, [("a", 1)])
+        self.assertNotIn("a", self.table)
+        self.assertIn("b", self.table)
+        self.clock.advance(30)
+        self.table.sweep()
+        self.assertEqual(len(self.table), 0)
+        self.assertEqual(self.table.expired, 2)
+
+    def test_bound(self):
+        """Adding past capacity evicts the least recently used, never growing beyond the bound."""
+        for i in range(3):
+            self.table.add(i, str(i))
+        self.table.touch(0)
+        self.table.add(3, "3")
+        self.assertEqual(self.evicted, [(1, "1")])
+        for i in range(4, 1000):
+            self.table.add(i, str(i))
+            self.assertLessEqual(len(self.table), 3)
+        self.assertEqual(sorted(self.table), [997, 998, 999])
+        self.assertEqual(self.table.evicted, 997)
+
+    def test_reuse(self):
+        """get() returns the same entry for the same key and refreshes it; peek() does not."""
+        self.table.add("client", object())
+        value = self.table.get("client")
+        self.assertIs(self.table.get("client"), value)
+        self.clock.advance(59)
+        self.assertIs(self.table.peek("client"), value)
+        self.clock.advance(1)
+        self.table.sweep()
+        self.assertIsNone(self.table.get("client"))
+
+    def test_replace_and_remove(self):
+        """Replacing an entry evicts the old value; remove() and clear() run the callback too."""
+        self.table.add("k", 1)
+        self.table.add("k", 2)
+        self.assertEqual(self.evicted, [("k", 1)])
+        self.assertEqual(self.table.remove("k"), 2)
+        self.assertIsNone(self.table.remove("k"))
+        self.table.add("x", 9)
+        self.table.clear()
+        self.assertEqual(self.evicted, [("k", 1), ("k", 2), ("x", 9)])
