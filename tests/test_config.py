@@ -173,3 +173,55 @@ class FileAndFlagTests(unittest.SynchronousTestCase):
     def test_merge_ignores_unset_flags(self):
         """Flags left at None do not override the file."""
         self.assertEqual(merge({"a": 1, "b": 2}, {"a": None, "b": 3}), {"a": 1, "b": 3})
+
+
+class UdpAndTunnelOptionTests(unittest.SynchronousTestCase):
+    """-u, -U, -L and --tunnel as libev users write them."""
+
+    def test_flags_set_mode(self):
+        """-u relays TCP and UDP, -U UDP only; without them the file's mode stands."""
+        options = server_tap.Options()
+        options.parseOptions(["-k", "pw", "-u"])
+        self.assertEqual((options.config.relays.tcp, options.config.relays.udp), (True, True))
+        options = server_tap.Options()
+        options.parseOptions(["-k", "pw", "-U"])
+        self.assertEqual((options.config.relays.tcp, options.config.relays.udp), (False, True))
+        path = write_config(self, {"mode": "tcp_and_udp"})
+        options = server_tap.Options()
+        options.parseOptions(["-c", path])
+        self.assertTrue(options.config.relays.udp)
+
+    def test_tunnel_address(self):
+        """-L HOST:PORT makes the main listener a tunnel to HOST:PORT instead of SOCKS5."""
+        options = local_tap.Options()
+        options.parseOptions(["-s", "192.0.2.1", "-k", "pw", "-L", "8.8.8.8:53", "-l", "5353", "-u"])
+        config = options.config
+        self.assertEqual(config.listen, ())
+        [tunnel] = config.tunnels
+        self.assertEqual((tunnel.listen, tunnel.target.host, tunnel.target.port), ("tcp:5353:interface=127.0.0.1", "8.8.8.8", 53))
+        self.assertTrue(config.relays.udp)
+
+    def test_several_tunnels(self):
+        """--tunnel is repeatable beside the SOCKS5 listener, with IPv6 and explicit bind addresses."""
+        options = local_tap.Options()
+        options.parseOptions(["-s", "192.0.2.1", "-k", "pw", "--tunnel", "5353=8.8.8.8:53",
+                              "--tunnel", "[::1]:2222=[2001:db8::22]:22", "--tunnel", "127.0.0.2:8080=example.org:80"])
+        config = options.config
+        self.assertEqual(config.listen, ("tcp:1080:interface=127.0.0.1",))
+        self.assertEqual(
+            [(t.listen, t.target.host, t.target.port) for t in config.tunnels],
+            [("tcp:5353:interface=127.0.0.1", "8.8.8.8", 53), ("tcp:2222:interface=\\:\\:1", "2001:db8::22", 22),
+             ("tcp:8080:interface=127.0.0.2", "example.org", 80)],
+        )
+
+    def test_bad_tunnels(self):
+        """Malformed tunnel specs name their key."""
+        for values, key in [({"tunnel_address": "8.8.8.8"}, "tunnel_address"), ({"tunnels": ["5353"]}, "tunnels"),
+                            ({"tunnels": ["x=8.8.8.8:53"]}, "tunnels"), ({"tunnels": ["53=8.8.8.8:0"]}, "tunnels"),
+                            ({"tunnels": "53=h:1", "mode": "udp_only", "server_endpoint": "tcp:host=h:port=1"}, "server")]:
+            values = {"password": "pw", "server": "192.0.2.1", **values}
+            if key == "server":
+                values.pop("server")
+            with self.assertRaises(ConfigError, msg=str(values)) as caught:
+                local_config(values)
+            self.assertEqual(caught.exception.key, key)
