@@ -28,8 +28,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ssx import socks5
-from ssx.address import Address, encode_address
-from ssx.crypto import CipherSuite
+from ssx.address import Address
+from ssx.crypto import CipherSuite, TcpClientCodec
 from ssx.errors import Socks5Error
 from ssx.local_udp import Socks5UdpRelay
 from ssx.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol
@@ -98,11 +98,11 @@ class LocalRelayProtocol(InboundProtocol):
         self.factory = factory
         self._state = _WAITING
         self._early = b""
-        self._header = b""
         self._target: Address | None = None
         self._connecting: Deferred | None = None
         self._header_call: Any = None
-        self._encrypt: Callable[[bytes], bytes] | None = None
+        self._codec: TcpClientCodec | None = None
+        self._opened = False  # the stream's first write (target + first data) went out
 
     def dataReceived(self, data: bytes) -> None:
         if self._state == _RELAY:
@@ -114,7 +114,6 @@ class LocalRelayProtocol(InboundProtocol):
         self._state = _CONNECTING
         self._target = target
         self._early = early
-        self._header = encode_address(target)
         self.transport.pauseProducing()
         d = self.factory.connect_server(OutboundProtocol(self._server_connected))
         d.addErrback(self._server_failed)
@@ -142,9 +141,8 @@ class LocalRelayProtocol(InboundProtocol):
         if self._closed:
             server.transport.loseConnection()
             return
-        suite = self.factory.suite
-        self._encrypt = suite.tcp_encryptor().encrypt
-        server.transform = suite.tcp_decryptor().decrypt
+        self._codec = codec = self.factory.suite.client_codec()
+        server.transform = codec.decrypt
         self._state = _RELAY
         self.relay_ready()
         self.join(server)
@@ -162,11 +160,11 @@ class LocalRelayProtocol(InboundProtocol):
         return self._start_stream(data)
 
     def _start_stream(self, data: bytes) -> bytes:
-        encrypt = self._encrypt
-        assert encrypt is not None
-        self.transform = encrypt
-        header, self._header = self._header, b""
-        return encrypt(header + data)
+        codec = self._codec
+        assert codec is not None and self._target is not None
+        self.transform = codec.encrypt
+        self._opened = True
+        return codec.first(self._target, data)
 
     def _send_first(self, data: bytes) -> None:
         assert self.peer is not None
@@ -174,7 +172,7 @@ class LocalRelayProtocol(InboundProtocol):
 
     def _send_header_alone(self) -> None:
         self._header_call = None
-        if self.peer is not None and not self.peer._closed and self._header:
+        if self.peer is not None and not self.peer._closed and not self._opened:
             self._send_first(b"")
 
     def _cancel_header_call(self) -> None:
@@ -185,7 +183,7 @@ class LocalRelayProtocol(InboundProtocol):
 
     def readConnectionLost(self) -> None:
         if self._state == _RELAY:
-            if self._header:
+            if not self._opened:
                 # Half-closed before sending anything: the server still needs
                 # the address to open the target.
                 self._cancel_header_call()

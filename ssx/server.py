@@ -1,8 +1,8 @@
 """
 The server end: one `ShadowsocksServerProtocol` per client connection.
 
-Data path: read the salt and decrypt the stream (`ssx.crypto`), parse the
-target address at its start (`ssx.address`), resolve it (`ssx.resolver`),
+Data path: the suite's server codec (`ssx.crypto`) decrypts the stream and
+finds the target address in its header (either edition), then resolve it (`ssx.resolver`),
 refuse forbidden IPs (`ssx.forbidden`), connect, then relay (`ssx.relay`):
 client bytes are decrypted towards the target, target bytes encrypted back.
 
@@ -23,7 +23,7 @@ from twisted.internet.error import ConnectError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ssx.address import Address, decode_address
+from ssx.address import Address
 from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
 from ssx.forbidden import ForbiddenNetworks
@@ -69,7 +69,7 @@ class ShadowsocksServerProtocol(InboundProtocol):
     def __init__(self, factory: ShadowsocksServerFactory) -> None:
         self.factory = factory
         self._state = _HEADER
-        self._decryptor = factory.suite.tcp_decryptor()
+        self._codec = factory.suite.server_codec()
         self._plain = bytearray()
         self._connecting: Deferred | None = None
 
@@ -84,26 +84,18 @@ class ShadowsocksServerProtocol(InboundProtocol):
             return
         if state == _DISCARD:
             return
+        codec = self._codec
         try:
-            plain = self._decryptor.decrypt(data)
+            self._plain += codec.decrypt(data)
         except ProtocolError as e:
             self._discard(e)
             return
-        self._plain += plain
-        if state == _HEADER:
-            try:
-                parsed = decode_address(self._plain)
-            except ProtocolError as e:
-                self._discard(e)
-                return
-            if parsed is not None:
-                address, end = parsed
-                del self._plain[:end]
-                self._state = _CONNECTING
-                # Hold further reads until the target answers: bounds what
-                # we buffer to one read.
-                self.transport.pauseProducing()
-                self._connecting = Deferred.fromCoroutine(self._connect(address))
+        if state == _HEADER and codec.address is not None:
+            self._state = _CONNECTING
+            # Hold further reads until the target answers: bounds what we
+            # buffer to one read.
+            self.transport.pauseProducing()
+            self._connecting = Deferred.fromCoroutine(self._connect(codec.address))
 
     def _discard(self, error: ProtocolError) -> None:
         peer = self.transport.getPeer()
@@ -150,8 +142,7 @@ class ShadowsocksServerProtocol(InboundProtocol):
             target.transport.loseConnection()
             return
         self._state = _RELAY
-        self.transform = self._decryptor.decrypt
-        target.transform = self.factory.suite.tcp_encryptor().encrypt
+        self.transform, target.transform = self._codec.data_path()
         self.join(target)
         if self._plain:
             target.transport.write(bytes(self._plain))

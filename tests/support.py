@@ -87,6 +87,21 @@ def start_local(server_port: int, **values: Any) -> Any:
     return service, port
 
 
+def drained(*services: Any, seconds: float = 3.0) -> defer.Deferred:
+    """Fires once no service's factory has live connections (a test's last cleanup)."""
+
+    async def wait() -> None:
+        deadline = reactor.seconds() + seconds
+        while reactor.seconds() < deadline:
+            if not any(getattr(s, "factory", None) and s.factory.connections for s in services):
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        # Let closing transports finish their last reactor turn.
+        await deferLater(reactor, 0.01, lambda: None)
+
+    return defer.Deferred.fromCoroutine(wait())
+
+
 def socks5_request(host: str, port: int) -> bytes:
     """A CONNECT request built straight from RFC 1928."""
     try:

@@ -17,7 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from ssx.crypto import METHODS, CipherSuite, MethodSpec, lookup_method
+from ssx.crypto import METHODS as ALL_METHODS, CipherSuite, MethodSpec, lookup_method
+
+# This file covers the CipherSuite families; the 2022 edition has its own
+# suite and tests (tests/test_crypto_2022.py).
+METHODS = tuple(m for m in ALL_METHODS if lookup_method(m).family != "aead2022")
+METHODS_2022 = tuple(m for m in ALL_METHODS if lookup_method(m).family == "aead2022")
 from ssx.crypto._kdf import derive_subkey, evp_bytes_to_key, hkdf_sha1
 from ssx.errors import AuthenticationError, ConfigError, ProtocolError
 
@@ -59,17 +64,18 @@ class MethodTableTests(SynchronousTestCase):
     """The method registry and its configuration errors."""
 
     def test_methods_aead_first(self) -> None:
-        """METHODS lists the four AEAD methods before any insecure one."""
-        families = [lookup_method(m).family for m in METHODS]
-        self.assertEqual(families[:4], ["aead"] * 4)
-        self.assertNotIn("aead", families[4:])
+        """METHODS lists the AEAD methods (2017, then 2022) before any insecure one."""
+        families = [lookup_method(m).family for m in ALL_METHODS]
+        self.assertEqual(families[:7], ["aead"] * 4 + ["aead2022"] * 3)
+        self.assertFalse({"aead", "aead2022"} & set(families[7:]))
 
     def test_exact_method_set(self) -> None:
         """Exactly the methods of the brief are offered, salsa20/xchacha20 not."""
         self.assertEqual(
-            set(METHODS),
+            set(ALL_METHODS),
             {
                 "aes-128-gcm", "aes-192-gcm", "aes-256-gcm", "chacha20-ietf-poly1305",
+                "2022-blake3-aes-128-gcm", "2022-blake3-aes-256-gcm", "2022-blake3-chacha20-poly1305",
                 "aes-128-cfb", "aes-192-cfb", "aes-256-cfb",
                 "aes-128-ctr", "aes-192-ctr", "aes-256-ctr",
                 "camellia-128-cfb", "camellia-192-cfb", "camellia-256-cfb",
@@ -92,10 +98,17 @@ class MethodTableTests(SynchronousTestCase):
         self.assertEqual(lookup_method("Plain").name, "none")
 
     def test_insecure(self) -> None:
-        """Only AEAD methods are not flagged insecure."""
-        for method in METHODS:
+        """Only AEAD methods (2017 and 2022) are not flagged insecure."""
+        for method in ALL_METHODS:
             spec = lookup_method(method)
-            self.assertEqual(spec.insecure, spec.family != "aead", method)
+            self.assertEqual(spec.insecure, spec.family not in ("aead", "aead2022"), method)
+
+    def test_2022_needs_its_suite(self) -> None:
+        """CipherSuite refuses 2022 methods (they take PSKs, not EVP passwords), naming the key."""
+        for method in METHODS_2022:
+            with self.assertRaises(ConfigError) as caught:
+                CipherSuite(method, "pw")
+            self.assertEqual(caught.exception.key, "method")
 
     def test_unknown_method(self) -> None:
         """An unknown method is a ConfigError naming the method key and the choices."""
@@ -135,6 +148,7 @@ class MethodTableTests(SynchronousTestCase):
         script = (
             "import sys, ssx.crypto as c\n"
             "for m in c.METHODS:\n"
+            "    if c.lookup_method(m).family == 'aead2022': continue\n"
             "    s = c.CipherSuite(m, 'pw')\n"
             "    s.tcp_decryptor().decrypt(s.tcp_encryptor().encrypt(b'x'))\n"
             "    s.udp_open(s.udp_seal(b'x'))\n"

@@ -21,14 +21,14 @@ class MethodSpec:
     """The wire-visible parameters of one method."""
 
     name: str
-    family: str  # "aead" | "stream" | "none"
+    family: str  # "aead" | "aead2022" | "stream" | "none"
     key_size: int
     salt_size: int  # AEAD salt, stream IV, 0 for none
 
     @property
     def insecure(self) -> bool:
         """Stream and none methods give no integrity: warn whoever picks them."""
-        return self.family != "aead"
+        return self.family not in ("aead", "aead2022")
 
 
 _SPECS: tuple[MethodSpec, ...] = (
@@ -36,6 +36,9 @@ _SPECS: tuple[MethodSpec, ...] = (
     MethodSpec("aes-192-gcm", "aead", 24, 24),
     MethodSpec("aes-256-gcm", "aead", 32, 32),
     MethodSpec("chacha20-ietf-poly1305", "aead", 32, 32),
+    MethodSpec("2022-blake3-aes-128-gcm", "aead2022", 16, 16),
+    MethodSpec("2022-blake3-aes-256-gcm", "aead2022", 32, 32),
+    MethodSpec("2022-blake3-chacha20-poly1305", "aead2022", 32, 32),
     MethodSpec("aes-128-cfb", "stream", 16, 16),
     MethodSpec("aes-192-cfb", "stream", 24, 16),
     MethodSpec("aes-256-cfb", "stream", 32, 16),

@@ -17,6 +17,7 @@ from ssx.crypto._kdf import evp_bytes_to_key
 from ssx.crypto._plain import PlainTcpDecryptor, PlainTcpEncryptor
 from ssx.crypto._registry import MethodSpec, lookup_method
 from ssx.errors import ConfigError
+from ssx.crypto._codecs import LegacyClientCodec, LegacyServerCodec, LegacyUdpClientCodec
 
 __all__ = ["CipherSuite", "TcpEncryptor", "TcpDecryptor"]
 
@@ -50,6 +51,8 @@ class CipherSuite:
 
     def __init__(self, method: str, password: str | bytes) -> None:
         spec = lookup_method(method)
+        if spec.family == "aead2022":
+            raise ConfigError("method", f"{spec.name} is a 2022 method: use make_suite")
         secret = password.encode("utf-8") if isinstance(password, str) else password
         self.spec = spec
         self._key = evp_bytes_to_key(secret, spec.key_size)
@@ -58,6 +61,8 @@ class CipherSuite:
     def from_key(cls, method: str, key: bytes) -> CipherSuite:
         """A suite from a raw master key (libev's `--key`, already decoded)."""
         spec = lookup_method(method)
+        if spec.family == "aead2022":
+            raise ConfigError("key", f"{spec.name} takes its base64 key as the password (-k), not --key")
         if len(key) != spec.key_size:
             raise ConfigError(
                 "key",
@@ -102,6 +107,18 @@ class CipherSuite:
                 _stream.STREAM_CIPHERS[spec.name], self._key, spec.salt_size
             )
         return PlainTcpDecryptor()
+
+    def client_codec(self) -> "LegacyClientCodec":
+        """The local end's codec for one new TCP connection."""
+        return LegacyClientCodec(self)
+
+    def server_codec(self) -> "LegacyServerCodec":
+        """The server's codec for one new TCP connection."""
+        return LegacyServerCodec(self)
+
+    def udp_client_codec(self) -> "LegacyUdpClientCodec":
+        """The local end's codec for one application's datagrams."""
+        return LegacyUdpClientCodec(self)
 
     def udp_seal(self, plaintext: bytes, salt: bytes | None = None) -> bytes:
         """One encrypted datagram; `salt` fixes the salt/IV (tests only)."""

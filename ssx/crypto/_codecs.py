@@ -1,0 +1,263 @@
+"""
+Per-connection codecs: the one face both Shadowsocks editions show the relays.
+
+A configured method is a suite: `CipherSuite` (stream, AEAD-2017, none) or
+`Suite2022` (SIP022).  For every TCP connection the local end asks its suite
+for a `client_codec()` (`first(address, payload)` opens the stream, then
+`encrypt`/`decrypt`), the server for a `server_codec()` (`decrypt` yields the
+application's bytes once the target `address` is known, `encrypt` the
+reply).  For UDP the local end keeps one `udp_client_codec()` per
+application address (`seal`/`open` of ``ATYP ADDR PORT DATA``).  So the
+protocols never know which edition they carry.  No Twisted here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping, Protocol
+
+from ssx.address import Address, decode_address, encode_address
+from ssx.crypto._2022 import (
+    PskChain,
+    RequestDecoder,
+    RequestEncoder,
+    SaltPool,
+    SlidingWindow,
+    UdpClientSession,
+    UdpServerDecoder,
+    lookup_method_2022,
+    parse_password,
+    user_table,
+)
+from ssx.crypto._registry import MethodSpec, lookup_method
+from ssx.errors import ProtocolError
+
+__all__ = [
+    "TcpClientCodec",
+    "TcpServerCodec",
+    "UdpClientCodec",
+    "Suite2022",
+    "LegacyClientCodec",
+    "LegacyServerCodec",
+    "LegacyUdpClientCodec",
+]
+
+Clock = Callable[[], float]
+
+# The longest address header (ATYP 3, 255-byte name): a stream whose first
+# plaintext bytes cannot start with an address within this is broken.
+_MAX_ADDRESS = 1 + 1 + 255 + 2
+
+
+class TcpClientCodec(Protocol):
+    """The local end's view of one TCP connection to the server."""
+
+    def first(self, address: Address, payload: bytes) -> bytes:
+        """The stream's opening bytes: the target and the first payload (possibly empty)."""
+
+    def encrypt(self, data: bytes) -> bytes: ...
+
+    def decrypt(self, data: bytes) -> bytes: ...
+
+
+class TcpServerCodec(Protocol):
+    """The server's view of one TCP connection from a client."""
+
+    #: The target, once the request header is complete.
+    address: Address | None
+    #: The user (multi-user 2022 servers), else None.
+    user: str | None
+
+    def decrypt(self, data: bytes) -> bytes:
+        """The application's bytes after the header (b"" until the address is known)."""
+
+    def encrypt(self, data: bytes) -> bytes: ...
+
+    def data_path(self) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+        """Once `address` is known: the bare (decrypt, encrypt) for relaying."""
+
+
+class UdpClientCodec(Protocol):
+    """The local end's view of one application's UDP traffic."""
+
+    def seal(self, plaintext: bytes) -> bytes:
+        """A datagram for the server from ``ATYP ADDR PORT DATA``."""
+
+    def open(self, packet: bytes) -> bytes:
+        """``ATYP ADDR PORT DATA`` from a server datagram."""
+
+
+class LegacyClientCodec:
+    """Stream, AEAD-2017 and none: the address is the stream's first plaintext."""
+
+    __slots__ = ("encrypt", "decrypt")
+
+    def __init__(self, suite: Any) -> None:
+        self.encrypt = suite.tcp_encryptor().encrypt
+        self.decrypt = suite.tcp_decryptor().decrypt
+
+    def first(self, address: Address, payload: bytes) -> bytes:
+        return self.encrypt(encode_address(address) + payload)
+
+
+class LegacyServerCodec:
+    """Parses the address at the start of the decrypted stream."""
+
+    __slots__ = ("address", "user", "_decrypt", "_head", "_suite", "_encrypt")
+
+    def __init__(self, suite: Any) -> None:
+        self.address: Address | None = None
+        self.user: str | None = None
+        self._suite = suite
+        self._decrypt = suite.tcp_decryptor().decrypt
+        self._head = b""
+        self._encrypt: Callable[[bytes], bytes] | None = None
+
+    def decrypt(self, data: bytes) -> bytes:
+        plain = self._decrypt(data)
+        if self.address is not None:
+            return plain
+        head = self._head + plain
+        parsed = decode_address(head)
+        if parsed is None:
+            if len(head) >= _MAX_ADDRESS:
+                raise ProtocolError("no address at the start of the stream")
+            self._head = head
+            return b""
+        self.address, end = parsed
+        self._head = b""
+        return head[end:]
+
+    def encrypt(self, data: bytes) -> bytes:
+        if self._encrypt is None:
+            self._encrypt = self._suite.tcp_encryptor().encrypt
+        return self._encrypt(data)
+
+    def data_path(self) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+        # After the address the decryptor's output is the application's, as is.
+        if self._encrypt is None:
+            self._encrypt = self._suite.tcp_encryptor().encrypt
+        return self._decrypt, self._encrypt
+
+
+class LegacyUdpClientCodec:
+    """Stateless: each datagram sealed on its own."""
+
+    __slots__ = ("seal", "open")
+
+    def __init__(self, suite: Any) -> None:
+        self.seal = suite.udp_seal
+        self.open = suite.udp_open
+
+
+class _Client2022Codec:
+    __slots__ = ("_request", "_response", "encrypt")
+
+    def __init__(self, method: str, keys: PskChain, now: Clock) -> None:
+        self._request = RequestEncoder(method, keys, now=now)
+        self._response = self._request.response_decoder()
+        self.encrypt = self._request.encrypt
+
+    def first(self, address: Address, payload: bytes) -> bytes:
+        return self._request.encode_header(address, payload)
+
+    def decrypt(self, data: bytes) -> bytes:
+        return self._response.decrypt(data)
+
+
+class _Server2022Codec:
+    __slots__ = ("address", "user", "_request", "_response")
+
+    def __init__(self, decoder: RequestDecoder) -> None:
+        self.address: Address | None = None
+        self.user: str | None = None
+        self._request = decoder
+        self._response: Any = None
+
+    def decrypt(self, data: bytes) -> bytes:
+        out = self._request.decrypt(data)
+        if self.address is None:
+            header = self._request.header
+            if header is None:
+                return b""
+            self.address = header.address
+            self.user = header.user.name if header.user is not None else None
+        return out
+
+    def encrypt(self, data: bytes) -> bytes:
+        if self._response is None:
+            self._response = self._request.response_encoder()
+        return self._response.encrypt(data)
+
+    def data_path(self) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+        if self._response is None:
+            self._response = self._request.response_encoder()
+        return self._request.decrypt, self._response.encrypt
+
+
+class _Udp2022ClientCodec:
+    __slots__ = ("_session",)
+
+    def __init__(self, method: str, keys: PskChain, now: Clock) -> None:
+        self._session = UdpClientSession(method, keys, now=now)
+
+    def seal(self, plaintext: bytes) -> bytes:
+        parsed = decode_address(plaintext)
+        if parsed is None:
+            raise ProtocolError("datagram truncated inside its address")
+        address, end = parsed
+        return self._session.encode(address, plaintext[end:])
+
+    def open(self, packet: bytes) -> bytes:
+        reply = self._session.decode(packet)
+        return encode_address(reply.address) + reply.payload
+
+
+class Suite2022:
+    """
+    A 2022-edition method and its keys (SIP022/SIP023).
+
+    The client side takes the password ``uPSK`` or ``iPSK:…:uPSK``; the
+    server side its own PSK and, for several users on one port, a
+    ``{name: uPSK}`` table.  Salts seen by this server are remembered (one
+    pool per suite, so per listening port) for the replay check.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        password: str,
+        *,
+        users: Mapping[str, str] | None = None,
+        now: Clock = time.time,
+    ) -> None:
+        self.spec: MethodSpec = lookup_method(method)
+        self._method = lookup_method_2022(self.spec.name)
+        self._now = now
+        self._keys = parse_password(self._method, password)
+        self._users = user_table(self._method, users) if users else None
+        # On a server the password is its own PSK (with users: its iPSK).
+        self._psk = self._keys.user_key
+        self.salts = SaltPool(now)
+
+    def __repr__(self) -> str:
+        return f"<Suite2022 method={self.spec.name!r}>"
+
+    def client_codec(self) -> _Client2022Codec:
+        return _Client2022Codec(self.spec.name, self._keys, self._now)
+
+    def server_codec(self) -> _Server2022Codec:
+        return _Server2022Codec(
+            RequestDecoder(self.spec.name, self._psk, salt_check=self.salts, now=self._now, users=self._users)
+        )
+
+    def udp_client_codec(self) -> _Udp2022ClientCodec:
+        return _Udp2022ClientCodec(self.spec.name, self._keys, self._now)
+
+    def udp_server_decoder(self) -> UdpServerDecoder:
+        return UdpServerDecoder(self.spec.name, self._psk, now=self._now, users=self._users)
+
+    @staticmethod
+    def replay_window() -> SlidingWindow:
+        return SlidingWindow()
+
