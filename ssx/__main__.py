@@ -1,11 +1,29 @@
-"""`python -m ssx`: the ssx tool (version now; URL, key and certificate helpers to come)."""
+"""`python -m ssx`: the ssx tool (version, key generation)."""
 
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 
 from ssx import __version__
+from ssx.crypto import METHODS, generate_psk, lookup_method
+from ssx.errors import ConfigError
+
+
+def _genkey(args: argparse.Namespace) -> int:
+    try:
+        spec = lookup_method(args.method)
+    except ConfigError as e:
+        print(f"ssx genkey: {e}", file=sys.stderr)
+        return 2
+    if spec.family == "aead2022":
+        # The PSK itself, base64, exactly the method's key length.
+        print(generate_psk(spec.name))
+    else:
+        # Older methods derive their key from a password: a long random one.
+        print(secrets.token_urlsafe(24))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,9 +33,20 @@ def main(argv: list[str] | None = None) -> int:
         "the local end with 'twistd -n ssx-local'.",
     )
     parser.add_argument("--version", action="version", version=f"ssx {__version__}")
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    commands = parser.add_subparsers(dest="command")
+    genkey = commands.add_parser(
+        "genkey",
+        help="print a fresh key: a base64 PSK for 2022 methods, a strong password for the others",
+    )
+    genkey.add_argument(
+        "-m", "--method", default="2022-blake3-aes-256-gcm", help="one of: " + ", ".join(METHODS)
+    )
+    genkey.set_defaults(run=_genkey)
+    args = parser.parse_args(argv)
+    if getattr(args, "run", None) is None:
+        parser.print_help()
+        return 0
+    return int(args.run(args))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ssx.address import Address
-from ssx.crypto import lookup_method
+from ssx.crypto import generate_psk, lookup_method, make_suite
 from ssx.errors import ConfigError
 from ssx.forbidden import ForbiddenNetworks, parse_forbidden
 from ssx.resolver import parse_nameservers
@@ -45,7 +45,7 @@ _COMMON_KEYS = {
     "server", "server_port", "password", "key", "method", "timeout", "listen", "mode", "plugin", "plugin_opts",
     "udp_timeout", "udp_max_associations",
 }
-SERVER_KEYS = _COMMON_KEYS | {"nameserver", "forbidden_ip", "hosts_file", "resolv_conf", "prefer_ipv6"}
+SERVER_KEYS = _COMMON_KEYS | {"nameserver", "forbidden_ip", "hosts_file", "resolv_conf", "prefer_ipv6", "users"}
 LOCAL_KEYS = _COMMON_KEYS | {
     "local_address", "local_port", "server_endpoint", "socks_user", "socks_password", "tunnel_address", "tunnels",
 }
@@ -90,6 +90,8 @@ class ServerConfig:
     prefer_ipv6: bool
     relays: UdpSettings
     hosts: tuple[str, ...] = ()
+    # 2022 methods, several users on one port: name -> base64 uPSK.
+    users: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     ignored: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -139,13 +141,17 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
     """Check the merged server settings."""
     method = _method(values)
     password, key, generated = _secret(values, method, required=False)
+    users = _users(values, method)
     hosts = _hosts(values.get("server", "0.0.0.0"))
     port = _port(values, "server_port", DEFAULT_SERVER_PORT, allow_zero=True)
     listen = _listen(values)
     if not listen:
         listen = tuple(_tcp_listen(host, port) for host in hosts)
     warnings = _common_warnings(values)
-    relays = _relays(values)
+    relays = _relays(values, method)
+    # Keys are checked now (decoded, lengths, user table), so a bad one
+    # stops start-up naming its key.
+    make_suite(method, password, key=key, users=dict(users))
     if not relays.tcp and values.get("listen") is not None:
         raise ConfigError("listen", "endpoint descriptions are for TCP; in udp_only mode use server and server_port")
     return ServerConfig(
@@ -164,6 +170,7 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         prefer_ipv6=_bool(values, "prefer_ipv6"),
         relays=relays,
         hosts=hosts,
+        users=users,
         ignored=tuple(sorted(set(values) - SERVER_KEYS)),
         warnings=warnings,
     )
@@ -188,7 +195,8 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
     address = _string(values, "local_address", "127.0.0.1")
     if not listen:
         listen = (_tcp_listen(address, _port(values, "local_port", DEFAULT_LOCAL_PORT, allow_zero=True)),)
-    relays = _relays(values)
+    relays = _relays(values, method)
+    make_suite(method, password, key=key)
     if relays.udp and server is None:
         raise ConfigError("server", "the UDP relay needs the server's address (-s HOST), not only --server-endpoint")
     tunnels = []
@@ -259,12 +267,38 @@ def _secret(values: Mapping[str, Any], method: str, required: bool) -> tuple[str
     if password is None or password == "":
         if required:
             raise ConfigError("password", "required: the server's password (-k)")
+        if lookup_method(method).family == "aead2022":
+            return generate_psk(method), None, True
         return secrets.token_urlsafe(24), None, True
     if not isinstance(password, str):
         raise ConfigError("password", "expected a string")
     if "\0" in password:
         raise ConfigError("password", "must not contain NUL characters")
     return password, None, False
+
+
+def _users(values: Mapping[str, Any], method: str) -> tuple[tuple[str, str], ...]:
+    """
+    `users` as shadowsocks-rust writes it, ``[{"name": ..., "password": uPSK}]``,
+    or an object ``{name: uPSK}``.
+    """
+    raw = values.get("users")
+    if raw is None:
+        return ()
+    if isinstance(raw, dict):
+        items = list(raw.items())
+    elif isinstance(raw, list) and all(isinstance(u, dict) for u in raw):
+        items = [(u.get("name"), u.get("password")) for u in raw]
+    else:
+        raise ConfigError("users", 'expected [{"name": ..., "password": ...}, ...]')
+    for name, psk in items:
+        if not isinstance(name, str) or not name or not isinstance(psk, str) or not psk:
+            raise ConfigError("users", "every user needs a non-empty name and password")
+    if len({name for name, _ in items}) != len(items):
+        raise ConfigError("users", "user names must be unique")
+    if items and lookup_method(method).family != "aead2022":
+        raise ConfigError("users", f"several users on one port need a 2022 method, not {method}")
+    return tuple(items)
 
 
 def _hosts(value: Any) -> tuple[str, ...]:
@@ -331,10 +365,16 @@ def _common_warnings(values: Mapping[str, Any]) -> tuple[str, ...]:
     return ()
 
 
-def _relays(values: Mapping[str, Any]) -> UdpSettings:
+def _relays(values: Mapping[str, Any], method: str) -> UdpSettings:
     mode = values.get("mode", "tcp_only")
     if mode not in ("tcp_only", "tcp_and_udp", "udp_only"):
         raise ConfigError("mode", "expected tcp_only, tcp_and_udp or udp_only")
+    if mode != "tcp_only" and method == "2022-blake3-chacha20-poly1305":
+        raise ConfigError(
+            "mode",
+            "UDP with 2022-blake3-chacha20-poly1305 needs XChaCha20-Poly1305, which the cryptography "
+            "library does not offer; use tcp_only or a 2022-blake3-aes-* method",
+        )
     capacity = values.get("udp_max_associations", DEFAULT_UDP_CAPACITY)
     if isinstance(capacity, str) and capacity.isdigit():
         capacity = int(capacity)

@@ -43,6 +43,8 @@ class _ServerSocket(DatagramProtocol):
     def __init__(self, relay: "LocalUdpRelay", client: tuple) -> None:
         self.relay = relay
         self.client = client
+        # Per application: 2022 sessions carry state (session and packet IDs).
+        self.codec = relay.suite.udp_client_codec()
         self.port: Any = None
         self._pending: list[bytes] | None = []
 
@@ -174,11 +176,8 @@ class LocalUdpRelay(DatagramProtocol):
             self.dropped += 1
             return
         try:
-            packet = self.suite.udp_seal(self.to_server(data))
+            plaintext = self.to_server(data)
         except ProtocolError:
-            self.dropped += 1
-            return
-        if len(packet) > MAX_DATAGRAM:
             self.dropped += 1
             return
         sock = self.nat.get(addr)
@@ -186,13 +185,22 @@ class LocalUdpRelay(DatagramProtocol):
             sock = _ServerSocket(self, addr)
             self.nat.add(addr, sock)
             sock.open()
+        try:
+            packet = sock.codec.seal(plaintext)
+        except ProtocolError:
+            self.dropped += 1
+            return
+        if len(packet) > MAX_DATAGRAM:
+            self.dropped += 1
+            return
         sock.send(packet)
 
     def from_server(self, client: tuple, packet: bytes) -> None:
-        if self.transport is None or client not in self.nat:
+        sock = self.nat.peek(client)
+        if self.transport is None or sock is None:
             return
         try:
-            datagram = self.to_client(self.suite.udp_open(packet))
+            datagram = self.to_client(sock.codec.open(packet))
         except ProtocolError:
             self.dropped += 1
             return

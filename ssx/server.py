@@ -15,7 +15,7 @@ nothing from when or how it closed.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -30,11 +30,35 @@ from ssx.forbidden import ForbiddenNetworks
 from ssx.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol, can_half_close, connect_protocol
 from ssx.resolver import NameResolutionError, TargetResolver
 
-__all__ = ["ShadowsocksServerFactory", "ShadowsocksServerProtocol"]
+__all__ = ["ShadowsocksServerFactory", "ShadowsocksServerProtocol", "UserTraffic"]
 
 _log = Logger()
 
 _HEADER, _CONNECTING, _RELAY, _DISCARD = range(4)
+
+
+class UserTraffic:
+    """One user's relayed application bytes: `up` (client to target) and `down`."""
+
+    __slots__ = ("up", "down")
+
+    def __init__(self) -> None:
+        self.up = 0
+        self.down = 0
+
+    def counting(
+        self, decrypt: Callable[[bytes], bytes], encrypt: Callable[[bytes], bytes]
+    ) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+        def counted_decrypt(data: bytes) -> bytes:
+            out = decrypt(data)
+            self.up += len(out)
+            return out
+
+        def counted_encrypt(data: bytes) -> bytes:
+            self.down += len(data)
+            return encrypt(data)
+
+        return counted_decrypt, counted_encrypt
 
 
 class ShadowsocksServerFactory(RelayFactory):
@@ -58,6 +82,7 @@ class ShadowsocksServerFactory(RelayFactory):
         self.connections_refused = 0
         self.handshake_failures = 0
         self.targets_unreachable = 0
+        self.user_traffic: dict[str, UserTraffic] = {}
 
     def buildProtocol(self, addr: Any) -> "ShadowsocksServerProtocol":
         return ShadowsocksServerProtocol(self)
@@ -142,7 +167,15 @@ class ShadowsocksServerProtocol(InboundProtocol):
             target.transport.loseConnection()
             return
         self._state = _RELAY
-        self.transform, target.transform = self._codec.data_path()
+        decrypt, encrypt = self._codec.data_path()
+        user = self._codec.user
+        if user is not None:
+            # Multi-user ports count each user's application bytes (for the
+            # stats and metrics to come); single-user ports relay bare.
+            traffic = self.factory.user_traffic.setdefault(user, UserTraffic())
+            traffic.up += len(self._plain)  # the request's first payload
+            decrypt, encrypt = traffic.counting(decrypt, encrypt)
+        self.transform, target.transform = decrypt, encrypt
         self.join(target)
         if self._plain:
             target.transport.write(bytes(self._plain))

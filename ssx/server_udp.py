@@ -27,7 +27,7 @@ from ssx.forbidden import ForbiddenNetworks
 from ssx.nat import NatTable
 from ssx.resolver import TargetResolver
 
-__all__ = ["MAX_DATAGRAM", "READ_SIZE", "ShadowsocksUdpRelay"]
+__all__ = ["MAX_DATAGRAM", "READ_SIZE", "Shadowsocks2022UdpRelay", "ShadowsocksUdpRelay", "udp_relay_for"]
 
 _log = Logger()
 
@@ -135,6 +135,9 @@ class ShadowsocksUdpRelay(DatagramProtocol):
             return
         target, end = parsed
         payload = plaintext[end:]
+        if "%" in target.host:
+            self.dropped += 1
+            return
         sockets = self.nat.get(addr)
         if sockets is None:
             sockets = _ClientSockets(self, addr)
@@ -172,3 +175,79 @@ class ShadowsocksUdpRelay(DatagramProtocol):
             self.transport.write(packet, client)
         except OSError:
             self.dropped += 1
+
+
+class _Session:
+    """A 2022 client session: its reply side, replay window, latest address and sockets."""
+
+    def __init__(self, relay: "Shadowsocks2022UdpRelay", key: bytes, client: tuple, reply_session: Any) -> None:
+        self.client = client
+        self.reply_session = reply_session
+        self.window = relay.suite.replay_window()
+        self.sockets = _ClientSockets(relay, key)
+
+    def send(self, payload: bytes, ip: str, port: int) -> None:
+        self.sockets.send(payload, ip, port)
+
+    def close(self) -> None:
+        self.sockets.close()
+
+
+class Shadowsocks2022UdpRelay(ShadowsocksUdpRelay):
+    """
+    The 2022 edition's UDP port: sessions are keyed by the client's session
+    ID, not its address, so a client that moves keeps its session (replies
+    go to the latest address that sent a valid packet); each session drops
+    replayed or too old packet IDs.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._decoder = self.suite.udp_server_decoder()
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.received += 1
+        try:
+            packet = self._decoder.decode(data)
+        except ProtocolError:
+            self.dropped += 1
+            return
+        key = packet.session_id
+        session = self.nat.get(key)
+        if session is None:
+            session = _Session(self, key, addr, self._decoder.session(packet))
+            self.nat.add(key, session)
+        if not session.window.accept(packet.packet_id):
+            self.dropped += 1
+            return
+        session.client = addr
+        target = packet.address
+        if "%" in target.host:
+            self.dropped += 1
+            return
+        try:
+            ipaddress.ip_address(target.host)
+        except ValueError:
+            d = self.resolver.resolve(target.host)
+            d.addCallbacks(lambda ips: self._send(key, target, ips, packet.payload), lambda _: self._unresolved())
+        else:
+            self._send(key, target, [target.host], packet.payload)
+
+    def reply(self, client: Any, source: Address, data: bytes) -> None:
+        session = self.nat.peek(client)
+        if self.transport is None or session is None:
+            return
+        self.nat.touch(client)
+        packet = session.reply_session.encode(source, data)
+        if len(packet) > MAX_DATAGRAM:
+            self.dropped += 1
+            return
+        try:
+            self.transport.write(packet, session.client)
+        except OSError:
+            self.dropped += 1
+
+
+def udp_relay_for(suite: Any) -> type[ShadowsocksUdpRelay]:
+    """The server UDP relay class for a suite's edition."""
+    return Shadowsocks2022UdpRelay if suite.spec.family == "aead2022" else ShadowsocksUdpRelay

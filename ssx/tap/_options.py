@@ -12,7 +12,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from ssx.config import merge, read_config_file
-from ssx.crypto import METHODS, CipherSuite, lookup_method
+from ssx import crypto
+from ssx.crypto import METHODS, lookup_method
 from ssx.errors import ConfigError
 
 __all__ = ["SsxOptions", "check_endpoint", "log_config_notes", "make_suite", "method_help"]
@@ -108,10 +109,9 @@ def check_endpoint(key: str, description: str, server: bool) -> None:
         raise ConfigError(key, f"bad endpoint description {description!r}: {e}") from None
 
 
-def make_suite(method: str, password: str, key: bytes | None) -> CipherSuite:
-    if key is not None:
-        return CipherSuite.from_key(method, key)
-    return CipherSuite(method, password)
+def make_suite(reactor: Any, method: str, password: str, key: bytes | None, users: Any = ()) -> Any:
+    """The suite for the services: 2022 headers stamped and checked on the reactor's clock."""
+    return crypto.make_suite(method, password, key=key, users=dict(users), now=reactor.seconds)
 
 
 _log = Logger()

@@ -104,7 +104,7 @@ def server_endpoint(reactor: Any, config: LocalConfig) -> IStreamClientEndpoint:
 
 def build_service(reactor: Any, config: LocalConfig) -> MultiService:
     """The local end's service tree for `config`."""
-    suite = make_suite(config.method, config.password, config.key)
+    suite = make_suite(reactor, config.method, config.password, config.key)
     endpoint = server_endpoint(reactor, config)
     connect: Callable[[Protocol], Deferred] = lambda protocol: connect_protocol(endpoint, protocol)
     relays = config.relays

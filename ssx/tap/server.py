@@ -14,7 +14,7 @@ from ssx.config import ServerConfig, server_config
 from ssx.listener import DatagramListenerService, serve
 from ssx.resolver import TargetResolver
 from ssx.server import ShadowsocksServerFactory
-from ssx.server_udp import ShadowsocksUdpRelay
+from ssx.server_udp import ShadowsocksUdpRelay, udp_relay_for
 from ssx.tap._options import SsxOptions, log_config_notes, make_suite
 from ssx.url import format_url
 
@@ -61,7 +61,7 @@ class Options(SsxOptions):
 
 def build_service(reactor: Any, config: ServerConfig) -> MultiService:
     """The server's service tree for `config`."""
-    suite = make_suite(config.method, config.password, config.key)
+    suite = make_suite(reactor, config.method, config.password, config.key, config.users)
     resolver = TargetResolver(
         reactor,
         nameservers=config.nameservers,
@@ -78,7 +78,7 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
     def udp_relay() -> ShadowsocksUdpRelay | None:
         if not relays.udp:
             return None
-        relay = ShadowsocksUdpRelay(reactor, suite, resolver, config.forbidden, relays.timeout, relays.capacity)
+        relay = udp_relay_for(suite)(reactor, suite, resolver, config.forbidden, relays.timeout, relays.capacity)
         top.udp_relays.append(relay)  # type: ignore[attr-defined]
         return relay
 
