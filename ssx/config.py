@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_METHOD",
     "LocalConfig",
     "ServerConfig",
+    "Limits",
     "Tunnel",
     "UdpSettings",
     "local_config",
@@ -40,12 +41,17 @@ DEFAULT_LOCAL_PORT = 1080
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_UDP_TIMEOUT = 60.0
 DEFAULT_UDP_CAPACITY = 1024
+DEFAULT_REPLAY_HISTORY = 1_000_000
+DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+DEFAULT_SHUTDOWN_GRACE = 10.0
 
 _COMMON_KEYS = {
     "server", "server_port", "password", "key", "method", "timeout", "listen", "mode", "plugin", "plugin_opts",
-    "udp_timeout", "udp_max_associations",
+    "udp_timeout", "udp_max_associations", "handshake_timeout", "max_connections", "shutdown_grace",
 }
-SERVER_KEYS = _COMMON_KEYS | {"nameserver", "forbidden_ip", "hosts_file", "resolv_conf", "prefer_ipv6", "users"}
+SERVER_KEYS = _COMMON_KEYS | {
+    "nameserver", "forbidden_ip", "hosts_file", "resolv_conf", "prefer_ipv6", "users", "replay_history",
+}
 LOCAL_KEYS = _COMMON_KEYS | {
     "local_address", "local_port", "server_endpoint", "socks_user", "socks_password", "tunnel_address", "tunnels",
 }
@@ -59,6 +65,18 @@ class UdpSettings:
     udp: bool
     timeout: float
     capacity: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on connections, the same for both ends."""
+
+    handshake_timeout: float
+    max_connections: int  # 0 = no limit
+    shutdown_grace: float
+
+    def factory_arguments(self) -> dict[str, Any]:
+        return {"handshake_timeout": self.handshake_timeout, "max_connections": self.max_connections}
 
 
 @dataclass(frozen=True)
@@ -89,9 +107,12 @@ class ServerConfig:
     resolv_conf: str
     prefer_ipv6: bool
     relays: UdpSettings
+    limits: Limits
     hosts: tuple[str, ...] = ()
     # 2022 methods, several users on one port: name -> base64 uPSK.
     users: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # Salts remembered against replays (stream and AEAD-2017); 0 = off.
+    replay_history: int = DEFAULT_REPLAY_HISTORY
     ignored: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -110,6 +131,7 @@ class LocalConfig:
     timeout: float
     socks_credentials: tuple[bytes, bytes] | None = field(repr=False)
     relays: UdpSettings
+    limits: Limits
     # The main listener offers SOCKS5, unless -L/tunnel_address makes it a tunnel.
     tunnels: tuple[Tunnel, ...] = ()
     ignored: tuple[str, ...] = ()
@@ -169,8 +191,10 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         resolv_conf=_string(values, "resolv_conf", "/etc/resolv.conf"),
         prefer_ipv6=_bool(values, "prefer_ipv6"),
         relays=relays,
+        limits=_limits(values),
         hosts=hosts,
         users=users,
+        replay_history=_count(values, "replay_history", DEFAULT_REPLAY_HISTORY, minimum=0),
         ignored=tuple(sorted(set(values) - SERVER_KEYS)),
         warnings=warnings,
     )
@@ -237,6 +261,7 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         timeout=_timeout(values),
         socks_credentials=credentials,
         relays=relays,
+        limits=_limits(values),
         tunnels=tuple(tunnels),
         ignored=tuple(sorted(set(values) - LOCAL_KEYS)),
         warnings=_common_warnings(values),
@@ -375,17 +400,38 @@ def _relays(values: Mapping[str, Any], method: str) -> UdpSettings:
             "UDP with 2022-blake3-chacha20-poly1305 needs XChaCha20-Poly1305, which the cryptography "
             "library does not offer; use tcp_only or a 2022-blake3-aes-* method",
         )
-    capacity = values.get("udp_max_associations", DEFAULT_UDP_CAPACITY)
-    if isinstance(capacity, str) and capacity.isdigit():
-        capacity = int(capacity)
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-        raise ConfigError("udp_max_associations", f"expected a positive whole number, not {capacity!r}")
+    capacity = _count(values, "udp_max_associations", DEFAULT_UDP_CAPACITY, minimum=1)
     return UdpSettings(
         tcp=mode != "udp_only",
         udp=mode != "tcp_only",
         timeout=_timeout(values, "udp_timeout", DEFAULT_UDP_TIMEOUT),
         capacity=capacity,
     )
+
+
+def _limits(values: Mapping[str, Any]) -> Limits:
+    grace = values.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE)
+    if isinstance(grace, str):
+        try:
+            grace = float(grace)
+        except ValueError:
+            pass
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
+        raise ConfigError("shutdown_grace", f"expected a number of seconds, 0 or more, not {grace!r}")
+    return Limits(
+        handshake_timeout=_timeout(values, "handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT),
+        max_connections=_count(values, "max_connections", 0, minimum=0),
+        shutdown_grace=float(grace),
+    )
+
+
+def _count(values: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
+    value = values.get(key, default)
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(key, f"expected a whole number of at least {minimum}, not {value!r}")
+    return value
 
 
 def _target(text: Any, key: str) -> Address:

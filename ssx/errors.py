@@ -12,6 +12,7 @@ __all__ = [
     "SSXError",
     "ProtocolError",
     "AuthenticationError",
+    "ReplayError",
     "AddressError",
     "UnsupportedAddressType",
     "Socks5Error",
@@ -29,6 +30,10 @@ class ProtocolError(SSXError):
 
 class AuthenticationError(ProtocolError):
     """An AEAD tag did not verify: wrong key, tampering or garbage."""
+
+
+class ReplayError(ProtocolError):
+    """A salt (or 2022 packet ID) seen before: a replayed capture."""
 
 
 class AddressError(ProtocolError):

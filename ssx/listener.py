@@ -18,7 +18,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["DatagramListenerService", "ListenerService", "serve"]
+__all__ = ["DatagramListenerService", "DrainService", "ListenerService", "serve"]
 
 _log = Logger()
 
@@ -51,6 +51,9 @@ class ListenerService(Service):
         if isinstance(result, Failure):
             raise SystemExit(f"{self.label}: cannot listen on {self.description}: {result.getErrorMessage()}")
         self.port = result
+        ports = getattr(self.factory, "ports", None)
+        if ports is not None:
+            ports.append(result)  # the factory pauses accepting at its connection limit
         _log.info("{label} listening on {address}", label=self.label, address=_describe(result.getHost()))
 
     def stopService(self) -> Any:
@@ -139,3 +142,46 @@ def serve(
 def _describe_pair(address: tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class DrainService(Service):
+    """
+    Graceful shutdown: when the service tree stops (SIGTERM), the listeners
+    stop at once while this waits for the running connections of
+    `factories` to finish, for at most `grace` seconds, then aborts the rest.
+    """
+
+    def __init__(self, reactor: Any, factories: list[Any], grace: float, label: str) -> None:
+        self.reactor = reactor
+        self.factories = factories
+        self.grace = grace
+        self.label = label
+
+    def _live(self) -> list[Any]:
+        return [p for f in self.factories for p in list(f.connections)]
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        from twisted.internet.defer import Deferred
+
+        if not self._live():
+            return None
+        _log.info("{label}: letting {count} connections finish (at most {grace:g} s)",
+                  label=self.label, count=len(self._live()), grace=self.grace)
+        done: Deferred = Deferred()
+        deadline = self.reactor.seconds() + self.grace
+
+        def check() -> None:
+            live = self._live()
+            if not live:
+                done.callback(None)
+            elif self.reactor.seconds() >= deadline:
+                _log.info("{label}: closing {count} connections still running", label=self.label, count=len(live))
+                for protocol in live:
+                    protocol.close_both(abort=True)
+                done.callback(None)
+            else:
+                self.reactor.callLater(0.1, check)
+
+        check()
+        return done

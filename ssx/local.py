@@ -78,8 +78,9 @@ class LocalFactory(RelayFactory):
         suite: CipherSuite,
         connect_server: Callable[[Protocol], Deferred],
         timeout: float = 300.0,
+        **limits: Any,
     ) -> None:
-        RelayFactory.__init__(self, reactor, timeout)
+        RelayFactory.__init__(self, reactor, timeout, **limits)
         self.suite = suite
         self.connect_server = connect_server
 
@@ -211,8 +212,9 @@ class Socks5LocalFactory(LocalFactory):
         credentials: tuple[bytes, bytes] | None = None,
         udp_relay: Socks5UdpRelay | None = None,
         tcp: bool = True,
+        **limits: Any,
     ) -> None:
-        LocalFactory.__init__(self, reactor, suite, connect_server, timeout)
+        LocalFactory.__init__(self, reactor, suite, connect_server, timeout, **limits)
         self.credentials = credentials
         self.udp_relay = udp_relay
         commands = {socks5.CMD_CONNECT} if tcp else set()
@@ -270,6 +272,7 @@ class Socks5LocalProtocol(LocalRelayProtocol):
         self._state = _ASSOCIATED
         self._associated_ip = self.transport.getPeer().host
         relay.associate(self._associated_ip)
+        self.setTimeout(self.factory.timeout)
         # The address the application reached us on, with the UDP port.
         bind = Address(self.transport.getHost().host, relay.transport.getHost().port)
         self.transport.write(socks5.build_reply(socks5.REP_SUCCEEDED, bind))
@@ -316,8 +319,9 @@ class TunnelFactory(LocalFactory):
         connect_server: Callable[[Protocol], Deferred],
         target: Address,
         timeout: float = 300.0,
+        **limits: Any,
     ) -> None:
-        LocalFactory.__init__(self, reactor, suite, connect_server, timeout)
+        LocalFactory.__init__(self, reactor, suite, connect_server, timeout, **limits)
         self.target = target
 
     def buildProtocol(self, addr: Any) -> "TunnelProtocol":

@@ -210,17 +210,41 @@ class OutboundProtocol(RelayProtocol):
 
 class RelayFactory(Factory):
     """
-    What the accepted connections of one listener share: the clock and the
-    idle timeout, and the set of live connections (for tests now; for
-    connection limits, graceful shutdown and stats later).
+    What the accepted connections of one listener share: the clock, the
+    handshake and idle timeouts, and the set of live connections.
+
+    With `max_connections`, reaching the limit pauses accepting on every
+    port of this factory: new connections wait in the kernel's backlog,
+    running ones are unaffected, and accepting resumes below the limit.
     """
 
     noisy = False
 
-    def __init__(self, reactor: Any, timeout: float) -> None:
+    def __init__(
+        self, reactor: Any, timeout: float, handshake_timeout: float | None = None, max_connections: int = 0
+    ) -> None:
         self.reactor = reactor
         self.timeout = timeout
+        self.handshake_timeout = min(handshake_timeout or timeout, timeout)
+        self.max_connections = max_connections
         self.connections: set[InboundProtocol] = set()
+        self.ports: list[Any] = []
+        self._paused = False
+
+    def connection_opened(self, protocol: "InboundProtocol") -> None:
+        self.connections.add(protocol)
+        if self.max_connections and len(self.connections) >= self.max_connections and not self._paused:
+            self._paused = True
+            for port in self.ports:
+                port.stopReading()
+            _log.warn("{count} connections: at the limit, new ones wait", count=len(self.connections))
+
+    def connection_closed(self, protocol: "InboundProtocol") -> None:
+        self.connections.discard(protocol)
+        if self._paused and len(self.connections) < self.max_connections:
+            self._paused = False
+            for port in self.ports:
+                port.startReading()
 
 
 class InboundProtocol(RelayProtocol, TimeoutMixin):
@@ -235,12 +259,14 @@ class InboundProtocol(RelayProtocol, TimeoutMixin):
         return self.factory.reactor.callLater(period, func)
 
     def connectionMade(self) -> None:
-        self.factory.connections.add(self)
+        self.factory.connection_opened(self)
         set_no_delay(self.transport)
-        self.setTimeout(self.factory.timeout)
+        # Until the relay starts, the (shorter) handshake timeout applies.
+        self.setTimeout(self.factory.handshake_timeout)
 
     def join(self, peer: RelayProtocol, clock: Any = None, linger: float = 0.0) -> None:
         RelayProtocol.join(self, peer, self.factory.reactor, self.factory.timeout)
+        self.setTimeout(self.factory.timeout)
 
     def activity(self) -> None:
         self.resetTimeout()
@@ -251,6 +277,6 @@ class InboundProtocol(RelayProtocol, TimeoutMixin):
         self.close_both(abort=True)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.factory.connections.discard(self)
+        self.factory.connection_closed(self)
         self.setTimeout(None)
         RelayProtocol.connectionLost(self, reason)

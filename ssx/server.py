@@ -72,8 +72,11 @@ class ShadowsocksServerFactory(RelayFactory):
         forbidden: ForbiddenNetworks,
         timeout: float = 300.0,
         connect_timeout: float = 10.0,
+        salt_filter: Any = None,
+        **limits: Any,
     ) -> None:
-        RelayFactory.__init__(self, reactor, timeout)
+        RelayFactory.__init__(self, reactor, timeout, **limits)
+        self.salt_filter = salt_filter
         self.suite = suite
         self.resolver = resolver
         self.forbidden = forbidden
@@ -94,7 +97,7 @@ class ShadowsocksServerProtocol(InboundProtocol):
     def __init__(self, factory: ShadowsocksServerFactory) -> None:
         self.factory = factory
         self._state = _HEADER
-        self._codec = factory.suite.server_codec()
+        self._codec = factory.suite.server_codec(factory.salt_filter)
         self._plain = bytearray()
         self._connecting: Deferred | None = None
 

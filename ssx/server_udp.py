@@ -99,8 +99,11 @@ class ShadowsocksUdpRelay(DatagramProtocol):
         forbidden: ForbiddenNetworks,
         timeout: float = 60.0,
         capacity: int = 1024,
+        salt_filter: Any = None,
     ) -> None:
         self.reactor = reactor
+        # Replayed datagrams (same salt/IV) are dropped like forged ones.
+        self.salt_filter = salt_filter if suite.spec.family != "aead2022" and suite.spec.salt_size else None
         self.suite = suite
         self.resolver = resolver
         self.forbidden = forbidden
@@ -131,6 +134,9 @@ class ShadowsocksUdpRelay(DatagramProtocol):
             self.dropped += 1
             return
         if parsed is None:
+            self.dropped += 1
+            return
+        if self.salt_filter is not None and not self.salt_filter.check_and_add(data[: self.suite.spec.salt_size]):
             self.dropped += 1
             return
         target, end = parsed

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, Protocol, Union
 
-from ssx.errors import ProtocolError
+from ssx.errors import ReplayError, ProtocolError
 
 __all__ = [
     "MAX_TIME_DIFF",
@@ -44,10 +44,6 @@ SALT_RETENTION = 2.0 * MAX_TIME_DIFF + 1.0
 #: Packet IDs older than ``newest - WINDOW_SIZE`` are refused; rust's ring of
 #: 128 64-bit words gives (128 - 1) * 64.
 WINDOW_SIZE = (128 - 1) * 64
-
-
-class ReplayError(ProtocolError):
-    """A salt or UDP packet ID that was already accepted."""
 
 
 class StaleTimestampError(ProtocolError):

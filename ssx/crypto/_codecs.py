@@ -30,7 +30,7 @@ from ssx.crypto._2022 import (
     user_table,
 )
 from ssx.crypto._registry import MethodSpec, lookup_method
-from ssx.errors import ProtocolError
+from ssx.errors import ProtocolError, ReplayError
 
 __all__ = [
     "TcpClientCodec",
@@ -101,17 +101,24 @@ class LegacyClientCodec:
 
 
 class LegacyServerCodec:
-    """Parses the address at the start of the decrypted stream."""
+    """
+    Parses the address at the start of the decrypted stream.  With a salt
+    filter, the client's salt is checked once the stream has authenticated
+    (so garbage cannot fill the filter) and this server's own outgoing salts
+    are remembered too (so a reflected response is refused as a replay).
+    """
 
-    __slots__ = ("address", "user", "_decrypt", "_head", "_suite", "_encrypt")
+    __slots__ = ("address", "user", "_decryptor", "_decrypt", "_head", "_suite", "_encrypt", "_salts")
 
-    def __init__(self, suite: Any) -> None:
+    def __init__(self, suite: Any, salt_filter: Any = None) -> None:
         self.address: Address | None = None
         self.user: str | None = None
         self._suite = suite
-        self._decrypt = suite.tcp_decryptor().decrypt
+        self._decryptor = suite.tcp_decryptor()
+        self._decrypt = self._decryptor.decrypt
         self._head = b""
         self._encrypt: Callable[[bytes], bytes] | None = None
+        self._salts = salt_filter if suite.spec.salt_size else None
 
     def decrypt(self, data: bytes) -> bytes:
         plain = self._decrypt(data)
@@ -124,20 +131,26 @@ class LegacyServerCodec:
                 raise ProtocolError("no address at the start of the stream")
             self._head = head
             return b""
+        if self._salts is not None and not self._salts.check_and_add(self._decryptor.salt):
+            raise ReplayError("salt seen before")
         self.address, end = parsed
         self._head = b""
         return head[end:]
 
-    def encrypt(self, data: bytes) -> bytes:
+    def _encryptor(self) -> Callable[[bytes], bytes]:
         if self._encrypt is None:
-            self._encrypt = self._suite.tcp_encryptor().encrypt
-        return self._encrypt(data)
+            encryptor = self._suite.tcp_encryptor()
+            if self._salts is not None:
+                self._salts.add(encryptor.salt)
+            self._encrypt = encryptor.encrypt
+        return self._encrypt
+
+    def encrypt(self, data: bytes) -> bytes:
+        return self._encryptor()(data)
 
     def data_path(self) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
         # After the address the decryptor's output is the application's, as is.
-        if self._encrypt is None:
-            self._encrypt = self._suite.tcp_encryptor().encrypt
-        return self._decrypt, self._encrypt
+        return self._decrypt, self._encryptor()
 
 
 class LegacyUdpClientCodec:
@@ -246,7 +259,8 @@ class Suite2022:
     def client_codec(self) -> _Client2022Codec:
         return _Client2022Codec(self.spec.name, self._keys, self._now)
 
-    def server_codec(self) -> _Server2022Codec:
+    def server_codec(self, salt_filter: Any = None) -> _Server2022Codec:
+        # 2022 keeps its own exact salt pool (bounded by the timestamp window).
         return _Server2022Codec(
             RequestDecoder(self.spec.name, self._psk, salt_check=self.salts, now=self._now, users=self._users)
         )

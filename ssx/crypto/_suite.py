@@ -112,9 +112,9 @@ class CipherSuite:
         """The local end's codec for one new TCP connection."""
         return LegacyClientCodec(self)
 
-    def server_codec(self) -> "LegacyServerCodec":
-        """The server's codec for one new TCP connection."""
-        return LegacyServerCodec(self)
+    def server_codec(self, salt_filter: object = None) -> "LegacyServerCodec":
+        """The server's codec for one new TCP connection; `salt_filter` refuses replayed salts."""
+        return LegacyServerCodec(self, salt_filter)
 
     def udp_client_codec(self) -> "LegacyUdpClientCodec":
         """The local end's codec for one application's datagrams."""

@@ -37,6 +37,12 @@ class SsxOptions(usage.Options):
         ["key", None, None, "master key in URL-safe base64, instead of a password"],
         ["method", "m", None, method_help() + " [default: chacha20-ietf-poly1305]"],
         ["timeout", "t", None, "idle timeout in seconds [default: 300]"],
+        ["handshake-timeout", None, None, "seconds a new connection has to complete its handshake "
+         "(the Shadowsocks header, or SOCKS5) [default: 30, at most the idle timeout]"],
+        ["max-connections", None, None, "most connections at once; more wait in the listen backlog "
+         "[default: 0, no limit]"],
+        ["shutdown-grace", None, None, "on SIGTERM, seconds running connections get to finish "
+         "[default: 10]"],
         ["udp-timeout", None, None, "seconds a UDP association lives without traffic [default: 60]"],
         ["udp-max-associations", None, None, "most UDP associations kept at once; the least recently used "
          "goes first [default: 1024]"],
@@ -52,6 +58,9 @@ class SsxOptions(usage.Options):
         "key": "key",
         "method": "method",
         "timeout": "timeout",
+        "handshake-timeout": "handshake_timeout",
+        "max-connections": "max_connections",
+        "shutdown-grace": "shutdown_grace",
         "udp-timeout": "udp_timeout",
         "udp-max-associations": "udp_max_associations",
     }

@@ -20,7 +20,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from ssx.config import LocalConfig, local_config
-from ssx.listener import DatagramListenerService, serve
+from ssx.listener import DatagramListenerService, DrainService, serve
 from ssx.local import Socks5LocalFactory, TunnelFactory
 from ssx.local_udp import Socks5UdpRelay, TunnelUdpRelay
 from ssx.relay import connect_protocol
@@ -120,7 +120,8 @@ def build_service(reactor: Any, config: LocalConfig) -> MultiService:
     for description in config.listen:
         socks_udp = keep(Socks5UdpRelay(reactor, suite, server, relays.timeout, relays.capacity)) if relays.udp else None
         factory = Socks5LocalFactory(
-            reactor, suite, connect, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp
+            reactor, suite, connect, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
+            **config.limits.factory_arguments(),
         )
         top.factories.append(factory)  # type: ignore[attr-defined]
         serve(top, reactor, description, factory, "ssx-local", socks_udp)
@@ -131,7 +132,9 @@ def build_service(reactor: Any, config: LocalConfig) -> MultiService:
                 TunnelUdpRelay(reactor, suite, server, tunnel.target, timeout=relays.timeout, capacity=relays.capacity)
             )
         if relays.tcp:
-            factory = TunnelFactory(reactor, suite, connect, tunnel.target, config.timeout)
+            factory = TunnelFactory(
+                reactor, suite, connect, tunnel.target, config.timeout, **config.limits.factory_arguments()
+            )
             top.factories.append(factory)  # type: ignore[attr-defined]
             serve(top, reactor, tunnel.listen, factory, f"ssx-local tunnel to {tunnel.target}", tunnel_udp)
         else:
@@ -140,6 +143,7 @@ def build_service(reactor: Any, config: LocalConfig) -> MultiService:
                 reactor, tunnel_udp, f"ssx-local tunnel to {tunnel.target}", address=tunnel.address
             ).setServiceParent(top)
     top.factory = top.factories[0] if top.factories else None  # type: ignore[attr-defined]
+    DrainService(reactor, top.factories, config.limits.shutdown_grace, "ssx-local").setServiceParent(top)  # type: ignore[attr-defined]
     log_config_notes("ssx-local", config.method, config.warnings, config.ignored)
     _log.info(
         "ssx-local: server {server}, method {method}, timeout {timeout:g}s",

@@ -11,7 +11,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ssx.config import ServerConfig, server_config
-from ssx.listener import DatagramListenerService, serve
+from ssx.listener import DatagramListenerService, DrainService, serve
+from ssx.replay import SaltFilter
 from ssx.resolver import TargetResolver
 from ssx.server import ShadowsocksServerFactory
 from ssx.server_udp import ShadowsocksUdpRelay, udp_relay_for
@@ -42,6 +43,8 @@ class Options(SsxOptions):
          "[default: loopback, private, link-local, CGNAT, unique-local, multicast, unspecified]"],
         ["hosts-file", None, None, "hosts file consulted before DNS [default: /etc/hosts]"],
         ["resolv-conf", None, None, "resolv.conf to take DNS servers from [default: /etc/resolv.conf]"],
+        ["replay-history", None, None, "salts remembered to refuse replayed connections and datagrams "
+         "(stream and AEAD-2017 methods; 0 turns it off) [default: 1000000]"],
     ]
     optFlags = [["prefer-ipv6", "6", "try AAAA records before A records"]]
     flag_keys = {
@@ -49,6 +52,7 @@ class Options(SsxOptions):
         "forbidden-ip": "forbidden_ip",
         "hosts-file": "hosts_file",
         "resolv-conf": "resolv_conf",
+        "replay-history": "replay_history",
     }
     build = staticmethod(server_config)
 
@@ -69,7 +73,11 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
         resolv_conf=config.resolv_conf,
         prefer_ipv6=config.prefer_ipv6,
     )
-    factory = ShadowsocksServerFactory(reactor, suite, resolver, config.forbidden, timeout=config.timeout)
+    salt_filter = SaltFilter(config.replay_history) if config.replay_history >= 2 else None
+    factory = ShadowsocksServerFactory(
+        reactor, suite, resolver, config.forbidden, timeout=config.timeout, salt_filter=salt_filter,
+        **config.limits.factory_arguments(),
+    )
     top = MultiService()
     top.factory = factory  # type: ignore[attr-defined]
     top.udp_relays = []  # type: ignore[attr-defined]
@@ -78,7 +86,9 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
     def udp_relay() -> ShadowsocksUdpRelay | None:
         if not relays.udp:
             return None
-        relay = udp_relay_for(suite)(reactor, suite, resolver, config.forbidden, relays.timeout, relays.capacity)
+        relay = udp_relay_for(suite)(
+            reactor, suite, resolver, config.forbidden, relays.timeout, relays.capacity, salt_filter=salt_filter
+        )
         top.udp_relays.append(relay)  # type: ignore[attr-defined]
         return relay
 
@@ -88,6 +98,7 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
     else:
         for host in config.hosts:
             DatagramListenerService(reactor, udp_relay(), "ssx-server", address=(host, config.port)).setServiceParent(top)
+    DrainService(reactor, [factory], config.limits.shutdown_grace, "ssx-server").setServiceParent(top)
     _ResolverCache(resolver).setServiceParent(top)
     _CounterReport(reactor, factory, top.udp_relays).setServiceParent(top)  # type: ignore[attr-defined]
     _report(config, resolver)

@@ -1,0 +1,53 @@
+"""The salt filter of the stream and AEAD-2017 editions."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial import unittest
+
+from ssx.replay import SaltFilter
+
+
+class SaltFilterTests(unittest.SynchronousTestCase):
+    """Ping-pong Bloom filters: exact enough, bounded, rotating."""
+
+    def test_replay_detected(self):
+        """A salt seen before is refused; a new one is accepted once."""
+        f = SaltFilter(1000)
+        salt = os.urandom(32)
+        self.assertTrue(f.check_and_add(salt))
+        self.assertFalse(f.check_and_add(salt))
+        self.assertEqual(f.replays, 1)
+
+    def test_history_kept_then_forgotten(self):
+        """The last capacity/2 salts are always remembered; far older ones are eventually forgotten."""
+        f = SaltFilter(1000)
+        salts = [os.urandom(16) for _ in range(3000)]
+        for salt in salts:
+            self.assertTrue(f.check_and_add(salt))
+        self.assertTrue(all(not f.check_and_add(s) for s in salts[-500:]))
+        forgotten = sum(f.check_and_add(s) for s in salts[:1000])
+        self.assertGreater(forgotten, 990)
+
+    def test_false_positives_rare(self):
+        """Fresh random salts are almost never taken for replays at the configured rate."""
+        f = SaltFilter(20000, false_positive_rate=1e-4)
+        refused = sum(not f.check_and_add(os.urandom(32)) for _ in range(20000))
+        self.assertLess(refused, 10)
+
+    def test_memory_bounded(self):
+        """The default history (a million salts) costs a few MiB whatever the traffic."""
+        f = SaltFilter()
+        self.assertLess(f.memory, 4 * 1024 * 1024)
+        before = f.memory
+        for _ in range(2000):
+            f.check_and_add(os.urandom(32))
+        self.assertEqual(f.memory, before)
+
+    def test_own_salts(self):
+        """Salts added without a check (the server's own) are refused when they come back."""
+        f = SaltFilter(100)
+        salt = os.urandom(32)
+        f.add(salt)
+        self.assertFalse(f.check_and_add(salt))
