@@ -17,13 +17,12 @@ from typing import Any
 
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ssx.address import Address, decode_address, encode_address
 from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
-from ssx.nat import NatTable
+from ssx.nat import SweptNatProtocol
 from ssx.server_udp import MAX_DATAGRAM, READ_SIZE
 from ssx.socks5 import UDP_HEADER, udp_to_shadowsocks
 
@@ -101,7 +100,7 @@ class _ServerSocket(DatagramProtocol):
             port.stopListening()
 
 
-class LocalUdpRelay(DatagramProtocol):
+class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
     """
     The shared part of the local UDP relays; subclasses say which
     applications are accepted and how their datagrams map to Shadowsocks
@@ -118,25 +117,10 @@ class LocalUdpRelay(DatagramProtocol):
         timeout: float = 60.0,
         capacity: int = 1024,
     ) -> None:
-        self.reactor = reactor
+        self.setup_nat(reactor, timeout, capacity)
         self.suite = suite
         self.server = server
-        self.nat: NatTable[tuple, _ServerSocket] = NatTable(
-            reactor.seconds, timeout, capacity, on_evict=lambda key, sock: sock.close()
-        )
-        self._sweeper = LoopingCall(self.nat.sweep)
-        self._sweeper.clock = reactor
         self._server_ip: str | None = None
-        self.received = 0
-        self.dropped = 0
-
-    def startProtocol(self) -> None:
-        self._sweeper.start(max(1.0, min(self.nat.timeout / 4, 15.0)), now=False)
-
-    def stopProtocol(self) -> None:
-        if self._sweeper.running:
-            self._sweeper.stop()
-        self.nat.clear()
 
     def server_ip(self) -> Any:
         """A Deferred IP for the server (resolved once, then remembered)."""

@@ -12,9 +12,9 @@ costs at most `capacity` entries.  No Twisted here: time is a callable.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Generic, Hashable, Iterator, TypeVar
+from typing import Any, Callable, Generic, Hashable, Iterator, TypeVar
 
-__all__ = ["NatTable"]
+__all__ = ["NatTable", "SweptNatProtocol"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -107,3 +107,33 @@ class NatTable(Generic[K, V]):
         while self._entries:
             key, (value, _) = self._entries.popitem(last=False)
             self._on_evict(key, value)
+
+
+class SweptNatProtocol:
+    """
+    Mixin for a UDP relay protocol (a twisted DatagramProtocol) that keeps
+    a `NatTable` whose values have a `close()`: the table is swept on the
+    reactor's clock while the protocol runs, and emptied when it stops.
+    (The reactor is used only through `seconds` and `callLater`.)
+    """
+
+    def setup_nat(self, reactor: Any, timeout: float, capacity: int) -> None:
+        from twisted.internet.task import LoopingCall
+
+        self.reactor = reactor
+        self.nat: NatTable[Any, Any] = NatTable(
+            reactor.seconds, timeout, capacity, on_evict=lambda key, value: value.close()
+        )
+        self._sweeper = LoopingCall(self.nat.sweep)
+        self._sweeper.clock = reactor
+        # Counters for logs and tests now, for stats and metrics later.
+        self.received = 0
+        self.dropped = 0
+
+    def startProtocol(self) -> None:
+        self._sweeper.start(max(1.0, min(self.nat.timeout / 4, 15.0)), now=False)
+
+    def stopProtocol(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
+        self.nat.clear()

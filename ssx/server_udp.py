@@ -17,14 +17,13 @@ from typing import Any
 
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ssx.address import Address, decode_address, encode_address
 from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
 from ssx.forbidden import ForbiddenNetworks
-from ssx.nat import NatTable
+from ssx.nat import SweptNatProtocol
 from ssx.resolver import TargetResolver
 
 __all__ = ["MAX_DATAGRAM", "READ_SIZE", "Shadowsocks2022UdpRelay", "ShadowsocksUdpRelay", "udp_relay_for"]
@@ -86,7 +85,7 @@ class _Upstream(DatagramProtocol):
         self.sockets.relay.reply(self.sockets.client, Address(host.split("%", 1)[0], port), data)
 
 
-class ShadowsocksUdpRelay(DatagramProtocol):
+class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
     """The server's UDP port: one instance per bound address."""
 
     noisy = False
@@ -101,29 +100,13 @@ class ShadowsocksUdpRelay(DatagramProtocol):
         capacity: int = 1024,
         salt_filter: Any = None,
     ) -> None:
-        self.reactor = reactor
+        self.setup_nat(reactor, timeout, capacity)
         # Replayed datagrams (same salt/IV) are dropped like forged ones.
         self.salt_filter = salt_filter if suite.spec.family != "aead2022" and suite.spec.salt_size else None
         self.suite = suite
         self.resolver = resolver
         self.forbidden = forbidden
-        self.nat: NatTable[tuple, _ClientSockets] = NatTable(
-            reactor.seconds, timeout, capacity, on_evict=lambda key, sockets: sockets.close()
-        )
-        self._sweeper = LoopingCall(self.nat.sweep)
-        self._sweeper.clock = reactor
-        # Counters for logs and tests now, for stats and metrics later.
-        self.received = 0
-        self.dropped = 0
         self.refused = 0
-
-    def startProtocol(self) -> None:
-        self._sweeper.start(max(1.0, min(self.nat.timeout / 4, 15.0)), now=False)
-
-    def stopProtocol(self) -> None:
-        if self._sweeper.running:
-            self._sweeper.stop()
-        self.nat.clear()
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
