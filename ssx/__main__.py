@@ -1,4 +1,4 @@
-"""`python -m ssx`: the ssx tool (version now; URL, key and certificate helpers to come)."""
+"""`python -m ssx`: the ssx tool (the version, and `url` for ss:// URLs and QR codes)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,19 @@ def main(argv: list[str] | None = None) -> int:
         "the local end with 'twistd -n ssx-local'.",
     )
     parser.add_argument("--version", action="version", version=f"ssx {__version__}")
-    parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    url = commands.add_parser(
+        "url",
+        help="print the ss:// URL of a configuration, with a QR code",
+        description="Print the ss:// URL (SIP002) of each server a configuration names, with a QR code "
+        "in the terminal for phones to scan. The URL carries the password.",
+    )
+    from ssx import urltool
+
+    urltool.add_arguments(url)
+    args = parser.parse_args(argv)
+    if args.command == "url":
+        return urltool.run(args)
     parser.print_help()
     return 0
 
