@@ -211,8 +211,8 @@ class OutboundProtocol(RelayProtocol):
 class RelayFactory(Factory):
     """
     What the accepted connections of one listener share: the clock and the
-    idle timeout, and the set of live connections (for tests now; for
-    connection limits, graceful shutdown and stats later).
+    idle timeout, the set of live connections and how many were accepted
+    (for tests now; for connection limits, graceful shutdown and stats later).
     """
 
     noisy = False
@@ -221,6 +221,7 @@ class RelayFactory(Factory):
         self.reactor = reactor
         self.timeout = timeout
         self.connections: set[InboundProtocol] = set()
+        self.accepted = 0
 
 
 class InboundProtocol(RelayProtocol, TimeoutMixin):
@@ -236,6 +237,7 @@ class InboundProtocol(RelayProtocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
+        self.factory.accepted += 1
         set_no_delay(self.transport)
         self.setTimeout(self.factory.timeout)
 

@@ -33,6 +33,7 @@ class ChainTestCase(unittest.TestCase):
         self.addCleanup(server.stopService)
         local, local_port = support.start_local(server_port, **values)
         self.addCleanup(local.stopService)
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(support.drained(local, server)))
         self.server_service, self.local_service = server, local
         return local_port
 
