@@ -1,6 +1,7 @@
 """
 `twistd ssx-local`: options and the service tree of the local end: the
-mixed proxy port and tunnels, and the server picker with its health check.
+mixed proxy port and tunnels, the server picker with its health check, and
+the online config.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ssx.listener import DatagramListenerService, serve
 from ssx.local import TunnelFactory
 from ssx.local_mixed import MixedLocalFactory
 from ssx.local_udp import Socks5UdpRelay, TunnelUdpRelay
+from ssx.online import OnlineConfigService, describe_url, load_trust_root
 from ssx.picker import ServerPicker, Upstream
 from ssx.relay import connect_protocol
 from ssx.server_entry import ServerEntry
@@ -45,7 +47,7 @@ class Options(SsxOptions):
         "Shadowsocks local end: offers SOCKS5, SOCKS4/4a and HTTP proxying (CONNECT and "
         "plain requests) on one port, 127.0.0.1:1080, and carries each connection, "
         "encrypted, to a server. Servers come from -s/-p/-k/-m, repeated --url ss://..., "
-        "or a servers list in the config file; with several, each "
+        "a servers list in the config file, or --online-config (SIP008); with several, each "
         "new connection goes to the healthiest, and to the next one when a server cannot be "
         "reached. Keys and flags follow shadowsocks-libev, shadowsocks-rust and the original "
         "Python shadowsocks: -c config.json, then flags override the file. Example: "
@@ -64,6 +66,11 @@ class Options(SsxOptions):
          "server instead of a proxy, like ss-tunnel"],
         ["server-endpoint", None, None, "Twisted client endpoint to reach the server, instead of -s/-p, "
          "e.g. tcp:host=198.51.100.7:port=8388 or tls:host=example.net:port=443"],
+        ["online-config", None, None, "https:// URL of a SIP008 server list, fetched at start and then "
+         "every --online-config-interval seconds"],
+        ["online-config-interval", None, None, "seconds between fetches of the online config [default: 3600]"],
+        ["online-config-ca", None, None, "PEM file of the CA certificates to trust for the online config "
+         "[default: the system's]"],
         ["health-check-interval", None, None, "seconds between health checks of the servers, when there are "
          "several; 0 turns them off [default: 60]"],
         ["health-check-url", None, None, "http:// URL fetched through each server to check it and measure its "
@@ -76,6 +83,9 @@ class Options(SsxOptions):
         "socks-password": "socks_password",
         "server-endpoint": "server_endpoint",
         "tunnel-address": "tunnel_address",
+        "online-config": "online_config",
+        "online-config-interval": "online_config_interval",
+        "online-config-ca": "online_config_ca",
         "health-check-interval": "health_check_interval",
         "health-check-url": "health_check_url",
     }
@@ -109,6 +119,8 @@ class Options(SsxOptions):
         for entry in config.servers:
             if entry.endpoint is not None:
                 check_endpoint("server_endpoint", entry.endpoint, server=False)
+        if config.online is not None and config.online.ca_file is not None:
+            load_trust_root(config.online.ca_file)
 
 
 def server_endpoint(reactor: Any, entry: ServerEntry) -> IStreamClientEndpoint:
@@ -179,6 +191,17 @@ def build_service(reactor: Any, config: LocalConfig) -> MultiService:
             reactor, picker, check.target, check.request, check.interval, check.timeout
         )
         top.health.setServiceParent(top)  # type: ignore[attr-defined]
+    online = config.online
+    if online is not None:
+        trust_root = load_trust_root(online.ca_file) if online.ca_file is not None else None
+        top.online = OnlineConfigService(  # type: ignore[attr-defined]
+            reactor,
+            online.url,
+            online.interval,
+            lambda entries: picker.replace_dynamic(entries, lambda entry: make_upstream(reactor, entry)),
+            trust_root,
+        )
+        top.online.setServiceParent(top)  # type: ignore[attr-defined]
     methods = sorted({entry.method for entry in config.servers}) or [config.method]
     for i, method in enumerate(methods):
         log_config_notes("ssx-local", method, config.warnings if i == 0 else (), config.ignored if i == 0 else ())
@@ -187,6 +210,8 @@ def build_service(reactor: Any, config: LocalConfig) -> MultiService:
             "ssx-local: server {server}, method {method}, timeout {timeout:g}s",
             server=entry.label, method=entry.method, timeout=config.timeout,
         )
+    if online is not None:
+        _log.info("ssx-local: servers also from the online config at {where}", where=describe_url(online.url))
     return top
 
 
