@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from ssx.crypto import lookup_method
 from ssx.errors import ConfigError
-from ssx.url import ServerUrl, format_url, parse_url
+from ssx.url import format_url, parse_url
 
 __all__ = ["ServerEntry", "entry_from_url", "entry_url", "server_entry"]
 
@@ -104,11 +104,6 @@ def entry_url(entry: ServerEntry, host: str | None = None) -> str:
     return format_url(
         entry.method, entry.password, host or entry.host, entry.port, entry.name or None, entry.plugin or None, entry.plugin_opts or None
     )
-
-
-def as_url(entry: ServerEntry) -> ServerUrl:
-    """The URL fields of an entry."""
-    return ServerUrl(entry.method, entry.password, entry.host, entry.port, entry.plugin, entry.plugin_opts, entry.name)
 
 
 def _first(values: Mapping[str, Any], *keys: str) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from ssx.address import Address, decode_address
