@@ -1,4 +1,4 @@
-"""`python -m ssx`: the ssx tool (version, key generation)."""
+"""`python -m ssx`: the ssx tool (version, genkey, and `url` for ss:// URLs and QR codes)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         "the local end with 'twistd -n ssx-local'.",
     )
     parser.add_argument("--version", action="version", version=f"ssx {__version__}")
-    commands = parser.add_subparsers(dest="command")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     genkey = commands.add_parser(
         "genkey",
         help="print a fresh key: a base64 PSK for 2022 methods, a strong password for the others",
@@ -42,6 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         "-m", "--method", default="2022-blake3-aes-256-gcm", help="one of: " + ", ".join(METHODS)
     )
     genkey.set_defaults(run=_genkey)
+    url = commands.add_parser(
+        "url",
+        help="print the ss:// URL of a configuration, with a QR code",
+        description="Print the ss:// URL (SIP002) of each server a configuration names, with a QR code "
+        "in the terminal for phones to scan. The URL carries the password.",
+    )
+    from ssx import urltool
+
+    urltool.add_arguments(url)
+    url.set_defaults(run=urltool.run)
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:
         parser.print_help()

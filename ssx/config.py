@@ -20,11 +20,17 @@ from ssx.address import Address
 from ssx.crypto import generate_psk, lookup_method, make_suite
 from ssx.errors import ConfigError
 from ssx.forbidden import ForbiddenNetworks, parse_forbidden
+from ssx.http_message import HttpError, absolute_target
 from ssx.resolver import parse_nameservers
+from ssx.server_entry import ServerEntry, entry_from_url, server_entry
 
 __all__ = [
+    "DEFAULT_CHECK_URL",
     "DEFAULT_METHOD",
+    "HealthCheck",
     "LocalConfig",
+    "OnlineConfig",
+    "config_entries",
     "ServerConfig",
     "Limits",
     "Tunnel",
@@ -44,6 +50,11 @@ DEFAULT_UDP_CAPACITY = 1024
 DEFAULT_REPLAY_HISTORY = 1_000_000
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 DEFAULT_SHUTDOWN_GRACE = 10.0
+# What the health check fetches through each server (as shadowsocks-rust and
+# Clash do): small, fast and answered everywhere.
+DEFAULT_CHECK_URL = "http://www.gstatic.com/generate_204"
+DEFAULT_CHECK_INTERVAL = 60.0
+DEFAULT_ONLINE_INTERVAL = 3600.0
 
 _COMMON_KEYS = {
     "server", "server_port", "password", "key", "method", "timeout", "listen", "mode", "plugin", "plugin_opts",
@@ -54,6 +65,8 @@ SERVER_KEYS = _COMMON_KEYS | {
 }
 LOCAL_KEYS = _COMMON_KEYS | {
     "local_address", "local_port", "server_endpoint", "socks_user", "socks_password", "tunnel_address", "tunnels",
+    "servers", "shadowsocks", "url", "online_config", "online_config_interval", "online_config_ca",
+    "health_check_interval", "health_check_url",
 }
 
 
@@ -87,6 +100,29 @@ class Tunnel:
     target: Address
     # Where a UDP-only tunnel binds (TCP tunnels put UDP beside `listen`).
     address: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """
+    The local end's check of its servers: every `interval` seconds (0: never)
+    `request` is sent through each server to `target`, and the time to the
+    first byte of the answer is the server's latency.
+    """
+
+    interval: float
+    target: Address
+    request: bytes
+    timeout: float
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    """Where a SIP008 server list is fetched from, how often, and which CAs to trust (None: the system's)."""
+
+    url: str = field(repr=False)  # SIP008 URLs carry a secret
+    interval: float
+    ca_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +172,11 @@ class LocalConfig:
     tunnels: tuple[Tunnel, ...] = ()
     ignored: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    # Every server known at start, in order: -s/-p (or each of a "server"
+    # list), then the servers list, then the ss:// URLs.
+    servers: tuple[ServerEntry, ...] = ()
+    online: OnlineConfig | None = None
+    health_check: HealthCheck | None = None
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -203,26 +244,43 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
 def local_config(values: Mapping[str, Any]) -> LocalConfig:
     """Check the merged local settings."""
     method = _method(values)
-    password, key, _ = _secret(values, method, required=True)
     endpoint = values.get("server_endpoint")
     if endpoint is not None and (not isinstance(endpoint, str) or not endpoint):
         raise ConfigError("server_endpoint", "expected a Twisted client endpoint description, e.g. tcp:host=1.2.3.4:port=8388")
-    server = values.get("server")
-    if isinstance(server, list) and server:
-        server = server[0]
-    if server is not None and (not isinstance(server, str) or not server):
+    raw_server = values.get("server")
+    hosts = raw_server if isinstance(raw_server, list) else [] if raw_server is None else [raw_server]
+    if not all(isinstance(h, str) and h for h in hosts):
         raise ConfigError("server", "expected the server's host name or IP address")
-    if server is None and endpoint is None:
-        raise ConfigError("server", "required: the server's address (-s HOST) or --server-endpoint")
+    server = hosts[0] if hosts else None
+    servers: list[ServerEntry] = []
+    password, key = "", None
     server_port = _port(values, "server_port", DEFAULT_SERVER_PORT, allow_zero=False)
+    if hosts or endpoint is not None:
+        password, key, _ = _secret(values, method, required=True)
+        if endpoint is not None:
+            servers.append(ServerEntry(server or "", server_port, method, password, key, endpoint=endpoint))
+        else:
+            servers += [ServerEntry(host, server_port, method, password, key) for host in hosts]
+    servers += _server_list(values)
+    servers += _urls(values)
+    online = _online_config(values)
+    if not servers and online is None:
+        raise ConfigError(
+            "server", "required: the server's address (-s HOST), an ss:// URL (--url), a servers list or --online-config"
+        )
     listen = _listen(values)
     address = _string(values, "local_address", "127.0.0.1")
     if not listen:
         listen = (_tcp_listen(address, _port(values, "local_port", DEFAULT_LOCAL_PORT, allow_zero=True)),)
     relays = _relays(values, method)
-    make_suite(method, password, key=key)
-    if relays.udp and server is None:
-        raise ConfigError("server", "the UDP relay needs the server's address (-s HOST), not only --server-endpoint")
+    for entry in servers:
+        # Keys checked now (2022 PSK lengths and form), so a bad one stops start-up.
+        make_suite(entry.method, entry.password, key=entry.key)
+    if relays.udp and (not servers or not servers[0].host):
+        raise ConfigError(
+            "server", "the UDP relay needs the first server's address (-s HOST, a servers list or --url), "
+            "not only --server-endpoint or --online-config"
+        )
     tunnels = []
     if values.get("tunnel_address"):
         target = _target(values["tunnel_address"], "tunnel_address")
@@ -265,7 +323,116 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         tunnels=tuple(tunnels),
         ignored=tuple(sorted(set(values) - LOCAL_KEYS)),
         warnings=_common_warnings(values),
+        servers=tuple(servers),
+        online=online,
+        health_check=_health_check(values),
     )
+
+
+def config_entries(values: Mapping[str, Any]) -> list[ServerEntry]:
+    """
+    Every server a config names, as `python -m ssx url` prints them: the
+    top-level server (a server's own config: its bind address, for which
+    the caller substitutes a host name) and the servers list, plugins
+    included.
+    """
+    entries: list[ServerEntry] = []
+    if values.get("password") is not None or values.get("key") is not None:
+        if values.get("key") is not None and values.get("password") is None:
+            raise ConfigError("key", "an ss:// URL carries a password, not a raw key")
+        method = _method(values)
+        password, _, _ = _secret(values, method, required=True)
+        hosts = _hosts(values.get("server", "0.0.0.0"))
+        port = _port(values, "server_port", DEFAULT_SERVER_PORT, allow_zero=False)
+        plugin, plugin_opts = values.get("plugin") or "", values.get("plugin_opts") or ""
+        if not isinstance(plugin, str) or not isinstance(plugin_opts, str):
+            raise ConfigError("plugin", "expected strings for plugin and plugin_opts")
+        entries.append(ServerEntry(hosts[0], port, method, password, None, plugin, plugin_opts))
+    key = "servers" if values.get("servers") is not None else "shadowsocks"
+    items = values.get(key) or []
+    if not isinstance(items, list):
+        raise ConfigError(key, "expected a list of server objects")
+    for i, item in enumerate(items):
+        entry = server_entry(item, f"{key}[{i}]")
+        if entry is not None:
+            entries.append(entry)
+    if not entries:
+        raise ConfigError("password", "required: an ss:// URL carries the server's password")
+    return entries
+
+
+def _server_list(values: Mapping[str, Any]) -> list[ServerEntry]:
+    """The rust-style "servers" array (alias "shadowsocks"); disabled entries left out."""
+    key = "servers" if values.get("servers") is not None else "shadowsocks"
+    items = values.get(key)
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise ConfigError(key, "expected a list of server objects")
+    entries = [server_entry(item, f"{key}[{i}]") for i, item in enumerate(items)]
+    for i, entry in enumerate(entries):
+        if entry is not None and entry.plugin:
+            raise ConfigError(f"{key}[{i}].plugin", "SIP003 plugins are not supported yet")
+    return [e for e in entries if e is not None]
+
+
+def _urls(values: Mapping[str, Any]) -> list[ServerEntry]:
+    items = values.get("url")
+    if items is None:
+        return []
+    if isinstance(items, str):
+        items = [items]
+    if not isinstance(items, list):
+        raise ConfigError("url", "expected an ss:// URL or a list of them")
+    entries = [entry_from_url(item) for item in items]
+    if any(entry.plugin for entry in entries):
+        raise ConfigError("url", "the URL names a SIP003 plugin; plugins are not supported yet")
+    return entries
+
+
+def _online_config(values: Mapping[str, Any]) -> OnlineConfig | None:
+    """--online-config URL, or rust's {"config_url": ..., "update_interval": ...}."""
+    raw = values.get("online_config")
+    if raw is None:
+        return None
+    interval = values.get("online_config_interval")
+    if isinstance(raw, Mapping):
+        if interval is None:
+            interval = raw.get("update_interval")
+        raw = raw.get("config_url")
+    if not isinstance(raw, str) or not raw.lower().startswith("https://") or len(raw) <= len("https://"):
+        raise ConfigError("online_config", "expected an https:// URL (SIP008 lists are fetched over TLS only)")
+    ca_file = values.get("online_config_ca")
+    if ca_file is not None and (not isinstance(ca_file, str) or not ca_file):
+        raise ConfigError("online_config_ca", "expected the path of a PEM file of CA certificates")
+    seconds = _timeout({"online_config_interval": DEFAULT_ONLINE_INTERVAL if interval is None else interval}, "online_config_interval")
+    return OnlineConfig(raw, seconds, ca_file)
+
+
+def _health_check(values: Mapping[str, Any]) -> HealthCheck:
+    interval = values.get("health_check_interval", DEFAULT_CHECK_INTERVAL)
+    if isinstance(interval, str):
+        try:
+            interval = float(interval)
+        except ValueError:
+            pass
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval < 0:
+        raise ConfigError("health_check_interval", f"expected a number of seconds (0 turns the check off), not {interval!r}")
+    url = values.get("health_check_url", DEFAULT_CHECK_URL)
+    if not isinstance(url, str):
+        raise ConfigError("health_check_url", "expected an http:// URL")
+    try:
+        host, port, path = absolute_target(url)
+    except HttpError as e:
+        raise ConfigError("health_check_url", f"expected an http:// URL: {e}") from None
+    authority = (f"[{host}]" if ":" in host else host) + ("" if port == 80 else f":{port}")
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: ssx-health-check\r\n"
+        "Accept: */*\r\nConnection: close\r\n\r\n"
+    ).encode("latin-1")
+    # A check slower than this counts as failed.
+    timeout = min(10.0, max(float(interval), 1.0))
+    return HealthCheck(float(interval), Address(host, port), request, timeout)
 
 
 def _method(values: Mapping[str, Any]) -> str:

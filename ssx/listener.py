@@ -54,6 +54,9 @@ class ListenerService(Service):
         ports = getattr(self.factory, "ports", None)
         if ports is not None:
             ports.append(result)  # the factory pauses accepting at its connection limit
+            limit = getattr(self.factory, "_limit_accepts", None)
+            if limit is not None and getattr(self.factory, "max_connections", 0):
+                limit()
         _log.info("{label} listening on {address}", label=self.label, address=_describe(result.getHost()))
 
     def stopService(self) -> Any:

@@ -1,18 +1,21 @@
 """
 The local end: one protocol per application connection.
 
-Data path: SOCKS5 negotiation (`ssx.socks5`) — or nothing, for a tunnel
-with a fixed target — then connect to the server, SOCKS5 reply, the target
-address header and the application's first bytes in one encrypted write
-(`ssx.crypto`), then relay (`ssx.relay`), encrypting upwards and decrypting
-downwards.  A SOCKS5 UDP ASSOCIATE instead registers the application with the
-UDP relay (`ssx.local_udp`) for as long as the TCP connection lives.
+Data path: the application's proxy handshake — SOCKS5 (`ssx.socks5`) here,
+SOCKS4/4a and HTTP on the mixed port (`ssx.local_mixed`, `ssx.local_http`),
+or nothing, for a tunnel with a fixed target — then a server chosen by the
+picker (`ssx.picker`; the next one is tried if it cannot be reached), the
+handshake's success reply, the target address header and the application's
+first bytes in one encrypted write (`ssx.crypto`), then relay
+(`ssx.relay`), encrypting upwards and decrypting downwards.  A SOCKS5 UDP
+ASSOCIATE instead registers the application with the UDP relay
+(`ssx.local_udp`) for as long as the TCP connection lives.
 """
 
 from __future__ import annotations
 
 import errno
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import (
@@ -23,19 +26,24 @@ from twisted.internet.error import (
     TCPTimedOutError,
     TimeoutError,
 )
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ssx import socks5
-from ssx.address import Address
-from ssx.crypto import CipherSuite, TcpClientCodec
-from ssx.errors import Socks5Error
+from ssx.address import Address, encode_address
+from ssx.crypto import TcpClientCodec
+from ssx.errors import AddressError, Socks5Error
+from ssx.interfaces import IServerPicker
 from ssx.local_udp import Socks5UdpRelay
+from ssx.picker import Upstream
 from ssx.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol
 
 __all__ = [
     "FIRST_DATA_WAIT",
+    "MAX_ATTEMPTS",
+    "LocalFactory",
+    "LocalRelayProtocol",
+    "NoServerAvailable",
     "Socks5LocalFactory",
     "Socks5LocalProtocol",
     "TunnelFactory",
@@ -51,6 +59,14 @@ _WAITING, _CONNECTING, _RELAY, _ASSOCIATED, _CLOSED = range(5)
 # address header alone: short enough for server-speaks-first protocols, long
 # enough that clients which speak first (nearly all) get one combined write.
 FIRST_DATA_WAIT = 0.2
+
+# Servers tried for one connection before the application is told it failed
+# (each may take the connect timeout when it does not answer at all).
+MAX_ATTEMPTS = 3
+
+
+class NoServerAvailable(ConnectError):
+    """No server is configured (yet: an online config may still be on its way)."""
 
 
 def reply_code_for(failure: Failure) -> int:
@@ -70,27 +86,20 @@ def reply_code_for(failure: Failure) -> int:
 
 
 class LocalFactory(RelayFactory):
-    """What every application connection shares: keys, the way to the server, clock."""
+    """What every application connection shares: the servers (and their keys), clock, timeout."""
 
-    def __init__(
-        self,
-        reactor: Any,
-        suite: CipherSuite,
-        connect_server: Callable[[Protocol], Deferred],
-        timeout: float = 300.0,
-        **limits: Any,
-    ) -> None:
+    def __init__(self, reactor: Any, servers: IServerPicker, timeout: float = 300.0, **limits: Any) -> None:
         RelayFactory.__init__(self, reactor, timeout, **limits)
-        self.suite = suite
-        self.connect_server = connect_server
+        self.servers = servers
 
 
 class LocalRelayProtocol(InboundProtocol):
     """
     An application connection relayed through the server to one target:
-    `open_relay(target)` connects to the server; subclasses say what the
-    application hears when that succeeds (`relay_ready`) or fails
-    (`relay_failed`).
+    `open_relay(target)` connects to the best server, or to the next when
+    one cannot be reached (nothing was sent yet, so the application never
+    knows); subclasses say what the application hears when that succeeds
+    (`relay_ready`) or fails (`relay_failed`).
     """
 
     factory: LocalFactory
@@ -104,6 +113,8 @@ class LocalRelayProtocol(InboundProtocol):
         self._header_call: Any = None
         self._codec: TcpClientCodec | None = None
         self._opened = False  # the stream's first write (target + first data) went out
+        self._upstream: Upstream | None = None
+        self._candidates: list[Upstream] = []
 
     def dataReceived(self, data: bytes) -> None:
         if self._state == _RELAY:
@@ -112,13 +123,64 @@ class LocalRelayProtocol(InboundProtocol):
             self._early += data
 
     def open_relay(self, target: Address, early: bytes = b"") -> None:
+        """Connect through a server to `target`; `early` is the application's first data."""
         self._state = _CONNECTING
         self._target = target
         self._early = early
+        try:
+            encode_address(target)  # refuse, here, what cannot be sent
+        except AddressError as e:
+            _log.info("cannot relay to {target!r}: {error}", target=target.host, error=e)
+            self._state = _CLOSED
+            self.relay_failed(Failure(e))
+            return
+        self._candidates = self.factory.servers.candidates()[:MAX_ATTEMPTS]
+        if not self._candidates:
+            _log.warn("no server to relay {target} through", target=target)
+            self._state = _CLOSED
+            self.relay_failed(Failure(NoServerAvailable("no server configured")))
+            return
         self.transport.pauseProducing()
-        d = self.factory.connect_server(OutboundProtocol(self._server_connected))
+        self._try_next_server()
+
+    def make_outbound(self) -> OutboundProtocol:
+        """The protocol for the server connection (the HTTP proxy uses its own)."""
+        return OutboundProtocol(self._server_connected)
+
+    def _try_next_server(self) -> None:
+        self._upstream = upstream = self._candidates.pop(0)
+        d = upstream.connect(self.make_outbound())
         d.addErrback(self._server_failed)
         self._connecting = d
+
+    def detach_relay(self) -> None:
+        """
+        End the server connection (or the attempt) but not the application's,
+        so that `open_relay` may be called again: the HTTP proxy does this
+        when a keep-alive client's next request goes to another host.
+        """
+        self._cancel_header_call()
+        if self._connecting is not None:
+            d, self._connecting = self._connecting, None
+            d.cancel()
+        peer = self.peer
+        if peer is not None:
+            self.release_producer()
+            peer.release_producer()
+            peer.peer = None
+            self.peer = None
+            if not peer._closed:
+                peer.transport.loseConnection()
+        self._state = _WAITING
+        self._codec = None
+        self._opened = False
+        self.transform = None
+        self._early = b""
+        self._upstream = None
+        self._candidates = []
+        # Unregistering a producer does not resume it: reads may be paused
+        # by the old server connection's full buffer.
+        self.transport.resumeProducing()
 
     def relay_ready(self) -> None:
         """The server connection is up (the SOCKS5 end replies here)."""
@@ -131,8 +193,19 @@ class LocalRelayProtocol(InboundProtocol):
         self._connecting = None
         if failure.check(CancelledError) or self._closed:
             return
+        upstream = self._upstream
+        assert upstream is not None
+        self.factory.servers.failed(upstream, failure.getErrorMessage())
+        if self._candidates:
+            _log.info(
+                "cannot reach server {server} for {target} ({error}); trying {next}",
+                server=upstream.label, target=self._target, error=failure.getErrorMessage(), next=self._candidates[0].label,
+            )
+            self._try_next_server()
+            return
         _log.info(
-            "cannot reach the server for {target}: {error}", target=self._target, error=failure.getErrorMessage()
+            "cannot reach server {server} for {target}: {error}",
+            server=upstream.label, target=self._target, error=failure.getErrorMessage(),
         )
         self._state = _CLOSED
         self.relay_failed(failure)
@@ -142,7 +215,9 @@ class LocalRelayProtocol(InboundProtocol):
         if self._closed:
             server.transport.loseConnection()
             return
-        self._codec = codec = self.factory.suite.client_codec()
+        assert self._upstream is not None
+        self.factory.servers.succeeded(self._upstream)
+        self._codec = codec = self._upstream.suite.client_codec()
         server.transform = codec.decrypt
         self._state = _RELAY
         self.relay_ready()
@@ -206,15 +281,14 @@ class Socks5LocalFactory(LocalFactory):
     def __init__(
         self,
         reactor: Any,
-        suite: CipherSuite,
-        connect_server: Callable[[Protocol], Deferred],
+        servers: IServerPicker,
         timeout: float = 300.0,
         credentials: tuple[bytes, bytes] | None = None,
         udp_relay: Socks5UdpRelay | None = None,
         tcp: bool = True,
         **limits: Any,
     ) -> None:
-        LocalFactory.__init__(self, reactor, suite, connect_server, timeout, **limits)
+        LocalFactory.__init__(self, reactor, servers, timeout, **limits)
         self.credentials = credentials
         self.udp_relay = udp_relay
         commands = {socks5.CMD_CONNECT} if tcp else set()
@@ -312,16 +386,8 @@ class Socks5LocalProtocol(LocalRelayProtocol):
 class TunnelFactory(LocalFactory):
     """A TCP port forward: every connection goes to `target` through the server."""
 
-    def __init__(
-        self,
-        reactor: Any,
-        suite: CipherSuite,
-        connect_server: Callable[[Protocol], Deferred],
-        target: Address,
-        timeout: float = 300.0,
-        **limits: Any,
-    ) -> None:
-        LocalFactory.__init__(self, reactor, suite, connect_server, timeout, **limits)
+    def __init__(self, reactor: Any, servers: IServerPicker, target: Address, timeout: float = 300.0, **limits: Any) -> None:
+        LocalFactory.__init__(self, reactor, servers, timeout, **limits)
         self.target = target
 
     def buildProtocol(self, addr: Any) -> "TunnelProtocol":

@@ -230,21 +230,35 @@ class RelayFactory(Factory):
         self.connections: set[InboundProtocol] = set()
         self.ports: list[Any] = []
         self._paused = False
+        self.accepted = 0
 
     def connection_opened(self, protocol: "InboundProtocol") -> None:
         self.connections.add(protocol)
-        if self.max_connections and len(self.connections) >= self.max_connections and not self._paused:
-            self._paused = True
-            for port in self.ports:
-                port.stopReading()
-            _log.warn("{count} connections: at the limit, new ones wait", count=len(self.connections))
+        self.accepted += 1
+        if self.max_connections:
+            if len(self.connections) >= self.max_connections and not self._paused:
+                self._paused = True
+                for port in self.ports:
+                    port.stopReading()
+                _log.warn("{count} connections: at the limit, new ones wait", count=len(self.connections))
+            self._limit_accepts()
 
     def connection_closed(self, protocol: "InboundProtocol") -> None:
         self.connections.discard(protocol)
-        if self._paused and len(self.connections) < self.max_connections:
-            self._paused = False
-            for port in self.ports:
-                port.startReading()
+        if self.max_connections:
+            if self._paused and len(self.connections) < self.max_connections:
+                self._paused = False
+                for port in self.ports:
+                    port.startReading()
+            self._limit_accepts()
+
+    def _limit_accepts(self) -> None:
+        # A TCP port accepts up to `numberAccepts` connections per readable
+        # event without looking back at us: never more than there is room for.
+        room = max(1, self.max_connections - len(self.connections))
+        for port in self.ports:
+            if hasattr(port, "numberAccepts"):
+                port.numberAccepts = room
 
 
 class InboundProtocol(RelayProtocol, TimeoutMixin):

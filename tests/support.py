@@ -87,19 +87,85 @@ def start_local(server_port: int, **values: Any) -> Any:
     return service, port
 
 
-def drained(*services: Any, seconds: float = 3.0) -> defer.Deferred:
-    """Fires once no service's factory has live connections (a test's last cleanup)."""
+def drained(*services: Any, seconds: float = 5.0) -> defer.Deferred:
+    """A Deferred for `_drained` (so it can be a trial cleanup as it is)."""
+    return defer.Deferred.fromCoroutine(_drained(*services, seconds=seconds))
 
-    async def wait() -> None:
-        deadline = reactor.seconds() + seconds
-        while reactor.seconds() < deadline:
-            if not any(getattr(s, "factory", None) and s.factory.connections for s in services):
-                break
-            await deferLater(reactor, 0.02, lambda: None)
-        # Let closing transports finish their last reactor turn.
-        await deferLater(reactor, 0.01, lambda: None)
 
-    return defer.Deferred.fromCoroutine(wait())
+async def _drained(*services: Any, seconds: float = 5.0) -> None:
+    """
+    Wait until the relays of ssx services hold no connection: a client
+    process (curl) may exit before the proxy has read its close.  Connections
+    still open after `seconds` are aborted and reported as a failure.
+    """
+    def live() -> list:
+        return [p for s in services for f in getattr(s, "factories", [s.factory]) if f is not None for p in f.connections]
+
+    deadline = reactor.seconds() + seconds
+    while live() and reactor.seconds() < deadline:
+        await deferLater(reactor, 0.02, lambda: None)
+    left = live()
+    for p in left:
+        p.transport.abortConnection()
+    if left:
+        await deferLater(reactor, 0.05, lambda: None)
+        raise AssertionError(f"{len(left)} relayed connections still open {seconds:g} s after the test")
+
+
+def make_certificate(directory: str, name: str = "localhost") -> tuple[str, str]:
+    """
+    A self-signed certificate for `name` (also valid for 127.0.0.1): returns
+    the paths of its key and of the certificate, the latter alone in a
+    directory of its own (Twisted's trustRoots loads every file there).
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    roots = os.path.join(directory, "roots")
+    os.makedirs(roots, exist_ok=True)
+    key_path, cert_path = os.path.join(directory, "key.pem"), os.path.join(roots, "cert.pem")
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def listen_web(site: Any, key_path: str | None = None, cert_path: str | None = None) -> Any:
+    """A twisted.web site on a free loopback port, over TLS when given a key and certificate."""
+    if key_path is None:
+        return reactor.listenTCP(0, site, interface="127.0.0.1")
+    from twisted.internet import ssl
+
+    with open(key_path, "rb") as f:
+        key = f.read()
+    with open(cert_path, "rb") as f:  # type: ignore[arg-type]
+        cert = f.read()
+    options = ssl.PrivateCertificate.loadPEM(key + cert).options()
+    return reactor.listenSSL(0, site, options, interface="127.0.0.1")
 
 
 def socks5_request(host: str, port: int) -> bytes:
@@ -244,6 +310,34 @@ def spawn(executable: str, args: list[str], env: dict[str, str] | None = None) -
     child = ChildProcess()
     reactor.spawnProcess(child, path, [executable, *args], env=env if env is not None else dict(os.environ))
     return child
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def twistd_env() -> dict[str, str]:
+    """The environment for twistd children: this checkout first on the path, no proxies."""
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=ROOT + (os.pathsep + path if path else ""), no_proxy="", NO_PROXY="")
+
+
+async def start_twistd(testcase: Any, *args: str, ready: bytes, seconds: float = 10.0) -> ChildProcess:
+    """Run `twistd ARGS` as a child until its output shows `ready`; stopped at the test's end."""
+    import sys
+    import tempfile
+
+    child = ChildProcess()
+    reactor.spawnProcess(child, sys.executable, [sys.executable, *TWISTD, *args], env=twistd_env(), path=tempfile.gettempdir())
+    testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
+    deadline = reactor.seconds() + seconds
+    while reactor.seconds() < deadline:
+        if ready in b"".join(child.output):
+            return child
+        if child.ended.called:
+            break
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"twistd did not get ready: {child.text()}")
 
 
 async def wait_for_port(port: int, host: str = "127.0.0.1", seconds: float = 10.0) -> None:

@@ -4,7 +4,9 @@ ssx-local -> ssx-server -> target, on real loopback sockets in trial's reactor.
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import tempfile
 
 from twisted.internet import defer, reactor
@@ -14,6 +16,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server as web_server
 
 from ssx import socks5
+from ssx.url import parse_url
 from tests import support
 
 EIGHT_MIB = 8 * 1024 * 1024
@@ -262,7 +265,10 @@ class SlowReaderTests(ChainTestCase):
 
 
 class LogSecrecyTests(ChainTestCase):
-    """Nothing logged while starting and relaying carries the password or the key."""
+    """
+    Nothing logged while starting and relaying carries the password or the
+    key, except the one line meant to: ssx-server's start-up ss:// URL.
+    """
 
     async def _relay_and_log(self) -> None:
         from twisted.logger import formatEvent, globalLogPublisher
@@ -288,13 +294,29 @@ class LogSecrecyTests(ChainTestCase):
         self.assertTrue(any("insecure" in t for t in texts), "no warning for a stream method")
         self.assertTrue(any("forbidden" in t for t in texts), "the refused target was not logged")
         key = evp_bytes_to_key(password.encode(), 32)
+        encoded = [
+            base64.urlsafe_b64encode(f"{method}:{password}".encode()).decode().rstrip("=")
+            for method in ("aes-256-cfb", "aes-256-gcm")
+        ]
+        url_lines = 0
         for text in texts:
+            urls = [m.group(0) for m in re.finditer(r"ss://[A-Za-z0-9_%:.@\[\]-]+", text)]
+            if any(parse_url(url).password == password for url in urls):
+                # The intended exception: the server's start-up line, where
+                # the password is inside the URL and nowhere else.
+                url_lines += 1
+                self.assertIn("clients connect with", text)
+                for url in urls:
+                    text = text.replace(url, "")
             self.assertNotIn(password, text)
+            for form in encoded:
+                self.assertNotIn(form, text)
             self.assertNotIn(key.hex(), text)
             self.assertNotIn(repr(key)[2:-1], text)
+        self.assertEqual(url_lines, 2, "each server logs its URL exactly once")
 
     def test_no_secrets_in_logs(self):
-        """Start-up, relaying, a stream-method warning and a refusal log nothing that holds the password or key."""
+        """Start-up, relaying, a stream-method warning and a refusal log the password only inside each server's ss:// URL line."""
         return defer.Deferred.fromCoroutine(self._relay_and_log())
 
 

@@ -225,3 +225,71 @@ class UdpAndTunnelOptionTests(unittest.SynchronousTestCase):
             with self.assertRaises(ConfigError, msg=str(values)) as caught:
                 local_config(values)
             self.assertEqual(caught.exception.key, key)
+
+
+class ServerListTests(unittest.SynchronousTestCase):
+    """Several servers: -s/-p, a rust-style servers list, ss:// URLs."""
+
+    def test_all_sources_in_order(self):
+        """-s/-p comes first, then the servers list (rust keys and aliases, disabled dropped), then the URLs."""
+        path = write_config(self, {
+            "server": "192.0.2.1", "password": "top", "method": "aes-128-gcm",
+            "servers": [
+                {"address": "192.0.2.2", "port": 8389, "password": "two", "method": "aes-256-gcm", "name": "second"},
+                {"server": "192.0.2.3", "server_port": 8390, "password": "three", "method": "aes-256-gcm", "disabled": True},
+                {"server": "192.0.2.4", "server_port": "8391", "password": "four", "method": "CHACHA20-IETF-POLY1305",
+                 "remarks": "fourth", "id": "x", "timeout": 5},
+            ],
+        })
+        options = local_tap.Options()
+        options.parseOptions(["-c", path, "--url", "ss://YWVzLTEyOC1nY206dGVzdA@192.0.2.5:8888#Example1",
+                              "--url", "ss://YmYtY2ZiOnRlc3Q@[2001:db8::6]:8888"])
+        servers = options.config.servers
+        self.assertEqual(
+            [(s.host, s.port, s.method, s.password, s.name) for s in servers],
+            [("192.0.2.1", 8388, "aes-128-gcm", "top", ""), ("192.0.2.2", 8389, "aes-256-gcm", "two", "second"),
+             ("192.0.2.4", 8391, "chacha20-ietf-poly1305", "four", "fourth"),
+             ("192.0.2.5", 8888, "aes-128-gcm", "test", "Example1"), ("2001:db8::6", 8888, "bf-cfb", "test", "")],
+        )
+
+    def test_urls_alone(self):
+        """URLs alone are enough: no -s, no top-level password; a server list in the file becomes several servers."""
+        config = local_config({"url": "ss://YWVzLTEyOC1nY206dGVzdA@192.0.2.5:8888"})
+        self.assertEqual(len(config.servers), 1)
+        config = local_config({"server": ["192.0.2.1", "192.0.2.2"], "password": "pw"})
+        self.assertEqual([s.host for s in config.servers], ["192.0.2.1", "192.0.2.2"])
+
+    def test_bad_entries_name_their_key(self):
+        """A bad servers entry or URL is an error naming exactly where it is."""
+        cases = [
+            ({"servers": [{"server": "h", "server_port": 1, "password": "p", "method": "aes-128-gcm"}, {"server": "h", "server_port": 1, "password": "p"}]}, "servers[1].method"),
+            ({"servers": [{"server": "h", "server_port": 1, "password": "p", "method": "rot13"}]}, "servers[0].method"),
+            ({"servers": [{"server": "h", "server_port": 70000, "password": "p", "method": "aes-128-gcm"}]}, "servers[0].server_port"),
+            ({"servers": [{"server_port": 1, "password": "p", "method": "aes-128-gcm"}]}, "servers[0].server"),
+            ({"servers": [{"server": "h", "server_port": 1, "method": "aes-128-gcm"}]}, "servers[0].password"),
+            ({"servers": [{"server": "h", "server_port": 1, "password": "p", "method": "aes-128-gcm", "plugin": "x"}]}, "servers[0].plugin"),
+            ({"servers": {"server": "h"}}, "servers"),
+            ({"url": "ss://nonsense"}, "url"),
+            ({"url": ["ss://YWVzLTEyOC1nY206dGVzdA@h:1/?plugin=obfs-local"]}, "url"),
+            ({"url": "ss://" + "cm90MTM6eA" + "@h:1"}, "url"),  # rot13:x
+            ({"url": "ss://YWVzLTEyOC1nY206dGVzdA@h:1", "mode": "tcp_and_udp", "servers": []}, None),
+            ({"online_config": "https://example.org/x", "mode": "tcp_and_udp"}, "server"),
+            ({"url": "ss://YWVzLTEyOC1nY206dGVzdA@h:1", "health_check_interval": -1}, "health_check_interval"),
+            ({"url": "ss://YWVzLTEyOC1nY206dGVzdA@h:1", "health_check_url": "https://example.org/"}, "health_check_url"),
+        ]
+        for values, key in cases:
+            if key is None:
+                local_config(values)
+                continue
+            with self.assertRaises(ConfigError, msg=str(values)) as caught:
+                local_config(values)
+            self.assertEqual(caught.exception.key, key, values)
+
+    def test_health_check_request(self):
+        """The health check URL becomes the target address and a GET request for its path."""
+        config = local_config({"url": "ss://YWVzLTEyOC1nY206dGVzdA@h:1", "health_check_url": "http://[::1]:8080/ok?x=1",
+                               "health_check_interval": "5"})
+        check = config.health_check
+        self.assertEqual((check.interval, check.target.host, check.target.port), (5.0, "::1", 8080))
+        self.assertTrue(check.request.startswith(b"GET /ok?x=1 HTTP/1.1\r\nHost: [::1]:8080\r\n"))
+        self.assertTrue(check.request.endswith(b"\r\n\r\n"))

@@ -16,6 +16,8 @@ from twisted.trial import unittest
 from ssx import local, socks5
 from ssx.address import Address, decode_address, encode_address
 from ssx.crypto import CipherSuite
+from ssx.picker import ServerPicker, Upstream
+from ssx.server_entry import ServerEntry
 
 GREETING = b"\x05\x01\x00"
 CONNECT_EXAMPLE = b"\x05\x01\x00\x03\x0bexample.com\x01\xbb"
@@ -50,7 +52,8 @@ class LocalProtocolTests(unittest.SynchronousTestCase):
         self.clock = MemoryReactorClock()
         self.suite = CipherSuite("chacha20-ietf-poly1305", "pw")
         self.server = FakeServerConnector()
-        self.factory = local.Socks5LocalFactory(self.clock, self.suite, self.server, timeout=300)
+        entry = ServerEntry("192.0.2.1", 8388, "chacha20-ietf-poly1305", "pw")
+        self.factory = local.Socks5LocalFactory(self.clock, ServerPicker([Upstream(entry, self.suite, self.server)]), timeout=300)
         self.protocol = self.factory.buildProtocol(None)
         self.app = StringTransport()
         self.protocol.makeConnection(self.app)

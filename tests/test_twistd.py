@@ -53,7 +53,10 @@ class TwistdHelpTests(unittest.TestCase):
             self.assertIn(word, out)
         out, err, code = yield run_twistd("ssx-local", "--help")
         self.assertEqual(code, 0, err)
-        for word in (b"--server-endpoint", b"--socks-user", b"--local-port", b"chacha20-ietf-poly1305"):
+        # usage.Options wraps long words at their hyphens.
+        out = re.sub(rb"-\n\s+", b"-", out)
+        for word in (b"--server-endpoint", b"--socks-user", b"--local-port", b"chacha20-ietf-poly1305", b"--url",
+                     b"--health-check-interval", b"SOCKS4/4a and HTTP"):
             self.assertIn(word, out)
 
     @defer.inlineCallbacks
@@ -127,3 +130,44 @@ class TwistdChainTests(unittest.TestCase):
     def test_default_server_and_local(self):
         """`twistd -n ssx-server` with no password logs an ss:// URL; ssx-local with it carries curl's download intact."""
         return defer.Deferred.fromCoroutine(self._default_server())
+
+    async def _url_chain(self) -> None:
+        body = os.urandom(1024 * 1024)
+        root = resource.Resource()
+        leaf = resource.Resource()
+        leaf.isLeaf = True
+        leaf.render_GET = lambda request: body  # type: ignore[method-assign]
+        root.putChild(b"file", leaf)
+        web = reactor.listenTCP(0, web_server.Site(root), interface="127.0.0.1")
+        self.addCleanup(web.stopListening)
+
+        server_port = support.free_port()
+        server = await self._start(
+            "-n", "--pidfile=", "ssx-server", "-s", "127.0.0.1", "-p", str(server_port), "-k", "pass word:@/x",
+            "-m", "aes-128-gcm", "--forbidden-ip=", ready=b"clients connect with",
+        )
+        match = re.search(r"ss://\S+", server.text())
+        self.assertIsNotNone(match, server.text())
+        url = match.group(0)
+        self.assertTrue(url.startswith("ss://") and url.endswith(f"@127.0.0.1:{server_port}"), url)
+        proxy_port = support.free_port()
+        await self._start("-n", "--pidfile=", "ssx-local", "--url", url, "-l", str(proxy_port), ready=b"listening on")
+        out, err, code = await getProcessOutputAndValue(
+            "curl", ["-sS", "--max-time", "20", "-x", f"http://127.0.0.1:{proxy_port}",
+                     f"http://localhost:{web.getHost().port}/file"],
+            env=twistd_env(),
+        )
+        self.assertEqual(code, 0, err)
+        self.assertEqual(support.sha256(out), support.sha256(body))
+
+    def test_server_url_into_local(self):
+        """The URL ssx-server logs for a given password, passed to ssx-local --url, carries curl's HTTP-proxy download intact."""
+        return defer.Deferred.fromCoroutine(self._url_chain())
+
+    @defer.inlineCallbacks
+    def test_malformed_url_one_line(self):
+        """A malformed --url stops ssx-local with one line naming url, without repeating the URL."""
+        out, err, code = yield run_twistd("-n", "--pidfile=", "ssx-local", "--url", "ss://YWVzLTEyOC1nY206c2VjcmV0LXBhc3N3b3Jk@h")
+        self.assertNotEqual(code, 0)
+        lines = (out + err).decode().strip().splitlines()
+        self.assertEqual(lines, ["ssx-local: bad configuration: url: the ss:// URL has no port"])

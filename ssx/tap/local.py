@@ -1,5 +1,7 @@
 """
-`twistd ssx-local`: options and the service tree of the local end.
+`twistd ssx-local`: options and the service tree of the local end: the
+mixed proxy port and tunnels, the server picker with its health check, and
+the online config.
 """
 
 from __future__ import annotations
@@ -20,10 +22,15 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from ssx.config import LocalConfig, local_config
+from ssx.health import HealthCheckService
 from ssx.listener import DatagramListenerService, DrainService, serve
-from ssx.local import Socks5LocalFactory, TunnelFactory
+from ssx.local import TunnelFactory
+from ssx.local_mixed import MixedLocalFactory
 from ssx.local_udp import Socks5UdpRelay, TunnelUdpRelay
+from ssx.online import OnlineConfigService, describe_url, load_trust_root
+from ssx.picker import ServerPicker, Upstream
 from ssx.relay import connect_protocol
+from ssx.server_entry import ServerEntry
 from ssx.tap._options import SsxOptions, check_endpoint, log_config_notes, make_suite
 
 __all__ = ["Options", "makeService", "build_service"]
@@ -37,24 +44,37 @@ class Options(SsxOptions):
     command = "ssx-local"
     synopsis = "[options]"
     longdesc = (
-        "Shadowsocks local end: offers SOCKS5 on 127.0.0.1:1080 and carries each "
-        "connection, encrypted, to the server. Keys and flags follow "
-        "shadowsocks-libev and the original Python shadowsocks: -c config.json, then "
-        "flags override the file. Example: "
+        "Shadowsocks local end: offers SOCKS5, SOCKS4/4a and HTTP proxying (CONNECT and "
+        "plain requests) on one port, 127.0.0.1:1080, and carries each connection, "
+        "encrypted, to a server. Servers come from -s/-p/-k/-m, repeated --url ss://..., "
+        "a servers list in the config file, or --online-config (SIP008); with several, each "
+        "new connection goes to the healthiest, and to the next one when a server cannot be "
+        "reached. Keys and flags follow shadowsocks-libev, shadowsocks-rust and the original "
+        "Python shadowsocks: -c config.json, then flags override the file. Example: "
         "twistd -n ssx-local -s 203.0.113.5 -p 8388 -l 1080 -k SECRET -m aes-256-gcm"
     )
     optParameters = [
         ["server", "s", None, "server host name or IP address"],
         ["server-port", "p", None, "server port [default: 8388]"],
-        ["local-address", "b", None, "address to offer SOCKS5 on [default: 127.0.0.1]"],
-        ["local-port", "l", None, "port to offer SOCKS5 on [default: 1080]"],
+        ["local-address", "b", None, "address to offer the proxy on [default: 127.0.0.1]"],
+        ["local-port", "l", None, "port to offer SOCKS5, SOCKS4/4a and HTTP on [default: 1080]"],
         ["password", "k", None, "the server's password"],
-        ["socks-user", None, None, "require SOCKS5 username/password authentication with this user"],
+        ["socks-user", None, None, "require a user name and password from applications: SOCKS5 "
+         "username/password and HTTP Basic proxy authentication (SOCKS4 is then refused)"],
         ["socks-password", None, None, "... and this password"],
         ["tunnel-address", "L", None, "make the listener a tunnel (port forward) to HOST:PORT through the "
-         "server instead of SOCKS5, like ss-tunnel"],
+         "server instead of a proxy, like ss-tunnel"],
         ["server-endpoint", None, None, "Twisted client endpoint to reach the server, instead of -s/-p, "
          "e.g. tcp:host=198.51.100.7:port=8388 or tls:host=example.net:port=443"],
+        ["online-config", None, None, "https:// URL of a SIP008 server list, fetched at start and then "
+         "every --online-config-interval seconds"],
+        ["online-config-interval", None, None, "seconds between fetches of the online config [default: 3600]"],
+        ["online-config-ca", None, None, "PEM file of the CA certificates to trust for the online config "
+         "[default: the system's]"],
+        ["health-check-interval", None, None, "seconds between health checks of the servers, when there are "
+         "several; 0 turns them off [default: 60]"],
+        ["health-check-url", None, None, "http:// URL fetched through each server to check it and measure its "
+         "latency [default: http://www.gstatic.com/generate_204]"],
     ]
     flag_keys = {
         "local-address": "local_address",
@@ -63,12 +83,18 @@ class Options(SsxOptions):
         "socks-password": "socks_password",
         "server-endpoint": "server_endpoint",
         "tunnel-address": "tunnel_address",
+        "online-config": "online_config",
+        "online-config-interval": "online_config_interval",
+        "online-config-ca": "online_config_ca",
+        "health-check-interval": "health_check_interval",
+        "health-check-url": "health_check_url",
     }
     build = staticmethod(local_config)
 
     def __init__(self) -> None:
         super().__init__()
         self["tunnels"] = None
+        self["url"] = None
 
     def opt_tunnel(self, spec: str) -> None:
         """[ADDRESS:]PORT=HOST:PORT: forward a further local port to HOST:PORT through the server (repeatable), e.g. 5353=8.8.8.8:53."""
@@ -76,40 +102,54 @@ class Options(SsxOptions):
             self["tunnels"] = []
         self["tunnels"].append(spec)
 
+    def opt_url(self, url: str) -> None:
+        """ss:// URL of a server (SIP002 or the legacy base64 form); repeatable, for several servers with failover."""
+        if self["url"] is None:
+            self["url"] = []
+        self["url"].append(url)
+
     def postOptions(self) -> None:
-        self.flag_keys = {**self.flag_keys, "tunnels": "tunnels"}
+        self.flag_keys = {**self.flag_keys, "tunnels": "tunnels", "url": "url"}
         super().postOptions()
 
     def check(self, config: LocalConfig) -> None:
         super().check(config)
         for tunnel in config.tunnels:
             check_endpoint("listen", tunnel.listen, server=True)
-        if config.server_endpoint is not None:
-            check_endpoint("server_endpoint", config.server_endpoint, server=False)
+        for entry in config.servers:
+            if entry.endpoint is not None:
+                check_endpoint("server_endpoint", entry.endpoint, server=False)
+        if config.online is not None and config.online.ca_file is not None:
+            load_trust_root(config.online.ca_file)
 
 
-def server_endpoint(reactor: Any, config: LocalConfig) -> IStreamClientEndpoint:
-    """How the local end reaches its server."""
-    if config.server_endpoint is not None:
-        return clientFromString(reactor, config.server_endpoint)
-    assert config.server is not None
+def server_endpoint(reactor: Any, entry: ServerEntry) -> IStreamClientEndpoint:
+    """How the local end reaches one server."""
+    if entry.endpoint is not None:
+        return clientFromString(reactor, entry.endpoint)
     try:
-        version = ipaddress.ip_address(config.server).version
+        version = ipaddress.ip_address(entry.host).version
     except ValueError:
-        return HostnameEndpoint(reactor, config.server, config.server_port, timeout=CONNECT_TIMEOUT)
+        return HostnameEndpoint(reactor, entry.host, entry.port, timeout=CONNECT_TIMEOUT)
     # An IP literal needs no name look-up (HostnameEndpoint would ask a thread).
     endpoint_type = TCP6ClientEndpoint if version == 6 else TCP4ClientEndpoint
-    return endpoint_type(reactor, config.server, config.server_port, timeout=CONNECT_TIMEOUT)
+    return endpoint_type(reactor, entry.host, entry.port, timeout=CONNECT_TIMEOUT)
+
+
+def make_upstream(reactor: Any, entry: ServerEntry) -> Upstream:
+    """A server ready for connections: its keys derived once, its endpoint built."""
+    suite = make_suite(reactor, entry.method, entry.password, entry.key)
+    endpoint = server_endpoint(reactor, entry)
+    connect: Callable[[Protocol], Deferred] = lambda protocol: connect_protocol(endpoint, protocol)
+    return Upstream(entry, suite, connect)
 
 
 def build_service(reactor: Any, config: LocalConfig) -> MultiService:
     """The local end's service tree for `config`."""
-    suite = make_suite(reactor, config.method, config.password, config.key)
-    endpoint = server_endpoint(reactor, config)
-    connect: Callable[[Protocol], Deferred] = lambda protocol: connect_protocol(endpoint, protocol)
+    picker = ServerPicker([make_upstream(reactor, entry) for entry in config.servers])
     relays = config.relays
-    server = (config.server or "", config.server_port)
     top = MultiService()
+    top.picker = picker  # type: ignore[attr-defined]
     top.factories = []  # type: ignore[attr-defined]
     top.udp_relays = []  # type: ignore[attr-defined]
 
@@ -117,23 +157,28 @@ def build_service(reactor: Any, config: LocalConfig) -> MultiService:
         top.udp_relays.append(relay)  # type: ignore[attr-defined]
         return relay
 
+    # UDP goes to the first configured server (checked by local_config).
+    primary = picker.upstreams()[0] if relays.udp else None
+    server = (primary.entry.host, primary.entry.port) if primary is not None else ("", 0)
     for description in config.listen:
-        socks_udp = keep(Socks5UdpRelay(reactor, suite, server, relays.timeout, relays.capacity)) if relays.udp else None
-        factory = Socks5LocalFactory(
-            reactor, suite, connect, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
+        socks_udp = None
+        if primary is not None:
+            socks_udp = keep(Socks5UdpRelay(reactor, primary.suite, server, relays.timeout, relays.capacity))
+        factory = MixedLocalFactory(
+            reactor, picker, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
             **config.limits.factory_arguments(),
         )
         top.factories.append(factory)  # type: ignore[attr-defined]
         serve(top, reactor, description, factory, "ssx-local", socks_udp)
     for tunnel in config.tunnels:
         tunnel_udp = None
-        if relays.udp:
+        if primary is not None:
             tunnel_udp = keep(
-                TunnelUdpRelay(reactor, suite, server, tunnel.target, timeout=relays.timeout, capacity=relays.capacity)
+                TunnelUdpRelay(reactor, primary.suite, server, tunnel.target, timeout=relays.timeout, capacity=relays.capacity)
             )
         if relays.tcp:
             factory = TunnelFactory(
-                reactor, suite, connect, tunnel.target, config.timeout, **config.limits.factory_arguments()
+                reactor, picker, tunnel.target, config.timeout, **config.limits.factory_arguments()
             )
             top.factories.append(factory)  # type: ignore[attr-defined]
             serve(top, reactor, tunnel.listen, factory, f"ssx-local tunnel to {tunnel.target}", tunnel_udp)
@@ -144,13 +189,33 @@ def build_service(reactor: Any, config: LocalConfig) -> MultiService:
             ).setServiceParent(top)
     top.factory = top.factories[0] if top.factories else None  # type: ignore[attr-defined]
     DrainService(reactor, top.factories, config.limits.shutdown_grace, "ssx-local").setServiceParent(top)  # type: ignore[attr-defined]
-    log_config_notes("ssx-local", config.method, config.warnings, config.ignored)
-    _log.info(
-        "ssx-local: server {server}, method {method}, timeout {timeout:g}s",
-        server=config.server_endpoint or f"{config.server}:{config.server_port}",
-        method=config.method,
-        timeout=config.timeout,
-    )
+    check = config.health_check
+    if check is not None and check.interval > 0 and relays.tcp:
+        top.health = HealthCheckService(  # type: ignore[attr-defined]
+            reactor, picker, check.target, check.request, check.interval, check.timeout
+        )
+        top.health.setServiceParent(top)  # type: ignore[attr-defined]
+    online = config.online
+    if online is not None:
+        trust_root = load_trust_root(online.ca_file) if online.ca_file is not None else None
+        top.online = OnlineConfigService(  # type: ignore[attr-defined]
+            reactor,
+            online.url,
+            online.interval,
+            lambda entries: picker.replace_dynamic(entries, lambda entry: make_upstream(reactor, entry)),
+            trust_root,
+        )
+        top.online.setServiceParent(top)  # type: ignore[attr-defined]
+    methods = sorted({entry.method for entry in config.servers}) or [config.method]
+    for i, method in enumerate(methods):
+        log_config_notes("ssx-local", method, config.warnings if i == 0 else (), config.ignored if i == 0 else ())
+    for entry in config.servers:
+        _log.info(
+            "ssx-local: server {server}, method {method}, timeout {timeout:g}s",
+            server=entry.label, method=entry.method, timeout=config.timeout,
+        )
+    if online is not None:
+        _log.info("ssx-local: servers also from the online config at {where}", where=describe_url(online.url))
     return top
 
 

@@ -29,8 +29,9 @@ class Options(SsxOptions):
     synopsis = "[options]"
     longdesc = (
         "Shadowsocks server. With no options at all it listens on port 8388 with "
-        "chacha20-ietf-poly1305 and a freshly generated password, and logs the ss:// "
-        "URL that clients import. Keys and flags follow shadowsocks-libev and the "
+        "chacha20-ietf-poly1305 and a freshly generated password. At start it logs the "
+        "ss:// URL that clients import (python -m ssx url -c FILE prints it with a QR "
+        "code). Keys and flags follow shadowsocks-libev and the "
         "original Python shadowsocks: -c config.json, then flags override the file. "
         "Example: twistd -n ssx-server -p 8388 -k SECRET -m aes-256-gcm"
     )
@@ -102,7 +103,49 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
     _ResolverCache(resolver).setServiceParent(top)
     _CounterReport(reactor, factory, top.udp_relays).setServiceParent(top)  # type: ignore[attr-defined]
     _report(config, resolver)
+    # After the listeners, so that the URL has the port actually bound.
+    _AnnounceUrl(config, top).setServiceParent(top)
     return top
+
+
+class _AnnounceUrl(Service):
+    """
+    Logs the ss:// URL of this server's configuration once it listens: the
+    line users copy into clients.  It carries the password, as it must.
+    """
+
+    def __init__(self, config: ServerConfig, top: MultiService) -> None:
+        self.config = config
+        self.top = top
+
+    def startService(self) -> None:
+        Service.startService(self)
+        config = self.config
+        host, port = config.host, config.port or 8388
+        for child in self.top:
+            bound = getattr(getattr(child, "port", None), "getHost", None)
+            address = bound() if bound is not None else None
+            if hasattr(address, "port") and hasattr(address, "host"):
+                host, port = address.host, address.port
+                break
+        if host in ("0.0.0.0", "::", ""):
+            host = _this_host()
+        if config.key is not None:
+            _log.info("no ss:// URL: the server is configured with a raw key (--key), which URLs cannot carry")
+            return
+        url = format_url(config.method, config.password, host, port)
+        if config.password_generated:
+            _log.warn(
+                "no password given: generated one; clients connect with {url} "
+                "(replace the host if clients know this machine by another name)",
+                url=url,
+            )
+        else:
+            _log.info(
+                "clients connect with {url} (this URL carries the password: keep this log private; "
+                "replace the host if clients know this machine by another name)",
+                url=url,
+            )
 
 
 class _CounterReport(Service):
@@ -178,13 +221,6 @@ def _report(config: ServerConfig, resolver: TargetResolver) -> None:
         dns=",".join(h for h, _ in resolver.nameservers),
         forbidden=str(config.forbidden),
     )
-    if config.password_generated:
-        host = config.host if config.host not in ("0.0.0.0", "::", "") else _this_host()
-        _log.warn(
-            "no password given: generated one; clients connect with {url} "
-            "(replace the host if clients know this machine by another name)",
-            url=format_url(config.method, config.password, host, config.port or 8388),
-        )
 
 
 def _this_host() -> str:

@@ -12,6 +12,7 @@ ssxServer = ServiceMaker(
 ssxLocal = ServiceMaker(
     "ssx-local",
     "ssx.tap.local",
-    "Shadowsocks local end: offers SOCKS5 to applications and relays through an ssx/Shadowsocks server.",
+    "Shadowsocks local end: offers SOCKS5, SOCKS4/4a and HTTP proxying on one port and relays through "
+    "one or more ssx/Shadowsocks servers.",
     "ssx-local",
 )

@@ -1,0 +1,445 @@
+"""
+The mixed port on in-memory transports: protocol sniffing, SOCKS4/4a, HTTP
+CONNECT and plain forwarding (framing, keep-alive across hosts), proxy
+authentication, and failover to the next server before anything was relayed.
+"""
+
+from __future__ import annotations
+
+import base64
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from ssx import socks4, socks5
+from ssx.address import Address, decode_address
+from ssx.crypto import CipherSuite
+from ssx.interfaces import IServerPicker
+from ssx.local_mixed import MixedLocalFactory
+from ssx.picker import ServerPicker, Upstream
+from ssx.server_entry import ServerEntry
+
+
+class Transport(StringTransport):
+    """A StringTransport that records a write half-close."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
+class Link:
+    """A server connection that succeeded: what the local end sent (decrypted), and a way to answer."""
+
+    def __init__(self, protocol, transport: Transport, suite: CipherSuite) -> None:
+        self.protocol = protocol
+        self.transport = transport
+        self.suite = suite
+        self._encrypt = suite.tcp_encryptor().encrypt
+
+    def sent(self) -> bytes:
+        return self.suite.tcp_decryptor().decrypt(self.transport.value())
+
+    def target_and_data(self) -> tuple[Address, bytes]:
+        plain = self.sent()
+        address, end = decode_address(plain)
+        return address, plain[end:]
+
+    def answer(self, data: bytes) -> None:
+        self.protocol.dataReceived(self._encrypt(data))
+
+    def close(self) -> None:
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+class FakeServer:
+    """Stands in for one server's endpoint: records each connection attempt."""
+
+    def __init__(self, suite: CipherSuite) -> None:
+        self.suite = suite
+        self.attempts: list[tuple[object, defer.Deferred]] = []
+
+    def __call__(self, protocol: object) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.attempts.append((protocol, d))
+        return d
+
+    def succeed(self) -> Link:
+        protocol, d = self.attempts[-1]
+        transport = Transport()
+        protocol.makeConnection(transport)  # type: ignore[attr-defined]
+        d.callback(protocol)
+        return Link(protocol, transport, self.suite)
+
+    def fail(self, error: Exception) -> None:
+        self.attempts[-1][1].errback(Failure(error))
+
+
+class MixedTestCase(unittest.SynchronousTestCase):
+    credentials: tuple[bytes, bytes] | None = None
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        # Each server has its own password: the bytes show which one was used.
+        self.servers = [FakeServer(CipherSuite("aes-128-gcm", f"pw{i}")) for i in range(3)]
+        self.picker = ServerPicker(
+            Upstream(ServerEntry(f"192.0.2.{i + 1}", 8388, "aes-128-gcm", f"pw{i}"), s.suite, s)
+            for i, s in enumerate(self.servers)
+        )
+        self.factory = MixedLocalFactory(self.clock, self.picker, 300, self.credentials)
+        self.app = Transport()
+        self.protocol = self.factory.buildProtocol(None)
+        self.protocol.makeConnection(self.app)
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def take(self) -> bytes:
+        out = self.app.value()
+        self.app.clear()
+        return out
+
+
+class SniffTests(MixedTestCase):
+    """The first byte picks the protocol."""
+
+    def test_socks5(self):
+        """0x05: SOCKS5, replied only once the server connection is up."""
+        self.send(b"\x05\x01\x00\x05\x01\x00\x03\x0bexample.com\x01\xbb")
+        self.assertEqual(self.take(), b"\x05\x00")
+        link = self.servers[0].succeed()
+        self.assertEqual(self.take(), socks5.build_reply(socks5.REP_SUCCEEDED))
+        self.send(b"hello")
+        self.assertEqual(link.target_and_data(), (Address("example.com", 443), b"hello"))
+
+    def test_unknown_first_byte(self):
+        """A first byte that is no proxy protocol closes the connection without any server attempt."""
+        self.send(b"\x16\x03\x01\x00")
+        self.assertTrue(self.app.disconnecting)
+        self.assertEqual([s.attempts for s in self.servers], [[], [], []])
+
+    def test_silent_client_times_out(self):
+        """A client that sends nothing is closed at the idle timeout."""
+        self.clock.advance(299)
+        self.assertFalse(self.app.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(self.app.disconnecting)
+
+    def test_picker_interface(self):
+        """ServerPicker provides IServerPicker."""
+        self.assertTrue(verifyObject(IServerPicker, self.picker))
+
+
+class Socks4Tests(MixedTestCase):
+    """SOCKS4 and 4a on the mixed port."""
+
+    def test_socks4_ip(self):
+        """SOCKS4: granted (90) after the server connects; header and first data leave in one write."""
+        self.send(b"\x04\x01\x00\x50\xc0\x00\x02\x63user\x00GET / HTTP/1.0\r\n\r\n")
+        self.assertEqual(self.take(), b"")
+        link = self.servers[0].succeed()
+        self.assertEqual(self.take(), socks4.build_reply(socks4.REP_GRANTED))
+        self.assertEqual(link.target_and_data(), (Address("192.0.2.99", 80), b"GET / HTTP/1.0\r\n\r\n"))
+
+    def test_socks4a_name(self):
+        """SOCKS4a: the host name goes to the server for it to resolve."""
+        self.send(b"\x04\x01\x01\xbb\x00\x00\x00\x01\x00example.org\x00")
+        link = self.servers[0].succeed()
+        self.assertEqual(self.take(), socks4.build_reply(socks4.REP_GRANTED))
+        self.clock.advance(1)
+        self.assertEqual(link.target_and_data(), (Address("example.org", 443), b""))
+
+    def test_socks4_failure(self):
+        """When no server can be reached the answer is 91 (rejected)."""
+        self.send(b"\x04\x01\x00\x50\xc0\x00\x02\x63\x00")
+        for server in self.servers:
+            server.fail(ConnectionRefusedError())
+        self.assertEqual(self.take(), socks4.build_reply(socks4.REP_REJECTED))
+        self.assertTrue(self.app.disconnecting)
+
+
+class Socks4WithCredentialsTests(MixedTestCase):
+    """SOCKS4 cannot carry a password."""
+
+    credentials = (b"alice", b"s3cret")
+
+    def test_refused(self):
+        """With credentials required, SOCKS4 is rejected (91) and no server is contacted."""
+        self.send(b"\x04\x01\x00\x50\xc0\x00\x02\x63alice\x00")
+        self.assertEqual(self.take(), socks4.build_reply(socks4.REP_REJECTED))
+        self.assertTrue(self.app.disconnecting)
+        self.assertEqual(self.servers[0].attempts, [])
+
+
+class FailoverTests(MixedTestCase):
+    """A server that cannot be reached before anything was relayed is replaced by the next, unseen by the application."""
+
+    def test_next_server(self):
+        """Server 1 refuses: server 2 carries the connection with its own keys; the app sees one success."""
+        self.send(b"\x05\x01\x00\x05\x01\x00\x01\xc0\x00\x02\x01\x00\x16early")
+        self.take()
+        self.servers[0].fail(ConnectionRefusedError())
+        self.assertEqual(self.take(), b"")
+        self.assertFalse(self.app.disconnecting)
+        link = self.servers[1].succeed()
+        self.assertEqual(self.take(), socks5.build_reply(socks5.REP_SUCCEEDED))
+        self.assertEqual(link.target_and_data(), (Address("192.0.2.1", 22), b"early"))
+        up, _, failures = self.picker.health(self.picker.upstreams()[0])
+        self.assertEqual((up, failures), (False, 1))
+
+    def test_down_server_tried_last(self):
+        """Once a server failed, new connections start with the others."""
+        first = self.picker.upstreams()[0]
+        self.picker.failed(first, "test")
+        self.send(b"\x05\x01\x00\x05\x01\x00\x01\xc0\x00\x02\x01\x00\x16")
+        self.assertEqual(self.servers[0].attempts, [])
+        self.assertEqual(len(self.servers[1].attempts), 1)
+
+    def test_all_fail(self):
+        """When every server fails, the application gets the SOCKS5 code of the last failure."""
+        self.send(b"\x05\x01\x00\x05\x01\x00\x01\xc0\x00\x02\x01\x00\x16")
+        self.take()
+        for server in self.servers:
+            server.fail(ConnectionRefusedError())
+        self.assertEqual(self.take(), socks5.build_reply(socks5.REP_CONNECTION_REFUSED))
+        self.assertTrue(self.app.disconnecting)
+
+    def test_latency_ranks(self):
+        """The health check's latencies order the servers: the fastest up server first."""
+        ups = self.picker.upstreams()
+        self.picker.checked(ups[0], 0.300)
+        self.picker.checked(ups[1], 0.010)
+        self.picker.checked(ups[2], None)
+        self.assertEqual(self.picker.candidates(), [ups[1], ups[0], ups[2]])
+        self.picker.checked(ups[2], 0.001)
+        self.assertEqual(self.picker.candidates()[0], ups[2])
+
+    def test_no_server(self):
+        """With no server known (an online config not yet fetched) the application is refused at once."""
+        empty = MixedLocalFactory(self.clock, ServerPicker(), 300)
+        protocol = empty.buildProtocol(None)
+        app = Transport()
+        protocol.makeConnection(app)
+        protocol.dataReceived(b"CONNECT h:443 HTTP/1.1\r\n\r\n")
+        self.assertTrue(app.value().startswith(b"HTTP/1.1 502 "))
+        self.assertTrue(app.disconnecting)
+
+
+def response(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
+    head = f"HTTP/1.1 {status}\r\n" + "".join(h + "\r\n" for h in headers)
+    return head.encode() + b"\r\n" + body
+
+
+class HttpConnectTests(MixedTestCase):
+    """HTTP CONNECT tunnels."""
+
+    def test_connect(self):
+        """CONNECT answers 200 once the server connection is up, then relays bytes untouched both ways."""
+        self.send(b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n\x16\x03\x01")
+        self.assertEqual(self.take(), b"")
+        link = self.servers[0].succeed()
+        self.assertEqual(self.take(), b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self.assertEqual(link.target_and_data(), (Address("example.org", 443), b"\x16\x03\x01"))
+        link.answer(b"\x16\x03\x03server hello")
+        self.assertEqual(self.take(), b"\x16\x03\x03server hello")
+
+    def test_connect_failure(self):
+        """When no server can be reached, CONNECT gets 502 and the connection closes."""
+        self.send(b"CONNECT example.org:443 HTTP/1.1\r\n\r\n")
+        for server in self.servers:
+            server.fail(ConnectionRefusedError())
+        self.assertTrue(self.take().startswith(b"HTTP/1.1 502 Bad Gateway\r\n"))
+        self.assertTrue(self.app.disconnecting)
+
+    def test_head_too_large(self):
+        """A request head over 64 KiB gets 431 and the connection closes, with no server attempt."""
+        self.send(b"GET http://h/ HTTP/1.1\r\nX-Big: " + b"a" * (65 * 1024))
+        self.assertTrue(self.take().startswith(b"HTTP/1.1 431 "))
+        self.assertTrue(self.app.disconnecting)
+        self.assertEqual(self.servers[0].attempts, [])
+
+    def test_origin_form_refused(self):
+        """A request that is not for a proxy (origin form) gets 400."""
+        self.send(b"GET /index.html HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertTrue(self.take().startswith(b"HTTP/1.1 400 "))
+
+
+class HttpAuthTests(MixedTestCase):
+    """Basic proxy authentication with the shared credentials."""
+
+    credentials = (b"alice", b"s3cret")
+
+    def auth(self, user: str, password: str) -> str:
+        return "Proxy-Authorization: Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def test_missing(self):
+        """Without credentials: 407 with a Basic challenge, and no server attempt."""
+        self.send(b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n")
+        out = self.take()
+        self.assertTrue(out.startswith(b"HTTP/1.1 407 "))
+        self.assertIn(b'Proxy-Authenticate: Basic realm="ssx"', out)
+        self.assertEqual(self.servers[0].attempts, [])
+
+    def test_wrong(self):
+        """Wrong credentials on CONNECT: 407."""
+        self.send(f"CONNECT h:443 HTTP/1.1\r\n{self.auth('alice', 'nope')}\r\n\r\n".encode())
+        self.assertTrue(self.take().startswith(b"HTTP/1.1 407 "))
+
+    def test_right(self):
+        """Right credentials: the request goes on, without its Proxy-Authorization header."""
+        self.send(f"GET http://h/ HTTP/1.1\r\n{self.auth('alice', 's3cret')}\r\n\r\n".encode())
+        link = self.servers[0].succeed()
+        self.assertEqual(link.target_and_data(), (Address("h", 80), b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"))
+
+
+class HttpForwardTests(MixedTestCase):
+    """Plain absolute-form HTTP: rewriting, framing and keep-alive across hosts."""
+
+    def test_get_rewritten(self):
+        """The request reaches the origin in origin form with Host set, in the first encrypted write."""
+        self.send(b"GET http://a.example:8080/x?y HTTP/1.1\r\nHost: a.example:8080\r\nProxy-Connection: keep-alive\r\nAccept: */*\r\n\r\n")
+        link = self.servers[0].succeed()
+        self.assertEqual(
+            link.target_and_data(),
+            (Address("a.example", 8080), b"GET /x?y HTTP/1.1\r\nHost: a.example:8080\r\nAccept: */*\r\n\r\n"),
+        )
+
+    def test_keep_alive_same_host_then_other_host(self):
+        """Same host: the server connection is reused; another host: it is closed and a new one opened; all answers arrive."""
+        self.send(b"GET http://a.example/1 HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        first = self.servers[0].succeed()
+        first.answer(response(b"one", "Content-Length: 3"))
+        self.assertEqual(self.take(), response(b"one", "Content-Length: 3"))
+        self.send(b"GET http://a.example/2 HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        self.assertEqual(len(self.servers[0].attempts), 1)
+        first.answer(response(b"two", "Content-Length: 3"))
+        self.assertEqual(self.take(), response(b"two", "Content-Length: 3"))
+        self.assertEqual(
+            first.target_and_data()[1],
+            b"GET /1 HTTP/1.1\r\nHost: a.example\r\n\r\nGET /2 HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        )
+        self.send(b"GET http://b.example/3 HTTP/1.1\r\nHost: b.example\r\n\r\n")
+        self.assertTrue(first.transport.disconnecting)
+        second = self.servers[0].succeed()
+        self.assertEqual(second.target_and_data(), (Address("b.example", 80), b"GET /3 HTTP/1.1\r\nHost: b.example\r\n\r\n"))
+        first.close()  # the old connection's end must not end the client's
+        self.assertFalse(self.app.disconnecting)
+        second.answer(response(b"three", "Content-Length: 5"))
+        self.assertEqual(self.take(), response(b"three", "Content-Length: 5"))
+        self.assertFalse(self.app.disconnecting)
+
+    def test_pipelined_request_waits(self):
+        """A second request sent before the first response is held until that response is complete."""
+        self.send(b"GET http://a/1 HTTP/1.1\r\n\r\nGET http://b/2 HTTP/1.1\r\n\r\n")
+        first = self.servers[0].succeed()
+        self.assertEqual(first.target_and_data()[1], b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(len(self.servers[0].attempts), 1)
+        first.answer(response(b"abc", "Content-Length: 3")[:-1])
+        self.assertEqual(len(self.servers[0].attempts), 1)
+        first.answer(b"c")
+        self.assertEqual(len(self.servers[0].attempts), 2)
+        second = self.servers[0].succeed()
+        self.assertEqual(second.target_and_data(), (Address("b", 80), b"GET /2 HTTP/1.1\r\nHost: b\r\n\r\n"))
+
+    def test_chunked_response_then_next(self):
+        """A chunked response ends at its last chunk; the next request then goes out on the same connection."""
+        self.send(b"GET http://a/1 HTTP/1.1\r\n\r\n")
+        link = self.servers[0].succeed()
+        body = b"5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"
+        link.answer(response(body[:9], "Transfer-Encoding: chunked"))
+        link.answer(body[9:])
+        self.assertEqual(self.take(), response(body, "Transfer-Encoding: chunked"))
+        self.send(b"HEAD http://a/2 HTTP/1.1\r\n\r\n")
+        link.answer(response(b"", "Content-Length: 100"))
+        self.assertEqual(self.take(), response(b"", "Content-Length: 100"))
+        self.send(b"GET http://a/3 HTTP/1.1\r\n\r\n")
+        self.assertIn(b"GET /3 HTTP/1.1", link.sent())
+        self.assertEqual(len(self.servers[0].attempts), 1)
+
+    def test_upload_bodies(self):
+        """Content-Length and chunked request bodies pass through whole, and the next request is found after them."""
+        self.send(b"POST http://a/u HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234")
+        link = self.servers[0].succeed()
+        self.send(b"56789")
+        link.answer(response(b"", "Content-Length: 0"))
+        self.send(b"PUT http://a/v HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        link.answer(response(b"", "Content-Length: 0"))
+        self.assertEqual(
+            link.target_and_data()[1],
+            b"POST /u HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n0123456789"
+            b"PUT /v HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        )
+        self.assertEqual(self.take(), 2 * response(b"", "Content-Length: 0"))
+
+    def test_continue_forwarded(self):
+        """100 Continue reaches the client before the final response."""
+        self.send(b"POST http://a/u HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        link = self.servers[0].succeed()
+        link.answer(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.assertEqual(self.take(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.send(b"ok")
+        link.answer(response(b"", "Content-Length: 0", status="201 Created"))
+        self.assertEqual(self.take(), response(b"", "Content-Length: 0", status="201 Created"))
+        self.assertIn(b"\r\n\r\nok", link.sent())
+
+    def test_until_close_response(self):
+        """A response without length ends when the origin closes; the client is told Connection: close and closed."""
+        self.send(b"GET http://a/ HTTP/1.1\r\n\r\n")
+        link = self.servers[0].succeed()
+        link.answer(b"HTTP/1.0 200 OK\r\nServer: old\r\n\r\nsome data")
+        link.answer(b" and more")
+        self.assertEqual(self.take(), b"HTTP/1.0 200 OK\r\nServer: old\r\nConnection: close\r\n\r\nsome data and more")
+        self.assertFalse(self.app.disconnecting)
+        link.protocol.readConnectionLost()
+        self.assertTrue(self.app.disconnecting)
+
+    def test_client_close_request(self):
+        """Connection: close from the client is passed on and the client connection closes after the response."""
+        self.send(b"GET http://a/ HTTP/1.1\r\nConnection: close\r\n\r\n")
+        link = self.servers[0].succeed()
+        self.assertIn(b"Connection: close\r\n", link.sent())
+        link.answer(response(b"x", "Content-Length: 1"))
+        self.assertEqual(self.take(), response(b"x", "Content-Length: 1", "Connection: close"))
+        self.assertTrue(self.app.disconnecting)
+
+    def test_origin_closes_without_answer(self):
+        """A fresh server connection that ends before any response gives 502."""
+        self.send(b"GET http://a/ HTTP/1.1\r\n\r\n")
+        link = self.servers[0].succeed()
+        link.close()
+        self.assertTrue(self.take().startswith(b"HTTP/1.1 502 "))
+        self.assertTrue(self.app.disconnecting)
+
+    def test_kept_connection_dies(self):
+        """A kept server connection that ends under the next request closes the client without an answer (clients retry)."""
+        self.send(b"GET http://a/1 HTTP/1.1\r\n\r\n")
+        link = self.servers[0].succeed()
+        link.answer(response(b"", "Content-Length: 0"))
+        self.take()
+        self.send(b"GET http://a/2 HTTP/1.1\r\n\r\n")
+        link.close()
+        self.assertEqual(self.take(), b"")
+        self.assertTrue(self.app.disconnecting)
+
+    def test_idle_kept_connection_closed_by_origin(self):
+        """When the origin closes an idle kept connection the client stays, and its next request opens a new one."""
+        self.send(b"GET http://a/1 HTTP/1.1\r\n\r\n")
+        link = self.servers[0].succeed()
+        link.answer(response(b"", "Content-Length: 0"))
+        link.protocol.readConnectionLost()
+        self.assertFalse(self.app.disconnecting)
+        self.send(b"GET http://a/2 HTTP/1.1\r\n\r\n")
+        self.assertEqual(len(self.servers[0].attempts), 2)
+
+    def test_bad_response(self):
+        """A malformed response head gives 502."""
+        self.send(b"GET http://a/ HTTP/1.1\r\n\r\n")
+        link = self.servers[0].succeed()
+        link.answer(b"garbage\r\n\r\n")
+        self.assertTrue(self.take().startswith(b"HTTP/1.1 502 "))
+        self.assertTrue(self.app.disconnecting)
