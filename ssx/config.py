@@ -21,9 +21,11 @@ from ssx.crypto import lookup_method
 from ssx.errors import ConfigError
 from ssx.forbidden import ForbiddenNetworks, parse_forbidden
 from ssx.resolver import parse_nameservers
+from ssx.sip003 import Plugin, PluginOptionsError, parse_plugin_options
 
 __all__ = [
     "DEFAULT_METHOD",
+    "PLUGIN_BACKEND_LISTEN",
     "LocalConfig",
     "ServerConfig",
     "Tunnel",
@@ -40,10 +42,12 @@ DEFAULT_LOCAL_PORT = 1080
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_UDP_TIMEOUT = 60.0
 DEFAULT_UDP_CAPACITY = 1024
+# Where ssx listens behind a server-side plugin: a loopback port the OS picks.
+PLUGIN_BACKEND_LISTEN = "tcp:0:interface=127.0.0.1"
 
 _COMMON_KEYS = {
     "server", "server_port", "password", "key", "method", "timeout", "listen", "mode", "plugin", "plugin_opts",
-    "udp_timeout", "udp_max_associations",
+    "plugin_args", "udp_timeout", "udp_max_associations",
 }
 SERVER_KEYS = _COMMON_KEYS | {"nameserver", "forbidden_ip", "hosts_file", "resolv_conf", "prefer_ipv6"}
 LOCAL_KEYS = _COMMON_KEYS | {
@@ -90,6 +94,9 @@ class ServerConfig:
     prefer_ipv6: bool
     relays: UdpSettings
     hosts: tuple[str, ...] = ()
+    # With a plugin, `listen` is ssx's loopback port behind it, and the
+    # plugin listens on hosts:port.
+    plugin: Plugin | None = None
     ignored: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -110,6 +117,8 @@ class LocalConfig:
     relays: UdpSettings
     # The main listener offers SOCKS5, unless -L/tunnel_address makes it a tunnel.
     tunnels: tuple[Tunnel, ...] = ()
+    # With a plugin, TCP goes to the plugin's loopback port; it reaches server:server_port.
+    plugin: Plugin | None = None
     ignored: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -142,12 +151,21 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
     hosts = _hosts(values.get("server", "0.0.0.0"))
     port = _port(values, "server_port", DEFAULT_SERVER_PORT, allow_zero=True)
     listen = _listen(values)
-    if not listen:
-        listen = tuple(_tcp_listen(host, port) for host in hosts)
-    warnings = _common_warnings(values)
     relays = _relays(values)
     if not relays.tcp and values.get("listen") is not None:
         raise ConfigError("listen", "endpoint descriptions are for TCP; in udp_only mode use server and server_port")
+    plugin, warnings = _plugin(values, relays)
+    if plugin is not None:
+        if listen:
+            raise ConfigError(
+                "listen", "with a plugin, the plugin listens on server:server_port and ssx behind it on loopback; "
+                "drop --listen"
+            )
+        if port == 0:
+            raise ConfigError("server_port", "a plugin needs a fixed port to listen on, not 0")
+        listen = (PLUGIN_BACKEND_LISTEN,)
+    elif not listen:
+        listen = tuple(_tcp_listen(host, port) for host in hosts)
     return ServerConfig(
         listen=listen,
         method=method,
@@ -164,6 +182,7 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         prefer_ipv6=_bool(values, "prefer_ipv6"),
         relays=relays,
         hosts=hosts,
+        plugin=plugin,
         ignored=tuple(sorted(set(values) - SERVER_KEYS)),
         warnings=warnings,
     )
@@ -191,6 +210,11 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
     relays = _relays(values)
     if relays.udp and server is None:
         raise ConfigError("server", "the UDP relay needs the server's address (-s HOST), not only --server-endpoint")
+    plugin, warnings = _plugin(values, relays)
+    if plugin is not None and endpoint is not None:
+        raise ConfigError(
+            "plugin", "a plugin connects to the server itself: give the server with -s/-p, not --server-endpoint"
+        )
     tunnels = []
     if values.get("tunnel_address"):
         target = _target(values["tunnel_address"], "tunnel_address")
@@ -230,8 +254,9 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         socks_credentials=credentials,
         relays=relays,
         tunnels=tuple(tunnels),
+        plugin=plugin,
         ignored=tuple(sorted(set(values) - LOCAL_KEYS)),
-        warnings=_common_warnings(values),
+        warnings=warnings,
     )
 
 
@@ -324,11 +349,29 @@ def _tcp_listen(host: str, port: int) -> str:
     return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
 
 
-def _common_warnings(values: Mapping[str, Any]) -> tuple[str, ...]:
-    plugin = values.get("plugin")
-    if plugin:
-        raise ConfigError("plugin", "SIP003 plugins are not supported yet")
-    return ()
+def _plugin(values: Mapping[str, Any], relays: UdpSettings) -> tuple[Plugin | None, tuple[str, ...]]:
+    """The SIP003 plugin, if one is set (libev configs often carry "plugin": ""), and warnings."""
+    name = values.get("plugin")
+    options = values.get("plugin_opts")
+    args = values.get("plugin_args")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError("plugin", "expected the plugin's executable: a name on PATH or a path")
+    if options is not None:
+        if not isinstance(options, str):
+            raise ConfigError("plugin_opts", "expected a string such as obfs=http;obfs-host=example.com")
+        try:
+            parse_plugin_options(options)
+        except PluginOptionsError as e:
+            raise ConfigError("plugin_opts", f"not a SIP003 option string: {e}") from None
+    if args is not None and (not isinstance(args, list) or not all(isinstance(a, str) for a in args)):
+        raise ConfigError("plugin_args", "expected a list of strings (extra command-line arguments)")
+    if not name:
+        if options or args:
+            return None, ("plugin_opts/plugin_args set without plugin: ignored",)
+        return None, ()
+    if not relays.tcp:
+        return None, (f"plugin {name} not started: plugins carry TCP, and mode is udp_only",)
+    return Plugin(name, options or "", tuple(args or ())), ()
 
 
 def _relays(values: Mapping[str, Any]) -> UdpSettings:

@@ -10,6 +10,7 @@ from twisted.trial import unittest
 
 from ssx.config import local_config, merge, read_config_file, server_config
 from ssx.errors import ConfigError
+from ssx.sip003 import Plugin
 from ssx.tap import local as local_tap, server as server_tap
 
 
@@ -68,7 +69,12 @@ class ServerConfigTests(unittest.SynchronousTestCase):
             ({"forbidden_ip": "10.0.0.0/33"}, "forbidden_ip"),
             ({"nameserver": "dns.google"}, "nameserver"),
             ({"mode": "both"}, "mode"),
-            ({"plugin": "obfs-server"}, "plugin"),
+            ({"plugin": 5}, "plugin"),
+            ({"plugin": "obfs-server", "plugin_opts": "obfs=http;;"}, "plugin_opts"),
+            ({"plugin": "obfs-server", "plugin_opts": "obfs=http\\"}, "plugin_opts"),
+            ({"plugin": "obfs-server", "plugin_args": "-v"}, "plugin_args"),
+            ({"plugin": "obfs-server", "listen": "tcp:8388"}, "listen"),
+            ({"plugin": "obfs-server", "server_port": 0}, "server_port"),
             ({"listen": []}, "listen"),
             ({"prefer_ipv6": "yes"}, "prefer_ipv6"),
         ]
@@ -88,6 +94,62 @@ class ServerConfigTests(unittest.SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 server_config(values)
             self.assertEqual(caught.exception.key, key)
+
+
+class PluginConfigTests(unittest.SynchronousTestCase):
+    """plugin, plugin_opts and plugin_args on both ends."""
+
+    def test_server_plugin(self):
+        """With a plugin, ssx listens on a loopback port the OS picks; the plugin gets server:server_port."""
+        config = server_config({
+            "server": "0.0.0.0", "server_port": "8443", "plugin": "obfs-server", "plugin_opts": "obfs=http",
+            "plugin_args": ["-v"],
+        })
+        self.assertEqual(config.plugin, Plugin("obfs-server", "obfs=http", ("-v",)))
+        self.assertEqual(config.listen, ("tcp:0:interface=127.0.0.1",))
+        self.assertEqual((config.hosts, config.port), (("0.0.0.0",), 8443))
+
+    def test_local_plugin(self):
+        """The local end keeps -s/-p for the plugin (and UDP); a plugin with --server-endpoint is refused."""
+        config = local_config({"server": "192.0.2.1", "password": "pw", "plugin": "v2ray-plugin"})
+        self.assertEqual(config.plugin, Plugin("v2ray-plugin"))
+        self.assertEqual((config.server, config.server_port), ("192.0.2.1", 8388))
+        with self.assertRaises(ConfigError) as caught:
+            local_config({"server_endpoint": "tcp:host=192.0.2.1:port=1", "password": "pw", "plugin": "obfs-local"})
+        self.assertEqual(caught.exception.key, "plugin")
+
+    def test_empty_plugin_is_none(self):
+        """"plugin": "" (common in libev files) means no plugin; stray options only warn."""
+        self.assertIsNone(server_config({"plugin": ""}).plugin)
+        config = server_config({"plugin_opts": "obfs=http"})
+        self.assertIsNone(config.plugin)
+        self.assertEqual(len(config.warnings), 1)
+
+    def test_udp_only_leaves_plugin_out(self):
+        """In udp_only mode a plugin (TCP only) is not started, with a warning."""
+        config = local_config({"server": "192.0.2.1", "password": "pw", "plugin": "obfs-local", "mode": "udp_only"})
+        self.assertIsNone(config.plugin)
+        self.assertIn("udp_only", config.warnings[0])
+
+    def test_flags(self):
+        """--plugin and --plugin-opts override the file's plugin and plugin_opts."""
+        path = write_config(self, {"plugin": "obfs-local", "plugin_opts": "obfs=tls", "plugin_args": ["-v"]})
+        options = local_tap.Options()
+        options.parseOptions(["-c", path, "-s", "192.0.2.1", "-k", "pw", "--plugin", "true", "--plugin-opts", "obfs=http"])
+        self.assertEqual(options.config.plugin, Plugin("true", "obfs=http", ("-v",)))
+
+    def test_missing_plugin_one_line(self):
+        """A plugin that is not on PATH stops start-up with one line naming plugin."""
+        for options, argv in (
+            (server_tap.Options(), ["--plugin", "no-such-plugin-ssx"]),
+            (local_tap.Options(), ["-s", "192.0.2.1", "-k", "pw", "--plugin", "/nonexistent/obfs-local"]),
+        ):
+            with self.assertRaises(SystemExit) as caught:
+                options.parseOptions(argv)
+            message = str(caught.exception.code)
+            self.assertNotIn("\n", message)
+            self.assertIn("bad configuration: plugin: ", message)
+            self.assertIn("not found", message)
 
 
 class LocalConfigTests(unittest.SynchronousTestCase):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import shutil
 import sys
 import tempfile
 
@@ -55,6 +56,10 @@ class TwistdHelpTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         for word in (b"--server-endpoint", b"--socks-user", b"--local-port", b"chacha20-ietf-poly1305"):
             self.assertIn(word, out)
+        for command in ("ssx-server", "ssx-local"):
+            out, err, code = yield run_twistd(command, "--help")
+            for word in (b"--plugin=", b"--plugin-opts=", b"UDP"):
+                self.assertIn(word, out, command)
 
     @defer.inlineCallbacks
     def test_bad_method_one_line(self):
@@ -73,6 +78,40 @@ class TwistdHelpTests(unittest.TestCase):
         lines = (out + err).decode().strip().splitlines()
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("server: required", lines[0])
+
+
+    @defer.inlineCallbacks
+    def test_missing_plugin_one_line(self):
+        """A --plugin that is not installed stops start-up with one line naming plugin."""
+        out, err, code = yield run_twistd("-n", "--pidfile=", "ssx-server", "--plugin", "no-such-plugin-ssx")
+        self.assertNotEqual(code, 0)
+        lines = (out + err).decode().strip().splitlines()
+        self.assertEqual(
+            lines, ["ssx-server: bad configuration: plugin: 'no-such-plugin-ssx' not found: no executable of that name on PATH"]
+        )
+
+    @defer.inlineCallbacks
+    def test_plugin_exits_at_once(self):
+        """A plugin that exits at start-up stops twistd with a non-zero status and one line saying why, no traceback."""
+        directory = tempfile.mkdtemp(prefix="ssx-")
+        self.addCleanup(shutil.rmtree, directory)
+        plugin = os.path.join(directory, "broken-obfs")
+        with open(plugin, "w") as f:
+            f.write("#!/bin/sh\necho 'fatal: unknown obfs mode' >&2\nexit 3\n")
+        os.chmod(plugin, 0o755)
+        out, err, code = yield run_twistd(
+            "-n", "--pidfile=", "ssx-local", "-s", "127.0.0.1", "-k", "pw", "-l", "0", "--plugin", plugin,
+        )
+        text = (out + err).decode()
+        self.assertNotEqual(code, 0, text)
+        self.assertNotIn("Traceback", text)
+        reasons = [line for line in text.splitlines() if "exited (exit code 3)" in line]
+        self.assertEqual(len(reasons), 1, text)
+        self.assertRegex(
+            reasons[0],
+            rf"ssx-local: plugin {re.escape(plugin)} exited \(exit code 3\) before it listened on 127\.0\.0\.1:\d+; "
+            r"it said: fatal: unknown obfs mode$",
+        )
 
 
 class TwistdChainTests(unittest.TestCase):
@@ -127,3 +166,4 @@ class TwistdChainTests(unittest.TestCase):
     def test_default_server_and_local(self):
         """`twistd -n ssx-server` with no password logs an ss:// URL; ssx-local with it carries curl's download intact."""
         return defer.Deferred.fromCoroutine(self._default_server())
+

@@ -14,6 +14,7 @@ from twisted.python import usage
 from ssx.config import merge, read_config_file
 from ssx.crypto import METHODS, CipherSuite, lookup_method
 from ssx.errors import ConfigError
+from ssx.plugin import find_plugin
 
 __all__ = ["SsxOptions", "check_endpoint", "log_config_notes", "make_suite", "method_help"]
 
@@ -44,6 +45,7 @@ class SsxOptions(usage.Options):
         ["tcp-and-udp", "u", "relay UDP as well as TCP (mode tcp_and_udp)"],
         ["udp-only", "U", "relay UDP only (mode udp_only)"],
     ]
+    # Each command declares --plugin and --plugin-opts itself, with its side's help.
     common_keys: Mapping[str, str] = {
         "server": "server",
         "server-port": "server_port",
@@ -53,6 +55,8 @@ class SsxOptions(usage.Options):
         "timeout": "timeout",
         "udp-timeout": "udp_timeout",
         "udp-max-associations": "udp_max_associations",
+        "plugin": "plugin",
+        "plugin-opts": "plugin_opts",
     }
     flag_keys: Mapping[str, str] = {}
     build: Callable[[Mapping[str, Any]], Any]
@@ -94,6 +98,8 @@ class SsxOptions(usage.Options):
     def check(self, config: Any) -> None:
         for description in config.listen:
             check_endpoint("listen", description, server=True)
+        if config.plugin is not None:
+            find_plugin(config.plugin.name)
 
 
 def check_endpoint(key: str, description: str, server: bool) -> None:

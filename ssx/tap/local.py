@@ -23,6 +23,7 @@ from ssx.config import LocalConfig, local_config
 from ssx.listener import DatagramListenerService, serve
 from ssx.local import Socks5LocalFactory, TunnelFactory
 from ssx.local_udp import Socks5UdpRelay, TunnelUdpRelay
+from ssx.plugin import PluginService
 from ssx.relay import connect_protocol
 from ssx.tap._options import SsxOptions, check_endpoint, log_config_notes, make_suite
 
@@ -55,6 +56,9 @@ class Options(SsxOptions):
          "server instead of SOCKS5, like ss-tunnel"],
         ["server-endpoint", None, None, "Twisted client endpoint to reach the server, instead of -s/-p, "
          "e.g. tcp:host=198.51.100.7:port=8388 or tls:host=example.net:port=443"],
+        ["plugin", None, None, "SIP003 plugin (a name on PATH or a path), e.g. obfs-local or v2ray-plugin: ssx "
+         "sends TCP to it on a loopback port and it reaches -s/-p; UDP (-u) goes straight to -s/-p"],
+        ["plugin-opts", None, None, "the plugin's options (SS_PLUGIN_OPTIONS), e.g. \"obfs=http;obfs-host=example.com\""],
     ]
     flag_keys = {
         "local-address": "local_address",
@@ -88,8 +92,23 @@ class Options(SsxOptions):
             check_endpoint("server_endpoint", config.server_endpoint, server=False)
 
 
+def server_connector(reactor: Any, config: LocalConfig, plugin: PluginService | None) -> Callable[[Protocol], Deferred]:
+    """How each relay connects to the server: through the plugin's loopback port when there is one."""
+    if plugin is None:
+        endpoint = server_endpoint(reactor, config)
+        return lambda protocol: connect_protocol(endpoint, protocol)
+
+    def connect(protocol: Protocol) -> Deferred:
+        # The plugin picks its port when it starts.
+        assert plugin.local_address is not None
+        host, port = plugin.local_address
+        return connect_protocol(TCP4ClientEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT), protocol)
+
+    return connect
+
+
 def server_endpoint(reactor: Any, config: LocalConfig) -> IStreamClientEndpoint:
-    """How the local end reaches its server."""
+    """How the local end reaches its server (without a plugin)."""
     if config.server_endpoint is not None:
         return clientFromString(reactor, config.server_endpoint)
     assert config.server is not None
@@ -105,13 +124,18 @@ def server_endpoint(reactor: Any, config: LocalConfig) -> IStreamClientEndpoint:
 def build_service(reactor: Any, config: LocalConfig) -> MultiService:
     """The local end's service tree for `config`."""
     suite = make_suite(config.method, config.password, config.key)
-    endpoint = server_endpoint(reactor, config)
-    connect: Callable[[Protocol], Deferred] = lambda protocol: connect_protocol(endpoint, protocol)
     relays = config.relays
     server = (config.server or "", config.server_port)
     top = MultiService()
     top.factories = []  # type: ignore[attr-defined]
     top.udp_relays = []  # type: ignore[attr-defined]
+    top.plugin = None  # type: ignore[attr-defined]
+    if config.plugin is not None:
+        # First in the tree: started (and listening) before any listener's
+        # connection can want it.  UDP does not go through it.
+        top.plugin = PluginService(reactor, config.plugin, "ssx-local", server)  # type: ignore[attr-defined]
+        top.plugin.setServiceParent(top)  # type: ignore[attr-defined]
+    connect = server_connector(reactor, config, top.plugin)  # type: ignore[attr-defined]
 
     def keep(relay: Any) -> Any:
         top.udp_relays.append(relay)  # type: ignore[attr-defined]
@@ -141,8 +165,10 @@ def build_service(reactor: Any, config: LocalConfig) -> MultiService:
             ).setServiceParent(top)
     top.factory = top.factories[0] if top.factories else None  # type: ignore[attr-defined]
     log_config_notes("ssx-local", config.method, config.warnings, config.ignored)
+    via = f" through plugin {config.plugin.name}" if config.plugin is not None else ""
     _log.info(
-        "ssx-local: server {server}, method {method}, timeout {timeout:g}s",
+        "ssx-local: server {server}{via}, method {method}, timeout {timeout:g}s",
+        via=via,
         server=config.server_endpoint or f"{config.server}:{config.server_port}",
         method=config.method,
         timeout=config.timeout,

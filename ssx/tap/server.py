@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from ssx.config import ServerConfig, server_config
 from ssx.listener import DatagramListenerService, serve
+from ssx.plugin import PluginService
 from ssx.resolver import TargetResolver
 from ssx.server import ShadowsocksServerFactory
 from ssx.server_udp import ShadowsocksUdpRelay
@@ -42,6 +43,10 @@ class Options(SsxOptions):
          "[default: loopback, private, link-local, CGNAT, unique-local, multicast, unspecified]"],
         ["hosts-file", None, None, "hosts file consulted before DNS [default: /etc/hosts]"],
         ["resolv-conf", None, None, "resolv.conf to take DNS servers from [default: /etc/resolv.conf]"],
+        ["plugin", None, None, "SIP003 plugin (a name on PATH or a path), e.g. obfs-server or v2ray-plugin: it "
+         "listens on -s/-p, ssx behind it on a loopback port; UDP (-u) stays on -s/-p, outside the plugin"],
+        ["plugin-opts", None, None, "the plugin's options (SS_PLUGIN_OPTIONS), e.g. \"obfs=http\" or "
+         "\"server;host=example.com\""],
     ]
     optFlags = [["prefer-ipv6", "6", "try AAAA records before A records"]]
     flag_keys = {
@@ -82,10 +87,20 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
         top.udp_relays.append(relay)  # type: ignore[attr-defined]
         return relay
 
-    if relays.tcp:
+    top.plugin = None  # type: ignore[attr-defined]
+    if config.plugin is not None:
+        # The plugin listens on the public address; ssx behind it on a
+        # loopback port, which the listener binds before the plugin starts.
+        label = f"ssx-server behind plugin {config.plugin.name}"
+        listener = serve(top, reactor, config.listen[0], factory, label)
+        remote = ("|".join(config.hosts), config.port)
+        top.plugin = PluginService(reactor, config.plugin, "ssx-server", remote, listener=listener)  # type: ignore[attr-defined]
+        top.plugin.setServiceParent(top)  # type: ignore[attr-defined]
+    elif relays.tcp:
         for description in config.listen:
             serve(top, reactor, description, factory, "ssx-server", udp_relay())
-    else:
+    if relays.udp and (config.plugin is not None or not relays.tcp):
+        # UDP does not go through a plugin: it stays on the public address and port.
         for host in config.hosts:
             DatagramListenerService(reactor, udp_relay(), "ssx-server", address=(host, config.port)).setServiceParent(top)
     _ResolverCache(resolver).setServiceParent(top)
