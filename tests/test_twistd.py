@@ -9,6 +9,7 @@ import base64
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 
@@ -54,7 +55,7 @@ class TwistdHelpTests(unittest.TestCase):
             self.assertIn(word, out)
         out, err, code = yield run_twistd("ssx-local", "--help")
         self.assertEqual(code, 0, err)
-        for word in (b"--server-endpoint", b"--socks-user", b"--local-port", b"chacha20-ietf-poly1305"):
+        for word in (b"--server-endpoint", b"--socks-user", b"--local-port", b"chacha20-ietf-poly1305", b"trustRoots"):
             self.assertIn(word, out)
         for command in ("ssx-server", "ssx-local"):
             out, err, code = yield run_twistd(command, "--help")
@@ -167,3 +168,51 @@ class TwistdChainTests(unittest.TestCase):
         """`twistd -n ssx-server` with no password logs an ss:// URL; ssx-local with it carries curl's download intact."""
         return defer.Deferred.fromCoroutine(self._default_server())
 
+
+# Sets what systemd sets for an activated service, in the process that then
+# becomes twistd (LISTEN_PID must be the pid of the process that reads it).
+SYSTEMD_WRAPPER = (
+    "import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
+class SystemdActivationTests(unittest.TestCase):
+    """ssx-server with --listen systemd:..., given its listening socket as systemd does."""
+
+    async def _activated(self) -> None:
+        echo = support.listen_echo()
+        self.addCleanup(echo.stopListening)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        port = sock.getsockname()[1]
+        env = dict(twistd_env(), LISTEN_FDS="1", LISTEN_FDNAMES="ssx")
+        child = support.ChildProcess()
+        args = [
+            sys.executable, "-c", SYSTEMD_WRAPPER, *TWISTD, "-n", "--pidfile=", "ssx-server",
+            "--listen", "systemd:domain=INET:index=0", "-k", support.PASSWORD, "-m", "aes-256-gcm", "--forbidden-ip=",
+        ]
+        try:
+            # The socket becomes the child's fd 3, the first systemd passes.
+            reactor.spawnProcess(
+                child, sys.executable, args, env=env, path=tempfile.gettempdir(), childFDs={0: "w", 1: "r", 2: "r", 3: sock.fileno()}
+            )
+        finally:
+            sock.close()  # from now on only the child holds it
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
+        for _ in range(200):
+            if b"listening on" in b"".join(child.output) or child.ended.called:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertIn(f"ssx-server listening on 127.0.0.1:{port}", child.text())
+        local, socks_port = support.start_local(port, method="aes-256-gcm")
+        self.addCleanup(local.stopService)
+        payload = os.urandom(1024 * 1024)
+        reply, received = await support.socks_transfer(socks_port, "127.0.0.1", echo.getHost().port, payload)
+        self.assertEqual(reply, 0, child.text())
+        self.assertEqual((len(received), support.sha256(received)), (len(payload), support.sha256(payload)))
+
+    def test_socket_activation(self):
+        """ssx-server adopts the inherited socket (LISTEN_FDS=1, fd 3) and relays 1 MiB each way intact through it."""
+        return defer.Deferred.fromCoroutine(self._activated())

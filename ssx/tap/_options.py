@@ -111,7 +111,11 @@ def check_endpoint(key: str, description: str, server: bool) -> None:
         # The systemd parser indexes the sockets it inherited.
         raise ConfigError(key, f"{description!r}: no socket at that index was passed by systemd") from None
     except Exception as e:  # the parsers raise ValueError, KeyError, TypeError, OSError...
-        raise ConfigError(key, f"bad endpoint description {description!r}: {e}") from None
+        hint = ""
+        if "trustRoots=" in description and type(e).__module__.startswith("OpenSSL"):
+            # Twisted loads every *.pem file in the directory as a certificate.
+            hint = " (every .pem file in the trustRoots directory must be a certificate: keep keys elsewhere)"
+        raise ConfigError(key, f"bad endpoint description {description!r}: {e}{hint}") from None
 
 
 def make_suite(method: str, password: str, key: bytes | None) -> CipherSuite:

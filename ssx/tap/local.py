@@ -55,7 +55,9 @@ class Options(SsxOptions):
         ["tunnel-address", "L", None, "make the listener a tunnel (port forward) to HOST:PORT through the "
          "server instead of SOCKS5, like ss-tunnel"],
         ["server-endpoint", None, None, "Twisted client endpoint to reach the server, instead of -s/-p, "
-         "e.g. tcp:host=198.51.100.7:port=8388 or tls:host=example.net:port=443"],
+         "e.g. tcp:host=198.51.100.7:port=8388, unix:path=/run/ssx.sock, or tls:host=example.net:port=443 "
+         "(certificate checked against the system's roots; add :trustRoots=DIR to trust only the certificates "
+         "in DIR, e.g. the server's own)"],
         ["plugin", None, None, "SIP003 plugin (a name on PATH or a path), e.g. obfs-local or v2ray-plugin: ssx "
          "sends TCP to it on a loopback port and it reaches -s/-p; UDP (-u) goes straight to -s/-p"],
         ["plugin-opts", None, None, "the plugin's options (SS_PLUGIN_OPTIONS), e.g. \"obfs=http;obfs-host=example.com\""],
