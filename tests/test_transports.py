@@ -14,7 +14,7 @@ import tempfile
 from typing import Any
 
 from cryptography import x509
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol, serverFromString
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
@@ -268,3 +268,45 @@ class UnixSocketTests(TransportTestCase):
     def test_unix_both_ends(self):
         """4 MiB each way arrive intact with SOCKS5 and the server both on Unix sockets."""
         return defer.Deferred.fromCoroutine(self._unix())
+
+    async def _unix_udp(self) -> None:
+        directory = self.directory()
+        socks_path = os.path.join(directory, "socks.sock")
+        self.start(
+            local_tap.build_service,
+            local_config({
+                "password": support.PASSWORD, "server": "127.0.0.1", "server_port": 1, "mode": "tcp_and_udp",
+                "listen": f"unix:{socks_path}",
+            }),
+        )
+        got: defer.Deferred = defer.Deferred()
+
+        class Associate(protocol.Protocol):
+            buffer = b""
+
+            def connectionMade(self):
+                self.transport.write(b"\x05\x01\x00")
+
+            def dataReceived(self, data):
+                self.buffer += data
+                if self.buffer == b"\x05\x00":
+                    self.transport.write(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+                elif len(self.buffer) >= 12 and not got.called:
+                    got.callback(self.buffer[2:])
+
+            def connectionLost(self, reason=None):
+                if not got.called:
+                    got.callback(self.buffer[2:])
+
+        client = await connectProtocol(UNIXClientEndpoint(reactor, socks_path), Associate())
+        self.addCleanup(client.transport.loseConnection)
+        timer = reactor.callLater(5, got.cancel)
+        reply = await got
+        timer.cancel()
+        self.assertEqual(reply[:2], bytes([5, socks5.REP_COMMAND_NOT_SUPPORTED]))
+        self.assertTrue(any("not an IP listener" in (e.get("log_format") or "") for e in self.events))
+        self.assert_no_tracebacks()
+
+    def test_no_udp_beside_unix_listener(self):
+        """With -u, a SOCKS5 listener on a Unix socket has no UDP relay: UDP ASSOCIATE gets reply 7, not a crash."""
+        return defer.Deferred.fromCoroutine(self._unix_udp())
