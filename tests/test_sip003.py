@@ -70,7 +70,7 @@ class ParseTests(unittest.SynchronousTestCase):
     @settings(max_examples=300)
     @given(st.text(max_size=60))
     def test_never_crashes(self, text):
-        """Any text either parses, and then formats back to an equivalent string, or raises PluginOptionsError."""
+        """Any text either raises PluginOptionsError or parses to options that format to a string parsing the same."""
         try:
             options = parse_plugin_options(text)
         except PluginOptionsError:
