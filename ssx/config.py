@@ -23,11 +23,13 @@ from ssx.forbidden import ForbiddenNetworks, parse_forbidden
 from ssx.http_message import HttpError, absolute_target
 from ssx.resolver import parse_nameservers
 from ssx.server_entry import ServerEntry, entry_from_url, server_entry
+from ssx.sip003 import Plugin, PluginOptionsError, parse_plugin_options
 
 __all__ = [
     "DEFAULT_CHECK_URL",
     "DEFAULT_METHOD",
     "HealthCheck",
+    "PLUGIN_BACKEND_LISTEN",
     "LocalConfig",
     "OnlineConfig",
     "config_entries",
@@ -55,10 +57,12 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_CHECK_URL = "http://www.gstatic.com/generate_204"
 DEFAULT_CHECK_INTERVAL = 60.0
 DEFAULT_ONLINE_INTERVAL = 3600.0
+# Where ssx listens behind a server-side plugin: a loopback port the OS picks.
+PLUGIN_BACKEND_LISTEN = "tcp:0:interface=127.0.0.1"
 
 _COMMON_KEYS = {
     "server", "server_port", "password", "key", "method", "timeout", "listen", "mode", "plugin", "plugin_opts",
-    "udp_timeout", "udp_max_associations", "handshake_timeout", "max_connections", "shutdown_grace",
+    "plugin_args", "udp_timeout", "udp_max_associations", "handshake_timeout", "max_connections", "shutdown_grace",
 }
 SERVER_KEYS = _COMMON_KEYS | {
     "nameserver", "forbidden_ip", "hosts_file", "resolv_conf", "prefer_ipv6", "users", "replay_history",
@@ -149,6 +153,9 @@ class ServerConfig:
     users: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # Salts remembered against replays (stream and AEAD-2017); 0 = off.
     replay_history: int = DEFAULT_REPLAY_HISTORY
+    # With a plugin, `listen` is ssx's loopback port behind it, and the
+    # plugin listens on hosts:port.
+    plugin: Plugin | None = None
     ignored: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -170,6 +177,8 @@ class LocalConfig:
     limits: Limits
     # The main listener offers SOCKS5, unless -L/tunnel_address makes it a tunnel.
     tunnels: tuple[Tunnel, ...] = ()
+    # With a plugin, TCP goes to the plugin's loopback port; it reaches server:server_port.
+    plugin: Plugin | None = None
     ignored: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     # Every server known at start, in order: -s/-p (or each of a "server"
@@ -208,15 +217,24 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
     hosts = _hosts(values.get("server", "0.0.0.0"))
     port = _port(values, "server_port", DEFAULT_SERVER_PORT, allow_zero=True)
     listen = _listen(values)
-    if not listen:
-        listen = tuple(_tcp_listen(host, port) for host in hosts)
-    warnings = _common_warnings(values)
     relays = _relays(values, method)
     # Keys are checked now (decoded, lengths, user table), so a bad one
     # stops start-up naming its key.
     make_suite(method, password, key=key, users=dict(users))
     if not relays.tcp and values.get("listen") is not None:
         raise ConfigError("listen", "endpoint descriptions are for TCP; in udp_only mode use server and server_port")
+    plugin, warnings = _plugin(values, relays)
+    if plugin is not None:
+        if listen:
+            raise ConfigError(
+                "listen", "with a plugin, the plugin listens on server:server_port and ssx behind it on loopback; "
+                "drop --listen"
+            )
+        if port == 0:
+            raise ConfigError("server_port", "a plugin needs a fixed port to listen on, not 0")
+        listen = (PLUGIN_BACKEND_LISTEN,)
+    elif not listen:
+        listen = tuple(_tcp_listen(host, port) for host in hosts)
     return ServerConfig(
         listen=listen,
         method=method,
@@ -236,6 +254,7 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         hosts=hosts,
         users=users,
         replay_history=_count(values, "replay_history", DEFAULT_REPLAY_HISTORY, minimum=0),
+        plugin=plugin,
         ignored=tuple(sorted(set(values) - SERVER_KEYS)),
         warnings=warnings,
     )
@@ -281,6 +300,22 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
             "server", "the UDP relay needs the first server's address (-s HOST, a servers list or --url), "
             "not only --server-endpoint or --online-config"
         )
+    plugin, warnings = _plugin(values, relays)
+    named = [entry for entry in servers if entry.plugin]
+    if plugin is None and named and relays.tcp:
+        # A single server's URL or entry may name the plugin (SIP002 ?plugin=).
+        plugin, more = _plugin({"plugin": named[0].plugin, "plugin_opts": named[0].plugin_opts or None}, relays)
+        warnings += more
+    if plugin is not None:
+        if endpoint is not None:
+            raise ConfigError(
+                "plugin", "a plugin connects to the server itself: give the server with -s/-p, not --server-endpoint"
+            )
+        if len(servers) != 1 or online is not None:
+            raise ConfigError(
+                "plugin", "a plugin works with one server (-s/-p or one URL); plugins per server in a servers "
+                "list, or with an online config, are not supported yet"
+            )
     tunnels = []
     if values.get("tunnel_address"):
         target = _target(values["tunnel_address"], "tunnel_address")
@@ -321,8 +356,9 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         relays=relays,
         limits=_limits(values),
         tunnels=tuple(tunnels),
+        plugin=plugin,
         ignored=tuple(sorted(set(values) - LOCAL_KEYS)),
-        warnings=_common_warnings(values),
+        warnings=warnings,
         servers=tuple(servers),
         online=online,
         health_check=_health_check(values),
@@ -370,9 +406,6 @@ def _server_list(values: Mapping[str, Any]) -> list[ServerEntry]:
     if not isinstance(items, list):
         raise ConfigError(key, "expected a list of server objects")
     entries = [server_entry(item, f"{key}[{i}]") for i, item in enumerate(items)]
-    for i, entry in enumerate(entries):
-        if entry is not None and entry.plugin:
-            raise ConfigError(f"{key}[{i}].plugin", "SIP003 plugins are not supported yet")
     return [e for e in entries if e is not None]
 
 
@@ -384,10 +417,7 @@ def _urls(values: Mapping[str, Any]) -> list[ServerEntry]:
         items = [items]
     if not isinstance(items, list):
         raise ConfigError("url", "expected an ss:// URL or a list of them")
-    entries = [entry_from_url(item) for item in items]
-    if any(entry.plugin for entry in entries):
-        raise ConfigError("url", "the URL names a SIP003 plugin; plugins are not supported yet")
-    return entries
+    return [entry_from_url(item) for item in items]
 
 
 def _online_config(values: Mapping[str, Any]) -> OnlineConfig | None:
@@ -550,11 +580,29 @@ def _tcp_listen(host: str, port: int) -> str:
     return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
 
 
-def _common_warnings(values: Mapping[str, Any]) -> tuple[str, ...]:
-    plugin = values.get("plugin")
-    if plugin:
-        raise ConfigError("plugin", "SIP003 plugins are not supported yet")
-    return ()
+def _plugin(values: Mapping[str, Any], relays: UdpSettings) -> tuple[Plugin | None, tuple[str, ...]]:
+    """The SIP003 plugin, if one is set (libev configs often carry "plugin": ""), and warnings."""
+    name = values.get("plugin")
+    options = values.get("plugin_opts")
+    args = values.get("plugin_args")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError("plugin", "expected the plugin's executable: a name on PATH or a path")
+    if options is not None:
+        if not isinstance(options, str):
+            raise ConfigError("plugin_opts", "expected a string such as obfs=http;obfs-host=example.com")
+        try:
+            parse_plugin_options(options)
+        except PluginOptionsError as e:
+            raise ConfigError("plugin_opts", f"not a SIP003 option string: {e}") from None
+    if args is not None and (not isinstance(args, list) or not all(isinstance(a, str) for a in args)):
+        raise ConfigError("plugin_args", "expected a list of strings (extra command-line arguments)")
+    if not name:
+        if options or args:
+            return None, ("plugin_opts/plugin_args set without plugin: ignored",)
+        return None, ()
+    if not relays.tcp:
+        return None, (f"plugin {name} not started: plugins carry TCP, and mode is udp_only",)
+    return Plugin(name, options or "", tuple(args or ())), ()
 
 
 def _relays(values: Mapping[str, Any], method: str) -> UdpSettings:

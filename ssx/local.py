@@ -291,10 +291,16 @@ class Socks5LocalFactory(LocalFactory):
         LocalFactory.__init__(self, reactor, servers, timeout, **limits)
         self.credentials = credentials
         self.udp_relay = udp_relay
-        commands = {socks5.CMD_CONNECT} if tcp else set()
-        if udp_relay is not None:
+        self.tcp = tcp
+
+    @property
+    def commands(self) -> frozenset[int]:
+        """The SOCKS5 commands offered to the next application."""
+        commands = {socks5.CMD_CONNECT} if self.tcp else set()
+        # A relay with no port (none beside a Unix-socket listener) cannot associate.
+        if self.udp_relay is not None and self.udp_relay.transport is not None:
             commands.add(socks5.CMD_UDP_ASSOCIATE)
-        self.commands = frozenset(commands)
+        return frozenset(commands)
 
     def buildProtocol(self, addr: Any) -> "Socks5LocalProtocol":
         return Socks5LocalProtocol(self)

@@ -15,7 +15,14 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport, IStreamClientEndpoint, ITCPTransport
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    ISSLTransport,
+    IStreamClientEndpoint,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -69,8 +76,15 @@ class _OneConnection(Factory):
 
 
 def connect_protocol(endpoint: IStreamClientEndpoint, protocol: Protocol) -> Deferred:
-    """Connect `protocol` through `endpoint`; fires with it once connected."""
-    return endpoint.connect(_OneConnection(protocol))
+    """
+    Connect `protocol` through `endpoint`; fires with it once connected
+    (for an `OutboundProtocol`: once ready, so over TLS after the handshake,
+    and with the connection's failure if it ends before that).
+    """
+    d = endpoint.connect(_OneConnection(protocol))
+    if isinstance(protocol, OutboundProtocol):
+        d.addCallback(lambda connected: connected.ready)
+    return d
 
 
 @implementer(IHalfCloseableProtocol)
@@ -183,21 +197,47 @@ class RelayProtocol(Protocol):
                 peer._linger_call = peer.clock.callLater(peer.linger, peer._abort)
 
 
+@implementer(IHandshakeListener)
 class OutboundProtocol(RelayProtocol):
     """
     The connection a relay opens: to the target on the server end, to the
-    server on the local end.  It reports its connection to `on_connected`
-    and from then on only relays.
+    server on the local end.  It reports itself to `on_connected` once
+    ready, and from then on only relays.
+
+    Ready means connected, or over TLS, handshaken: a server whose
+    certificate does not verify is then a failed connection (`ready`
+    errbacks) rather than a relay that opens and dies at once.
     """
 
     def __init__(self, on_connected: Callable[["OutboundProtocol"], None]) -> None:
         self._on_connected: Callable[["OutboundProtocol"], None] | None = on_connected
+        self.ready: Deferred = Deferred(self._cancel)
 
     def connectionMade(self) -> None:
         set_no_delay(self.transport)
+        if not ISSLTransport.providedBy(self.transport):
+            self._ready()
+
+    def handshakeCompleted(self) -> None:
+        self._ready()
+
+    def _ready(self) -> None:
         callback, self._on_connected = self._on_connected, None
         if callback is not None:
             callback(self)
+        if not self.ready.called:
+            self.ready.callback(self)
+
+    def _cancel(self, ready: Deferred) -> None:
+        self._on_connected = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._on_connected = None
+        if not self.ready.called:
+            self.ready.errback(reason if reason is not None else Failure(ConnectionDone()))
+        RelayProtocol.connectionLost(self, reason)
 
     def dataReceived(self, data: bytes) -> None:
         self.relayReceived(data)

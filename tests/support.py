@@ -20,6 +20,7 @@ from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from ssx.config import local_config, server_config
+from ssx.listener import ListenerService
 from ssx.tap import local as local_tap, server as server_tap
 
 PASSWORD = "correct horse battery staple"
@@ -71,8 +72,10 @@ def start_server(**values: Any) -> Any:
     values.setdefault("listen", "tcp:0:interface=127.0.0.1")
     service = server_tap.build_service(reactor, server_config(values))
     service.startService()
-    port = service.services[0].port.getHost().port
-    return service, port
+    if service.plugin is not None:
+        # Clients reach the plugin, on the public port.
+        return service, service.plugin.remote[1]
+    return service, first_listener(service).port.getHost().port
 
 
 def start_local(server_port: int, **values: Any) -> Any:
@@ -83,8 +86,12 @@ def start_local(server_port: int, **values: Any) -> Any:
     values.setdefault("listen", "tcp:0:interface=127.0.0.1")
     service = local_tap.build_service(reactor, local_config(values))
     service.startService()
-    port = service.services[0].port.getHost().port
-    return service, port
+    return service, first_listener(service).port.getHost().port
+
+
+def first_listener(service: Any) -> ListenerService:
+    """The first TCP listener in a service tree."""
+    return next(child for child in service if isinstance(child, ListenerService))
 
 
 def drained(*services: Any, seconds: float = 5.0) -> defer.Deferred:

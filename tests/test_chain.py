@@ -40,6 +40,7 @@ class ChainTestCase(unittest.TestCase):
         self.server_service, self.local_service = server, local
         return local_port
 
+
     async def echo_through(self, socks_port: int, size: int, host: str = "127.0.0.1", port: int | None = None) -> None:
         payload = os.urandom(size)
         reply, received = await support.socks_transfer(socks_port, host, port or self.echo.getHost().port, payload)

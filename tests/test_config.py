@@ -10,6 +10,7 @@ from twisted.trial import unittest
 
 from ssx.config import local_config, merge, read_config_file, server_config
 from ssx.errors import ConfigError
+from ssx.sip003 import Plugin
 from ssx.tap import local as local_tap, server as server_tap
 
 
@@ -68,7 +69,12 @@ class ServerConfigTests(unittest.SynchronousTestCase):
             ({"forbidden_ip": "10.0.0.0/33"}, "forbidden_ip"),
             ({"nameserver": "dns.google"}, "nameserver"),
             ({"mode": "both"}, "mode"),
-            ({"plugin": "obfs-server"}, "plugin"),
+            ({"plugin": 5}, "plugin"),
+            ({"plugin": "obfs-server", "plugin_opts": "obfs=http;;"}, "plugin_opts"),
+            ({"plugin": "obfs-server", "plugin_opts": "obfs=http\\"}, "plugin_opts"),
+            ({"plugin": "obfs-server", "plugin_args": "-v"}, "plugin_args"),
+            ({"plugin": "obfs-server", "listen": "tcp:8388"}, "listen"),
+            ({"plugin": "obfs-server", "server_port": 0}, "server_port"),
             ({"listen": []}, "listen"),
             ({"prefer_ipv6": "yes"}, "prefer_ipv6"),
         ]
@@ -88,6 +94,62 @@ class ServerConfigTests(unittest.SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 server_config(values)
             self.assertEqual(caught.exception.key, key)
+
+
+class PluginConfigTests(unittest.SynchronousTestCase):
+    """plugin, plugin_opts and plugin_args on both ends."""
+
+    def test_server_plugin(self):
+        """With a plugin, ssx listens on a loopback port the OS picks; the plugin gets server:server_port."""
+        config = server_config({
+            "server": "0.0.0.0", "server_port": "8443", "plugin": "obfs-server", "plugin_opts": "obfs=http",
+            "plugin_args": ["-v"],
+        })
+        self.assertEqual(config.plugin, Plugin("obfs-server", "obfs=http", ("-v",)))
+        self.assertEqual(config.listen, ("tcp:0:interface=127.0.0.1",))
+        self.assertEqual((config.hosts, config.port), (("0.0.0.0",), 8443))
+
+    def test_local_plugin(self):
+        """The local end keeps -s/-p for the plugin (and UDP); a plugin with --server-endpoint is refused."""
+        config = local_config({"server": "192.0.2.1", "password": "pw", "plugin": "v2ray-plugin"})
+        self.assertEqual(config.plugin, Plugin("v2ray-plugin"))
+        self.assertEqual((config.server, config.server_port), ("192.0.2.1", 8388))
+        with self.assertRaises(ConfigError) as caught:
+            local_config({"server_endpoint": "tcp:host=192.0.2.1:port=1", "password": "pw", "plugin": "obfs-local"})
+        self.assertEqual(caught.exception.key, "plugin")
+
+    def test_empty_plugin_is_none(self):
+        """"plugin": "" (common in libev files) means no plugin; stray options only warn."""
+        self.assertIsNone(server_config({"plugin": ""}).plugin)
+        config = server_config({"plugin_opts": "obfs=http"})
+        self.assertIsNone(config.plugin)
+        self.assertEqual(len(config.warnings), 1)
+
+    def test_udp_only_leaves_plugin_out(self):
+        """In udp_only mode a plugin (TCP only) is not started, with a warning."""
+        config = local_config({"server": "192.0.2.1", "password": "pw", "plugin": "obfs-local", "mode": "udp_only"})
+        self.assertIsNone(config.plugin)
+        self.assertIn("udp_only", config.warnings[0])
+
+    def test_flags(self):
+        """--plugin and --plugin-opts override the file's plugin and plugin_opts."""
+        path = write_config(self, {"plugin": "obfs-local", "plugin_opts": "obfs=tls", "plugin_args": ["-v"]})
+        options = local_tap.Options()
+        options.parseOptions(["-c", path, "-s", "192.0.2.1", "-k", "pw", "--plugin", "true", "--plugin-opts", "obfs=http"])
+        self.assertEqual(options.config.plugin, Plugin("true", "obfs=http", ("-v",)))
+
+    def test_missing_plugin_one_line(self):
+        """A plugin that is not on PATH stops start-up with one line naming plugin."""
+        for options, argv in (
+            (server_tap.Options(), ["--plugin", "no-such-plugin-ssx"]),
+            (local_tap.Options(), ["-s", "192.0.2.1", "-k", "pw", "--plugin", "/nonexistent/obfs-local"]),
+        ):
+            with self.assertRaises(SystemExit) as caught:
+                options.parseOptions(argv)
+            message = str(caught.exception.code)
+            self.assertNotIn("\n", message)
+            self.assertIn("bad configuration: plugin: ", message)
+            self.assertIn("not found", message)
 
 
 class LocalConfigTests(unittest.SynchronousTestCase):
@@ -267,10 +329,12 @@ class ServerListTests(unittest.SynchronousTestCase):
             ({"servers": [{"server": "h", "server_port": 70000, "password": "p", "method": "aes-128-gcm"}]}, "servers[0].server_port"),
             ({"servers": [{"server_port": 1, "password": "p", "method": "aes-128-gcm"}]}, "servers[0].server"),
             ({"servers": [{"server": "h", "server_port": 1, "method": "aes-128-gcm"}]}, "servers[0].password"),
-            ({"servers": [{"server": "h", "server_port": 1, "password": "p", "method": "aes-128-gcm", "plugin": "x"}]}, "servers[0].plugin"),
+            # A plugin works with one server; per-server plugins in a list are refused.
+            ({"servers": [{"server": "h", "server_port": 1, "password": "p", "method": "aes-128-gcm", "plugin": "x"},
+                          {"server": "i", "server_port": 1, "password": "p", "method": "aes-128-gcm"}]}, "plugin"),
             ({"servers": {"server": "h"}}, "servers"),
             ({"url": "ss://nonsense"}, "url"),
-            ({"url": ["ss://YWVzLTEyOC1nY206dGVzdA@h:1/?plugin=obfs-local"]}, "url"),
+            ({"url": ["ss://YWVzLTEyOC1nY206dGVzdA@h:1/?plugin=obfs-local", "ss://YWVzLTEyOC1nY206dGVzdA@i:1"]}, "plugin"),
             ({"url": "ss://" + "cm90MTM6eA" + "@h:1"}, "url"),  # rot13:x
             ({"url": "ss://YWVzLTEyOC1nY206dGVzdA@h:1", "mode": "tcp_and_udp", "servers": []}, None),
             ({"online_config": "https://example.org/x", "mode": "tcp_and_udp"}, "server"),
@@ -281,6 +345,7 @@ class ServerListTests(unittest.SynchronousTestCase):
             if key is None:
                 local_config(values)
                 continue
+            values = {**values}
             with self.assertRaises(ConfigError, msg=str(values)) as caught:
                 local_config(values)
             self.assertEqual(caught.exception.key, key, values)
@@ -293,3 +358,12 @@ class ServerListTests(unittest.SynchronousTestCase):
         self.assertEqual((check.interval, check.target.host, check.target.port), (5.0, "::1", 8080))
         self.assertTrue(check.request.startswith(b"GET /ok?x=1 HTTP/1.1\r\nHost: [::1]:8080\r\n"))
         self.assertTrue(check.request.endswith(b"\r\n\r\n"))
+
+
+class SingleServerPluginTests(unittest.SynchronousTestCase):
+    """A lone server's URL or entry may name its plugin (SIP002 ?plugin=)."""
+
+    def test_url_plugin_used(self):
+        """The plugin and options of a single --url become the local end's plugin."""
+        config = local_config({"url": "ss://YWVzLTEyOC1nY206dGVzdA@h:1/?plugin=obfs-local%3Bobfs%3Dhttp"})
+        self.assertEqual((config.plugin.name, config.plugin.options), ("obfs-local", "obfs=http"))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import os
 import re
+import shutil
+import socket
 import sys
 import tempfile
 
@@ -56,8 +58,12 @@ class TwistdHelpTests(unittest.TestCase):
         # usage.Options wraps long words at their hyphens.
         out = re.sub(rb"-\n\s+", b"-", out)
         for word in (b"--server-endpoint", b"--socks-user", b"--local-port", b"chacha20-ietf-poly1305", b"--url",
-                     b"--health-check-interval", b"SOCKS4/4a and HTTP"):
+                     b"--health-check-interval", b"SOCKS4/4a and HTTP", b"trustRoots"):
             self.assertIn(word, out)
+        for command in ("ssx-server", "ssx-local"):
+            out, err, code = yield run_twistd(command, "--help")
+            for word in (b"--plugin=", b"--plugin-opts=", b"UDP"):
+                self.assertIn(word, out, command)
 
     @defer.inlineCallbacks
     def test_bad_method_one_line(self):
@@ -76,6 +82,40 @@ class TwistdHelpTests(unittest.TestCase):
         lines = (out + err).decode().strip().splitlines()
         self.assertEqual(len(lines), 1, lines)
         self.assertIn("server: required", lines[0])
+
+
+    @defer.inlineCallbacks
+    def test_missing_plugin_one_line(self):
+        """A --plugin that is not installed stops start-up with one line naming plugin."""
+        out, err, code = yield run_twistd("-n", "--pidfile=", "ssx-server", "--plugin", "no-such-plugin-ssx")
+        self.assertNotEqual(code, 0)
+        lines = (out + err).decode().strip().splitlines()
+        self.assertEqual(
+            lines, ["ssx-server: bad configuration: plugin: 'no-such-plugin-ssx' not found: no executable of that name on PATH"]
+        )
+
+    @defer.inlineCallbacks
+    def test_plugin_exits_at_once(self):
+        """A plugin that exits at start-up stops twistd with a non-zero status and one line saying why, no traceback."""
+        directory = tempfile.mkdtemp(prefix="ssx-")
+        self.addCleanup(shutil.rmtree, directory)
+        plugin = os.path.join(directory, "broken-obfs")
+        with open(plugin, "w") as f:
+            f.write("#!/bin/sh\necho 'fatal: unknown obfs mode' >&2\nexit 3\n")
+        os.chmod(plugin, 0o755)
+        out, err, code = yield run_twistd(
+            "-n", "--pidfile=", "ssx-local", "-s", "127.0.0.1", "-k", "pw", "-l", "0", "--plugin", plugin,
+        )
+        text = (out + err).decode()
+        self.assertNotEqual(code, 0, text)
+        self.assertNotIn("Traceback", text)
+        reasons = [line for line in text.splitlines() if "exited (exit code 3)" in line]
+        self.assertEqual(len(reasons), 1, text)
+        self.assertRegex(
+            reasons[0],
+            rf"ssx-local: plugin {re.escape(plugin)} exited \(exit code 3\) before it listened on 127\.0\.0\.1:\d+; "
+            r"it said: fatal: unknown obfs mode$",
+        )
 
 
 class TwistdChainTests(unittest.TestCase):
@@ -171,3 +211,51 @@ class TwistdChainTests(unittest.TestCase):
         self.assertNotEqual(code, 0)
         lines = (out + err).decode().strip().splitlines()
         self.assertEqual(lines, ["ssx-local: bad configuration: url: the ss:// URL has no port"])
+
+# Sets what systemd sets for an activated service, in the process that then
+# becomes twistd (LISTEN_PID must be the pid of the process that reads it).
+SYSTEMD_WRAPPER = (
+    "import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
+class SystemdActivationTests(unittest.TestCase):
+    """ssx-server with --listen systemd:..., given its listening socket as systemd does."""
+
+    async def _activated(self) -> None:
+        echo = support.listen_echo()
+        self.addCleanup(echo.stopListening)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        port = sock.getsockname()[1]
+        env = dict(twistd_env(), LISTEN_FDS="1", LISTEN_FDNAMES="ssx")
+        child = support.ChildProcess()
+        args = [
+            sys.executable, "-c", SYSTEMD_WRAPPER, *TWISTD, "-n", "--pidfile=", "ssx-server",
+            "--listen", "systemd:domain=INET:index=0", "-k", support.PASSWORD, "-m", "aes-256-gcm", "--forbidden-ip=",
+        ]
+        try:
+            # The socket becomes the child's fd 3, the first systemd passes.
+            reactor.spawnProcess(
+                child, sys.executable, args, env=env, path=tempfile.gettempdir(), childFDs={0: "w", 1: "r", 2: "r", 3: sock.fileno()}
+            )
+        finally:
+            sock.close()  # from now on only the child holds it
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
+        for _ in range(200):
+            if b"listening on" in b"".join(child.output) or child.ended.called:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertIn(f"ssx-server listening on 127.0.0.1:{port}", child.text())
+        local, socks_port = support.start_local(port, method="aes-256-gcm")
+        self.addCleanup(local.stopService)
+        payload = os.urandom(1024 * 1024)
+        reply, received = await support.socks_transfer(socks_port, "127.0.0.1", echo.getHost().port, payload)
+        self.assertEqual(reply, 0, child.text())
+        self.assertEqual((len(received), support.sha256(received)), (len(payload), support.sha256(payload)))
+
+    def test_socket_activation(self):
+        """ssx-server adopts the inherited socket (LISTEN_FDS=1, fd 3) and relays 1 MiB each way intact through it."""
+        return defer.Deferred.fromCoroutine(self._activated())

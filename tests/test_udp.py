@@ -170,18 +170,30 @@ class TunnelTests(UdpChainTestCase):
     async def _dns(self) -> None:
         zone = Zone()
         factory = dns_server.DNSServerFactory(authorities=[zone])
-        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+        # TCP and UDP on one port number: retry if the number is taken for TCP.
+        from twisted.internet.error import CannotListenError
+
+        for _ in range(10):
+            udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+            try:
+                tcp = reactor.listenTCP(udp.getHost().port, factory, interface="127.0.0.1")
+            except CannotListenError:
+                await udp.stopListening()
+                continue
+            break
         self.addCleanup(udp.stopListening)
-        tcp = reactor.listenTCP(udp.getHost().port, factory, interface="127.0.0.1")
         self.addCleanup(tcp.stopListening)
         dns_port = udp.getHost().port
-        tunnel_port = support.free_port()
         server, server_port = support.start_server(method=self.method, mode="tcp_and_udp")
         self.addCleanup(server.stopService)
+        # Port 0: the tunnel binds a free port (TCP, and UDP beside it on the same number).
         local, _ = support.start_local(
-            server_port, method=self.method, mode="tcp_and_udp", tunnels=[f"127.0.0.1:{tunnel_port}={'127.0.0.1'}:{dns_port}"]
+            server_port, method=self.method, mode="tcp_and_udp", tunnels=[f"127.0.0.1:0=127.0.0.1:{dns_port}"]
         )
         self.addCleanup(local.stopService)
+        from ssx.local import TunnelFactory
+
+        [tunnel_port] = [s.port.getHost().port for s in local if isinstance(getattr(s, "factory", None), TunnelFactory)]
         resolver = dns_client.Resolver(servers=[("127.0.0.1", tunnel_port)], reactor=reactor)
         # Over UDP, as dig would ask.
         answers, _, _ = await resolver.lookupAddress("www.ssx.test", timeout=[2])

@@ -15,6 +15,7 @@ from ssx.config import merge, read_config_file
 from ssx import crypto
 from ssx.crypto import METHODS, lookup_method
 from ssx.errors import ConfigError
+from ssx.plugin import find_plugin
 
 __all__ = ["SsxOptions", "check_endpoint", "log_config_notes", "make_suite", "method_help"]
 
@@ -51,6 +52,7 @@ class SsxOptions(usage.Options):
         ["tcp-and-udp", "u", "relay UDP as well as TCP (mode tcp_and_udp)"],
         ["udp-only", "U", "relay UDP only (mode udp_only)"],
     ]
+    # Each command declares --plugin and --plugin-opts itself, with its side's help.
     common_keys: Mapping[str, str] = {
         "server": "server",
         "server-port": "server_port",
@@ -63,6 +65,8 @@ class SsxOptions(usage.Options):
         "shutdown-grace": "shutdown_grace",
         "udp-timeout": "udp_timeout",
         "udp-max-associations": "udp_max_associations",
+        "plugin": "plugin",
+        "plugin-opts": "plugin_opts",
     }
     flag_keys: Mapping[str, str] = {}
     build: Callable[[Mapping[str, Any]], Any]
@@ -104,6 +108,8 @@ class SsxOptions(usage.Options):
     def check(self, config: Any) -> None:
         for description in config.listen:
             check_endpoint("listen", description, server=True)
+        if config.plugin is not None:
+            find_plugin(config.plugin.name)
 
 
 def check_endpoint(key: str, description: str, server: bool) -> None:
@@ -115,7 +121,11 @@ def check_endpoint(key: str, description: str, server: bool) -> None:
         # The systemd parser indexes the sockets it inherited.
         raise ConfigError(key, f"{description!r}: no socket at that index was passed by systemd") from None
     except Exception as e:  # the parsers raise ValueError, KeyError, TypeError, OSError...
-        raise ConfigError(key, f"bad endpoint description {description!r}: {e}") from None
+        hint = ""
+        if "trustRoots=" in description and type(e).__module__.startswith("OpenSSL"):
+            # Twisted loads every *.pem file in the directory as a certificate.
+            hint = " (every .pem file in the trustRoots directory must be a certificate: keep keys elsewhere)"
+        raise ConfigError(key, f"bad endpoint description {description!r}: {e}{hint}") from None
 
 
 def make_suite(reactor: Any, method: str, password: str, key: bytes | None, users: Any = ()) -> Any:

@@ -29,6 +29,7 @@ from ssx.local_mixed import MixedLocalFactory
 from ssx.local_udp import Socks5UdpRelay, TunnelUdpRelay
 from ssx.online import OnlineConfigService, describe_url, load_trust_root
 from ssx.picker import ServerPicker, Upstream
+from ssx.plugin import PluginService
 from ssx.relay import connect_protocol
 from ssx.server_entry import ServerEntry
 from ssx.tap._options import SsxOptions, check_endpoint, log_config_notes, make_suite
@@ -65,7 +66,9 @@ class Options(SsxOptions):
         ["tunnel-address", "L", None, "make the listener a tunnel (port forward) to HOST:PORT through the "
          "server instead of a proxy, like ss-tunnel"],
         ["server-endpoint", None, None, "Twisted client endpoint to reach the server, instead of -s/-p, "
-         "e.g. tcp:host=198.51.100.7:port=8388 or tls:host=example.net:port=443"],
+         "e.g. tcp:host=198.51.100.7:port=8388, unix:path=/run/ssx.sock, or tls:host=example.net:port=443 "
+         "(certificate checked against the system's roots; add :trustRoots=DIR to trust only the certificates "
+         "in DIR, e.g. the server's own)"],
         ["online-config", None, None, "https:// URL of a SIP008 server list, fetched at start and then "
          "every --online-config-interval seconds"],
         ["online-config-interval", None, None, "seconds between fetches of the online config [default: 3600]"],
@@ -75,6 +78,9 @@ class Options(SsxOptions):
          "several; 0 turns them off [default: 60]"],
         ["health-check-url", None, None, "http:// URL fetched through each server to check it and measure its "
          "latency [default: http://www.gstatic.com/generate_204]"],
+        ["plugin", None, None, "SIP003 plugin (a name on PATH or a path), e.g. obfs-local or v2ray-plugin: ssx "
+         "sends TCP to it on a loopback port and it reaches -s/-p; UDP (-u) goes straight to -s/-p"],
+        ["plugin-opts", None, None, "the plugin's options (SS_PLUGIN_OPTIONS), e.g. \"obfs=http;obfs-host=example.com\""],
     ]
     flag_keys = {
         "local-address": "local_address",
@@ -124,7 +130,7 @@ class Options(SsxOptions):
 
 
 def server_endpoint(reactor: Any, entry: ServerEntry) -> IStreamClientEndpoint:
-    """How the local end reaches one server."""
+    """How the local end reaches one server (without a plugin)."""
     if entry.endpoint is not None:
         return clientFromString(reactor, entry.endpoint)
     try:
@@ -136,19 +142,40 @@ def server_endpoint(reactor: Any, entry: ServerEntry) -> IStreamClientEndpoint:
     return endpoint_type(reactor, entry.host, entry.port, timeout=CONNECT_TIMEOUT)
 
 
-def make_upstream(reactor: Any, entry: ServerEntry) -> Upstream:
-    """A server ready for connections: its keys derived once, its endpoint built."""
+def make_upstream(reactor: Any, entry: ServerEntry, plugin: PluginService | None = None) -> Upstream:
+    """
+    A server ready for connections: its keys derived once, its endpoint
+    built; with a plugin, TCP goes to the plugin's loopback port instead
+    (the plugin picks it when it starts, so it is looked up per connection).
+    """
     suite = make_suite(reactor, entry.method, entry.password, entry.key)
-    endpoint = server_endpoint(reactor, entry)
-    connect: Callable[[Protocol], Deferred] = lambda protocol: connect_protocol(endpoint, protocol)
+    connect: Callable[[Protocol], Deferred]
+    if plugin is None:
+        endpoint = server_endpoint(reactor, entry)
+        connect = lambda protocol: connect_protocol(endpoint, protocol)  # noqa: E731
+    else:
+
+        def connect(protocol: Protocol) -> Deferred:
+            assert plugin.local_address is not None
+            host, port = plugin.local_address
+            return connect_protocol(TCP4ClientEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT), protocol)
+
     return Upstream(entry, suite, connect)
 
 
 def build_service(reactor: Any, config: LocalConfig) -> MultiService:
     """The local end's service tree for `config`."""
-    picker = ServerPicker([make_upstream(reactor, entry) for entry in config.servers])
-    relays = config.relays
     top = MultiService()
+    top.plugin = None  # type: ignore[attr-defined]
+    if config.plugin is not None:
+        # First in the tree: started (and listening) before any listener's
+        # connection can want it.  UDP does not go through it.  (Config
+        # allows a plugin only with one server.)
+        entry = config.servers[0]
+        top.plugin = PluginService(reactor, config.plugin, "ssx-local", (entry.host, entry.port))  # type: ignore[attr-defined]
+        top.plugin.setServiceParent(top)  # type: ignore[attr-defined]
+    picker = ServerPicker([make_upstream(reactor, entry, top.plugin) for entry in config.servers])  # type: ignore[attr-defined]
+    relays = config.relays
     top.picker = picker  # type: ignore[attr-defined]
     top.factories = []  # type: ignore[attr-defined]
     top.udp_relays = []  # type: ignore[attr-defined]
@@ -206,6 +233,8 @@ def build_service(reactor: Any, config: LocalConfig) -> MultiService:
             trust_root,
         )
         top.online.setServiceParent(top)  # type: ignore[attr-defined]
+    if config.plugin is not None:
+        _log.info("ssx-local: TCP to the server goes through plugin {name}", name=config.plugin.name)
     methods = sorted({entry.method for entry in config.servers}) or [config.method]
     for i, method in enumerate(methods):
         log_config_notes("ssx-local", method, config.warnings if i == 0 else (), config.ignored if i == 0 else ())

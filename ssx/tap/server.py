@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from ssx.config import ServerConfig, server_config
 from ssx.listener import DatagramListenerService, DrainService, serve
 from ssx.replay import SaltFilter
+from ssx.plugin import PluginService
 from ssx.resolver import TargetResolver
 from ssx.server import ShadowsocksServerFactory
 from ssx.server_udp import ShadowsocksUdpRelay, udp_relay_for
@@ -46,6 +47,10 @@ class Options(SsxOptions):
         ["resolv-conf", None, None, "resolv.conf to take DNS servers from [default: /etc/resolv.conf]"],
         ["replay-history", None, None, "salts remembered to refuse replayed connections and datagrams "
          "(stream and AEAD-2017 methods; 0 turns it off) [default: 1000000]"],
+        ["plugin", None, None, "SIP003 plugin (a name on PATH or a path), e.g. obfs-server or v2ray-plugin: it "
+         "listens on -s/-p, ssx behind it on a loopback port; UDP (-u) stays on -s/-p, outside the plugin"],
+        ["plugin-opts", None, None, "the plugin's options (SS_PLUGIN_OPTIONS), e.g. \"obfs=http\" or "
+         "\"server;host=example.com\""],
     ]
     optFlags = [["prefer-ipv6", "6", "try AAAA records before A records"]]
     flag_keys = {
@@ -93,10 +98,20 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
         top.udp_relays.append(relay)  # type: ignore[attr-defined]
         return relay
 
-    if relays.tcp:
+    top.plugin = None  # type: ignore[attr-defined]
+    if config.plugin is not None:
+        # The plugin listens on the public address; ssx behind it on a
+        # loopback port, which the listener binds before the plugin starts.
+        label = f"ssx-server behind plugin {config.plugin.name}"
+        listener = serve(top, reactor, config.listen[0], factory, label)
+        remote = ("|".join(config.hosts), config.port)
+        top.plugin = PluginService(reactor, config.plugin, "ssx-server", remote, listener=listener)  # type: ignore[attr-defined]
+        top.plugin.setServiceParent(top)  # type: ignore[attr-defined]
+    elif relays.tcp:
         for description in config.listen:
             serve(top, reactor, description, factory, "ssx-server", udp_relay())
-    else:
+    if relays.udp and (config.plugin is not None or not relays.tcp):
+        # UDP does not go through a plugin: it stays on the public address and port.
         for host in config.hosts:
             DatagramListenerService(reactor, udp_relay(), "ssx-server", address=(host, config.port)).setServiceParent(top)
     DrainService(reactor, [factory], config.limits.shutdown_grace, "ssx-server").setServiceParent(top)
@@ -122,7 +137,9 @@ class _AnnounceUrl(Service):
         Service.startService(self)
         config = self.config
         host, port = config.host, config.port or 8388
-        for child in self.top:
+        # Behind a plugin, clients reach the plugin on the configured port;
+        # otherwise the first listener's bound port (port 0 picks one).
+        for child in self.top if config.plugin is None else ():
             bound = getattr(getattr(child, "port", None), "getHost", None)
             address = bound() if bound is not None else None
             if hasattr(address, "port") and hasattr(address, "host"):
@@ -133,7 +150,12 @@ class _AnnounceUrl(Service):
         if config.key is not None:
             _log.info("no ss:// URL: the server is configured with a raw key (--key), which URLs cannot carry")
             return
-        url = format_url(config.method, config.password, host, port)
+        plugin = config.plugin
+        url = format_url(
+            config.method, config.password, host, port,
+            plugin=_client_plugin(plugin.name) if plugin is not None else None,
+            plugin_opts=_client_plugin_options(plugin.options) if plugin is not None else None,
+        )
         if config.password_generated:
             _log.warn(
                 "no password given: generated one; clients connect with {url} "
@@ -146,6 +168,17 @@ class _AnnounceUrl(Service):
                 "replace the host if clients know this machine by another name)",
                 url=url,
             )
+
+
+def _client_plugin(name: str) -> str:
+    """The plugin name a client runs for this server's plugin (obfs-server pairs with obfs-local)."""
+    base = name.rsplit("/", 1)[-1]
+    return {"obfs-server": "obfs-local", "ss-v2ray-plugin": "v2ray-plugin"}.get(base, base)
+
+
+def _client_plugin_options(options: str) -> str:
+    """The options a client needs: v2ray-plugin's `server` flag is the server's alone."""
+    return ";".join(part for part in options.split(";") if part and part != "server")
 
 
 class _CounterReport(Service):
