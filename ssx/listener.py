@@ -55,8 +55,17 @@ class ListenerService(Service):
         if ports is not None:
             ports.append(result)  # the factory pauses accepting at its connection limit
             limit = getattr(self.factory, "_limit_accepts", None)
-            if limit is not None and getattr(self.factory, "max_connections", 0):
+            if limit is not None and getattr(self.factory, "max_connections", 0) and hasattr(result, "numberAccepts"):
                 limit()
+                # Twisted resizes the accept batch after every accept loop:
+                # cap it again before each one, so no burst overshoots.
+                accept = result.doRead
+
+                def doRead() -> Any:
+                    limit()
+                    return accept()
+
+                result.doRead = doRead
         _log.info("{label} listening on {address}", label=self.label, address=_describe(result.getHost()))
 
     def stopService(self) -> Any:

@@ -49,7 +49,7 @@ class SaltFilter:
         self._half = half
         self._active = _Bloom(size)
         self._old = _Bloom(size)
-        self._key = os.urandom(32)
+        self._keys = [os.urandom(32) for _ in range((self._hashes + 15) // 16)]
         self.replays = 0
 
     @property
@@ -58,11 +58,13 @@ class SaltFilter:
         return len(self._active.bits) + len(self._old.bits)
 
     def _positions(self, salt: bytes) -> list[int]:
-        digest = hashlib.blake2b(salt, key=self._key, digest_size=16).digest()
-        h1 = int.from_bytes(digest[:8], "little")
-        h2 = int.from_bytes(digest[8:], "little") | 1
+        # Independent positions (four digest bytes each) from keyed BLAKE2b:
+        # as many 64-byte digests as the hash count needs, each keyed apart.
         size = self._size
-        return [(h1 + i * h2) % size for i in range(self._hashes)]
+        digest = b"".join(
+            hashlib.blake2b(salt, key=key, digest_size=64).digest() for key in self._keys
+        )
+        return [int.from_bytes(digest[4 * i : 4 * i + 4], "little") % size for i in range(self._hashes)]
 
     @staticmethod
     def _has(bloom: _Bloom, positions: list[int]) -> bool:
@@ -95,3 +97,4 @@ class SaltFilter:
         for p in positions:
             bits[p >> 3] |= 1 << (p & 7)
         active.count += 1
+

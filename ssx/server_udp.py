@@ -157,6 +157,9 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
             return
         self.nat.touch(client)
         packet = self.suite.udp_seal(encode_address(source) + data)
+        if self.salt_filter is not None:
+            # Our own salts too: a captured reply sent back is a replay.
+            self.salt_filter.add(packet[: self.suite.spec.salt_size])
         if len(packet) > MAX_DATAGRAM:
             self.dropped += 1
             return
