@@ -217,7 +217,7 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
     hosts = _hosts(values.get("server", "0.0.0.0"))
     port = _port(values, "server_port", DEFAULT_SERVER_PORT, allow_zero=True)
     listen = _listen(values)
-    relays = _relays(values, method)
+    relays = _relays(values)
     # Keys are checked now (decoded, lengths, user table), so a bad one
     # stops start-up naming its key.
     make_suite(method, password, key=key, users=dict(users))
@@ -291,7 +291,7 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
     address = _string(values, "local_address", "127.0.0.1")
     if not listen:
         listen = (_tcp_listen(address, _port(values, "local_port", DEFAULT_LOCAL_PORT, allow_zero=True)),)
-    relays = _relays(values, method)
+    relays = _relays(values)
     for entry in servers:
         # Keys checked now (2022 PSK lengths and form), so a bad one stops start-up.
         make_suite(entry.method, entry.password, key=entry.key)
@@ -605,16 +605,10 @@ def _plugin(values: Mapping[str, Any], relays: UdpSettings) -> tuple[Plugin | No
     return Plugin(name, options or "", tuple(args or ())), ()
 
 
-def _relays(values: Mapping[str, Any], method: str) -> UdpSettings:
+def _relays(values: Mapping[str, Any]) -> UdpSettings:
     mode = values.get("mode", "tcp_only")
     if mode not in ("tcp_only", "tcp_and_udp", "udp_only"):
         raise ConfigError("mode", "expected tcp_only, tcp_and_udp or udp_only")
-    if mode != "tcp_only" and method == "2022-blake3-chacha20-poly1305":
-        raise ConfigError(
-            "mode",
-            "UDP with 2022-blake3-chacha20-poly1305 needs XChaCha20-Poly1305, which the cryptography "
-            "library does not offer; use tcp_only or a 2022-blake3-aes-* method",
-        )
     capacity = _count(values, "udp_max_associations", DEFAULT_UDP_CAPACITY, minimum=1)
     return UdpSettings(
         tcp=mode != "udp_only",

@@ -432,23 +432,42 @@ class UdpVectorTests(SynchronousTestCase):
         reply = server.session(decoded, session_id=SERVER_SID).encode(DNS53, b"ok")
         self.assertEqual(session.decode(reply).payload, b"ok")
 
-    def test_chacha_udp_not_implemented(self) -> None:
-        """ChaCha UDP (XChaCha20-Poly1305, §7.3) is refused with NotImplementedError."""
+    def test_chacha_udp_vectors(self) -> None:
+        """ChaCha UDP (XChaCha20-Poly1305 keyed with the PSK, §7.3): both packets byte-exact, and decoded back."""
+        psk = bytes(range(32))
+        keys = PskChain((), psk)
+        client_nonce = iter([bytes(range(0xC0, 0xD8))])
+        session = UdpClientSession(
+            CHACHA, keys, now=_clock(), urandom=lambda n: next(client_nonce), session_id=h("0102030405060708")
+        )
+        packet = session.encode(DNS53, h("abcd"), padding_length=0)
+        self.assertEqual(packet, h(
+            "c0c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7f19c89d79910929be5c3daf754682db0a20d4b538cdde992581099"
+            "ad666ff5b3cd433dd03ee1060ba6c6005a2311af92f80eac27"
+        ))
+        server = UdpServerDecoder(CHACHA, psk, now=_clock())
+        decoded = server.decode(packet)
+        self.assertEqual((decoded.address, decoded.payload, decoded.packet_id), (DNS53, h("abcd"), 0))
+        server_nonce = iter([bytes(range(0xE0, 0xF8))])
+        reply = server.session(decoded, urandom=lambda n: next(server_nonce), session_id=h("a1a2a3a4a5a6a7a8")).encode(
+            DNS53, h("abcd")
+        )
+        self.assertEqual(reply, h(
+            "e0e1e2e3e4e5e6e7e8e9eaebecedeeeff0f1f2f3f4f5f6f7e5595ec63140b9a7e9cd317a29da9bce2f3008e09b0cc1863b3d"
+            "f1d89488b7d95419779640f2e1166e2700e7f5d041742de4bb19d1a20b23ac5cd041"
+        ))
+        self.assertEqual(session.decode(reply).payload, h("abcd"))
+
+    def test_chacha_udp_tampering(self) -> None:
+        """A flipped bit anywhere in a ChaCha UDP packet fails authentication."""
         keys = PskChain((), _psk(CHACHA))
-        self.assertRaises(
-            NotImplementedError, UdpClientSession, CHACHA, keys, now=_clock()
-        )
-        self.assertRaises(
-            NotImplementedError, UdpServerDecoder, CHACHA, _psk(CHACHA), now=_clock()
-        )
-        self.assertRaises(
-            NotImplementedError,
-            UdpServerSession,
-            CHACHA,
-            _psk(CHACHA),
-            CLIENT_SID,
-            now=_clock(),
-        )
+        packet = UdpClientSession(CHACHA, keys, now=_clock()).encode(DNS53, b"payload")
+        server = UdpServerDecoder(CHACHA, _psk(CHACHA), now=_clock())
+        for i in range(0, len(packet) * 8, 7):
+            bad = bytearray(packet)
+            bad[i // 8] ^= 1 << (i % 8)
+            with self.assertRaises(ProtocolError):
+                server.decode(bytes(bad))
 
 
 # -- round trips ---------------------------------------------------------------
@@ -1158,3 +1177,28 @@ class ConfigurationTests(SynchronousTestCase):
         """Key material never shows up in reprs (they end up in logs)."""
         self.assertEqual(repr(PskChain((IPSK,), UPSK)), "PskChain()")
         self.assertEqual(repr(UserKey("alice", UPSK)), "UserKey(name='alice')")
+
+
+class XChaChaTests(SynchronousTestCase):
+    """XChaCha20-Poly1305 from the library's ChaCha20, against the published draft vectors."""
+
+    def test_hchacha20_vector(self) -> None:
+        """HChaCha20 (draft-irtf-cfrg-xchacha-03 §2.2.1, test-vectors.md §3.4)."""
+        from ssx.crypto._xchacha import hchacha20
+
+        self.assertEqual(
+            hchacha20(bytes(range(32)), h("000000090000004a0000000031415927")),
+            h("82413b4227b27bfed30e42508a877d73a0f9e4d58a74a853c12ec41326d3ecdc"),
+        )
+
+    def test_aead_vector(self) -> None:
+        """XChaCha20-Poly1305 (draft §A.3.1): ciphertext start and tag, and decryption back."""
+        from ssx.crypto._xchacha import XChaCha20Poly1305
+
+        key, nonce, aad = bytes(range(0x80, 0xA0)), bytes(range(0x40, 0x58)), h("50515253c0c1c2c3c4c5c6c7")
+        text = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, "
+                b"sunscreen would be it.")
+        sealed = XChaCha20Poly1305(key).encrypt(nonce, text, aad)
+        self.assertEqual(sealed[:32], h("bd6d179d3e83d43b9576579493c0e939572a1700252bfaccbed2902c21396cbb"))
+        self.assertEqual(sealed[-16:], h("c0875924c1c7987947deafd8780acf49"))
+        self.assertEqual(XChaCha20Poly1305(key).decrypt(nonce, sealed, aad), text)

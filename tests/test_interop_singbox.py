@@ -302,12 +302,14 @@ for _method in METHODS:
         "_tcp", _method, f"4 MiB each way through sing-box -> ssx-server with {_method} arrive intact (hashed at both ends)."))
     setattr(SingBoxServerTests, "test_tcp_" + _name, _make_test(
         "_tcp", _method, f"4 MiB each way through ssx-local -> sing-box with {_method} arrive intact (hashed at both ends)."))
-for _method in AES_METHODS:
+for _method in METHODS:
     _name = _method.replace("-", "_")
     setattr(SingBoxClientTests, "test_udp_" + _name, _make_test(
         "_udp", _method, f"200 datagrams (1 to {LARGEST_DATAGRAM:,} bytes) through sing-box -> ssx-server with {_method} come back intact."))
     setattr(SingBoxServerTests, "test_udp_" + _name, _make_test(
         "_udp", _method, f"200 datagrams (1 to {LARGEST_DATAGRAM:,} bytes) through ssx-local -> sing-box with {_method} come back intact."))
+for _method in AES_METHODS:
+    _name = _method.replace("-", "_")
     setattr(SingBoxClientTests, "test_identity_" + _name, _make_test(
         "_identity", _method, f"sing-box with password iPSK:uPSK is served and counted as its user by a multi-user ssx-server ({_method}, TCP and UDP)."))
     setattr(SingBoxServerTests, "test_identity_" + _name, _make_test(

@@ -14,10 +14,9 @@ sessions and their `SlidingWindow`s live in the protocol layer, which
 commits a decoded packet's ID only after `decode` returned it (decode has
 already checked the tag, the type and the timestamp).
 
-`2022-blake3-chacha20-poly1305` UDP needs XChaCha20-Poly1305, which the
-`cryptography` package does not provide; building it would mean hand-written
-HChaCha20, which ssx does not allow.  Asking for it raises
-`NotImplementedError` when the codec is built.
+`2022-blake3-chacha20-poly1305` seals each packet whole instead:
+``nonce(24) XChaCha20-Poly1305(PSK, nonce, sep || body)`` (§7.7), with the
+AEAD from `ssx.crypto._xchacha`; it has no identity headers.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from typing import Callable, Mapping
 from cryptography.exceptions import InvalidTag
 
 from ssx.address import Address, decode_address, encode_address
+from ssx.crypto._xchacha import XChaCha20Poly1305
 from ssx.crypto._2022_keys import (
     AeadPrimitive,
     AesBlock,
@@ -70,12 +70,25 @@ _SERVER_BODY_FIXED = 1 + 8 + SESSION_ID_SIZE + 2
 _SUBKEY_CACHE_SIZE = 4096
 
 
-def _require_aes(spec: Method2022) -> None:
-    if spec.udp_xchacha:
-        raise NotImplementedError(
-            f"{spec.name} UDP needs XChaCha20-Poly1305, which the cryptography "
-            "package does not provide; use TCP only, or a 2022-blake3-aes-* method"
-        )
+# The ChaCha method's per-packet random nonce (§7.7).
+XCHACHA_NONCE_SIZE = 24
+
+
+def _xchacha_seal(aead: XChaCha20Poly1305, urandom: RandomSource, separate: bytes, body: bytes) -> bytes:
+    """ChaCha method (§7.7): a random 24-byte nonce, then one AEAD over header and body."""
+    nonce = urandom(XCHACHA_NONCE_SIZE)
+    return nonce + aead.encrypt(nonce, separate + body, None)
+
+
+def _xchacha_open(aead: XChaCha20Poly1305, packet: bytes, what: str) -> tuple[bytes, bytes]:
+    view = memoryview(packet)
+    try:
+        plaintext = aead.decrypt(bytes(view[:XCHACHA_NONCE_SIZE]), view[XCHACHA_NONCE_SIZE:], None)
+    except InvalidTag:
+        raise AuthenticationError(f"2022 UDP {what} tag mismatch") from None
+    return plaintext[:SEPARATE_HEADER_SIZE], plaintext[SEPARATE_HEADER_SIZE:]
+
+
 
 
 def _xor16(a: bytes, b: bytes) -> bytes:
@@ -186,6 +199,7 @@ class UdpClientSession:
         "_seal",
         "_reply_block",
         "_replies",
+        "_xchacha",
     )
 
     def __init__(
@@ -198,8 +212,9 @@ class UdpClientSession:
         session_id: bytes | None = None,
     ) -> None:
         spec = lookup_method_2022(method)
-        _require_aes(spec)
         require_key_size(spec, keys.user_key, *keys.identity_keys)
+        # ChaCha: every packet sealed whole with the PSK (§7.7), no session subkey.
+        self._xchacha = XChaCha20Poly1305(keys.user_key) if spec.udp_xchacha else None
         #: This session's ID, random unless given (tests).
         self.session_id = _new_session_id(urandom) if session_id is None else bytes(session_id)
         if len(self.session_id) != SESSION_ID_SIZE:
@@ -242,6 +257,8 @@ class UdpClientSession:
                 payload,
             )
         )
+        if self._xchacha is not None:
+            return _xchacha_seal(self._xchacha, self._urandom, separate, body)
         parts = [self._header_block.encrypt(separate)]
         for block, next_hash in self._identity:
             parts.append(block.encrypt(_xor16(next_hash, separate)))
@@ -250,20 +267,25 @@ class UdpClientSession:
 
     def decode(self, packet: bytes) -> UdpServerPacket:
         """Open a reply; ProtocolError (or a subclass) if it is not a good one."""
-        if len(packet) < SEPARATE_HEADER_SIZE + TAG_SIZE + _SERVER_BODY_FIXED:
+        extra = XCHACHA_NONCE_SIZE if self._xchacha is not None else 0
+        if len(packet) < extra + SEPARATE_HEADER_SIZE + TAG_SIZE + _SERVER_BODY_FIXED:
             raise ProtocolError(f"2022 UDP reply too short ({len(packet)} bytes)")
-        view = memoryview(packet)
-        separate = self._reply_block.decrypt(view[:SEPARATE_HEADER_SIZE])
-        server_session_id = separate[:SESSION_ID_SIZE]
-        try:
-            body = self._replies.open(
-                self._keys.user_key,
-                server_session_id,
-                separate[4:],
-                view[SEPARATE_HEADER_SIZE:],
-            )
-        except InvalidTag:
-            raise AuthenticationError("2022 UDP reply tag mismatch") from None
+        if self._xchacha is not None:
+            separate, body = _xchacha_open(self._xchacha, packet, "reply")
+            server_session_id = separate[:SESSION_ID_SIZE]
+        else:
+            view = memoryview(packet)
+            separate = self._reply_block.decrypt(view[:SEPARATE_HEADER_SIZE])
+            server_session_id = separate[:SESSION_ID_SIZE]
+            try:
+                body = self._replies.open(
+                    self._keys.user_key,
+                    server_session_id,
+                    separate[4:],
+                    view[SEPARATE_HEADER_SIZE:],
+                )
+            except InvalidTag:
+                raise AuthenticationError("2022 UDP reply tag mismatch") from None
         if body[0] != TYPE_SERVER_PACKET:
             raise ProtocolError(f"2022 UDP reply type {body[0]}, expected 1")
         timestamp = int.from_bytes(body[1:9], "big")
@@ -291,7 +313,7 @@ class UdpServerDecoder:
     a new client session.
     """
 
-    __slots__ = ("_spec", "_psk", "_users", "_now", "_block", "_bodies")
+    __slots__ = ("_spec", "_psk", "_users", "_now", "_block", "_bodies", "_xchacha")
 
     def __init__(
         self,
@@ -304,8 +326,8 @@ class UdpServerDecoder:
         spec = lookup_method_2022(method)
         if users and not spec.supports_identity_headers:
             raise ConfigError("users", f"{spec.name} does not support multiple users (EIH)")
-        _require_aes(spec)
         require_key_size(spec, psk)
+        self._xchacha = XChaCha20Poly1305(psk) if spec.udp_xchacha else None
         self._spec = spec
         self._psk = psk
         self._users = users or None
@@ -316,6 +338,11 @@ class UdpServerDecoder:
     def decode(self, packet: bytes) -> UdpClientPacket:
         """Open a client packet; ProtocolError (or a subclass) if it is not a good one."""
         users = self._users
+        if self._xchacha is not None:
+            if len(packet) < XCHACHA_NONCE_SIZE + SEPARATE_HEADER_SIZE + TAG_SIZE + _CLIENT_BODY_FIXED:
+                raise ProtocolError(f"2022 UDP packet too short ({len(packet)} bytes)")
+            separate, body = _xchacha_open(self._xchacha, packet, "packet")
+            return self._client_packet(separate, body, None)
         body_start = SEPARATE_HEADER_SIZE + (IDENTITY_HEADER_SIZE if users else 0)
         if len(packet) < body_start + TAG_SIZE + _CLIENT_BODY_FIXED:
             raise ProtocolError(f"2022 UDP packet too short ({len(packet)} bytes)")
@@ -335,6 +362,10 @@ class UdpServerDecoder:
             body = self._bodies.open(key, session_id, separate[4:], view[body_start:])
         except InvalidTag:
             raise AuthenticationError("2022 UDP packet tag mismatch") from None
+        return self._client_packet(separate, body, user)
+
+    def _client_packet(self, separate: bytes, body: bytes, user: UserKey | None) -> UdpClientPacket:
+        session_id = separate[:SESSION_ID_SIZE]
         if body[0] != TYPE_CLIENT_PACKET:
             raise ProtocolError(f"2022 UDP packet type {body[0]}, expected 0")
         timestamp = int.from_bytes(body[1:9], "big")
@@ -378,7 +409,7 @@ class UdpServerSession:
     (or the server PSK without identity headers).
     """
 
-    __slots__ = ("session_id", "client_session_id", "packet_id", "_now", "_block", "_seal")
+    __slots__ = ("session_id", "client_session_id", "packet_id", "_now", "_block", "_seal", "_xchacha", "_urandom")
 
     def __init__(
         self,
@@ -391,7 +422,6 @@ class UdpServerSession:
         session_id: bytes | None = None,
     ) -> None:
         spec = lookup_method_2022(method)
-        _require_aes(spec)
         if session_id is None:
             session_id = _new_session_id(urandom, avoid=client_session_id)
         elif len(session_id) != SESSION_ID_SIZE or session_id == client_session_id:
@@ -403,6 +433,8 @@ class UdpServerSession:
         #: The ID the next reply will carry.
         self.packet_id = 0
         self._now = now
+        self._urandom = urandom
+        self._xchacha = XChaCha20Poly1305(key) if spec.udp_xchacha else None
         self._block = AesBlock(key)
         self._seal = spec.aead(session_subkey(key, self.session_id)).encrypt
 
@@ -424,4 +456,6 @@ class UdpServerSession:
                 payload,
             )
         )
+        if self._xchacha is not None:
+            return _xchacha_seal(self._xchacha, self._urandom, separate, body)
         return self._block.encrypt(separate) + self._seal(separate[4:], body, None)
