@@ -39,7 +39,7 @@ class SaltFilterTests(unittest.SynchronousTestCase):
     def test_memory_bounded(self):
         """The default history (a million salts) costs a few MiB whatever the traffic."""
         f = SaltFilter()
-        self.assertLess(f.memory, 4 * 1024 * 1024)
+        self.assertLess(f.memory, 5 * 1024 * 1024)
         before = f.memory
         for _ in range(2000):
             f.check_and_add(os.urandom(32))
