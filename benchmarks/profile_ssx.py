@@ -1,0 +1,184 @@
+"""
+Where ssx spends its time: py-spy on both ssx processes under the suite's loads.
+
+    python benchmarks/profile_ssx.py [--method aes-256-gcm] [--seconds 5] [--out DIR]
+
+Starts the far end and the ssx chain exactly as the suite does, then for each
+load (bulk upload, bulk download, connection rate, UDP round trips) samples ssx-local and
+ssx-server with ``py-spy record --format raw --function`` for the length of
+the load, and writes per process and load:
+
+* ``profile-LOAD-ROLE.txt``: the collapsed stacks (feed them to
+  flamegraph.pl or speedscope for a picture);
+* ``profile.md``: the busy share of the process and its top functions by
+  self time (the function on top of the Python stack, C calls it makes
+  included) and by total time (anywhere on the stack), in % of the
+  process's busy samples.
+
+py-spy must be allowed to read the processes' memory (root, or ptrace_scope 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chains
+import payload
+from run import HERE, LOAD, _address, _start_far
+
+_RATE = 200
+# Frames under nearly every sample (twistd start-up, the reactor loop, the
+# per-event dispatch wrappers): left out of the total-time list, which would
+# otherwise open with them.
+_BOOTSTRAP = re.compile(
+    r"twisted/(application|scripts)/|\(<string>\)|ReactorBase\.(run|mainLoop) |EPollReactor\.doPoll "
+    r"|^callWithLogger |^callWithContext |ContextTracker\.callWithContext |_PollLikeMixin\._doReadOrWrite "
+)
+_FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+
+def _short(frame: str) -> str:
+    match = _FRAME.match(frame)
+    if not match:
+        return frame
+    file = match["file"]
+    for marker in ("site-packages/", "lib/python3"):
+        if marker in file:
+            file = file.split(marker, 1)[1]
+    return f"{match['function']} ({file})"
+
+
+def summarize(raw: Path, seconds: float, top: int = 12) -> dict:
+    """Busy share and the top functions (self, total) from a raw py-spy file."""
+    self_time: collections.Counter[str] = collections.Counter()
+    total_time: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [_short(f) for f in stack.split(";")]
+        samples += count
+        self_time[frames[-1]] += count
+        for frame in set(frames):
+            if not _BOOTSTRAP.search(frame):
+                total_time[frame] += count
+
+    def share(counter: collections.Counter[str]) -> list[tuple[str, float]]:
+        return [(name, 100.0 * n / samples) for name, n in counter.most_common(top)] if samples else []
+
+    return {
+        "busy_percent": 100.0 * samples / (_RATE * seconds) if seconds else 0.0,
+        "samples": samples,
+        "self": share(self_time),
+        "total": share(total_time),
+    }
+
+
+def _record(pid: int, output: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["py-spy", "record", "--pid", str(pid), "--rate", str(_RATE), "--format", "raw", "--function",
+         "--nonblocking", "--output", str(output)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="aes-256-gcm")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each load")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    if shutil.which("py-spy") is None:
+        parser.error("py-spy is not installed: pip install -e '.[bench]'")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    seed = random.SystemRandom().randrange(1 << 31)
+    far = _start_far(seed, out / "logs", lifetime=600.0)
+    digests = payload.StreamDigests(payload.Pattern(seed))
+    seconds = str(args.seconds)
+    report: dict[str, dict] = {}
+    try:
+        pythonpath = chains.snapshot_ssx(out / "ssx-snapshot")
+        with chains.start_chain("ssx", args.method, far.rr, out / "logs", f"profile-{seed:x}", pythonpath) as chain:
+            socks = ["--socks", _address(chain.socks)]
+            loads = {
+                "bulk-up": ["bulk", *socks, "--target", _address(far.bulk), "--direction", "up",
+                            "--seconds", seconds, "--seed", str(seed)],
+                "bulk-down": ["bulk", *socks, "--target", _address(far.bulk), "--direction", "down",
+                              "--seconds", seconds, "--seed", str(seed)],
+                "conn": ["rr", *socks, "--target", _address(far.rr), "--seconds", seconds, "--concurrency", "32"],
+                "udp": ["udp", *socks, "--target", _address(far.udp), "--seconds", seconds, "--window", "32"],
+            }
+            for name, arguments in loads.items():
+                recorders = {}
+                for process in chain.processes:
+                    raw = out / f"profile-{name}-ssx-{process.role}.txt"
+                    recorders[process.role] = (raw, _record(process.popen.pid, raw))
+                time.sleep(1.0)  # py-spy attaches
+                started = time.monotonic()
+                cpu_before = chain.cpu_seconds()
+                done = subprocess.run([sys.executable, LOAD, *arguments], capture_output=True, text=True,
+                                      timeout=args.seconds + 90)
+                elapsed = time.monotonic() - started
+                cpu = chain.cpu_seconds() - cpu_before
+                for _, recorder in recorders.values():
+                    recorder.send_signal(signal.SIGINT)
+                for _, recorder in recorders.values():
+                    try:
+                        recorder.wait(30)
+                    except subprocess.TimeoutExpired:
+                        recorder.kill()
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                if result.get("status") in ("error", "n/a"):
+                    figure = f"load {result['status']}: {result.get('error') or result.get('reason')}"
+                elif name.startswith("bulk"):
+                    ok = bytes.fromhex(result["digest"]) == digests.digest(result["frames"])
+                    figure = f"{result['bytes'] / result['seconds'] / 1e6:.0f} MB/s, digest {'ok' if ok else 'WRONG'}"
+                elif name == "udp":
+                    figure = f"{result['rate']:.0f} round trips/s, {result['mismatches']} mismatches"
+                else:
+                    figure = f"{result['rate']:.0f} conn/s, {result['mismatches']} mismatches"
+                report[name] = {
+                    "figure": figure,
+                    "proxy_cpu_seconds": round(cpu, 2),
+                    "processes": {role: summarize(raw, elapsed + 1.0) for role, (raw, _) in recorders.items()},
+                }
+                print(f"{name}: {figure}", flush=True)
+    finally:
+        far.popen.terminate()
+        far.popen.wait(10)
+
+    lines = [f"# py-spy profile of ssx ({args.method}, {args.seconds:g}s loads, {_RATE} Hz)", ""]
+    for name, entry in report.items():
+        lines.append(f"## {name}: {entry['figure']}, both ssx processes used {entry['proxy_cpu_seconds']} CPU-s")
+        for role, summary in entry["processes"].items():
+            lines += [
+                "",
+                f"### ssx-{role}: busy {summary['busy_percent']:.0f}% of the sampled time ({summary['samples']} samples)",
+                "",
+                "| self % | function | | total % | function |",
+                "|---:|---|---|---:|---|",
+            ]
+            for (s_name, s_pct), (t_name, t_pct) in zip(summary["self"], summary["total"]):
+                lines.append(f"| {s_pct:.1f} | `{s_name}` | | {t_pct:.1f} | `{t_name}` |")
+        lines.append("")
+    (out / "profile.md").write_text("\n".join(lines) + "\n")
+    (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out / 'profile.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
