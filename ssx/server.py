@@ -14,11 +14,9 @@ nothing from when or how it closed.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,7 +25,7 @@ from ssx.address import Address
 from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
 from ssx.forbidden import ForbiddenNetworks
-from ssx.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol, can_half_close, connect_protocol
+from ssx.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol, can_half_close, connect_tcp
 from ssx.resolver import NameResolutionError, TargetResolver
 
 __all__ = ["ShadowsocksServerFactory", "ShadowsocksServerProtocol", "UserTraffic"]
@@ -146,10 +144,8 @@ class ShadowsocksServerProtocol(InboundProtocol):
                 factory.connections_refused += 1
                 self.transport.loseConnection()
                 return
-            ip = allowed[0]
-            endpoint_type = TCP6ClientEndpoint if ipaddress.ip_address(ip).version == 6 else TCP4ClientEndpoint
-            endpoint = endpoint_type(factory.reactor, ip, address.port, timeout=factory.connect_timeout)
-            await connect_protocol(endpoint, OutboundProtocol(self._target_connected))
+            outbound = OutboundProtocol(self._target_connected)
+            await connect_tcp(factory.reactor, allowed[0], address.port, outbound, factory.connect_timeout)
         except CancelledError:
             return
         except (NameResolutionError, ConnectError) as e:

@@ -48,13 +48,17 @@ _ZERO_NONCE = bytes(12)
 class AeadTcpEncryptor:
     """One direction of an AEAD TCP stream, sending side."""
 
-    __slots__ = ("_seal", "_nonce", "_salt", "salt")
+    __slots__ = ("_factory", "_subkey", "_nonce", "_salt", "salt")
 
     def __init__(self, factory: AeadFactory, master_key: bytes, salt: bytes) -> None:
         #: The salt this direction sends (for replay filters and tests).
         self.salt = salt
         self._salt = salt  # emptied once sent
-        self._seal = factory(derive_subkey(master_key, salt)).encrypt
+        # Only the subkey is kept: an OpenSSL AEAD context costs about 2.5 KiB,
+        # which an idle connection should not hold (building one per call,
+        # that is per read, costs under a microsecond).
+        self._factory = factory
+        self._subkey = derive_subkey(master_key, salt)
         self._nonce = 0
 
     def encrypt(self, data: bytes) -> bytes:
@@ -65,7 +69,7 @@ class AeadTcpEncryptor:
         size = len(data)
         if not size:
             return b""
-        seal = self._seal
+        seal = self._factory(self._subkey).encrypt
         nonce = self._nonce
         salt = self._salt
         if salt:
@@ -105,7 +109,7 @@ class AeadTcpDecryptor:
         "_factory",
         "_master_key",
         "_salt_size",
-        "_open",
+        "_subkey",
         "_nonce",
         "_pending",
         "_need",
@@ -118,7 +122,9 @@ class AeadTcpDecryptor:
         self._factory = factory
         self._master_key = master_key
         self._salt_size = salt_size
-        self._open: Callable[[bytes, memoryview, None], bytes] | None = None
+        # The subkey once the salt arrived; the AEAD context is built per call
+        # (see AeadTcpEncryptor) so that idle connections do not hold one.
+        self._subkey: bytes | None = None
         self._nonce = 0
         # Payload length whose length block is already opened, or 0.
         self._pending = 0
@@ -159,11 +165,11 @@ class AeadTcpDecryptor:
         append = parts.append
         with memoryview(source) as view:
             position = 0
-            if self._open is None:
+            if self._subkey is None:
                 position = self._salt_size
                 self._start(bytes(view[:position]))
-            open_ = self._open
-            assert open_ is not None
+            assert self._subkey is not None
+            open_ = self._factory(self._subkey).decrypt
             nonce = self._nonce
             length = self._pending
             try:
@@ -200,7 +206,7 @@ class AeadTcpDecryptor:
         return b"".join(parts)
 
     def _start(self, salt: bytes) -> None:
-        self._open = self._factory(derive_subkey(self._master_key, salt)).decrypt
+        self._subkey = derive_subkey(self._master_key, salt)
         self.salt = salt
 
 

@@ -30,7 +30,7 @@ from ssx.local_udp import Socks5UdpRelay, TunnelUdpRelay
 from ssx.online import OnlineConfigService, describe_url, load_trust_root
 from ssx.picker import ServerPicker, Upstream
 from ssx.plugin import PluginService
-from ssx.relay import connect_protocol
+from ssx.relay import connect_protocol, connect_tcp
 from ssx.server_entry import ServerEntry
 from ssx.tap._options import SsxOptions, check_endpoint, log_config_notes, make_suite
 
@@ -144,23 +144,34 @@ def server_endpoint(reactor: Any, entry: ServerEntry) -> IStreamClientEndpoint:
 
 def make_upstream(reactor: Any, entry: ServerEntry, plugin: PluginService | None = None) -> Upstream:
     """
-    A server ready for connections: its keys derived once, its endpoint
-    built; with a plugin, TCP goes to the plugin's loopback port instead
+    A server ready for connections: its keys derived once, the way to reach
+    it built; with a plugin, TCP goes to the plugin's loopback port instead
     (the plugin picks it when it starts, so it is looked up per connection).
     """
     suite = make_suite(reactor, entry.method, entry.password, entry.key)
     connect: Callable[[Protocol], Deferred]
-    if plugin is None:
-        endpoint = server_endpoint(reactor, entry)
-        connect = lambda protocol: connect_protocol(endpoint, protocol)  # noqa: E731
-    else:
+    if plugin is not None:
 
         def connect(protocol: Protocol) -> Deferred:
             assert plugin.local_address is not None
             host, port = plugin.local_address
-            return connect_protocol(TCP4ClientEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT), protocol)
+            return connect_tcp(reactor, host, port, protocol, CONNECT_TIMEOUT)
 
+    elif entry.endpoint is None and _is_ip(entry.host):
+        # The common case, and the fastest path (no endpoint wrappers).
+        connect = lambda protocol: connect_tcp(reactor, entry.host, entry.port, protocol, CONNECT_TIMEOUT)  # noqa: E731
+    else:
+        endpoint = server_endpoint(reactor, entry)
+        connect = lambda protocol: connect_protocol(endpoint, protocol)  # noqa: E731
     return Upstream(entry, suite, connect)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def build_service(reactor: Any, config: LocalConfig) -> MultiService:
