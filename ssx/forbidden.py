@@ -10,11 +10,25 @@ operator closed.  No Twisted here.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable
 
 from ssx.errors import ConfigError
 
-__all__ = ["DEFAULT_FORBIDDEN", "ForbiddenNetworks", "parse_forbidden"]
+__all__ = ["DEFAULT_FORBIDDEN", "ForbiddenNetworks", "is_ip_literal", "parse_forbidden"]
+
+
+def is_ip_literal(host: str) -> bool:
+    """Whether `host` is an IPv4 or IPv6 literal (cheaper than ipaddress)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except OSError:
+            pass
+    return False
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -43,6 +57,12 @@ class ForbiddenNetworks:
     """A set of networks; `forbids(ip)` tells whether an IP lies in one."""
 
     networks: tuple[_Network, ...]
+    # Answers per IP, bounded: the server asks for every connection and
+    # datagram, and parsing an address costs more than the relaying around it.
+    _cached: Callable[[str], bool] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_cached", lru_cache(maxsize=4096)(self._forbids))
 
     def forbids(self, ip: str) -> bool:
         """
@@ -53,6 +73,9 @@ class ForbiddenNetworks:
         """
         if not self.networks:
             return False
+        return self._cached(ip)
+
+    def _forbids(self, ip: str) -> bool:
         try:
             address = ipaddress.ip_address(ip.split("%", 1)[0])
         except ValueError:

@@ -12,7 +12,6 @@ capacity in sockets.  Bad datagrams are dropped and counted, never answered.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from twisted.internet.error import CannotListenError
@@ -22,7 +21,7 @@ from twisted.logger import Logger
 from ssx.address import Address, decode_address, encode_address
 from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
-from ssx.forbidden import ForbiddenNetworks
+from ssx.forbidden import ForbiddenNetworks, is_ip_literal
 from ssx.nat import SweptNatProtocol
 from ssx.resolver import TargetResolver
 
@@ -131,13 +130,11 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
         if sockets is None:
             sockets = _ClientSockets(self, addr)
             self.nat.add(addr, sockets)
-        try:
-            ipaddress.ip_address(target.host)
-        except ValueError:
+        if is_ip_literal(target.host):
+            self._send(addr, target, [target.host], payload)
+        else:
             d = self.resolver.resolve(target.host)
             d.addCallbacks(lambda ips: self._send(addr, target, ips, payload), lambda _: self._unresolved())
-        else:
-            self._send(addr, target, [target.host], payload)
 
     def _unresolved(self) -> None:
         self.dropped += 1
@@ -217,13 +214,11 @@ class Shadowsocks2022UdpRelay(ShadowsocksUdpRelay):
         if "%" in target.host:
             self.dropped += 1
             return
-        try:
-            ipaddress.ip_address(target.host)
-        except ValueError:
+        if is_ip_literal(target.host):
+            self._send(key, target, [target.host], packet.payload)
+        else:
             d = self.resolver.resolve(target.host)
             d.addCallbacks(lambda ips: self._send(key, target, ips, packet.payload), lambda _: self._unresolved())
-        else:
-            self._send(key, target, [target.host], packet.payload)
 
     def reply(self, client: Any, source: Address, data: bytes) -> None:
         session = self.nat.peek(client)
