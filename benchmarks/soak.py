@@ -48,7 +48,11 @@ def raise_fd_limit(need: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
     except (ValueError, PermissionError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
-    print(f"fd limit: {resource.getrlimit(resource.RLIMIT_NOFILE)}")
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+    print(f"fd limit: {limit}")
+    if limit[0] < need:
+        print(f"warning: ssx-local needs about {need - 1024} descriptors for this many connections; "
+              f"the limit is {limit[0]} and cannot be raised here")
 
 
 def wait_port(port: int, seconds: float = 15) -> None:
@@ -134,6 +138,8 @@ def main() -> int:
         asyncio.run(serve_echo(args.echo))
         return 0
 
+    # SIGTERM (a timeout, a user) still runs the cleanup below: no orphans.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     raise_fd_limit(3 * args.connections + 1024)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     server_port, socks_port, echo_port = free_port(), free_port(), free_port()
