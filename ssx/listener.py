@@ -22,6 +22,8 @@ __all__ = ["DatagramListenerService", "DrainService", "ListenerService", "serve"
 
 _log = Logger()
 
+LISTEN_BACKLOG = 4096
+
 
 class ListenerService(Service):
     """Listens on `endpoint` with `factory` while running."""
@@ -51,6 +53,15 @@ class ListenerService(Service):
         if isinstance(result, Failure):
             raise SystemExit(f"{self.label}: cannot listen on {self.description}: {result.getErrorMessage()}")
         self.port = result
+        sock = getattr(result, "socket", None)
+        if sock is not None and "backlog=" not in self.description:
+            # Twisted listens with a backlog of 50, which drops connections
+            # in the bursts a proxy sees; listen() again raises it (the
+            # kernel caps it at net.core.somaxconn).
+            try:
+                sock.listen(LISTEN_BACKLOG)
+            except OSError:
+                pass
         ports = getattr(self.factory, "ports", None)
         if ports is not None:
             ports.append(result)  # the factory pauses accepting at its connection limit
