@@ -50,8 +50,9 @@ def raise_fd_limit(need: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)
     print(f"fd limit: {limit}")
-    if limit[0] < need:
-        print(f"warning: ssx-local needs about {need - 1024} descriptors for this many connections; "
+    per_process = 2 * (need - 1024) // 3 + 64  # ssx-local: two descriptors per connection
+    if limit[0] < per_process:
+        print(f"warning: ssx-local needs about {per_process} descriptors for this many connections; "
               f"the limit is {limit[0]} and cannot be raised here")
 
 
