@@ -21,9 +21,13 @@ import struct
 from functools import reduce
 from operator import or_
 
-__all__ = ["DEFAULT_HISTORY", "SaltFilter"]
+__all__ = ["DEFAULT_HISTORY", "MARK_SIZE", "SaltFilter"]
 
 DEFAULT_HISTORY = 1_000_000
+# The server's own salts carry a keyed mark this long (a client salt matches
+# one by chance once in 2**32); only salts this long or longer are marked.
+MARK_SIZE = 4
+MARKED_MIN = 16
 
 
 class _Bloom:
@@ -63,6 +67,7 @@ class SaltFilter:
         self._active = _Bloom(self._blocks * _BLOCK)
         self._old = _Bloom(self._blocks * _BLOCK)
         self._key = os.urandom(32)
+        self._mark_key = os.urandom(32)
         self.replays = 0
 
     @property
@@ -77,8 +82,32 @@ class SaltFilter:
         positions = struct.unpack_from(self._layout, digest, 8)
         return offset, reduce(or_, [_BIT[p & 1023] for p in positions])
 
+    def own_salt(self, size: int) -> bytes:
+        """
+        A fresh salt for this server's own stream or datagram, recognised
+        if it ever comes back (a reflected response is a replay): its last
+        bytes are a keyed mark of the rest, which outsiders cannot tell from
+        random.  Short IVs (8 bytes) would lose too much randomness to a
+        mark; those are random and remembered in the filter instead.
+        """
+        if size >= MARKED_MIN:
+            head = os.urandom(size - MARK_SIZE)
+            return head + self._mark(head)
+        salt = os.urandom(size)
+        self.add(salt)
+        return salt
+
+    def _mark(self, head: bytes) -> bytes:
+        return hashlib.blake2b(head, key=self._mark_key, digest_size=MARK_SIZE).digest()
+
+    def _is_own(self, salt: bytes) -> bool:
+        return len(salt) >= MARKED_MIN and self._mark(salt[:-MARK_SIZE]) == salt[-MARK_SIZE:]
+
     def check_and_add(self, salt: bytes) -> bool:
         """True if `salt` is new (and now remembered); False for a replay."""
+        if self._is_own(salt):
+            self.replays += 1
+            return False
         offset, mask = self._locate(salt)
         end = offset + _BLOCK
         for bloom in (self._active, self._old):

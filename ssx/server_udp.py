@@ -153,10 +153,9 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
         if self.transport is None or client not in self.nat:
             return
         self.nat.touch(client)
-        packet = self.suite.udp_seal(encode_address(source) + data)
-        if self.salt_filter is not None:
-            # Our own salts too: a captured reply sent back is a replay.
-            self.salt_filter.add(packet[: self.suite.spec.salt_size])
+        # Our own salts are recognisable: a captured reply sent back is a replay.
+        salt = self.salt_filter.own_salt(self.suite.spec.salt_size) if self.salt_filter is not None else None
+        packet = self.suite.udp_seal(encode_address(source) + data, salt)
         if len(packet) > MAX_DATAGRAM:
             self.dropped += 1
             return

@@ -46,8 +46,18 @@ class SaltFilterTests(unittest.SynchronousTestCase):
         self.assertEqual(f.memory, before)
 
     def test_own_salts(self):
-        """Salts added without a check (the server's own) are refused when they come back."""
+        """The server's own salts (marked, or remembered when too short to mark) are refused when they come back."""
         f = SaltFilter(100)
-        salt = os.urandom(32)
-        f.add(salt)
-        self.assertFalse(f.check_and_add(salt))
+        for size in (32, 24, 16, 12, 8):
+            salt = f.own_salt(size)
+            self.assertEqual(len(salt), size)
+            self.assertFalse(f.check_and_add(salt), size)
+        # Another filter's (another server process's) salts are just new.
+        self.assertTrue(f.check_and_add(SaltFilter(100).own_salt(32)))
+
+    def test_marked_salts_look_random(self):
+        """Marked salts are distinct and no two share their mark bytes by construction."""
+        f = SaltFilter(100)
+        salts = {f.own_salt(32) for _ in range(1000)}
+        self.assertEqual(len(salts), 1000)
+        self.assertGreater(len({s[-4:] for s in salts}), 990)

@@ -139,10 +139,11 @@ class LegacyServerCodec:
 
     def _encryptor(self) -> Callable[[bytes], bytes]:
         if self._encrypt is None:
-            encryptor = self._suite.tcp_encryptor()
-            if self._salts is not None:
-                self._salts.add(encryptor.salt)
-            self._encrypt = encryptor.encrypt
+            salts = self._salts
+            # With a filter, our own salts are made recognisable (a reflected
+            # response is then refused as a replay).
+            salt = salts.own_salt(self._suite.spec.salt_size) if salts is not None else None
+            self._encrypt = self._suite.tcp_encryptor(salt).encrypt
         return self._encrypt
 
     def encrypt(self, data: bytes) -> bytes:
