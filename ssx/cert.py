@@ -37,13 +37,17 @@ class CertificatePair:
     not_after: datetime.datetime
 
 
-def make_self_signed(host: str, days: int = DAYS) -> tuple[bytes, bytes, datetime.datetime]:
-    """(key PEM, certificate PEM, expiry) for `host`: a DNS name or an IP address."""
+def make_self_signed(
+    host: str, days: int = DAYS, also: tuple[str, ...] = ()
+) -> tuple[bytes, bytes, datetime.datetime]:
+    """(key PEM, certificate PEM, expiry) for `host` (and the names in `also`): DNS names or IP addresses."""
     key = ec.generate_private_key(ec.SECP256R1())
-    try:
-        names: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(host))]
-    except ValueError:
-        names = [x509.DNSName(host)]
+    names: list[x509.GeneralName] = []
+    for name in (host, *also):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            names.append(x509.DNSName(name))
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
     now = datetime.datetime.now(datetime.timezone.utc)
     # A minute's grace for clocks a little behind.

@@ -21,6 +21,7 @@ from twisted.names import client, dns, hosts
 from twisted.names.error import DomainError, DNSNameError
 
 from ssx.errors import ConfigError, SSXError
+from ssx.forbidden import is_ip_literal
 from ssx.nat import NatTable
 
 __all__ = [
@@ -158,11 +159,9 @@ class TargetResolver:
         if "%" in name:
             # A scoped IPv6 literal names an interface of this machine.
             return fail(NameResolutionError(f"refusing the scoped address {name!r}"))
-        try:
-            ipaddress.ip_address(name)
-        except ValueError:
-            return Deferred.fromCoroutine(self._resolve(name))
-        return succeed([name])
+        if is_ip_literal(name):
+            return succeed([name])
+        return Deferred.fromCoroutine(self._resolve(name))
 
     async def _resolve(self, name: str) -> list[str]:
         lookups = [_lookup(self._hosts, name, dns.A), _lookup(self._hosts, name, dns.AAAA)]

@@ -123,18 +123,19 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
             return
         target, end = parsed
         payload = plaintext[end:]
-        if "%" in target.host:
-            self.dropped += 1
-            return
         sockets = self.nat.get(addr)
         if sockets is None:
             sockets = _ClientSockets(self, addr)
             self.nat.add(addr, sockets)
+        self._route(addr, target, payload)
+
+    def _route(self, key: Any, target: Address, payload: bytes) -> None:
+        """Send `payload` for the NAT entry `key` to `target`, resolving a name first."""
         if is_ip_literal(target.host):
-            self._send(addr, target, [target.host], payload)
+            self._send(key, target, [target.host], payload)
         else:
             d = self.resolver.resolve(target.host)
-            d.addCallbacks(lambda ips: self._send(addr, target, ips, payload), lambda _: self._unresolved())
+            d.addCallbacks(lambda ips: self._send(key, target, ips, payload), lambda _: self._unresolved())
 
     def _unresolved(self) -> None:
         self.dropped += 1
@@ -210,14 +211,7 @@ class Shadowsocks2022UdpRelay(ShadowsocksUdpRelay):
             return
         session.client = addr
         target = packet.address
-        if "%" in target.host:
-            self.dropped += 1
-            return
-        if is_ip_literal(target.host):
-            self._send(key, target, [target.host], packet.payload)
-        else:
-            d = self.resolver.resolve(target.host)
-            d.addCallbacks(lambda ips: self._send(key, target, ips, packet.payload), lambda _: self._unresolved())
+        self._route(key, target, packet.payload)
 
     def reply(self, client: Any, source: Address, data: bytes) -> None:
         session = self.nat.peek(client)

@@ -121,43 +121,20 @@ async def _drained(*services: Any, seconds: float = 5.0) -> None:
 
 def make_certificate(directory: str, name: str = "localhost") -> tuple[str, str]:
     """
-    A self-signed certificate for `name` (also valid for 127.0.0.1): returns
-    the paths of its key and of the certificate, the latter alone in a
-    directory of its own (Twisted's trustRoots loads every file there).
+    A self-signed certificate for `name` (also valid for 127.0.0.1), made by
+    ssx.cert: returns the paths of its key and of the certificate, the
+    latter alone in a directory of its own (Twisted's trustRoots loads every
+    file there).
     """
-    import datetime
-    import ipaddress
+    from ssx.cert import make_self_signed
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    key_pem, cert_pem, _ = make_self_signed(name, days=1, also=("127.0.0.1",))
     roots = os.path.join(directory, "roots")
     os.makedirs(roots, exist_ok=True)
     key_path, cert_path = os.path.join(directory, "key.pem"), os.path.join(roots, "cert.pem")
-    with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    for path, data in ((key_path, key_pem), (cert_path, cert_pem)):
+        with open(path, "wb") as f:
+            f.write(data)
     return key_path, cert_path
 
 

@@ -421,37 +421,9 @@ class TlsTransportTests(ChainTestCase):
     """ssx-local -> tls: -> ssx-server on ssl:, with a certificate made by the test."""
 
     def _certificate(self) -> tuple[str, str]:
-        import datetime
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256())
-        )
         directory = tempfile.mkdtemp()
         self.addCleanup(__import__("shutil").rmtree, directory)
-        os.mkdir(os.path.join(directory, "roots"))  # Twisted's trustRoots loads every file in it
-        key_path, cert_path = os.path.join(directory, "key.pem"), os.path.join(directory, "roots", "cert.pem")
-        with open(key_path, "wb") as f:
-            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        with open(cert_path, "wb") as f:
-            f.write(cert.public_bytes(serialization.Encoding.PEM))
-        return key_path, cert_path
+        return support.make_certificate(directory)
 
     async def _tls(self) -> None:
         key_path, cert_path = self._certificate()

@@ -240,6 +240,14 @@ class FileAndFlagTests(unittest.SynchronousTestCase):
 class UdpAndTunnelOptionTests(unittest.SynchronousTestCase):
     """-u, -U, -L and --tunnel as libev users write them."""
 
+    def test_libev_flags_accepted(self):
+        """--fast-open and --no-delay from libev command lines are accepted (and change nothing)."""
+        options = server_tap.Options()
+        options.parseOptions(["-k", "pw", "--fast-open", "--no-delay"])
+        plain = server_tap.Options()
+        plain.parseOptions(["-k", "pw"])
+        self.assertEqual(options.config, plain.config)
+
     def test_flags_set_mode(self):
         """-u relays TCP and UDP, -U UDP only; without them the file's mode stands."""
         options = server_tap.Options()

@@ -51,6 +51,9 @@ class SsxOptions(usage.Options):
     optFlags = [
         ["tcp-and-udp", "u", "relay UDP as well as TCP (mode tcp_and_udp)"],
         ["udp-only", "U", "relay UDP only (mode udp_only)"],
+        # Accepted so that shadowsocks-libev command lines work unchanged.
+        ["no-delay", None, "accepted for compatibility: TCP_NODELAY is always on"],
+        ["fast-open", None, "accepted for compatibility and ignored: TCP Fast Open is not used"],
     ]
     # Each command declares --plugin and --plugin-opts itself, with its side's help.
     common_keys: Mapping[str, str] = {

@@ -22,6 +22,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from ssx.config import LocalConfig, local_config
+from ssx.forbidden import is_ip_literal
 from ssx.health import HealthCheckService
 from ssx.listener import DatagramListenerService, DrainService, serve
 from ssx.local import TunnelFactory
@@ -157,21 +158,13 @@ def make_upstream(reactor: Any, entry: ServerEntry, plugin: PluginService | None
             host, port = plugin.local_address
             return connect_tcp(reactor, host, port, protocol, CONNECT_TIMEOUT)
 
-    elif entry.endpoint is None and _is_ip(entry.host):
+    elif entry.endpoint is None and is_ip_literal(entry.host):
         # The common case, and the fastest path (no endpoint wrappers).
         connect = lambda protocol: connect_tcp(reactor, entry.host, entry.port, protocol, CONNECT_TIMEOUT)  # noqa: E731
     else:
         endpoint = server_endpoint(reactor, entry)
         connect = lambda protocol: connect_protocol(endpoint, protocol)  # noqa: E731
     return Upstream(entry, suite, connect)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def build_service(reactor: Any, config: LocalConfig) -> MultiService:
