@@ -12,11 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from ssx import tcp
 
 __all__ = ["DatagramListenerService", "DrainService", "ListenerService", "serve"]
 
@@ -155,7 +156,7 @@ def serve(
     top: MultiService, reactor: Any, description: str, factory: Factory, label: str, udp: Any = None
 ) -> ListenerService:
     """Listen with `factory` on `description` under `top`, with the UDP protocol `udp` beside it if given."""
-    listener = ListenerService(serverFromString(reactor, description), factory, description, label)
+    listener = ListenerService(tcp.server_endpoint(reactor, description, LISTEN_BACKLOG), factory, description, label)
     listener.setServiceParent(top)
     if udp is not None:
         DatagramListenerService(reactor, udp, label, beside=listener).setServiceParent(top)

@@ -29,6 +29,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ssx import tcp
 from ssx.errors import ProtocolError
 
 __all__ = [
@@ -118,7 +119,7 @@ def connect_tcp(reactor: Any, host: str, port: int, protocol: Protocol, timeout:
     """
     connector: list[Any] = []
     connected: Deferred = Deferred(lambda d: connector[0].stopConnecting() if connector else None)
-    connector.append(reactor.connectTCP(host, port, _OneTcpConnection(protocol, connected), timeout=timeout))
+    connector.append(tcp.connect(reactor, host, port, _OneTcpConnection(protocol, connected), timeout))
     if isinstance(protocol, OutboundProtocol):
         connected.addCallback(lambda built: built.ready)
     return connected

@@ -1,0 +1,145 @@
+"""
+TCP transports that send at once.
+
+Twisted's TCP transport buffers every `write` and sends it on the reactor's
+next turn: register for writability (an `epoll_ctl`), wait for the event,
+send, unregister (another `epoll_ctl`).  A relay writes once per read, almost
+always into an empty socket buffer, so that round costs it two system calls
+and a reactor turn per chunk: a third of the work of a short connection.
+These transports call `send()` directly while nothing is queued, and fall
+back to Twisted's buffering for whatever the kernel does not take (and for
+every error, which Twisted then reports as usual).
+
+`listen` and `connect` use them on Twisted's own POSIX reactors, and
+plain `listenTCP`/`connectTCP` on anything else (a `MemoryReactor` in tests).
+`listen` can also set SO_REUSEPORT, so that several processes share one
+port (`--workers`).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet import defer, tcp
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IConnector, IListeningPort, IStreamServerEndpoint
+from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import ClientFactory, Factory
+from zope.interface import implementer
+
+__all__ = ["ServerEndpoint", "connect", "listen", "server_endpoint"]
+
+
+class _SendAtOnce:
+    """Mixed into `tcp.Connection` subclasses: `write` tries `send()` first."""
+
+    def write(self, data: bytes) -> None:
+        if (
+            type(data) is bytes
+            and data
+            and not self._tempDataBuffer  # type: ignore[attr-defined]
+            and self.offset == len(self.dataBuffer)  # type: ignore[attr-defined]
+            and self.connected  # type: ignore[attr-defined]
+            and not (
+                self.disconnecting  # type: ignore[attr-defined]
+                or self._writeDisconnecting  # type: ignore[attr-defined]
+                or self._writeDisconnected  # type: ignore[attr-defined]
+                or self._aborting  # type: ignore[attr-defined]
+            )
+        ):
+            try:
+                sent = self.socket.send(data)  # type: ignore[attr-defined]
+            except OSError:
+                # Would block, or an error: Twisted's write path meets it
+                # again on its next attempt and ends the connection as usual.
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        tcp.Connection.write(self, data)  # type: ignore[arg-type]
+
+
+class Server(_SendAtOnce, tcp.Server):
+    """An accepted connection."""
+
+
+class Client(_SendAtOnce, tcp.Client):
+    """An outgoing connection."""
+
+
+class Port(tcp.Port):
+    """A listening port whose connections send at once; optionally SO_REUSEPORT."""
+
+    transport = Server
+    reuse_port = False
+
+    def createInternetSocket(self) -> socket.socket:
+        s = tcp.Port.createInternetSocket(self)
+        if self.reuse_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return s
+
+
+class Connector(tcp.Connector):
+    def _makeTransport(self) -> Client:
+        return Client(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+def _fast(reactor: Any) -> bool:
+    return isinstance(reactor, PosixReactorBase)
+
+
+def listen(
+    reactor: Any, port: int, factory: Factory, backlog: int = 50, interface: str = "", reuse_port: bool = False
+) -> IListeningPort:
+    """Like `reactor.listenTCP`, with these transports (and SO_REUSEPORT if asked)."""
+    if not _fast(reactor):
+        if reuse_port:
+            raise ValueError("SO_REUSEPORT needs a POSIX reactor")
+        return reactor.listenTCP(port, factory, backlog, interface)
+    listening = Port(port, factory, backlog, interface, reactor)
+    listening.reuse_port = reuse_port
+    listening.startListening()
+    return listening
+
+
+def connect(reactor: Any, host: str, port: int, factory: ClientFactory, timeout: float) -> IConnector:
+    """Like `reactor.connectTCP`, with these transports."""
+    if not _fast(reactor):
+        return reactor.connectTCP(host, port, factory, timeout=timeout)
+    connector = Connector(host, port, factory, timeout, None, reactor)
+    connector.connect()
+    return connector
+
+
+@implementer(IStreamServerEndpoint)
+class ServerEndpoint:
+    """A TCP server endpoint that listens with `listen`."""
+
+    def __init__(self, reactor: Any, port: int, backlog: int, interface: str, reuse_port: bool = False) -> None:
+        self.reactor = reactor
+        self.port = port
+        self.backlog = backlog
+        self.interface = interface
+        self.reuse_port = reuse_port
+
+    def listen(self, factory: Factory) -> defer.Deferred:
+        return defer.execute(listen, self.reactor, self.port, factory, self.backlog, self.interface, self.reuse_port)
+
+
+def server_endpoint(reactor: Any, description: str, backlog: int, reuse_port: bool = False) -> IStreamServerEndpoint:
+    """
+    `serverFromString(reactor, description)`, except that plain TCP listens
+    with these transports, with `backlog` unless the description gives one,
+    and with SO_REUSEPORT if asked (refused for anything but plain TCP).
+    """
+    endpoint = serverFromString(reactor, description)
+    if isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+        # Twisted keeps the parsed description in private attributes.
+        if "backlog=" in description:
+            backlog = endpoint._backlog
+        return ServerEndpoint(reactor, endpoint._port, backlog, endpoint._interface, reuse_port)
+    if reuse_port:
+        raise ValueError(f"{description}: several workers need a plain tcp: listener")
+    return endpoint

@@ -1,0 +1,145 @@
+"""
+ssx.tcp: transports that send at once, on real loopback sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactor
+from twisted.trial import unittest
+
+from ssx import tcp
+from tests.support import sha256
+
+
+class _Keep(protocol.Protocol):
+    """Hands its connection to `made`, collects what it reads, fires `lost` at the end."""
+
+    def __init__(self, made: defer.Deferred | None = None) -> None:
+        self.made = made
+        self.lost: defer.Deferred = defer.Deferred()
+        self.received = bytearray()
+
+    def connectionMade(self) -> None:
+        if self.made is not None:
+            self.made.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost.callback(bytes(self.received))
+
+
+class _Factory(protocol.ClientFactory):
+    def __init__(self, build) -> None:  # type: ignore[no-untyped-def]
+        self.build = build
+
+    def buildProtocol(self, addr: object) -> protocol.Protocol:
+        return self.build()
+
+
+class SendAtOnceTests(unittest.TestCase):
+    def _listen(self, build) -> int:  # type: ignore[no-untyped-def]
+        port = tcp.listen(reactor, 0, _Factory(build), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.assertIsInstance(port, tcp.Port)
+        return port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_write_is_sent_before_the_reactor_turns(self):
+        """A write into an empty buffer reaches the peer's socket during the call itself."""
+        made: defer.Deferred = defer.Deferred()
+        number = self._listen(lambda: _Keep(made))
+        raw = socket.create_connection(("127.0.0.1", number))
+        self.addCleanup(raw.close)
+        server = yield made
+        self.assertIsInstance(server.transport, tcp.Server)
+        server.transport.write(b"at once")
+        # No reactor turn between the write and this read.
+        raw.settimeout(0)
+        self.assertEqual(raw.recv(100), b"at once")
+
+    @defer.inlineCallbacks
+    def test_large_and_interleaved_writes_arrive_whole_and_in_order(self):
+        """What the kernel does not take is buffered; later writes queue behind it, none is lost."""
+        made: defer.Deferred = defer.Deferred()
+        number = self._listen(lambda: _Keep(made))
+        client = _Keep()
+        connected: defer.Deferred = defer.Deferred()
+        client.made = connected
+        connector = tcp.connect(reactor, "127.0.0.1", number, _Factory(lambda: client), 5)
+        self.assertIsInstance(connector, tcp.Connector)
+        yield connected
+        self.assertIsInstance(client.transport, tcp.Client)
+        server = yield made
+        pieces = [os.urandom(n) for n in (1, 8 << 20, 100, 3 << 20, 7)]
+        for piece in pieces:
+            client.transport.write(piece)
+        client.transport.loseConnection()
+        got = yield server.lost
+        self.assertEqual(len(got), sum(map(len, pieces)))
+        self.assertEqual(sha256(got), sha256(b"".join(pieces)))
+
+    @defer.inlineCallbacks
+    def test_nothing_is_sent_after_an_abort(self):
+        """After abortConnection a write goes nowhere: the peer sees a reset, not the bytes."""
+        made: defer.Deferred = defer.Deferred()
+        number = self._listen(lambda: _Keep(made))
+        raw = socket.create_connection(("127.0.0.1", number))
+        self.addCleanup(raw.close)
+        server = yield made
+        server.transport.abortConnection()
+        server.transport.write(b"late")
+        yield server.lost
+        raw.settimeout(5)
+        try:
+            data = raw.recv(100)
+        except ConnectionResetError:
+            data = b""
+        self.assertEqual(data, b"")
+
+    def test_reuse_port_lets_two_listeners_share_a_port(self):
+        first = tcp.listen(reactor, 0, _Factory(_Keep), interface="127.0.0.1", reuse_port=True)
+        self.addCleanup(first.stopListening)
+        number = first.getHost().port
+        second = tcp.listen(reactor, number, _Factory(_Keep), interface="127.0.0.1", reuse_port=True)
+        self.addCleanup(second.stopListening)
+        self.assertEqual(second.getHost().port, number)
+
+    def test_without_reuse_port_a_taken_port_is_refused(self):
+        first = tcp.listen(reactor, 0, _Factory(_Keep), interface="127.0.0.1")
+        self.addCleanup(first.stopListening)
+        with self.assertRaises(CannotListenError):
+            tcp.listen(reactor, first.getHost().port, _Factory(_Keep), interface="127.0.0.1")
+
+
+class EndpointTests(unittest.TestCase):
+    def test_plain_tcp_gets_these_transports_and_the_backlog(self):
+        endpoint = tcp.server_endpoint(reactor, "tcp:0:interface=127.0.0.1", 4096)
+        self.assertIsInstance(endpoint, tcp.ServerEndpoint)
+        self.assertEqual((endpoint.port, endpoint.interface, endpoint.backlog), (0, "127.0.0.1", 4096))
+
+    def test_a_backlog_in_the_description_wins(self):
+        endpoint = tcp.server_endpoint(reactor, "tcp:0:backlog=7", 4096)
+        self.assertEqual(endpoint.backlog, 7)
+
+    def test_other_kinds_stay_twisteds(self):
+        endpoint = tcp.server_endpoint(reactor, "unix:/tmp/ssx-test.sock", 4096)
+        self.assertIsInstance(endpoint, UNIXServerEndpoint)
+
+    def test_reuse_port_needs_plain_tcp(self):
+        with self.assertRaises(ValueError):
+            tcp.server_endpoint(reactor, "unix:/tmp/ssx-test.sock", 4096, reuse_port=True)
+
+    def test_other_reactors_get_twisteds_tcp(self):
+        memory = MemoryReactor()
+        tcp.listen(memory, 1080, _Factory(_Keep), 50, "127.0.0.1")
+        tcp.connect(memory, "127.0.0.1", 8388, _Factory(_Keep), 5)
+        self.assertEqual(memory.tcpServers[0][:1], (1080,))
+        self.assertEqual(memory.tcpClients[0][:2], ("127.0.0.1", 8388))
