@@ -105,7 +105,7 @@ class LocalRelayProtocol(InboundProtocol):
     factory: LocalFactory
 
     def __init__(self, factory: LocalFactory) -> None:
-        self.factory = factory
+        InboundProtocol.__init__(self, factory)
         self._state = _WAITING
         self._early = b""
         self._target: Address | None = None
@@ -222,7 +222,6 @@ class LocalRelayProtocol(InboundProtocol):
         self._state = _RELAY
         self.relay_ready()
         self.join(server)
-        self.resetTimeout()
         if self._early:
             early, self._early = self._early, b""
             self._send_first(early)
@@ -352,7 +351,7 @@ class Socks5LocalProtocol(LocalRelayProtocol):
         self._state = _ASSOCIATED
         self._associated_ip = self.transport.getPeer().host
         relay.associate(self._associated_ip)
-        self.setTimeout(self.factory.timeout)
+        self.set_idle_timeout(self.factory.timeout)
         # The address the application reached us on, with the UDP port.
         bind = Address(self.transport.getHost().host, relay.transport.getHost().port)
         self.transport.write(socks5.build_reply(socks5.REP_SUCCEEDED, bind))
@@ -376,7 +375,7 @@ class Socks5LocalProtocol(LocalRelayProtocol):
             # The control connection idles by design; the association lives
             # while its application keeps using UDP.
             if relay.active(self._associated_ip):
-                self.resetTimeout()
+                self.set_idle_timeout(self.factory.timeout)
                 return
             self.transport.loseConnection()
             return

@@ -250,7 +250,7 @@ class HttpProxyProtocol(LocalRelayProtocol):
             _log.info("HTTP proxy: bad stream from the server: {error}", error=e)
             self._end(abort=True)
             return
-        self.resetTimeout()
+        self.activity()
         if plain:
             try:
                 self._response_bytes(plain)

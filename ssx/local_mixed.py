@@ -90,25 +90,24 @@ class ProxySniffer(Protocol):
     def __init__(self, factory: "MixedLocalFactory") -> None:
         self.factory = factory
         self.handler: Protocol | None = None
-        self._timer: Any = None
+        self.idle_limit: float | None = None
+        self.last_activity = 0.0
 
     def connectionMade(self) -> None:
         # Counted from accept, so connections that have not spoken yet are
-        # bound by the connection limit and seen by a graceful shutdown.
+        # bound by the connection limit and seen by a graceful shutdown,
+        # and timed out by the factory's sweep.
+        self.idle_limit = self.factory.handshake_timeout
+        self.last_activity = self.factory.reactor.seconds()
         self.factory.connection_opened(self)  # type: ignore[arg-type]
-        self._timer = self.factory.reactor.callLater(self.factory.handshake_timeout, self._idle)
 
-    def _idle(self) -> None:
-        self._timer = None
+    def timeoutConnection(self) -> None:
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self.handler is not None:
             self.handler.dataReceived(data)
             return
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
         first = data[0]
         handler: Protocol
         # In udp_only mode the port is only for SOCKS5 UDP ASSOCIATE.
@@ -128,9 +127,11 @@ class ProxySniffer(Protocol):
         # bookkeeping (its connectionMade counts it again).
         self.factory.connections.discard(self)  # type: ignore[arg-type]
         self.factory.accepted -= 1
-        # From here on the transport's reads go straight to the handler: one
-        # call less per read on the data path.
-        self.dataReceived = handler.dataReceived  # type: ignore[method-assign]
+        if getattr(self.transport, "protocol", None) is self:
+            # A plain socket: the handler takes the sniffer's place in the
+            # transport, so reads go straight to it and the sniffer is freed.
+            self.transport.protocol = handler
+            self.handler = None
         handler.makeConnection(self.transport)
         handler.dataReceived(data)
 
@@ -152,9 +153,6 @@ class ProxySniffer(Protocol):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
         if self.handler is not None:
             self.handler.connectionLost(reason)
         else:

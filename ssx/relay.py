@@ -25,11 +25,11 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ssx import tcp
+from ssx.tcp import READ_SIZE
 from ssx.errors import ProtocolError
 
 __all__ = [
@@ -63,9 +63,6 @@ def set_no_delay(transport: object) -> None:
             transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
         except OSError:
             pass
-
-
-READ_SIZE = 65400
 
 
 class _OneConnection(Factory):
@@ -135,29 +132,33 @@ class RelayProtocol(Protocol):
     `transform` turns bytes read here into bytes for the peer.
     """
 
-    peer: "RelayProtocol | None" = None
-    transform: Callable[[bytes], bytes] | None = None
-    _read_closed = False
-    _write_closed = False
-    _closed = False
-    _has_producer = False  # the peer's transport is registered as ours' producer
-    # Set by join: the clock, and how long a side whose peer is gone may take
-    # to flush before it is aborted (a peer that never reads must not keep
-    # a connection open forever).
-    clock: Any = None
-    linger: float = 0.0
-    _linger_call: Any = None
+    def __init__(self) -> None:
+        # Every attribute a relay side ever has is set here, so that Python
+        # keeps instances in its compact form: one assigned later, outside
+        # __init__, turns each instance's attributes into a dict of its own
+        # (about 0.4 KiB per connection, measured).
+        self.transport: Any = None
+        self.connected = 0
+        self.peer: RelayProtocol | None = None
+        self.transform: Callable[[bytes], bytes] | None = None
+        self._read_closed = False
+        self._write_closed = False
+        self._closed = False
+        self._has_producer = False  # the peer's transport is registered as ours' producer
+        # Set by join: the clock, and how long a side whose peer is gone may
+        # take to flush before it is aborted (a peer that never reads must
+        # not keep a connection open forever).
+        self.clock: Any = None
+        self.linger = 0.0
+        self._linger_call: Any = None
 
     def join(self, peer: "RelayProtocol", clock: Any = None, linger: float = 0.0) -> None:
         """Start relaying between this protocol and `peer` (both connected)."""
         self.peer = peer
         peer.peer = self
         for side in (self, peer):
-            if hasattr(side.transport, "bufferSize"):
-                # Twisted reads 65,536 bytes; a read of 65,400 plus AEAD
-                # framing fits the peer's 64 KiB read and write-buffer
-                # threshold (measured: about 8% less CPU per GiB relayed).
-                side.transport.bufferSize = READ_SIZE
+            if getattr(side.transport, "bufferSize", READ_SIZE) != READ_SIZE:
+                side.transport.bufferSize = READ_SIZE  # ssx.tcp's transports have it already
         self.clock = peer.clock = clock
         self.linger = peer.linger = linger
         self.transport.registerProducer(peer.transport, True)
@@ -254,6 +255,7 @@ class OutboundProtocol(RelayProtocol):
     """
 
     def __init__(self, on_connected: Callable[["OutboundProtocol"], None]) -> None:
+        RelayProtocol.__init__(self)
         self._on_connected: Callable[["OutboundProtocol"], None] | None = on_connected
         self.ready: Deferred = Deferred(self._cancel)
 
@@ -292,10 +294,20 @@ class OutboundProtocol(RelayProtocol):
             peer.activity()
 
 
+# How often a factory looks for connections past their idle timeout: they
+# close at most this much later than their timeout says.
+SWEEP_INTERVAL = 1.0
+
+
 class RelayFactory(Factory):
     """
     What the accepted connections of one listener share: the clock, the
     handshake and idle timeouts, and the set of live connections.
+
+    Idle timeouts take one timer per factory, not one per connection: while
+    connections are open, every `SWEEP_INTERVAL` seconds it times out those
+    whose `last_activity` is older than their `idle_limit`.  A read costs a
+    connection a timestamp instead of a timer reset.
 
     With `max_connections`, reaching the limit pauses accepting on every
     port of this factory: new connections wait in the kernel's backlog,
@@ -311,14 +323,18 @@ class RelayFactory(Factory):
         self.timeout = timeout
         self.handshake_timeout = min(handshake_timeout or timeout, timeout)
         self.max_connections = max_connections
-        self.connections: set[InboundProtocol] = set()
+        self.connections: set[Any] = set()
         self.ports: list[Any] = []
         self._paused = False
+        self._sweep: Any = None
         self.accepted = 0
 
-    def connection_opened(self, protocol: "InboundProtocol") -> None:
+    def connection_opened(self, protocol: Any) -> None:
+        """Track `protocol` (it has `idle_limit`, `last_activity` and `timeoutConnection`)."""
         self.connections.add(protocol)
         self.accepted += 1
+        if self._sweep is None:
+            self._sweep = self.reactor.callLater(SWEEP_INTERVAL, self._time_out_idle)
         if self.max_connections:
             if len(self.connections) >= self.max_connections and not self._paused:
                 self._paused = True
@@ -327,14 +343,31 @@ class RelayFactory(Factory):
                 _log.warn("{count} connections: at the limit, new ones wait", count=len(self.connections))
             self._limit_accepts()
 
-    def connection_closed(self, protocol: "InboundProtocol") -> None:
+    def connection_closed(self, protocol: Any) -> None:
         self.connections.discard(protocol)
+        if not self.connections and self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         if self.max_connections:
             if self._paused and len(self.connections) < self.max_connections:
                 self._paused = False
                 for port in self.ports:
                     port.startReading()
             self._limit_accepts()
+
+    def _time_out_idle(self) -> None:
+        self._sweep = None
+        now = self.reactor.seconds()
+        idle = [
+            protocol
+            for protocol in self.connections
+            if protocol.idle_limit is not None and now - protocol.last_activity >= protocol.idle_limit
+        ]
+        for protocol in idle:
+            protocol.idle_limit = None  # once, unless timeoutConnection sets it again
+            protocol.timeoutConnection()
+        if self.connections and self._sweep is None:
+            self._sweep = self.reactor.callLater(SWEEP_INTERVAL, self._time_out_idle)
 
     def _limit_accepts(self) -> None:
         # A TCP port accepts up to `numberAccepts` connections per readable
@@ -345,29 +378,38 @@ class RelayFactory(Factory):
                 port.numberAccepts = room
 
 
-class InboundProtocol(RelayProtocol, TimeoutMixin):
+class InboundProtocol(RelayProtocol):
     """
-    An accepted connection: tracked by its factory, idle-timed on the
-    factory's clock (so tests drive it with task.Clock).
+    An accepted connection: tracked by its factory, idle-timed by the
+    factory's sweep on the factory's clock (so tests drive it with
+    task.Clock).
     """
 
     factory: RelayFactory
 
-    def callLater(self, period: float, func: Callable[[], object]) -> Any:  # TimeoutMixin's clock
-        return self.factory.reactor.callLater(period, func)
+    def __init__(self, factory: RelayFactory) -> None:
+        RelayProtocol.__init__(self)
+        self.factory = factory
+        self.idle_limit: float | None = None
+        self.last_activity = 0.0
+
+    def set_idle_timeout(self, seconds: float | None) -> None:
+        """Time out after `seconds` with nothing moving, counted from now (None: never)."""
+        self.idle_limit = seconds
+        self.last_activity = self.factory.reactor.seconds()
 
     def connectionMade(self) -> None:
         self.factory.connection_opened(self)
         set_no_delay(self.transport)
         # Until the relay starts, the (shorter) handshake timeout applies.
-        self.setTimeout(self.factory.handshake_timeout)
+        self.set_idle_timeout(self.factory.handshake_timeout)
 
     def join(self, peer: RelayProtocol, clock: Any = None, linger: float = 0.0) -> None:
         RelayProtocol.join(self, peer, self.factory.reactor, self.factory.timeout)
-        self.setTimeout(self.factory.timeout)
+        self.set_idle_timeout(self.factory.timeout)
 
     def activity(self) -> None:
-        self.resetTimeout()
+        self.last_activity = self.factory.reactor.seconds()
 
     def timeoutConnection(self) -> None:
         # Idle means nothing moved either way: a peer that stopped reading
@@ -376,5 +418,4 @@ class InboundProtocol(RelayProtocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.factory.connection_closed(self)
-        self.setTimeout(None)
         RelayProtocol.connectionLost(self, reason)

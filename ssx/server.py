@@ -93,7 +93,7 @@ class ShadowsocksServerProtocol(InboundProtocol):
     """A client connection to the server, from the salt to the end of the relay."""
 
     def __init__(self, factory: ShadowsocksServerFactory) -> None:
-        self.factory = factory
+        InboundProtocol.__init__(self, factory)
         self._state = _HEADER
         self._codec = factory.suite.server_codec(factory.salt_filter)
         self._plain = bytearray()
@@ -179,7 +179,6 @@ class ShadowsocksServerProtocol(InboundProtocol):
         if self._plain:
             target.transport.write(bytes(self._plain))
         self._plain = bytearray()
-        self.resetTimeout()
         if self._read_closed:
             target.release_producer()
             if can_half_close(target.transport):

@@ -122,6 +122,22 @@ class ServerHandshakeTests(unittest.SynchronousTestCase):
         self.assertTrue(self.transport.disconnected)
         self.assertTrue(target.disconnected)
 
+    def test_one_timer_for_all_connections(self):
+        """Idle timeouts take one timer per factory, however many connections, and none once they are gone."""
+        others = []
+        for n in range(50):
+            protocol = self.factory.buildProtocol(IPv4Address("TCP", "198.51.100.2", 40001 + n))
+            transport = StringTransport()
+            protocol.makeConnection(transport)
+            others.append((protocol, transport))
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        self.reactor.advance(60)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue(all(t.disconnecting for _, t in others))
+        for protocol, _ in [(self.protocol, self.transport)] + others:
+            protocol.connectionLost(None)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
     def test_scoped_address_closes_quietly(self):
         """A target naming a scoped IPv6 address is refused by the real resolver: closed, nothing logged as an error."""
         from twisted.logger import globalLogPublisher
