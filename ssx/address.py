@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ssx.errors import AddressError, UnsupportedAddressType
 
@@ -84,20 +85,26 @@ def encode_address(address: Address) -> bytes:
         raise AddressError(f"port must be an integer, not {port!r}")
     if not 0 <= port <= 0xFFFF:
         raise AddressError(f"port {port} out of range 0..65535")
-    port_bytes = port.to_bytes(2, "big")
+    return _encode_host(host) + port.to_bytes(2, "big")
 
+
+@lru_cache(maxsize=4096)
+def _encode_host(host: str) -> bytes:
+    # ATYP and address, without the port: the same few hosts come back again
+    # and again (the local end encodes each target more than once), and
+    # parsing IP text is most of the cost.
     # IDNA first: its mapping can turn text such as fullwidth digits into an
     # IP literal, and that must go out with the same ATYP as the plain one.
     text = host if host.isascii() else _idna_encode(host)
     ip = _parse_ip_literal(text)
     if isinstance(ip, ipaddress.IPv4Address):
-        return b"\x01" + ip.packed + port_bytes
+        return b"\x01" + ip.packed
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.scope_id is not None:
             # The 16 wire bytes cannot carry a zone; dropping it silently
             # would send the peer somewhere other than what was asked.
             raise AddressError(f"scoped IPv6 address {host!r} cannot be sent")
-        return b"\x04" + ip.packed + port_bytes
+        return b"\x04" + ip.packed
 
     name = text.encode("ascii")
     if not 1 <= len(name) <= _MAX_DOMAIN:
@@ -106,7 +113,7 @@ def encode_address(address: Address) -> bytes:
         )
     if _ASCII_CONTROL.search(name) is not None:
         raise AddressError(f"control character in domain name {host!r}")
-    return b"\x03" + bytes((len(name),)) + name + port_bytes
+    return b"\x03" + bytes((len(name),)) + name
 
 
 def address_size(

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from ssx.address import Address, decode_address, encode_address
 from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
-from ssx.nat import SweptNatProtocol
+from ssx.nat import SweptNatProtocol, send_datagram
 from ssx.server_udp import MAX_DATAGRAM, READ_SIZE
 from ssx.socks5 import UDP_HEADER, udp_to_shadowsocks
 
@@ -190,7 +190,7 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
             return
         self.nat.touch(client)
         try:
-            self.transport.write(datagram, client)
+            send_datagram(self.transport, datagram, client)
         except OSError:
             self.dropped += 1
 

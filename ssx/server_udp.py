@@ -22,7 +22,7 @@ from ssx.address import Address, decode_address, encode_address
 from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
 from ssx.forbidden import ForbiddenNetworks, is_ip_literal
-from ssx.nat import SweptNatProtocol
+from ssx.nat import SweptNatProtocol, send_datagram
 from ssx.resolver import TargetResolver
 
 __all__ = ["MAX_DATAGRAM", "READ_SIZE", "Shadowsocks2022UdpRelay", "ShadowsocksUdpRelay", "udp_relay_for"]
@@ -59,7 +59,7 @@ class _ClientSockets:
                 return
             self._ports[version] = transport
         try:
-            transport.write(payload, (ip, port))
+            send_datagram(transport, payload, (ip, port))
         except OSError:
             self.relay.dropped += 1
 
@@ -161,7 +161,7 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
             self.dropped += 1
             return
         try:
-            self.transport.write(packet, client)
+            send_datagram(self.transport, packet, client)
         except OSError:
             self.dropped += 1
 
@@ -223,7 +223,7 @@ class Shadowsocks2022UdpRelay(ShadowsocksUdpRelay):
             self.dropped += 1
             return
         try:
-            self.transport.write(packet, session.client)
+            send_datagram(self.transport, packet, session.client)
         except OSError:
             self.dropped += 1
 

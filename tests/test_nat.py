@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from ssx.nat import NatTable
+from ssx.nat import NatTable, send_datagram
 
 
 class NatTableTests(unittest.SynchronousTestCase):
@@ -68,3 +71,40 @@ class NatTableTests(unittest.SynchronousTestCase):
         self.table.add("x", 9)
         self.table.clear()
         self.assertEqual(self.evicted, [("k", 1), ("k", 2), ("x", 9)])
+
+
+class SendDatagramTests(unittest.TestCase):
+    """send_datagram on a real Twisted UDP port."""
+
+    def test_sends_through_the_ports_socket(self):
+        from twisted.internet import protocol, reactor
+
+        port = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+            receiver.bind(("127.0.0.1", 0))
+            receiver.settimeout(5)
+            payload = os.urandom(1200)
+            send_datagram(port, payload, receiver.getsockname())
+            data, source = receiver.recvfrom(2048)
+        self.assertEqual(data, payload)
+        self.assertEqual(source, ("127.0.0.1", port.getHost().port))
+
+    def test_errors_are_oserrors(self):
+        """An oversized datagram raises OSError (Twisted's write raised its own MessageLengthError)."""
+        from twisted.internet import protocol, reactor
+
+        port = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        with self.assertRaises(OSError):
+            send_datagram(port, b"x" * 70000, ("127.0.0.1", 9))
+
+    def test_ports_without_a_socket_get_write(self):
+        written = []
+
+        class FakePort:
+            def write(self, data, address):
+                written.append((data, address))
+
+        send_datagram(FakePort(), b"d", ("192.0.2.1", 53))
+        self.assertEqual(written, [(b"d", ("192.0.2.1", 53))])
