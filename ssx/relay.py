@@ -199,7 +199,11 @@ class RelayProtocol(Protocol):
         peer = self.peer
         if peer is not None and not peer._closed:
             peer.release_producer()
-            if can_half_close(peer.transport):
+            if peer._read_closed:
+                # Both directions are done: one close sends what is left and
+                # the FIN (a half-close first would cost another reactor turn).
+                peer.transport.loseConnection()
+            elif can_half_close(peer.transport):
                 peer.transport.loseWriteConnection()
         self._maybe_close()
 

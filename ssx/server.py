@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from ssx.address import Address
 from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
-from ssx.forbidden import ForbiddenNetworks
+from ssx.forbidden import ForbiddenNetworks, is_ip_literal
 from ssx.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol, can_half_close, connect_tcp
 from ssx.resolver import NameResolutionError, TargetResolver
 
@@ -121,7 +121,7 @@ class ShadowsocksServerProtocol(InboundProtocol):
             # Hold further reads until the target answers: bounds what we
             # buffer to one read.
             self.transport.pauseProducing()
-            self._connecting = Deferred.fromCoroutine(self._connect(codec.address))
+            self._open_target(codec.address)
 
     def _discard(self, error: ProtocolError) -> None:
         peer = self.transport.getPeer()
@@ -134,30 +134,48 @@ class ShadowsocksServerProtocol(InboundProtocol):
         self._plain = bytearray()
         self.factory.handshake_failures += 1
 
-    async def _connect(self, address: Address) -> None:
-        factory = self.factory
-        try:
-            ips = await factory.resolver.resolve(address.host)
-            allowed = [ip for ip in ips if not factory.forbidden.forbids(ip)]
-            if not allowed:
-                _log.debug("refused {target}: forbidden address {ips}", target=address, ips=",".join(ips))
-                factory.connections_refused += 1
-                self.transport.loseConnection()
-                return
-            outbound = OutboundProtocol(self._target_connected)
-            await connect_tcp(factory.reactor, allowed[0], address.port, outbound, factory.connect_timeout)
-        except CancelledError:
+    def _open_target(self, address: Address) -> None:
+        # Callbacks rather than a coroutine: an IP literal (the common case)
+        # goes straight to connect, with no resolver or coroutine machinery.
+        if is_ip_literal(address.host):
+            self._connect_to([address.host], address)
             return
-        except (NameResolutionError, ConnectError) as e:
-            _log.debug("cannot reach {target}: {error}", target=address, error=e)
-            self.factory.targets_unreachable += 1
+        d = self.factory.resolver.resolve(address.host)
+        self._connecting = d
+        d.addCallbacks(self._connect_to, self._unreachable, callbackArgs=(address,), errbackArgs=(address,))
+
+    def _connect_to(self, ips: list[str], address: Address) -> None:
+        self._connecting = None
+        factory = self.factory
+        allowed = [ip for ip in ips if not factory.forbidden.forbids(ip)]
+        if not allowed:
+            _log.debug("refused {target}: forbidden address {ips}", target=address, ips=",".join(ips))
+            factory.connections_refused += 1
             self.transport.loseConnection()
+            return
+        outbound = OutboundProtocol(self._target_connected)
+        try:
+            d = connect_tcp(factory.reactor, allowed[0], address.port, outbound, factory.connect_timeout)
         except Exception as e:  # e.g. socket.gaierror for an address the OS cannot use
-            _log.debug("cannot connect to {target}: {error!r}", target=address, error=e)
-            self.factory.targets_unreachable += 1
-            self.transport.loseConnection()
-        finally:
-            self._connecting = None
+            self._unreachable(Failure(e), address)
+            return
+        if not d.called:
+            self._connecting = d
+        d.addCallbacks(self._connected, self._unreachable, errbackArgs=(address,))
+
+    def _connected(self, target: OutboundProtocol) -> None:
+        self._connecting = None
+
+    def _unreachable(self, failure: Failure, address: Address) -> None:
+        self._connecting = None
+        if failure.check(CancelledError):
+            return
+        if failure.check(NameResolutionError, ConnectError):
+            _log.debug("cannot reach {target}: {error}", target=address, error=failure.value)
+        else:
+            _log.debug("cannot connect to {target}: {error!r}", target=address, error=failure.value)
+        self.factory.targets_unreachable += 1
+        self.transport.loseConnection()
 
     def _target_connected(self, target: OutboundProtocol) -> None:
         if self._closed or self._state != _CONNECTING:
