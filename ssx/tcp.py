@@ -5,15 +5,15 @@ Twisted's TCP transport buffers every `write` and sends it on the reactor's
 next turn: register for writability (an `epoll_ctl`), wait for the event,
 send, unregister (another `epoll_ctl`).  A relay writes once per read, almost
 always into an empty socket buffer, so that round costs it two system calls
-and a reactor turn per chunk: a third of the work of a short connection.
-These transports call `send()` directly while nothing is queued, and fall
-back to Twisted's buffering for whatever the kernel does not take (and for
-every error, which Twisted then reports as usual).
+and a reactor turn per chunk (measured: a fifth of the CPU per GiB
+relayed).  These transports call `send()` directly while nothing is queued,
+and fall back to Twisted's buffering for whatever the kernel does not take
+(and for every error, which Twisted then reports as usual).
 
 `listen` and `connect` use them on Twisted's own POSIX reactors, and
 plain `listenTCP`/`connectTCP` on anything else (a `MemoryReactor` in tests).
-`listen` can also set SO_REUSEPORT, so that several processes share one
-port (`--workers`).
+`listen` can also set SO_REUSEPORT, so that several processes can share one
+port.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class _SendAtOnce:
         if (
             type(data) is bytes
             and data
+            and not self.TLS  # type: ignore[attr-defined]  # after startTLS, Twisted's write encrypts
             and not self._tempDataBuffer  # type: ignore[attr-defined]
             and self.offset == len(self.dataBuffer)  # type: ignore[attr-defined]
             and self.connected  # type: ignore[attr-defined]

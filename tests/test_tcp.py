@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
 from ssx import tcp
+from tests import support
 from tests.support import sha256
 
 
@@ -103,6 +104,32 @@ class SendAtOnceTests(unittest.TestCase):
         except ConnectionResetError:
             data = b""
         self.assertEqual(data, b"")
+
+    @defer.inlineCallbacks
+    def test_after_start_tls_writes_are_encrypted(self):
+        """startTLS on these transports still encrypts what is written (the send-at-once path steps aside)."""
+        from twisted.internet import ssl
+
+        key_path, cert_path = support.make_certificate(self.mktemp())
+        with open(key_path, "rb") as f, open(cert_path, "rb") as g:
+            server_options = ssl.PrivateCertificate.loadPEM(f.read() + g.read()).options()
+        with open(cert_path, "rb") as g:
+            client_options = ssl.optionsForClientTLS("localhost", ssl.Certificate.loadPEM(g.read()))
+        made: defer.Deferred = defer.Deferred()
+        number = self._listen(lambda: _Keep(made))
+        client = _Keep()
+        connected: defer.Deferred = defer.Deferred()
+        client.made = connected
+        tcp.connect(reactor, "127.0.0.1", number, _Factory(lambda: client), 5)
+        yield connected
+        server = yield made
+        server.transport.startTLS(server_options)
+        client.transport.startTLS(client_options)
+        secret = os.urandom(5000)
+        server.transport.write(secret)
+        server.transport.loseConnection()
+        got = yield client.lost
+        self.assertEqual(got, secret)
 
     def test_reuse_port_lets_two_listeners_share_a_port(self):
         first = tcp.listen(reactor, 0, _Factory(_Keep), interface="127.0.0.1", reuse_port=True)
