@@ -95,6 +95,7 @@ class _OneTcpConnection(ClientFactory):
     def __init__(self, protocol: Protocol, connected: Deferred) -> None:
         self._protocol = protocol
         self._connected = connected
+        self.cancelled = False
 
     def buildProtocol(self, addr: object) -> Protocol:
         if not self._connected.called:
@@ -102,7 +103,7 @@ class _OneTcpConnection(ClientFactory):
         return self._protocol
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        if not self._connected.called:
+        if not self._connected.called and not self.cancelled:
             self._connected.errback(reason)
 
 
@@ -115,8 +116,15 @@ def connect_tcp(reactor: Any, host: str, port: int, protocol: Protocol, timeout:
     the attempt.
     """
     connector: list[Any] = []
-    connected: Deferred = Deferred(lambda d: connector[0].stopConnecting() if connector else None)
-    connector.append(tcp.connect(reactor, host, port, _OneTcpConnection(protocol, connected), timeout))
+
+    def cancel(d: Deferred) -> None:
+        factory.cancelled = True  # Deferred.cancel then fails it with CancelledError
+        if connector:
+            connector[0].stopConnecting()
+
+    connected: Deferred = Deferred(cancel)
+    factory = _OneTcpConnection(protocol, connected)
+    connector.append(tcp.connect(reactor, host, port, factory, timeout))
     if isinstance(protocol, OutboundProtocol):
         connected.addCallback(lambda built: built.ready)
     return connected
@@ -367,11 +375,17 @@ class RelayFactory(Factory):
             for protocol in self.connections
             if protocol.idle_limit is not None and now - protocol.last_activity >= protocol.idle_limit
         ]
-        for protocol in idle:
-            protocol.idle_limit = None  # once, unless timeoutConnection sets it again
-            protocol.timeoutConnection()
-        if self.connections and self._sweep is None:
-            self._sweep = self.reactor.callLater(SWEEP_INTERVAL, self._time_out_idle)
+        try:
+            for protocol in idle:
+                protocol.idle_limit = None  # once, unless timeoutConnection sets it again
+                try:
+                    protocol.timeoutConnection()
+                except Exception:
+                    # One connection's failure must not spare the others.
+                    _log.failure("timing out {protocol!r}", protocol=protocol)
+        finally:
+            if self.connections and self._sweep is None:
+                self._sweep = self.reactor.callLater(SWEEP_INTERVAL, self._time_out_idle)
 
     def _limit_accepts(self) -> None:
         # A TCP port accepts up to `numberAccepts` connections per readable

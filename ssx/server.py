@@ -140,9 +140,15 @@ class ShadowsocksServerProtocol(InboundProtocol):
         if is_ip_literal(address.host):
             self._connect_to([address.host], address)
             return
-        d = self.factory.resolver.resolve(address.host)
+        try:
+            d = self.factory.resolver.resolve(address.host)
+        except Exception as e:
+            self._unreachable(Failure(e), address)
+            return
         self._connecting = d
-        d.addCallbacks(self._connect_to, self._unreachable, callbackArgs=(address,), errbackArgs=(address,))
+        d.addCallback(self._connect_to, address)
+        # Also catches anything _connect_to raises.
+        d.addErrback(self._unreachable, address)
 
     def _connect_to(self, ips: list[str], address: Address) -> None:
         self._connecting = None

@@ -66,6 +66,9 @@ class _SendAtOnce:
             type(data) is bytes
             and data
             and not self.TLS  # type: ignore[attr-defined]  # after startTLS, Twisted's write encrypts
+            # A pull producer is asked for more only from Twisted's write
+            # path (once its buffer drains), so its writes must take it.
+            and (self.producer is None or self.streamingProducer)  # type: ignore[attr-defined]
             and not self._tempDataBuffer  # type: ignore[attr-defined]
             and self.offset == len(self.dataBuffer)  # type: ignore[attr-defined]
             and self.connected  # type: ignore[attr-defined]

@@ -170,3 +170,44 @@ class EndpointTests(unittest.TestCase):
         tcp.connect(memory, "127.0.0.1", 8388, _Factory(_Keep), 5)
         self.assertEqual(memory.tcpServers[0][:1], (1080,))
         self.assertEqual(memory.tcpClients[0][:2], ("127.0.0.1", 8388))
+
+
+class _PullSender:
+    """An IPullProducer writing `chunks` one per resumeProducing (as FileSender does)."""
+
+    def __init__(self, transport, chunks) -> None:  # type: ignore[no-untyped-def]
+        self.transport = transport
+        self.chunks = list(chunks)
+
+    def resumeProducing(self) -> None:
+        if not self.chunks:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+            return
+        self.transport.write(self.chunks.pop(0))
+
+    def stopProducing(self) -> None:
+        self.chunks = []
+
+
+class PullProducerTests(unittest.TestCase):
+    """IConsumer's contract: a pull producer is asked for more whenever its last write has gone out."""
+
+    @defer.inlineCallbacks
+    def test_pull_producer_is_resumed_after_an_immediate_send(self):
+        made: defer.Deferred = defer.Deferred()
+        port = tcp.listen(reactor, 0, _Factory(lambda: _Keep(made)), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = _Keep()
+        connected: defer.Deferred = defer.Deferred()
+        client.made = connected
+        tcp.connect(reactor, "127.0.0.1", port.getHost().port, _Factory(lambda: client), 5)
+        yield connected
+        server = yield made
+        chunks = [b"a" * 100, b"b" * 100, b"c" * 100]
+        server.transport.registerProducer(_PullSender(server.transport, chunks), False)
+        timeout = reactor.callLater(3, client.transport.abortConnection)
+        got = yield client.lost
+        if timeout.active():
+            timeout.cancel()
+        self.assertEqual(got, b"".join(chunks))

@@ -1,0 +1,120 @@
+"""
+ssx.relay.connect_tcp on a real reactor, and what the two ends do when the
+application or client leaves while the next hop is still being connected:
+cancelling must fail the attempt with CancelledError (Twisted's
+stopConnecting alone reports a UserError), so that it counts as nobody's
+failure.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from ssx import local
+from ssx.address import Address, encode_address
+from ssx.crypto import CipherSuite
+from ssx.forbidden import parse_forbidden
+from ssx.picker import ServerPicker, Upstream
+from ssx.relay import OutboundProtocol, RelayFactory, connect_tcp
+from ssx.server import ShadowsocksServerFactory
+from ssx.server_entry import ServerEntry
+
+
+class _NoResolver:
+    def resolve(self, name: str) -> defer.Deferred:
+        raise AssertionError("IP literals are not resolved")
+
+
+class LeavingWhileConnectingTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.listening = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol), interface="127.0.0.1")
+        self.addCleanup(self.listening.stopListening)
+        self.port = self.listening.getHost().port
+
+    def test_cancelled_connect_fails_with_cancelled_error(self):
+        d = connect_tcp(reactor, "127.0.0.1", self.port, OutboundProtocol(lambda p: None), 5)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+
+    @defer.inlineCallbacks
+    def test_server_client_leaving_during_connect_is_not_unreachable(self):
+        """A client that hangs up while the server connects to its target is not a target unreachable."""
+        suite = CipherSuite("aes-256-gcm", "pw")
+        factory = ShadowsocksServerFactory(reactor, suite, _NoResolver(), parse_forbidden(""), timeout=60)
+        server = factory.buildProtocol(IPv4Address("TCP", "198.51.100.1", 40000))
+        server.makeConnection(StringTransport())
+        server.dataReceived(suite.tcp_encryptor().encrypt(encode_address(Address("127.0.0.1", self.port)) + b"x"))
+        server.connectionLost(Failure(ConnectionDone()))
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(factory.targets_unreachable, 0)
+
+    @defer.inlineCallbacks
+    def test_local_client_leaving_during_connect_does_not_fail_the_server(self):
+        """A client that hangs up while the local end connects to a server neither marks it down nor tries another."""
+        attempts = []
+
+        def connect(p):  # type: ignore[no-untyped-def]
+            attempts.append(p)
+            return connect_tcp(reactor, "127.0.0.1", self.port, p, 5)
+
+        suite = CipherSuite("chacha20-ietf-poly1305", "pw")
+        upstreams = [
+            Upstream(ServerEntry("127.0.0.1", self.port, "chacha20-ietf-poly1305", "pw"), suite, connect),
+            Upstream(ServerEntry("127.0.0.2", self.port, "chacha20-ietf-poly1305", "pw"), suite, connect),
+        ]
+        picker = ServerPicker(upstreams)
+        factory = local.Socks5LocalFactory(reactor, picker, timeout=300)
+        app = factory.buildProtocol(None)
+        app.makeConnection(StringTransport())
+        app.dataReceived(b"\x05\x01\x00" + b"\x05\x01\x00\x03\x0bexample.com\x01\xbb")
+        self.assertEqual(len(attempts), 1)
+        app.connectionLost(Failure(ConnectionDone()))
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(len(attempts), 1)
+        self.assertTrue(picker.health(upstreams[0])[0])
+        for p in attempts:
+            if p.transport is not None:
+                p.transport.abortConnection()
+        yield deferLater(reactor, 0.05, lambda: None)
+
+
+class _Idle:
+    """The part of a connection the factory's sweep uses."""
+
+    def __init__(self, factory: RelayFactory, limit: float, fail: bool = False) -> None:
+        self.factory = factory
+        self.idle_limit: float | None = limit
+        self.last_activity = factory.reactor.seconds()
+        self.fail = fail
+        self.timed_out = 0
+
+    def timeoutConnection(self) -> None:
+        self.timed_out += 1
+        if self.fail:
+            raise RuntimeError("broken timeout handler")
+
+
+class IdleSweepTests(unittest.SynchronousTestCase):
+    def test_a_failing_timeout_spares_no_other_connection(self):
+        """One timeoutConnection that raises is logged; the others still time out and the sweep goes on."""
+        clock = MemoryReactorClock()
+        factory = RelayFactory(clock, timeout=10)
+        broken = _Idle(factory, 5, fail=True)
+        healthy = [_Idle(factory, 5) for _ in range(3)]
+        later = _Idle(factory, 20)
+        for connection in [broken, *healthy, later]:
+            factory.connection_opened(connection)
+        clock.advance(5)
+        self.assertEqual([c.timed_out for c in [broken, *healthy]], [1, 1, 1, 1])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(later.timed_out, 0)
+        clock.advance(15)
+        self.assertEqual(later.timed_out, 1)
+        # Timed out once each: no second call unless a handler asks again.
+        self.assertEqual([c.timed_out for c in healthy], [1, 1, 1])
