@@ -77,6 +77,7 @@ class SendDatagramTests(unittest.TestCase):
     """send_datagram on a real Twisted UDP port."""
 
     def test_sends_through_the_ports_socket(self):
+        """The datagram leaves from the port's own address, whole."""
         from twisted.internet import protocol, reactor
 
         port = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
@@ -100,6 +101,7 @@ class SendDatagramTests(unittest.TestCase):
             send_datagram(port, b"x" * 70000, ("127.0.0.1", 9))
 
     def test_ports_without_a_socket_get_write(self):
+        """A port with no socket (a test fake) gets its write() called."""
         written = []
 
         class FakePort:

@@ -38,6 +38,7 @@ class LeavingWhileConnectingTests(unittest.TestCase):
         self.port = self.listening.getHost().port
 
     def test_cancelled_connect_fails_with_cancelled_error(self):
+        """Cancelling a real connect attempt fails it with CancelledError, not Twisted's UserError."""
         d = connect_tcp(reactor, "127.0.0.1", self.port, OutboundProtocol(lambda p: None), 5)
         d.cancel()
         self.failureResultOf(d, defer.CancelledError)

@@ -132,6 +132,7 @@ class SendAtOnceTests(unittest.TestCase):
         self.assertEqual(got, secret)
 
     def test_reuse_port_lets_two_listeners_share_a_port(self):
+        """With reuse_port, a second listener binds the port the first one holds."""
         first = tcp.listen(reactor, 0, _Factory(_Keep), interface="127.0.0.1", reuse_port=True)
         self.addCleanup(first.stopListening)
         number = first.getHost().port
@@ -140,6 +141,7 @@ class SendAtOnceTests(unittest.TestCase):
         self.assertEqual(second.getHost().port, number)
 
     def test_without_reuse_port_a_taken_port_is_refused(self):
+        """Without it, binding a port in use fails as with listenTCP."""
         first = tcp.listen(reactor, 0, _Factory(_Keep), interface="127.0.0.1")
         self.addCleanup(first.stopListening)
         with self.assertRaises(CannotListenError):
@@ -148,23 +150,28 @@ class SendAtOnceTests(unittest.TestCase):
 
 class EndpointTests(unittest.TestCase):
     def test_plain_tcp_gets_these_transports_and_the_backlog(self):
+        """A tcp: description becomes an endpoint that listens with ssx.tcp's port and the given backlog."""
         endpoint = tcp.server_endpoint(reactor, "tcp:0:interface=127.0.0.1", 4096)
         self.assertIsInstance(endpoint, tcp.ServerEndpoint)
         self.assertEqual((endpoint.port, endpoint.interface, endpoint.backlog), (0, "127.0.0.1", 4096))
 
     def test_a_backlog_in_the_description_wins(self):
+        """backlog= in the description overrides the default backlog."""
         endpoint = tcp.server_endpoint(reactor, "tcp:0:backlog=7", 4096)
         self.assertEqual(endpoint.backlog, 7)
 
     def test_other_kinds_stay_twisteds(self):
+        """Other endpoint kinds (here unix:) are Twisted's own."""
         endpoint = tcp.server_endpoint(reactor, "unix:/tmp/ssx-test.sock", 4096)
         self.assertIsInstance(endpoint, UNIXServerEndpoint)
 
     def test_reuse_port_needs_plain_tcp(self):
+        """SO_REUSEPORT is refused for anything but plain TCP."""
         with self.assertRaises(ValueError):
             tcp.server_endpoint(reactor, "unix:/tmp/ssx-test.sock", 4096, reuse_port=True)
 
     def test_other_reactors_get_twisteds_tcp(self):
+        """On a reactor that is not Twisted's POSIX one, listen and connect fall back to listenTCP/connectTCP."""
         memory = MemoryReactor()
         tcp.listen(memory, 1080, _Factory(_Keep), 50, "127.0.0.1")
         tcp.connect(memory, "127.0.0.1", 8388, _Factory(_Keep), 5)
@@ -195,6 +202,7 @@ class PullProducerTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_pull_producer_is_resumed_after_an_immediate_send(self):
+        """A pull producer gets every chunk out, not only the first."""
         made: defer.Deferred = defer.Deferred()
         port = tcp.listen(reactor, 0, _Factory(lambda: _Keep(made)), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
