@@ -287,6 +287,13 @@ class ObfsTests(PluginTestCase):
              "-m", METHOD, "--plugin", "obfs-local", "--plugin-opts", "obfs=http;obfs-host=www.bing.com"],
             socks_port,
         )
+        # ss-local listens before the obfs-local it starts does: a request
+        # in between is refused. The plugin says when it listens.
+        deadline = reactor.seconds() + 10
+        while "[simple-obfs] INFO: listening at" not in child.text():
+            if reactor.seconds() > deadline:
+                self.fail(f"obfs-local never listened; ss-local's output:\n{child.text()}")
+            await deferLater(reactor, 0.05, lambda: None)
         await self.echo_through(socks_port, context=f"--- ss-local ---\n{child.text()}")
 
     def test_libev_local_against_ssx_server(self):
