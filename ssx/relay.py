@@ -29,7 +29,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ssx import tcp
-from ssx.tcp import READ_SIZE
 from ssx.errors import ProtocolError
 
 __all__ = [
@@ -165,8 +164,8 @@ class RelayProtocol(Protocol):
         self.peer = peer
         peer.peer = self
         for side in (self, peer):
-            if getattr(side.transport, "bufferSize", READ_SIZE) != READ_SIZE:
-                side.transport.bufferSize = READ_SIZE  # ssx.tcp's transports have it already
+            if getattr(side.transport, "bufferSize", tcp.READ_SIZE) != tcp.READ_SIZE:
+                side.transport.bufferSize = tcp.READ_SIZE  # ssx.tcp's transports have it already
         self.clock = peer.clock = clock
         self.linger = peer.linger = linger
         self.transport.registerProducer(peer.transport, True)

@@ -12,13 +12,10 @@ and fall back to Twisted's buffering for whatever the kernel does not take
 
 `listen` and `connect` use them on Twisted's own POSIX reactors, and
 plain `listenTCP`/`connectTCP` on anything else (a `MemoryReactor` in tests).
-`listen` can also set SO_REUSEPORT, so that several processes can share one
-port.
 """
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 from twisted.internet import defer, tcp
@@ -108,16 +105,9 @@ class Client(_SendAtOnce, tcp.Client):
 
 
 class Port(tcp.Port):
-    """A listening port whose connections send at once; optionally SO_REUSEPORT."""
+    """A listening port whose connections send at once."""
 
     transport = Server
-    reuse_port = False
-
-    def createInternetSocket(self) -> socket.socket:
-        s = tcp.Port.createInternetSocket(self)
-        if self.reuse_port:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        return s
 
 
 class Connector(tcp.Connector):
@@ -129,16 +119,11 @@ def _fast(reactor: Any) -> bool:
     return isinstance(reactor, PosixReactorBase)
 
 
-def listen(
-    reactor: Any, port: int, factory: Factory, backlog: int = 50, interface: str = "", reuse_port: bool = False
-) -> IListeningPort:
-    """Like `reactor.listenTCP`, with these transports (and SO_REUSEPORT if asked)."""
+def listen(reactor: Any, port: int, factory: Factory, backlog: int = 50, interface: str = "") -> IListeningPort:
+    """Like `reactor.listenTCP`, with these transports."""
     if not _fast(reactor):
-        if reuse_port:
-            raise ValueError("SO_REUSEPORT needs a POSIX reactor")
         return reactor.listenTCP(port, factory, backlog, interface)
     listening = Port(port, factory, backlog, interface, reactor)
-    listening.reuse_port = reuse_port
     listening.startListening()
     return listening
 
@@ -156,29 +141,26 @@ def connect(reactor: Any, host: str, port: int, factory: ClientFactory, timeout:
 class ServerEndpoint:
     """A TCP server endpoint that listens with `listen`."""
 
-    def __init__(self, reactor: Any, port: int, backlog: int, interface: str, reuse_port: bool = False) -> None:
+    def __init__(self, reactor: Any, port: int, backlog: int, interface: str) -> None:
         self.reactor = reactor
         self.port = port
         self.backlog = backlog
         self.interface = interface
-        self.reuse_port = reuse_port
 
     def listen(self, factory: Factory) -> defer.Deferred:
-        return defer.execute(listen, self.reactor, self.port, factory, self.backlog, self.interface, self.reuse_port)
+        return defer.execute(listen, self.reactor, self.port, factory, self.backlog, self.interface)
 
 
-def server_endpoint(reactor: Any, description: str, backlog: int, reuse_port: bool = False) -> IStreamServerEndpoint:
+def server_endpoint(reactor: Any, description: str, backlog: int) -> IStreamServerEndpoint:
     """
     `serverFromString(reactor, description)`, except that plain TCP listens
-    with these transports, with `backlog` unless the description gives one,
-    and with SO_REUSEPORT if asked (refused for anything but plain TCP).
+    with these transports, and with `backlog` unless the description gives
+    one.
     """
     endpoint = serverFromString(reactor, description)
     if isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
         # Twisted keeps the parsed description in private attributes.
         if "backlog=" in description:
             backlog = endpoint._backlog
-        return ServerEndpoint(reactor, endpoint._port, backlog, endpoint._interface, reuse_port)
-    if reuse_port:
-        raise ValueError(f"{description}: several workers need a plain tcp: listener")
+        return ServerEndpoint(reactor, endpoint._port, backlog, endpoint._interface)
     return endpoint

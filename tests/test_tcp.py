@@ -131,17 +131,8 @@ class SendAtOnceTests(unittest.TestCase):
         got = yield client.lost
         self.assertEqual(got, secret)
 
-    def test_reuse_port_lets_two_listeners_share_a_port(self):
-        """With reuse_port, a second listener binds the port the first one holds."""
-        first = tcp.listen(reactor, 0, _Factory(_Keep), interface="127.0.0.1", reuse_port=True)
-        self.addCleanup(first.stopListening)
-        number = first.getHost().port
-        second = tcp.listen(reactor, number, _Factory(_Keep), interface="127.0.0.1", reuse_port=True)
-        self.addCleanup(second.stopListening)
-        self.assertEqual(second.getHost().port, number)
-
-    def test_without_reuse_port_a_taken_port_is_refused(self):
-        """Without it, binding a port in use fails as with listenTCP."""
+    def test_a_taken_port_is_refused(self):
+        """Binding a port in use fails with CannotListenError, as with listenTCP."""
         first = tcp.listen(reactor, 0, _Factory(_Keep), interface="127.0.0.1")
         self.addCleanup(first.stopListening)
         with self.assertRaises(CannotListenError):
@@ -152,8 +143,10 @@ class EndpointTests(unittest.TestCase):
     def test_plain_tcp_gets_these_transports_and_the_backlog(self):
         """A tcp: description becomes an endpoint that listens with ssx.tcp's port and the given backlog."""
         endpoint = tcp.server_endpoint(reactor, "tcp:0:interface=127.0.0.1", 4096)
-        self.assertIsInstance(endpoint, tcp.ServerEndpoint)
-        self.assertEqual((endpoint.port, endpoint.interface, endpoint.backlog), (0, "127.0.0.1", 4096))
+        port = self.successResultOf(endpoint.listen(_Factory(_Keep)))
+        self.addCleanup(port.stopListening)
+        self.assertIsInstance(port, tcp.Port)
+        self.assertEqual((port.getHost().host, port.backlog), ("127.0.0.1", 4096))
 
     def test_a_backlog_in_the_description_wins(self):
         """backlog= in the description overrides the default backlog."""
@@ -164,11 +157,6 @@ class EndpointTests(unittest.TestCase):
         """Other endpoint kinds (here unix:) are Twisted's own."""
         endpoint = tcp.server_endpoint(reactor, "unix:/tmp/ssx-test.sock", 4096)
         self.assertIsInstance(endpoint, UNIXServerEndpoint)
-
-    def test_reuse_port_needs_plain_tcp(self):
-        """SO_REUSEPORT is refused for anything but plain TCP."""
-        with self.assertRaises(ValueError):
-            tcp.server_endpoint(reactor, "unix:/tmp/ssx-test.sock", 4096, reuse_port=True)
 
     def test_other_reactors_get_twisteds_tcp(self):
         """On a reactor that is not Twisted's POSIX one, listen and connect fall back to listenTCP/connectTCP."""

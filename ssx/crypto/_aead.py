@@ -3,9 +3,10 @@ AEAD-2017 framing (SIP004/SIP007, wire.md §6): TCP chunk codec and UDP packets.
 
 This is the hot path of every AEAD connection: each byte a relay forwards goes
 through `AeadTcpEncryptor.encrypt` on one side and `AeadTcpDecryptor.decrypt`
-on the other, so both keep Python-level work per chunk to a minimum (one AEAD
-object per direction, an integer nonce, memoryview slices instead of copies,
-one join per call).
+on the other, so both keep Python-level work per chunk to a minimum (an AEAD
+object built per call from the kept subkey, an integer nonce, memoryview
+slices instead of copies, one join per call).  The decryptor's chunk loop
+is `_chunks.ChunkDecoder`, shared with the 2022 edition.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable, Union
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from ssx.crypto._chunks import TAG_SIZE, ChunkDecoder, Open
 from ssx.crypto._kdf import derive_subkey
 from ssx.errors import AuthenticationError, ProtocolError
 
@@ -38,10 +40,8 @@ AEAD_PRIMITIVES: dict[str, AeadFactory] = {
     "chacha20-ietf-poly1305": ChaCha20Poly1305,
 }
 
-TAG_SIZE = 16
 # The top two bits of the length are reserved (SIP004), hence 14 bits.
 MAX_PAYLOAD = 0x3FFF
-_LENGTH_BLOCK = 2 + TAG_SIZE
 _ZERO_NONCE = bytes(12)
 
 
@@ -96,118 +96,44 @@ class AeadTcpEncryptor:
         return b"".join(parts)
 
 
-class AeadTcpDecryptor:
+class AeadTcpDecryptor(ChunkDecoder):
     """
-    One direction of an AEAD TCP stream, receiving side.
+    One direction of an AEAD TCP stream, receiving side: the salt, then
+    chunks (the loop is `ChunkDecoder`'s).
 
-    Accepts any fragmentation.  Strict per the spec's recommendation: a zero
-    or over-long length is an error, as is any failed tag; after an error
-    the decryptor refuses further input, since its nonce is out of step.
+    Strict per the spec's recommendation: a zero or over-long length is an
+    error, as is any failed tag.
     """
 
-    __slots__ = (
-        "_factory",
-        "_master_key",
-        "_salt_size",
-        "_subkey",
-        "_nonce",
-        "_pending",
-        "_need",
-        "_buffer",
-        "_dead",
-        "salt",
-    )
+    __slots__ = ("_factory", "_master_key", "_salt_size", "_subkey", "salt")
+
+    _MIN_LENGTH = 1
+    _MAX_LENGTH = MAX_PAYLOAD
 
     def __init__(self, factory: AeadFactory, master_key: bytes, salt_size: int) -> None:
+        super().__init__(salt_size)
         self._factory = factory
         self._master_key = master_key
         self._salt_size = salt_size
         # The subkey once the salt arrived; the AEAD context is built per call
         # (see AeadTcpEncryptor) so that idle connections do not hold one.
         self._subkey: bytes | None = None
-        self._nonce = 0
-        # Payload length whose length block is already opened, or 0.
-        self._pending = 0
-        # Bytes the buffer must hold before anything can be opened; lets a
-        # small TCP segment that completes nothing return at once.
-        self._need = salt_size
-        self._buffer = bytearray()
-        self._dead = False
         #: The peer's salt once received (for replay filters), else None.
         self.salt: bytes | None = None
 
-    def decrypt(self, data: bytes) -> bytes:
-        """Return the plaintext of every chunk completed by `data`."""
-        if self._dead:
-            raise ProtocolError("AEAD stream already failed")
-        buffer = self._buffer
-        if len(buffer) + len(data) < self._need:
-            buffer += data
-            return b""
-        try:
-            return self._decrypt(buffer, data)
-        except InvalidTag:
-            self._dead = True
-            raise AuthenticationError("AEAD tag mismatch") from None
-        except BaseException:
-            self._dead = True
-            raise
+    def _opener(self) -> Open | None:
+        subkey = self._subkey
+        return None if subkey is None else self._factory(subkey).decrypt
 
-    def _decrypt(self, buffer: bytearray, data: bytes) -> bytes:
-        if buffer:
-            buffer += data
-            source: bytes | bytearray = buffer
-        else:
-            # Fast path: work on the caller's bytes, copy only a leftover tail.
-            source = data
-        total = len(source)
-        parts: list[bytes] = []
-        append = parts.append
-        with memoryview(source) as view:
-            position = 0
-            if self._subkey is None:
-                position = self._salt_size
-                self._start(bytes(view[:position]))
-            assert self._subkey is not None
-            open_ = self._factory(self._subkey).decrypt
-            nonce = self._nonce
-            length = self._pending
-            try:
-                while True:
-                    if not length:
-                        end = position + _LENGTH_BLOCK
-                        if end > total:
-                            break
-                        length = int.from_bytes(
-                            open_(nonce.to_bytes(12, "little"), view[position:end], None),
-                            "big",
-                        )
-                        nonce += 1
-                        if not 0 < length <= MAX_PAYLOAD:
-                            raise ProtocolError(f"bad AEAD chunk length {length}")
-                        position = end
-                    end = position + length + TAG_SIZE
-                    if end > total:
-                        break
-                    append(open_(nonce.to_bytes(12, "little"), view[position:end], None))
-                    nonce += 1
-                    position = end
-                    length = 0
-            finally:
-                self._nonce = nonce
-                self._pending = length
-        self._need = length + TAG_SIZE if length else _LENGTH_BLOCK
-        if source is buffer:
-            del buffer[:position]
-        elif position < total:
-            buffer += memoryview(data)[position:]
-        if len(parts) == 1:
-            return parts[0]
-        return b"".join(parts)
-
-    def _start(self, salt: bytes) -> None:
+    def _read_header(self, view: memoryview, parts: list[bytes]) -> int:
+        size = self._salt_size
+        if len(view) < size:
+            self._need = size
+            return 0
+        salt = bytes(view[:size])
         self._subkey = derive_subkey(self._master_key, salt)
         self.salt = salt
+        return size
 
 
 def aead_udp_seal(
