@@ -16,9 +16,10 @@ from twisted.names import client as dns_client, dns, server as dns_server
 from twisted.trial import unittest
 
 from ssx.address import Address, encode_address
-from ssx.crypto import CipherSuite
+from ssx.crypto import CipherSuite, generate_psk, make_suite
+from ssx.crypto._2022 import UdpClientSession, parse_password
 from ssx.forbidden import parse_forbidden
-from ssx.server_udp import ShadowsocksUdpRelay
+from ssx.server_udp import Shadowsocks2022UdpRelay, ShadowsocksUdpRelay
 from tests import support
 from tests.test_resolver import Zone
 
@@ -341,3 +342,62 @@ class ServerUdpRelayTests(unittest.SynchronousTestCase):
         self.assertEqual(to, client)
         self.assertEqual(self.suite.udp_open(packet), encode_address(Address("203.0.113.9", 5353)) + b"answer")
         del protocol
+
+
+class Server2022SessionTests(unittest.SynchronousTestCase):
+    """The 2022 server relay's sessions on a fake reactor: each belongs to the user a packet authenticated as."""
+
+    method = "2022-blake3-aes-256-gcm"
+
+    def setUp(self) -> None:
+        self.reactor = _FakeUdpReactor()
+        self.reactor.advance(1_700_000_000)
+        psk, alice, bob = (generate_psk(self.method) for _ in range(3))
+        self.passwords = {"alice": f"{psk}:{alice}", "bob": f"{psk}:{bob}"}
+        suite = make_suite(self.method, psk, users={"alice": alice, "bob": bob}, now=self.reactor.seconds)
+        self.relay = Shadowsocks2022UdpRelay(self.reactor, suite, None, parse_forbidden(None), timeout=60, capacity=100)
+        self.relay.transport = _FakePort()
+        self.relay.startProtocol()
+        self.addCleanup(self.relay.stopProtocol)
+
+    def client(self, user: str, session_id: bytes | None = None) -> UdpClientSession:
+        keys = parse_password(self.method, self.passwords[user])
+        return UdpClientSession(self.method, keys, now=self.reactor.seconds, session_id=session_id)
+
+    def session_of(self, user: str):
+        [key] = [key for key in self.relay.nat if key[0].name == user]
+        return key, self.relay.nat.peek(key)
+
+    def test_other_user_cannot_take_a_session(self):
+        """A packet of user B under user A's session ID neither moves A's replies nor advances A's window."""
+        target = Address("93.184.216.34", 53)
+        alice_address, bob_address = ("198.51.100.1", 4000), ("198.51.100.2", 5000)
+        alice = self.client("alice")
+        for _ in range(3):
+            self.relay.datagramReceived(alice.encode(target, b"a"), alice_address)
+        bob = self.client("bob", session_id=alice.session_id)
+        bob.packet_id = 20_000
+        self.relay.datagramReceived(bob.encode(target, b"b"), bob_address)
+        self.assertEqual(len(self.relay.nat), 2)
+        alice_key, alice_session = self.session_of("alice")
+        bob_key, bob_session = self.session_of("bob")
+        self.assertEqual((alice_session.client, bob_session.client), (alice_address, bob_address))
+        # Alice's window did not move: her next packet ID is still fresh.
+        self.relay.datagramReceived(alice.encode(target, b"a"), alice_address)
+        self.assertEqual(self.relay.dropped, 0)
+        # Each session's replies go to its own user, sealed with that user's key.
+        self.relay.reply(alice_key, Address("93.184.216.34", 53), b"for alice")
+        self.relay.reply(bob_key, Address("93.184.216.34", 53), b"for bob")
+        [(to_alice, address_a), (to_bob, address_b)] = self.relay.transport.written
+        self.assertEqual((address_a, address_b), (alice_address, bob_address))
+        self.assertEqual(alice.decode(to_alice).payload, b"for alice")
+        self.assertEqual(bob.decode(to_bob).payload, b"for bob")
+
+    def test_same_user_moves_its_session(self):
+        """A session's own user sending from a new address moves its replies there (the client roamed)."""
+        alice = self.client("alice")
+        target = Address("93.184.216.34", 53)
+        self.relay.datagramReceived(alice.encode(target, b"a"), ("198.51.100.1", 4000))
+        self.relay.datagramReceived(alice.encode(target, b"a"), ("198.51.100.9", 4001))
+        key, session = self.session_of("alice")
+        self.assertEqual((len(self.relay.nat), session.client), (1, ("198.51.100.9", 4001)))
