@@ -214,7 +214,7 @@ async def next_datagram(inbox, seconds: float = 5.0) -> tuple[bytes, tuple]:
 
 
 class UdpSessionOwnerTests(unittest.TestCase):
-    """2022 UDP sessions belong to the user who opened them."""
+    """2022 UDP sessions belong to the user who opened them, and replies are checked for replays at ssx-local."""
 
     method = "2022-blake3-aes-256-gcm"
 
@@ -261,6 +261,40 @@ class UdpSessionOwnerTests(unittest.TestCase):
     def test_session_id_of_another_user(self):
         """On a multi-user port, user B sending under user A's session ID gets a session of his own: A's replies and window stay A's."""
         return defer.Deferred.fromCoroutine(self._takeover())
+
+    async def _replayed_reply(self) -> None:
+        method = self.method
+        psk = generate_psk(method)
+        # The test is the server: a UDP socket ssx-local sends to.
+        server_inbox, server_socket = self.udp_socket()
+        local, socks_port = support.start_local(
+            server_socket.getHost().port, method=method, password=psk, mode="tcp_and_udp"
+        )
+        self.addCleanup(local.stopService)
+        client = support.Socks5UdpClient()
+        self.addCleanup(client.close)
+        self.assertEqual(await client.open(socks_port), 0)
+        client.send("127.0.0.1", 9, b"question")
+        data, local_address = await next_datagram(server_inbox)
+        decoder = make_suite(method, psk).udp_server_decoder()
+        question = decoder.decode(data)
+        self.assertEqual(question.payload, b"question")
+        reply_side = decoder.session(question)
+        header = support.socks5_udp_header("127.0.0.1", 9)
+        first = reply_side.encode(Address("127.0.0.1", 9), b"answer 1")
+        server_socket.write(first, local_address)
+        self.assertEqual((await next_datagram(client.udp))[0], header + b"answer 1")
+        # The same reply again (a replay), then a new one: only the new one
+        # reaches the application.
+        server_socket.write(first, local_address)
+        server_socket.write(reply_side.encode(Address("127.0.0.1", 9), b"answer 2"), local_address)
+        self.assertEqual((await next_datagram(client.udp))[0], header + b"answer 2")
+        relay = local.udp_relays[0]
+        self.assertEqual((relay.received, relay.dropped), (1, 1))
+
+    def test_replayed_reply_dropped_by_local(self):
+        """A server reply replayed to ssx-local is dropped and counted; the application sees it once."""
+        return defer.Deferred.fromCoroutine(self._replayed_reply())
 
 
 class Config2022Tests(unittest.SynchronousTestCase):
