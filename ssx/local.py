@@ -34,7 +34,7 @@ from ssx.address import Address, encode_address
 from ssx.crypto import TcpClientCodec
 from ssx.errors import AddressError, Socks5Error
 from ssx.interfaces import IServerPicker
-from ssx.local_udp import Socks5UdpRelay
+from ssx.local_udp import Socks5Association, Socks5UdpRelay
 from ssx.picker import Upstream
 from ssx.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol
 
@@ -315,7 +315,7 @@ class Socks5LocalProtocol(LocalRelayProtocol):
         self._negotiation: socks5.Socks5Negotiation | None = socks5.Socks5Negotiation(
             factory.credentials, factory.commands
         )
-        self._associated_ip: str | None = None
+        self._association: Socks5Association | None = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._negotiation is not None:
@@ -341,16 +341,26 @@ class Socks5LocalProtocol(LocalRelayProtocol):
             return
         self._negotiation = None
         if request.command == socks5.CMD_UDP_ASSOCIATE:
-            self._associate()
+            self._associate(request.address)
         else:
             self.open_relay(request.address, request.extra)
 
-    def _associate(self) -> None:
+    def _associate(self, requested: Address) -> None:
         relay = self.factory.udp_relay
         assert relay is not None and relay.transport is not None
+        # The association is this application's alone: its IP, and the port
+        # it named or else the one its first datagram comes from.
+        peer = self.transport.getPeer().host
+        port = socks5.associate_source_port(requested, peer)
+        association = relay.associate(peer, port)
+        if association is None:
+            _log.info("UDP ASSOCIATE from {peer} refused: another association sends from port {port}", peer=peer, port=port)
+            self._state = _CLOSED
+            self.transport.write(socks5.build_reply(socks5.REP_NOT_ALLOWED))
+            self.transport.loseConnection()
+            return
         self._state = _ASSOCIATED
-        self._associated_ip = self.transport.getPeer().host
-        relay.associate(self._associated_ip)
+        self._association = association
         self.set_idle_timeout(self.factory.timeout)
         # The address the application reached us on, with the UDP port.
         bind = Address(self.transport.getHost().host, relay.transport.getHost().port)
@@ -371,10 +381,10 @@ class Socks5LocalProtocol(LocalRelayProtocol):
 
     def timeoutConnection(self) -> None:
         relay = self.factory.udp_relay
-        if self._state == _ASSOCIATED and relay is not None and self._associated_ip is not None:
+        if self._state == _ASSOCIATED and relay is not None and self._association is not None:
             # The control connection idles by design; the association lives
             # while its application keeps using UDP.
-            if relay.active(self._associated_ip):
+            if relay.active(self._association):
                 self.set_idle_timeout(self.factory.timeout)
                 return
             self.transport.loseConnection()
@@ -382,9 +392,9 @@ class Socks5LocalProtocol(LocalRelayProtocol):
         LocalRelayProtocol.timeoutConnection(self)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self._associated_ip is not None and self.factory.udp_relay is not None:
-            self.factory.udp_relay.dissociate(self._associated_ip)
-            self._associated_ip = None
+        if self._association is not None and self.factory.udp_relay is not None:
+            self.factory.udp_relay.dissociate(self._association)
+            self._association = None
         LocalRelayProtocol.connectionLost(self, reason)
 
 

@@ -26,7 +26,7 @@ from ssx.nat import SweptNatProtocol, send_datagram
 from ssx.server_udp import MAX_DATAGRAM, READ_SIZE
 from ssx.socks5 import UDP_HEADER, udp_to_shadowsocks
 
-__all__ = ["LocalUdpRelay", "Socks5UdpRelay", "TunnelUdpRelay"]
+__all__ = ["LocalUdpRelay", "Socks5Association", "Socks5UdpRelay", "TunnelUdpRelay"]
 
 _log = Logger()
 
@@ -156,12 +156,13 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
-        if not self.accepts(addr):
-            self.dropped += 1
-            return
         try:
             plaintext = self.to_server(data)
         except ProtocolError:
+            self.dropped += 1
+            return
+        # After parsing: a malformed datagram must not claim an association.
+        if not self.accepts(addr):
             self.dropped += 1
             return
         sock = self.nat.get(addr)
@@ -195,38 +196,99 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
             self.dropped += 1
 
 
+class Socks5Association:
+    """
+    One SOCKS5 UDP ASSOCIATE: the application address (IP, port) whose
+    datagrams it relays.  The IP is the control connection's; the port is
+    the one the request named, or else that of the first datagram from the
+    IP that no other association holds.
+    """
+
+    __slots__ = ("ip", "port")
+
+    def __init__(self, ip: str, port: int | None) -> None:
+        self.ip = ip
+        #: None until known.
+        self.port = port
+
+    def __repr__(self) -> str:
+        return f"<Socks5Association {self.ip} port {self.port}>"
+
+
 class Socks5UdpRelay(LocalUdpRelay):
     """
-    The UDP side of SOCKS5 UDP ASSOCIATE: datagrams are accepted only from
-    the IPs of applications holding an association (their TCP control
-    connection); when the last one from an IP ends, its NAT entries go too.
+    The UDP side of SOCKS5 UDP ASSOCIATE: each association (TCP control
+    connection) owns one application address, and datagrams from any
+    other address are dropped and counted in `unassociated`, so a process
+    that did not authenticate cannot use another's association even from
+    the same IP.  When the control connection ends, so does the
+    association, with its NAT entry.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.associations: dict[str, int] = {}
+        # (IP, port) -> the association that owns the address.
+        self._owners: dict[tuple[str, int], Socks5Association] = {}
+        # IP -> associations that have not seen their first datagram, oldest first.
+        self._waiting: dict[str, list[Socks5Association]] = {}
+        #: Datagrams from an address no association owns.
+        self.unassociated = 0
 
-    def associate(self, ip: str) -> None:
-        self.associations[_plain_ip(ip)] = self.associations.get(_plain_ip(ip), 0) + 1
-
-    def dissociate(self, ip: str) -> None:
+    def associate(self, ip: str, port: int | None = None) -> Socks5Association | None:
+        """
+        A new association for the application at `ip` sending from `port`
+        (None: its first datagram will tell); None if another association
+        owns that address already.
+        """
         ip = _plain_ip(ip)
-        count = self.associations.get(ip, 0) - 1
-        if count > 0:
-            self.associations[ip] = count
+        if port is None:
+            association = Socks5Association(ip, None)
+            self._waiting.setdefault(ip, []).append(association)
+            return association
+        if (ip, port) in self._owners:
+            return None
+        association = Socks5Association(ip, port)
+        self._owners[(ip, port)] = association
+        return association
+
+    def dissociate(self, association: Socks5Association) -> None:
+        """End `association`: its address's datagrams are dropped from now on."""
+        if association.port is None:
+            waiting = self._waiting.get(association.ip, [])
+            if association in waiting:
+                waiting.remove(association)
+            if not waiting:
+                self._waiting.pop(association.ip, None)
             return
-        self.associations.pop(ip, None)
-        for client in self.nat:
-            if _plain_ip(client[0]) == ip:
-                self.nat.remove(client)
+        address = (association.ip, association.port)
+        if self._owners.get(address) is association:
+            del self._owners[address]
+            for client in self.nat:
+                if _plain_address(client) == address:
+                    self.nat.remove(client)
 
-    def active(self, ip: str) -> bool:
-        """Whether any application at `ip` used UDP within the timeout."""
-        ip = _plain_ip(ip)
-        return any(_plain_ip(client[0]) == ip for client in self.nat)
+    def active(self, association: Socks5Association) -> bool:
+        """Whether `association`'s application used UDP within the timeout."""
+        if association.port is None:
+            return False
+        address = (association.ip, association.port)
+        return any(_plain_address(client) == address for client in self.nat)
 
     def accepts(self, client: tuple) -> bool:
-        return _plain_ip(client[0]) in self.associations
+        """Whether `client` owns an association, or now claims the oldest one waiting at its IP."""
+        address = _plain_address(client)
+        if address in self._owners:
+            return True
+        waiting = self._waiting.get(address[0])
+        if not waiting:
+            self.unassociated += 1
+            return False
+        association = waiting.pop(0)
+        if not waiting:
+            del self._waiting[address[0]]
+        association.port = address[1]
+        self._owners[address] = association
+        return True
 
     def to_server(self, datagram: bytes) -> bytes:
         return udp_to_shadowsocks(datagram)
@@ -256,3 +318,8 @@ class TunnelUdpRelay(LocalUdpRelay):
 def _plain_ip(ip: str) -> str:
     """IPv4-mapped IPv6 as plain IPv4, so both spellings of a client match."""
     return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+def _plain_address(client: tuple) -> tuple[str, int]:
+    """(IP, port) of a datagram's source, whatever its tuple's form."""
+    return _plain_ip(client[0]), client[1]

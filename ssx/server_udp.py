@@ -167,9 +167,9 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
 
 
 class _Session:
-    """A 2022 client session: its reply side, replay window, latest address and sockets."""
+    """A 2022 client session (key: user, session ID): its reply side, replay window, latest address and sockets."""
 
-    def __init__(self, relay: "Shadowsocks2022UdpRelay", key: bytes, client: tuple, reply_session: Any) -> None:
+    def __init__(self, relay: "Shadowsocks2022UdpRelay", key: tuple, client: tuple, reply_session: Any) -> None:
         self.client = client
         self.reply_session = reply_session
         self.window = relay.suite.replay_window()
@@ -184,10 +184,13 @@ class _Session:
 
 class Shadowsocks2022UdpRelay(ShadowsocksUdpRelay):
     """
-    The 2022 edition's UDP port: sessions are keyed by the client's session
-    ID, not its address, so a client that moves keeps its session (replies
-    go to the latest address that sent a valid packet); each session drops
-    replayed or too old packet IDs.
+    The 2022 edition's UDP port: sessions are keyed by the user a packet
+    authenticated as and the client's session ID, not its address, so a
+    client that moves keeps its session (replies go to the latest address
+    that sent a valid packet); each session drops replayed or too old
+    packet IDs.  The session ID travels under the port's PSK, which every
+    user of a multi-user port holds: without the user in the key, one user
+    could move another's session (and its replies) to itself.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -201,7 +204,7 @@ class Shadowsocks2022UdpRelay(ShadowsocksUdpRelay):
         except ProtocolError:
             self.dropped += 1
             return
-        key = packet.session_id
+        key = (packet.user, packet.session_id)
         session = self.nat.get(key)
         if session is None:
             session = _Session(self, key, addr, self._decoder.session(packet))

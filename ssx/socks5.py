@@ -13,6 +13,7 @@ address is the same header the Shadowsocks layer sends (`ssx.address`).
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from dataclasses import dataclass
 from enum import Enum, auto
 
@@ -42,6 +43,7 @@ __all__ = [
     "Socks5Negotiation",
     "UDP_HEADER",
     "udp_to_shadowsocks",
+    "associate_source_port",
 ]
 
 CMD_CONNECT, CMD_BIND, CMD_UDP_ASSOCIATE = 1, 2, 3
@@ -114,6 +116,37 @@ def udp_to_shadowsocks(datagram: bytes) -> bytes:
     if decode_address(plaintext) is None:
         raise AddressError("SOCKS5 UDP datagram truncated inside its address")
     return plaintext
+
+
+def associate_source_port(requested: Address, peer_host: str) -> int | None:
+    """
+    The UDP port an ASSOCIATE request says its datagrams will come from,
+    or None when it does not say.
+
+    RFC 1928 §6 puts in DST.ADDR:DST.PORT the address the client will send
+    from, all zeros when it does not know yet.  The port counts only when
+    it is non-zero and DST.ADDR is unspecified or the control connection's
+    own IP: some clients put the target there instead, or a local address
+    a NAT rewrites, and those must still work (their association learns
+    its port from its first datagram).  The IP is always the control
+    connection's, never DST.ADDR: an association cannot vouch for another
+    host.
+    """
+    if requested.port == 0:
+        return None
+    try:
+        named = _unmapped(ipaddress.ip_address(requested.host))
+        peer = _unmapped(ipaddress.ip_address(peer_host.split("%", 1)[0]))
+    except ValueError:
+        return None
+    if named.is_unspecified or named == peer:
+        return requested.port
+    return None
+
+
+def _unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return mapped if mapped is not None else ip
 
 
 def build_reply(code: int, bind: Address = Address("0.0.0.0", 0)) -> bytes:

@@ -13,13 +13,14 @@ import subprocess
 import sys
 import time
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from ssx.address import Address
 from ssx.config import server_config
 from ssx.crypto import generate_psk, make_suite
+from ssx.crypto._2022 import UdpClientSession, parse_password
 from ssx.errors import ConfigError
 from tests import support
 from tests.test_udp import mixed_payloads
@@ -187,6 +188,113 @@ class Defences2022Tests(Chain2022TestCase):
     def test_reused_packet_id_dropped(self):
         """A UDP packet sent twice (same session and packet ID) is relayed once; the copy is dropped."""
         return defer.Deferred.fromCoroutine(self._packet_id())
+
+
+class _Inbox(protocol.DatagramProtocol):
+    """A UDP socket's datagrams, in order of arrival."""
+
+    def __init__(self) -> None:
+        self.queue: defer.DeferredQueue = defer.DeferredQueue()
+
+    def datagramReceived(self, data: bytes, addr: tuple) -> None:
+        self.queue.put((data, addr))
+
+
+async def next_datagram(inbox, seconds: float = 5.0) -> tuple[bytes, tuple]:
+    """The next datagram of an inbox (anything with a DeferredQueue `queue`); AssertionError after `seconds`."""
+    d = inbox.queue.get()
+    timer = reactor.callLater(seconds, d.cancel)
+    try:
+        return await d
+    except defer.CancelledError:
+        raise AssertionError(f"no datagram within {seconds:g} s") from None
+    finally:
+        if timer.active():
+            timer.cancel()
+
+
+class UdpSessionOwnerTests(unittest.TestCase):
+    """2022 UDP sessions belong to the user who opened them, and replies are checked for replays at ssx-local."""
+
+    method = "2022-blake3-aes-256-gcm"
+
+    def udp_socket(self) -> tuple[_Inbox, object]:
+        inbox = _Inbox()
+        port = reactor.listenUDP(0, inbox, interface="127.0.0.1", maxPacketSize=65535)
+        self.addCleanup(port.stopListening)
+        return inbox, port
+
+    async def _takeover(self) -> None:
+        method = self.method
+        server_psk, alice, bob = (generate_psk(method) for _ in range(3))
+        users = [{"name": "alice", "password": alice}, {"name": "bob", "password": bob}]
+        server, port = support.start_server(method=method, password=server_psk, users=users, mode="tcp_and_udp")
+        self.addCleanup(server.stopService)
+        echo_port, _ = support.listen_udp_echo()
+        self.addCleanup(echo_port.stopListening)
+        target = Address("127.0.0.1", echo_port.getHost().port)
+        to_server = ("127.0.0.1", port)
+        alice_inbox, alice_socket = self.udp_socket()
+        bob_inbox, bob_socket = self.udp_socket()
+        alice_session = UdpClientSession(method, parse_password(method, f"{server_psk}:{alice}"), now=time.time)
+        alice_socket.write(alice_session.encode(target, b"alice 1"), to_server)
+        self.assertEqual(alice_session.decode((await next_datagram(alice_inbox))[0]).payload, b"alice 1")
+        # Bob holds the port's PSK too, so he can read Alice's session ID off
+        # her packets; he sends under it, his packet IDs far ahead of hers.
+        bob_session = UdpClientSession(
+            method, parse_password(method, f"{server_psk}:{bob}"), now=time.time, session_id=alice_session.session_id
+        )
+        bob_session.packet_id = 20_000
+        bob_socket.write(bob_session.encode(target, b"bob 1"), to_server)
+        # What comes back to Bob is his own session's reply, sealed with his
+        # key: not a reply of Alice's session.
+        self.assertEqual(bob_session.decode((await next_datagram(bob_inbox))[0]).payload, b"bob 1")
+        # Alice's session still answers her, packet IDs and all.
+        alice_socket.write(alice_session.encode(target, b"alice 2"), to_server)
+        self.assertEqual(alice_session.decode((await next_datagram(alice_inbox))[0]).payload, b"alice 2")
+        # And Bob got nothing of hers in between: his next datagram answers his next packet.
+        bob_socket.write(bob_session.encode(target, b"bob 2"), to_server)
+        self.assertEqual(bob_session.decode((await next_datagram(bob_inbox))[0]).payload, b"bob 2")
+        relay = server.udp_relays[0]
+        self.assertEqual((len(relay.nat), relay.dropped), (2, 0))
+
+    def test_session_id_of_another_user(self):
+        """On a multi-user port, user B sending under user A's session ID gets a session of his own: A's replies and window stay A's."""
+        return defer.Deferred.fromCoroutine(self._takeover())
+
+    async def _replayed_reply(self) -> None:
+        method = self.method
+        psk = generate_psk(method)
+        # The test is the server: a UDP socket ssx-local sends to.
+        server_inbox, server_socket = self.udp_socket()
+        local, socks_port = support.start_local(
+            server_socket.getHost().port, method=method, password=psk, mode="tcp_and_udp"
+        )
+        self.addCleanup(local.stopService)
+        client = support.Socks5UdpClient()
+        self.addCleanup(client.close)
+        self.assertEqual(await client.open(socks_port), 0)
+        client.send("127.0.0.1", 9, b"question")
+        data, local_address = await next_datagram(server_inbox)
+        decoder = make_suite(method, psk).udp_server_decoder()
+        question = decoder.decode(data)
+        self.assertEqual(question.payload, b"question")
+        reply_side = decoder.session(question)
+        header = support.socks5_udp_header("127.0.0.1", 9)
+        first = reply_side.encode(Address("127.0.0.1", 9), b"answer 1")
+        server_socket.write(first, local_address)
+        self.assertEqual((await next_datagram(client.udp))[0], header + b"answer 1")
+        # The same reply again (a replay), then a new one: only the new one
+        # reaches the application.
+        server_socket.write(first, local_address)
+        server_socket.write(reply_side.encode(Address("127.0.0.1", 9), b"answer 2"), local_address)
+        self.assertEqual((await next_datagram(client.udp))[0], header + b"answer 2")
+        relay = local.udp_relays[0]
+        self.assertEqual((relay.received, relay.dropped), (1, 1))
+
+    def test_replayed_reply_dropped_by_local(self):
+        """A server reply replayed to ssx-local is dropped and counted; the application sees it once."""
+        return defer.Deferred.fromCoroutine(self._replayed_reply())
 
 
 class Config2022Tests(unittest.SynchronousTestCase):

@@ -15,7 +15,7 @@ from typing import Callable
 import blake3
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -47,6 +47,8 @@ from ssx.crypto._2022 import (
     user_table,
 )
 from ssx.crypto._2022_keys import IDENTITY_SUBKEY_CONTEXT
+from ssx.crypto._2022_udp import SERVER_SESSIONS_KEPT
+from ssx.crypto._xchacha import XChaCha20Poly1305
 from ssx.errors import AuthenticationError, ConfigError, ProtocolError
 
 h = bytes.fromhex
@@ -159,6 +161,26 @@ def _hand_udp(method: str, body: bytes, session_id: bytes = CLIENT_SID) -> bytes
     separate = session_id + bytes(8)
     header = Cipher(algorithms.AES(psk), modes.ECB()).encryptor().update(separate)
     aead = AESGCM(session_subkey(psk, session_id))
+    return header + aead.encrypt(separate[4:], body, None)
+
+
+def _hand_sealed(
+    method: str, key: bytes, separate: bytes, body: bytes, *, identity: bytes | None = None
+) -> bytes:
+    """
+    A UDP packet of any method sealed correctly around an arbitrary body:
+    `key` seals it (a client's uPSK, a server's PSK), `identity` is the
+    first-hop iPSK of a client packet with an identity header.
+    """
+    if lookup_method_2022(method).udp_xchacha:
+        nonce = bytes(range(24))
+        return nonce + XChaCha20Poly1305(key).encrypt(nonce, separate + body, None)
+    first = identity if identity is not None else key
+    header = Cipher(algorithms.AES(first), modes.ECB()).encryptor().update(separate)
+    if identity is not None:
+        mask = bytes(a ^ b for a, b in zip(hash16(key), separate))
+        header += Cipher(algorithms.AES(identity), modes.ECB()).encryptor().update(mask)
+    aead = AESGCM(session_subkey(key, separate[:8]))
     return header + aead.encrypt(separate[4:], body, None)
 
 
@@ -980,6 +1002,80 @@ class UdpRejectionTests(SynchronousTestCase):
         self.assertFalse(window.accept(server.decode(packet).packet_id))
         self.assertRaises(ReplayError, window.require, 0)
 
+    def test_replayed_reply(self) -> None:
+        """A client session refuses a server reply it already accepted (same server session and packet ID)."""
+        for method in METHODS_2022:
+            client, server = self._pair(method)
+            reply_side = server.session(server.decode(client.encode(DNS53, b"q")))
+            first = reply_side.encode(DNS53, b"a")
+            self.assertEqual(client.decode(first).payload, b"a")
+            with self.assertRaises(ReplayError, msg=method):
+                client.decode(first)
+            # The session goes on: the next reply is accepted.
+            self.assertEqual(client.decode(reply_side.encode(DNS53, b"b")).payload, b"b")
+
+    def test_reply_window_order(self) -> None:
+        """Replies may arrive out of order, each once; one older than the window is refused."""
+        client, _ = self._pair()
+        reply_side = UdpServerSession(AES256, _psk(AES256), client.session_id, now=_clock())
+        replies = {}
+        for packet_id in (0, 1, 2, WINDOW_SIZE + 10):
+            reply_side.packet_id = packet_id
+            replies[packet_id] = reply_side.encode(DNS53, str(packet_id).encode())
+        for packet_id in (2, 0, 1):
+            self.assertEqual(client.decode(replies[packet_id]).packet_id, packet_id)
+        self.assertRaises(ReplayError, client.decode, replies[1])
+        client.decode(replies[WINDOW_SIZE + 10])
+        self.assertRaises(ReplayError, client.decode, replies[2])
+
+    def test_reply_windows_per_server_session(self) -> None:
+        """A new server session starts its packet IDs again; each server session's replays are still refused."""
+        client, _ = self._pair()
+        first = UdpServerSession(AES256, _psk(AES256), client.session_id, now=_clock())
+        second = UdpServerSession(AES256, _psk(AES256), client.session_id, now=_clock())
+        old = first.encode(DNS53, b"1")
+        new = second.encode(DNS53, b"2")
+        self.assertEqual(client.decode(old).packet_id, 0)
+        self.assertEqual(client.decode(new).packet_id, 0)
+        self.assertRaises(ReplayError, client.decode, old)
+        self.assertRaises(ReplayError, client.decode, new)
+
+    def test_server_sessions_bounded(self) -> None:
+        """A client session keeps a bounded number of server windows, forgetting one only once its replies are all stale."""
+        clock = _Clock()
+        client = UdpClientSession(AES256, PskChain((), _psk(AES256)), now=clock)
+
+        def server_session() -> UdpServerSession:
+            return UdpServerSession(AES256, _psk(AES256), client.session_id, now=clock)
+
+        sessions = [server_session() for _ in range(SERVER_SESSIONS_KEPT)]
+        captured = []
+        for session in sessions:
+            captured.append(session.encode(DNS53, b"x"))
+            client.decode(captured[-1])
+        # Every window is recent: one more server session is refused, and
+        # a replay of the oldest's reply still is too.
+        one_more = server_session()
+        self.assertRaises(ProtocolError, client.decode, one_more.encode(DNS53, b"y"))
+        clock.t += 30
+        self.assertRaises(ReplayError, client.decode, captured[0])
+        # The others keep talking; the first goes quiet for 61 s and is forgotten.
+        for session in sessions[1:]:
+            client.decode(session.encode(DNS53, b"z"))
+        clock.t += 31
+        self.assertEqual(client.decode(one_more.encode(DNS53, b"y")).payload, b"y")
+        # Its captured reply cannot come back through a fresh window: it is stale.
+        self.assertRaises(StaleTimestampError, client.decode, captured[0])
+
+    def test_refused_reply_keeps_its_id(self) -> None:
+        """A reply refused for its content does not use up its packet ID."""
+        client, _ = self._pair()
+        separate = SERVER_SID + bytes(8)
+        cut = b"\x01" + TS.to_bytes(8, "big") + client.session_id + b"\x00\x00" + encode_address(DNS53)[:-1]
+        self.assertRaises(ProtocolError, client.decode, _hand_sealed(AES256, _psk(AES256), separate, cut))
+        good = b"\x01" + TS.to_bytes(8, "big") + client.session_id + b"\x00\x00" + encode_address(DNS53) + b"ok"
+        self.assertEqual(client.decode(_hand_sealed(AES256, _psk(AES256), separate, good)).payload, b"ok")
+
     @_SOME
     @given(data=st.data())
     def test_bit_flips(self, data: st.DataObject) -> None:
@@ -1018,6 +1114,107 @@ class UdpRejectionTests(SynchronousTestCase):
             server.decode(_hand_udp(AES128, body))
         except ProtocolError:
             pass
+
+
+class UdpDecoderFuzzTests(SynchronousTestCase):
+    """
+    Whatever arrives, the UDP decoders of both ends return a packet or
+    raise ProtocolError (a subclass included), and never anything else;
+    a client session never accepts one server packet ID twice.
+    """
+
+    @_SOME
+    @given(
+        method=st.sampled_from(METHODS_2022),
+        garbage=st.binary(max_size=300),
+        eih=st.booleans(),
+    )
+    def test_random_datagrams(self, method: str, garbage: bytes, eih: bool) -> None:
+        """Random datagrams of every method are refused with ProtocolError by both ends."""
+        keys, psk, users = _eih_setups(method)[-1 if eih else 0]
+        decoders = (
+            UdpServerDecoder(method, psk, now=_clock(), users=users).decode,
+            UdpClientSession(method, keys, now=_clock()).decode,
+        )
+        for decode in decoders:
+            with self.assertRaises(ProtocolError):
+                decode(garbage)
+
+    @_SOME
+    @given(
+        method=st.sampled_from(METHODS_2022),
+        to_server=st.booleans(),
+        eih=st.booleans(),
+        prefix=st.integers(0, 3),
+        tail=st.binary(max_size=120),
+        packet_id=st.integers(0, 2**64 - 1),
+    )
+    @example(AES128, True, True, 2, b"\x00\x00" + encode_address(DNS53) + b"ok", 3)
+    @example(CHACHA, False, False, 3, b"\x00\x01\x00" + encode_address(ADDR443), 0)
+    def test_authentic_bodies(
+        self, method: str, to_server: bool, eih: bool, prefix: int, tail: bytes, packet_id: int
+    ) -> None:
+        """Arbitrary bodies sealed with the right keys are decoded or refused with ProtocolError, on both ends."""
+        keys, psk, users = _eih_setups(method)[-1 if eih else 0]
+        client = UdpClientSession(method, keys, now=_clock())
+        kind = b"\x00" if to_server else b"\x01"
+        # How much of a valid header comes before the random bytes.
+        heads = [b"", kind, kind + TS.to_bytes(8, "big")]
+        heads.append(heads[2] + (b"" if to_server else client.session_id))
+        body = heads[prefix] + tail
+        separate = (client.session_id if to_server else SERVER_SID) + packet_id.to_bytes(8, "big")
+        try:
+            if to_server:
+                identity = psk if users is not None else None
+                packet = _hand_sealed(method, keys.user_key, separate, body, identity=identity)
+                decoded = UdpServerDecoder(method, psk, now=_clock(), users=users).decode(packet)
+            else:
+                decoded = client.decode(_hand_sealed(method, keys.user_key, separate, body))
+        except ProtocolError:
+            return
+        self.assertEqual(decoded.packet_id, packet_id)
+
+    @_SOME
+    @given(
+        method=st.sampled_from(METHODS_2022),
+        steps=st.lists(
+            st.tuples(
+                st.booleans(),
+                st.integers(0, 50),
+                st.integers(0, 40),
+                st.integers(-1, 400),
+                st.integers(0, 700),
+            ),
+            max_size=40,
+        ),
+    )
+    def test_reply_sequences(self, method: str, steps: list[tuple[bool, int, int, int, int]]) -> None:
+        """Replies from several server sessions, replayed, reordered, corrupted and late: no datagram is accepted twice."""
+        clock = _Clock()
+        client = UdpClientSession(method, PskChain((), _psk(method)), now=clock)
+        servers = [
+            UdpServerSession(method, _psk(method), client.session_id, now=clock)
+            for _ in range(SERVER_SESSIONS_KEPT + 2)
+        ]
+        sent: list[bytes] = []
+        accepted: set[bytes] = set()
+        for replay, index, packet_id, flip, wait in steps:
+            clock.t += wait / 10
+            if replay and sent:
+                packet = bytearray(sent[index % len(sent)])
+            else:
+                server = servers[index % len(servers)]
+                server.packet_id = packet_id
+                packet = bytearray(server.encode(DNS53, b"r"))
+                sent.append(bytes(packet))
+            if flip >= 0:
+                packet[flip % len(packet)] ^= 1 << (flip % 8)
+            try:
+                client.decode(bytes(packet))
+            except ProtocolError:
+                continue
+            self.assertNotIn(bytes(packet), accepted)
+            accepted.add(bytes(packet))
 
 
 # -- replay filters ---------------------------------------------------------------

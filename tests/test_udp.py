@@ -9,16 +9,27 @@ import os
 import random
 import socket
 import tempfile
+from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.names import client as dns_client, dns, server as dns_server
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from ssx import socks5
 from ssx.address import Address, encode_address
-from ssx.crypto import CipherSuite
+from ssx.crypto import CipherSuite, generate_psk, make_suite
+from ssx.crypto._2022 import UdpClientSession, parse_password
 from ssx.forbidden import parse_forbidden
-from ssx.server_udp import ShadowsocksUdpRelay
+from ssx.local import Socks5LocalFactory
+from ssx.local_udp import Socks5UdpRelay
+from ssx.picker import ServerPicker
+from ssx.server_udp import Shadowsocks2022UdpRelay, ShadowsocksUdpRelay
 from tests import support
 from tests.test_resolver import Zone
 
@@ -341,3 +352,357 @@ class ServerUdpRelayTests(unittest.SynchronousTestCase):
         self.assertEqual(to, client)
         self.assertEqual(self.suite.udp_open(packet), encode_address(Address("203.0.113.9", 5353)) + b"answer")
         del protocol
+
+
+class Server2022SessionTests(unittest.SynchronousTestCase):
+    """The 2022 server relay's sessions on a fake reactor: each belongs to the user a packet authenticated as."""
+
+    method = "2022-blake3-aes-256-gcm"
+
+    def setUp(self) -> None:
+        self.reactor = _FakeUdpReactor()
+        self.reactor.advance(1_700_000_000)
+        psk, alice, bob = (generate_psk(self.method) for _ in range(3))
+        self.passwords = {"alice": f"{psk}:{alice}", "bob": f"{psk}:{bob}"}
+        suite = make_suite(self.method, psk, users={"alice": alice, "bob": bob}, now=self.reactor.seconds)
+        self.relay = Shadowsocks2022UdpRelay(self.reactor, suite, None, parse_forbidden(None), timeout=60, capacity=100)
+        self.relay.transport = _FakePort()
+        self.relay.startProtocol()
+        self.addCleanup(self.relay.stopProtocol)
+
+    def client(self, user: str, session_id: bytes | None = None) -> UdpClientSession:
+        keys = parse_password(self.method, self.passwords[user])
+        return UdpClientSession(self.method, keys, now=self.reactor.seconds, session_id=session_id)
+
+    def session_of(self, user: str):
+        [key] = [key for key in self.relay.nat if key[0].name == user]
+        return key, self.relay.nat.peek(key)
+
+    def test_other_user_cannot_take_a_session(self):
+        """A packet of user B under user A's session ID neither moves A's replies nor advances A's window."""
+        target = Address("93.184.216.34", 53)
+        alice_address, bob_address = ("198.51.100.1", 4000), ("198.51.100.2", 5000)
+        alice = self.client("alice")
+        for _ in range(3):
+            self.relay.datagramReceived(alice.encode(target, b"a"), alice_address)
+        bob = self.client("bob", session_id=alice.session_id)
+        bob.packet_id = 20_000
+        self.relay.datagramReceived(bob.encode(target, b"b"), bob_address)
+        self.assertEqual(len(self.relay.nat), 2)
+        alice_key, alice_session = self.session_of("alice")
+        bob_key, bob_session = self.session_of("bob")
+        self.assertEqual((alice_session.client, bob_session.client), (alice_address, bob_address))
+        # Alice's window did not move: her next packet ID is still fresh.
+        self.relay.datagramReceived(alice.encode(target, b"a"), alice_address)
+        self.assertEqual(self.relay.dropped, 0)
+        # Each session's replies go to its own user, sealed with that user's key.
+        self.relay.reply(alice_key, Address("93.184.216.34", 53), b"for alice")
+        self.relay.reply(bob_key, Address("93.184.216.34", 53), b"for bob")
+        [(to_alice, address_a), (to_bob, address_b)] = self.relay.transport.written
+        self.assertEqual((address_a, address_b), (alice_address, bob_address))
+        self.assertEqual(alice.decode(to_alice).payload, b"for alice")
+        self.assertEqual(bob.decode(to_bob).payload, b"for bob")
+
+    def test_same_user_moves_its_session(self):
+        """A session's own user sending from a new address moves its replies there (the client roamed)."""
+        alice = self.client("alice")
+        target = Address("93.184.216.34", 53)
+        self.relay.datagramReceived(alice.encode(target, b"a"), ("198.51.100.1", 4000))
+        self.relay.datagramReceived(alice.encode(target, b"a"), ("198.51.100.9", 4001))
+        key, session = self.session_of("alice")
+        self.assertEqual((len(self.relay.nat), session.client), (1, ("198.51.100.9", 4001)))
+
+
+# -- SOCKS5 UDP associations belong to their application ----------------------
+
+
+async def wait_for(condition, seconds: float = 5.0) -> None:
+    """Poll `condition` on the reactor until it holds; AssertionError after `seconds`."""
+    deadline = reactor.seconds() + seconds
+    while not condition():
+        if reactor.seconds() >= deadline:
+            raise AssertionError(f"condition not met within {seconds:g} s")
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+class AuthenticatingUdpClient(support.Socks5UdpClient):
+    """
+    A SOCKS5 UDP client that logs in (RFC 1929) and may name, in its
+    request, the UDP port it will send from (RFC 1928 §6) instead of zeros.
+    """
+
+    def __init__(self, credentials: tuple[bytes, bytes]) -> None:
+        super().__init__()
+        self.credentials = credentials
+
+    def bind(self) -> int:
+        """Open the UDP socket before associating; returns its port."""
+        self.port = reactor.listenUDP(0, self.udp, interface="127.0.0.1", maxPacketSize=65535)
+        return self.port.getHost().port
+
+    async def open(self, socks_port: int, host: str = "127.0.0.1", name: int = 0) -> int:
+        """Log in and associate naming 0.0.0.0:`name`; returns the SOCKS5 reply code (-1 if the login failed)."""
+        user, password = self.credentials
+        steps = [
+            (b"\x05\x01\x02", b"\x05\x02"),
+            (bytes((1, len(user))) + user + bytes((len(password),)) + password, b"\x01\x00"),
+            (b"\x05\x03\x00\x01\x00\x00\x00\x00" + name.to_bytes(2, "big"), None),
+        ]
+        got: defer.Deferred = defer.Deferred()
+
+        class Control(protocol.Protocol):
+            def connectionMade(self):
+                self.buffer = b""
+                self.transport.write(steps[0][0])
+
+            def dataReceived(self, data):
+                self.buffer += data
+                while steps[0][1] is not None and len(self.buffer) >= len(steps[0][1]):
+                    expected = steps.pop(0)[1]
+                    answer, self.buffer = self.buffer[: len(expected)], self.buffer[len(expected) :]
+                    if answer != expected:
+                        got.callback(-1)
+                        return
+                    self.transport.write(steps[0][0])
+                if len(self.buffer) >= 10 and not got.called:
+                    got.callback(self.buffer[1])
+
+            def connectionLost(self, reason=None):
+                if not got.called:
+                    got.callback(-1)
+
+        self.control = await connectProtocol(TCP4ClientEndpoint(reactor, host, socks_port), Control())
+        code = await got
+        if code != 0:
+            return code
+        reply = self.control.buffer
+        self.relay = (socket.inet_ntop(socket.AF_INET, reply[4:8]), int.from_bytes(reply[8:10], "big"))
+        if self.port is None:
+            self.bind()
+        return 0
+
+
+class AssociationOwnerTests(UdpChainTestCase):
+    """With SOCKS5 credentials, an association's UDP relay serves the application that opened it, not its neighbours on the IP."""
+
+    credentials = (b"alice", b"s3cret")
+
+    def chain_with_login(self) -> int:
+        server, server_port = support.start_server(method=self.method, mode="tcp_and_udp")
+        self.addCleanup(server.stopService)
+        local, local_port = support.start_local(
+            server_port, method=self.method, mode="tcp_and_udp", socks_user="alice", socks_password="s3cret"
+        )
+        self.addCleanup(local.stopService)
+        self.local_service = local
+        return local_port
+
+    async def login(self, socks_port: int, name_port: bool = False) -> AuthenticatingUdpClient:
+        client = AuthenticatingUdpClient(self.credentials)
+        self.addCleanup(client.close)
+        name = client.bind() if name_port else 0
+        self.assertEqual(await client.open(socks_port, name=name), 0)
+        return client
+
+    def intruder(self) -> Any:
+        """Another process's UDP socket on the same IP, which never logged in."""
+        port = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port
+
+    async def _first_datagram(self) -> None:
+        echo_port, echo = self.echo()
+        socks_port = self.chain_with_login()
+        relay = self.local_service.udp_relays[0]
+        owner = await self.login(socks_port)
+        await owner.exchange("127.0.0.1", echo_port, [b"owner 1"])
+        # The association now belongs to the owner's UDP port.
+        received, echoed = relay.received, echo.count
+        intruder = self.intruder()
+        intruder.write(support.socks5_udp_header("127.0.0.1", echo_port) + b"intruder", owner.relay)
+        await wait_for(lambda: relay.received == received + 1)
+        self.assertEqual(relay.dropped, 1)
+        self.assertEqual(relay.unassociated, 1)
+        # The owner's next datagram is the only one the target sees.
+        await owner.exchange("127.0.0.1", echo_port, [b"owner 2"])
+        self.assertEqual(echo.count, echoed + 1)
+
+    def test_association_bound_by_first_datagram(self):
+        """An association requested with a zero address belongs to the port of its first datagram; another socket's datagram is dropped and counted."""
+        return defer.Deferred.fromCoroutine(self._first_datagram())
+
+    async def _named_port(self) -> None:
+        echo_port, echo = self.echo()
+        socks_port = self.chain_with_login()
+        relay = self.local_service.udp_relays[0]
+        owner = await self.login(socks_port, name_port=True)
+        # The intruder is first to send, and still gets nowhere.
+        intruder = self.intruder()
+        intruder.write(support.socks5_udp_header("127.0.0.1", echo_port) + b"intruder", owner.relay)
+        await wait_for(lambda: relay.received == 1)
+        self.assertEqual(relay.dropped, 1)
+        self.assertEqual(relay.unassociated, 1)
+        await owner.exchange("127.0.0.1", echo_port, [b"owner"])
+        self.assertEqual(echo.count, 1)
+        # A second login naming the owner's port is refused (REP 02).
+        second = AuthenticatingUdpClient(self.credentials)
+        self.addCleanup(second.close)
+        self.assertEqual(await second.open(socks_port, name=owner.port.getHost().port), 2)
+
+    def test_association_bound_to_named_port(self):
+        """An association whose request names its UDP port takes datagrams from that port only, even before the first one; nobody else can claim the port."""
+        return defer.Deferred.fromCoroutine(self._named_port())
+
+    async def _side_by_side(self) -> None:
+        echo_port, echo = self.echo()
+        socks_port = self.chain_with_login()
+        relay = self.local_service.udp_relays[0]
+        first = await self.login(socks_port)
+        second = await self.login(socks_port)
+        for round in range(3):
+            await first.exchange("127.0.0.1", echo_port, [b"first %d" % round])
+            await second.exchange("127.0.0.1", echo_port, [b"second %d" % round])
+        self.assertEqual(len(relay.nat), 2)
+        first.control.transport.loseConnection()
+        await wait_for(lambda: len(relay.nat) == 1)
+        # The first application's association is gone with its control
+        # connection; the second one's goes on.
+        received, echoed = relay.received, echo.count
+        first.send("127.0.0.1", echo_port, b"too late")
+        await wait_for(lambda: relay.received == received + 1)
+        self.assertEqual(relay.unassociated, 1)
+        await second.exchange("127.0.0.1", echo_port, [b"second 3"])
+        self.assertEqual(echo.count, echoed + 1)
+
+    def test_associations_side_by_side(self):
+        """Two applications on one IP each keep their own association; closing one's control connection ends only that one."""
+        return defer.Deferred.fromCoroutine(self._side_by_side())
+
+
+class AssociateSourcePortTests(unittest.SynchronousTestCase):
+    """Which UDP port an ASSOCIATE request commits its application to (RFC 1928 §6)."""
+
+    def test_named_ports(self):
+        """A non-zero port counts with an unspecified address or the control connection's own IP, in either spelling."""
+        for host, peer in [
+            ("0.0.0.0", "127.0.0.1"),
+            ("::", "127.0.0.1"),
+            ("127.0.0.1", "127.0.0.1"),
+            ("127.0.0.1", "::ffff:127.0.0.1"),
+            ("::ffff:127.0.0.1", "127.0.0.1"),
+            ("::1", "::1"),
+        ]:
+            self.assertEqual(socks5.associate_source_port(Address(host, 5000), peer), 5000, (host, peer))
+
+    def test_nothing_named(self):
+        """Port zero, a domain or another host's IP (a target, a NATed address) name nothing: the first datagram will."""
+        for host, port in [("0.0.0.0", 0), ("127.0.0.1", 0), ("example.com", 5000), ("192.0.2.1", 53), ("::2", 5000)]:
+            self.assertIsNone(socks5.associate_source_port(Address(host, port), "127.0.0.1"), (host, port))
+
+
+class _FakeServerPort(_FakePort):
+    def connect(self, host, port):
+        self.connected = (host, port)
+
+
+class _FakeLocalReactor(_FakeUdpReactor):
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        fake = _FakeServerPort()
+        self.ports.append(fake)
+        return fake
+
+
+class Socks5RelayOwnershipTests(unittest.SynchronousTestCase):
+    """The local SOCKS5 UDP relay's associations on a fake reactor."""
+
+    def setUp(self) -> None:
+        self.reactor = _FakeLocalReactor()
+        suite = CipherSuite("chacha20-ietf-poly1305", "pw")
+        self.relay = Socks5UdpRelay(self.reactor, suite, ("192.0.2.1", 8388), timeout=60, capacity=100)
+        self.relay.transport = _FakePort()
+        self.relay.startProtocol()
+        self.addCleanup(self.relay.stopProtocol)
+        self.datagram = support.socks5_udp_header("93.184.216.34", 53) + b"q"
+
+    def sent(self) -> int:
+        """Datagrams that went towards the server."""
+        return sum(len(port.written) for port in self.reactor.ports)
+
+    def test_waiting_associations_claimed_in_order(self):
+        """Associations without a port are claimed oldest first by new source ports; a known port never claims a second one."""
+        first = self.relay.associate("127.0.0.1")
+        second = self.relay.associate("::ffff:127.0.0.1")
+        self.relay.datagramReceived(self.datagram, ("127.0.0.1", 4000))
+        self.relay.datagramReceived(self.datagram, ("127.0.0.1", 4000))
+        self.assertEqual((first.port, second.port), (4000, None))
+        self.relay.datagramReceived(self.datagram, ("127.0.0.1", 4001))
+        self.assertEqual(second.port, 4001)
+        self.relay.datagramReceived(self.datagram, ("127.0.0.1", 4002))
+        self.assertEqual((self.sent(), self.relay.unassociated, self.relay.dropped), (3, 1, 1))
+
+    def test_garbage_claims_nothing(self):
+        """A malformed datagram is dropped without claiming the waiting association."""
+        association = self.relay.associate("127.0.0.1")
+        self.relay.datagramReceived(b"\x00\x00\x01junk", ("127.0.0.1", 4000))
+        self.assertIsNone(association.port)
+        self.relay.datagramReceived(self.datagram, ("127.0.0.1", 4001))
+        self.assertEqual((association.port, self.sent()), (4001, 1))
+
+    def test_named_port_owned_once(self):
+        """A port named by one association cannot be named by another until the first ends."""
+        owner = self.relay.associate("127.0.0.1", 4000)
+        self.assertIsNone(self.relay.associate("127.0.0.1", 4000))
+        self.relay.datagramReceived(self.datagram, ("127.0.0.1", 4000))
+        self.assertTrue(self.relay.active(owner))
+        self.relay.dissociate(owner)
+        self.assertFalse(self.relay.active(owner))
+        self.assertEqual(len(self.relay.nat), 0)
+        self.assertIsNotNone(self.relay.associate("127.0.0.1", 4000))
+
+    def test_ended_waiting_association(self):
+        """An association that ends before its first datagram leaves nothing for a later datagram to claim."""
+        association = self.relay.associate("127.0.0.1")
+        self.relay.dissociate(association)
+        self.relay.datagramReceived(self.datagram, ("127.0.0.1", 4000))
+        self.assertEqual((self.sent(), self.relay.unassociated), (0, 1))
+        self.assertFalse(self.relay.active(association))
+
+
+class _ListeningPort(_FakePort):
+    def getHost(self):
+        return IPv4Address("UDP", "127.0.0.1", 1080)
+
+
+class AssociateProtocolTests(unittest.SynchronousTestCase):
+    """The SOCKS5 control connection's side of an association, on in-memory transports."""
+
+    def setUp(self) -> None:
+        self.reactor = _FakeLocalReactor()
+        suite = CipherSuite("chacha20-ietf-poly1305", "pw")
+        self.relay = Socks5UdpRelay(self.reactor, suite, ("192.0.2.1", 8388), timeout=60, capacity=100)
+        self.relay.transport = _ListeningPort()
+        picker = ServerPicker([])
+        self.factory = Socks5LocalFactory(self.reactor, picker, timeout=300, udp_relay=self.relay)
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        control = self.factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        control.makeConnection(transport)
+        return control, transport
+
+    def test_named_port_and_refusal(self):
+        """A request naming its port owns it until its control connection closes; a second one naming it meanwhile gets REP 02."""
+        request = b"\x05\x01\x00" + b"\x05\x03\x00\x01\x00\x00\x00\x00\x0f\xa0"
+        first, first_transport = self.connect()
+        first.dataReceived(request)
+        self.assertEqual(first_transport.value()[2:4], b"\x05\x00")
+        second, second_transport = self.connect()
+        second.dataReceived(request)
+        self.assertEqual(second_transport.value()[2:], socks5.build_reply(socks5.REP_NOT_ALLOWED))
+        self.assertTrue(second_transport.disconnecting)
+        second.connectionLost(Failure(ConnectionDone()))
+        self.relay.datagramReceived(support.socks5_udp_header("93.184.216.34", 53) + b"q", ("127.0.0.1", 4000))
+        self.assertEqual(self.relay.unassociated, 0)
+        first.connectionLost(Failure(ConnectionDone()))
+        self.relay.datagramReceived(support.socks5_udp_header("93.184.216.34", 53) + b"q", ("127.0.0.1", 4000))
+        self.assertEqual(self.relay.unassociated, 1)

@@ -9,10 +9,12 @@ Data path::
 
 A packet is ``AES-ECB(sep) [EIH…] AEAD(session subkey, sep[4:16], body)``
 with ``sep = session ID || packet ID``.  These classes hold the per-session
-keys (derived once per session, not per packet) and counters; the tables of
-sessions and their `SlidingWindow`s live in the protocol layer, which
-commits a decoded packet's ID only after `decode` returned it (decode has
-already checked the tag, the type and the timestamp).
+keys (derived once per session, not per packet) and counters.  On the
+server the tables of sessions and their `SlidingWindow`s live in the
+protocol layer, which commits a decoded packet's ID only after `decode`
+returned it (decode has already checked the tag, the type and the
+timestamp).  A client session checks the replies' packet IDs itself, one
+window per server session (wire.md §7.6: replay protection on both ends).
 
 `2022-blake3-chacha20-poly1305` seals each packet whole instead:
 ``nonce(24) XChaCha20-Poly1305(PSK, nonce, sep || body)`` (§7.7), with the
@@ -42,8 +44,8 @@ from ssx.crypto._2022_keys import (
     require_key_size,
     session_subkey,
 )
-from ssx.crypto._2022_replay import check_timestamp
-from ssx.errors import AuthenticationError, ConfigError, ProtocolError
+from ssx.crypto._2022_replay import MAX_TIME_DIFF, SlidingWindow, check_timestamp
+from ssx.errors import AuthenticationError, ConfigError, ProtocolError, ReplayError
 
 __all__ = [
     "UdpClientPacket",
@@ -68,6 +70,16 @@ _SERVER_BODY_FIXED = 1 + 8 + SESSION_ID_SIZE + 2
 # Peers' AEAD subkeys kept per decoder: enough for every live session of a
 # busy port without letting a flood of sessions grow memory without bound.
 _SUBKEY_CACHE_SIZE = 4096
+#: Server sessions whose reply windows one client session keeps.  A server
+#: starts a new session when it restarts or forgets the client, so a few
+#: are plenty; each window is about 1 KiB.
+SERVER_SESSIONS_KEPT = 4
+# A server session quiet for this long may be forgotten: every reply of it
+# that was accepted carried a timestamp at most 30 s ahead of our clock, so
+# none can pass the timestamp check again (the extra second covers
+# truncating `now`).  Forgetting one sooner would let its replies be
+# replayed into a fresh window.
+_SERVER_SESSION_QUIET = 2 * MAX_TIME_DIFF + 1
 
 
 # The ChaCha method's per-packet random nonce (§7.7).
@@ -182,9 +194,13 @@ class UdpClientSession:
     Client end of one UDP session (one per SOCKS client source address).
 
     Holds the random client session ID, the packet counter and the session
-    AEAD.  `decode` opens replies and checks they are for this session; it
-    accepts any server session ID, since a restarted server starts a new
-    one; the per-server-session sliding windows are the caller's.
+    AEAD.  `decode` opens replies, checks they are for this session and
+    refuses a packet ID its server session already used (a sliding window
+    per server session).  It accepts a new server session ID, since a
+    restarted server starts a new one, as long as it keeps at most
+    `SERVER_SESSIONS_KEPT` windows: one is forgotten only once it has been
+    quiet long enough that its replies are all stale, and until then a
+    further server session is refused.
     """
 
     __slots__ = (
@@ -200,6 +216,7 @@ class UdpClientSession:
         "_reply_block",
         "_replies",
         "_xchacha",
+        "_windows",
     )
 
     def __init__(
@@ -237,6 +254,9 @@ class UdpClientSession:
         self._seal = spec.aead(session_subkey(keys.user_key, self.session_id)).encrypt
         self._reply_block = AesBlock(keys.user_key)
         self._replies = _AeadCache(spec)
+        # Server session ID -> [window, when it last accepted a reply],
+        # least recently used first.
+        self._windows: OrderedDict[bytes, list] = OrderedDict()
 
     def encode(
         self, address: Address, payload: bytes, *, padding_length: int | None = None
@@ -293,15 +313,36 @@ class UdpClientSession:
         if body[9:17] != self.session_id:
             raise ProtocolError("2022 UDP reply for another client session")
         padding_length, address, payload = _parse_tail(body, _SERVER_BODY_FIXED)
+        packet_id = int.from_bytes(separate[SESSION_ID_SIZE:], "big")
+        # Last: only an authentic, fresh, well-formed reply uses up its ID.
+        self._accept_reply(server_session_id, packet_id)
         return UdpServerPacket(
             server_session_id,
-            int.from_bytes(separate[SESSION_ID_SIZE:], "big"),
+            packet_id,
             self.session_id,
             timestamp,
             address,
             payload,
             padding_length,
         )
+
+    def _accept_reply(self, server_session_id: bytes, packet_id: int) -> None:
+        """Record a reply's packet ID in its server session's window; ReplayError if it was used."""
+        now = self._now()
+        windows = self._windows
+        entry = windows.get(server_session_id)
+        if entry is None:
+            if len(windows) >= SERVER_SESSIONS_KEPT:
+                oldest_id, oldest = next(iter(windows.items()))
+                if now - oldest[1] < _SERVER_SESSION_QUIET:
+                    raise ProtocolError("2022 UDP reply from one server session too many within a minute")
+                del windows[oldest_id]
+            entry = windows[server_session_id] = [SlidingWindow(), now]
+        elif not entry[0].check(packet_id):
+            raise ReplayError(f"2022 UDP reply packet ID {packet_id} replayed or too old")
+        entry[0].add(packet_id)
+        entry[1] = now
+        windows.move_to_end(server_session_id)
 
 
 class UdpServerDecoder:
