@@ -268,14 +268,12 @@ class ForbiddenNetworks:
 
     entries: tuple[str, ...]
     host: HostAddresses | None = field(default=None, compare=False)
-    # Fixed ranges (the table, the listed networks) and, per IP, the answer
-    # and the points to look up in the host's addresses, bounded: the server
-    # asks for every connection and datagram, and parsing an address costs
-    # more than the relaying around it.  The host's addresses are looked up
-    # on every call, so a cached answer never outlives a change of them.
+    # Answers per IP, bounded: the server asks for every connection and
+    # datagram, and parsing an address costs more than the relaying around
+    # it.  The cache is replaced whenever the host's addresses change, so no
+    # answer outlives them.
     _ranges: _Ranges = field(init=False, repr=False, compare=False)
-    _cached: Callable[[str], tuple[bool, tuple[int, ...]]] = field(init=False, repr=False, compare=False)
-    _host_ranges: list = field(init=False, repr=False, compare=False)
+    _state: list = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         spans: list[tuple[int, int]] = []
@@ -285,9 +283,8 @@ class ForbiddenNetworks:
             elif entry != SELF:
                 spans.append(_span(ipaddress.ip_network(entry)))
         object.__setattr__(self, "_ranges", _Ranges(spans))
-        object.__setattr__(self, "_cached", lru_cache(maxsize=4096)(self._judge))
-        # [networks the ranges were built from, ranges]
-        object.__setattr__(self, "_host_ranges", [None, _Ranges(())])
+        # [the host networks the cache was made for, the cached judge]
+        object.__setattr__(self, "_state", [None, self._judge_for(_Ranges(()))])
 
     @property
     def off(self) -> bool:
@@ -303,22 +300,24 @@ class ForbiddenNetworks:
         """
         if not self.entries:
             return False
-        fixed, keys = self._cached(ip)
-        if fixed or self.host is None:
-            return fixed
-        networks = self.host.networks
-        built = self._host_ranges
-        if built[0] is not networks:
-            built[1] = _Ranges(_span(n) for n in networks)
-            built[0] = networks
-        ranges = built[1]
-        return any(key in ranges for key in keys)
+        state = self._state
+        if self.host is not None:
+            networks = self.host.networks
+            if networks is not state[0]:
+                state[1] = self._judge_for(_Ranges(_span(n) for n in networks))
+                state[0] = networks
+        return state[1](ip)
 
-    def _judge(self, ip: str) -> tuple[bool, tuple[int, ...]]:
-        keys = _keys(ip)
-        if keys is None:
-            return True, ()
-        return any(key in self._ranges for key in keys), keys
+    def _judge_for(self, host: _Ranges) -> Callable[[str], bool]:
+        fixed = self._ranges
+
+        def judge(ip: str) -> bool:
+            keys = _keys(ip)
+            if keys is None:
+                return True
+            return any(key in fixed or key in host for key in keys)
+
+        return lru_cache(maxsize=4096)(judge)
 
     def __str__(self) -> str:
         return ",".join(self.entries) or "(none)"

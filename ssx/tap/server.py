@@ -90,7 +90,8 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
     )
     top = MultiService()
     if config.forbidden.host is not None:
-        # First, so that the addresses are read before anything listens.
+        # Reads the addresses at start and after every change (a check made
+        # before the first read reads them itself).
         HostAddressWatcher(reactor, config.forbidden.host).setServiceParent(top)
     top.factory = factory  # type: ignore[attr-defined]
     top.udp_relays = []  # type: ignore[attr-defined]
