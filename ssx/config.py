@@ -224,6 +224,12 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
     if not relays.tcp and values.get("listen") is not None:
         raise ConfigError("listen", "endpoint descriptions are for TCP; in udp_only mode use server and server_port")
     plugin, warnings = _plugin(values, relays)
+    forbidden = parse_forbidden(values.get("forbidden_ip"))
+    if not forbidden.off and forbidden.host is None:
+        warnings += (
+            "forbidden_ip leaves out 'self' (part of 'default'): clients can reach the services "
+            "listening on this host's own addresses",
+        )
     if plugin is not None:
         if listen:
             raise ConfigError(
@@ -245,7 +251,7 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         port=port,
         timeout=_timeout(values),
         nameservers=parse_nameservers(values.get("nameserver")),
-        forbidden=parse_forbidden(values.get("forbidden_ip")),
+        forbidden=forbidden,
         hosts_file=_string(values, "hosts_file", "/etc/hosts"),
         resolv_conf=_string(values, "resolv_conf", "/etc/resolv.conf"),
         prefer_ipv6=_bool(values, "prefer_ipv6"),

@@ -143,6 +143,7 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
     def _send(self, client: tuple, target: Address, ips: list[str], payload: bytes) -> None:
         allowed = [ip for ip in ips if not self.forbidden.forbids(ip)]
         if not allowed:
+            _log.debug("UDP: refused {target}: forbidden address {ips}", target=target, ips=",".join(ips))
             self.refused += 1
             return
         sockets = self.nat.peek(client)

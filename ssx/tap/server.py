@@ -11,6 +11,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ssx.config import ServerConfig, server_config
+from ssx.host_address_watch import HostAddressWatcher
 from ssx.listener import DatagramListenerService, DrainService, serve
 from ssx.replay import SaltFilter
 from ssx.plugin import PluginService
@@ -41,8 +42,11 @@ class Options(SsxOptions):
         ["server-port", "p", None, "port to listen on [default: 8388]"],
         ["password", "k", None, "password [default: a fresh random one, logged as an ss:// URL]"],
         ["nameserver", None, None, "DNS servers, comma-separated IP[:port] [default: from resolv.conf, else 8.8.8.8,8.8.4.4]"],
-        ["forbidden-ip", None, None, "destinations refused, comma-separated IPs/CIDRs; '' allows all "
-         "[default: loopback, private, link-local, CGNAT, unique-local, multicast, unspecified]"],
+        ["forbidden-ip", None, None, "destinations refused, comma-separated IPs/CIDRs and the words 'special' "
+         "(every special-purpose range that is not globally reachable: loopback, private, link-local, CGNAT, "
+         "documentation, benchmarking, reserved, multicast, ...), 'self' (this host's own addresses) and 'default' "
+         "(both); a list replaces the default, so 'default,203.0.113.0/24' adds to it; '' allows all "
+         "[default: default]"],
         ["hosts-file", None, None, "hosts file consulted before DNS [default: /etc/hosts]"],
         ["resolv-conf", None, None, "resolv.conf to take DNS servers from [default: /etc/resolv.conf]"],
         ["replay-history", None, None, "salts remembered to refuse replayed connections and datagrams "
@@ -85,6 +89,10 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
         **config.limits.factory_arguments(),
     )
     top = MultiService()
+    if config.forbidden.host is not None:
+        # Reads the addresses at start and after every change (a check made
+        # before the first read reads them itself).
+        HostAddressWatcher(reactor, config.forbidden.host).setServiceParent(top)
     top.factory = factory  # type: ignore[attr-defined]
     top.udp_relays = []  # type: ignore[attr-defined]
     relays = config.relays
