@@ -375,3 +375,23 @@ class SingleServerPluginTests(unittest.SynchronousTestCase):
         """The plugin and options of a single --url become the local end's plugin."""
         config = local_config({"url": "ss://YWVzLTEyOC1nY206dGVzdA@h:1/?plugin=obfs-local%3Bobfs%3Dhttp"})
         self.assertEqual((config.plugin.name, config.plugin.options), ("obfs-local", "obfs=http"))
+
+
+class UnusedKeyWarningTests(unittest.SynchronousTestCase):
+    """Keys a command does not use are one warning line naming them."""
+
+    def test_unused_keys_warned(self):
+        """Both ends log one event at warning level naming every unused key."""
+        from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+        from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+        for build, tap, values in (
+            (server_config, server_tap, {"password": "pw", "fast_open": True, "workers": 4}),
+            (local_config, local_tap, {"server": "192.0.2.1", "password": "pw", "fast_open": True, "workers": 4}),
+        ):
+            log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+            tap.build_service(MemoryReactorClock(), build(values))
+            named = [e for e in log if "fast_open" in formatEvent(e)]
+            self.assertEqual(len(named), 1, [formatEvent(e) for e in log])
+            self.assertEqual(named[0]["log_level"], LogLevel.warn)
+            self.assertIn("fast_open, workers", formatEvent(named[0]))
