@@ -30,7 +30,7 @@ _UNSPECIFIED = ("0.0.0.0", "::", "")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", metavar="FILE", help="JSON config file (a server's or a local end's)")
     parser.add_argument("-s", "--server", help="the server's host (overrides the file)")
-    parser.add_argument("-p", "--server-port", type=int, help="the server's port")
+    parser.add_argument("-p", "--server-port", help="the server's port")
     parser.add_argument("-k", "--password", help="the password")
     parser.add_argument("-m", "--method", help="the encryption method")
     parser.add_argument(

@@ -125,3 +125,13 @@ class CertCommandLinkTests(unittest.SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(pair.key_path).st_mode), 0o600)
         self.assertEqual(stat.S_IMODE(os.stat(pair.cert_path).st_mode), 0o644)
         self.assertEqual(sorted(os.listdir(self.directory)), ["cert.pem", "key.pem"])
+
+    def test_bad_numbers_one_line(self):
+        """--port and --days take ASCII digits in range: anything else is one line and status 2, no traceback."""
+        for args in (["--port", "²"], ["--port", "٣"], ["--port", "0"], ["--days", "²"], ["--days", "99999999"]):
+            result = self.run_cert(*args)
+            self.assertEqual(result.returncode, 2, (args, result.stderr))
+            lines = result.stderr.strip().splitlines()
+            self.assertEqual(len(lines), 1, lines)
+            self.assertTrue(lines[0].startswith(f"ssx cert: {args[0]}: expected "), lines)
+        self.assertEqual(os.listdir(self.directory), [])

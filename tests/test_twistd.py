@@ -212,6 +212,32 @@ class TwistdChainTests(unittest.TestCase):
         lines = (out + err).decode().strip().splitlines()
         self.assertEqual(lines, ["ssx-local: bad configuration: url: the ss:// URL has no port"])
 
+class BadNumberTests(unittest.TestCase):
+    """Numbers that str.isdigit() or float() would take but are no plain number stop twistd with one line."""
+
+    @defer.inlineCallbacks
+    def test_bad_numbers_one_line(self):
+        """'²', '٣', NaN and bad ports inside strings: one line naming the key, a non-zero status, no traceback."""
+        local = ["ssx-local", "-s", "127.0.0.1", "-k", "pw"]
+        cases = [
+            (["ssx-server", "--max-connections", "²"], "ssx-server", "max_connections"),
+            (["ssx-server", "-p", "٣"], "ssx-server", "server_port"),
+            (["ssx-server", "--udp-timeout", "nan"], "ssx-server", "udp_timeout"),
+            (["ssx-server", "--nameserver", "1.1.1.1:²"], "ssx-server", "nameserver"),
+            ([*local, "-l", "²"], "ssx-local", "local_port"),
+            ([*local, "--online-config", "https://example.org:²/list"], "ssx-local", "online_config"),
+            ([*local, "--health-check-url", "http://example.org:²/"], "ssx-local", "health_check_url"),
+        ]
+        for args, command, key in cases:
+            out, err, code = yield run_twistd("-n", "--pidfile=", *args)
+            text = (out + err).decode()
+            self.assertNotEqual(code, 0, args)
+            self.assertNotIn("Traceback", text)
+            lines = text.strip().splitlines()
+            self.assertEqual(len(lines), 1, lines)
+            self.assertTrue(lines[0].startswith(f"{command}: bad configuration: {key}: expected "), lines)
+
+
 # Sets what systemd sets for an activated service, in the process that then
 # becomes twistd (LISTEN_PID must be the pid of the process that reads it).
 SYSTEMD_WRAPPER = (

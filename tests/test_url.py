@@ -131,6 +131,9 @@ class ParseUrlTests(unittest.SynchronousTestCase):
             "ss://YWVzLTEyOC1nY206dGVzdA@h:0",
             "ss://YWVzLTEyOC1nY206dGVzdA@h:70000",
             "ss://YWVzLTEyOC1nY206dGVzdA@h:8x",
+            "ss://YWVzLTEyOC1nY206dGVzdA@h:²",
+            "ss://YWVzLTEyOC1nY206dGVzdA@[::1]:٣",
+            "ss://YWVzLTEyOC1nY206dGVzdA@h:" + "1" * 30,
             "ss://YWVzLTEyOC1nY206dGVzdA@:1",
             "ss://YWVzLTEyOC1nY206dGVzdA@2001:db8::1:1",
             "ss://YWVzLTEyOC1nY206dGVzdA@[2001:db8::1:1",
@@ -304,6 +307,15 @@ class UrlCommandTests(unittest.SynchronousTestCase):
             self.assertEqual(stat.S_IMODE(info.st_mode), 0o600, path)
             with open(path, "rb") as f:
                 self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_bad_port_one_line(self):
+        """-p with anything but ASCII digits of a port is one line naming server_port, status 2."""
+        for port in ("²", "٣", "99999"):
+            out = self.run_tool("-s", "203.0.113.9", "-k", "pw", "-p", port)
+            self.assertEqual(out.returncode, 2, out.stderr)
+            lines = out.stderr.strip().splitlines()
+            self.assertEqual(len(lines), 1, lines)
+            self.assertTrue(lines[0].startswith("ssx url: bad configuration: server_port: expected a port number"), lines)
 
     def test_missing_password_one_line(self):
         """Without a password there is no URL: one line naming the key, status 2."""
