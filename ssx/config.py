@@ -60,6 +60,9 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_CHECK_URL = "http://www.gstatic.com/generate_204"
 DEFAULT_CHECK_INTERVAL = 60.0
 DEFAULT_ONLINE_INTERVAL = 3600.0
+# Where ssx-server writes the ss:// URL (it carries the password), relative
+# to twistd's working directory (--rundir), beside twistd.pid.
+DEFAULT_URL_FILE = "ssx-server.url"
 # Where ssx listens behind a server-side plugin: a loopback port the OS picks.
 PLUGIN_BACKEND_LISTEN = "tcp:0:interface=127.0.0.1"
 
@@ -69,6 +72,7 @@ _COMMON_KEYS = {
 }
 SERVER_KEYS = _COMMON_KEYS | {
     "nameserver", "forbidden_ip", "hosts_file", "resolv_conf", "prefer_ipv6", "users", "replay_history",
+    "url_file",
 }
 LOCAL_KEYS = _COMMON_KEYS | {
     "local_address", "local_port", "server_endpoint", "socks_user", "socks_password", "tunnel_address", "tunnels",
@@ -161,6 +165,10 @@ class ServerConfig:
     plugin: Plugin | None = None
     ignored: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    # The 0600 file the ss:// URL goes to (None: none); without a password,
+    # the one generated at an earlier start is taken back from it.
+    url_file: str | None = None
+    password_reused: bool = False
 
 
 @dataclass(frozen=True)
@@ -261,6 +269,7 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         plugin=plugin,
         ignored=tuple(sorted(set(values) - SERVER_KEYS)),
         warnings=warnings,
+        url_file=_url_file(values, generated),
     )
 
 
@@ -584,6 +593,17 @@ def _listen(values: Mapping[str, Any]) -> tuple[str, ...]:
 def _tcp_listen(host: str, port: int) -> str:
     # Endpoint descriptions use ':' as separator; IPv6 colons must be escaped.
     return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
+
+
+def _url_file(values: Mapping[str, Any], password_generated: bool) -> str | None:
+    value = values.get("url_file", DEFAULT_URL_FILE)
+    if not isinstance(value, str) or "\0" in value:
+        raise ConfigError("url_file", "expected the path of the file for the ss:// URL, or '' for none")
+    if not value and password_generated:
+        raise ConfigError(
+            "url_file", "without a password (-k) the generated one is kept only in the URL file: give a password or a path"
+        )
+    return value or None
 
 
 def _plugin(values: Mapping[str, Any], relays: UdpSettings) -> tuple[Plugin | None, tuple[str, ...]]:

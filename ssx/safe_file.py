@@ -77,10 +77,11 @@ def read_private_file(path: str, limit: int = 65536) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         info = os.fstat(fd)
+        # The messages leave the path to the caller, which names it anyway.
         if not stat.S_ISREG(info.st_mode):
-            raise NotPrivateError(f"{path} is not a regular file")
+            raise NotPrivateError("not a regular file")
         if info.st_mode & 0o077 or os.geteuid() not in (0, info.st_uid):
-            raise NotPrivateError(f"{path} is readable or writable by other users, or owned by another")
+            raise NotPrivateError("open to other users, or owned by another")
         with os.fdopen(os.dup(fd), "rb") as f:
             return f.read(limit)
     finally:

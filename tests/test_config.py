@@ -548,3 +548,82 @@ class UnusedKeyWarningTests(unittest.SynchronousTestCase):
             self.assertEqual(len(named), 1, [formatEvent(e) for e in log])
             self.assertEqual(named[0]["log_level"], LogLevel.warn)
             self.assertIn("fast_open, workers", formatEvent(named[0]))
+
+
+class UrlFileTests(unittest.SynchronousTestCase):
+    """url_file: where ssx-server keeps its ss:// URL, and the generated password for later starts."""
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp(prefix="ssx-url-")
+        self.addCleanup(__import__("shutil").rmtree, self.directory)
+        self.path = os.path.join(self.directory, "ssx-server.url")
+
+    def save(self, url, mode=0o600):
+        from ssx.safe_file import write_file
+
+        write_file(self.path, (url + "\n").encode(), mode)
+
+    def test_relative_to_rundir(self):
+        """A relative url_file (ssx-server.url by default) lies in twistd's --rundir, made absolute at start."""
+        config = server_tap.reuse_generated_password(server_config({"password": "pw"}), self.directory)
+        self.assertEqual(config.url_file, self.path)
+        options = server_tap.Options()
+        options.parseOptions(["-k", "pw", "--url-file", "x.url"])
+        self.assertEqual(options.config.url_file, os.path.join(os.getcwd(), "x.url"))
+
+    def test_missing_directory_one_line(self):
+        """A url_file in a directory that does not exist stops start-up with one line naming url_file."""
+        options = server_tap.Options()
+        with self.assertRaises(SystemExit) as caught:
+            options.parseOptions(["-k", "pw", "--url-file", os.path.join(self.directory, "no", "x.url")])
+        self.assertEqual(
+            str(caught.exception.code),
+            f"ssx-server: bad configuration: url_file: {os.path.join(self.directory, 'no', 'x.url')}: no such directory",
+        )
+
+    def test_generated_password_reused(self):
+        """Without a password, the one in the URL file of an earlier start (same method) is taken back."""
+        self.save("ss://Y2hhY2hhMjAtaWV0Zi1wb2x5MTMwNTpzYXZlZC1zZWNyZXQ@vm:8388")
+        config = server_tap.reuse_generated_password(server_config({}), self.directory)
+        self.assertEqual((config.password, config.password_generated, config.password_reused), ("saved-secret", True, True))
+        self.assertEqual(config.warnings, ())
+        options = server_tap.Options()
+        options.parseOptions(["--url-file", self.path])
+        self.assertEqual(options.config.password, "saved-secret")
+
+    def test_configured_password_wins(self):
+        """A configured password (or key) is used as it is; the file is not read."""
+        self.save("ss://Y2hhY2hhMjAtaWV0Zi1wb2x5MTMwNTpzYXZlZC1zZWNyZXQ@vm:8388")
+        config = server_tap.reuse_generated_password(server_config({"password": "mine"}), self.directory)
+        self.assertEqual((config.password, config.password_reused), ("mine", False))
+
+    def test_untrusted_files_not_reused(self):
+        """A URL file open to others, a link, another method's or a garbled one gives a fresh password and a warning naming the file."""
+        url = "ss://Y2hhY2hhMjAtaWV0Zi1wb2x5MTMwNTpzYXZlZC1zZWNyZXQ@vm:8388"
+        other = os.path.join(self.directory, "elsewhere")
+        cases = [
+            lambda: self.save(url, 0o644),
+            lambda: (self.save(url), os.rename(self.path, other), os.symlink(other, self.path)),
+            lambda: self.save("ss://YWVzLTEyOC1nY206c2F2ZWQtc2VjcmV0@vm:8388"),  # aes-128-gcm
+            lambda: self.save("not a URL"),
+            lambda: os.mkdir(self.path),
+        ]
+        for prepare in cases:
+            for name in os.listdir(self.directory):
+                target = os.path.join(self.directory, name)
+                (os.rmdir if os.path.isdir(target) and not os.path.islink(target) else os.unlink)(target)
+            prepare()
+            config = server_tap.reuse_generated_password(server_config({}), self.directory)
+            self.assertNotEqual(config.password, "saved-secret")
+            self.assertFalse(config.password_reused)
+            self.assertEqual(len(config.warnings), 1, config.warnings)
+            self.assertIn(self.path, config.warnings[0])
+            self.assertNotIn("saved-secret", config.warnings[0])
+
+    def test_no_file_needs_a_password(self):
+        """url_file '' turns the file off, which a generated password cannot do without (it would be known to nobody)."""
+        self.assertIsNone(server_config({"password": "pw", "url_file": ""}).url_file)
+        for values in ({"url_file": ""}, {"password": "pw", "url_file": 5}):
+            with self.assertRaises(ConfigError) as caught:
+                server_config(values)
+            self.assertEqual(caught.exception.key, "url_file")
