@@ -9,6 +9,10 @@ import sys
 from ssx import __version__
 from ssx.crypto import METHODS, generate_psk, lookup_method
 from ssx.errors import ConfigError
+from ssx.numeric import parse_count, parse_port
+
+# A certificate's validity, in days: a century at most (far beyond it, dates overflow).
+MAX_DAYS = 36500
 
 
 def _genkey(args: argparse.Namespace) -> int:
@@ -60,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     cert.add_argument("--host", required=True, help="the name (or IP address) clients use for the server")
     cert.add_argument("--out", required=True, metavar="DIR", help="directory to write key.pem and cert.pem into")
-    cert.add_argument("--port", type=int, default=8443, help="port for the printed descriptions [default: 8443]")
-    cert.add_argument("--days", type=int, default=365, help="validity in days [default: 365]")
+    cert.add_argument("--port", default="8443", help="port for the printed descriptions [default: 8443]")
+    cert.add_argument("--days", default="365", help="validity in days, at most 36500 [default: 365]")
     cert.add_argument("--force", action="store_true", help="replace existing key.pem and cert.pem")
     cert.set_defaults(run=_cert)
     args = parser.parse_args(argv)
@@ -74,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
 def _cert(args: argparse.Namespace) -> int:
     from ssx.cert import endpoint_escape, write_pair
 
-    if not 0 < args.port < 65536 or args.days < 1:
-        print("ssx cert: --port must be 1-65535 and --days at least 1", file=sys.stderr)
+    try:
+        port = parse_port(args.port, "--port")
+        days = parse_count(args.days, "--days", minimum=1, maximum=MAX_DAYS)
+    except ConfigError as e:
+        print(f"ssx cert: {e}", file=sys.stderr)
         return 2
     try:
-        pair = write_pair(args.host, args.out, days=args.days, force=args.force)
+        pair = write_pair(args.host, args.out, days=days, force=args.force)
     except (OSError, ValueError) as e:
         print(f"ssx cert: {e}", file=sys.stderr)
         return 1
@@ -87,9 +94,9 @@ def _cert(args: argparse.Namespace) -> int:
     print(f"wrote {pair.key_path} (keep it secret) and {pair.cert_path}, for {args.host}, "
           f"valid until {pair.not_after:%Y-%m-%d}")
     print("server:")
-    print(f"  twistd -n ssx-server --listen ssl:{args.port}:privateKey={key}:certKey={cert} ...")
+    print(f"  twistd -n ssx-server --listen ssl:{port}:privateKey={key}:certKey={cert} ...")
     print("client: put a copy of cert.pem alone in a directory, PINNED, and trust only it:")
-    print(f"  twistd -n ssx-local --server-endpoint tls:host={host}:port={args.port}:trustRoots=PINNED ...")
+    print(f"  twistd -n ssx-local --server-endpoint tls:host={host}:port={port}:trustRoots=PINNED ...")
     return 0
 
 

@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ssx.safe_file import write_file
+
 __all__ = ["CertificatePair", "endpoint_escape", "make_self_signed", "write_pair"]
 
 KEY_FILE = "key.pem"
@@ -75,27 +77,20 @@ def make_self_signed(
 def write_pair(host: str, directory: str, days: int = DAYS, force: bool = False) -> CertificatePair:
     """
     Write `key.pem` (mode 0600) and `cert.pem` for `host` into `directory`
-    (made if missing).  Existing files are kept unless `force`: FileExistsError.
+    (made if missing).  Existing files (or links) are kept unless `force`:
+    FileExistsError.  A link at either name is never followed.
     """
     os.makedirs(directory, exist_ok=True)
     key_path = os.path.join(directory, KEY_FILE)
     cert_path = os.path.join(directory, CERT_FILE)
     if not force:
         for path in (key_path, cert_path):
-            if os.path.exists(path):
+            if os.path.lexists(path):
                 raise FileExistsError(f"{path} exists (use --force to replace it)")
     key_pem, cert_pem, not_after = make_self_signed(host, days)
-    _write(key_path, key_pem, 0o600)
-    _write(cert_path, cert_pem, 0o644)
+    write_file(key_path, key_pem, 0o600, replace=force)
+    write_file(cert_path, cert_pem, 0o644, replace=force)
     return CertificatePair(os.path.abspath(key_path), os.path.abspath(cert_path), not_after)
-
-
-def _write(path: str, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        # O_CREAT's mode does not apply to a file that was already there.
-        os.fchmod(fd, mode)
-        f.write(data)
 
 
 def endpoint_escape(text: str) -> str:

@@ -21,6 +21,7 @@ from ssx.crypto import generate_psk, lookup_method, make_suite
 from ssx.errors import ConfigError
 from ssx.forbidden import ForbiddenNetworks, parse_forbidden
 from ssx.http_message import HttpError, absolute_target
+from ssx.numeric import MAX_COUNT, parse_count, parse_number, parse_port, parse_seconds
 from ssx.resolver import parse_nameservers
 from ssx.server_entry import ServerEntry, entry_from_url, server_entry
 from ssx.sip003 import Plugin, PluginOptionsError, parse_plugin_options
@@ -50,6 +51,8 @@ DEFAULT_TIMEOUT = 300.0
 DEFAULT_UDP_TIMEOUT = 60.0
 DEFAULT_UDP_CAPACITY = 1024
 DEFAULT_REPLAY_HISTORY = 1_000_000
+# About 360 MiB of filters, allocated at start.
+MAX_REPLAY_HISTORY = 100_000_000
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 DEFAULT_SHUTDOWN_GRACE = 10.0
 # What the health check fetches through each server (as shadowsocks-rust and
@@ -57,6 +60,9 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 DEFAULT_CHECK_URL = "http://www.gstatic.com/generate_204"
 DEFAULT_CHECK_INTERVAL = 60.0
 DEFAULT_ONLINE_INTERVAL = 3600.0
+# Where ssx-server writes the ss:// URL (it carries the password), relative
+# to twistd's working directory (--rundir), beside twistd.pid.
+DEFAULT_URL_FILE = "ssx-server.url"
 # Where ssx listens behind a server-side plugin: a loopback port the OS picks.
 PLUGIN_BACKEND_LISTEN = "tcp:0:interface=127.0.0.1"
 
@@ -66,6 +72,7 @@ _COMMON_KEYS = {
 }
 SERVER_KEYS = _COMMON_KEYS | {
     "nameserver", "forbidden_ip", "hosts_file", "resolv_conf", "prefer_ipv6", "users", "replay_history",
+    "url_file",
 }
 LOCAL_KEYS = _COMMON_KEYS | {
     "local_address", "local_port", "server_endpoint", "socks_user", "socks_password", "tunnel_address", "tunnels",
@@ -158,6 +165,10 @@ class ServerConfig:
     plugin: Plugin | None = None
     ignored: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    # The 0600 file the ss:// URL goes to (None: none); without a password,
+    # the one generated at an earlier start is taken back from it.
+    url_file: str | None = None
+    password_reused: bool = False
 
 
 @dataclass(frozen=True)
@@ -195,7 +206,8 @@ def read_config_file(path: str) -> dict[str, Any]:
             data = json.loads(f.read().decode("utf-8"))
     except OSError as e:
         raise ConfigError("config", f"cannot read {path}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError) as e:
+        # ValueError beside JSONDecodeError: a number of more than 4300 digits.
         raise ConfigError("config", f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError("config", f"{path} must hold a JSON object")
@@ -259,10 +271,11 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         limits=_limits(values),
         hosts=hosts,
         users=users,
-        replay_history=_count(values, "replay_history", DEFAULT_REPLAY_HISTORY, minimum=0),
+        replay_history=_count(values, "replay_history", DEFAULT_REPLAY_HISTORY, minimum=0, maximum=MAX_REPLAY_HISTORY),
         plugin=plugin,
         ignored=tuple(sorted(set(values) - SERVER_KEYS)),
         warnings=warnings,
+        url_file=_url_file(values, generated),
     )
 
 
@@ -429,15 +442,18 @@ def _urls(values: Mapping[str, Any]) -> list[ServerEntry]:
 def _online_config(values: Mapping[str, Any]) -> OnlineConfig | None:
     """--online-config URL, or rust's {"config_url": ..., "update_interval": ...}."""
     raw = values.get("online_config")
-    if raw is None:
-        return None
     interval = values.get("online_config_interval")
+    if raw is None:
+        if interval is not None:
+            _timeout(values, "online_config_interval")  # a bad value is an error even where unused
+        return None
     if isinstance(raw, Mapping):
         if interval is None:
             interval = raw.get("update_interval")
         raw = raw.get("config_url")
     if not isinstance(raw, str) or not raw.lower().startswith("https://") or len(raw) <= len("https://"):
         raise ConfigError("online_config", "expected an https:// URL (SIP008 lists are fetched over TLS only)")
+    _url_port(raw, "online_config")
     ca_file = values.get("online_config_ca")
     if ca_file is not None and (not isinstance(ca_file, str) or not ca_file):
         raise ConfigError("online_config_ca", "expected the path of a PEM file of CA certificates")
@@ -446,17 +462,14 @@ def _online_config(values: Mapping[str, Any]) -> OnlineConfig | None:
 
 
 def _health_check(values: Mapping[str, Any]) -> HealthCheck:
-    interval = values.get("health_check_interval", DEFAULT_CHECK_INTERVAL)
-    if isinstance(interval, str):
-        try:
-            interval = float(interval)
-        except ValueError:
-            pass
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval < 0:
-        raise ConfigError("health_check_interval", f"expected a number of seconds (0 turns the check off), not {interval!r}")
+    interval = parse_seconds(
+        values.get("health_check_interval", DEFAULT_CHECK_INTERVAL), "health_check_interval", allow_zero=True,
+        meaning_of_zero=" (0 turns the check off)",
+    )
     url = values.get("health_check_url", DEFAULT_CHECK_URL)
     if not isinstance(url, str):
         raise ConfigError("health_check_url", "expected an http:// URL")
+    _url_port(url, "health_check_url")
     try:
         host, port, path = absolute_target(url)
     except HttpError as e:
@@ -467,8 +480,23 @@ def _health_check(values: Mapping[str, Any]) -> HealthCheck:
         "Accept: */*\r\nConnection: close\r\n\r\n"
     ).encode("latin-1")
     # A check slower than this counts as failed.
-    timeout = min(10.0, max(float(interval), 1.0))
-    return HealthCheck(float(interval), Address(host, port), request, timeout)
+    timeout = min(10.0, max(interval, 1.0))
+    return HealthCheck(interval, Address(host, port), request, timeout)
+
+
+def _url_port(url: str, key: str) -> None:
+    """Check the port of an http(s) URL, if it names one (the URL itself may hold a secret: not quoted)."""
+    authority = url.partition("://")[2]
+    for end in "/?#":
+        authority = authority.partition(end)[0]
+    authority = authority.rpartition("@")[2]
+    if authority.startswith("["):
+        after = authority.partition("]")[2]
+        port = after[1:] if after.startswith(":") else ""
+    else:
+        port = authority.rpartition(":")[2] if ":" in authority else ""
+    if port:
+        parse_number(port, key, "a URL whose port is a number from 1 to 65535", minimum=1, maximum=65535, show=False)
 
 
 def _method(values: Mapping[str, Any]) -> str:
@@ -537,24 +565,11 @@ def _hosts(value: Any) -> tuple[str, ...]:
 
 
 def _port(values: Mapping[str, Any], key: str, default: int, allow_zero: bool) -> int:
-    value = values.get(key, default)
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not (0 if allow_zero else 1) <= value <= 65535:
-        raise ConfigError(key, f"expected a port number from 1 to 65535, not {value!r}")
-    return value
+    return parse_port(values.get(key, default), key, allow_zero=allow_zero)
 
 
 def _timeout(values: Mapping[str, Any], key: str = "timeout", default: float = DEFAULT_TIMEOUT) -> float:
-    value = values.get(key, default)
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(key, f"expected a positive number of seconds, not {value!r}")
-    return float(value)
+    return parse_seconds(values.get(key, default), key)
 
 
 def _string(values: Mapping[str, Any], key: str, default: str) -> str:
@@ -584,6 +599,17 @@ def _listen(values: Mapping[str, Any]) -> tuple[str, ...]:
 def _tcp_listen(host: str, port: int) -> str:
     # Endpoint descriptions use ':' as separator; IPv6 colons must be escaped.
     return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
+
+
+def _url_file(values: Mapping[str, Any], password_generated: bool) -> str | None:
+    value = values.get("url_file", DEFAULT_URL_FILE)
+    if not isinstance(value, str) or "\0" in value:
+        raise ConfigError("url_file", "expected the path of the file for the ss:// URL, or '' for none")
+    if not value and password_generated:
+        raise ConfigError(
+            "url_file", "without a password (-k) the generated one is kept only in the URL file: give a password or a path"
+        )
+    return value or None
 
 
 def _plugin(values: Mapping[str, Any], relays: UdpSettings) -> tuple[Plugin | None, tuple[str, ...]]:
@@ -625,28 +651,16 @@ def _relays(values: Mapping[str, Any]) -> UdpSettings:
 
 
 def _limits(values: Mapping[str, Any]) -> Limits:
-    grace = values.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE)
-    if isinstance(grace, str):
-        try:
-            grace = float(grace)
-        except ValueError:
-            pass
-    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
-        raise ConfigError("shutdown_grace", f"expected a number of seconds, 0 or more, not {grace!r}")
+    grace = parse_seconds(values.get("shutdown_grace", DEFAULT_SHUTDOWN_GRACE), "shutdown_grace", allow_zero=True)
     return Limits(
         handshake_timeout=_timeout(values, "handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT),
         max_connections=_count(values, "max_connections", 0, minimum=0),
-        shutdown_grace=float(grace),
+        shutdown_grace=grace,
     )
 
 
-def _count(values: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
-    value = values.get(key, default)
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(key, f"expected a whole number of at least {minimum}, not {value!r}")
-    return value
+def _count(values: Mapping[str, Any], key: str, default: int, minimum: int, maximum: int = MAX_COUNT) -> int:
+    return parse_count(values.get(key, default), key, minimum=minimum, maximum=maximum)
 
 
 def _target(text: Any, key: str) -> Address:
@@ -656,9 +670,9 @@ def _target(text: Any, key: str) -> Address:
     host, sep, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host:
         raise ConfigError(key, f"expected HOST:PORT, not {text!r}")
-    return Address(host, int(port))
+    return Address(host, parse_port(port, key))
 
 
 def _tunnel(text: Any, default_address: str) -> Tunnel:
@@ -671,6 +685,7 @@ def _tunnel(text: Any, default_address: str) -> Tunnel:
         address = default_address
     if address.startswith("[") and address.endswith("]"):
         address = address[1:-1]
-    if not port.isdigit() or not int(port) < 65536 or not address:
-        raise ConfigError("tunnels", f"bad local port in {text!r}")
-    return Tunnel(_tcp_listen(address, int(port)), _target(target, "tunnels"), (address, int(port)))
+    if not address:
+        raise ConfigError("tunnels", f"no local address in {text!r}")
+    number = parse_port(port, "tunnels", allow_zero=True)
+    return Tunnel(_tcp_listen(address, number), _target(target, "tunnels"), (address, number))

@@ -23,6 +23,7 @@ from twisted.names.error import DomainError, DNSNameError
 from ssx.errors import ConfigError, SSXError
 from ssx.forbidden import is_ip_literal
 from ssx.nat import NatTable
+from ssx.numeric import parse_number
 
 __all__ = [
     "FALLBACK_NAMESERVERS",
@@ -79,9 +80,7 @@ def parse_nameservers(value: str | list[str] | None) -> tuple[tuple[str, int], .
 
 
 def _port(item: str, text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ConfigError("nameserver", f"{item!r} has a bad port")
-    return int(text)
+    return int(parse_number(text, "nameserver", f"IP:port with a port from 1 to 65535 in {item!r}", minimum=1, maximum=65535))
 
 
 def nameservers_from_resolv_conf(path: str) -> tuple[tuple[str, int], ...]:

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from ssx.crypto import lookup_method
 from ssx.errors import ConfigError
+from ssx.numeric import parse_port
 from ssx.url import format_url, parse_url
 
 __all__ = ["ServerEntry", "entry_from_url", "entry_url", "server_entry"]
@@ -61,11 +62,7 @@ def server_entry(values: Mapping[str, Any], where: str) -> ServerEntry | None:
     host = _first(values, "server", "address")
     if not isinstance(host, str) or not host:
         raise ConfigError(f"{where}.server", "required: the server's host name or IP address")
-    port = _first(values, "server_port", "port")
-    if isinstance(port, str) and port.isdigit():
-        port = int(port)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ConfigError(f"{where}.server_port", f"expected a port number from 1 to 65535, not {port!r}")
+    port = parse_port(_first(values, "server_port", "port"), f"{where}.server_port")
     method = values.get("method")
     if not isinstance(method, str) or not method:
         raise ConfigError(f"{where}.method", "required: the encryption method")

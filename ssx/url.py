@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
 from ssx.errors import ConfigError
+from ssx.numeric import parse_number
 
 __all__ = ["ServerUrl", "format_url", "parse_url"]
 
 _SCHEME = "ss://"
 # What a host name may hold here: enough for DNS names, IDNs and IPv4.
 _HOST = re.compile(r"[^\s/?#@\[\]:%]+")
-_PORT = re.compile(r"[0-9]{1,5}")
 
 
 @dataclass(frozen=True)
@@ -182,9 +182,8 @@ def _hostport(text: str) -> tuple[str, int]:
             if ":" in host:
                 raise ConfigError("url", "an IPv6 host must be written in brackets")
             raise ConfigError("url", "the ss:// URL has no valid host")
-    if not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
-        raise ConfigError("url", "the port must be a number from 1 to 65535")
-    return host, int(port_text)
+    port = parse_number(port_text, "url", "a port number from 1 to 65535 after the host", minimum=1, maximum=65535, show=False)
+    return host, int(port)
 
 
 def _plugin(query: str) -> tuple[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import os
 import socket
 import sys
@@ -18,6 +19,7 @@ from typing import TextIO
 
 from ssx.config import config_entries, merge, read_config_file
 from ssx.errors import ConfigError
+from ssx.safe_file import write_file
 from ssx.server_entry import entry_url
 
 __all__ = ["add_arguments", "run"]
@@ -28,7 +30,7 @@ _UNSPECIFIED = ("0.0.0.0", "::", "")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", metavar="FILE", help="JSON config file (a server's or a local end's)")
     parser.add_argument("-s", "--server", help="the server's host (overrides the file)")
-    parser.add_argument("-p", "--server-port", type=int, help="the server's port")
+    parser.add_argument("-p", "--server-port", help="the server's port")
     parser.add_argument("-k", "--password", help="the password")
     parser.add_argument("-m", "--method", help="the encryption method")
     parser.add_argument(
@@ -36,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "machine's host name when that is 0.0.0.0 or ::]"
     )
     parser.add_argument("--tag", help="the name clients show for the server [default: remarks from the file]")
-    parser.add_argument("--qr-png", metavar="FILE", help="also write the QR code as a PNG image (FILE-2.png, ... for further servers)")
+    parser.add_argument(
+        "--qr-png", metavar="FILE", help="also write the QR code as a PNG image, mode 0600 as it holds the password "
+        "(FILE-2.png, ... for further servers)"
+    )
     parser.add_argument("--no-qr", action="store_true", help="print only the URL")
 
 
@@ -64,5 +69,11 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             if index:
                 stem, ext = os.path.splitext(path)
                 path = f"{stem}-{index + 1}{ext or '.png'}"
-            code.save(path, kind="png", scale=8, border=4)
+            image = io.BytesIO()
+            code.save(image, kind="png", scale=8, border=4)
+            try:
+                write_file(path, image.getvalue(), 0o600)
+            except OSError as e:
+                print(f"ssx url: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+                return 1
     return 0

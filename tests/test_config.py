@@ -375,3 +375,255 @@ class SingleServerPluginTests(unittest.SynchronousTestCase):
         """The plugin and options of a single --url become the local end's plugin."""
         config = local_config({"url": "ss://YWVzLTEyOC1nY206dGVzdA@h:1/?plugin=obfs-local%3Bobfs%3Dhttp"})
         self.assertEqual((config.plugin.name, config.plugin.options), ("obfs-local", "obfs=http"))
+
+
+# Text that str.isdigit() (or float()) accepts but that is not a plain ASCII
+# number, and values out of any range: each must be a ConfigError naming
+# the key, never a traceback.
+_NOT_NUMBERS = ["²", "٣", "1²", "８３８８", " 1", "1 ", "1_000", "0x10", "", "9" * 25, True, [1], "\n1"]
+_NOT_WHOLE = ["1.5", "1e3", "-1", 1.0, float("nan")]
+_NOT_SECONDS = ["nan", "inf", "-inf", "1e3", "Infinity", float("nan"), float("inf"), float("-inf"), 1e300, "-1"]
+
+_URL = "ss://YWVzLTEyOC1nY206dGVzdA@192.0.2.5:8388"
+
+# Every numeric key: (end, key, a good value and what it becomes, whole number or seconds).
+_SERVER_NUMBERS = [
+    ("server_port", "8389", 8389, True),
+    ("timeout", "2.5", 2.5, False),
+    ("handshake_timeout", "7", 7.0, False),
+    ("max_connections", "12", 12, True),
+    ("shutdown_grace", "0", 0.0, False),
+    ("udp_timeout", 30, 30.0, False),
+    ("udp_max_associations", "64", 64, True),
+    ("replay_history", "1000", 1000, True),
+]
+_LOCAL_NUMBERS = [
+    ("server_port", "8389", 8389, True),
+    ("local_port", "1081", 1081, True),
+    ("online_config_interval", "600", 600.0, False),
+    ("health_check_interval", ".5", 0.5, False),
+]
+
+
+def _server_value(config, key):
+    return {
+        "server_port": lambda c: c.port, "timeout": lambda c: c.timeout,
+        "handshake_timeout": lambda c: c.limits.handshake_timeout, "max_connections": lambda c: c.limits.max_connections,
+        "shutdown_grace": lambda c: c.limits.shutdown_grace, "udp_timeout": lambda c: c.relays.timeout,
+        "udp_max_associations": lambda c: c.relays.capacity, "replay_history": lambda c: c.replay_history,
+    }[key](config)
+
+
+def _local(values):
+    base = {"server": "192.0.2.1", "password": "pw", "online_config": "https://example.org/list"}
+    return local_config({**base, **values})
+
+
+class NumberParsingTests(unittest.SynchronousTestCase):
+    """Every number a user configures goes through one parser of ASCII digits with a sane length and range."""
+
+    def assertKey(self, build, values, key):
+        with self.assertRaises(ConfigError, msg=repr(values)) as caught:
+            build(values)
+        self.assertEqual(caught.exception.key, key, values)
+        self.assertNotIn("\n", str(caught.exception))
+
+    def test_server_keys(self):
+        """Each numeric server key takes ASCII digits (a decimal point for seconds) and refuses '²', NaN, huge and the like."""
+        for key, good, expected, whole in _SERVER_NUMBERS:
+            config = server_config({"password": "pw", key: good})
+            self.assertEqual(_server_value(config, key), expected, key)
+            self.assertIsInstance(_server_value(config, key), int if whole else float)
+            for bad in _NOT_NUMBERS + (_NOT_WHOLE if whole else _NOT_SECONDS):
+                self.assertKey(server_config, {"password": "pw", key: bad}, key)
+
+    def test_local_keys(self):
+        """Each numeric local key does the same."""
+        for key, good, expected, whole in _LOCAL_NUMBERS:
+            config = _local({key: good})
+            got = {"server_port": config.server_port, "local_port": int(config.listen[0].split(":")[1]),
+                   "online_config_interval": config.online.interval,
+                   "health_check_interval": config.health_check.interval}[key]
+            self.assertEqual(got, expected, key)
+            for bad in _NOT_NUMBERS + (_NOT_WHOLE if whole else _NOT_SECONDS):
+                self.assertKey(_local, {key: bad}, key)
+
+    def test_numbers_inside_strings(self):
+        """Ports inside tunnel specs, nameservers, servers entries, ss:// and http(s):// URLs refuse '²' the same way."""
+        for bad in ("²", "٣", "99999", "0x1f", "8388²"):
+            self.assertKey(_local, {"tunnels": [f"{bad}=8.8.8.8:53"]}, "tunnels")
+            self.assertKey(_local, {"tunnels": [f"5353=8.8.8.8:{bad}"]}, "tunnels")
+            self.assertKey(_local, {"tunnel_address": f"8.8.8.8:{bad}"}, "tunnel_address")
+            self.assertKey(server_config, {"nameserver": f"1.1.1.1:{bad}"}, "nameserver")
+            self.assertKey(server_config, {"nameserver": f"[2606:4700::1111]:{bad}"}, "nameserver")
+            entry = {"server": "h", "server_port": bad, "password": "p", "method": "aes-128-gcm"}
+            self.assertKey(_local, {"servers": [entry]}, "servers[0].server_port")
+            self.assertKey(_local, {"url": f"ss://YWVzLTEyOC1nY206dGVzdA@192.0.2.5:{bad}"}, "url")
+            self.assertKey(_local, {"online_config": f"https://example.org:{bad}/list"}, "online_config")
+            self.assertKey(_local, {"health_check_url": f"http://[::1]:{bad}/"}, "health_check_url")
+            self.assertKey(_local, {"health_check_url": f"http://example.org:{bad}/"}, "health_check_url")
+        config = _local({"tunnels": ["5353=8.8.8.8:53"], "online_config": "https://[2001:db8::1]:8443/x",
+                         "health_check_url": "http://example.org:8080/"})
+        self.assertEqual((config.tunnels[0].address, config.tunnels[0].target.port), (("127.0.0.1", 5353), 53))
+        self.assertEqual(config.health_check.target.port, 8080)
+        self.assertEqual(server_config({"nameserver": "1.1.1.1:5353"}).nameservers, (("1.1.1.1", 5353),))
+
+    def test_url_port_message_keeps_secret(self):
+        """A bad port in an ss:// or online-config URL is refused without quoting the URL (it carries a secret)."""
+        for values in ({"url": "ss://YWVzLTEyOC1nY206c2VjcmV0@192.0.2.5:²"},
+                       {"online_config": "https://example.org:²/secret-token"}):
+            with self.assertRaises(ConfigError) as caught:
+                _local(values)
+            self.assertNotIn("secret", str(caught.exception))
+            self.assertNotIn("²", str(caught.exception))
+
+    def test_any_text_is_a_number_or_config_error(self):
+        """Whatever text a flag holds, every numeric key either takes it or raises ConfigError naming the key."""
+        from hypothesis import given, settings, strategies as st
+
+        keys = [(server_config, {"password": "pw"}, key) for key, *_ in _SERVER_NUMBERS]
+        keys += [(_local, {}, key) for key, *_ in _LOCAL_NUMBERS]
+
+        @settings(max_examples=200, deadline=None, database=None)
+        @given(text=st.one_of(st.text(max_size=30), st.from_regex(r"\A[0-9.+\-²٣]{1,25}\Z")))
+        def check(text):
+            for build, base, key in keys:
+                try:
+                    build({**base, key: text})
+                except ConfigError as e:
+                    self.assertEqual(e.key, key)
+
+        check()
+
+    def test_flags_one_line(self):
+        """Every numeric flag of both commands, given '²', stops with one line naming its key (no traceback)."""
+        server_flags = {"-p": "server_port", "-t": "timeout", "--handshake-timeout": "handshake_timeout",
+                        "--max-connections": "max_connections", "--shutdown-grace": "shutdown_grace",
+                        "--udp-timeout": "udp_timeout", "--udp-max-associations": "udp_max_associations",
+                        "--replay-history": "replay_history"}
+        local_flags = {**server_flags, "-l": "local_port", "--online-config-interval": "online_config_interval",
+                       "--health-check-interval": "health_check_interval"}
+        del local_flags["--replay-history"]
+        for command, options, flags, base in (
+            ("ssx-server", server_tap.Options, server_flags, ["-k", "pw"]),
+            ("ssx-local", local_tap.Options, local_flags, ["-s", "192.0.2.1", "-k", "pw"]),
+        ):
+            for flag, key in flags.items():
+                with self.assertRaises(SystemExit, msg=flag) as caught:
+                    options().parseOptions([*base, flag, "²"])
+                message = str(caught.exception.code)
+                self.assertTrue(message.startswith(f"{command}: bad configuration: {key}: expected "), message)
+                self.assertTrue(message.endswith(", not '²'"), message)
+                self.assertNotIn("\n", message)
+
+    def test_config_file_numbers(self):
+        """config.json's NaN, Infinity, 1e999 and a 5000-digit number stop start-up naming the key (or the file)."""
+        for text, key in (('{"timeout": NaN}', "timeout"), ('{"udp_timeout": Infinity}', "udp_timeout"),
+                          ('{"shutdown_grace": 1e999}', "shutdown_grace"), ('{"server_port": 8388.0}', "server_port"),
+                          ('{"max_connections": ' + "9" * 5000 + "}", "config"),
+                          ('{"replay_history": ' + "9" * 300 + "}", "replay_history")):
+            options = server_tap.Options()
+            with self.assertRaises(SystemExit) as caught:
+                options.parseOptions(["-c", write_config(self, text), "-k", "pw"])
+            message = str(caught.exception.code)
+            self.assertTrue(message.startswith(f"ssx-server: bad configuration: {key}: "), message)
+            self.assertLess(len(message), 300, message)
+
+
+class UnusedKeyWarningTests(unittest.SynchronousTestCase):
+    """Keys a command does not use are one warning line naming them."""
+
+    def test_unused_keys_warned(self):
+        """Both ends log one event at warning level naming every unused key."""
+        from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+        from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+        for build, tap, values in (
+            (server_config, server_tap, {"password": "pw", "fast_open": True, "workers": 4}),
+            (local_config, local_tap, {"server": "192.0.2.1", "password": "pw", "fast_open": True, "workers": 4}),
+        ):
+            log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+            tap.build_service(MemoryReactorClock(), build(values))
+            named = [e for e in log if "fast_open" in formatEvent(e)]
+            self.assertEqual(len(named), 1, [formatEvent(e) for e in log])
+            self.assertEqual(named[0]["log_level"], LogLevel.warn)
+            self.assertIn("fast_open, workers", formatEvent(named[0]))
+
+
+class UrlFileTests(unittest.SynchronousTestCase):
+    """url_file: where ssx-server keeps its ss:// URL, and the generated password for later starts."""
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp(prefix="ssx-url-")
+        self.addCleanup(__import__("shutil").rmtree, self.directory)
+        self.path = os.path.join(self.directory, "ssx-server.url")
+
+    def save(self, url, mode=0o600):
+        from ssx.safe_file import write_file
+
+        write_file(self.path, (url + "\n").encode(), mode)
+
+    def test_relative_to_rundir(self):
+        """A relative url_file (ssx-server.url by default) lies in twistd's --rundir, made absolute at start."""
+        config = server_tap.reuse_generated_password(server_config({"password": "pw"}), self.directory)
+        self.assertEqual(config.url_file, self.path)
+        options = server_tap.Options()
+        options.parseOptions(["-k", "pw", "--url-file", "x.url"])
+        self.assertEqual(options.config.url_file, os.path.join(os.getcwd(), "x.url"))
+
+    def test_missing_directory_one_line(self):
+        """A url_file in a directory that does not exist stops start-up with one line naming url_file."""
+        options = server_tap.Options()
+        with self.assertRaises(SystemExit) as caught:
+            options.parseOptions(["-k", "pw", "--url-file", os.path.join(self.directory, "no", "x.url")])
+        self.assertEqual(
+            str(caught.exception.code),
+            f"ssx-server: bad configuration: url_file: {os.path.join(self.directory, 'no', 'x.url')}: no such directory",
+        )
+
+    def test_generated_password_reused(self):
+        """Without a password, the one in the URL file of an earlier start (same method) is taken back."""
+        self.save("ss://Y2hhY2hhMjAtaWV0Zi1wb2x5MTMwNTpzYXZlZC1zZWNyZXQ@vm:8388")
+        config = server_tap.reuse_generated_password(server_config({}), self.directory)
+        self.assertEqual((config.password, config.password_generated, config.password_reused), ("saved-secret", True, True))
+        self.assertEqual(config.warnings, ())
+        options = server_tap.Options()
+        options.parseOptions(["--url-file", self.path])
+        self.assertEqual(options.config.password, "saved-secret")
+
+    def test_configured_password_wins(self):
+        """A configured password (or key) is used as it is; the file is not read."""
+        self.save("ss://Y2hhY2hhMjAtaWV0Zi1wb2x5MTMwNTpzYXZlZC1zZWNyZXQ@vm:8388")
+        config = server_tap.reuse_generated_password(server_config({"password": "mine"}), self.directory)
+        self.assertEqual((config.password, config.password_reused), ("mine", False))
+
+    def test_untrusted_files_not_reused(self):
+        """A URL file open to others, a link, another method's or a garbled one gives a fresh password and a warning naming the file."""
+        url = "ss://Y2hhY2hhMjAtaWV0Zi1wb2x5MTMwNTpzYXZlZC1zZWNyZXQ@vm:8388"
+        other = os.path.join(self.directory, "elsewhere")
+        cases = [
+            lambda: self.save(url, 0o644),
+            lambda: (self.save(url), os.rename(self.path, other), os.symlink(other, self.path)),
+            lambda: self.save("ss://YWVzLTEyOC1nY206c2F2ZWQtc2VjcmV0@vm:8388"),  # aes-128-gcm
+            lambda: self.save("not a URL"),
+            lambda: os.mkdir(self.path),
+        ]
+        for prepare in cases:
+            for name in os.listdir(self.directory):
+                target = os.path.join(self.directory, name)
+                (os.rmdir if os.path.isdir(target) and not os.path.islink(target) else os.unlink)(target)
+            prepare()
+            config = server_tap.reuse_generated_password(server_config({}), self.directory)
+            self.assertNotEqual(config.password, "saved-secret")
+            self.assertFalse(config.password_reused)
+            self.assertEqual(len(config.warnings), 1, config.warnings)
+            self.assertIn(self.path, config.warnings[0])
+            self.assertNotIn("saved-secret", config.warnings[0])
+
+    def test_no_file_needs_a_password(self):
+        """url_file '' turns the file off, which a generated password cannot do without (it would be known to nobody)."""
+        self.assertIsNone(server_config({"password": "pw", "url_file": ""}).url_file)
+        for values in ({"url_file": ""}, {"password": "pw", "url_file": 5}):
+            with self.assertRaises(ConfigError) as caught:
+                server_config(values)
+            self.assertEqual(caught.exception.key, "url_file")

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 
@@ -19,6 +20,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 from twisted.web import resource, server as web_server
 
+from ssx.url import parse_url
 from tests import support
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,9 +123,11 @@ class TwistdHelpTests(unittest.TestCase):
 class TwistdChainTests(unittest.TestCase):
     """The README's commands, end to end."""
 
-    async def _start(self, *args: str, ready: bytes) -> support.ChildProcess:
+    async def _start(self, *args: str, ready: bytes, cwd: str | None = None) -> support.ChildProcess:
         child = support.ChildProcess()
-        reactor.spawnProcess(child, sys.executable, [sys.executable, *TWISTD, *args], env=twistd_env(), path=tempfile.gettempdir())
+        reactor.spawnProcess(
+            child, sys.executable, [sys.executable, *TWISTD, *args], env=twistd_env(), path=cwd or tempfile.gettempdir()
+        )
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
         for _ in range(200):
             if ready in b"".join(child.output):
@@ -144,15 +148,23 @@ class TwistdChainTests(unittest.TestCase):
         self.addCleanup(web.stopListening)
 
         server_port = support.free_port()
-        # No password: the server generates one and logs the ss:// URL.
-        server = await self._start("-n", "--pidfile=", "ssx-server", "-p", str(server_port), "--forbidden-ip=", ready=b"listening on")
-        match = re.search(r"ss://([A-Za-z0-9_-]+)@([^:\s]+):(\d+)", server.text())
-        self.assertIsNotNone(match, server.text())
+        # No password: the server generates one and writes the ss:// URL
+        # to ssx-server.url in its working directory.
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        server = await self._start(
+            "-n", "--pidfile=", "ssx-server", "-p", str(server_port), "--forbidden-ip=", ready=b"clients connect to",
+            cwd=directory,
+        )
+        with open(os.path.join(directory, "ssx-server.url")) as f:
+            match = re.fullmatch(r"ss://([A-Za-z0-9_-]+)@([^:\s]+):(\d+)\n", f.read())
+        self.assertIsNotNone(match)
         userinfo = base64.urlsafe_b64decode(match.group(1) + "=" * (-len(match.group(1)) % 4)).decode()
         method, password = userinfo.split(":", 1)
         self.assertEqual(method, "chacha20-ietf-poly1305")
         self.assertEqual(int(match.group(3)), server_port)
-        self.assertNotIn(password, server.text().replace(match.group(0), ""))
+        self.assertNotIn(password, server.text())
+        self.assertNotIn(match.group(1), server.text())
 
         socks_port = support.free_port()
         await self._start(
@@ -168,7 +180,7 @@ class TwistdChainTests(unittest.TestCase):
         self.assertEqual(support.sha256(out), support.sha256(body))
 
     def test_default_server_and_local(self):
-        """`twistd -n ssx-server` with no password logs an ss:// URL; ssx-local with it carries curl's download intact."""
+        """`twistd -n ssx-server` with no password writes an ss:// URL it does not log; ssx-local with it carries curl's download intact."""
         return defer.Deferred.fromCoroutine(self._default_server())
 
     async def _url_chain(self) -> None:
@@ -182,13 +194,13 @@ class TwistdChainTests(unittest.TestCase):
         self.addCleanup(web.stopListening)
 
         server_port = support.free_port()
-        server = await self._start(
+        url_file = os.path.abspath(self.mktemp()) + ".url"
+        await self._start(
             "-n", "--pidfile=", "ssx-server", "-s", "127.0.0.1", "-p", str(server_port), "-k", "pass word:@/x",
-            "-m", "aes-128-gcm", "--forbidden-ip=", ready=b"clients connect with",
+            "-m", "aes-128-gcm", "--forbidden-ip=", "--url-file", url_file, ready=b"clients connect to",
         )
-        match = re.search(r"ss://\S+", server.text())
-        self.assertIsNotNone(match, server.text())
-        url = match.group(0)
+        with open(url_file) as f:
+            url = f.read().strip()
         self.assertTrue(url.startswith("ss://") and url.endswith(f"@127.0.0.1:{server_port}"), url)
         proxy_port = support.free_port()
         await self._start("-n", "--pidfile=", "ssx-local", "--url", url, "-l", str(proxy_port), ready=b"listening on")
@@ -201,7 +213,7 @@ class TwistdChainTests(unittest.TestCase):
         self.assertEqual(support.sha256(out), support.sha256(body))
 
     def test_server_url_into_local(self):
-        """The URL ssx-server logs for a given password, passed to ssx-local --url, carries curl's HTTP-proxy download intact."""
+        """The URL ssx-server writes for a given password, passed to ssx-local --url, carries curl's HTTP-proxy download intact."""
         return defer.Deferred.fromCoroutine(self._url_chain())
 
     @defer.inlineCallbacks
@@ -211,6 +223,129 @@ class TwistdChainTests(unittest.TestCase):
         self.assertNotEqual(code, 0)
         lines = (out + err).decode().strip().splitlines()
         self.assertEqual(lines, ["ssx-local: bad configuration: url: the ss:// URL has no port"])
+
+class BadNumberTests(unittest.TestCase):
+    """Numbers that str.isdigit() or float() would take but are no plain number stop twistd with one line."""
+
+    @defer.inlineCallbacks
+    def test_bad_numbers_one_line(self):
+        """'²', '٣', NaN and bad ports inside strings: one line naming the key, a non-zero status, no traceback."""
+        local = ["ssx-local", "-s", "127.0.0.1", "-k", "pw"]
+        cases = [
+            (["ssx-server", "--max-connections", "²"], "ssx-server", "max_connections"),
+            (["ssx-server", "-p", "٣"], "ssx-server", "server_port"),
+            (["ssx-server", "--udp-timeout", "nan"], "ssx-server", "udp_timeout"),
+            (["ssx-server", "--nameserver", "1.1.1.1:²"], "ssx-server", "nameserver"),
+            ([*local, "-l", "²"], "ssx-local", "local_port"),
+            ([*local, "--online-config", "https://example.org:²/list"], "ssx-local", "online_config"),
+            ([*local, "--health-check-url", "http://example.org:²/"], "ssx-local", "health_check_url"),
+        ]
+        for args, command, key in cases:
+            out, err, code = yield run_twistd("-n", "--pidfile=", *args)
+            text = (out + err).decode()
+            self.assertNotEqual(code, 0, args)
+            self.assertNotIn("Traceback", text)
+            lines = text.strip().splitlines()
+            self.assertEqual(len(lines), 1, lines)
+            self.assertTrue(lines[0].startswith(f"{command}: bad configuration: {key}: expected "), lines)
+
+
+# Runs the rest of the command line with umask 0, so that only the modes
+# ssx asks for keep a file from others.
+UMASK_ZERO = "import os, sys; os.umask(0); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+
+
+class UrlFileTests(unittest.TestCase):
+    """ssx-server's ss:// URL goes to a 0600 file, never to the log, which twistd may leave readable by all."""
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp(prefix="ssx-url-")
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.url_file = os.path.join(self.directory, "ssx-server.url")
+
+    async def _start(self, *args: str, log: str | None = None, rundir: bool = False) -> support.ChildProcess:
+        """
+        twistd -n ssx-server ARGS with umask 0, in the temporary directory (or
+        elsewhere, with --rundir naming it), until it says where the URL is.
+        """
+        child = support.ChildProcess()
+        argv = [sys.executable, "-c", UMASK_ZERO, *TWISTD, "-n", "--pidfile="]
+        argv += [f"--logfile={log}"] if log else []
+        argv += [f"--rundir={self.directory}"] if rundir else []
+        argv += ["ssx-server", "-s", "127.0.0.1", "-p", "0", *args]
+        cwd = tempfile.gettempdir() if rundir else self.directory
+        reactor.spawnProcess(child, sys.executable, argv, env=twistd_env(), path=cwd)
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
+        for _ in range(200):
+            text = child.text()
+            if log and os.path.exists(log):
+                with open(log, errors="replace") as f:
+                    text = f.read()
+            if "clients connect" in text:
+                return child
+            if child.ended.called:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"twistd did not get ready: {child.text()}")
+
+    def _url(self) -> str:
+        info = os.lstat(self.url_file)
+        self.assertTrue(stat.S_ISREG(info.st_mode))
+        self.assertEqual(stat.S_IMODE(info.st_mode), 0o600)
+        with open(self.url_file) as f:
+            return f.read().strip()
+
+    async def _given_password(self) -> None:
+        log = os.path.join(self.directory, "twistd.log")
+        await self._start("-k", "pass word:@/x", "-m", "aes-128-gcm", log=log)
+        with open(log) as f:
+            text = f.read()
+        userinfo = base64.urlsafe_b64encode(b"aes-128-gcm:pass word:@/x").decode().rstrip("=")
+        for secret in ("pass word", userinfo):
+            self.assertNotIn(secret, text)
+        self.assertNotRegex(text, r"ss://\S*@")
+        self.assertIn(f"the ss:// URL they import (it carries the password) is in {self.url_file}", text)
+        url = self._url()
+        self.assertEqual(parse_url(url).password, "pass word:@/x")
+        self.assertEqual(url.partition("@")[0], "ss://" + userinfo)
+
+    def test_given_password_not_logged(self):
+        """With -k, under umask 0, the URL file is 0600 and twistd's log file names it without the password."""
+        return defer.Deferred.fromCoroutine(self._given_password())
+
+    async def _generated_kept(self) -> None:
+        first = await self._start(rundir=True)
+        url = self._url()
+        password = parse_url(url).password
+        self.assertNotIn(password, first.text())
+        self.assertNotIn(url.partition("@")[0], first.text())
+        self.assertIn("no password given: generated one", first.text())
+        await first.stop()
+        second = await self._start(rundir=True)
+        self.assertEqual(parse_url(self._url()).password, password)
+        self.assertNotIn(password, second.text())
+        self.assertIn("no password given: kept the one generated at an earlier start", second.text())
+
+    def test_generated_password_kept(self):
+        """A generated password is written to ssx-server.url (0600) in twistd's --rundir and used again at the next start."""
+        return defer.Deferred.fromCoroutine(self._generated_kept())
+
+    async def _planted_link(self) -> None:
+        victim = os.path.join(self.directory, "victim")
+        with open(victim, "w") as f:
+            f.write("untouched\n")
+        os.chmod(victim, 0o644)
+        os.symlink(victim, self.url_file)
+        await self._start("-k", "pw-planted", "--url-file", self.url_file)
+        with open(victim) as f:
+            self.assertEqual(f.read(), "untouched\n")
+        self.assertEqual(parse_url(self._url()).password, "pw-planted")
+        self.assertEqual(sorted(os.listdir(self.directory)), ["ssx-server.url", "victim"])
+
+    def test_planted_link_not_followed(self):
+        """A symbolic link planted at the URL file's path is replaced, not written through: its target stays as it was."""
+        return defer.Deferred.fromCoroutine(self._planted_link())
+
 
 # Sets what systemd sets for an activated service, in the process that then
 # becomes twistd (LISTEN_PID must be the pid of the process that reads it).
@@ -235,6 +370,7 @@ class SystemdActivationTests(unittest.TestCase):
         args = [
             sys.executable, "-c", SYSTEMD_WRAPPER, *TWISTD, "-n", "--pidfile=", "ssx-server",
             "--listen", "systemd:domain=INET:index=0", "-k", support.PASSWORD, "-m", "aes-256-gcm", "--forbidden-ip=",
+            "--url-file=",
         ]
         try:
             # The socket becomes the child's fd 3, the first systemd passes.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -130,6 +131,9 @@ class ParseUrlTests(unittest.SynchronousTestCase):
             "ss://YWVzLTEyOC1nY206dGVzdA@h:0",
             "ss://YWVzLTEyOC1nY206dGVzdA@h:70000",
             "ss://YWVzLTEyOC1nY206dGVzdA@h:8x",
+            "ss://YWVzLTEyOC1nY206dGVzdA@h:²",
+            "ss://YWVzLTEyOC1nY206dGVzdA@[::1]:٣",
+            "ss://YWVzLTEyOC1nY206dGVzdA@h:" + "1" * 30,
             "ss://YWVzLTEyOC1nY206dGVzdA@:1",
             "ss://YWVzLTEyOC1nY206dGVzdA@2001:db8::1:1",
             "ss://YWVzLTEyOC1nY206dGVzdA@[2001:db8::1:1",
@@ -275,6 +279,43 @@ class UrlCommandTests(unittest.SynchronousTestCase):
         self.assertEqual(parse_url(url), ServerUrl("chacha20-ietf-poly1305", "s3cret pass", "203.0.113.9", 8388))
         decoded = [r.text for r in zxingcpp.read_barcodes(Image.open(png))]
         self.assertEqual(decoded, [url])
+
+    def test_qr_png_private_and_not_through_links(self):
+        """--qr-png files (they hold the password) are 0600 under umask 0 and replace a planted link, whose target stays."""
+        directory = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, directory)
+        victim = os.path.join(directory, "victim")
+        with open(victim, "w") as f:
+            f.write("untouched")
+        png = os.path.join(directory, "server.png")
+        os.symlink(victim, png)
+        config = os.path.join(directory, "config.json")
+        with open(config, "w") as f:
+            f.write('{"servers": [{"server": "203.0.113.9", "server_port": 8388, "password": "one", "method": "aes-256-gcm"},'
+                    ' {"server": "203.0.113.10", "server_port": 8388, "password": "two", "method": "aes-256-gcm"}]}')
+        out = subprocess.run(
+            [sys.executable, "-c", "import os, sys, runpy; os.umask(0); sys.argv[0] = 'ssx'; runpy.run_module('ssx', run_name='__main__')",
+             "url", "-c", config, "--qr-png", png, "--no-qr"],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        with open(victim, "rb") as f:
+            self.assertEqual(f.read(), b"untouched")
+        for path in (png, os.path.join(directory, "server-2.png")):
+            info = os.lstat(path)
+            self.assertTrue(stat.S_ISREG(info.st_mode), path)
+            self.assertEqual(stat.S_IMODE(info.st_mode), 0o600, path)
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_bad_port_one_line(self):
+        """-p with anything but ASCII digits of a port is one line naming server_port, status 2."""
+        for port in ("²", "٣", "99999"):
+            out = self.run_tool("-s", "203.0.113.9", "-k", "pw", "-p", port)
+            self.assertEqual(out.returncode, 2, out.stderr)
+            lines = out.stderr.strip().splitlines()
+            self.assertEqual(len(lines), 1, lines)
+            self.assertTrue(lines[0].startswith("ssx url: bad configuration: server_port: expected a port number"), lines)
 
     def test_missing_password_one_line(self):
         """Without a password there is no URL: one line naming the key, status 2."""

@@ -150,4 +150,5 @@ def log_config_notes(label: str, method: str, warnings: tuple[str, ...], ignored
     for line in warnings:
         _log.warn(line)
     if ignored:
-        _log.info("config keys not used by {label}: {keys}", label=label, keys=", ".join(ignored))
+        # A warning: a key ssx does not know is often a misspelt one that the user meant to take effect.
+        _log.warn("config keys not used by {label}: {keys}", label=label, keys=", ".join(ignored))

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
@@ -11,15 +13,18 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ssx.config import ServerConfig, server_config
+from ssx.crypto import lookup_method, make_suite as check_suite
+from ssx.errors import ConfigError
 from ssx.host_address_watch import HostAddressWatcher
 from ssx.listener import DatagramListenerService, DrainService, serve
 from ssx.replay import SaltFilter
 from ssx.plugin import PluginService
 from ssx.resolver import TargetResolver
 from ssx.server import ShadowsocksServerFactory
+from ssx.safe_file import read_private_file, write_file
 from ssx.server_udp import ShadowsocksUdpRelay, udp_relay_for
 from ssx.tap._options import SsxOptions, log_config_notes, make_suite
-from ssx.url import format_url
+from ssx.url import format_url, parse_url
 
 __all__ = ["Options", "makeService", "build_service"]
 
@@ -31,16 +36,18 @@ class Options(SsxOptions):
     synopsis = "[options]"
     longdesc = (
         "Shadowsocks server. With no options at all it listens on port 8388 with "
-        "chacha20-ietf-poly1305 and a freshly generated password. At start it logs the "
-        "ss:// URL that clients import (python -m ssx url -c FILE prints it with a QR "
-        "code). Keys and flags follow shadowsocks-libev and the "
+        "chacha20-ietf-poly1305 and a freshly generated password, kept for the next start. "
+        "At start it writes the ss:// URL that clients import to ssx-server.url (mode 0600; "
+        "python -m ssx url -c FILE prints it with a QR code) and logs where it is. Keys and "
+        "flags follow shadowsocks-libev and the "
         "original Python shadowsocks: -c config.json, then flags override the file. "
         "Example: twistd -n ssx-server -p 8388 -k SECRET -m aes-256-gcm"
     )
     optParameters = [
         ["server", "s", None, "address to bind [default: 0.0.0.0]"],
         ["server-port", "p", None, "port to listen on [default: 8388]"],
-        ["password", "k", None, "password [default: a fresh random one, logged as an ss:// URL]"],
+        ["password", "k", None, "password [default: the one generated at an earlier start, from the URL file; "
+         "else a fresh random one]"],
         ["nameserver", None, None, "DNS servers, comma-separated IP[:port] [default: from resolv.conf, else 8.8.8.8,8.8.4.4]"],
         ["forbidden-ip", None, None, "destinations refused, comma-separated IPs/CIDRs and the words 'special' "
          "(every special-purpose range that is not globally reachable: loopback, private, link-local, CGNAT, "
@@ -55,6 +62,8 @@ class Options(SsxOptions):
          "listens on -s/-p, ssx behind it on a loopback port; UDP (-u) stays on -s/-p, outside the plugin"],
         ["plugin-opts", None, None, "the plugin's options (SS_PLUGIN_OPTIONS), e.g. \"obfs=http\" or "
          "\"server;host=example.com\""],
+        ["url-file", None, None, "file the ss:// URL is written to at start, mode 0600 (it carries the "
+         "password), relative to twistd's --rundir; '' for none [default: ssx-server.url]"],
     ]
     optFlags = [["prefer-ipv6", "6", "try AAAA records before A records"]]
     flag_keys = {
@@ -63,6 +72,7 @@ class Options(SsxOptions):
         "hosts-file": "hosts_file",
         "resolv-conf": "resolv_conf",
         "replay-history": "replay_history",
+        "url-file": "url_file",
     }
     build = staticmethod(server_config)
 
@@ -71,6 +81,51 @@ class Options(SsxOptions):
         self["prefer-ipv6"] = True if self["prefer-ipv6"] else None
         self.flag_keys = {**self.flag_keys, "prefer-ipv6": "prefer_ipv6"}
         super().postOptions()
+
+    def check(self, config: ServerConfig) -> None:
+        super().check(config)
+        # twistd changes to --rundir before the services start: the URL file
+        # is read now and written then, so both must mean the same file.
+        parent = getattr(self, "parent", None)
+        rundir = parent.get("rundir", ".") if parent is not None else "."
+        self.config = reuse_generated_password(config, rundir or ".")
+
+
+def reuse_generated_password(config: ServerConfig, rundir: str = ".") -> ServerConfig:
+    """
+    The config with its URL file's path made absolute (relative ones are in
+    `rundir`) and, when no password was configured, the password of that
+    file's URL (written at an earlier start) in place of the freshly
+    generated one: clients that imported the URL go on working.  The file
+    is trusted only if it is a private file of this user and its method is
+    the configured one; otherwise the fresh password stands, with a warning.
+    ConfigError if the file's directory does not exist.
+    """
+    if config.url_file is None:
+        return config
+    path = os.path.abspath(os.path.join(rundir, config.url_file))
+    if not os.path.isdir(os.path.dirname(path)):
+        raise ConfigError("url_file", f"{path}: no such directory")
+    config = dataclasses.replace(config, url_file=path)
+    if not config.password_generated or config.key is not None:
+        return config
+    try:
+        text = read_private_file(path, limit=4096).decode("utf-8")
+        saved = parse_url(text.strip())
+        method = lookup_method(saved.method).name
+        if method != config.method:
+            return _warn(config, f"{path} is for method {method}, not {config.method}: generated a new password")
+        check_suite(config.method, saved.password, users=dict(config.users))
+    except FileNotFoundError:
+        return config
+    except (OSError, UnicodeDecodeError, ConfigError) as e:
+        reason = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+        return _warn(config, f"{path} not used ({reason}): generated a new password")
+    return dataclasses.replace(config, password=saved.password, password_reused=True)
+
+
+def _warn(config: ServerConfig, line: str) -> ServerConfig:
+    return dataclasses.replace(config, warnings=(*config.warnings, line))
 
 
 def build_service(reactor: Any, config: ServerConfig) -> MultiService:
@@ -133,8 +188,10 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
 
 class _AnnounceUrl(Service):
     """
-    Logs the ss:// URL of this server's configuration once it listens: the
-    line users copy into clients.  It carries the password, as it must.
+    Once the server listens, writes the ss:// URL of its configuration (the
+    text users import into clients; it carries the password) to the URL
+    file, mode 0600, and logs where clients connect and where the URL is:
+    never the password itself, as twistd's log file is readable by others.
     """
 
     def __init__(self, config: ServerConfig, top: MultiService) -> None:
@@ -164,18 +221,39 @@ class _AnnounceUrl(Service):
             plugin=_client_plugin(plugin.name) if plugin is not None else None,
             plugin_opts=_client_plugin_options(plugin.options) if plugin is not None else None,
         )
-        if config.password_generated:
-            _log.warn(
-                "no password given: generated one; clients connect with {url} "
-                "(replace the host if clients know this machine by another name)",
-                url=url,
-            )
-        else:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if config.url_file is None:
+            # Only with a configured password (server_config sees to it).
             _log.info(
-                "clients connect with {url} (this URL carries the password: keep this log private; "
-                "replace the host if clients know this machine by another name)",
-                url=url,
+                "clients connect to {where} with {method} and the configured password "
+                "(no URL file: python -m ssx url prints the ss:// URL)",
+                where=where, method=config.method,
             )
+            return
+        path = os.path.abspath(config.url_file)
+        try:
+            write_file(path, (url + "\n").encode("utf-8"), 0o600)
+        except OSError as e:
+            _log.error(
+                "cannot write the ss:// URL to {path}: {reason}{lost}",
+                path=path,
+                reason=e.strerror or str(e),
+                lost="; the generated password is lost: restart with -k PASSWORD or a writable --url-file"
+                if config.password_generated and not config.password_reused else "",
+            )
+            return
+        about = (
+            "clients connect to {where} with {method}; the ss:// URL they import (it carries the password) "
+            "is in {path} (replace its host if clients know this machine by another name)"
+        )
+        if config.password_reused:
+            _log.info("no password given: kept the one generated at an earlier start; " + about,
+                      where=where, method=config.method, path=path)
+        elif config.password_generated:
+            _log.warn("no password given: generated one, kept for later starts; " + about,
+                      where=where, method=config.method, path=path)
+        else:
+            _log.info(about, where=where, method=config.method, path=path)
 
 
 def _client_plugin(name: str) -> str:
