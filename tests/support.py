@@ -309,10 +309,13 @@ def twistd_env() -> dict[str, str]:
 async def start_twistd(testcase: Any, *args: str, ready: bytes, seconds: float = 10.0) -> ChildProcess:
     """Run `twistd ARGS` as a child until its output shows `ready`; stopped at the test's end."""
     import sys
-    import tempfile
 
+    # Each child runs in a directory of the test's own, so the files twistd and
+    # ssx-server leave (the URL file, logs) go with trial's temporary tree.
+    rundir = testcase.mktemp()
+    os.makedirs(rundir)
     child = ChildProcess()
-    reactor.spawnProcess(child, sys.executable, [sys.executable, *TWISTD, *args], env=twistd_env(), path=tempfile.gettempdir())
+    reactor.spawnProcess(child, sys.executable, [sys.executable, *TWISTD, *args], env=twistd_env(), path=rundir)
     testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
     deadline = reactor.seconds() + seconds
     while reactor.seconds() < deadline:
