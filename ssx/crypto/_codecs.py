@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 from zope.interface import implementer
 
-from ssx.address import Address, decode_address, encode_address
+from ssx.address import Address, decode_address, decode_target, encode_address
 from ssx.crypto._2022 import (
     PskChain,
     RequestDecoder,
@@ -101,7 +101,7 @@ class LegacyServerCodec:
         if self.address is not None:
             return plain
         head = self._head + plain
-        parsed = decode_address(head)
+        parsed = decode_target(head)
         if parsed is None:
             if len(head) >= _MAX_ADDRESS:
                 raise ProtocolError("no address at the start of the stream")
