@@ -11,6 +11,13 @@ sockets or ciphers.
 `decode_address` sits on the server's hot path and reads straight out of the
 caller's receive buffer (``bytes``, ``bytearray`` or a byte ``memoryview``)
 without copying more than the address itself.
+
+`decode_target` is what every server-side decoder (TCP and UDP, every
+method family) parses a request's header with: `decode_address` plus
+`check_target`, which refuses a header no genuine client sends (a name
+that is not a host name, port 0).  Under a stream cipher a prober's random
+bytes decrypt to random headers; this check is what keeps the server from
+resolving or connecting on the strength of most of them.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ __all__ = [
     "encode_address",
     "decode_address",
     "address_size",
+    "check_target",
+    "decode_target",
+    "is_hostname",
 ]
 
 ATYP_IPV4 = 1
@@ -47,6 +57,16 @@ _MAX_DOMAIN = 255
 # and into the resolver.
 _ASCII_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _TEXT_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+# A host name as clients send it (wire.md §2: ASCII, IDNA A-labels): the
+# LDH letters plus the underscore that real names carry (``_dmarc``, some
+# CDNs), dot-separated labels of 1..63, at most 253 bytes without the one
+# trailing dot a fully qualified name may have.  The same set as
+# shadowsocks-libev's validate_hostname.  Hyphens may start or end a label:
+# such names exist and browsers resolve them.
+_HOSTNAME_BYTES = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_MAX_HOSTNAME = 253
+_MAX_LABEL = 63
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,3 +232,59 @@ def _decode_domain(raw: bytes) -> str:
     if _TEXT_CONTROL.search(host) is not None:
         raise AddressError(f"control character in domain name {raw!r}")
     return host
+
+
+def is_hostname(name: str) -> bool:
+    """
+    Whether `name` can be a DNS host name as a client sends it: ASCII
+    letters, digits, hyphen and underscore in dot-separated labels of 1..63
+    bytes, 253 bytes at most (one trailing dot allowed).  Non-ASCII names
+    are not: clients send their IDNA A-label (``xn--…``).
+    """
+    if name.endswith("."):
+        name = name[:-1]
+    if not 1 <= len(name) <= _MAX_HOSTNAME or _HOSTNAME_BYTES.match(name) is None:
+        return False
+    return all(1 <= len(label) <= _MAX_LABEL for label in name.split("."))
+
+
+def check_target(address: Address) -> None:
+    """
+    Raise `AddressError` unless `address` is a target a server may act on:
+    a port other than 0, and a host that is an IP literal or a host name
+    (`is_hostname`).
+    """
+    if address.port == 0:
+        raise AddressError("target port 0")
+    _check_host(address.host)
+
+
+def decode_target(
+    data: bytes | bytearray | memoryview, offset: int = 0
+) -> tuple[Address, int] | None:
+    """
+    `decode_address` for a request a server is about to act on: the same
+    result, None while incomplete, and `AddressError` (and nothing else)
+    for a malformed header or a target `check_target` refuses.
+    """
+    parsed = decode_address(data, offset)
+    if parsed is None:
+        return None
+    address = parsed[0]
+    if address.port == 0:
+        raise AddressError("target port 0")
+    # ATYP 1 and 4 carry an IP by construction; only a name needs a look.
+    if data[offset] == ATYP_DOMAIN:
+        _check_host(address.host)
+    return parsed
+
+
+def _check_host(host: str) -> None:
+    if is_hostname(host):
+        return
+    # IP literal text sent as a name (ATYP 3) is accepted, as
+    # shadowsocks-libev does, but not with an IPv6 zone (``%eth0``): that
+    # would name an interface of the server.
+    if ":" in host and "%" not in host and _parse_ip_literal(host) is not None:
+        return
+    raise AddressError(f"target {host[:80]!r} is not a host name")

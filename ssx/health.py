@@ -3,12 +3,14 @@ The local end's health check of its servers.
 
 Beside the data path: every `interval` seconds `HealthCheckService` opens a
 Shadowsocks connection through each known server to the check target, sends
-the check request (an HTTP GET) with the address header in the first
-encrypted write, and waits for the first decrypted byte of the answer.  The
-time that took is the server's latency; no answer within the timeout, a
-refused connection or a stream that fails authentication marks the server
-down.  Results go to the `IServerPicker`, which ranks servers by them.
-With fewer than two servers there is nothing to choose, so nothing is sent.
+the check request (an HTTP GET) in the stream's first write, and waits for
+the first decrypted byte of the answer.  It talks to the server through the
+suite's client codec (`ICipherSuite.client_codec`), as the relays do, so
+every method family is checked the same way.  The time that took is the
+server's latency; no answer within the timeout, a refused connection or a
+stream that fails authentication marks the server down.  Results go to the
+`IServerPicker`, which ranks servers by them.  With fewer than two servers
+there is nothing to choose, so nothing is sent.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ssx.address import Address, encode_address
+from ssx.address import Address
 from ssx.errors import ProtocolError
-from ssx.interfaces import IServerPicker
+from ssx.interfaces import IServerPicker, ITcpClientCodec
 from ssx.picker import Upstream
 
 __all__ = ["HealthCheckService", "probe"]
@@ -35,22 +37,22 @@ _log = Logger()
 class _Probe(Protocol):
     """One check through one server: fires `done` with the latency, or fails."""
 
-    def __init__(self, upstream: Upstream, first_write: bytes, clock: Any, started: float) -> None:
-        self.encrypt = upstream.suite.tcp_encryptor().encrypt
-        self.decrypt = upstream.suite.tcp_decryptor().decrypt
-        self.first_write = first_write
+    def __init__(self, upstream: Upstream, target: Address, request: bytes, clock: Any, started: float) -> None:
+        self.codec: ITcpClientCodec = upstream.suite.client_codec()
+        self.target = target
+        self.request = request
         self.clock = clock
         self.started = started
         self.done: Deferred = Deferred()
 
     def connectionMade(self) -> None:
-        self.transport.write(self.encrypt(self.first_write))
+        self.transport.write(self.codec.first(self.target, self.request))
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
         try:
-            plain = self.decrypt(data)
+            plain = self.codec.decrypt(data)
         except ProtocolError as e:
             self.done.errback(Failure(e))
             self.transport.abortConnection()
@@ -67,7 +69,7 @@ class _Probe(Protocol):
 async def probe(clock: Any, upstream: Upstream, target: Address, request: bytes, timeout: float) -> float:
     """The seconds from connecting to `upstream` to the first byte of `target`'s answer to `request`."""
     started = clock.seconds()
-    protocol = _Probe(upstream, encode_address(target) + request, clock, started)
+    protocol = _Probe(upstream, target, request, clock, started)
     connecting = upstream.connect(protocol)
     connecting.addTimeout(timeout, clock)
     await connecting

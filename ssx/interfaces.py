@@ -5,9 +5,82 @@ declared in one place.
 
 from __future__ import annotations
 
-from zope.interface import Interface
+from typing import TYPE_CHECKING, Callable
 
-__all__ = ["IServerPicker"]
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from ssx.address import Address
+
+__all__ = ["ICipherSuite", "IServerPicker", "ITcpClientCodec", "ITcpServerCodec", "IUdpClientCodec"]
+
+
+class ICipherSuite(Interface):
+    """
+    One configured method and its keys, derived once: `CipherSuite` (stream,
+    AEAD-2017, none) or `Suite2022` (SIP022).  Everything that speaks
+    Shadowsocks for a connection or an application asks the suite for a
+    fresh codec and uses only the codec's methods, so it works the same
+    for every edition.  (The server's UDP relays differ by edition and pick
+    their class by `spec.family`.)
+    """
+
+    spec = Attribute("The method's `MethodSpec`: name, family, key and salt sizes.")
+
+    def client_codec() -> ITcpClientCodec:
+        """The local end's codec for one new TCP connection to the server."""
+
+    def server_codec(salt_filter: object = None) -> ITcpServerCodec:
+        """
+        The server's codec for one new TCP connection from a client;
+        `salt_filter` refuses replayed salts (the 2022 edition keeps its own).
+        """
+
+    def udp_client_codec() -> IUdpClientCodec:
+        """The local end's codec for one application's datagrams."""
+
+
+class ITcpClientCodec(Interface):
+    """The local end's side of one TCP connection to a server."""
+
+    def first(address: Address, payload: bytes) -> bytes:
+        """The stream's opening bytes: the target's header and the first payload (possibly empty)."""
+
+    def encrypt(data: bytes) -> bytes:
+        """The bytes to send for `data` written after `first`."""
+
+    def decrypt(data: bytes) -> bytes:
+        """The target's bytes completed by `data` from the server (possibly b""); ProtocolError if bad."""
+
+
+class ITcpServerCodec(Interface):
+    """The server's side of one TCP connection from a client."""
+
+    address = Attribute("The target (`Address`) once the request header is complete and valid, else None.")
+    user = Attribute("The user's name (multi-user 2022 ports) once known, else None.")
+
+    def decrypt(data: bytes) -> bytes:
+        """
+        The application's bytes after the header completed by `data` (b""
+        until `address` is known); ProtocolError (AddressError for a target
+        no client sends) if the stream is bad.
+        """
+
+    def encrypt(data: bytes) -> bytes:
+        """The bytes to send the client for the target's `data`."""
+
+    def data_path() -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+        """Once `address` is known: the bare (decrypt, encrypt) for relaying."""
+
+
+class IUdpClientCodec(Interface):
+    """The local end's side of one application's UDP traffic with a server."""
+
+    def seal(plaintext: bytes) -> bytes:
+        """A datagram for the server from ``ATYP ADDR PORT DATA``."""
+
+    def open(packet: bytes) -> bytes:
+        """``ATYP ADDR PORT DATA`` from a server's datagram; ProtocolError if bad."""
 
 
 class IServerPicker(Interface):

@@ -22,8 +22,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ssx.crypto import CipherSuite
-from ssx.interfaces import IServerPicker
+from ssx.interfaces import ICipherSuite, IServerPicker
 from ssx.server_entry import ServerEntry
 
 __all__ = ["LATENCY_WEIGHT", "ServerPicker", "Upstream"]
@@ -39,7 +38,7 @@ class Upstream:
     """One server as the local end reaches it: its entry, keys and way to connect."""
 
     entry: ServerEntry
-    suite: CipherSuite
+    suite: ICipherSuite
     connect: Callable[[Protocol], Deferred]
 
     @property

@@ -18,7 +18,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from ssx.address import Address, decode_address, encode_address
+from ssx.address import Address, decode_target, encode_address
 from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
 from ssx.forbidden import ForbiddenNetworks, is_ip_literal
@@ -111,7 +111,7 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
         self.received += 1
         try:
             plaintext = self.suite.udp_open(data)
-            parsed = decode_address(plaintext)
+            parsed = decode_target(plaintext)
         except ProtocolError:
             self.dropped += 1
             return

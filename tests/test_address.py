@@ -17,10 +17,14 @@ from ssx.address import (
     ATYP_IPV6,
     Address,
     address_size,
+    check_target,
     decode_address,
+    decode_target,
     encode_address,
+    is_hostname,
 )
 from ssx.errors import AddressError, UnsupportedAddressType
+from tests.forged import reference_check
 
 _settings = settings(max_examples=300, deadline=None, database=None)
 
@@ -305,3 +309,144 @@ class PropertyTests(SynchronousTestCase):
         self.assertLessEqual(end, len(data))
         self.assertIsInstance(address.host, str)
         self.assertTrue(0 <= address.port <= 0xFFFF)
+
+
+# -- the validity check a server applies before acting on a header ---------
+
+
+def _name_header(name: bytes, port: int = 80) -> bytes:
+    return b"\x03" + bytes((len(name),)) + name + port.to_bytes(2, "big")
+
+
+_label_chars = st.sampled_from("abcxyzABZ019-_")
+_labels = st.text(_label_chars, min_size=1, max_size=63)
+_hostnames = st.lists(_labels, min_size=1, max_size=8).map(".".join).filter(lambda n: len(n) <= 253)
+# Name bytes a prober's luck (or a broken client) may produce: near-misses
+# of host names as well as arbitrary bytes.
+_name_bytes = st.one_of(
+    st.binary(min_size=1, max_size=255),
+    st.text(st.sampled_from("ab-_.:%/ *\x00\x7f\u00fc1"), min_size=1, max_size=80).map(lambda t: t.encode()[:255]),
+    _hostnames.map(str.encode),
+)
+
+
+class TargetCheckTests(SynchronousTestCase):
+    """decode_target: the headers a server acts on, and the ones it refuses with AddressError."""
+
+    VALID = [
+        "example.com",
+        "example.com.",
+        "xn--bcher-kva.example",
+        "_dmarc.example.org",
+        "r3---sn-abc.googlevideo.com",
+        "foo-.blogspot.com",
+        "localhost",
+        "a",
+        "1.2.3.4",
+        "2001:db8::1",
+        "::ffff:192.0.2.1",
+        "a" * 63 + ".example",
+        ".".join(["a" * 63] * 3 + ["a" * 61]),
+        ".".join(["a" * 63] * 3 + ["a" * 61]) + ".",
+    ]
+
+    INVALID = [
+        b".",
+        b".example.com",
+        b"example..com",
+        b"example.com..",
+        b"a" * 64 + b".example",
+        b".".join([b"a" * 63] * 3 + [b"a" * 62]),
+        b"exa mple.com",
+        b"example.com/path",
+        b"user@example.com",
+        b"example.com:80",
+        b"*.example.com",
+        b"fe80::1%eth0",
+        b"::1%lo",
+        b"a:b",
+        "bücher.example".encode("utf-8"),
+        b"\xff\xfe",
+        b"a\x00b",
+    ]
+
+    def test_valid_names(self) -> None:
+        """Host names (LDH, underscore, IDNA A-labels, 63-byte labels, 253 bytes, a trailing dot) and IP text are accepted."""
+        for name in self.VALID:
+            wire = _name_header(name.encode())
+            self.assertEqual(decode_target(wire), (Address(name, 80), len(wire)), name)
+            self.assertEqual(reference_check(wire), "valid", name)
+
+    def test_invalid_names(self) -> None:
+        """Empty labels, long labels, over 253 bytes, other bytes, zones and raw UTF-8 are refused with AddressError."""
+        for name in self.INVALID:
+            self.assertEqual(reference_check(_name_header(name)), "invalid", name)
+            with self.assertRaises(AddressError, msg=repr(name)):
+                decode_target(_name_header(name))
+        with self.assertRaises(AddressError):
+            decode_target(b"\x03\x00\x00\x50")
+
+    def test_port_zero(self) -> None:
+        """Port 0 is refused for every address type."""
+        for wire in (_GOOGLE_DNS, _EXAMPLE_COM, _IPV6_HTTPS):
+            with self.assertRaises(AddressError):
+                decode_target(wire[:-2] + b"\x00\x00")
+            with self.assertRaises(AddressError):
+                check_target(decode_address(wire[:-2] + b"\x00\x00")[0])  # type: ignore[index]
+
+    def test_every_other_atyp(self) -> None:
+        """Every ATYP but 1, 3 and 4 (high bits such as OTA's 0x10 included) is refused from its first byte."""
+        for atyp in set(range(256)) - {ATYP_IPV4, ATYP_DOMAIN, ATYP_IPV6}:
+            for tail in (b"", b"\x04abcd\x00\x50"):
+                with self.assertRaises(UnsupportedAddressType, msg=hex(atyp)):
+                    decode_target(bytes((atyp,)) + tail)
+
+    def test_known_and_prefixes(self) -> None:
+        """Valid headers decode as with decode_address; their proper prefixes need more bytes."""
+        for address, wire in _KNOWN:
+            self.assertEqual(decode_target(b"xy" + wire + b"GET", 2), (address, 2 + len(wire)))
+            for cut in range(len(wire)):
+                self.assertIsNone(decode_target(wire[:cut]))
+
+    def test_check_target(self) -> None:
+        """check_target and is_hostname take values, not bytes: IP literals and host names pass, the rest do not."""
+        for host in ("8.8.8.8", "2001:db8::1", "example.com"):
+            check_target(Address(host, 443))
+        for host in ("", "a..b", "fe80::1%eth0", "bücher.example", "a b"):
+            with self.assertRaises(AddressError, msg=host):
+                check_target(Address(host, 443))
+        self.assertEqual([is_hostname(n) for n in ("example.com.", "example.com..", "")], [True, False, False])
+
+    @_settings
+    @given(_hostnames, st.integers(1, 0xFFFF), st.booleans())
+    def test_hostnames_accepted(self, name: str, port: int, dot: bool) -> None:
+        """Any name of host name labels (with or without a trailing dot) and a port 1..65535 round-trips through decode_target."""
+        name += "." if dot else ""
+        wire = encode_address(Address(name, port))
+        self.assertEqual(decode_target(wire), (Address(name, port), len(wire)))
+
+    @_settings
+    @given(
+        st.one_of(
+            st.binary(max_size=40),
+            st.tuples(st.sampled_from([1, 3, 4, 0x11, 0x13, 0x83]), st.binary(max_size=40)).map(lambda t: bytes((t[0],)) + t[1]),
+            st.tuples(_name_bytes, st.integers(0, 3)).map(lambda t: _name_header(t[0], t[1])),
+        ),
+        st.integers(0, 3),
+        _buffers,
+    )
+    def test_decode_target_arbitrary(self, data: bytes, offset: int, kind: type) -> None:
+        """Arbitrary bytes give None, AddressError, or decode_address's own result for a header the reference rule accepts."""
+        try:
+            lenient = decode_address(kind(data), offset)
+        except AddressError:
+            lenient = "refused"
+        try:
+            strict = decode_target(kind(data), offset)
+        except AddressError:
+            strict = "refused"
+        if lenient is None or lenient == "refused":
+            self.assertEqual(strict, lenient)
+            self.assertEqual(reference_check(data[offset:]), "short" if lenient is None else "invalid")
+            return
+        self.assertEqual(strict, lenient if reference_check(data[offset:]) == "valid" else "refused")

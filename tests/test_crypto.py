@@ -17,7 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from ssx.crypto import METHODS as ALL_METHODS, CipherSuite, MethodSpec, lookup_method
+from zope.interface.verify import verifyClass, verifyObject
+
+from ssx.address import Address
+from ssx.crypto import METHODS as ALL_METHODS, CipherSuite, MethodSpec, Suite2022, generate_psk, lookup_method, make_suite
+from ssx.interfaces import ICipherSuite, ITcpClientCodec, ITcpServerCodec, IUdpClientCodec
 
 # This file covers the CipherSuite families; the 2022 edition has its own
 # suite and tests (tests/test_crypto_2022.py).
@@ -162,6 +166,37 @@ class MethodTableTests(SynchronousTestCase):
             text=True,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
+
+
+class InterfaceTests(SynchronousTestCase):
+    """Both suites, and every codec they hand out, provide the interfaces declared in ssx.interfaces."""
+
+    def test_suite_classes(self) -> None:
+        """CipherSuite and Suite2022 implement ICipherSuite, every declared method with its signature."""
+        self.assertTrue(verifyClass(ICipherSuite, CipherSuite))
+        self.assertTrue(verifyClass(ICipherSuite, Suite2022))
+
+    def test_every_method(self) -> None:
+        """For every method (stream, AEAD-2017, 2022, none) the suite and its TCP client, TCP server and UDP client codecs verify."""
+        for method in ALL_METHODS:
+            password = generate_psk(method) if lookup_method(method).family == "aead2022" else "pw"
+            suite = make_suite(method, password)
+            with self.subTest(method=method):
+                self.assertTrue(verifyObject(ICipherSuite, suite))
+                self.assertTrue(verifyObject(ITcpClientCodec, suite.client_codec()))
+                self.assertTrue(verifyObject(ITcpServerCodec, suite.server_codec()))
+                self.assertTrue(verifyObject(IUdpClientCodec, suite.udp_client_codec()))
+
+    def test_codecs_interoperate_through_interfaces(self) -> None:
+        """For one method of each family, a client codec's stream opens on a server codec using only interface methods."""
+        target = Address("example.com", 443)
+        for method in ("aes-256-cfb", "chacha20-ietf-poly1305", "2022-blake3-aes-128-gcm", "none"):
+            password = generate_psk(method) if lookup_method(method).family == "aead2022" else "pw"
+            suite = make_suite(method, password)
+            client, server = ITcpClientCodec(suite.client_codec()), ITcpServerCodec(suite.server_codec())
+            self.assertEqual(server.decrypt(client.first(target, b"ping") + client.encrypt(b"!")), b"ping!", method)
+            self.assertEqual(server.address, target, method)
+            self.assertEqual(client.decrypt(server.encrypt(b"pong")), b"pong", method)
 
 
 class KeyDerivationTests(SynchronousTestCase):

@@ -654,7 +654,9 @@ class SsrfGuardTests(LoopbackCase):
         """Loopback spelled as a domain name (IP text, octal, decimal, short form, localhost) reaches nothing: refused as an IP or unresolvable."""
         echo, port = self.counting_echo("127.0.0.1")
         server, socks_port = await self._guarded_chain()
-        names = ["127.0.0.1", "::1", "::ffff:127.0.0.1", "[::1]", "0177.0.0.1", "2130706433", "0x7f000001", "127.1", "localhost", "127.0.0.1.", "LOCALHOST"]
+        # ("[::1]" is no host name: the server does not act on it at all, see
+        # tests/test_server_protocol.py InvalidTargetTests.)
+        names = ["127.0.0.1", "::1", "::ffff:127.0.0.1", "0177.0.0.1", "2130706433", "0x7f000001", "127.1", "localhost", "127.0.0.1.", "LOCALHOST"]
         await self._refused(socks_port, [(name, socks5_domain_request(name, port)) for name in names])
         self.assertEqual(echo.connections, 0)
         factory = server.factory

@@ -1,16 +1,28 @@
-"""The health check and the server picker on a fake clock with fake server connections."""
+"""
+The health check and the server picker on a fake clock with fake server
+connections, and the health check end to end for each method family:
+ssx-local checking real ssx-server processes on loopback, with a local HTTP
+origin as the check target.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
+from twisted.web import resource, server as web_server
 
 from ssx.address import Address, decode_address
-from ssx.crypto import CipherSuite
+from ssx.config import local_config
+from ssx.crypto import CipherSuite, generate_psk, lookup_method
 from ssx.health import HealthCheckService
 from ssx.picker import ServerPicker, Upstream
 from ssx.server_entry import ServerEntry
+from ssx.tap import local as local_tap
+from tests import support
 from tests.test_local_mixed import FakeServer
 
 REQUEST = b"GET /generate_204 HTTP/1.1\r\nHost: check.example\r\n\r\n"
@@ -124,3 +136,94 @@ class PickerTests(unittest.SynchronousTestCase):
         self.assertEqual(built, [static.entry, a, b, c])
         picker.succeeded(picker.upstreams()[1])
         self.assertEqual(picker.candidates()[-1], kept)
+
+
+class _Check(resource.Resource):
+    """The check target: 204 No Content, counting the requests that reached it."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits = 0
+
+    def render_GET(self, request: Any) -> bytes:
+        self.hits += 1
+        request.setResponseCode(204)
+        return b""
+
+
+async def _until(predicate: Any, seconds: float) -> bool:
+    """Wait on the reactor until `predicate()` holds (True) or `seconds` pass (False)."""
+    deadline = reactor.seconds() + seconds
+    while not predicate():
+        if reactor.seconds() >= deadline:
+            return False
+        await deferLater(reactor, 0.05, lambda: None)
+    return True
+
+
+class HealthCheckEndToEndTests(unittest.TestCase):
+    """
+    For each method family, ssx-local's health check through two real
+    ssx-server processes to a local HTTP origin: both measured and up, then
+    one stopped and marked down while the other stays up.
+    """
+
+    INTERVAL = 0.3
+
+    def setUp(self) -> None:
+        self.check = _Check()
+        web = support.listen_web(web_server.Site(self.check))
+        self.addCleanup(web.stopListening)
+        self.web_port = web.getHost().port
+
+    async def server(self, method: str, password: str) -> tuple[support.ChildProcess, int]:
+        port = support.free_port()
+        child = await support.start_twistd(
+            self, "-n", "--pidfile=", "ssx-server", "-s", "127.0.0.1", "-p", str(port), "-k", password, "-m", method,
+            "--shutdown-grace", "0", "--forbidden-ip=", ready=b"listening on",
+        )
+        return child, port
+
+    async def _check(self, method: str) -> None:
+        password = generate_psk(method) if lookup_method(method).family == "aead2022" else "health-check-password"
+        (healthy, port_a), (stopped, port_b) = await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(self.server(method, password)) for _ in range(2)]
+        )
+        values = {
+            "servers": [{"server": "127.0.0.1", "server_port": p, "password": password, "method": method} for p in (port_a, port_b)],
+            "listen": "tcp:0:interface=127.0.0.1",
+            "health_check_interval": self.INTERVAL,
+            "health_check_url": f"http://127.0.0.1:{self.web_port}/check",
+        }
+        service = local_tap.build_service(reactor, local_config(values))
+        service.startService()
+        self.addCleanup(service.stopService)
+        picker = service.picker
+        a, b = picker.upstreams()
+
+        measured = await _until(lambda: all(picker.health(u)[0] and picker.health(u)[1] is not None for u in (a, b)), 10)
+        self.assertTrue(measured, f"{method}: not both servers measured and up: {[picker.health(u) for u in (a, b)]}")
+        self.assertGreaterEqual(self.check.hits, 2)
+
+        await stopped.stop()
+        self.assertTrue(await _until(lambda: not picker.health(b)[0], 10), f"{method}: the stopped server is still up")
+        # The healthy one goes on being checked, through to the origin, and stays up.
+        hits = self.check.hits
+        still_up = await _until(lambda: self.check.hits >= hits + 2 and picker.health(a)[0], 10)
+        self.assertTrue(still_up, f"{method}: the running server: {picker.health(a)}, {self.check.hits - hits} checks reached the origin")
+        self.assertFalse(picker.health(b)[0], method)
+        self.assertEqual(picker.candidates()[0], a)
+
+    def test_stream_method(self):
+        """aes-256-cfb (stream): a running server is measured and up; a stopped one is marked down."""
+        return defer.Deferred.fromCoroutine(self._check("aes-256-cfb"))
+
+    def test_aead_2017_method(self):
+        """chacha20-ietf-poly1305 (AEAD-2017): a running server is measured and up; a stopped one is marked down."""
+        return defer.Deferred.fromCoroutine(self._check("chacha20-ietf-poly1305"))
+
+    def test_2022_method(self):
+        """2022-blake3-aes-128-gcm: a running server is measured and up; a stopped one is marked down."""
+        return defer.Deferred.fromCoroutine(self._check("2022-blake3-aes-128-gcm"))

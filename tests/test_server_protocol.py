@@ -15,10 +15,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from ssx.address import Address, encode_address
-from ssx.crypto import CipherSuite
+from ssx.crypto import CipherSuite, make_suite
 from ssx.forbidden import parse_forbidden
 from ssx.server import ShadowsocksServerFactory
-from tests import support
+from tests import forged, support
 
 
 class FakeResolver:
@@ -138,17 +138,15 @@ class ServerHandshakeTests(unittest.SynchronousTestCase):
             protocol.connectionLost(None)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
-    def test_scoped_address_closes_quietly(self):
-        """A target naming a scoped IPv6 address is refused by the real resolver: closed, nothing logged as an error."""
+    def test_scoped_address_is_silent(self):
+        """A name that is a scoped IPv6 address is no host name: nothing resolved or connected, silence until the timeout, nothing logged as an error."""
         from twisted.logger import globalLogPublisher
-
-        from ssx.resolver import TargetResolver
 
         errors: list = []
         observer = lambda event: errors.append(event) if event.get("log_failure") or event.get("isError") else None
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
-        self.factory.resolver = TargetResolver(self.reactor, [("127.0.0.1", 9)])
+        transports = []
         for name in ("2001:db8::1%foo", "::1%lo"):
             protocol = self.factory.buildProtocol(None)
             transport = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.1", 40001))
@@ -156,9 +154,62 @@ class ServerHandshakeTests(unittest.SynchronousTestCase):
             # As a peer would send it: ATYP 3 with the scoped literal as the name.
             header = b"\x03" + bytes([len(name)]) + name.encode() + b"\x00\x50"
             protocol.dataReceived(self.suite.tcp_encryptor().encrypt(header + b"x"))
-            self.assertTrue(transport.disconnecting, name)
-        self.assertEqual(self.reactor.tcpClients, [])
+            transports.append(transport)
+        self.reactor.advance(59)
+        self.assertEqual([t.disconnecting for t in transports], [False, False])
+        self.reactor.advance(1)
+        self.assertEqual([(t.disconnecting, t.disconnected, t.value()) for t in transports], [(True, False, b"")] * 2)
+        self.assertEqual((self.resolver.asked, self.reactor.tcpClients), ([], []))
+        self.assertEqual(self.factory.handshake_failures, 2)
         self.assertEqual(errors, [])
+
+
+class InvalidTargetTests(unittest.SynchronousTestCase):
+    """
+    Every method family: an authentic request whose target cannot be valid
+    is closed exactly like garbage (no byte, no lookup, no connection, a FIN
+    at the handshake timeout), while a valid one is acted on.
+    """
+
+    def _server(self, method: str) -> tuple[MemoryReactorClock, FakeResolver, ShadowsocksServerFactory]:
+        reactor = MemoryReactorClock()
+        resolver = FakeResolver(["93.184.216.34"])
+        suite = make_suite(method, forged.password_for(method), now=reactor.seconds)
+        return reactor, resolver, ShadowsocksServerFactory(reactor, suite, resolver, parse_forbidden(None), timeout=60)
+
+    def _connect(self, factory: ShadowsocksServerFactory, stream: bytes) -> StringTransport:
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.1", 40000))
+        protocol.makeConnection(transport)
+        protocol.dataReceived(stream)
+        return transport
+
+    def test_invalid_targets_silent(self):
+        """stream, AEAD-2017 and 2022: each invalid header gets no byte, no lookup and no connection, and a FIN only at the timeout."""
+        for family, method in forged.FAMILIES.items():
+            reactor, resolver, factory = self._server(method)
+            transports = {}
+            for name, header in forged.INVALID_HEADERS.items():
+                self.assertEqual(forged.reference_check(header), "invalid", name)
+                transports[name] = self._connect(factory, forged.tcp_request(method, header, b"GET / HTTP/1.0\r\n\r\n", reactor.seconds))
+            reactor.advance(59)
+            self.assertEqual({n for n, t in transports.items() if t.disconnecting}, set(), family)
+            reactor.advance(1)
+            for name, transport in transports.items():
+                self.assertEqual((transport.value(), transport.disconnecting, transport.disconnected), (b"", True, False), f"{family}: {name}")
+            self.assertEqual((resolver.asked, reactor.tcpClients), ([], []), family)
+            self.assertEqual(factory.handshake_failures, len(forged.INVALID_HEADERS), family)
+
+    def test_valid_targets_acted_on(self):
+        """stream, AEAD-2017 and 2022: the forged requests themselves are sound: a valid name is resolved and connected to."""
+        for family, method in forged.FAMILIES.items():
+            reactor, resolver, factory = self._server(method)
+            for name in (b"example.com", b"_sip._tcp.example.com.", b"a-.b_c.example"):
+                header = b"\x03" + bytes([len(name)]) + name + b"\x01\xbb"
+                self._connect(factory, forged.tcp_request(method, header, b"x", reactor.seconds))
+            self.assertEqual(resolver.asked, ["example.com", "_sip._tcp.example.com.", "a-.b_c.example"], family)
+            self.assertEqual([c[:2] for c in reactor.tcpClients], [("93.184.216.34", 443)] * 3, family)
+            self.assertEqual(factory.handshake_failures, 0, family)
 
 
 class SilenceOnRealSocketTests(unittest.TestCase):
@@ -247,3 +298,50 @@ class ServerFuzzTests(unittest.SynchronousTestCase):
         """Raw garbage to an AEAD server gets no byte back at all."""
         transport = self._feed("chacha20-ietf-poly1305", garbage, cuts, ["8.8.8.8"])
         self.assertEqual(transport.value(), b"")
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        family=st.sampled_from(sorted(forged.FAMILIES)),
+        header=forged.header_bytes,
+        payload=st.binary(max_size=40),
+        cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=4),
+    )
+    def test_acts_only_on_valid_headers(self, family, header, payload, cuts):
+        """stream, AEAD-2017, 2022: an authentic request with any header, cut anywhere, is looked up or connected only if its header passes the check; otherwise silence, then a FIN at the timeout."""
+        from twisted.logger import globalLogPublisher
+
+        method = forged.FAMILIES[family]
+        errors: list[dict] = []
+        observe = lambda event: errors.append(event) if event.get("log_failure") is not None or event.get("isError") else None
+        reactor = MemoryReactorClock()
+        resolver = FakeResolver(["93.184.216.34"])
+        suite = make_suite(method, forged.password_for(method), now=reactor.seconds)
+        factory = ShadowsocksServerFactory(reactor, suite, resolver, parse_forbidden(None), timeout=30)
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.1", 1))
+        stream = forged.tcp_request(method, header, payload, reactor.seconds)
+        globalLogPublisher.addObserver(observe)
+        try:
+            protocol.makeConnection(transport)
+            start = 0
+            for cut in sorted(set(c % (len(stream) + 1) for c in cuts)) + [len(stream)]:
+                protocol.dataReceived(stream[start:cut])
+                start = cut
+        finally:
+            globalLogPublisher.removeObserver(observe)
+
+        verdict = forged.reference_check(forged.request_plaintext(method, header, payload))
+        acted = bool(resolver.asked or reactor.tcpClients or factory.connections_refused)
+        self.assertEqual(errors, [])
+        self.assertTrue(all(forged.reference_name(name.encode()) for name in resolver.asked), resolver.asked)
+        if acted:
+            self.assertEqual(verdict, "valid", "acted on a header that fails the check")
+        elif verdict == "valid" and family != "aead2022":
+            self.fail("a valid header was not acted on")
+        if verdict != "valid":
+            self.assertEqual(transport.value(), b"")
+            reactor.advance(29)
+            self.assertFalse(transport.disconnecting, "closed before the timeout")
+            reactor.advance(1)
+            self.assertEqual((transport.value(), transport.disconnecting, transport.disconnected), (b"", True, False))
+        protocol.connectionLost(None)

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from ssx.address import Address, decode_address, encode_address
+from ssx.address import Address, decode_target, encode_address
 from ssx.crypto._2022_chunks import (
     MAX_CHUNK,
     TAG_SIZE,
@@ -380,7 +380,7 @@ class RequestDecoder(ChunkDecoder):
 
     def _parse_variable_header(self, variable: bytes) -> bytes:
         size = len(variable)
-        decoded = decode_address(variable)
+        decoded = decode_target(variable)
         if decoded is None:
             raise ProtocolError("2022 request header too short for its address")
         address, position = decoded

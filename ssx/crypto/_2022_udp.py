@@ -30,7 +30,7 @@ from typing import Callable, Mapping
 
 from cryptography.exceptions import InvalidTag
 
-from ssx.address import Address, decode_address, encode_address
+from ssx.address import Address, check_target, decode_address, encode_address
 from ssx.crypto._xchacha import XChaCha20Poly1305
 from ssx.crypto._2022_keys import (
     AeadPrimitive,
@@ -412,6 +412,7 @@ class UdpServerDecoder:
         timestamp = int.from_bytes(body[1:9], "big")
         check_timestamp(timestamp, self._now())
         padding_length, address, payload = _parse_tail(body, _CLIENT_BODY_FIXED)
+        check_target(address)
         return UdpClientPacket(
             session_id,
             int.from_bytes(separate[SESSION_ID_SIZE:], "big"),

@@ -3,6 +3,10 @@ The cipher layer of ssx: method table, key derivation and the Shadowsocks
 framing (AEAD-2017, legacy stream, none) for TCP streams and UDP datagrams.
 
 Sans-IO and Twisted-free: the relays feed bytes in and write bytes out.
+Both suites, `CipherSuite` and `Suite2022`, provide
+`ssx.interfaces.ICipherSuite`: the TCP relays, the local end's UDP and the
+health check use only what it declares (the server's UDP relays also use
+their edition's own datagram methods, choosing by `spec.family`).
 """
 
 import time

@@ -8,15 +8,19 @@ for a `client_codec()` (`first(address, payload)` opens the stream, then
 application's bytes once the target `address` is known, `encrypt` the
 reply).  For UDP the local end keeps one `udp_client_codec()` per
 application address (`seal`/`open` of ``ATYP ADDR PORT DATA``).  So the
-protocols never know which edition they carry.  No Twisted here.
+protocols never know which edition they carry.  These faces are declared in
+`ssx.interfaces` (`ICipherSuite` and the codec interfaces it hands out).  No
+Twisted here.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping
 
-from ssx.address import Address, decode_address, encode_address
+from zope.interface import implementer
+
+from ssx.address import Address, decode_address, decode_target, encode_address
 from ssx.crypto._2022 import (
     PskChain,
     RequestDecoder,
@@ -31,6 +35,7 @@ from ssx.crypto._2022 import (
 )
 from ssx.crypto._registry import MethodSpec, lookup_method
 from ssx.errors import ProtocolError, ReplayError
+from ssx.interfaces import ICipherSuite, ITcpClientCodec, ITcpServerCodec, IUdpClientCodec
 
 __all__ = [
     "TcpClientCodec",
@@ -49,44 +54,14 @@ Clock = Callable[[], float]
 _MAX_ADDRESS = 1 + 1 + 255 + 2
 
 
-class TcpClientCodec(Protocol):
-    """The local end's view of one TCP connection to the server."""
-
-    def first(self, address: Address, payload: bytes) -> bytes:
-        """The stream's opening bytes: the target and the first payload (possibly empty)."""
-
-    def encrypt(self, data: bytes) -> bytes: ...
-
-    def decrypt(self, data: bytes) -> bytes: ...
+# The faces of a suite's codecs, declared once in ssx.interfaces; the old
+# names stay for the annotations that use them.
+TcpClientCodec = ITcpClientCodec
+TcpServerCodec = ITcpServerCodec
+UdpClientCodec = IUdpClientCodec
 
 
-class TcpServerCodec(Protocol):
-    """The server's view of one TCP connection from a client."""
-
-    #: The target, once the request header is complete.
-    address: Address | None
-    #: The user (multi-user 2022 servers), else None.
-    user: str | None
-
-    def decrypt(self, data: bytes) -> bytes:
-        """The application's bytes after the header (b"" until the address is known)."""
-
-    def encrypt(self, data: bytes) -> bytes: ...
-
-    def data_path(self) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
-        """Once `address` is known: the bare (decrypt, encrypt) for relaying."""
-
-
-class UdpClientCodec(Protocol):
-    """The local end's view of one application's UDP traffic."""
-
-    def seal(self, plaintext: bytes) -> bytes:
-        """A datagram for the server from ``ATYP ADDR PORT DATA``."""
-
-    def open(self, packet: bytes) -> bytes:
-        """``ATYP ADDR PORT DATA`` from a server datagram."""
-
-
+@implementer(ITcpClientCodec)
 class LegacyClientCodec:
     """Stream, AEAD-2017 and none: the address is the stream's first plaintext."""
 
@@ -100,6 +75,7 @@ class LegacyClientCodec:
         return self.encrypt(encode_address(address) + payload)
 
 
+@implementer(ITcpServerCodec)
 class LegacyServerCodec:
     """
     Parses the address at the start of the decrypted stream.  With a salt
@@ -125,7 +101,7 @@ class LegacyServerCodec:
         if self.address is not None:
             return plain
         head = self._head + plain
-        parsed = decode_address(head)
+        parsed = decode_target(head)
         if parsed is None:
             if len(head) >= _MAX_ADDRESS:
                 raise ProtocolError("no address at the start of the stream")
@@ -154,6 +130,7 @@ class LegacyServerCodec:
         return self._decrypt, self._encryptor()
 
 
+@implementer(IUdpClientCodec)
 class LegacyUdpClientCodec:
     """Stateless: each datagram sealed on its own."""
 
@@ -164,6 +141,7 @@ class LegacyUdpClientCodec:
         self.open = suite.udp_open
 
 
+@implementer(ITcpClientCodec)
 class _Client2022Codec:
     __slots__ = ("_request", "_response", "encrypt")
 
@@ -179,6 +157,7 @@ class _Client2022Codec:
         return self._response.decrypt(data)
 
 
+@implementer(ITcpServerCodec)
 class _Server2022Codec:
     __slots__ = ("address", "user", "_request", "_response")
 
@@ -209,6 +188,7 @@ class _Server2022Codec:
         return self._request.decrypt, self._response.encrypt
 
 
+@implementer(IUdpClientCodec)
 class _Udp2022ClientCodec:
     __slots__ = ("_session",)
 
@@ -227,6 +207,7 @@ class _Udp2022ClientCodec:
         return encode_address(reply.address) + reply.payload
 
 
+@implementer(ICipherSuite)
 class Suite2022:
     """
     A 2022-edition method and its keys (SIP022/SIP023).

@@ -12,11 +12,14 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
+from zope.interface import implementer
+
 from ssx.crypto import _aead, _stream
 from ssx.crypto._kdf import evp_bytes_to_key
 from ssx.crypto._plain import PlainTcpDecryptor, PlainTcpEncryptor
 from ssx.crypto._registry import MethodSpec, lookup_method
 from ssx.errors import ConfigError
+from ssx.interfaces import ICipherSuite
 from ssx.crypto._codecs import LegacyClientCodec, LegacyServerCodec, LegacyUdpClientCodec
 
 __all__ = ["CipherSuite", "TcpEncryptor", "TcpDecryptor"]
@@ -42,6 +45,7 @@ class TcpDecryptor(Protocol):
         """Plaintext completed by `data` (possibly b""); ProtocolError on bad input."""
 
 
+@implementer(ICipherSuite)
 class CipherSuite:
     """One configured method and password; the master key is derived once here."""
 
