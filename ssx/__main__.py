@@ -9,7 +9,7 @@ import sys
 from ssx import __version__
 from ssx.crypto import METHODS, generate_psk, lookup_method
 from ssx.errors import ConfigError
-from ssx.numeric import parse_count, parse_port
+from ssx.config.numbers import parse_count, parse_port
 
 # A certificate's validity, in days: a century at most (far beyond it, dates overflow).
 MAX_DAYS = 36500
@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Print the ss:// URL (SIP002) of each server a configuration names, with a QR code "
         "in the terminal for phones to scan. The URL carries the password.",
     )
-    from ssx import urltool
-
+    from ssx import cli as urltool
     urltool.add_arguments(url)
     url.set_defaults(run=urltool.run)
     cert = commands.add_parser(
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cert(args: argparse.Namespace) -> int:
-    from ssx.cert import endpoint_escape, write_pair
+    from ssx.crypto.certificate import endpoint_escape, write_pair
 
     try:
         port = parse_port(args.port, "--port")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
-    from ssx.address import Address
+    from ssx.wire.address import Address
 
 __all__ = ["ICipherSuite", "IServerPicker", "ITcpClientCodec", "ITcpServerCodec", "IUdpClientCodec"]
 

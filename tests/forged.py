@@ -6,7 +6,7 @@ What a peer holding the key can put in front of the server's header
 decoder, and, under a stream cipher, what a prober's random bytes decrypt
 to.  Built by hand, because ssx's own encoders refuse to send what the
 server must refuse.  `reference_check` is the validity rule of wire.md §2
-written out independently of `ssx.address`, for the tests to compare with.
+written out independently of `ssx.wire.address`, for the tests to compare with.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """
 Shared pieces of the loopback tests: an echo target, a sink that can stop
-reading, a SOCKS5 client written from RFC 1928 independently of ssx.socks5,
+reading, a SOCKS5 client written from RFC 1928 independently of ssx.wire.socks5,
 in-process ssx chains, and child-process peers (shadowsocks-libev).
 """
 
@@ -20,9 +20,9 @@ from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from ssx.config import local_config, server_config
-from ssx.listener import ListenerService
-from ssx.tap import local as local_tap, server as server_tap
-
+from ssx.net.listener import ListenerService
+import ssx.local.tap as local_tap
+import ssx.server.tap as server_tap
 PASSWORD = "correct horse battery staple"
 
 
@@ -122,11 +122,11 @@ async def _drained(*services: Any, seconds: float = 5.0) -> None:
 def make_certificate(directory: str, name: str = "localhost") -> tuple[str, str]:
     """
     A self-signed certificate for `name` (also valid for 127.0.0.1), made by
-    ssx.cert: returns the paths of its key and of the certificate, the
+    ssx.crypto.certificate: returns the paths of its key and of the certificate, the
     latter alone in a directory of its own (Twisted's trustRoots loads every
     file there).
     """
-    from ssx.cert import make_self_signed
+    from ssx.crypto.certificate import make_self_signed
 
     key_pem, cert_pem, _ = make_self_signed(name, days=1, also=("127.0.0.1",))
     roots = os.path.join(directory, "roots")

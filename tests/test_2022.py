@@ -17,7 +17,7 @@ from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
-from ssx.address import Address
+from ssx.wire.address import Address
 from ssx.config import server_config
 from ssx.crypto import generate_psk, make_suite
 from ssx.crypto._2022 import UdpClientSession, parse_password

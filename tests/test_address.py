@@ -1,5 +1,5 @@
 """
-Tests for `ssx.address`, the Shadowsocks target address header codec.
+Tests for `ssx.wire.address`, the Shadowsocks target address header codec.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.provisional import domains
 from twisted.trial.unittest import SynchronousTestCase
 
-from ssx.address import (
+from ssx.wire.address import (
     ATYP_DOMAIN,
     ATYP_IPV4,
     ATYP_IPV6,

@@ -14,7 +14,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 from twisted.web import resource, server as web_server
 
-from ssx import socks5
+from ssx.wire import socks5
 from tests import support
 
 EIGHT_MIB = 8 * 1024 * 1024

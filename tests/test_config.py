@@ -10,10 +10,9 @@ from twisted.trial import unittest
 
 from ssx.config import local_config, merge, read_config_file, server_config
 from ssx.errors import ConfigError
-from ssx.sip003 import Plugin
-from ssx.tap import local as local_tap, server as server_tap
-
-
+from ssx.wire.sip003 import Plugin
+import ssx.local.tap as local_tap
+import ssx.server.tap as server_tap
 def write_config(test: unittest.SynchronousTestCase, values: object) -> str:
     fd, path = tempfile.mkstemp(suffix=".json")
     with os.fdopen(fd, "w") as f:

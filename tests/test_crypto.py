@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from zope.interface.verify import verifyClass, verifyObject
 
-from ssx.address import Address
+from ssx.wire.address import Address
 from ssx.crypto import METHODS as ALL_METHODS, CipherSuite, MethodSpec, Suite2022, generate_psk, lookup_method, make_suite
 from ssx.interfaces import ICipherSuite, ITcpClientCodec, ITcpServerCodec, IUdpClientCodec
 

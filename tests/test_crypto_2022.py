@@ -19,7 +19,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from ssx.address import Address, encode_address
+from ssx.wire.address import Address, encode_address
 from ssx.crypto._2022 import (
     MAX_CHUNK,
     METHODS_2022,

@@ -17,7 +17,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server as web_server
 
 from ssx.config import local_config
-from ssx.tap import local as local_tap
+import ssx.local.tap as local_tap
 from tests import support
 
 PASSWORD = "failover-test-password"

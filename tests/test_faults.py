@@ -19,7 +19,7 @@ from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import LoopingCall
 
-from ssx import socks5
+from ssx.wire import socks5
 from tests import support
 from tests.test_hardening import LoopbackCase, SocksClient, coroutine_test, sleep, wait_until
 

@@ -14,12 +14,12 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from ssx import host_addresses
+import ssx.server.host_addresses as host_addresses
 from ssx.config import server_config
 from ssx.errors import ConfigError
-from ssx.forbidden import JUDGED_BY_CONTENT, SPECIAL_PURPOSE, embedded_ipv4, parse_forbidden
-from ssx.host_address_watch import HostAddressWatcher
-from ssx.host_addresses import HostAddresses, InterfaceAddress, NetlinkError, host_networks, parse_address_messages
+from ssx.server.forbidden import JUDGED_BY_CONTENT, SPECIAL_PURPOSE, embedded_ipv4, parse_forbidden
+from ssx.server.host_address_watch import HostAddressWatcher
+from ssx.server.host_addresses import HostAddresses, InterfaceAddress, NetlinkError, host_networks, parse_address_messages
 
 # This host's addresses as the tests pretend them to be: public-looking, in
 # no special-purpose range (strings only, never contacted).
@@ -38,7 +38,7 @@ def default_forbidden():
     return parse_forbidden(None, host=fake_host(OWN_V4, OWN_V6))
 
 
-# -- embeddings built from the RFC texts, independently of ssx.forbidden ----
+# -- embeddings built from the RFC texts, independently of ssx.server.forbidden ----
 
 def v4_bytes(ip: str) -> bytes:
     return socket.inet_pton(socket.AF_INET, ip)

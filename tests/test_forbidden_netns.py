@@ -80,7 +80,7 @@ while True:
 # or nothing came back in time; "udp-send" only sends.
 CLIENT = r"""
 import json, socket, sys
-from ssx.address import Address, encode_address
+from ssx.wire.address import Address, encode_address
 from ssx.crypto import CipherSuite
 method, password, server_port, mode, port = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 suite = CipherSuite(method, password)

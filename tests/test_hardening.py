@@ -28,10 +28,10 @@ from twisted.internet.task import deferLater
 from twisted.names import dns
 from twisted.trial import unittest
 
-from ssx.address import Address, decode_address, encode_address
+from ssx.wire.address import Address, decode_address, encode_address
 from ssx.crypto import METHODS, generate_psk, lookup_method, make_suite
 from ssx.errors import ProtocolError, ReplayError
-from ssx.replay import SaltFilter
+from ssx.crypto._salt_filter import SaltFilter
 from tests import support
 
 # A short handshake timeout keeps the probe tests short; the windows below

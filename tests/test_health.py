@@ -15,13 +15,13 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
 from twisted.web import resource, server as web_server
 
-from ssx.address import Address, decode_address
+from ssx.wire.address import Address, decode_address
 from ssx.config import local_config
 from ssx.crypto import CipherSuite, generate_psk, lookup_method
-from ssx.health import HealthCheckService
-from ssx.picker import ServerPicker, Upstream
-from ssx.server_entry import ServerEntry
-from ssx.tap import local as local_tap
+from ssx.local.health import HealthCheckService
+from ssx.local.picker import ServerPicker, Upstream
+from ssx.config.upstreams import ServerEntry
+import ssx.local.tap as local_tap
 from tests import support
 from tests.test_local_mixed import FakeServer
 

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from ssx.errors import ProtocolError
-from ssx.http_framing import ChunkedBody, LengthBody, NoBody, UntilClose, request_body, response_body
-from ssx.http_message import (
+from ssx.wire.http_framing import ChunkedBody, LengthBody, NoBody, UntilClose, request_body, response_body
+from ssx.wire.http_message import (
     MAX_HEAD,
     HttpError,
     absolute_target,

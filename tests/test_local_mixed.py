@@ -15,13 +15,15 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from ssx import socks4, socks5
-from ssx.address import Address, decode_address
+from ssx.wire import socks4
+
+from ssx.wire import socks5
+from ssx.wire.address import Address, decode_address
 from ssx.crypto import CipherSuite
 from ssx.interfaces import IServerPicker
-from ssx.local_mixed import MixedLocalFactory
-from ssx.picker import ServerPicker, Upstream
-from ssx.server_entry import ServerEntry
+from ssx.local.front import MixedLocalFactory
+from ssx.local.picker import ServerPicker, Upstream
+from ssx.config.upstreams import ServerEntry
 
 
 class Transport(StringTransport):

@@ -13,11 +13,13 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from ssx import local, socks5
-from ssx.address import Address, decode_address, encode_address
+import ssx.local.protocol as local
+
+from ssx.wire import socks5
+from ssx.wire.address import Address, decode_address, encode_address
 from ssx.crypto import CipherSuite
-from ssx.picker import ServerPicker, Upstream
-from ssx.server_entry import ServerEntry
+from ssx.local.picker import ServerPicker, Upstream
+from ssx.config.upstreams import ServerEntry
 
 GREETING = b"\x05\x01\x00"
 CONNECT_EXAMPLE = b"\x05\x01\x00\x03\x0bexample.com\x01\xbb"

@@ -8,7 +8,7 @@ import socket
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from ssx.nat import NatTable, send_datagram
+from ssx.net.nat import NatTable, send_datagram
 
 
 class NatTableTests(unittest.SynchronousTestCase):

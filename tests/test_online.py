@@ -22,10 +22,10 @@ from twisted.web import resource, server as web_server
 
 from ssx.config import local_config
 from ssx.errors import ConfigError
-from ssx.online import OnlineConfigService, load_trust_root
-from ssx.server_entry import ServerEntry
-from ssx.sip008 import MAX_DOCUMENT, parse_online_config
-from ssx.tap import local as local_tap
+from ssx.local.online import OnlineConfigService, load_trust_root
+from ssx.config.upstreams import ServerEntry
+from ssx.wire.sip008 import MAX_DOCUMENT, parse_online_config
+import ssx.local.tap as local_tap
 from tests import support
 
 _settings = settings(max_examples=200, deadline=None, database=None)

@@ -27,9 +27,9 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from ssx import socks5
-from ssx.plugin import PluginService
-from ssx.sip003 import Plugin
+from ssx.wire import socks5
+from ssx.net.plugin import PluginService
+from ssx.wire.sip003 import Plugin
 from tests import support
 from tests.test_interop_libev import HashingEchoFactory, whole_echo_transfer
 

@@ -25,10 +25,10 @@ from twisted.internet.task import Clock, deferLater
 from twisted.names import dns
 from twisted.trial import unittest
 
-from ssx.address import decode_address
+from ssx.wire.address import decode_address
 from ssx.crypto import make_suite
-from ssx.forbidden import parse_forbidden
-from ssx.server_udp import udp_relay_for
+from ssx.server.forbidden import parse_forbidden
+from ssx.server.udp import udp_relay_for
 from tests import forged, support
 
 

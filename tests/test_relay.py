@@ -16,14 +16,14 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from ssx import local
-from ssx.address import Address, encode_address
+import ssx.local.protocol as local
+from ssx.wire.address import Address, encode_address
 from ssx.crypto import CipherSuite
-from ssx.forbidden import parse_forbidden
-from ssx.picker import ServerPicker, Upstream
-from ssx.relay import OutboundProtocol, RelayFactory, connect_tcp
-from ssx.server import ShadowsocksServerFactory
-from ssx.server_entry import ServerEntry
+from ssx.server.forbidden import parse_forbidden
+from ssx.local.picker import ServerPicker, Upstream
+from ssx.net.relay import OutboundProtocol, RelayFactory, connect_tcp
+from ssx.server.protocol import ShadowsocksServerFactory
+from ssx.config.upstreams import ServerEntry
 
 
 class _NoResolver:

@@ -6,7 +6,7 @@ import os
 
 from twisted.trial import unittest
 
-from ssx.replay import SaltFilter
+from ssx.crypto._salt_filter import SaltFilter
 
 
 class SaltFilterTests(unittest.SynchronousTestCase):

@@ -14,7 +14,7 @@ from twisted.names import common, dns, error, server as dns_server
 from twisted.trial import unittest
 
 from ssx.errors import ConfigError
-from ssx.resolver import (
+from ssx.net.resolver import (
     FALLBACK_NAMESERVERS,
     NameResolutionError,
     TargetResolver,
@@ -84,8 +84,7 @@ class ResolverTests(unittest.TestCase):
         """A record with a huge TTL is cached for at most CACHE_MAX_TTL seconds."""
         from twisted.internet.task import Clock
 
-        from ssx import resolver as resolver_module
-
+        from ssx.net import resolver as resolver_module
         resolver = self.resolver()
         clock = Clock()
         clock.advance(reactor.seconds())

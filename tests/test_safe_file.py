@@ -11,7 +11,7 @@ import tempfile
 
 from twisted.trial import unittest
 
-from ssx.cert import write_pair
+from ssx.crypto.certificate import write_pair
 from ssx.safe_file import NotPrivateError, read_private_file, write_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,10 +14,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
-from ssx.address import Address, encode_address
+from ssx.wire.address import Address, encode_address
 from ssx.crypto import CipherSuite, make_suite
-from ssx.forbidden import parse_forbidden
-from ssx.server import ShadowsocksServerFactory
+from ssx.server.forbidden import parse_forbidden
+from ssx.server.protocol import ShadowsocksServerFactory
 from tests import forged, support
 
 

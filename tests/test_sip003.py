@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from ssx.sip003 import (
+from ssx.wire.sip003 import (
     Plugin,
     PluginOptionsError,
     escape_option,

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from ssx.address import Address
+from ssx.wire.address import Address
 from ssx.errors import ProtocolError
-from ssx.socks4 import REP_GRANTED, REP_REJECTED, Socks4Error, Socks4Negotiation, build_reply
+from ssx.wire.socks4 import REP_GRANTED, REP_REJECTED, Socks4Error, Socks4Negotiation, build_reply
 
 _settings = settings(max_examples=200, deadline=None, database=None)
 

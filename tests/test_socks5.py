@@ -1,5 +1,5 @@
 """
-Tests for `ssx.socks5`, the server side of a SOCKS5 negotiation.
+Tests for `ssx.wire.socks5`, the server side of a SOCKS5 negotiation.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from ssx.address import Address, encode_address
+from ssx.wire.address import Address, encode_address
 from ssx.errors import ProtocolError, Socks5Error
-from ssx.socks5 import (
+from ssx.wire.socks5 import (
     CMD_BIND,
     CMD_CONNECT,
     CMD_UDP_ASSOCIATE,
@@ -527,14 +527,14 @@ class UdpDatagramTests(SynchronousTestCase):
 
     def test_strip_header(self):
         """RSV and FRAG are stripped; what remains is ATYP ADDR PORT DATA."""
-        from ssx.socks5 import udp_to_shadowsocks
+        from ssx.wire.socks5 import udp_to_shadowsocks
 
         self.assertEqual(udp_to_shadowsocks(b"\x00\x00\x00\x01\x08\x08\x08\x08\x00\x35query"), b"\x01\x08\x08\x08\x08\x00\x35query")
 
     def test_refused(self):
         """Fragments, short datagrams and truncated addresses raise ProtocolError."""
         from ssx.errors import ProtocolError
-        from ssx.socks5 import udp_to_shadowsocks
+        from ssx.wire.socks5 import udp_to_shadowsocks
 
         for datagram in (b"", b"\x00\x00\x00", b"\x00\x00\x01\x01\x08\x08\x08\x08\x00\x35x", b"\x00\x00\x00\x01\x08\x08", b"\x00\x00\x00\x09abc"):
             with self.assertRaises(ProtocolError, msg=datagram):
@@ -543,9 +543,9 @@ class UdpDatagramTests(SynchronousTestCase):
     @given(st.binary(max_size=64))
     def test_arbitrary_bytes(self, datagram):
         """Arbitrary bytes give a plaintext starting with a whole address, or ProtocolError, nothing else."""
-        from ssx.address import decode_address
+        from ssx.wire.address import decode_address
         from ssx.errors import ProtocolError
-        from ssx.socks5 import udp_to_shadowsocks
+        from ssx.wire.socks5 import udp_to_shadowsocks
 
         try:
             plaintext = udp_to_shadowsocks(datagram)

@@ -1,5 +1,5 @@
 """
-ssx.tcp: transports that send at once, on real loopback sockets.
+ssx.net.tcp: transports that send at once, on real loopback sockets.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
-from ssx import tcp
+from ssx.net import tcp
 from tests import support
 from tests.support import sha256
 
@@ -141,7 +141,7 @@ class SendAtOnceTests(unittest.TestCase):
 
 class EndpointTests(unittest.TestCase):
     def test_plain_tcp_gets_these_transports_and_the_backlog(self):
-        """A tcp: description becomes an endpoint that listens with ssx.tcp's port and the given backlog."""
+        """A tcp: description becomes an endpoint that listens with ssx.net.tcp's port and the given backlog."""
         endpoint = tcp.server_endpoint(reactor, "tcp:0:interface=127.0.0.1", 4096)
         port = self.successResultOf(endpoint.listen(_Factory(_Keep)))
         self.addCleanup(port.stopListening)

@@ -20,10 +20,11 @@ from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from ssx import socks5
-from ssx.cert import endpoint_escape, write_pair
+from ssx.wire import socks5
+from ssx.crypto.certificate import endpoint_escape, write_pair
 from ssx.config import local_config, server_config
-from ssx.tap import local as local_tap, server as server_tap
+import ssx.local.tap as local_tap
+import ssx.server.tap as server_tap
 from tests import support
 from tests.test_interop_libev import TRANSFER_SECONDS, HashingEchoFactory, WholeEchoTransfer
 

@@ -20,7 +20,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 from twisted.web import resource, server as web_server
 
-from ssx.url import parse_url
+from ssx.wire.sip002 import parse_url
 from tests import support
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

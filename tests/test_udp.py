@@ -21,15 +21,15 @@ from twisted.names import client as dns_client, dns, server as dns_server
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from ssx import socks5
-from ssx.address import Address, encode_address
+from ssx.wire import socks5
+from ssx.wire.address import Address, encode_address
 from ssx.crypto import CipherSuite, generate_psk, make_suite
 from ssx.crypto._2022 import UdpClientSession, parse_password
-from ssx.forbidden import parse_forbidden
-from ssx.local import Socks5LocalFactory
-from ssx.local_udp import Socks5UdpRelay
-from ssx.picker import ServerPicker
-from ssx.server_udp import Shadowsocks2022UdpRelay, ShadowsocksUdpRelay
+from ssx.server.forbidden import parse_forbidden
+from ssx.local.protocol import Socks5LocalFactory
+from ssx.local.udp import Socks5UdpRelay
+from ssx.local.picker import ServerPicker
+from ssx.server.udp import Shadowsocks2022UdpRelay, ShadowsocksUdpRelay
 from tests import support
 from tests.test_resolver import Zone
 
@@ -202,7 +202,7 @@ class TunnelTests(UdpChainTestCase):
             server_port, method=self.method, mode="tcp_and_udp", tunnels=[f"127.0.0.1:0=127.0.0.1:{dns_port}"]
         )
         self.addCleanup(local.stopService)
-        from ssx.local import TunnelFactory
+        from ssx.local.protocol import TunnelFactory
 
         [tunnel_port] = [s.port.getHost().port for s in local if isinstance(getattr(s, "factory", None), TunnelFactory)]
         resolver = dns_client.Resolver(servers=[("127.0.0.1", tunnel_port)], reactor=reactor)

@@ -15,8 +15,8 @@ from twisted.trial import unittest
 
 from ssx import __version__
 from ssx.errors import ConfigError
-from ssx.server_entry import entry_from_url, entry_url, server_entry
-from ssx.url import ServerUrl, format_url, parse_url
+from ssx.config.upstreams import entry_from_url, entry_url, server_entry
+from ssx.wire.sip002 import ServerUrl, format_url, parse_url
 
 _settings = settings(max_examples=300, deadline=None, database=None)
 

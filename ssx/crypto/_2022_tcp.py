@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from ssx.address import Address, decode_target, encode_address
+from ssx.wire.address import Address, decode_target, encode_address
 from ssx.crypto._2022_chunks import (
     MAX_CHUNK,
     TAG_SIZE,

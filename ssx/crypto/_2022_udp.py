@@ -30,7 +30,7 @@ from typing import Callable, Mapping
 
 from cryptography.exceptions import InvalidTag
 
-from ssx.address import Address, check_target, decode_address, encode_address
+from ssx.wire.address import Address, check_target, decode_address, encode_address
 from ssx.crypto._xchacha import XChaCha20Poly1305
 from ssx.crypto._2022_keys import (
     AeadPrimitive,

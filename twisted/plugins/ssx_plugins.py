@@ -4,14 +4,14 @@ from twisted.application.service import ServiceMaker
 
 ssxServer = ServiceMaker(
     "ssx-server",
-    "ssx.tap.server",
+    "ssx.server.tap",
     "Shadowsocks server: decrypts clients' streams and relays them to their destinations.",
     "ssx-server",
 )
 
 ssxLocal = ServiceMaker(
     "ssx-local",
-    "ssx.tap.local",
+    "ssx.local.tap",
     "Shadowsocks local end: offers SOCKS5, SOCKS4/4a and HTTP proxying on one port and relays through "
     "one or more ssx/Shadowsocks servers.",
     "ssx-local",

@@ -1,0 +1,130 @@
+"""
+Which server a new local-end connection goes to.
+
+The local end may know several servers (the `servers` list, repeated
+`--url`, an online config).  `ServerPicker` keeps, per server, whether it
+is up, an average latency measured by the health check (`ssx.local.health`) and
+its consecutive failures, and offers the servers best first: up before
+down, then lowest latency, then configuration order.  A connection that
+cannot reach a server reports it (`failed`) and the server is down until a
+connection or a check gets through again.  `LocalRelayProtocol.open_relay`
+asks it for candidates and tries the next one when a server cannot be
+reached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ssx.interfaces import ICipherSuite, IServerPicker
+from ssx.config.upstreams import ServerEntry
+
+__all__ = ["LATENCY_WEIGHT", "ServerPicker", "Upstream"]
+
+_log = Logger()
+
+# Weight of a new latency sample in the moving average.
+LATENCY_WEIGHT = 0.3
+
+
+@dataclass(eq=False)
+class Upstream:
+    """One server as the local end reaches it: its entry, keys and way to connect."""
+
+    entry: ServerEntry
+    suite: ICipherSuite
+    connect: Callable[[Protocol], Deferred]
+
+    @property
+    def label(self) -> str:
+        return self.entry.label
+
+    def __repr__(self) -> str:
+        return f"<Upstream {self.label}>"
+
+
+class _Health:
+    __slots__ = ("up", "latency", "failures")
+
+    def __init__(self) -> None:
+        # Unknown counts as up: a server is tried before anything is known.
+        self.up = True
+        self.latency: float | None = None
+        self.failures = 0
+
+
+@implementer(IServerPicker)
+class ServerPicker:
+    """Per-server health, and the order in which to try them."""
+
+    def __init__(self, upstreams: Iterable[Upstream] = ()) -> None:
+        self._static = list(upstreams)
+        self._dynamic: list[Upstream] = []
+        self._health: dict[Upstream, _Health] = {u: _Health() for u in self._static}
+
+    def upstreams(self) -> list[Upstream]:
+        return self._static + self._dynamic
+
+    def candidates(self) -> list[Upstream]:
+        ranked = []
+        for index, upstream in enumerate(self.upstreams()):
+            h = self._health[upstream]
+            ranked.append(((not h.up, h.failures, h.latency is None, h.latency or 0.0, index), upstream))
+        ranked.sort(key=lambda pair: pair[0])
+        return [upstream for _, upstream in ranked]
+
+    def health(self, upstream: Upstream) -> tuple[bool, float | None, int]:
+        """(up, average latency in seconds or None, consecutive failures)."""
+        h = self._health[upstream]
+        return h.up, h.latency, h.failures
+
+    def succeeded(self, upstream: Upstream) -> None:
+        h = self._health.get(upstream)
+        if h is None:  # dropped by an online config refresh meanwhile
+            return
+        h.failures = 0
+        if not h.up:
+            h.up = True
+            _log.info("server {server} is up again", server=upstream.label)
+
+    def failed(self, upstream: Upstream, reason: str) -> None:
+        h = self._health.get(upstream)
+        if h is None:
+            return
+        h.failures += 1
+        if h.up:
+            h.up = False
+            _log.warn("server {server} marked down: {reason}", server=upstream.label, reason=reason)
+
+    def checked(self, upstream: Upstream, latency: float | None) -> None:
+        if latency is None:
+            self.failed(upstream, "health check failed")
+            return
+        h = self._health.get(upstream)
+        if h is None:
+            return
+        h.latency = latency if h.latency is None else (1 - LATENCY_WEIGHT) * h.latency + LATENCY_WEIGHT * latency
+        _log.debug("server {server}: {ms:.1f} ms to the check target", server=upstream.label, ms=latency * 1000)
+        self.succeeded(upstream)
+
+    def replace_dynamic(self, entries: Sequence[ServerEntry], build: Callable[[ServerEntry], Any]) -> None:
+        known = {u.entry: u for u in self._dynamic}
+        static = {u.entry for u in self._static}
+        dynamic: list[Upstream] = []
+        for entry in entries:
+            if entry in static or any(u.entry == entry for u in dynamic):
+                continue
+            upstream = known.pop(entry, None)
+            if upstream is None:
+                upstream = build(entry)
+                self._health[upstream] = _Health()
+            dynamic.append(upstream)
+        for gone in known.values():
+            del self._health[gone]
+        self._dynamic = dynamic

@@ -1,0 +1,325 @@
+"""
+The local end's UDP relays: SOCKS5 UDP ASSOCIATE and UDP tunnels.
+
+An application's datagram is turned into the Shadowsocks UDP plaintext
+(`ATYP ADDR PORT DATA`: the SOCKS5 header stripped, or the tunnel's fixed
+target put in front), sealed (`CipherSuite.udp_seal`) and sent to the server
+from a socket kept for that application address in a `NatTable`, connected
+to the server so nothing else can answer on it.  The server's datagrams come
+back on that socket, are opened and handed to the application (with the
+SOCKS5 header, or bare for a tunnel).  Bad datagrams are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from ssx.wire.address import Address, decode_address, encode_address
+from ssx.crypto import CipherSuite
+from ssx.errors import ProtocolError
+from ssx.net.nat import SweptNatProtocol, send_datagram
+from ssx.server.udp import MAX_DATAGRAM, READ_SIZE
+from ssx.wire.socks5 import UDP_HEADER, udp_to_shadowsocks
+
+__all__ = ["LocalUdpRelay", "Socks5Association", "Socks5UdpRelay", "TunnelUdpRelay"]
+
+_log = Logger()
+
+# Datagrams held per application while the server's name resolves.
+_PENDING_LIMIT = 32
+
+
+class _ServerSocket(DatagramProtocol):
+    """One application's socket towards the server."""
+
+    noisy = False
+
+    def __init__(self, relay: "LocalUdpRelay", client: tuple) -> None:
+        self.relay = relay
+        self.client = client
+        # Per application: 2022 sessions carry state (session and packet IDs).
+        self.codec = relay.suite.udp_client_codec()
+        self.port: Any = None
+        self._pending: list[bytes] | None = []
+
+    def open(self) -> None:
+        d = self.relay.server_ip()
+        d.addCallbacks(self._connect, self._unresolved)
+
+    def _connect(self, ip: str) -> None:
+        if self._pending is None:  # closed meanwhile
+            return
+        try:
+            self.port = self.relay.reactor.listenUDP(
+                0, self, interface="::" if ":" in ip else "0.0.0.0", maxPacketSize=READ_SIZE
+            )
+            self.port.connect(ip, self.relay.server[1])
+        except (CannotListenError, OSError) as e:
+            _log.warn("UDP: cannot open a socket to the server: {error}", error=e)
+            self.relay.dropped += len(self._pending)
+            self.relay.nat.remove(self.client)
+            return
+        pending, self._pending = self._pending, []
+        for packet in pending:
+            self.send(packet)
+
+    def _unresolved(self, failure: Any) -> None:
+        if self._pending is not None:
+            self.relay.dropped += len(self._pending)
+            _log.info("UDP: cannot resolve the server {host}: {error}", host=self.relay.server[0], error=failure.getErrorMessage())
+            self.relay.nat.remove(self.client)
+
+    def send(self, packet: bytes) -> None:
+        if self.port is None:
+            if self._pending is not None and len(self._pending) < _PENDING_LIMIT:
+                self._pending.append(packet)
+            else:
+                self.relay.dropped += 1
+            return
+        try:
+            self.port.write(packet)
+        except OSError:
+            self.relay.dropped += 1
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.relay.from_server(self.client, data)
+
+    def connectionRefused(self) -> None:
+        # ICMP port unreachable from the server: nothing to do but wait.
+        pass
+
+    def close(self) -> None:
+        self._pending = None
+        if self.port is not None:
+            port, self.port = self.port, None
+            port.stopListening()
+
+
+class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
+    """
+    The shared part of the local UDP relays; subclasses say which
+    applications are accepted and how their datagrams map to Shadowsocks
+    plaintext and back.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        reactor: Any,
+        suite: CipherSuite,
+        server: tuple[str, int],
+        timeout: float = 60.0,
+        capacity: int = 1024,
+    ) -> None:
+        self.setup_nat(reactor, timeout, capacity)
+        self.suite = suite
+        self.server = server
+        self._server_ip: str | None = None
+
+    def server_ip(self) -> Any:
+        """A Deferred IP for the server (resolved once, then remembered)."""
+        from twisted.internet.defer import succeed
+
+        if self._server_ip is not None:
+            return succeed(self._server_ip)
+        host = self.server[0]
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            d = self.reactor.resolve(host)
+
+            def remember(ip: str) -> str:
+                self._server_ip = ip
+                return ip
+
+            return d.addCallback(remember)
+        self._server_ip = host
+        return succeed(host)
+
+    # What subclasses decide.
+    def accepts(self, client: tuple) -> bool:
+        return True
+
+    def to_server(self, datagram: bytes) -> bytes:
+        """The Shadowsocks plaintext for an application's datagram (ProtocolError to drop it)."""
+        raise NotImplementedError
+
+    def to_client(self, plaintext: bytes) -> bytes:
+        """The datagram for the application from the server's plaintext (ProtocolError to drop it)."""
+        raise NotImplementedError
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.received += 1
+        try:
+            plaintext = self.to_server(data)
+        except ProtocolError:
+            self.dropped += 1
+            return
+        # After parsing: a malformed datagram must not claim an association.
+        if not self.accepts(addr):
+            self.dropped += 1
+            return
+        sock = self.nat.get(addr)
+        if sock is None:
+            sock = _ServerSocket(self, addr)
+            self.nat.add(addr, sock)
+            sock.open()
+        try:
+            packet = sock.codec.seal(plaintext)
+        except ProtocolError:
+            self.dropped += 1
+            return
+        if len(packet) > MAX_DATAGRAM:
+            self.dropped += 1
+            return
+        sock.send(packet)
+
+    def from_server(self, client: tuple, packet: bytes) -> None:
+        sock = self.nat.peek(client)
+        if self.transport is None or sock is None:
+            return
+        try:
+            datagram = self.to_client(sock.codec.open(packet))
+        except ProtocolError:
+            self.dropped += 1
+            return
+        self.nat.touch(client)
+        try:
+            send_datagram(self.transport, datagram, client)
+        except OSError:
+            self.dropped += 1
+
+
+class Socks5Association:
+    """
+    One SOCKS5 UDP ASSOCIATE: the application address (IP, port) whose
+    datagrams it relays.  The IP is the control connection's; the port is
+    the one the request named, or else that of the first datagram from the
+    IP that no other association holds.
+    """
+
+    __slots__ = ("ip", "port")
+
+    def __init__(self, ip: str, port: int | None) -> None:
+        self.ip = ip
+        #: None until known.
+        self.port = port
+
+    def __repr__(self) -> str:
+        return f"<Socks5Association {self.ip} port {self.port}>"
+
+
+class Socks5UdpRelay(LocalUdpRelay):
+    """
+    The UDP side of SOCKS5 UDP ASSOCIATE: each association (TCP control
+    connection) owns one application address, and datagrams from any
+    other address are dropped and counted in `unassociated`, so a process
+    that did not authenticate cannot use another's association even from
+    the same IP.  When the control connection ends, so does the
+    association, with its NAT entry.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # (IP, port) -> the association that owns the address.
+        self._owners: dict[tuple[str, int], Socks5Association] = {}
+        # IP -> associations that have not seen their first datagram, oldest first.
+        self._waiting: dict[str, list[Socks5Association]] = {}
+        #: Datagrams from an address no association owns.
+        self.unassociated = 0
+
+    def associate(self, ip: str, port: int | None = None) -> Socks5Association | None:
+        """
+        A new association for the application at `ip` sending from `port`
+        (None: its first datagram will tell); None if another association
+        owns that address already.
+        """
+        ip = _plain_ip(ip)
+        if port is None:
+            association = Socks5Association(ip, None)
+            self._waiting.setdefault(ip, []).append(association)
+            return association
+        if (ip, port) in self._owners:
+            return None
+        association = Socks5Association(ip, port)
+        self._owners[(ip, port)] = association
+        return association
+
+    def dissociate(self, association: Socks5Association) -> None:
+        """End `association`: its address's datagrams are dropped from now on."""
+        if association.port is None:
+            waiting = self._waiting.get(association.ip, [])
+            if association in waiting:
+                waiting.remove(association)
+            if not waiting:
+                self._waiting.pop(association.ip, None)
+            return
+        address = (association.ip, association.port)
+        if self._owners.get(address) is association:
+            del self._owners[address]
+            for client in self.nat:
+                if _plain_address(client) == address:
+                    self.nat.remove(client)
+
+    def active(self, association: Socks5Association) -> bool:
+        """Whether `association`'s application used UDP within the timeout."""
+        if association.port is None:
+            return False
+        address = (association.ip, association.port)
+        return any(_plain_address(client) == address for client in self.nat)
+
+    def accepts(self, client: tuple) -> bool:
+        """Whether `client` owns an association, or now claims the oldest one waiting at its IP."""
+        address = _plain_address(client)
+        if address in self._owners:
+            return True
+        waiting = self._waiting.get(address[0])
+        if not waiting:
+            self.unassociated += 1
+            return False
+        association = waiting.pop(0)
+        if not waiting:
+            del self._waiting[address[0]]
+        association.port = address[1]
+        self._owners[address] = association
+        return True
+
+    def to_server(self, datagram: bytes) -> bytes:
+        return udp_to_shadowsocks(datagram)
+
+    def to_client(self, plaintext: bytes) -> bytes:
+        return UDP_HEADER + plaintext
+
+
+class TunnelUdpRelay(LocalUdpRelay):
+    """A UDP port forward: every datagram goes to one fixed target through the server."""
+
+    def __init__(self, reactor: Any, suite: CipherSuite, server: tuple[str, int], target: Address, **kwargs: Any) -> None:
+        super().__init__(reactor, suite, server, **kwargs)
+        self.target = target
+        self._header = encode_address(target)
+
+    def to_server(self, datagram: bytes) -> bytes:
+        return self._header + datagram
+
+    def to_client(self, plaintext: bytes) -> bytes:
+        parsed = decode_address(plaintext)
+        if parsed is None:
+            raise ProtocolError("server datagram truncated inside its address")
+        return plaintext[parsed[1]:]
+
+
+def _plain_ip(ip: str) -> str:
+    """IPv4-mapped IPv6 as plain IPv4, so both spellings of a client match."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+def _plain_address(client: tuple) -> tuple[str, int]:
+    """(IP, port) of a datagram's source, whatever its tuple's form."""
+    return _plain_ip(client[0]), client[1]

@@ -1,0 +1,9 @@
+"""
+The Twisted plumbing both ends share.
+
+`tcp` holds the lean TCP transports and is the one module that touches
+Twisted's private names; `listener` turns endpoints into services; `relay`
+joins two connections with flow control and idle timeouts; `nat` is the
+expiring table of the UDP relays; `resolver` is name resolution on
+twisted.names; `plugin` runs a SIP003 plugin as a supervised child process.
+"""

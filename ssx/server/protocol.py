@@ -1,0 +1,234 @@
+"""
+The server end: one `ShadowsocksServerProtocol` per client connection.
+
+Data path: the suite's server codec (`ssx.crypto`) decrypts the stream and
+finds the target address in its header (either edition), then resolve it (`ssx.net.resolver`),
+refuse forbidden IPs (`ssx.server.forbidden`), connect, then relay (`ssx.net.relay`):
+client bytes are decrypted towards the target, target bytes encrypted back.
+
+Anything that fails before the relay starts because of the client's bytes
+(a bad tag, a malformed header) gets silence: the connection keeps reading
+and discarding until its timeout, then closes with a FIN, so a prober learns
+nothing from when or how it closed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ssx.wire.address import Address
+from ssx.crypto import CipherSuite
+from ssx.errors import ProtocolError
+from ssx.server.forbidden import ForbiddenNetworks, is_ip_literal
+from ssx.net.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol, can_half_close, connect_tcp
+from ssx.net.resolver import NameResolutionError, TargetResolver
+
+__all__ = ["ShadowsocksServerFactory", "ShadowsocksServerProtocol", "UserTraffic"]
+
+_log = Logger()
+
+_HEADER, _CONNECTING, _RELAY, _DISCARD = range(4)
+
+
+class UserTraffic:
+    """One user's relayed application bytes: `up` (client to target) and `down`."""
+
+    __slots__ = ("up", "down")
+
+    def __init__(self) -> None:
+        self.up = 0
+        self.down = 0
+
+    def counting(
+        self, decrypt: Callable[[bytes], bytes], encrypt: Callable[[bytes], bytes]
+    ) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+        def counted_decrypt(data: bytes) -> bytes:
+            out = decrypt(data)
+            self.up += len(out)
+            return out
+
+        def counted_encrypt(data: bytes) -> bytes:
+            self.down += len(data)
+            return encrypt(data)
+
+        return counted_decrypt, counted_encrypt
+
+
+class ShadowsocksServerFactory(RelayFactory):
+    """Holds what every server connection shares: keys, resolver, policy, clock."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        suite: CipherSuite,
+        resolver: TargetResolver,
+        forbidden: ForbiddenNetworks,
+        timeout: float = 300.0,
+        connect_timeout: float = 10.0,
+        salt_filter: Any = None,
+        **limits: Any,
+    ) -> None:
+        RelayFactory.__init__(self, reactor, timeout, **limits)
+        self.salt_filter = salt_filter
+        self.suite = suite
+        self.resolver = resolver
+        self.forbidden = forbidden
+        self.connect_timeout = connect_timeout
+        # Counters for logs and tests now, for per-user stats and metrics later.
+        self.connections_refused = 0
+        self.handshake_failures = 0
+        self.targets_unreachable = 0
+        self.user_traffic: dict[str, UserTraffic] = {}
+
+    def buildProtocol(self, addr: Any) -> "ShadowsocksServerProtocol":
+        return ShadowsocksServerProtocol(self)
+
+
+class ShadowsocksServerProtocol(InboundProtocol):
+    """A client connection to the server, from the salt to the end of the relay."""
+
+    def __init__(self, factory: ShadowsocksServerFactory) -> None:
+        InboundProtocol.__init__(self, factory)
+        self._state = _HEADER
+        self._codec = factory.suite.server_codec(factory.salt_filter)
+        self._plain = bytearray()
+        self._connecting: Deferred | None = None
+
+    # The idle timer starts at connectionMade and nothing resets it before
+    # the relay starts: a client gets one timeout's worth of time to present
+    # a valid header, however it trickles its bytes.
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self._state
+        if state == _RELAY:
+            self.relayReceived(data)
+            return
+        if state == _DISCARD:
+            return
+        codec = self._codec
+        try:
+            self._plain += codec.decrypt(data)
+        except ProtocolError as e:
+            self._discard(e)
+            return
+        if state == _HEADER and codec.address is not None:
+            self._state = _CONNECTING
+            # Hold further reads until the target answers: bounds what we
+            # buffer to one read.
+            self.transport.pauseProducing()
+            self._open_target(codec.address)
+
+    def _discard(self, error: ProtocolError) -> None:
+        peer = self.transport.getPeer()
+        _log.debug(
+            "{peer}: {error}; discarding until the timeout",
+            peer=getattr(peer, "host", peer),
+            error=type(error).__name__,
+        )
+        self._state = _DISCARD
+        self._plain = bytearray()
+        self.factory.handshake_failures += 1
+
+    def _open_target(self, address: Address) -> None:
+        # Callbacks rather than a coroutine: an IP literal (the common case)
+        # goes straight to connect, with no resolver or coroutine machinery.
+        if is_ip_literal(address.host):
+            self._connect_to([address.host], address)
+            return
+        try:
+            d = self.factory.resolver.resolve(address.host)
+        except Exception as e:
+            self._unreachable(Failure(e), address)
+            return
+        self._connecting = d
+        d.addCallback(self._connect_to, address)
+        # Also catches anything _connect_to raises.
+        d.addErrback(self._unreachable, address)
+
+    def _connect_to(self, ips: list[str], address: Address) -> None:
+        self._connecting = None
+        factory = self.factory
+        allowed = [ip for ip in ips if not factory.forbidden.forbids(ip)]
+        if not allowed:
+            _log.debug("refused {target}: forbidden address {ips}", target=address, ips=",".join(ips))
+            factory.connections_refused += 1
+            self.transport.loseConnection()
+            return
+        outbound = OutboundProtocol(self._target_connected)
+        try:
+            d = connect_tcp(factory.reactor, allowed[0], address.port, outbound, factory.connect_timeout)
+        except Exception as e:  # e.g. socket.gaierror for an address the OS cannot use
+            self._unreachable(Failure(e), address)
+            return
+        if not d.called:
+            self._connecting = d
+        d.addCallbacks(self._connected, self._unreachable, errbackArgs=(address,))
+
+    def _connected(self, target: OutboundProtocol) -> None:
+        self._connecting = None
+
+    def _unreachable(self, failure: Failure, address: Address) -> None:
+        self._connecting = None
+        if failure.check(CancelledError):
+            return
+        if failure.check(NameResolutionError, ConnectError):
+            _log.debug("cannot reach {target}: {error}", target=address, error=failure.value)
+        else:
+            _log.debug("cannot connect to {target}: {error!r}", target=address, error=failure.value)
+        self.factory.targets_unreachable += 1
+        self.transport.loseConnection()
+
+    def _target_connected(self, target: OutboundProtocol) -> None:
+        if self._closed or self._state != _CONNECTING:
+            # Gone, or (over TLS, where reads can arrive while paused) the
+            # stream failed authentication meanwhile.
+            target.transport.loseConnection()
+            return
+        self._state = _RELAY
+        decrypt, encrypt = self._codec.data_path()
+        user = self._codec.user
+        if user is not None:
+            # Multi-user ports count each user's application bytes (for the
+            # stats and metrics to come); single-user ports relay bare.
+            traffic = self.factory.user_traffic.setdefault(user, UserTraffic())
+            traffic.up += len(self._plain)  # the request's first payload
+            decrypt, encrypt = traffic.counting(decrypt, encrypt)
+        self.transform, target.transform = decrypt, encrypt
+        self.join(target)
+        if self._plain:
+            target.transport.write(bytes(self._plain))
+        self._plain = bytearray()
+        if self._read_closed:
+            target.release_producer()
+            if can_half_close(target.transport):
+                target.transport.loseWriteConnection()
+        else:
+            self.transport.resumeProducing()
+
+    def timeoutConnection(self) -> None:
+        if self._state == _RELAY:
+            InboundProtocol.timeoutConnection(self)
+        else:
+            if self._connecting is not None:
+                self._connecting.cancel()
+            self.transport.loseConnection()
+
+    def readConnectionLost(self) -> None:
+        if self._state == _RELAY:
+            RelayProtocol.readConnectionLost(self)
+        elif self._state == _CONNECTING:
+            # The client is done sending; its data is buffered.  Finish the
+            # half-close once the target is connected.
+            self._read_closed = True
+        else:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._connecting is not None:
+            self._connecting.cancel()
+        InboundProtocol.connectionLost(self, reason)
