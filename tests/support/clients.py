@@ -296,7 +296,7 @@ def spawn(executable: str, args: list[str], env: dict[str, str] | None = None) -
     return child
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
 
 
