@@ -22,7 +22,7 @@ from ssx.config import server_config
 from ssx.crypto import generate_psk, make_suite
 from ssx.errors import ConfigError
 from tests import support
-from tests.test_udp import mixed_payloads
+from tests.support import mixed_payloads
 
 METHODS = ("2022-blake3-aes-128-gcm", "2022-blake3-aes-256-gcm", "2022-blake3-chacha20-poly1305")
 EIGHT_MIB = 8 * 1024 * 1024

@@ -18,35 +18,9 @@ from twisted.web import resource, server as web_server
 from ssx import socks5
 from ssx.url import parse_url
 from tests import support
+from tests.support import ChainTestCase
 
 EIGHT_MIB = 8 * 1024 * 1024
-
-
-class ChainTestCase(unittest.TestCase):
-    """Starts an echo target and tears down whatever a test started."""
-
-    def setUp(self) -> None:
-        self.echo = support.listen_echo()
-        self.addCleanup(self.echo.stopListening)
-
-    def chain(self, **values) -> int:
-        """Start ssx-server and ssx-local with `values`; return the SOCKS port."""
-        server_values = {k: v for k, v in values.items() if k not in ("socks_user", "socks_password")}
-        server, server_port = support.start_server(**server_values)
-        self.addCleanup(server.stopService)
-        local, local_port = support.start_local(server_port, **values)
-        self.addCleanup(local.stopService)
-        self.addCleanup(support.drained, server, local)
-        self.server_service, self.local_service = server, local
-        return local_port
-
-
-    async def echo_through(self, socks_port: int, size: int, host: str = "127.0.0.1", port: int | None = None) -> None:
-        payload = os.urandom(size)
-        reply, received = await support.socks_transfer(socks_port, host, port or self.echo.getHost().port, payload)
-        self.assertEqual(reply, 0)
-        self.assertEqual(len(received), len(payload))
-        self.assertEqual(support.sha256(received), support.sha256(payload))
 
 
 def _make_bulk_test(method: str):

@@ -11,7 +11,7 @@ from ssx.crypto import CipherSuite
 from ssx.health import HealthCheckService
 from ssx.picker import ServerPicker, Upstream
 from ssx.server_entry import ServerEntry
-from tests.test_local_mixed import FakeServer
+from tests.support import FakeServer
 
 REQUEST = b"GET /generate_204 HTTP/1.1\r\nHost: check.example\r\n\r\n"
 TARGET = Address("check.example", 80)

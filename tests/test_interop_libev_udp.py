@@ -34,8 +34,7 @@ from twisted.names import client as dns_client, dns, server as dns_server
 from twisted.trial import unittest
 
 from tests import support
-from tests.test_resolver import Zone
-from tests.test_udp import mixed_payloads
+from tests.support import Zone, mixed_payloads
 
 METHODS = ("aes-128-gcm", "aes-192-gcm", "aes-256-gcm", "chacha20-ietf-poly1305", "aes-256-cfb")
 

@@ -43,8 +43,7 @@ from twisted.trial import unittest
 
 from ssx.crypto import generate_psk
 from tests import support
-from tests.test_interop_libev import HashingEchoFactory, WholeEchoTransfer
-from tests.test_udp import mixed_payloads
+from tests.support import HashingEchoFactory, WholeEchoTransfer, mixed_payloads
 
 METHODS = ("2022-blake3-aes-128-gcm", "2022-blake3-aes-256-gcm", "2022-blake3-chacha20-poly1305")
 # ssx refuses UDP with the ChaCha 2022 method, and identity headers exist only for AES.

@@ -24,14 +24,14 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial import unittest
 
 from ssx import socks5
 from ssx.plugin import PluginService
 from ssx.sip003 import Plugin
 from tests import support
-from tests.test_interop_libev import HashingEchoFactory, whole_echo_transfer
+from tests.support import HashingEchoFactory, whole_echo_transfer
 
 METHOD = "aes-256-gcm"
 V2RAY = next((name for name in ("v2ray-plugin", "ss-v2ray-plugin") if shutil.which(name)), None)
@@ -75,9 +75,7 @@ class PluginTestCase(unittest.TestCase):
         self.addCleanup(self.echo.stopListening)
         self.directory = tempfile.mkdtemp(prefix="ssx-plugin-")
         self.addCleanup(shutil.rmtree, self.directory, True)
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = support.log_events(self)
 
     def logged(self) -> str:
         return "\n".join(formatEvent(e) for e in self.events)

@@ -23,7 +23,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server as web_server, static
 
 from tests import support
-from tests.test_chain import ChainTestCase
+from tests.support import ChainTestCase
 
 NO_PROXY_ENV = {"no_proxy": "", "NO_PROXY": "", "http_proxy": "", "HTTP_PROXY": "", "https_proxy": "", "HTTPS_PROXY": "",
                 "ALL_PROXY": "", "all_proxy": ""}

@@ -17,7 +17,6 @@ from cryptography import x509
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol, serverFromString
 from twisted.internet.task import deferLater
-from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from ssx import socks5
@@ -25,7 +24,7 @@ from ssx.cert import endpoint_escape, write_pair
 from ssx.config import local_config, server_config
 from ssx.tap import local as local_tap, server as server_tap
 from tests import support
-from tests.test_interop_libev import TRANSFER_SECONDS, HashingEchoFactory, WholeEchoTransfer
+from tests.support import TRANSFER_SECONDS, HashingEchoFactory, WholeEchoTransfer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,9 +51,7 @@ class TransportTestCase(unittest.TestCase):
         self.echo_factory = HashingEchoFactory()
         self.echo = reactor.listenTCP(0, self.echo_factory, interface="127.0.0.1")
         self.addCleanup(self.echo.stopListening)
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = support.log_events(self)
 
     def directory(self) -> str:
         # Short, under /tmp: Unix socket paths are limited to about 100 bytes.

@@ -20,22 +20,7 @@ from ssx.crypto import CipherSuite
 from ssx.forbidden import parse_forbidden
 from ssx.server_udp import ShadowsocksUdpRelay
 from tests import support
-from tests.test_resolver import Zone
-
-
-def mixed_payloads(count: int, largest: int, seed: int = 1) -> list[bytes]:
-    """`count` distinct random payloads from 1 to 1,400 bytes, plus a few of the largest size that fits."""
-    rng = random.Random(seed)
-    sizes = [rng.randint(1, 1400) for _ in range(count - 4)] + [largest, largest - 1, largest - 100, 1]
-    payloads = []
-    seen = set()
-    for size in sizes:
-        p = os.urandom(size)
-        while p in seen:
-            p = os.urandom(size)
-        seen.add(p)
-        payloads.append(p)
-    return payloads
+from tests.support import Zone, mixed_payloads
 
 
 class UdpChainTestCase(unittest.TestCase):

@@ -1,155 +1,37 @@
 """
-Shared pieces of the loopback tests: an echo target, a sink that can stop
-reading, a SOCKS5 client written from RFC 1928 independently of ssx.socks5,
-in-process ssx chains, and child-process peers (shadowsocks-libev).
+The clients the loopback tests drive, written from the RFCs independently of
+ssx's own codecs: a raw TCP client that records how its connection ended,
+SOCKS5 CONNECT clients (one that half-closes, one that waits for the whole
+echo, one that holds the connection open) and a SOCKS5 UDP ASSOCIATE client.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import socket
 import struct
 from typing import Any
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
-from twisted.internet.task import deferLater
 from zope.interface import implementer
 
-from ssx.config import local_config, server_config
-from ssx.listener import ListenerService
-from ssx.tap import local as local_tap, server as server_tap
+__all__ = [
+    "TRANSFER_SECONDS",
+    "socks5_request",
+    "SocksTransfer",
+    "socks_transfer",
+    "WholeEchoTransfer",
+    "whole_echo_transfer",
+    "RawClient",
+    "SocksClient",
+    "socks5_udp_header",
+    "Socks5UdpClient",
+]
 
-PASSWORD = "correct horse battery staple"
-
-
-def free_port(family: int = socket.AF_INET) -> int:
-    """A port that was free a moment ago (for child processes that need a number)."""
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-@implementer(IHalfCloseableProtocol)
-class Echo(protocol.Protocol):
-    """Echoes everything; closes after the client's half-close."""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def readConnectionLost(self) -> None:
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-
-def listen_echo(address: str = "127.0.0.1") -> Any:
-    factory = protocol.Factory.forProtocol(Echo)
-    return reactor.listenTCP(0, factory, interface=address)
-
-
-def start_server(**values: Any) -> Any:
-    """An ssx-server service listening on a free loopback port; returns (service, port)."""
-    values.setdefault("password", PASSWORD)
-    values.setdefault("forbidden_ip", "")
-    values.setdefault("listen", "tcp:0:interface=127.0.0.1")
-    service = server_tap.build_service(reactor, server_config(values))
-    service.startService()
-    if service.plugin is not None:
-        # Clients reach the plugin, on the public port.
-        return service, service.plugin.remote[1]
-    return service, first_listener(service).port.getHost().port
-
-
-def start_local(server_port: int, **values: Any) -> Any:
-    """An ssx-local service on a free loopback port aimed at `server_port`; returns (service, port)."""
-    values.setdefault("password", PASSWORD)
-    values.setdefault("server", "127.0.0.1")
-    values.setdefault("server_port", server_port)
-    values.setdefault("listen", "tcp:0:interface=127.0.0.1")
-    service = local_tap.build_service(reactor, local_config(values))
-    service.startService()
-    return service, first_listener(service).port.getHost().port
-
-
-def first_listener(service: Any) -> ListenerService:
-    """The first TCP listener in a service tree."""
-    return next(child for child in service if isinstance(child, ListenerService))
-
-
-def drained(*services: Any, seconds: float = 5.0) -> defer.Deferred:
-    """A Deferred for `_drained` (so it can be a trial cleanup as it is)."""
-    return defer.Deferred.fromCoroutine(_drained(*services, seconds=seconds))
-
-
-async def _drained(*services: Any, seconds: float = 5.0) -> None:
-    """
-    Wait until the relays of ssx services hold no connection: a client
-    process (curl) may exit before the proxy has read its close.  Connections
-    still open after `seconds` are aborted and reported as a failure.
-    """
-    def live() -> list:
-        return [p for s in services for f in getattr(s, "factories", [s.factory]) if f is not None for p in f.connections]
-
-    deadline = reactor.seconds() + seconds
-    while live() and reactor.seconds() < deadline:
-        await deferLater(reactor, 0.02, lambda: None)
-    left = live()
-    for p in left:
-        p.transport.abortConnection()
-    if left:
-        await deferLater(reactor, 0.05, lambda: None)
-        raise AssertionError(f"{len(left)} relayed connections still open {seconds:g} s after the test")
-
-
-def make_certificate(directory: str, name: str = "localhost") -> tuple[str, str]:
-    """
-    A self-signed certificate for `name` (also valid for 127.0.0.1), made by
-    ssx.cert: returns the paths of its key and of the certificate, the
-    latter alone in a directory of its own (Twisted's trustRoots loads every
-    file there).
-    """
-    from ssx.cert import make_self_signed
-
-    key_pem, cert_pem, _ = make_self_signed(name, days=1, also=("127.0.0.1",))
-    roots = os.path.join(directory, "roots")
-    os.makedirs(roots, exist_ok=True)
-    key_path, cert_path = os.path.join(directory, "key.pem"), os.path.join(roots, "cert.pem")
-    for path, data in ((key_path, key_pem), (cert_path, cert_pem)):
-        with open(path, "wb") as f:
-            f.write(data)
-    return key_path, cert_path
-
-
-def listen_web(site: Any, key_path: str | None = None, cert_path: str | None = None) -> Any:
-    """A twisted.web site on a free loopback port, over TLS when given a key and certificate."""
-    if key_path is None:
-        return reactor.listenTCP(0, site, interface="127.0.0.1")
-    from twisted.internet import ssl
-
-    with open(key_path, "rb") as f:
-        key = f.read()
-    with open(cert_path, "rb") as f:  # type: ignore[arg-type]
-        cert = f.read()
-    options = ssl.PrivateCertificate.loadPEM(key + cert).options()
-    return reactor.listenSSL(0, site, options, interface="127.0.0.1")
+# How long a whole-echo transfer may take before it is aborted.
+TRANSFER_SECONDS = 20.0
 
 
 def socks5_request(host: str, port: int) -> bytes:
@@ -255,103 +137,158 @@ def socks_transfer(socks_port: int, host: str, port: int, payload: bytes, socks_
     return d
 
 
-class ChildProcess(protocol.ProcessProtocol):
-    """A peer binary run for a test; `stop()` ends it (SIGTERM, then SIGKILL)."""
+class WholeEchoTransfer(SocksTransfer):
+    """
+    A `SocksTransfer` that never half-closes: after sending the payload it
+    waits for the whole echo, then closes.  Peers without TCP half-close
+    (shadowsocks-libev, sing-box's client) would treat a half-close as the
+    end of both directions.
+    """
 
-    def __init__(self) -> None:
-        self.output: list[bytes] = []
-        self.ended: defer.Deferred = defer.Deferred()
+    def __init__(self, host: str, port: int, payload: bytes) -> None:
+        SocksTransfer.__init__(self, host, port, payload)
+        self.received_size = 0
 
-    def outReceived(self, data: bytes) -> None:
-        self.output.append(data)
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and self.sent < len(self.payload):
+            end = min(self.sent + self.piece, len(self.payload))
+            self.transport.write(bytes(self.payload[self.sent:end]))
+            self.sent = end
+        if self.sent >= len(self.payload) and self.stage == "relay":
+            self.stage = "sent"
+            self.transport.unregisterProducer()
+            self._close_if_echoed()
 
-    errReceived = outReceived
+    def dataReceived(self, data: bytes) -> None:
+        if self.stage in ("relay", "sent"):
+            self.received.append(data)
+            self.received_size += len(data)
+        else:
+            # Negotiation; the SOCKS reply may carry the first relayed bytes.
+            SocksTransfer.dataReceived(self, data)
+            self.received_size = sum(len(piece) for piece in self.received)
+        self._close_if_echoed()
 
-    def processEnded(self, reason: Any) -> None:
-        self.ended.callback(reason.value)
-
-    def text(self) -> str:
-        return b"".join(self.output).decode(errors="replace")
-
-    async def stop(self) -> None:
-        if self.ended.called:
-            return
-        try:
-            self.transport.signalProcess("TERM")
-        except Exception:
-            pass
-        waited = defer.Deferred()
-        call = reactor.callLater(5, lambda: self.ended.called or self.transport.signalProcess("KILL"))
-        self.ended.addBoth(lambda r: (waited.callback(None), r)[1])
-        await waited
-        if call.active():
-            call.cancel()
-
-
-def spawn(executable: str, args: list[str], env: dict[str, str] | None = None) -> ChildProcess:
-    path = shutil.which(executable)
-    assert path is not None, executable
-    child = ChildProcess()
-    reactor.spawnProcess(child, path, [executable, *args], env=env if env is not None else dict(os.environ))
-    return child
+    def _close_if_echoed(self) -> None:
+        if self.stage == "sent" and self.received_size >= len(self.payload):
+            self.transport.loseConnection()
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TWISTD = ["-c", "from twisted.scripts.twistd import run; run()"]
+async def whole_echo_transfer(socks_port: int, host: str, port: int, payload: bytes) -> tuple[int | None, bytes]:
+    """Run a WholeEchoTransfer through the SOCKS5 port; abort it after TRANSFER_SECONDS."""
+    client = WholeEchoTransfer(host, port, payload)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
+    watchdog = reactor.callLater(TRANSFER_SECONDS, client.transport.abortConnection)
+    try:
+        return await client.done
+    finally:
+        if watchdog.active():
+            watchdog.cancel()
 
 
-def twistd_env() -> dict[str, str]:
-    """The environment for twistd children: this checkout first on the path, no proxies."""
-    path = os.environ.get("PYTHONPATH")
-    return dict(os.environ, PYTHONPATH=ROOT + (os.pathsep + path if path else ""), no_proxy="", NO_PROXY="")
+class RawClient(protocol.Protocol):
+    """
+    A plain TCP client: writes `first` on connecting and each `(delay, data)`
+    of `later` after that long; records the bytes that come back, and when
+    and how the connection ended ("FIN" for an orderly close, else the error:
+    a reset shows as ConnectionLost).
+    """
+
+    def __init__(self, first: bytes = b"", later: tuple[tuple[float, bytes], ...] = ()) -> None:
+        self.first = first
+        self.later = later
+        self.received = bytearray()
+        self.opened_at: float | None = None
+        self.closed_at: float | None = None
+        self.ending: str | None = None
+        self.closed: defer.Deferred = defer.Deferred()
+        self._calls: list[Any] = []
+
+    def connectionMade(self) -> None:
+        self.opened_at = reactor.seconds()
+        if self.first:
+            self.transport.write(self.first)
+        for delay, data in self.later:
+            self._calls.append(reactor.callLater(delay, self.transport.write, data))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed_at = reactor.seconds()
+        self.ending = "FIN" if reason.check(error.ConnectionDone) else repr(reason.value)
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        self.closed.callback(self)
+
+    @property
+    def lifetime(self) -> float:
+        assert self.opened_at is not None and self.closed_at is not None
+        return self.closed_at - self.opened_at
 
 
-async def start_twistd(testcase: Any, *args: str, ready: bytes, seconds: float = 10.0) -> ChildProcess:
-    """Run `twistd ARGS` as a child until its output shows `ready`; stopped at the test's end."""
-    import sys
-    import tempfile
+class SocksClient(RawClient):
+    """
+    Speaks SOCKS5 (no authentication) to CONNECT to host:port, then sends
+    `payload` and holds the connection open: it never half-closes.  Relayed
+    bytes are counted and hashed (and kept unless `keep` is false);
+    `echoed` fires once as many bytes came back as `payload` has.
+    """
 
-    child = ChildProcess()
-    reactor.spawnProcess(child, sys.executable, [sys.executable, *TWISTD, *args], env=twistd_env(), path=tempfile.gettempdir())
-    testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
-    deadline = reactor.seconds() + seconds
-    while reactor.seconds() < deadline:
-        if ready in b"".join(child.output):
-            return child
-        if child.ended.called:
-            break
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError(f"twistd did not get ready: {child.text()}")
-
-
-async def wait_for_port(port: int, host: str = "127.0.0.1", seconds: float = 10.0) -> None:
-    """Wait until something accepts TCP connections on host:port."""
-    deadline = reactor.seconds() + seconds
-    while True:
-        try:
-            p = await connectProtocol(TCP4ClientEndpoint(reactor, host, port, timeout=1), protocol.Protocol())
-            p.transport.loseConnection()
-            return
-        except Exception:
-            if reactor.seconds() > deadline:
-                raise
-            await deferLater(reactor, 0.05, lambda: None)
-
-
-class UdpEcho(protocol.DatagramProtocol):
-    """Echoes every datagram to where it came from; counts them."""
-
-    def __init__(self) -> None:
+    def __init__(self, host: str, port: int, payload: bytes = b"", keep: bool = True, request: bytes | None = None) -> None:
+        RawClient.__init__(self)
+        self.request = request if request is not None else socks5_request(host, port)
+        self.payload = payload
+        self.keep = keep
+        self.reply: int | None = None
+        self.replied: defer.Deferred = defer.Deferred()
+        self.echoed: defer.Deferred = defer.Deferred()
         self.count = 0
+        self.digest = hashlib.sha256()
+        self._buffer = b""
+        self._stage = "greeting"
 
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        self.count += 1
-        self.transport.write(data, addr)
+    def connectionMade(self) -> None:
+        RawClient.connectionMade(self)
+        self.transport.write(b"\x05\x01\x00")
 
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
 
-def listen_udp_echo(address: str = "127.0.0.1") -> tuple[Any, UdpEcho]:
-    echo = UdpEcho()
-    return reactor.listenUDP(0, echo, interface=address, maxPacketSize=65535), echo
+    def dataReceived(self, data: bytes) -> None:
+        if self._stage == "relay":
+            self.count += len(data)
+            self.digest.update(data)
+            if self.keep:
+                self.received += data
+            if self.payload and self.count >= len(self.payload) and not self.echoed.called:
+                self.echoed.callback(self)
+            return
+        self._buffer += data
+        if self._stage == "greeting" and len(self._buffer) >= 2:
+            assert self._buffer[:2] == b"\x05\x00", self._buffer
+            self._buffer = self._buffer[2:]
+            self._stage = "reply"
+            self.transport.write(self.request)
+        if self._stage == "reply" and len(self._buffer) >= 5:
+            size = {1: 10, 4: 22, 3: 7 + self._buffer[4]}.get(self._buffer[3], 10)
+            if len(self._buffer) < size:
+                return
+            self.reply = self._buffer[1]
+            rest, self._buffer = self._buffer[size:], b""
+            self._stage = "relay"
+            self.replied.callback(self.reply)
+            if self.reply == 0 and self.payload:
+                self.transport.write(self.payload)
+            if rest:
+                self.dataReceived(rest)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.replied.called:
+            self.replied.callback(self.reply)
+        RawClient.connectionLost(self, reason)
 
 
 def socks5_udp_header(host: str, port: int) -> bytes:
