@@ -22,6 +22,7 @@ __all__ = [
     "ChildProcess",
     "spawn",
     "skip_without",
+    "requires",
     "ROOT",
     "TWISTD",
     "twistd_env",
@@ -78,6 +79,18 @@ def skip_without(*executables: str, package: str) -> str | None:
     if not missing:
         return None
     return f"{', '.join(missing)} not on PATH: install {package} to run these tests"
+
+
+def requires(*executables: str, package: str) -> Callable[[Any], Any]:
+    """Marks a TestCase class or test method to skip, naming what is missing, unless `executables` are on PATH."""
+    reason = skip_without(*executables, package=package)
+
+    def mark(test: Any) -> Any:
+        if reason is not None:
+            test.skip = reason
+        return test
+
+    return mark
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
