@@ -30,17 +30,19 @@ from twisted.trial import unittest
 from ssx.address import Address, decode_address, encode_address
 from ssx.crypto import METHODS, generate_psk, lookup_method, make_suite
 from ssx.errors import ProtocolError, ReplayError
+from ssx.relay import SWEEP_INTERVAL
 from ssx.replay import SaltFilter
 from tests import support
-from tests.support import RawClient, SocksClient, coroutine_test, sleep, wait_until
+from tests.support import RawClient, SocksClient, coroutine_test, sleep, wait_for, wait_until
 
 # A short handshake timeout keeps the probe tests short; the windows below
 # say how early/late (seconds) a close may come relative to it, and how far
-# apart the probes' close times may be.
+# apart the probes' close times may be.  Timeouts are enforced by a sweep
+# every SWEEP_INTERVAL: a close comes up to that much after its timeout.
 HANDSHAKE = 1.5
 EARLY = 0.05
-LATE = 0.6
-SPREAD = 0.3
+LATE = SWEEP_INTERVAL + 0.5
+SPREAD = SWEEP_INTERVAL + 0.3
 
 
 # -- helpers ------------------------------------------------------------------
@@ -172,10 +174,12 @@ class ReplayTests(LoopbackCase):
         # The copy comes from elsewhere, as an attacker's would.
         send_copy, copy_replies = client_socket()
         send_copy(packet)
-        await wait_until(lambda: relay.received == 2 and len(copy_replies) == 1, 1)
-        await sleep(0.2)
-
         replayed = history == 0
+        # The copy is dropped (counted at once) or relayed and echoed back.
+        await wait_for(
+            lambda: relay.received == 2 and relay.dropped + len(copy_replies) == 1, 3,
+            lambda: f"the copy was neither dropped nor answered: {relay.received} received, {len(copy_replies)} answers",
+        )
         self.assertEqual(relay.received, 2)
         self.assertEqual(echo.count, 1 + replayed)
         self.assertEqual((len(replies), len(copy_replies)), (1, int(replayed)))
@@ -224,8 +228,8 @@ class ReplayTests(LoopbackCase):
         # request to the echo.
         send_reflection, _ = client_socket()
         send_reflection(replies[0])
-        await wait_until(lambda: relay.received == 2, 1)
-        await sleep(0.3)
+        # The reflection is dropped (counted at once) or relayed to the echo.
+        await wait_for(lambda: relay.received == 2 and relay.dropped + echo.count == 2, 3, lambda: f"{relay.received} received")
         self.assertEqual(echo.count, 1, "the reflected reply was relayed to the target")
         self.assertEqual(relay.dropped, 1)
 
@@ -418,8 +422,11 @@ class SsrfGuardTests(LoopbackCase):
         targets = ("127.0.0.1", "::ffff:127.0.0.1", "a.ssx.test", "dns-a.ssx.test")
         for host in targets:
             client.send(host, port, b"ping")
-        self.assertTrue(await wait_until(lambda: relay.refused >= len(targets), 3), (relay.received, relay.refused))
-        await sleep(0.2)
+        # Each datagram is refused, dropped or relayed to the echo.
+        self.assertTrue(
+            await wait_until(lambda: relay.refused + relay.dropped + echo.count >= len(targets), 3),
+            (relay.received, relay.refused),
+        )
         self.assertEqual((relay.received, relay.refused, relay.dropped), (len(targets), len(targets), 0))
         self.assertEqual(echo.count, 0)
         client.close()
@@ -436,6 +443,12 @@ class LimitTests(LoopbackCase):
     async def _served(self, clients: list[SocksClient], seconds: float) -> None:
         """Wait until each client has its SOCKS reply and its payload echoed."""
         await wait_until(lambda: all(c.echoed.called for c in clients), seconds)
+
+    @staticmethod
+    def _not_accepting(factory: Any) -> bool:
+        """The factory's listening ports are paused: what waits in their backlog stays there."""
+        readers = reactor.getReaders()
+        return bool(factory.ports) and not any(port in readers for port in factory.ports)
 
     @coroutine_test
     async def test_limit_queues_and_resumes(self):
@@ -455,13 +468,15 @@ class LimitTests(LoopbackCase):
         waiting = [SocksClient("127.0.0.1", echo_port, os.urandom(2000 + i)) for i in range(10)]
         for client in waiting:
             await self.connect(socks_port, client)
-        await sleep(0.8)
-        self.assertEqual([c.reply for c in waiting], [None] * 10, "an extra connection was served")
-        self.assertEqual(len(local.factory.connections), self.LIMIT)
-        # The running ones keep relaying meanwhile.
+        # The running ones keep relaying meanwhile: a round trip through each
+        # gives the listener every chance to accept an extra one.
         for client in served:
             client.send(b"more")
         self.assertTrue(await wait_until(lambda: all(c.count == len(c.payload) + 4 for c in served), 5))
+        self.assertTrue(self._not_accepting(local.factory), "the listener still accepts at the limit")
+        self.assertEqual(local.factory.accepted, self.LIMIT, "an extra connection was accepted")
+        self.assertEqual([c.reply for c in waiting], [None] * 10, "an extra connection was served")
+        self.assertEqual(len(local.factory.connections), self.LIMIT)
         for client in served[:10]:
             client.transport.loseConnection()
         await self._served(waiting, 5)
@@ -501,7 +516,9 @@ class LimitTests(LoopbackCase):
         factory = local.factory
 
         clients = await self._burst(socks_port, echo_port, self.LIMIT + 10)
-        await sleep(0.8)
+        # The first 20 are served (a round trip each), and then the listener waits.
+        await wait_for(lambda: sum(c.echoed.called for c in clients) >= self.LIMIT, 5, "30 at once: 20 were not served")
+        self.assertTrue(self._not_accepting(factory), "the listener still accepts at the limit")
         self.assertLessEqual(len(factory.connections), self.LIMIT, "30 at once: the limit was exceeded")
         self.assertEqual(sum(c.reply is not None for c in clients), self.LIMIT)
         for client in clients:
@@ -517,7 +534,8 @@ class LimitTests(LoopbackCase):
         first = await self._burst(socks_port, echo_port, 15)
         await self._served(first, 3)
         second = await self._burst(socks_port, echo_port, 15)
-        await sleep(0.8)
+        await wait_for(lambda: sum(c.echoed.called for c in second) >= self.LIMIT - 15, 5, "15 then 15: 5 were not served")
+        self.assertTrue(self._not_accepting(factory), "the listener still accepts at the limit")
         self.assertLessEqual(len(factory.connections), self.LIMIT, "15 then 15: the limit was exceeded")
         self.assertEqual(sum(c.reply is not None for c in second), self.LIMIT - 15)
         for client in first:
@@ -543,7 +561,10 @@ class LimitTests(LoopbackCase):
         # Twisted sizes an accept batch by the previous one: 15 accepted now
         # must not let 15 more in while only 5 fit.
         burst(15)
-        await sleep(0.5)
+        await wait_for(
+            lambda: len(factory.connections) >= self.LIMIT and self._not_accepting(factory), 2,
+            lambda: f"{len(factory.connections)} connections, the listener accepting: {not self._not_accepting(factory)}",
+        )
         self.assertEqual(len(factory.connections), self.LIMIT, "15 then 15: the limit was not kept")
         for sock in first:
             sock.close()
@@ -567,7 +588,9 @@ class LimitTests(LoopbackCase):
         extra = [client() for _ in range(3)]
         for raw, _ in extra:
             await self.connect(port, raw)
-        await sleep(0.8)
+        # At the limit the listener stops accepting: the extra ones wait in its backlog.
+        await wait_for(lambda: self._not_accepting(server.factory), 2, "the listener still accepts at the limit")
+        self.assertEqual(server.factory.accepted, 5, "an extra connection was accepted")
         self.assertEqual([bytes(raw.received) for raw, _ in extra], [b""] * 3)
         self.assertEqual(echo.connections, 5)
         for raw, _ in first[:3]:
@@ -587,7 +610,13 @@ class LimitTests(LoopbackCase):
         stuck_local = await self.connect(socks_port, RawClient(b"\x05\x02\x00"))
         relay = await self.connect(socks_port, SocksClient("127.0.0.1", echo_port, b"before"))
         await relay.echoed
-        await sleep(2.2)
+        await wait_for(
+            lambda: stuck_server.closed.called and stuck_local.closed.called, 1 + SWEEP_INTERVAL + 1,
+            "an unfinished handshake outlived its timeout",
+        )
+        # What is tested: the relay, now older than the handshake timeout,
+        # lives through the next sweep too.
+        await sleep(SWEEP_INTERVAL + 0.2)
         self.assertSilentUntilTimeout(stuck_server, "ssx-server header", timeout=1.0)
         # The local end aborts (RST) at its handshake timeout: it need not
         # hide anything from its own applications.
