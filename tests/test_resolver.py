@@ -21,6 +21,7 @@ from ssx.resolver import (
     nameservers_from_resolv_conf,
     parse_nameservers,
 )
+from tests import support
 from tests.support import Zone
 
 
@@ -99,10 +100,14 @@ class ResolverTests(unittest.TestCase):
         d.cancel()
         failure = self.failureResultOf(d)
         self.assertTrue(failure.check(defer.CancelledError))
-        # twisted.names keeps each abandoned query's id reserved for one timeout.
-        from twisted.internet.task import deferLater
+        # twisted.names keeps each abandoned query's id reserved for one
+        # timeout (a DNSDatagramProtocol._clearFailed timer): let it run.
+        def reserved() -> bool:
+            return any(isinstance(getattr(c.func, "__self__", None), dns.DNSDatagramProtocol) for c in reactor.getDelayedCalls())
 
-        return deferLater(reactor, 0.5, resolver.close)
+        return defer.Deferred.fromCoroutine(support.wait_for(lambda: not reserved(), 3, "query ids still reserved")).addCallback(
+            lambda _: resolver.close()
+        )
 
     @defer.inlineCallbacks
     def test_ipv6_only_name(self):
