@@ -21,7 +21,6 @@ import tempfile
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from tests import support
@@ -67,23 +66,19 @@ class LibevTestCase(unittest.TestCase):
         """Send `size` random bytes to the echo through `socks_port`; both directions must arrive intact."""
         payload = os.urandom(size)
         reply, received = await whole_echo_transfer(socks_port, host, self.echo_port, payload)
-        # Let the child's last log lines arrive before they are quoted.
-        await deferLater(reactor, 0.05, lambda: None)
         context = f"\n--- libev output ---\n{child.text()}"
-        self.assertEqual(reply, 0, f"SOCKS5 reply {reply}{context}")
-        self.assertEqual(len(self.echo_factory.inbound), 1, f"connections reaching the echo{context}")
-        target = self.echo_factory.inbound[0]
-        self.assertEqual(target.size, len(payload), f"bytes reaching the echo{context}")
-        self.assertEqual(target.digest.hexdigest(), support.sha256(payload), f"upstream sha256{context}")
-        self.assertEqual(len(received), len(payload), f"bytes echoed back{context}")
-        self.assertEqual(support.sha256(received), support.sha256(payload), f"downstream sha256{context}")
+        # The child's last log lines may still be on their way: a failure waits for them.
+        async with support.late_lines_quoted(child.text):
+            self.assertEqual(reply, 0, f"SOCKS5 reply {reply}{context}")
+            self.assertEqual(len(self.echo_factory.inbound), 1, f"connections reaching the echo{context}")
+            target = self.echo_factory.inbound[0]
+            self.assertEqual(target.size, len(payload), f"bytes reaching the echo{context}")
+            self.assertEqual(target.digest.hexdigest(), support.sha256(payload), f"upstream sha256{context}")
+            self.assertEqual(len(received), len(payload), f"bytes echoed back{context}")
+            self.assertEqual(support.sha256(received), support.sha256(payload), f"downstream sha256{context}")
 
     async def wait_for_output(self, child: support.ChildProcess, text: str, seconds: float = 5.0) -> None:
-        deadline = reactor.seconds() + seconds
-        while text not in child.text():
-            if reactor.seconds() > deadline:
-                self.fail(f"{text!r} not in libev output:\n{child.text()}")
-            await deferLater(reactor, 0.05, lambda: None)
+        await support.wait_for(lambda: text in child.text(), seconds, lambda: f"{text!r} not in libev output:\n{child.text()}")
 
 
 class SsServerTests(LibevTestCase):
