@@ -92,6 +92,7 @@ class ProxyClientTestCase(ChainTestCase):
         self.assertGreater(self.server_service.factory.accepted, 0, "the client bypassed the proxy")
 
 
+@support.requires("curl", package="curl")
 class CurlModeTests(ProxyClientTestCase):
     """curl in each proxy mode, to one port."""
 
@@ -183,6 +184,7 @@ class CurlModeTests(ProxyClientTestCase):
         return defer.Deferred.fromCoroutine(self._two_hosts())
 
 
+@support.requires("curl", package="curl")
 class CurlAuthTests(ProxyClientTestCase):
     """One credential setting for SOCKS5 and HTTP; SOCKS4 refused while it is set."""
 

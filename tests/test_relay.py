@@ -8,7 +8,7 @@ failure.
 
 from __future__ import annotations
 
-from twisted.internet import defer, protocol, reactor, tcp
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -29,11 +29,6 @@ from tests import support
 class _NoResolver:
     def resolve(self, name: str) -> defer.Deferred:
         raise AssertionError("IP literals are not resolved")
-
-
-def _outgoing() -> list:
-    """The TCP client connections the reactor is making or holding."""
-    return [d for d in (*reactor.getReaders(), *reactor.getWriters()) if isinstance(d, tcp.BaseClient)]
 
 
 class LeavingWhileConnectingTests(unittest.TestCase):
@@ -57,7 +52,7 @@ class LeavingWhileConnectingTests(unittest.TestCase):
         server.makeConnection(StringTransport())
         server.dataReceived(suite.tcp_encryptor().encrypt(encode_address(Address("127.0.0.1", self.port)) + b"x"))
         server.connectionLost(Failure(ConnectionDone()))
-        yield defer.Deferred.fromCoroutine(support.wait_for(lambda: not _outgoing(), 5, "the connect attempt went on"))
+        yield defer.Deferred.fromCoroutine(support.wait_for(lambda: not support.outgoing_connections(), 5, "the connect attempt went on"))
         self.assertEqual(factory.targets_unreachable, 0)
 
     @defer.inlineCallbacks
@@ -92,7 +87,7 @@ class LeavingWhileConnectingTests(unittest.TestCase):
         for p in attempts:
             if p.transport is not None:
                 p.transport.abortConnection()
-        yield defer.Deferred.fromCoroutine(support.wait_for(lambda: not _outgoing(), 5, "a connection stayed open"))
+        yield defer.Deferred.fromCoroutine(support.wait_for(lambda: not support.outgoing_connections(), 5, "a connection stayed open"))
 
 
 class _Idle:

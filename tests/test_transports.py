@@ -16,7 +16,6 @@ from typing import Any
 from cryptography import x509
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol, serverFromString
-from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from ssx import socks5
@@ -69,13 +68,11 @@ class TransportTestCase(unittest.TestCase):
     async def drained(self, service: Any, seconds: float = 6.0) -> None:
         """Wait until `service` and the echo hold no connection (a TLS hop ends only at the idle timeout)."""
         factories = getattr(service, "factories", None) or [service.factory]
-        for _ in range(int(seconds / 0.05)):
-            busy = [c for f in factories for c in f.connections]
-            busy += [p for p in self.echo_factory.inbound if p.transport.connected]
-            if not busy:
-                return
-            await deferLater(reactor, 0.05, lambda: None)
-        self.fail(f"connections still open after {seconds} s: {busy}")
+
+        def busy() -> list:
+            return [c for f in factories for c in f.connections] + [p for p in self.echo_factory.inbound if p.transport.connected]
+
+        await support.wait_for(lambda: not busy(), seconds, lambda: f"connections still open: {busy()}")
 
     def assert_echoed(self, payload: bytes, reply: int | None, received: bytes) -> None:
         """The target got `payload` intact, and the client got it back intact."""

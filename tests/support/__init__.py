@@ -64,7 +64,7 @@ from tests.support.targets import (
     listen_web,
     make_certificate,
 )
-from tests.support.waiting import coroutine_test, sleep, wait_for, wait_until, within
+from tests.support.waiting import coroutine_test, outgoing_connections, sleep, wait_for, wait_until, within
 
 __all__ = [
     # chains
@@ -127,4 +127,5 @@ __all__ = [
     "wait_until",
     "wait_for",
     "within",
+    "outgoing_connections",
 ]

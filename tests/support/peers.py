@@ -148,4 +148,5 @@ async def late_lines_quoted(text: Callable[[], str], quiet: float = 0.1, seconds
         late = text()[at_failure:]
         if not late:
             raise
-        raise AssertionError(f"{e}\n--- printed after the failure ---\n{late}") from None
+        # The same exception type: callers may catch a TestCase's failureException.
+        raise type(e)(f"{e}\n--- printed after the failure ---\n{late}") from None

@@ -9,10 +9,10 @@ from __future__ import annotations
 import functools
 from typing import Any, Awaitable, Callable
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, tcp
 from twisted.internet.task import deferLater
 
-__all__ = ["coroutine_test", "sleep", "wait_until", "wait_for", "within"]
+__all__ = ["coroutine_test", "sleep", "wait_until", "wait_for", "within", "outgoing_connections"]
 
 
 def coroutine_test(method: Callable[[Any], Awaitable[None]]) -> Callable[[Any], defer.Deferred]:
@@ -67,3 +67,8 @@ async def within(seconds: float, d: defer.Deferred, message: str) -> Any:
     finally:
         if timer.active():
             timer.cancel()
+
+
+def outgoing_connections() -> list:
+    """The TCP client connections the reactor is still making or holding (to wait until they are gone)."""
+    return [d for d in (*reactor.getReaders(), *reactor.getWriters()) if isinstance(d, tcp.BaseClient)]
