@@ -23,7 +23,7 @@ from ssx.crypto import generate_psk, make_suite
 from ssx.crypto._2022 import UdpClientSession, parse_password
 from ssx.errors import ConfigError
 from tests import support
-from tests.test_udp import mixed_payloads
+from tests.support import mixed_payloads
 
 METHODS = ("2022-blake3-aes-128-gcm", "2022-blake3-aes-256-gcm", "2022-blake3-chacha20-poly1305")
 EIGHT_MIB = 8 * 1024 * 1024
@@ -176,12 +176,16 @@ class Defences2022Tests(Chain2022TestCase):
         self.addCleanup(echo_port.stopListening)
         codec = make_suite(self.method, psk).udp_client_codec()
         packet = codec.seal(support.socks5_udp_header("127.0.0.1", echo_port.getHost().port)[3:] + b"once")
+        relay = server.udp_relays[0]
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(packet, ("127.0.0.1", port))
             s.sendto(packet, ("127.0.0.1", port))
             s.settimeout(3)
-            await deferLater(reactor, 0.3, lambda: None)
-        relay = server.udp_relays[0]
+            # Each datagram is either dropped (counted at once) or relayed to the echo.
+            await support.wait_for(
+                lambda: relay.received == 2 and relay.dropped + echo.count == 2, 3,
+                lambda: f"received {relay.received}, dropped {relay.dropped}, echoed {echo.count}",
+            )
         self.assertEqual(echo.count, 1)
         self.assertEqual((relay.received, relay.dropped), (2, 1))
 

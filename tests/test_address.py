@@ -24,7 +24,7 @@ from ssx.wire.address import (
     is_hostname,
 )
 from ssx.errors import AddressError, UnsupportedAddressType
-from tests.forged import reference_check
+from tests.support.forged import reference_check
 
 _settings = settings(max_examples=300, deadline=None, database=None)
 

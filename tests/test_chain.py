@@ -7,44 +7,20 @@ from __future__ import annotations
 import base64
 import os
 import tempfile
+from typing import Any
 
-from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
+from twisted.internet import defer, reactor, threads
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 from twisted.web import resource, server as web_server
 
 from ssx.wire import socks5
+from ssx.net.relay import SWEEP_INTERVAL
+from ssx.wire.sip002 import parse_url
 from tests import support
+from tests.support import ChainTestCase
 
 EIGHT_MIB = 8 * 1024 * 1024
-
-
-class ChainTestCase(unittest.TestCase):
-    """Starts an echo target and tears down whatever a test started."""
-
-    def setUp(self) -> None:
-        self.echo = support.listen_echo()
-        self.addCleanup(self.echo.stopListening)
-
-    def chain(self, **values) -> int:
-        """Start ssx-server and ssx-local with `values`; return the SOCKS port."""
-        server_values = {k: v for k, v in values.items() if k not in ("socks_user", "socks_password")}
-        server, server_port = support.start_server(**server_values)
-        self.addCleanup(server.stopService)
-        local, local_port = support.start_local(server_port, **values)
-        self.addCleanup(local.stopService)
-        self.addCleanup(support.drained, server, local)
-        self.server_service, self.local_service = server, local
-        return local_port
-
-
-    async def echo_through(self, socks_port: int, size: int, host: str = "127.0.0.1", port: int | None = None) -> None:
-        payload = os.urandom(size)
-        reply, received = await support.socks_transfer(socks_port, host, port or self.echo.getHost().port, payload)
-        self.assertEqual(reply, 0)
-        self.assertEqual(len(received), len(payload))
-        self.assertEqual(support.sha256(received), support.sha256(payload))
 
 
 def _make_bulk_test(method: str):
@@ -116,6 +92,7 @@ class TargetTests(ChainTestCase):
         return defer.Deferred.fromCoroutine(self._forbidden())
 
 
+@support.requires("curl", package="curl")
 class HttpTests(ChainTestCase):
     """A real client (curl) through the chain to a local HTTP server."""
 
@@ -232,11 +209,9 @@ class SlowReaderTests(ChainTestCase):
         from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
-        # Let the sender run until it is stalled by the full pipe.
-        last = -1
-        while client.sent != last:
-            last = client.sent
-            await deferLater(reactor, 0.5, lambda: None)
+        # Let the sender run until it is stalled by the full pipe: paused,
+        # and both proxies no longer reading what it sends.
+        await support.wait_for(self._stalled(client), 30, lambda: f"not stalled: {client.sent} bytes sent, paused={client.paused}")
         buffered = self._buffered()
         self.assertLess(client.sent, len(payload) // 2, "the sender was never slowed down")
         self.assertLess(buffered, 4 * 1024 * 1024, f"proxies buffer {buffered} bytes")
@@ -247,6 +222,14 @@ class SlowReaderTests(ChainTestCase):
         data = b"".join(received)
         self.assertEqual(len(data), len(payload))
         self.assertEqual(support.sha256(data), support.sha256(payload))
+
+    def _stalled(self, client: support.SocksTransfer) -> Any:
+        def stalled() -> bool:
+            inbound = [p.transport for s in (self.server_service, self.local_service) for p in s.factory.connections]
+            readers = reactor.getReaders()
+            return client.paused and len(inbound) == 2 and not any(t in readers for t in inbound)
+
+        return stalled
 
     def _buffered(self) -> int:
         total = 0
@@ -360,8 +343,8 @@ class StalledPeerTests(ChainTestCase):
         s.connect(("127.0.0.1", socks_port))
         self.addCleanup(s.close)
         s.sendall(b"\x05\x01\x00" + support.socks5_request("127.0.0.1", target_port)[:])
-        await deferLater(reactor, 0.3, lambda: None)
-        self.assertEqual(s.recv(2), b"\x05\x00")
+        s.settimeout(5)
+        self.assertEqual(await threads.deferToThread(s.recv, 2), b"\x05\x00")
         # ... and never read again: the client's window closes, the proxies' buffers fill.
         await self._within(6, target_closed)
         for service in (self.server_service, self.local_service):
@@ -385,13 +368,22 @@ class StalledPeerTests(ChainTestCase):
         from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
-        await deferLater(reactor, 0.5, lambda: None)
         # The server's connections to the deaf target, while the upload is stalled.
-        inbound = list(self.server_service.factory.connections)
+        factory = self.server_service.factory
+        await support.wait_for(lambda: any(p.peer is not None for p in factory.connections), 5, "the target was never reached")
+        inbound = list(factory.connections)
         targets = [p.peer for p in inbound if p.peer is not None]
         self.assertEqual(len(targets), 1)
+        local_sides = [side for p in self.local_service.factory.connections for side in (p, p.peer) if side is not None]
         client.transport.abortConnection()
-        await deferLater(reactor, 4, lambda: None)
+        # A side that cannot flush lingers for the idle timeout (1 s), or
+        # goes at the next sweep after it; each hop may wait its own.  A
+        # linger timer may outlive the side it was set for: it must have run.
+        def settled() -> bool:
+            lingering = [c for c in reactor.getDelayedCalls() if getattr(c.func, "__name__", "") == "_abort"]
+            return all(p._closed for p in inbound + targets + local_sides) and not lingering
+
+        await support.wait_until(settled, 3 * (1 + SWEEP_INTERVAL))
         self.assertTrue(all(p._closed for p in inbound + targets), "the server still holds the stalled target")
         self.assertEqual(len(self.server_service.factory.connections), 0)
 
@@ -400,14 +392,7 @@ class StalledPeerTests(ChainTestCase):
         return defer.Deferred.fromCoroutine(self._vanished_uploader())
 
     async def _within(self, seconds: float, d: defer.Deferred) -> None:
-        timer = reactor.callLater(seconds, d.cancel)
-        try:
-            await d
-        except defer.CancelledError:
-            self.fail(f"not closed within {seconds} s")
-        finally:
-            if timer.active():
-                timer.cancel()
+        await support.within(seconds, d, "not closed")
 
 
 class TlsTransportTests(ChainTestCase):
@@ -436,22 +421,15 @@ class TlsTransportTests(ChainTestCase):
         from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
-        for _ in range(200):
-            if sum(len(b) for b in client.received) >= len(payload):
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        await support.wait_until(lambda: sum(len(b) for b in client.received) >= len(payload), 10)
         client.transport.loseConnection()
         await client.done
         self.assertEqual(client.reply, 0)
         self.assertEqual(support.sha256(b"".join(client.received)), support.sha256(payload))
         # The half-close never crossed TLS, so the chain ends at the idle
-        # timeout (2 s here), not later.
-        for _ in range(100):
-            if not server.factory.connections and not local.factory.connections:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        # timeout (2 s here) and the sweep after it, not later.
+        await support.wait_until(lambda: not server.factory.connections and not local.factory.connections, 2 + SWEEP_INTERVAL + 2)
         self.assertEqual((len(server.factory.connections), len(local.factory.connections)), (0, 0))
-        await deferLater(reactor, 0.1, lambda: None)
 
     def test_tls_half_close_keeps_reply(self):
         """Over ssl:/tls: a client's half-close does not cut the reply (1 MiB echoed intact); the chain ends by the idle timeout."""

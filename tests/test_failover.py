@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 from twisted.web import resource, server as web_server
@@ -32,10 +32,12 @@ class _Slow(resource.Resource):
     def __init__(self, body: bytes) -> None:
         super().__init__()
         self.body = body
+        self.positions: list[list[int]] = []  # how far each download has got
 
     def render_GET(self, request):
         request.setHeader(b"content-length", str(len(self.body)).encode())
         position = [0]
+        self.positions.append(position)
 
         def step() -> None:
             piece = self.body[position[0]:position[0] + 65536]
@@ -63,6 +65,7 @@ class _Blob(resource.Resource):
         return self.body
 
 
+@support.requires("curl", package="curl")
 class FailoverTests(unittest.TestCase):
     """ssx-local with two ssx-server processes."""
 
@@ -70,7 +73,8 @@ class FailoverTests(unittest.TestCase):
         self.slow_body = os.urandom(8 * 1024 * 1024)
         self.body = os.urandom(1024 * 1024)
         root = resource.Resource()
-        root.putChild(b"slow", _Slow(self.slow_body))
+        self.slow = _Slow(self.slow_body)
+        root.putChild(b"slow", self.slow)
         root.putChild(b"blob", _Blob(self.body))
         root.putChild(b"check", _Blob(b""))
         web = support.listen_web(web_server.Site(root))
@@ -116,17 +120,18 @@ class FailoverTests(unittest.TestCase):
         checked, proxy_checked = self.local([port_a, port_b], interval=0.3)
         picker = checked.picker
         first, second = picker.upstreams()
-        for _ in range(100):
-            if all(picker.health(u)[1] is not None for u in (first, second)):
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        await support.wait_until(lambda: all(picker.health(u)[1] is not None for u in (first, second)), 5)
         self.assertTrue(all(picker.health(u)[0] and picker.health(u)[1] is not None for u in (first, second)),
                         "the health check did not measure both servers")
 
         # Two slow downloads: one through each server (each local tries its first server first).
         through_a = self.curl(["--socks5-hostname", f"127.0.0.1:{proxy_ab}"], "slow")
         through_b = self.curl(["-x", f"http://127.0.0.1:{proxy_ba}"], "slow")
-        await deferLater(reactor, 0.6, lambda: None)
+        # Both under way: 512 KiB of the 8 MiB sent to each.
+        await support.wait_for(
+            lambda: len(self.slow.positions) == 2 and all(p[0] >= 512 * 1024 for p in self.slow.positions), 10,
+            lambda: f"downloads not under way: {self.slow.positions}",
+        )
         started = reactor.seconds()
         await a.stop()
 
@@ -149,10 +154,7 @@ class FailoverTests(unittest.TestCase):
         self.assertFalse(ab.picker.health(ab.picker.upstreams()[0])[0], "the stopped server is not marked down")
 
         # The health check notices on its own, without a client connection.
-        for _ in range(60):
-            if not picker.health(first)[0]:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        await support.wait_until(lambda: not picker.health(first)[0], 3)
         self.assertFalse(picker.health(first)[0], "the health check did not mark the stopped server down")
         self.assertEqual(picker.candidates()[0], second)
         accepted = checked.factory.accepted

@@ -3,7 +3,7 @@ Faults of the peers, on real loopback sockets: an ssx-server killed or
 stopped (SIGTERM, graceful shutdown) mid-transfer, an ssx-local restarted,
 targets that refuse connections or do not resolve.  The ends that get
 killed run as twistd child processes, as users run them; the rest runs in
-trial's reactor.  Helpers come from tests/test_hardening.py.
+trial's reactor.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from twisted.internet.task import LoopingCall
 
 from ssx.wire import socks5
 from tests import support
-from tests.test_hardening import LoopbackCase, SocksClient, coroutine_test, sleep, wait_until
+from tests.support import LoopbackCase, SocksClient, coroutine_test, sleep, wait_until
 
 METHOD = "aes-256-gcm"
 

@@ -11,19 +11,19 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web import resource, server as web_server
 
-from ssx.wire.address import Address, decode_address
+import ssx.local.tap as local_tap
 from ssx.config import local_config
+from ssx.config.upstreams import ServerEntry
 from ssx.crypto import CipherSuite, generate_psk, lookup_method
 from ssx.local.health import HealthCheckService
 from ssx.local.picker import ServerPicker, Upstream
-from ssx.config.upstreams import ServerEntry
-import ssx.local.tap as local_tap
+from ssx.wire.address import Address, decode_address
 from tests import support
-from tests.test_local_mixed import FakeServer
+from tests.support import FakeServer
 
 REQUEST = b"GET /generate_204 HTTP/1.1\r\nHost: check.example\r\n\r\n"
 TARGET = Address("check.example", 80)
@@ -153,16 +153,6 @@ class _Check(resource.Resource):
         return b""
 
 
-async def _until(predicate: Any, seconds: float) -> bool:
-    """Wait on the reactor until `predicate()` holds (True) or `seconds` pass (False)."""
-    deadline = reactor.seconds() + seconds
-    while not predicate():
-        if reactor.seconds() >= deadline:
-            return False
-        await deferLater(reactor, 0.05, lambda: None)
-    return True
-
-
 class HealthCheckEndToEndTests(unittest.TestCase):
     """
     For each method family, ssx-local's health check through two real
@@ -203,15 +193,15 @@ class HealthCheckEndToEndTests(unittest.TestCase):
         picker = service.picker
         a, b = picker.upstreams()
 
-        measured = await _until(lambda: all(picker.health(u)[0] and picker.health(u)[1] is not None for u in (a, b)), 10)
+        measured = await support.wait_until(lambda: all(picker.health(u)[0] and picker.health(u)[1] is not None for u in (a, b)), 10)
         self.assertTrue(measured, f"{method}: not both servers measured and up: {[picker.health(u) for u in (a, b)]}")
         self.assertGreaterEqual(self.check.hits, 2)
 
         await stopped.stop()
-        self.assertTrue(await _until(lambda: not picker.health(b)[0], 10), f"{method}: the stopped server is still up")
+        self.assertTrue(await support.wait_until(lambda: not picker.health(b)[0], 10), f"{method}: the stopped server is still up")
         # The healthy one goes on being checked, through to the origin, and stays up.
         hits = self.check.hits
-        still_up = await _until(lambda: self.check.hits >= hits + 2 and picker.health(a)[0], 10)
+        still_up = await support.wait_until(lambda: self.check.hits >= hits + 2 and picker.health(a)[0], 10)
         self.assertTrue(still_up, f"{method}: the running server: {picker.health(a)}, {self.check.hits - hits} checks reached the origin")
         self.assertFalse(picker.health(b)[0], method)
         self.assertEqual(picker.candidates()[0], a)

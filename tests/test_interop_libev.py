@@ -9,28 +9,24 @@ shadowsocks-libev has no TCP half-close: when either side of a relay reads
 EOF it closes both connections at once, dropping whatever was still on its
 way back (see `server_recv_cb` in libev's src/local.c and src/server.c).  The
 client here therefore keeps its side open until the whole echo is back and
-then closes, instead of half-closing as `support.SocksTransfer` does.
+then closes (`support.WholeEchoTransfer`), instead of half-closing as
+`support.SocksTransfer` does.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 from typing import Any
 
-from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.task import deferLater
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from tests import support
+from tests.support import HashingEchoFactory, whole_echo_transfer
 
 FOUR_MIB = 4 * 1024 * 1024
-TRANSFER_SECONDS = 20.0
 METHODS = ("aes-128-gcm", "aes-192-gcm", "aes-256-gcm", "chacha20-ietf-poly1305", "aes-256-cfb", "chacha20-ietf")
 
 _missing = [name for name in ("ss-server", "ss-local") if shutil.which(name) is None]
@@ -40,83 +36,6 @@ SKIP = (
     if _missing
     else None
 )
-
-
-@implementer(IHalfCloseableProtocol)
-class HashingEcho(protocol.Protocol):
-    """Echoes everything and hashes what arrived, so the upstream direction is checked apart from the echo."""
-
-    def connectionMade(self) -> None:
-        self.digest = hashlib.sha256()
-        self.size = 0
-        self.factory.inbound.append(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.digest.update(data)
-        self.size += len(data)
-        self.transport.write(data)
-
-    def readConnectionLost(self) -> None:
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-
-class HashingEchoFactory(protocol.Factory):
-    protocol = HashingEcho
-
-    def __init__(self) -> None:
-        self.inbound: list[HashingEcho] = []
-
-
-class WholeEchoTransfer(support.SocksTransfer):
-    """
-    A `support.SocksTransfer` that never half-closes: after sending the
-    payload it waits for the whole echo, then closes.  libev would treat a
-    half-close as the end of both directions.
-    """
-
-    def __init__(self, host: str, port: int, payload: bytes) -> None:
-        support.SocksTransfer.__init__(self, host, port, payload)
-        self.received_size = 0
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        while not self.paused and self.sent < len(self.payload):
-            end = min(self.sent + self.piece, len(self.payload))
-            self.transport.write(bytes(self.payload[self.sent:end]))
-            self.sent = end
-        if self.sent >= len(self.payload) and self.stage == "relay":
-            self.stage = "sent"
-            self.transport.unregisterProducer()
-            self._close_if_echoed()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.stage in ("relay", "sent"):
-            self.received.append(data)
-            self.received_size += len(data)
-        else:
-            # Negotiation; the SOCKS reply may carry the first relayed bytes.
-            support.SocksTransfer.dataReceived(self, data)
-            self.received_size = sum(len(piece) for piece in self.received)
-        self._close_if_echoed()
-
-    def _close_if_echoed(self) -> None:
-        if self.stage == "sent" and self.received_size >= len(self.payload):
-            self.transport.loseConnection()
-
-
-async def whole_echo_transfer(socks_port: int, host: str, port: int, payload: bytes) -> tuple[int | None, bytes]:
-    """Run a WholeEchoTransfer through the SOCKS5 port; abort it after TRANSFER_SECONDS."""
-    client = WholeEchoTransfer(host, port, payload)
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
-    watchdog = reactor.callLater(TRANSFER_SECONDS, client.transport.abortConnection)
-    try:
-        return await client.done
-    finally:
-        if watchdog.active():
-            watchdog.cancel()
 
 
 class LibevTestCase(unittest.TestCase):
@@ -147,23 +66,19 @@ class LibevTestCase(unittest.TestCase):
         """Send `size` random bytes to the echo through `socks_port`; both directions must arrive intact."""
         payload = os.urandom(size)
         reply, received = await whole_echo_transfer(socks_port, host, self.echo_port, payload)
-        # Let the child's last log lines arrive before they are quoted.
-        await deferLater(reactor, 0.05, lambda: None)
         context = f"\n--- libev output ---\n{child.text()}"
-        self.assertEqual(reply, 0, f"SOCKS5 reply {reply}{context}")
-        self.assertEqual(len(self.echo_factory.inbound), 1, f"connections reaching the echo{context}")
-        target = self.echo_factory.inbound[0]
-        self.assertEqual(target.size, len(payload), f"bytes reaching the echo{context}")
-        self.assertEqual(target.digest.hexdigest(), support.sha256(payload), f"upstream sha256{context}")
-        self.assertEqual(len(received), len(payload), f"bytes echoed back{context}")
-        self.assertEqual(support.sha256(received), support.sha256(payload), f"downstream sha256{context}")
+        # The child's last log lines may still be on their way: a failure waits for them.
+        async with support.late_lines_quoted(child.text):
+            self.assertEqual(reply, 0, f"SOCKS5 reply {reply}{context}")
+            self.assertEqual(len(self.echo_factory.inbound), 1, f"connections reaching the echo{context}")
+            target = self.echo_factory.inbound[0]
+            self.assertEqual(target.size, len(payload), f"bytes reaching the echo{context}")
+            self.assertEqual(target.digest.hexdigest(), support.sha256(payload), f"upstream sha256{context}")
+            self.assertEqual(len(received), len(payload), f"bytes echoed back{context}")
+            self.assertEqual(support.sha256(received), support.sha256(payload), f"downstream sha256{context}")
 
     async def wait_for_output(self, child: support.ChildProcess, text: str, seconds: float = 5.0) -> None:
-        deadline = reactor.seconds() + seconds
-        while text not in child.text():
-            if reactor.seconds() > deadline:
-                self.fail(f"{text!r} not in libev output:\n{child.text()}")
-            await deferLater(reactor, 0.05, lambda: None)
+        await support.wait_for(lambda: text in child.text(), seconds, lambda: f"{text!r} not in libev output:\n{child.text()}")
 
 
 class SsServerTests(LibevTestCase):

@@ -29,13 +29,11 @@ import tempfile
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
 from twisted.names import client as dns_client, dns, server as dns_server
 from twisted.trial import unittest
 
 from tests import support
-from tests.test_resolver import Zone
-from tests.test_udp import mixed_payloads
+from tests.support import Zone, mixed_payloads
 
 METHODS = ("aes-128-gcm", "aes-192-gcm", "aes-256-gcm", "chacha20-ietf-poly1305", "aes-256-cfb")
 
@@ -91,30 +89,33 @@ class LibevUdpTestCase(unittest.TestCase):
         port, self.udp_echo = support.listen_udp_echo()
         self.addCleanup(port.stopListening)
         self.echo_port = port.getHost().port
+        self.children: list[support.ChildProcess] = []
+
+    def quoting(self, test: Any) -> defer.Deferred:
+        """Run a test coroutine; if it fails, the libev output that came after the failure is added."""
+
+        async def run() -> None:
+            async with support.late_lines_quoted(lambda: "".join(child.text() for child in self.children)):
+                await test
+
+        return defer.Deferred.fromCoroutine(run())
 
     async def spawn_libev(self, executable: str, args: list[str], port: int) -> support.ChildProcess:
         """Run a libev binary with -u -v and wait until its UDP relay has bound 127.0.0.1:`port`."""
         child = support.spawn(executable, [*args, "-u", "-v"])
+        self.children.append(child)
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
         # Not a TCP probe: to ss-tunnel that would be a tunnelled connection.
-        deadline = reactor.seconds() + 10
-        while not udp_port_taken(port):
-            if child.ended.called or reactor.seconds() > deadline:
-                self.fail(f"{executable} never bound UDP port {port}; its output:\n{child.text()}")
-            await deferLater(reactor, 0.05, lambda: None)
+        await support.wait_until(lambda: udp_port_taken(port) or child.ended.called, 10, step=0.05)
+        if not udp_port_taken(port):
+            self.fail(f"{executable} never bound UDP port {port}; its output:\n{child.text()}")
         return child
 
     async def wait_for_output(self, child: support.ChildProcess, text: str, seconds: float = 5.0) -> None:
-        deadline = reactor.seconds() + seconds
-        while text not in child.text():
-            if reactor.seconds() > deadline:
-                self.fail(f"{text!r} not in libev output:\n{child.text()}")
-            await deferLater(reactor, 0.05, lambda: None)
+        await support.wait_for(lambda: text in child.text(), seconds, lambda: f"{text!r} not in libev output:\n{child.text()}")
 
     async def context(self, child: support.ChildProcess, relays: list | None = None) -> str:
-        """What to quote when an assertion fails: ssx's UDP counters and the libev child's output."""
-        # Let the child's last log lines arrive before they are quoted.
-        await deferLater(reactor, 0.05, lambda: None)
+        """What to quote when an assertion fails: ssx's UDP counters and the libev child's output (`quoting` adds later lines)."""
         counters = ""
         if relays is not None:
             counters = "\nssx UDP relays (received/dropped/refused): " + ", ".join(
@@ -178,8 +179,8 @@ class SsServerUdpTests(LibevUdpTestCase):
         # One byte more: ssx-local seals and sends it (65,507 would be its
         # own limit); ss-server reads 2,794 bytes of it, which do not open.
         client.send("127.0.0.1", self.echo_port, os.urandom(largest_payload(method) + 1))
+        # ss-server has dropped it: nothing more reaches the echo or comes back.
         await self.wait_for_output(child, "suspicious UDP packet")
-        await deferLater(reactor, 0.3, lambda: None)
         context = await self.context(child, local.udp_relays)
         self.assertIn(f"MTU at least be: {LIBEV_UDP_BUFFER + 95}", child.text(), f"libev's read size{context}")
         self.assertEqual(self.udp_echo.count, 1, f"datagrams reaching the echo{context}")
@@ -189,7 +190,7 @@ class SsServerUdpTests(LibevUdpTestCase):
 
     def test_libev_buffer_limit(self):
         """ss-server reads at most 2,794 bytes of a datagram: one byte over, ssx-local's datagram is lost at libev."""
-        return defer.Deferred.fromCoroutine(self._buffer_limit())
+        return self.quoting(self._buffer_limit())
 
 
 class SsLocalUdpTests(LibevUdpTestCase):
@@ -240,7 +241,7 @@ class SsLocalUdpTests(LibevUdpTestCase):
 
     def test_domain_target(self):
         """A domain UDP target from ss-local (ATYP 3) is resolved from ssx-server's hosts file; replies name its IP."""
-        return defer.Deferred.fromCoroutine(self._domain())
+        return self.quoting(self._domain())
 
     async def _wrong_password(self) -> None:
         server, server_port = support.start_server(method="aes-256-gcm", mode="tcp_and_udp", password="one")
@@ -250,11 +251,8 @@ class SsLocalUdpTests(LibevUdpTestCase):
         relay = server.udp_relays[0]
         for i in range(5):
             client.send("127.0.0.1", self.echo_port, b"wrong key %d" % i)
-        deadline = reactor.seconds() + 3
-        while relay.received < 5 and reactor.seconds() < deadline:
-            await deferLater(reactor, 0.05, lambda: None)
-        # Time for anything wrongly relayed to reach the echo and come back.
-        await deferLater(reactor, 0.3, lambda: None)
+        # Each is dropped (counted at once) or relayed to the echo.
+        await support.wait_until(lambda: relay.received >= 5 and relay.dropped + self.udp_echo.count >= 5, 3)
         context = await self.context(child, server.udp_relays)
         self.assertEqual(relay.received, 5, f"datagrams reaching ssx-server{context}")
         self.assertEqual(relay.dropped, 5, f"datagrams ssx-server dropped{context}")
@@ -265,7 +263,7 @@ class SsLocalUdpTests(LibevUdpTestCase):
 
     def test_wrong_password(self):
         """Datagrams from ss-local with another password are dropped and counted by ssx-server; none reach the echo."""
-        return defer.Deferred.fromCoroutine(self._wrong_password())
+        return self.quoting(self._wrong_password())
 
 
 class SsTunnelUdpTests(LibevUdpTestCase):
@@ -303,7 +301,7 @@ class SsTunnelUdpTests(LibevUdpTestCase):
 
 def _make_test(runner: str, method: str, doc: str) -> Any:
     def test(self):
-        return defer.Deferred.fromCoroutine(getattr(self, runner)(method))
+        return self.quoting(getattr(self, runner)(method))
 
     test.__doc__ = doc
     return test

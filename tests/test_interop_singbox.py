@@ -38,13 +38,11 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from ssx.crypto import generate_psk
 from tests import support
-from tests.test_interop_libev import HashingEchoFactory, WholeEchoTransfer
-from tests.test_udp import mixed_payloads
+from tests.support import HashingEchoFactory, WholeEchoTransfer, mixed_payloads
 
 METHODS = ("2022-blake3-aes-128-gcm", "2022-blake3-aes-256-gcm", "2022-blake3-chacha20-poly1305")
 # ssx refuses UDP with the ChaCha 2022 method, and identity headers exist only for AES.
@@ -152,18 +150,23 @@ class SingBoxTestCase(unittest.TestCase):
         self.child = child
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
         # Logged once every inbound listens (TCP and UDP).
-        deadline = reactor.seconds() + 10
-        while "sing-box started" not in child.text():
-            if child.ended.called or reactor.seconds() > deadline:
-                self.fail(f"sing-box did not start; configuration:\n{json.dumps(config, indent=2)}\n"
-                          f"its output:\n{child.text()}")
-            await deferLater(reactor, 0.05, lambda: None)
+        await support.wait_until(lambda: "sing-box started" in child.text() or child.ended.called, 10, step=0.05)
+        if "sing-box started" not in child.text():
+            self.fail(f"sing-box did not start; configuration:\n{json.dumps(config, indent=2)}\n"
+                      f"its output:\n{child.text()}")
         return child
 
+    def quoting(self, test: Any) -> defer.Deferred:
+        """Run a test coroutine; if it fails, the sing-box output that came after the failure is added."""
+
+        async def run() -> None:
+            async with support.late_lines_quoted(lambda: self.child.text() if self.child is not None else ""):
+                await test
+
+        return defer.Deferred.fromCoroutine(run())
+
     async def context(self, relays: list | None = None) -> str:
-        """What to quote when an assertion fails: ssx's UDP counters and sing-box's output."""
-        # Let the child's last log lines arrive before they are quoted.
-        await deferLater(reactor, 0.05, lambda: None)
+        """What to quote when an assertion fails: ssx's UDP counters and sing-box's output (`quoting` adds later lines)."""
         counters = ""
         if relays is not None:
             counters = "\nssx UDP relays (received/dropped): " + ", ".join(f"{r.received}/{r.dropped}" for r in relays)
@@ -290,7 +293,7 @@ class SingBoxServerTests(SingBoxTestCase):
 
 def _make_test(runner: str, method: str, doc: str) -> Any:
     def test(self):
-        return defer.Deferred.fromCoroutine(getattr(self, runner)(method))
+        return self.quoting(getattr(self, runner)(method))
 
     test.__doc__ = doc
     return test

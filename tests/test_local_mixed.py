@@ -24,62 +24,7 @@ from ssx.interfaces import IServerPicker
 from ssx.local.front import MixedLocalFactory
 from ssx.local.picker import ServerPicker, Upstream
 from ssx.config.upstreams import ServerEntry
-
-
-class Transport(StringTransport):
-    """A StringTransport that records a write half-close."""
-
-    write_closed = False
-
-    def loseWriteConnection(self) -> None:
-        self.write_closed = True
-
-
-class Link:
-    """A server connection that succeeded: what the local end sent (decrypted), and a way to answer."""
-
-    def __init__(self, protocol, transport: Transport, suite: CipherSuite) -> None:
-        self.protocol = protocol
-        self.transport = transport
-        self.suite = suite
-        self._encrypt = suite.tcp_encryptor().encrypt
-
-    def sent(self) -> bytes:
-        return self.suite.tcp_decryptor().decrypt(self.transport.value())
-
-    def target_and_data(self) -> tuple[Address, bytes]:
-        plain = self.sent()
-        address, end = decode_address(plain)
-        return address, plain[end:]
-
-    def answer(self, data: bytes) -> None:
-        self.protocol.dataReceived(self._encrypt(data))
-
-    def close(self) -> None:
-        self.protocol.connectionLost(Failure(ConnectionDone()))
-
-
-class FakeServer:
-    """Stands in for one server's endpoint: records each connection attempt."""
-
-    def __init__(self, suite: CipherSuite) -> None:
-        self.suite = suite
-        self.attempts: list[tuple[object, defer.Deferred]] = []
-
-    def __call__(self, protocol: object) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self.attempts.append((protocol, d))
-        return d
-
-    def succeed(self) -> Link:
-        protocol, d = self.attempts[-1]
-        transport = Transport()
-        protocol.makeConnection(transport)  # type: ignore[attr-defined]
-        d.callback(protocol)
-        return Link(protocol, transport, self.suite)
-
-    def fail(self, error: Exception) -> None:
-        self.attempts[-1][1].errback(Failure(error))
+from tests.support import FakeServer, HalfCloseTransport as Transport, Link
 
 
 class MixedTestCase(unittest.SynchronousTestCase):

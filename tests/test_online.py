@@ -14,7 +14,6 @@ import tempfile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
@@ -140,7 +139,9 @@ class FetchTests(unittest.TestCase):
 
     def service(self, ca: str, interval: float = 3600) -> OnlineConfigService:
         service = OnlineConfigService(reactor, self.url, interval, self.received.append, load_trust_root(ca), timeout=10)
-        self.addCleanup(lambda: deferLater(reactor, 0.1, lambda: None))  # let TLS connections finish closing
+        # After the service stops: its TLS connections must have finished closing.
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(
+            support.wait_for(lambda: not support.outgoing_connections(), 5, "a TLS connection stayed open")))
         return service
 
     def lines(self) -> list[str]:
@@ -186,22 +187,13 @@ class FetchTests(unittest.TestCase):
         service = self.service(self.cert, interval=0.3)
         service.startService()
         self.addCleanup(service.stopService)
-        for _ in range(100):
-            if self.received:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        await support.wait_until(lambda: bool(self.received), 5)
         self.config.body = b"<html>maintenance</html>"
         fetches = self.config.fetches
-        for _ in range(100):
-            if self.config.fetches > fetches + 1:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        await support.wait_until(lambda: self.config.fetches > fetches + 1, 5)
         self.assertEqual(len(self.received), 1)
         self.config.body = document(server("198.51.100.9"))
-        for _ in range(100):
-            if len(self.received) > 1:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        await support.wait_until(lambda: len(self.received) > 1, 5)
         self.assertEqual([e.host for e in self.received[-1]], ["198.51.100.9"])
 
     def test_periodic_refresh(self):
@@ -219,10 +211,7 @@ class FetchTests(unittest.TestCase):
         local.startService()
         self.addCleanup(local.stopService)
         self.addCleanup(support.drained, local, ss)
-        for _ in range(100):
-            if local.picker.upstreams():
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        await support.wait_until(lambda: bool(local.picker.upstreams()), 5)
         payload = os.urandom(300_000)
         reply, received = await support.socks_transfer(local.services[0].port.getHost().port, "127.0.0.1",
                                                        echo.getHost().port, payload)

@@ -23,15 +23,14 @@ import tempfile
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial import unittest
 
 from ssx.wire import socks5
 from ssx.net.plugin import PluginService
 from ssx.wire.sip003 import Plugin
 from tests import support
-from tests.test_interop_libev import HashingEchoFactory, whole_echo_transfer
+from tests.support import HashingEchoFactory, whole_echo_transfer
 
 METHOD = "aes-256-gcm"
 V2RAY = next((name for name in ("v2ray-plugin", "ss-v2ray-plugin") if shutil.which(name)), None)
@@ -75,9 +74,7 @@ class PluginTestCase(unittest.TestCase):
         self.addCleanup(self.echo.stopListening)
         self.directory = tempfile.mkdtemp(prefix="ssx-plugin-")
         self.addCleanup(shutil.rmtree, self.directory, True)
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = support.log_events(self)
 
     def logged(self) -> str:
         return "\n".join(formatEvent(e) for e in self.events)
@@ -111,13 +108,14 @@ class PluginTestCase(unittest.TestCase):
         payload = os.urandom(size)
         before = len(self.echo_factory.inbound)
         reply, received = await whole_echo_transfer(socks_port, "127.0.0.1", self.echo.getHost().port, payload)
-        await deferLater(reactor, 0.05, lambda: None)  # the children's last log lines
         context = context or self.logged()
-        self.assertEqual(reply, socks5.REP_SUCCEEDED, context)
-        self.assertEqual(len(self.echo_factory.inbound), before + 1, context)
-        target = self.echo_factory.inbound[-1]
-        self.assertEqual((target.size, target.digest.hexdigest()), (size, support.sha256(payload)), context)
-        self.assertEqual((len(received), support.sha256(received)), (size, support.sha256(payload)), context)
+        # The children's last log lines may still be on their way: a failure waits for them.
+        async with support.late_lines_quoted(self.logged):
+            self.assertEqual(reply, socks5.REP_SUCCEEDED, context)
+            self.assertEqual(len(self.echo_factory.inbound), before + 1, context)
+            target = self.echo_factory.inbound[-1]
+            self.assertEqual((target.size, target.digest.hexdigest()), (size, support.sha256(payload)), context)
+            self.assertEqual((len(received), support.sha256(received)), (size, support.sha256(payload)), context)
 
     async def spawn_libev(self, executable: str, args: list[str], port: int) -> support.ChildProcess:
         """A libev binary (verbose), ready once something accepts on `port`."""
@@ -181,10 +179,7 @@ class PluginServiceTests(PluginTestCase):
              "SS_LOCAL_PORT": str(behind.port)},
         )
         # Its output lines reach the log, tagged with its name.
-        for _ in range(100):
-            if "[fake-plugin] fake plugin on stderr" in self.logged():
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        await support.wait_until(lambda: "[fake-plugin] fake plugin on stderr" in self.logged(), 5)
         self.assertIn("[fake-plugin] fake plugin on stdout", self.logged())
         self.assertIn("[fake-plugin] fake plugin on stderr", self.logged())
 
@@ -289,11 +284,10 @@ class ObfsTests(PluginTestCase):
         )
         # ss-local listens before the obfs-local it starts does: a request
         # in between is refused. The plugin says when it listens.
-        deadline = reactor.seconds() + 10
-        while "[simple-obfs] INFO: listening at" not in child.text():
-            if reactor.seconds() > deadline:
-                self.fail(f"obfs-local never listened; ss-local's output:\n{child.text()}")
-            await deferLater(reactor, 0.05, lambda: None)
+        await support.wait_for(
+            lambda: "[simple-obfs] INFO: listening at" in child.text(), 10,
+            lambda: f"obfs-local never listened; ss-local's output:\n{child.text()}",
+        )
         await self.echo_through(socks_port, context=f"--- ss-local ---\n{child.text()}")
 
     def test_libev_local_against_ssx_server(self):
@@ -364,7 +358,8 @@ class RestartTests(PluginTestCase):
             except self.failureException:
                 if reactor.seconds() > deadline:
                     raise
-                await deferLater(reactor, 0.2, lambda: None)
+                # A poll's step: try again until the restarted plugins listen.
+                await support.sleep(0.2)
         new = [m.protocols[name].transport.pid for m, name in monitors]
         self.assertTrue(all(a != b for a, b in zip(old, new)), (old, new))
         self.assertIn("plugin obfs-local exited (signal 9); restarting in", self.logged())

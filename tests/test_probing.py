@@ -29,7 +29,8 @@ from ssx.wire.address import decode_address
 from ssx.crypto import make_suite
 from ssx.server.forbidden import parse_forbidden
 from ssx.server.udp import udp_relay_for
-from tests import forged, support
+from tests import support
+from tests.support import forged
 
 
 class _FakeResolver:

@@ -23,7 +23,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server as web_server, static
 
 from tests import support
-from tests.test_chain import ChainTestCase
+from tests.support import ChainTestCase
 
 NO_PROXY_ENV = {"no_proxy": "", "NO_PROXY": "", "http_proxy": "", "HTTP_PROXY": "", "https_proxy": "", "HTTPS_PROXY": "",
                 "ALL_PROXY": "", "all_proxy": ""}
@@ -92,6 +92,7 @@ class ProxyClientTestCase(ChainTestCase):
         self.assertGreater(self.server_service.factory.accepted, 0, "the client bypassed the proxy")
 
 
+@support.requires("curl", package="curl")
 class CurlModeTests(ProxyClientTestCase):
     """curl in each proxy mode, to one port."""
 
@@ -183,6 +184,7 @@ class CurlModeTests(ProxyClientTestCase):
         return defer.Deferred.fromCoroutine(self._two_hosts())
 
 
+@support.requires("curl", package="curl")
 class CurlAuthTests(ProxyClientTestCase):
     """One credential setting for SOCKS5 and HTTP; SOCKS4 refused while it is set."""
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -24,6 +23,7 @@ from ssx.local.picker import ServerPicker, Upstream
 from ssx.net.relay import OutboundProtocol, RelayFactory, connect_tcp
 from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.config.upstreams import ServerEntry
+from tests import support
 
 
 class _NoResolver:
@@ -52,17 +52,19 @@ class LeavingWhileConnectingTests(unittest.TestCase):
         server.makeConnection(StringTransport())
         server.dataReceived(suite.tcp_encryptor().encrypt(encode_address(Address("127.0.0.1", self.port)) + b"x"))
         server.connectionLost(Failure(ConnectionDone()))
-        yield deferLater(reactor, 0.2, lambda: None)
+        yield defer.Deferred.fromCoroutine(support.wait_for(lambda: not support.outgoing_connections(), 5, "the connect attempt went on"))
         self.assertEqual(factory.targets_unreachable, 0)
 
     @defer.inlineCallbacks
     def test_local_client_leaving_during_connect_does_not_fail_the_server(self):
         """A client that hangs up while the local end connects to a server neither marks it down nor tries another."""
         attempts = []
+        results: list[defer.Deferred] = []
 
         def connect(p):  # type: ignore[no-untyped-def]
             attempts.append(p)
-            return connect_tcp(reactor, "127.0.0.1", self.port, p, 5)
+            results.append(connect_tcp(reactor, "127.0.0.1", self.port, p, 5))
+            return results[-1]
 
         suite = CipherSuite("chacha20-ietf-poly1305", "pw")
         upstreams = [
@@ -76,13 +78,16 @@ class LeavingWhileConnectingTests(unittest.TestCase):
         app.dataReceived(b"\x05\x01\x00" + b"\x05\x01\x00\x03\x0bexample.com\x01\xbb")
         self.assertEqual(len(attempts), 1)
         app.connectionLost(Failure(ConnectionDone()))
-        yield deferLater(reactor, 0.2, lambda: None)
+        # Another attempt would start when one ends: wait until all have.
+        yield defer.Deferred.fromCoroutine(
+            support.wait_for(lambda: all(d.called for d in results), 5, "a connect attempt never ended")
+        )
         self.assertEqual(len(attempts), 1)
         self.assertTrue(picker.health(upstreams[0])[0])
         for p in attempts:
             if p.transport is not None:
                 p.transport.abortConnection()
-        yield deferLater(reactor, 0.05, lambda: None)
+        yield defer.Deferred.fromCoroutine(support.wait_for(lambda: not support.outgoing_connections(), 5, "a connection stayed open"))
 
 
 class _Idle:

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+import tracemalloc
 
 from twisted.trial import unittest
 
+from ssx.crypto import _salt_filter as replay
 from ssx.crypto._salt_filter import SaltFilter
+
+
+def _held_by_filter() -> int:
+    """Bytes allocated by ssx/replay.py's code and still held (tracemalloc must be tracing)."""
+    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, replay.__file__)])
+    return sum(stat.size for stat in snapshot.statistics("filename"))
 
 
 class SaltFilterTests(unittest.SynchronousTestCase):
@@ -37,13 +45,26 @@ class SaltFilterTests(unittest.SynchronousTestCase):
         self.assertLess(refused, 10)
 
     def test_memory_bounded(self):
-        """The default history (a million salts) costs a few MiB whatever the traffic."""
+        """The default history (a million salts) costs a few MiB; twenty times a filter's capacity in salts leaves it holding what it held when built."""
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
         f = SaltFilter()
+        self.assertLess(_held_by_filter(), 5 * 1024 * 1024)
         self.assertLess(f.memory, 5 * 1024 * 1024)
-        before = f.memory
-        for _ in range(2000):
-            f.check_and_add(os.urandom(32))
-        self.assertEqual(f.memory, before)
+        del f
+
+        small = SaltFilter(1000)
+        salts = [os.urandom(32) for _ in range(20 * small.capacity)]
+        built, memory = _held_by_filter(), small.memory
+        for salt in salts:
+            small.check_and_add(salt)
+        # Through forty rotations of its two halves, it still refuses what it holds.
+        self.assertFalse(small.check_and_add(salts[-1]))
+        self.assertEqual(small.memory, memory)
+        # A few hundred bytes may come (struct's cache of the filter's
+        # layout, the counters' int objects); keeping even the salts' 32
+        # bytes each would take 640 KB.
+        self.assertLess(_held_by_filter() - built, 4096, "the filter grew with the salts it saw")
 
     def test_own_salts(self):
         """The server's own salts (marked, or remembered when too short to mark) are refused when they come back."""

@@ -10,7 +10,7 @@ import socket
 import tempfile
 
 from twisted.internet import defer, reactor
-from twisted.names import common, dns, error, server as dns_server
+from twisted.names import dns, server as dns_server
 from twisted.trial import unittest
 
 from ssx.errors import ConfigError
@@ -21,32 +21,8 @@ from ssx.net.resolver import (
     nameservers_from_resolv_conf,
     parse_nameservers,
 )
-
-
-class Zone(common.ResolverBase):
-    """A tiny authoritative answerer that counts the queries reaching it."""
-
-    RECORDS = {
-        (b"www.ssx.test", dns.A): dns.Record_A("192.0.2.10", ttl=60),
-        (b"forever.ssx.test", dns.A): dns.Record_A("192.0.2.40", ttl=2**31 - 1),
-        (b"dual.ssx.test", dns.A): dns.Record_A("192.0.2.20", ttl=60),
-        (b"dual.ssx.test", dns.AAAA): dns.Record_AAAA("2001:db8::20", ttl=60),
-        (b"v6only.ssx.test", dns.AAAA): dns.Record_AAAA("2001:db8::6", ttl=60),
-        (b"both.ssx.test", dns.A): dns.Record_A("192.0.2.30", ttl=60),
-    }
-
-    def __init__(self) -> None:
-        common.ResolverBase.__init__(self)
-        self.queries: list[tuple[bytes, int]] = []
-
-    def _lookup(self, name, cls, type, timeout):
-        self.queries.append((name, type))
-        record = self.RECORDS.get((name, type))
-        if record is not None:
-            return defer.succeed(([dns.RRHeader(name, type, cls, record.ttl, record, auth=True)], [], []))
-        if any(key[0] == name for key in self.RECORDS):
-            return defer.succeed(([], [], []))
-        return defer.fail(error.DomainError(name))
+from tests import support
+from tests.support import Zone
 
 
 class ResolverTests(unittest.TestCase):
@@ -123,10 +99,14 @@ class ResolverTests(unittest.TestCase):
         d.cancel()
         failure = self.failureResultOf(d)
         self.assertTrue(failure.check(defer.CancelledError))
-        # twisted.names keeps each abandoned query's id reserved for one timeout.
-        from twisted.internet.task import deferLater
+        # twisted.names keeps each abandoned query's id reserved for one
+        # timeout (a DNSDatagramProtocol._clearFailed timer): let it run.
+        def reserved() -> bool:
+            return any(isinstance(getattr(c.func, "__self__", None), dns.DNSDatagramProtocol) for c in reactor.getDelayedCalls())
 
-        return deferLater(reactor, 0.5, resolver.close)
+        return defer.Deferred.fromCoroutine(support.wait_for(lambda: not reserved(), 3, "query ids still reserved")).addCallback(
+            lambda _: resolver.close()
+        )
 
     @defer.inlineCallbacks
     def test_ipv6_only_name(self):

@@ -18,7 +18,8 @@ from ssx.wire.address import Address, encode_address
 from ssx.crypto import CipherSuite, make_suite
 from ssx.server.forbidden import parse_forbidden
 from ssx.server.protocol import ShadowsocksServerFactory
-from tests import forged, support
+from tests import support
+from tests.support import forged
 
 
 class FakeResolver:

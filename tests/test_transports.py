@@ -16,8 +16,6 @@ from typing import Any
 from cryptography import x509
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol, serverFromString
-from twisted.internet.task import deferLater
-from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from ssx.wire import socks5
@@ -26,7 +24,7 @@ from ssx.config import local_config, server_config
 import ssx.local.tap as local_tap
 import ssx.server.tap as server_tap
 from tests import support
-from tests.test_interop_libev import TRANSFER_SECONDS, HashingEchoFactory, WholeEchoTransfer
+from tests.support import TRANSFER_SECONDS, HashingEchoFactory, WholeEchoTransfer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,9 +51,7 @@ class TransportTestCase(unittest.TestCase):
         self.echo_factory = HashingEchoFactory()
         self.echo = reactor.listenTCP(0, self.echo_factory, interface="127.0.0.1")
         self.addCleanup(self.echo.stopListening)
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = support.log_events(self)
 
     def directory(self) -> str:
         # Short, under /tmp: Unix socket paths are limited to about 100 bytes.
@@ -73,13 +69,11 @@ class TransportTestCase(unittest.TestCase):
     async def drained(self, service: Any, seconds: float = 6.0) -> None:
         """Wait until `service` and the echo hold no connection (a TLS hop ends only at the idle timeout)."""
         factories = getattr(service, "factories", None) or [service.factory]
-        for _ in range(int(seconds / 0.05)):
-            busy = [c for f in factories for c in f.connections]
-            busy += [p for p in self.echo_factory.inbound if p.transport.connected]
-            if not busy:
-                return
-            await deferLater(reactor, 0.05, lambda: None)
-        self.fail(f"connections still open after {seconds} s: {busy}")
+
+        def busy() -> list:
+            return [c for f in factories for c in f.connections] + [p for p in self.echo_factory.inbound if p.transport.connected]
+
+        await support.wait_for(lambda: not busy(), seconds, lambda: f"connections still open: {busy()}")
 
     def assert_echoed(self, payload: bytes, reply: int | None, received: bytes) -> None:
         """The target got `payload` intact, and the client got it back intact."""

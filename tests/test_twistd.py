@@ -129,12 +129,9 @@ class TwistdChainTests(unittest.TestCase):
             child, sys.executable, [sys.executable, *TWISTD, *args], env=twistd_env(), path=cwd or tempfile.gettempdir()
         )
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
-        for _ in range(200):
-            if ready in b"".join(child.output):
-                return child
-            if child.ended.called:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        await support.wait_until(lambda: ready in b"".join(child.output) or child.ended.called, 10, step=0.05)
+        if ready in b"".join(child.output):
+            return child
         self.fail(f"twistd did not get ready: {child.text()}")
 
     async def _default_server(self) -> None:
@@ -179,6 +176,7 @@ class TwistdChainTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(support.sha256(out), support.sha256(body))
 
+    @support.requires("curl", package="curl")
     def test_default_server_and_local(self):
         """`twistd -n ssx-server` with no password writes an ss:// URL it does not log; ssx-local with it carries curl's download intact."""
         return defer.Deferred.fromCoroutine(self._default_server())
@@ -212,6 +210,7 @@ class TwistdChainTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(support.sha256(out), support.sha256(body))
 
+    @support.requires("curl", package="curl")
     def test_server_url_into_local(self):
         """The URL ssx-server writes for a given password, passed to ssx-local --url, carries curl's HTTP-proxy download intact."""
         return defer.Deferred.fromCoroutine(self._url_chain())
@@ -380,10 +379,7 @@ class SystemdActivationTests(unittest.TestCase):
         finally:
             sock.close()  # from now on only the child holds it
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
-        for _ in range(200):
-            if b"listening on" in b"".join(child.output) or child.ended.called:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        await support.wait_until(lambda: b"listening on" in b"".join(child.output) or child.ended.called, 10, step=0.05)
         self.assertIn(f"ssx-server listening on 127.0.0.1:{port}", child.text())
         local, socks_port = support.start_local(port, method="aes-256-gcm")
         self.addCleanup(local.stopService)

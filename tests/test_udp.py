@@ -31,22 +31,7 @@ from ssx.local.udp import Socks5UdpRelay
 from ssx.local.picker import ServerPicker
 from ssx.server.udp import Shadowsocks2022UdpRelay, ShadowsocksUdpRelay
 from tests import support
-from tests.test_resolver import Zone
-
-
-def mixed_payloads(count: int, largest: int, seed: int = 1) -> list[bytes]:
-    """`count` distinct random payloads from 1 to 1,400 bytes, plus a few of the largest size that fits."""
-    rng = random.Random(seed)
-    sizes = [rng.randint(1, 1400) for _ in range(count - 4)] + [largest, largest - 1, largest - 100, 1]
-    payloads = []
-    seen = set()
-    for size in sizes:
-        p = os.urandom(size)
-        while p in seen:
-            p = os.urandom(size)
-        seen.add(p)
-        payloads.append(p)
-    return payloads
+from tests.support import Zone, mixed_payloads
 
 
 class UdpChainTestCase(unittest.TestCase):
@@ -88,8 +73,10 @@ class SocksUdpTests(UdpChainTestCase):
         self.assertGreaterEqual(echo.count, 1000)
         self.assertLess(resent, 20)
         too_big = os.urandom(65507 - 54)
+        relay, echoed = self.local_service.udp_relays[0], echo.count
         client.send("127.0.0.1", echo_port, too_big)
-        await deferLater(reactor, 0.3, lambda: None)
+        # Dropped (counted at once) or relayed to the echo.
+        await support.wait_for(lambda: relay.dropped + echo.count - echoed >= 1, 3, "the datagram was neither dropped nor relayed")
         self.assertEqual(self.local_service.udp_relays[0].dropped, 1)
 
     def test_thousand_datagrams(self):
@@ -123,11 +110,12 @@ class SocksUdpTests(UdpChainTestCase):
         relay = self.local_service.udp_relays[0]
         self.assertEqual(len(relay.nat), 1)
         client.control.transport.loseConnection()
-        await deferLater(reactor, 0.2, lambda: None)
+        await support.wait_until(lambda: len(relay.nat) == 0, 3)
         self.assertEqual(len(relay.nat), 0)
         dropped = relay.dropped
         client.send("127.0.0.1", echo_port, b"after")
-        await deferLater(reactor, 0.3, lambda: None)
+        # Dropped (counted at once) or relayed to the echo.
+        await support.wait_for(lambda: relay.dropped - dropped + echo.count - 1 >= 1, 3, "the datagram was neither dropped nor relayed")
         self.assertEqual(relay.dropped, dropped + 1)
         self.assertEqual(echo.count, 1)
 
@@ -140,7 +128,9 @@ class SocksUdpTests(UdpChainTestCase):
         socks_port = self.chain()
         client = await self.associate(socks_port)
         client.port.write(b"\x00\x00\x01" + support.socks5_udp_header("127.0.0.1", echo_port)[3:] + b"frag", client.relay)
-        await deferLater(reactor, 0.3, lambda: None)
+        relay = self.local_service.udp_relays[0]
+        # Dropped (counted at once) or relayed to the echo.
+        await support.wait_for(lambda: relay.dropped + echo.count >= 1, 3, "the datagram was neither dropped nor relayed")
         self.assertEqual(echo.count, 0)
         self.assertEqual(self.local_service.udp_relays[0].dropped, 1)
 
@@ -216,10 +206,7 @@ class TunnelTests(UdpChainTestCase):
         self.assertIn((b"dual.ssx.test", dns.AAAA), zone.queries)
         for connection in resolver.connections:
             connection.transport.loseConnection()
-        for _ in range(100):
-            if not local.factory.connections and not server.factory.connections:
-                break
-            await deferLater(reactor, 0.02, lambda: None)
+        await support.wait_until(lambda: not local.factory.connections and not server.factory.connections, 2)
 
     def test_dns_through_tunnel(self):
         """A DNS query to a tunnel port is answered by a twisted.names server behind the chain, over UDP and TCP."""

@@ -1,0 +1,131 @@
+"""
+Shared fixtures of the test suite, one module per job; test modules import
+them from here (`from tests import support`, `from tests.support import X`),
+never from each other.
+
+- `waiting`: waiting for a condition or a Deferred with a deadline.
+- `targets`: loopback echo targets, web sites, certificates, DNS servers, free ports.
+- `clients`: raw TCP, SOCKS5 CONNECT and SOCKS5 UDP clients.
+- `chains`: ssx-server and ssx-local in trial's reactor, and TestCase bases.
+- `peers`: child processes (twistd, shadowsocks-libev, sing-box, plugins, curl).
+- `in_memory`: StringTransport-based stand-ins for protocol unit tests.
+- `payloads`: test payloads and their digests.
+- `logs`: capturing log events.
+"""
+
+from tests.support.chains import (
+    PASSWORD,
+    ChainTestCase,
+    LoopbackCase,
+    drained,
+    first_listener,
+    start_local,
+    start_server,
+)
+from tests.support.clients import (
+    TRANSFER_SECONDS,
+    RawClient,
+    Socks5UdpClient,
+    SocksClient,
+    SocksTransfer,
+    WholeEchoTransfer,
+    socks5_request,
+    socks5_udp_header,
+    socks_transfer,
+    whole_echo_transfer,
+)
+from tests.support.in_memory import FakeServer, HalfCloseTransport, Link
+from tests.support.logs import event_texts, log_events
+from tests.support.payloads import mixed_payloads, sha256
+from tests.support.peers import (
+    ROOT,
+    TWISTD,
+    ChildProcess,
+    late_lines_quoted,
+    requires,
+    skip_without,
+    spawn,
+    start_twistd,
+    twistd_env,
+    wait_for_port,
+)
+from tests.support.targets import (
+    CountingEchoFactory,
+    Echo,
+    FakeDns,
+    HashingEcho,
+    HashingEchoFactory,
+    UdpEcho,
+    Zone,
+    free_port,
+    ipv6_loopback,
+    listen_echo,
+    listen_udp_echo,
+    listen_web,
+    make_certificate,
+)
+from tests.support.waiting import coroutine_test, outgoing_connections, sleep, wait_for, wait_until, within
+
+__all__ = [
+    # chains
+    "PASSWORD",
+    "start_server",
+    "start_local",
+    "first_listener",
+    "drained",
+    "LoopbackCase",
+    "ChainTestCase",
+    # clients
+    "TRANSFER_SECONDS",
+    "socks5_request",
+    "SocksTransfer",
+    "socks_transfer",
+    "WholeEchoTransfer",
+    "whole_echo_transfer",
+    "RawClient",
+    "SocksClient",
+    "socks5_udp_header",
+    "Socks5UdpClient",
+    # in_memory
+    "HalfCloseTransport",
+    "Link",
+    "FakeServer",
+    # logs
+    "log_events",
+    "event_texts",
+    # payloads
+    "sha256",
+    "mixed_payloads",
+    # peers
+    "ChildProcess",
+    "spawn",
+    "skip_without",
+    "requires",
+    "ROOT",
+    "TWISTD",
+    "twistd_env",
+    "start_twistd",
+    "wait_for_port",
+    "late_lines_quoted",
+    # targets
+    "free_port",
+    "ipv6_loopback",
+    "Echo",
+    "listen_echo",
+    "CountingEchoFactory",
+    "HashingEcho",
+    "HashingEchoFactory",
+    "UdpEcho",
+    "listen_udp_echo",
+    "make_certificate",
+    "listen_web",
+    "FakeDns",
+    "Zone",
+    # waiting
+    "coroutine_test",
+    "sleep",
+    "wait_until",
+    "wait_for",
+    "within",
+    "outgoing_connections",
+]
