@@ -20,6 +20,7 @@ from ssx.address import Address
 from ssx.crypto import generate_psk, lookup_method, make_suite
 from ssx.errors import ConfigError
 from ssx.forbidden import ForbiddenNetworks, parse_forbidden
+from ssx.handshakes import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_IP
 from ssx.http_message import HttpError, absolute_target
 from ssx.resolver import parse_nameservers
 from ssx.server_entry import ServerEntry, entry_from_url, server_entry
@@ -66,6 +67,7 @@ _COMMON_KEYS = {
 }
 SERVER_KEYS = _COMMON_KEYS | {
     "nameserver", "forbidden_ip", "hosts_file", "resolv_conf", "prefer_ipv6", "users", "replay_history",
+    "max_handshakes", "max_handshakes_per_ip",
 }
 LOCAL_KEYS = _COMMON_KEYS | {
     "local_address", "local_port", "server_endpoint", "socks_user", "socks_password", "tunnel_address", "tunnels",
@@ -158,6 +160,9 @@ class ServerConfig:
     plugin: Plugin | None = None
     ignored: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    # Unfinished handshakes held at once, in all and per source; 0 = no bound.
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    max_handshakes_per_ip: int = DEFAULT_MAX_HANDSHAKES_PER_IP
 
 
 @dataclass(frozen=True)
@@ -257,6 +262,8 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         plugin=plugin,
         ignored=tuple(sorted(set(values) - SERVER_KEYS)),
         warnings=warnings,
+        max_handshakes=_count(values, "max_handshakes", DEFAULT_MAX_HANDSHAKES, minimum=0),
+        max_handshakes_per_ip=_count(values, "max_handshakes_per_ip", DEFAULT_MAX_HANDSHAKES_PER_IP, minimum=0),
     )
 
 

@@ -354,6 +354,9 @@ class RelayFactory(Factory):
                 _log.warn("{count} connections: at the limit, new ones wait", count=len(self.connections))
             self._limit_accepts()
 
+    def swept(self, now: float) -> None:
+        """Called after each sweep for idle connections (at `now`), while there are connections."""
+
     def connection_closed(self, protocol: Any) -> None:
         self.connections.discard(protocol)
         if not self.connections and self._sweep is not None:
@@ -382,6 +385,7 @@ class RelayFactory(Factory):
                 except Exception:
                     # One connection's failure must not spare the others.
                     _log.failure("timing out {protocol!r}", protocol=protocol)
+            self.swept(now)
         finally:
             if self.connections and self._sweep is None:
                 self._sweep = self.reactor.callLater(SWEEP_INTERVAL, self._time_out_idle)

@@ -785,14 +785,19 @@ class LimitTests(LoopbackCase):
     @coroutine_test
     async def test_server_limit_holds_under_bursts(self):
         """max_connections=20 on ssx-server: 15 connections at once, then 15 more, leave 20 accepted and 10 waiting in the backlog until some close."""
+        echo, echo_port = self.counting_echo()
         server, port = self.server(method="aes-256-gcm", max_connections=self.LIMIT, handshake_timeout=30)
         factory = server.factory
+        suite = make_suite("aes-256-gcm", support.PASSWORD)
 
         def burst(count: int) -> list[socket.socket]:
-            # Connected at once, silent (a client's first bytes may be slow to come).
+            # Connected at once, each with its header and nothing more:
+            # relays that only the connection limit holds back (unfinished
+            # handshakes have bounds of their own, see test_exhaustion).
             sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
             for sock in sockets:
                 self.addCleanup(sock.close)
+                sock.sendall(suite.client_codec().first(Address("127.0.0.1", echo_port), b""))
             return sockets
 
         first = burst(15)

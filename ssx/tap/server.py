@@ -47,6 +47,11 @@ class Options(SsxOptions):
         ["resolv-conf", None, None, "resolv.conf to take DNS servers from [default: /etc/resolv.conf]"],
         ["replay-history", None, None, "salts remembered to refuse replayed connections and datagrams "
          "(stream and AEAD-2017 methods; 0 turns it off) [default: 1000000]"],
+        ["max-handshakes", None, None, "connections kept at once that have not sent a valid header (at most "
+         "half of --max-connections; 0: no bound); beyond, the oldest that sent bytes or waited 2 s is closed "
+         "as its handshake timeout would close it [default: 256]"],
+        ["max-handshakes-per-ip", None, None, "the same, from one IPv4 address or IPv6 /64; not applied "
+         "behind a plugin (0: no bound) [default: 64]"],
         ["plugin", None, None, "SIP003 plugin (a name on PATH or a path), e.g. obfs-server or v2ray-plugin: it "
          "listens on -s/-p, ssx behind it on a loopback port; UDP (-u) stays on -s/-p, outside the plugin"],
         ["plugin-opts", None, None, "the plugin's options (SS_PLUGIN_OPTIONS), e.g. \"obfs=http\" or "
@@ -59,6 +64,8 @@ class Options(SsxOptions):
         "hosts-file": "hosts_file",
         "resolv-conf": "resolv_conf",
         "replay-history": "replay_history",
+        "max-handshakes": "max_handshakes",
+        "max-handshakes-per-ip": "max_handshakes_per_ip",
     }
     build = staticmethod(server_config)
 
@@ -82,6 +89,9 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
     salt_filter = SaltFilter(config.replay_history) if config.replay_history >= 2 else None
     factory = ShadowsocksServerFactory(
         reactor, suite, resolver, config.forbidden, timeout=config.timeout, salt_filter=salt_filter,
+        max_handshakes=config.max_handshakes,
+        # Behind a plugin every connection comes from the plugin's address.
+        max_handshakes_per_ip=config.max_handshakes_per_ip if config.plugin is None else 0,
         **config.limits.factory_arguments(),
     )
     top = MultiService()
