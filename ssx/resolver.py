@@ -163,14 +163,30 @@ class TargetResolver:
             return succeed([name])
         return Deferred.fromCoroutine(self._resolve(name))
 
-    async def _resolve(self, name: str) -> list[str]:
+    def known(self, name: str) -> list[str] | None:
+        """
+        The addresses `resolve` would give without asking DNS (an IP
+        literal, the hosts file, a fresh cache entry), or None: what a
+        caller that bounds its look-ups need not count.
+        """
+        if "%" in name:
+            return None
+        if is_ip_literal(name):
+            return [name]
+        outcome: list[Any] = []
+        # The hosts file and the cache answer at once, so this has fired.
+        Deferred.fromCoroutine(self._resolve(name, upstream=False)).addBoth(outcome.append)
+        found = outcome[0] if outcome else None
+        return found if isinstance(found, list) and found else None
+
+    async def _resolve(self, name: str, upstream: bool = True) -> list[str]:
         lookups = [_lookup(self._hosts, name, dns.A), _lookup(self._hosts, name, dns.AAAA)]
         local, _ = await self._first_found(lookups)
         if local:
             return local
         # Both families at once, so a dead or slow upstream costs one timeout
         # sequence, not two; the preferred family wins when it has addresses.
-        lookups = [self._cached(name, dns.A), self._cached(name, dns.AAAA)]
+        lookups = [self._cached(name, dns.A, upstream), self._cached(name, dns.AAAA, upstream)]
         found, error = await self._first_found(lookups)
         if found:
             return found
@@ -198,7 +214,7 @@ class TargetResolver:
                 return addresses, None
         return [], error
 
-    def _cached(self, name: str, record_type: int) -> Deferred:
+    def _cached(self, name: str, record_type: int, upstream: bool = True) -> Deferred:
         key = (name.lower(), record_type)
         hit = self._cache.peek(key)
         if hit is not None:
@@ -206,6 +222,8 @@ class TargetResolver:
             if expires > self._reactor.seconds():
                 return succeed(addresses)
             self._cache.remove(key)
+        if not upstream:
+            return succeed([])
         d = Deferred.fromCoroutine(self._query(name, record_type))
         self._pending.add(d)
         d.addBoth(lambda result: (self._pending.discard(d), result)[1])

@@ -1,10 +1,11 @@
 """
-Unfinished handshakes bounded per source and in all, against real ssx
-servers on loopback: garbage connections can hold neither every
-descriptor nor every slot of max_connections, and never close a relay.
-The pieces alone (grouping of sources, the handshake table, the server
-factory) are tested beside them with fakes and a Clock.  Helpers come
-from tests/test_hardening.py.
+Resource exhaustion, against real ssx servers on loopback: unfinished
+handshakes bounded per source and in all (garbage connections can hold
+neither every descriptor nor every slot of max_connections, and never
+close a relay), and UDP target look-ups bounded and shared.  The pieces
+alone (grouping of sources, the handshake table, the look-up table) are
+tested beside them with fakes and a Clock.  Helpers come from
+tests/test_hardening.py.
 """
 
 from __future__ import annotations
@@ -12,22 +13,25 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.names import dns
 from twisted.trial import unittest
 
-from ssx.address import Address
+from ssx.address import Address, encode_address
 from ssx.config import server_config
 from ssx.crypto import CipherSuite, make_suite
 from ssx.forbidden import parse_forbidden
 from ssx.handshakes import HANDSHAKE_GRACE, HandshakeTable, source_group
 from ssx.server import ShadowsocksServerFactory
+from ssx.server_udp import MAX_LOOKUPS, MAX_WAITING_PER_ASSOCIATION, ShadowsocksUdpRelay, UdpLookups
 from ssx.tap import server as server_tap
 from ssx.tap.server import Options as ServerOptions
 from tests import support
-from tests.test_hardening import LoopbackCase, RawClient, coroutine_test, wait_until
+from tests.test_hardening import FakeDns, LoopbackCase, RawClient, coroutine_test, open_fds, sleep, wait_until
 
 METHOD = "aes-256-gcm"
 
@@ -184,6 +188,77 @@ class HandshakeOptionTests(unittest.SynchronousTestCase):
         self.assertEqual(server_config({}).max_handshakes_per_ip, 64)
 
 
+class FakeResolver:
+    """A resolver whose look-ups end when the test says; `known` names answer at once."""
+
+    def __init__(self, known: dict[str, list[str]] | None = None) -> None:
+        self.known_names = known or {}
+        self.asked: list[str] = []
+        self.pending: dict[str, defer.Deferred] = {}
+
+    def known(self, name: str) -> list[str] | None:
+        return self.known_names.get(name)
+
+    def resolve(self, name: str) -> defer.Deferred:
+        self.asked.append(name)
+        d = self.pending[name] = defer.Deferred()
+        return d
+
+
+class UdpLookupTests(unittest.SynchronousTestCase):
+    """The server's UDP relay with a resolver under the test's control; every target is refused, so no socket opens."""
+
+    def setUp(self) -> None:
+        self.suite = CipherSuite(METHOD, "pw")
+        self.resolver = FakeResolver({"cached.example": ["192.0.2.1"]})
+        self.relay = ShadowsocksUdpRelay(Clock(), self.suite, self.resolver, parse_forbidden("0.0.0.0/0"))
+
+    def send(self, name: str, client: tuple[str, int] = ("198.51.100.1", 5000)) -> None:
+        self.relay.datagramReceived(self.suite.udp_seal(encode_address(Address(name, 53)) + b"q"), client)
+
+    def test_one_lookup_per_name(self):
+        """Ten datagrams naming one name, from two clients, wait on one look-up and all go on when it ends."""
+        for i in range(10):
+            self.send("Same.Example", ("198.51.100.1", 5000 + i % 2))
+        self.assertEqual(self.resolver.asked, ["Same.Example"])
+        self.resolver.pending["Same.Example"].callback(["192.0.2.7"])
+        self.assertEqual((self.relay.refused, self.relay.dropped), (10, 0))
+        self.assertEqual((len(self.relay.lookups), self.relay.lookups.waiting), (0, 0))
+
+    def test_names_in_flight_bounded(self):
+        """Beyond MAX_LOOKUPS names in flight, datagrams naming new names are dropped and counted; known names still pass."""
+        for i in range(MAX_LOOKUPS + 10):
+            self.send(f"n{i}.example", ("198.51.100.1", 1000 + i))
+        self.assertEqual(len(self.resolver.asked), MAX_LOOKUPS)
+        self.assertEqual(self.relay.dropped, 10)
+        self.send("cached.example")
+        self.assertEqual(self.relay.refused, 1)
+        for d in self.resolver.pending.values():
+            d.errback(Exception("no answer"))
+        self.assertEqual(self.relay.dropped, 10 + MAX_LOOKUPS)
+        self.send("again.example")
+        self.assertEqual(self.resolver.asked[-1], "again.example")
+
+    def test_per_association_bounded(self):
+        """One client gets at most MAX_WAITING_PER_ASSOCIATION datagrams waiting; another client is not held back by it."""
+        for i in range(MAX_WAITING_PER_ASSOCIATION + 5):
+            self.send(f"m{i}.example")
+        self.assertEqual(self.relay.dropped, 5)
+        self.send("m0.example", ("198.51.100.2", 5000))
+        self.send("other.example", ("198.51.100.2", 5000))
+        self.assertEqual(self.relay.dropped, 5)
+        self.assertEqual(self.relay.lookups.waiting, MAX_WAITING_PER_ASSOCIATION + 2)
+
+    def test_shared_by_relays(self):
+        """Relays given one UdpLookups share its bound on names in flight."""
+        lookups = UdpLookups(self.resolver, limit=2)
+        first = ShadowsocksUdpRelay(Clock(), self.suite, self.resolver, parse_forbidden(""), lookups=lookups)
+        second = ShadowsocksUdpRelay(Clock(), self.suite, self.resolver, parse_forbidden(""), lookups=lookups)
+        for relay, name in ((first, "a.example"), (second, "b.example"), (second, "c.example")):
+            relay.datagramReceived(self.suite.udp_seal(encode_address(Address(name, 53)) + b"q"), ("198.51.100.1", 1))
+        self.assertEqual((first.dropped, second.dropped), (0, 1))
+
+
 # -- on real sockets -----------------------------------------------------------
 
 
@@ -254,3 +329,104 @@ class BoundedHandshakeTests(LoopbackCase):
         self.assertLessEqual(len(service.factory.handshakes), 30)
         self.assertClosedQuietly(flood)
         await self.still_relaying(relays + [honest])
+
+
+class HeldDns(FakeDns):
+    """A FakeDns that answers only when released (all held queries, or those for one name)."""
+
+    def __init__(self, records: dict[str, list[tuple[int, str]]]) -> None:
+        FakeDns.__init__(self, records)
+        self.held: list[tuple[bytes, Any]] = []
+        self.asked: list[tuple[str, int]] = []
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        query = dns.Message()
+        query.fromStr(data)
+        self.asked.append((query.queries[0].name.name.decode(), query.queries[0].type))
+        self.held.append((data, addr))
+
+    def release(self, name: str) -> None:
+        held, self.held = self.held, []
+        for data, addr in held:
+            query = dns.Message()
+            query.fromStr(data)
+            if query.queries[0].name.name.decode() == name:
+                FakeDns.datagramReceived(self, data, addr)
+            else:
+                self.held.append((data, addr))
+
+
+class BoundedLookupTests(LoopbackCase):
+    """UDP datagrams naming domains, against an in-process ssx-server whose DNS server is slow or silent."""
+
+    def udp_server(self, nameserver: str) -> tuple[Any, Any, int]:
+        service, port = self.server(
+            method=METHOD, mode="tcp_and_udp", nameserver=nameserver, hosts_file=self.hosts_file("# empty\n")
+        )
+        return service, service.udp_relays[0], port
+
+    def udp_clients(self, count: int) -> list[tuple[Any, list[bytes]]]:
+        clients = []
+        for _ in range(count):
+            got: list[bytes] = []
+
+            class Client(protocol.DatagramProtocol):
+                def datagramReceived(self, data: bytes, addr: Any, got: list[bytes] = got) -> None:
+                    got.append(data)
+
+            clients.append((self.listen(reactor.listenUDP(0, Client(), interface="127.0.0.1")), got))
+        return clients
+
+    @coroutine_test
+    async def test_unique_names_bounded(self):
+        """300 datagrams naming 300 names, DNS silent: at most MAX_LOOKUPS names asked, 2 sockets each, the rest dropped; a datagram to an IP and a TCP relay are still served."""
+        silent, nameserver = self.fake_dns(silent=True)
+        echo_port, echo = support.listen_udp_echo()
+        self.listen(echo_port)
+        tcp_echo, tcp_echo_port = self.counting_echo()
+        service, relay, port = self.udp_server(nameserver)
+        suite = make_suite(METHOD, support.PASSWORD)
+        clients = self.udp_clients(31)
+        await sleep(0)  # the reactor runs (and trial's pipes open) from the first wait on
+        baseline = open_fds()
+        # In tens, so that the server's receive buffer never overflows.
+        for batch in range(30):
+            for i in range(batch * 10, batch * 10 + 10):
+                packet = suite.udp_seal(encode_address(Address(f"n{i}.flood.ssx.test", 53)) + b"q")
+                clients[i % 30][0].write(packet, ("127.0.0.1", port))
+            self.assertTrue(await wait_until(lambda: relay.received == batch * 10 + 10, 3), relay.received)
+        self.assertTrue(
+            await wait_until(lambda: len(silent.queries) >= 2 * MAX_LOOKUPS, 3),
+            (relay.dropped, len(silent.queries), len(relay.lookups)),
+        )
+        grown = open_fds() - baseline
+        self.assertLessEqual(grown, 2 * MAX_LOOKUPS + 5, f"{grown} descriptors for 300 look-ups")
+        self.assertEqual(len({name for name, _ in silent.queries}), MAX_LOOKUPS)
+        self.assertEqual(relay.dropped, 300 - MAX_LOOKUPS)
+
+        honest, replies = clients[30]
+        honest.write(suite.udp_seal(encode_address(Address("127.0.0.1", echo_port.getHost().port)) + b"ip"), ("127.0.0.1", port))
+        self.assertTrue(await wait_until(lambda: len(replies) == 1, 3), "a datagram to an IP was not relayed")
+        codec = suite.client_codec()
+        tcp = await self.connect(port, RawClient(codec.first(Address("127.0.0.1", tcp_echo_port), b"tcp")))
+        self.assertEqual(await self.read_plain(tcp, codec, 3), b"tcp")
+
+    @coroutine_test
+    async def test_same_name_one_lookup(self):
+        """40 datagrams from 4 clients naming one name wait on one A and one AAAA query and all reach the target when DNS answers."""
+        echo_port, echo = support.listen_udp_echo()
+        self.listen(echo_port)
+        held = HeldDns({"same.ssx.test": [(dns.A, "127.0.0.1")]})
+        nameserver = f"127.0.0.1:{self.listen(reactor.listenUDP(0, held, interface='127.0.0.1')).getHost().port}"
+        service, relay, port = self.udp_server(nameserver)
+        suite = make_suite(METHOD, support.PASSWORD)
+        clients = self.udp_clients(4)
+        target = Address("same.ssx.test", echo_port.getHost().port)
+        for i in range(40):
+            clients[i % 4][0].write(suite.udp_seal(encode_address(target) + b"%d" % i), ("127.0.0.1", port))
+        self.assertTrue(await wait_until(lambda: relay.received == 40 and len(held.asked) >= 2, 3))
+        self.assertEqual(sorted(held.asked), [("same.ssx.test", dns.A), ("same.ssx.test", dns.AAAA)])
+        self.assertEqual((len(relay.lookups), relay.lookups.waiting), (1, 40))
+        held.release("same.ssx.test")
+        self.assertTrue(await wait_until(lambda: sum(len(got) for _, got in clients) == 40, 3), echo.count)
+        self.assertEqual((echo.count, relay.dropped), (40, 0))

@@ -16,7 +16,7 @@ from ssx.replay import SaltFilter
 from ssx.plugin import PluginService
 from ssx.resolver import TargetResolver
 from ssx.server import ShadowsocksServerFactory
-from ssx.server_udp import ShadowsocksUdpRelay, udp_relay_for
+from ssx.server_udp import ShadowsocksUdpRelay, UdpLookups, udp_relay_for
 from ssx.tap._options import SsxOptions, log_config_notes, make_suite
 from ssx.url import format_url
 
@@ -94,6 +94,7 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
         max_handshakes_per_ip=config.max_handshakes_per_ip if config.plugin is None else 0,
         **config.limits.factory_arguments(),
     )
+    lookups = UdpLookups(resolver)
     top = MultiService()
     top.factory = factory  # type: ignore[attr-defined]
     top.udp_relays = []  # type: ignore[attr-defined]
@@ -103,7 +104,8 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
         if not relays.udp:
             return None
         relay = udp_relay_for(suite)(
-            reactor, suite, resolver, config.forbidden, relays.timeout, relays.capacity, salt_filter=salt_filter
+            reactor, suite, resolver, config.forbidden, relays.timeout, relays.capacity, salt_filter=salt_filter,
+            lookups=lookups,
         )
         top.udp_relays.append(relay)  # type: ignore[attr-defined]
         return relay
