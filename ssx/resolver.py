@@ -23,6 +23,7 @@ from twisted.names.error import DomainError, DNSNameError
 from ssx.errors import ConfigError, SSXError
 from ssx.forbidden import is_ip_literal
 from ssx.nat import NatTable
+from ssx.quiet_udp import QuietUdpReactor
 
 __all__ = [
     "FALLBACK_NAMESERVERS",
@@ -136,7 +137,9 @@ class TargetResolver:
         self.prefer_ipv6 = prefer_ipv6
         self._reactor = reactor
         self._hosts = hosts.Resolver(file=hosts_file.encode() if isinstance(hosts_file, str) else hosts_file)
-        self._upstream = client.Resolver(servers=list(servers), reactor=reactor, timeout=query_timeouts)
+        # One socket per query, on a random port (see ssx.server_udp.UdpLookups),
+        # but without Twisted's two log lines for each.
+        self._upstream = client.Resolver(servers=list(servers), reactor=QuietUdpReactor(reactor), timeout=query_timeouts)
         self._timeouts = query_timeouts
         # (name, record type) -> (addresses, expiry time)
         self._cache: NatTable[tuple[str, int], tuple[list[str], float]] = NatTable(

@@ -16,6 +16,10 @@ source and in all (`ssx.handshakes`; with max_connections, to half its
 slots): beyond a bound the oldest of them is closed as its handshake
 timeout would close it.  A connection past its header is never closed to
 make room.
+
+Peers' failures are counted on the factory, not logged one by one (the
+service logs a periodic summary); `verbose` logs them, destinations
+included.
 """
 
 from __future__ import annotations
@@ -98,7 +102,10 @@ class ShadowsocksServerFactory(RelayFactory):
         self.connections_refused = 0
         self.handshake_failures = 0
         self.targets_unreachable = 0
+        self.handshakes_timed_out = 0
         self.handshakes_evicted = 0
+        self.relays_broken = 0
+        self.limit_reached = 0
         self.user_traffic: dict[str, UserTraffic] = {}
 
     def buildProtocol(self, addr: Any) -> "ShadowsocksServerProtocol":
@@ -122,6 +129,21 @@ class ShadowsocksServerFactory(RelayFactory):
         if len(self.handshakes):
             for old in self.handshakes.over(now):
                 old.evict()
+
+    def report_limit(self) -> None:
+        # Clients can bring this about over and over: one line, then the
+        # summary counts.
+        self.limit_reached += 1
+        if self.limit_reached == 1 or self.verbose:
+            _log.warn(
+                "{count} connections: at the limit, new ones wait (counted in the summary from now on)",
+                count=len(self.connections),
+            )
+
+    def relay_broken(self, error: ProtocolError) -> None:
+        self.relays_broken += 1
+        if self.verbose:
+            _log.debug("relay closed: {error}", error=error)
 
 
 class ShadowsocksServerProtocol(InboundProtocol):
@@ -180,12 +202,13 @@ class ShadowsocksServerProtocol(InboundProtocol):
             self.factory.handshake_fed(self)
 
     def _discard(self, error: ProtocolError) -> None:
-        peer = self.transport.getPeer()
-        _log.debug(
-            "{peer}: {error}; discarding until the timeout",
-            peer=getattr(peer, "host", peer),
-            error=type(error).__name__,
-        )
+        if self.factory.verbose:
+            peer = self.transport.getPeer()
+            _log.debug(
+                "{peer}: {error}; discarding until the timeout",
+                peer=getattr(peer, "host", peer),
+                error=type(error).__name__,
+            )
         self._state = _DISCARD
         self._plain = bytearray()
         self.factory.handshake_failures += 1
@@ -212,7 +235,8 @@ class ShadowsocksServerProtocol(InboundProtocol):
         factory = self.factory
         allowed = [ip for ip in ips if not factory.forbidden.forbids(ip)]
         if not allowed:
-            _log.debug("refused {target}: forbidden address {ips}", target=address, ips=",".join(ips))
+            if factory.verbose:
+                _log.debug("refused {target}: forbidden address {ips}", target=address, ips=",".join(ips))
             factory.connections_refused += 1
             self.transport.loseConnection()
             return
@@ -233,10 +257,11 @@ class ShadowsocksServerProtocol(InboundProtocol):
         self._connecting = None
         if failure.check(CancelledError):
             return
-        if failure.check(NameResolutionError, ConnectError):
-            _log.debug("cannot reach {target}: {error}", target=address, error=failure.value)
-        else:
-            _log.debug("cannot connect to {target}: {error!r}", target=address, error=failure.value)
+        if self.factory.verbose:
+            if failure.check(NameResolutionError, ConnectError):
+                _log.debug("cannot reach {target}: {error}", target=address, error=failure.value)
+            else:
+                _log.debug("cannot connect to {target}: {error!r}", target=address, error=failure.value)
         self.factory.targets_unreachable += 1
         self.transport.loseConnection()
 
@@ -271,6 +296,10 @@ class ShadowsocksServerProtocol(InboundProtocol):
         if self._state == _RELAY:
             InboundProtocol.timeoutConnection(self)
         else:
+            if self._state == _HEADER:
+                # No whole header came: a failed handshake that the
+                # decoder never saw fail.
+                self.factory.handshakes_timed_out += 1
             self._close_unfinished()
 
     def _close_unfinished(self) -> None:

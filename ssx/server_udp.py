@@ -27,6 +27,7 @@ from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
 from ssx.forbidden import ForbiddenNetworks, is_ip_literal
 from ssx.nat import SweptNatProtocol, send_datagram
+from ssx.quiet_udp import listen_udp
 from ssx.resolver import TargetResolver
 
 __all__ = [
@@ -61,12 +62,18 @@ class _ClientSockets:
         if transport is None:
             protocol = _Upstream(self)
             try:
-                transport = self.relay.reactor.listenUDP(
-                    0, protocol, interface="::" if version == 6 else "0.0.0.0", maxPacketSize=READ_SIZE
+                # Quiet: one per association a client starts, which must not cost log lines.
+                transport = listen_udp(
+                    self.relay.reactor, 0, protocol, interface="::" if version == 6 else "0.0.0.0", maxPacketSize=READ_SIZE
                 )
             except CannotListenError as e:
-                self.relay.dropped += 1
-                _log.warn("UDP: cannot open an outgoing socket: {error}", error=e.socketError)
+                relay = self.relay
+                relay.dropped += 1
+                relay.socket_failures += 1
+                # Clients can cause this over and over (out of descriptors):
+                # the first is worth a line, the rest are in the summary.
+                if relay.socket_failures == 1 or relay.verbose:
+                    _log.warn("UDP: cannot open an outgoing socket: {error}", error=e.socketError)
                 return
             self._ports[version] = transport
         try:
@@ -204,6 +211,7 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
         capacity: int = 1024,
         salt_filter: Any = None,
         lookups: UdpLookups | None = None,
+        verbose: bool = False,
     ) -> None:
         self.setup_nat(reactor, timeout, capacity)
         # Replayed datagrams (same salt/IV) are dropped like forged ones.
@@ -213,7 +221,9 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
         self.forbidden = forbidden
         # Shared by a server's relays, so that its bounds are the server's.
         self.lookups = lookups if lookups is not None else UdpLookups(resolver)
+        self.verbose = verbose
         self.refused = 0
+        self.socket_failures = 0
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1

@@ -1,8 +1,9 @@
 """
-Resource exhaustion, against real ssx servers on loopback: unfinished
-handshakes bounded per source and in all (garbage connections can hold
-neither every descriptor nor every slot of max_connections, and never
-close a relay), and UDP target look-ups bounded and shared.  The pieces
+Resource exhaustion and the log, against real ssx servers on loopback:
+unfinished handshakes bounded per source and in all (garbage can hold
+neither every descriptor nor every slot of max_connections), UDP target
+look-ups bounded and shared, and a log that a flood of probes cannot grow
+(one summary line, per-event lines only with --verbose).  The pieces
 alone (grouping of sources, the handshake table, the look-up table) are
 tested beside them with fakes and a Clock.  Helpers come from
 tests/test_hardening.py.
@@ -11,14 +12,18 @@ tests/test_hardening.py.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher, textFileLogObserver
 from twisted.names import dns
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from ssx.address import Address, encode_address
@@ -26,9 +31,11 @@ from ssx.config import server_config
 from ssx.crypto import CipherSuite, make_suite
 from ssx.forbidden import parse_forbidden
 from ssx.handshakes import HANDSHAKE_GRACE, HandshakeTable, source_group
+from ssx.quiet_udp import listen_udp
 from ssx.server import ShadowsocksServerFactory
 from ssx.server_udp import MAX_LOOKUPS, MAX_WAITING_PER_ASSOCIATION, ShadowsocksUdpRelay, UdpLookups
 from ssx.tap import server as server_tap
+from ssx.tap.local import Options as LocalOptions
 from ssx.tap.server import Options as ServerOptions
 from tests import support
 from tests.test_hardening import FakeDns, LoopbackCase, RawClient, coroutine_test, open_fds, sleep, wait_until
@@ -259,6 +266,47 @@ class UdpLookupTests(unittest.SynchronousTestCase):
         self.assertEqual((first.dropped, second.dropped), (0, 1))
 
 
+class QuietUdpPortTests(unittest.TestCase):
+    """The UDP sockets the server opens per association and per DNS query."""
+
+    def test_round_trip_without_log_lines(self):
+        """A quiet port sends and receives as listenUDP's does, and opening and closing it logs nothing."""
+        echo_port, _ = support.listen_udp_echo()
+        self.addCleanup(echo_port.stopListening)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        got: defer.Deferred = defer.Deferred()
+
+        class Client(protocol.DatagramProtocol):
+            noisy = False  # as ssx's own protocols: the port is what is tested
+
+            def datagramReceived(self, data: bytes, addr: Any) -> None:
+                got.callback((data, addr))
+
+        client = Client()
+        port = listen_udp(reactor, 0, client, interface="127.0.0.1", maxPacketSize=65535)
+        self.assertIs(client.transport, port)
+        port.write(b"ping", ("127.0.0.1", echo_port.getHost().port))
+
+        def check(result: tuple[bytes, Any]) -> defer.Deferred:
+            self.assertEqual(result, (b"ping", ("127.0.0.1", echo_port.getHost().port)))
+            return port.stopListening()
+
+        def closed(_: Any) -> None:
+            self.assertIsNone(client.transport)
+            self.assertEqual([formatEvent(e) for e in events], [])
+
+        return got.addCallback(check).addCallback(closed)
+
+    def test_port_in_use(self):
+        """A port already taken raises CannotListenError, as listenUDP does."""
+        taken = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(taken.stopListening)
+        with self.assertRaises(CannotListenError):
+            listen_udp(reactor, taken.getHost().port, protocol.DatagramProtocol(), interface="127.0.0.1")
+
+
 # -- on real sockets -----------------------------------------------------------
 
 
@@ -430,3 +478,196 @@ class BoundedLookupTests(LoopbackCase):
         held.release("same.ssx.test")
         self.assertTrue(await wait_until(lambda: sum(len(got) for _, got in clients) == 40, 3), echo.count)
         self.assertEqual((echo.count, relay.dropped), (40, 0))
+
+
+# -- the log -------------------------------------------------------------------
+
+N = 12
+
+
+class SummaryLogTests(LoopbackCase):
+    """
+    N probes of every kind a remote party can send, against an in-process
+    ssx-server writing every log event to a file (as twistd's file log
+    does, whatever the level); the summary is driven by a Clock.
+    """
+
+    def log_file(self) -> tuple[str, Any]:
+        fd, path = tempfile.mkstemp(suffix=".log")
+        os.close(fd)
+        self.addCleanup(os.unlink, path)
+        f = open(path, "w", encoding="utf-8")
+        observer = textFileLogObserver(f)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(f.close)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        return path, f
+
+    async def probe(self, verbose: bool) -> tuple[list[str], int]:
+        """
+        The lines logged while N probes of each kind were served and one
+        summary was written (the test's own clients' lines left out); and
+        the TCP echo's port.
+        """
+        path, f = self.log_file()
+        echo, echo_port = self.counting_echo()
+        udp_echo, _ = support.listen_udp_echo()
+        self.listen(udp_echo)
+        nxdomain, nameserver = self.fake_dns({})
+        values = {
+            "password": support.PASSWORD, "method": METHOD, "listen": "tcp:0:interface=127.0.0.1",
+            "handshake_timeout": 1, "timeout": 30, "mode": "tcp_and_udp", "forbidden_ip": "127.0.0.2/32",
+            "nameserver": nameserver, "hosts_file": self.hosts_file("# empty\n"), "verbose": verbose,
+        }
+        service = server_tap.build_service(reactor, server_config(values))
+        clock = Clock()
+        [report] = [s for s in service if isinstance(s, server_tap.CounterReport)]
+        report.clock = clock
+        service.startService()
+        self._services.append(service)
+        port = support.first_listener(service).port.getHost().port
+        factory, relay = service.factory, service.udp_relays[0]
+        suite = make_suite(METHOD, support.PASSWORD)
+        udp_clients = [
+            self.listen(reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")) for _ in range(N + 1)
+        ]
+        # What start-up logs (the configuration, forbidden list included)
+        # is not the probes' doing, nor are the test's own sockets.
+        f.flush()
+        started = os.path.getsize(path)
+
+        def first(host: str, target_port: int, data: bytes) -> bytes:
+            return suite.client_codec().first(Address(host, target_port), data)
+
+        probes = [RawClient(os.urandom(80)) for _ in range(N)]  # fail authentication
+        probes += [RawClient(os.urandom(10)) for _ in range(N)]  # never a whole header
+        probes += [RawClient(first("127.0.0.2", echo_port, b"x")) for _ in range(N)]  # forbidden
+        probes += [RawClient(first(f"missing{i}.ssx.test", 80, b"x")) for i in range(N)]  # no such name
+        # Relays whose stream breaks after the header: a chunk that fails its tag.
+        probes += [RawClient(first("127.0.0.1", echo_port, b"x"), ((0.1, os.urandom(40)),)) for _ in range(N)]
+        for probe in probes:
+            await self.connect(port, probe)
+        # Over UDP: garbage, names that do not exist, and N clients each
+        # with an association of its own (a socket each on the server).
+        names = udp_clients[N]
+        for i in range(N):
+            names.write(os.urandom(60), ("127.0.0.1", port))
+            names.write(suite.udp_seal(encode_address(Address(f"nx{i}.ssx.test", 53)) + b"q"), ("127.0.0.1", port))
+            target = Address("127.0.0.1", udp_echo.getHost().port)
+            udp_clients[i].write(suite.udp_seal(encode_address(target) + b"q"), ("127.0.0.1", port))
+        await defer.gatherResults([p.closed for p in probes])
+        self.assertTrue(
+            await wait_until(lambda: relay.received == 3 * N and relay.dropped == 2 * N and len(relay.nat) == N + 1, 5),
+            (relay.received, relay.dropped, len(relay.nat)),
+        )
+        counters = (
+            factory.handshake_failures, factory.handshakes_timed_out, factory.connections_refused,
+            factory.targets_unreachable, factory.relays_broken,
+        )
+        self.assertEqual(counters, (N,) * 5)
+        clock.advance(report.interval)
+        f.flush()
+        with open(path, encoding="utf-8") as log:
+            log.seek(started)
+            lines = log.read().splitlines()
+        return [line for line in lines if "OneShotFactory" not in line], echo_port
+
+    @coroutine_test
+    async def test_one_summary_no_line_per_probe(self):
+        """N probes of each kind (TCP and UDP) write no line of their own, not even Twisted's for the sockets they cost; one summary line counts each kind."""
+        lines, echo_port = await self.probe(verbose=False)
+        [summary] = [line for line in lines if "ssx-server, last 10 min:" in line]
+        self.assertEqual(lines, [summary])
+        for what in (
+            "connections failed authentication, replayed or sent a bad header",
+            "connections sent no whole header before the handshake timeout",
+            "forbidden targets refused",
+            "targets unreachable",
+            "relays closed on a broken stream",
+        ):
+            self.assertIn(f"{N} {what}", summary)
+        self.assertIn(f"{2 * N} UDP datagrams dropped", summary)
+        for destination in ("127.0.0.2", "missing", "nx0", f":{echo_port}"):
+            self.assertNotIn(destination, summary)
+
+    @coroutine_test
+    async def test_verbose_restores_lines(self):
+        """With verbose, each failed handshake, refused or unreachable target and broken relay has its line, destinations named."""
+        lines, echo_port = await self.probe(verbose=True)
+
+        def count(marker: str) -> int:
+            return sum(marker in line for line in lines)
+
+        self.assertEqual(count("discarding until the timeout"), N)
+        self.assertEqual(count(f"refused 127.0.0.2:{echo_port}: forbidden address"), N)
+        self.assertEqual(count("cannot reach missing"), N)
+        self.assertEqual(count("relay closed:"), N)
+
+
+class LimitLineTests(unittest.SynchronousTestCase):
+    """The connection limit's line, which clients can bring about over and over."""
+
+    def test_logged_once_then_counted(self):
+        """Reaching max_connections three times logs one line; the factory counts all three for the summary."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        factory = ShadowsocksServerFactory(
+            MemoryReactorClock(), CipherSuite(METHOD, "pw"), None, parse_forbidden(""), max_connections=2
+        )
+        for _ in range(3):
+            opened = []
+            for port in (4000, 4001):
+                server = factory.buildProtocol(None)
+                server.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.1", port)))
+                opened.append(server)
+            for server in opened:
+                server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(factory.limit_reached, 3)
+        self.assertEqual(sum("at the limit" in formatEvent(e) for e in events), 1)
+
+
+class LocalLogTests(LoopbackCase):
+    """ssx-local's per-connection lines name no destination unless verbose."""
+
+    async def failed_connect(self, verbose: bool) -> str:
+        texts: list[str] = []
+
+        def observe(event: dict) -> None:
+            texts.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        dead = support.free_port()
+        local, socks_port = self.local(dead, method=METHOD, verbose=verbose)
+        reply, _ = await support.socks_transfer(socks_port, "secret-destination.ssx.test", 443, b"x")
+        self.assertNotEqual(reply, 0)
+        self.assertTrue(any("cannot reach server" in t for t in texts), texts)
+        return "\n".join(texts)
+
+    @coroutine_test
+    async def test_no_destination_by_default(self):
+        """A connection that cannot reach the server is logged without its destination."""
+        self.assertNotIn("secret-destination", await self.failed_connect(verbose=False))
+
+    @coroutine_test
+    async def test_destination_when_verbose(self):
+        """With verbose, the line names the destination."""
+        self.assertIn("secret-destination.ssx.test:443", await self.failed_connect(verbose=True))
+
+
+class VerboseOptionTests(unittest.SynchronousTestCase):
+    """-v/--verbose, as a flag and a config key."""
+
+    def test_verbose_flag_and_key(self):
+        """-v and --verbose set verbose on both commands; the Python shadowsocks' levels work in the file; off by default."""
+        for options, argv in ((ServerOptions, ["-k", "pw"]), (LocalOptions, ["-s", "192.0.2.1", "-k", "pw"])):
+            for flag in ("-v", "--verbose"):
+                parsed = options()
+                parsed.parseOptions([*argv, flag])
+                self.assertTrue(parsed.config.verbose, (options, flag))
+            parsed = options()
+            parsed.parseOptions(argv)
+            self.assertFalse(parsed.config.verbose)
+        for value, expected in ((True, True), (False, False), (1, True), (2, True), (0, False), (-1, False)):
+            self.assertEqual(server_config({"verbose": value}).verbose, expected, value)
