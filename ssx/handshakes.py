@@ -32,8 +32,8 @@ __all__ = [
 # header; a flood of garbage from one source holds at most the per-source
 # number of descriptors (twice that, for HANDSHAKE_GRACE, if it sends
 # nothing).
-DEFAULT_MAX_HANDSHAKES = 256
-DEFAULT_MAX_HANDSHAKES_PER_IP = 64
+DEFAULT_MAX_HANDSHAKES = 512
+DEFAULT_MAX_HANDSHAKES_PER_IP = 128
 
 # IPv6 sources count by their /64: it is the smallest prefix a network
 # hands out (SLAAC needs it), so one host may hold every address in it;

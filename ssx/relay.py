@@ -334,6 +334,8 @@ class RelayFactory(Factory):
     With `max_connections`, reaching the limit pauses accepting on every
     port of this factory: new connections wait in the kernel's backlog,
     running ones are unaffected, and accepting resumes below the limit.
+    `accept_batch` (0: Twisted's own, which grows under load) caps the
+    connections a port accepts at once, before any of them is read.
 
     `verbose` asks for a log line per event that a peer can cause (failed
     handshakes, unreachable targets, the destinations themselves); without
@@ -354,6 +356,7 @@ class RelayFactory(Factory):
         self.timeout = timeout
         self.handshake_timeout = min(handshake_timeout or timeout, timeout)
         self.max_connections = max_connections
+        self.accept_batch = 0
         self.verbose = verbose
         self.connections: set[Any] = set()
         self.ports: list[Any] = []
@@ -421,8 +424,14 @@ class RelayFactory(Factory):
 
     def _limit_accepts(self) -> None:
         # A TCP port accepts up to `numberAccepts` connections per readable
-        # event without looking back at us: never more than there is room for.
-        room = max(1, self.max_connections - len(self.connections))
+        # event without looking back at us: never more than there is room
+        # for, nor more than `accept_batch`.
+        room = self.accept_batch
+        if self.max_connections:
+            free = max(1, self.max_connections - len(self.connections))
+            room = min(room, free) if room else free
+        if not room:
+            return
         for port in self.ports:
             if hasattr(port, "numberAccepts"):
                 port.numberAccepts = room

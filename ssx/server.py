@@ -98,6 +98,11 @@ class ShadowsocksServerFactory(RelayFactory):
             half = max(1, self.max_connections // 2)
             max_handshakes = min(max_handshakes, half) if max_handshakes else half
         self.handshakes = HandshakeTable(max_handshakes, max_handshakes_per_ip)
+        # Connections accepted together are read only after the next batch
+        # is accepted: at most two batches are unread at any time, and the
+        # table keeps up to twice its bounds of those.
+        bounds = [bound for bound in (max_handshakes, max_handshakes_per_ip) if bound]
+        self.accept_batch = min(bounds) if bounds else 0
         # Counters for logs and tests now, for per-user stats and metrics later.
         self.connections_refused = 0
         self.handshake_failures = 0

@@ -12,6 +12,7 @@ tests/test_hardening.py.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from typing import Any
 
@@ -192,7 +193,7 @@ class HandshakeOptionTests(unittest.SynchronousTestCase):
         config = server_config({"plugin": "true", "server_port": 8388, "max_handshakes_per_ip": 5})
         service = server_tap.build_service(MemoryReactorClock(), config)
         self.assertEqual(service.factory.handshakes.per_source, 0)
-        self.assertEqual(server_config({}).max_handshakes_per_ip, 64)
+        self.assertEqual(server_config({}).max_handshakes_per_ip, 128)
 
 
 class FakeResolver:
@@ -359,6 +360,20 @@ class BoundedHandshakeTests(LoopbackCase):
         self.assertClosedQuietly(flood)
         await self.still_relaying(relays + [honest])
         self.assertEqual(service.factory.handshakes_evicted, 280)
+
+    @coroutine_test
+    async def test_honest_burst_from_one_source(self):
+        """100 clients from one address, all waiting in the listen backlog with their headers before the server accepts any, per-source bound 20: every one is served, none closed to make room."""
+        echo, echo_port = self.counting_echo()
+        service, port = self.server(method=METHOD, handshake_timeout=60, timeout=120, max_handshakes_per_ip=20)
+        suite = make_suite(METHOD, support.PASSWORD)
+        for i in range(100):
+            # Blocking: the reactor accepts none of them meanwhile.
+            sock = socket.create_connection(("127.0.0.1", port))
+            self.addCleanup(sock.close)
+            sock.sendall(suite.client_codec().first(Address("127.0.0.1", echo_port), b"%03d" % i))
+        self.assertTrue(await wait_until(lambda: echo.connections == 100, 10), echo.connections)
+        self.assertEqual(service.factory.handshakes_evicted, 0)
 
     @coroutine_test
     async def test_garbage_cannot_take_every_slot(self):

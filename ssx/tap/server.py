@@ -49,9 +49,9 @@ class Options(SsxOptions):
          "(stream and AEAD-2017 methods; 0 turns it off) [default: 1000000]"],
         ["max-handshakes", None, None, "connections kept at once that have not sent a valid header (at most "
          "half of --max-connections; 0: no bound); beyond, the oldest that sent bytes or waited 2 s is closed "
-         "as its handshake timeout would close it [default: 256]"],
+         "as its handshake timeout would close it [default: 512]"],
         ["max-handshakes-per-ip", None, None, "the same, from one IPv4 address or IPv6 /64; not applied "
-         "behind a plugin (0: no bound) [default: 64]"],
+         "behind a plugin (0: no bound) [default: 128]"],
         ["plugin", None, None, "SIP003 plugin (a name on PATH or a path), e.g. obfs-server or v2ray-plugin: it "
          "listens on -s/-p, ssx behind it on a loopback port; UDP (-u) stays on -s/-p, outside the plugin"],
         ["plugin-opts", None, None, "the plugin's options (SS_PLUGIN_OPTIONS), e.g. \"obfs=http\" or "
