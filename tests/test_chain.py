@@ -268,14 +268,16 @@ class LogSecrecyTests(ChainTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         socks_port = self.chain(method="aes-256-cfb", password=password)
         await self.echo_through(socks_port, 10_000)
-        # A wrong password and a refused target log too.
-        server, server_port = support.start_server(method="aes-256-gcm", password=password, timeout=1, forbidden_ip=None)
+        # A wrong password and a refused target log too (with verbose, a line each).
+        server, server_port = support.start_server(
+            method="aes-256-gcm", password=password, timeout=1, forbidden_ip=None, verbose=True
+        )
         self.addCleanup(server.stopService)
-        local, local_port = support.start_local(server_port, method="aes-256-gcm", password=password)
+        local, local_port = support.start_local(server_port, method="aes-256-gcm", password=password, verbose=True)
         self.addCleanup(local.stopService)
         await support.socks_transfer(local_port, "127.0.0.1", self.echo.getHost().port, b"x")
         self.assertTrue(any("insecure" in t for t in texts), "no warning for a stream method")
-        self.assertTrue(any("forbidden" in t for t in texts), "the refused target was not logged")
+        self.assertTrue(any("forbidden address" in t for t in texts), "the refused target was not logged")
         key = evp_bytes_to_key(password.encode(), 32)
         encoded = [
             base64.urlsafe_b64encode(f"{method}:{password}".encode()).decode().rstrip("=")

@@ -201,7 +201,7 @@ class OwnAddressTests(unittest.TestCase):
         server = self.spawn(
             sys.executable, *support.TWISTD, "-n", "--pidfile=", "ssx-server", "-s", "127.0.0.1", "-p", str(port),
             "-k", support.PASSWORD, "-m", METHOD, "-u", "--hosts-file", self.hosts_file,
-            "--nameserver", "127.0.0.1", *extra,
+            "--nameserver", "127.0.0.1", "-v", *extra,
         )
         await self.wait_for(f"ssx-server on port {port} listening", lambda: b"listening on" in b"".join(server.output), server)
         return server

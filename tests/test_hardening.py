@@ -33,7 +33,7 @@ from ssx.errors import ProtocolError, ReplayError
 from ssx.net.relay import SWEEP_INTERVAL
 from ssx.crypto._salt_filter import SaltFilter
 from tests import support
-from tests.support import RawClient, SocksClient, coroutine_test, sleep, wait_for, wait_until
+from tests.support import RawClient, SocksClient, coroutine_test, sleep, wait_for, wait_until, fd_table, open_fds
 
 # A short handshake timeout keeps the probe tests short; the windows below
 # say how early/late (seconds) a close may come relative to it, and how far
@@ -46,22 +46,6 @@ SPREAD = SWEEP_INTERVAL + 0.3
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-def open_fds() -> int:
-    """File descriptors this process holds."""
-    return len(os.listdir("/proc/self/fd"))
-
-
-def fd_table() -> dict[str, str]:
-    """This process's file descriptors and what they are (for failure messages)."""
-    table = {}
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            table[fd] = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            pass
-    return table
 
 
 def new_fds(before: dict[str, str]) -> dict[str, str]:
@@ -548,14 +532,19 @@ class LimitTests(LoopbackCase):
     @coroutine_test
     async def test_server_limit_holds_under_bursts(self):
         """max_connections=20 on ssx-server: 15 connections at once, then 15 more, leave 20 accepted and 10 waiting in the backlog until some close."""
+        echo, echo_port = self.counting_echo()
         server, port = self.server(method="aes-256-gcm", max_connections=self.LIMIT, handshake_timeout=30)
         factory = server.factory
+        suite = make_suite("aes-256-gcm", support.PASSWORD)
 
         def burst(count: int) -> list[socket.socket]:
-            # Connected at once, silent (a client's first bytes may be slow to come).
+            # Connected at once, each with its header and nothing more:
+            # relays that only the connection limit holds back (unfinished
+            # handshakes have bounds of their own, see test_exhaustion).
             sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
             for sock in sockets:
                 self.addCleanup(sock.close)
+                sock.sendall(suite.client_codec().first(Address("127.0.0.1", echo_port), b""))
             return sockets
 
         first = burst(15)

@@ -43,6 +43,10 @@ class _FakeResolver:
         self.asked.append(name)
         return defer.succeed(["93.184.216.34"])
 
+    def known(self, name: str) -> None:
+        """Nothing is known without asking."""
+        return None
+
 
 class _FakePort:
     def __init__(self) -> None:

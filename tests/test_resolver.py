@@ -84,6 +84,20 @@ class ResolverTests(unittest.TestCase):
             self.assertLessEqual(len(resolver._cache), 2)
 
     @defer.inlineCallbacks
+    def test_known_without_asking(self):
+        """known() answers literals, hosts-file names and cached names at once, and None for the rest without a query."""
+        resolver = self.resolver()
+        self.assertEqual(resolver.known("198.51.100.3"), ["198.51.100.3"])
+        self.assertEqual(resolver.known("both.ssx.test"), ["127.0.0.1"])
+        self.assertIsNone(resolver.known("www.ssx.test"))
+        self.assertIsNone(resolver.known("2001:db8::1%eth0"))
+        self.assertEqual(self.zone.queries, [])
+        yield resolver.resolve("www.ssx.test")
+        asked = len(self.zone.queries)
+        self.assertEqual(resolver.known("WWW.ssx.test"), ["192.0.2.10"])
+        self.assertEqual(len(self.zone.queries), asked)
+
+    @defer.inlineCallbacks
     def test_scoped_address_refused(self):
         """A scoped IPv6 literal (an interface of this machine) is refused, not connected to."""
         with self.assertRaises(NameResolutionError):

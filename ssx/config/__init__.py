@@ -25,6 +25,7 @@ from ssx.config.numbers import MAX_COUNT, parse_count, parse_number, parse_port,
 from ssx.net.resolver import parse_nameservers
 from ssx.config.upstreams import ServerEntry, entry_from_url, server_entry
 from ssx.wire.sip003 import Plugin, PluginOptionsError, parse_plugin_options
+from ssx.server.handshakes import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_IP
 
 __all__ = [
     "DEFAULT_CHECK_URL",
@@ -69,10 +70,12 @@ PLUGIN_BACKEND_LISTEN = "tcp:0:interface=127.0.0.1"
 _COMMON_KEYS = {
     "server", "server_port", "password", "key", "method", "timeout", "listen", "mode", "plugin", "plugin_opts",
     "plugin_args", "udp_timeout", "udp_max_associations", "handshake_timeout", "max_connections", "shutdown_grace",
+    "verbose",
 }
 SERVER_KEYS = _COMMON_KEYS | {
     "nameserver", "forbidden_ip", "hosts_file", "resolv_conf", "prefer_ipv6", "users", "replay_history",
     "url_file",
+    "max_handshakes", "max_handshakes_per_ip",
 }
 LOCAL_KEYS = _COMMON_KEYS | {
     "local_address", "local_port", "server_endpoint", "socks_user", "socks_password", "tunnel_address", "tunnels",
@@ -169,6 +172,11 @@ class ServerConfig:
     # the one generated at an earlier start is taken back from it.
     url_file: str | None = None
     password_reused: bool = False
+    # Unfinished handshakes held at once, in all and per source; 0 = no bound.
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    max_handshakes_per_ip: int = DEFAULT_MAX_HANDSHAKES_PER_IP
+    # A log line for every event a peer can cause, destinations included.
+    verbose: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,6 +205,8 @@ class LocalConfig:
     servers: tuple[ServerEntry, ...] = ()
     online: OnlineConfig | None = None
     health_check: HealthCheck | None = None
+    # A log line for every connection's failure, its destination included.
+    verbose: bool = False
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -276,6 +286,9 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         ignored=tuple(sorted(set(values) - SERVER_KEYS)),
         warnings=warnings,
         url_file=_url_file(values, generated),
+        max_handshakes=_count(values, "max_handshakes", DEFAULT_MAX_HANDSHAKES, minimum=0),
+        max_handshakes_per_ip=_count(values, "max_handshakes_per_ip", DEFAULT_MAX_HANDSHAKES_PER_IP, minimum=0),
+        verbose=_verbose(values),
     )
 
 
@@ -381,6 +394,7 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         servers=tuple(servers),
         online=online,
         health_check=_health_check(values),
+        verbose=_verbose(values),
     )
 
 
@@ -584,6 +598,16 @@ def _bool(values: Mapping[str, Any], key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(key, "expected true or false")
     return value
+
+
+def _verbose(values: Mapping[str, Any]) -> bool:
+    """true/false, or the Python shadowsocks' level (-v is 1, -q is -1): above 0 is verbose."""
+    value = values.get("verbose", False)
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, (bool, int)):
+        raise ConfigError("verbose", f"expected true or false (or a verbosity level), not {value!r}")
+    return value > 0
 
 
 def _listen(values: Mapping[str, Any]) -> tuple[str, ...]:

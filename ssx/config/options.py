@@ -51,6 +51,9 @@ class SsxOptions(usage.Options):
     optFlags = [
         ["tcp-and-udp", "u", "relay UDP as well as TCP (mode tcp_and_udp)"],
         ["udp-only", "U", "relay UDP only (mode udp_only)"],
+        ["verbose", "v", "a log line (debug level) for each failure a peer causes: failed handshakes, refused "
+         "or unreachable targets, broken relays, destinations named; by default the server counts them in a "
+         "summary every 10 minutes and no line names a destination"],
         # Accepted so that shadowsocks-libev command lines work unchanged.
         ["no-delay", None, "accepted for compatibility: TCP_NODELAY is always on"],
         ["fast-open", None, "accepted for compatibility and ignored: TCP Fast Open is not used"],
@@ -70,6 +73,7 @@ class SsxOptions(usage.Options):
         "udp-max-associations": "udp_max_associations",
         "plugin": "plugin",
         "plugin-opts": "plugin_opts",
+        "verbose": "verbose",
     }
     flag_keys: Mapping[str, str] = {}
     build: Callable[[Mapping[str, Any]], Any]
@@ -92,6 +96,8 @@ class SsxOptions(usage.Options):
         raise SystemExit(0)
 
     def postOptions(self) -> None:
+        # A switch not given must not override the file's value.
+        self["verbose"] = True if self["verbose"] else None
         try:
             file_values = read_config_file(self["config"]) if self["config"] else {}
             keys = {**self.common_keys, **self.flag_keys}

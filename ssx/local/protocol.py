@@ -127,16 +127,18 @@ class LocalRelayProtocol(InboundProtocol):
         self._state = _CONNECTING
         self._target = target
         self._early = early
+        # Destinations are named in the log only with --verbose.
         try:
             encode_address(target)  # refuse, here, what cannot be sent
         except AddressError as e:
-            _log.info("cannot relay to {target!r}: {error}", target=target.host, error=e)
+            if self.factory.verbose:
+                _log.debug("cannot relay to {target!r}: {error}", target=target.host, error=e)
             self._state = _CLOSED
             self.relay_failed(Failure(e))
             return
         self._candidates = self.factory.servers.candidates()[:MAX_ATTEMPTS]
         if not self._candidates:
-            _log.warn("no server to relay {target} through", target=target)
+            _log.warn("no server to relay a connection through")
             self._state = _CLOSED
             self.relay_failed(Failure(NoServerAvailable("no server configured")))
             return
@@ -196,17 +198,23 @@ class LocalRelayProtocol(InboundProtocol):
         upstream = self._upstream
         assert upstream is not None
         self.factory.servers.failed(upstream, failure.getErrorMessage())
+        verbose = self.factory.verbose
         if self._candidates:
-            _log.info(
-                "cannot reach server {server} for {target} ({error}); trying {next}",
-                server=upstream.label, target=self._target, error=failure.getErrorMessage(), next=self._candidates[0].label,
-            )
+            if verbose:
+                _log.debug(
+                    "cannot reach server {server} for {target} ({error}); trying {next}",
+                    server=upstream.label, target=self._target, error=failure.getErrorMessage(),
+                    next=self._candidates[0].label,
+                )
             self._try_next_server()
             return
-        _log.info(
-            "cannot reach server {server} for {target}: {error}",
-            server=upstream.label, target=self._target, error=failure.getErrorMessage(),
-        )
+        if verbose:
+            _log.debug(
+                "cannot reach server {server} for {target}: {error}",
+                server=upstream.label, target=self._target, error=failure.getErrorMessage(),
+            )
+        else:
+            _log.info("cannot reach server {server}: {error}", server=upstream.label, error=failure.getErrorMessage())
         self._state = _CLOSED
         self.relay_failed(failure)
 

@@ -197,7 +197,7 @@ def build_service(reactor: Any, config: LocalConfig) -> MultiService:
             socks_udp = keep(Socks5UdpRelay(reactor, primary.suite, server, relays.timeout, relays.capacity))
         factory = MixedLocalFactory(
             reactor, picker, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
-            **config.limits.factory_arguments(),
+            verbose=config.verbose, **config.limits.factory_arguments(),
         )
         top.factories.append(factory)  # type: ignore[attr-defined]
         serve(top, reactor, description, factory, "ssx-local", socks_udp)
@@ -209,7 +209,8 @@ def build_service(reactor: Any, config: LocalConfig) -> MultiService:
             )
         if relays.tcp:
             factory = TunnelFactory(
-                reactor, picker, tunnel.target, config.timeout, **config.limits.factory_arguments()
+                reactor, picker, tunnel.target, config.timeout, verbose=config.verbose,
+                **config.limits.factory_arguments(),
             )
             top.factories.append(factory)  # type: ignore[attr-defined]
             serve(top, reactor, tunnel.listen, factory, f"ssx-local tunnel to {tunnel.target}", tunnel_udp)

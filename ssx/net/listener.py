@@ -66,7 +66,8 @@ class ListenerService(Service):
         if ports is not None:
             ports.append(result)  # the factory pauses accepting at its connection limit
             limit = getattr(self.factory, "_limit_accepts", None)
-            if limit is not None and getattr(self.factory, "max_connections", 0) and hasattr(result, "numberAccepts"):
+            bounded = getattr(self.factory, "max_connections", 0) or getattr(self.factory, "accept_batch", 0)
+            if limit is not None and bounded and hasattr(result, "numberAccepts"):
                 limit()
                 # Twisted resizes the accept batch after every accept loop:
                 # cap it again before each one, so no burst overshoots.

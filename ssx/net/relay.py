@@ -195,8 +195,12 @@ class RelayProtocol(Protocol):
 
     def relayFailed(self, error: ProtocolError) -> None:
         """The stream read on this side is broken: close both sides."""
-        _log.info("relay closed: {error}", error=error)
+        self.report_broken(error)
         self.close_both()
+
+    def report_broken(self, error: ProtocolError) -> None:
+        """Say that this relay's stream broke (the accepting side's factory decides how)."""
+        _log.info("relay closed: {error}", error=error)
 
     def activity(self) -> None:
         """Data moved; subclasses reset their idle timer here."""
@@ -299,6 +303,13 @@ class OutboundProtocol(RelayProtocol):
     def dataReceived(self, data: bytes) -> None:
         self.relayReceived(data)
 
+    def report_broken(self, error: ProtocolError) -> None:
+        peer = self.peer
+        if peer is not None:
+            peer.report_broken(error)
+        else:
+            RelayProtocol.report_broken(self, error)
+
     def activity(self) -> None:
         peer = self.peer
         if peer is not None:
@@ -323,17 +334,30 @@ class RelayFactory(Factory):
     With `max_connections`, reaching the limit pauses accepting on every
     port of this factory: new connections wait in the kernel's backlog,
     running ones are unaffected, and accepting resumes below the limit.
+    `accept_batch` (0: Twisted's own, which grows under load) caps the
+    connections a port accepts at once, before any of them is read.
+
+    `verbose` asks for a log line per event that a peer can cause (failed
+    handshakes, unreachable targets, the destinations themselves); without
+    it such events are counted (and the server logs a periodic summary).
     """
 
     noisy = False
 
     def __init__(
-        self, reactor: Any, timeout: float, handshake_timeout: float | None = None, max_connections: int = 0
+        self,
+        reactor: Any,
+        timeout: float,
+        handshake_timeout: float | None = None,
+        max_connections: int = 0,
+        verbose: bool = False,
     ) -> None:
         self.reactor = reactor
         self.timeout = timeout
         self.handshake_timeout = min(handshake_timeout or timeout, timeout)
         self.max_connections = max_connections
+        self.accept_batch = 0
+        self.verbose = verbose
         self.connections: set[Any] = set()
         self.ports: list[Any] = []
         self._paused = False
@@ -351,8 +375,19 @@ class RelayFactory(Factory):
                 self._paused = True
                 for port in self.ports:
                     port.stopReading()
-                _log.warn("{count} connections: at the limit, new ones wait", count=len(self.connections))
+                self.report_limit()
             self._limit_accepts()
+
+    def swept(self, now: float) -> None:
+        """Called after each sweep for idle connections (at `now`), while there are connections."""
+
+    def report_limit(self) -> None:
+        """Accepting has paused at the connection limit."""
+        _log.warn("{count} connections: at the limit, new ones wait", count=len(self.connections))
+
+    def relay_broken(self, error: ProtocolError) -> None:
+        """A relayed stream of one of our connections failed to decrypt; both sides are closing."""
+        _log.info("relay closed: {error}", error=error)
 
     def connection_closed(self, protocol: Any) -> None:
         self.connections.discard(protocol)
@@ -382,14 +417,21 @@ class RelayFactory(Factory):
                 except Exception:
                     # One connection's failure must not spare the others.
                     _log.failure("timing out {protocol!r}", protocol=protocol)
+            self.swept(now)
         finally:
             if self.connections and self._sweep is None:
                 self._sweep = self.reactor.callLater(SWEEP_INTERVAL, self._time_out_idle)
 
     def _limit_accepts(self) -> None:
         # A TCP port accepts up to `numberAccepts` connections per readable
-        # event without looking back at us: never more than there is room for.
-        room = max(1, self.max_connections - len(self.connections))
+        # event without looking back at us: never more than there is room
+        # for, nor more than `accept_batch`.
+        room = self.accept_batch
+        if self.max_connections:
+            free = max(1, self.max_connections - len(self.connections))
+            room = min(room, free) if room else free
+        if not room:
+            return
         for port in self.ports:
             if hasattr(port, "numberAccepts"):
                 port.numberAccepts = room
@@ -432,6 +474,9 @@ class InboundProtocol(RelayProtocol):
         # Idle means nothing moved either way: a peer that stopped reading
         # cannot be waited for, so abort rather than flush.
         self.close_both(abort=True)
+
+    def report_broken(self, error: ProtocolError) -> None:
+        self.factory.relay_broken(error)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.factory.connection_closed(self)

@@ -24,6 +24,7 @@ from ssx.errors import ConfigError, SSXError
 from ssx.server.forbidden import is_ip_literal
 from ssx.net.nat import NatTable
 from ssx.config.numbers import parse_number
+from ssx.net.quiet_udp import QuietUdpReactor
 
 __all__ = [
     "FALLBACK_NAMESERVERS",
@@ -135,7 +136,9 @@ class TargetResolver:
         self.prefer_ipv6 = prefer_ipv6
         self._reactor = reactor
         self._hosts = hosts.Resolver(file=hosts_file.encode() if isinstance(hosts_file, str) else hosts_file)
-        self._upstream = client.Resolver(servers=list(servers), reactor=reactor, timeout=query_timeouts)
+        # One socket per query, on a random port (see ssx.server_udp.UdpLookups),
+        # but without Twisted's two log lines for each.
+        self._upstream = client.Resolver(servers=list(servers), reactor=QuietUdpReactor(reactor), timeout=query_timeouts)
         self._timeouts = query_timeouts
         # (name, record type) -> (addresses, expiry time)
         self._cache: NatTable[tuple[str, int], tuple[list[str], float]] = NatTable(
@@ -162,14 +165,30 @@ class TargetResolver:
             return succeed([name])
         return Deferred.fromCoroutine(self._resolve(name))
 
-    async def _resolve(self, name: str) -> list[str]:
+    def known(self, name: str) -> list[str] | None:
+        """
+        The addresses `resolve` would give without asking DNS (an IP
+        literal, the hosts file, a fresh cache entry), or None: what a
+        caller that bounds its look-ups need not count.
+        """
+        if "%" in name:
+            return None
+        if is_ip_literal(name):
+            return [name]
+        outcome: list[Any] = []
+        # The hosts file and the cache answer at once, so this has fired.
+        Deferred.fromCoroutine(self._resolve(name, upstream=False)).addBoth(outcome.append)
+        found = outcome[0] if outcome else None
+        return found if isinstance(found, list) and found else None
+
+    async def _resolve(self, name: str, upstream: bool = True) -> list[str]:
         lookups = [_lookup(self._hosts, name, dns.A), _lookup(self._hosts, name, dns.AAAA)]
         local, _ = await self._first_found(lookups)
         if local:
             return local
         # Both families at once, so a dead or slow upstream costs one timeout
         # sequence, not two; the preferred family wins when it has addresses.
-        lookups = [self._cached(name, dns.A), self._cached(name, dns.AAAA)]
+        lookups = [self._cached(name, dns.A, upstream), self._cached(name, dns.AAAA, upstream)]
         found, error = await self._first_found(lookups)
         if found:
             return found
@@ -197,7 +216,7 @@ class TargetResolver:
                 return addresses, None
         return [], error
 
-    def _cached(self, name: str, record_type: int) -> Deferred:
+    def _cached(self, name: str, record_type: int, upstream: bool = True) -> Deferred:
         key = (name.lower(), record_type)
         hit = self._cache.peek(key)
         if hit is not None:
@@ -205,6 +224,8 @@ class TargetResolver:
             if expires > self._reactor.seconds():
                 return succeed(addresses)
             self._cache.remove(key)
+        if not upstream:
+            return succeed([])
         d = Deferred.fromCoroutine(self._query(name, record_type))
         self._pending.add(d)
         d.addBoth(lambda result: (self._pending.discard(d), result)[1])

@@ -9,7 +9,17 @@ client bytes are decrypted towards the target, target bytes encrypted back.
 Anything that fails before the relay starts because of the client's bytes
 (a bad tag, a malformed header) gets silence: the connection keeps reading
 and discarding until its timeout, then closes with a FIN, so a prober learns
-nothing from when or how it closed.
+nothing from how it closed, nor (below the bounds that follow) from when.
+
+Connections that have not yet presented a valid header are bounded, per
+source and in all (`ssx.server.handshakes`; with max_connections, to half its
+slots): beyond a bound the oldest of them is closed as its handshake
+timeout would close it.  A connection past its header is never closed to
+make room.
+
+Peers' failures are counted on the factory, not logged one by one (the
+service logs a periodic summary); `verbose` logs them, destinations
+included.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from ssx.errors import ProtocolError
 from ssx.server.forbidden import ForbiddenNetworks, is_ip_literal
 from ssx.net.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol, can_half_close, connect_tcp
 from ssx.net.resolver import NameResolutionError, TargetResolver
+from ssx.server.handshakes import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_IP, HandshakeTable, source_group
 
 __all__ = ["ShadowsocksServerFactory", "ShadowsocksServerProtocol", "UserTraffic"]
 
@@ -71,6 +82,8 @@ class ShadowsocksServerFactory(RelayFactory):
         timeout: float = 300.0,
         connect_timeout: float = 10.0,
         salt_filter: Any = None,
+        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+        max_handshakes_per_ip: int = DEFAULT_MAX_HANDSHAKES_PER_IP,
         **limits: Any,
     ) -> None:
         RelayFactory.__init__(self, reactor, timeout, **limits)
@@ -79,18 +92,69 @@ class ShadowsocksServerFactory(RelayFactory):
         self.resolver = resolver
         self.forbidden = forbidden
         self.connect_timeout = connect_timeout
+        if self.max_connections:
+            # Unfinished handshakes that have had their chance never hold
+            # more than half the connection slots.
+            half = max(1, self.max_connections // 2)
+            max_handshakes = min(max_handshakes, half) if max_handshakes else half
+        self.handshakes = HandshakeTable(max_handshakes, max_handshakes_per_ip)
+        # Connections accepted together are read only after the next batch
+        # is accepted: at most two batches are unread at any time, and the
+        # table keeps up to twice its bounds of those.
+        bounds = [bound for bound in (max_handshakes, max_handshakes_per_ip) if bound]
+        self.accept_batch = min(bounds) if bounds else 0
         # Counters for logs and tests now, for per-user stats and metrics later.
         self.connections_refused = 0
         self.handshake_failures = 0
         self.targets_unreachable = 0
+        self.handshakes_timed_out = 0
+        self.handshakes_evicted = 0
+        self.relays_broken = 0
+        self.limit_reached = 0
         self.user_traffic: dict[str, UserTraffic] = {}
 
     def buildProtocol(self, addr: Any) -> "ShadowsocksServerProtocol":
         return ShadowsocksServerProtocol(self)
 
+    def handshake_started(self, protocol: "ShadowsocksServerProtocol") -> None:
+        """A connection was accepted: bound the unfinished handshakes, closing the oldest beyond."""
+        group = None
+        if self.handshakes.per_source:
+            group = source_group(getattr(protocol.transport.getPeer(), "host", ""))
+        for old in self.handshakes.add(protocol, group, self.reactor.seconds()):
+            old.evict()
+
+    def handshake_fed(self, protocol: "ShadowsocksServerProtocol") -> None:
+        """An unfinished handshake sent bytes: it has had its chance, and the bounds apply to it."""
+        for old in self.handshakes.fed(protocol):
+            old.evict()
+
+    def swept(self, now: float) -> None:
+        # Those that were too young to go when the bounds were passed.
+        if len(self.handshakes):
+            for old in self.handshakes.over(now):
+                old.evict()
+
+    def report_limit(self) -> None:
+        # Clients can bring this about over and over: one line, then the
+        # summary counts.
+        self.limit_reached += 1
+        if self.limit_reached == 1 or self.verbose:
+            _log.warn(
+                "{count} connections: at the limit, new ones wait (counted in the summary from now on)",
+                count=len(self.connections),
+            )
+
+    def relay_broken(self, error: ProtocolError) -> None:
+        self.relays_broken += 1
+        if self.verbose:
+            _log.debug("relay closed: {error}", error=error)
+
 
 class ShadowsocksServerProtocol(InboundProtocol):
     """A client connection to the server, from the salt to the end of the relay."""
+
+    factory: ShadowsocksServerFactory
 
     def __init__(self, factory: ShadowsocksServerFactory) -> None:
         InboundProtocol.__init__(self, factory)
@@ -102,6 +166,22 @@ class ShadowsocksServerProtocol(InboundProtocol):
     # The idle timer starts at connectionMade and nothing resets it before
     # the relay starts: a client gets one timeout's worth of time to present
     # a valid header, however it trickles its bytes.
+
+    def connectionMade(self) -> None:
+        InboundProtocol.connectionMade(self)
+        self.factory.handshake_started(self)
+
+    def evict(self) -> None:
+        """
+        Close an unfinished handshake early to make room, exactly as its
+        timeout would (no byte, a FIN), and stop counting it at once.
+        """
+        factory = self.factory
+        factory.handshakes_evicted += 1
+        factory.handshakes.remove(self)
+        factory.connection_closed(self)
+        self.idle_limit = None
+        self._close_unfinished()
 
     def dataReceived(self, data: bytes) -> None:
         state = self._state
@@ -118,21 +198,26 @@ class ShadowsocksServerProtocol(InboundProtocol):
             return
         if state == _HEADER and codec.address is not None:
             self._state = _CONNECTING
+            self.factory.handshakes.remove(self)
             # Hold further reads until the target answers: bounds what we
             # buffer to one read.
             self.transport.pauseProducing()
             self._open_target(codec.address)
+        elif state == _HEADER:
+            self.factory.handshake_fed(self)
 
     def _discard(self, error: ProtocolError) -> None:
-        peer = self.transport.getPeer()
-        _log.debug(
-            "{peer}: {error}; discarding until the timeout",
-            peer=getattr(peer, "host", peer),
-            error=type(error).__name__,
-        )
+        if self.factory.verbose:
+            peer = self.transport.getPeer()
+            _log.debug(
+                "{peer}: {error}; discarding until the timeout",
+                peer=getattr(peer, "host", peer),
+                error=type(error).__name__,
+            )
         self._state = _DISCARD
         self._plain = bytearray()
         self.factory.handshake_failures += 1
+        self.factory.handshake_fed(self)
 
     def _open_target(self, address: Address) -> None:
         # Callbacks rather than a coroutine: an IP literal (the common case)
@@ -155,7 +240,8 @@ class ShadowsocksServerProtocol(InboundProtocol):
         factory = self.factory
         allowed = [ip for ip in ips if not factory.forbidden.forbids(ip)]
         if not allowed:
-            _log.debug("refused {target}: forbidden address {ips}", target=address, ips=",".join(ips))
+            if factory.verbose:
+                _log.debug("refused {target}: forbidden address {ips}", target=address, ips=",".join(ips))
             factory.connections_refused += 1
             self.transport.loseConnection()
             return
@@ -176,10 +262,11 @@ class ShadowsocksServerProtocol(InboundProtocol):
         self._connecting = None
         if failure.check(CancelledError):
             return
-        if failure.check(NameResolutionError, ConnectError):
-            _log.debug("cannot reach {target}: {error}", target=address, error=failure.value)
-        else:
-            _log.debug("cannot connect to {target}: {error!r}", target=address, error=failure.value)
+        if self.factory.verbose:
+            if failure.check(NameResolutionError, ConnectError):
+                _log.debug("cannot reach {target}: {error}", target=address, error=failure.value)
+            else:
+                _log.debug("cannot connect to {target}: {error!r}", target=address, error=failure.value)
         self.factory.targets_unreachable += 1
         self.transport.loseConnection()
 
@@ -214,9 +301,16 @@ class ShadowsocksServerProtocol(InboundProtocol):
         if self._state == _RELAY:
             InboundProtocol.timeoutConnection(self)
         else:
-            if self._connecting is not None:
-                self._connecting.cancel()
-            self.transport.loseConnection()
+            if self._state == _HEADER:
+                # No whole header came: a failed handshake that the
+                # decoder never saw fail.
+                self.factory.handshakes_timed_out += 1
+            self._close_unfinished()
+
+    def _close_unfinished(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+        self.transport.loseConnection()
 
     def readConnectionLost(self) -> None:
         if self._state == _RELAY:
@@ -229,6 +323,7 @@ class ShadowsocksServerProtocol(InboundProtocol):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.factory.handshakes.remove(self)
         if self._connecting is not None:
             self._connecting.cancel()
         InboundProtocol.connectionLost(self, reason)

@@ -22,11 +22,11 @@ from ssx.net.plugin import PluginService
 from ssx.net.resolver import TargetResolver
 from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.safe_file import read_private_file, write_file
-from ssx.server.udp import ShadowsocksUdpRelay, udp_relay_for
+from ssx.server.udp import ShadowsocksUdpRelay, UdpLookups, udp_relay_for
 from ssx.config.options import SsxOptions, log_config_notes, make_suite
 from ssx.wire.sip002 import format_url, parse_url
 
-__all__ = ["Options", "makeService", "build_service"]
+__all__ = ["CounterReport", "Options", "makeService", "build_service"]
 
 _log = Logger()
 
@@ -58,6 +58,11 @@ class Options(SsxOptions):
         ["resolv-conf", None, None, "resolv.conf to take DNS servers from [default: /etc/resolv.conf]"],
         ["replay-history", None, None, "salts remembered to refuse replayed connections and datagrams "
          "(stream and AEAD-2017 methods; 0 turns it off) [default: 1000000]"],
+        ["max-handshakes", None, None, "connections kept at once that have not sent a valid header (at most "
+         "half of --max-connections; 0: no bound); beyond, the oldest that sent bytes or waited 2 s is closed "
+         "as its handshake timeout would close it [default: 512]"],
+        ["max-handshakes-per-ip", None, None, "the same, from one IPv4 address or IPv6 /64; not applied "
+         "behind a plugin (0: no bound) [default: 128]"],
         ["plugin", None, None, "SIP003 plugin (a name on PATH or a path), e.g. obfs-server or v2ray-plugin: it "
          "listens on -s/-p, ssx behind it on a loopback port; UDP (-u) stays on -s/-p, outside the plugin"],
         ["plugin-opts", None, None, "the plugin's options (SS_PLUGIN_OPTIONS), e.g. \"obfs=http\" or "
@@ -73,6 +78,8 @@ class Options(SsxOptions):
         "resolv-conf": "resolv_conf",
         "replay-history": "replay_history",
         "url-file": "url_file",
+        "max-handshakes": "max_handshakes",
+        "max-handshakes-per-ip": "max_handshakes_per_ip",
     }
     build = staticmethod(server_config)
 
@@ -141,8 +148,13 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
     salt_filter = SaltFilter(config.replay_history) if config.replay_history >= 2 else None
     factory = ShadowsocksServerFactory(
         reactor, suite, resolver, config.forbidden, timeout=config.timeout, salt_filter=salt_filter,
+        max_handshakes=config.max_handshakes,
+        # Behind a plugin every connection comes from the plugin's address.
+        max_handshakes_per_ip=config.max_handshakes_per_ip if config.plugin is None else 0,
+        verbose=config.verbose,
         **config.limits.factory_arguments(),
     )
+    lookups = UdpLookups(resolver)
     top = MultiService()
     if config.forbidden.host is not None:
         # Reads the addresses at start and after every change (a check made
@@ -156,7 +168,8 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
         if not relays.udp:
             return None
         relay = udp_relay_for(suite)(
-            reactor, suite, resolver, config.forbidden, relays.timeout, relays.capacity, salt_filter=salt_filter
+            reactor, suite, resolver, config.forbidden, relays.timeout, relays.capacity, salt_filter=salt_filter,
+            lookups=lookups, verbose=config.verbose,
         )
         top.udp_relays.append(relay)  # type: ignore[attr-defined]
         return relay
@@ -179,7 +192,7 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
             DatagramListenerService(reactor, udp_relay(), "ssx-server", address=(host, config.port)).setServiceParent(top)
     DrainService(reactor, [factory], config.limits.shutdown_grace, "ssx-server").setServiceParent(top)
     _ResolverCache(resolver).setServiceParent(top)
-    _CounterReport(reactor, factory, top.udp_relays).setServiceParent(top)  # type: ignore[attr-defined]
+    CounterReport(reactor, factory, top.udp_relays).setServiceParent(top)  # type: ignore[attr-defined]
     _report(config, resolver)
     # After the listeners, so that the URL has the port actually bound.
     _AnnounceUrl(config, top).setServiceParent(top)
@@ -267,56 +280,66 @@ def _client_plugin_options(options: str) -> str:
     return ";".join(part for part in options.split(";") if part and part != "server")
 
 
-class _CounterReport(Service):
+class CounterReport(Service):
     """
-    Logs, every `interval` seconds, what was refused or failed meanwhile:
-    one line instead of one per probe (those are at debug level).
+    Logs, every `interval` seconds, what peers caused meanwhile that
+    failed or was refused: one line instead of one per event (those are
+    logged only with --verbose), naming no peer and no destination.
+    `clock` (the reactor) may be replaced before the service starts.
     """
 
     interval = 600.0
+    # (counter on the factory, or on each UDP relay, summed; what it counts)
+    TCP_COUNTERS = (
+        ("handshake_failures", "connections failed authentication, replayed or sent a bad header"),
+        ("handshakes_timed_out", "connections sent no whole header before the handshake timeout"),
+        ("handshakes_evicted", "unfinished handshakes closed early to make room"),
+        ("connections_refused", "forbidden targets refused"),
+        ("targets_unreachable", "targets unreachable"),
+        ("relays_broken", "relays closed on a broken stream"),
+        ("limit_reached", "times at the connection limit"),
+    )
+    UDP_COUNTERS = (
+        ("dropped", "UDP datagrams dropped (bad, replayed, unresolved or over a bound)"),
+        ("refused", "UDP datagrams to forbidden targets"),
+    )
 
     def __init__(self, reactor: Any, factory: ShadowsocksServerFactory, relays: list) -> None:
-        self.reactor = reactor
+        self.clock = reactor
         self.factory = factory
         self.relays = relays
         self._last = self._counts()
-        self._call = LoopingCall(self._report)
-        self._call.clock = reactor
+        self._call: LoopingCall | None = None
 
     def _counts(self) -> tuple[int, ...]:
-        f = self.factory
-        return (
-            f.handshake_failures,
-            f.connections_refused,
-            f.targets_unreachable,
-            sum(r.dropped for r in self.relays),
-            sum(r.refused for r in self.relays),
-        )
+        tcp = [getattr(self.factory, name) for name, _ in self.TCP_COUNTERS]
+        udp = [sum(getattr(r, name) for r in self.relays) for name, _ in self.UDP_COUNTERS]
+        return (*tcp, *udp)
 
     def _report(self) -> None:
         now = self._counts()
         delta = [b - a for a, b in zip(self._last, now)]
         self._last = now
-        if any(delta):
+        described = [what for _, what in self.TCP_COUNTERS + self.UDP_COUNTERS]
+        parts = [f"{count} {what}" for count, what in zip(delta, described) if count]
+        if parts:
             _log.info(
-                "ssx-server, last {minutes:g} min: {auth} connections failed authentication or sent a bad header, "
-                "{refused} forbidden targets refused, {unreachable} targets unreachable, "
-                "{dropped} UDP datagrams dropped, {udp_refused} UDP datagrams to forbidden targets",
+                "ssx-server, last {minutes:g} min: {summary}",
                 minutes=self.interval / 60,
-                auth=delta[0],
-                refused=delta[1],
-                unreachable=delta[2],
-                dropped=delta[3],
-                udp_refused=delta[4],
+                summary=", ".join(parts),
+                counts=dict(zip([name for name, _ in self.TCP_COUNTERS + self.UDP_COUNTERS], delta)),
             )
 
     def startService(self) -> None:
         Service.startService(self)
+        self._last = self._counts()
+        self._call = LoopingCall(self._report)
+        self._call.clock = self.clock
         self._call.start(self.interval, now=False)
 
     def stopService(self) -> None:
         Service.stopService(self)
-        if self._call.running:
+        if self._call is not None and self._call.running:
             self._call.stop()
 
 

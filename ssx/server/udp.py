@@ -7,7 +7,10 @@ payload sent from the client's own outgoing socket.  Whatever arrives on that
 socket, from any source, goes back to the client sealed with the source's
 address in front.  Clients live in a `NatTable` (bounded, idle entries swept
 on the reactor clock), so a flood of client addresses costs at most its
-capacity in sockets.  Bad datagrams are dropped and counted, never answered.
+capacity in sockets.  Target names are looked up through `UdpLookups`,
+which bounds the look-ups in flight (each costs sockets) and lets datagrams
+for the same name wait on one.  Bad datagrams are dropped and counted,
+never answered.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ssx.wire.address import Address, decode_target, encode_address
 from ssx.crypto import CipherSuite
@@ -24,8 +28,16 @@ from ssx.errors import ProtocolError
 from ssx.server.forbidden import ForbiddenNetworks, is_ip_literal
 from ssx.net.nat import SweptNatProtocol, send_datagram
 from ssx.net.resolver import TargetResolver
+from ssx.net.quiet_udp import listen_udp
 
-__all__ = ["MAX_DATAGRAM", "READ_SIZE", "Shadowsocks2022UdpRelay", "ShadowsocksUdpRelay", "udp_relay_for"]
+__all__ = [
+    "MAX_DATAGRAM",
+    "READ_SIZE",
+    "Shadowsocks2022UdpRelay",
+    "ShadowsocksUdpRelay",
+    "UdpLookups",
+    "udp_relay_for",
+]
 
 _log = Logger()
 
@@ -50,12 +62,18 @@ class _ClientSockets:
         if transport is None:
             protocol = _Upstream(self)
             try:
-                transport = self.relay.reactor.listenUDP(
-                    0, protocol, interface="::" if version == 6 else "0.0.0.0", maxPacketSize=READ_SIZE
+                # Quiet: one per association a client starts, which must not cost log lines.
+                transport = listen_udp(
+                    self.relay.reactor, 0, protocol, interface="::" if version == 6 else "0.0.0.0", maxPacketSize=READ_SIZE
                 )
             except CannotListenError as e:
-                self.relay.dropped += 1
-                _log.warn("UDP: cannot open an outgoing socket: {error}", error=e.socketError)
+                relay = self.relay
+                relay.dropped += 1
+                relay.socket_failures += 1
+                # Clients can cause this over and over (out of descriptors):
+                # the first is worth a line, the rest are in the summary.
+                if relay.socket_failures == 1 or relay.verbose:
+                    _log.warn("UDP: cannot open an outgoing socket: {error}", error=e.socketError)
                 return
             self._ports[version] = transport
         try:
@@ -84,6 +102,100 @@ class _Upstream(DatagramProtocol):
         self.sockets.relay.reply(self.sockets.client, Address(host.split("%", 1)[0], port), data)
 
 
+# The bounds of `UdpLookups`.  A name in flight costs two sockets (A and
+# AAAA are asked at once) for at most the query timeouts; a waiting
+# datagram costs its payload, up to 64 KiB.  A legitimate association
+# rarely waits on more than a few new names at once (names it used lately
+# come from the cache, uncounted).
+MAX_LOOKUPS = 64
+MAX_WAITING_PER_ASSOCIATION = 16
+MAX_WAITING = 512
+
+
+class UdpLookups:
+    """
+    The target-name look-ups of one server's UDP relays.
+
+    Datagrams naming a name already being looked up wait on that look-up
+    (one query for any number of datagrams).  At most `limit` names are
+    looked up at once, at most `per_association` datagrams of one
+    association (a relay's NAT key) wait, and at most `waiting_limit` in
+    all; a datagram beyond any bound is dropped and counted by its relay.
+    Names the resolver knows without DNS (hosts file, cache) go through at
+    once and count against nothing.
+
+    twisted.names opens a socket for every query, on a random source port.
+    That is kept, rather than one socket shared by all queries: the random
+    port adds about 16 bits to the 16-bit query ID that an off-path
+    attacker must guess to forge an answer (and so steer a client's
+    datagrams where it likes), and the bound on names in flight already
+    bounds those sockets, at 2 * `limit` (a retry closes its socket before
+    opening the next).
+    """
+
+    def __init__(
+        self,
+        resolver: TargetResolver,
+        limit: int = MAX_LOOKUPS,
+        per_association: int = MAX_WAITING_PER_ASSOCIATION,
+        waiting_limit: int = MAX_WAITING,
+    ) -> None:
+        self.resolver = resolver
+        self.limit = limit
+        self.per_association = per_association
+        self.waiting_limit = waiting_limit
+        # name -> the datagrams waiting on its look-up
+        self._names: dict[str, list[tuple[ShadowsocksUdpRelay, Any, Address, bytes]]] = {}
+        self._per_association: dict[tuple[ShadowsocksUdpRelay, Any], int] = {}
+        self.waiting = 0
+
+    def __len__(self) -> int:
+        """Names being looked up."""
+        return len(self._names)
+
+    def route(self, relay: "ShadowsocksUdpRelay", key: Any, target: Address, payload: bytes) -> None:
+        """Send `payload` for `relay`'s association `key` to the domain-name `target`, once it resolves."""
+        ips = self.resolver.known(target.host)
+        if ips is not None:
+            relay._send(key, target, ips, payload)
+            return
+        association = (relay, key)
+        held = self._per_association.get(association, 0)
+        name = target.host.lower()
+        waiters = self._names.get(name)
+        if (
+            held >= self.per_association
+            or self.waiting >= self.waiting_limit
+            or (waiters is None and len(self._names) >= self.limit)
+        ):
+            relay.dropped += 1
+            return
+        start = waiters is None
+        if waiters is None:
+            waiters = self._names[name] = []
+        waiters.append((relay, key, target, payload))
+        self._per_association[association] = held + 1
+        self.waiting += 1
+        if start:
+            self.resolver.resolve(target.host).addBoth(self._resolved, name)
+
+    def _resolved(self, result: Any, name: str) -> None:
+        for relay, key, target, payload in self._names.pop(name, []):
+            association = (relay, key)
+            left = self._per_association.pop(association) - 1
+            if left:
+                self._per_association[association] = left
+            self.waiting -= 1
+            if isinstance(result, Failure):
+                relay._unresolved()
+                continue
+            try:
+                relay._send(key, target, result, payload)
+            except Exception:
+                # One datagram's failure must not strand the others.
+                _log.failure("UDP: sending a datagram whose target was looked up")
+
+
 class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
     """The server's UDP port: one instance per bound address."""
 
@@ -98,6 +210,8 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
         timeout: float = 60.0,
         capacity: int = 1024,
         salt_filter: Any = None,
+        lookups: UdpLookups | None = None,
+        verbose: bool = False,
     ) -> None:
         self.setup_nat(reactor, timeout, capacity)
         # Replayed datagrams (same salt/IV) are dropped like forged ones.
@@ -105,7 +219,11 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
         self.suite = suite
         self.resolver = resolver
         self.forbidden = forbidden
+        # Shared by a server's relays, so that its bounds are the server's.
+        self.lookups = lookups if lookups is not None else UdpLookups(resolver)
+        self.verbose = verbose
         self.refused = 0
+        self.socket_failures = 0
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
@@ -134,8 +252,7 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
         if is_ip_literal(target.host):
             self._send(key, target, [target.host], payload)
         else:
-            d = self.resolver.resolve(target.host)
-            d.addCallbacks(lambda ips: self._send(key, target, ips, payload), lambda _: self._unresolved())
+            self.lookups.route(self, key, target, payload)
 
     def _unresolved(self) -> None:
         self.dropped += 1

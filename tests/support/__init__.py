@@ -38,6 +38,8 @@ from tests.support.in_memory import FakeServer, HalfCloseTransport, Link
 from tests.support.logs import event_texts, log_events
 from tests.support.payloads import mixed_payloads, sha256
 from tests.support.peers import (
+    fd_table,
+    open_fds,
     ROOT,
     TWISTD,
     ChildProcess,
@@ -67,6 +69,8 @@ from tests.support.targets import (
 from tests.support.waiting import coroutine_test, outgoing_connections, sleep, wait_for, wait_until, within
 
 __all__ = [
+    "fd_table",
+    "open_fds",
     # chains
     "PASSWORD",
     "start_server",

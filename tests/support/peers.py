@@ -153,3 +153,19 @@ async def late_lines_quoted(text: Callable[[], str], quiet: float = 0.1, seconds
             raise
         # The same exception type: callers may catch a TestCase's failureException.
         raise type(e)(f"{e}\n--- printed after the failure ---\n{late}") from None
+
+
+def open_fds() -> int:
+    """File descriptors this process holds."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def fd_table() -> dict[str, str]:
+    """This process's file descriptors and what they are (for failure messages)."""
+    table = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            table[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return table
