@@ -78,6 +78,9 @@ class DocumentTests(unittest.SynchronousTestCase):
             (document(server(server=None)), "servers[0].server"),
             (document(server(plugin="obfs-local")), "no usable server"),
             (b" " * (MAX_DOCUMENT + 1), "larger"),
+            # json.loads raises plain ValueError (int digit limit) and RecursionError for these
+            (b'{"version": 1, "servers": [], "bytes_used": ' + b"9" * 5000 + b"}", "not JSON"),
+            (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
         ]
         for body, words in cases:
             with self.assertRaises(ConfigError, msg=body[:60]) as caught:

@@ -43,8 +43,10 @@ def parse_online_config(body: bytes) -> OnlineServers:
         raise _reject(f"document larger than {MAX_DOCUMENT} bytes")
     try:
         document = json.loads(body.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _reject(f"not JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
+        # JSONDecodeError and UnicodeDecodeError are ValueErrors; so is a number
+        # past Python's digit limit, and nesting past the stack is a RecursionError.
+        raise _reject(f"not JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(document, dict):
         raise _reject("not a JSON object")
     version = document.get("version")
