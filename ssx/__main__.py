@@ -9,7 +9,7 @@ import sys
 from ssx import __version__
 from ssx.crypto import METHODS, generate_psk, lookup_method
 from ssx.errors import ConfigError
-from ssx.config.numbers import parse_count, parse_port
+from ssx.wire.numbers import parse_count, parse_port
 
 # A certificate's validity, in days: a century at most (far beyond it, dates overflow).
 MAX_DAYS = 36500

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from ssx.crypto import lookup_method
 from ssx.errors import ConfigError
-from ssx.config.numbers import parse_port
+from ssx.wire.numbers import parse_port
 from ssx.wire.sip002 import format_url, parse_url
 
 __all__ = ["ServerEntry", "entry_from_url", "entry_url", "server_entry"]
