@@ -399,6 +399,61 @@ class Server2022SessionTests(unittest.SynchronousTestCase):
         key, session = self.session_of("alice")
         self.assertEqual((len(self.relay.nat), session.client), (1, ("198.51.100.9", 4001)))
 
+    def small_relay(self, capacity: int, timeout: float = 60) -> Shadowsocks2022UdpRelay:
+        suite = self.relay.suite
+        relay = Shadowsocks2022UdpRelay(self.reactor, suite, None, parse_forbidden(None), timeout=timeout, capacity=capacity)
+        relay.transport = _FakePort()
+        relay.startProtocol()
+        self.addCleanup(relay.stopProtocol)
+        return relay
+
+    def test_replay_after_eviction(self):
+        """A session pushed out of the NAT table keeps its window: its captured packet replayed is dropped."""
+        relay = self.small_relay(capacity=2)
+        target = Address("93.184.216.34", 53)
+        alice = self.client("alice")
+        captured = alice.encode(target, b"a")
+        relay.datagramReceived(captured, ("198.51.100.1", 4000))
+        for _ in range(2):  # Bob's sessions push Alice's out
+            relay.datagramReceived(self.client("bob").encode(target, b"b"), ("198.51.100.2", 5000))
+        self.assertNotIn("alice", [key[0].name for key in relay.nat])
+        relay.datagramReceived(captured, ("198.51.100.66", 6666))
+        self.assertEqual(relay.dropped, 1)
+        self.assertNotIn(("198.51.100.66", 6666), [relay.nat.peek(key).client for key in relay.nat])
+        # Alice's own next packet still goes through, in the session she had.
+        relay.datagramReceived(alice.encode(target, b"a"), ("198.51.100.1", 4000))
+        self.assertEqual(relay.dropped, 1)
+        self.assertIn("alice", [key[0].name for key in relay.nat])
+
+    def test_replay_after_idle_expiry(self):
+        """With a NAT timeout shorter than the timestamp window, an expired session's packet replayed is dropped."""
+        relay = self.small_relay(capacity=10, timeout=5)
+        target = Address("93.184.216.34", 53)
+        captured = self.client("alice").encode(target, b"a")
+        relay.datagramReceived(captured, ("198.51.100.1", 4000))
+        self.reactor.advance(10)
+        relay.nat.sweep()
+        self.assertEqual(len(relay.nat), 0)
+        relay.datagramReceived(captured, ("198.51.100.66", 6666))
+        self.assertEqual(relay.dropped, 1)
+        self.assertNotIn(("198.51.100.66", 6666), [relay.nat.peek(key).client for key in relay.nat])
+
+    def test_window_forgotten_early_raises_the_floor(self):
+        """Past the bound of kept windows, a forgotten session's packets are still refused; later sessions are not."""
+        relay = self.small_relay(capacity=2)
+        target = Address("93.184.216.34", 53)
+        captured = self.client("alice").encode(target, b"a")
+        relay.datagramReceived(captured, ("198.51.100.1", 4000))
+        for _ in range(6):  # more sessions than the NAT table and the kept windows hold
+            relay.datagramReceived(self.client("bob").encode(target, b"b"), ("198.51.100.2", 5000))
+        self.assertGreater(relay.retired.forgotten_early, 0)
+        dropped = relay.dropped
+        relay.datagramReceived(captured, ("198.51.100.66", 6666))
+        self.assertEqual(relay.dropped, dropped + 1)
+        self.reactor.advance(1)
+        relay.datagramReceived(self.client("alice").encode(target, b"a"), ("198.51.100.1", 4001))
+        self.assertEqual(relay.dropped, dropped + 1)
+
 
 # -- SOCKS5 UDP associations belong to their application ----------------------
 
