@@ -71,6 +71,10 @@ class ClientSide:
     """The application's connection: requests in, responses out."""
 
     def __init__(self) -> None:
+        self._begin(b"")
+
+    def _begin(self, rest: bytes) -> None:
+        """Read the next request with a new h11 connection, starting with `rest`."""
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         # Bytes read after a complete request, before its response ended
         # (h11 refuses them in some states, and they must stay bounded).
@@ -78,6 +82,7 @@ class ClientSide:
         self._complete = False
         self._fresh = True  # nothing of this request read yet
         self._closing = False
+        self.receive(rest)
 
     @property
     def held(self) -> int:
@@ -166,15 +171,9 @@ class ClientSide:
         states = self._h11.states
         if not self._complete or states[h11.SERVER] is not h11.DONE or states[h11.CLIENT] is not h11.DONE:
             return False
-        rest = self.rest()
         # A new h11 connection rather than start_next_cycle, so that blank
         # lines before the next request line are skipped as at the start.
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self._held = bytearray()
-        self._complete = self._closing = False
-        self._fresh = True
-        if rest:
-            self.receive(rest)
+        self._begin(self.rest())
         return True
 
 
