@@ -1,243 +1,105 @@
-"""HTTP/1.x heads and body framing for the HTTP proxy (sans-IO): parsing, rewriting, limits, fuzzing."""
+"""
+The HTTP proxy's wire, sans-IO: targets, credentials and header rewriting
+(`ssx.wire.http_message`), and h11 on both sides (`ssx.wire.http_codec`): heads,
+limits, Content-Length, body framing, and fuzzing of all of it.
+"""
 
 from __future__ import annotations
 
 import base64
 
+import h11
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from ssx.errors import ProtocolError
-from ssx.wire.http_framing import ChunkedBody, LengthBody, NoBody, UntilClose, request_body, response_body
+from ssx.wire.http_codec import MAX_HEAD, ClientSide, Data, EndOfMessage, InformationalResponse, OriginSide, Request, Response
 from ssx.wire.http_message import (
-    MAX_HEAD,
     HttpError,
     absolute_target,
     basic_credentials_ok,
     connect_target,
+    end_to_end,
     error_response,
-    find_head_end,
-    forward_request,
-    forward_response,
-    parse_request_head,
-    parse_response_head,
+    origin_headers,
 )
 
 _settings = settings(max_examples=200, deadline=None, database=None)
 
 
-def head_of(text: str):
-    return parse_request_head(text.replace("\n", "\r\n").encode())
+def read_request(data: bytes) -> tuple[Request, list]:
+    """The request head and the rest of the events that `data` gives a ClientSide."""
+    side = ClientSide()
+    side.receive(data)
+    head = side.next_event()
+    assert isinstance(head, Request), head
+    events = []
+    while (event := side.next_event()) is not None:
+        events.append(event)
+    return head, events
 
 
-class HeadTests(unittest.SynchronousTestCase):
-    """Finding and parsing request and response heads."""
+def refused(side_feed, data: bytes) -> int:
+    """The status of the HttpError that `data` causes."""
+    try:
+        side_feed(data)
+    except HttpError as e:
+        return e.status
+    raise AssertionError(f"{data[:60]!r} was accepted")
 
-    def test_find_end(self):
-        """The head ends after the blank line (CRLF or bare LF); the body is not part of it."""
-        self.assertEqual(find_head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody"), 27)
-        self.assertEqual(find_head_end(b"GET / HTTP/1.1\nHost: a\n\nbody"), 24)
-        self.assertIsNone(find_head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"))
 
-    def test_head_limit(self):
-        """A head over 64 KiB is refused with 431, whether or not its end has arrived."""
-        big = b"GET / HTTP/1.1\r\nX: " + b"a" * MAX_HEAD
-        for data in (big, big + b"\r\n\r\n"):
-            with self.assertRaises(HttpError) as caught:
-                find_head_end(data)
-            self.assertEqual(caught.exception.status, 431)
+def client_events(data: bytes) -> list:
+    side = ClientSide()
+    side.receive(data)
+    events = []
+    while (event := side.next_event()) is not None:
+        events.append(event)
+    return events
 
-    def test_request(self):
-        """Method, target, version and headers (order and case kept) are read."""
-        request = head_of("POST http://example.org/x?y=1 HTTP/1.1\nHost: example.org\nContent-Length: 3\nX-A:  b \n\n")
-        self.assertEqual((request.method, request.target, request.version), ("POST", "http://example.org/x?y=1", "HTTP/1.1"))
-        self.assertEqual(request.get("x-a"), "b")
-        self.assertIsInstance(request_body(request), LengthBody)
 
-    def test_malformed_requests(self):
-        """Malformed request lines and headers are 400; smuggling-prone framing is 400 or 501."""
-        cases = [
-            ("GET http://a/ HTTP/2.0\n\n", 400),
-            ("GET  http://a/ HTTP/1.1\n\n", 400),
-            ("GET http://a/\n\n", 400),
-            ("G(T http://a/ HTTP/1.1\n\n", 400),
-            ("GET http://a/ HTTP/1.1\nBad Header: x\n\n", 400),
-            ("GET http://a/ HTTP/1.1\nX: a\n folded\n\n", 400),
-            ("GET http://a/ HTTP/1.1\nNoColon\n\n", 400),
-            ("POST http://a/ HTTP/1.1\nContent-Length: 1\nContent-Length: 2\n\n", 400),
-            ("POST http://a/ HTTP/1.1\nContent-Length: -1\n\n", 400),
-            ("POST http://a/ HTTP/1.1\nTransfer-Encoding: chunked\nContent-Length: 2\n\n", 400),
-            ("POST http://a/ HTTP/1.1\nTransfer-Encoding: gzip\n\n", 501),
-        ]
-        for text, status in cases:
-            with self.assertRaises(HttpError, msg=text) as caught:
-                head_of(text)
-            self.assertEqual(caught.exception.status, status, text)
+def origin_after(method: bytes = b"GET") -> OriginSide:
+    """An OriginSide that sent a request and waits for the response."""
+    origin = OriginSide()
+    request, _ = read_request(method + b" http://h/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    origin.request(request, "h", 80, "/", close=False)
+    origin.send_end([])
+    return origin
 
-    def test_response(self):
-        """Status line and headers of a response; a bad status line is 502."""
-        response = parse_response_head(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-        self.assertEqual((response.status, response.reason), (404, "Not Found"))
-        self.assertEqual(parse_response_head(b"HTTP/1.1 204\r\n\r\n").reason, "")
-        with self.assertRaises(HttpError) as caught:
-            parse_response_head(b"ICY 200 OK\r\n\r\n")
-        self.assertEqual(caught.exception.status, 502)
+
+def origin_events(data: bytes, method: bytes = b"GET", eof: bool = False) -> list:
+    origin = origin_after(method)
+    origin.receive(data)
+    if eof:
+        origin.receive(b"")
+    events = []
+    while (event := origin.next_event()) is not None:
+        events.append(event)
+    return events
+
+
+class TargetTests(unittest.SynchronousTestCase):
+    """Where a request goes."""
 
     def test_targets(self):
         """Absolute-form targets give host, port (80 by default) and origin-form path; CONNECT gives host and port."""
         self.assertEqual(absolute_target("http://example.org/a/b?c=d#frag"), ("example.org", 80, "/a/b?c=d"))
         self.assertEqual(absolute_target("http://[2001:db8::1]:8080"), ("2001:db8::1", 8080, "/"))
         self.assertEqual(absolute_target("HTTP://h:81?q"), ("h", 81, "/?q"))
-        self.assertEqual(connect_target(head_of("CONNECT example.org:443 HTTP/1.1\n\n")), ("example.org", 443))
-        self.assertEqual(connect_target(head_of("CONNECT [::1]:22 HTTP/1.1\n\n")), ("::1", 22))
+        self.assertEqual(connect_target("example.org:443"), ("example.org", 443))
+        self.assertEqual(connect_target("[::1]:22"), ("::1", 22))
         for bad in ("/just/a/path", "https://example.org/", "http://u:p@h/", "http://h:0/", "http://h:99999/", "http:///x"):
             with self.assertRaises(HttpError, msg=bad):
                 absolute_target(bad)
-        for bad in ("CONNECT example.org HTTP/1.1\n\n", "CONNECT [::1 HTTP/1.1\n\n"):
+        for bad in ("example.org", "[::1", "h:0"):
             with self.assertRaises(HttpError, msg=bad):
-                connect_target(head_of(bad))
+                connect_target(bad)
 
-
-class RewriteTests(unittest.SynchronousTestCase):
-    """What the origin and the client get."""
-
-    def test_forward_request(self):
-        """Origin-form target, Host from the URL, hop-by-hop headers (and those Connection names) removed, others kept in order."""
-        request = head_of(
-            "GET http://example.org:8080/p?q HTTP/1.1\nHost: wrong.example\nProxy-Authorization: Basic eDp5\n"
-            "Proxy-Connection: keep-alive\nConnection: X-Private, keep-alive\nKeep-Alive: 300\nX-Private: 1\n"
-            "TE: trailers\nUpgrade: h2c\nAccept: */*\nTransfer-Encoding: chunked\nCookie: a=b\n\n"
-        )
-        self.assertEqual(
-            forward_request(request, "example.org", 8080, "/p?q"),
-            b"GET /p?q HTTP/1.1\r\nHost: example.org:8080\r\nAccept: */*\r\nTransfer-Encoding: chunked\r\n"
-            b"Cookie: a=b\r\n\r\n",
-        )
-
-    def test_forward_request_close(self):
-        """A client that says Connection: close has it passed on (its intent, not its header)."""
-        request = head_of("GET http://h/ HTTP/1.1\nConnection: close\n\n")
-        self.assertEqual(forward_request(request, "h", 80, "/"), b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
-        self.assertTrue(request.wants_close())
-        self.assertTrue(head_of("GET http://h/ HTTP/1.0\n\n").wants_close())
-        self.assertFalse(head_of("GET http://h/ HTTP/1.0\nProxy-Connection: Keep-Alive\n\n").wants_close())
-
-    def test_forward_response(self):
-        """Hop-by-hop headers go; Connection says whether the client connection stays."""
-        response = parse_response_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\nKeep-Alive: 5\r\nContent-Length: 2\r\n\r\n")
-        self.assertEqual(forward_response(response, close=False), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
-        self.assertEqual(
-            forward_response(response, close=True), b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
-        )
-        old = parse_response_head(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n")
-        self.assertIn(b"Connection: keep-alive", forward_response(old, close=False))
-
-    def test_basic_credentials(self):
-        """Basic credentials match only when both halves do; other schemes and bad base64 do not."""
-        token = base64.b64encode(b"alice:s3:cret").decode()
-        good = head_of(f"GET http://h/ HTTP/1.1\nProxy-Authorization: Basic {token}\n\n")
-        self.assertTrue(basic_credentials_ok(good, (b"alice", b"s3:cret")))
-        self.assertFalse(basic_credentials_ok(good, (b"alice", b"s3")))
-        for value in ("Bearer x", "Basic !!!", "Basic " + base64.b64encode(b"alice").decode(), ""):
-            request = head_of(f"GET http://h/ HTTP/1.1\nProxy-Authorization: {value}\n\n")
-            self.assertFalse(basic_credentials_ok(request, (b"alice", b"s3:cret")), value)
-
-    def test_error_response(self):
-        """The proxy's own answers are complete responses that close."""
-        response = error_response(407, "credentials", (("Proxy-Authenticate", 'Basic realm="ssx"'),))
-        head, _, body = response.partition(b"\r\n\r\n")
-        parsed = parse_response_head(head + b"\r\n\r\n")
-        self.assertEqual(parsed.status, 407)
-        self.assertEqual(int(parsed.get("content-length")), len(body))
-        self.assertEqual(parsed.get("connection"), "close")
-
-
-def _chunked(pieces: list[bytes], trailers: list[str]) -> bytes:
-    out = b"".join(b"%x;ext=1\r\n" % len(p) + p + b"\r\n" for p in pieces if p)
-    return out + b"0\r\n" + "".join(f"{t}\r\n" for t in trailers).encode() + b"\r\n"
-
-
-class FramingTests(unittest.SynchronousTestCase):
-    """Where bodies end."""
-
-    def test_response_framing_rules(self):
-        """HEAD, 1xx, 204 and 304 have no body; chunked last wins; a length; otherwise until close."""
-        def framer(method, head):
-            return type(response_body(method, parse_response_head(head)))
-
-        self.assertIs(framer("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"), NoBody)
-        self.assertIs(framer("GET", b"HTTP/1.1 100 Continue\r\n\r\n"), NoBody)
-        self.assertIs(framer("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"), NoBody)
-        self.assertIs(framer("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"), ChunkedBody)
-        self.assertIs(framer("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"), UntilClose)
-        self.assertIs(framer("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"), LengthBody)
-        self.assertIs(framer("GET", b"HTTP/1.0 200 OK\r\n\r\n"), UntilClose)
-        self.assertIs(type(request_body(head_of("GET http://h/ HTTP/1.1\n\n"))), NoBody)
-        self.assertIs(type(request_body(head_of("POST http://h/ HTTP/1.1\nTransfer-Encoding: chunked\n\n"))), ChunkedBody)
-
-    def test_chunked_bad(self):
-        """Bad chunk sizes, missing CRLF after data and overlong lines are ProtocolErrors."""
-        for data in (b"zz\r\n", b"3\r\nabcX\r\n", b"1" * 5000, b"-1\r\n", b"11111111111111111\r\n"):
-            with self.assertRaises(ProtocolError, msg=data):
-                ChunkedBody().feed(data)
-
-    @_settings
-    @given(
-        st.lists(st.binary(max_size=300), max_size=6),
-        st.lists(st.from_regex(r"X-[a-z]{1,8}: [a-z0-9]{0,10}", fullmatch=True), max_size=3),
-        st.binary(max_size=50),
-        st.data(),
-    )
-    def test_chunked_any_split(self, pieces, trailers, after, data):
-        """A chunked body ends exactly at its last byte however it is split, leaving what follows untouched."""
-        body = _chunked(pieces, trailers)
-        stream = body + after
-        cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
-        framer = ChunkedBody()
-        taken = 0
-        for a, b in zip([0, *cuts], [*cuts, len(stream)]):
-            if framer.done:
-                break
-            n = framer.feed(stream[a:b])
-            self.assertLessEqual(n, b - a)
-            taken += n
-            if not framer.done:
-                self.assertEqual(n, b - a)
-        self.assertTrue(framer.done)
-        self.assertEqual(taken, len(body))
-
-    @_settings
-    @given(st.integers(0, 10_000), st.lists(st.integers(1, 4000), max_size=6))
-    def test_length_any_split(self, length, sizes):
-        """A Content-Length body takes exactly its length from whatever arrives."""
-        framer = LengthBody(length)
-        taken = 0
-        for size in sizes + [length + 1]:
-            taken += framer.feed(b"x" * size)
-        self.assertEqual((taken, framer.done), (length, True))
-
-    @_settings
-    @given(st.binary(max_size=400))
-    def test_chunked_fuzz(self, data):
-        """Arbitrary bytes fed to the chunked framer are consumed, end it, or raise ProtocolError only."""
-        framer = ChunkedBody()
-        try:
-            n = framer.feed(data)
-        except ProtocolError:
-            return
-        self.assertTrue(n == len(data) or framer.done)
-
-    @_settings
-    @given(st.binary(max_size=600))
-    def test_head_fuzz(self, data):
-        """Arbitrary bytes as a request or response head parse or raise HttpError, nothing else."""
-        for parse in (parse_request_head, parse_response_head):
-            try:
-                end = find_head_end(data)
-                parse(data[:end] if end else data)
-            except HttpError:
-                pass
+    def test_port_ascii_digits_only(self):
+        """A port of non-ASCII digits (which str.isdigit() accepts and int() may not) is HttpError 400."""
+        for bad in ("http://h:\u00b2/", "http://h:\u0661\u0662/", "http://h:+80/", "http://h: 80/", "http://h:" + "9" * 5000):
+            with self.assertRaises(HttpError, msg=bad[:20]) as caught:
+                absolute_target(bad)
+            self.assertEqual(caught.exception.status, 400)
 
     @_settings
     @given(st.from_regex(r"[ -~]{0,80}", fullmatch=True))
@@ -249,3 +111,460 @@ class FramingTests(unittest.SynchronousTestCase):
             self.assertEqual(e.status, 400)
             return
         self.assertTrue(host and 0 < port < 65536 and path.startswith("/"))
+
+
+class RewriteTests(unittest.SynchronousTestCase):
+    """What the origin and the application get."""
+
+    def test_origin_request(self):
+        """Origin-form target, Host from the URL first, hop-by-hop headers (and those Connection names) removed, others kept in order."""
+        request, _ = read_request(
+            b"GET http://example.org:8080/p?q HTTP/1.1\r\nHost: wrong.example\r\nProxy-Authorization: Basic eDp5\r\n"
+            b"Proxy-Connection: keep-alive\r\nConnection: X-Private, keep-alive\r\nKeep-Alive: 300\r\nX-Private: 1\r\n"
+            b"TE: trailers\r\nUpgrade: h2c\r\nAccept: */*\r\nTransfer-Encoding: chunked\r\nCookie: a=b\r\n\r\n"
+        )
+        self.assertEqual(
+            OriginSide().request(request, "example.org", 8080, "/p?q", close=False),
+            b"GET /p?q HTTP/1.1\r\nHost: example.org:8080\r\nAccept: */*\r\nTransfer-Encoding: chunked\r\n"
+            b"Cookie: a=b\r\n\r\n",
+        )
+
+    def test_origin_request_close(self):
+        """A client that will close has Connection: close passed on; HTTP/1.0 and close say so, Proxy-Connection too."""
+        for head, closing in (
+            (b"GET http://h/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", True),
+            (b"GET http://h/ HTTP/1.1\r\nHost: h\r\nProxy-Connection: close\r\n\r\n", True),
+            (b"GET http://h/ HTTP/1.0\r\nProxy-Connection: Keep-Alive\r\n\r\n", True),
+            (b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n", False),
+        ):
+            side = ClientSide()
+            side.receive(head)
+            request = side.next_event()
+            self.assertEqual(side.closing, closing, head)
+        self.assertEqual(
+            OriginSide().request(request, "h", 80, "/", close=True), b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        )
+
+    def test_end_to_end(self):
+        """Hop-by-hop response headers, and those that Connection names, are dropped; the rest keep order and case."""
+        headers = [(b"Connection", b"close, X-Hop"), (b"Keep-Alive", b"5"), (b"X-Hop", b"1"), (b"Content-Length", b"2"),
+                   (b"Set-Cookie", b"a"), (b"set-cookie", b"b")]
+        self.assertEqual(end_to_end(headers), [(b"Content-Length", b"2"), (b"Set-Cookie", b"a"), (b"set-cookie", b"b")])
+        self.assertEqual(origin_headers([(b"HOST", b"x"), (b"A", b"1")], "::1", 81, True),
+                         [(b"Host", b"[::1]:81"), (b"A", b"1"), (b"Connection", b"close")])
+
+    def test_basic_credentials(self):
+        """Basic credentials match only when both halves do; other schemes and bad base64 do not."""
+        token = base64.b64encode(b"alice:s3:cret")
+        good = [(b"Proxy-Authorization", b"Basic " + token)]
+        self.assertTrue(basic_credentials_ok(good, (b"alice", b"s3:cret")))
+        self.assertFalse(basic_credentials_ok(good, (b"alice", b"s3")))
+        for value in (b"Bearer x", b"Basic !!!", b"Basic " + base64.b64encode(b"alice"), b""):
+            self.assertFalse(basic_credentials_ok([(b"proxy-authorization", value)], (b"alice", b"s3:cret")), value)
+        self.assertFalse(basic_credentials_ok([], (b"alice", b"s3:cret")))
+
+    def test_error_response(self):
+        """The proxy's own answers are complete responses that close."""
+        response = error_response(407, "credentials", (("Proxy-Authenticate", 'Basic realm="ssx"'),))
+        client = h11.Connection(h11.CLIENT)
+        client.send(h11.Request(method="GET", target="/", headers=[("Host", "h")]))
+        client.receive_data(response)
+        head = client.next_event()
+        body = client.next_event()
+        self.assertEqual(head.status_code, 407)
+        self.assertIn((b"connection", b"close"), list(head.headers))
+        self.assertEqual(int(dict(head.headers)[b"content-length"]), len(body.data))
+        self.assertIsInstance(client.next_event(), h11.EndOfMessage)
+
+
+class ClientSideTests(unittest.SynchronousTestCase):
+    """Requests as the application sends them."""
+
+    def test_request(self):
+        """Method, target, version and headers (order and case kept) are read, then the body."""
+        request, events = read_request(
+            b"POST http://example.org/x?y=1 HTTP/1.1\r\nHost: example.org\r\nContent-Length: 3\r\nX-A:  b \r\n\r\nabc"
+        )
+        self.assertEqual((request.method, request.target, request.http_version),
+                         (b"POST", b"http://example.org/x?y=1", b"1.1"))
+        self.assertIn((b"X-A", b"b"), request.headers.raw_items())
+        self.assertEqual([type(e) for e in events], [Data, EndOfMessage])
+        self.assertEqual(events[0].data, b"abc")
+
+    def test_malformed_requests(self):
+        """Malformed request lines and headers are 400; smuggling-prone framing is 400 or 501; no Host in 1.1 is 400."""
+        cases = [
+            (b"GET http://a/ HTTP/2.0\r\nHost: a\r\n\r\n", 400),
+            (b"GET  http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET http://a/\r\n\r\n", 400),
+            (b"G(T http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET http://a/ HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n", 400),
+            (b"GET http://a/ HTTP/1.1\r\nHost: a\r\nNoColon\r\n\r\n", 400),
+            (b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400),
+            (b"GET http://a/ HTTP/1.1\r\n\r\n", 400),
+            (b"GET http://a/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+            (b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+            (b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+            (b"POST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n", 400),
+            (b"POST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+            (b"\x16\x03\x01\x02\x00", 400),
+        ]
+        for data, status in cases:
+            self.assertEqual(refused(client_events, data), status, data)
+
+    def test_folded_header_unfolded(self):
+        """An obsolete folded header line is joined with a space before it goes on (RFC 9112 §5.2)."""
+        request, _ = read_request(b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX: a\r\n folded\r\n\r\n")
+        self.assertIn((b"X", b"a folded"), request.headers.raw_items())
+
+    def test_content_length_ascii_digits(self):
+        """Content-Length must be at most 20 ASCII digits: superscripts, other scripts' digits and huge values are 400."""
+        for value in ("\u00b2", "\u0661", "\uff15", "9" * 5000, "9" * 4000, "9" * 21, "+5", "5 5", "0x5", ""):
+            data = f"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: {value}\r\n\r\n".encode()
+            self.assertEqual(refused(client_events, data), 400, value[:10])
+        _, events = read_request(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: " + b"0" * 20 + b"\r\n\r\n")
+        self.assertEqual([type(e) for e in events], [EndOfMessage])
+
+    def test_content_length_int_limit(self):
+        """Where h11 would let int()'s ValueError out (as before 0.15, simulated here), the codec still raises HttpError 400 or 502."""
+        import h11._headers as headers_module  # private: the digit cap that h11 0.15 added
+
+        self.assertTrue(hasattr(headers_module, "CONTENT_LENGTH_MAX_DIGITS"), "h11 moved CONTENT_LENGTH_MAX_DIGITS")
+        self.patch(headers_module, "CONTENT_LENGTH_MAX_DIGITS", 10**6)
+        huge = b"Content-Length: " + b"9" * 5000 + b"\r\n"
+        raw = h11.Connection(h11.SERVER)
+        raw.receive_data(b"POST / HTTP/1.1\r\nHost: a\r\n" + huge + b"\r\n")
+        self.assertRaises(ValueError, raw.next_event)  # what h11 itself does then
+        self.assertEqual(refused(client_events, b"POST http://a/ HTTP/1.1\r\nHost: a\r\n" + huge + b"\r\n"), 400)
+        self.assertEqual(refused(origin_events, b"HTTP/1.1 200 OK\r\n" + huge + b"\r\n"), 502)
+
+    def test_head_limit(self):
+        """An incomplete head over 64 KiB is 431, whether it arrives at once or a byte at a time."""
+        big = b"GET http://h/ HTTP/1.1\r\nHost: h\r\nX: " + b"a" * MAX_HEAD
+        self.assertEqual(refused(client_events, big), 431)
+        side = ClientSide()
+        with self.assertRaises(HttpError) as caught:
+            for i in range(len(big)):
+                side.receive(big[i : i + 1])
+                side.next_event()
+        self.assertEqual(caught.exception.status, 431)
+        self.assertEqual(i, MAX_HEAD, "refused at the first byte past 64 KiB")
+
+    def test_pipelined_requests_held(self):
+        """A request read to its end stops the reading; what follows is held until next_request, then read."""
+        side = ClientSide()
+        side.receive(b"GET http://a/1 HTTP/1.0\r\n\r\nGET http://a/2 HTTP/1.1\r\n")
+        self.assertIsInstance(side.next_event(), Request)
+        self.assertIsInstance(side.next_event(), EndOfMessage)
+        side.receive(b"Host: a\r\n\r\n")
+        self.assertIsNone(side.next_event())
+        self.assertTrue(side.request_complete)
+        self.assertEqual(side.held, 11)
+        self.assertEqual(side.rest(), b"GET http://a/2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        side.respond(Response(status_code=200, headers=[("Content-Length", "0")]))
+        side.respond_end([])
+        self.assertFalse(side.next_request(), "an HTTP/1.0 connection goes on")
+
+    def test_keep_alive_cycle(self):
+        """After a response's end the next request of a keep-alive connection is read."""
+        side = ClientSide()
+        side.receive(b"GET http://a/1 HTTP/1.1\r\nHost: a\r\n\r\nGET http://a/2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(side.next_event().target, b"http://a/1")
+        side.next_event()
+        self.assertIsNone(side.next_event())
+        out = side.respond(Response(status_code=204, reason=b"No Content", headers=[])) + side.respond_end([])
+        self.assertEqual(out, b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertTrue(side.next_request())
+        self.assertEqual(side.next_event().target, b"http://a/2")
+
+    def test_early_response_closes(self):
+        """A response sent before the request body was read ends the connection."""
+        side = ClientSide()
+        side.receive(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n01234")
+        side.next_event()
+        side.next_event()
+        out = side.respond(Response(status_code=413, headers=[("Content-Length", "0")]), close=True) + side.respond_end([])
+        self.assertEqual(out, b"HTTP/1.1 413 \r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        self.assertFalse(side.next_request())
+
+    def test_connect_rest(self):
+        """After a CONNECT head, every byte that followed is the tunnel's."""
+        side = ClientSide()
+        side.receive(b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n\x16\x03\x01")
+        self.assertEqual(side.next_event().method, b"CONNECT")
+        self.assertEqual(side.rest(), b"\x16\x03\x01")
+
+
+def _response(events_data: bytes, method: bytes = b"GET", eof: bool = True, version: bytes = b"1.1") -> bytes:
+    """What the application gets of `events_data` from the origin, through both codecs."""
+    client = ClientSide()
+    client.receive(method + b" http://h/ HTTP/" + version + b"\r\n" + (b"Host: h\r\n" if version == b"1.1" else b"") + b"\r\n")
+    request = client.next_event()
+    client.next_event()
+    origin = OriginSide()
+    origin.request(request, "h", 80, "/", close=False)
+    origin.send_end([])
+    origin.receive(events_data)
+    if eof:
+        origin.receive(b"")
+    out = b""
+    while (event := origin.next_event()) is not None:
+        if type(event) is Data:
+            out += client.respond_data(event.data)
+        elif type(event) is EndOfMessage:
+            out += client.respond_end(event.headers.raw_items())
+        else:
+            out += client.respond(event)
+    return out
+
+
+class OriginSideTests(unittest.SynchronousTestCase):
+    """Responses as the origin sends them, and as the application then gets them."""
+
+    def test_framing_rules(self):
+        """HEAD, 1xx, 204 and 304 have no body; chunked; a length; otherwise until close, chunked to HTTP/1.1."""
+        self.assertEqual(_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"HEAD", eof=False),
+                         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        self.assertEqual(_response(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", eof=False),
+                         b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(_response(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", eof=False),
+                         b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n")
+        self.assertEqual(_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;x=y\r\nab\r\n0\r\nX-T: 1\r\n\r\n",
+                                   eof=False),
+                         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\nX-T: 1\r\n\r\n")
+        self.assertEqual(_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nab", eof=False),
+                         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nab")
+        self.assertEqual(_response(b"HTTP/1.0 200 OK\r\n\r\nabc"),
+                         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        self.assertEqual(_response(b"HTTP/1.0 200 OK\r\n\r\nabc", version=b"1.0"),
+                         b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabc")
+        self.assertEqual(_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nX-T: 1\r\n\r\n",
+                                   version=b"1.0", eof=False),
+                         b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\na")
+
+    def test_bad_responses(self):
+        """Malformed or unframeable responses, and ones cut short, are 502."""
+        for data, eof in (
+            (b"ICY 200 OK\r\n\r\n", False),
+            (b"HTTP/2.0 200 OK\r\n\r\n", False),
+            (b"HTTP/1.1 2000 OK\r\n\r\n", False),
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", False),
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", False),
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n", False),
+            (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n", False),
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n", False),
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", False),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", True),
+            (b"", True),
+            (b"HTTP/1.1 200 OK\r\nX: " + b"a" * MAX_HEAD, False),
+        ):
+            self.assertEqual(refused(lambda d: origin_events(d, eof=eof), data), 502, data[:50])
+
+    def test_content_length_ascii_digits(self):
+        """An origin's Content-Length must be at most 20 ASCII digits, or it is 502."""
+        for value in ("\u00b2", "9" * 5000, "9" * 21, "-1"):
+            data = f"HTTP/1.1 200 OK\r\nContent-Length: {value}\r\n\r\n".encode()
+            self.assertEqual(refused(origin_events, data), 502, value[:10])
+
+    def test_reuse(self):
+        """The connection carries another request after a framed response, not after close or extra bytes."""
+        origin = origin_after()
+        origin.receive(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual([type(origin.next_event()), type(origin.next_event())], [Response, EndOfMessage])
+        self.assertTrue(origin.next_request())
+        for data in (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nextra",
+                     b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"):
+            origin = origin_after()
+            origin.receive(data)
+            origin.next_event()
+            self.assertIsInstance(origin.next_event(), EndOfMessage)
+            self.assertFalse(origin.next_request(), data)
+
+
+def _chunked(pieces: list[bytes], trailers: list[bytes]) -> bytes:
+    out = b"".join(b"%x;ext=1\r\n" % len(p) + p + b"\r\n" for p in pieces if p)
+    return out + b"0\r\n" + b"".join(t + b"\r\n" for t in trailers) + b"\r\n"
+
+
+_header_names = st.from_regex(r"X-[A-Za-z0-9-]{1,10}", fullmatch=True)
+_header_values = st.from_regex(r"[!-~]([ !-~]{0,20}[!-~])?", fullmatch=True)
+_headers = st.lists(st.tuples(_header_names, _header_values), max_size=5)
+_trailers = st.lists(st.from_regex(rb"X-[a-z]{1,8}: [a-z0-9]{1,10}", fullmatch=True), max_size=3)
+
+
+@st.composite
+def _message(draw, kind: str) -> tuple[bytes, bytes, str]:
+    """A request or response head with a fixed, chunked or (responses) close-delimited body: (bytes, body, framing)."""
+    body = draw(st.binary(max_size=600))
+    framing = draw(st.sampled_from(["fixed", "chunked", "close"] if kind == "response" else ["fixed", "chunked", "none"]))
+    headers = "".join(f"{k}: {v}\r\n" for k, v in draw(_headers))
+    if kind == "request":
+        first = f"{draw(st.sampled_from(['GET', 'POST', 'PUT', 'PATCH']))} http://h{draw(st.sampled_from(['', ':8080']))}/x HTTP/1.1\r\nHost: h\r\n"
+    else:
+        # (204 and 304 have no body whatever the headers say: see test_framing_rules.)
+        status = draw(st.integers(200, 599).filter(lambda code: code not in (204, 304)))
+        first = f"HTTP/1.{draw(st.sampled_from(['0', '1']))} {status} Reason\r\n"
+    if framing == "fixed":
+        data = f"{first}Content-Length: {len(body)}\r\n{headers}\r\n".encode() + body
+    elif framing == "chunked":
+        cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=4)))
+        pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
+        data = f"{first}Transfer-Encoding: chunked\r\n{headers}\r\n".encode() + _chunked(pieces, draw(_trailers))
+    elif framing == "close":
+        data = f"{first}{headers}\r\n".encode() + body
+    else:
+        data, body = f"{first}{headers}\r\n".encode(), b""
+    return data, body, framing
+
+
+def _split(data: bytes, draw) -> list[bytes]:
+    """`data` in pieces (none empty: b"" is an OriginSide's EOF)."""
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=10)))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)]) if b > a]
+
+
+def _mutate(data: bytes, draw) -> bytes:
+    """`data` with a few bytes replaced, inserted or removed."""
+    data = bytearray(data)
+    for _ in range(draw(st.integers(1, 4))):
+        if not data:
+            break
+        at = draw(st.integers(0, len(data) - 1))
+        byte = draw(st.sampled_from([0, 9, 10, 13, 32, 44, 48, 58, 59, 0x7F, 0xB2, 0xFF, ord("a")]))
+        how = draw(st.sampled_from(["replace", "insert", "delete"]))
+        if how == "replace":
+            data[at] = byte
+        elif how == "insert":
+            data.insert(at, byte)
+        else:
+            del data[at]
+    return bytes(data)
+
+
+class FuzzTests(unittest.SynchronousTestCase):
+    """Whatever arrives, in whatever pieces: whole messages pass, anything else is HttpError, nothing else escapes."""
+
+    def drive_client(self, pieces: list[bytes]) -> tuple[list[Request], bytes, bytes]:
+        """Feed a ClientSide and forward what it reads through an OriginSide: the heads, the body, the origin's bytes."""
+        side, origin = ClientSide(), OriginSide()
+        heads: list[Request] = []
+        body = sent = b""
+        for piece in pieces:
+            side.receive(piece)
+            while (event := side.next_event()) is not None:
+                if type(event) is Request:
+                    heads.append(event)
+                    host, port, path = absolute_target(event.target.decode("ascii"))
+                    sent += origin.request(event, host, port, path, close=False)
+                elif type(event) is Data:
+                    body += event.data
+                    sent += origin.send_data(event.data)
+                else:
+                    sent += origin.send_end(event.headers.raw_items())
+                    # A response, and on to the next request.
+                    side.respond(Response(status_code=200, headers=[("Content-Length", "0")]))
+                    side.respond_end([])
+                    if not side.next_request():
+                        return heads, body, sent
+        return heads, body, sent
+
+    def drive_origin(self, pieces: list[bytes], method: bytes, version: bytes) -> tuple[bytes, bool, bytes]:
+        """Feed an OriginSide the response in pieces (then EOF) and write it through a ClientSide: body, ended, output."""
+        client = ClientSide()
+        client.receive(method + b" http://h/ HTTP/" + version + b"\r\nHost: h\r\n\r\n")
+        request = client.next_event()
+        client.next_event()
+        origin = OriginSide()
+        origin.request(request, "h", 80, "/", close=False)
+        origin.send_end([])
+        body = out = b""
+        ended = False
+        for piece in [*pieces, b""]:
+            origin.receive(piece)
+            while not ended and (event := origin.next_event()) is not None:
+                if type(event) is Data:
+                    body += event.data
+                    out += client.respond_data(event.data)
+                elif type(event) is EndOfMessage:
+                    out += client.respond_end(event.headers.raw_items())
+                    ended = True
+                else:
+                    out += client.respond(event)
+        return body, ended, out
+
+    @_settings
+    @given(_message("request"), st.data())
+    def test_request_any_split(self, message, data):
+        """A well-formed request gives the same head and body however it is split, and reaches the origin whole."""
+        raw, body, framing = message
+        heads, got, sent = self.drive_client(_split(raw, data.draw))
+        self.assertEqual((len(heads), got), (1, body))
+        origin = h11.Connection(h11.SERVER)
+        origin.receive_data(sent)
+        events = []
+        while type(event := origin.next_event()) not in (h11.EndOfMessage, type(h11.NEED_DATA)):
+            events.append(event)
+        self.assertIs(type(event), h11.EndOfMessage)
+        self.assertEqual(b"".join(e.data for e in events[1:]), body)
+        self.assertEqual(events[0].target, b"/x")
+
+    @_settings
+    @given(_message("response"), st.sampled_from([b"GET", b"HEAD"]), st.sampled_from([b"1.0", b"1.1"]), st.data())
+    def test_response_any_split(self, message, method, version, data):
+        """A well-formed response gives the same body however it is split (none for HEAD), and the application can read it."""
+        raw, body, framing = message
+        got, ended, out = self.drive_origin(_split(raw, data.draw), method, version)
+        self.assertTrue(ended)
+        self.assertEqual(got, b"" if method == b"HEAD" else body)
+        client = h11.Connection(h11.CLIENT)
+        client.send(h11.Request(method=method, target="/", headers=[("Host", "h")]))
+        client.send(h11.EndOfMessage())
+        client.receive_data(out)
+        client.receive_data(b"")
+        events = []
+        while type(event := client.next_event()) is not h11.EndOfMessage:
+            events.append(event)
+        self.assertEqual(b"".join(e.data for e in events[1:]), got)
+
+    @_settings
+    @given(_message("request"), st.data())
+    def test_request_mutated(self, message, data):
+        """A request with bytes changed, added or removed is read or refused with HttpError, nothing else."""
+        raw = _mutate(message[0], data.draw)
+        try:
+            self.drive_client(_split(raw, data.draw))
+        except HttpError:
+            pass
+
+    @_settings
+    @given(_message("response"), st.sampled_from([b"GET", b"HEAD"]), st.sampled_from([b"1.0", b"1.1"]), st.data())
+    def test_response_mutated(self, message, method, version, data):
+        """A response with bytes changed, added or removed is passed on or refused with HttpError, nothing else."""
+        raw = _mutate(message[0], data.draw)
+        try:
+            self.drive_origin(_split(raw, data.draw), method, version)
+        except HttpError:
+            pass
+
+    @_settings
+    @given(st.binary(max_size=600), st.data())
+    def test_request_bytes(self, raw, data):
+        """Arbitrary bytes from an application, after a valid start or not, are HttpError or nothing."""
+        prefix = data.draw(st.sampled_from([b"", b"GET http://h/ HTTP/1.1\r\nHost: h\r\n", b"POST http://h/ HTTP/1.1\r\n"
+                                            b"Host: h\r\nTransfer-Encoding: chunked\r\n\r\n"]))
+        try:
+            self.drive_client(_split(prefix + raw, data.draw))
+        except HttpError:
+            pass
+
+    @_settings
+    @given(st.binary(max_size=600), st.sampled_from([b"GET", b"HEAD"]), st.data())
+    def test_response_bytes(self, raw, method, data):
+        """Arbitrary bytes from an origin, after a valid start or not, are HttpError or a response."""
+        prefix = data.draw(st.sampled_from([b"", b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                                            b"HTTP/1.1 100 Continue\r\n\r\n"]))
+        try:
+            self.drive_origin(_split(prefix + raw, data.draw), method, b"1.1")
+        except HttpError:
+            pass

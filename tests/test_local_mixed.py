@@ -7,10 +7,12 @@ authentication, and failover to the next server before anything was relayed.
 from __future__ import annotations
 
 import base64
+import time
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
@@ -172,7 +174,7 @@ class FailoverTests(MixedTestCase):
         protocol = empty.buildProtocol(None)
         app = Transport()
         protocol.makeConnection(app)
-        protocol.dataReceived(b"CONNECT h:443 HTTP/1.1\r\n\r\n")
+        protocol.dataReceived(b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n")
         self.assertTrue(app.value().startswith(b"HTTP/1.1 502 "))
         self.assertTrue(app.disconnecting)
 
@@ -197,7 +199,7 @@ class HttpConnectTests(MixedTestCase):
 
     def test_connect_failure(self):
         """When no server can be reached, CONNECT gets 502 and the connection closes."""
-        self.send(b"CONNECT example.org:443 HTTP/1.1\r\n\r\n")
+        self.send(b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n")
         for server in self.servers:
             server.fail(ConnectionRefusedError())
         self.assertTrue(self.take().startswith(b"HTTP/1.1 502 Bad Gateway\r\n"))
@@ -205,7 +207,7 @@ class HttpConnectTests(MixedTestCase):
 
     def test_head_too_large(self):
         """A request head over 64 KiB gets 431 and the connection closes, with no server attempt."""
-        self.send(b"GET http://h/ HTTP/1.1\r\nX-Big: " + b"a" * (65 * 1024))
+        self.send(b"GET http://h/ HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * (65 * 1024))
         self.assertTrue(self.take().startswith(b"HTTP/1.1 431 "))
         self.assertTrue(self.app.disconnecting)
         self.assertEqual(self.servers[0].attempts, [])
@@ -234,12 +236,12 @@ class HttpAuthTests(MixedTestCase):
 
     def test_wrong(self):
         """Wrong credentials on CONNECT: 407."""
-        self.send(f"CONNECT h:443 HTTP/1.1\r\n{self.auth('alice', 'nope')}\r\n\r\n".encode())
+        self.send(f"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n{self.auth('alice', 'nope')}\r\n\r\n".encode())
         self.assertTrue(self.take().startswith(b"HTTP/1.1 407 "))
 
     def test_right(self):
         """Right credentials: the request goes on, without its Proxy-Authorization header."""
-        self.send(f"GET http://h/ HTTP/1.1\r\n{self.auth('alice', 's3cret')}\r\n\r\n".encode())
+        self.send(f"GET http://h/ HTTP/1.1\r\nHost: h\r\n{self.auth('alice', 's3cret')}\r\n\r\n".encode())
         link = self.servers[0].succeed()
         self.assertEqual(link.target_and_data(), (Address("h", 80), b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"))
 
@@ -282,7 +284,7 @@ class HttpForwardTests(MixedTestCase):
 
     def test_pipelined_request_waits(self):
         """A second request sent before the first response is held until that response is complete."""
-        self.send(b"GET http://a/1 HTTP/1.1\r\n\r\nGET http://b/2 HTTP/1.1\r\n\r\n")
+        self.send(b"GET http://a/1 HTTP/1.1\r\nHost: a\r\n\r\nGET http://b/2 HTTP/1.1\r\nHost: b\r\n\r\n")
         first = self.servers[0].succeed()
         self.assertEqual(first.target_and_data()[1], b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
         self.assertEqual(len(self.servers[0].attempts), 1)
@@ -295,26 +297,26 @@ class HttpForwardTests(MixedTestCase):
 
     def test_chunked_response_then_next(self):
         """A chunked response ends at its last chunk; the next request then goes out on the same connection."""
-        self.send(b"GET http://a/1 HTTP/1.1\r\n\r\n")
+        self.send(b"GET http://a/1 HTTP/1.1\r\nHost: a\r\n\r\n")
         link = self.servers[0].succeed()
         body = b"5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"
         link.answer(response(body[:9], "Transfer-Encoding: chunked"))
         link.answer(body[9:])
         self.assertEqual(self.take(), response(body, "Transfer-Encoding: chunked"))
-        self.send(b"HEAD http://a/2 HTTP/1.1\r\n\r\n")
+        self.send(b"HEAD http://a/2 HTTP/1.1\r\nHost: a\r\n\r\n")
         link.answer(response(b"", "Content-Length: 100"))
         self.assertEqual(self.take(), response(b"", "Content-Length: 100"))
-        self.send(b"GET http://a/3 HTTP/1.1\r\n\r\n")
+        self.send(b"GET http://a/3 HTTP/1.1\r\nHost: a\r\n\r\n")
         self.assertIn(b"GET /3 HTTP/1.1", link.sent())
         self.assertEqual(len(self.servers[0].attempts), 1)
 
     def test_upload_bodies(self):
         """Content-Length and chunked request bodies pass through whole, and the next request is found after them."""
-        self.send(b"POST http://a/u HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234")
+        self.send(b"POST http://a/u HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n01234")
         link = self.servers[0].succeed()
         self.send(b"56789")
         link.answer(response(b"", "Content-Length: 0"))
-        self.send(b"PUT http://a/v HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        self.send(b"PUT http://a/v HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
         link.answer(response(b"", "Content-Length: 0"))
         self.assertEqual(
             link.target_and_data()[1],
@@ -325,7 +327,7 @@ class HttpForwardTests(MixedTestCase):
 
     def test_continue_forwarded(self):
         """100 Continue reaches the client before the final response."""
-        self.send(b"POST http://a/u HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+        self.send(b"POST http://a/u HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
         link = self.servers[0].succeed()
         link.answer(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.assertEqual(self.take(), b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -335,19 +337,35 @@ class HttpForwardTests(MixedTestCase):
         self.assertIn(b"\r\n\r\nok", link.sent())
 
     def test_until_close_response(self):
-        """A response without length ends when the origin closes; the client is told Connection: close and closed."""
-        self.send(b"GET http://a/ HTTP/1.1\r\n\r\n")
+        """A response without length ends when the origin closes; an HTTP/1.1 client gets it chunked and keeps its connection."""
+        self.send(b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n")
         link = self.servers[0].succeed()
         link.answer(b"HTTP/1.0 200 OK\r\nServer: old\r\n\r\nsome data")
         link.answer(b" and more")
-        self.assertEqual(self.take(), b"HTTP/1.0 200 OK\r\nServer: old\r\nConnection: close\r\n\r\nsome data and more")
+        self.assertEqual(
+            self.take(), b"HTTP/1.1 200 OK\r\nServer: old\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nsome data\r\n9\r\n and more\r\n"
+        )
+        link.protocol.readConnectionLost()
+        self.assertEqual(self.take(), b"0\r\n\r\n")
+        self.assertFalse(self.app.disconnecting)
+        self.assertTrue(link.transport.disconnecting)
+        self.send(b"GET http://a/2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(self.servers[0].succeed().target_and_data()[1], b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+
+    def test_until_close_response_http10_client(self):
+        """An HTTP/1.0 client gets a response without length as it came, ended by closing its connection."""
+        self.send(b"GET http://a/ HTTP/1.0\r\n\r\n")
+        link = self.servers[0].succeed()
+        self.assertEqual(link.target_and_data()[1], b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        link.answer(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nsome data")
+        self.assertEqual(self.take(), b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nsome data")
         self.assertFalse(self.app.disconnecting)
         link.protocol.readConnectionLost()
         self.assertTrue(self.app.disconnecting)
 
     def test_client_close_request(self):
         """Connection: close from the client is passed on and the client connection closes after the response."""
-        self.send(b"GET http://a/ HTTP/1.1\r\nConnection: close\r\n\r\n")
+        self.send(b"GET http://a/ HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         link = self.servers[0].succeed()
         self.assertIn(b"Connection: close\r\n", link.sent())
         link.answer(response(b"x", "Content-Length: 1"))
@@ -356,7 +374,7 @@ class HttpForwardTests(MixedTestCase):
 
     def test_origin_closes_without_answer(self):
         """A fresh server connection that ends before any response gives 502."""
-        self.send(b"GET http://a/ HTTP/1.1\r\n\r\n")
+        self.send(b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n")
         link = self.servers[0].succeed()
         link.close()
         self.assertTrue(self.take().startswith(b"HTTP/1.1 502 "))
@@ -364,29 +382,155 @@ class HttpForwardTests(MixedTestCase):
 
     def test_kept_connection_dies(self):
         """A kept server connection that ends under the next request closes the client without an answer (clients retry)."""
-        self.send(b"GET http://a/1 HTTP/1.1\r\n\r\n")
+        self.send(b"GET http://a/1 HTTP/1.1\r\nHost: a\r\n\r\n")
         link = self.servers[0].succeed()
         link.answer(response(b"", "Content-Length: 0"))
         self.take()
-        self.send(b"GET http://a/2 HTTP/1.1\r\n\r\n")
+        self.send(b"GET http://a/2 HTTP/1.1\r\nHost: a\r\n\r\n")
         link.close()
         self.assertEqual(self.take(), b"")
         self.assertTrue(self.app.disconnecting)
 
     def test_idle_kept_connection_closed_by_origin(self):
         """When the origin closes an idle kept connection the client stays, and its next request opens a new one."""
-        self.send(b"GET http://a/1 HTTP/1.1\r\n\r\n")
+        self.send(b"GET http://a/1 HTTP/1.1\r\nHost: a\r\n\r\n")
         link = self.servers[0].succeed()
         link.answer(response(b"", "Content-Length: 0"))
         link.protocol.readConnectionLost()
         self.assertFalse(self.app.disconnecting)
-        self.send(b"GET http://a/2 HTTP/1.1\r\n\r\n")
+        self.send(b"GET http://a/2 HTTP/1.1\r\nHost: a\r\n\r\n")
         self.assertEqual(len(self.servers[0].attempts), 2)
 
     def test_bad_response(self):
         """A malformed response head gives 502."""
-        self.send(b"GET http://a/ HTTP/1.1\r\n\r\n")
+        self.send(b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n")
         link = self.servers[0].succeed()
         link.answer(b"garbage\r\n\r\n")
         self.assertTrue(self.take().startswith(b"HTTP/1.1 502 "))
         self.assertTrue(self.app.disconnecting)
+
+
+class HttpHardeningTests(MixedTestCase):
+    """Hostile heads: slow delivery, bad Content-Length, and what the log says."""
+
+    def head_cost(self, size: int) -> float:
+        """CPU seconds to take a `size`-byte request head one byte per read (the best of two runs)."""
+        head = b"GET http://h/ HTTP/1.1\r\nHost: h\r\nX-Pad: "
+        head += b"a" * (size - len(head) - 4) + b"\r\n\r\n"
+        pieces = [head[i : i + 1] for i in range(len(head))]
+        best = float("inf")
+        for _ in range(2):
+            attempts = len(self.servers[0].attempts)
+            protocol = self.factory.buildProtocol(None)
+            protocol.makeConnection(Transport())
+            start = time.process_time()
+            for piece in pieces:
+                protocol.dataReceived(piece)
+            best = min(best, time.process_time() - start)
+            self.assertEqual(len(self.servers[0].attempts), attempts + 1, "the request did not go out")
+        return best
+
+    def test_head_one_byte_per_read_is_linear(self):
+        """A head read one byte at a time costs CPU in proportion to its size: 63 KiB at most 50x 4 KiB (a rescan per read: 160x)."""
+        self.head_cost(4096)  # warm up
+        small = self.head_cost(4096)
+        big = self.head_cost(63 * 1024)
+        self.assertLess(big / small, 50, f"4 KiB: {small:.4f} s, 63 KiB: {big:.4f} s")
+
+    def response_head_cost(self, size: int) -> float:
+        """CPU seconds to take an origin's `size`-byte response head one byte per read (the best of two runs)."""
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Pad: "
+        head += b"a" * (size - len(head) - 4) + b"\r\n\r\n"
+        best = float("inf")
+        for _ in range(2):
+            app = Transport()
+            protocol = self.factory.buildProtocol(None)
+            protocol.makeConnection(app)
+            protocol.dataReceived(b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n")
+            link = self.servers[0].succeed()
+            encrypt = link.suite.tcp_encryptor().encrypt
+            pieces = [encrypt(head[i : i + 1]) for i in range(len(head))]
+            start = time.process_time()
+            for piece in pieces:
+                link.protocol.dataReceived(piece)
+            best = min(best, time.process_time() - start)
+            self.assertTrue(app.value().startswith(b"HTTP/1.1 200 OK\r\n"), "the response did not go out")
+        return best
+
+    def test_response_head_one_byte_per_read_is_linear(self):
+        """An origin's response head read one byte at a time costs CPU in proportion to its size: 63 KiB at most 40x 4 KiB (a rescan: 85x)."""
+        self.response_head_cost(4096)  # warm up
+        small = self.response_head_cost(4096)
+        big = self.response_head_cost(63 * 1024)
+        # Each read is also decrypted, which dilutes the ratio of a rescan.
+        self.assertLess(big / small, 40, f"4 KiB: {small:.4f} s, 63 KiB: {big:.4f} s")
+
+    def test_bad_request_content_length(self):
+        """Content-Length other than at most 20 ASCII digits gets 400 and the connection closes, with no server attempt."""
+        for value in ("\u00b2", "\u0661", "9" * 5000, "9" * 21, "+5", "0x5", "5 5", "1,2"):
+            with self.subTest(value=value):
+                app = Transport()
+                protocol = self.factory.buildProtocol(None)
+                protocol.makeConnection(app)
+                protocol.dataReceived(f"POST http://h/ HTTP/1.1\r\nHost: h\r\nContent-Length: {value}\r\n\r\n".encode())
+                self.assertTrue(app.value().startswith(b"HTTP/1.1 400 "), app.value()[:40])
+                self.assertTrue(app.disconnecting)
+        self.assertEqual(self.servers[0].attempts, [])
+
+    def test_bad_response_content_length(self):
+        """An origin's Content-Length other than at most 20 ASCII digits gets 502 and the connection closes."""
+        for value in ("\u00b2", "9" * 5000, "9" * 21, "-1"):
+            with self.subTest(value=value):
+                app = Transport()
+                protocol = self.factory.buildProtocol(None)
+                protocol.makeConnection(app)
+                protocol.dataReceived(b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n")
+                link = self.servers[0].succeed()
+                link.answer(f"HTTP/1.1 200 OK\r\nContent-Length: {value}\r\n\r\nbody".encode())
+                self.assertTrue(app.value().startswith(b"HTTP/1.1 502 "), app.value()[:40])
+                self.assertTrue(app.disconnecting)
+                self.assertTrue(link.transport.disconnecting)
+
+    def test_host_required(self):
+        """An HTTP/1.1 request without Host gets 400 (RFC 9112 §3.2); HTTP/1.0 needs none."""
+        self.send(b"GET http://h/ HTTP/1.1\r\n\r\n")
+        self.assertTrue(self.take().startswith(b"HTTP/1.1 400 "))
+        self.assertEqual(self.servers[0].attempts, [])
+        protocol = self.factory.buildProtocol(None)
+        protocol.makeConnection(Transport())
+        protocol.dataReceived(b"GET http://h/ HTTP/1.0\r\n\r\n")
+        self.assertEqual(len(self.servers[0].attempts), 1)
+
+    def test_blank_lines_before_request(self):
+        """Blank lines before a request line are skipped (RFC 9112 §2.2), also after a body."""
+        self.send(b"POST http://a/u HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok\r\n")
+        link = self.servers[0].succeed()
+        link.answer(response(b"", "Content-Length: 0"))
+        self.send(b"\r\nGET http://a/2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        link.answer(response(b"", "Content-Length: 0"))
+        self.assertEqual(self.take(), 2 * response(b"", "Content-Length: 0"))
+        self.assertIn(b"\r\n\r\nokGET /2 HTTP/1.1\r\n", link.sent())
+
+    def test_nothing_logged_at_info(self):
+        """Forwarding, refusals, bad responses and origins that close early log nothing at info level or above."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.send(b"GET http://secret.example/1 HTTP/1.1\r\nHost: secret.example\r\n\r\n")
+        link = self.servers[0].succeed()
+        link.answer(response(b"x", "Content-Length: 1"))
+        link.answer(b"HTTP/1.1 200 OK\r\n\r\n")  # out of turn
+        for answer in (b"garbage\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", None):
+            app = Transport()
+            protocol = self.factory.buildProtocol(None)
+            protocol.makeConnection(app)
+            protocol.dataReceived(b"GET http://secret.example/2 HTTP/1.1\r\nHost: secret.example\r\n\r\n")
+            link = self.servers[0].succeed()
+            if answer is not None:
+                link.answer(answer)
+            link.close()
+            self.assertTrue(app.disconnecting)
+        protocol = self.factory.buildProtocol(None)
+        protocol.makeConnection(Transport())
+        protocol.dataReceived(b"GET /secret HTTP/1.1\r\nHost: secret.example\r\n\r\n")
+        loud = [e for e in events if e.get("log_namespace") == "ssx.local.http" and e["log_level"] >= LogLevel.info]
+        self.assertEqual(loud, [])
+        self.assertTrue(any(e.get("log_namespace") == "ssx.local.http" for e in events), "nothing logged at all")

@@ -19,6 +19,7 @@ import zipfile
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web import resource, server as web_server, static
 
@@ -274,6 +275,102 @@ class KeepAliveTests(ProxyClientTestCase):
     def test_keep_alive_two_hosts(self):
         """Three requests on one connection, to host A, host B, then A again: each response is whole and the connection stays."""
         return defer.Deferred.fromCoroutine(self._switch())
+
+
+class _Collect(protocol.Protocol):
+    """A raw client: sends one request, keeps every byte until the proxy closes."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.closed: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason=None) -> None:
+        if not self.closed.called:  # (timed out)
+            self.closed.callback(self.received)
+
+
+class _BadLengthOrigin(protocol.Protocol):
+    """An origin answering a request head with a response whose Content-Length is the factory's `value`."""
+
+    def __init__(self) -> None:
+        self.head = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.head += data
+        if b"\r\n\r\n" in self.head:
+            self.factory.requests += 1
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: " + self.factory.value + b"\r\n\r\nbody")
+            self.head = b""
+
+
+class BadContentLengthTests(ChainTestCase):
+    """A Content-Length that is not a sane ASCII number, over real sockets: answered, that connection ended, nothing logged."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events: list = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        factory = protocol.Factory.forProtocol(_BadLengthOrigin)
+        factory.requests = 0
+        self.origin_factory = factory
+        self.origin = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(self.origin.stopListening)
+
+    async def exchange(self, port: int, request: bytes) -> bytes:
+        """Send `request` to `port`; everything received until the proxy closed (within 10 s)."""
+        client = _Collect(request)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        client.closed.addTimeout(10, reactor)
+        try:
+            return await client.closed
+        except defer.TimeoutError:
+            client.transport.abortConnection()
+            raise AssertionError(f"the proxy did not close the connection; it sent {client.received[:60]!r}") from None
+
+    def assert_quiet(self) -> None:
+        loud = [e for e in self.events if "log_failure" in e or e["log_level"] >= LogLevel.warn]
+        self.assertEqual(loud, [])
+
+    VALUES = ["\u00b2".encode(), b"9" * 5000, b"9" * 21]
+
+    async def _requests(self) -> None:
+        local_port = self.chain(method="aes-256-gcm")
+        target = f"127.0.0.1:{self.origin.getHost().port}".encode()
+        for value in self.VALUES:
+            received = await self.exchange(
+                local_port, b"POST http://" + target + b"/ HTTP/1.1\r\nHost: " + target + b"\r\nContent-Length: " + value + b"\r\n\r\n"
+            )
+            self.assertTrue(received.startswith(b"HTTP/1.1 400 Bad Request\r\n"), (value[:10], received[:60]))
+        self.assertEqual(self.server_service.factory.accepted, 0)
+        self.assertEqual(self.origin_factory.requests, 0)
+        self.assert_quiet()
+
+    def test_request_content_length(self):
+        """A request whose Content-Length is ², 5,000 or 21 digits gets 400 and a close, reaches no server, and logs nothing."""
+        return defer.Deferred.fromCoroutine(self._requests())
+
+    async def _responses(self) -> None:
+        local_port = self.chain(method="aes-256-gcm")
+        target = f"127.0.0.1:{self.origin.getHost().port}".encode()
+        for count, value in enumerate(self.VALUES, 1):
+            self.origin_factory.value = value
+            received = await self.exchange(local_port, b"GET http://" + target + b"/ HTTP/1.1\r\nHost: " + target + b"\r\n\r\n")
+            self.assertTrue(received.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), (value[:10], received[:60]))
+            self.assertNotIn(b"body", received)
+            self.assertEqual(self.origin_factory.requests, count)
+        self.assert_quiet()
+
+    def test_response_content_length(self):
+        """An origin's response whose Content-Length is ², 5,000 or 21 digits gets the client 502 and a close, and logs nothing."""
+        return defer.Deferred.fromCoroutine(self._responses())
 
 
 def _tool_env(directory: str, **extra: str) -> dict[str, str]:

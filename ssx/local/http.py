@@ -2,19 +2,21 @@
 The HTTP side of the local end's mixed port: CONNECT tunnels and plain
 (absolute-form) HTTP forwarding, through the Shadowsocks server.
 
-Data path.  CONNECT: the request head is read (`ssx.wire.http_message`), the
+Data path.  CONNECT: the request head is read (`ssx.wire.http_codec`), the
 server connection opened (`LocalRelayProtocol.open_relay`), ``200
 Connection established`` answered, then bytes are relayed untouched.  Plain
-HTTP: each request is rewritten to origin form without hop-by-hop headers
-and sent through a server connection to its host:port; the response head is
-rewritten for the client and the body passed on as it is.  Both bodies are
-framed (`ssx.wire.http_framing`) so the proxy knows where each message ends.
+HTTP: each request goes on in origin form without hop-by-hop headers
+(`ssx.wire.http_message`) through a server connection to its host:port, and its
+response comes back the same way.  h11 reads and writes both sides
+(`ssx.wire.http_codec`), so the proxy knows where every message ends; this
+module only moves its events between the two connections.
 
 One request at a time per client connection: pipelined requests wait (at
 most 64 KiB of them is read) until the response before them is complete.
 The server connection is kept for the next request to the same host:port,
 and closed and replaced when the next request goes elsewhere, so a
-keep-alive client may switch hosts freely.
+keep-alive client may switch hosts freely.  Per-connection events are
+logged at debug level, and name no destination.
 """
 
 from __future__ import annotations
@@ -24,22 +26,8 @@ from twisted.python.failure import Failure
 
 from ssx.wire.address import Address
 from ssx.errors import ProtocolError
-from ssx.wire.http_framing import BodyFramer, UntilClose, request_body, response_body
-from ssx.wire.http_message import (
-    MAX_HEAD,
-    HttpError,
-    RequestHead,
-    absolute_target,
-    basic_credentials_ok,
-    connect_target,
-    error_response,
-    find_head_end,
-    forward_request,
-    forward_response,
-    parse_request_head,
-    parse_response_head,
-    skip_blank_lines,
-)
+from ssx.wire.http_codec import MAX_HEAD, ClientSide, Data, EndOfMessage, OriginSide, Request
+from ssx.wire.http_message import HttpError, absolute_target, basic_credentials_ok, connect_target, error_response
 from ssx.local.protocol import _CLOSED, _CONNECTING, _RELAY, _WAITING, LocalRelayProtocol, Socks5LocalFactory
 from ssx.net.relay import OutboundProtocol, RelayProtocol
 
@@ -82,19 +70,18 @@ class HttpProxyProtocol(LocalRelayProtocol):
     def __init__(self, factory: Socks5LocalFactory) -> None:
         LocalRelayProtocol.__init__(self, factory)
         self._tunnel = False
-        self._buffer = bytearray()
-        # The request in flight (forwarding), and the framing of both bodies.
-        self._request: RequestHead | None = None
-        self._request_body: BodyFramer | None = None
-        self._response_head = bytearray()
-        self._response_body: BodyFramer | None = None
+        # h11 on the application's side, dropped once a CONNECT tunnel starts.
+        self._client: ClientSide | None = ClientSide()
+        # The request in flight (forwarding), and whether its response began.
+        self._request: Request | None = None
         self._response_started = False
-        # The host:port the current server connection leads to, whether it
-        # may carry another request, and whether it was opened for this one.
+        # The current server connection: its codec, the host:port it leads
+        # to, whether it may carry another request, and whether it was
+        # opened for this one.
+        self._origin_codec: OriginSide | None = None
         self._origin: tuple[str, int] | None = None
         self._origin_reusable = False
         self._origin_fresh = False
-        self._close_after = False
         self._client_eof = False
 
     # Client side.
@@ -105,91 +92,69 @@ class HttpProxyProtocol(LocalRelayProtocol):
             return
         if self._state == _CLOSED:
             return
-        if self._request_body is not None and not self._buffer:
-            # An upload: pass the body on without copying it into the buffer.
-            taken = self._body_bytes(data)
-            if taken is None or taken == len(data):
-                return
-            data = data[taken:]
-        self._buffer += data
+        assert self._client is not None
+        self._client.receive(data)
         self._process()
 
-    def _body_bytes(self, data: bytes) -> int | None:
-        """Send the request body's share of `data`; None if the body is malformed (connection ended)."""
-        framer = self._request_body
-        assert framer is not None
-        try:
-            taken = framer.feed(data)
-        except ProtocolError as e:
-            _log.info("HTTP proxy: bad request body: {error}", error=e)
-            self._end(abort=True)
-            return None
-        if taken:
-            self._to_origin(data[:taken] if taken < len(data) else data)
-        if framer.done:
-            self._request_body = None
-        return taken
-
     def _process(self) -> None:
-        buffer = self._buffer
+        client = self._client
+        assert client is not None
         while self._state != _CLOSED and not self._tunnel:
-            if self._request_body is not None:
-                taken = self._body_bytes(bytes(buffer))
-                if taken is None:
-                    return
-                del buffer[:taken]
-                if self._request_body is not None:
-                    return
-                continue
-            if self._request is not None:
-                # The next request waits for this response; don't read
-                # without bound meanwhile.
-                if len(buffer) > MAX_HEAD:
-                    self.transport.pauseProducing()
-                return
-            del buffer[: skip_blank_lines(buffer)]
-            if not buffer:
-                return
             try:
-                end = find_head_end(buffer)
-                if end is None:
+                event = client.next_event()
+                if event is None:
+                    if client.held > MAX_HEAD:
+                        # The next request waits for this response; don't
+                        # read without bound meanwhile.
+                        self.transport.pauseProducing()
                     return
-                head = bytes(buffer[:end])
-                del buffer[:end]
-                self._start(parse_request_head(head))
+                if isinstance(event, Request):
+                    self._start(client, event)
+                    continue
+                origin = self._origin_codec
+                assert origin is not None
+                if isinstance(event, Data):
+                    self._to_origin(origin.send_data(event.data))
+                else:
+                    self._to_origin(origin.send_end(event.headers.raw_items()))
             except HttpError as e:
-                _log.info("HTTP proxy: refused a request: {error}", error=e)
-                self._refuse(e.status, str(e))
+                if self._request is None:
+                    _log.debug("HTTP proxy: refused a request: {error}", error=e)
+                    self._refuse(e.status, str(e))
+                else:
+                    # Part of it went on already: no answer of ours can follow.
+                    _log.debug("HTTP proxy: bad request body: {error}", error=e)
+                    self._end(abort=True)
                 return
 
-    def _start(self, request: RequestHead) -> None:
+    def _start(self, client: ClientSide, request: Request) -> None:
         credentials = self.factory.credentials
-        if credentials is not None and not basic_credentials_ok(request, credentials):
+        if credentials is not None and not basic_credentials_ok(request.headers.raw_items(), credentials):
             self._refuse(407, "proxy credentials required", _CHALLENGE)
             return
-        if request.method == "CONNECT":
-            host, port = connect_target(request)
+        target = request.target.decode("ascii")  # h11 admits only visible ASCII there
+        if request.method == b"CONNECT":
+            host, port = connect_target(target)
             if self._state != _WAITING:
                 self.detach_relay()
             self._tunnel = True
-            early, self._buffer = bytes(self._buffer), bytearray()
+            early, self._client = client.rest(), None
             self.open_relay(Address(host, port), early)
             return
-        host, port, path = absolute_target(request.target)
-        framer = request_body(request)
-        payload = forward_request(request, host, port, path)
+        host, port, path = absolute_target(target)
+        close = self._client_eof or client.closing
+        reuse = self._state == _RELAY and self.peer is not None and self._origin == (host, port) and self._origin_reusable
+        origin = self._origin_codec if reuse and self._origin_codec is not None else OriginSide()
+        payload = origin.request(request, host, port, path, close)
         self._request = request
-        self._request_body = None if framer.done else framer
-        self._response_head = bytearray()
-        self._response_body = None
         self._response_started = False
-        self._close_after = self._client_eof or request.wants_close()
-        if self._state == _RELAY and self.peer is not None and self._origin == (host, port) and self._origin_reusable:
+        if reuse:
             self._origin_fresh = False
             self._to_origin(payload)
             return
         if self._state != _WAITING:
             self.detach_relay()
+        self._origin_codec = origin
         self._origin = (host, port)
         self._origin_reusable = True
         self._origin_fresh = True
@@ -209,7 +174,6 @@ class HttpProxyProtocol(LocalRelayProtocol):
 
     def _end(self, abort: bool = False) -> None:
         self._request = None
-        self._request_body = None
         if self.peer is not None or self._connecting is not None:
             self.detach_relay()
         self._state = _CLOSED
@@ -223,11 +187,9 @@ class HttpProxyProtocol(LocalRelayProtocol):
             LocalRelayProtocol.readConnectionLost(self)
             return
         self._client_eof = True
-        if self._request is None or self._request_body is not None:
+        if self._request is None or self._client is None or not self._client.request_complete:
             # Nothing more can come of this connection.
             self._end()
-        else:
-            self._close_after = True
 
     # Server side.
 
@@ -247,72 +209,57 @@ class HttpProxyProtocol(LocalRelayProtocol):
         try:
             plain = origin.transform(data)
         except ProtocolError as e:
-            _log.info("HTTP proxy: bad stream from the server: {error}", error=e)
+            _log.debug("HTTP proxy: bad stream from the server: {error}", error=e)
             self._end(abort=True)
             return
         self.activity()
-        if plain:
-            try:
-                self._response_bytes(plain)
-            except (HttpError, ProtocolError) as e:
-                _log.info("HTTP proxy: bad response from {origin}: {error}", origin=self._target, error=e)
-                if self._response_started:
-                    self._end(abort=True)
-                else:
-                    self._refuse(502, "bad response from the origin server")
-
-    def _response_bytes(self, plain: bytes) -> None:
-        request = self._request
-        if request is None:
+        if not plain:
+            return
+        if self._request is None:
             # The origin speaks out of turn: this connection carries no more.
             self._origin_reusable = False
             self.detach_relay()
             return
-        while True:
-            framer = self._response_body
-            if framer is None:
-                self._response_head += plain
-                end = find_head_end(self._response_head)
-                if end is None:
-                    return
-                response = parse_response_head(bytes(self._response_head[:end]))
-                plain = bytes(self._response_head[end:])
-                self._response_head = bytearray()
-                interim = 100 <= response.status < 200 and response.status != 101
-                if interim:
-                    # 100 Continue, 103 Early Hints: the final response follows.
-                    self._response_started = True
-                    self.transport.write(forward_response(response, close=False))
-                    continue
-                framer = UntilClose() if response.status == 101 else response_body(request.method, response)
-                if isinstance(framer, UntilClose) or self._request_body is not None:
-                    # Ends with the connection, or answered before the
-                    # request body was all sent: the client connection cannot
-                    # be used again.
-                    self._close_after = True
-                if response.wants_close():
-                    self._origin_reusable = False
-                self._response_started = True
-                self._response_body = framer
-                self.transport.write(forward_response(response, close=self._close_after))
+        assert self._origin_codec is not None
+        try:
+            self._origin_codec.receive(plain)
+            self._response_events()
+        except HttpError as e:
+            _log.debug("HTTP proxy: bad response from the origin: {error}", error=e)
+            if self._response_started:
+                self._end(abort=True)
             else:
-                taken = framer.feed(plain)
-                if taken:
-                    self.transport.write(plain[:taken] if taken < len(plain) else plain)
-                plain = plain[taken:]
-            if framer.done:
-                if plain:
-                    self._origin_reusable = False
+                self._refuse(502, "bad response from the origin server")
+
+    def _response_events(self) -> None:
+        """Pass on what the origin's bytes so far make of the response."""
+        origin, client = self._origin_codec, self._client
+        assert origin is not None and client is not None
+        while self._request is not None and self._state != _CLOSED:
+            event = origin.next_event()
+            if event is None:
+                return
+            if isinstance(event, Data):
+                self.transport.write(client.respond_data(event.data))
+            elif isinstance(event, EndOfMessage):
+                self.transport.write(client.respond_end(event.headers.raw_items()))
                 self._response_done()
                 return
-            if not plain:
-                return
+            else:
+                # A head: 1xx, or the final one.  A response that comes
+                # before the request body was all read ends the client
+                # connection: it says so.
+                close = self._client_eof or not client.request_complete
+                self._response_started = True
+                self.transport.write(client.respond(event, close))
 
     def _response_done(self) -> None:
+        origin, client = self._origin_codec, self._client
+        assert origin is not None and client is not None
         self._request = None
-        self._response_body = None
         self._response_started = False
-        if self._close_after:
+        self._origin_reusable = origin.next_request()
+        if self._client_eof or not client.next_request():
             self._end()
             return
         if not self._origin_reusable:
@@ -324,21 +271,28 @@ class HttpProxyProtocol(LocalRelayProtocol):
         """The server connection of a forwarded request ended."""
         if origin is not self.peer or self._state == _CLOSED:
             return
-        framer = self._response_body
-        if self._request is None:
+        request = self._request
+        if request is None:
             # An idle kept connection closed by the origin: forget it.
             self.detach_relay()
-        elif framer is not None and framer.complete_at_eof():
-            self._close_after = True
-            self._response_done()
-        elif not self._response_started and not self._origin_fresh:
+            return
+        assert self._origin_codec is not None
+        try:
+            # A response without a length ends here.
+            self._origin_codec.receive(b"")
+            self._response_events()
+        except HttpError:
+            pass
+        if self._request is not request or self._state == _CLOSED:
+            return
+        if not self._response_started and not self._origin_fresh:
             # A kept connection that died under a new request: close
             # without an answer, as a dead keep-alive connection does, so
             # that the client retries on a new one.
             self._end()
-        else:
-            _log.info("HTTP proxy: the connection to {origin} ended before the response did", origin=self._target)
-            self._refuse(502, "the origin server closed the connection without a complete response")
+            return
+        _log.debug("HTTP proxy: the origin closed the connection before the response ended")
+        self._refuse(502, "the origin server closed the connection without a complete response")
 
     def make_outbound(self) -> OutboundProtocol:
         if self._tunnel:
