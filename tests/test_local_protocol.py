@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-import ssx.local.protocol as local
+import ssx.local.relay as local
 
 from ssx.wire import socks5
 from ssx.wire.address import Address, decode_address, encode_address

@@ -15,7 +15,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-import ssx.local.protocol as local
+import ssx.local.relay as local
 from ssx.wire.address import Address, encode_address
 from ssx.crypto import CipherSuite
 from ssx.server.forbidden import parse_forbidden

@@ -25,7 +25,7 @@ from zope.interface import implementer
 from ssx.wire import socks4
 
 from ssx.wire import socks5
-from ssx.local.protocol import _CLOSED, LocalRelayProtocol, Socks5LocalFactory, Socks5LocalProtocol
+from ssx.local.relay import _CLOSED, LocalRelayProtocol, Socks5LocalFactory, Socks5LocalProtocol
 from ssx.local.http import HttpProxyProtocol
 from ssx.wire.socks4 import Socks4Error, Socks4Negotiation
 
