@@ -26,7 +26,7 @@ from ssx.wire.address import Address, encode_address
 from ssx.crypto import CipherSuite, generate_psk, make_suite
 from ssx.crypto._2022 import UdpClientSession, parse_password
 from ssx.server.forbidden import parse_forbidden
-from ssx.local.relay import Socks5LocalFactory
+from ssx.local.socks import Socks5LocalFactory
 from ssx.local.udp import Socks5UdpRelay
 from ssx.local.picker import ServerPicker
 from ssx.server.udp import Shadowsocks2022UdpRelay, ShadowsocksUdpRelay
@@ -192,7 +192,7 @@ class TunnelTests(UdpChainTestCase):
             server_port, method=self.method, mode="tcp_and_udp", tunnels=[f"127.0.0.1:0=127.0.0.1:{dns_port}"]
         )
         self.addCleanup(local.stopService)
-        from ssx.local.relay import TunnelFactory
+        from ssx.local.tunnel import TunnelFactory
 
         [tunnel_port] = [s.port.getHost().port for s in local if isinstance(getattr(s, "factory", None), TunnelFactory)]
         resolver = dns_client.Resolver(servers=[("127.0.0.1", tunnel_port)], reactor=reactor)

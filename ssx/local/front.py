@@ -4,10 +4,11 @@ The mixed port of the local end: SOCKS5, SOCKS4/4a and HTTP on one listener.
 Data path: `ProxySniffer` reads an application's first byte — 0x05 is a
 SOCKS5 greeting, 0x04 a SOCKS4 request, an ASCII letter the method of an
 HTTP request — and hands the connection to the protocol for it
-(`Socks5LocalProtocol`, `Socks4LocalProtocol` here, `HttpProxyProtocol` in
-`ssx.local.http`).  Each is a `LocalRelayProtocol`, so the Shadowsocks side
-(server choice and failover, first-write coalescing, backpressure) is the
-same whatever the application spoke.  One credential setting serves SOCKS5
+(`Socks5LocalProtocol`, `Socks4LocalProtocol` in `ssx.local.socks`,
+`HttpProxyProtocol` in `ssx.local.http`).  Each is a `LocalRelayProtocol`
+(`ssx.local.relay`), so the Shadowsocks side (server choice and failover,
+first-write coalescing, backpressure) is the same whatever the application
+spoke.  One credential setting serves SOCKS5
 username/password and HTTP Basic proxy authentication; SOCKS4 has no
 password and is refused while credentials are required.
 """
@@ -22,59 +23,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ssx.wire import socks4
-
 from ssx.wire import socks5
-from ssx.local.relay import _CLOSED, LocalRelayProtocol, Socks5LocalFactory, Socks5LocalProtocol
+from ssx.local.socks import Socks4LocalProtocol, Socks5LocalFactory, Socks5LocalProtocol
 from ssx.local.http import HttpProxyProtocol
-from ssx.wire.socks4 import Socks4Error, Socks4Negotiation
 
-__all__ = ["MixedLocalFactory", "ProxySniffer", "Socks4LocalProtocol"]
+__all__ = ["MixedLocalFactory", "ProxySniffer"]
 
 _log = Logger()
-
-
-class Socks4LocalProtocol(LocalRelayProtocol):
-    """An application speaking SOCKS4 or SOCKS4a (CONNECT only)."""
-
-    factory: Socks5LocalFactory
-
-    def __init__(self, factory: Socks5LocalFactory) -> None:
-        LocalRelayProtocol.__init__(self, factory)
-        self._negotiation: Socks4Negotiation | None = Socks4Negotiation()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._negotiation is None:
-            LocalRelayProtocol.dataReceived(self, data)
-            return
-        try:
-            request = self._negotiation.feed(data)
-        except Socks4Error as e:
-            self._refuse(str(e), e.reply)
-            return
-        if request is None:
-            return
-        self._negotiation = None
-        if self.factory.credentials is not None:
-            # SOCKS4 cannot carry a password; a user id alone proves nothing.
-            self._refuse("SOCKS4 offers no password and credentials are required", socks4.build_reply(socks4.REP_REJECTED))
-            return
-        self.open_relay(request.address, request.extra)
-
-    def _refuse(self, why: str, reply: bytes) -> None:
-        _log.debug("SOCKS4 request refused: {why}", why=why)
-        self._negotiation = None
-        self._state = _CLOSED
-        if reply:
-            self.transport.write(reply)
-        self.transport.loseConnection()
-
-    def relay_ready(self) -> None:
-        self.transport.write(socks4.build_reply(socks4.REP_GRANTED))
-
-    def relay_failed(self, failure: Failure) -> None:
-        self.transport.write(socks4.build_reply(socks4.REP_REJECTED))
-        self.transport.loseConnection()
 
 
 def _is_http_method_start(byte: int) -> bool:

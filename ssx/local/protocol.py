@@ -1,3 +1,11 @@
-"""Former home of `ssx.local.relay`: the names `ssx.local.http` still imports from here."""
+"""
+Former home of the local end's protocols (now `ssx.local.relay`,
+`ssx.local.socks`, `ssx.local.tunnel`): the names `ssx.local.http` still
+imports from here, until it imports them from their homes.
+"""
 
-from ssx.local.relay import _CLOSED, _CONNECTING, _RELAY, _WAITING, LocalRelayProtocol, Socks5LocalFactory  # noqa: F401
+from ssx.local.relay import CLOSED as _CLOSED, CONNECTING as _CONNECTING, RELAYING as _RELAY, WAITING as _WAITING
+from ssx.local.relay import LocalRelayProtocol
+from ssx.local.socks import Socks5LocalFactory
+
+__all__ = ["LocalRelayProtocol", "Socks5LocalFactory", "_CLOSED", "_CONNECTING", "_RELAY", "_WAITING"]

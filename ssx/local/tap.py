@@ -25,7 +25,7 @@ from ssx.config import LocalConfig, local_config
 from ssx.server.forbidden import is_ip_literal
 from ssx.local.health import HealthCheckService
 from ssx.net.listener import DatagramListenerService, DrainService, serve
-from ssx.local.relay import TunnelFactory
+from ssx.local.tunnel import TunnelFactory
 from ssx.local.front import MixedLocalFactory
 from ssx.local.udp import Socks5UdpRelay, TunnelUdpRelay
 from ssx.local.online import OnlineConfigService, describe_url, load_trust_root
