@@ -18,7 +18,7 @@ from ssx.wire.address import Address, decode_address, encode_address
 from ssx.crypto import CipherSuite
 from ssx.local.picker import ServerPicker, Upstream
 from ssx.local.relay import FIRST_DATA_WAIT
-from ssx.local.socks import Socks5LocalFactory, reply_code_for
+from ssx.local.socks import ProxyPortFactory, reply_code_for
 from ssx.config.upstreams import ServerEntry
 
 GREETING = b"\x05\x01\x00"
@@ -55,7 +55,7 @@ class LocalProtocolTests(unittest.SynchronousTestCase):
         self.suite = CipherSuite("chacha20-ietf-poly1305", "pw")
         self.server = FakeServerConnector()
         entry = ServerEntry("192.0.2.1", 8388, "chacha20-ietf-poly1305", "pw")
-        self.factory = Socks5LocalFactory(self.clock, ServerPicker([Upstream(entry, self.suite, self.server)]), timeout=300)
+        self.factory = ProxyPortFactory(self.clock, ServerPicker([Upstream(entry, self.suite, self.server)]), timeout=300)
         self.protocol = self.factory.buildProtocol(None)
         self.app = StringTransport()
         self.protocol.makeConnection(self.app)

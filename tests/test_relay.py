@@ -19,7 +19,7 @@ from ssx.wire.address import Address, encode_address
 from ssx.crypto import CipherSuite
 from ssx.server.forbidden import parse_forbidden
 from ssx.local.picker import ServerPicker, Upstream
-from ssx.local.socks import Socks5LocalFactory
+from ssx.local.socks import ProxyPortFactory
 from ssx.net.relay import OutboundProtocol, RelayFactory, connect_tcp
 from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.config.upstreams import ServerEntry
@@ -72,7 +72,7 @@ class LeavingWhileConnectingTests(unittest.TestCase):
             Upstream(ServerEntry("127.0.0.2", self.port, "chacha20-ietf-poly1305", "pw"), suite, connect),
         ]
         picker = ServerPicker(upstreams)
-        factory = Socks5LocalFactory(reactor, picker, timeout=300)
+        factory = ProxyPortFactory(reactor, picker, timeout=300)
         app = factory.buildProtocol(None)
         app.makeConnection(StringTransport())
         app.dataReceived(b"\x05\x01\x00" + b"\x05\x01\x00\x03\x0bexample.com\x01\xbb")

@@ -26,7 +26,7 @@ from ssx.wire.address import Address, encode_address
 from ssx.crypto import CipherSuite, generate_psk, make_suite
 from ssx.crypto._2022 import UdpClientSession, parse_password
 from ssx.server.forbidden import parse_forbidden
-from ssx.local.socks import Socks5LocalFactory
+from ssx.local.socks import ProxyPortFactory
 from ssx.local.udp import Socks5UdpRelay
 from ssx.local.picker import ServerPicker
 from ssx.server.udp import Shadowsocks2022UdpRelay, ShadowsocksUdpRelay
@@ -669,7 +669,7 @@ class AssociateProtocolTests(unittest.SynchronousTestCase):
         self.relay = Socks5UdpRelay(self.reactor, suite, ("192.0.2.1", 8388), timeout=60, capacity=100)
         self.relay.transport = _ListeningPort()
         picker = ServerPicker([])
-        self.factory = Socks5LocalFactory(self.reactor, picker, timeout=300, udp_relay=self.relay)
+        self.factory = ProxyPortFactory(self.reactor, picker, timeout=300, udp_relay=self.relay)
 
     def connect(self) -> tuple[Any, StringTransport]:
         control = self.factory.buildProtocol(None)

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ssx.wire import socks5
-from ssx.local.socks import Socks4LocalProtocol, Socks5LocalFactory, Socks5LocalProtocol
+from ssx.local.socks import ProxyPortFactory, Socks4LocalProtocol, Socks5LocalProtocol
 from ssx.local.http import HttpProxyProtocol
 
 __all__ = ["MixedLocalFactory", "ProxySniffer"]
@@ -116,7 +116,7 @@ class ProxySniffer(Protocol):
             self.factory.connection_closed(self)  # type: ignore[arg-type]
 
 
-class MixedLocalFactory(Socks5LocalFactory):
+class MixedLocalFactory(ProxyPortFactory):
     """The main listener of `ssx-local`: every proxy protocol on one port."""
 
     def buildProtocol(self, addr: Any) -> ProxySniffer:  # type: ignore[override]

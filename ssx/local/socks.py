@@ -36,7 +36,7 @@ from ssx.wire import socks4, socks5
 from ssx.wire.address import Address
 from ssx.wire.socks4 import Socks4Error, Socks4Negotiation
 
-__all__ = ["Socks4LocalProtocol", "Socks5LocalFactory", "Socks5LocalProtocol", "reply_code_for"]
+__all__ = ["ProxyPortFactory", "Socks4LocalProtocol", "Socks5LocalProtocol", "reply_code_for"]
 
 _log = Logger()
 
@@ -57,8 +57,14 @@ def reply_code_for(failure: Failure) -> int:
     return socks5.REP_GENERAL_FAILURE
 
 
-class Socks5LocalFactory(LocalFactory):
-    """The SOCKS5 listener's factory; `udp_relay` is set when UDP is relayed."""
+class ProxyPortFactory(LocalFactory):
+    """
+    What the connections of one application proxy port share, whichever
+    protocol they speak (SOCKS5, SOCKS4, HTTP): the credentials, the SOCKS5
+    UDP relay (set when UDP is relayed) and whether TCP is relayed at all.
+    On its own it speaks SOCKS5; the mixed port (`ssx.local.front`) puts a
+    sniffer in front.
+    """
 
     def __init__(
         self,
@@ -91,9 +97,9 @@ class Socks5LocalFactory(LocalFactory):
 class Socks5LocalProtocol(LocalRelayProtocol):
     """An application speaking SOCKS5 to the local end."""
 
-    factory: Socks5LocalFactory
+    factory: ProxyPortFactory
 
-    def __init__(self, factory: Socks5LocalFactory) -> None:
+    def __init__(self, factory: ProxyPortFactory) -> None:
         LocalRelayProtocol.__init__(self, factory)
         self._negotiation: socks5.Socks5Negotiation | None = socks5.Socks5Negotiation(
             factory.credentials, factory.commands
@@ -184,9 +190,9 @@ class Socks5LocalProtocol(LocalRelayProtocol):
 class Socks4LocalProtocol(LocalRelayProtocol):
     """An application speaking SOCKS4 or SOCKS4a (CONNECT only)."""
 
-    factory: Socks5LocalFactory
+    factory: ProxyPortFactory
 
-    def __init__(self, factory: Socks5LocalFactory) -> None:
+    def __init__(self, factory: ProxyPortFactory) -> None:
         LocalRelayProtocol.__init__(self, factory)
         self._negotiation: Socks4Negotiation | None = Socks4Negotiation()
 
