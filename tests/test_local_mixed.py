@@ -22,7 +22,8 @@ from ssx.wire.address import Address, decode_address
 from ssx.crypto import CipherSuite
 from ssx.interfaces import IServerPicker
 from ssx.local.front import MixedLocalFactory
-from ssx.local.picker import ServerPicker, Upstream
+from ssx.local.picker import ServerPicker
+from ssx.local.upstream import Upstream
 from ssx.config.upstreams import ServerEntry
 from tests.support import FakeServer, HalfCloseTransport as Transport, Link
 

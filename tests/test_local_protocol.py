@@ -16,7 +16,8 @@ from twisted.trial import unittest
 from ssx.wire import socks5
 from ssx.wire.address import Address, decode_address, encode_address
 from ssx.crypto import CipherSuite
-from ssx.local.picker import ServerPicker, Upstream
+from ssx.local.picker import ServerPicker
+from ssx.local.upstream import Upstream
 from ssx.local.relay import FIRST_DATA_WAIT
 from ssx.local.socks import ProxyPortFactory, reply_code_for
 from ssx.config.upstreams import ServerEntry

@@ -18,7 +18,8 @@ from twisted.trial import unittest
 from ssx.wire.address import Address, encode_address
 from ssx.crypto import CipherSuite
 from ssx.server.forbidden import parse_forbidden
-from ssx.local.picker import ServerPicker, Upstream
+from ssx.local.picker import ServerPicker
+from ssx.local.upstream import Upstream
 from ssx.local.socks import ProxyPortFactory
 from ssx.net.relay import OutboundProtocol, RelayFactory, connect_tcp
 from ssx.server.protocol import ShadowsocksServerFactory

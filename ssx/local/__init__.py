@@ -5,6 +5,7 @@ Everything only `twistd ssx-local` runs.
 application connection on the mixed port and hands it to SOCKS5 or SOCKS4
 (`socks`) or HTTP (`http`); `tunnel` serves the port forwards; all of them
 relay through a server with `relay`; `udp` carries SOCKS5 UDP and UDP
-tunnels; `picker` chooses the server, `health` measures them and `online`
-fetches SIP008 lists.  (`protocol` only keeps old names for `http`.)
+tunnels.  `upstream` is one server as the local end reaches it, `picker`
+chooses among them, `health` measures them and `online` fetches SIP008
+lists of them.  (`protocol` only keeps old names for `http`.)
 """

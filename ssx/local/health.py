@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from ssx.wire.address import Address
 from ssx.errors import ProtocolError
 from ssx.interfaces import IServerPicker, ITcpClientCodec
-from ssx.local.picker import Upstream
+from ssx.local.upstream import Upstream
 
 __all__ = ["HealthCheckService", "probe"]
 

@@ -14,39 +14,21 @@ reached.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ssx.interfaces import ICipherSuite, IServerPicker
+from ssx.interfaces import IServerPicker
 from ssx.config.upstreams import ServerEntry
+from ssx.local.upstream import Upstream
 
-__all__ = ["LATENCY_WEIGHT", "ServerPicker", "Upstream"]
+__all__ = ["LATENCY_WEIGHT", "ServerPicker"]
 
 _log = Logger()
 
 # Weight of a new latency sample in the moving average.
 LATENCY_WEIGHT = 0.3
-
-
-@dataclass(eq=False)
-class Upstream:
-    """One server as the local end reaches it: its entry, keys and way to connect."""
-
-    entry: ServerEntry
-    suite: ICipherSuite
-    connect: Callable[[Protocol], Deferred]
-
-    @property
-    def label(self) -> str:
-        return self.entry.label
-
-    def __repr__(self) -> str:
-        return f"<Upstream {self.label}>"
 
 
 class _Health:

@@ -24,7 +24,7 @@ from ssx.wire.address import Address, encode_address
 from ssx.crypto import TcpClientCodec
 from ssx.errors import AddressError
 from ssx.interfaces import IServerPicker
-from ssx.local.picker import Upstream
+from ssx.local.upstream import Upstream
 from ssx.net.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol
 
 __all__ = [

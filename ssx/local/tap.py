@@ -6,40 +6,26 @@ the online config.
 
 from __future__ import annotations
 
-import ipaddress
-from typing import Any, Callable
+from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    clientFromString,
-)
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from ssx.config import LocalConfig, local_config
-from ssx.server.forbidden import is_ip_literal
 from ssx.local.health import HealthCheckService
 from ssx.net.listener import DatagramListenerService, DrainService, serve
 from ssx.local.tunnel import TunnelFactory
 from ssx.local.front import MixedLocalFactory
 from ssx.local.udp import Socks5UdpRelay, TunnelUdpRelay
 from ssx.local.online import OnlineConfigService, describe_url, load_trust_root
-from ssx.local.picker import ServerPicker, Upstream
+from ssx.local.picker import ServerPicker
+from ssx.local.upstream import make_upstream
 from ssx.net.plugin import PluginService
-from ssx.net.relay import connect_protocol, connect_tcp
-from ssx.config.upstreams import ServerEntry
-from ssx.config.options import SsxOptions, check_endpoint, log_config_notes, make_suite
+from ssx.config.options import SsxOptions, check_endpoint, log_config_notes
 
 __all__ = ["Options", "makeService", "build_service"]
 
 _log = Logger()
-
-CONNECT_TIMEOUT = 10.0
 
 
 class Options(SsxOptions):
@@ -128,43 +114,6 @@ class Options(SsxOptions):
                 check_endpoint("server_endpoint", entry.endpoint, server=False)
         if config.online is not None and config.online.ca_file is not None:
             load_trust_root(config.online.ca_file)
-
-
-def server_endpoint(reactor: Any, entry: ServerEntry) -> IStreamClientEndpoint:
-    """How the local end reaches one server (without a plugin)."""
-    if entry.endpoint is not None:
-        return clientFromString(reactor, entry.endpoint)
-    try:
-        version = ipaddress.ip_address(entry.host).version
-    except ValueError:
-        return HostnameEndpoint(reactor, entry.host, entry.port, timeout=CONNECT_TIMEOUT)
-    # An IP literal needs no name look-up (HostnameEndpoint would ask a thread).
-    endpoint_type = TCP6ClientEndpoint if version == 6 else TCP4ClientEndpoint
-    return endpoint_type(reactor, entry.host, entry.port, timeout=CONNECT_TIMEOUT)
-
-
-def make_upstream(reactor: Any, entry: ServerEntry, plugin: PluginService | None = None) -> Upstream:
-    """
-    A server ready for connections: its keys derived once, the way to reach
-    it built; with a plugin, TCP goes to the plugin's loopback port instead
-    (the plugin picks it when it starts, so it is looked up per connection).
-    """
-    suite = make_suite(reactor, entry.method, entry.password, entry.key)
-    connect: Callable[[Protocol], Deferred]
-    if plugin is not None:
-
-        def connect(protocol: Protocol) -> Deferred:
-            assert plugin.local_address is not None
-            host, port = plugin.local_address
-            return connect_tcp(reactor, host, port, protocol, CONNECT_TIMEOUT)
-
-    elif entry.endpoint is None and is_ip_literal(entry.host):
-        # The common case, and the fastest path (no endpoint wrappers).
-        connect = lambda protocol: connect_tcp(reactor, entry.host, entry.port, protocol, CONNECT_TIMEOUT)  # noqa: E731
-    else:
-        endpoint = server_endpoint(reactor, entry)
-        connect = lambda protocol: connect_protocol(endpoint, protocol)  # noqa: E731
-    return Upstream(entry, suite, connect)
 
 
 def build_service(reactor: Any, config: LocalConfig) -> MultiService:
