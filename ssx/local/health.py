@@ -26,8 +26,7 @@ from twisted.python.failure import Failure
 
 from ssx.wire.address import Address
 from ssx.errors import ProtocolError
-from ssx.interfaces import IServerPicker, ITcpClientCodec
-from ssx.local.upstream import Upstream
+from ssx.interfaces import IServerPicker, ITcpClientCodec, IUpstream
 
 __all__ = ["HealthCheckService", "probe"]
 
@@ -37,7 +36,7 @@ _log = Logger()
 class _Probe(Protocol):
     """One check through one server: fires `done` with the latency, or fails."""
 
-    def __init__(self, upstream: Upstream, target: Address, request: bytes, clock: Any, started: float) -> None:
+    def __init__(self, upstream: IUpstream, target: Address, request: bytes, clock: Any, started: float) -> None:
         self.codec: ITcpClientCodec = upstream.suite.client_codec()
         self.target = target
         self.request = request
@@ -66,7 +65,7 @@ class _Probe(Protocol):
             self.done.errback(Failure(ConnectionError("closed before any answer")))
 
 
-async def probe(clock: Any, upstream: Upstream, target: Address, request: bytes, timeout: float) -> float:
+async def probe(clock: Any, upstream: IUpstream, target: Address, request: bytes, timeout: float) -> float:
     """The seconds from connecting to `upstream` to the first byte of `target`'s answer to `request`."""
     started = clock.seconds()
     protocol = _Probe(upstream, target, request, clock, started)
@@ -108,7 +107,7 @@ class HealthCheckService(Service):
         self._running = DeferredList([Deferred.fromCoroutine(self._check(u)) for u in upstreams], consumeErrors=True)
         return self._running
 
-    async def _check(self, upstream: Upstream) -> None:
+    async def _check(self, upstream: IUpstream) -> None:
         try:
             latency = await probe(self.reactor, upstream, self.target, self.request, self.timeout)
         except Exception as e:

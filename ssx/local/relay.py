@@ -23,8 +23,7 @@ from twisted.python.failure import Failure
 from ssx.wire.address import Address, encode_address
 from ssx.crypto import TcpClientCodec
 from ssx.errors import AddressError
-from ssx.interfaces import IServerPicker
-from ssx.local.upstream import Upstream
+from ssx.interfaces import IServerPicker, IUpstream
 from ssx.net.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol
 
 __all__ = [
@@ -90,8 +89,8 @@ class LocalRelayProtocol(InboundProtocol):
         self._header_call: Any = None
         self._codec: TcpClientCodec | None = None
         self._opened = False  # the stream's first write (target + first data) went out
-        self._upstream: Upstream | None = None
-        self._candidates: list[Upstream] = []
+        self._upstream: IUpstream | None = None
+        self._candidates: list[IUpstream] = []
 
     def dataReceived(self, data: bytes) -> None:
         if self._state == RELAYING:

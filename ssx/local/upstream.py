@@ -1,7 +1,7 @@
 """
 One server as the local end reaches it.
 
-`Upstream` holds a configured `ServerEntry`, its cipher
+`Upstream` (an `IUpstream`) holds a configured `ServerEntry`, its cipher
 suite with the keys derived once, and the way to connect to it;
 `make_upstream` builds one.  The picker (`ssx.local.picker`) ranks them; the
 relay (`ssx.local.relay`) and the health check (`ssx.local.health`) connect
@@ -23,10 +23,11 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
+from zope.interface import implementer
 
 from ssx.config.options import make_suite
 from ssx.config.upstreams import ServerEntry
-from ssx.interfaces import ICipherSuite
+from ssx.interfaces import ICipherSuite, IUpstream
 from ssx.net.plugin import PluginService
 from ssx.net.relay import connect_protocol, connect_tcp
 from ssx.server.forbidden import is_ip_literal
@@ -36,13 +37,14 @@ __all__ = ["CONNECT_TIMEOUT", "Upstream", "make_upstream", "server_endpoint"]
 CONNECT_TIMEOUT = 10.0
 
 
+@implementer(IUpstream)
 @dataclass(eq=False)
 class Upstream:
     """One server as the local end reaches it: its entry, keys and way to connect."""
 
     entry: ServerEntry
     suite: ICipherSuite
-    connect: Callable[[Protocol], Deferred]
+    connect: Callable[[Protocol], Deferred]  # IUpstream.connect
 
     @property
     def label(self) -> str:
