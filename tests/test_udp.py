@@ -194,7 +194,7 @@ class TunnelTests(UdpChainTestCase):
         self.addCleanup(local.stopService)
         from ssx.local.tunnel import TunnelFactory
 
-        [tunnel_port] = [s.port.getHost().port for s in local if isinstance(getattr(s, "factory", None), TunnelFactory)]
+        [tunnel_port] = [s.port.getHost().port for s in local.listeners if isinstance(s.factory, TunnelFactory)]
         resolver = dns_client.Resolver(servers=[("127.0.0.1", tunnel_port)], reactor=reactor)
         # Over UDP, as dig would ask.
         answers, _, _ = await resolver.lookupAddress("www.ssx.test", timeout=[2])
