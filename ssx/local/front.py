@@ -18,12 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ssx.wire import socks5
+from ssx.local.relay import LocalRelayProtocol
 from ssx.local.socks import ProxyPortFactory, Socks4LocalProtocol, Socks5LocalProtocol
 from ssx.local.http import HttpProxyProtocol
 
@@ -44,9 +45,12 @@ class ProxySniffer(Protocol):
     if nothing comes within the idle timeout.
     """
 
+    # The accepted connection's: TCP (`ssx.net.tcp`), TLS or a Unix socket.
+    transport: Any
+
     def __init__(self, factory: "MixedLocalFactory") -> None:
         self.factory = factory
-        self.handler: Protocol | None = None
+        self.handler: LocalRelayProtocol | None = None
         self.idle_limit: float | None = None
         self.last_activity = 0.0
 
@@ -56,7 +60,7 @@ class ProxySniffer(Protocol):
         # and timed out by the factory's sweep.
         self.idle_limit = self.factory.handshake_timeout
         self.last_activity = self.factory.reactor.seconds()
-        self.factory.connection_opened(self)  # type: ignore[arg-type]
+        self.factory.connection_opened(self)
 
     def timeoutConnection(self) -> None:
         self.transport.loseConnection()
@@ -66,7 +70,7 @@ class ProxySniffer(Protocol):
             self.handler.dataReceived(data)
             return
         first = data[0]
-        handler: Protocol
+        handler: LocalRelayProtocol
         # In udp_only mode the port is only for SOCKS5 UDP ASSOCIATE.
         tcp = socks5.CMD_CONNECT in self.factory.commands
         if first == 5:
@@ -82,7 +86,7 @@ class ProxySniffer(Protocol):
         self.handler = handler
         # The handler takes this connection's place in the factory's
         # bookkeeping (its connectionMade counts it again).
-        self.factory.connections.discard(self)  # type: ignore[arg-type]
+        self.factory.connections.discard(self)
         self.factory.accepted -= 1
         if getattr(self.transport, "protocol", None) is self:
             # A plain socket: the handler takes the sniffer's place in the
@@ -96,11 +100,11 @@ class ProxySniffer(Protocol):
         if self.handler is None:
             self.transport.loseConnection()
         else:
-            self.handler.readConnectionLost()  # type: ignore[attr-defined]
+            self.handler.readConnectionLost()
 
     def writeConnectionLost(self) -> None:
         if self.handler is not None:
-            self.handler.writeConnectionLost()  # type: ignore[attr-defined]
+            self.handler.writeConnectionLost()
 
     def close_both(self, abort: bool = False) -> None:
         """Close before any handler took over (graceful shutdown's last resort)."""
@@ -109,15 +113,15 @@ class ProxySniffer(Protocol):
         else:
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.handler is not None:
             self.handler.connectionLost(reason)
         else:
-            self.factory.connection_closed(self)  # type: ignore[arg-type]
+            self.factory.connection_closed(self)
 
 
 class MixedLocalFactory(ProxyPortFactory):
     """The main listener of `ssx-local`: every proxy protocol on one port."""
 
-    def buildProtocol(self, addr: Any) -> ProxySniffer:  # type: ignore[override]
+    def buildProtocol(self, addr: Any) -> ProxySniffer:
         return ProxySniffer(self)

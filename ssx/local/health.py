@@ -19,7 +19,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError as DeferredTimeout
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,6 +35,9 @@ _log = Logger()
 
 class _Probe(Protocol):
     """One check through one server: fires `done` with the latency, or fails."""
+
+    # The server connection's: TCP, TLS or a Unix socket (`IUpstream.connect`).
+    transport: Any
 
     def __init__(self, upstream: IUpstream, target: Address, request: bytes, clock: Any, started: float) -> None:
         self.codec: ITcpClientCodec = upstream.suite.client_codec()
@@ -60,7 +63,7 @@ class _Probe(Protocol):
             self.done.callback(self.clock.seconds() - self.started)
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.done.called:
             self.done.errback(Failure(ConnectionError("closed before any answer")))
 

@@ -25,6 +25,7 @@ from twisted.internet.error import (
     TCPTimedOutError,
     TimeoutError,
 )
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -90,7 +91,8 @@ class ProxyPortFactory(LocalFactory):
             commands.add(socks5.CMD_UDP_ASSOCIATE)
         return frozenset(commands)
 
-    def buildProtocol(self, addr: Any) -> "Socks5LocalProtocol":
+    def buildProtocol(self, addr: Any) -> Protocol:
+        """SOCKS5 alone (`MixedLocalFactory` builds its sniffer instead)."""
         return Socks5LocalProtocol(self)
 
 
@@ -180,7 +182,7 @@ class Socks5LocalProtocol(LocalRelayProtocol):
             return
         LocalRelayProtocol.timeoutConnection(self)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._association is not None and self.factory.udp_relay is not None:
             self.factory.udp_relay.dissociate(self._association)
             self._association = None
