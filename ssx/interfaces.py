@@ -5,14 +5,18 @@ declared in one place.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.internet.protocol import Protocol
+
+    from ssx.config.upstreams import ServerEntry
     from ssx.wire.address import Address
 
-__all__ = ["ICipherSuite", "IServerPicker", "ITcpClientCodec", "ITcpServerCodec", "IUdpClientCodec"]
+__all__ = ["ICipherSuite", "IServerPicker", "ITcpClientCodec", "ITcpServerCodec", "IUdpClientCodec", "IUpstream"]
 
 
 class ICipherSuite(Interface):
@@ -83,6 +87,25 @@ class IUdpClientCodec(Interface):
         """``ATYP ADDR PORT DATA`` from a server's datagram; ProtocolError if bad."""
 
 
+class IUpstream(Interface):
+    """
+    One server as the local end reaches it (`ssx.local.upstream.Upstream`):
+    what the picker ranks, and what the local protocols and the health check
+    connect through.
+    """
+
+    entry = Attribute("The server's `ServerEntry` as configured (host, port, method, password).")
+    suite = Attribute("The server's `ICipherSuite`, its keys derived once.")
+    label = Attribute("How the log names the server.")
+
+    def connect(protocol: Protocol) -> Deferred:
+        """
+        Connect `protocol` to the server (straight, through a client
+        endpoint, or through the SIP003 plugin); fires once connected, fails
+        if the server cannot be reached; cancelling stops the attempt.
+        """
+
+
 class IServerPicker(Interface):
     """
     Chooses which server each new local-end connection goes to, and learns
@@ -90,22 +113,22 @@ class IServerPicker(Interface):
     health check's measurements.
     """
 
-    def candidates() -> list:
+    def candidates() -> list[IUpstream]:
         """The `Upstream`s to try for one new connection, best first."""
 
-    def upstreams() -> list:
+    def upstreams() -> list[IUpstream]:
         """Every server currently known, in configuration order."""
 
-    def succeeded(upstream) -> None:  # type: ignore[no-untyped-def]
+    def succeeded(upstream: IUpstream) -> None:
         """A connection reached `upstream`."""
 
-    def failed(upstream, reason: str) -> None:  # type: ignore[no-untyped-def]
+    def failed(upstream: IUpstream, reason: str) -> None:
         """A connection could not reach `upstream`."""
 
-    def checked(upstream, latency: float | None) -> None:  # type: ignore[no-untyped-def]
+    def checked(upstream: IUpstream, latency: float | None) -> None:
         """The health check went through `upstream` in `latency` seconds, or failed (None)."""
 
-    def replace_dynamic(entries, build) -> None:  # type: ignore[no-untyped-def]
+    def replace_dynamic(entries: Sequence[ServerEntry], build: Callable[[ServerEntry], IUpstream]) -> None:
         """
         Make the servers from an online config exactly `entries`, building an
         `Upstream` with `build(entry)` only for those not already known.

@@ -105,7 +105,7 @@ class FailoverTests(unittest.TestCase):
         service.startService()
         self.addCleanup(service.stopService)
         self.addCleanup(support.drained, service)
-        return service, service.services[0].port.getHost().port
+        return service, service.listeners[0].port.getHost().port
 
     def curl(self, proxy: list[str], path: str) -> defer.Deferred:
         return getProcessOutputAndValue(

@@ -20,7 +20,8 @@ from ssx.config import local_config
 from ssx.config.upstreams import ServerEntry
 from ssx.crypto import CipherSuite, generate_psk, lookup_method
 from ssx.local.health import HealthCheckService
-from ssx.local.picker import ServerPicker, Upstream
+from ssx.local.picker import ServerPicker
+from ssx.local.upstream import Upstream
 from ssx.wire.address import Address, decode_address
 from tests import support
 from tests.support import FakeServer

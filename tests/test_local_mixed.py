@@ -22,9 +22,10 @@ from ssx.wire import socks4
 from ssx.wire import socks5
 from ssx.wire.address import Address, decode_address
 from ssx.crypto import CipherSuite
-from ssx.interfaces import IServerPicker
+from ssx.interfaces import IServerPicker, IUpstream
 from ssx.local.front import MixedLocalFactory
-from ssx.local.picker import ServerPicker, Upstream
+from ssx.local.picker import ServerPicker
+from ssx.local.upstream import Upstream, make_upstream
 from ssx.config.upstreams import ServerEntry
 from tests.support import FakeServer, HalfCloseTransport as Transport, Link
 
@@ -82,6 +83,12 @@ class SniffTests(MixedTestCase):
     def test_picker_interface(self):
         """ServerPicker provides IServerPicker."""
         self.assertTrue(verifyObject(IServerPicker, self.picker))
+
+    def test_upstream_interface(self):
+        """Upstream provides IUpstream, as given here and as built from a configured server."""
+        self.assertTrue(verifyObject(IUpstream, self.picker.upstreams()[0]))
+        built = make_upstream(self.clock, ServerEntry("192.0.2.9", 8388, "aes-128-gcm", "pw"))
+        self.assertTrue(verifyObject(IUpstream, built))
 
 
 class Socks4Tests(MixedTestCase):

@@ -13,12 +13,13 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-import ssx.local.protocol as local
-
 from ssx.wire import socks5
 from ssx.wire.address import Address, decode_address, encode_address
 from ssx.crypto import CipherSuite
-from ssx.local.picker import ServerPicker, Upstream
+from ssx.local.picker import ServerPicker
+from ssx.local.upstream import Upstream
+from ssx.local.relay import FIRST_DATA_WAIT
+from ssx.local.socks import ProxyPortFactory, reply_code_for
 from ssx.config.upstreams import ServerEntry
 
 GREETING = b"\x05\x01\x00"
@@ -55,7 +56,7 @@ class LocalProtocolTests(unittest.SynchronousTestCase):
         self.suite = CipherSuite("chacha20-ietf-poly1305", "pw")
         self.server = FakeServerConnector()
         entry = ServerEntry("192.0.2.1", 8388, "chacha20-ietf-poly1305", "pw")
-        self.factory = local.Socks5LocalFactory(self.clock, ServerPicker([Upstream(entry, self.suite, self.server)]), timeout=300)
+        self.factory = ProxyPortFactory(self.clock, ServerPicker([Upstream(entry, self.suite, self.server)]), timeout=300)
         self.protocol = self.factory.buildProtocol(None)
         self.app = StringTransport()
         self.protocol.makeConnection(self.app)
@@ -100,7 +101,7 @@ class LocalProtocolTests(unittest.SynchronousTestCase):
         """A server-speaks-first protocol still works: the header goes alone after a short wait."""
         self.negotiate()
         upstream = self.server.succeed()
-        self.clock.advance(local.FIRST_DATA_WAIT)
+        self.clock.advance(FIRST_DATA_WAIT)
         self.assertEqual(self.decrypt_upstream(upstream), encode_address(Address("example.com", 443)))
         self.protocol.dataReceived(b"later")
         self.assertEqual(self.decrypt_upstream(upstream), encode_address(Address("example.com", 443)) + b"later")
@@ -163,4 +164,4 @@ class ReplyCodeTests(unittest.SynchronousTestCase):
             (ValueError(), 1),
         ]
         for error, code in cases:
-            self.assertEqual(local.reply_code_for(Failure(error)), code, error)
+            self.assertEqual(reply_code_for(Failure(error)), code, error)

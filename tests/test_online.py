@@ -216,7 +216,7 @@ class FetchTests(unittest.TestCase):
         self.addCleanup(support.drained, local, ss)
         await support.wait_until(lambda: bool(local.picker.upstreams()), 5)
         payload = os.urandom(300_000)
-        reply, received = await support.socks_transfer(local.services[0].port.getHost().port, "127.0.0.1",
+        reply, received = await support.socks_transfer(local.listeners[0].port.getHost().port, "127.0.0.1",
                                                        echo.getHost().port, payload)
         self.assertEqual(reply, 0)
         self.assertEqual(support.sha256(received), support.sha256(payload))

@@ -15,11 +15,12 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-import ssx.local.protocol as local
 from ssx.wire.address import Address, encode_address
 from ssx.crypto import CipherSuite
 from ssx.server.forbidden import parse_forbidden
-from ssx.local.picker import ServerPicker, Upstream
+from ssx.local.picker import ServerPicker
+from ssx.local.upstream import Upstream
+from ssx.local.socks import ProxyPortFactory
 from ssx.net.relay import OutboundProtocol, RelayFactory, connect_tcp
 from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.config.upstreams import ServerEntry
@@ -72,7 +73,7 @@ class LeavingWhileConnectingTests(unittest.TestCase):
             Upstream(ServerEntry("127.0.0.2", self.port, "chacha20-ietf-poly1305", "pw"), suite, connect),
         ]
         picker = ServerPicker(upstreams)
-        factory = local.Socks5LocalFactory(reactor, picker, timeout=300)
+        factory = ProxyPortFactory(reactor, picker, timeout=300)
         app = factory.buildProtocol(None)
         app.makeConnection(StringTransport())
         app.dataReceived(b"\x05\x01\x00" + b"\x05\x01\x00\x03\x0bexample.com\x01\xbb")

@@ -124,7 +124,7 @@ class TlsTests(TransportTestCase):
                 "server_endpoint": f"tls:host={host}:port={port}:trustRoots={endpoint_escape(trust)}",
             }),
         )
-        return support.first_listener(local).port.getHost().port
+        return local.listeners[0].port.getHost().port
 
     async def _pinned(self) -> None:
         port, cert_path = self.tls_server()

@@ -26,7 +26,7 @@ from ssx.wire.address import Address, encode_address
 from ssx.crypto import CipherSuite, generate_psk, make_suite
 from ssx.crypto._2022 import UdpClientSession, parse_password
 from ssx.server.forbidden import parse_forbidden
-from ssx.local.protocol import Socks5LocalFactory
+from ssx.local.socks import ProxyPortFactory
 from ssx.local.udp import Socks5UdpRelay
 from ssx.local.picker import ServerPicker
 from ssx.server.udp import Shadowsocks2022UdpRelay, ShadowsocksUdpRelay
@@ -192,9 +192,9 @@ class TunnelTests(UdpChainTestCase):
             server_port, method=self.method, mode="tcp_and_udp", tunnels=[f"127.0.0.1:0=127.0.0.1:{dns_port}"]
         )
         self.addCleanup(local.stopService)
-        from ssx.local.protocol import TunnelFactory
+        from ssx.local.tunnel import TunnelFactory
 
-        [tunnel_port] = [s.port.getHost().port for s in local if isinstance(getattr(s, "factory", None), TunnelFactory)]
+        [tunnel_port] = [s.port.getHost().port for s in local.listeners if isinstance(s.factory, TunnelFactory)]
         resolver = dns_client.Resolver(servers=[("127.0.0.1", tunnel_port)], reactor=reactor)
         # Over UDP, as dig would ask.
         answers, _, _ = await resolver.lookupAddress("www.ssx.test", timeout=[2])
@@ -724,7 +724,7 @@ class AssociateProtocolTests(unittest.SynchronousTestCase):
         self.relay = Socks5UdpRelay(self.reactor, suite, ("192.0.2.1", 8388), timeout=60, capacity=100)
         self.relay.transport = _ListeningPort()
         picker = ServerPicker([])
-        self.factory = Socks5LocalFactory(self.reactor, picker, timeout=300, udp_relay=self.relay)
+        self.factory = ProxyPortFactory(self.reactor, picker, timeout=300, udp_relay=self.relay)
 
     def connect(self) -> tuple[Any, StringTransport]:
         control = self.factory.buildProtocol(None)

@@ -2,8 +2,10 @@
 Everything only `twistd ssx-local` runs.
 
 `tap` parses the options and builds the service tree; `front` sniffs each
-application connection and hands it to SOCKS5 (`protocol`), SOCKS4 or HTTP
-(`http`); `protocol` also holds the relay through an upstream server and the
-tunnels; `udp` carries SOCKS5 UDP and UDP tunnels; `picker` chooses the
-upstream server, `health` measures them and `online` fetches SIP008 lists.
+application connection on the mixed port and hands it to SOCKS5 or SOCKS4
+(`socks`) or HTTP (`http`); `tunnel` serves the port forwards; all of them
+relay through a server with `relay`; `udp` carries SOCKS5 UDP and UDP
+tunnels.  `upstream` is one server as the local end reaches it, `picker`
+chooses among them, `health` measures them and `online` fetches SIP008
+lists of them.  (`protocol` only keeps old names for `http`.)
 """

@@ -4,10 +4,11 @@ The mixed port of the local end: SOCKS5, SOCKS4/4a and HTTP on one listener.
 Data path: `ProxySniffer` reads an application's first byte — 0x05 is a
 SOCKS5 greeting, 0x04 a SOCKS4 request, an ASCII letter the method of an
 HTTP request — and hands the connection to the protocol for it
-(`Socks5LocalProtocol`, `Socks4LocalProtocol` here, `HttpProxyProtocol` in
-`ssx.local.http`).  Each is a `LocalRelayProtocol`, so the Shadowsocks side
-(server choice and failover, first-write coalescing, backpressure) is the
-same whatever the application spoke.  One credential setting serves SOCKS5
+(`Socks5LocalProtocol`, `Socks4LocalProtocol` in `ssx.local.socks`,
+`HttpProxyProtocol` in `ssx.local.http`).  Each is a `LocalRelayProtocol`
+(`ssx.local.relay`), so the Shadowsocks side (server choice and failover,
+first-write coalescing, backpressure) is the same whatever the application
+spoke.  One credential setting serves SOCKS5
 username/password and HTTP Basic proxy authentication; SOCKS4 has no
 password and is refused while credentials are required.
 """
@@ -17,64 +18,19 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ssx.wire import socks4
-
 from ssx.wire import socks5
-from ssx.local.protocol import _CLOSED, LocalRelayProtocol, Socks5LocalFactory, Socks5LocalProtocol
+from ssx.local.relay import LocalRelayProtocol
+from ssx.local.socks import ProxyPortFactory, Socks4LocalProtocol, Socks5LocalProtocol
 from ssx.local.http import HttpProxyProtocol
-from ssx.wire.socks4 import Socks4Error, Socks4Negotiation
 
-__all__ = ["MixedLocalFactory", "ProxySniffer", "Socks4LocalProtocol"]
+__all__ = ["MixedLocalFactory", "ProxySniffer"]
 
 _log = Logger()
-
-
-class Socks4LocalProtocol(LocalRelayProtocol):
-    """An application speaking SOCKS4 or SOCKS4a (CONNECT only)."""
-
-    factory: Socks5LocalFactory
-
-    def __init__(self, factory: Socks5LocalFactory) -> None:
-        LocalRelayProtocol.__init__(self, factory)
-        self._negotiation: Socks4Negotiation | None = Socks4Negotiation()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._negotiation is None:
-            LocalRelayProtocol.dataReceived(self, data)
-            return
-        try:
-            request = self._negotiation.feed(data)
-        except Socks4Error as e:
-            self._refuse(str(e), e.reply)
-            return
-        if request is None:
-            return
-        self._negotiation = None
-        if self.factory.credentials is not None:
-            # SOCKS4 cannot carry a password; a user id alone proves nothing.
-            self._refuse("SOCKS4 offers no password and credentials are required", socks4.build_reply(socks4.REP_REJECTED))
-            return
-        self.open_relay(request.address, request.extra)
-
-    def _refuse(self, why: str, reply: bytes) -> None:
-        _log.debug("SOCKS4 request refused: {why}", why=why)
-        self._negotiation = None
-        self._state = _CLOSED
-        if reply:
-            self.transport.write(reply)
-        self.transport.loseConnection()
-
-    def relay_ready(self) -> None:
-        self.transport.write(socks4.build_reply(socks4.REP_GRANTED))
-
-    def relay_failed(self, failure: Failure) -> None:
-        self.transport.write(socks4.build_reply(socks4.REP_REJECTED))
-        self.transport.loseConnection()
 
 
 def _is_http_method_start(byte: int) -> bool:
@@ -89,9 +45,12 @@ class ProxySniffer(Protocol):
     if nothing comes within the idle timeout.
     """
 
+    # The accepted connection's: TCP (`ssx.net.tcp`), TLS or a Unix socket.
+    transport: Any
+
     def __init__(self, factory: "MixedLocalFactory") -> None:
         self.factory = factory
-        self.handler: Protocol | None = None
+        self.handler: LocalRelayProtocol | None = None
         self.idle_limit: float | None = None
         self.last_activity = 0.0
 
@@ -101,7 +60,7 @@ class ProxySniffer(Protocol):
         # and timed out by the factory's sweep.
         self.idle_limit = self.factory.handshake_timeout
         self.last_activity = self.factory.reactor.seconds()
-        self.factory.connection_opened(self)  # type: ignore[arg-type]
+        self.factory.connection_opened(self)
 
     def timeoutConnection(self) -> None:
         self.transport.loseConnection()
@@ -111,7 +70,7 @@ class ProxySniffer(Protocol):
             self.handler.dataReceived(data)
             return
         first = data[0]
-        handler: Protocol
+        handler: LocalRelayProtocol
         # In udp_only mode the port is only for SOCKS5 UDP ASSOCIATE.
         tcp = socks5.CMD_CONNECT in self.factory.commands
         if first == 5:
@@ -127,7 +86,7 @@ class ProxySniffer(Protocol):
         self.handler = handler
         # The handler takes this connection's place in the factory's
         # bookkeeping (its connectionMade counts it again).
-        self.factory.connections.discard(self)  # type: ignore[arg-type]
+        self.factory.connections.discard(self)
         self.factory.accepted -= 1
         if getattr(self.transport, "protocol", None) is self:
             # A plain socket: the handler takes the sniffer's place in the
@@ -141,11 +100,11 @@ class ProxySniffer(Protocol):
         if self.handler is None:
             self.transport.loseConnection()
         else:
-            self.handler.readConnectionLost()  # type: ignore[attr-defined]
+            self.handler.readConnectionLost()
 
     def writeConnectionLost(self) -> None:
         if self.handler is not None:
-            self.handler.writeConnectionLost()  # type: ignore[attr-defined]
+            self.handler.writeConnectionLost()
 
     def close_both(self, abort: bool = False) -> None:
         """Close before any handler took over (graceful shutdown's last resort)."""
@@ -154,15 +113,15 @@ class ProxySniffer(Protocol):
         else:
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.handler is not None:
             self.handler.connectionLost(reason)
         else:
-            self.factory.connection_closed(self)  # type: ignore[arg-type]
+            self.factory.connection_closed(self)
 
 
-class MixedLocalFactory(Socks5LocalFactory):
+class MixedLocalFactory(ProxyPortFactory):
     """The main listener of `ssx-local`: every proxy protocol on one port."""
 
-    def buildProtocol(self, addr: Any) -> ProxySniffer:  # type: ignore[override]
+    def buildProtocol(self, addr: Any) -> ProxySniffer:
         return ProxySniffer(self)

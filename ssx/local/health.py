@@ -19,15 +19,14 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError as DeferredTimeout
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ssx.wire.address import Address
 from ssx.errors import ProtocolError
-from ssx.interfaces import IServerPicker, ITcpClientCodec
-from ssx.local.picker import Upstream
+from ssx.interfaces import IServerPicker, ITcpClientCodec, IUpstream
 
 __all__ = ["HealthCheckService", "probe"]
 
@@ -37,7 +36,10 @@ _log = Logger()
 class _Probe(Protocol):
     """One check through one server: fires `done` with the latency, or fails."""
 
-    def __init__(self, upstream: Upstream, target: Address, request: bytes, clock: Any, started: float) -> None:
+    # The server connection's: TCP, TLS or a Unix socket (`IUpstream.connect`).
+    transport: Any
+
+    def __init__(self, upstream: IUpstream, target: Address, request: bytes, clock: Any, started: float) -> None:
         self.codec: ITcpClientCodec = upstream.suite.client_codec()
         self.target = target
         self.request = request
@@ -61,12 +63,12 @@ class _Probe(Protocol):
             self.done.callback(self.clock.seconds() - self.started)
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.done.called:
             self.done.errback(Failure(ConnectionError("closed before any answer")))
 
 
-async def probe(clock: Any, upstream: Upstream, target: Address, request: bytes, timeout: float) -> float:
+async def probe(clock: Any, upstream: IUpstream, target: Address, request: bytes, timeout: float) -> float:
     """The seconds from connecting to `upstream` to the first byte of `target`'s answer to `request`."""
     started = clock.seconds()
     protocol = _Probe(upstream, target, request, clock, started)
@@ -108,7 +110,7 @@ class HealthCheckService(Service):
         self._running = DeferredList([Deferred.fromCoroutine(self._check(u)) for u in upstreams], consumeErrors=True)
         return self._running
 
-    async def _check(self, upstream: Upstream) -> None:
+    async def _check(self, upstream: IUpstream) -> None:
         try:
             latency = await probe(self.reactor, upstream, self.target, self.request, self.timeout)
         except Exception as e:

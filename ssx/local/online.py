@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -67,6 +67,9 @@ def describe_url(url: str) -> str:
 class _LimitedBody(Protocol):
     """Collects a response body, refusing one larger than `limit`."""
 
+    # The response's body transport: an `IPushProducer`, not an `ITransport`.
+    transport: Any
+
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.parts: list[bytes] = []
@@ -82,7 +85,7 @@ class _LimitedBody(Protocol):
             return
         self.parts.append(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):

@@ -14,39 +14,20 @@ reached.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ssx.interfaces import ICipherSuite, IServerPicker
+from ssx.interfaces import IServerPicker, IUpstream
 from ssx.config.upstreams import ServerEntry
 
-__all__ = ["LATENCY_WEIGHT", "ServerPicker", "Upstream"]
+__all__ = ["LATENCY_WEIGHT", "ServerPicker"]
 
 _log = Logger()
 
 # Weight of a new latency sample in the moving average.
 LATENCY_WEIGHT = 0.3
-
-
-@dataclass(eq=False)
-class Upstream:
-    """One server as the local end reaches it: its entry, keys and way to connect."""
-
-    entry: ServerEntry
-    suite: ICipherSuite
-    connect: Callable[[Protocol], Deferred]
-
-    @property
-    def label(self) -> str:
-        return self.entry.label
-
-    def __repr__(self) -> str:
-        return f"<Upstream {self.label}>"
 
 
 class _Health:
@@ -63,15 +44,15 @@ class _Health:
 class ServerPicker:
     """Per-server health, and the order in which to try them."""
 
-    def __init__(self, upstreams: Iterable[Upstream] = ()) -> None:
+    def __init__(self, upstreams: Iterable[IUpstream] = ()) -> None:
         self._static = list(upstreams)
-        self._dynamic: list[Upstream] = []
-        self._health: dict[Upstream, _Health] = {u: _Health() for u in self._static}
+        self._dynamic: list[IUpstream] = []
+        self._health: dict[IUpstream, _Health] = {u: _Health() for u in self._static}
 
-    def upstreams(self) -> list[Upstream]:
+    def upstreams(self) -> list[IUpstream]:
         return self._static + self._dynamic
 
-    def candidates(self) -> list[Upstream]:
+    def candidates(self) -> list[IUpstream]:
         ranked = []
         for index, upstream in enumerate(self.upstreams()):
             h = self._health[upstream]
@@ -79,12 +60,12 @@ class ServerPicker:
         ranked.sort(key=lambda pair: pair[0])
         return [upstream for _, upstream in ranked]
 
-    def health(self, upstream: Upstream) -> tuple[bool, float | None, int]:
+    def health(self, upstream: IUpstream) -> tuple[bool, float | None, int]:
         """(up, average latency in seconds or None, consecutive failures)."""
         h = self._health[upstream]
         return h.up, h.latency, h.failures
 
-    def succeeded(self, upstream: Upstream) -> None:
+    def succeeded(self, upstream: IUpstream) -> None:
         h = self._health.get(upstream)
         if h is None:  # dropped by an online config refresh meanwhile
             return
@@ -93,7 +74,7 @@ class ServerPicker:
             h.up = True
             _log.info("server {server} is up again", server=upstream.label)
 
-    def failed(self, upstream: Upstream, reason: str) -> None:
+    def failed(self, upstream: IUpstream, reason: str) -> None:
         h = self._health.get(upstream)
         if h is None:
             return
@@ -102,7 +83,7 @@ class ServerPicker:
             h.up = False
             _log.warn("server {server} marked down: {reason}", server=upstream.label, reason=reason)
 
-    def checked(self, upstream: Upstream, latency: float | None) -> None:
+    def checked(self, upstream: IUpstream, latency: float | None) -> None:
         if latency is None:
             self.failed(upstream, "health check failed")
             return
@@ -113,10 +94,10 @@ class ServerPicker:
         _log.debug("server {server}: {ms:.1f} ms to the check target", server=upstream.label, ms=latency * 1000)
         self.succeeded(upstream)
 
-    def replace_dynamic(self, entries: Sequence[ServerEntry], build: Callable[[ServerEntry], Any]) -> None:
+    def replace_dynamic(self, entries: Sequence[ServerEntry], build: Callable[[ServerEntry], IUpstream]) -> None:
         known = {u.entry: u for u in self._dynamic}
         static = {u.entry for u in self._static}
-        dynamic: list[Upstream] = []
+        dynamic: list[IUpstream] = []
         for entry in entries:
             if entry in static or any(u.entry == entry for u in dynamic):
                 continue

@@ -6,40 +6,28 @@ the online config.
 
 from __future__ import annotations
 
-import ipaddress
-from typing import Any, Callable
+from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    clientFromString,
-)
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from ssx.config import LocalConfig, local_config
-from ssx.server.forbidden import is_ip_literal
+from ssx.interfaces import IUpstream
 from ssx.local.health import HealthCheckService
-from ssx.net.listener import DatagramListenerService, DrainService, serve
-from ssx.local.protocol import TunnelFactory
+from ssx.net.listener import DatagramListenerService, DrainService, ListenerService, serve
+from ssx.local.relay import LocalFactory
+from ssx.local.tunnel import TunnelFactory
 from ssx.local.front import MixedLocalFactory
-from ssx.local.udp import Socks5UdpRelay, TunnelUdpRelay
+from ssx.local.udp import LocalUdpRelay, Socks5UdpRelay, TunnelUdpRelay
 from ssx.local.online import OnlineConfigService, describe_url, load_trust_root
-from ssx.local.picker import ServerPicker, Upstream
+from ssx.local.picker import ServerPicker
+from ssx.local.upstream import make_upstream
 from ssx.net.plugin import PluginService
-from ssx.net.relay import connect_protocol, connect_tcp
-from ssx.config.upstreams import ServerEntry
-from ssx.config.options import SsxOptions, check_endpoint, log_config_notes, make_suite
+from ssx.config.options import SsxOptions, check_endpoint, log_config_notes
 
-__all__ = ["Options", "makeService", "build_service"]
+__all__ = ["LocalService", "Options", "build_service", "makeService"]
 
 _log = Logger()
-
-CONNECT_TIMEOUT = 10.0
 
 
 class Options(SsxOptions):
@@ -130,114 +118,117 @@ class Options(SsxOptions):
             load_trust_root(config.online.ca_file)
 
 
-def server_endpoint(reactor: Any, entry: ServerEntry) -> IStreamClientEndpoint:
-    """How the local end reaches one server (without a plugin)."""
-    if entry.endpoint is not None:
-        return clientFromString(reactor, entry.endpoint)
-    try:
-        version = ipaddress.ip_address(entry.host).version
-    except ValueError:
-        return HostnameEndpoint(reactor, entry.host, entry.port, timeout=CONNECT_TIMEOUT)
-    # An IP literal needs no name look-up (HostnameEndpoint would ask a thread).
-    endpoint_type = TCP6ClientEndpoint if version == 6 else TCP4ClientEndpoint
-    return endpoint_type(reactor, entry.host, entry.port, timeout=CONNECT_TIMEOUT)
-
-
-def make_upstream(reactor: Any, entry: ServerEntry, plugin: PluginService | None = None) -> Upstream:
+class LocalService(MultiService):
     """
-    A server ready for connections: its keys derived once, the way to reach
-    it built; with a plugin, TCP goes to the plugin's loopback port instead
-    (the plugin picks it when it starts, so it is looked up per connection).
+    The root of the local end's service tree, its parts by name: the SIP003
+    plugin, the server picker, the proxy and tunnel ports (factories and
+    listeners), the UDP relays, the graceful-shutdown drain, the health
+    check and the online config.
     """
-    suite = make_suite(reactor, entry.method, entry.password, entry.key)
-    connect: Callable[[Protocol], Deferred]
-    if plugin is not None:
 
-        def connect(protocol: Protocol) -> Deferred:
-            assert plugin.local_address is not None
-            host, port = plugin.local_address
-            return connect_tcp(reactor, host, port, protocol, CONNECT_TIMEOUT)
+    def __init__(self, picker: ServerPicker, plugin: PluginService | None = None) -> None:
+        MultiService.__init__(self)
+        self.plugin = plugin
+        self.picker = picker
+        self.factories: list[LocalFactory] = []
+        self.listeners: list[ListenerService] = []
+        self.udp_relays: list[LocalUdpRelay] = []
+        self.drain: DrainService | None = None
+        self.health: HealthCheckService | None = None
+        self.online: OnlineConfigService | None = None
+        if plugin is not None:
+            # First in the tree: started (and listening) before any
+            # listener's connection can want it.
+            plugin.setServiceParent(self)
 
-    elif entry.endpoint is None and is_ip_literal(entry.host):
-        # The common case, and the fastest path (no endpoint wrappers).
-        connect = lambda protocol: connect_tcp(reactor, entry.host, entry.port, protocol, CONNECT_TIMEOUT)  # noqa: E731
-    else:
-        endpoint = server_endpoint(reactor, entry)
-        connect = lambda protocol: connect_protocol(endpoint, protocol)  # noqa: E731
-    return Upstream(entry, suite, connect)
+    @property
+    def factory(self) -> LocalFactory | None:
+        """The first port's factory: the proxy port's, or the first tunnel's."""
+        return self.factories[0] if self.factories else None
+
+    def add_port(
+        self, reactor: Any, description: str, factory: LocalFactory, label: str, udp: LocalUdpRelay | None = None
+    ) -> None:
+        """Listen with `factory` on `description`, with `udp` beside it on the same port if given."""
+        self.factories.append(factory)
+        self.listeners.append(serve(self, reactor, description, factory, label, udp))
 
 
-def build_service(reactor: Any, config: LocalConfig) -> MultiService:
+def build_service(reactor: Any, config: LocalConfig) -> LocalService:
     """The local end's service tree for `config`."""
-    top = MultiService()
-    top.plugin = None  # type: ignore[attr-defined]
+    plugin = None
     if config.plugin is not None:
-        # First in the tree: started (and listening) before any listener's
-        # connection can want it.  UDP does not go through it.  (Config
-        # allows a plugin only with one server.)
+        # UDP does not go through it.  (Config allows a plugin only with one server.)
         entry = config.servers[0]
-        top.plugin = PluginService(reactor, config.plugin, "ssx-local", (entry.host, entry.port))  # type: ignore[attr-defined]
-        top.plugin.setServiceParent(top)  # type: ignore[attr-defined]
-    picker = ServerPicker([make_upstream(reactor, entry, top.plugin) for entry in config.servers])  # type: ignore[attr-defined]
-    relays = config.relays
-    top.picker = picker  # type: ignore[attr-defined]
-    top.factories = []  # type: ignore[attr-defined]
-    top.udp_relays = []  # type: ignore[attr-defined]
-
-    def keep(relay: Any) -> Any:
-        top.udp_relays.append(relay)  # type: ignore[attr-defined]
-        return relay
-
+        plugin = PluginService(reactor, config.plugin, "ssx-local", (entry.host, entry.port))
+    top = LocalService(ServerPicker([make_upstream(reactor, entry, plugin) for entry in config.servers]), plugin)
     # UDP goes to the first configured server (checked by local_config).
-    primary = picker.upstreams()[0] if relays.udp else None
-    server = (primary.entry.host, primary.entry.port) if primary is not None else ("", 0)
-    for description in config.listen:
-        socks_udp = None
-        if primary is not None:
-            socks_udp = keep(Socks5UdpRelay(reactor, primary.suite, server, relays.timeout, relays.capacity))
-        factory = MixedLocalFactory(
-            reactor, picker, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
-            verbose=config.verbose, **config.limits.factory_arguments(),
-        )
-        top.factories.append(factory)  # type: ignore[attr-defined]
-        serve(top, reactor, description, factory, "ssx-local", socks_udp)
-    for tunnel in config.tunnels:
-        tunnel_udp = None
-        if primary is not None:
-            tunnel_udp = keep(
-                TunnelUdpRelay(reactor, primary.suite, server, tunnel.target, timeout=relays.timeout, capacity=relays.capacity)
-            )
-        if relays.tcp:
-            factory = TunnelFactory(
-                reactor, picker, tunnel.target, config.timeout, verbose=config.verbose,
-                **config.limits.factory_arguments(),
-            )
-            top.factories.append(factory)  # type: ignore[attr-defined]
-            serve(top, reactor, tunnel.listen, factory, f"ssx-local tunnel to {tunnel.target}", tunnel_udp)
-        else:
-            assert tunnel.address is not None
-            DatagramListenerService(
-                reactor, tunnel_udp, f"ssx-local tunnel to {tunnel.target}", address=tunnel.address
-            ).setServiceParent(top)
-    top.factory = top.factories[0] if top.factories else None  # type: ignore[attr-defined]
-    DrainService(reactor, top.factories, config.limits.shutdown_grace, "ssx-local").setServiceParent(top)  # type: ignore[attr-defined]
+    udp_server = top.picker.upstreams()[0] if config.relays.udp else None
+    _add_proxy_ports(top, reactor, config, udp_server)
+    _add_tunnels(top, reactor, config, udp_server)
+    top.drain = DrainService(reactor, top.factories, config.limits.shutdown_grace, "ssx-local")
+    top.drain.setServiceParent(top)
     check = config.health_check
-    if check is not None and check.interval > 0 and relays.tcp:
-        top.health = HealthCheckService(  # type: ignore[attr-defined]
-            reactor, picker, check.target, check.request, check.interval, check.timeout
-        )
-        top.health.setServiceParent(top)  # type: ignore[attr-defined]
+    if check is not None and check.interval > 0 and config.relays.tcp:
+        top.health = HealthCheckService(reactor, top.picker, check.target, check.request, check.interval, check.timeout)
+        top.health.setServiceParent(top)
     online = config.online
     if online is not None:
         trust_root = load_trust_root(online.ca_file) if online.ca_file is not None else None
-        top.online = OnlineConfigService(  # type: ignore[attr-defined]
+        picker = top.picker
+        top.online = OnlineConfigService(
             reactor,
             online.url,
             online.interval,
             lambda entries: picker.replace_dynamic(entries, lambda entry: make_upstream(reactor, entry)),
             trust_root,
         )
-        top.online.setServiceParent(top)  # type: ignore[attr-defined]
+        top.online.setServiceParent(top)
+    _log_configuration(config)
+    return top
+
+
+def _add_proxy_ports(top: LocalService, reactor: Any, config: LocalConfig, udp_server: IUpstream | None) -> None:
+    """The mixed proxy ports (SOCKS5, SOCKS4, HTTP), each with its SOCKS5 UDP relay if UDP is relayed."""
+    relays = config.relays
+    for description in config.listen:
+        socks_udp = None
+        if udp_server is not None:
+            address = (udp_server.entry.host, udp_server.entry.port)
+            socks_udp = Socks5UdpRelay(reactor, udp_server.suite, address, relays.timeout, relays.capacity)
+            top.udp_relays.append(socks_udp)
+        factory = MixedLocalFactory(
+            reactor, top.picker, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
+            verbose=config.verbose, **config.limits.factory_arguments(),
+        )
+        top.add_port(reactor, description, factory, "ssx-local", socks_udp)
+
+
+def _add_tunnels(top: LocalService, reactor: Any, config: LocalConfig, udp_server: IUpstream | None) -> None:
+    """The port forwards: TCP, UDP beside it on the same port, or UDP alone."""
+    relays = config.relays
+    for tunnel in config.tunnels:
+        label = f"ssx-local tunnel to {tunnel.target}"
+        tunnel_udp = None
+        if udp_server is not None:
+            address = (udp_server.entry.host, udp_server.entry.port)
+            tunnel_udp = TunnelUdpRelay(
+                reactor, udp_server.suite, address, tunnel.target, timeout=relays.timeout, capacity=relays.capacity
+            )
+            top.udp_relays.append(tunnel_udp)
+        if relays.tcp:
+            factory = TunnelFactory(
+                reactor, top.picker, tunnel.target, config.timeout, verbose=config.verbose,
+                **config.limits.factory_arguments(),
+            )
+            top.add_port(reactor, tunnel.listen, factory, label, tunnel_udp)
+        else:
+            assert tunnel.address is not None
+            DatagramListenerService(reactor, tunnel_udp, label, address=tunnel.address).setServiceParent(top)
+
+
+def _log_configuration(config: LocalConfig) -> None:
+    """The start-up lines: the plugin, each method's notes, each server, the online config."""
     if config.plugin is not None:
         _log.info("ssx-local: TCP to the server goes through plugin {name}", name=config.plugin.name)
     methods = sorted({entry.method for entry in config.servers}) or [config.method]
@@ -248,9 +239,8 @@ def build_service(reactor: Any, config: LocalConfig) -> MultiService:
             "ssx-local: server {server}, method {method}, timeout {timeout:g}s",
             server=entry.label, method=entry.method, timeout=config.timeout,
         )
-    if online is not None:
-        _log.info("ssx-local: servers also from the online config at {where}", where=describe_url(online.url))
-    return top
+    if config.online is not None:
+        _log.info("ssx-local: servers also from the online config at {where}", where=describe_url(config.online.url))
 
 
 def makeService(options: Options) -> IService:

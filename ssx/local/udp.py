@@ -3,9 +3,10 @@ The local end's UDP relays: SOCKS5 UDP ASSOCIATE and UDP tunnels.
 
 An application's datagram is turned into the Shadowsocks UDP plaintext
 (`ATYP ADDR PORT DATA`: the SOCKS5 header stripped, or the tunnel's fixed
-target put in front), sealed (`CipherSuite.udp_seal`) and sent to the server
-from a socket kept for that application address in a `NatTable`, connected
-to the server so nothing else can answer on it.  The server's datagrams come
+target put in front), sealed (`IUdpClientCodec.seal`, a codec per
+application) and sent to the server from a socket kept for that application
+address in a `NatTable`, connected to the server so nothing else can answer
+on it.  The server's datagrams come
 back on that socket, are opened and handed to the application (with the
 SOCKS5 header, or bare for a tunnel).  Bad datagrams are dropped and counted.
 """
@@ -20,7 +21,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from ssx.wire.address import Address, decode_address, encode_address
-from ssx.crypto import CipherSuite
+from ssx.interfaces import ICipherSuite
 from ssx.errors import ProtocolError
 from ssx.net.nat import SweptNatProtocol, send_datagram
 from ssx.server.udp import MAX_DATAGRAM, READ_SIZE
@@ -112,7 +113,7 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
     def __init__(
         self,
         reactor: Any,
-        suite: CipherSuite,
+        suite: ICipherSuite,
         server: tuple[str, int],
         timeout: float = 60.0,
         capacity: int = 1024,
@@ -300,7 +301,7 @@ class Socks5UdpRelay(LocalUdpRelay):
 class TunnelUdpRelay(LocalUdpRelay):
     """A UDP port forward: every datagram goes to one fixed target through the server."""
 
-    def __init__(self, reactor: Any, suite: CipherSuite, server: tuple[str, int], target: Address, **kwargs: Any) -> None:
+    def __init__(self, reactor: Any, suite: ICipherSuite, server: tuple[str, int], target: Address, **kwargs: Any) -> None:
         super().__init__(reactor, suite, server, **kwargs)
         self.target = target
         self._header = encode_address(target)

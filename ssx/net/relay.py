@@ -321,7 +321,7 @@ class OutboundProtocol(RelayProtocol):
 SWEEP_INTERVAL = 1.0
 
 
-class RelayFactory(Factory):
+class RelayFactory(Factory[Any]):
     """
     What the accepted connections of one listener share: the clock, the
     handshake and idle timeouts, and the set of live connections.

@@ -58,7 +58,7 @@ def start_local(server_port: int, **values: Any) -> Any:
     values.setdefault("listen", "tcp:0:interface=127.0.0.1")
     service = local_tap.build_service(reactor, local_config(values))
     service.startService()
-    return service, first_listener(service).port.getHost().port
+    return service, service.listeners[0].port.getHost().port
 
 
 def first_listener(service: Any) -> ListenerService:
