@@ -28,7 +28,8 @@ from ssx.wire.address import Address
 from ssx.errors import ProtocolError
 from ssx.wire.http_codec import MAX_HEAD, ClientSide, Data, EndOfMessage, OriginSide, Request
 from ssx.wire.http_message import HttpError, absolute_target, basic_credentials_ok, connect_target, error_response
-from ssx.local.protocol import _CLOSED, _CONNECTING, _RELAY, _WAITING, LocalRelayProtocol, Socks5LocalFactory
+from ssx.local.relay import CLOSED, CONNECTING, RELAYING, WAITING, LocalRelayProtocol
+from ssx.local.socks import ProxyPortFactory
 from ssx.net.relay import OutboundProtocol, RelayProtocol
 
 __all__ = ["HttpProxyProtocol"]
@@ -65,9 +66,9 @@ class _OriginConnection(OutboundProtocol):
 class HttpProxyProtocol(LocalRelayProtocol):
     """An application speaking HTTP to the local end as to a proxy."""
 
-    factory: Socks5LocalFactory
+    factory: ProxyPortFactory
 
-    def __init__(self, factory: Socks5LocalFactory) -> None:
+    def __init__(self, factory: ProxyPortFactory) -> None:
         LocalRelayProtocol.__init__(self, factory)
         self._tunnel = False
         # h11 on the application's side, dropped once a CONNECT tunnel starts.
@@ -90,7 +91,7 @@ class HttpProxyProtocol(LocalRelayProtocol):
         if self._tunnel:
             LocalRelayProtocol.dataReceived(self, data)
             return
-        if self._state == _CLOSED:
+        if self._state == CLOSED:
             return
         assert self._client is not None
         self._client.receive(data)
@@ -99,7 +100,7 @@ class HttpProxyProtocol(LocalRelayProtocol):
     def _process(self) -> None:
         client = self._client
         assert client is not None
-        while self._state != _CLOSED and not self._tunnel:
+        while self._state != CLOSED and not self._tunnel:
             try:
                 event = client.next_event()
                 if event is None:
@@ -135,7 +136,7 @@ class HttpProxyProtocol(LocalRelayProtocol):
         target = request.target.decode("ascii")  # h11 admits only visible ASCII there
         if request.method == b"CONNECT":
             host, port = connect_target(target)
-            if self._state != _WAITING:
+            if self._state != WAITING:
                 self.detach_relay()
             self._tunnel = True
             early, self._client = client.rest(), None
@@ -143,7 +144,7 @@ class HttpProxyProtocol(LocalRelayProtocol):
             return
         host, port, path = absolute_target(target)
         close = self._client_eof or client.closing
-        reuse = self._state == _RELAY and self.peer is not None and self._origin == (host, port) and self._origin_reusable
+        reuse = self._state == RELAYING and self.peer is not None and self._origin == (host, port) and self._origin_reusable
         origin = self._origin_codec if reuse and self._origin_codec is not None else OriginSide()
         payload = origin.request(request, host, port, path, close)
         self._request = request
@@ -152,7 +153,7 @@ class HttpProxyProtocol(LocalRelayProtocol):
             self._origin_fresh = False
             self._to_origin(payload)
             return
-        if self._state != _WAITING:
+        if self._state != WAITING:
             self.detach_relay()
         self._origin_codec = origin
         self._origin = (host, port)
@@ -161,9 +162,9 @@ class HttpProxyProtocol(LocalRelayProtocol):
         self.open_relay(Address(host, port), payload)
 
     def _to_origin(self, data: bytes) -> None:
-        if self._state == _RELAY:
+        if self._state == RELAYING:
             self.relayReceived(data)
-        elif self._state == _CONNECTING:
+        elif self._state == CONNECTING:
             self._early += data
 
     def _refuse(self, status: int, message: str, extra: tuple[tuple[str, str], ...] = ()) -> None:
@@ -176,7 +177,7 @@ class HttpProxyProtocol(LocalRelayProtocol):
         self._request = None
         if self.peer is not None or self._connecting is not None:
             self.detach_relay()
-        self._state = _CLOSED
+        self._state = CLOSED
         if abort:
             self.transport.abortConnection()
         else:
@@ -203,7 +204,7 @@ class HttpProxyProtocol(LocalRelayProtocol):
 
     def origin_data(self, origin: _OriginConnection, data: bytes) -> None:
         """Bytes from the server connection of a forwarded request."""
-        if origin is not self.peer or self._state == _CLOSED:
+        if origin is not self.peer or self._state == CLOSED:
             return
         assert origin.transform is not None
         try:
@@ -235,7 +236,7 @@ class HttpProxyProtocol(LocalRelayProtocol):
         """Pass on what the origin's bytes so far make of the response."""
         origin, client = self._origin_codec, self._client
         assert origin is not None and client is not None
-        while self._request is not None and self._state != _CLOSED:
+        while self._request is not None and self._state != CLOSED:
             event = origin.next_event()
             if event is None:
                 return
@@ -269,7 +270,7 @@ class HttpProxyProtocol(LocalRelayProtocol):
 
     def origin_closed(self, origin: _OriginConnection) -> None:
         """The server connection of a forwarded request ended."""
-        if origin is not self.peer or self._state == _CLOSED:
+        if origin is not self.peer or self._state == CLOSED:
             return
         request = self._request
         if request is None:
@@ -283,7 +284,7 @@ class HttpProxyProtocol(LocalRelayProtocol):
             self._response_events()
         except HttpError:
             pass
-        if self._request is not request or self._state == _CLOSED:
+        if self._request is not request or self._state == CLOSED:
             return
         if not self._response_started and not self._origin_fresh:
             # A kept connection that died under a new request: close
