@@ -438,21 +438,95 @@ class Server2022SessionTests(unittest.SynchronousTestCase):
         self.assertEqual(relay.dropped, 1)
         self.assertNotIn(("198.51.100.66", 6666), [relay.nat.peek(key).client for key in relay.nat])
 
-    def test_window_forgotten_early_raises_the_floor(self):
-        """Past the bound of kept windows, a forgotten session's packets are still refused; later sessions are not."""
+    def test_replayed_twice_after_eviction(self):
+        """A replay that was dropped leaves the kept window as it was: the same packet replayed later is dropped too."""
+        relay = self.small_relay(capacity=2)
+        target = Address("93.184.216.34", 53)
+        captured = self.client("alice").encode(target, b"a")
+        relay.datagramReceived(captured, ("198.51.100.1", 4000))
+        for round in range(2):
+            for _ in range(2):  # honest sessions push Alice's out (again)
+                relay.datagramReceived(self.client("bob").encode(target, b"b"), ("198.51.100.2", 5000))
+            relay.datagramReceived(captured, ("198.51.100.66", 6666))
+            self.assertEqual(relay.dropped, round + 1)
+            self.assertNotIn(("198.51.100.66", 6666), [relay.nat.peek(key).client for key in relay.nat])
+
+    def test_window_kept_while_the_timestamp_passes(self):
+        """A packet stamped T passes until int(now) - T = 30: its session's window is kept that long after expiry."""
+        relay = self.small_relay(capacity=10, timeout=5)
+        target = Address("93.184.216.34", 53)
+        captured = self.client("alice").encode(target, b"a")  # stamped now, a whole second
+        relay.datagramReceived(captured, ("198.51.100.1", 4000))
+        self.reactor.advance(30.5)
+        relay.nat.sweep()
+        relay.datagramReceived(captured, ("198.51.100.66", 6666))
+        self.assertEqual(relay.dropped, 1)
+        self.assertEqual(len(relay.nat), 0)
+
+    def test_window_forgotten_early_refuses_that_session_only(self):
+        """Past the bound of kept windows, a forgotten session's packets are refused; other new sessions are not."""
         relay = self.small_relay(capacity=2)
         target = Address("93.184.216.34", 53)
         captured = self.client("alice").encode(target, b"a")
         relay.datagramReceived(captured, ("198.51.100.1", 4000))
         for _ in range(6):  # more sessions than the NAT table and the kept windows hold
             relay.datagramReceived(self.client("bob").encode(target, b"b"), ("198.51.100.2", 5000))
-        self.assertGreater(relay.retired.forgotten_early, 0)
+        self.assertGreater(relay.sessions.forgotten_early, 0)
         dropped = relay.dropped
         relay.datagramReceived(captured, ("198.51.100.66", 6666))
         self.assertEqual(relay.dropped, dropped + 1)
-        self.reactor.advance(1)
+        # A client whose clock is ahead does not stop the others' new sessions.
+        ahead = self.client("bob")
+        ahead._now = lambda: self.reactor.seconds() + 25
+        relay.datagramReceived(ahead.encode(target, b"b"), ("198.51.100.3", 5001))
         relay.datagramReceived(self.client("alice").encode(target, b"a"), ("198.51.100.1", 4001))
         self.assertEqual(relay.dropped, dropped + 1)
+
+    def test_server_session_kept_across_nat_entries(self):
+        """A session that comes back after its NAT entry expired answers under the same server session ID."""
+        relay = self.small_relay(capacity=10, timeout=5)
+        target = Address("93.184.216.34", 53)
+        alice = self.client("alice")
+        relay.datagramReceived(alice.encode(target, b"a"), ("198.51.100.1", 4000))
+        [key] = list(relay.nat)
+        relay.reply(key, target, b"one")
+        self.reactor.advance(10)
+        relay.nat.sweep()
+        relay.datagramReceived(alice.encode(target, b"a"), ("198.51.100.1", 4000))
+        relay.reply(key, target, b"two")
+        first, second = (alice.decode(packet) for packet, _ in relay.transport.written)
+        self.assertEqual((first.payload, second.payload), (b"one", b"two"))
+        self.assertEqual(first.session_id, second.session_id)
+
+    def test_replay_on_another_address(self):
+        """A server's relays on two addresses share their windows: a packet captured on one is refused on the other."""
+        first = self.small_relay(capacity=10)
+        second = Shadowsocks2022UdpRelay(
+            self.reactor, first.suite, None, parse_forbidden(None), timeout=60, capacity=10, sessions=first.sessions
+        )
+        second.transport = _FakePort()
+        second.startProtocol()
+        self.addCleanup(second.stopProtocol)
+        target = Address("93.184.216.34", 53)
+        captured = self.client("alice").encode(target, b"a")
+        first.datagramReceived(captured, ("198.51.100.1", 4000))
+        second.datagramReceived(captured, ("198.51.100.66", 6666))
+        self.assertEqual((first.dropped, second.dropped), (0, 1))
+
+
+class Server2022ServiceTests(unittest.TestCase):
+    """The 2022 relays of one ssx-server service, as build_service makes them."""
+
+    def test_relays_of_one_server_share_their_windows(self):
+        """A server listening on two addresses gives both 2022 UDP relays one store of session windows."""
+        service, _ = support.start_server(
+            method="2022-blake3-aes-128-gcm", password=generate_psk("2022-blake3-aes-128-gcm"), mode="tcp_and_udp",
+            listen=["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.2"],
+        )
+        self.addCleanup(service.stopService)
+        first, second = service.udp_relays
+        self.assertIsInstance(first, Shadowsocks2022UdpRelay)
+        self.assertIs(first.sessions, second.sessions)
 
 
 # -- SOCKS5 UDP associations belong to their application ----------------------

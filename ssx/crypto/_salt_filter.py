@@ -117,6 +117,12 @@ class SaltFilter:
         self._set(offset, mask)
         return True
 
+    def remembers(self, salt: bytes) -> bool:
+        """Whether `salt` was added (up to the false positive rate), without adding it."""
+        offset, mask = self._locate(salt)
+        end = offset + _BLOCK
+        return any(int.from_bytes(bloom.bits[offset:end], "little") & mask == mask for bloom in (self._active, self._old))
+
     def add(self, salt: bytes) -> None:
         """Remember `salt` without checking it (the server's own outgoing salts)."""
         self._set(*self._locate(salt))

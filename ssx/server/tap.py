@@ -22,6 +22,7 @@ from ssx.net.plugin import PluginService
 from ssx.net.resolver import TargetResolver
 from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.safe_file import read_private_file, write_file
+from ssx.server.session_windows import SessionWindows
 from ssx.server.udp import ShadowsocksUdpRelay, UdpLookups, udp_relay_for
 from ssx.config.options import SsxOptions, log_config_notes, make_suite
 from ssx.wire.sip002 import format_url, parse_url
@@ -155,6 +156,8 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
         **config.limits.factory_arguments(),
     )
     lookups = UdpLookups(resolver)
+    # One store of 2022 session windows for every bound address.
+    sessions = {"sessions": SessionWindows(suite.replay_window, config.relays.capacity)} if suite.spec.family == "aead2022" else {}
     top = MultiService()
     if config.forbidden.host is not None:
         # Reads the addresses at start and after every change (a check made
@@ -169,7 +172,7 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
             return None
         relay = udp_relay_for(suite)(
             reactor, suite, resolver, config.forbidden, relays.timeout, relays.capacity, salt_filter=salt_filter,
-            lookups=lookups, verbose=config.verbose,
+            lookups=lookups, verbose=config.verbose, **sessions,
         )
         top.udp_relays.append(relay)  # type: ignore[attr-defined]
         return relay

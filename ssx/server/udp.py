@@ -15,7 +15,6 @@ never answered.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 from twisted.internet.error import CannotListenError
@@ -24,8 +23,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ssx.wire.address import Address, decode_target, encode_address
-from ssx.crypto import MAX_TIME_DIFF, CipherSuite
+from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError, ReplayError
+from ssx.server.session_windows import SessionWindows, SessionState
 from ssx.server.forbidden import ForbiddenNetworks, is_ip_literal
 from ssx.net.nat import SweptNatProtocol, send_datagram
 from ssx.net.resolver import TargetResolver
@@ -285,68 +285,14 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
             self.dropped += 1
 
 
-class RetiredWindows:
-    """
-    Replay windows of 2022 sessions that left the NAT table (idle, or pushed
-    out by newer ones) while their packets could still pass the timestamp
-    check: a packet stamped T is accepted until T + MAX_TIME_DIFF, so a
-    session's window must outlive its NAT entry until its newest timestamp
-    + MAX_TIME_DIFF, or a captured packet could open the session again.
-
-    Bounded: beyond `capacity` the oldest window is forgotten early, and its
-    newest timestamp raises `floor`; a session that is not known at all is
-    then refused unless its packet is stamped after the floor, so forgetting
-    early never reopens a replay (it may refuse a new session from a client
-    whose clock is behind, while the table is flooded).
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._windows: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
-        self.floor = 0
-        self.forgotten_early = 0
-
-    def __len__(self) -> int:
-        return len(self._windows)
-
-    def retire(self, key: Any, window: Any, newest: int, now: float) -> None:
-        """Keep `window` of the session `key` whose newest packet was stamped `newest`."""
-        if now > newest + MAX_TIME_DIFF:
-            return
-        self._windows[key] = (window, newest)
-        self._windows.move_to_end(key)
-        while len(self._windows) > self.capacity:
-            _, (_, stamped) = self._windows.popitem(last=False)
-            if now <= stamped + MAX_TIME_DIFF:
-                self.floor = max(self.floor, stamped)
-                self.forgotten_early += 1
-
-    def revive(self, key: Any, timestamp: int, now: float) -> Any:
-        """
-        The window a new session `key` (first packet stamped `timestamp`)
-        must start from: a retired one, or None for a fresh one.  Raises
-        ReplayError when the session may be one whose window was forgotten.
-        """
-        entry = self._windows.pop(key, None)
-        if entry is not None and now <= entry[1] + MAX_TIME_DIFF:
-            return entry[0]
-        if timestamp <= self.floor:
-            raise ReplayError("2022 UDP: a new session stamped no later than a forgotten one")
-        return None
-
-
 class _Session:
-    """A 2022 client session (key: user, session ID): its reply side, replay window, latest address and sockets."""
+    """A 2022 client session held by one relay: its latest address, sockets and shared state."""
 
-    def __init__(
-        self, relay: "Shadowsocks2022UdpRelay", key: tuple, client: tuple | None, reply_session: Any, window: Any
-    ) -> None:
+    def __init__(self, relay: "Shadowsocks2022UdpRelay", key: tuple, state: SessionState) -> None:
         self.relay = relay
         self.key = key
-        self.client = client
-        self.reply_session = reply_session
-        self.window = window
-        self.newest = 0
+        self.state = state
+        self.client: tuple | None = None
         self.sockets = _ClientSockets(relay, key)
 
     def send(self, payload: bytes, ip: str, port: int) -> None:
@@ -354,7 +300,7 @@ class _Session:
 
     def close(self) -> None:
         self.sockets.close()
-        self.relay.retired.retire(self.key, self.window, self.newest, self.relay.reactor.seconds())
+        self.relay.sessions.close(self.key, self.state, self.relay.reactor.seconds())
 
 
 class Shadowsocks2022UdpRelay(ShadowsocksUdpRelay):
@@ -368,10 +314,12 @@ class Shadowsocks2022UdpRelay(ShadowsocksUdpRelay):
     could move another's session (and its replies) to itself.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sessions: SessionWindows | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._decoder = self.suite.udp_server_decoder()
-        self.retired = RetiredWindows(self.nat.capacity)
+        # Shared by a server's 2022 relays, so a packet captured on one
+        # address is refused on another.
+        self.sessions = sessions if sessions is not None else SessionWindows(self.suite.replay_window, self.nat.capacity)
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
@@ -383,17 +331,24 @@ class Shadowsocks2022UdpRelay(ShadowsocksUdpRelay):
         key = (packet.user, packet.session_id)
         session = self.nat.get(key)
         if session is None:
+            now = self.reactor.seconds()
             try:
-                window = self.retired.revive(key, packet.timestamp, self.reactor.seconds())
+                state = self.sessions.open(key, now, lambda: self._decoder.session(packet))
             except ReplayError:
                 self.dropped += 1
                 return
-            session = _Session(self, key, None, self._decoder.session(packet), window or self.suite.replay_window())
+            if not state.window.accept(packet.packet_id):
+                self.sessions.close(key, state, now)
+                self.dropped += 1
+                return
+            session = _Session(self, key, state)
             self.nat.add(key, session)
-        if not session.window.accept(packet.packet_id):
+        elif not session.state.window.accept(packet.packet_id):
             self.dropped += 1
             return
-        session.newest = max(session.newest, packet.timestamp)
+        state = session.state
+        if packet.timestamp > state.newest:
+            state.newest = packet.timestamp
         session.client = addr
         target = packet.address
         self._route(key, target, packet.payload)
@@ -403,7 +358,7 @@ class Shadowsocks2022UdpRelay(ShadowsocksUdpRelay):
         if self.transport is None or session is None or session.client is None:
             return
         self.nat.touch(client)
-        packet = session.reply_session.encode(source, data)
+        packet = session.state.reply_session.encode(source, data)
         if len(packet) > MAX_DATAGRAM:
             self.dropped += 1
             return
