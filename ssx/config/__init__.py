@@ -8,7 +8,7 @@ from ssx.config.local import (
     OnlineConfig,
     ServerConfig,
     Tunnel,
-    UdpSettings,
+    RelayModes,
     config_entries,
     local_config,
     merge,

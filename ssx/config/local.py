@@ -38,7 +38,7 @@ __all__ = [
     "ServerConfig",
     "Limits",
     "Tunnel",
-    "UdpSettings",
+    "RelayModes",
     "local_config",
     "merge",
     "read_config_file",
@@ -85,8 +85,11 @@ LOCAL_KEYS = _COMMON_KEYS | {
 
 
 @dataclass(frozen=True)
-class UdpSettings:
-    """Which relays run, and the UDP NAT's bounds."""
+class RelayModes:
+    """
+    The `mode` setting (tcp_only, udp_only or tcp_and_udp: which relays
+    run) and the bounds of the UDP relays' NAT.
+    """
 
     tcp: bool
     udp: bool
@@ -156,7 +159,7 @@ class ServerConfig:
     hosts_file: str
     resolv_conf: str
     prefer_ipv6: bool
-    relays: UdpSettings
+    relays: RelayModes
     limits: Limits
     hosts: tuple[str, ...] = ()
     # 2022 methods, several users on one port: name -> base64 uPSK.
@@ -192,7 +195,7 @@ class LocalConfig:
     key: bytes | None = field(repr=False)
     timeout: float
     socks_credentials: tuple[bytes, bytes] | None = field(repr=False)
-    relays: UdpSettings
+    relays: RelayModes
     limits: Limits
     # The main listener offers SOCKS5, unless -L/tunnel_address makes it a tunnel.
     tunnels: tuple[Tunnel, ...] = ()
@@ -636,7 +639,7 @@ def _url_file(values: Mapping[str, Any], password_generated: bool) -> str | None
     return value or None
 
 
-def _plugin(values: Mapping[str, Any], relays: UdpSettings) -> tuple[Plugin | None, tuple[str, ...]]:
+def _plugin(values: Mapping[str, Any], relays: RelayModes) -> tuple[Plugin | None, tuple[str, ...]]:
     """The SIP003 plugin, if one is set (libev configs often carry "plugin": ""), and warnings."""
     name = values.get("plugin")
     options = values.get("plugin_opts")
@@ -661,12 +664,12 @@ def _plugin(values: Mapping[str, Any], relays: UdpSettings) -> tuple[Plugin | No
     return Plugin(name, options or "", tuple(args or ())), ()
 
 
-def _relays(values: Mapping[str, Any]) -> UdpSettings:
+def _relays(values: Mapping[str, Any]) -> RelayModes:
     mode = values.get("mode", "tcp_only")
     if mode not in ("tcp_only", "tcp_and_udp", "udp_only"):
         raise ConfigError("mode", "expected tcp_only, tcp_and_udp or udp_only")
     capacity = _count(values, "udp_max_associations", DEFAULT_UDP_CAPACITY, minimum=1)
-    return UdpSettings(
+    return RelayModes(
         tcp=mode != "udp_only",
         udp=mode != "tcp_only",
         timeout=_timeout(values, "udp_timeout", DEFAULT_UDP_TIMEOUT),
