@@ -10,7 +10,7 @@ tree from it.  No Twisted here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from ssx.config.file import unused_keys
 from ssx.config.numbers import parse_number, parse_port, parse_seconds
@@ -128,25 +128,8 @@ class LocalConfig:
 def local_config(values: Mapping[str, Any]) -> LocalConfig:
     """Check the merged local settings."""
     method = read_method(values)
-    endpoint = values.get("server_endpoint")
-    if endpoint is not None and (not isinstance(endpoint, str) or not endpoint):
-        raise ConfigError("server_endpoint", "expected a Twisted client endpoint description, e.g. tcp:host=1.2.3.4:port=8388")
-    raw_server = values.get("server")
-    hosts = raw_server if isinstance(raw_server, list) else [] if raw_server is None else [raw_server]
-    if not all(isinstance(h, str) and h for h in hosts):
-        raise ConfigError("server", "expected the server's host name or IP address")
-    server = hosts[0] if hosts else None
-    servers: list[ServerEntry] = []
-    password, key = "", None
-    server_port = read_port(values, "server_port", DEFAULT_SERVER_PORT, allow_zero=False)
-    if hosts or endpoint is not None:
-        password, key, _ = read_secret(values, method, required=True)
-        if endpoint is not None:
-            servers.append(ServerEntry(server or "", server_port, method, password, key, endpoint=endpoint))
-        else:
-            servers += [ServerEntry(host, server_port, method, password, key) for host in hosts]
-    servers += server_list(values)
-    servers += url_entries(values)
+    given = _given_server(values, method)
+    servers = [*given.entries, *server_list(values), *url_entries(values)]
     online = _online_config(values)
     if not servers and online is None:
         raise ConfigError(
@@ -157,6 +140,68 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
     if not listen:
         listen = (tcp_description(address, read_port(values, "local_port", DEFAULT_LOCAL_PORT, allow_zero=True)),)
     relays = read_relay_modes(values)
+    _check_servers(servers, relays)
+    plugin, warnings = _local_plugin(values, relays, servers, given.endpoint, online)
+    tunnels = _tunnel_address(values, listen, address, relays)
+    socks_listen = () if tunnels else listen
+    tunnels += _tunnel_list(values, address)
+    credentials = _socks_credentials(values)
+    return LocalConfig(
+        listen=socks_listen,
+        server=given.host,
+        server_port=given.port,
+        server_endpoint=given.endpoint,
+        method=method,
+        password=given.password,
+        key=given.key,
+        timeout=read_seconds(values),
+        socks_credentials=credentials,
+        relays=relays,
+        limits=read_limits(values),
+        tunnels=tuple(tunnels),
+        plugin=plugin,
+        ignored=unused_keys(values, LOCAL_KEYS),
+        warnings=warnings,
+        servers=tuple(servers),
+        online=online,
+        health_check=_health_check(values),
+        verbose=read_verbose(values),
+    )
+
+
+class _GivenServer(NamedTuple):
+    """The server the top-level keys name: -s/-p/-k or --server-endpoint."""
+
+    host: str | None  # the first of a list of hosts
+    port: int
+    endpoint: str | None
+    password: str
+    key: bytes | None
+    entries: list[ServerEntry]  # one per host, or the endpoint's
+
+
+def _given_server(values: Mapping[str, Any], method: str) -> _GivenServer:
+    endpoint = values.get("server_endpoint")
+    if endpoint is not None and (not isinstance(endpoint, str) or not endpoint):
+        raise ConfigError("server_endpoint", "expected a Twisted client endpoint description, e.g. tcp:host=1.2.3.4:port=8388")
+    raw_server = values.get("server")
+    hosts = raw_server if isinstance(raw_server, list) else [] if raw_server is None else [raw_server]
+    if not all(isinstance(h, str) and h for h in hosts):
+        raise ConfigError("server", "expected the server's host name or IP address")
+    server = hosts[0] if hosts else None
+    entries: list[ServerEntry] = []
+    password, key = "", None
+    server_port = read_port(values, "server_port", DEFAULT_SERVER_PORT, allow_zero=False)
+    if hosts or endpoint is not None:
+        password, key, _ = read_secret(values, method, required=True)
+        if endpoint is not None:
+            entries.append(ServerEntry(server or "", server_port, method, password, key, endpoint=endpoint))
+        else:
+            entries += [ServerEntry(host, server_port, method, password, key) for host in hosts]
+    return _GivenServer(server, server_port, endpoint, password, key, entries)
+
+
+def _check_servers(servers: list[ServerEntry], relays: RelayModes) -> None:
     for entry in servers:
         # Keys checked now (2022 PSK lengths and form), so a bad one stops start-up.
         make_suite(entry.method, entry.password, key=entry.key)
@@ -165,6 +210,16 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
             "server", "the UDP relay needs the first server's address (-s HOST, a servers list or --url), "
             "not only --server-endpoint or --online-config"
         )
+
+
+def _local_plugin(
+    values: Mapping[str, Any],
+    relays: RelayModes,
+    servers: list[ServerEntry],
+    endpoint: str | None,
+    online: OnlineConfig | None,
+) -> tuple[Plugin | None, tuple[str, ...]]:
+    """The plugin the keys name, or else the one a server's URL or entry names, and warnings."""
     plugin, warnings = read_plugin(values, relays)
     named = [entry for entry in servers if entry.plugin]
     if plugin is None and named and relays.tcp:
@@ -181,54 +236,50 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
                 "plugin", "a plugin works with one server (-s/-p or one URL); plugins per server in a servers "
                 "list, or with an online config, are not supported yet"
             )
-    tunnels = []
-    if values.get("tunnel_address"):
-        target = _target(values["tunnel_address"], "tunnel_address")
-        if values.get("listen") is None:
-            local_port = read_port(values, "local_port", DEFAULT_LOCAL_PORT, allow_zero=True)
-            tunnels = [Tunnel(listen[0], target, (address, local_port))]
-        elif not relays.tcp:
-            raise ConfigError("listen", "endpoint descriptions are for TCP; a udp_only tunnel uses local_address and local_port")
-        else:
-            tunnels = [Tunnel(description, target) for description in listen]
-    socks_listen = () if tunnels else listen
+    return plugin, warnings
+
+
+def _tunnel_address(
+    values: Mapping[str, Any], listen: tuple[str, ...], address: str, relays: RelayModes
+) -> list[Tunnel]:
+    """-L/tunnel_address: the main listeners forward to one target instead of offering SOCKS5."""
+    if not values.get("tunnel_address"):
+        return []
+    target = _target(values["tunnel_address"], "tunnel_address")
+    if values.get("listen") is None:
+        local_port = read_port(values, "local_port", DEFAULT_LOCAL_PORT, allow_zero=True)
+        return [Tunnel(listen[0], target, (address, local_port))]
+    if not relays.tcp:
+        raise ConfigError("listen", "endpoint descriptions are for TCP; a udp_only tunnel uses local_address and local_port")
+    return [Tunnel(description, target) for description in listen]
+
+
+def _tunnel_list(values: Mapping[str, Any], address: str) -> list[Tunnel]:
+    """`tunnels`: further ports, each forwarded to its own target."""
     raw = values.get("tunnels") or []
     if isinstance(raw, str):
         raw = [raw]
     if not isinstance(raw, list):
         raise ConfigError("tunnels", "expected a list of [ADDRESS:]PORT=HOST:PORT")
-    tunnels += [_tunnel(item, address) for item in raw]
+    return [_tunnel(item, address) for item in raw]
+
+
+def _socks_credentials(values: Mapping[str, Any]) -> tuple[bytes, bytes] | None:
+    """socks_user and socks_password (RFC 1929), both or neither."""
     user = values.get("socks_user")
     secret = values.get("socks_password")
-    credentials = None
-    if user is not None or secret is not None:
-        for name, value in (("socks_user", user), ("socks_password", secret)):
-            if not isinstance(value, str) or not value:
-                raise ConfigError(name, "socks_user and socks_password must be set together, non-empty")
-            if len(value.encode()) > 255:
-                raise ConfigError(name, "at most 255 bytes (RFC 1929)")
-        credentials = (user.encode(), secret.encode())  # type: ignore[union-attr]
-    return LocalConfig(
-        listen=socks_listen,
-        server=server,
-        server_port=server_port,
-        server_endpoint=endpoint,
-        method=method,
-        password=password,
-        key=key,
-        timeout=read_seconds(values),
-        socks_credentials=credentials,
-        relays=relays,
-        limits=read_limits(values),
-        tunnels=tuple(tunnels),
-        plugin=plugin,
-        ignored=unused_keys(values, LOCAL_KEYS),
-        warnings=warnings,
-        servers=tuple(servers),
-        online=online,
-        health_check=_health_check(values),
-        verbose=read_verbose(values),
-    )
+    if user is None and secret is None:
+        return None
+    return _credential("socks_user", user), _credential("socks_password", secret)
+
+
+def _credential(key: str, value: Any) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, "socks_user and socks_password must be set together, non-empty")
+    encoded = value.encode()
+    if len(encoded) > 255:
+        raise ConfigError(key, "at most 255 bytes (RFC 1929)")
+    return encoded
 
 
 def _online_config(values: Mapping[str, Any]) -> OnlineConfig | None:

@@ -111,22 +111,8 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         raise ConfigError("listen", "endpoint descriptions are for TCP; in udp_only mode use server and server_port")
     plugin, warnings = read_plugin(values, relays)
     forbidden = parse_forbidden(values.get("forbidden_ip"))
-    if not forbidden.off and forbidden.host is None:
-        warnings += (
-            "forbidden_ip leaves out 'self' (part of 'default'): clients can reach the services "
-            "listening on this host's own addresses",
-        )
-    if plugin is not None:
-        if listen:
-            raise ConfigError(
-                "listen", "with a plugin, the plugin listens on server:server_port and ssx behind it on loopback; "
-                "drop --listen"
-            )
-        if port == 0:
-            raise ConfigError("server_port", "a plugin needs a fixed port to listen on, not 0")
-        listen = (PLUGIN_BACKEND_LISTEN,)
-    elif not listen:
-        listen = tuple(tcp_description(host, port) for host in hosts)
+    warnings += _forbidden_warnings(forbidden)
+    listen = _tcp_listen(listen, hosts, port, plugin)
     return ServerConfig(
         listen=listen,
         method=method,
@@ -154,6 +140,31 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         max_handshakes_per_ip=read_count(values, "max_handshakes_per_ip", DEFAULT_MAX_HANDSHAKES_PER_IP, minimum=0),
         verbose=read_verbose(values),
     )
+
+
+def _forbidden_warnings(forbidden: ForbiddenNetworks) -> tuple[str, ...]:
+    if not forbidden.off and forbidden.host is None:
+        return (
+            "forbidden_ip leaves out 'self' (part of 'default'): clients can reach the services "
+            "listening on this host's own addresses",
+        )
+    return ()
+
+
+def _tcp_listen(listen: tuple[str, ...], hosts: tuple[str, ...], port: int, plugin: Plugin | None) -> tuple[str, ...]:
+    """Where ssx listens for TCP: `listen` if given, else server:server_port, or behind a plugin a loopback port."""
+    if plugin is not None:
+        if listen:
+            raise ConfigError(
+                "listen", "with a plugin, the plugin listens on server:server_port and ssx behind it on loopback; "
+                "drop --listen"
+            )
+        if port == 0:
+            raise ConfigError("server_port", "a plugin needs a fixed port to listen on, not 0")
+        return (PLUGIN_BACKEND_LISTEN,)
+    if not listen:
+        return tuple(tcp_description(host, port) for host in hosts)
+    return listen
 
 
 def _users(values: Mapping[str, Any], method: str) -> tuple[tuple[str, str], ...]:
