@@ -23,7 +23,7 @@ from typing import TextIO
 
 from ssx import __version__
 from ssx.config.file import merge, read_config_file
-from ssx.config.numbers import parse_count, parse_port
+from ssx.numbers import parse_count, parse_port
 from ssx.config.upstreams import config_entries, entry_url
 from ssx.crypto import METHODS, generate_psk, lookup_method
 from ssx.errors import ConfigError

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple
 
 from ssx.config.file import unused_keys
-from ssx.config.numbers import parse_number, parse_port, parse_seconds
+from ssx.numbers import parse_number, parse_port, parse_seconds
 from ssx.config.upstreams import ServerEntry, server_list, url_entries
 from ssx.config.values import (
     COMMON_KEYS,

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from ssx.crypto import lookup_method
 from ssx.errors import ConfigError
-from ssx.config.numbers import parse_port
+from ssx.numbers import parse_port
 from ssx.config.values import DEFAULT_SERVER_PORT, read_bind_hosts, read_method, read_port, read_secret
 from ssx.wire.sip002 import format_url, parse_url
 

@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ssx.config.numbers import MAX_COUNT, parse_count, parse_port, parse_seconds
+from ssx.numbers import MAX_COUNT, parse_count, parse_port, parse_seconds
 from ssx.crypto import generate_psk, lookup_method
 from ssx.errors import ConfigError
 from ssx.wire.sip003 import Plugin, PluginOptionsError, parse_plugin_options
