@@ -22,7 +22,7 @@ from ssx.net.plugin import PluginService
 from ssx.net.resolver import TargetResolver
 from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.safe_file import read_private_file, write_file
-from ssx.server.udp import ShadowsocksUdpRelay, UdpLookups, udp_relay_for
+from ssx.server.udp import UdpLookups, UdpRelay, make_udp_relay
 from ssx.config.options import SsxOptions, log_config_notes, make_suite
 from ssx.wire.sip002 import format_url, parse_url
 
@@ -164,10 +164,10 @@ def build_service(reactor: Any, config: ServerConfig) -> MultiService:
     top.udp_relays = []  # type: ignore[attr-defined]
     relays = config.relays
 
-    def udp_relay() -> ShadowsocksUdpRelay | None:
+    def udp_relay() -> UdpRelay | None:
         if not relays.udp:
             return None
-        relay = udp_relay_for(suite)(
+        relay = make_udp_relay(
             reactor, suite, resolver, config.forbidden, relays.timeout, relays.capacity, salt_filter=salt_filter,
             lookups=lookups, verbose=config.verbose,
         )

@@ -1,6 +1,10 @@
 """
 The server end's UDP relay (full-cone NAT).
 
+`UdpRelay` is what both editions share; `ShadowsocksUdpRelay` (stream and
+AEAD-2017) and `Shadowsocks2022UdpRelay` open and seal datagrams in their
+edition's framing, and `make_udp_relay` picks one for a suite.
+
 Each datagram from a client is opened (`CipherSuite.udp_open`), its target
 address parsed, resolved and checked against the forbidden networks, and its
 payload sent from the client's own outgoing socket.  Whatever arrives on that
@@ -23,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ssx.wire.address import Address, decode_target, encode_address
-from ssx.crypto import CipherSuite
+from ssx.crypto import CipherSuite, Suite2022
 from ssx.errors import ProtocolError
 from ssx.server.forbidden import ForbiddenNetworks, is_ip_literal
 from ssx.net.nat import SweptNatProtocol, send_datagram
@@ -36,7 +40,8 @@ __all__ = [
     "Shadowsocks2022UdpRelay",
     "ShadowsocksUdpRelay",
     "UdpLookups",
-    "udp_relay_for",
+    "UdpRelay",
+    "make_udp_relay",
 ]
 
 _log = Logger()
@@ -51,7 +56,7 @@ READ_SIZE = 65535
 class _ClientSockets:
     """A client's outgoing sockets, one per address family, opened on first use."""
 
-    def __init__(self, relay: "ShadowsocksUdpRelay", client: tuple) -> None:
+    def __init__(self, relay: "UdpRelay", client: tuple) -> None:
         self.relay = relay
         self.client = client
         self._ports: dict[int, Any] = {}
@@ -145,15 +150,15 @@ class UdpLookups:
         self.per_association = per_association
         self.waiting_limit = waiting_limit
         # name -> the datagrams waiting on its look-up
-        self._names: dict[str, list[tuple[ShadowsocksUdpRelay, Any, Address, bytes]]] = {}
-        self._per_association: dict[tuple[ShadowsocksUdpRelay, Any], int] = {}
+        self._names: dict[str, list[tuple[UdpRelay, Any, Address, bytes]]] = {}
+        self._per_association: dict[tuple[UdpRelay, Any], int] = {}
         self.waiting = 0
 
     def __len__(self) -> int:
         """Names being looked up."""
         return len(self._names)
 
-    def route(self, relay: "ShadowsocksUdpRelay", key: Any, target: Address, payload: bytes) -> None:
+    def route(self, relay: "UdpRelay", key: Any, target: Address, payload: bytes) -> None:
         """Send `payload` for `relay`'s association `key` to the domain-name `target`, once it resolves."""
         ips = self.resolver.known(target.host)
         if ips is not None:
@@ -196,10 +201,62 @@ class UdpLookups:
                 _log.failure("UDP: sending a datagram whose target was looked up")
 
 
-class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
-    """The server's UDP port: one instance per bound address."""
+class UdpRelay(SweptNatProtocol, DatagramProtocol):
+    """
+    The server's UDP port, one instance per bound address, whichever the
+    edition: the NAT of clients' outgoing sockets, target look-ups, the
+    forbidden check and the counters.  Subclasses open clients' datagrams
+    and seal the replies.
+    """
 
     noisy = False
+
+    def __init__(
+        self,
+        reactor: Any,
+        resolver: TargetResolver,
+        forbidden: ForbiddenNetworks,
+        timeout: float,
+        capacity: int,
+        lookups: UdpLookups | None,
+        verbose: bool,
+    ) -> None:
+        self.setup_nat(reactor, timeout, capacity)
+        self.resolver = resolver
+        self.forbidden = forbidden
+        # Shared by a server's relays, so that its bounds are the server's.
+        self.lookups = lookups if lookups is not None else UdpLookups(resolver)
+        self.verbose = verbose
+        self.refused = 0
+        self.socket_failures = 0
+
+    def reply(self, client: Any, source: Address, data: bytes) -> None:
+        """A target's datagram for the NAT entry `client`, to be sealed and sent back."""
+        raise NotImplementedError
+
+    def _route(self, key: Any, target: Address, payload: bytes) -> None:
+        """Send `payload` for the NAT entry `key` to `target`, resolving a name first."""
+        if is_ip_literal(target.host):
+            self._send(key, target, [target.host], payload)
+        else:
+            self.lookups.route(self, key, target, payload)
+
+    def _unresolved(self) -> None:
+        self.dropped += 1
+
+    def _send(self, client: tuple, target: Address, ips: list[str], payload: bytes) -> None:
+        allowed = [ip for ip in ips if not self.forbidden.forbids(ip)]
+        if not allowed:
+            _log.debug("UDP: refused {target}: forbidden address {ips}", target=target, ips=",".join(ips))
+            self.refused += 1
+            return
+        sockets = self.nat.peek(client)
+        if sockets is not None:
+            sockets.send(payload, allowed[0], target.port)
+
+
+class ShadowsocksUdpRelay(UdpRelay):
+    """The UDP port of the stream and AEAD-2017 methods: one salt (or IV) per datagram."""
 
     def __init__(
         self,
@@ -213,17 +270,10 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
         lookups: UdpLookups | None = None,
         verbose: bool = False,
     ) -> None:
-        self.setup_nat(reactor, timeout, capacity)
+        UdpRelay.__init__(self, reactor, resolver, forbidden, timeout, capacity, lookups, verbose)
         # Replayed datagrams (same salt/IV) are dropped like forged ones.
         self.salt_filter = salt_filter if suite.spec.family != "aead2022" and suite.spec.salt_size else None
         self.suite = suite
-        self.resolver = resolver
-        self.forbidden = forbidden
-        # Shared by a server's relays, so that its bounds are the server's.
-        self.lookups = lookups if lookups is not None else UdpLookups(resolver)
-        self.verbose = verbose
-        self.refused = 0
-        self.socket_failures = 0
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
@@ -246,26 +296,6 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
             sockets = _ClientSockets(self, addr)
             self.nat.add(addr, sockets)
         self._route(addr, target, payload)
-
-    def _route(self, key: Any, target: Address, payload: bytes) -> None:
-        """Send `payload` for the NAT entry `key` to `target`, resolving a name first."""
-        if is_ip_literal(target.host):
-            self._send(key, target, [target.host], payload)
-        else:
-            self.lookups.route(self, key, target, payload)
-
-    def _unresolved(self) -> None:
-        self.dropped += 1
-
-    def _send(self, client: tuple, target: Address, ips: list[str], payload: bytes) -> None:
-        allowed = [ip for ip in ips if not self.forbidden.forbids(ip)]
-        if not allowed:
-            _log.debug("UDP: refused {target}: forbidden address {ips}", target=target, ips=",".join(ips))
-            self.refused += 1
-            return
-        sockets = self.nat.peek(client)
-        if sockets is not None:
-            sockets.send(payload, allowed[0], target.port)
 
     def reply(self, client: tuple, source: Address, data: bytes) -> None:
         """A target's datagram for `client`: sealed with its source address and sent back."""
@@ -300,7 +330,7 @@ class _Session:
         self.sockets.close()
 
 
-class Shadowsocks2022UdpRelay(ShadowsocksUdpRelay):
+class Shadowsocks2022UdpRelay(UdpRelay):
     """
     The 2022 edition's UDP port: sessions are keyed by the user a packet
     authenticated as and the client's session ID, not its address, so a
@@ -311,9 +341,21 @@ class Shadowsocks2022UdpRelay(ShadowsocksUdpRelay):
     could move another's session (and its replies) to itself.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._decoder = self.suite.udp_server_decoder()
+    def __init__(
+        self,
+        reactor: Any,
+        suite: Suite2022,
+        resolver: TargetResolver,
+        forbidden: ForbiddenNetworks,
+        timeout: float = 60.0,
+        capacity: int = 1024,
+        salt_filter: Any = None,  # unused: each session keeps its own replay window
+        lookups: UdpLookups | None = None,
+        verbose: bool = False,
+    ) -> None:
+        UdpRelay.__init__(self, reactor, resolver, forbidden, timeout, capacity, lookups, verbose)
+        self.suite = suite
+        self._decoder = suite.udp_server_decoder()
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
@@ -349,6 +391,18 @@ class Shadowsocks2022UdpRelay(ShadowsocksUdpRelay):
             self.dropped += 1
 
 
-def udp_relay_for(suite: Any) -> type[ShadowsocksUdpRelay]:
-    """The server UDP relay class for a suite's edition."""
-    return Shadowsocks2022UdpRelay if suite.spec.family == "aead2022" else ShadowsocksUdpRelay
+def make_udp_relay(
+    reactor: Any,
+    suite: CipherSuite | Suite2022,
+    resolver: TargetResolver,
+    forbidden: ForbiddenNetworks,
+    timeout: float = 60.0,
+    capacity: int = 1024,
+    salt_filter: Any = None,
+    lookups: UdpLookups | None = None,
+    verbose: bool = False,
+) -> UdpRelay:
+    """The server's UDP relay for a suite's edition."""
+    if isinstance(suite, Suite2022):
+        return Shadowsocks2022UdpRelay(reactor, suite, resolver, forbidden, timeout, capacity, salt_filter, lookups, verbose)
+    return ShadowsocksUdpRelay(reactor, suite, resolver, forbidden, timeout, capacity, salt_filter, lookups, verbose)
