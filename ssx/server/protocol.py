@@ -28,6 +28,8 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -93,7 +95,9 @@ class ShadowsocksServerFactory(RelayFactory):
         # Where multi-user ports count each user's bytes.
         self.user_traffic: IUserTrafficSink = user_traffic if user_traffic is not None else UserTrafficTable()
 
-    def buildProtocol(self, addr: Any) -> "ShadowsocksServerProtocol":
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        # A ShadowsocksServerProtocol, typed as Factory's contract says:
+        # RelayFactory is not generic over its protocol.
         return ShadowsocksServerProtocol(self)
 
     def handshake_started(self, protocol: "ShadowsocksServerProtocol") -> None:
@@ -302,7 +306,7 @@ class ShadowsocksServerProtocol(InboundProtocol):
         else:
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.handshakes.remove(self)
         if self._connecting is not None:
             self._connecting.cancel()
