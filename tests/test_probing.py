@@ -28,7 +28,7 @@ from twisted.trial import unittest
 from ssx.wire.address import decode_address
 from ssx.crypto import make_suite
 from ssx.server.forbidden import parse_forbidden
-from ssx.server.udp import make_udp_relay
+from ssx.server.udp import udp_relay_for
 from tests import support
 from tests.support import forged
 
@@ -80,7 +80,7 @@ class UdpInvalidTargetTests(unittest.SynchronousTestCase):
         reactor.advance(1_700_000_000)
         resolver = _FakeResolver()
         suite = make_suite(method, forged.password_for(method), now=reactor.seconds)
-        relay = make_udp_relay(reactor, suite, resolver, parse_forbidden(None), timeout=60, capacity=100)
+        relay = udp_relay_for(suite)(reactor, suite, resolver, parse_forbidden(None), timeout=60, capacity=100)
         relay.transport = _FakePort()
         relay.startProtocol()
         self.addCleanup(relay.stopProtocol)

@@ -20,7 +20,7 @@ from ssx.net.resolver import TargetResolver
 from ssx.server.host_address_watch import HostAddressWatcher
 from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.server.service import CounterReport, ResolverCache, ServerService
-from ssx.server.udp import UdpLookups, UdpRelay, make_udp_relay
+from ssx.server.udp import UdpLookups, UdpRelay, udp_relay_for
 from ssx.server.url_file import UrlAnnouncement, reuse_generated_password
 
 __all__ = ["Options", "build_service", "makeService"]
@@ -122,7 +122,7 @@ def build_service(reactor: Any, config: ServerConfig) -> ServerService:
     lookups = UdpLookups(resolver)
 
     def udp_relay() -> UdpRelay:
-        relay = make_udp_relay(
+        relay = udp_relay_for(suite)(
             reactor, suite, resolver, config.forbidden, config.relays.timeout, config.relays.capacity,
             salt_filter=salt_filter, lookups=lookups, verbose=config.verbose,
         )

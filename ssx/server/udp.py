@@ -3,7 +3,7 @@ The server end's UDP relay (full-cone NAT).
 
 `UdpRelay` is what both editions share; `ShadowsocksUdpRelay` (stream and
 AEAD-2017) and `Shadowsocks2022UdpRelay` open and seal datagrams in their
-edition's framing, and `make_udp_relay` picks one for a suite.
+edition's framing, and `udp_relay_for` picks one for a suite.
 
 Each datagram from a client is opened (`CipherSuite.udp_open`), its target
 address parsed, resolved and checked against the forbidden networks, and its
@@ -19,7 +19,7 @@ never answered.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
@@ -41,7 +41,7 @@ __all__ = [
     "ShadowsocksUdpRelay",
     "UdpLookups",
     "UdpRelay",
-    "make_udp_relay",
+    "udp_relay_for",
 ]
 
 _log = Logger()
@@ -201,12 +201,15 @@ class UdpLookups:
                 _log.failure("UDP: sending a datagram whose target was looked up")
 
 
-class UdpRelay(SweptNatProtocol, DatagramProtocol):
+_Suite = TypeVar("_Suite", CipherSuite, Suite2022)
+
+
+class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
     """
     The server's UDP port, one instance per bound address, whichever the
     edition: the NAT of clients' outgoing sockets, target look-ups, the
     forbidden check and the counters.  Subclasses open clients' datagrams
-    and seal the replies.
+    with their edition's `suite` and seal the replies.
     """
 
     noisy = False
@@ -214,14 +217,20 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol):
     def __init__(
         self,
         reactor: Any,
+        suite: _Suite,
         resolver: TargetResolver,
         forbidden: ForbiddenNetworks,
-        timeout: float,
-        capacity: int,
-        lookups: UdpLookups | None,
-        verbose: bool,
+        timeout: float = 60.0,
+        capacity: int = 1024,
+        salt_filter: Any = None,
+        lookups: UdpLookups | None = None,
+        verbose: bool = False,
     ) -> None:
         self.setup_nat(reactor, timeout, capacity)
+        # Replayed datagrams (same salt/IV) are dropped like forged ones;
+        # the 2022 edition keeps a replay window per session instead.
+        self.salt_filter = salt_filter if suite.spec.family != "aead2022" and suite.spec.salt_size else None
+        self.suite: _Suite = suite
         self.resolver = resolver
         self.forbidden = forbidden
         # Shared by a server's relays, so that its bounds are the server's.
@@ -255,25 +264,8 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol):
             sockets.send(payload, allowed[0], target.port)
 
 
-class ShadowsocksUdpRelay(UdpRelay):
+class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
     """The UDP port of the stream and AEAD-2017 methods: one salt (or IV) per datagram."""
-
-    def __init__(
-        self,
-        reactor: Any,
-        suite: CipherSuite,
-        resolver: TargetResolver,
-        forbidden: ForbiddenNetworks,
-        timeout: float = 60.0,
-        capacity: int = 1024,
-        salt_filter: Any = None,
-        lookups: UdpLookups | None = None,
-        verbose: bool = False,
-    ) -> None:
-        UdpRelay.__init__(self, reactor, resolver, forbidden, timeout, capacity, lookups, verbose)
-        # Replayed datagrams (same salt/IV) are dropped like forged ones.
-        self.salt_filter = salt_filter if suite.spec.family != "aead2022" and suite.spec.salt_size else None
-        self.suite = suite
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
@@ -330,7 +322,7 @@ class _Session:
         self.sockets.close()
 
 
-class Shadowsocks2022UdpRelay(UdpRelay):
+class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
     """
     The 2022 edition's UDP port: sessions are keyed by the user a packet
     authenticated as and the client's session ID, not its address, so a
@@ -341,21 +333,9 @@ class Shadowsocks2022UdpRelay(UdpRelay):
     could move another's session (and its replies) to itself.
     """
 
-    def __init__(
-        self,
-        reactor: Any,
-        suite: Suite2022,
-        resolver: TargetResolver,
-        forbidden: ForbiddenNetworks,
-        timeout: float = 60.0,
-        capacity: int = 1024,
-        salt_filter: Any = None,  # unused: each session keeps its own replay window
-        lookups: UdpLookups | None = None,
-        verbose: bool = False,
-    ) -> None:
-        UdpRelay.__init__(self, reactor, resolver, forbidden, timeout, capacity, lookups, verbose)
-        self.suite = suite
-        self._decoder = suite.udp_server_decoder()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._decoder = self.suite.udp_server_decoder()
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
@@ -391,18 +371,6 @@ class Shadowsocks2022UdpRelay(UdpRelay):
             self.dropped += 1
 
 
-def make_udp_relay(
-    reactor: Any,
-    suite: CipherSuite | Suite2022,
-    resolver: TargetResolver,
-    forbidden: ForbiddenNetworks,
-    timeout: float = 60.0,
-    capacity: int = 1024,
-    salt_filter: Any = None,
-    lookups: UdpLookups | None = None,
-    verbose: bool = False,
-) -> UdpRelay:
-    """The server's UDP relay for a suite's edition."""
-    if isinstance(suite, Suite2022):
-        return Shadowsocks2022UdpRelay(reactor, suite, resolver, forbidden, timeout, capacity, salt_filter, lookups, verbose)
-    return ShadowsocksUdpRelay(reactor, suite, resolver, forbidden, timeout, capacity, salt_filter, lookups, verbose)
+def udp_relay_for(suite: CipherSuite | Suite2022) -> type[UdpRelay[Any]]:
+    """The server UDP relay class for a suite's edition."""
+    return Shadowsocks2022UdpRelay if suite.spec.family == "aead2022" else ShadowsocksUdpRelay
