@@ -7,8 +7,7 @@ the flags over it (`file`); `server_config` (`server`) and `local_config`
 files: server, server_port, password, method, ...) and return one frozen
 value, from the per-key readers both ends share (`values`).  Every bad
 value raises `ConfigError` naming its key.  The servers a config names
-are `upstreams`; the numbers in it, `numbers`; the twistd options of both
-commands, `options`.  No Twisted here, except in `options`.
+are `upstreams`; the twistd options both commands share, `options`.
 """
 
 from ssx.config.file import merge, read_config_file

@@ -1,7 +1,7 @@
 """
 The server end's configuration: `server_config` checks the merged keys
 (`ssx.config.file`) and returns one frozen `ServerConfig`, which
-`ssx.server.tap` builds the service tree from.  No Twisted here.
+`ssx.server.tap` builds the service tree from.
 """
 
 from __future__ import annotations
