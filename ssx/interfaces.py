@@ -16,7 +16,16 @@ if TYPE_CHECKING:
     from ssx.config.upstreams import ServerEntry
     from ssx.wire.address import Address
 
-__all__ = ["ICipherSuite", "IServerPicker", "ITcpClientCodec", "ITcpServerCodec", "IUdpClientCodec", "IUpstream"]
+__all__ = [
+    "ICipherSuite",
+    "IServerPicker",
+    "ITcpClientCodec",
+    "ITcpServerCodec",
+    "ITrafficCounter",
+    "IUdpClientCodec",
+    "IUserTrafficSink",
+    "IUpstream",
+]
 
 
 class ICipherSuite(Interface):
@@ -133,3 +142,25 @@ class IServerPicker(Interface):
         Make the servers from an online config exactly `entries`, building an
         `Upstream` with `build(entry)` only for those not already known.
         """
+
+
+class IUserTrafficSink(Interface):
+    """
+    The server's per-user accounting: where each connection of a user of
+    a multi-user (2022) port reports the application bytes it relays.
+    `ssx.server.accounting.UserTrafficTable` keeps running totals; the
+    manager API and the metrics plug in here as further sinks.
+    """
+
+    def counter(user: str) -> ITrafficCounter:
+        """`user`'s counter: asked once per connection, when its relay starts."""
+
+
+class ITrafficCounter(Interface):
+    """What one user's connections add the bytes they relay to."""
+
+    def add_up(count: int) -> None:
+        """`count` more application bytes went from the client to its target."""
+
+    def add_down(count: int) -> None:
+        """`count` more application bytes went from the target back to the client."""

@@ -409,7 +409,7 @@ class TlsTransportTests(ChainTestCase):
         key_path, cert_path = self._certificate()
         server, _ = support.start_server(method="aes-256-gcm", timeout=2, listen=f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}")
         self.addCleanup(server.stopService)
-        port = server.services[0].port.getHost().port
+        port = server.listeners[0].port.getHost().port
         roots = os.path.dirname(cert_path)
         local, socks_port = support.start_local(
             port, method="aes-256-gcm", timeout=2, server_endpoint=f"tls:host=localhost:port={port}:trustRoots={roots}"

@@ -13,6 +13,7 @@ from ssx.errors import ConfigError
 from ssx.wire.sip003 import Plugin
 import ssx.local.tap as local_tap
 import ssx.server.tap as server_tap
+from ssx.server.url_file import reuse_generated_password
 def write_config(test: unittest.SynchronousTestCase, values: object) -> str:
     fd, path = tempfile.mkstemp(suffix=".json")
     with os.fdopen(fd, "w") as f:
@@ -564,7 +565,7 @@ class UrlFileTests(unittest.SynchronousTestCase):
 
     def test_relative_to_rundir(self):
         """A relative url_file (ssx-server.url by default) lies in twistd's --rundir, made absolute at start."""
-        config = server_tap.reuse_generated_password(server_config({"password": "pw"}), self.directory)
+        config = reuse_generated_password(server_config({"password": "pw"}), self.directory)
         self.assertEqual(config.url_file, self.path)
         options = server_tap.Options()
         options.parseOptions(["-k", "pw", "--url-file", "x.url"])
@@ -583,7 +584,7 @@ class UrlFileTests(unittest.SynchronousTestCase):
     def test_generated_password_reused(self):
         """Without a password, the one in the URL file of an earlier start (same method) is taken back."""
         self.save("ss://Y2hhY2hhMjAtaWV0Zi1wb2x5MTMwNTpzYXZlZC1zZWNyZXQ@vm:8388")
-        config = server_tap.reuse_generated_password(server_config({}), self.directory)
+        config = reuse_generated_password(server_config({}), self.directory)
         self.assertEqual((config.password, config.password_generated, config.password_reused), ("saved-secret", True, True))
         self.assertEqual(config.warnings, ())
         options = server_tap.Options()
@@ -593,7 +594,7 @@ class UrlFileTests(unittest.SynchronousTestCase):
     def test_configured_password_wins(self):
         """A configured password (or key) is used as it is; the file is not read."""
         self.save("ss://Y2hhY2hhMjAtaWV0Zi1wb2x5MTMwNTpzYXZlZC1zZWNyZXQ@vm:8388")
-        config = server_tap.reuse_generated_password(server_config({"password": "mine"}), self.directory)
+        config = reuse_generated_password(server_config({"password": "mine"}), self.directory)
         self.assertEqual((config.password, config.password_reused), ("mine", False))
 
     def test_untrusted_files_not_reused(self):
@@ -612,7 +613,7 @@ class UrlFileTests(unittest.SynchronousTestCase):
                 target = os.path.join(self.directory, name)
                 (os.rmdir if os.path.isdir(target) and not os.path.islink(target) else os.unlink)(target)
             prepare()
-            config = server_tap.reuse_generated_password(server_config({}), self.directory)
+            config = reuse_generated_password(server_config({}), self.directory)
             self.assertNotEqual(config.password, "saved-secret")
             self.assertFalse(config.password_reused)
             self.assertEqual(len(config.warnings), 1, config.warnings)

@@ -536,11 +536,10 @@ class SummaryLogTests(LoopbackCase):
         }
         service = server_tap.build_service(reactor, server_config(values))
         clock = Clock()
-        [report] = [s for s in service if isinstance(s, server_tap.CounterReport)]
-        report.clock = clock
+        service.counter_report.clock = clock
         service.startService()
         self._services.append(service)
-        port = support.first_listener(service).port.getHost().port
+        port = service.listeners[0].port.getHost().port
         factory, relay = service.factory, service.udp_relays[0]
         suite = make_suite(METHOD, support.PASSWORD)
         udp_clients = [
@@ -580,7 +579,7 @@ class SummaryLogTests(LoopbackCase):
             factory.targets_unreachable, factory.relays_broken,
         )
         self.assertEqual(counters, (N,) * 5)
-        clock.advance(report.interval)
+        clock.advance(service.counter_report.interval)
         f.flush()
         with open(path, encoding="utf-8") as log:
             log.seek(started)

@@ -170,7 +170,7 @@ class PluginServiceTests(PluginTestCase):
         )
         self.addCleanup(server.stopService)
         seen = self.record(record)
-        behind = support.first_listener(server).port.getHost()
+        behind = server.listeners[0].port.getHost()
         self.assertEqual(port, public)
         self.assertEqual(behind.host, "127.0.0.1")
         self.assertEqual(

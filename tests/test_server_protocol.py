@@ -13,9 +13,12 @@ from twisted.internet import defer, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
+from zope.interface.verify import verifyObject
 
 from ssx.wire.address import Address, encode_address
 from ssx.crypto import CipherSuite, make_suite
+from ssx.interfaces import ITrafficCounter, IUserTrafficSink
+from ssx.server.accounting import UserTrafficTable, counted
 from ssx.server.forbidden import parse_forbidden
 from ssx.server.protocol import ShadowsocksServerFactory
 from tests import support
@@ -163,6 +166,28 @@ class ServerHandshakeTests(unittest.SynchronousTestCase):
         self.assertEqual((self.resolver.asked, self.reactor.tcpClients), ([], []))
         self.assertEqual(self.factory.handshake_failures, 2)
         self.assertEqual(errors, [])
+
+
+class UserTrafficSinkTests(unittest.SynchronousTestCase):
+    """The per-user accounting sink the server feeds, and the data path that feeds it."""
+
+    def test_table_provides_the_sink(self) -> None:
+        """UserTrafficTable is an IUserTrafficSink whose counters are ITrafficCounters; a factory keeps one by default."""
+        table = UserTrafficTable()
+        self.assertTrue(verifyObject(IUserTrafficSink, table))
+        self.assertTrue(verifyObject(ITrafficCounter, table.counter("alice")))
+        factory = ShadowsocksServerFactory(MemoryReactorClock(), make_suite("aes-128-gcm", "pw"), None, parse_forbidden(None))
+        self.assertTrue(verifyObject(IUserTrafficSink, factory.user_traffic))
+
+    def test_counted_data_path(self) -> None:
+        """`counted` adds the plaintext each way to the user's counter; a user's connections share it."""
+        table = UserTrafficTable()
+        decrypt, encrypt = counted(table.counter("alice"), lambda data: data[1:], lambda data: b"#" + data)
+        self.assertEqual(decrypt(b"xhello"), b"hello")
+        self.assertEqual(encrypt(b"hi"), b"#hi")
+        table.counter("alice").add_up(3)
+        self.assertEqual((table["alice"].up, table["alice"].down), (8, 2))
+        self.assertEqual(list(table), ["alice"])
 
 
 class InvalidTargetTests(unittest.SynchronousTestCase):

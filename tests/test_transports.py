@@ -105,7 +105,7 @@ class TlsTests(TransportTestCase):
                 "timeout": 2,
             }),
         )
-        return support.first_listener(server).port.getHost().port, pair.cert_path
+        return server.listeners[0].port.getHost().port, pair.cert_path
 
     def pinned(self, cert_path: str) -> str:
         """A directory holding only `cert_path`: the local end's trustRoots."""

@@ -11,7 +11,7 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from ssx.config import merge, read_config_file
+from ssx.config.file import merge, read_config_file
 from ssx import crypto
 from ssx.crypto import METHODS, lookup_method
 from ssx.errors import ConfigError

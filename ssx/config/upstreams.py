@@ -4,10 +4,11 @@ top-level config keys, a rust-style `servers[]` entry, an `ss://` URL or a
 SIP008 online config document.
 
 `server_entry` checks one JSON object with shadowsocks-rust's keys and
-aliases (server/address, server_port/port, remarks/name, disabled);
-`entry_from_url` and `entry_url` convert from and to `ss://` URLs.  Every bad
-value is a `ConfigError` naming where it was (`servers[2].method`).  No
-Twisted here.
+aliases (server/address, server_port/port, remarks/name, disabled), and
+`server_list` a config's list of them; `entry_from_url` and `entry_url`
+convert from and to `ss://` URLs, and `config_entries` lists every server a
+config names, for `python -m ssx url`.  Every bad value is a `ConfigError`
+naming where it was (`servers[2].method`).  No Twisted here.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any, Mapping
 
 from ssx.crypto import lookup_method
 from ssx.errors import ConfigError
-from ssx.wire.numbers import parse_port
+from ssx.numbers import parse_port
+from ssx.config.values import DEFAULT_SERVER_PORT, read_bind_hosts, read_method, read_port, read_secret
 from ssx.wire.sip002 import format_url, parse_url
 
-__all__ = ["ServerEntry", "entry_from_url", "entry_url", "server_entry"]
+__all__ = ["ServerEntry", "config_entries", "entry_from_url", "entry_url", "server_entry", "server_list", "url_entries"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,65 @@ def server_entry(values: Mapping[str, Any], where: str) -> ServerEntry | None:
     if disabled:
         return None
     return ServerEntry(host, port, method, password, None, plugin, plugin_opts, name)
+
+
+def server_list(values: Mapping[str, Any]) -> list[ServerEntry]:
+    """The rust-style "servers" array (alias "shadowsocks"); disabled entries left out."""
+    key = _list_key(values)
+    items = values.get(key)
+    if items is None:
+        return []
+    return _listed(items, key)
+
+
+def _list_key(values: Mapping[str, Any]) -> str:
+    return "servers" if values.get("servers") is not None else "shadowsocks"
+
+
+def _listed(items: Any, key: str) -> list[ServerEntry]:
+    if not isinstance(items, list):
+        raise ConfigError(key, "expected a list of server objects")
+    entries = [server_entry(item, f"{key}[{i}]") for i, item in enumerate(items)]
+    return [e for e in entries if e is not None]
+
+
+def url_entries(values: Mapping[str, Any]) -> list[ServerEntry]:
+    """The servers of `url`: one ss:// URL or a list of them."""
+    items = values.get("url")
+    if items is None:
+        return []
+    if isinstance(items, str):
+        items = [items]
+    if not isinstance(items, list):
+        raise ConfigError("url", "expected an ss:// URL or a list of them")
+    return [entry_from_url(item) for item in items]
+
+
+def config_entries(values: Mapping[str, Any]) -> list[ServerEntry]:
+    """
+    Every server a config names, as `python -m ssx url` prints them: the
+    top-level server (a server's own config: its bind address, for which
+    the caller substitutes a host name) and the servers list, plugins
+    included.
+    """
+    entries: list[ServerEntry] = []
+    if values.get("password") is not None or values.get("key") is not None:
+        if values.get("key") is not None and values.get("password") is None:
+            raise ConfigError("key", "an ss:// URL carries a password, not a raw key")
+        method = read_method(values)
+        password, _, _ = read_secret(values, method, required=True)
+        hosts = read_bind_hosts(values)
+        port = read_port(values, "server_port", DEFAULT_SERVER_PORT, allow_zero=False)
+        plugin, plugin_opts = values.get("plugin") or "", values.get("plugin_opts") or ""
+        if not isinstance(plugin, str) or not isinstance(plugin_opts, str):
+            raise ConfigError("plugin", "expected strings for plugin and plugin_opts")
+        entries.append(ServerEntry(hosts[0], port, method, password, None, plugin, plugin_opts))
+    key = _list_key(values)
+    # An empty value of any kind is no list here (a local end's config refuses it).
+    entries += _listed(values.get(key) or [], key)
+    if not entries:
+        raise ConfigError("password", "required: an ss:// URL carries the server's password")
+    return entries
 
 
 def entry_from_url(text: str) -> ServerEntry:

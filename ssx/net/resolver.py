@@ -23,7 +23,7 @@ from twisted.names.error import DomainError, DNSNameError
 from ssx.errors import ConfigError, SSXError
 from ssx.server.forbidden import is_ip_literal
 from ssx.net.nat import NatTable
-from ssx.wire.numbers import parse_number
+from ssx.numbers import parse_number
 from ssx.net.quiet_udp import QuietUdpReactor
 
 __all__ = [

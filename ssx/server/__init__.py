@@ -1,8 +1,11 @@
 """
 Everything only `twistd ssx-server` runs.
 
-`tap` parses the options and builds the service tree; `protocol` is one
-client connection (decrypt, check the target, connect, relay); `udp` is the
-UDP relay of both editions; `forbidden` (with `host_addresses` and its
-watcher) decides which destinations are refused.
+`tap` parses the options and builds the service tree, whose root and
+named parts are `service`; `protocol` is one client connection (decrypt,
+check the target, connect, relay), bounded while unfinished by
+`handshakes`, and `accounting` counts each user's bytes; `udp` is the UDP
+relay of both editions; `forbidden` (with `host_addresses` and its
+watcher) decides which destinations are refused; `url_file` writes the
+ss:// URL at start and takes a generated password back from it.
 """

@@ -24,50 +24,30 @@ included.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ssx.wire.address import Address
 from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
+from ssx.interfaces import IUserTrafficSink
+from ssx.server.accounting import UserTrafficTable, counted
 from ssx.server.forbidden import ForbiddenNetworks, is_ip_literal
 from ssx.net.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol, can_half_close, connect_tcp
 from ssx.net.resolver import NameResolutionError, TargetResolver
 from ssx.server.handshakes import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_IP, HandshakeTable, source_group
 
-__all__ = ["ShadowsocksServerFactory", "ShadowsocksServerProtocol", "UserTraffic"]
+__all__ = ["ShadowsocksServerFactory", "ShadowsocksServerProtocol"]
 
 _log = Logger()
 
 _HEADER, _CONNECTING, _RELAY, _DISCARD = range(4)
-
-
-class UserTraffic:
-    """One user's relayed application bytes: `up` (client to target) and `down`."""
-
-    __slots__ = ("up", "down")
-
-    def __init__(self) -> None:
-        self.up = 0
-        self.down = 0
-
-    def counting(
-        self, decrypt: Callable[[bytes], bytes], encrypt: Callable[[bytes], bytes]
-    ) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
-        def counted_decrypt(data: bytes) -> bytes:
-            out = decrypt(data)
-            self.up += len(out)
-            return out
-
-        def counted_encrypt(data: bytes) -> bytes:
-            self.down += len(data)
-            return encrypt(data)
-
-        return counted_decrypt, counted_encrypt
 
 
 class ShadowsocksServerFactory(RelayFactory):
@@ -84,6 +64,7 @@ class ShadowsocksServerFactory(RelayFactory):
         salt_filter: Any = None,
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
         max_handshakes_per_ip: int = DEFAULT_MAX_HANDSHAKES_PER_IP,
+        user_traffic: IUserTrafficSink | None = None,
         **limits: Any,
     ) -> None:
         RelayFactory.__init__(self, reactor, timeout, **limits)
@@ -111,9 +92,12 @@ class ShadowsocksServerFactory(RelayFactory):
         self.handshakes_evicted = 0
         self.relays_broken = 0
         self.limit_reached = 0
-        self.user_traffic: dict[str, UserTraffic] = {}
+        # Where multi-user ports count each user's bytes.
+        self.user_traffic: IUserTrafficSink = user_traffic if user_traffic is not None else UserTrafficTable()
 
-    def buildProtocol(self, addr: Any) -> "ShadowsocksServerProtocol":
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        # A ShadowsocksServerProtocol, typed as Factory's contract says:
+        # RelayFactory is not generic over its protocol.
         return ShadowsocksServerProtocol(self)
 
     def handshake_started(self, protocol: "ShadowsocksServerProtocol") -> None:
@@ -280,11 +264,11 @@ class ShadowsocksServerProtocol(InboundProtocol):
         decrypt, encrypt = self._codec.data_path()
         user = self._codec.user
         if user is not None:
-            # Multi-user ports count each user's application bytes (for the
-            # stats and metrics to come); single-user ports relay bare.
-            traffic = self.factory.user_traffic.setdefault(user, UserTraffic())
-            traffic.up += len(self._plain)  # the request's first payload
-            decrypt, encrypt = traffic.counting(decrypt, encrypt)
+            # Multi-user ports count each user's application bytes;
+            # single-user ports relay bare.
+            counter = self.factory.user_traffic.counter(user)
+            counter.add_up(len(self._plain))  # the request's first payload
+            decrypt, encrypt = counted(counter, decrypt, encrypt)
         self.transform, target.transform = decrypt, encrypt
         self.join(target)
         if self._plain:
@@ -322,7 +306,7 @@ class ShadowsocksServerProtocol(InboundProtocol):
         else:
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.handshakes.remove(self)
         if self._connecting is not None:
             self._connecting.cancel()

@@ -1,6 +1,10 @@
 """
 The server end's UDP relay (full-cone NAT).
 
+`UdpRelay` is what both editions share; `ShadowsocksUdpRelay` (stream and
+AEAD-2017) and `Shadowsocks2022UdpRelay` open and seal datagrams in their
+edition's framing, and `udp_relay_for` picks one for a suite.
+
 Each datagram from a client is opened (`CipherSuite.udp_open`), its target
 address parsed, resolved and checked against the forbidden networks, and its
 payload sent from the client's own outgoing socket.  Whatever arrives on that
@@ -15,7 +19,7 @@ never answered.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
@@ -23,9 +27,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ssx.wire.address import Address, decode_target, encode_address
-from ssx.crypto import CipherSuite
+from ssx.crypto import CipherSuite, Suite2022
 from ssx.errors import ProtocolError, ReplayError
-from ssx.server.session_windows import SessionWindows, SessionState
+from ssx.server.session_windows import SessionState, SessionWindows
 from ssx.server.forbidden import ForbiddenNetworks, is_ip_literal
 from ssx.net.nat import SweptNatProtocol, send_datagram
 from ssx.net.resolver import TargetResolver
@@ -37,6 +41,7 @@ __all__ = [
     "Shadowsocks2022UdpRelay",
     "ShadowsocksUdpRelay",
     "UdpLookups",
+    "UdpRelay",
     "udp_relay_for",
 ]
 
@@ -52,7 +57,7 @@ READ_SIZE = 65535
 class _ClientSockets:
     """A client's outgoing sockets, one per address family, opened on first use."""
 
-    def __init__(self, relay: "ShadowsocksUdpRelay", client: tuple) -> None:
+    def __init__(self, relay: "UdpRelay", client: tuple) -> None:
         self.relay = relay
         self.client = client
         self._ports: dict[int, Any] = {}
@@ -146,15 +151,15 @@ class UdpLookups:
         self.per_association = per_association
         self.waiting_limit = waiting_limit
         # name -> the datagrams waiting on its look-up
-        self._names: dict[str, list[tuple[ShadowsocksUdpRelay, Any, Address, bytes]]] = {}
-        self._per_association: dict[tuple[ShadowsocksUdpRelay, Any], int] = {}
+        self._names: dict[str, list[tuple[UdpRelay, Any, Address, bytes]]] = {}
+        self._per_association: dict[tuple[UdpRelay, Any], int] = {}
         self.waiting = 0
 
     def __len__(self) -> int:
         """Names being looked up."""
         return len(self._names)
 
-    def route(self, relay: "ShadowsocksUdpRelay", key: Any, target: Address, payload: bytes) -> None:
+    def route(self, relay: "UdpRelay", key: Any, target: Address, payload: bytes) -> None:
         """Send `payload` for `relay`'s association `key` to the domain-name `target`, once it resolves."""
         ips = self.resolver.known(target.host)
         if ips is not None:
@@ -197,15 +202,23 @@ class UdpLookups:
                 _log.failure("UDP: sending a datagram whose target was looked up")
 
 
-class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
-    """The server's UDP port: one instance per bound address."""
+_Suite = TypeVar("_Suite", CipherSuite, Suite2022)
+
+
+class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
+    """
+    The server's UDP port, one instance per bound address, whichever the
+    edition: the NAT of clients' outgoing sockets, target look-ups, the
+    forbidden check and the counters.  Subclasses open clients' datagrams
+    with their edition's `suite` and seal the replies.
+    """
 
     noisy = False
 
     def __init__(
         self,
         reactor: Any,
-        suite: CipherSuite,
+        suite: _Suite,
         resolver: TargetResolver,
         forbidden: ForbiddenNetworks,
         timeout: float = 60.0,
@@ -215,9 +228,10 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
         verbose: bool = False,
     ) -> None:
         self.setup_nat(reactor, timeout, capacity)
-        # Replayed datagrams (same salt/IV) are dropped like forged ones.
+        # Replayed datagrams (same salt/IV) are dropped like forged ones;
+        # the 2022 edition keeps a replay window per session instead.
         self.salt_filter = salt_filter if suite.spec.family != "aead2022" and suite.spec.salt_size else None
-        self.suite = suite
+        self.suite: _Suite = suite
         self.resolver = resolver
         self.forbidden = forbidden
         # Shared by a server's relays, so that its bounds are the server's.
@@ -225,6 +239,34 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
         self.verbose = verbose
         self.refused = 0
         self.socket_failures = 0
+
+    def reply(self, client: Any, source: Address, data: bytes) -> None:
+        """A target's datagram for the NAT entry `client`, to be sealed and sent back."""
+        raise NotImplementedError
+
+    def _route(self, key: Any, target: Address, payload: bytes) -> None:
+        """Send `payload` for the NAT entry `key` to `target`, resolving a name first."""
+        if is_ip_literal(target.host):
+            self._send(key, target, [target.host], payload)
+        else:
+            self.lookups.route(self, key, target, payload)
+
+    def _unresolved(self) -> None:
+        self.dropped += 1
+
+    def _send(self, client: tuple, target: Address, ips: list[str], payload: bytes) -> None:
+        allowed = [ip for ip in ips if not self.forbidden.forbids(ip)]
+        if not allowed:
+            _log.debug("UDP: refused {target}: forbidden address {ips}", target=target, ips=",".join(ips))
+            self.refused += 1
+            return
+        sockets = self.nat.peek(client)
+        if sockets is not None:
+            sockets.send(payload, allowed[0], target.port)
+
+
+class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
+    """The UDP port of the stream and AEAD-2017 methods: one salt (or IV) per datagram."""
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
@@ -247,26 +289,6 @@ class ShadowsocksUdpRelay(SweptNatProtocol, DatagramProtocol):
             sockets = _ClientSockets(self, addr)
             self.nat.add(addr, sockets)
         self._route(addr, target, payload)
-
-    def _route(self, key: Any, target: Address, payload: bytes) -> None:
-        """Send `payload` for the NAT entry `key` to `target`, resolving a name first."""
-        if is_ip_literal(target.host):
-            self._send(key, target, [target.host], payload)
-        else:
-            self.lookups.route(self, key, target, payload)
-
-    def _unresolved(self) -> None:
-        self.dropped += 1
-
-    def _send(self, client: tuple, target: Address, ips: list[str], payload: bytes) -> None:
-        allowed = [ip for ip in ips if not self.forbidden.forbids(ip)]
-        if not allowed:
-            _log.debug("UDP: refused {target}: forbidden address {ips}", target=target, ips=",".join(ips))
-            self.refused += 1
-            return
-        sockets = self.nat.peek(client)
-        if sockets is not None:
-            sockets.send(payload, allowed[0], target.port)
 
     def reply(self, client: tuple, source: Address, data: bytes) -> None:
         """A target's datagram for `client`: sealed with its source address and sent back."""
@@ -303,7 +325,7 @@ class _Session:
         self.relay.sessions.close(self.key, self.state, self.relay.reactor.seconds())
 
 
-class Shadowsocks2022UdpRelay(ShadowsocksUdpRelay):
+class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
     """
     The 2022 edition's UDP port: sessions are keyed by the user a packet
     authenticated as and the client's session ID, not its address, so a
@@ -368,6 +390,6 @@ class Shadowsocks2022UdpRelay(ShadowsocksUdpRelay):
             self.dropped += 1
 
 
-def udp_relay_for(suite: Any) -> type[ShadowsocksUdpRelay]:
+def udp_relay_for(suite: CipherSuite | Suite2022) -> type[UdpRelay[Any]]:
     """The server UDP relay class for a suite's edition."""
     return Shadowsocks2022UdpRelay if suite.spec.family == "aead2022" else ShadowsocksUdpRelay

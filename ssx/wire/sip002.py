@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
 from ssx.errors import ConfigError
-from ssx.wire.numbers import parse_number
+from ssx.numbers import parse_number
 
 __all__ = ["ServerUrl", "format_url", "parse_url"]
 

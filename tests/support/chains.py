@@ -47,7 +47,7 @@ def start_server(**values: Any) -> Any:
     if service.plugin is not None:
         # Clients reach the plugin, on the public port.
         return service, service.plugin.remote[1]
-    return service, first_listener(service).port.getHost().port
+    return service, service.listeners[0].port.getHost().port
 
 
 def start_local(server_port: int, **values: Any) -> Any:
@@ -62,7 +62,7 @@ def start_local(server_port: int, **values: Any) -> Any:
 
 
 def first_listener(service: Any) -> ListenerService:
-    """The first TCP listener in a service tree."""
+    """The first TCP listener in an ssx-local service tree (an ssx-server names its own: `listeners`)."""
     return next(child for child in service if isinstance(child, ListenerService))
 
 

@@ -1,0 +1,370 @@
+"""
+The local end's configuration: `local_config` checks the merged keys
+(`ssx.config.file`) and returns one frozen `LocalConfig`, with the parts
+only the local end has: the servers it may use and where they come from
+(`ssx.config.upstreams`), tunnels, the SOCKS credentials, the SIP008
+online config and the health check.  `ssx.local.tap` builds the service
+tree from it.  No Twisted here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, NamedTuple
+
+from ssx.config.file import unused_keys
+from ssx.numbers import parse_number, parse_port, parse_seconds
+from ssx.config.upstreams import ServerEntry, server_list, url_entries
+from ssx.config.values import (
+    COMMON_KEYS,
+    DEFAULT_SERVER_PORT,
+    Limits,
+    RelayModes,
+    read_limits,
+    read_listen,
+    read_method,
+    read_plugin,
+    read_port,
+    read_relay_modes,
+    read_seconds,
+    read_secret,
+    read_string,
+    read_verbose,
+    tcp_description,
+)
+from ssx.crypto import make_suite
+from ssx.errors import ConfigError
+from ssx.wire.address import Address
+from ssx.wire.http_message import HttpError, absolute_target
+from ssx.wire.sip003 import Plugin
+
+__all__ = [
+    "DEFAULT_CHECK_URL",
+    "HealthCheck",
+    "LOCAL_KEYS",
+    "LocalConfig",
+    "OnlineConfig",
+    "Tunnel",
+    "local_config",
+]
+
+DEFAULT_LOCAL_PORT = 1080
+# What the health check fetches through each server (as shadowsocks-rust and
+# Clash do): small, fast and answered everywhere.
+DEFAULT_CHECK_URL = "http://www.gstatic.com/generate_204"
+DEFAULT_CHECK_INTERVAL = 60.0
+DEFAULT_ONLINE_INTERVAL = 3600.0
+
+LOCAL_KEYS = COMMON_KEYS | {
+    "local_address", "local_port", "server_endpoint", "socks_user", "socks_password", "tunnel_address", "tunnels",
+    "servers", "shadowsocks", "url", "online_config", "online_config_interval", "online_config_ca",
+    "health_check_interval", "health_check_url",
+}
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """A local port forwarded through the server to a fixed target."""
+
+    listen: str
+    target: Address
+    # Where a UDP-only tunnel binds (TCP tunnels put UDP beside `listen`).
+    address: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """
+    The local end's check of its servers: every `interval` seconds (0: never)
+    `request` is sent through each server to `target`, and the time to the
+    first byte of the answer is the server's latency.
+    """
+
+    interval: float
+    target: Address
+    request: bytes
+    timeout: float
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    """Where a SIP008 server list is fetched from, how often, and which CAs to trust (None: the system's)."""
+
+    url: str = field(repr=False)  # SIP008 URLs carry a secret
+    interval: float
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """Everything `ssx-local` needs to start."""
+
+    listen: tuple[str, ...]
+    server: str | None
+    server_port: int
+    server_endpoint: str | None
+    method: str
+    password: str = field(repr=False)
+    key: bytes | None = field(repr=False)
+    timeout: float
+    socks_credentials: tuple[bytes, bytes] | None = field(repr=False)
+    relays: RelayModes
+    limits: Limits
+    # The main listener offers SOCKS5, unless -L/tunnel_address makes it a tunnel.
+    tunnels: tuple[Tunnel, ...] = ()
+    # With a plugin, TCP goes to the plugin's loopback port; it reaches server:server_port.
+    plugin: Plugin | None = None
+    ignored: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    # Every server known at start, in order: -s/-p (or each of a "server"
+    # list), then the servers list, then the ss:// URLs.
+    servers: tuple[ServerEntry, ...] = ()
+    online: OnlineConfig | None = None
+    health_check: HealthCheck | None = None
+    # A log line for every connection's failure, its destination included.
+    verbose: bool = False
+
+
+def local_config(values: Mapping[str, Any]) -> LocalConfig:
+    """Check the merged local settings."""
+    method = read_method(values)
+    given = _given_server(values, method)
+    servers = [*given.entries, *server_list(values), *url_entries(values)]
+    online = _online_config(values)
+    if not servers and online is None:
+        raise ConfigError(
+            "server", "required: the server's address (-s HOST), an ss:// URL (--url), a servers list or --online-config"
+        )
+    listen = read_listen(values)
+    address = read_string(values, "local_address", "127.0.0.1")
+    if not listen:
+        listen = (tcp_description(address, read_port(values, "local_port", DEFAULT_LOCAL_PORT, allow_zero=True)),)
+    relays = read_relay_modes(values)
+    _check_servers(servers, relays)
+    plugin, warnings = _local_plugin(values, relays, servers, given.endpoint, online)
+    tunnels = _tunnel_address(values, listen, address, relays)
+    socks_listen = () if tunnels else listen
+    tunnels += _tunnel_list(values, address)
+    credentials = _socks_credentials(values)
+    return LocalConfig(
+        listen=socks_listen,
+        server=given.host,
+        server_port=given.port,
+        server_endpoint=given.endpoint,
+        method=method,
+        password=given.password,
+        key=given.key,
+        timeout=read_seconds(values),
+        socks_credentials=credentials,
+        relays=relays,
+        limits=read_limits(values),
+        tunnels=tuple(tunnels),
+        plugin=plugin,
+        ignored=unused_keys(values, LOCAL_KEYS),
+        warnings=warnings,
+        servers=tuple(servers),
+        online=online,
+        health_check=_health_check(values),
+        verbose=read_verbose(values),
+    )
+
+
+class _GivenServer(NamedTuple):
+    """The server the top-level keys name: -s/-p/-k or --server-endpoint."""
+
+    host: str | None  # the first of a list of hosts
+    port: int
+    endpoint: str | None
+    password: str
+    key: bytes | None
+    entries: list[ServerEntry]  # one per host, or the endpoint's
+
+
+def _given_server(values: Mapping[str, Any], method: str) -> _GivenServer:
+    endpoint = values.get("server_endpoint")
+    if endpoint is not None and (not isinstance(endpoint, str) or not endpoint):
+        raise ConfigError("server_endpoint", "expected a Twisted client endpoint description, e.g. tcp:host=1.2.3.4:port=8388")
+    raw_server = values.get("server")
+    hosts = raw_server if isinstance(raw_server, list) else [] if raw_server is None else [raw_server]
+    if not all(isinstance(h, str) and h for h in hosts):
+        raise ConfigError("server", "expected the server's host name or IP address")
+    server = hosts[0] if hosts else None
+    entries: list[ServerEntry] = []
+    password, key = "", None
+    server_port = read_port(values, "server_port", DEFAULT_SERVER_PORT, allow_zero=False)
+    if hosts or endpoint is not None:
+        password, key, _ = read_secret(values, method, required=True)
+        if endpoint is not None:
+            entries.append(ServerEntry(server or "", server_port, method, password, key, endpoint=endpoint))
+        else:
+            entries += [ServerEntry(host, server_port, method, password, key) for host in hosts]
+    return _GivenServer(server, server_port, endpoint, password, key, entries)
+
+
+def _check_servers(servers: list[ServerEntry], relays: RelayModes) -> None:
+    for entry in servers:
+        # Keys checked now (2022 PSK lengths and form), so a bad one stops start-up.
+        make_suite(entry.method, entry.password, key=entry.key)
+    if relays.udp and (not servers or not servers[0].host):
+        raise ConfigError(
+            "server", "the UDP relay needs the first server's address (-s HOST, a servers list or --url), "
+            "not only --server-endpoint or --online-config"
+        )
+
+
+def _local_plugin(
+    values: Mapping[str, Any],
+    relays: RelayModes,
+    servers: list[ServerEntry],
+    endpoint: str | None,
+    online: OnlineConfig | None,
+) -> tuple[Plugin | None, tuple[str, ...]]:
+    """The plugin the keys name, or else the one a server's URL or entry names, and warnings."""
+    plugin, warnings = read_plugin(values, relays)
+    named = [entry for entry in servers if entry.plugin]
+    if plugin is None and named and relays.tcp:
+        # A single server's URL or entry may name the plugin (SIP002 ?plugin=).
+        plugin, more = read_plugin({"plugin": named[0].plugin, "plugin_opts": named[0].plugin_opts or None}, relays)
+        warnings += more
+    if plugin is not None:
+        if endpoint is not None:
+            raise ConfigError(
+                "plugin", "a plugin connects to the server itself: give the server with -s/-p, not --server-endpoint"
+            )
+        if len(servers) != 1 or online is not None:
+            raise ConfigError(
+                "plugin", "a plugin works with one server (-s/-p or one URL); plugins per server in a servers "
+                "list, or with an online config, are not supported yet"
+            )
+    return plugin, warnings
+
+
+def _tunnel_address(
+    values: Mapping[str, Any], listen: tuple[str, ...], address: str, relays: RelayModes
+) -> list[Tunnel]:
+    """-L/tunnel_address: the main listeners forward to one target instead of offering SOCKS5."""
+    if not values.get("tunnel_address"):
+        return []
+    target = _target(values["tunnel_address"], "tunnel_address")
+    if values.get("listen") is None:
+        local_port = read_port(values, "local_port", DEFAULT_LOCAL_PORT, allow_zero=True)
+        return [Tunnel(listen[0], target, (address, local_port))]
+    if not relays.tcp:
+        raise ConfigError("listen", "endpoint descriptions are for TCP; a udp_only tunnel uses local_address and local_port")
+    return [Tunnel(description, target) for description in listen]
+
+
+def _tunnel_list(values: Mapping[str, Any], address: str) -> list[Tunnel]:
+    """`tunnels`: further ports, each forwarded to its own target."""
+    raw = values.get("tunnels") or []
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise ConfigError("tunnels", "expected a list of [ADDRESS:]PORT=HOST:PORT")
+    return [_tunnel(item, address) for item in raw]
+
+
+def _socks_credentials(values: Mapping[str, Any]) -> tuple[bytes, bytes] | None:
+    """socks_user and socks_password (RFC 1929), both or neither."""
+    user = values.get("socks_user")
+    secret = values.get("socks_password")
+    if user is None and secret is None:
+        return None
+    return _credential("socks_user", user), _credential("socks_password", secret)
+
+
+def _credential(key: str, value: Any) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, "socks_user and socks_password must be set together, non-empty")
+    encoded = value.encode()
+    if len(encoded) > 255:
+        raise ConfigError(key, "at most 255 bytes (RFC 1929)")
+    return encoded
+
+
+def _online_config(values: Mapping[str, Any]) -> OnlineConfig | None:
+    """--online-config URL, or rust's {"config_url": ..., "update_interval": ...}."""
+    raw = values.get("online_config")
+    interval = values.get("online_config_interval")
+    if raw is None:
+        if interval is not None:
+            read_seconds(values, "online_config_interval")  # a bad value is an error even where unused
+        return None
+    if isinstance(raw, Mapping):
+        if interval is None:
+            interval = raw.get("update_interval")
+        raw = raw.get("config_url")
+    if not isinstance(raw, str) or not raw.lower().startswith("https://") or len(raw) <= len("https://"):
+        raise ConfigError("online_config", "expected an https:// URL (SIP008 lists are fetched over TLS only)")
+    _url_port(raw, "online_config")
+    ca_file = values.get("online_config_ca")
+    if ca_file is not None and (not isinstance(ca_file, str) or not ca_file):
+        raise ConfigError("online_config_ca", "expected the path of a PEM file of CA certificates")
+    seconds = read_seconds({"online_config_interval": DEFAULT_ONLINE_INTERVAL if interval is None else interval}, "online_config_interval")
+    return OnlineConfig(raw, seconds, ca_file)
+
+
+def _health_check(values: Mapping[str, Any]) -> HealthCheck:
+    interval = parse_seconds(
+        values.get("health_check_interval", DEFAULT_CHECK_INTERVAL), "health_check_interval", allow_zero=True,
+        meaning_of_zero=" (0 turns the check off)",
+    )
+    url = values.get("health_check_url", DEFAULT_CHECK_URL)
+    if not isinstance(url, str):
+        raise ConfigError("health_check_url", "expected an http:// URL")
+    _url_port(url, "health_check_url")
+    try:
+        host, port, path = absolute_target(url)
+    except HttpError as e:
+        raise ConfigError("health_check_url", f"expected an http:// URL: {e}") from None
+    authority = (f"[{host}]" if ":" in host else host) + ("" if port == 80 else f":{port}")
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: ssx-health-check\r\n"
+        "Accept: */*\r\nConnection: close\r\n\r\n"
+    ).encode("latin-1")
+    # A check slower than this counts as failed.
+    timeout = min(10.0, max(interval, 1.0))
+    return HealthCheck(interval, Address(host, port), request, timeout)
+
+
+def _url_port(url: str, key: str) -> None:
+    """Check the port of an http(s) URL, if it names one (the URL itself may hold a secret: not quoted)."""
+    authority = url.partition("://")[2]
+    for end in "/?#":
+        authority = authority.partition(end)[0]
+    authority = authority.rpartition("@")[2]
+    if authority.startswith("["):
+        after = authority.partition("]")[2]
+        port = after[1:] if after.startswith(":") else ""
+    else:
+        port = authority.rpartition(":")[2] if ":" in authority else ""
+    if port:
+        parse_number(port, key, "a URL whose port is a number from 1 to 65535", minimum=1, maximum=65535, show=False)
+
+
+def _target(text: Any, key: str) -> Address:
+    """HOST:PORT or [IPv6]:PORT."""
+    if not isinstance(text, str):
+        raise ConfigError(key, "expected HOST:PORT")
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host:
+        raise ConfigError(key, f"expected HOST:PORT, not {text!r}")
+    return Address(host, parse_port(port, key))
+
+
+def _tunnel(text: Any, default_address: str) -> Tunnel:
+    """[ADDRESS:]PORT=HOST:PORT, e.g. 5353=8.8.8.8:53."""
+    if not isinstance(text, str) or "=" not in text:
+        raise ConfigError("tunnels", f"expected [ADDRESS:]PORT=HOST:PORT, not {text!r}")
+    local, _, target = text.partition("=")
+    address, sep, port = local.rpartition(":")
+    if not sep:
+        address = default_address
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
+    if not address:
+        raise ConfigError("tunnels", f"no local address in {text!r}")
+    number = parse_port(port, "tunnels", allow_zero=True)
+    return Tunnel(tcp_description(address, number), _target(target, "tunnels"), (address, number))

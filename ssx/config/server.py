@@ -1,0 +1,202 @@
+"""
+The server end's configuration: `server_config` checks the merged keys
+(`ssx.config.file`) and returns one frozen `ServerConfig`, which
+`ssx.server.tap` builds the service tree from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ssx.config.file import unused_keys
+from ssx.config.values import (
+    COMMON_KEYS,
+    DEFAULT_SERVER_PORT,
+    Limits,
+    RelayModes,
+    read_bind_hosts,
+    read_bool,
+    read_count,
+    read_limits,
+    read_listen,
+    read_method,
+    read_plugin,
+    read_port,
+    read_relay_modes,
+    read_seconds,
+    read_secret,
+    read_string,
+    read_verbose,
+    tcp_description,
+)
+from ssx.crypto import lookup_method, make_suite
+from ssx.errors import ConfigError
+from ssx.net.resolver import parse_nameservers
+from ssx.server.forbidden import ForbiddenNetworks, parse_forbidden
+from ssx.server.handshakes import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_IP
+from ssx.wire.sip003 import Plugin
+
+__all__ = ["PLUGIN_BACKEND_LISTEN", "SERVER_KEYS", "ServerConfig", "server_config"]
+
+DEFAULT_REPLAY_HISTORY = 1_000_000
+# About 360 MiB of filters, allocated at start.
+MAX_REPLAY_HISTORY = 100_000_000
+# Where ssx-server writes the ss:// URL (it carries the password), relative
+# to twistd's working directory (--rundir), beside twistd.pid.
+DEFAULT_URL_FILE = "ssx-server.url"
+# Where ssx listens behind a server-side plugin: a loopback port the OS picks.
+PLUGIN_BACKEND_LISTEN = "tcp:0:interface=127.0.0.1"
+
+SERVER_KEYS = COMMON_KEYS | {
+    "nameserver", "forbidden_ip", "hosts_file", "resolv_conf", "prefer_ipv6", "users", "replay_history",
+    "url_file",
+    "max_handshakes", "max_handshakes_per_ip",
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `ssx-server` needs to start."""
+
+    listen: tuple[str, ...]
+    method: str
+    password: str = field(repr=False)
+    key: bytes | None = field(repr=False)
+    password_generated: bool
+    host: str
+    port: int
+    timeout: float
+    nameservers: tuple[tuple[str, int], ...]
+    forbidden: ForbiddenNetworks
+    hosts_file: str
+    resolv_conf: str
+    prefer_ipv6: bool
+    relays: RelayModes
+    limits: Limits
+    hosts: tuple[str, ...] = ()
+    # 2022 methods, several users on one port: name -> base64 uPSK.
+    users: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # Salts remembered against replays (stream and AEAD-2017); 0 = off.
+    replay_history: int = DEFAULT_REPLAY_HISTORY
+    # With a plugin, `listen` is ssx's loopback port behind it, and the
+    # plugin listens on hosts:port.
+    plugin: Plugin | None = None
+    ignored: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    # The 0600 file the ss:// URL goes to (None: none); without a password,
+    # the one generated at an earlier start is taken back from it.
+    url_file: str | None = None
+    password_reused: bool = False
+    # Unfinished handshakes held at once, in all and per source; 0 = no bound.
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    max_handshakes_per_ip: int = DEFAULT_MAX_HANDSHAKES_PER_IP
+    # A log line for every event a peer can cause, destinations included.
+    verbose: bool = False
+
+
+def server_config(values: Mapping[str, Any]) -> ServerConfig:
+    """Check the merged server settings."""
+    method = read_method(values)
+    password, key, generated = read_secret(values, method, required=False)
+    users = _users(values, method)
+    hosts = read_bind_hosts(values)
+    port = read_port(values, "server_port", DEFAULT_SERVER_PORT, allow_zero=True)
+    listen = read_listen(values)
+    relays = read_relay_modes(values)
+    # Keys are checked now (decoded, lengths, user table), so a bad one
+    # stops start-up naming its key.
+    make_suite(method, password, key=key, users=dict(users))
+    if not relays.tcp and values.get("listen") is not None:
+        raise ConfigError("listen", "endpoint descriptions are for TCP; in udp_only mode use server and server_port")
+    plugin, warnings = read_plugin(values, relays)
+    forbidden = parse_forbidden(values.get("forbidden_ip"))
+    warnings += _forbidden_warnings(forbidden)
+    listen = _tcp_listen(listen, hosts, port, plugin)
+    return ServerConfig(
+        listen=listen,
+        method=method,
+        password=password,
+        key=key,
+        password_generated=generated,
+        host=hosts[0],
+        port=port,
+        timeout=read_seconds(values),
+        nameservers=parse_nameservers(values.get("nameserver")),
+        forbidden=forbidden,
+        hosts_file=read_string(values, "hosts_file", "/etc/hosts"),
+        resolv_conf=read_string(values, "resolv_conf", "/etc/resolv.conf"),
+        prefer_ipv6=read_bool(values, "prefer_ipv6"),
+        relays=relays,
+        limits=read_limits(values),
+        hosts=hosts,
+        users=users,
+        replay_history=read_count(values, "replay_history", DEFAULT_REPLAY_HISTORY, minimum=0, maximum=MAX_REPLAY_HISTORY),
+        plugin=plugin,
+        ignored=unused_keys(values, SERVER_KEYS),
+        warnings=warnings,
+        url_file=_url_file(values, generated),
+        max_handshakes=read_count(values, "max_handshakes", DEFAULT_MAX_HANDSHAKES, minimum=0),
+        max_handshakes_per_ip=read_count(values, "max_handshakes_per_ip", DEFAULT_MAX_HANDSHAKES_PER_IP, minimum=0),
+        verbose=read_verbose(values),
+    )
+
+
+def _forbidden_warnings(forbidden: ForbiddenNetworks) -> tuple[str, ...]:
+    if not forbidden.off and forbidden.host is None:
+        return (
+            "forbidden_ip leaves out 'self' (part of 'default'): clients can reach the services "
+            "listening on this host's own addresses",
+        )
+    return ()
+
+
+def _tcp_listen(listen: tuple[str, ...], hosts: tuple[str, ...], port: int, plugin: Plugin | None) -> tuple[str, ...]:
+    """Where ssx listens for TCP: `listen` if given, else server:server_port, or behind a plugin a loopback port."""
+    if plugin is not None:
+        if listen:
+            raise ConfigError(
+                "listen", "with a plugin, the plugin listens on server:server_port and ssx behind it on loopback; "
+                "drop --listen"
+            )
+        if port == 0:
+            raise ConfigError("server_port", "a plugin needs a fixed port to listen on, not 0")
+        return (PLUGIN_BACKEND_LISTEN,)
+    if not listen:
+        return tuple(tcp_description(host, port) for host in hosts)
+    return listen
+
+
+def _users(values: Mapping[str, Any], method: str) -> tuple[tuple[str, str], ...]:
+    """
+    `users` as shadowsocks-rust writes it, ``[{"name": ..., "password": uPSK}]``,
+    or an object ``{name: uPSK}``.
+    """
+    raw = values.get("users")
+    if raw is None:
+        return ()
+    if isinstance(raw, dict):
+        items = list(raw.items())
+    elif isinstance(raw, list) and all(isinstance(u, dict) for u in raw):
+        items = [(u.get("name"), u.get("password")) for u in raw]
+    else:
+        raise ConfigError("users", 'expected [{"name": ..., "password": ...}, ...]')
+    for name, psk in items:
+        if not isinstance(name, str) or not name or not isinstance(psk, str) or not psk:
+            raise ConfigError("users", "every user needs a non-empty name and password")
+    if len({name for name, _ in items}) != len(items):
+        raise ConfigError("users", "user names must be unique")
+    if items and lookup_method(method).family != "aead2022":
+        raise ConfigError("users", f"several users on one port need a 2022 method, not {method}")
+    return tuple(items)
+
+
+def _url_file(values: Mapping[str, Any], password_generated: bool) -> str | None:
+    value = values.get("url_file", DEFAULT_URL_FILE)
+    if not isinstance(value, str) or "\0" in value:
+        raise ConfigError("url_file", "expected the path of the file for the ss:// URL, or '' for none")
+    if not value and password_generated:
+        raise ConfigError(
+            "url_file", "without a password (-k) the generated one is kept only in the URL file: give a password or a path"
+        )
+    return value or None

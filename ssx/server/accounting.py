@@ -1,0 +1,75 @@
+"""
+The server's per-user accounting: the application bytes each user of a
+multi-user (2022) port relays, up (client to target) and down.
+
+When a connection's relay starts, `ssx.server.protocol` asks the factory's
+sink (`ssx.interfaces.IUserTrafficSink`) for the user's counter and wraps
+the connection's data path with `counted`; single-user ports relay bare.
+`UserTrafficTable`, the sink a server keeps unless given another, holds
+running totals by user name.  No Twisted here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Mapping
+
+from zope.interface import implementer
+
+from ssx.interfaces import ITrafficCounter, IUserTrafficSink
+
+__all__ = ["UserTraffic", "UserTrafficTable", "counted"]
+
+Transform = Callable[[bytes], bytes]
+
+
+@implementer(ITrafficCounter)
+class UserTraffic:
+    """One user's relayed application bytes: `up` (client to target) and `down`."""
+
+    __slots__ = ("up", "down")
+
+    def __init__(self) -> None:
+        self.up = 0
+        self.down = 0
+
+    def add_up(self, count: int) -> None:
+        self.up += count
+
+    def add_down(self, count: int) -> None:
+        self.down += count
+
+
+@implementer(IUserTrafficSink)
+class UserTrafficTable(Mapping[str, UserTraffic]):
+    """Running totals by user name, from the server's start."""
+
+    def __init__(self) -> None:
+        self._users: dict[str, UserTraffic] = {}
+
+    def counter(self, user: str) -> UserTraffic:
+        return self._users.setdefault(user, UserTraffic())
+
+    def __getitem__(self, user: str) -> UserTraffic:
+        return self._users[user]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._users)
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+
+def counted(counter: ITrafficCounter, decrypt: Transform, encrypt: Transform) -> tuple[Transform, Transform]:
+    """A connection's (decrypt, encrypt) that also add what they pass to `counter`."""
+    add_up, add_down = counter.add_up, counter.add_down
+
+    def counted_decrypt(data: bytes) -> bytes:
+        out = decrypt(data)
+        add_up(len(out))
+        return out
+
+    def counted_encrypt(data: bytes) -> bytes:
+        add_down(len(data))
+        return encrypt(data)
+
+    return counted_decrypt, counted_encrypt

@@ -1,0 +1,139 @@
+"""
+The root of `ssx-server`'s service tree, with its parts by name, and the
+small services only the server runs: the periodic summary of what peers
+caused (`CounterReport`) and the resolver's cache emptied at stop
+(`ResolverCache`).  `ssx.server.tap.build_service` puts the tree together.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, TypeVar
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ssx.net.listener import DatagramListenerService, DrainService, ListenerService
+from ssx.net.plugin import PluginService
+from ssx.net.resolver import TargetResolver
+from ssx.server.host_address_watch import HostAddressWatcher
+from ssx.server.protocol import ShadowsocksServerFactory
+from ssx.server.udp import UdpRelay
+from ssx.server.url_file import UrlAnnouncement
+
+__all__ = ["CounterReport", "ResolverCache", "ServerService"]
+
+_log = Logger()
+
+_Child = TypeVar("_Child", bound=Service)
+
+
+class ServerService(MultiService):
+    """
+    `ssx-server`'s service tree.  Its children start in the order they
+    were added (and stop in reverse); the named ones are:
+
+    - `factory`: what every TCP connection shares (keys, resolver,
+      counters, per-user accounting);
+    - `host_address_watcher`: keeps this host's addresses current for the
+      forbidden check, when 'self' is forbidden;
+    - `listeners`: the TCP ports ssx binds (behind a plugin, its loopback
+      port), and `plugin`, the SIP003 plugin on the public port, if any;
+    - `udp_relays` and `datagram_listeners`: the UDP relay of each UDP port
+      and the port's service;
+    - `drain`, `resolver_cache`, `counter_report` and `url_announcement`,
+      the services that follow them.
+    """
+
+    drain: DrainService
+    resolver_cache: ResolverCache
+    counter_report: CounterReport
+    url_announcement: UrlAnnouncement
+
+    def __init__(self, factory: ShadowsocksServerFactory) -> None:
+        MultiService.__init__(self)
+        self.factory = factory
+        self.host_address_watcher: HostAddressWatcher | None = None
+        self.listeners: list[ListenerService] = []
+        self.plugin: PluginService | None = None
+        self.udp_relays: list[UdpRelay] = []
+        self.datagram_listeners: list[DatagramListenerService] = []
+
+    def add(self, child: _Child) -> _Child:
+        """`child`, added after the children already there."""
+        child.setServiceParent(self)
+        return child
+
+
+class CounterReport(Service):
+    """
+    Logs, every `interval` seconds, what peers caused meanwhile that
+    failed or was refused: one line instead of one per event (those are
+    logged only with --verbose), naming no peer and no destination.
+    `clock` (the reactor) may be replaced before the service starts.
+    """
+
+    interval = 600.0
+    # (counter on the factory, or on each UDP relay, summed; what it counts)
+    TCP_COUNTERS = (
+        ("handshake_failures", "connections failed authentication, replayed or sent a bad header"),
+        ("handshakes_timed_out", "connections sent no whole header before the handshake timeout"),
+        ("handshakes_evicted", "unfinished handshakes closed early to make room"),
+        ("connections_refused", "forbidden targets refused"),
+        ("targets_unreachable", "targets unreachable"),
+        ("relays_broken", "relays closed on a broken stream"),
+        ("limit_reached", "times at the connection limit"),
+    )
+    UDP_COUNTERS = (
+        ("dropped", "UDP datagrams dropped (bad, replayed, unresolved or over a bound)"),
+        ("refused", "UDP datagrams to forbidden targets"),
+    )
+
+    def __init__(self, reactor: Any, factory: ShadowsocksServerFactory, relays: Sequence[UdpRelay]) -> None:
+        self.clock = reactor
+        self.factory = factory
+        self.relays = relays
+        self._last = self._counts()
+        self._call: LoopingCall | None = None
+
+    def _counts(self) -> tuple[int, ...]:
+        tcp = [getattr(self.factory, name) for name, _ in self.TCP_COUNTERS]
+        udp = [sum(getattr(r, name) for r in self.relays) for name, _ in self.UDP_COUNTERS]
+        return (*tcp, *udp)
+
+    def _report(self) -> None:
+        now = self._counts()
+        delta = [b - a for a, b in zip(self._last, now)]
+        self._last = now
+        described = [what for _, what in self.TCP_COUNTERS + self.UDP_COUNTERS]
+        parts = [f"{count} {what}" for count, what in zip(delta, described) if count]
+        if parts:
+            _log.info(
+                "ssx-server, last {minutes:g} min: {summary}",
+                minutes=self.interval / 60,
+                summary=", ".join(parts),
+                counts=dict(zip([name for name, _ in self.TCP_COUNTERS + self.UDP_COUNTERS], delta)),
+            )
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._last = self._counts()
+        self._call = LoopingCall(self._report)
+        self._call.clock = self.clock
+        self._call.start(self.interval, now=False)
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        if self._call is not None and self._call.running:
+            self._call.stop()
+
+
+class ResolverCache(Service):
+    """Empties the resolver's cache when the server stops."""
+
+    def __init__(self, resolver: TargetResolver) -> None:
+        self.resolver = resolver
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        return self.resolver.close()
