@@ -12,7 +12,7 @@ their edition's own datagram methods, choosing by `spec.family`).
 import time
 from typing import Callable, Mapping
 
-from ssx.crypto._2022 import generate_psk
+from ssx.crypto.edition2022 import generate_psk
 from ssx.crypto._codecs import Suite2022, TcpClientCodec, TcpServerCodec, UdpClientCodec
 from ssx.crypto._registry import METHODS, MethodSpec, lookup_method
 from ssx.crypto._suite import CipherSuite, TcpDecryptor, TcpEncryptor

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 from zope.interface import implementer
 
 from ssx.wire.address import Address, decode_address, decode_target, encode_address
-from ssx.crypto._2022 import (
+from ssx.crypto.edition2022 import (
     PskChain,
     RequestDecoder,
     RequestEncoder,

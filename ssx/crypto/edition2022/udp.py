@@ -31,8 +31,8 @@ from typing import Callable, Mapping
 from cryptography.exceptions import InvalidTag
 
 from ssx.wire.address import Address, check_target, decode_address, encode_address
-from ssx.crypto._xchacha import XChaCha20Poly1305
-from ssx.crypto._2022_keys import (
+from ssx.crypto.edition2022.xchacha import XChaCha20Poly1305
+from ssx.crypto.edition2022.keys import (
     AeadPrimitive,
     AesBlock,
     Method2022,
@@ -44,7 +44,7 @@ from ssx.crypto._2022_keys import (
     require_key_size,
     session_subkey,
 )
-from ssx.crypto._2022_replay import MAX_TIME_DIFF, SlidingWindow, check_timestamp
+from ssx.crypto.edition2022.replay import MAX_TIME_DIFF, SlidingWindow, check_timestamp
 from ssx.errors import AuthenticationError, ConfigError, ProtocolError, ReplayError
 
 __all__ = [

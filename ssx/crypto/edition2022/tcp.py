@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from ssx.wire.address import Address, decode_target, encode_address
-from ssx.crypto._2022_chunks import (
+from ssx.crypto.edition2022.chunks import (
     MAX_CHUNK,
     TAG_SIZE,
     ChunkDecoder,
@@ -34,7 +34,7 @@ from ssx.crypto._2022_chunks import (
     nonce_bytes,
     seal_chunks,
 )
-from ssx.crypto._2022_keys import (
+from ssx.crypto.edition2022.keys import (
     AeadPrimitive,
     AesBlock,
     Method2022,
@@ -47,7 +47,7 @@ from ssx.crypto._2022_keys import (
     require_key_size,
     session_subkey,
 )
-from ssx.crypto._2022_replay import ReplayError, SaltCheck, as_salt_check, check_timestamp
+from ssx.crypto.edition2022.replay import ReplayError, SaltCheck, as_salt_check, check_timestamp
 from ssx.errors import AuthenticationError, ConfigError, ProtocolError
 
 __all__ = [

@@ -10,7 +10,7 @@ layer passes ``now`` (e.g. ``reactor.seconds``) and, in tests, fixed
 randomness.
 """
 
-from ssx.crypto._2022_keys import (
+from ssx.crypto.edition2022.keys import (
     METHODS_2022,
     Method2022,
     PskChain,
@@ -24,7 +24,7 @@ from ssx.crypto._2022_keys import (
     session_subkey,
     user_table,
 )
-from ssx.crypto._2022_replay import (
+from ssx.crypto.edition2022.replay import (
     MAX_TIME_DIFF,
     SALT_RETENTION,
     WINDOW_SIZE,
@@ -35,7 +35,7 @@ from ssx.crypto._2022_replay import (
     StaleTimestampError,
     check_timestamp,
 )
-from ssx.crypto._2022_tcp import (
+from ssx.crypto.edition2022.tcp import (
     MAX_CHUNK,
     MAX_PADDING,
     RequestDecoder,
@@ -44,7 +44,7 @@ from ssx.crypto._2022_tcp import (
     ResponseDecoder,
     ResponseEncoder,
 )
-from ssx.crypto._2022_udp import (
+from ssx.crypto.edition2022.udp import (
     UdpClientPacket,
     UdpClientSession,
     UdpServerDecoder,
