@@ -12,11 +12,11 @@ their edition's own datagram methods, choosing by `spec.family`).
 import time
 from typing import Callable, Mapping
 
-from ssx.crypto.edition2022 import generate_psk
-from ssx.crypto._codecs import Suite2022, TcpClientCodec, TcpServerCodec, UdpClientCodec
+from ssx.crypto.edition2022 import Suite2022, generate_psk
 from ssx.crypto._registry import METHODS, MethodSpec, lookup_method
 from ssx.crypto._suite import CipherSuite, TcpDecryptor, TcpEncryptor
 from ssx.errors import ConfigError
+from ssx.interfaces import ITcpClientCodec, ITcpServerCodec, IUdpClientCodec
 
 __all__ = [
     "METHODS",
@@ -32,6 +32,12 @@ __all__ = [
     "generate_psk",
     "make_suite",
 ]
+
+# The faces of a suite's codecs, declared once in ssx.interfaces; the old
+# names stay for the annotations that use them.
+TcpClientCodec = ITcpClientCodec
+TcpServerCodec = ITcpServerCodec
+UdpClientCodec = IUdpClientCodec
 
 
 def make_suite(

@@ -1,28 +1,44 @@
 """
-`CipherSuite`: one configured method plus its master key.
+`CipherSuite`: one configured stream, AEAD-2017 or none method plus its
+master key, and the per-connection codecs it hands the relays.
 
 The relays hold one suite per configured server/port and ask it for a fresh
-encryptor and decryptor per TCP connection direction, or to seal/open single
-UDP datagrams.  This module only dispatches to the family modules (`_aead`,
-`_stream`, `_plain`); it does no cipher work itself.
+codec per TCP connection (`client_codec`, `server_codec`) or per
+application's datagrams (`udp_client_codec`): the faces declared in
+`ssx.interfaces`, which `Suite2022` (`ssx.crypto.edition2022.suite`) shows
+for the 2022 edition, so the protocols never know which edition they carry.
+Underneath, the suite makes an encryptor and a decryptor per TCP direction
+and seals/opens single UDP datagrams by dispatching to the family modules
+(`_aead`, `_stream`, `_plain`); it does no cipher work itself.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 from zope.interface import implementer
 
+from ssx.wire.address import Address, decode_target, encode_address
 from ssx.crypto import _aead, _stream
 from ssx.crypto._kdf import evp_bytes_to_key
 from ssx.crypto._plain import PlainTcpDecryptor, PlainTcpEncryptor
 from ssx.crypto._registry import MethodSpec, lookup_method
-from ssx.errors import ConfigError
-from ssx.interfaces import ICipherSuite
-from ssx.crypto._codecs import LegacyClientCodec, LegacyServerCodec, LegacyUdpClientCodec
+from ssx.errors import ConfigError, ProtocolError, ReplayError
+from ssx.interfaces import ICipherSuite, ITcpClientCodec, ITcpServerCodec, IUdpClientCodec
 
-__all__ = ["CipherSuite", "TcpEncryptor", "TcpDecryptor"]
+__all__ = [
+    "CipherSuite",
+    "TcpEncryptor",
+    "TcpDecryptor",
+    "LegacyClientCodec",
+    "LegacyServerCodec",
+    "LegacyUdpClientCodec",
+]
+
+# The longest address header (ATYP 3, 255-byte name): a stream whose first
+# plaintext bytes cannot start with an address within this is broken.
+_MAX_ADDRESS = 1 + 1 + 255 + 2
 
 
 class TcpEncryptor(Protocol):
@@ -43,6 +59,86 @@ class TcpDecryptor(Protocol):
 
     def decrypt(self, data: bytes) -> bytes:
         """Plaintext completed by `data` (possibly b""); ProtocolError on bad input."""
+
+
+@implementer(ITcpClientCodec)
+class LegacyClientCodec:
+    """Stream, AEAD-2017 and none: the address is the stream's first plaintext."""
+
+    __slots__ = ("encrypt", "decrypt")
+
+    def __init__(self, suite: Any) -> None:
+        self.encrypt = suite.tcp_encryptor().encrypt
+        self.decrypt = suite.tcp_decryptor().decrypt
+
+    def first(self, address: Address, payload: bytes) -> bytes:
+        return self.encrypt(encode_address(address) + payload)
+
+
+@implementer(ITcpServerCodec)
+class LegacyServerCodec:
+    """
+    Parses the address at the start of the decrypted stream.  With a salt
+    filter, the client's salt is checked once the stream has authenticated
+    (so garbage cannot fill the filter) and this server's own outgoing salts
+    are remembered too (so a reflected response is refused as a replay).
+    """
+
+    __slots__ = ("address", "user", "_decryptor", "_decrypt", "_head", "_suite", "_encrypt", "_salts")
+
+    def __init__(self, suite: Any, salt_filter: Any = None) -> None:
+        self.address: Address | None = None
+        self.user: str | None = None
+        self._suite = suite
+        self._decryptor = suite.tcp_decryptor()
+        self._decrypt = self._decryptor.decrypt
+        self._head = b""
+        self._encrypt: Callable[[bytes], bytes] | None = None
+        self._salts = salt_filter if suite.spec.salt_size else None
+
+    def decrypt(self, data: bytes) -> bytes:
+        plain = self._decrypt(data)
+        if self.address is not None:
+            return plain
+        head = self._head + plain
+        parsed = decode_target(head)
+        if parsed is None:
+            if len(head) >= _MAX_ADDRESS:
+                raise ProtocolError("no address at the start of the stream")
+            self._head = head
+            return b""
+        if self._salts is not None and not self._salts.check_and_add(self._decryptor.salt):
+            raise ReplayError("salt seen before")
+        self.address, end = parsed
+        self._head = b""
+        return head[end:]
+
+    def _encryptor(self) -> Callable[[bytes], bytes]:
+        if self._encrypt is None:
+            salts = self._salts
+            # With a filter, our own salts are made recognisable (a reflected
+            # response is then refused as a replay).
+            salt = salts.own_salt(self._suite.spec.salt_size) if salts is not None else None
+            self._encrypt = self._suite.tcp_encryptor(salt).encrypt
+        return self._encrypt
+
+    def encrypt(self, data: bytes) -> bytes:
+        return self._encryptor()(data)
+
+    def data_path(self) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+        # After the address the decryptor's output is the application's, as is.
+        return self._decrypt, self._encryptor()
+
+
+@implementer(IUdpClientCodec)
+class LegacyUdpClientCodec:
+    """Stateless: each datagram sealed on its own."""
+
+    __slots__ = ("seal", "open")
+
+    def __init__(self, suite: Any) -> None:
+        self.seal = suite.udp_seal
+        self.open = suite.udp_open
 
 
 @implementer(ICipherSuite)

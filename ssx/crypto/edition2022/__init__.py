@@ -44,6 +44,7 @@ from ssx.crypto.edition2022.tcp import (
     ResponseDecoder,
     ResponseEncoder,
 )
+from ssx.crypto.edition2022.suite import Suite2022
 from ssx.crypto.edition2022.udp import (
     UdpClientPacket,
     UdpClientSession,
@@ -81,6 +82,7 @@ __all__ = [
     "RequestHeader",
     "ResponseDecoder",
     "ResponseEncoder",
+    "Suite2022",
     "UdpClientPacket",
     "UdpClientSession",
     "UdpServerDecoder",
