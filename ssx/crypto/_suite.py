@@ -31,9 +31,9 @@ __all__ = [
     "CipherSuite",
     "TcpEncryptor",
     "TcpDecryptor",
-    "LegacyClientCodec",
-    "LegacyServerCodec",
-    "LegacyUdpClientCodec",
+    "Aead2017TcpClientCodec",
+    "Aead2017TcpServerCodec",
+    "Aead2017UdpClientCodec",
 ]
 
 # The longest address header (ATYP 3, 255-byte name): a stream whose first
@@ -62,8 +62,12 @@ class TcpDecryptor(Protocol):
 
 
 @implementer(ITcpClientCodec)
-class LegacyClientCodec:
-    """Stream, AEAD-2017 and none: the address is the stream's first plaintext."""
+class Aead2017TcpClientCodec:
+    """
+    The local end's side of one TCP connection in the AEAD-2017 framing,
+    which the stream and none methods share: salt (IV), then a cipher
+    stream whose first plaintext is the target's address.
+    """
 
     __slots__ = ("encrypt", "decrypt")
 
@@ -76,9 +80,11 @@ class LegacyClientCodec:
 
 
 @implementer(ITcpServerCodec)
-class LegacyServerCodec:
+class Aead2017TcpServerCodec:
     """
-    Parses the address at the start of the decrypted stream.  With a salt
+    The server's side of one TCP connection in the AEAD-2017 framing (and
+    the stream and none methods'): parses the address at the start of the
+    decrypted stream.  With a salt
     filter, the client's salt is checked once the stream has authenticated
     (so garbage cannot fill the filter) and this server's own outgoing salts
     are remembered too (so a reflected response is refused as a replay).
@@ -131,8 +137,11 @@ class LegacyServerCodec:
 
 
 @implementer(IUdpClientCodec)
-class LegacyUdpClientCodec:
-    """Stateless: each datagram sealed on its own."""
+class Aead2017UdpClientCodec:
+    """
+    The local end's datagrams in the AEAD-2017 framing (and the stream and
+    none methods'): stateless, each datagram sealed on its own.
+    """
 
     __slots__ = ("seal", "open")
 
@@ -208,17 +217,17 @@ class CipherSuite:
             )
         return PlainTcpDecryptor()
 
-    def client_codec(self) -> "LegacyClientCodec":
+    def client_codec(self) -> "Aead2017TcpClientCodec":
         """The local end's codec for one new TCP connection."""
-        return LegacyClientCodec(self)
+        return Aead2017TcpClientCodec(self)
 
-    def server_codec(self, salt_filter: object = None) -> "LegacyServerCodec":
+    def server_codec(self, salt_filter: object = None) -> "Aead2017TcpServerCodec":
         """The server's codec for one new TCP connection; `salt_filter` refuses replayed salts."""
-        return LegacyServerCodec(self, salt_filter)
+        return Aead2017TcpServerCodec(self, salt_filter)
 
-    def udp_client_codec(self) -> "LegacyUdpClientCodec":
+    def udp_client_codec(self) -> "Aead2017UdpClientCodec":
         """The local end's codec for one application's datagrams."""
-        return LegacyUdpClientCodec(self)
+        return Aead2017UdpClientCodec(self)
 
     def udp_seal(self, plaintext: bytes, salt: bytes | None = None) -> bytes:
         """One encrypted datagram; `salt` fixes the salt/IV (tests only)."""

@@ -34,7 +34,9 @@ Clock = Callable[[], float]
 
 
 @implementer(ITcpClientCodec)
-class _Client2022Codec:
+class Aead2022TcpClientCodec:
+    """The local end's side of one TCP connection: a request encoder and its response decoder."""
+
     __slots__ = ("_request", "_response", "encrypt")
 
     def __init__(self, method: str, keys: PskChain, now: Clock) -> None:
@@ -50,7 +52,9 @@ class _Client2022Codec:
 
 
 @implementer(ITcpServerCodec)
-class _Server2022Codec:
+class Aead2022TcpServerCodec:
+    """The server's side of one TCP connection: a request decoder, then its response encoder."""
+
     __slots__ = ("address", "user", "_request", "_response")
 
     def __init__(self, decoder: RequestDecoder) -> None:
@@ -81,7 +85,9 @@ class _Server2022Codec:
 
 
 @implementer(IUdpClientCodec)
-class _Udp2022ClientCodec:
+class Aead2022UdpClientCodec:
+    """The local end's datagrams for one application address: one client session."""
+
     __slots__ = ("_session",)
 
     def __init__(self, method: str, keys: PskChain, now: Clock) -> None:
@@ -130,17 +136,17 @@ class Suite2022:
     def __repr__(self) -> str:
         return f"<Suite2022 method={self.spec.name!r}>"
 
-    def client_codec(self) -> _Client2022Codec:
-        return _Client2022Codec(self.spec.name, self._keys, self._now)
+    def client_codec(self) -> Aead2022TcpClientCodec:
+        return Aead2022TcpClientCodec(self.spec.name, self._keys, self._now)
 
-    def server_codec(self, salt_filter: Any = None) -> _Server2022Codec:
+    def server_codec(self, salt_filter: Any = None) -> Aead2022TcpServerCodec:
         # 2022 keeps its own exact salt pool (bounded by the timestamp window).
-        return _Server2022Codec(
+        return Aead2022TcpServerCodec(
             RequestDecoder(self.spec.name, self._psk, salt_check=self.salts, now=self._now, users=self._users)
         )
 
-    def udp_client_codec(self) -> _Udp2022ClientCodec:
-        return _Udp2022ClientCodec(self.spec.name, self._keys, self._now)
+    def udp_client_codec(self) -> Aead2022UdpClientCodec:
+        return Aead2022UdpClientCodec(self.spec.name, self._keys, self._now)
 
     def udp_server_decoder(self) -> UdpServerDecoder:
         return UdpServerDecoder(self.spec.name, self._psk, now=self._now, users=self._users)

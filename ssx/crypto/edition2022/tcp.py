@@ -29,8 +29,8 @@ from ssx.wire.address import Address, decode_target, encode_address
 from ssx.crypto.edition2022.chunks import (
     MAX_CHUNK,
     TAG_SIZE,
-    ChunkDecoder,
-    ChunkEncoder,
+    Aead2022ChunkDecoder,
+    Aead2022ChunkEncoder,
     nonce_bytes,
     seal_chunks,
 )
@@ -92,7 +92,7 @@ class RequestHeader:
     padding_length: int
 
 
-class RequestEncoder(ChunkEncoder):
+class RequestEncoder(Aead2022ChunkEncoder):
     """
     Client side, client-to-server stream.
 
@@ -197,7 +197,7 @@ class RequestEncoder(ChunkEncoder):
         return ResponseDecoder(self._spec, self._keys.user_key, self.salt, now=self._now)
 
 
-class ResponseDecoder(ChunkDecoder):
+class ResponseDecoder(Aead2022ChunkDecoder):
     """
     Client side, server-to-client stream.
 
@@ -246,7 +246,7 @@ class ResponseDecoder(ChunkDecoder):
         return end
 
 
-class RequestDecoder(ChunkDecoder):
+class RequestDecoder(Aead2022ChunkDecoder):
     """
     Server side, client-to-server stream, fed arbitrary fragments.
 
@@ -400,7 +400,7 @@ class RequestDecoder(ChunkDecoder):
         return variable[position:]
 
 
-class ResponseEncoder(ChunkEncoder):
+class ResponseEncoder(Aead2022ChunkEncoder):
     """
     Server side, server-to-client stream.
 
@@ -438,7 +438,7 @@ class ResponseEncoder(ChunkEncoder):
     def encrypt(self, data: bytes) -> bytes:
         """Response bytes for `data`; the first non-empty call carries the header."""
         if self._seal is not None:
-            return ChunkEncoder.encrypt(self, data)
+            return Aead2022ChunkEncoder.encrypt(self, data)
         if not data:
             return b""
         seal = self._spec.aead(session_subkey(self._key, self.salt)).encrypt
