@@ -1,5 +1,5 @@
 """
-Tests for the Shadowsocks 2022 codecs (`ssx.crypto._2022`): the known-answer
+Tests for the Shadowsocks 2022 codecs (`ssx.crypto.edition2022`): the known-answer
 vectors of test-vectors.md §5-§8 with the clock and randomness pinned,
 client/server round trips under arbitrary fragmentation, every rejection
 rule of wire.md §7, and garbage/tamper resistance (only ProtocolError

@@ -1,13 +1,14 @@
 """
-Shadowsocks 2022 (SIP022, with SIP023 identity headers): the public face of
-the sans-IO codecs.
+Shadowsocks 2022 (SIP022, with SIP023 identity headers): the edition's
+suite and sans-IO codecs, the face of this package.
 
-The work is split by job: `_2022_keys` (methods, PSKs, BLAKE3 subkeys, AES
-blocks), `_2022_replay` (timestamp window, salt pool, sliding window),
-`_2022_chunks` (the TCP chunk stream after the headers), `_2022_tcp`
-(request/response header codecs) and `_2022_udp` (packet codecs).  Nothing here imports Twisted or reads the clock: the protocol
-layer passes ``now`` (e.g. ``reactor.seconds``) and, in tests, fixed
-randomness.
+The work is split by job: `suite` (`Suite2022` and the codecs it hands the
+relays), `keys` (methods, PSKs, BLAKE3 subkeys, AES blocks), `replay`
+(timestamp window, salt pool, sliding window), `chunks` (the TCP chunk
+stream after the headers), `tcp` (request/response header codecs), `udp`
+(packet codecs) and `xchacha` (the AEAD of the ChaCha method's packets).
+Nothing here imports Twisted or reads the clock: the protocol layer passes
+``now`` (e.g. ``reactor.seconds``) and, in tests, fixed randomness.
 """
 
 from ssx.crypto.edition2022.keys import (

@@ -2,8 +2,8 @@
 The chunk stream of Shadowsocks 2022 TCP (wire.md §7.2): what follows the
 headers in both directions, ``seal(u16 len) || seal(payload)``.
 
-`_2022_tcp` builds its four header-aware codecs on the two bases here (the
-decoding loop itself is `_chunks`, shared with AEAD-2017).  This is the hot
+`tcp` builds its four header-aware codecs on the two bases here (the
+decoding loop itself is `ssx.crypto._chunks`, shared with AEAD-2017).  This is the hot
 path of every 2022 connection, so it keeps Python-level work per chunk
 small: one AEAD object per direction, an integer nonce that continues from
 the header chunks, payloads up to 0xFFFF bytes, one join per call.

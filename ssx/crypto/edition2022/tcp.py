@@ -8,7 +8,7 @@ Data path::
     RequestEncoder.encode_header/encrypt  ------->  RequestDecoder.decrypt
     ResponseDecoder.decrypt               <-------  ResponseEncoder.encrypt
 
-After their headers, all four are the chunk stream of `_2022_chunks`:
+After their headers, all four are the chunk stream of `chunks`:
 ``seal(u16 len) || seal(payload)``, the nonce continuing from the header
 chunks, payloads up to 0xFFFF bytes.  `encrypt`
 and `decrypt` have the shapes of `ssx.crypto.TcpEncryptor`/`TcpDecryptor`,

@@ -18,7 +18,7 @@ window per server session (wire.md §7.6: replay protection on both ends).
 
 `2022-blake3-chacha20-poly1305` seals each packet whole instead:
 ``nonce(24) XChaCha20-Poly1305(PSK, nonce, sep || body)`` (§7.7), with the
-AEAD from `ssx.crypto._xchacha`; it has no identity headers.
+AEAD from `xchacha`; it has no identity headers.
 """
 
 from __future__ import annotations
