@@ -1,12 +1,21 @@
 """
-The cipher layer of ssx: method table, key derivation and the Shadowsocks
-framing (AEAD-2017, legacy stream, none) for TCP streams and UDP datagrams.
+The cipher layer of ssx: method table, key derivation, the Shadowsocks
+framing of every edition for TCP streams and UDP datagrams, and the replay
+filters.
 
 Sans-IO and Twisted-free: the relays feed bytes in and write bytes out.
-Both suites, `CipherSuite` and `Suite2022`, provide
-`ssx.interfaces.ICipherSuite`: the TCP relays, the local end's UDP and the
-health check use only what it declares (the server's UDP relays also use
-their edition's own datagram methods, choosing by `spec.family`).
+Both suites, `CipherSuite` (stream, AEAD-2017, none) and `Suite2022`
+(SIP022), provide `ssx.interfaces.ICipherSuite`: the TCP relays, the local
+end's UDP and the health check use only what it declares (the server's UDP
+relays also use their edition's own datagram methods, choosing by
+`spec.family`).
+
+Layout: `_registry` (the method table), `_suite` (`CipherSuite` and its
+codecs) over `_aead`, `_stream`, `_plain` and `_kdf`; `_chunks` (the AEAD
+chunk loop both editions share); `_salt_filter` (the servers' replay filter
+for stream and AEAD-2017 salts); `edition2022/` (everything of the 2022
+edition, its own replay checks included); `certificate` (TLS keys for the
+`ssl:` endpoints, not Shadowsocks).
 """
 
 import time
@@ -14,9 +23,9 @@ from typing import Callable, Mapping
 
 from ssx.crypto.edition2022 import Suite2022, generate_psk
 from ssx.crypto._registry import METHODS, MethodSpec, lookup_method
+from ssx.crypto._salt_filter import SaltFilter
 from ssx.crypto._suite import CipherSuite, TcpDecryptor, TcpEncryptor
 from ssx.errors import ConfigError
-from ssx.interfaces import ITcpClientCodec, ITcpServerCodec, IUdpClientCodec
 
 __all__ = [
     "METHODS",
@@ -26,18 +35,10 @@ __all__ = [
     "Suite2022",
     "TcpEncryptor",
     "TcpDecryptor",
-    "TcpClientCodec",
-    "TcpServerCodec",
-    "UdpClientCodec",
+    "SaltFilter",
     "generate_psk",
     "make_suite",
 ]
-
-# The faces of a suite's codecs, declared once in ssx.interfaces; the old
-# names stay for the annotations that use them.
-TcpClientCodec = ITcpClientCodec
-TcpServerCodec = ITcpServerCodec
-UdpClientCodec = IUdpClientCodec
 
 
 def make_suite(

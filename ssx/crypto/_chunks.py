@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidTag
 
 from ssx.errors import AuthenticationError, ProtocolError
 
-__all__ = ["AeadChunkDecoder", "TAG_SIZE"]
+__all__ = ["AeadChunkDecoder", "Open", "TAG_SIZE"]
 
 Open = Callable[[bytes, "bytes | memoryview", None], bytes]
 

@@ -31,9 +31,8 @@ from twisted.python.failure import Failure
 
 from ssx.wire import socks5
 from ssx.wire.address import Address, encode_address
-from ssx.crypto import TcpClientCodec
 from ssx.errors import AddressError, Socks5Error
-from ssx.interfaces import IServerPicker
+from ssx.interfaces import IServerPicker, ITcpClientCodec
 from ssx.local.udp import Socks5Association, Socks5UdpRelay
 from ssx.local.picker import Upstream
 from ssx.net.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol
@@ -111,7 +110,7 @@ class LocalRelayProtocol(InboundProtocol):
         self._target: Address | None = None
         self._connecting: Deferred | None = None
         self._header_call: Any = None
-        self._codec: TcpClientCodec | None = None
+        self._codec: ITcpClientCodec | None = None
         self._opened = False  # the stream's first write (target + first data) went out
         self._upstream: Upstream | None = None
         self._candidates: list[Upstream] = []

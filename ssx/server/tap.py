@@ -17,7 +17,7 @@ from ssx.crypto import lookup_method, make_suite as check_suite
 from ssx.errors import ConfigError
 from ssx.server.host_address_watch import HostAddressWatcher
 from ssx.net.listener import DatagramListenerService, DrainService, serve
-from ssx.crypto._salt_filter import SaltFilter
+from ssx.crypto import SaltFilter
 from ssx.net.plugin import PluginService
 from ssx.net.resolver import TargetResolver
 from ssx.server.protocol import ShadowsocksServerFactory
