@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    from ssx.crypto import SaltFilter
     from ssx.wire.address import Address
 
 __all__ = ["ICipherSuite", "IServerPicker", "ITcpClientCodec", "ITcpServerCodec", "IUdpClientCodec"]
@@ -30,7 +31,7 @@ class ICipherSuite(Interface):
     def client_codec() -> ITcpClientCodec:
         """The local end's codec for one new TCP connection to the server."""
 
-    def server_codec(salt_filter: object = None) -> ITcpServerCodec:
+    def server_codec(salt_filter: SaltFilter | None = None) -> ITcpServerCodec:
         """
         The server's codec for one new TCP connection from a client;
         `salt_filter` refuses replayed salts (the 2022 edition keeps its own).

@@ -15,15 +15,23 @@ and seals/opens single UDP datagrams by dispatching to the family modules
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 from zope.interface import implementer
 
 from ssx.wire.address import Address, decode_target, encode_address
-from ssx.crypto import _aead, _stream
+from ssx.crypto._aead import AEAD_PRIMITIVES, AeadTcpDecryptor, AeadTcpEncryptor, aead_udp_open, aead_udp_seal
 from ssx.crypto._kdf import evp_bytes_to_key
 from ssx.crypto._plain import PlainTcpDecryptor, PlainTcpEncryptor
 from ssx.crypto._registry import MethodSpec, lookup_method
+from ssx.crypto._salt_filter import SaltFilter
+from ssx.crypto._stream import (
+    STREAM_CIPHERS,
+    StreamTcpDecryptor,
+    StreamTcpEncryptor,
+    stream_udp_open,
+    stream_udp_seal,
+)
 from ssx.errors import ConfigError, ProtocolError, ReplayError
 from ssx.interfaces import ICipherSuite, ITcpClientCodec, ITcpServerCodec, IUdpClientCodec
 
@@ -71,7 +79,7 @@ class Aead2017TcpClientCodec:
 
     __slots__ = ("encrypt", "decrypt")
 
-    def __init__(self, suite: Any) -> None:
+    def __init__(self, suite: CipherSuite) -> None:
         self.encrypt = suite.tcp_encryptor().encrypt
         self.decrypt = suite.tcp_decryptor().decrypt
 
@@ -92,7 +100,7 @@ class Aead2017TcpServerCodec:
 
     __slots__ = ("address", "user", "_decryptor", "_decrypt", "_head", "_suite", "_encrypt", "_salts")
 
-    def __init__(self, suite: Any, salt_filter: Any = None) -> None:
+    def __init__(self, suite: CipherSuite, salt_filter: SaltFilter | None = None) -> None:
         self.address: Address | None = None
         self.user: str | None = None
         self._suite = suite
@@ -113,8 +121,12 @@ class Aead2017TcpServerCodec:
                 raise ProtocolError("no address at the start of the stream")
             self._head = head
             return b""
-        if self._salts is not None and not self._salts.check_and_add(self._decryptor.salt):
-            raise ReplayError("salt seen before")
+        salts = self._salts
+        if salts is not None:
+            salt = self._decryptor.salt
+            assert salt is not None  # it has yielded plaintext, so its salt is in
+            if not salts.check_and_add(salt):
+                raise ReplayError("salt seen before")
         self.address, end = parsed
         self._head = b""
         return head[end:]
@@ -145,7 +157,7 @@ class Aead2017UdpClientCodec:
 
     __slots__ = ("seal", "open")
 
-    def __init__(self, suite: Any) -> None:
+    def __init__(self, suite: CipherSuite) -> None:
         self.seal = suite.udp_seal
         self.open = suite.udp_open
 
@@ -199,33 +211,33 @@ class CipherSuite:
         spec = self.spec
         salt = self._fresh_salt(salt)
         if spec.family == "aead":
-            return _aead.AeadTcpEncryptor(_aead.AEAD_PRIMITIVES[spec.name], self._key, salt)
+            return AeadTcpEncryptor(AEAD_PRIMITIVES[spec.name], self._key, salt)
         if spec.family == "stream":
-            return _stream.StreamTcpEncryptor(_stream.STREAM_CIPHERS[spec.name], self._key, salt)
+            return StreamTcpEncryptor(STREAM_CIPHERS[spec.name], self._key, salt)
         return PlainTcpEncryptor()
 
     def tcp_decryptor(self) -> TcpDecryptor:
         """A new receiving direction."""
         spec = self.spec
         if spec.family == "aead":
-            return _aead.AeadTcpDecryptor(
-                _aead.AEAD_PRIMITIVES[spec.name], self._key, spec.salt_size
+            return AeadTcpDecryptor(
+                AEAD_PRIMITIVES[spec.name], self._key, spec.salt_size
             )
         if spec.family == "stream":
-            return _stream.StreamTcpDecryptor(
-                _stream.STREAM_CIPHERS[spec.name], self._key, spec.salt_size
+            return StreamTcpDecryptor(
+                STREAM_CIPHERS[spec.name], self._key, spec.salt_size
             )
         return PlainTcpDecryptor()
 
-    def client_codec(self) -> "Aead2017TcpClientCodec":
+    def client_codec(self) -> ITcpClientCodec:
         """The local end's codec for one new TCP connection."""
         return Aead2017TcpClientCodec(self)
 
-    def server_codec(self, salt_filter: object = None) -> "Aead2017TcpServerCodec":
+    def server_codec(self, salt_filter: SaltFilter | None = None) -> ITcpServerCodec:
         """The server's codec for one new TCP connection; `salt_filter` refuses replayed salts."""
         return Aead2017TcpServerCodec(self, salt_filter)
 
-    def udp_client_codec(self) -> "Aead2017UdpClientCodec":
+    def udp_client_codec(self) -> IUdpClientCodec:
         """The local end's codec for one application's datagrams."""
         return Aead2017UdpClientCodec(self)
 
@@ -234,12 +246,12 @@ class CipherSuite:
         spec = self.spec
         salt = self._fresh_salt(salt)
         if spec.family == "aead":
-            return _aead.aead_udp_seal(
-                _aead.AEAD_PRIMITIVES[spec.name], self._key, salt, plaintext
+            return aead_udp_seal(
+                AEAD_PRIMITIVES[spec.name], self._key, salt, plaintext
             )
         if spec.family == "stream":
-            return _stream.stream_udp_seal(
-                _stream.STREAM_CIPHERS[spec.name], self._key, salt, plaintext
+            return stream_udp_seal(
+                STREAM_CIPHERS[spec.name], self._key, salt, plaintext
             )
         return bytes(plaintext)
 
@@ -247,11 +259,11 @@ class CipherSuite:
         """The plaintext of one datagram; AuthenticationError/ProtocolError if bad."""
         spec = self.spec
         if spec.family == "aead":
-            return _aead.aead_udp_open(
-                _aead.AEAD_PRIMITIVES[spec.name], self._key, spec.salt_size, packet
+            return aead_udp_open(
+                AEAD_PRIMITIVES[spec.name], self._key, spec.salt_size, packet
             )
         if spec.family == "stream":
-            return _stream.stream_udp_open(
-                _stream.STREAM_CIPHERS[spec.name], self._key, spec.salt_size, packet
+            return stream_udp_open(
+                STREAM_CIPHERS[spec.name], self._key, spec.salt_size, packet
             )
         return bytes(packet)

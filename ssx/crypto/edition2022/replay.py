@@ -24,6 +24,7 @@ __all__ = [
     "ReplayError",
     "StaleTimestampError",
     "SaltChecker",
+    "SaltCheck",
     "SaltPool",
     "SlidingWindow",
     "check_timestamp",
@@ -72,7 +73,7 @@ def as_salt_check(checker: SaltCheck) -> Callable[[bytes], bool]:
     """The bound ``check_and_add`` of an object, or a plain callable as is."""
     method = getattr(checker, "check_and_add", None)
     if method is not None:
-        return method  # type: ignore[no-any-return]
+        return method
     if callable(checker):
         return checker
     raise TypeError(f"{checker!r} is neither callable nor has check_and_add")

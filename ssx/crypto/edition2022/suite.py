@@ -15,18 +15,21 @@ faces.  No Twisted here.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from zope.interface import implementer
 
 from ssx.wire.address import Address, decode_address, encode_address
 from ssx.crypto.edition2022.keys import PskChain, lookup_method_2022, parse_password, user_table
 from ssx.crypto.edition2022.replay import SaltPool, SlidingWindow
-from ssx.crypto.edition2022.tcp import RequestDecoder, RequestEncoder
+from ssx.crypto.edition2022.tcp import RequestDecoder, RequestEncoder, ResponseEncoder
 from ssx.crypto.edition2022.udp import UdpClientSession, UdpServerDecoder
 from ssx.crypto._registry import MethodSpec, lookup_method
 from ssx.errors import ProtocolError
 from ssx.interfaces import ICipherSuite, ITcpClientCodec, ITcpServerCodec, IUdpClientCodec
+
+if TYPE_CHECKING:
+    from ssx.crypto._salt_filter import SaltFilter
 
 __all__ = ["Suite2022"]
 
@@ -61,7 +64,7 @@ class Aead2022TcpServerCodec:
         self.address: Address | None = None
         self.user: str | None = None
         self._request = decoder
-        self._response: Any = None
+        self._response: ResponseEncoder | None = None
 
     def decrypt(self, data: bytes) -> bytes:
         out = self._request.decrypt(data)
@@ -136,16 +139,16 @@ class Suite2022:
     def __repr__(self) -> str:
         return f"<Suite2022 method={self.spec.name!r}>"
 
-    def client_codec(self) -> Aead2022TcpClientCodec:
+    def client_codec(self) -> ITcpClientCodec:
         return Aead2022TcpClientCodec(self.spec.name, self._keys, self._now)
 
-    def server_codec(self, salt_filter: Any = None) -> Aead2022TcpServerCodec:
+    def server_codec(self, salt_filter: SaltFilter | None = None) -> ITcpServerCodec:
         # 2022 keeps its own exact salt pool (bounded by the timestamp window).
         return Aead2022TcpServerCodec(
             RequestDecoder(self.spec.name, self._psk, salt_check=self.salts, now=self._now, users=self._users)
         )
 
-    def udp_client_codec(self) -> Aead2022UdpClientCodec:
+    def udp_client_codec(self) -> IUdpClientCodec:
         return Aead2022UdpClientCodec(self.spec.name, self._keys, self._now)
 
     def udp_server_decoder(self) -> UdpServerDecoder:
