@@ -1,5 +1,6 @@
 """
-TCP transports that send at once.
+TCP transports that send at once, and the one home in ssx of the names
+Twisted keeps private.
 
 Twisted's TCP transport buffers every `write` and sends it on the reactor's
 next turn: register for writability (an `epoll_ctl`), wait for the event,
@@ -12,20 +13,53 @@ and fall back to Twisted's buffering for whatever the kernel does not take
 
 `listen` and `connect` use them on Twisted's own POSIX reactors, and
 plain `listenTCP`/`connectTCP` on anything else (a `MemoryReactor` in tests).
+
+Those transports read Twisted's private state, `server_endpoint` reads the
+values a parsed endpoint description keeps privately, and `on_process_exit`
+hooks where Twisted's `ProcessMonitor` hears of an exit.  Every such name is
+used here and nowhere else in ssx, and is listed in `TWISTED_PRIVATE_NAMES`,
+which tests/test_twisted_private.py checks against the installed Twisted:
+a release that moves one fails that test, naming it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import defer, tcp
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IConnector, IListeningPort, IStreamServerEndpoint
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, Factory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["READ_SIZE", "ServerEndpoint", "connect", "listen", "server_endpoint"]
+if TYPE_CHECKING:
+    from twisted.runner.procmon import ProcessMonitor
+
+__all__ = [
+    "READ_SIZE",
+    "TWISTED_PRIVATE_NAMES",
+    "ServerEndpoint",
+    "connect",
+    "listen",
+    "on_process_exit",
+    "server_endpoint",
+]
+
+#: The names private to Twisted that ssx relies on, by the class whose
+#: instances have them (dotted path).  Only this module uses them.
+TWISTED_PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
+    # Read by the transports' `write` to tell an idle, open connection.
+    "twisted.internet.tcp.Connection": ("_tempDataBuffer", "_writeDisconnecting", "_writeDisconnected", "_aborting"),
+    # Overridden, so that connecting makes one of these transports.
+    "twisted.internet.tcp.Connector": ("_makeTransport",),
+    # A parsed `tcp:`/`tcp6:` description keeps its values here.
+    "twisted.internet.endpoints.TCP4ServerEndpoint": ("_port", "_backlog", "_interface"),
+    "twisted.internet.endpoints.TCP6ServerEndpoint": ("_port", "_backlog", "_interface"),
+    # What a monitored process's protocol calls when the process ends.
+    "twisted.runner.procmon.ProcessMonitor": ("_monitoredProcessExited",),
+}
 
 # Twisted reads 65,536 bytes.  Relayed connections read 130,800: with AEAD
 # framing (eight chunks of at most 16,383 bytes) that is exactly 128 KiB on
@@ -164,3 +198,19 @@ def server_endpoint(reactor: Any, description: str, backlog: int) -> IStreamServ
             backlog = endpoint._backlog
         return ServerEndpoint(reactor, endpoint._port, backlog, endpoint._interface)
     return endpoint
+
+
+def on_process_exit(monitor: ProcessMonitor, exited: Callable[[str, Failure | None], None]) -> None:
+    """
+    Have `monitor` call `exited(name, reason)` each time a process it runs
+    has ended, once it has handled that itself (forgotten the process,
+    scheduled any restart).  Twisted has no public hook for this: the
+    protocols of monitored processes call a private method, wrapped here.
+    """
+    handle = monitor._monitoredProcessExited
+
+    def handled(name: str, reason: Failure | None = None) -> None:
+        handle(name, reason)
+        exited(name, reason)
+
+    setattr(monitor, "_monitoredProcessExited", handled)
