@@ -22,7 +22,7 @@ from ssx.errors import ConfigError
 from ssx.server.forbidden import ForbiddenNetworks, parse_forbidden
 from ssx.wire.http_message import HttpError, absolute_target
 from ssx.config.numbers import MAX_COUNT, parse_count, parse_number, parse_port, parse_seconds
-from ssx.net.resolver import parse_nameservers
+from ssx.config.nameservers import parse_nameservers
 from ssx.config.upstreams import ServerEntry, entry_from_url, server_entry
 from ssx.wire.sip003 import Plugin, PluginOptionsError, parse_plugin_options
 from ssx.server.handshakes import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_IP

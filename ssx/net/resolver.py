@@ -20,10 +20,9 @@ from twisted.logger import Logger
 from twisted.names import client, dns, hosts
 from twisted.names.error import DomainError, DNSNameError
 
-from ssx.errors import ConfigError, SSXError
+from ssx.errors import SSXError
 from ssx.server.forbidden import is_ip_literal
 from ssx.net.nat import NatTable
-from ssx.config.numbers import parse_number
 from ssx.net.quiet_udp import QuietUdpReactor
 
 __all__ = [
@@ -31,7 +30,6 @@ __all__ = [
     "NameResolutionError",
     "TargetResolver",
     "nameservers_from_resolv_conf",
-    "parse_nameservers",
 ]
 
 _log = Logger()
@@ -46,42 +44,6 @@ QUERY_TIMEOUTS: tuple[float, ...] = (1, 2, 4)
 
 class NameResolutionError(SSXError):
     """A target name has no usable address."""
-
-
-def parse_nameservers(value: str | list[str] | None) -> tuple[tuple[str, int], ...]:
-    """
-    Parse the `nameserver` setting: comma-separated `IP`, `IP:port` or `[IPv6]:port`.
-    """
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        items = [v.strip() for v in value.split(",") if v.strip()]
-    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-        items = [v.strip() for v in value if v.strip()]
-    else:
-        raise ConfigError("nameserver", "expected a comma-separated string of IP addresses")
-    servers = []
-    for item in items:
-        host, port = item, 53
-        if item.startswith("["):
-            host, _, rest = item[1:].partition("]")
-            if rest:
-                if not rest.startswith(":"):
-                    raise ConfigError("nameserver", f"{item!r} is not IP, IP:port or [IPv6]:port")
-                port = _port(item, rest[1:])
-        elif item.count(":") == 1:
-            host, _, text = item.partition(":")
-            port = _port(item, text)
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise ConfigError("nameserver", f"{item!r} is not an IP address") from None
-        servers.append((host, port))
-    return tuple(servers)
-
-
-def _port(item: str, text: str) -> int:
-    return int(parse_number(text, "nameserver", f"IP:port with a port from 1 to 65535 in {item!r}", minimum=1, maximum=65535))
 
 
 def nameservers_from_resolv_conf(path: str) -> tuple[tuple[str, int], ...]:
