@@ -249,7 +249,7 @@ class PluginService(Service):
         pid = protocol.transport.pid
         if pid is None:
             # Already reaped (Twisted waits for a child once as it spawns it).
-            return _describe_status(protocol.transport.status)
+            return _describe_status(getattr(protocol.transport, "status", None))
         if not hasattr(os, "waitid"):
             return None
         try:

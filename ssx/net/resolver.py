@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Any, Iterable
+from typing import Any, Iterable, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 _log = Logger()
+
+_T = TypeVar("_T")
 
 FALLBACK_NAMESERVERS: tuple[tuple[str, int], ...] = (("8.8.8.8", 53), ("8.8.4.4", 53))
 
@@ -114,7 +116,7 @@ class TargetResolver:
         waiting = []
         for d in list(self._pending):
             ended: Deferred = Deferred()
-            d.addBoth(lambda result, ended=ended: (ended.callback(None), result)[1])
+            d.addBoth(_fire_then_pass, ended)
             waiting.append(ended)
         return DeferredList(waiting)
 
@@ -190,8 +192,12 @@ class TargetResolver:
             return succeed([])
         d = Deferred.fromCoroutine(self._query(name, record_type))
         self._pending.add(d)
-        d.addBoth(lambda result: (self._pending.discard(d), result)[1])
+        d.addBoth(self._forget_pending, d)
         return d
+
+    def _forget_pending(self, result: _T, d: Deferred) -> _T:
+        self._pending.discard(d)
+        return result
 
     async def _query(self, name: str, record_type: int) -> list[str]:
         query = dns.Query(name, record_type, dns.IN)
@@ -201,6 +207,11 @@ class TargetResolver:
         if addresses and ttl > 0:
             self._cache.add((name.lower(), record_type), (addresses, self._reactor.seconds() + min(ttl, CACHE_MAX_TTL)))
         return addresses
+
+
+def _fire_then_pass(result: _T, ended: Deferred) -> _T:
+    ended.callback(None)
+    return result
 
 
 def _lookup(resolver: Any, name: str, record_type: int) -> Deferred:
@@ -216,9 +227,12 @@ async def _lookup_addresses(resolver: Any, name: str, record_type: int) -> list[
 
 
 def _addresses_in(answers: list[dns.RRHeader], record_type: int) -> list[str]:
+    records: list[object] = [r.payload for r in answers]
     if record_type == dns.A:
-        return [r.payload.dottedQuad() for r in answers if r.type == dns.A]
-    return [socket.inet_ntop(socket.AF_INET6, r.payload.address) for r in answers if r.type == dns.AAAA]
+        return [record.dottedQuad() for record in records if isinstance(record, dns.Record_A)]
+    return [
+        socket.inet_ntop(socket.AF_INET6, record.address) for record in records if isinstance(record, dns.Record_AAAA)
+    ]
 
 
 def _describe(error: Exception | None) -> str:

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import defer, tcp
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
-from twisted.internet.interfaces import IConnector, IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IConnector, IListeningPort, IProtocolFactory, IReactorTCP, IStreamServerEndpoint
 from twisted.internet.posixbase import PosixReactorBase
-from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -76,8 +76,8 @@ _SET_LATER = (
 )
 
 
-class _SendAtOnce:
-    """Mixed into `tcp.Connection` subclasses: `write` tries `send()` first."""
+class _SendAtOnce(tcp.Connection):
+    """The base of these transports (before Twisted's own): `write` tries `send()` first."""
 
     bufferSize = READ_SIZE
 
@@ -96,22 +96,22 @@ class _SendAtOnce:
         if (
             type(data) is bytes
             and data
-            and not self.TLS  # type: ignore[attr-defined]  # after startTLS, Twisted's write encrypts
+            and not self.TLS  # after startTLS, Twisted's write encrypts
             # A pull producer is asked for more only from Twisted's write
             # path (once its buffer drains), so its writes must take it.
-            and (self.producer is None or self.streamingProducer)  # type: ignore[attr-defined]
-            and not self._tempDataBuffer  # type: ignore[attr-defined]
-            and self.offset == len(self.dataBuffer)  # type: ignore[attr-defined]
-            and self.connected  # type: ignore[attr-defined]
+            and (self.producer is None or self.streamingProducer)
+            and not self._tempDataBuffer
+            and self.offset == len(self.dataBuffer)
+            and self.connected
             and not (
-                self.disconnecting  # type: ignore[attr-defined]
-                or self._writeDisconnecting  # type: ignore[attr-defined]
-                or self._writeDisconnected  # type: ignore[attr-defined]
-                or self._aborting  # type: ignore[attr-defined]
+                self.disconnecting
+                or self._writeDisconnecting
+                or self._writeDisconnected
+                or self._aborting
             )
         ):
             try:
-                sent = self.socket.send(data)  # type: ignore[attr-defined]
+                sent = self.socket.send(data)
             except OSError:
                 # Would block, or an error: Twisted's write path meets it
                 # again on its next attempt and ends the connection as usual.
@@ -119,7 +119,7 @@ class _SendAtOnce:
             if sent == len(data):
                 return
             data = data[sent:]
-        tcp.Connection.write(self, data)  # type: ignore[arg-type]
+        tcp.Connection.write(self, data)
 
 
 class Server(_SendAtOnce, tcp.Server):
@@ -145,24 +145,30 @@ class Port(tcp.Port):
 
 
 class Connector(tcp.Connector):
+    """A connector whose connections send at once."""
+
     def _makeTransport(self) -> Client:
         return Client(self.host, self.port, self.bindAddress, self, self.reactor)
 
 
-def _fast(reactor: Any) -> bool:
+def _fast(reactor: IReactorTCP) -> bool:
     return isinstance(reactor, PosixReactorBase)
 
 
-def listen(reactor: Any, port: int, factory: Factory, backlog: int = 50, interface: str = "") -> IListeningPort:
+def listen(
+    reactor: IReactorTCP, port: int, factory: IProtocolFactory, backlog: int = 50, interface: str = ""
+) -> IListeningPort:
     """Like `reactor.listenTCP`, with these transports."""
     if not _fast(reactor):
-        return reactor.listenTCP(port, factory, backlog, interface)
+        # IReactorTCP declares a ServerFactory, but endpoints pass any
+        # IProtocolFactory on, as Twisted's own TCP endpoints do.
+        return reactor.listenTCP(port, factory, backlog, interface)  # type: ignore[arg-type]
     listening = Port(port, factory, backlog, interface, reactor)
     listening.startListening()
     return listening
 
 
-def connect(reactor: Any, host: str, port: int, factory: ClientFactory, timeout: float) -> IConnector:
+def connect(reactor: IReactorTCP, host: str, port: int, factory: ClientFactory, timeout: float) -> IConnector:
     """Like `reactor.connectTCP`, with these transports."""
     if not _fast(reactor):
         return reactor.connectTCP(host, port, factory, timeout=timeout)
@@ -175,17 +181,17 @@ def connect(reactor: Any, host: str, port: int, factory: ClientFactory, timeout:
 class ServerEndpoint:
     """A TCP server endpoint that listens with `listen`."""
 
-    def __init__(self, reactor: Any, port: int, backlog: int, interface: str) -> None:
+    def __init__(self, reactor: IReactorTCP, port: int, backlog: int, interface: str) -> None:
         self.reactor = reactor
         self.port = port
         self.backlog = backlog
         self.interface = interface
 
-    def listen(self, factory: Factory) -> defer.Deferred:
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred:
         return defer.execute(listen, self.reactor, self.port, factory, self.backlog, self.interface)
 
 
-def server_endpoint(reactor: Any, description: str, backlog: int) -> IStreamServerEndpoint:
+def server_endpoint(reactor: IReactorTCP, description: str, backlog: int) -> IStreamServerEndpoint:
     """
     `serverFromString(reactor, description)`, except that plain TCP listens
     with these transports, and with `backlog` unless the description gives
