@@ -18,6 +18,7 @@ from typing import Callable, Protocol, Union
 from ssx.errors import ReplayError, ProtocolError
 
 __all__ = [
+    "Clock",
     "MAX_TIME_DIFF",
     "SALT_RETENTION",
     "WINDOW_SIZE",
@@ -31,6 +32,7 @@ __all__ = [
     "as_salt_check",
 ]
 
+#: Where the codecs read the time: seconds since the epoch (``reactor.seconds``).
 Clock = Callable[[], float]
 
 #: Largest accepted |now - timestamp| in seconds (rust's

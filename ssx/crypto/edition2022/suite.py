@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from ssx.wire.address import Address, decode_address, encode_address
 from ssx.crypto.edition2022.keys import PskChain, lookup_method_2022, parse_password, user_table
-from ssx.crypto.edition2022.replay import SaltPool, SlidingWindow
+from ssx.crypto.edition2022.replay import Clock, SaltPool, SlidingWindow
 from ssx.crypto.edition2022.tcp import RequestDecoder, RequestEncoder, ResponseEncoder
 from ssx.crypto.edition2022.udp import UdpClientSession, UdpServerDecoder
 from ssx.crypto._registry import MethodSpec, lookup_method
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
     from ssx.crypto._salt_filter import SaltFilter
 
 __all__ = ["Suite2022"]
-
-Clock = Callable[[], float]
 
 
 @implementer(ITcpClientCodec)

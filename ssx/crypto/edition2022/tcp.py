@@ -23,7 +23,7 @@ from __future__ import annotations
 import hmac
 import os
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
 from ssx.wire.address import Address, decode_target, encode_address
 from ssx.crypto.edition2022.chunks import (
@@ -47,7 +47,7 @@ from ssx.crypto.edition2022.keys import (
     require_key_size,
     session_subkey,
 )
-from ssx.crypto.edition2022.replay import ReplayError, SaltCheck, as_salt_check, check_timestamp
+from ssx.crypto.edition2022.replay import Clock, ReplayError, SaltCheck, as_salt_check, check_timestamp
 from ssx.errors import AuthenticationError, ConfigError, ProtocolError
 
 __all__ = [
@@ -59,8 +59,6 @@ __all__ = [
     "MAX_CHUNK",
     "MAX_PADDING",
 ]
-
-Clock = Callable[[], float]
 
 #: Largest padding in a request's variable header.
 MAX_PADDING = 900

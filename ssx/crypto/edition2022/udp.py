@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
 from cryptography.exceptions import InvalidTag
 
@@ -44,7 +44,7 @@ from ssx.crypto.edition2022.keys import (
     require_key_size,
     session_subkey,
 )
-from ssx.crypto.edition2022.replay import MAX_TIME_DIFF, SlidingWindow, check_timestamp
+from ssx.crypto.edition2022.replay import MAX_TIME_DIFF, Clock, SlidingWindow, check_timestamp
 from ssx.errors import AuthenticationError, ConfigError, ProtocolError, ReplayError
 
 __all__ = [
@@ -54,8 +54,6 @@ __all__ = [
     "UdpServerDecoder",
     "UdpServerSession",
 ]
-
-Clock = Callable[[], float]
 
 TAG_SIZE = 16
 SEPARATE_HEADER_SIZE = 16
