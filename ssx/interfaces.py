@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from twisted.internet.protocol import Protocol
 
     from ssx.config.upstreams import ServerEntry
+    from ssx.crypto import SaltFilter
     from ssx.wire.address import Address
 
 __all__ = [
@@ -43,7 +44,7 @@ class ICipherSuite(Interface):
     def client_codec() -> ITcpClientCodec:
         """The local end's codec for one new TCP connection to the server."""
 
-    def server_codec(salt_filter: object = None) -> ITcpServerCodec:
+    def server_codec(salt_filter: SaltFilter | None = None) -> ITcpServerCodec:
         """
         The server's codec for one new TCP connection from a client;
         `salt_filter` refuses replayed salts (the 2022 edition keeps its own).

@@ -20,7 +20,7 @@ from twisted.trial import unittest
 from ssx.wire.address import Address
 from ssx.config import server_config
 from ssx.crypto import generate_psk, make_suite
-from ssx.crypto._2022 import UdpClientSession, parse_password
+from ssx.crypto.edition2022 import UdpClientSession, parse_password
 from ssx.errors import ConfigError
 from tests import support
 from tests.support import mixed_payloads

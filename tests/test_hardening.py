@@ -31,7 +31,7 @@ from ssx.wire.address import Address, decode_address, encode_address
 from ssx.crypto import METHODS, generate_psk, lookup_method, make_suite
 from ssx.errors import ProtocolError, ReplayError
 from ssx.net.relay import SWEEP_INTERVAL
-from ssx.crypto._salt_filter import SaltFilter
+from ssx.crypto import SaltFilter
 from tests import support
 from tests.support import RawClient, SocksClient, coroutine_test, sleep, wait_for, wait_until, fd_table, open_fds
 

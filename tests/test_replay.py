@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import tracemalloc
 
 from twisted.trial import unittest
 
-from ssx.crypto import _salt_filter as replay
-from ssx.crypto._salt_filter import SaltFilter
+from ssx.crypto import SaltFilter
 
 
 def _held_by_filter() -> int:
-    """Bytes allocated by ssx/replay.py's code and still held (tracemalloc must be tracing)."""
-    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, replay.__file__)])
+    """Bytes allocated by the salt filter's module and still held (tracemalloc must be tracing)."""
+    source = inspect.getsourcefile(SaltFilter)
+    assert source is not None
+    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, source)])
     return sum(stat.size for stat in snapshot.statistics("filename"))
 
 

@@ -14,12 +14,12 @@ from twisted.names import dns, server as dns_server
 from twisted.trial import unittest
 
 from ssx.errors import ConfigError
+from ssx.config.nameservers import parse_nameservers
 from ssx.net.resolver import (
     FALLBACK_NAMESERVERS,
     NameResolutionError,
     TargetResolver,
     nameservers_from_resolv_conf,
-    parse_nameservers,
 )
 from tests import support
 from tests.support import Zone

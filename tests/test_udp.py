@@ -24,7 +24,7 @@ from twisted.trial import unittest
 from ssx.wire import socks5
 from ssx.wire.address import Address, encode_address
 from ssx.crypto import CipherSuite, generate_psk, make_suite
-from ssx.crypto._2022 import UdpClientSession, parse_password
+from ssx.crypto.edition2022 import UdpClientSession, parse_password
 from ssx.server.forbidden import parse_forbidden
 from ssx.local.socks import ProxyPortFactory
 from ssx.local.udp import Socks5UdpRelay

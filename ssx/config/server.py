@@ -32,7 +32,7 @@ from ssx.config.values import (
 )
 from ssx.crypto import lookup_method, make_suite
 from ssx.errors import ConfigError
-from ssx.net.resolver import parse_nameservers
+from ssx.config.nameservers import parse_nameservers
 from ssx.server.forbidden import ForbiddenNetworks, parse_forbidden
 from ssx.server.handshakes import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_IP
 from ssx.wire.sip003 import Plugin

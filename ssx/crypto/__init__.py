@@ -1,20 +1,29 @@
 """
-The cipher layer of ssx: method table, key derivation and the Shadowsocks
-framing (AEAD-2017, legacy stream, none) for TCP streams and UDP datagrams.
+The cipher layer of ssx: method table, key derivation, the Shadowsocks
+framing of every edition for TCP streams and UDP datagrams, and the replay
+filters.
 
 Sans-IO and Twisted-free: the relays feed bytes in and write bytes out.
-Both suites, `CipherSuite` and `Suite2022`, provide
-`ssx.interfaces.ICipherSuite`: the TCP relays, the local end's UDP and the
-health check use only what it declares (the server's UDP relays also use
-their edition's own datagram methods, choosing by `spec.family`).
+Both suites, `CipherSuite` (stream, AEAD-2017, none) and `Suite2022`
+(SIP022), provide `ssx.interfaces.ICipherSuite`: the TCP relays, the local
+end's UDP and the health check use only what it declares (the server's UDP
+relays also use their edition's own datagram methods, choosing by
+`spec.family`).
+
+Layout: `_registry` (the method table), `_suite` (`CipherSuite` and its
+codecs) over `_aead`, `_stream`, `_plain` and `_kdf`; `_chunks` (the AEAD
+chunk loop both editions share); `_salt_filter` (the servers' replay filter
+for stream and AEAD-2017 salts); `edition2022/` (everything of the 2022
+edition, its own replay checks included); `certificate` (TLS keys for the
+`ssl:` endpoints, not Shadowsocks).
 """
 
 import time
 from typing import Callable, Mapping
 
-from ssx.crypto._2022 import MAX_TIME_DIFF, generate_psk
-from ssx.crypto._codecs import Suite2022, TcpClientCodec, TcpServerCodec, UdpClientCodec
+from ssx.crypto.edition2022 import MAX_TIME_DIFF, Suite2022, generate_psk
 from ssx.crypto._registry import METHODS, MethodSpec, lookup_method
+from ssx.crypto._salt_filter import SaltFilter
 from ssx.crypto._suite import CipherSuite, TcpDecryptor, TcpEncryptor
 from ssx.errors import ConfigError
 
@@ -26,9 +35,7 @@ __all__ = [
     "Suite2022",
     "TcpEncryptor",
     "TcpDecryptor",
-    "TcpClientCodec",
-    "TcpServerCodec",
-    "UdpClientCodec",
+    "SaltFilter",
     "generate_psk",
     "make_suite",
     "MAX_TIME_DIFF",

@@ -6,7 +6,7 @@ through `AeadTcpEncryptor.encrypt` on one side and `AeadTcpDecryptor.decrypt`
 on the other, so both keep Python-level work per chunk to a minimum (an AEAD
 object built per call from the kept subkey, an integer nonce, memoryview
 slices instead of copies, one join per call).  The decryptor's chunk loop
-is `_chunks.ChunkDecoder`, shared with the 2022 edition.
+is `_chunks.AeadChunkDecoder`, shared with the 2022 edition.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable, Union
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from ssx.crypto._chunks import TAG_SIZE, ChunkDecoder, Open
+from ssx.crypto._chunks import TAG_SIZE, AeadChunkDecoder, Open
 from ssx.crypto._kdf import derive_subkey
 from ssx.errors import AuthenticationError, ProtocolError
 
@@ -96,10 +96,10 @@ class AeadTcpEncryptor:
         return b"".join(parts)
 
 
-class AeadTcpDecryptor(ChunkDecoder):
+class AeadTcpDecryptor(AeadChunkDecoder):
     """
     One direction of an AEAD TCP stream, receiving side: the salt, then
-    chunks (the loop is `ChunkDecoder`'s).
+    chunks (the loop is `AeadChunkDecoder`'s).
 
     Strict per the spec's recommendation: a zero or over-long length is an
     error, as is any failed tag.

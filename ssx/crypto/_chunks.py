@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidTag
 
 from ssx.errors import AuthenticationError, ProtocolError
 
-__all__ = ["ChunkDecoder", "TAG_SIZE"]
+__all__ = ["AeadChunkDecoder", "Open", "TAG_SIZE"]
 
 Open = Callable[[bytes, "bytes | memoryview", None], bytes]
 
@@ -24,7 +24,7 @@ TAG_SIZE = 16
 _LENGTH_BLOCK = 2 + TAG_SIZE
 
 
-class ChunkDecoder:
+class AeadChunkDecoder:
     """
     Buffering and the chunk loop; accepts any fragmentation.
 

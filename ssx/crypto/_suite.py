@@ -1,28 +1,52 @@
 """
-`CipherSuite`: one configured method plus its master key.
+`CipherSuite`: one configured stream, AEAD-2017 or none method plus its
+master key, and the per-connection codecs it hands the relays.
 
 The relays hold one suite per configured server/port and ask it for a fresh
-encryptor and decryptor per TCP connection direction, or to seal/open single
-UDP datagrams.  This module only dispatches to the family modules (`_aead`,
-`_stream`, `_plain`); it does no cipher work itself.
+codec per TCP connection (`client_codec`, `server_codec`) or per
+application's datagrams (`udp_client_codec`): the faces declared in
+`ssx.interfaces`, which `Suite2022` (`ssx.crypto.edition2022.suite`) shows
+for the 2022 edition, so the protocols never know which edition they carry.
+Underneath, the suite makes an encryptor and a decryptor per TCP direction
+and seals/opens single UDP datagrams by dispatching to the family modules
+(`_aead`, `_stream`, `_plain`); it does no cipher work itself.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import Callable, Protocol
 
 from zope.interface import implementer
 
-from ssx.crypto import _aead, _stream
+from ssx.wire.address import Address, decode_target, encode_address
+from ssx.crypto._aead import AEAD_PRIMITIVES, AeadTcpDecryptor, AeadTcpEncryptor, aead_udp_open, aead_udp_seal
 from ssx.crypto._kdf import evp_bytes_to_key
 from ssx.crypto._plain import PlainTcpDecryptor, PlainTcpEncryptor
 from ssx.crypto._registry import MethodSpec, lookup_method
-from ssx.errors import ConfigError
-from ssx.interfaces import ICipherSuite
-from ssx.crypto._codecs import LegacyClientCodec, LegacyServerCodec, LegacyUdpClientCodec
+from ssx.crypto._salt_filter import SaltFilter
+from ssx.crypto._stream import (
+    STREAM_CIPHERS,
+    StreamTcpDecryptor,
+    StreamTcpEncryptor,
+    stream_udp_open,
+    stream_udp_seal,
+)
+from ssx.errors import ConfigError, ProtocolError, ReplayError
+from ssx.interfaces import ICipherSuite, ITcpClientCodec, ITcpServerCodec, IUdpClientCodec
 
-__all__ = ["CipherSuite", "TcpEncryptor", "TcpDecryptor"]
+__all__ = [
+    "CipherSuite",
+    "TcpEncryptor",
+    "TcpDecryptor",
+    "Aead2017TcpClientCodec",
+    "Aead2017TcpServerCodec",
+    "Aead2017UdpClientCodec",
+]
+
+# The longest address header (ATYP 3, 255-byte name): a stream whose first
+# plaintext bytes cannot start with an address within this is broken.
+_MAX_ADDRESS = 1 + 1 + 255 + 2
 
 
 class TcpEncryptor(Protocol):
@@ -43,6 +67,99 @@ class TcpDecryptor(Protocol):
 
     def decrypt(self, data: bytes) -> bytes:
         """Plaintext completed by `data` (possibly b""); ProtocolError on bad input."""
+
+
+@implementer(ITcpClientCodec)
+class Aead2017TcpClientCodec:
+    """
+    The local end's side of one TCP connection in the AEAD-2017 framing,
+    which the stream and none methods share: salt (IV), then a cipher
+    stream whose first plaintext is the target's address.
+    """
+
+    __slots__ = ("encrypt", "decrypt")
+
+    def __init__(self, suite: CipherSuite) -> None:
+        self.encrypt = suite.tcp_encryptor().encrypt
+        self.decrypt = suite.tcp_decryptor().decrypt
+
+    def first(self, address: Address, payload: bytes) -> bytes:
+        return self.encrypt(encode_address(address) + payload)
+
+
+@implementer(ITcpServerCodec)
+class Aead2017TcpServerCodec:
+    """
+    The server's side of one TCP connection in the AEAD-2017 framing (and
+    the stream and none methods'): parses the address at the start of the
+    decrypted stream.  With a salt
+    filter, the client's salt is checked once the stream has authenticated
+    (so garbage cannot fill the filter) and this server's own outgoing salts
+    are remembered too (so a reflected response is refused as a replay).
+    """
+
+    __slots__ = ("address", "user", "_decryptor", "_decrypt", "_head", "_suite", "_encrypt", "_salts")
+
+    def __init__(self, suite: CipherSuite, salt_filter: SaltFilter | None = None) -> None:
+        self.address: Address | None = None
+        self.user: str | None = None
+        self._suite = suite
+        self._decryptor = suite.tcp_decryptor()
+        self._decrypt = self._decryptor.decrypt
+        self._head = b""
+        self._encrypt: Callable[[bytes], bytes] | None = None
+        self._salts = salt_filter if suite.spec.salt_size else None
+
+    def decrypt(self, data: bytes) -> bytes:
+        plain = self._decrypt(data)
+        if self.address is not None:
+            return plain
+        head = self._head + plain
+        parsed = decode_target(head)
+        if parsed is None:
+            if len(head) >= _MAX_ADDRESS:
+                raise ProtocolError("no address at the start of the stream")
+            self._head = head
+            return b""
+        salts = self._salts
+        if salts is not None:
+            salt = self._decryptor.salt
+            assert salt is not None  # it has yielded plaintext, so its salt is in
+            if not salts.check_and_add(salt):
+                raise ReplayError("salt seen before")
+        self.address, end = parsed
+        self._head = b""
+        return head[end:]
+
+    def _encryptor(self) -> Callable[[bytes], bytes]:
+        if self._encrypt is None:
+            salts = self._salts
+            # With a filter, our own salts are made recognisable (a reflected
+            # response is then refused as a replay).
+            salt = salts.own_salt(self._suite.spec.salt_size) if salts is not None else None
+            self._encrypt = self._suite.tcp_encryptor(salt).encrypt
+        return self._encrypt
+
+    def encrypt(self, data: bytes) -> bytes:
+        return self._encryptor()(data)
+
+    def data_path(self) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]:
+        # After the address the decryptor's output is the application's, as is.
+        return self._decrypt, self._encryptor()
+
+
+@implementer(IUdpClientCodec)
+class Aead2017UdpClientCodec:
+    """
+    The local end's datagrams in the AEAD-2017 framing (and the stream and
+    none methods'): stateless, each datagram sealed on its own.
+    """
+
+    __slots__ = ("seal", "open")
+
+    def __init__(self, suite: CipherSuite) -> None:
+        self.seal = suite.udp_seal
+        self.open = suite.udp_open
 
 
 @implementer(ICipherSuite)
@@ -94,47 +211,47 @@ class CipherSuite:
         spec = self.spec
         salt = self._fresh_salt(salt)
         if spec.family == "aead":
-            return _aead.AeadTcpEncryptor(_aead.AEAD_PRIMITIVES[spec.name], self._key, salt)
+            return AeadTcpEncryptor(AEAD_PRIMITIVES[spec.name], self._key, salt)
         if spec.family == "stream":
-            return _stream.StreamTcpEncryptor(_stream.STREAM_CIPHERS[spec.name], self._key, salt)
+            return StreamTcpEncryptor(STREAM_CIPHERS[spec.name], self._key, salt)
         return PlainTcpEncryptor()
 
     def tcp_decryptor(self) -> TcpDecryptor:
         """A new receiving direction."""
         spec = self.spec
         if spec.family == "aead":
-            return _aead.AeadTcpDecryptor(
-                _aead.AEAD_PRIMITIVES[spec.name], self._key, spec.salt_size
+            return AeadTcpDecryptor(
+                AEAD_PRIMITIVES[spec.name], self._key, spec.salt_size
             )
         if spec.family == "stream":
-            return _stream.StreamTcpDecryptor(
-                _stream.STREAM_CIPHERS[spec.name], self._key, spec.salt_size
+            return StreamTcpDecryptor(
+                STREAM_CIPHERS[spec.name], self._key, spec.salt_size
             )
         return PlainTcpDecryptor()
 
-    def client_codec(self) -> "LegacyClientCodec":
+    def client_codec(self) -> ITcpClientCodec:
         """The local end's codec for one new TCP connection."""
-        return LegacyClientCodec(self)
+        return Aead2017TcpClientCodec(self)
 
-    def server_codec(self, salt_filter: object = None) -> "LegacyServerCodec":
+    def server_codec(self, salt_filter: SaltFilter | None = None) -> ITcpServerCodec:
         """The server's codec for one new TCP connection; `salt_filter` refuses replayed salts."""
-        return LegacyServerCodec(self, salt_filter)
+        return Aead2017TcpServerCodec(self, salt_filter)
 
-    def udp_client_codec(self) -> "LegacyUdpClientCodec":
+    def udp_client_codec(self) -> IUdpClientCodec:
         """The local end's codec for one application's datagrams."""
-        return LegacyUdpClientCodec(self)
+        return Aead2017UdpClientCodec(self)
 
     def udp_seal(self, plaintext: bytes, salt: bytes | None = None) -> bytes:
         """One encrypted datagram; `salt` fixes the salt/IV (tests only)."""
         spec = self.spec
         salt = self._fresh_salt(salt)
         if spec.family == "aead":
-            return _aead.aead_udp_seal(
-                _aead.AEAD_PRIMITIVES[spec.name], self._key, salt, plaintext
+            return aead_udp_seal(
+                AEAD_PRIMITIVES[spec.name], self._key, salt, plaintext
             )
         if spec.family == "stream":
-            return _stream.stream_udp_seal(
-                _stream.STREAM_CIPHERS[spec.name], self._key, salt, plaintext
+            return stream_udp_seal(
+                STREAM_CIPHERS[spec.name], self._key, salt, plaintext
             )
         return bytes(plaintext)
 
@@ -142,11 +259,11 @@ class CipherSuite:
         """The plaintext of one datagram; AuthenticationError/ProtocolError if bad."""
         spec = self.spec
         if spec.family == "aead":
-            return _aead.aead_udp_open(
-                _aead.AEAD_PRIMITIVES[spec.name], self._key, spec.salt_size, packet
+            return aead_udp_open(
+                AEAD_PRIMITIVES[spec.name], self._key, spec.salt_size, packet
             )
         if spec.family == "stream":
-            return _stream.stream_udp_open(
-                _stream.STREAM_CIPHERS[spec.name], self._key, spec.salt_size, packet
+            return stream_udp_open(
+                STREAM_CIPHERS[spec.name], self._key, spec.salt_size, packet
             )
         return bytes(packet)

@@ -22,9 +22,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ssx.wire.address import Address, encode_address
-from ssx.crypto import TcpClientCodec
 from ssx.errors import AddressError
-from ssx.interfaces import IServerPicker, IUpstream
+from ssx.interfaces import IServerPicker, ITcpClientCodec, IUpstream
 from ssx.net.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol
 
 __all__ = [
@@ -88,7 +87,7 @@ class LocalRelayProtocol(InboundProtocol):
         self._target: Address | None = None
         self._connecting: Deferred | None = None
         self._header_call: Any = None
-        self._codec: TcpClientCodec | None = None
+        self._codec: ITcpClientCodec | None = None
         self._opened = False  # the stream's first write (target + first data) went out
         self._upstream: IUpstream | None = None
         self._candidates: list[IUpstream] = []

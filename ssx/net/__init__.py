@@ -2,8 +2,10 @@
 The Twisted plumbing both ends share.
 
 `tcp` holds the lean TCP transports and is the one module that touches
-Twisted's private names; `listener` turns endpoints into services; `relay`
-joins two connections with flow control and idle timeouts; `nat` is the
-expiring table of the UDP relays; `resolver` is name resolution on
-twisted.names; `plugin` runs a SIP003 plugin as a supervised child process.
+Twisted's private names (listed in `tcp.TWISTED_PRIVATE_NAMES`, checked by
+tests/test_twisted_private.py); `quiet_udp` is a UDP socket that logs
+nothing; `listener` turns endpoints into services; `relay` joins two
+connections with flow control and idle timeouts; `nat` is the expiring
+table of the UDP relays; `resolver` is name resolution on twisted.names;
+`plugin` runs a SIP003 plugin as a supervised child process.
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -133,7 +134,7 @@ class DatagramListenerService(Service):
         if address is None:
             assert self.beside is not None and self.beside.port is not None
             bound = self.beside.port.getHost()
-            if not hasattr(bound, "port"):
+            if not isinstance(bound, (IPv4Address, IPv6Address)):
                 _log.warn("{label}: no UDP beside {where}: not an IP listener", label=self.label, where=self.beside.description)
                 return
             address = (bound.host, bound.port)

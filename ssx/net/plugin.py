@@ -28,7 +28,7 @@ import os
 import shutil
 import socket
 import time
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -40,6 +40,7 @@ from twisted.runner.procmon import ProcessMonitor
 from zope.interface import implementer
 
 from ssx.errors import ConfigError
+from ssx.net.tcp import on_process_exit
 from ssx.wire.sip003 import Plugin, plugin_environment
 
 __all__ = ["PluginMonitor", "PluginService", "find_plugin"]
@@ -115,7 +116,9 @@ class PluginMonitor(ProcessMonitor):
 
     def __init__(self, reactor: Any) -> None:
         ProcessMonitor.__init__(self, _DevNullStdin(reactor))
+        self._seconds: Callable[[], float] = reactor.seconds
         self._waiting: list[Deferred] = []
+        on_process_exit(self, self._after_exit)
 
     def startProcess(self, name: str) -> None:
         ProcessMonitor.startProcess(self, name)
@@ -123,9 +126,8 @@ class PluginMonitor(ProcessMonitor):
         if protocol is not None and protocol.transport is not None and protocol.transport.pid is not None:
             _log.info("plugin {name} started, pid {pid}", name=name, pid=protocol.transport.pid)
 
-    def _monitoredProcessExited(self, name: str, reason: Failure | None = None) -> None:
-        # The hook Twisted's LoggingProtocol calls when a monitored process ends.
-        ProcessMonitor._monitoredProcessExited(self, name, reason)
+    def _after_exit(self, name: str, reason: Failure | None) -> None:
+        # Twisted has forgotten the process and scheduled any restart.
         why = describe_exit(reason)
         restart = self.restart.get(name)
         if self.running and restart is not None and restart.active():
@@ -133,7 +135,7 @@ class PluginMonitor(ProcessMonitor):
                 "plugin {name} exited ({why}); restarting in {delay:g} s",
                 name=name,
                 why=why,
-                delay=max(0.0, restart.getTime() - self._clock.seconds()),
+                delay=max(0.0, restart.getTime() - self._seconds()),
             )
         else:
             _log.info("plugin {name} ended ({why})", name=name, why=why)
@@ -247,7 +249,7 @@ class PluginService(Service):
         pid = protocol.transport.pid
         if pid is None:
             # Already reaped (Twisted waits for a child once as it spawns it).
-            return _describe_status(protocol.transport.status)
+            return _describe_status(getattr(protocol.transport, "status", None))
         if not hasattr(os, "waitid"):
             return None
         try:

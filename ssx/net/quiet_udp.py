@@ -22,8 +22,9 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IReadDescriptor
+from twisted.internet.interfaces import IListeningPort, IReactorUDP, IReadDescriptor
 from twisted.internet.posixbase import PosixReactorBase
+from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -38,7 +39,14 @@ _READ_PER_EVENT = 256 * 1024
 class QuietUdpPort:
     """An unconnected UDP socket bound to `interface`:`port`, feeding `protocol`."""
 
-    def __init__(self, reactor: Any, port: int, protocol: Any, interface: str = "", max_packet_size: int = 8192) -> None:
+    def __init__(
+        self,
+        reactor: PosixReactorBase,
+        port: int,
+        protocol: DatagramProtocol,
+        interface: str = "",
+        max_packet_size: int = 8192,
+    ) -> None:
         self.reactor = reactor
         self.port = port
         self.protocol = protocol
@@ -59,7 +67,9 @@ class QuietUdpPort:
             sock.close()
             raise CannotListenError(self.interface, self.port, e) from None
         self.socket = sock
-        self.protocol.makeConnection(self)
+        # This port is the part of IUDPTransport datagram protocols use
+        # (write, getHost, stopListening), not connect or broadcast.
+        self.protocol.makeConnection(self)  # type: ignore[arg-type]
         self.reactor.addReader(self)
 
     # IReadDescriptor
@@ -93,7 +103,7 @@ class QuietUdpPort:
 
     # IUDPTransport
 
-    def write(self, packet: bytes, addr: Any = None) -> None:
+    def write(self, packet: bytes, addr: tuple[str, int] | None = None) -> None:
         assert self.socket is not None and addr is not None
         try:
             self.socket.sendto(packet, addr)
@@ -105,7 +115,7 @@ class QuietUdpPort:
             if e.errno not in (errno.ENOBUFS, errno.EAGAIN):
                 raise
 
-    def getHost(self) -> Any:
+    def getHost(self) -> IPv4Address | IPv6Address:
         assert self.socket is not None
         host, port = self.socket.getsockname()[:2]
         return (IPv6Address if ":" in host else IPv4Address)("UDP", host, port)
@@ -128,7 +138,9 @@ class QuietUdpPort:
         return f"<QuietUdpPort {self.interface}:{self.port} for {self.protocol!r}>"
 
 
-def listen_udp(reactor: Any, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> Any:
+def listen_udp(
+    reactor: IReactorUDP, port: int, protocol: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192
+) -> IListeningPort:
     """`reactor.listenUDP`, without its log lines where the reactor allows."""
     if not isinstance(reactor, PosixReactorBase):
         return reactor.listenUDP(port, protocol, interface=interface, maxPacketSize=maxPacketSize)
@@ -147,7 +159,9 @@ class QuietUdpReactor:
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
 
-    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> Any:
+    def listenUDP(
+        self, port: int, protocol: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192
+    ) -> IListeningPort:
         protocol.noisy = False
         return listen_udp(self._reactor, port, protocol, interface, maxPacketSize)
 

@@ -59,7 +59,7 @@ def set_no_delay(transport: object) -> None:
     """Turn Nagle off where the transport is TCP: a relay adds latency enough."""
     if ITCPTransport.providedBy(transport):
         try:
-            transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+            transport.setTcpNoDelay(True)
         except OSError:
             pass
 
@@ -82,7 +82,7 @@ def connect_protocol(endpoint: IStreamClientEndpoint, protocol: Protocol) -> Def
     (for an `OutboundProtocol`: once ready, so over TLS after the handshake,
     and with the connection's failure if it ends before that).
     """
-    d = endpoint.connect(_OneConnection(protocol))
+    d: Deferred[Any] = endpoint.connect(_OneConnection(protocol))
     if isinstance(protocol, OutboundProtocol):
         d.addCallback(lambda connected: connected.ready)
     return d

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Any, Iterable
+from typing import Any, Iterable, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -20,10 +20,9 @@ from twisted.logger import Logger
 from twisted.names import client, dns, hosts
 from twisted.names.error import DomainError, DNSNameError
 
-from ssx.errors import ConfigError, SSXError
+from ssx.errors import SSXError
 from ssx.server.forbidden import is_ip_literal
 from ssx.net.nat import NatTable
-from ssx.numbers import parse_number
 from ssx.net.quiet_udp import QuietUdpReactor
 
 __all__ = [
@@ -31,10 +30,11 @@ __all__ = [
     "NameResolutionError",
     "TargetResolver",
     "nameservers_from_resolv_conf",
-    "parse_nameservers",
 ]
 
 _log = Logger()
+
+_T = TypeVar("_T")
 
 FALLBACK_NAMESERVERS: tuple[tuple[str, int], ...] = (("8.8.8.8", 53), ("8.8.4.4", 53))
 
@@ -46,42 +46,6 @@ QUERY_TIMEOUTS: tuple[float, ...] = (1, 2, 4)
 
 class NameResolutionError(SSXError):
     """A target name has no usable address."""
-
-
-def parse_nameservers(value: str | list[str] | None) -> tuple[tuple[str, int], ...]:
-    """
-    Parse the `nameserver` setting: comma-separated `IP`, `IP:port` or `[IPv6]:port`.
-    """
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        items = [v.strip() for v in value.split(",") if v.strip()]
-    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-        items = [v.strip() for v in value if v.strip()]
-    else:
-        raise ConfigError("nameserver", "expected a comma-separated string of IP addresses")
-    servers = []
-    for item in items:
-        host, port = item, 53
-        if item.startswith("["):
-            host, _, rest = item[1:].partition("]")
-            if rest:
-                if not rest.startswith(":"):
-                    raise ConfigError("nameserver", f"{item!r} is not IP, IP:port or [IPv6]:port")
-                port = _port(item, rest[1:])
-        elif item.count(":") == 1:
-            host, _, text = item.partition(":")
-            port = _port(item, text)
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise ConfigError("nameserver", f"{item!r} is not an IP address") from None
-        servers.append((host, port))
-    return tuple(servers)
-
-
-def _port(item: str, text: str) -> int:
-    return int(parse_number(text, "nameserver", f"IP:port with a port from 1 to 65535 in {item!r}", minimum=1, maximum=65535))
 
 
 def nameservers_from_resolv_conf(path: str) -> tuple[tuple[str, int], ...]:
@@ -152,7 +116,7 @@ class TargetResolver:
         waiting = []
         for d in list(self._pending):
             ended: Deferred = Deferred()
-            d.addBoth(lambda result, ended=ended: (ended.callback(None), result)[1])
+            d.addBoth(_fire_then_pass, ended)
             waiting.append(ended)
         return DeferredList(waiting)
 
@@ -228,8 +192,12 @@ class TargetResolver:
             return succeed([])
         d = Deferred.fromCoroutine(self._query(name, record_type))
         self._pending.add(d)
-        d.addBoth(lambda result: (self._pending.discard(d), result)[1])
+        d.addBoth(self._forget_pending, d)
         return d
+
+    def _forget_pending(self, result: _T, d: Deferred) -> _T:
+        self._pending.discard(d)
+        return result
 
     async def _query(self, name: str, record_type: int) -> list[str]:
         query = dns.Query(name, record_type, dns.IN)
@@ -239,6 +207,11 @@ class TargetResolver:
         if addresses and ttl > 0:
             self._cache.add((name.lower(), record_type), (addresses, self._reactor.seconds() + min(ttl, CACHE_MAX_TTL)))
         return addresses
+
+
+def _fire_then_pass(result: _T, ended: Deferred) -> _T:
+    ended.callback(None)
+    return result
 
 
 def _lookup(resolver: Any, name: str, record_type: int) -> Deferred:
@@ -254,9 +227,12 @@ async def _lookup_addresses(resolver: Any, name: str, record_type: int) -> list[
 
 
 def _addresses_in(answers: list[dns.RRHeader], record_type: int) -> list[str]:
+    records: list[object] = [r.payload for r in answers]
     if record_type == dns.A:
-        return [r.payload.dottedQuad() for r in answers if r.type == dns.A]
-    return [socket.inet_ntop(socket.AF_INET6, r.payload.address) for r in answers if r.type == dns.AAAA]
+        return [record.dottedQuad() for record in records if isinstance(record, dns.Record_A)]
+    return [
+        socket.inet_ntop(socket.AF_INET6, record.address) for record in records if isinstance(record, dns.Record_AAAA)
+    ]
 
 
 def _describe(error: Exception | None) -> str:

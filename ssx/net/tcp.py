@@ -1,5 +1,6 @@
 """
-TCP transports that send at once.
+TCP transports that send at once, and the one home in ssx of the names
+Twisted keeps private.
 
 Twisted's TCP transport buffers every `write` and sends it on the reactor's
 next turn: register for writability (an `epoll_ctl`), wait for the event,
@@ -12,20 +13,53 @@ and fall back to Twisted's buffering for whatever the kernel does not take
 
 `listen` and `connect` use them on Twisted's own POSIX reactors, and
 plain `listenTCP`/`connectTCP` on anything else (a `MemoryReactor` in tests).
+
+Those transports read Twisted's private state, `server_endpoint` reads the
+values a parsed endpoint description keeps privately, and `on_process_exit`
+hooks where Twisted's `ProcessMonitor` hears of an exit.  Every such name is
+used here and nowhere else in ssx, and is listed in `TWISTED_PRIVATE_NAMES`,
+which tests/test_twisted_private.py checks against the installed Twisted:
+a release that moves one fails that test, naming it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import defer, tcp
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
-from twisted.internet.interfaces import IConnector, IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IConnector, IListeningPort, IProtocolFactory, IReactorTCP, IStreamServerEndpoint
 from twisted.internet.posixbase import PosixReactorBase
-from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet.protocol import ClientFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["READ_SIZE", "ServerEndpoint", "connect", "listen", "server_endpoint"]
+if TYPE_CHECKING:
+    from twisted.runner.procmon import ProcessMonitor
+
+__all__ = [
+    "READ_SIZE",
+    "TWISTED_PRIVATE_NAMES",
+    "ServerEndpoint",
+    "connect",
+    "listen",
+    "on_process_exit",
+    "server_endpoint",
+]
+
+#: The names private to Twisted that ssx relies on, by the class whose
+#: instances have them (dotted path).  Only this module uses them.
+TWISTED_PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
+    # Read by the transports' `write` to tell an idle, open connection.
+    "twisted.internet.tcp.Connection": ("_tempDataBuffer", "_writeDisconnecting", "_writeDisconnected", "_aborting"),
+    # Overridden, so that connecting makes one of these transports.
+    "twisted.internet.tcp.Connector": ("_makeTransport",),
+    # A parsed `tcp:`/`tcp6:` description keeps its values here.
+    "twisted.internet.endpoints.TCP4ServerEndpoint": ("_port", "_backlog", "_interface"),
+    "twisted.internet.endpoints.TCP6ServerEndpoint": ("_port", "_backlog", "_interface"),
+    # What a monitored process's protocol calls when the process ends.
+    "twisted.runner.procmon.ProcessMonitor": ("_monitoredProcessExited",),
+}
 
 # Twisted reads 65,536 bytes.  Relayed connections read 130,800: with AEAD
 # framing (eight chunks of at most 16,383 bytes) that is exactly 128 KiB on
@@ -42,8 +76,8 @@ _SET_LATER = (
 )
 
 
-class _SendAtOnce:
-    """Mixed into `tcp.Connection` subclasses: `write` tries `send()` first."""
+class _SendAtOnce(tcp.Connection):
+    """The base of these transports (before Twisted's own): `write` tries `send()` first."""
 
     bufferSize = READ_SIZE
 
@@ -62,22 +96,22 @@ class _SendAtOnce:
         if (
             type(data) is bytes
             and data
-            and not self.TLS  # type: ignore[attr-defined]  # after startTLS, Twisted's write encrypts
+            and not self.TLS  # after startTLS, Twisted's write encrypts
             # A pull producer is asked for more only from Twisted's write
             # path (once its buffer drains), so its writes must take it.
-            and (self.producer is None or self.streamingProducer)  # type: ignore[attr-defined]
-            and not self._tempDataBuffer  # type: ignore[attr-defined]
-            and self.offset == len(self.dataBuffer)  # type: ignore[attr-defined]
-            and self.connected  # type: ignore[attr-defined]
+            and (self.producer is None or self.streamingProducer)
+            and not self._tempDataBuffer
+            and self.offset == len(self.dataBuffer)
+            and self.connected
             and not (
-                self.disconnecting  # type: ignore[attr-defined]
-                or self._writeDisconnecting  # type: ignore[attr-defined]
-                or self._writeDisconnected  # type: ignore[attr-defined]
-                or self._aborting  # type: ignore[attr-defined]
+                self.disconnecting
+                or self._writeDisconnecting
+                or self._writeDisconnected
+                or self._aborting
             )
         ):
             try:
-                sent = self.socket.send(data)  # type: ignore[attr-defined]
+                sent = self.socket.send(data)
             except OSError:
                 # Would block, or an error: Twisted's write path meets it
                 # again on its next attempt and ends the connection as usual.
@@ -85,7 +119,7 @@ class _SendAtOnce:
             if sent == len(data):
                 return
             data = data[sent:]
-        tcp.Connection.write(self, data)  # type: ignore[arg-type]
+        tcp.Connection.write(self, data)
 
 
 class Server(_SendAtOnce, tcp.Server):
@@ -111,24 +145,30 @@ class Port(tcp.Port):
 
 
 class Connector(tcp.Connector):
+    """A connector whose connections send at once."""
+
     def _makeTransport(self) -> Client:
         return Client(self.host, self.port, self.bindAddress, self, self.reactor)
 
 
-def _fast(reactor: Any) -> bool:
+def _fast(reactor: IReactorTCP) -> bool:
     return isinstance(reactor, PosixReactorBase)
 
 
-def listen(reactor: Any, port: int, factory: Factory, backlog: int = 50, interface: str = "") -> IListeningPort:
+def listen(
+    reactor: IReactorTCP, port: int, factory: IProtocolFactory, backlog: int = 50, interface: str = ""
+) -> IListeningPort:
     """Like `reactor.listenTCP`, with these transports."""
     if not _fast(reactor):
-        return reactor.listenTCP(port, factory, backlog, interface)
+        # IReactorTCP declares a ServerFactory, but endpoints pass any
+        # IProtocolFactory on, as Twisted's own TCP endpoints do.
+        return reactor.listenTCP(port, factory, backlog, interface)  # type: ignore[arg-type]
     listening = Port(port, factory, backlog, interface, reactor)
     listening.startListening()
     return listening
 
 
-def connect(reactor: Any, host: str, port: int, factory: ClientFactory, timeout: float) -> IConnector:
+def connect(reactor: IReactorTCP, host: str, port: int, factory: ClientFactory, timeout: float) -> IConnector:
     """Like `reactor.connectTCP`, with these transports."""
     if not _fast(reactor):
         return reactor.connectTCP(host, port, factory, timeout=timeout)
@@ -141,17 +181,17 @@ def connect(reactor: Any, host: str, port: int, factory: ClientFactory, timeout:
 class ServerEndpoint:
     """A TCP server endpoint that listens with `listen`."""
 
-    def __init__(self, reactor: Any, port: int, backlog: int, interface: str) -> None:
+    def __init__(self, reactor: IReactorTCP, port: int, backlog: int, interface: str) -> None:
         self.reactor = reactor
         self.port = port
         self.backlog = backlog
         self.interface = interface
 
-    def listen(self, factory: Factory) -> defer.Deferred:
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred:
         return defer.execute(listen, self.reactor, self.port, factory, self.backlog, self.interface)
 
 
-def server_endpoint(reactor: Any, description: str, backlog: int) -> IStreamServerEndpoint:
+def server_endpoint(reactor: IReactorTCP, description: str, backlog: int) -> IStreamServerEndpoint:
     """
     `serverFromString(reactor, description)`, except that plain TCP listens
     with these transports, and with `backlog` unless the description gives
@@ -164,3 +204,19 @@ def server_endpoint(reactor: Any, description: str, backlog: int) -> IStreamServ
             backlog = endpoint._backlog
         return ServerEndpoint(reactor, endpoint._port, backlog, endpoint._interface)
     return endpoint
+
+
+def on_process_exit(monitor: ProcessMonitor, exited: Callable[[str, Failure | None], None]) -> None:
+    """
+    Have `monitor` call `exited(name, reason)` each time a process it runs
+    has ended, once it has handled that itself (forgotten the process,
+    scheduled any restart).  Twisted has no public hook for this: the
+    protocols of monitored processes call a private method, wrapped here.
+    """
+    handle = monitor._monitoredProcessExited
+
+    def handled(name: str, reason: Failure | None = None) -> None:
+        handle(name, reason)
+        exited(name, reason)
+
+    setattr(monitor, "_monitoredProcessExited", handled)

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 from ssx.crypto import MAX_TIME_DIFF
-from ssx.crypto._salt_filter import SaltFilter
+from ssx.crypto import SaltFilter
 from ssx.errors import ReplayError
 
 __all__ = ["FORGOTTEN_HISTORY", "SessionState", "SessionWindows"]

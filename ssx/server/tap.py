@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 from ssx.config import ServerConfig, server_config
 from ssx.config.options import SsxOptions, log_config_notes, make_suite
-from ssx.crypto._salt_filter import SaltFilter
+from ssx.crypto import SaltFilter
 from ssx.net.listener import DatagramListenerService, DrainService, serve
 from ssx.net.plugin import PluginService
 from ssx.net.resolver import TargetResolver

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import strategies as st
 
 from ssx.crypto import generate_psk, lookup_method, make_suite
-from ssx.crypto._2022 import decode_psk, lookup_method_2022, session_subkey
+from ssx.crypto.edition2022 import decode_psk, lookup_method_2022, session_subkey
 
 __all__ = ["FAMILIES", "INVALID_HEADERS", "header_bytes", "password_for", "reference_check", "reference_name", "request_plaintext", "tcp_request", "udp_datagram"]
 

@@ -2,8 +2,8 @@
 The chunk stream of Shadowsocks 2022 TCP (wire.md §7.2): what follows the
 headers in both directions, ``seal(u16 len) || seal(payload)``.
 
-`_2022_tcp` builds its four header-aware codecs on the two bases here (the
-decoding loop itself is `_chunks`, shared with AEAD-2017).  This is the hot
+`tcp` builds its four header-aware codecs on the two bases here (the
+decoding loop itself is `ssx.crypto._chunks`, shared with AEAD-2017).  This is the hot
 path of every 2022 connection, so it keeps Python-level work per chunk
 small: one AEAD object per direction, an integer nonce that continues from
 the header chunks, payloads up to 0xFFFF bytes, one join per call.
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ssx.crypto._chunks import TAG_SIZE, ChunkDecoder as _ChunkDecoder, Open as _Open
+from ssx.crypto._chunks import TAG_SIZE, AeadChunkDecoder, Open
 
 __all__ = [
-    "ChunkEncoder",
-    "ChunkDecoder",
+    "Aead2022ChunkEncoder",
+    "Aead2022ChunkDecoder",
     "seal_chunks",
     "nonce_bytes",
     "MAX_CHUNK",
@@ -53,7 +53,7 @@ def seal_chunks(
     return nonce
 
 
-class ChunkEncoder:
+class Aead2022ChunkEncoder:
     """The chunk stream after a header; shared by both encoders."""
 
     __slots__ = ("_seal", "_nonce")
@@ -73,7 +73,7 @@ class ChunkEncoder:
         return b"".join(parts)
 
 
-class ChunkDecoder(_ChunkDecoder):
+class Aead2022ChunkDecoder(AeadChunkDecoder):
     """
     The chunk stream after a 2022 header; the base of both decoders.
 
@@ -87,7 +87,7 @@ class ChunkDecoder(_ChunkDecoder):
 
     def __init__(self, need: int) -> None:
         super().__init__(need)
-        self._open: _Open | None = None
+        self._open: Open | None = None
 
-    def _opener(self) -> _Open | None:
+    def _opener(self) -> Open | None:
         return self._open

@@ -38,6 +38,8 @@ __all__ = [
     "identity_subkey",
     "hash16",
     "AesBlock",
+    "AeadPrimitive",
+    "RandomSource",
     "require_key_size",
     "SESSION_SUBKEY_CONTEXT",
     "IDENTITY_SUBKEY_CONTEXT",

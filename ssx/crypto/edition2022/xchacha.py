@@ -50,11 +50,11 @@ class XChaCha20Poly1305:
             raise ValueError("XChaCha20-Poly1305 nonces are 24 bytes")
         return ChaCha20Poly1305(hchacha20(self._key, bytes(nonce[:16]))), b"\x00\x00\x00\x00" + bytes(nonce[16:])
 
-    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+    def encrypt(self, nonce: bytes, data: bytes | memoryview, associated_data: bytes | None) -> bytes:
         aead, inner = self._aead(nonce)
         return aead.encrypt(inner, data, associated_data)
 
-    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+    def decrypt(self, nonce: bytes, data: bytes | memoryview, associated_data: bytes | None) -> bytes:
         """Raises cryptography's InvalidTag on a bad tag."""
         aead, inner = self._aead(nonce)
         return aead.decrypt(inner, data, associated_data)

@@ -1,16 +1,17 @@
 """
-Shadowsocks 2022 (SIP022, with SIP023 identity headers): the public face of
-the sans-IO codecs.
+Shadowsocks 2022 (SIP022, with SIP023 identity headers): the edition's
+suite and sans-IO codecs, the face of this package.
 
-The work is split by job: `_2022_keys` (methods, PSKs, BLAKE3 subkeys, AES
-blocks), `_2022_replay` (timestamp window, salt pool, sliding window),
-`_2022_chunks` (the TCP chunk stream after the headers), `_2022_tcp`
-(request/response header codecs) and `_2022_udp` (packet codecs).  Nothing here imports Twisted or reads the clock: the protocol
-layer passes ``now`` (e.g. ``reactor.seconds``) and, in tests, fixed
-randomness.
+The work is split by job: `suite` (`Suite2022` and the codecs it hands the
+relays), `keys` (methods, PSKs, BLAKE3 subkeys, AES blocks), `replay`
+(timestamp window, salt pool, sliding window), `chunks` (the TCP chunk
+stream after the headers), `tcp` (request/response header codecs), `udp`
+(packet codecs) and `xchacha` (the AEAD of the ChaCha method's packets).
+Nothing here imports Twisted or reads the clock: the protocol layer passes
+``now`` (e.g. ``reactor.seconds``) and, in tests, fixed randomness.
 """
 
-from ssx.crypto._2022_keys import (
+from ssx.crypto.edition2022.keys import (
     METHODS_2022,
     Method2022,
     PskChain,
@@ -24,7 +25,7 @@ from ssx.crypto._2022_keys import (
     session_subkey,
     user_table,
 )
-from ssx.crypto._2022_replay import (
+from ssx.crypto.edition2022.replay import (
     MAX_TIME_DIFF,
     SALT_RETENTION,
     WINDOW_SIZE,
@@ -35,7 +36,7 @@ from ssx.crypto._2022_replay import (
     StaleTimestampError,
     check_timestamp,
 )
-from ssx.crypto._2022_tcp import (
+from ssx.crypto.edition2022.tcp import (
     MAX_CHUNK,
     MAX_PADDING,
     RequestDecoder,
@@ -44,7 +45,8 @@ from ssx.crypto._2022_tcp import (
     ResponseDecoder,
     ResponseEncoder,
 )
-from ssx.crypto._2022_udp import (
+from ssx.crypto.edition2022.suite import Suite2022
+from ssx.crypto.edition2022.udp import (
     UdpClientPacket,
     UdpClientSession,
     UdpServerDecoder,
@@ -81,6 +83,7 @@ __all__ = [
     "RequestHeader",
     "ResponseDecoder",
     "ResponseEncoder",
+    "Suite2022",
     "UdpClientPacket",
     "UdpClientSession",
     "UdpServerDecoder",

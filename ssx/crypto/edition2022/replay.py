@@ -18,18 +18,21 @@ from typing import Callable, Protocol, Union
 from ssx.errors import ReplayError, ProtocolError
 
 __all__ = [
+    "Clock",
     "MAX_TIME_DIFF",
     "SALT_RETENTION",
     "WINDOW_SIZE",
     "ReplayError",
     "StaleTimestampError",
     "SaltChecker",
+    "SaltCheck",
     "SaltPool",
     "SlidingWindow",
     "check_timestamp",
     "as_salt_check",
 ]
 
+#: Where the codecs read the time: seconds since the epoch (``reactor.seconds``).
 Clock = Callable[[], float]
 
 #: Largest accepted |now - timestamp| in seconds (rust's
@@ -72,7 +75,7 @@ def as_salt_check(checker: SaltCheck) -> Callable[[bytes], bool]:
     """The bound ``check_and_add`` of an object, or a plain callable as is."""
     method = getattr(checker, "check_and_add", None)
     if method is not None:
-        return method  # type: ignore[no-any-return]
+        return method
     if callable(checker):
         return checker
     raise TypeError(f"{checker!r} is neither callable nor has check_and_add")

@@ -8,7 +8,7 @@ Data path::
     RequestEncoder.encode_header/encrypt  ------->  RequestDecoder.decrypt
     ResponseDecoder.decrypt               <-------  ResponseEncoder.encrypt
 
-After their headers, all four are the chunk stream of `_2022_chunks`:
+After their headers, all four are the chunk stream of `chunks`:
 ``seal(u16 len) || seal(payload)``, the nonce continuing from the header
 chunks, payloads up to 0xFFFF bytes.  `encrypt`
 and `decrypt` have the shapes of `ssx.crypto.TcpEncryptor`/`TcpDecryptor`,
@@ -23,18 +23,18 @@ from __future__ import annotations
 import hmac
 import os
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
 from ssx.wire.address import Address, decode_target, encode_address
-from ssx.crypto._2022_chunks import (
+from ssx.crypto.edition2022.chunks import (
     MAX_CHUNK,
     TAG_SIZE,
-    ChunkDecoder,
-    ChunkEncoder,
+    Aead2022ChunkDecoder,
+    Aead2022ChunkEncoder,
     nonce_bytes,
     seal_chunks,
 )
-from ssx.crypto._2022_keys import (
+from ssx.crypto.edition2022.keys import (
     AeadPrimitive,
     AesBlock,
     Method2022,
@@ -47,7 +47,7 @@ from ssx.crypto._2022_keys import (
     require_key_size,
     session_subkey,
 )
-from ssx.crypto._2022_replay import ReplayError, SaltCheck, as_salt_check, check_timestamp
+from ssx.crypto.edition2022.replay import Clock, ReplayError, SaltCheck, as_salt_check, check_timestamp
 from ssx.errors import AuthenticationError, ConfigError, ProtocolError
 
 __all__ = [
@@ -59,8 +59,6 @@ __all__ = [
     "MAX_CHUNK",
     "MAX_PADDING",
 ]
-
-Clock = Callable[[], float]
 
 #: Largest padding in a request's variable header.
 MAX_PADDING = 900
@@ -92,7 +90,7 @@ class RequestHeader:
     padding_length: int
 
 
-class RequestEncoder(ChunkEncoder):
+class RequestEncoder(Aead2022ChunkEncoder):
     """
     Client side, client-to-server stream.
 
@@ -197,7 +195,7 @@ class RequestEncoder(ChunkEncoder):
         return ResponseDecoder(self._spec, self._keys.user_key, self.salt, now=self._now)
 
 
-class ResponseDecoder(ChunkDecoder):
+class ResponseDecoder(Aead2022ChunkDecoder):
     """
     Client side, server-to-client stream.
 
@@ -246,7 +244,7 @@ class ResponseDecoder(ChunkDecoder):
         return end
 
 
-class RequestDecoder(ChunkDecoder):
+class RequestDecoder(Aead2022ChunkDecoder):
     """
     Server side, client-to-server stream, fed arbitrary fragments.
 
@@ -400,7 +398,7 @@ class RequestDecoder(ChunkDecoder):
         return variable[position:]
 
 
-class ResponseEncoder(ChunkEncoder):
+class ResponseEncoder(Aead2022ChunkEncoder):
     """
     Server side, server-to-client stream.
 
@@ -438,7 +436,7 @@ class ResponseEncoder(ChunkEncoder):
     def encrypt(self, data: bytes) -> bytes:
         """Response bytes for `data`; the first non-empty call carries the header."""
         if self._seal is not None:
-            return ChunkEncoder.encrypt(self, data)
+            return Aead2022ChunkEncoder.encrypt(self, data)
         if not data:
             return b""
         seal = self._spec.aead(session_subkey(self._key, self.salt)).encrypt

@@ -18,7 +18,7 @@ window per server session (wire.md §7.6: replay protection on both ends).
 
 `2022-blake3-chacha20-poly1305` seals each packet whole instead:
 ``nonce(24) XChaCha20-Poly1305(PSK, nonce, sep || body)`` (§7.7), with the
-AEAD from `ssx.crypto._xchacha`; it has no identity headers.
+AEAD from `xchacha`; it has no identity headers.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
 from cryptography.exceptions import InvalidTag
 
 from ssx.wire.address import Address, check_target, decode_address, encode_address
-from ssx.crypto._xchacha import XChaCha20Poly1305
-from ssx.crypto._2022_keys import (
+from ssx.crypto.edition2022.xchacha import XChaCha20Poly1305
+from ssx.crypto.edition2022.keys import (
     AeadPrimitive,
     AesBlock,
     Method2022,
@@ -44,7 +44,7 @@ from ssx.crypto._2022_keys import (
     require_key_size,
     session_subkey,
 )
-from ssx.crypto._2022_replay import MAX_TIME_DIFF, SlidingWindow, check_timestamp
+from ssx.crypto.edition2022.replay import MAX_TIME_DIFF, Clock, SlidingWindow, check_timestamp
 from ssx.errors import AuthenticationError, ConfigError, ProtocolError, ReplayError
 
 __all__ = [
@@ -54,8 +54,6 @@ __all__ = [
     "UdpServerDecoder",
     "UdpServerSession",
 ]
-
-Clock = Callable[[], float]
 
 TAG_SIZE = 16
 SEPARATE_HEADER_SIZE = 16
