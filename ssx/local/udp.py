@@ -23,8 +23,7 @@ from twisted.logger import Logger
 from ssx.wire.address import Address, decode_address, encode_address
 from ssx.interfaces import ICipherSuite
 from ssx.errors import ProtocolError
-from ssx.net.nat import SweptNatProtocol, send_datagram
-from ssx.server.udp import MAX_DATAGRAM, READ_SIZE
+from ssx.net.nat import MAX_DATAGRAM, READ_SIZE, SweptNatProtocol, send_datagram
 from ssx.wire.socks5 import UDP_HEADER, udp_to_shadowsocks
 
 __all__ = ["LocalUdpRelay", "Socks5Association", "Socks5UdpRelay", "TunnelUdpRelay"]

@@ -30,7 +30,7 @@ from ssx.config.upstreams import ServerEntry
 from ssx.interfaces import ICipherSuite, IUpstream
 from ssx.net.plugin import PluginService
 from ssx.net.relay import connect_protocol, connect_tcp
-from ssx.server.forbidden import is_ip_literal
+from ssx.wire.address import is_ip_literal
 
 __all__ = ["CONNECT_TIMEOUT", "Upstream", "make_upstream", "server_endpoint"]
 

@@ -14,7 +14,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Callable, Generic, Hashable, Iterator, TypeVar
 
-__all__ = ["NatTable", "SweptNatProtocol", "send_datagram"]
+__all__ = ["MAX_DATAGRAM", "READ_SIZE", "NatTable", "SweptNatProtocol", "send_datagram"]
+
+# The largest UDP payload an IPv4 datagram can carry.
+MAX_DATAGRAM = 65507
+# What every UDP socket of ours reads at once: Twisted's default (8192)
+# would silently truncate larger datagrams.
+READ_SIZE = 65535
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

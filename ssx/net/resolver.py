@@ -21,7 +21,7 @@ from twisted.names import client, dns, hosts
 from twisted.names.error import DomainError, DNSNameError
 
 from ssx.errors import SSXError
-from ssx.server.forbidden import is_ip_literal
+from ssx.wire.address import is_ip_literal
 from ssx.net.nat import NatTable
 from ssx.net.quiet_udp import QuietUdpReactor
 

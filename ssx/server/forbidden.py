@@ -30,7 +30,6 @@ its tables differ between patch releases.
 from __future__ import annotations
 
 import ipaddress
-import socket
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -45,20 +44,8 @@ __all__ = [
     "SPECIAL_PURPOSE",
     "ForbiddenNetworks",
     "embedded_ipv4",
-    "is_ip_literal",
     "parse_forbidden",
 ]
-
-
-def is_ip_literal(host: str) -> bool:
-    """Whether `host` is an IPv4 or IPv6 literal (cheaper than ipaddress)."""
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, host)
-            return True
-        except OSError:
-            pass
-    return False
 
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network

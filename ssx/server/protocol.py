@@ -38,7 +38,8 @@ from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
 from ssx.interfaces import IUserTrafficSink
 from ssx.server.accounting import UserTrafficTable, counted
-from ssx.server.forbidden import ForbiddenNetworks, is_ip_literal
+from ssx.server.forbidden import ForbiddenNetworks
+from ssx.wire.address import is_ip_literal
 from ssx.net.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol, can_half_close, connect_tcp
 from ssx.net.resolver import NameResolutionError, TargetResolver
 from ssx.server.handshakes import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_IP, HandshakeTable, source_group

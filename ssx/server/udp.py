@@ -30,14 +30,13 @@ from ssx.wire.address import Address, decode_target, encode_address
 from ssx.crypto import CipherSuite, Suite2022
 from ssx.errors import ProtocolError, ReplayError
 from ssx.server.session_windows import SessionState, SessionWindows
-from ssx.server.forbidden import ForbiddenNetworks, is_ip_literal
-from ssx.net.nat import SweptNatProtocol, send_datagram
+from ssx.server.forbidden import ForbiddenNetworks
+from ssx.wire.address import is_ip_literal
+from ssx.net.nat import MAX_DATAGRAM, READ_SIZE, SweptNatProtocol, send_datagram
 from ssx.net.resolver import TargetResolver
 from ssx.net.quiet_udp import listen_udp
 
 __all__ = [
-    "MAX_DATAGRAM",
-    "READ_SIZE",
     "Shadowsocks2022UdpRelay",
     "ShadowsocksUdpRelay",
     "UdpLookups",
@@ -47,11 +46,6 @@ __all__ = [
 
 _log = Logger()
 
-# The largest UDP payload an IPv4 datagram can carry.
-MAX_DATAGRAM = 65507
-# What every UDP socket of ours reads at once: Twisted's default (8192)
-# would silently truncate larger datagrams.
-READ_SIZE = 65535
 
 
 class _ClientSockets:

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from functools import lru_cache
 
 from ssx.errors import AddressError, UnsupportedAddressType
 
 __all__ = [
+    "is_ip_literal",
     "ATYP_IPV4",
     "ATYP_DOMAIN",
     "ATYP_IPV6",
@@ -288,3 +290,14 @@ def _check_host(host: str) -> None:
     if ":" in host and "%" not in host and _parse_ip_literal(host) is not None:
         return
     raise AddressError(f"target {host[:80]!r} is not a host name")
+
+
+def is_ip_literal(host: str) -> bool:
+    """Whether `host` is an IPv4 or IPv6 literal (cheaper than ipaddress)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except OSError:
+            pass
+    return False
