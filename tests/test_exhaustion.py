@@ -562,18 +562,23 @@ class SummaryLogTests(LoopbackCase):
         probes += [RawClient(first("127.0.0.1", echo_port, b"x"), ((0.1, os.urandom(40)),)) for _ in range(N)]
         for probe in probes:
             await self.connect(port, probe)
-        # Over UDP: garbage, names that do not exist, and N clients each
-        # with an association of its own (a socket each on the server).
+        # Over UDP: garbage, names that do not exist, forbidden targets, and
+        # N clients each with an association of its own (a socket each on
+        # the server).
         names = udp_clients[N]
+        forbidden = Address("127.0.0.2", udp_echo.getHost().port)
         for i in range(N):
             names.write(os.urandom(60), ("127.0.0.1", port))
             names.write(suite.udp_seal(encode_address(Address(f"nx{i}.ssx.test", 53)) + b"q"), ("127.0.0.1", port))
+            names.write(suite.udp_seal(encode_address(forbidden) + b"q"), ("127.0.0.1", port))
             target = Address("127.0.0.1", udp_echo.getHost().port)
             udp_clients[i].write(suite.udp_seal(encode_address(target) + b"q"), ("127.0.0.1", port))
         await defer.gatherResults([p.closed for p in probes])
         self.assertTrue(
-            await wait_until(lambda: relay.received == 3 * N and relay.dropped == 2 * N and len(relay.nat) == N + 1, 5),
-            (relay.received, relay.dropped, len(relay.nat)),
+            await wait_until(
+                lambda: relay.received == 4 * N and relay.dropped == 2 * N and relay.refused == N and len(relay.nat) == N + 1, 5
+            ),
+            (relay.received, relay.dropped, relay.refused, len(relay.nat)),
         )
         counters = (
             factory.handshake_failures, factory.handshakes_timed_out, factory.connections_refused,
@@ -602,12 +607,13 @@ class SummaryLogTests(LoopbackCase):
         ):
             self.assertIn(f"{N} {what}", summary)
         self.assertIn(f"{2 * N} UDP datagrams dropped", summary)
+        self.assertIn(f"{N} UDP datagrams to forbidden targets", summary)
         for destination in ("127.0.0.2", "missing", "nx0", f":{echo_port}"):
             self.assertNotIn(destination, summary)
 
     @coroutine_test
     async def test_verbose_restores_lines(self):
-        """With verbose, each failed handshake, refused or unreachable target and broken relay has its line, destinations named."""
+        """With verbose, each failed handshake, refused or unreachable target (TCP and UDP) and broken relay has its line, destinations named."""
         lines, echo_port = await self.probe(verbose=True)
 
         def count(marker: str) -> int:
@@ -617,6 +623,7 @@ class SummaryLogTests(LoopbackCase):
         self.assertEqual(count(f"refused 127.0.0.2:{echo_port}: forbidden address"), N)
         self.assertEqual(count("cannot reach missing"), N)
         self.assertEqual(count("relay closed:"), N)
+        self.assertEqual(count("UDP: refused 127.0.0.2:"), N)
 
 
 class LimitLineTests(unittest.SynchronousTestCase):
