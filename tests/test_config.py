@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from unittest import skipUnless
 
+from twisted.scripts.twistd import ServerOptions
 from twisted.trial import unittest
 
 from ssx.config import local_config, merge, read_config_file, server_config
@@ -618,6 +620,35 @@ class UrlFileTests(unittest.SynchronousTestCase):
             self.assertEqual(len(config.warnings), 1, config.warnings)
             self.assertIn(self.path, config.warnings[0])
             self.assertNotIn("saved-secret", config.warnings[0])
+
+    @skipUnless(os.geteuid() == 0, "chown to another user needs root")
+    def test_another_users_file_not_reused_by_root(self):
+        """Run as root, a private URL file owned by another user is not used: a fresh password and a warning naming the file."""
+        self.save("ss://Y2hhY2hhMjAtaWV0Zi1wb2x5MTMwNTpzYXZlZC1zZWNyZXQ@vm:8388")
+        os.chown(self.path, 65534, 65534)
+        options = server_tap.Options()
+        options.parseOptions(["--url-file", self.path])
+        for config in (server_tap.reuse_generated_password(server_config({}), self.directory), options.config):
+            self.assertNotEqual(config.password, "saved-secret")
+            self.assertEqual((config.password_generated, config.password_reused), (True, False))
+            [warning] = config.warnings
+            self.assertIn(self.path, warning)
+            self.assertIn("owned by another", warning)
+            self.assertNotIn("saved-secret", warning)
+
+    @skipUnless(os.geteuid() == 0, "chown to another user needs root")
+    def test_file_of_the_uid_twistd_switches_to(self):
+        """With twistd's --uid, the URL file that user wrote at an earlier start is used; one of a third user is not."""
+        self.save("ss://Y2hhY2hhMjAtaWV0Zi1wb2x5MTMwNTpzYXZlZC1zZWNyZXQ@vm:8388")
+        os.chown(self.path, 65534, 65534)
+        twistd = ServerOptions()
+        twistd.parseOptions(["--uid", "65534", "--rundir", self.directory, "ssx-server"])
+        config = twistd.subOptions.config
+        self.assertEqual((config.url_file, config.password, config.password_reused), (self.path, "saved-secret", True))
+        os.chown(self.path, 65533, 65533)
+        config = server_tap.reuse_generated_password(server_config({}), self.directory, uid=65534)
+        self.assertNotEqual(config.password, "saved-secret")
+        self.assertEqual(len(config.warnings), 1, config.warnings)
 
     def test_no_file_needs_a_password(self):
         """url_file '' turns the file off, which a generated password cannot do without (it would be known to nobody)."""
