@@ -8,7 +8,9 @@ O_CREAT|O_EXCL|O_NOFOLLOW and its final mode from the start (never a wider
 mode that a chmod narrows later), then renames it over the target: a link
 at the target is replaced, its own target left as it was.  (Where the
 target must not be replaced, the target itself is created with O_EXCL.)  `read_private_file`
-reads back such a file only if it is still a private regular file of ours.
+reads back such a file only if it is still a private regular file of ours
+(root included: a file another user planted in a directory they can write
+is theirs, whatever it says).
 No Twisted here.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+from collections.abc import Collection
 
 __all__ = ["NotPrivateError", "read_private_file", "write_file"]
 
@@ -68,11 +71,12 @@ def _fill(fd: int, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-def read_private_file(path: str, limit: int = 65536) -> bytes:
+def read_private_file(path: str, limit: int = 65536, owners: Collection[int] = ()) -> bytes:
     """
     Up to `limit` bytes of `path`, if it is a regular file (not a link),
-    owned by this user (any owner, for root) and closed to group and others;
-    NotPrivateError if not, other OSErrors as they come.
+    owned by the effective user or one of `owners` (root is no exception)
+    and closed to group and others; NotPrivateError if not, other OSErrors
+    as they come.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
@@ -80,7 +84,7 @@ def read_private_file(path: str, limit: int = 65536) -> bytes:
         # The messages leave the path to the caller, which names it anyway.
         if not stat.S_ISREG(info.st_mode):
             raise NotPrivateError("not a regular file")
-        if info.st_mode & 0o077 or os.geteuid() not in (0, info.st_uid):
+        if info.st_mode & 0o077 or info.st_uid not in (os.geteuid(), *owners):
             raise NotPrivateError("open to other users, or owned by another")
         with os.fdopen(os.dup(fd), "rb") as f:
             return f.read(limit)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from unittest import skipUnless
 
+from twisted.scripts.twistd import ServerOptions
 from twisted.trial import unittest
 
 from ssx.config import local_config, merge, read_config_file, server_config
@@ -468,6 +470,15 @@ class NumberParsingTests(unittest.SynchronousTestCase):
         self.assertEqual(config.health_check.target.port, 8080)
         self.assertEqual(server_config({"nameserver": "1.1.1.1:5353"}).nameservers, (("1.1.1.1", 5353),))
 
+    def test_verbose(self):
+        """verbose takes true/false or a level in ASCII digits ('-' for quiet); '²', '--1' and the like raise ConfigError naming verbose."""
+        for build, base in ((server_config, {"password": "pw"}), (_local, {})):
+            for value, expected in ((True, True), (False, False), (2, True), (0, False), (-1, False),
+                                    ("1", True), ("0", False), ("-1", False), ("-0", False)):
+                self.assertEqual(build({**base, "verbose": value}).verbose, expected, value)
+            for bad in [b for b in _NOT_NUMBERS if b is not True] + ["--1", "-²", "-", "+1", "1.5", 1.0, "yes"]:
+                self.assertKey(build, {**base, "verbose": bad}, "verbose")
+
     def test_url_port_message_keeps_secret(self):
         """A bad port in an ss:// or online-config URL is refused without quoting the URL (it carries a secret)."""
         for values in ({"url": "ss://YWVzLTEyOC1nY206c2VjcmV0@192.0.2.5:²"},
@@ -483,6 +494,7 @@ class NumberParsingTests(unittest.SynchronousTestCase):
 
         keys = [(server_config, {"password": "pw"}, key) for key, *_ in _SERVER_NUMBERS]
         keys += [(_local, {}, key) for key, *_ in _LOCAL_NUMBERS]
+        keys += [(server_config, {"password": "pw"}, "verbose"), (_local, {}, "verbose")]
 
         @settings(max_examples=200, deadline=None, database=None)
         @given(text=st.one_of(st.text(max_size=30), st.from_regex(r"\A[0-9.+\-²٣]{1,25}\Z")))
@@ -517,11 +529,12 @@ class NumberParsingTests(unittest.SynchronousTestCase):
                 self.assertNotIn("\n", message)
 
     def test_config_file_numbers(self):
-        """config.json's NaN, Infinity, 1e999 and a 5000-digit number stop start-up naming the key (or the file)."""
+        """config.json's NaN, Infinity, 1e999, a 5000-digit number and a verbose of '²' stop start-up naming the key (or the file)."""
         for text, key in (('{"timeout": NaN}', "timeout"), ('{"udp_timeout": Infinity}', "udp_timeout"),
                           ('{"shutdown_grace": 1e999}', "shutdown_grace"), ('{"server_port": 8388.0}', "server_port"),
                           ('{"max_connections": ' + "9" * 5000 + "}", "config"),
-                          ('{"replay_history": ' + "9" * 300 + "}", "replay_history")):
+                          ('{"replay_history": ' + "9" * 300 + "}", "replay_history"),
+                          ('{"verbose": "²"}', "verbose"), ('{"verbose": "--1"}', "verbose")):
             options = server_tap.Options()
             with self.assertRaises(SystemExit) as caught:
                 options.parseOptions(["-c", write_config(self, text), "-k", "pw"])
@@ -619,6 +632,35 @@ class UrlFileTests(unittest.SynchronousTestCase):
             self.assertEqual(len(config.warnings), 1, config.warnings)
             self.assertIn(self.path, config.warnings[0])
             self.assertNotIn("saved-secret", config.warnings[0])
+
+    @skipUnless(os.geteuid() == 0, "chown to another user needs root")
+    def test_another_users_file_not_reused_by_root(self):
+        """Run as root, a private URL file owned by another user is not used: a fresh password and a warning naming the file."""
+        self.save("ss://Y2hhY2hhMjAtaWV0Zi1wb2x5MTMwNTpzYXZlZC1zZWNyZXQ@vm:8388")
+        os.chown(self.path, 65534, 65534)
+        options = server_tap.Options()
+        options.parseOptions(["--url-file", self.path])
+        for config in (server_tap.reuse_generated_password(server_config({}), self.directory), options.config):
+            self.assertNotEqual(config.password, "saved-secret")
+            self.assertEqual((config.password_generated, config.password_reused), (True, False))
+            [warning] = config.warnings
+            self.assertIn(self.path, warning)
+            self.assertIn("owned by another", warning)
+            self.assertNotIn("saved-secret", warning)
+
+    @skipUnless(os.geteuid() == 0, "chown to another user needs root")
+    def test_file_of_the_uid_twistd_switches_to(self):
+        """With twistd's --uid, the URL file that user wrote at an earlier start is used; one of a third user is not."""
+        self.save("ss://Y2hhY2hhMjAtaWV0Zi1wb2x5MTMwNTpzYXZlZC1zZWNyZXQ@vm:8388")
+        os.chown(self.path, 65534, 65534)
+        twistd = ServerOptions()
+        twistd.parseOptions(["--uid", "65534", "--rundir", self.directory, "ssx-server"])
+        config = twistd.subOptions.config
+        self.assertEqual((config.url_file, config.password, config.password_reused), (self.path, "saved-secret", True))
+        os.chown(self.path, 65533, 65533)
+        config = server_tap.reuse_generated_password(server_config({}), self.directory, uid=65534)
+        self.assertNotEqual(config.password, "saved-secret")
+        self.assertEqual(len(config.warnings), 1, config.warnings)
 
     def test_no_file_needs_a_password(self):
         """url_file '' turns the file off, which a generated password cannot do without (it would be known to nobody)."""

@@ -39,7 +39,7 @@ import ssx.server.tap as server_tap
 from ssx.local.tap import Options as LocalOptions
 from ssx.server.tap import Options as ServerOptions
 from tests import support
-from tests.support import FakeDns, LoopbackCase, RawClient, coroutine_test, open_fds, sleep, wait_until
+from tests.support import FakeDns, LoopbackCase, RawClient, SocksClient, coroutine_test, open_fds, sleep, wait_until
 
 METHOD = "aes-256-gcm"
 
@@ -561,18 +561,23 @@ class SummaryLogTests(LoopbackCase):
         probes += [RawClient(first("127.0.0.1", echo_port, b"x"), ((0.1, os.urandom(40)),)) for _ in range(N)]
         for probe in probes:
             await self.connect(port, probe)
-        # Over UDP: garbage, names that do not exist, and N clients each
-        # with an association of its own (a socket each on the server).
+        # Over UDP: garbage, names that do not exist, forbidden targets, and
+        # N clients each with an association of its own (a socket each on
+        # the server).
         names = udp_clients[N]
+        forbidden = Address("127.0.0.2", udp_echo.getHost().port)
         for i in range(N):
             names.write(os.urandom(60), ("127.0.0.1", port))
             names.write(suite.udp_seal(encode_address(Address(f"nx{i}.ssx.test", 53)) + b"q"), ("127.0.0.1", port))
+            names.write(suite.udp_seal(encode_address(forbidden) + b"q"), ("127.0.0.1", port))
             target = Address("127.0.0.1", udp_echo.getHost().port)
             udp_clients[i].write(suite.udp_seal(encode_address(target) + b"q"), ("127.0.0.1", port))
         await defer.gatherResults([p.closed for p in probes])
         self.assertTrue(
-            await wait_until(lambda: relay.received == 3 * N and relay.dropped == 2 * N and len(relay.nat) == N + 1, 5),
-            (relay.received, relay.dropped, len(relay.nat)),
+            await wait_until(
+                lambda: relay.received == 4 * N and relay.dropped == 2 * N and relay.refused == N and len(relay.nat) == N + 1, 5
+            ),
+            (relay.received, relay.dropped, relay.refused, len(relay.nat)),
         )
         counters = (
             factory.handshake_failures, factory.handshakes_timed_out, factory.connections_refused,
@@ -601,12 +606,13 @@ class SummaryLogTests(LoopbackCase):
         ):
             self.assertIn(f"{N} {what}", summary)
         self.assertIn(f"{2 * N} UDP datagrams dropped", summary)
+        self.assertIn(f"{N} UDP datagrams to forbidden targets", summary)
         for destination in ("127.0.0.2", "missing", "nx0", f":{echo_port}"):
             self.assertNotIn(destination, summary)
 
     @coroutine_test
     async def test_verbose_restores_lines(self):
-        """With verbose, each failed handshake, refused or unreachable target and broken relay has its line, destinations named."""
+        """With verbose, each failed handshake, refused or unreachable target (TCP and UDP) and broken relay has its line, destinations named."""
         lines, echo_port = await self.probe(verbose=True)
 
         def count(marker: str) -> int:
@@ -616,6 +622,7 @@ class SummaryLogTests(LoopbackCase):
         self.assertEqual(count(f"refused 127.0.0.2:{echo_port}: forbidden address"), N)
         self.assertEqual(count("cannot reach missing"), N)
         self.assertEqual(count("relay closed:"), N)
+        self.assertEqual(count("UDP: refused 127.0.0.2:"), N)
 
 
 class LimitLineTests(unittest.SynchronousTestCase):
@@ -668,6 +675,101 @@ class LocalLogTests(LoopbackCase):
     async def test_destination_when_verbose(self):
         """With verbose, the line names the destination."""
         self.assertIn("secret-destination.ssx.test:443", await self.failed_connect(verbose=True))
+
+
+class _Origin(protocol.Protocol):
+    """Answers the first bytes it gets with its factory's `answer` and closes; holds if that is None."""
+
+    factory: "_OriginFactory"
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.factory.answer is not None:
+            self.transport.write(self.factory.answer)
+            self.transport.loseConnection()
+
+
+class _OriginFactory(protocol.Factory):
+    """A TCP origin (or server) for the probes of ssx-local, answering every connection the same."""
+
+    noisy = False
+    protocol = _Origin
+
+    def __init__(self, answer: bytes | None) -> None:
+        self.answer = answer
+
+
+class LocalProbeLogTests(LoopbackCase):
+    """
+    What applications, origins and the server can make ssx-local log: K
+    probes of each kind, a line each only with verbose.
+    """
+
+    K = 2
+    # A marker of each kind's verbose line.
+    MARKERS = (
+        "speaks no known proxy protocol",
+        "SOCKS5 negotiation failed",
+        "SOCKS4 request refused",
+        "HTTP proxy: refused a request",
+        "HTTP proxy: bad request body",
+        "HTTP proxy: bad response from the origin",
+        "HTTP proxy: the origin closed the connection before the response ended",
+        "HTTP proxy: bad stream from the server",
+        "UDP ASSOCIATE from 127.0.0.1 refused",
+    )
+
+    async def probe(self, verbose: bool) -> list[str]:
+        """The lines logged while K probes of each kind were served (the test's own sockets' lines left out)."""
+        _, server_port = self.server(method=METHOD)
+        local, local_port = self.local(server_port, method=METHOD, mode="tcp_and_udp", verbose=verbose)
+        # A "server" whose answer to any request is random bytes.
+        garbage_server = self.listen(reactor.listenTCP(0, _OriginFactory(os.urandom(80)), interface="127.0.0.1"))
+        broken, broken_port = self.local(garbage_server.getHost().port, method=METHOD, verbose=verbose)
+        origins = {
+            answer: self.listen(reactor.listenTCP(0, _OriginFactory(answer), interface="127.0.0.1")).getHost().port
+            for answer in (None, b"garbage\r\n\r\n", b"")
+        }
+        events = support.log_events(self)
+
+        def get(origin_port: int, extra: bytes = b"") -> bytes:
+            host = f"127.0.0.1:{origin_port}".encode()
+            return b"GET http://" + host + b"/ HTTP/1.1\r\nHost: " + host + b"\r\n" + extra + b"\r\n"
+
+        probes = []
+        for _ in range(self.K):
+            for data in (
+                b"\x00\xff",  # no proxy protocol at all
+                b"\x05\x00",  # a SOCKS5 greeting without methods
+                b"\x04\x02\x00\x50\x7f\x00\x00\x01\x00",  # SOCKS4 BIND
+                get(origins[None], b"Content-Length: x\r\n"),
+                get(origins[None], b"Transfer-Encoding: chunked\r\n") + b"zz\r\n",
+                get(origins[b"garbage\r\n\r\n"]),
+                get(origins[b""]),
+            ):
+                probes.append(await self.connect(local_port, RawClient(data)))
+            probes.append(await self.connect(broken_port, RawClient(get(origins[None]))))
+        # UDP associations that name a port another association owns.
+        associate = b"\x05\x03\x00\x01\x7f\x00\x00\x01" + support.free_port().to_bytes(2, "big")
+        owner = await self.connect(local_port, SocksClient("", 0, request=associate))
+        self.assertEqual(await owner.replied, 0)
+        for _ in range(self.K):
+            probes.append(await self.connect(local_port, SocksClient("", 0, request=associate)))
+        await defer.gatherResults([p.closed for p in probes])
+        owner.transport.loseConnection()
+        await owner.closed
+        return [text for text in support.event_texts(events) if "OneShotFactory" not in text]
+
+    @coroutine_test
+    async def test_no_line_per_probe(self):
+        """Without verbose, none of the probes writes a line."""
+        self.assertEqual(await self.probe(verbose=False), [])
+
+    @coroutine_test
+    async def test_verbose_restores_lines(self):
+        """With verbose, each probe has its line."""
+        lines = await self.probe(verbose=True)
+        for marker in self.MARKERS:
+            self.assertEqual(sum(marker in line for line in lines), self.K, (marker, lines))
 
 
 class VerboseOptionTests(unittest.SynchronousTestCase):

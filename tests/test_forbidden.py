@@ -303,6 +303,18 @@ class ParseTests(unittest.SynchronousTestCase):
                          (True, True, False))
         self.assertIsNone(special.host)
 
+    def test_self_refuses_this_host_whatever_the_interfaces(self):
+        """'self', alone or in a list, refuses 0.0.0.0/8, :: and loopback in every spelling, whatever the interfaces' addresses read."""
+        this_host = ("0.0.0.0", "0.1.2.3", "::", "::ffff:0.0.0.0", "127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1")
+        for text in ("self", "self,10.0.0.0/8", "10.0.0.0/8,SELF"):
+            # The kernel's read; one with a public address only; an empty one.
+            for host in (None, fake_host(OWN_V4), HostAddresses(lambda: ())):
+                forbidden = parse_forbidden(text, host=host)
+                for ip in this_host:
+                    self.assertTrue(forbidden.forbids(ip), (text, ip))
+            self.assertFalse(parse_forbidden(text, host=fake_host(OWN_V4)).forbids("192.0.2.1"))
+        self.assertFalse(parse_forbidden("10.0.0.0/8").forbids("0.0.0.0"))
+
     def test_default_plus(self):
         """'default,8.8.8.0/24' adds to the defaults."""
         forbidden = parse_forbidden("default,8.8.8.0/24", host=fake_host(OWN_V4))

@@ -381,6 +381,30 @@ class SsrfGuardTests(LoopbackCase):
         self.assertEqual(echo4.connections, 2)
 
     @coroutine_test
+    async def test_self_alone_refuses_this_host(self):
+        """With forbidden_ip 'self' alone (or beside a CIDR), 0.0.0.0 and :: reach no loopback service, over TCP and UDP."""
+        echo4, port4 = self.counting_echo("127.0.0.1")
+        ipv6 = support.ipv6_loopback()
+        echo6, port6 = self.counting_echo("::1") if ipv6 else (echo4, port4)
+        udp_port, udp_echo = support.listen_udp_echo()
+        self.listen(udp_port)
+        targets = [("0.0.0.0", port4), ("::", port6), ("::ffff:0.0.0.0", port4)]
+        for setting in ("self", "self,10.0.0.0/8"):
+            server, socks_port = await self._guarded_chain(forbidden_ip=setting, mode="tcp_and_udp")
+            await self._refused(socks_port, [(host, support.socks5_request(host, port)) for host, port in targets])
+            self.assertEqual(server.factory.connections_refused, len(targets), setting)
+            relay = server.udp_relays[0]
+            client = support.Socks5UdpClient()
+            self._udp_clients.append(client)
+            self.assertEqual(await client.open(socks_port), 0)
+            for host in ("0.0.0.0", "::"):
+                client.send(host, udp_port.getHost().port, b"ping")
+            self.assertTrue(await wait_until(lambda: relay.refused + relay.dropped + udp_echo.count >= 2, 3), setting)
+            self.assertEqual((relay.refused, udp_echo.count), (2, 0), setting)
+            client.close()
+        self.assertEqual((echo4.connections, echo6.connections), (0, 0))
+
+    @coroutine_test
     async def test_tcp_odd_spellings_refused(self):
         """Loopback spelled as a domain name (IP text, octal, decimal, short form, localhost) reaches nothing: refused as an IP or unresolvable."""
         echo, port = self.counting_echo("127.0.0.1")

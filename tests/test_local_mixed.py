@@ -519,7 +519,9 @@ class HttpHardeningTests(MixedTestCase):
         self.assertIn(b"\r\n\r\nokGET /2 HTTP/1.1\r\n", link.sent())
 
     def test_nothing_logged_at_info(self):
-        """Forwarding, refusals, bad responses and origins that close early log nothing at info level or above."""
+        """Forwarding, refusals, bad responses and origins that close early log nothing at info level or above, even with verbose."""
+        # Without verbose they log nothing at all (tests/test_exhaustion.py LocalProbeLogTests).
+        self.factory.verbose = True
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.send(b"GET http://secret.example/1 HTTP/1.1\r\nHost: secret.example\r\n\r\n")
         link = self.servers[0].succeed()

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from unittest import skipUnless
 
 from twisted.trial import unittest
 
@@ -76,6 +77,15 @@ class WriteFileTests(unittest.SynchronousTestCase):
         os.chmod(self.path, 0o600)
         self.assertRaises(OSError, read_private_file, self.path + ".link")
 
+
+    @skipUnless(os.geteuid() == 0, "chown to another user needs root")
+    def test_read_private_other_owner(self):
+        """Even for root, a 0600 file of another user is refused, unless that user is one of `owners`."""
+        write_file(self.path, b"secret")
+        os.chown(self.path, 65534, 65534)
+        self.assertRaises(NotPrivateError, read_private_file, self.path)
+        self.assertRaises(NotPrivateError, read_private_file, self.path, owners=(65533,))
+        self.assertEqual(read_private_file(self.path, owners=(65534,)), b"secret")
 
 class CertCommandLinkTests(unittest.SynchronousTestCase):
     """`python -m ssx cert` does not write its private key through a link planted at key.pem."""

@@ -13,6 +13,7 @@ import socket
 import stat
 import sys
 import tempfile
+from unittest import skipUnless
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
@@ -328,6 +329,23 @@ class UrlFileTests(unittest.TestCase):
     def test_generated_password_kept(self):
         """A generated password is written to ssx-server.url (0600) in twistd's --rundir and used again at the next start."""
         return defer.Deferred.fromCoroutine(self._generated_kept())
+
+    async def _planted_by_another_user(self) -> None:
+        planted = "ss://" + base64.urlsafe_b64encode(b"aes-128-gcm:planted-secret").decode().rstrip("=") + "@vm:8388"
+        with open(self.url_file, "w") as f:
+            f.write(planted + "\n")
+        os.chmod(self.url_file, 0o600)
+        os.chown(self.url_file, 65534, 65534)
+        child = await self._start("-m", "aes-128-gcm", rundir=True)
+        self.assertIn(f"{self.url_file} not used (open to other users, or owned by another): generated a new password", child.text())
+        self.assertIn("no password given: generated one", child.text())
+        self.assertNotEqual(parse_url(self._url()).password, "planted-secret")
+        self.assertEqual(os.lstat(self.url_file).st_uid, os.geteuid())
+
+    @skipUnless(os.geteuid() == 0, "chown to another user needs root")
+    def test_root_ignores_another_users_file(self):
+        """Run as root without a password, ssx-server does not take the password of a 0600 URL file another user owns: it warns and generates one."""
+        return defer.Deferred.fromCoroutine(self._planted_by_another_user())
 
     async def _planted_link(self) -> None:
         victim = os.path.join(self.directory, "victim")

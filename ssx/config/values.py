@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ssx.numbers import MAX_COUNT, parse_count, parse_port, parse_seconds
+from ssx.numbers import MAX_COUNT, parse_count, parse_number, parse_port, parse_seconds
 from ssx.crypto import generate_psk, lookup_method
 from ssx.errors import ConfigError
 from ssx.wire.sip003 import Plugin, PluginOptionsError, parse_plugin_options
@@ -164,11 +164,13 @@ def read_bool(values: Mapping[str, Any], key: str) -> bool:
 def read_verbose(values: Mapping[str, Any]) -> bool:
     """true/false, or the Python shadowsocks' level (-v is 1, -q is -1): above 0 is verbose."""
     value = values.get("verbose", False)
-    if isinstance(value, str) and value.lstrip("-").isdigit():
-        value = int(value)
-    if not isinstance(value, (bool, int)):
-        raise ConfigError("verbose", f"expected true or false (or a verbosity level), not {value!r}")
-    return value > 0
+    if isinstance(value, bool):
+        return value
+    # A level may be signed: "-1" is the Python shadowsocks' -q.
+    quiet = isinstance(value, str) and value[:1] == "-"
+    level = parse_number(value[1:] if quiet else value, "verbose", "true or false (or a verbosity level)",
+                         minimum=-MAX_COUNT, maximum=MAX_COUNT, show=not quiet)
+    return not quiet and level > 0
 
 
 def read_listen(values: Mapping[str, Any]) -> tuple[str, ...]:

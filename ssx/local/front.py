@@ -80,7 +80,8 @@ class ProxySniffer(Protocol):
         elif _is_http_method_start(first) and tcp:
             handler = HttpProxyProtocol(self.factory)
         else:
-            _log.debug("closing a connection that speaks no known proxy protocol (first byte {byte:#04x})", byte=first)
+            if self.factory.verbose:
+                _log.debug("closing a connection that speaks no known proxy protocol (first byte {byte:#04x})", byte=first)
             self.transport.loseConnection()
             return
         self.handler = handler

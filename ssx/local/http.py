@@ -120,11 +120,13 @@ class HttpProxyProtocol(LocalRelayProtocol):
                     self._to_origin(origin.send_end(event.headers.raw_items()))
             except HttpError as e:
                 if self._request is None:
-                    _log.debug("HTTP proxy: refused a request: {error}", error=e)
+                    if self.factory.verbose:
+                        _log.debug("HTTP proxy: refused a request: {error}", error=e)
                     self._refuse(e.status, str(e))
                 else:
                     # Part of it went on already: no answer of ours can follow.
-                    _log.debug("HTTP proxy: bad request body: {error}", error=e)
+                    if self.factory.verbose:
+                        _log.debug("HTTP proxy: bad request body: {error}", error=e)
                     self._end(abort=True)
                 return
 
@@ -210,7 +212,8 @@ class HttpProxyProtocol(LocalRelayProtocol):
         try:
             plain = origin.transform(data)
         except ProtocolError as e:
-            _log.debug("HTTP proxy: bad stream from the server: {error}", error=e)
+            if self.factory.verbose:
+                _log.debug("HTTP proxy: bad stream from the server: {error}", error=e)
             self._end(abort=True)
             return
         self.activity()
@@ -226,7 +229,8 @@ class HttpProxyProtocol(LocalRelayProtocol):
             self._origin_codec.receive(plain)
             self._response_events()
         except HttpError as e:
-            _log.debug("HTTP proxy: bad response from the origin: {error}", error=e)
+            if self.factory.verbose:
+                _log.debug("HTTP proxy: bad response from the origin: {error}", error=e)
             if self._response_started:
                 self._end(abort=True)
             else:
@@ -292,7 +296,8 @@ class HttpProxyProtocol(LocalRelayProtocol):
             # that the client retries on a new one.
             self._end()
             return
-        _log.debug("HTTP proxy: the origin closed the connection before the response ended")
+        if self.factory.verbose:
+            _log.debug("HTTP proxy: the origin closed the connection before the response ended")
         self._refuse(502, "the origin server closed the connection without a complete response")
 
     def make_outbound(self) -> OutboundProtocol:

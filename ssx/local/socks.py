@@ -119,7 +119,8 @@ class Socks5LocalProtocol(LocalRelayProtocol):
         try:
             out, request = self._negotiation.feed(data)
         except Socks5Error as e:
-            _log.debug("SOCKS5 negotiation failed: {error}", error=e)
+            if self.factory.verbose:
+                _log.debug("SOCKS5 negotiation failed: {error}", error=e)
             if e.reply:
                 self.transport.write(e.reply)
             self._negotiation = None
@@ -145,7 +146,8 @@ class Socks5LocalProtocol(LocalRelayProtocol):
         port = socks5.associate_source_port(requested, peer)
         association = relay.associate(peer, port)
         if association is None:
-            _log.info("UDP ASSOCIATE from {peer} refused: another association sends from port {port}", peer=peer, port=port)
+            if self.factory.verbose:
+                _log.debug("UDP ASSOCIATE from {peer} refused: another association sends from port {port}", peer=peer, port=port)
             self._state = CLOSED
             self.transport.write(socks5.build_reply(socks5.REP_NOT_ALLOWED))
             self.transport.loseConnection()
@@ -217,7 +219,8 @@ class Socks4LocalProtocol(LocalRelayProtocol):
         self.open_relay(request.address, request.extra)
 
     def _refuse(self, why: str, reply: bytes) -> None:
-        _log.debug("SOCKS4 request refused: {why}", why=why)
+        if self.factory.verbose:
+            _log.debug("SOCKS4 request refused: {why}", why=why)
         self._negotiation = None
         self._state = CLOSED
         if reply:

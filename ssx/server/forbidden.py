@@ -13,7 +13,9 @@ and three words:
   IANA IPv4 and IPv6 Special-Purpose Address Registries (RFC 6890, RFC 8190),
   plus multicast and the IPv6 space IANA keeps outside global unicast;
 * ``self``: every address of this host's interfaces, followed as they change
-  (`ssx.server.host_addresses`);
+  (`ssx.server.host_addresses`), and the addresses that reach this host
+  whatever its interfaces: 0.0.0.0/8 and :: (a connection to 0.0.0.0 or ::
+  goes to this host's loopback services) and loopback;
 * ``default``: both, which is also what an absent setting means.
 
 A list replaces the default, as in the original shadowsocks: write
@@ -36,7 +38,7 @@ from functools import lru_cache
 from typing import Callable, Iterable
 
 from ssx.errors import ConfigError
-from ssx.server.host_addresses import HostAddresses
+from ssx.server.host_addresses import ALWAYS_LOCAL, HostAddresses
 
 __all__ = [
     "DEFAULT_FORBIDDEN",
@@ -267,7 +269,10 @@ class ForbiddenNetworks:
         for entry in self.entries:
             if entry == SPECIAL:
                 spans += _SPECIAL_RANGES.spans
-            elif entry != SELF:
+            elif entry == SELF:
+                # Fixed, unlike the interfaces' addresses: no read can lose them.
+                spans += [_span(network) for network in ALWAYS_LOCAL]
+            else:
                 spans.append(_span(ipaddress.ip_network(entry)))
         object.__setattr__(self, "_ranges", _Ranges(spans))
         # [the host networks the cache was made for, the cached judge]

@@ -33,6 +33,9 @@ PREFIX`, "AnyIP") that no interface address covers.
 Where there is no netlink (not Linux), the addresses the host's name
 resolves to are used, with a warning, and re-read periodically.
 
+Whatever the interfaces say, `ALWAYS_LOCAL` reaches this host too: the
+"this host" addresses and loopback.  `self` refuses them as well.
+
 No Twisted here.
 """
 
@@ -45,6 +48,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 __all__ = [
+    "ALWAYS_LOCAL",
     "HostAddresses",
     "InterfaceAddress",
     "NetlinkError",
@@ -61,6 +65,17 @@ __all__ = [
 ]
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Destinations that reach this host whatever addresses its interfaces
+# have.  "This host on this network", 0.0.0.0/8 (RFC 1122 §3.2.1.3), and
+# the unspecified address :: (RFC 4291 §2.5.2) are no interface's address,
+# yet Linux takes a connection or datagram to 0.0.0.0 or :: as one to
+# itself and delivers it over loopback, to every service bound to 0.0.0.0,
+# ::, 127.0.0.1 or ::1.  Loopback (127.0.0.0/8, ::1) is listed too, so that
+# it is refused even where the read misses it (lo down, no netlink).
+ALWAYS_LOCAL: tuple[_Network, ...] = tuple(
+    ipaddress.ip_network(n) for n in ("0.0.0.0/8", "127.0.0.0/8", "::/128", "::1/128")
+)
 
 # linux/netlink.h
 NLMSG_ERROR = 2

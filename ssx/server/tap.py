@@ -93,7 +93,9 @@ class Options(SsxOptions):
         # is read now and written then, so both must mean the same file.
         parent = getattr(self, "parent", None)
         rundir = parent.get("rundir", ".") if parent is not None else "."
-        self.config = reuse_generated_password(config, rundir or ".")
+        # The file of an earlier start belongs to the user twistd switches to.
+        uid = parent.get("uid") if parent is not None else None
+        self.config = reuse_generated_password(config, rundir or ".", uid)
 
 
 def build_service(reactor: Any, config: ServerConfig) -> ServerService:

@@ -251,7 +251,9 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
     def _send(self, client: tuple, target: Address, ips: list[str], payload: bytes) -> None:
         allowed = [ip for ip in ips if not self.forbidden.forbids(ip)]
         if not allowed:
-            _log.debug("UDP: refused {target}: forbidden address {ips}", target=target, ips=",".join(ips))
+            # Counted for the summary; the destination is named only with verbose.
+            if self.verbose:
+                _log.debug("UDP: refused {target}: forbidden address {ips}", target=target, ips=",".join(ips))
             self.refused += 1
             return
         sockets = self.nat.peek(client)

@@ -30,14 +30,15 @@ __all__ = ["UrlAnnouncement", "reuse_generated_password"]
 _log = Logger()
 
 
-def reuse_generated_password(config: ServerConfig, rundir: str = ".") -> ServerConfig:
+def reuse_generated_password(config: ServerConfig, rundir: str = ".", uid: int | None = None) -> ServerConfig:
     """
     The config with its URL file's path made absolute (relative ones are in
     `rundir`) and, when no password was configured, the password of that
     file's URL (written at an earlier start) in place of the freshly
     generated one: clients that imported the URL go on working.  The file
-    is trusted only if it is a private file of this user and its method is
-    the configured one; otherwise the fresh password stands, with a warning.
+    is trusted only if it is a private file of the effective user (or of
+    `uid`, the user twistd's --uid switches to) and its method is the
+    configured one; otherwise the fresh password stands, with a warning.
     ConfigError if the file's directory does not exist.
     """
     if config.url_file is None:
@@ -49,7 +50,7 @@ def reuse_generated_password(config: ServerConfig, rundir: str = ".") -> ServerC
     if not config.password_generated or config.key is not None:
         return config
     try:
-        text = read_private_file(path, limit=4096).decode("utf-8")
+        text = read_private_file(path, limit=4096, owners=() if uid is None else (uid,)).decode("utf-8")
         saved = parse_url(text.strip())
         method = lookup_method(saved.method).name
         if method != config.method:
