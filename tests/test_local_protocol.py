@@ -165,3 +165,26 @@ class ReplyCodeTests(unittest.SynchronousTestCase):
         ]
         for error, code in cases:
             self.assertEqual(reply_code_for(Failure(error)), code, error)
+
+
+class BrokenRelayLogTests(unittest.SynchronousTestCase):
+    """What ssx-local logs when a server's stream fails to decrypt, which anything on the path can cause."""
+
+    def test_first_warns_then_counts(self):
+        """The first broken stream is one warning; later ones are counted, with a line each only with verbose."""
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        from ssx.errors import AuthenticationError
+        from ssx.local.relay import LocalFactory
+
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for verbose, expected in ((False, [LogLevel.warn]), (True, [LogLevel.warn, LogLevel.debug, LogLevel.debug])):
+            del events[:]
+            factory = LocalFactory(MemoryReactorClock(), ServerPicker([]), verbose=verbose)
+            for _ in range(3):
+                factory.relay_broken(AuthenticationError("bad tag"))
+            mine = [e for e in events if e.get("log_namespace") == "ssx.local.relay"]
+            self.assertEqual([e["log_level"] for e in mine], expected)
+            self.assertEqual(factory.relays_broken, 3)

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ssx.wire.address import Address, encode_address
-from ssx.errors import AddressError
+from ssx.errors import AddressError, ProtocolError
 from ssx.interfaces import IServerPicker, ITcpClientCodec, IUpstream
 from ssx.net.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol
 
@@ -67,6 +67,20 @@ class LocalFactory(RelayFactory):
     def __init__(self, reactor: Any, servers: IServerPicker, timeout: float = 300.0, **limits: Any) -> None:
         RelayFactory.__init__(self, reactor, timeout, **limits)
         self.servers = servers
+        self.relays_broken = 0
+
+    def relay_broken(self, error: ProtocolError) -> None:
+        """
+        A server's stream failed to decrypt: the first time a warning (a
+        wrong password or method, most likely), then a line only with
+        --verbose, since whatever sits on the path can cause it at will.
+        """
+        self.relays_broken += 1
+        if self.relays_broken == 1:
+            _log.warn("a stream from the server failed to decrypt (wrong password or method?): {error}; "
+                      "further ones are counted, and logged with --verbose", error=error)
+        elif self.verbose:
+            _log.debug("relay closed: {error}", error=error)
 
 
 class LocalRelayProtocol(InboundProtocol):
