@@ -66,8 +66,17 @@ class _HashBody(resource.Resource):
         return hashlib.sha256(request.content.read()).hexdigest().encode()
 
 
+class _Host(resource.Resource):
+    """Answers with the Host header it received."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        return request.getHeader(b"host") or b"(none)"
+
+
 class ProxyClientTestCase(ChainTestCase):
-    """A web site with a blob, a chunked blob and an upload hasher, and curl."""
+    """A web site with a blob, a chunked blob, an upload hasher and a Host echo, and curl."""
 
     def setUp(self) -> None:
         super().setUp()
@@ -76,6 +85,7 @@ class ProxyClientTestCase(ChainTestCase):
         root.putChild(b"blob", _Blob(self.body))
         root.putChild(b"chunked", _Chunked(self.body))
         root.putChild(b"hash", _HashBody())
+        root.putChild(b"host", _Host())
         self.site = web_server.Site(root)
         port = support.listen_web(self.site)
         self.addCleanup(port.stopListening)
@@ -214,7 +224,7 @@ class CurlAuthTests(ProxyClientTestCase):
 
 
 class _KeepAliveClient(protocol.Protocol):
-    """Sends one request at a time on one connection and reads each Content-Length response (parsed here, not by ssx)."""
+    """Sends one request at a time on one connection and reads each Content-Length response, or a head without one (parsed here, not by ssx)."""
 
     def __init__(self) -> None:
         self.buffer = b""
@@ -231,7 +241,8 @@ class _KeepAliveClient(protocol.Protocol):
         if self.waiting is None or b"\r\n\r\n" not in self.buffer:
             return
         head, rest = self.buffer.split(b"\r\n\r\n", 1)
-        length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+        found = re.search(rb"(?im)^content-length: *(\d+)", head)
+        length = int(found.group(1)) if found else 0  # (none after CONNECT's answer)
         if len(rest) >= length:
             self.buffer = rest[length:]
             waiting, self.waiting = self.waiting, None
@@ -275,6 +286,34 @@ class KeepAliveTests(ProxyClientTestCase):
     def test_keep_alive_two_hosts(self):
         """Three requests on one connection, to host A, host B, then A again: each response is whole and the connection stays."""
         return defer.Deferred.fromCoroutine(self._switch())
+
+
+class MissingHostTests(ProxyClientTestCase):
+    """Proxy requests without Host, as some clients send them: the request line names the target."""
+
+    async def _missing_host(self) -> None:
+        socks_port = self.chain(method="aes-256-gcm")
+        target = f"127.0.0.1:{self.web_port}"
+        client = _KeepAliveClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
+        head, body = await client.request(f"GET http://{target}/host HTTP/1.1\r\nAccept: */*\r\n\r\n".encode())
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertEqual(body, target.encode(), "the origin did not get Host from the target")
+        tunnel = _KeepAliveClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), tunnel)
+        head, _ = await tunnel.request(f"CONNECT {target} HTTP/1.1\r\nUser-Agent: t\r\n\r\n".encode())
+        self.assertEqual(head, b"HTTP/1.1 200 Connection established")
+        # Through the tunnel, straight to the origin.
+        head, body = await tunnel.request(f"GET /blob HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertEqual(support.sha256(body), support.sha256(self.body))
+        for each in (client, tunnel):
+            each.transport.loseConnection()
+            await each.closed
+
+    def test_absolute_form_and_connect(self):
+        """GET http://... and CONNECT host:port without Host, over real sockets: the origin gets Host from the target, the tunnel carries 3 MiB intact."""
+        return defer.Deferred.fromCoroutine(self._missing_host())
 
 
 class _Collect(protocol.Protocol):

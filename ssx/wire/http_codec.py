@@ -9,19 +9,22 @@ in origin form and reads the response, and says at its end whether the
 connection may carry another.  h11 validates heads (Content-Length must be
 ASCII digits, at most 20 of them), frames every body (Content-Length,
 chunked, or until close for responses, which go on chunked to HTTP/1.1
-applications) and parses incrementally, scanning each byte once.  Bad input
-from the application is `HttpError` with the status to answer (400, 431,
-501); from the origin, `HttpError` 502.  No Twisted here.
+applications) and parses incrementally, scanning each byte once.  One
+thing h11 does not do for a proxy is done in `ClientSide`: a Host for
+CONNECT and absolute-form requests that leave it out.  Bad input from the
+application is `HttpError` with the status to answer (400, 431, 501); from
+the origin, `HttpError` 502.  No Twisted here.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Union
 
 import h11
 from h11 import Data, EndOfMessage, InformationalResponse, Request, Response
 
-from ssx.wire.http_message import Headers, HttpError, connection_tokens, end_to_end, origin_headers
+from ssx.wire.http_message import Headers, HttpError, connection_tokens, end_to_end, origin_headers, supply_host
 
 __all__ = [
     "MAX_HEAD",
@@ -39,6 +42,9 @@ __all__ = [
 MAX_HEAD = 64 * 1024
 
 _VERSIONS = (b"1.0", b"1.1")
+
+# Where h11 finds the end of a head.
+_HEAD_END = re.compile(rb"\n\r?\n")
 
 RequestEvent = Union[Request, Data, EndOfMessage]
 ResponseEvent = Union[InformationalResponse, Response, Data, EndOfMessage]
@@ -68,7 +74,13 @@ def _check_framing(headers: Headers, status: int) -> None:
 
 
 class ClientSide:
-    """The application's connection: requests in, responses out."""
+    """
+    The application's connection: requests in, responses out.
+
+    A request head is gathered here before h11 reads it, so that an
+    HTTP/1.1 CONNECT or absolute-form request without Host gets one from
+    its target (`supply_host`), as proxy clients may leave it out.
+    """
 
     def __init__(self) -> None:
         self._begin(b"")
@@ -79,8 +91,9 @@ class ClientSide:
         # Bytes read after a complete request, before its response ended
         # (h11 refuses them in some states, and they must stay bounded).
         self._held = bytearray()
+        # The request head read so far, until h11 gets it (None after).
+        self._head: bytearray | None = bytearray()
         self._complete = False
-        self._fresh = True  # nothing of this request read yet
         self._closing = False
         self.receive(rest)
 
@@ -101,21 +114,51 @@ class ClientSide:
         if self._complete:
             self._held += data
             return
-        if self._fresh:
+        if self._head is None:
+            self._h11.receive_data(data)
+            return
+        if not self._head:
             # RFC 9112 §2.2: blank lines before a request line are ignored
             # (some clients send CRLF after a body).
             data = data.lstrip(b"\r\n")
             if not data:
                 return
-            self._fresh = False
-        self._h11.receive_data(data)
+        self._gather(self._head, data)
+
+    def _gather(self, head: bytearray, data: bytes) -> None:
+        """Hold `data` until the head is whole, then give h11 the head (with Host where due) and what follows."""
+        buffer: bytes | bytearray = data
+        start = 0
+        if head:
+            start = max(0, len(head) - 2)  # the blank line may have begun in the last read
+            head += data
+            buffer = head
+        end = _HEAD_END.search(buffer, start)
+        if end is None and len(buffer) <= MAX_HEAD and buffer[0] > 0x20:
+            if buffer is data:
+                head += data
+            return
+        self._head = None
+        if end is None:
+            # For h11 to refuse: 431 beyond MAX_HEAD, 400 for a first byte
+            # that starts no request line (as a TLS ClientHello does).
+            self._h11.receive_data(bytes(buffer))
+            return
+        whole = bytes(buffer[: end.end()])
+        supplied = supply_host(whole)
+        if supplied is whole and buffer is data:
+            self._h11.receive_data(data)  # the usual case: a whole head in one read, nothing to supply
+        else:
+            self._h11.receive_data(supplied)
+            if len(buffer) > end.end():  # (b"" would tell h11 the application closed)
+                self._h11.receive_data(bytes(buffer[end.end() :]))
 
     def next_event(self) -> RequestEvent | None:
         """
         The next piece of the current request, or None until more bytes come;
         None too once the request is complete, until `next_request`.
         """
-        if self._complete or self._fresh:
+        if self._complete or self._head is not None:
             return None
         event = _next(self._h11, None)
         if type(event) is Request:

@@ -2,7 +2,8 @@
 What the local end's HTTP proxy does to messages, sans-IO.
 
 Where a request goes (`connect_target` for CONNECT, `absolute_target` for
-an absolute-form http:// URL), whether it carries the proxy credentials
+an absolute-form http:// URL, `supply_host` for the Host that a proxy
+request may leave out), whether it carries the proxy credentials
 (`basic_credentials_ok`), which headers travel on to the origin
 (`origin_headers`: Host from the URL, hop-by-hop headers gone) and back to
 the application (`end_to_end`), and the proxy's own answers
@@ -34,6 +35,7 @@ __all__ = [
     "end_to_end",
     "error_response",
     "origin_headers",
+    "supply_host",
 ]
 
 # (name as received, value) pairs, in order.
@@ -131,6 +133,38 @@ def absolute_target(target: str) -> tuple[str, int, str]:
         path = "/" + path
     host, port = _host_port(authority, 80)
     return host, port, path
+
+
+# An HTTP/1.1 request line in the form h11 accepts (RFC 9112 §3), and the
+# start of a Host field line (no space may precede the colon, and a folded
+# continuation line starts with a space or tab).
+_REQUEST_LINE_11 = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/1\.1\r?\n")
+_HOST_FIELD = re.compile(rb"\nhost:", re.IGNORECASE)
+_AUTHORITY_END = re.compile(rb"[/?#]")
+
+
+def supply_host(head: bytes) -> bytes:
+    """
+    `head`, a whole request head, with a Host field taken from the request
+    target when it is an HTTP/1.1 CONNECT or absolute-form request that has
+    none; any other head as it is.  A proxy finds the target in the request
+    line, so Host is redundant there and some clients leave it out; h11
+    requires it of every HTTP/1.1 request and judges the rest of the head.
+    The origin gets Host from the target either way (`origin_headers`).
+    """
+    line = _REQUEST_LINE_11.match(head)
+    if line is None or _HOST_FIELD.search(head, line.end() - 1) is not None:
+        return head
+    method, target = line.group(1, 2)
+    if method == b"CONNECT":
+        authority = target
+    else:
+        _, sep, rest = target.partition(b"://")
+        if not sep:
+            # Origin form: not a proxy request; h11's 400 stands.
+            return head
+        authority = _AUTHORITY_END.split(rest, 1)[0]
+    return head[: line.end()] + b"Host: " + authority + b"\r\n" + head[line.end() :]
 
 
 def _authority(host: str, port: int) -> bytes:
