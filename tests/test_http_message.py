@@ -22,6 +22,7 @@ from ssx.wire.http_message import (
     end_to_end,
     error_response,
     origin_headers,
+    response_head,
     supply_host,
 )
 
@@ -131,11 +132,14 @@ class RewriteTests(unittest.SynchronousTestCase):
         )
 
     def test_origin_request_close(self):
-        """A client that will close has Connection: close passed on; HTTP/1.0 and close say so, Proxy-Connection too."""
+        """A client that will close has Connection: close passed on; close and HTTP/1.0 without keep-alive say so, Proxy-Connection too."""
         for head, closing in (
             (b"GET http://h/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", True),
             (b"GET http://h/ HTTP/1.1\r\nHost: h\r\nProxy-Connection: close\r\n\r\n", True),
-            (b"GET http://h/ HTTP/1.0\r\nProxy-Connection: Keep-Alive\r\n\r\n", True),
+            (b"GET http://h/ HTTP/1.0\r\n\r\n", True),
+            (b"GET http://h/ HTTP/1.0\r\nProxy-Connection: Keep-Alive\r\n\r\n", False),
+            (b"GET http://h/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", False),
+            (b"GET http://h/ HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n", True),
             (b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n", False),
         ):
             side = ClientSide()
@@ -350,6 +354,73 @@ class MissingHostTests(unittest.SynchronousTestCase):
             self.assertEqual(refused(client_events, data), 400, data)
 
 
+def _keep_alive_exchange(request: bytes, response: Response, body: bytes = b"") -> tuple[ClientSide, bytes, bool]:
+    """Read `request`, answer `response` and `body`: the side, what the application got, and whether a next request may come."""
+    side = ClientSide()
+    side.receive(request)
+    while side.next_event() is not None:
+        pass
+    out = side.respond(response) + (side.respond_data(body) if body else b"") + side.respond_end([])
+    return side, out, side.next_request()
+
+
+class Http10KeepAliveTests(unittest.SynchronousTestCase):
+    """An HTTP/1.0 client that asks for keep-alive keeps its connection when a response's length is known."""
+
+    def test_keep_alive_with_length(self):
+        """Connection or Proxy-Connection: keep-alive and a Content-Length: the head says keep-alive and the next request is read."""
+        for token in (b"Connection: keep-alive", b"Proxy-Connection: Keep-Alive", b"Connection: Keep-Alive, X-A\r\nX-A: 1"):
+            side, out, more = _keep_alive_exchange(
+                b"GET http://a/1 HTTP/1.0\r\n" + token + b"\r\n\r\nGET http://a/2 HTTP/1.0\r\n\r\n",
+                Response(status_code=200, reason=b"OK", headers=[("Content-Length", "3"), ("Connection", "close")]),
+                b"abc",
+            )
+            self.assertEqual(out, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nabc", token)
+            self.assertTrue(more, token)
+            self.assertEqual(side.next_event().target, b"http://a/2")
+
+    def test_keep_alive_without_body(self):
+        """HEAD, 204 and 304 responses end with their head: the connection stays."""
+        for method, status in ((b"HEAD", 200), (b"GET", 204), (b"GET", 304)):
+            _, out, more = _keep_alive_exchange(
+                method + b" http://a/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", Response(status_code=status, headers=[])
+            )
+            self.assertTrue(more, (method, status))
+            self.assertTrue(out.endswith(b"\r\nConnection: keep-alive\r\n\r\n"), out)
+
+    def test_no_keep_alive(self):
+        """No keep-alive asked, close too, a body of unknown length, or a response before the request's end: it closes."""
+        length = Response(status_code=200, headers=[("Content-Length", "3")])
+        unknown = Response(status_code=200, headers=[("Transfer-Encoding", "chunked")])
+        for request, response in (
+            (b"GET http://a/ HTTP/1.0\r\n\r\n", length),
+            (b"GET http://a/ HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n", length),
+            (b"GET http://a/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", unknown),
+        ):
+            _, out, more = _keep_alive_exchange(request, response, b"abc")
+            self.assertFalse(more, request)
+            self.assertIn(b"\r\nConnection: close\r\n", out, request)
+            self.assertTrue(out.endswith(b"\r\n\r\nabc"), out)
+        side = ClientSide()
+        side.receive(b"POST http://a/ HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 5\r\n\r\nab")
+        side.next_event()
+        side.next_event()
+        out = side.respond(length, close=True) + side.respond_data(b"abc") + side.respond_end([])
+        self.assertIn(b"\r\nConnection: close\r\n", out)
+        self.assertFalse(side.next_request())
+
+    def test_response_head(self):
+        """A head written without h11 reads back through h11 as it was given."""
+        head = response_head(404, b"Not Found", [(b"Content-Length", b"2"), (b"X-A", b"b c")])
+        self.assertEqual(head, b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\nX-A: b c\r\n\r\n")
+        client = h11.Connection(h11.CLIENT)
+        client.send(h11.Request(method="GET", target="/", headers=[("Host", "h")]))
+        client.receive_data(head + b"ok")
+        event = client.next_event()
+        self.assertEqual((event.status_code, event.reason, event.headers.raw_items()),
+                         (404, b"Not Found", [(b"Content-Length", b"2"), (b"X-A", b"b c")]))
+
+
 def _response(events_data: bytes, method: bytes = b"GET", eof: bool = True, version: bytes = b"1.1") -> bytes:
     """What the application gets of `events_data` from the origin, through both codecs."""
     client = ClientSide()
@@ -529,7 +600,10 @@ class FuzzTests(unittest.SynchronousTestCase):
     def drive_origin(self, pieces: list[bytes], method: bytes, version: bytes) -> tuple[bytes, bool, bytes]:
         """Feed an OriginSide the response in pieces (then EOF) and write it through a ClientSide: body, ended, output."""
         client = ClientSide()
-        client.receive(method + b" http://h/ HTTP/" + version + b"\r\nHost: h\r\n\r\n")
+        # version: b"1.1", b"1.0", or b"1.0 keep-alive" (asking for it)
+        version, _, token = version.partition(b" ")
+        keep_alive = b"Connection: " + token + b"\r\n" if token else b""
+        client.receive(method + b" http://h/ HTTP/" + version + b"\r\nHost: h\r\n" + keep_alive + b"\r\n")
         request = client.next_event()
         client.next_event()
         origin = OriginSide()
@@ -567,9 +641,9 @@ class FuzzTests(unittest.SynchronousTestCase):
         self.assertEqual(events[0].target, b"/x")
 
     @_settings
-    @given(_message("response"), st.sampled_from([b"GET", b"HEAD"]), st.sampled_from([b"1.0", b"1.1"]), st.data())
+    @given(_message("response"), st.sampled_from([b"GET", b"HEAD"]), st.sampled_from([b"1.0", b"1.0 keep-alive", b"1.1"]), st.data())
     def test_response_any_split(self, message, method, version, data):
-        """A well-formed response gives the same body however it is split (none for HEAD), and the application can read it."""
+        """A well-formed response gives the same body however it is split (none for HEAD), and the application can read it (kept alive for HTTP/1.0 when it can)."""
         raw, body, framing = message
         got, ended, out = self.drive_origin(_split(raw, data.draw), method, version)
         self.assertTrue(ended)
@@ -583,6 +657,10 @@ class FuzzTests(unittest.SynchronousTestCase):
         while type(event := client.next_event()) is not h11.EndOfMessage:
             events.append(event)
         self.assertEqual(b"".join(e.data for e in events[1:]), got)
+        if version == b"1.0 keep-alive":
+            # Kept when the application can see where the response ends.
+            kept = b"\r\nconnection: keep-alive\r\n" in out.partition(b"\r\n\r\n")[0].lower() + b"\r\n"
+            self.assertEqual(kept, framing == "fixed" or method == b"HEAD", out[:200])
 
     @_settings
     @given(_message("request"), st.data())
@@ -595,7 +673,7 @@ class FuzzTests(unittest.SynchronousTestCase):
             pass
 
     @_settings
-    @given(_message("response"), st.sampled_from([b"GET", b"HEAD"]), st.sampled_from([b"1.0", b"1.1"]), st.data())
+    @given(_message("response"), st.sampled_from([b"GET", b"HEAD"]), st.sampled_from([b"1.0", b"1.0 keep-alive", b"1.1"]), st.data())
     def test_response_mutated(self, message, method, version, data):
         """A response with bytes changed, added or removed is passed on or refused with HttpError, nothing else."""
         raw = _mutate(message[0], data.draw)

@@ -383,6 +383,36 @@ class HttpForwardTests(MixedTestCase):
         link.protocol.readConnectionLost()
         self.assertTrue(self.app.disconnecting)
 
+    def test_http10_keep_alive(self):
+        """HTTP/1.0 with Connection or Proxy-Connection: keep-alive keeps both connections across responses of known length; without it, the next closes."""
+        self.send(b"GET http://a/1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        link = self.servers[0].succeed()
+        self.assertEqual(link.target_and_data()[1], b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        link.answer(response(b"one", "Content-Length: 3"))
+        self.assertEqual(self.take(), response(b"one", "Content-Length: 3", "Connection: keep-alive"))
+        self.send(b"GET http://a/2 HTTP/1.0\r\nProxy-Connection: Keep-Alive\r\n\r\n")
+        link.answer(response(b"", "Content-Length: 0", status="204 No Content"))
+        self.assertEqual(self.take(), response(b"", "Content-Length: 0", "Connection: keep-alive", status="204 No Content"))
+        self.assertFalse(self.app.disconnecting)
+        self.send(b"GET http://a/3 HTTP/1.0\r\n\r\n")
+        link.answer(response(b"3", "Content-Length: 1"))
+        self.assertEqual(self.take(), response(b"3", "Content-Length: 1", "Connection: close"))
+        self.assertTrue(self.app.disconnecting)
+        self.assertEqual(len(self.servers[0].attempts), 1)
+        self.assertEqual(
+            link.target_and_data()[1],
+            b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\nGET /3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+
+    def test_http10_keep_alive_unknown_length(self):
+        """An HTTP/1.0 client that asked for keep-alive gets a response without length as it came, ended by closing."""
+        self.send(b"GET http://a/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        link = self.servers[0].succeed()
+        link.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nsome\r\n")
+        self.assertEqual(self.take(), b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nsome")
+        link.answer(b"0\r\n\r\n")
+        self.assertTrue(self.app.disconnecting)
+
     def test_missing_host(self):
         """An HTTP/1.1 absolute-form request without Host goes on, with Host from its URL."""
         self.send(b"GET http://a.example:8080/x HTTP/1.1\r\nAccept: */*\r\n\r\n")

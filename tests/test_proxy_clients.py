@@ -194,6 +194,26 @@ class CurlModeTests(ProxyClientTestCase):
         """One curl run fetching from two hosts through the HTTP proxy gets both bodies intact."""
         return defer.Deferred.fromCoroutine(self._two_hosts())
 
+    async def _http10_keep_alive(self) -> None:
+        socks_port = self.chain(method="aes-256-gcm")
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        first, second = os.path.join(directory, "1"), os.path.join(directory, "2")
+        # curl --http1.0 asks a proxy for Proxy-Connection: Keep-Alive.
+        out, err, code = await self.curl(
+            "--http1.0", "-x", f"http://127.0.0.1:{socks_port}", "-w", "%{num_connects} ",
+            f"http://localhost:{self.web_port}/blob", "-o", first, f"http://localhost:{self.web_port}/blob", "-o", second,
+        )
+        self.assertEqual(code, 0, err)
+        for path in (first, second):
+            with open(path, "rb") as f:
+                self.assertEqual(support.sha256(f.read()), support.sha256(self.body))
+        self.assertEqual(out, b"1 0 ", "curl did not reuse its connection to the proxy")
+
+    def test_http10_keep_alive(self):
+        """curl --http1.0 fetching twice through the HTTP proxy reuses its one connection, and gets both bodies intact."""
+        return defer.Deferred.fromCoroutine(self._http10_keep_alive())
+
 
 @support.requires("curl", package="curl")
 class CurlAuthTests(ProxyClientTestCase):
@@ -286,6 +306,28 @@ class KeepAliveTests(ProxyClientTestCase):
     def test_keep_alive_two_hosts(self):
         """Three requests on one connection, to host A, host B, then A again: each response is whole and the connection stays."""
         return defer.Deferred.fromCoroutine(self._switch())
+
+    async def _http10(self) -> None:
+        socks_port = self.chain(method="aes-256-gcm")
+        client = _KeepAliveClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
+        url = f"http://localhost:{self.web_port}/blob"
+        for header in ("Connection: keep-alive", "Proxy-Connection: Keep-Alive", "Connection: Keep-Alive"):
+            head, body = await client.request(f"GET {url} HTTP/1.0\r\n{header}\r\n\r\n".encode())
+            self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+            self.assertIn(b"\r\nconnection: keep-alive", head.lower())
+            self.assertEqual(support.sha256(body), support.sha256(self.body), header)
+        self.assertFalse(client.closed.called, "the proxy closed the keep-alive connection")
+        self.assertEqual(len(self.local_service.factory.connections), 1)
+        self.assertEqual(self.server_service.factory.accepted, 1, "the server connection was not kept")
+        head, body = await client.request(f"GET {url} HTTP/1.0\r\n\r\n".encode())
+        self.assertIn(b"\r\nconnection: close", head.lower())
+        self.assertEqual(support.sha256(body), support.sha256(self.body))
+        await support.within(10, client.closed, "the proxy kept an HTTP/1.0 connection that did not ask for it")
+
+    def test_http10_keep_alive(self):
+        """HTTP/1.0 requests asking for keep-alive (Connection or Proxy-Connection) share one connection; one that does not ask ends it."""
+        return defer.Deferred.fromCoroutine(self._http10())
 
 
 class MissingHostTests(ProxyClientTestCase):

@@ -9,11 +9,12 @@ in origin form and reads the response, and says at its end whether the
 connection may carry another.  h11 validates heads (Content-Length must be
 ASCII digits, at most 20 of them), frames every body (Content-Length,
 chunked, or until close for responses, which go on chunked to HTTP/1.1
-applications) and parses incrementally, scanning each byte once.  One
-thing h11 does not do for a proxy is done in `ClientSide`: a Host for
-CONNECT and absolute-form requests that leave it out.  Bad input from the
-application is `HttpError` with the status to answer (400, 431, 501); from
-the origin, `HttpError` 502.  No Twisted here.
+applications) and parses incrementally, scanning each byte once.  Two
+things h11 does not do for a proxy are done in `ClientSide`: a Host for
+CONNECT and absolute-form requests that leave it out, and keep-alive for
+HTTP/1.0 clients that ask for it.  Bad input from the application is
+`HttpError` with the status to answer (400, 431, 501); from the origin,
+`HttpError` 502.  No Twisted here.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from typing import Union
 import h11
 from h11 import Data, EndOfMessage, InformationalResponse, Request, Response
 
-from ssx.wire.http_message import Headers, HttpError, connection_tokens, end_to_end, origin_headers, supply_host
+from ssx.wire.http_message import (
+    Headers,
+    HttpError,
+    connection_tokens,
+    end_to_end,
+    origin_headers,
+    response_head,
+    supply_host,
+)
 
 __all__ = [
     "MAX_HEAD",
@@ -65,6 +74,14 @@ def _next(connection: h11.Connection, status: int | None) -> object:
         raise HttpError(status or 400, "bad Content-Length") from None
 
 
+def _length_known(method: bytes, response: Response) -> bool:
+    """Whether the application can tell where `response` ends without the connection ending (RFC 9112 §6.3)."""
+    if method == b"HEAD" or response.status_code in (204, 304):
+        return True
+    names = {k.lower() for k, _ in response.headers.raw_items()}
+    return b"content-length" in names and b"transfer-encoding" not in names
+
+
 def _check_framing(headers: Headers, status: int) -> None:
     names = {k.lower() for k, _ in headers}
     if b"transfer-encoding" in names and b"content-length" in names:
@@ -77,9 +94,15 @@ class ClientSide:
     """
     The application's connection: requests in, responses out.
 
-    A request head is gathered here before h11 reads it, so that an
+    Two things differ from h11's server role, both for what proxy clients
+    do.  A request head is gathered here before h11 reads it, so that an
     HTTP/1.1 CONNECT or absolute-form request without Host gets one from
-    its target (`supply_host`), as proxy clients may leave it out.
+    its target (`supply_host`).  And an HTTP/1.0 client that asks for
+    keep-alive (``Connection`` or ``Proxy-Connection: keep-alive``), which
+    h11 never grants, keeps its connection when the response's end shows in
+    its head: that head is written here with ``Connection: keep-alive``,
+    its body passes on as the origin side read it, and the next request is
+    read by a new h11 connection.
     """
 
     def __init__(self) -> None:
@@ -95,6 +118,12 @@ class ClientSide:
         self._head: bytearray | None = bytearray()
         self._complete = False
         self._closing = False
+        self._method = b""
+        # An HTTP/1.0 request that asked for keep-alive; whether its
+        # response is written here (not by h11), and whether it ended.
+        self._keep_alive_10 = False
+        self._passthrough = False
+        self._response_ended = False
         self.receive(rest)
 
     @property
@@ -165,7 +194,10 @@ class ClientSide:
             if event.http_version not in _VERSIONS:
                 raise HttpError(400, "only HTTP/1.0 and HTTP/1.1 are spoken here")
             _check_framing(event.headers.raw_items(), 400)
-            self._closing = event.http_version != b"1.1" or b"close" in connection_tokens(event.headers.raw_items())
+            tokens = connection_tokens(event.headers.raw_items())
+            self._method = event.method
+            self._keep_alive_10 = event.http_version == b"1.0" and b"keep-alive" in tokens and b"close" not in tokens
+            self._closing = b"close" in tokens or (event.http_version != b"1.1" and not self._keep_alive_10)
         elif type(event) is EndOfMessage:
             self._complete = True
         elif type(event) is not Data:
@@ -174,7 +206,7 @@ class ClientSide:
 
     @property
     def closing(self) -> bool:
-        """Whether the application closes after the current request's response (HTTP/1.0, or close)."""
+        """Whether the application closes after the current request's response (HTTP/1.0 without keep-alive, or close)."""
         return self._closing
 
     def rest(self) -> bytes:
@@ -186,16 +218,33 @@ class ClientSide:
         headers = end_to_end(head.headers.raw_items())
         if (close or self._closing) and type(head) is Response:
             headers.append((b"Connection", b"close"))
+        # h11 ends every exchange with an HTTP/1.0 client (it adds
+        # Connection: close); this head is written here instead when the
+        # client may keep the connection: it asked to, and can tell where
+        # the body ends without a close.
+        keep = isinstance(head, Response) and self._keep_alive_10 and not close and _length_known(self._method, head)
+        if keep:
+            headers.append((b"Connection", b"keep-alive"))
         try:
             event = type(head)(status_code=head.status_code, reason=head.reason, headers=headers)
         except h11.LocalProtocolError as e:
             raise HttpError(502, str(e)) from None
+        if keep:
+            self._passthrough = True
+            return response_head(event.status_code, event.reason, event.headers.raw_items())
         return self._send(event)
 
     def respond_data(self, data: bytes) -> bytes:
+        if self._passthrough:
+            # A body of a known length goes on as the origin side framed it
+            # (as bytes: h11 reads into bytearrays).
+            return bytes(data)
         return self._send(Data(data=data))
 
     def respond_end(self, trailers: Headers) -> bytes:
+        if self._passthrough:
+            self._response_ended = True
+            return b""  # a length-delimited body has no trailers
         # Trailers exist only in chunked bodies, which HTTP/1.0 cannot read.
         return self._send(EndOfMessage(headers=list(trailers) if self._h11.their_http_version == b"1.1" else []))
 
@@ -208,14 +257,20 @@ class ClientSide:
     def next_request(self) -> bool:
         """
         After a response's end: get ready for the next request and say True,
-        or False when the connection must close (HTTP/1.0, `close`, or a
-        request body not yet read to its end).
+        or False when the connection must close (HTTP/1.0 without
+        keep-alive or a response of known length, `close`, or a request
+        body not yet read to its end).
         """
-        states = self._h11.states
-        if not self._complete or states[h11.SERVER] is not h11.DONE or states[h11.CLIENT] is not h11.DONE:
+        if self._passthrough:
+            ready = self._complete and self._response_ended
+        else:
+            states = self._h11.states
+            ready = self._complete and states[h11.SERVER] is h11.DONE and states[h11.CLIENT] is h11.DONE
+        if not ready:
             return False
         # A new h11 connection rather than start_next_cycle, so that blank
-        # lines before the next request line are skipped as at the start.
+        # lines before the next request line are skipped as at the start
+        # (and because h11 ends HTTP/1.0 connections).
         self._begin(self.rest())
         return True
 

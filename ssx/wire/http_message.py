@@ -6,11 +6,11 @@ an absolute-form http:// URL, `supply_host` for the Host that a proxy
 request may leave out), whether it carries the proxy credentials
 (`basic_credentials_ok`), which headers travel on to the origin
 (`origin_headers`: Host from the URL, hop-by-hop headers gone) and back to
-the application (`end_to_end`), and the proxy's own answers
-(`error_response`).  Heads are read and bodies framed by h11 in
-`ssx.wire.http_codec`; headers here are h11's (name as received, value) byte
-pairs.  No Twisted here; a refused request is `HttpError` carrying the
-status to answer with.
+the application (`end_to_end`), the response heads written without h11
+(`response_head`), and the proxy's own answers (`error_response`).  Heads
+are read and bodies framed by h11 in `ssx.wire.http_codec`; headers here
+are h11's (name as received, value) byte pairs.  No Twisted here; a
+refused request is `HttpError` carrying the status to answer with.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ __all__ = [
     "end_to_end",
     "error_response",
     "origin_headers",
+    "response_head",
     "supply_host",
 ]
 
@@ -205,6 +206,13 @@ def basic_credentials_ok(headers: Headers, credentials: tuple[bytes, bytes]) -> 
     user_ok = hmac.compare_digest(user, credentials[0])
     password_ok = hmac.compare_digest(password, credentials[1])
     return bool(colon) and user_ok & password_ok
+
+
+def response_head(status: int, reason: bytes, headers: Headers) -> bytes:
+    """An HTTP/1.1 status line and `headers` (already valid, as h11 checks them) as bytes."""
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    lines += [b"%s: %s\r\n" % (k, v) for k, v in headers]
+    return b"".join(lines) + b"\r\n"
 
 
 def error_response(status: int, message: str = "", extra: tuple[tuple[str, str], ...] = ()) -> bytes:
