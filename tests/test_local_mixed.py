@@ -204,6 +204,13 @@ class HttpConnectTests(MixedTestCase):
         link.answer(b"\x16\x03\x03server hello")
         self.assertEqual(self.take(), b"\x16\x03\x03server hello")
 
+    def test_connect_without_host(self):
+        """CONNECT without Host (as some clients send it) tunnels to the target of its request line."""
+        self.send(b"CONNECT example.org:443 HTTP/1.1\r\nUser-Agent: t\r\n\r\n\x16\x03\x01")
+        link = self.servers[0].succeed()
+        self.assertEqual(self.take(), b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self.assertEqual(link.target_and_data(), (Address("example.org", 443), b"\x16\x03\x01"))
+
     def test_connect_failure(self):
         """When no server can be reached, CONNECT gets 502 and the connection closes."""
         self.send(b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n")
@@ -220,9 +227,15 @@ class HttpConnectTests(MixedTestCase):
         self.assertEqual(self.servers[0].attempts, [])
 
     def test_origin_form_refused(self):
-        """A request that is not for a proxy (origin form) gets 400."""
-        self.send(b"GET /index.html HTTP/1.1\r\nHost: h\r\n\r\n")
-        self.assertTrue(self.take().startswith(b"HTTP/1.1 400 "))
+        """A request that is not for a proxy (origin form) gets 400, with Host or without, and no server attempt."""
+        for request in (b"GET /index.html HTTP/1.1\r\nHost: h\r\n\r\n", b"GET /index.html HTTP/1.1\r\n\r\n"):
+            app = Transport()
+            protocol = self.factory.buildProtocol(None)
+            protocol.makeConnection(app)
+            protocol.dataReceived(request)
+            self.assertTrue(app.value().startswith(b"HTTP/1.1 400 "), request)
+            self.assertTrue(app.disconnecting)
+        self.assertEqual(self.servers[0].attempts, [])
 
 
 class HttpAuthTests(MixedTestCase):
@@ -370,6 +383,48 @@ class HttpForwardTests(MixedTestCase):
         link.protocol.readConnectionLost()
         self.assertTrue(self.app.disconnecting)
 
+    def test_http10_keep_alive(self):
+        """HTTP/1.0 with Connection or Proxy-Connection: keep-alive keeps both connections across responses of known length; without it, the next closes."""
+        self.send(b"GET http://a/1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        link = self.servers[0].succeed()
+        self.assertEqual(link.target_and_data()[1], b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        link.answer(response(b"one", "Content-Length: 3"))
+        self.assertEqual(self.take(), response(b"one", "Content-Length: 3", "Connection: keep-alive"))
+        self.send(b"GET http://a/2 HTTP/1.0\r\nProxy-Connection: Keep-Alive\r\n\r\n")
+        link.answer(response(b"", "Content-Length: 0", status="204 No Content"))
+        self.assertEqual(self.take(), response(b"", "Content-Length: 0", "Connection: keep-alive", status="204 No Content"))
+        self.assertFalse(self.app.disconnecting)
+        self.send(b"GET http://a/3 HTTP/1.0\r\n\r\n")
+        link.answer(response(b"3", "Content-Length: 1"))
+        self.assertEqual(self.take(), response(b"3", "Content-Length: 1", "Connection: close"))
+        self.assertTrue(self.app.disconnecting)
+        self.assertEqual(len(self.servers[0].attempts), 1)
+        self.assertEqual(
+            link.target_and_data()[1],
+            b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\nGET /3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+
+    def test_http10_keep_alive_unknown_length(self):
+        """An HTTP/1.0 client that asked for keep-alive gets a response without length as it came, ended by closing."""
+        self.send(b"GET http://a/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        link = self.servers[0].succeed()
+        link.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nsome\r\n")
+        self.assertEqual(self.take(), b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nsome")
+        link.answer(b"0\r\n\r\n")
+        self.assertTrue(self.app.disconnecting)
+
+    def test_missing_host(self):
+        """An HTTP/1.1 absolute-form request without Host goes on, with Host from its URL."""
+        self.send(b"GET http://a.example:8080/x HTTP/1.1\r\nAccept: */*\r\n\r\n")
+        link = self.servers[0].succeed()
+        self.assertEqual(
+            link.target_and_data(),
+            (Address("a.example", 8080), b"GET /x HTTP/1.1\r\nHost: a.example:8080\r\nAccept: */*\r\n\r\n"),
+        )
+        link.answer(response(b"x", "Content-Length: 1"))
+        self.assertEqual(self.take(), response(b"x", "Content-Length: 1"))
+        self.assertFalse(self.app.disconnecting)
+
     def test_client_close_request(self):
         """Connection: close from the client is passed on and the client connection closes after the response."""
         self.send(b"GET http://a/ HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
@@ -498,15 +553,16 @@ class HttpHardeningTests(MixedTestCase):
                 self.assertTrue(app.disconnecting)
                 self.assertTrue(link.transport.disconnecting)
 
-    def test_host_required(self):
-        """An HTTP/1.1 request without Host gets 400 (RFC 9112 §3.2); HTTP/1.0 needs none."""
-        self.send(b"GET http://h/ HTTP/1.1\r\n\r\n")
+    def test_host_checks(self):
+        """Host is not needed in a proxy request (the target names the host) but two are 400, with no server attempt."""
+        self.send(b"GET http://h/ HTTP/1.1\r\nHost: h\r\nHost: evil\r\n\r\n")
         self.assertTrue(self.take().startswith(b"HTTP/1.1 400 "))
         self.assertEqual(self.servers[0].attempts, [])
-        protocol = self.factory.buildProtocol(None)
-        protocol.makeConnection(Transport())
-        protocol.dataReceived(b"GET http://h/ HTTP/1.0\r\n\r\n")
-        self.assertEqual(len(self.servers[0].attempts), 1)
+        for request in (b"GET http://h/ HTTP/1.0\r\n\r\n", b"GET http://h/ HTTP/1.1\r\n\r\n"):
+            protocol = self.factory.buildProtocol(None)
+            protocol.makeConnection(Transport())
+            protocol.dataReceived(request)
+        self.assertEqual(len(self.servers[0].attempts), 2)
 
     def test_blank_lines_before_request(self):
         """Blank lines before a request line are skipped (RFC 9112 §2.2), also after a body."""

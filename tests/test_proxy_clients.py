@@ -66,8 +66,17 @@ class _HashBody(resource.Resource):
         return hashlib.sha256(request.content.read()).hexdigest().encode()
 
 
+class _Host(resource.Resource):
+    """Answers with the Host header it received."""
+
+    isLeaf = True
+
+    def render_GET(self, request):
+        return request.getHeader(b"host") or b"(none)"
+
+
 class ProxyClientTestCase(ChainTestCase):
-    """A web site with a blob, a chunked blob and an upload hasher, and curl."""
+    """A web site with a blob, a chunked blob, an upload hasher and a Host echo, and curl."""
 
     def setUp(self) -> None:
         super().setUp()
@@ -76,6 +85,7 @@ class ProxyClientTestCase(ChainTestCase):
         root.putChild(b"blob", _Blob(self.body))
         root.putChild(b"chunked", _Chunked(self.body))
         root.putChild(b"hash", _HashBody())
+        root.putChild(b"host", _Host())
         self.site = web_server.Site(root)
         port = support.listen_web(self.site)
         self.addCleanup(port.stopListening)
@@ -184,6 +194,26 @@ class CurlModeTests(ProxyClientTestCase):
         """One curl run fetching from two hosts through the HTTP proxy gets both bodies intact."""
         return defer.Deferred.fromCoroutine(self._two_hosts())
 
+    async def _http10_keep_alive(self) -> None:
+        socks_port = self.chain(method="aes-256-gcm")
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        first, second = os.path.join(directory, "1"), os.path.join(directory, "2")
+        # curl --http1.0 asks a proxy for Proxy-Connection: Keep-Alive.
+        out, err, code = await self.curl(
+            "--http1.0", "-x", f"http://127.0.0.1:{socks_port}", "-w", "%{num_connects} ",
+            f"http://localhost:{self.web_port}/blob", "-o", first, f"http://localhost:{self.web_port}/blob", "-o", second,
+        )
+        self.assertEqual(code, 0, err)
+        for path in (first, second):
+            with open(path, "rb") as f:
+                self.assertEqual(support.sha256(f.read()), support.sha256(self.body))
+        self.assertEqual(out, b"1 0 ", "curl did not reuse its connection to the proxy")
+
+    def test_http10_keep_alive(self):
+        """curl --http1.0 fetching twice through the HTTP proxy reuses its one connection, and gets both bodies intact."""
+        return defer.Deferred.fromCoroutine(self._http10_keep_alive())
+
 
 @support.requires("curl", package="curl")
 class CurlAuthTests(ProxyClientTestCase):
@@ -214,7 +244,7 @@ class CurlAuthTests(ProxyClientTestCase):
 
 
 class _KeepAliveClient(protocol.Protocol):
-    """Sends one request at a time on one connection and reads each Content-Length response (parsed here, not by ssx)."""
+    """Sends one request at a time on one connection and reads each Content-Length response, or a head without one (parsed here, not by ssx)."""
 
     def __init__(self) -> None:
         self.buffer = b""
@@ -231,7 +261,8 @@ class _KeepAliveClient(protocol.Protocol):
         if self.waiting is None or b"\r\n\r\n" not in self.buffer:
             return
         head, rest = self.buffer.split(b"\r\n\r\n", 1)
-        length = int(re.search(rb"(?im)^content-length: *(\d+)", head).group(1))
+        found = re.search(rb"(?im)^content-length: *(\d+)", head)
+        length = int(found.group(1)) if found else 0  # (none after CONNECT's answer)
         if len(rest) >= length:
             self.buffer = rest[length:]
             waiting, self.waiting = self.waiting, None
@@ -275,6 +306,56 @@ class KeepAliveTests(ProxyClientTestCase):
     def test_keep_alive_two_hosts(self):
         """Three requests on one connection, to host A, host B, then A again: each response is whole and the connection stays."""
         return defer.Deferred.fromCoroutine(self._switch())
+
+    async def _http10(self) -> None:
+        socks_port = self.chain(method="aes-256-gcm")
+        client = _KeepAliveClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
+        url = f"http://localhost:{self.web_port}/blob"
+        for header in ("Connection: keep-alive", "Proxy-Connection: Keep-Alive", "Connection: Keep-Alive"):
+            head, body = await client.request(f"GET {url} HTTP/1.0\r\n{header}\r\n\r\n".encode())
+            self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+            self.assertIn(b"\r\nconnection: keep-alive", head.lower())
+            self.assertEqual(support.sha256(body), support.sha256(self.body), header)
+        self.assertFalse(client.closed.called, "the proxy closed the keep-alive connection")
+        self.assertEqual(len(self.local_service.factory.connections), 1)
+        self.assertEqual(self.server_service.factory.accepted, 1, "the server connection was not kept")
+        head, body = await client.request(f"GET {url} HTTP/1.0\r\n\r\n".encode())
+        self.assertIn(b"\r\nconnection: close", head.lower())
+        self.assertEqual(support.sha256(body), support.sha256(self.body))
+        await support.within(10, client.closed, "the proxy kept an HTTP/1.0 connection that did not ask for it")
+
+    def test_http10_keep_alive(self):
+        """HTTP/1.0 requests asking for keep-alive (Connection or Proxy-Connection) share one connection; one that does not ask ends it."""
+        return defer.Deferred.fromCoroutine(self._http10())
+
+
+class MissingHostTests(ProxyClientTestCase):
+    """Proxy requests without Host, as some clients send them: the request line names the target."""
+
+    async def _missing_host(self) -> None:
+        socks_port = self.chain(method="aes-256-gcm")
+        target = f"127.0.0.1:{self.web_port}"
+        client = _KeepAliveClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
+        head, body = await client.request(f"GET http://{target}/host HTTP/1.1\r\nAccept: */*\r\n\r\n".encode())
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertEqual(body, target.encode(), "the origin did not get Host from the target")
+        tunnel = _KeepAliveClient()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), tunnel)
+        head, _ = await tunnel.request(f"CONNECT {target} HTTP/1.1\r\nUser-Agent: t\r\n\r\n".encode())
+        self.assertEqual(head, b"HTTP/1.1 200 Connection established")
+        # Through the tunnel, straight to the origin.
+        head, body = await tunnel.request(f"GET /blob HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertEqual(support.sha256(body), support.sha256(self.body))
+        for each in (client, tunnel):
+            each.transport.loseConnection()
+            await each.closed
+
+    def test_absolute_form_and_connect(self):
+        """GET http://... and CONNECT host:port without Host, over real sockets: the origin gets Host from the target, the tunnel carries 3 MiB intact."""
+        return defer.Deferred.fromCoroutine(self._missing_host())
 
 
 class _Collect(protocol.Protocol):

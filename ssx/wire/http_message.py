@@ -2,14 +2,15 @@
 What the local end's HTTP proxy does to messages, sans-IO.
 
 Where a request goes (`connect_target` for CONNECT, `absolute_target` for
-an absolute-form http:// URL), whether it carries the proxy credentials
+an absolute-form http:// URL, `supply_host` for the Host that a proxy
+request may leave out), whether it carries the proxy credentials
 (`basic_credentials_ok`), which headers travel on to the origin
 (`origin_headers`: Host from the URL, hop-by-hop headers gone) and back to
-the application (`end_to_end`), and the proxy's own answers
-(`error_response`).  Heads are read and bodies framed by h11 in
-`ssx.wire.http_codec`; headers here are h11's (name as received, value) byte
-pairs.  No Twisted here; a refused request is `HttpError` carrying the
-status to answer with.
+the application (`end_to_end`), the response heads written without h11
+(`response_head`), and the proxy's own answers (`error_response`).  Heads
+are read and bodies framed by h11 in `ssx.wire.http_codec`; headers here
+are h11's (name as received, value) byte pairs.  No Twisted here; a
+refused request is `HttpError` carrying the status to answer with.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ __all__ = [
     "end_to_end",
     "error_response",
     "origin_headers",
+    "response_head",
+    "supply_host",
 ]
 
 # (name as received, value) pairs, in order.
@@ -133,6 +136,38 @@ def absolute_target(target: str) -> tuple[str, int, str]:
     return host, port, path
 
 
+# An HTTP/1.1 request line in the form h11 accepts (RFC 9112 §3), and the
+# start of a Host field line (no space may precede the colon, and a folded
+# continuation line starts with a space or tab).
+_REQUEST_LINE_11 = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/1\.1\r?\n")
+_HOST_FIELD = re.compile(rb"\nhost:", re.IGNORECASE)
+_AUTHORITY_END = re.compile(rb"[/?#]")
+
+
+def supply_host(head: bytes) -> bytes:
+    """
+    `head`, a whole request head, with a Host field taken from the request
+    target when it is an HTTP/1.1 CONNECT or absolute-form request that has
+    none; any other head as it is.  A proxy finds the target in the request
+    line, so Host is redundant there and some clients leave it out; h11
+    requires it of every HTTP/1.1 request and judges the rest of the head.
+    The origin gets Host from the target either way (`origin_headers`).
+    """
+    line = _REQUEST_LINE_11.match(head)
+    if line is None or _HOST_FIELD.search(head, line.end() - 1) is not None:
+        return head
+    method, target = line.group(1, 2)
+    if method == b"CONNECT":
+        authority = target
+    else:
+        _, sep, rest = target.partition(b"://")
+        if not sep:
+            # Origin form: not a proxy request; h11's 400 stands.
+            return head
+        authority = _AUTHORITY_END.split(rest, 1)[0]
+    return head[: line.end()] + b"Host: " + authority + b"\r\n" + head[line.end() :]
+
+
 def _authority(host: str, port: int) -> bytes:
     shown = f"[{host}]" if ":" in host else host
     return (shown if port == 80 else f"{shown}:{port}").encode("ascii")
@@ -171,6 +206,13 @@ def basic_credentials_ok(headers: Headers, credentials: tuple[bytes, bytes]) -> 
     user_ok = hmac.compare_digest(user, credentials[0])
     password_ok = hmac.compare_digest(password, credentials[1])
     return bool(colon) and user_ok & password_ok
+
+
+def response_head(status: int, reason: bytes, headers: Headers) -> bytes:
+    """An HTTP/1.1 status line and `headers` (already valid, as h11 checks them) as bytes."""
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    lines += [b"%s: %s\r\n" % (k, v) for k, v in headers]
+    return b"".join(lines) + b"\r\n"
 
 
 def error_response(status: int, message: str = "", extra: tuple[tuple[str, str], ...] = ()) -> bytes:
