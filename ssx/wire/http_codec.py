@@ -202,7 +202,7 @@ class ClientSide:
             self._complete = True
         elif type(event) is not Data:
             return None  # NEED_DATA, or PAUSED on a CONNECT or Upgrade request
-        return event  # type: ignore[return-value]
+        return event
 
     @property
     def closing(self) -> bool:
