@@ -1,8 +1,13 @@
 """
 ssx: a Shadowsocks proxy suite built on Twisted.
 
-`twistd ssx-server` is the server end; `twistd ssx-local` is the local end that
-offers SOCKS5 to applications.  See README.rst.
+`twistd ssx-server` is the server end (`ssx.server`); `twistd ssx-local` is
+the local end that offers SOCKS5, SOCKS4 and HTTP to applications
+(`ssx.local`).  Both stand on `ssx.net` (the Twisted plumbing they share),
+`ssx.crypto` (every cipher and replay filter), `ssx.wire` (wire formats,
+no Twisted) and `ssx.config` (config.json and flags); the seams between
+them are declared in `ssx.interfaces`.  `python -m ssx` is `ssx.cli`.
+See README.rst.
 """
 
 __version__ = "0.1.0"

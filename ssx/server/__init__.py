@@ -5,7 +5,8 @@ Everything only `twistd ssx-server` runs.
 named parts are `service`; `protocol` is one client connection (decrypt,
 check the target, connect, relay), bounded while unfinished by
 `handshakes`, and `accounting` counts each user's bytes; `udp` is the UDP
-relay of both editions; `forbidden` (with `host_addresses` and its
+relay of both editions, whose 2022 sessions keep their replay windows
+in `session_windows`; `forbidden` (with `host_addresses` and its
 watcher) decides which destinations are refused; `url_file` writes the
 ss:// URL at start and takes a generated password back from it.
 """
