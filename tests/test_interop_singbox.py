@@ -37,7 +37,7 @@ import shutil
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial import unittest
 
 from ssx.crypto import generate_psk
@@ -48,7 +48,6 @@ METHODS = ("2022-blake3-aes-128-gcm", "2022-blake3-aes-256-gcm", "2022-blake3-ch
 # ssx refuses UDP with the ChaCha 2022 method, and identity headers exist only for AES.
 AES_METHODS = ("2022-blake3-aes-128-gcm", "2022-blake3-aes-256-gcm")
 FOUR_MIB = 4 * 1024 * 1024
-TRANSFER_SECONDS = 20.0
 # Under what sing-box reads of one 2022 UDP packet (see the module docstring).
 LARGEST_DATAGRAM = 15_000
 
@@ -80,13 +79,7 @@ SKIP = (
 
 async def transfer(client: support.SocksTransfer, socks_port: int) -> tuple[int | None, bytes]:
     """Run a SOCKS5 transfer through `socks_port`; abort it after TRANSFER_SECONDS."""
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
-    watchdog = reactor.callLater(TRANSFER_SECONDS, client.transport.abortConnection)
-    try:
-        return await client.done
-    finally:
-        if watchdog.active():
-            watchdog.cancel()
+    return await support.run_transfer(client, TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port))
 
 
 def socks_inbound(port: int) -> dict[str, Any]:

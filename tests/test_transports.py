@@ -24,7 +24,7 @@ from ssx.config import local_config, server_config
 import ssx.local.tap as local_tap
 import ssx.server.tap as server_tap
 from tests import support
-from tests.support import TRANSFER_SECONDS, HashingEchoFactory, WholeEchoTransfer
+from tests.support import HashingEchoFactory, WholeEchoTransfer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,14 +34,7 @@ async def transfer(endpoint: Any, host: str, port: int, payload: bytes) -> tuple
     SOCKS5 CONNECT through `endpoint`, send `payload`, wait for its whole
     echo, close (no half-close: TLS hops cannot pass one on); bounded.
     """
-    client = WholeEchoTransfer(host, port, payload)
-    await connectProtocol(endpoint, client)
-    watchdog = reactor.callLater(TRANSFER_SECONDS, client.transport.abortConnection)
-    try:
-        return await client.done
-    finally:
-        if watchdog.active():
-            watchdog.cancel()
+    return await support.run_transfer(WholeEchoTransfer(host, port, payload), endpoint)
 
 
 class TransportTestCase(unittest.TestCase):

@@ -21,6 +21,7 @@ logged at debug level, and name no destination.
 
 from __future__ import annotations
 
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -57,7 +58,7 @@ class _OriginConnection(OutboundProtocol):
     def readConnectionLost(self) -> None:
         self.owner.origin_closed(self)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self.owner.origin_closed(self)
         RelayProtocol.connectionLost(self, reason)

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITCPTransport,
 )
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -241,7 +241,7 @@ class RelayProtocol(Protocol):
         if not self._closed:
             self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         if self._linger_call is not None:
             if self._linger_call.active():
@@ -294,7 +294,7 @@ class OutboundProtocol(RelayProtocol):
         if self.transport is not None:
             self.transport.abortConnection()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._on_connected = None
         if not self.ready.called:
             self.ready.errback(reason if reason is not None else Failure(ConnectionDone()))
@@ -478,6 +478,6 @@ class InboundProtocol(RelayProtocol):
     def report_broken(self, error: ProtocolError) -> None:
         self.factory.relay_broken(error)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.connection_closed(self)
         RelayProtocol.connectionLost(self, reason)

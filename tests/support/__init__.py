@@ -32,6 +32,7 @@ from tests.support.clients import (
     socks5_request,
     socks5_udp_header,
     socks_transfer,
+    run_transfer,
     whole_echo_transfer,
 )
 from tests.support.in_memory import FakeServer, HalfCloseTransport, Link
@@ -85,6 +86,7 @@ __all__ = [
     "SocksTransfer",
     "socks_transfer",
     "WholeEchoTransfer",
+    "run_transfer",
     "whole_echo_transfer",
     "RawClient",
     "SocksClient",

@@ -175,16 +175,20 @@ class WholeEchoTransfer(SocksTransfer):
             self.transport.loseConnection()
 
 
-async def whole_echo_transfer(socks_port: int, host: str, port: int, payload: bytes) -> tuple[int | None, bytes]:
-    """Run a WholeEchoTransfer through the SOCKS5 port; abort it after TRANSFER_SECONDS."""
-    client = WholeEchoTransfer(host, port, payload)
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
+async def run_transfer(client: Any, endpoint: Any) -> tuple[int | None, bytes]:
+    """Connect `client` (a SOCKS transfer) through `endpoint`; its result, or an abort after TRANSFER_SECONDS."""
+    await connectProtocol(endpoint, client)
     watchdog = reactor.callLater(TRANSFER_SECONDS, client.transport.abortConnection)
     try:
         return await client.done
     finally:
         if watchdog.active():
             watchdog.cancel()
+
+
+async def whole_echo_transfer(socks_port: int, host: str, port: int, payload: bytes) -> tuple[int | None, bytes]:
+    """Run a WholeEchoTransfer through the SOCKS5 port; abort it after TRANSFER_SECONDS."""
+    return await run_transfer(WholeEchoTransfer(host, port, payload), TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port))
 
 
 class RawClient(protocol.Protocol):
