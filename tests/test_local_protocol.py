@@ -131,6 +131,16 @@ class LocalProtocolTests(unittest.SynchronousTestCase):
         self.assertEqual(self.app.value(), socks5.build_reply(socks5.REP_CONNECTION_REFUSED))
         self.assertTrue(self.app.disconnecting)
 
+    def test_target_no_server_acts_on(self):
+        """A target no server would act on (not a host name, port 0) gets reply 01 at once, with no server connection."""
+        for host, port in ((b"a..b", 80), (b"bad host", 80), (b"example.com", 0)):
+            self.setUp()
+            request = b"\x05\x01\x00\x03" + bytes([len(host)]) + host + port.to_bytes(2, "big")
+            self.protocol.dataReceived(GREETING + request)
+            self.assertEqual(self.app.value(), b"\x05\x00" + socks5.build_reply(socks5.REP_GENERAL_FAILURE), host)
+            self.assertTrue(self.app.disconnecting)
+            self.assertEqual(self.server.attempts, [])
+
     def test_bind_not_supported(self):
         """BIND gets reply 07 (command not supported) and no server connection."""
         self.protocol.dataReceived(GREETING + b"\x05\x02\x00\x01\x7f\x00\x00\x01\x00\x50")

@@ -21,7 +21,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ssx.wire.address import Address, encode_address
+from ssx.wire.address import Address, decode_target, encode_address
 from ssx.errors import AddressError, ProtocolError
 from ssx.interfaces import IServerPicker, ITcpClientCodec, IUpstream
 from ssx.net.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol
@@ -119,7 +119,10 @@ class LocalRelayProtocol(InboundProtocol):
         self._early = early
         # Destinations are named in the log only with --verbose.
         try:
-            encode_address(target)  # refuse, here, what cannot be sent
+            # Refuse here, at once, what cannot be sent or what no server
+            # acts on (a name that is not a host name, port 0): the server
+            # would only keep silent until its handshake timeout.
+            decode_target(encode_address(target))
         except AddressError as e:
             if self.factory.verbose:
                 _log.debug("cannot relay to {target!r}: {error}", target=target.host, error=e)
