@@ -219,6 +219,13 @@ class HttpConnectTests(MixedTestCase):
         self.assertTrue(self.take().startswith(b"HTTP/1.1 502 Bad Gateway\r\n"))
         self.assertTrue(self.app.disconnecting)
 
+    def test_connect_to_no_host_name(self):
+        """CONNECT to a target no server acts on (not a host name) gets 400 at once, with no server attempt."""
+        self.send(b"CONNECT a..b:443 HTTP/1.1\r\nHost: a..b:443\r\n\r\n")
+        self.assertTrue(self.take().startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(self.app.disconnecting)
+        self.assertEqual([server.attempts for server in self.servers], [[] for _ in self.servers])
+
     def test_head_too_large(self):
         """A request head over 64 KiB gets 431 and the connection closes, with no server attempt."""
         self.send(b"GET http://h/ HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * (65 * 1024))

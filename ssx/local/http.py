@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ssx.wire.address import Address
-from ssx.errors import ProtocolError
+from ssx.errors import AddressError, ProtocolError
 from ssx.wire.http_codec import MAX_HEAD, ClientSide, Data, EndOfMessage, OriginSide, Request
 from ssx.wire.http_message import HttpError, absolute_target, basic_credentials_ok, connect_target, error_response
 from ssx.local.relay import CLOSED, CONNECTING, RELAYING, WAITING, LocalRelayProtocol
@@ -202,6 +202,9 @@ class HttpProxyProtocol(LocalRelayProtocol):
             self.transport.write(_ESTABLISHED)
 
     def relay_failed(self, failure: Failure) -> None:
+        if failure.check(AddressError):
+            self._refuse(400, "the target is not a host name and port a server can reach")
+            return
         status = 504 if "timeout" in failure.getErrorMessage().lower() else 502
         self._refuse(status, "the proxy server cannot be reached")
 
