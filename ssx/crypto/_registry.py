@@ -36,6 +36,7 @@ _SPECS: tuple[MethodSpec, ...] = (
     MethodSpec("aes-192-gcm", "aead", 24, 24),
     MethodSpec("aes-256-gcm", "aead", 32, 32),
     MethodSpec("chacha20-ietf-poly1305", "aead", 32, 32),
+    MethodSpec("xchacha20-ietf-poly1305", "aead", 32, 32),
     MethodSpec("2022-blake3-aes-128-gcm", "aead2022", 16, 16),
     MethodSpec("2022-blake3-aes-256-gcm", "aead2022", 32, 32),
     MethodSpec("2022-blake3-chacha20-poly1305", "aead2022", 32, 32),
