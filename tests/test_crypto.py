@@ -75,7 +75,7 @@ class MethodTableTests(SynchronousTestCase):
         self.assertFalse({"aead", "aead2022"} & set(families[8:]))
 
     def test_exact_method_set(self) -> None:
-        """Exactly the methods of the brief are offered, libev's xchacha20-ietf-poly1305 included."""
+        """Exactly the methods of the brief are offered, libev's xchacha20-ietf-poly1305 and salsa20 included."""
         self.assertEqual(
             set(ALL_METHODS),
             {
@@ -85,7 +85,7 @@ class MethodTableTests(SynchronousTestCase):
                 "aes-128-cfb", "aes-192-cfb", "aes-256-cfb",
                 "aes-128-ctr", "aes-192-ctr", "aes-256-ctr",
                 "camellia-128-cfb", "camellia-192-cfb", "camellia-256-cfb",
-                "chacha20-ietf", "chacha20", "rc4-md5", "bf-cfb", "none",
+                "chacha20-ietf", "chacha20", "salsa20", "rc4-md5", "bf-cfb", "none",
             },
         )
 
@@ -95,6 +95,7 @@ class MethodTableTests(SynchronousTestCase):
         self.assertEqual(lookup_method("aes-192-cfb"), MethodSpec("aes-192-cfb", "stream", 24, 16))
         self.assertEqual(lookup_method("chacha20-ietf").salt_size, 12)
         self.assertEqual(lookup_method("chacha20").salt_size, 8)
+        self.assertEqual(lookup_method("salsa20"), MethodSpec("salsa20", "stream", 32, 8))
         self.assertEqual(lookup_method("bf-cfb").salt_size, 8)
         self.assertEqual(lookup_method("none"), MethodSpec("none", "none", 0, 0))
         self.assertEqual(
@@ -358,6 +359,7 @@ class StreamVectorTests(SynchronousTestCase):
         "aes-256-cfb": "8ad24b29c2b0ed9eda1393224ec816f8c2cefebf757c0cc68e61a6ec",
         "chacha20-ietf": "da5987eec8817053b20ed413c78da5bfad2a0991163bf476",
         "chacha20": "7bef09b2b9bd26d9f0a449bb3619085178e274f6",
+        "salsa20": "35401af3185322b4c69e34909aa57b6963bb897e",
     }
 
     computed = {
@@ -367,6 +369,7 @@ class StreamVectorTests(SynchronousTestCase):
         "camellia-256-cfb": "a0a1a2a3a4a5a6a7a8a9aaabacadaeafffcc80ec632be2f49eaa5d09f28456047c7a426a",
         "chacha20-ietf": "a0a1a2a3a4a5a6a7a8a9aaab2765114fda090201e4c1f6fbda7ae795af043232",
         "chacha20": "a0a1a2a3a4a5a6a74ed1ed71ad1d5a7fc7acbfa54af619d14087c387",
+        "salsa20": "a0a1a2a3a4a5a6a74535f8864dd761825322e4ca59043190d56bbc42",
         "rc4-md5": "a0a1a2a3a4a5a6a7a8a9aaabacadaeaf0dd56b275a8145215d4899c1a528350078b14813",
         "bf-cfb": "a0a1a2a3a4a5a6a79456342da711d522922021baa9e3be90cd764ed1",
     }
@@ -389,6 +392,30 @@ class StreamVectorTests(SynchronousTestCase):
     def test_computed(self) -> None:
         """§4.2: every method of ours in the computed table, both directions."""
         self._check(self.computed, "password", h("030b6578616d706c652e636f6d005068656c6c6f"))
+
+    def test_salsa20_estream_vector(self) -> None:
+        """salsa20's keystream is Bernstein's Salsa20/20: eSTREAM set 1 vector 0 (256-bit key), bytes 0..63 and 192..255."""
+        key = h("80" + "00" * 31)
+        suite = CipherSuite.from_key("salsa20", key)
+        # Written in two pieces so that the keystream carries on across calls.
+        encryptor = suite.tcp_encryptor(bytes(8))
+        stream = encryptor.encrypt(bytes(100)) + encryptor.encrypt(bytes(156))
+        self.assertEqual(stream[:8], bytes(8))
+        keystream = stream[8:]
+        self.assertEqual(
+            keystream[:64],
+            h(
+                "e3be8fdd8beca2e3ea8ef9475b29a6e7003951e1097a5c38d23b7a5fad9f6844"
+                "b22c97559e2723c7cbbd3fe4fc8d9a0744652a83e72a9c461876af4d7ef1a117"
+            ),
+        )
+        self.assertEqual(
+            keystream[192:256],
+            h(
+                "57be81f47b17d9ae7c4ff15429a73e10acf250ed3a90a93c711308a74c6216a9"
+                "ed84cd126da7f28e8abf8bb63517e1ca98e712f4fb2e1a6aed9fdc73291faa17"
+            ),
+        )
 
 
 class FramingTests(SynchronousTestCase):

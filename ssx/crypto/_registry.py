@@ -51,6 +51,7 @@ _SPECS: tuple[MethodSpec, ...] = (
     MethodSpec("camellia-256-cfb", "stream", 32, 16),
     MethodSpec("chacha20-ietf", "stream", 32, 12),
     MethodSpec("chacha20", "stream", 32, 8),
+    MethodSpec("salsa20", "stream", 32, 8),
     MethodSpec("rc4-md5", "stream", 16, 16),
     MethodSpec("bf-cfb", "stream", 16, 8),
     MethodSpec("none", "none", 0, 0),
