@@ -28,6 +28,7 @@ from ssx.interfaces import ICipherSuite, ITcpClientCodec, ITcpServerCodec, IUdpC
 METHODS = tuple(m for m in ALL_METHODS if lookup_method(m).family != "aead2022")
 METHODS_2022 = tuple(m for m in ALL_METHODS if lookup_method(m).family == "aead2022")
 from ssx.crypto._kdf import derive_subkey, evp_bytes_to_key, hkdf_sha1
+from ssx.crypto._xchacha import XChaCha20Poly1305
 from ssx.errors import AuthenticationError, ConfigError, ProtocolError
 
 h = bytes.fromhex
@@ -70,20 +71,21 @@ class MethodTableTests(SynchronousTestCase):
     def test_methods_aead_first(self) -> None:
         """METHODS lists the AEAD methods (2017, then 2022) before any insecure one."""
         families = [lookup_method(m).family for m in ALL_METHODS]
-        self.assertEqual(families[:7], ["aead"] * 4 + ["aead2022"] * 3)
-        self.assertFalse({"aead", "aead2022"} & set(families[7:]))
+        self.assertEqual(families[:8], ["aead"] * 5 + ["aead2022"] * 3)
+        self.assertFalse({"aead", "aead2022"} & set(families[8:]))
 
     def test_exact_method_set(self) -> None:
-        """Exactly the methods of the brief are offered, salsa20/xchacha20 not."""
+        """Exactly the methods of the brief are offered, libev's xchacha20-ietf-poly1305 and salsa20 included."""
         self.assertEqual(
             set(ALL_METHODS),
             {
                 "aes-128-gcm", "aes-192-gcm", "aes-256-gcm", "chacha20-ietf-poly1305",
+                "xchacha20-ietf-poly1305",
                 "2022-blake3-aes-128-gcm", "2022-blake3-aes-256-gcm", "2022-blake3-chacha20-poly1305",
                 "aes-128-cfb", "aes-192-cfb", "aes-256-cfb",
                 "aes-128-ctr", "aes-192-ctr", "aes-256-ctr",
                 "camellia-128-cfb", "camellia-192-cfb", "camellia-256-cfb",
-                "chacha20-ietf", "chacha20", "rc4-md5", "bf-cfb", "none",
+                "chacha20-ietf", "chacha20", "salsa20", "rc4-md5", "bf-cfb", "none",
             },
         )
 
@@ -93,8 +95,12 @@ class MethodTableTests(SynchronousTestCase):
         self.assertEqual(lookup_method("aes-192-cfb"), MethodSpec("aes-192-cfb", "stream", 24, 16))
         self.assertEqual(lookup_method("chacha20-ietf").salt_size, 12)
         self.assertEqual(lookup_method("chacha20").salt_size, 8)
+        self.assertEqual(lookup_method("salsa20"), MethodSpec("salsa20", "stream", 32, 8))
         self.assertEqual(lookup_method("bf-cfb").salt_size, 8)
         self.assertEqual(lookup_method("none"), MethodSpec("none", "none", 0, 0))
+        self.assertEqual(
+            lookup_method("xchacha20-ietf-poly1305"), MethodSpec("xchacha20-ietf-poly1305", "aead", 32, 32)
+        )
 
     def test_lookup_case_insensitive_and_alias(self) -> None:
         """Lookup ignores case and maps the alias plain to none."""
@@ -116,7 +122,7 @@ class MethodTableTests(SynchronousTestCase):
 
     def test_unknown_method(self) -> None:
         """An unknown method is a ConfigError naming the method key and the choices."""
-        for make in (lambda: lookup_method("salsa20"), lambda: CipherSuite("rot13", "x")):
+        for make in (lambda: lookup_method("table"), lambda: CipherSuite("rot13", "x")):
             error = self.assertRaises(ConfigError, make)
             self.assertEqual(error.key, "method")
             self.assertIn("aes-256-gcm", str(error))
@@ -266,6 +272,11 @@ class AeadVectorTests(SynchronousTestCase):
             "83c3ce5d825d5be9428b2bc98d01eea45c7fb1da8193ac2b754a322024f98b37b4d181cc9beda2aa8041ddd43b510afde214364566971c8dc8b0190926419b1b56fa712c",
             "ef97dc83a2888ed186b9512cd15c01a3e7ccd7f034e92943731766c4379446cfc57d8050f758",
         ),
+        "xchacha20-ietf-poly1305": (
+            "7839dbd9222833af9ff7aecdf74da1ec17ea",
+            "e1f01f331e40ae57fd92f80dacc30264e95f287eb7560fa6fa00dc1d4646e2019318d9e18a74a8b567137c838b7d4db0dc8a76fdaeb6cf437d048ab972339fc691b97ba6",
+            "53aced2df08abdaa3769b357f1c9b3fe64cd7a7f93733ba7a0cc69610cd32229a4da88450a22",
+        ),
     }
 
     def test_tcp_first_and_second_chunk_encrypt(self) -> None:
@@ -294,6 +305,10 @@ class AeadVectorTests(SynchronousTestCase):
     udp_packets = {
         "aes-256-gcm": "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5fa1934dbc2a99e8d5ee4fcedb27de41b8c0b442716ab95ff9fe49cc8e08b6e0a9de728a8c01d096c35d52e30dfbeafa82346b6ae4434e7567",
         "chacha20-ietf-poly1305": "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f560961fc5e043a91a8ea5ed75e4ba16515d91ae5242cc54aa14c9705fb497b8ad4fe8d2d4e827844001e1c1db487c3d13b7816bf0f518524",
+        # Not in §3.2: computed with pycryptodome's own XChaCha20-Poly1305
+        # (ChaCha20_Poly1305 with a 24-byte nonce, an implementation
+        # independent of ours) from the §3.2 subkey and a zero 24-byte nonce.
+        "xchacha20-ietf-poly1305": "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f734720b5b7011494e5ee233c541a9690ee1f1c0cc7ef75d770205fa1756c9654a72164a06f3c0ff576c1a3f17cb3036d6c973ca7f1ee2b84",
     }
 
     def test_udp_packets(self) -> None:
@@ -308,6 +323,7 @@ class AeadVectorTests(SynchronousTestCase):
         ("aes-128-gcm", TEXT_12, "c3b3e419f8de8c2d4701d94f5258915a967bf7b27a9e97e4cee0c00d67caa7c992f4f41d83109f0a9a6710871501b64851ffa1588c0603c168e00a4ac50b4d729203aecfddd1475b78e338bfe943662fe25f2fe49afc1f5eb00389113d417e5e"),
         ("aes-192-gcm", TEXT_12, "c58266923546894ea26c786e1cb6e35a4a15ac9b5ba83cbdf43187f7b1d53bd0bb4e61821d519c71eb2fdcea0573aaaa0a7a0ba59a3e4e966b51750b2602c740f293720a31665f879332974ad715b0cd7a8e1428d9b7c4b71f5ed07c539f7f1a296dd39ffe354924"),
         ("aes-256-gcm", TEXT_12, "5648a2d3e86fe68d7c137ad894294f8e8b57ce55eb545cb7da69b93708e2a689a4a8798171d001ed9ef8d3e1b1c89d862604ce7e0803584719ea65e0c4025800187a0e0a2c5408519e93b2279358fb81842e9c913a76ee93ee25d4ddbfb4729fcc64411054411a01a4ada4f22c5e401e"),
+        ("xchacha20-ietf-poly1305", TEXT_12, "1dca4629620bfecd77133488d3e34d9594155982cf514f554f8d0332a4007742979d66ac9524d52d03d82bad6594da985a20b53a52138b5dfc95e9ead17f1e7281568e90111b0b8d26dd11a74eb36457de35505dbb99d91ef4a4848fa9c4dffb1e5938c1a9537b3c09f1bcba762a2f64"),
         ("chacha20-ietf-poly1305", TEXT_12, "8bd996a259f861d54c4b27e740a6ad23381631dae3ab69e5c0377625752fa0f5dc68c4ae6a4c6b2c4f6bdda92ffad4e11fbf5b63bf05809d419cd0b562e927b370c627f14f42b18e146c832bfb6e6bd1f58cc71333ac60943d5592a8f8148687d6008defd21c791fc199efe26dc136e5"),
         ("aes-256-gcm", TEXT_64, "4fb44de9876054b81d156438024560fc0ef0118e294eb0950490acc0f2083595ba06df583bafcb96e7ac2916e7d064cc1f8e687aba688cb29e500cef11cb91223c17d62e0f8b7bc15d2ff7a18658f30e4e1b66a80cb3f70cfa110fceaa2c50a2271d533f3c15ba427a9ebf96cc7f0426d79c85e6dfbd3c7b26cd2a663629125feafe65659942d0fe29945e3a80b6a7e253bb400c7f0f0fcad0eb3e455d66d178af51f51a"),
         ("chacha20-ietf-poly1305", TEXT_64, "8094ac0782801abeb1e60778767df9b4310cacf43d6e52f19371e19fcc7716dd5ccf2b739de27db535ab0571ebeb2b30a3652ffedfaa77d47d9a97f21b015d056902d4aa198cc2e5588a8dddd36a8abd9dd3154c3837e86cf36f6471eead1166ed485cd4da93fd7caa27be5682788cf61e36371ab700803e18633b1011dd08df6553df8b7e5adc7bfc6c2f58b531039b044437f74f86a739dc70410f5db04b387988cc8e"),
@@ -343,6 +359,7 @@ class StreamVectorTests(SynchronousTestCase):
         "aes-256-cfb": "8ad24b29c2b0ed9eda1393224ec816f8c2cefebf757c0cc68e61a6ec",
         "chacha20-ietf": "da5987eec8817053b20ed413c78da5bfad2a0991163bf476",
         "chacha20": "7bef09b2b9bd26d9f0a449bb3619085178e274f6",
+        "salsa20": "35401af3185322b4c69e34909aa57b6963bb897e",
     }
 
     computed = {
@@ -352,6 +369,7 @@ class StreamVectorTests(SynchronousTestCase):
         "camellia-256-cfb": "a0a1a2a3a4a5a6a7a8a9aaabacadaeafffcc80ec632be2f49eaa5d09f28456047c7a426a",
         "chacha20-ietf": "a0a1a2a3a4a5a6a7a8a9aaab2765114fda090201e4c1f6fbda7ae795af043232",
         "chacha20": "a0a1a2a3a4a5a6a74ed1ed71ad1d5a7fc7acbfa54af619d14087c387",
+        "salsa20": "a0a1a2a3a4a5a6a74535f8864dd761825322e4ca59043190d56bbc42",
         "rc4-md5": "a0a1a2a3a4a5a6a7a8a9aaabacadaeaf0dd56b275a8145215d4899c1a528350078b14813",
         "bf-cfb": "a0a1a2a3a4a5a6a79456342da711d522922021baa9e3be90cd764ed1",
     }
@@ -374,6 +392,30 @@ class StreamVectorTests(SynchronousTestCase):
     def test_computed(self) -> None:
         """§4.2: every method of ours in the computed table, both directions."""
         self._check(self.computed, "password", h("030b6578616d706c652e636f6d005068656c6c6f"))
+
+    def test_salsa20_estream_vector(self) -> None:
+        """salsa20's keystream is Bernstein's Salsa20/20: eSTREAM set 1 vector 0 (256-bit key), bytes 0..63 and 192..255."""
+        key = h("80" + "00" * 31)
+        suite = CipherSuite.from_key("salsa20", key)
+        # Written in two pieces so that the keystream carries on across calls.
+        encryptor = suite.tcp_encryptor(bytes(8))
+        stream = encryptor.encrypt(bytes(100)) + encryptor.encrypt(bytes(156))
+        self.assertEqual(stream[:8], bytes(8))
+        keystream = stream[8:]
+        self.assertEqual(
+            keystream[:64],
+            h(
+                "e3be8fdd8beca2e3ea8ef9475b29a6e7003951e1097a5c38d23b7a5fad9f6844"
+                "b22c97559e2723c7cbbd3fe4fc8d9a0744652a83e72a9c461876af4d7ef1a117"
+            ),
+        )
+        self.assertEqual(
+            keystream[192:256],
+            h(
+                "57be81f47b17d9ae7c4ff15429a73e10acf250ed3a90a93c711308a74c6216a9"
+                "ed84cd126da7f28e8abf8bb63517e1ca98e712f4fb2e1a6aed9fdc73291faa17"
+            ),
+        )
 
 
 class FramingTests(SynchronousTestCase):
@@ -454,9 +496,9 @@ class AeadErrorTests(SynchronousTestCase):
     def _forged_length_stream(self, method: str, length: int) -> tuple[CipherSuite, bytes]:
         suite = CipherSuite(method, "pw")
         salt = os.urandom(suite.spec.salt_size)
-        primitive = AESGCM if method.startswith("aes") else ChaCha20Poly1305
+        primitive, nonce_size = {"aes": (AESGCM, 12), "cha": (ChaCha20Poly1305, 12), "xch": (XChaCha20Poly1305, 24)}[method[:3]]
         aead = primitive(derive_subkey(evp_bytes_to_key(b"pw", suite.spec.key_size), salt))
-        return suite, salt + aead.encrypt(bytes(12), length.to_bytes(2, "big"), None)
+        return suite, salt + aead.encrypt(bytes(nonce_size), length.to_bytes(2, "big"), None)
 
     def test_bad_lengths(self) -> None:
         """A correctly sealed length of 0, 0x4000 or 0xFFFF is a ProtocolError, and fatal."""

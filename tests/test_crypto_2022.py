@@ -48,7 +48,7 @@ from ssx.crypto.edition2022 import (
 )
 from ssx.crypto.edition2022.keys import IDENTITY_SUBKEY_CONTEXT
 from ssx.crypto.edition2022.udp import SERVER_SESSIONS_KEPT
-from ssx.crypto.edition2022.xchacha import XChaCha20Poly1305
+from ssx.crypto._xchacha import XChaCha20Poly1305
 from ssx.errors import AuthenticationError, ConfigError, ProtocolError
 
 h = bytes.fromhex
@@ -1381,7 +1381,7 @@ class XChaChaTests(SynchronousTestCase):
 
     def test_hchacha20_vector(self) -> None:
         """HChaCha20 (draft-irtf-cfrg-xchacha-03 §2.2.1, test-vectors.md §3.4)."""
-        from ssx.crypto.edition2022.xchacha import hchacha20
+        from ssx.crypto._xchacha import hchacha20
 
         self.assertEqual(
             hchacha20(bytes(range(32)), h("000000090000004a0000000031415927")),
@@ -1390,7 +1390,7 @@ class XChaChaTests(SynchronousTestCase):
 
     def test_aead_vector(self) -> None:
         """XChaCha20-Poly1305 (draft §A.3.1): ciphertext start and tag, and decryption back."""
-        from ssx.crypto.edition2022.xchacha import XChaCha20Poly1305
+        from ssx.crypto._xchacha import XChaCha20Poly1305
 
         key, nonce, aad = bytes(range(0x80, 0xA0)), bytes(range(0x40, 0x58)), h("50515253c0c1c2c3c4c5c6c7")
         text = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, "

@@ -27,7 +27,10 @@ from tests import support
 from tests.support import HashingEchoFactory, whole_echo_transfer
 
 FOUR_MIB = 4 * 1024 * 1024
-METHODS = ("aes-128-gcm", "aes-192-gcm", "aes-256-gcm", "chacha20-ietf-poly1305", "aes-256-cfb", "chacha20-ietf")
+METHODS = (
+    "aes-128-gcm", "aes-192-gcm", "aes-256-gcm", "chacha20-ietf-poly1305", "xchacha20-ietf-poly1305",
+    "aes-256-cfb", "chacha20-ietf", "salsa20",
+)
 
 _missing = [name for name in ("ss-server", "ss-local") if shutil.which(name) is None]
 SKIP = (

@@ -35,7 +35,10 @@ from twisted.trial import unittest
 from tests import support
 from tests.support import Zone, mixed_payloads
 
-METHODS = ("aes-128-gcm", "aes-192-gcm", "aes-256-gcm", "chacha20-ietf-poly1305", "aes-256-cfb")
+METHODS = (
+    "aes-128-gcm", "aes-192-gcm", "aes-256-gcm", "chacha20-ietf-poly1305", "xchacha20-ietf-poly1305",
+    "aes-256-cfb", "salsa20",
+)
 
 # What sealing adds to a Shadowsocks UDP plaintext: salt and tag (AEAD), or IV (stream).
 OVERHEAD = {
@@ -43,7 +46,10 @@ OVERHEAD = {
     "aes-192-gcm": 24 + 16,
     "aes-256-gcm": 32 + 16,
     "chacha20-ietf-poly1305": 32 + 16,
+    # Its 24-byte nonce is the zero one of §6.4, never sent.
+    "xchacha20-ietf-poly1305": 32 + 16,
     "aes-256-cfb": 16,
+    "salsa20": 8,
 }
 IPV4_ADDRESS = 7  # ATYP, 4 address bytes, port
 # What libev 3.3.5 reads of one datagram (see the module docstring).

@@ -12,7 +12,9 @@ relays also use their edition's own datagram methods, choosing by
 
 Layout: `_registry` (the method table), `_suite` (`CipherSuite` and its
 codecs) over `_aead`, `_stream`, `_plain` and `_kdf`; `_chunks` (the AEAD
-chunk loop both editions share); `_salt_filter` (the servers' replay filter
+chunk loop both editions share); `_xchacha` (XChaCha20-Poly1305, for
+AEAD-2017's xchacha20-ietf-poly1305 and the 2022 ChaCha method's UDP);
+`_salt_filter` (the servers' replay filter
 for stream and AEAD-2017 salts); `edition2022/` (everything of the 2022
 edition, its own replay checks included); `certificate` (TLS keys for the
 `ssl:` endpoints, not Shadowsocks).

@@ -7,21 +7,27 @@ on the other, so both keep Python-level work per chunk to a minimum (an AEAD
 object built per call from the kept subkey, an integer nonce, memoryview
 slices instead of copies, one join per call).  The decryptor's chunk loop
 is `_chunks.AeadChunkDecoder`, shared with the 2022 edition.
+
+Each method names its AEAD and its nonce width: 12 bytes, except libev's
+`xchacha20-ietf-poly1305`, whose counter is 24 bytes wide (wire.md §6.2)
+and whose AEAD is `_xchacha`'s, the one the 2022 edition's UDP uses too.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, NamedTuple, Union
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from ssx.crypto._chunks import TAG_SIZE, AeadChunkDecoder, Open
 from ssx.crypto._kdf import derive_subkey
+from ssx.crypto._xchacha import XChaCha20Poly1305
 from ssx.errors import AuthenticationError, ProtocolError
 
 __all__ = [
     "AEAD_PRIMITIVES",
+    "AeadAlgorithm",
     "AeadTcpEncryptor",
     "AeadTcpDecryptor",
     "aead_udp_seal",
@@ -30,34 +36,43 @@ __all__ = [
     "TAG_SIZE",
 ]
 
-AeadPrimitive = Union[AESGCM, ChaCha20Poly1305]
+AeadPrimitive = Union[AESGCM, ChaCha20Poly1305, XChaCha20Poly1305]
 AeadFactory = Callable[[bytes], AeadPrimitive]
 
-AEAD_PRIMITIVES: dict[str, AeadFactory] = {
-    "aes-128-gcm": AESGCM,
-    "aes-192-gcm": AESGCM,
-    "aes-256-gcm": AESGCM,
-    "chacha20-ietf-poly1305": ChaCha20Poly1305,
+
+class AeadAlgorithm(NamedTuple):
+    """An AEAD-2017 method's cipher: its constructor from a subkey, and its nonce width."""
+
+    factory: AeadFactory
+    nonce_size: int = 12
+
+
+AEAD_PRIMITIVES: dict[str, AeadAlgorithm] = {
+    "aes-128-gcm": AeadAlgorithm(AESGCM),
+    "aes-192-gcm": AeadAlgorithm(AESGCM),
+    "aes-256-gcm": AeadAlgorithm(AESGCM),
+    "chacha20-ietf-poly1305": AeadAlgorithm(ChaCha20Poly1305),
+    "xchacha20-ietf-poly1305": AeadAlgorithm(XChaCha20Poly1305, 24),
 }
 
 # The top two bits of the length are reserved (SIP004), hence 14 bits.
 MAX_PAYLOAD = 0x3FFF
-_ZERO_NONCE = bytes(12)
 
 
 class AeadTcpEncryptor:
     """One direction of an AEAD TCP stream, sending side."""
 
-    __slots__ = ("_factory", "_subkey", "_nonce", "_salt", "salt")
+    __slots__ = ("_factory", "_width", "_subkey", "_nonce", "_salt", "salt")
 
-    def __init__(self, factory: AeadFactory, master_key: bytes, salt: bytes) -> None:
+    def __init__(self, algorithm: AeadAlgorithm, master_key: bytes, salt: bytes) -> None:
         #: The salt this direction sends (for replay filters and tests).
         self.salt = salt
         self._salt = salt  # emptied once sent
         # Only the subkey is kept: an OpenSSL AEAD context costs about 2.5 KiB,
         # which an idle connection should not hold (building one per call,
         # that is per read, costs under a microsecond).
-        self._factory = factory
+        self._factory = algorithm.factory
+        self._width = algorithm.nonce_size
         self._subkey = derive_subkey(master_key, salt)
         self._nonce = 0
 
@@ -70,6 +85,7 @@ class AeadTcpEncryptor:
         if not size:
             return b""
         seal = self._factory(self._subkey).encrypt
+        width = self._width
         nonce = self._nonce
         salt = self._salt
         if salt:
@@ -80,8 +96,8 @@ class AeadTcpEncryptor:
             return b"".join(
                 (
                     salt,
-                    seal(nonce.to_bytes(12, "little"), size.to_bytes(2, "big"), None),
-                    seal((nonce + 1).to_bytes(12, "little"), data, None),
+                    seal(nonce.to_bytes(width, "little"), size.to_bytes(2, "big"), None),
+                    seal((nonce + 1).to_bytes(width, "little"), data, None),
                 )
             )
         parts = [salt]
@@ -89,8 +105,8 @@ class AeadTcpEncryptor:
         source = memoryview(data)
         for start in range(0, size, MAX_PAYLOAD):
             piece = source[start : start + MAX_PAYLOAD]
-            append(seal(nonce.to_bytes(12, "little"), len(piece).to_bytes(2, "big"), None))
-            append(seal((nonce + 1).to_bytes(12, "little"), piece, None))
+            append(seal(nonce.to_bytes(width, "little"), len(piece).to_bytes(2, "big"), None))
+            append(seal((nonce + 1).to_bytes(width, "little"), piece, None))
             nonce += 2
         self._nonce = nonce
         return b"".join(parts)
@@ -110,9 +126,9 @@ class AeadTcpDecryptor(AeadChunkDecoder):
     _MIN_LENGTH = 1
     _MAX_LENGTH = MAX_PAYLOAD
 
-    def __init__(self, factory: AeadFactory, master_key: bytes, salt_size: int) -> None:
-        super().__init__(salt_size)
-        self._factory = factory
+    def __init__(self, algorithm: AeadAlgorithm, master_key: bytes, salt_size: int) -> None:
+        super().__init__(salt_size, algorithm.nonce_size)
+        self._factory = algorithm.factory
         self._master_key = master_key
         self._salt_size = salt_size
         # The subkey once the salt arrived; the AEAD context is built per call
@@ -137,22 +153,22 @@ class AeadTcpDecryptor(AeadChunkDecoder):
 
 
 def aead_udp_seal(
-    factory: AeadFactory, master_key: bytes, salt: bytes, plaintext: bytes
+    algorithm: AeadAlgorithm, master_key: bytes, salt: bytes, plaintext: bytes
 ) -> bytes:
     """`salt || seal(subkey, zero nonce, plaintext)` (wire.md §6.4)."""
-    aead = factory(derive_subkey(master_key, salt))
-    return salt + aead.encrypt(_ZERO_NONCE, plaintext, None)
+    aead = algorithm.factory(derive_subkey(master_key, salt))
+    return salt + aead.encrypt(bytes(algorithm.nonce_size), plaintext, None)
 
 
 def aead_udp_open(
-    factory: AeadFactory, master_key: bytes, salt_size: int, packet: bytes
+    algorithm: AeadAlgorithm, master_key: bytes, salt_size: int, packet: bytes
 ) -> bytes:
     """Inverse of `aead_udp_seal`."""
     if len(packet) < salt_size + TAG_SIZE:
         raise ProtocolError(f"AEAD UDP packet too short ({len(packet)} bytes)")
     view = memoryview(packet)
-    aead = factory(derive_subkey(master_key, bytes(view[:salt_size])))
+    aead = algorithm.factory(derive_subkey(master_key, bytes(view[:salt_size])))
     try:
-        return aead.decrypt(_ZERO_NONCE, view[salt_size:], None)
+        return aead.decrypt(bytes(algorithm.nonce_size), view[salt_size:], None)
     except InvalidTag:
         raise AuthenticationError("AEAD tag mismatch in UDP packet") from None

@@ -36,15 +36,17 @@ class AeadChunkDecoder:
     error the decoder refuses further input, since its nonce is out of step.
     """
 
-    __slots__ = ("_nonce", "_length", "_need", "_buffer", "_dead")
+    __slots__ = ("_nonce", "_width", "_length", "_need", "_buffer", "_dead")
 
     #: Names the edition in error messages.
     _EDITION = "AEAD"
     _MIN_LENGTH = 0
     _MAX_LENGTH = 0xFFFF
 
-    def __init__(self, need: int) -> None:
+    def __init__(self, need: int, nonce_size: int = 12) -> None:
         self._nonce = 0
+        # The nonce counter's width in bytes (24 for AEAD-2017's xchacha).
+        self._width = nonce_size
         # Payload length whose length block is already opened, or -1.
         self._length = -1
         # Bytes the buffer must hold before anything can be opened, so a
@@ -96,6 +98,7 @@ class AeadChunkDecoder:
             if open_ is not None:
                 low, high = self._MIN_LENGTH, self._MAX_LENGTH
                 nonce = self._nonce
+                width = self._width
                 length = self._length
                 try:
                     while True:
@@ -104,7 +107,7 @@ class AeadChunkDecoder:
                             if end > total:
                                 break
                             length = int.from_bytes(
-                                open_(nonce.to_bytes(12, "little"), view[position:end], None), "big"
+                                open_(nonce.to_bytes(width, "little"), view[position:end], None), "big"
                             )
                             nonce += 1
                             if not low <= length <= high:
@@ -113,7 +116,7 @@ class AeadChunkDecoder:
                         end = position + length + TAG_SIZE
                         if end > total:
                             break
-                        append(open_(nonce.to_bytes(12, "little"), view[position:end], None))
+                        append(open_(nonce.to_bytes(width, "little"), view[position:end], None))
                         nonce += 1
                         position = end
                         length = -1

@@ -5,14 +5,17 @@ Used only when a user explicitly picks a stream method for compatibility with
 old peers.  Each TCP direction is one continuous cipher context; each UDP
 packet gets its own IV and context.  The cipher contexts come from
 `cryptography` (the CFB modes, Camellia, Blowfish and ARC4 from its
-`decrepit` package, which is where they now live without warnings).
+`decrepit` package, which is where they now live without warnings), except
+Salsa20, which `cryptography` lacks: that one is pycryptodome's, behind the
+same encryptor()/decryptor() face.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from typing import Callable, Protocol
 
+from Crypto.Cipher import Salsa20
 from cryptography.hazmat.decrepit.ciphers.algorithms import ARC4, Blowfish, Camellia
 from cryptography.hazmat.decrepit.ciphers.modes import CFB
 from cryptography.hazmat.primitives.ciphers import Cipher
@@ -29,7 +32,23 @@ __all__ = [
     "stream_udp_open",
 ]
 
-StreamCipherFactory = Callable[[bytes, bytes], Cipher]
+
+
+class StreamContext(Protocol):
+    """One running keystream: cryptography's CipherContext, as far as we use it."""
+
+    def update(self, data: bytes | memoryview) -> bytes: ...
+
+
+class StreamCipher(Protocol):
+    """A keyed stream cipher with its IV: cryptography's Cipher, as far as we use it."""
+
+    def encryptor(self) -> StreamContext: ...
+
+    def decryptor(self) -> StreamContext: ...
+
+
+StreamCipherFactory = Callable[[bytes, bytes], StreamCipher]
 
 
 def _aes_cfb(key: bytes, iv: bytes) -> Cipher:
@@ -58,6 +77,25 @@ def _chacha20_djb(key: bytes, iv: bytes) -> Cipher:
     return Cipher(ChaCha20(key, bytes(8) + iv), None)
 
 
+class _Salsa20:
+    """pycryptodome's Salsa20/20 (64-bit nonce and counter) as a `StreamCipher`."""
+
+    __slots__ = ("_encrypt",)
+
+    def __init__(self, key: bytes, iv: bytes) -> None:
+        # Encryption and decryption are the same keystream XOR.
+        self._encrypt = Salsa20.new(key=key, nonce=iv).encrypt
+
+    def update(self, data: bytes | memoryview) -> bytes:
+        return self._encrypt(data)
+
+    def encryptor(self) -> _Salsa20:
+        return self
+
+    def decryptor(self) -> _Salsa20:
+        return self
+
+
 def _rc4_md5(key: bytes, iv: bytes) -> Cipher:
     # Mixing the IV into the key is what gives each connection its own keystream.
     return Cipher(ARC4(hashlib.md5(key + iv).digest()), None)
@@ -75,6 +113,7 @@ STREAM_CIPHERS: dict[str, StreamCipherFactory] = {
     "camellia-256-cfb": _camellia_cfb,
     "chacha20-ietf": _chacha20_ietf,
     "chacha20": _chacha20_djb,
+    "salsa20": _Salsa20,
     "rc4-md5": _rc4_md5,
     "bf-cfb": _blowfish_cfb,
 }

@@ -6,7 +6,8 @@ The work is split by job: `suite` (`Suite2022` and the codecs it hands the
 relays), `keys` (methods, PSKs, BLAKE3 subkeys, AES blocks), `replay`
 (timestamp window, salt pool, sliding window), `chunks` (the TCP chunk
 stream after the headers), `tcp` (request/response header codecs), `udp`
-(packet codecs) and `xchacha` (the AEAD of the ChaCha method's packets).
+(packet codecs; the ChaCha method's packets use `ssx.crypto._xchacha`,
+which AEAD-2017's xchacha20-ietf-poly1305 shares).
 Nothing here imports Twisted or reads the clock: the protocol layer passes
 ``now`` (e.g. ``reactor.seconds``) and, in tests, fixed randomness.
 """

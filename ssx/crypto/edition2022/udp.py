@@ -18,7 +18,7 @@ window per server session (wire.md §7.6: replay protection on both ends).
 
 `2022-blake3-chacha20-poly1305` seals each packet whole instead:
 ``nonce(24) XChaCha20-Poly1305(PSK, nonce, sep || body)`` (§7.7), with the
-AEAD from `xchacha`; it has no identity headers.
+AEAD from `ssx.crypto._xchacha` (shared with AEAD-2017); it has no identity headers.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Mapping
 from cryptography.exceptions import InvalidTag
 
 from ssx.wire.address import Address, check_target, decode_address, encode_address
-from ssx.crypto.edition2022.xchacha import XChaCha20Poly1305
+from ssx.crypto._xchacha import XChaCha20Poly1305
 from ssx.crypto.edition2022.keys import (
     AeadPrimitive,
     AesBlock,

@@ -1,8 +1,10 @@
 """
 XChaCha20-Poly1305, built from `cryptography`'s ChaCha20 and ChaCha20-Poly1305.
 
-The 2022 edition seals `2022-blake3-chacha20-poly1305` UDP packets with it
-(wire.md §7.7).  XChaCha20-Poly1305 is ChaCha20-Poly1305 under the subkey
+Both editions use it: AEAD-2017's `xchacha20-ietf-poly1305` method (libev's;
+wire.md §6.1, a 24-byte nonce counter) through `_aead`, and the 2022 edition
+to seal `2022-blake3-chacha20-poly1305` UDP packets (§7.7).
+XChaCha20-Poly1305 is ChaCha20-Poly1305 under the subkey
 HChaCha20(key, nonce[0:16]) with the nonce ``00000000 || nonce[16:24]``.
 HChaCha20 is the ChaCha20 block function without the final addition of the
 input state; a ChaCha20 keystream block is that function plus the input, so
