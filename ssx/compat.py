@@ -36,6 +36,7 @@ __all__ = [
     "Refused",
     "UsageError",
     "main",
+    "running",
     "ss_local",
     "ss_server",
     "sslocal",
@@ -371,7 +372,7 @@ def stop_daemon(pid_file: str, seconds: float = STOP_SECONDS, out: Any = None) -
         print(f"not allowed to stop process {pid}", file=out)
         return 1
     deadline = time.monotonic() + seconds
-    while _alive(pid):
+    while running(pid):
         if time.monotonic() > deadline:
             print(f"timed out when stopping pid {pid}", file=out)
             return 1
@@ -382,7 +383,8 @@ def stop_daemon(pid_file: str, seconds: float = STOP_SECONDS, out: Any = None) -
     return 0
 
 
-def _alive(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
