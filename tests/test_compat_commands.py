@@ -8,17 +8,21 @@ ss-local against them, bytes hashed at a loopback echo.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pwd
 import signal
 import sys
 from typing import Any
+from unittest import skipUnless
 
 from twisted.internet import defer, reactor
+from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from ssx.compat import running
+from ssx.compat import running, stop_daemon
 from tests import support
 from tests.support import HashingEchoFactory, whole_echo_transfer
 
@@ -60,6 +64,14 @@ class CompatTestCase(unittest.TestCase):
             self.fail(f"{name} did not get ready: {child.text()}")
         return child
 
+    def read_pid(self, path: str) -> int:
+        with open(path) as f:
+            return int(f.read())
+
+    def kill_at_end(self, pid: int) -> None:
+        # A daemon is no child of the test: a failing test must still end it.
+        self.addCleanup(lambda: None if gone(pid) else os.kill(pid, signal.SIGTERM))
+
     def config_file(self, **values: Any) -> str:
         path = os.path.join(self.directory, "shadowsocks.json")
         with open(path, "w") as f:
@@ -78,14 +90,6 @@ class CompatTestCase(unittest.TestCase):
 
 class OriginalDaemonTests(CompatTestCase):
     """`ssx-ssserver -c FILE -d start|stop|restart` as the original's init scripts run it."""
-
-    def read_pid(self, path: str) -> int:
-        with open(path) as f:
-            return int(f.read())
-
-    def kill_at_end(self, pid: int) -> None:
-        # The daemon is no child of the test: a failing test must still end it.
-        self.addCleanup(lambda: None if gone(pid) else os.kill(pid, signal.SIGTERM))
 
     async def _daemon(self) -> None:
         server_port = support.free_port()
@@ -156,6 +160,40 @@ class LibevForegroundTests(CompatTestCase):
     def test_foreground_relays(self):
         """ssx-ss-server relays for libev's ss-local and for ssx-ss-local."""
         return defer.Deferred.fromCoroutine(self._foreground())
+
+
+class LibevDaemonTests(CompatTestCase):
+    """`ssx-ss-server -f PIDFILE -a USER`: a daemon running as that user."""
+
+    async def _daemon_as_user(self) -> None:
+        os.chmod(self.directory, 0o755)
+        server_port = support.free_port()
+        pid_file = os.path.join(self.directory, "ss-server.pid")
+        out, err, code = await self.run_command(
+            "ssx-ss-server", "-s", "127.0.0.1", "-p", str(server_port), "-k", PASSWORD, "-m", METHOD,
+            "-c", self.config_file(forbidden_ip=""), "-f", pid_file, "-a", "nobody",
+        )
+        self.assertEqual(code, 0, (out, err))
+        pid = self.read_pid(pid_file)
+        self.kill_at_end(pid)
+        self.assertEqual(os.stat(f"/proc/{pid}").st_uid, pwd.getpwnam("nobody").pw_uid)
+        await support.wait_for_port(server_port)
+        socks_port = support.free_port()
+        libev = support.spawn("ss-local", ["-s", "127.0.0.1", "-p", str(server_port), "-l", str(socks_port),
+                                           "-k", PASSWORD, "-m", METHOD])
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(libev.stop()))
+        await support.wait_for_port(socks_port)
+        await self.echo_through(socks_port)
+        # The user twistd switched to may not remove the pid file; stopping does.
+        self.assertEqual(await deferToThread(stop_daemon, pid_file, 20, io.StringIO()), 0)
+        self.assertTrue(gone(pid))
+        self.assertFalse(os.path.exists(pid_file))
+
+    @skipUnless(os.geteuid() == 0, "switching to another user needs root")
+    @support.requires("ss-local", package="shadowsocks-libev")
+    def test_daemon_as_user(self):
+        """-f daemonises with that pid file, -a runs it as that user; it relays for libev's ss-local."""
+        return defer.Deferred.fromCoroutine(self._daemon_as_user())
 
 
 class RefusedTests(CompatTestCase):
