@@ -156,5 +156,6 @@ def _servers(values: Mapping[str, Any], servers: Any) -> tuple[list[Entry], tupl
             merged.pop("key", None)
         if "plugin" in entry and "plugin_opts" not in entry:
             merged.pop("plugin_opts", None)
-        entries.append((label, merged, frozenset(entry)))
+        # A key missing from both is the entry's to give.
+        entries.append((label, merged, frozenset(entry) | (ENTRY_KEYS - set(base))))
     return entries, tuple(warnings)
