@@ -377,3 +377,18 @@ class WildcardDualStackTests(unittest.TestCase):
 
 def _ip(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+class UrlEntryTests(unittest.SynchronousTestCase):
+    """`python -m ssx url -c` on a server's config with several ports."""
+
+    def test_port_password_urls(self):
+        """A port_password file gives one URL entry per port, each with its password."""
+        from ssx.config.upstreams import config_entries
+
+        entries = config_entries({"server": "0.0.0.0", "method": "aes-256-gcm",
+                                  "port_password": {"8381": "foobar1", "8382": "foobar2"}})
+        self.assertEqual([(e.port, e.password, e.method) for e in entries],
+                         [(8381, "foobar1", "aes-256-gcm"), (8382, "foobar2", "aes-256-gcm")])
+        entries = config_entries({"server_port": [8384, 8345], "password": "pw"})
+        self.assertEqual([(e.port, e.password) for e in entries], [(8384, "pw"), (8345, "pw")])
