@@ -164,9 +164,9 @@ class ManyPortsTests(unittest.TestCase):
         self.addCleanup(udp_port.stopListening)
         self.udp_echo_port = udp_port.getHost().port
 
-    def start(self, values: dict[str, Any]) -> Any:
+    def start(self, values: dict[str, Any], count_traffic: bool = False) -> Any:
         values = {"forbidden_ip": "", "url_file": "", "server": "127.0.0.1", **values}
-        service = server_tap.build_service(reactor, server_config(values))
+        service = server_tap.build_service(reactor, server_config(values), count_traffic=count_traffic)
         service.startService()
         self.addCleanup(service.stopService)
         return service
@@ -185,8 +185,8 @@ class ManyPortsTests(unittest.TestCase):
             payloads = [os.urandom(n) for n in (1, 500, 1400)]
             await client.exchange("127.0.0.1", self.udp_echo_port, payloads)
 
-    async def tcp_echo(self, socks_port: int) -> None:
-        payload = os.urandom(PAYLOAD_SIZE)
+    async def tcp_echo(self, socks_port: int, size: int = PAYLOAD_SIZE) -> None:
+        payload = os.urandom(size)
         before = len(self.echo_factory.inbound)
         reply, received = await whole_echo_transfer(socks_port, "127.0.0.1", self.echo.getHost().port, payload)
         self.assertEqual(reply, 0)
@@ -255,6 +255,24 @@ class ManyPortsTests(unittest.TestCase):
     def test_servers_list(self):
         """A rust-style servers list, a method per port, relays on each (libev's ss-local on one of them)."""
         return defer.Deferred.fromCoroutine(self._servers())
+
+    async def _traffic(self) -> None:
+        ports = [support.free_port(), support.free_port()]
+        service = self.start({"server_port": ports, "password": "pw", "method": "aes-128-gcm", "mode": "tcp_only"},
+                             count_traffic=True)
+        for port, size in zip(ports, (100_000, 30_000)):
+            local, socks_port = support.start_local(port, method="aes-128-gcm", password="pw")
+            self.addCleanup(local.stopService)
+            await self.tcp_echo(socks_port, size)
+        await support.drained(service)
+        self.assertEqual([(service.ports[p].traffic.up, service.ports[p].traffic.down) for p in ports],
+                         [(100_000, 100_000), (30_000, 30_000)])
+        # Off unless asked: single-user ports relay bare.
+        self.assertIsNone(self.start({"server_port": 0, "password": "pw"}).ports[0].traffic)
+
+    def test_traffic_per_port(self):
+        """Asked to, each port counts the application bytes it relays, up and down, through the accounting seam."""
+        return defer.Deferred.fromCoroutine(self._traffic())
 
     async def _dual_stack(self) -> None:
         if not support.ipv6_loopback():

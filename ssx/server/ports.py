@@ -1,6 +1,7 @@
 """
 One served port: `build_port` makes, from one `PortConfig`, the port's
-cipher suite, its TCP factory (with its counters), its TCP listeners (or
+cipher suite, its TCP factory (with its counters and, if asked, its
+traffic through the accounting seam), its TCP listeners (or
 its SIP003 plugin and ssx's loopback listener behind it) and its UDP
 relays, as one `ServerPort` service.  `ssx.server.tap.build_service` adds
 one per configured port to the `ServerService`, which keeps them by port
@@ -22,6 +23,7 @@ from ssx.crypto import SaltFilter
 from ssx.net.listener import DatagramListenerService, ListenerService, serve
 from ssx.net.plugin import PluginService
 from ssx.net.resolver import TargetResolver
+from ssx.server.accounting import UserTraffic
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.server.session_windows import SessionWindows
@@ -43,6 +45,9 @@ class SharedParts:
     max_handshakes: int
     max_handshakes_per_ip: int
     verbose: bool
+    # Count each port's TCP bytes (`ServerPort.traffic`), for the manager
+    # API's figures: one wrapper call per read and write when on.
+    count_traffic: bool = False
 
 
 class ServerPort(MultiService):
@@ -57,6 +62,8 @@ class ServerPort(MultiService):
         MultiService.__init__(self)
         self.config = config
         self.factory = factory
+        # The port's relayed TCP application bytes, when counted.
+        self.traffic = factory.port_traffic
         self.listeners: list[ListenerService] = []
         self.plugin: PluginService | None = None
         self.udp_relays: list[UdpRelay] = []
@@ -73,6 +80,7 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
         # Behind a plugin every connection comes from the plugin's address.
         max_handshakes_per_ip=shared.max_handshakes_per_ip if config.plugin is None else 0,
         verbose=shared.verbose,
+        port_traffic=UserTraffic() if shared.count_traffic else None,
         **shared.limits.factory_arguments(),
     )
     port = ServerPort(config, factory)

@@ -109,8 +109,11 @@ class Options(SsxOptions):
         self.config = reuse_generated_password(config, rundir or ".", uid)
 
 
-def build_service(reactor: Any, config: ServerConfig) -> ServerService:
-    """The server's service tree for `config`: one `ServerPort` per configured port."""
+def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = False) -> ServerService:
+    """
+    The server's service tree for `config`: one `ServerPort` per configured
+    port; with `count_traffic`, each counts its TCP bytes (`traffic`).
+    """
     resolver = TargetResolver(
         reactor,
         nameservers=config.nameservers,
@@ -128,6 +131,7 @@ def build_service(reactor: Any, config: ServerConfig) -> ServerService:
         max_handshakes=config.max_handshakes,
         max_handshakes_per_ip=config.max_handshakes_per_ip,
         verbose=config.verbose,
+        count_traffic=count_traffic,
     )
     service = ServerService()
     if config.forbidden.host is not None:
