@@ -132,6 +132,18 @@ class PortConfigTests(unittest.SynchronousTestCase):
         self.assertTrue(message.startswith("ssx-server: bad configuration: servers[1].method: "), message)
         self.assertNotIn("\n", message)
 
+    def test_missing_plugin_of_a_later_port(self):
+        """A later servers entry's plugin that is not installed stops start-up naming that entry."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            json.dump({"url_file": "", "servers": [
+                {"server_port": 8001, "password": "p"},
+                {"server_port": 8002, "password": "p", "plugin": "ssx-no-such-plugin"}]}, f)
+        with self.assertRaises(SystemExit) as caught:
+            server_tap.Options().parseOptions(["-c", path])
+        self.assertTrue(str(caught.exception.code).startswith(
+            "ssx-server: bad configuration: servers[1].plugin: 'ssx-no-such-plugin' not found"), caught.exception.code)
+
     def test_dns_server(self):
         """The original's dns_server, a string or a list, is read as nameserver; nameserver wins over it."""
         self.assertEqual(server_config({"dns_server": "1.1.1.1"}).nameservers, (("1.1.1.1", 53),))

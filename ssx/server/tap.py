@@ -15,6 +15,8 @@ from ssx.config import ServerConfig, server_config
 from ssx.config.options import SsxOptions, log_config_notes
 from ssx.crypto import SaltFilter
 from ssx.net.listener import DrainService
+from ssx.errors import ConfigError
+from ssx.net.plugin import find_plugin
 from ssx.net.resolver import TargetResolver
 from ssx.server.host_address_watch import HostAddressWatcher
 from ssx.server.ports import SharedParts, build_port
@@ -100,6 +102,14 @@ class Options(SsxOptions):
 
     def check(self, config: ServerConfig) -> None:
         super().check(config)
+        for port in config.ports[1:]:
+            # The first port's plugin was looked for with the config's own.
+            if port.plugin is not None:
+                try:
+                    find_plugin(port.plugin.name)
+                except ConfigError as e:
+                    raise ConfigError(f"{port.label}.plugin" if port.label.startswith("servers[") else "plugin",
+                                      e.message) from None
         # twistd changes to --rundir before the services start: the URL file
         # is read now and written then, so both must mean the same file.
         parent = getattr(self, "parent", None)
