@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
 from ssx.config import server_config
@@ -285,6 +286,31 @@ class ManyPortsTests(unittest.TestCase):
     def test_traffic_per_port(self):
         """Asked to, each port counts the application bytes it relays, up and down, through the accounting seam."""
         return defer.Deferred.fromCoroutine(self._traffic())
+
+    async def _remove(self) -> None:
+        ports = [support.free_port(), support.free_port()]
+        service = self.start({"server_port": ports, "password": "pw", "method": "aes-128-gcm"})
+        local, socks_port = support.start_local(ports[0], method="aes-128-gcm", password="pw")
+        self.addCleanup(local.stopService)
+        # A relay held open on the port to be removed.
+        client = support.SocksClient("127.0.0.1", self.echo.getHost().port, b"x")
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
+        await support.within(5, client.echoed, "no echo through the port to be removed")
+        self.assertEqual(len(service.ports[ports[0]].factory.connections), 1)
+        await service.remove_port(ports[0])
+        self.assertEqual(list(service.ports), [ports[1]])
+        self.assertEqual(len(service.factories), 1)
+        self.assertEqual([l.port.getHost().port for l in service.listeners], [ports[1]])
+        self.assertEqual([d.port.getHost().port for d in service.datagram_listeners], [ports[1]])
+        # ssx-local closes the client's connection once the server's relay is gone.
+        await support.within(5, client.closed, "the relay on the removed port was not ended")
+        with socket.socket() as probe:
+            self.assertNotEqual(probe.connect_ex(("127.0.0.1", ports[0])), 0)
+        await self.through(ports[1], "aes-128-gcm", "pw")
+
+    def test_remove_port(self):
+        """A port removed at run time stops listening and its relays end; the other ports go on."""
+        return defer.Deferred.fromCoroutine(self._remove())
 
     async def _dual_stack(self) -> None:
         if not support.ipv6_loopback():

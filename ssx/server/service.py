@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Sequence, TypeVar
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -77,6 +78,23 @@ class ServerService(MultiService):
         self.udp_relays.extend(port.udp_relays)
         self.datagram_listeners.extend(port.datagram_listeners)
         return self.add(port)
+
+    def remove_port(self, number: int) -> Deferred[None]:
+        """
+        Stop serving port `number`: its listeners close, and its running
+        relays are aborted, as libev and the original do on a manager's
+        `remove`.  Fires once its listeners are closed.
+        """
+        port = self.ports.pop(number)
+        # The same lists that the drain, the summary and the URL hold: changed in place.
+        self.factories.remove(port.factory)
+        self.listeners[:] = [x for x in self.listeners if x not in port.listeners]
+        self.udp_relays[:] = [x for x in self.udp_relays if x not in port.udp_relays]
+        self.datagram_listeners[:] = [x for x in self.datagram_listeners if x not in port.datagram_listeners]
+        stopped = maybeDeferred(port.disownServiceParent)
+        for protocol in list(port.factory.connections):
+            protocol.close_both(abort=True)
+        return stopped.addCallback(lambda _: None)
 
     def add(self, child: _Child) -> _Child:
         """`child`, added after the children already there."""
