@@ -437,6 +437,8 @@ class NumberParsingTests(unittest.SynchronousTestCase):
             self.assertEqual(_server_value(config, key), expected, key)
             self.assertIsInstance(_server_value(config, key), int if whole else float)
             for bad in _NOT_NUMBERS + (_NOT_WHOLE if whole else _NOT_SECONDS):
+                if key == "server_port" and bad == [1]:
+                    continue  # a list of ports, the original's form (MultiPortConfigTests)
                 self.assertKey(server_config, {"password": "pw", key: bad}, key)
 
     def test_local_keys(self):

@@ -381,7 +381,7 @@ class UdpBesidePluginTests(PluginTestCase):
         server, port = self.server("obfs-server", "obfs=tls", mode="tcp_and_udp")
         _, socks_port = self.local(port, "obfs-local", "obfs=tls", mode="tcp_and_udp")
         # The server's UDP is bound on the public address and port, where the plugin listens for TCP.
-        udp = [s for s in server if getattr(s, "protocol", None) in server.udp_relays]
+        udp = [s for s in server.datagram_listeners if s.protocol in server.udp_relays]
         self.assertEqual([s.port.getHost().port for s in udp], [port])
         client = support.Socks5UdpClient()
         self.addCleanup(client.close)

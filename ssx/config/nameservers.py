@@ -15,9 +15,10 @@ from ssx.errors import ConfigError
 __all__ = ["parse_nameservers"]
 
 
-def parse_nameservers(value: str | list[str] | None) -> tuple[tuple[str, int], ...]:
+def parse_nameservers(value: str | list[str] | None, key: str = "nameserver") -> tuple[tuple[str, int], ...]:
     """
-    Parse the `nameserver` setting: comma-separated `IP`, `IP:port` or `[IPv6]:port`.
+    Parse the `nameserver` setting (or the original's `dns_server`, named
+    by `key`): comma-separated `IP`, `IP:port` or `[IPv6]:port`, or a list.
     """
     if value is None:
         return ()
@@ -26,7 +27,7 @@ def parse_nameservers(value: str | list[str] | None) -> tuple[tuple[str, int], .
     elif isinstance(value, list) and all(isinstance(v, str) for v in value):
         items = [v.strip() for v in value if v.strip()]
     else:
-        raise ConfigError("nameserver", "expected a comma-separated string of IP addresses")
+        raise ConfigError(key, "expected a comma-separated string of IP addresses")
     servers = []
     for item in items:
         host, port = item, 53
@@ -34,18 +35,18 @@ def parse_nameservers(value: str | list[str] | None) -> tuple[tuple[str, int], .
             host, _, rest = item[1:].partition("]")
             if rest:
                 if not rest.startswith(":"):
-                    raise ConfigError("nameserver", f"{item!r} is not IP, IP:port or [IPv6]:port")
-                port = _port(item, rest[1:])
+                    raise ConfigError(key, f"{item!r} is not IP, IP:port or [IPv6]:port")
+                port = _port(key, item, rest[1:])
         elif item.count(":") == 1:
             host, _, text = item.partition(":")
-            port = _port(item, text)
+            port = _port(key, item, text)
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            raise ConfigError("nameserver", f"{item!r} is not an IP address") from None
+            raise ConfigError(key, f"{item!r} is not an IP address") from None
         servers.append((host, port))
     return tuple(servers)
 
 
-def _port(item: str, text: str) -> int:
-    return int(parse_number(text, "nameserver", f"IP:port with a port from 1 to 65535 in {item!r}", minimum=1, maximum=65535))
+def _port(key: str, item: str, text: str) -> int:
+    return int(parse_number(text, key, f"IP:port with a port from 1 to 65535 in {item!r}", minimum=1, maximum=65535))

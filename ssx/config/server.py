@@ -33,11 +33,12 @@ from ssx.config.values import (
 from ssx.crypto import lookup_method, make_suite
 from ssx.errors import ConfigError
 from ssx.config.nameservers import parse_nameservers
+from ssx.config.ports import PortConfig, dual_stack, port_entries
 from ssx.server.forbidden import ForbiddenNetworks, parse_forbidden
 from ssx.server.handshakes import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_IP
 from ssx.wire.sip003 import Plugin
 
-__all__ = ["PLUGIN_BACKEND_LISTEN", "SERVER_KEYS", "ServerConfig", "server_config"]
+__all__ = ["PLUGIN_BACKEND_LISTEN", "SERVER_KEYS", "PortConfig", "ServerConfig", "server_config"]
 
 DEFAULT_REPLAY_HISTORY = 1_000_000
 # About 360 MiB of filters, allocated at start.
@@ -51,7 +52,7 @@ PLUGIN_BACKEND_LISTEN = "tcp:0:interface=127.0.0.1"
 SERVER_KEYS = COMMON_KEYS | {
     "nameserver", "forbidden_ip", "hosts_file", "resolv_conf", "prefer_ipv6", "users", "replay_history",
     "url_file",
-    "max_handshakes", "max_handshakes_per_ip",
+    "max_handshakes", "max_handshakes_per_ip", "dns_server", "port_password", "servers",
 }
 
 
@@ -93,12 +94,72 @@ class ServerConfig:
     max_handshakes_per_ip: int = DEFAULT_MAX_HANDSHAKES_PER_IP
     # A log line for every event a peer can cause, destinations included.
     verbose: bool = False
+    # Every port served, each with its own keys; the fields above that
+    # describe a port (listen, method, password, port, ...) are the first's.
+    ports: tuple[PortConfig, ...] = ()
+
+    def port_configs(self) -> tuple[PortConfig, ...]:
+        """`ports`, or for a config made without them, the one port its fields describe."""
+        if self.ports:
+            return self.ports
+        return (PortConfig(
+            label="", port=self.port, hosts=self.hosts or (self.host,), listen=self.listen, method=self.method,
+            password=self.password, key=self.key, password_generated=self.password_generated, relays=self.relays,
+            timeout=self.timeout, users=self.users, plugin=self.plugin, v6only=dual_stack(self.hosts),
+        ),)
 
 
 def server_config(values: Mapping[str, Any]) -> ServerConfig:
     """Check the merged server settings."""
+    entries, warnings = port_entries(values)
+    several = entries[0][0] != ""
+    ports = []
+    for label, entry, own in entries:
+        try:
+            port, notes = _port_config(label, entry, required=several)
+        except ConfigError as e:
+            raise _named(label, own, e) from None
+        ports.append(port)
+        warnings += notes
+    _check_distinct(ports)
+    first = ports[0]
+    forbidden = parse_forbidden(values.get("forbidden_ip"))
+    warnings += _forbidden_warnings(forbidden)
+    dns_key = "nameserver" if values.get("nameserver") is not None else "dns_server"
+    return ServerConfig(
+        listen=first.listen,
+        method=first.method,
+        password=first.password,
+        key=first.key,
+        password_generated=first.password_generated,
+        host=first.hosts[0],
+        port=first.port,
+        timeout=first.timeout,
+        nameservers=parse_nameservers(values.get(dns_key), dns_key),
+        forbidden=forbidden,
+        hosts_file=read_string(values, "hosts_file", "/etc/hosts"),
+        resolv_conf=read_string(values, "resolv_conf", "/etc/resolv.conf"),
+        prefer_ipv6=read_bool(values, "prefer_ipv6"),
+        relays=first.relays,
+        limits=read_limits(values),
+        hosts=first.hosts,
+        users=first.users,
+        replay_history=read_count(values, "replay_history", DEFAULT_REPLAY_HISTORY, minimum=0, maximum=MAX_REPLAY_HISTORY),
+        plugin=first.plugin,
+        ignored=unused_keys(values, SERVER_KEYS),
+        warnings=warnings,
+        url_file=_url_file(values, first.password_generated),
+        max_handshakes=read_count(values, "max_handshakes", DEFAULT_MAX_HANDSHAKES, minimum=0),
+        max_handshakes_per_ip=read_count(values, "max_handshakes_per_ip", DEFAULT_MAX_HANDSHAKES_PER_IP, minimum=0),
+        verbose=read_verbose(values),
+        ports=tuple(ports),
+    )
+
+
+def _port_config(label: str, values: Mapping[str, Any], required: bool) -> tuple[PortConfig, tuple[str, ...]]:
+    """One port's settings; with several ports each needs its password (or key)."""
     method = read_method(values)
-    password, key, generated = read_secret(values, method, required=False)
+    password, key, generated = read_secret(values, method, required=required)
     users = _users(values, method)
     hosts = read_bind_hosts(values)
     port = read_port(values, "server_port", DEFAULT_SERVER_PORT, allow_zero=True)
@@ -110,36 +171,42 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
     if not relays.tcp and values.get("listen") is not None:
         raise ConfigError("listen", "endpoint descriptions are for TCP; in udp_only mode use server and server_port")
     plugin, warnings = read_plugin(values, relays)
-    forbidden = parse_forbidden(values.get("forbidden_ip"))
-    warnings += _forbidden_warnings(forbidden)
-    listen = _tcp_listen(listen, hosts, port, plugin)
-    return ServerConfig(
-        listen=listen,
+    if label:
+        warnings = tuple(f"{label}: {line}" for line in warnings)
+    config = PortConfig(
+        label=label,
+        port=port,
+        hosts=hosts,
+        listen=_tcp_listen(listen, hosts, port, plugin),
         method=method,
         password=password,
         key=key,
         password_generated=generated,
-        host=hosts[0],
-        port=port,
-        timeout=read_seconds(values),
-        nameservers=parse_nameservers(values.get("nameserver")),
-        forbidden=forbidden,
-        hosts_file=read_string(values, "hosts_file", "/etc/hosts"),
-        resolv_conf=read_string(values, "resolv_conf", "/etc/resolv.conf"),
-        prefer_ipv6=read_bool(values, "prefer_ipv6"),
         relays=relays,
-        limits=read_limits(values),
-        hosts=hosts,
+        timeout=read_seconds(values),
         users=users,
-        replay_history=read_count(values, "replay_history", DEFAULT_REPLAY_HISTORY, minimum=0, maximum=MAX_REPLAY_HISTORY),
         plugin=plugin,
-        ignored=unused_keys(values, SERVER_KEYS),
-        warnings=warnings,
-        url_file=_url_file(values, generated),
-        max_handshakes=read_count(values, "max_handshakes", DEFAULT_MAX_HANDSHAKES, minimum=0),
-        max_handshakes_per_ip=read_count(values, "max_handshakes_per_ip", DEFAULT_MAX_HANDSHAKES_PER_IP, minimum=0),
-        verbose=read_verbose(values),
+        v6only=dual_stack(hosts),
     )
+    return config, warnings
+
+
+def _named(label: str, own: frozenset[str], error: ConfigError) -> ConfigError:
+    """`error` named after the port entry, when the entry itself set the bad key."""
+    if not label or error.key not in own:
+        return error
+    if label.startswith("servers["):
+        return ConfigError(f"{label}.{error.key}", error.message)
+    # port_password.8001 and server_port[1] name the port's own value.
+    return ConfigError(label, error.message)
+
+
+def _check_distinct(ports: list[PortConfig]) -> None:
+    seen: dict[int, str] = {}
+    for port in ports:
+        if port.port and port.port in seen:
+            raise ConfigError(port.label, f"port {port.port} is configured twice (also {seen[port.port]})")
+        seen[port.port] = port.label
 
 
 def _forbidden_warnings(forbidden: ForbiddenNetworks) -> tuple[str, ...]:

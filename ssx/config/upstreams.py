@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from ssx.crypto import lookup_method
 from ssx.errors import ConfigError
 from ssx.numbers import parse_port
+from ssx.config.ports import port_entries
 from ssx.config.values import DEFAULT_SERVER_PORT, read_bind_hosts, read_method, read_port, read_secret
 from ssx.wire.sip002 import format_url, parse_url
 
@@ -127,6 +128,9 @@ def config_entries(values: Mapping[str, Any]) -> list[ServerEntry]:
     the caller substitutes a host name) and the servers list, plugins
     included.
     """
+    if values.get("port_password") is not None or isinstance(values.get("server_port"), list):
+        # A server's several ports (the original's forms): one URL each.
+        return [e for _, port, _ in port_entries(values)[0] for e in config_entries(port)]
     entries: list[ServerEntry] = []
     if values.get("password") is not None or values.get("key") is not None:
         if values.get("key") is not None and values.get("password") is None:

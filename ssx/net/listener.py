@@ -9,11 +9,14 @@ address actually bound (port 0 picks a free one).
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet import udp
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -112,8 +115,10 @@ class DatagramListenerService(Service):
         label: str,
         address: tuple[str, int] | None = None,
         beside: ListenerService | None = None,
+        v6only: bool = False,
     ) -> None:
         self.reactor = reactor
+        self.v6only = v6only
         self.protocol = protocol
         self.label = label
         self.address = address
@@ -140,7 +145,11 @@ class DatagramListenerService(Service):
             address = (bound.host, bound.port)
         try:
             # 65535: Twisted's default read size (8192) would truncate larger datagrams.
-            self.port = self.reactor.listenUDP(address[1], self.protocol, interface=address[0], maxPacketSize=65535)
+            if self.v6only and ":" in address[0] and isinstance(self.reactor, PosixReactorBase):
+                self.port = _V6OnlyUdpPort(address[1], self.protocol, address[0], 65535, self.reactor)
+                self.port.startListening()
+            else:
+                self.port = self.reactor.listenUDP(address[1], self.protocol, interface=address[0], maxPacketSize=65535)
         except Exception as e:  # CannotListenError, or a bad address
             raise SystemExit(f"{self.label}: cannot listen for UDP on {_describe_pair(address)}: {e}") from None
         _log.info("{label} relaying UDP on {address}", label=self.label, address=_describe(self.port.getHost()))
@@ -153,11 +162,27 @@ class DatagramListenerService(Service):
         return None
 
 
+class _V6OnlyUdpPort(udp.Port):
+    """A UDP port whose IPv6 socket takes IPv6 only, so an IPv4 one binds the same port beside it."""
+
+    def createInternetSocket(self) -> socket.socket:
+        sock: socket.socket = udp.Port.createInternetSocket(self)
+        if self.addressFamily == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return sock
+
+
 def serve(
-    top: MultiService, reactor: Any, description: str, factory: Factory, label: str, udp: Any = None
+    top: MultiService, reactor: Any, description: str, factory: Factory, label: str, udp: Any = None,
+    v6only: bool = False,
 ) -> ListenerService:
-    """Listen with `factory` on `description` under `top`, with the UDP protocol `udp` beside it if given."""
-    listener = ListenerService(tcp.server_endpoint(reactor, description, LISTEN_BACKLOG), factory, description, label)
+    """
+    Listen with `factory` on `description` under `top`, with the UDP
+    protocol `udp` beside it if given; with `v6only`, an IPv6 socket sets
+    IPV6_V6ONLY.
+    """
+    endpoint = tcp.server_endpoint(reactor, description, LISTEN_BACKLOG, v6only)
+    listener = ListenerService(endpoint, factory, description, label)
     listener.setServiceParent(top)
     if udp is not None:
         DatagramListenerService(reactor, udp, label, beside=listener).setServiceParent(top)

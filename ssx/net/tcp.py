@@ -24,6 +24,7 @@ a release that moves one fails that test, naming it.
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import defer, tcp
@@ -139,9 +140,20 @@ class Client(_SendAtOnce, tcp.Client):
 
 
 class Port(tcp.Port):
-    """A listening port whose connections send at once."""
+    """
+    A listening port whose connections send at once; with `v6only`, an
+    IPv6 socket takes IPv6 only (IPV6_V6ONLY), so that an IPv4 socket
+    can bind the same port beside it.
+    """
 
     transport = Server
+    v6only = False
+
+    def createInternetSocket(self) -> socket.socket:
+        sock: socket.socket = tcp.Port.createInternetSocket(self)
+        if self.v6only and self.addressFamily == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return sock
 
 
 class Connector(tcp.Connector):
@@ -156,14 +168,16 @@ def _fast(reactor: IReactorTCP) -> bool:
 
 
 def listen(
-    reactor: IReactorTCP, port: int, factory: IProtocolFactory, backlog: int = 50, interface: str = ""
+    reactor: IReactorTCP, port: int, factory: IProtocolFactory, backlog: int = 50, interface: str = "",
+    v6only: bool = False,
 ) -> IListeningPort:
-    """Like `reactor.listenTCP`, with these transports."""
+    """Like `reactor.listenTCP`, with these transports (and IPV6_V6ONLY on IPv6 if `v6only`)."""
     if not _fast(reactor):
         # IReactorTCP declares a ServerFactory, but endpoints pass any
         # IProtocolFactory on, as Twisted's own TCP endpoints do.
         return reactor.listenTCP(port, factory, backlog, interface)  # type: ignore[arg-type]
     listening = Port(port, factory, backlog, interface, reactor)
+    listening.v6only = v6only
     listening.startListening()
     return listening
 
@@ -181,28 +195,29 @@ def connect(reactor: IReactorTCP, host: str, port: int, factory: ClientFactory, 
 class ServerEndpoint:
     """A TCP server endpoint that listens with `listen`."""
 
-    def __init__(self, reactor: IReactorTCP, port: int, backlog: int, interface: str) -> None:
+    def __init__(self, reactor: IReactorTCP, port: int, backlog: int, interface: str, v6only: bool = False) -> None:
         self.reactor = reactor
         self.port = port
         self.backlog = backlog
         self.interface = interface
+        self.v6only = v6only
 
     def listen(self, factory: IProtocolFactory) -> defer.Deferred:
-        return defer.execute(listen, self.reactor, self.port, factory, self.backlog, self.interface)
+        return defer.execute(listen, self.reactor, self.port, factory, self.backlog, self.interface, self.v6only)
 
 
-def server_endpoint(reactor: IReactorTCP, description: str, backlog: int) -> IStreamServerEndpoint:
+def server_endpoint(reactor: IReactorTCP, description: str, backlog: int, v6only: bool = False) -> IStreamServerEndpoint:
     """
     `serverFromString(reactor, description)`, except that plain TCP listens
     with these transports, and with `backlog` unless the description gives
-    one.
+    one (and an IPv6 socket with IPV6_V6ONLY if `v6only`).
     """
     endpoint = serverFromString(reactor, description)
     if isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
         # Twisted keeps the parsed description in private attributes.
         if "backlog=" in description:
             backlog = endpoint._backlog
-        return ServerEndpoint(reactor, endpoint._port, backlog, endpoint._interface)
+        return ServerEndpoint(reactor, endpoint._port, backlog, endpoint._interface, v6only)
     return endpoint
 
 

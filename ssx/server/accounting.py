@@ -5,6 +5,8 @@ multi-user (2022) port relays, up (client to target) and down.
 When a connection's relay starts, `ssx.server.protocol` asks the factory's
 sink (`ssx.interfaces.IUserTrafficSink`) for the user's counter and wraps
 the connection's data path with `counted`; single-user ports relay bare.
+A port built to count its traffic (`ssx.server.ports`, for the manager
+API) also wraps every connection with its own `UserTraffic`.
 `UserTrafficTable`, the sink a server keeps unless given another, holds
 running totals by user name.  No Twisted here.
 """

@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from ssx.wire.address import Address
 from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
-from ssx.interfaces import IUserTrafficSink
+from ssx.interfaces import ITrafficCounter, IUserTrafficSink
 from ssx.server.accounting import UserTrafficTable, counted
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.wire.address import is_ip_literal
@@ -66,6 +66,7 @@ class ShadowsocksServerFactory(RelayFactory):
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
         max_handshakes_per_ip: int = DEFAULT_MAX_HANDSHAKES_PER_IP,
         user_traffic: IUserTrafficSink | None = None,
+        port_traffic: ITrafficCounter | None = None,
         **limits: Any,
     ) -> None:
         RelayFactory.__init__(self, reactor, timeout, **limits)
@@ -95,6 +96,9 @@ class ShadowsocksServerFactory(RelayFactory):
         self.limit_reached = 0
         # Where multi-user ports count each user's bytes.
         self.user_traffic: IUserTrafficSink = user_traffic if user_traffic is not None else UserTrafficTable()
+        # Where the port's TCP application bytes are counted, all users
+        # together, if anything asked (a wrapper per read: off by default).
+        self.port_traffic = port_traffic
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         # A ShadowsocksServerProtocol, typed as Factory's contract says:
@@ -270,6 +274,10 @@ class ShadowsocksServerProtocol(InboundProtocol):
             counter = self.factory.user_traffic.counter(user)
             counter.add_up(len(self._plain))  # the request's first payload
             decrypt, encrypt = counted(counter, decrypt, encrypt)
+        port_traffic = self.factory.port_traffic
+        if port_traffic is not None:
+            port_traffic.add_up(len(self._plain))
+            decrypt, encrypt = counted(port_traffic, decrypt, encrypt)
         self.transform, target.transform = decrypt, encrypt
         self.join(target)
         if self._plain:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Sequence, TypeVar
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -17,6 +18,7 @@ from ssx.net.listener import DatagramListenerService, DrainService, ListenerServ
 from ssx.net.plugin import PluginService
 from ssx.net.resolver import TargetResolver
 from ssx.server.host_address_watch import HostAddressWatcher
+from ssx.server.ports import ServerPort
 from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.server.udp import UdpRelay
 from ssx.server.url_file import UrlAnnouncement
@@ -33,14 +35,13 @@ class ServerService(MultiService):
     `ssx-server`'s service tree.  Its children start in the order they
     were added (and stop in reverse); the named ones are:
 
-    - `factory`: what every TCP connection shares (keys, resolver,
-      counters, per-user accounting);
     - `host_address_watcher`: keeps this host's addresses current for the
       forbidden check, when 'self' is forbidden;
-    - `listeners`: the TCP ports ssx binds (behind a plugin, its loopback
-      port), and `plugin`, the SIP003 plugin on the public port, if any;
-    - `udp_relays` and `datagram_listeners`: the UDP relay of each UDP port
-      and the port's service;
+    - `ports`: each served port's service (`ssx.server.ports.ServerPort`:
+      its factory, listeners, plugin and UDP relays) by port number;
+    - `factories`, `listeners`, `udp_relays` and `datagram_listeners`:
+      those of every port together; `factory` and `plugin` are the first
+      port's (with one port, the server's);
     - `drain`, `resolver_cache`, `counter_report` and `url_announcement`,
       the services that follow them.
     """
@@ -50,14 +51,50 @@ class ServerService(MultiService):
     counter_report: CounterReport
     url_announcement: UrlAnnouncement
 
-    def __init__(self, factory: ShadowsocksServerFactory) -> None:
+    def __init__(self) -> None:
         MultiService.__init__(self)
-        self.factory = factory
         self.host_address_watcher: HostAddressWatcher | None = None
+        self.ports: dict[int, ServerPort] = {}
+        self.factories: list[ShadowsocksServerFactory] = []
         self.listeners: list[ListenerService] = []
-        self.plugin: PluginService | None = None
         self.udp_relays: list[UdpRelay] = []
         self.datagram_listeners: list[DatagramListenerService] = []
+
+    @property
+    def factory(self) -> ShadowsocksServerFactory:
+        return self.factories[0]
+
+    @property
+    def plugin(self) -> PluginService | None:
+        return next((port.plugin for port in self.ports.values() if port.plugin is not None), None)
+
+    def add_port(self, port: ServerPort) -> ServerPort:
+        """`port` served from now on (started if the server runs), in the table under its configured number."""
+        if port.config.port in self.ports:
+            raise ValueError(f"port {port.config.port} is already served")
+        self.ports[port.config.port] = port
+        self.factories.append(port.factory)
+        self.listeners.extend(port.listeners)
+        self.udp_relays.extend(port.udp_relays)
+        self.datagram_listeners.extend(port.datagram_listeners)
+        return self.add(port)
+
+    def remove_port(self, number: int) -> Deferred[None]:
+        """
+        Stop serving port `number`: its listeners close, and its running
+        relays are aborted, as libev and the original do on a manager's
+        `remove`.  Fires once its listeners are closed.
+        """
+        port = self.ports.pop(number)
+        # The same lists that the drain, the summary and the URL hold: changed in place.
+        self.factories.remove(port.factory)
+        self.listeners[:] = [x for x in self.listeners if x not in port.listeners]
+        self.udp_relays[:] = [x for x in self.udp_relays if x not in port.udp_relays]
+        self.datagram_listeners[:] = [x for x in self.datagram_listeners if x not in port.datagram_listeners]
+        stopped = maybeDeferred(port.disownServiceParent)
+        for protocol in list(port.factory.connections):
+            protocol.close_both(abort=True)
+        return stopped.addCallback(lambda _: None)
 
     def add(self, child: _Child) -> _Child:
         """`child`, added after the children already there."""
@@ -89,15 +126,15 @@ class CounterReport(Service):
         ("refused", "UDP datagrams to forbidden targets"),
     )
 
-    def __init__(self, reactor: Any, factory: ShadowsocksServerFactory, relays: Sequence[UdpRelay]) -> None:
+    def __init__(self, reactor: Any, factories: Sequence[ShadowsocksServerFactory], relays: Sequence[UdpRelay]) -> None:
         self.clock = reactor
-        self.factory = factory
+        self.factories = factories
         self.relays = relays
         self._last = self._counts()
         self._call: LoopingCall | None = None
 
     def _counts(self) -> tuple[int, ...]:
-        tcp = [getattr(self.factory, name) for name, _ in self.TCP_COUNTERS]
+        tcp = [sum(getattr(f, name) for f in self.factories) for name, _ in self.TCP_COUNTERS]
         udp = [sum(getattr(r, name) for r in self.relays) for name, _ in self.UDP_COUNTERS]
         return (*tcp, *udp)
 

@@ -6,22 +6,22 @@ checked configuration (`ssx.config.server`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from twisted.application.service import IService
 from twisted.logger import Logger
 
 from ssx.config import ServerConfig, server_config
-from ssx.config.options import SsxOptions, log_config_notes, make_suite
+from ssx.config.options import SsxOptions, log_config_notes
 from ssx.crypto import SaltFilter
-from ssx.net.listener import DatagramListenerService, DrainService, serve
-from ssx.net.plugin import PluginService
+from ssx.net.listener import DrainService
+from ssx.errors import ConfigError
+from ssx.net.plugin import find_plugin
 from ssx.net.resolver import TargetResolver
 from ssx.server.host_address_watch import HostAddressWatcher
-from ssx.server.protocol import ShadowsocksServerFactory
+from ssx.server.ports import SharedParts, build_port
 from ssx.server.service import CounterReport, ResolverCache, ServerService
-from ssx.server.session_windows import SessionWindows
-from ssx.server.udp import UdpLookups, UdpRelay, udp_relay_for
+from ssx.server.udp import UdpLookups
 from ssx.server.url_file import UrlAnnouncement, reuse_generated_password
 
 __all__ = ["Options", "build_service", "makeService"]
@@ -42,7 +42,6 @@ class Options(SsxOptions):
         "Example: twistd -n ssx-server -p 8388 -k SECRET -m aes-256-gcm"
     )
     optParameters = [
-        ["server", "s", None, "address to bind [default: 0.0.0.0]"],
         ["server-port", "p", None, "port to listen on [default: 8388]"],
         ["password", "k", None, "password [default: the one generated at an earlier start, from the URL file; "
          "else a fresh random one]"],
@@ -81,6 +80,20 @@ class Options(SsxOptions):
     }
     build = staticmethod(server_config)
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["server"] = None
+
+    def opt_server(self, address: str) -> None:
+        """address to bind, repeatable (IPv6 sockets then take IPv6 only when IPv4 addresses are bound too) [default: 0.0.0.0]"""
+        previous = self.get("server")
+        if previous is None:
+            self["server"] = address
+        else:
+            self["server"] = [*(previous if isinstance(previous, list) else [previous]), address]
+
+    opt_s = opt_server
+
     def postOptions(self) -> None:
         # A flag given only as a switch must not override the file's value.
         self["prefer-ipv6"] = True if self["prefer-ipv6"] else None
@@ -89,6 +102,14 @@ class Options(SsxOptions):
 
     def check(self, config: ServerConfig) -> None:
         super().check(config)
+        for port in config.ports[1:]:
+            # The first port's plugin was looked for with the config's own.
+            if port.plugin is not None:
+                try:
+                    find_plugin(port.plugin.name)
+                except ConfigError as e:
+                    raise ConfigError(f"{port.label}.plugin" if port.label.startswith("servers[") else "plugin",
+                                      e.message) from None
         # twistd changes to --rundir before the services start: the URL file
         # is read now and written then, so both must mean the same file.
         parent = getattr(self, "parent", None)
@@ -98,9 +119,11 @@ class Options(SsxOptions):
         self.config = reuse_generated_password(config, rundir or ".", uid)
 
 
-def build_service(reactor: Any, config: ServerConfig) -> ServerService:
-    """The server's service tree for `config`."""
-    suite = make_suite(reactor, config.method, config.password, config.key, config.users)
+def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = False) -> ServerService:
+    """
+    The server's service tree for `config`: one `ServerPort` per configured
+    port; with `count_traffic`, each counts its TCP bytes (`traffic`).
+    """
     resolver = TargetResolver(
         reactor,
         nameservers=config.nameservers,
@@ -108,77 +131,41 @@ def build_service(reactor: Any, config: ServerConfig) -> ServerService:
         resolv_conf=config.resolv_conf,
         prefer_ipv6=config.prefer_ipv6,
     )
-    salt_filter = SaltFilter(config.replay_history) if config.replay_history >= 2 else None
-    factory = ShadowsocksServerFactory(
-        reactor, suite, resolver, config.forbidden, timeout=config.timeout, salt_filter=salt_filter,
+    shared = SharedParts(
+        reactor=reactor,
+        resolver=resolver,
+        forbidden=config.forbidden,
+        lookups=UdpLookups(resolver),
+        salt_filter=SaltFilter(config.replay_history) if config.replay_history >= 2 else None,
+        limits=config.limits,
         max_handshakes=config.max_handshakes,
-        # Behind a plugin every connection comes from the plugin's address.
-        max_handshakes_per_ip=config.max_handshakes_per_ip if config.plugin is None else 0,
+        max_handshakes_per_ip=config.max_handshakes_per_ip,
         verbose=config.verbose,
-        **config.limits.factory_arguments(),
+        count_traffic=count_traffic,
     )
-    service = ServerService(factory)
+    service = ServerService()
     if config.forbidden.host is not None:
         # Reads the addresses at start and after every change (a check made
         # before the first read reads them itself).
         service.host_address_watcher = service.add(HostAddressWatcher(reactor, config.forbidden.host))
-    lookups = UdpLookups(resolver)
-    # One store of 2022 session windows for every bound address.
-    sessions = {"sessions": SessionWindows(suite.replay_window, config.relays.capacity)} if suite.spec.family == "aead2022" else {}
-
-    def udp_relay() -> UdpRelay:
-        relay = udp_relay_for(suite)(
-            reactor, suite, resolver, config.forbidden, config.relays.timeout, config.relays.capacity,
-            salt_filter=salt_filter, lookups=lookups, verbose=config.verbose, **sessions,
-        )
-        service.udp_relays.append(relay)
-        return relay
-
-    _add_ports(service, reactor, config, udp_relay)
-    service.drain = service.add(DrainService(reactor, [factory], config.limits.shutdown_grace, "ssx-server"))
+    for port in config.port_configs():
+        service.add_port(build_port(shared, port))
+    service.drain = service.add(DrainService(reactor, service.factories, config.limits.shutdown_grace, "ssx-server"))
     service.resolver_cache = service.add(ResolverCache(resolver))
-    service.counter_report = service.add(CounterReport(reactor, factory, service.udp_relays))
+    service.counter_report = service.add(CounterReport(reactor, service.factories, service.udp_relays))
     _report(config, resolver)
+    # With several ports, the URL file carries the first port's URL.
     service.url_announcement = service.add(
         UrlAnnouncement(config, service.listeners, service.datagram_listeners)
     )
     return service
 
 
-def _add_ports(service: ServerService, reactor: Any, config: ServerConfig, udp_relay: Callable[[], UdpRelay]) -> None:
-    """The TCP listeners (or the plugin, on the public port, and ssx behind it) and the UDP ports."""
-    relays = config.relays
-    if config.plugin is not None:
-        # The plugin listens on the public address; ssx behind it on a
-        # loopback port, which the listener binds before the plugin starts.
-        label = f"ssx-server behind plugin {config.plugin.name}"
-        listener = serve(service, reactor, config.listen[0], service.factory, label)
-        service.listeners.append(listener)
-        remote = ("|".join(config.hosts), config.port)
-        service.plugin = service.add(PluginService(reactor, config.plugin, "ssx-server", remote, listener=listener))
-    elif relays.tcp:
-        for description in config.listen:
-            relay = udp_relay() if relays.udp else None
-            listener = serve(service, reactor, description, service.factory, "ssx-server")
-            service.listeners.append(listener)
-            if relay is not None:
-                # UDP on the very address and port the listener bound.
-                service.datagram_listeners.append(
-                    service.add(DatagramListenerService(reactor, relay, "ssx-server", beside=listener))
-                )
-    if relays.udp and (config.plugin is not None or not relays.tcp):
-        # UDP does not go through a plugin: it stays on the public address and port.
-        for host in config.hosts:
-            service.datagram_listeners.append(
-                service.add(DatagramListenerService(reactor, udp_relay(), "ssx-server", address=(host, config.port)))
-            )
-
-
 def _report(config: ServerConfig, resolver: TargetResolver) -> None:
     log_config_notes("ssx-server", config.method, config.warnings, config.ignored)
     _log.info(
         "ssx-server: method {method}, timeout {timeout:g}s, DNS {dns}, forbidden {forbidden}",
-        method=config.method,
+        method=", ".join(dict.fromkeys(p.method for p in config.port_configs())),
         timeout=config.timeout,
         dns=",".join(h for h, _ in resolver.nameservers),
         forbidden=str(config.forbidden),
