@@ -26,7 +26,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ssx import __version__
 from ssx.config.file import read_config_file
-from ssx.config.values import tcp_description
 from ssx.errors import ConfigError
 
 __all__ = [
@@ -330,17 +329,10 @@ class _Libev(_Translation):
         return self.plan("run", ["--pidfile", pid_file, "--syslog", "--prefix", self.command.name, *user], pid_file)
 
     def _hosts(self, hosts: list[str], pairs: list[tuple[str, str]]) -> list[str]:
-        """-s once is ssx's -s; repeated on the server, one listener per address."""
-        if len(hosts) <= 1:
-            return ["-s", hosts[0]] if hosts else []
-        if self.command.end == "local":
+        """-s is ssx's -s; repeated on the server, each address is bound apart (IPv6 ones IPv6-only beside IPv4, as libev does)."""
+        if len(hosts) > 1 and self.command.end == "local":
             raise Refused("-s given more than once", "several servers on the command line; use --url for each")
-        ports = [value for flag, value in pairs if flag == "-p"]
-        port = ports[-1] if ports else str(self.config.get("server_port", 8388))
-        if not port.isdigit():
-            raise UsageError(f"-p {port}: expected a port number")
-        # As libev binds each address apart, IPv6 ones only for IPv6.
-        return [arg for host in hosts for arg in ("--listen", tcp_description(host, int(port)))]
+        return [arg for host in hosts for arg in ("-s", host)]
 
 
 def stop_daemon(pid_file: str, seconds: float = STOP_SECONDS, out: Any = None) -> int:

@@ -211,13 +211,11 @@ class LibevServerTests(unittest.SynchronousTestCase):
         self.assertNotIn("-m", split(plan("ssx-ss-server"))[2])
 
     def test_repeated_server(self):
-        """-s twice: one listener per address on -p (or the file's server_port)."""
+        """-s twice: ssx-server's repeatable -s, each address bound apart on -p."""
         _, _, ssx = split(plan("ssx-ss-server", "-s", "127.0.0.1", "-s", "::1", "-p", "9000"))
-        self.assertIn(("--listen", "tcp:9000:interface=127.0.0.1"), pairs(ssx))
-        self.assertIn(("--listen", "tcp:9000:interface=\\:\\:1"), pairs(ssx))
-        self.assertNotIn("-s", ssx)
-        _, _, ssx = split(plan("ssx-ss-server", "-c", "f", "-s", "a", "-s", "b", config={"server_port": 7}))
-        self.assertIn(("--listen", "tcp:7:interface=a"), pairs(ssx))
+        self.assertEqual([value for flag, value in pairs(ssx) if flag == "-s"], ["127.0.0.1", "::1"])
+        self.assertIn(("-p", "9000"), pairs(ssx))
+        self.assertNotIn("--listen", ssx)
 
     def test_switches(self):
         """-u -U -6 -v --fast-open --no-delay become ssx-server's switches; -d is --nameserver."""
