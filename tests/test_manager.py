@@ -181,6 +181,11 @@ class ManagerTests(unittest.TestCase):
         self.addCleanup(taken.close)
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
+        # UDP taken, TCP free: the TCP listener the port started is closed again.
+        udp_taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(udp_taken.close)
+        udp_taken.bind(("127.0.0.1", support.free_port()))
+        half = udp_taken.getsockname()[1]
         free = support.free_port()
         bad = [
             b"add: {bad json",
@@ -190,6 +195,7 @@ class ManagerTests(unittest.TestCase):
             b'add: {"server_port": %d}' % free,
             b'add: {"server_port": %d, "password": "x", "method": "aes-999-gcm"}' % free,
             b'remove: {"server_port": %d}' % free,
+            b'add: {"server_port": %d, "password": "x", "mode": "tcp_and_udp"}' % half,
         ]
         replies = []
         for request in bad:
@@ -200,6 +206,9 @@ class ManagerTests(unittest.TestCase):
         self.assertIn(b"already served", replies[2])
         self.assertIn(b"unavailable", replies[3])
         self.assertIn(b"password", replies[4])
+        self.assertIn(b"UDP", replies[7])
+        with socket.socket() as probe:
+            self.assertNotEqual(probe.connect_ex(("127.0.0.1", half)), 0)
         self.assertEqual(sorted(service.ports), [configured])
         self.assertEqual(len(service.listeners), 1)
         # Still serving: the manager and the configured port.
