@@ -241,3 +241,27 @@ class ManagerTests(unittest.TestCase):
             self.assertNotIn(str(configured), table)
             reported += table.get(str(port), 0)
         self.assertLess(reported, 2 * 5_000 + 500)
+
+    @support.coroutine_test
+    async def test_libev_client_on_an_added_port(self):
+        """libev's ss-local relays through a port added by the API, and its bytes show in ping's table."""
+        reason = support.skip_without("ss-local", package="shadowsocks-libev")
+        if reason:
+            raise unittest.SkipTest(reason)
+        manager = ("127.0.0.1", support.free_port())
+        service, _ = self.start(f"127.0.0.1:{manager[1]}")
+        client = self.client()
+        port = support.free_port()
+        self.assertEqual(await client.ask(manager, b'add: {"server_port": "%d", "password": "lib", '
+                                                   b'"method": "aes-256-gcm"}' % port), b"ok")
+        socks_port = support.free_port()
+        child = support.spawn("ss-local", [
+            "-s", "127.0.0.1", "-p", str(port), "-b", "127.0.0.1", "-l", str(socks_port), "-k", "lib", "-m", "aes-256-gcm",
+        ])
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
+        await support.wait_for_port(socks_port)
+        payload = os.urandom(50_000)
+        reply, received = await whole_echo_transfer(socks_port, "127.0.0.1", self.echo.getHost().port, payload)
+        self.assertEqual(support.sha256(received), support.sha256(payload), child.text())
+        await support.drained(service)
+        self.assertGreater(stat_table(await client.ask(manager, b"ping"))[str(port)], 2 * 50_000)
