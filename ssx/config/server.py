@@ -33,12 +33,13 @@ from ssx.config.values import (
 from ssx.crypto import lookup_method, make_suite
 from ssx.errors import ConfigError
 from ssx.config.nameservers import parse_nameservers
-from ssx.config.ports import PortConfig, dual_stack, port_entries
+from ssx.config.manager import MANAGER_KEYS, ManagerAddress, read_manager_address
+from ssx.config.ports import PORT_LIST_KEYS, PortConfig, dual_stack, port_entries
 from ssx.server.forbidden import ForbiddenNetworks, parse_forbidden
 from ssx.server.handshakes import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_IP
 from ssx.wire.sip003 import Plugin
 
-__all__ = ["PLUGIN_BACKEND_LISTEN", "SERVER_KEYS", "PortConfig", "ServerConfig", "server_config"]
+__all__ = ["PLUGIN_BACKEND_LISTEN", "SERVER_KEYS", "PortConfig", "ServerConfig", "added_port", "server_config"]
 
 DEFAULT_REPLAY_HISTORY = 1_000_000
 # About 360 MiB of filters, allocated at start.
@@ -53,7 +54,14 @@ SERVER_KEYS = COMMON_KEYS | {
     "nameserver", "forbidden_ip", "hosts_file", "resolv_conf", "prefer_ipv6", "users", "replay_history",
     "url_file",
     "max_handshakes", "max_handshakes_per_ip", "dns_server", "port_password", "servers",
-}
+} | MANAGER_KEYS
+# What a manager's `add` may set for its port; the rest comes from the config's top level.
+ADD_KEYS = frozenset({
+    "server_port", "password", "method", "mode", "fast_open", "no_delay", "plugin", "plugin_opts", "plugin_mode",
+    "users", "timeout",
+})
+# Top-level keys that describe the configured ports, not the added ones.
+_NOT_INHERITED = PORT_LIST_KEYS | {"server_port", "password", "key", "users", "listen"}
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,10 @@ class ServerConfig:
     # Every port served, each with its own keys; the fields above that
     # describe a port (listen, method, password, port, ...) are the first's.
     ports: tuple[PortConfig, ...] = ()
+    # Where the manager API answers (None: no manager), and the keys a
+    # port it adds inherits from the top level.
+    manager: ManagerAddress | None = None
+    port_defaults: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def port_configs(self) -> tuple[PortConfig, ...]:
         """`ports`, or for a config made without them, the one port its fields describe."""
@@ -153,7 +165,24 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         max_handshakes_per_ip=read_count(values, "max_handshakes_per_ip", DEFAULT_MAX_HANDSHAKES_PER_IP, minimum=0),
         verbose=read_verbose(values),
         ports=tuple(ports),
+        manager=read_manager_address(values),
+        port_defaults={k: v for k, v in values.items() if k not in _NOT_INHERITED},
     )
+
+
+def added_port(defaults: Mapping[str, Any], request: Mapping[str, Any]) -> PortConfig:
+    """
+    The port a manager's `add` asks for: `request`'s keys (`ADD_KEYS`;
+    others are ignored, as libev and rust do) over the top-level
+    `defaults`.  A bad value raises `ConfigError` naming its key.
+    """
+    own = {k: v for k, v in request.items() if k in ADD_KEYS and v is not None}
+    if not isinstance(own.get("password"), str) or not own["password"]:
+        raise ConfigError("password", "required: the new port's password")
+    if "plugin" in own and "plugin_opts" not in own:
+        defaults = {k: v for k, v in defaults.items() if k != "plugin_opts"}
+    port, _ = _port_config(f"port {own.get('server_port')}", {**defaults, **own}, required=True)
+    return port
 
 
 def _port_config(label: str, values: Mapping[str, Any], required: bool) -> tuple[PortConfig, tuple[str, ...]]:

@@ -6,7 +6,9 @@ When a connection's relay starts, `ssx.server.protocol` asks the factory's
 sink (`ssx.interfaces.IUserTrafficSink`) for the user's counter and wraps
 the connection's data path with `counted`; single-user ports relay bare.
 A port built to count its traffic (`ssx.server.ports`, for the manager
-API) also wraps every connection with its own `UserTraffic`.
+API) also wraps every connection with `counted_wire` into the port's own
+`UserTraffic`, which its UDP relays add to as well: the encrypted bytes,
+as Shadowsocks peers and managers count them.
 `UserTrafficTable`, the sink a server keeps unless given another, holds
 running totals by user name.  No Twisted here.
 """
@@ -19,7 +21,7 @@ from zope.interface import implementer
 
 from ssx.interfaces import ITrafficCounter, IUserTrafficSink
 
-__all__ = ["UserTraffic", "UserTrafficTable", "counted"]
+__all__ = ["UserTraffic", "UserTrafficTable", "counted", "counted_wire"]
 
 Transform = Callable[[bytes], bytes]
 
@@ -73,5 +75,24 @@ def counted(counter: ITrafficCounter, decrypt: Transform, encrypt: Transform) ->
     def counted_encrypt(data: bytes) -> bytes:
         add_down(len(data))
         return encrypt(data)
+
+    return counted_decrypt, counted_encrypt
+
+
+def counted_wire(counter: ITrafficCounter, decrypt: Transform, encrypt: Transform) -> tuple[Transform, Transform]:
+    """
+    A connection's (decrypt, encrypt) that add the encrypted bytes they
+    take and give to `counter`: what the client sent and is sent.
+    """
+    add_up, add_down = counter.add_up, counter.add_down
+
+    def counted_decrypt(data: bytes) -> bytes:
+        add_up(len(data))
+        return decrypt(data)
+
+    def counted_encrypt(data: bytes) -> bytes:
+        out = encrypt(data)
+        add_down(len(out))
+        return out
 
     return counted_decrypt, counted_encrypt

@@ -45,8 +45,8 @@ class SharedParts:
     max_handshakes: int
     max_handshakes_per_ip: int
     verbose: bool
-    # Count each port's TCP bytes (`ServerPort.traffic`), for the manager
-    # API's figures: one wrapper call per read and write when on.
+    # Count each port's encrypted bytes, TCP and UDP (`ServerPort.traffic`),
+    # for the manager API's figures: one call per read, write or datagram when on.
     count_traffic: bool = False
 
 
@@ -58,12 +58,12 @@ class ServerPort(MultiService):
     only this port.
     """
 
-    def __init__(self, config: PortConfig, factory: ShadowsocksServerFactory) -> None:
+    def __init__(self, config: PortConfig, factory: ShadowsocksServerFactory, traffic: UserTraffic | None = None) -> None:
         MultiService.__init__(self)
         self.config = config
         self.factory = factory
-        # The port's relayed TCP application bytes, when counted.
-        self.traffic = factory.port_traffic
+        # The port's encrypted bytes, both directions, TCP and UDP, when counted.
+        self.traffic = traffic
         self.listeners: list[ListenerService] = []
         self.plugin: PluginService | None = None
         self.udp_relays: list[UdpRelay] = []
@@ -73,6 +73,7 @@ class ServerPort(MultiService):
 def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
     """The service of the port `config` describes, not started."""
     reactor = shared.reactor
+    traffic = UserTraffic() if shared.count_traffic else None
     suite = make_suite(reactor, config.method, config.password, config.key, config.users)
     factory = ShadowsocksServerFactory(
         reactor, suite, shared.resolver, shared.forbidden, timeout=config.timeout, salt_filter=shared.salt_filter,
@@ -80,10 +81,10 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
         # Behind a plugin every connection comes from the plugin's address.
         max_handshakes_per_ip=shared.max_handshakes_per_ip if config.plugin is None else 0,
         verbose=shared.verbose,
-        port_traffic=UserTraffic() if shared.count_traffic else None,
+        port_traffic=traffic,
         **shared.limits.factory_arguments(),
     )
-    port = ServerPort(config, factory)
+    port = ServerPort(config, factory, traffic)
     relays = config.relays
     # One store of 2022 session windows for every address of the port.
     sessions = {"sessions": SessionWindows(suite.replay_window, relays.capacity)} if suite.spec.family == "aead2022" else {}
@@ -91,7 +92,8 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
     def udp_relay() -> UdpRelay:
         relay = udp_relay_for(suite)(
             reactor, suite, shared.resolver, shared.forbidden, relays.timeout, relays.capacity,
-            salt_filter=shared.salt_filter, lookups=shared.lookups, verbose=shared.verbose, **sessions,
+            salt_filter=shared.salt_filter, lookups=shared.lookups, verbose=shared.verbose, traffic=port.traffic,
+            **sessions,
         )
         port.udp_relays.append(relay)
         return relay

@@ -37,7 +37,7 @@ from ssx.wire.address import Address
 from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
 from ssx.interfaces import ITrafficCounter, IUserTrafficSink
-from ssx.server.accounting import UserTrafficTable, counted
+from ssx.server.accounting import UserTrafficTable, counted, counted_wire
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.wire.address import is_ip_literal
 from ssx.net.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol, can_half_close, connect_tcp
@@ -96,8 +96,8 @@ class ShadowsocksServerFactory(RelayFactory):
         self.limit_reached = 0
         # Where multi-user ports count each user's bytes.
         self.user_traffic: IUserTrafficSink = user_traffic if user_traffic is not None else UserTrafficTable()
-        # Where the port's TCP application bytes are counted, all users
-        # together, if anything asked (a wrapper per read: off by default).
+        # Where the port's encrypted bytes are counted, all users together,
+        # if anything asked (a wrapper per read: off by default).
         self.port_traffic = port_traffic
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
@@ -151,6 +151,8 @@ class ShadowsocksServerProtocol(InboundProtocol):
         self._codec = factory.suite.server_codec(factory.salt_filter)
         self._plain = bytearray()
         self._connecting: Deferred | None = None
+        # Encrypted bytes taken before the relay, for the port's traffic.
+        self._wire_in = 0
 
     # The idle timer starts at connectionMade and nothing resets it before
     # the relay starts: a client gets one timeout's worth of time to present
@@ -179,6 +181,7 @@ class ShadowsocksServerProtocol(InboundProtocol):
             return
         if state == _DISCARD:
             return
+        self._wire_in += len(data)
         codec = self._codec
         try:
             self._plain += codec.decrypt(data)
@@ -276,8 +279,9 @@ class ShadowsocksServerProtocol(InboundProtocol):
             decrypt, encrypt = counted(counter, decrypt, encrypt)
         port_traffic = self.factory.port_traffic
         if port_traffic is not None:
-            port_traffic.add_up(len(self._plain))
-            decrypt, encrypt = counted(port_traffic, decrypt, encrypt)
+            # Encrypted bytes, as peers count them: the header's too.
+            port_traffic.add_up(self._wire_in)
+            decrypt, encrypt = counted_wire(port_traffic, decrypt, encrypt)
         self.transform, target.transform = decrypt, encrypt
         self.join(target)
         if self._plain:

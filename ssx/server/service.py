@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Sequence, TypeVar
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -23,11 +23,15 @@ from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.server.udp import UdpRelay
 from ssx.server.url_file import UrlAnnouncement
 
-__all__ = ["CounterReport", "ResolverCache", "ServerService"]
+__all__ = ["CounterReport", "PortUnavailable", "ResolverCache", "ServerService"]
 
 _log = Logger()
 
 _Child = TypeVar("_Child", bound=Service)
+
+
+class PortUnavailable(Exception):
+    """A port added while the server runs could not start (its number served already, or a bind failed)."""
 
 
 class ServerService(MultiService):
@@ -42,14 +46,16 @@ class ServerService(MultiService):
     - `factories`, `listeners`, `udp_relays` and `datagram_listeners`:
       those of every port together; `factory` and `plugin` are the first
       port's (with one port, the server's);
-    - `drain`, `resolver_cache`, `counter_report` and `url_announcement`,
-      the services that follow them.
+    - `drain`, `resolver_cache`, `counter_report`, `manager` (if any) and
+      `url_announcement`, the services that follow them.
     """
 
     drain: DrainService
     resolver_cache: ResolverCache
     counter_report: CounterReport
     url_announcement: UrlAnnouncement
+    # The manager API's service, when --manager-address is given.
+    manager: Service | None = None
 
     def __init__(self) -> None:
         MultiService.__init__(self)
@@ -69,32 +75,56 @@ class ServerService(MultiService):
         return next((port.plugin for port in self.ports.values() if port.plugin is not None), None)
 
     def add_port(self, port: ServerPort) -> ServerPort:
-        """`port` served from now on (started if the server runs), in the table under its configured number."""
+        """
+        `port` served from now on (started if the server runs), in the table
+        under its configured number.  While the server runs, a port that
+        cannot start (its number taken, a bind failure) raises
+        `PortUnavailable` and leaves nothing behind; before, a bind failure
+        stops start-up later as it always did.
+        """
         if port.config.port in self.ports:
-            raise ValueError(f"port {port.config.port} is already served")
+            raise PortUnavailable(f"port {port.config.port} is already served")
         self.ports[port.config.port] = port
         self.factories.append(port.factory)
         self.listeners.extend(port.listeners)
         self.udp_relays.extend(port.udp_relays)
         self.datagram_listeners.extend(port.datagram_listeners)
-        return self.add(port)
+        if not self.running:
+            return self.add(port)
+        try:
+            return self.add(port)
+        except SystemExit as e:
+            # The listeners stop start-up with SystemExit; at run time only this port fails.
+            self._forget(port)
+            port.disownServiceParent()
+            raise PortUnavailable(str(e.code)) from None
 
-    def remove_port(self, number: int) -> Deferred[None]:
-        """
-        Stop serving port `number`: its listeners close, and its running
-        relays are aborted, as libev and the original do on a manager's
-        `remove`.  Fires once its listeners are closed.
-        """
-        port = self.ports.pop(number)
+    def _forget(self, port: ServerPort) -> None:
+        self.ports.pop(port.config.port, None)
         # The same lists that the drain, the summary and the URL hold: changed in place.
-        self.factories.remove(port.factory)
+        self.factories[:] = [x for x in self.factories if x is not port.factory]
         self.listeners[:] = [x for x in self.listeners if x not in port.listeners]
         self.udp_relays[:] = [x for x in self.udp_relays if x not in port.udp_relays]
         self.datagram_listeners[:] = [x for x in self.datagram_listeners if x not in port.datagram_listeners]
+
+    def remove_port(self, number: int, grace: float | None = None) -> Deferred[None]:
+        """
+        Stop serving port `number`: its listeners close at once, and its
+        running relays may finish for `grace` seconds (by default the
+        server's shutdown grace, as at SIGTERM), then the rest are aborted.
+        Fires once its listeners are closed and its relays are done.
+        """
+        port = self.ports[number]
+        self._forget(port)
         stopped = maybeDeferred(port.disownServiceParent)
-        for protocol in list(port.factory.connections):
-            protocol.close_both(abort=True)
-        return stopped.addCallback(lambda _: None)
+        if grace is None:
+            grace = self.drain.grace if hasattr(self, "drain") else 0.0
+        drained = maybeDeferred(DrainService(self._reactor_of(port), [port.factory], grace, f"port {number}").stopService)
+        return gatherResults([stopped, drained]).addCallback(lambda _: None)
+
+    @staticmethod
+    def _reactor_of(port: ServerPort) -> Any:
+        return port.factory.reactor
 
     def add(self, child: _Child) -> _Child:
         """`child`, added after the children already there."""

@@ -12,6 +12,7 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 
 from ssx.config import ServerConfig, server_config
+from ssx.config.server import added_port
 from ssx.config.options import SsxOptions, log_config_notes
 from ssx.crypto import SaltFilter
 from ssx.net.listener import DrainService
@@ -19,6 +20,7 @@ from ssx.errors import ConfigError
 from ssx.net.plugin import find_plugin
 from ssx.net.resolver import TargetResolver
 from ssx.server.host_address_watch import HostAddressWatcher
+from ssx.server.manager import ManagerProtocol, ManagerService
 from ssx.server.ports import SharedParts, build_port
 from ssx.server.service import CounterReport, ResolverCache, ServerService
 from ssx.server.udp import UdpLookups
@@ -64,10 +66,16 @@ class Options(SsxOptions):
          "listens on -s/-p, ssx behind it on a loopback port; UDP (-u) stays on -s/-p, outside the plugin"],
         ["plugin-opts", None, None, "the plugin's options (SS_PLUGIN_OPTIONS), e.g. \"obfs=http\" or "
          "\"server;host=example.com\""],
+        ["manager-address", None, None, "where the manager API answers (add/remove/list/ping, stat reports): "
+         "host:port for UDP, or a path for a Unix datagram socket; loopback only unless --manager-allow-remote"],
         ["url-file", None, None, "file the ss:// URL is written to at start, mode 0600 (it carries the "
          "password), relative to twistd's --rundir; '' for none [default: ssx-server.url]"],
     ]
-    optFlags = [["prefer-ipv6", "6", "try AAAA records before A records"]]
+    optFlags = [
+        ["prefer-ipv6", "6", "try AAAA records before A records"],
+        ["manager-allow-remote", None, "let --manager-address be a non-loopback address (whoever reaches it "
+         "controls the server)"],
+    ]
     flag_keys = {
         "nameserver": "nameserver",
         "forbidden-ip": "forbidden_ip",
@@ -77,6 +85,7 @@ class Options(SsxOptions):
         "url-file": "url_file",
         "max-handshakes": "max_handshakes",
         "max-handshakes-per-ip": "max_handshakes_per_ip",
+        "manager-address": "manager_address",
     }
     build = staticmethod(server_config)
 
@@ -97,7 +106,8 @@ class Options(SsxOptions):
     def postOptions(self) -> None:
         # A flag given only as a switch must not override the file's value.
         self["prefer-ipv6"] = True if self["prefer-ipv6"] else None
-        self.flag_keys = {**self.flag_keys, "prefer-ipv6": "prefer_ipv6"}
+        self["manager-allow-remote"] = True if self["manager-allow-remote"] else None
+        self.flag_keys = {**self.flag_keys, "prefer-ipv6": "prefer_ipv6", "manager-allow-remote": "manager_allow_remote"}
         super().postOptions()
 
     def check(self, config: ServerConfig) -> None:
@@ -122,7 +132,8 @@ class Options(SsxOptions):
 def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = False) -> ServerService:
     """
     The server's service tree for `config`: one `ServerPort` per configured
-    port; with `count_traffic`, each counts its TCP bytes (`traffic`).
+    port; with `count_traffic` or a manager, each counts its encrypted
+    bytes, TCP and UDP (`traffic`).
     """
     resolver = TargetResolver(
         reactor,
@@ -141,7 +152,7 @@ def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = Fals
         max_handshakes=config.max_handshakes,
         max_handshakes_per_ip=config.max_handshakes_per_ip,
         verbose=config.verbose,
-        count_traffic=count_traffic,
+        count_traffic=count_traffic or config.manager is not None,
     )
     service = ServerService()
     if config.forbidden.host is not None:
@@ -153,6 +164,11 @@ def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = Fals
     service.drain = service.add(DrainService(reactor, service.factories, config.limits.shutdown_grace, "ssx-server"))
     service.resolver_cache = service.add(ResolverCache(resolver))
     service.counter_report = service.add(CounterReport(reactor, service.factories, service.udp_relays))
+    if config.manager is not None:
+        protocol = ManagerProtocol(
+            service, lambda port: build_port(shared, port), lambda request: added_port(config.port_defaults, request)
+        )
+        service.manager = service.add(ManagerService(reactor, config.manager, protocol))
     _report(config, resolver)
     # With several ports, the URL file carries the first port's URL.
     service.url_announcement = service.add(

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from ssx.wire.address import Address, decode_target, encode_address
 from ssx.crypto import CipherSuite, Suite2022
 from ssx.errors import ProtocolError, ReplayError
+from ssx.interfaces import ITrafficCounter
 from ssx.server.session_windows import SessionState, SessionWindows
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.wire.address import is_ip_literal
@@ -220,8 +221,11 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         salt_filter: Any = None,
         lookups: UdpLookups | None = None,
         verbose: bool = False,
+        traffic: ITrafficCounter | None = None,
     ) -> None:
         self.setup_nat(reactor, timeout, capacity)
+        # The port's counter of encrypted bytes (the manager API's), if any.
+        self.traffic = traffic
         # Replayed datagrams (same salt/IV) are dropped like forged ones;
         # the 2022 edition keeps a replay window per session instead.
         self.salt_filter = salt_filter if suite.spec.family != "aead2022" and suite.spec.salt_size else None
@@ -284,6 +288,8 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
         if sockets is None:
             sockets = _ClientSockets(self, addr)
             self.nat.add(addr, sockets)
+        if self.traffic is not None:
+            self.traffic.add_up(len(data))
         self._route(addr, target, payload)
 
     def reply(self, client: tuple, source: Address, data: bytes) -> None:
@@ -301,6 +307,9 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
             send_datagram(self.transport, packet, client)
         except OSError:
             self.dropped += 1
+            return
+        if self.traffic is not None:
+            self.traffic.add_down(len(packet))
 
 
 class _Session:
@@ -368,6 +377,8 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
         if packet.timestamp > state.newest:
             state.newest = packet.timestamp
         session.client = addr
+        if self.traffic is not None:
+            self.traffic.add_up(len(data))
         target = packet.address
         self._route(key, target, packet.payload)
 
@@ -384,6 +395,9 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
             send_datagram(self.transport, packet, session.client)
         except OSError:
             self.dropped += 1
+            return
+        if self.traffic is not None:
+            self.traffic.add_down(len(packet))
 
 
 def udp_relay_for(suite: CipherSuite | Suite2022) -> type[UdpRelay[Any]]:
