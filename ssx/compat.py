@@ -110,7 +110,7 @@ class Plan:
 def default_user_lookup(name: str) -> tuple[int, int]:
     """A user name (or number) as the uid and primary gid twistd switches to."""
     try:
-        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+        entry = pwd.getpwuid(int(name)) if name.isascii() and name.isdigit() else pwd.getpwnam(name)
     except (KeyError, OverflowError):
         raise UsageError(f"user {name!r}: no such user") from None
     return entry.pw_uid, entry.pw_gid
@@ -235,7 +235,8 @@ class _Original(_Translation):
                 if value != "1":
                     raise Refused("--workers", "several worker processes")
             elif flag == "--manager-address":
-                raise Refused("--manager-address", "the manager API")
+                # The original's server is the manager: ssx-server's --manager-address.
+                self.ssx += ["--manager-address", value]
             elif flag == "-a":
                 self.obsolete("-a (one-time auth)")
             else:  # --libopenssl= and the like: ssx loads no C libraries
@@ -281,7 +282,7 @@ class _Libev(_Translation):
             "-n": "raising the open-file limit",
             "--reuse-port": "SO_REUSEPORT",
             "--acl": "access control lists",
-            "--manager-address": "the manager API",
+            "--manager-address": "reporting traffic to an external ss-manager (ssx-server's own --manager-address answers the manager API itself)",
             "--mtu": "the UDP MTU",
             "--mptcp": "multipath TCP",
         }

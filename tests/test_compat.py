@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from twisted.trial import unittest
 
 from ssx import compat
-from ssx.compat import Plan, Refused, UsageError, stop_daemon, translate
+from ssx.compat import Plan, Refused, UsageError, default_user_lookup, stop_daemon, translate
 
 USERS = {"shadowsocks": (990, 985), "nobody": (65534, 65534)}
 
@@ -142,13 +142,21 @@ class OriginalServerTests(unittest.SynchronousTestCase):
         self.assertNotIn("--workers", ssx)
 
     def test_refused(self):
-        """--workers N>1 and --manager-address are refused, naming the flag."""
-        for argv, flag in ((["--workers", "4"], "--workers"), (["--manager-address", "127.0.0.1:6001"],
-                                                                  "--manager-address")):
-            with self.assertRaises(Refused) as caught:
-                plan("ssx-ssserver", *argv)
-            self.assertEqual(caught.exception.flag, flag)
-            self.assertIn("not supported by ssx yet", str(caught.exception))
+        """--workers N>1 is refused, naming the flag."""
+        with self.assertRaises(Refused) as caught:
+            plan("ssx-ssserver", "--workers", "4")
+        self.assertEqual(caught.exception.flag, "--workers")
+        self.assertIn("not supported by ssx yet", str(caught.exception))
+
+    def test_manager_address(self):
+        """The original's --manager-address (the server answers the manager API) is ssx-server's."""
+        _, _, ssx = split(plan("ssx-ssserver", "--manager-address", "127.0.0.1:6001"))
+        self.assertIn(("--manager-address", "127.0.0.1:6001"), pairs(ssx))
+
+    def test_user_not_a_number(self):
+        """--user with a non-ASCII digit is looked up as a name (one usage error), not a traceback."""
+        with self.assertRaises(UsageError):
+            default_user_lookup("\u00b2")
 
     def test_obsolete(self):
         """-a and --libopenssl=/--libmbedtls=/--libsodium= are accepted with a warning each, and not passed on."""
