@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ssx import __version__
 from ssx.config.file import read_config_file
+from ssx.config.known_keys import ORIGINAL_METHOD  # when neither -m nor the file names one
 from ssx.errors import ConfigError
 
 __all__ = [
@@ -47,8 +48,6 @@ __all__ = [
 # The original's defaults for daemon mode (shadowsocks/shell.py).
 DEFAULT_PID_FILE = "/var/run/shadowsocks.pid"
 DEFAULT_LOG_FILE = "/var/log/shadowsocks.log"
-# Its default method when neither -m nor the file names one.
-ORIGINAL_METHOD = "aes-256-cfb"
 # libev's default idle timeout (ssx's is 300 s, the original's too).
 LIBEV_TIMEOUT = "60"
 # How long `-d stop` waits for the process to go: ssx's default shutdown
