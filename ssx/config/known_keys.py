@@ -27,10 +27,12 @@ _BOTH: dict[str, str] = {
     "libopenssl": _C_LIBRARY,
     "libmbedtls": _C_LIBRARY,
     "libsodium": _C_LIBRARY,
-    "daemon": "twistd daemonises unless given --nodaemon (or use ssx-ssserver -d start); ignored",
-    "pid-file": "use twistd's --pidfile, or the ssx-ssserver command (which reads it); ignored",
-    "log-file": "use twistd's --logfile, or the ssx-ssserver command (which reads it); ignored",
-    "user": "use twistd's --uid/--gid, or the ssx-ssserver/ssx-ss-server commands (which read it); ignored",
+    # The drop-in commands (ssx.compat) read these four and pass them to
+    # twistd, so the advice holds whichever way ssx was started.
+    "daemon": "the ssx-ssserver/ssx-sslocal commands read it; twistd itself daemonises unless given --nodaemon",
+    "pid-file": "the ssx-ssserver/ssx-sslocal commands read it (with -d start); twistd itself takes --pidfile",
+    "log-file": "the ssx-ssserver/ssx-sslocal commands read it (with -d start); twistd itself takes --logfile",
+    "user": "the drop-in commands (ssx-ssserver, ssx-ss-server, ...) read it; twistd itself takes --uid/--gid",
     "acl": "access control lists are not supported yet (ssx-server's forbidden_ip blocks destinations); ignored",
     "mtu": "ssx does not size UDP datagrams by an MTU; ignored",
     "mptcp": "multipath TCP is not supported; ignored",
