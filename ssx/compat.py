@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ssx import __version__
 from ssx.config.file import read_config_file
+from ssx.config.known_keys import ORIGINAL_METHOD  # when neither -m nor the file names one
 from ssx.errors import ConfigError
 
 __all__ = [
@@ -47,8 +48,6 @@ __all__ = [
 # The original's defaults for daemon mode (shadowsocks/shell.py).
 DEFAULT_PID_FILE = "/var/run/shadowsocks.pid"
 DEFAULT_LOG_FILE = "/var/log/shadowsocks.log"
-# Its default method when neither -m nor the file names one.
-ORIGINAL_METHOD = "aes-256-cfb"
 # libev's default idle timeout (ssx's is 300 s, the original's too).
 LIBEV_TIMEOUT = "60"
 # How long `-d stop` waits for the process to go: ssx's default shutdown
@@ -202,7 +201,10 @@ class _Original(_Translation):
         pairs = self.parse(argv, short, long, gnu=False)
         direct = {"-c": "-c", "-s": "-s", "-p": "-p", "-k": "-k", "-m": "-m", "-t": "-t", "-b": "-b", "-l": "-l",
                   "--forbidden-ip": "--forbidden-ip"}
-        daemon = None
+        # The original reads -d from the file too ("daemon": "start"); -d overrides it.
+        daemon = self.config.get("daemon")
+        if daemon is not None and daemon not in ("start", "stop", "restart"):
+            raise UsageError(f"daemon {daemon!r}: expected start, stop or restart")
         pid_file = self.config.get("pid-file", DEFAULT_PID_FILE)
         log_file = self.config.get("log-file", DEFAULT_LOG_FILE)
         verbose = quiet = 0
@@ -318,7 +320,8 @@ class _Libev(_Translation):
         self.ssx += self._hosts(hosts, pairs)
         if "-t" not in flags and "timeout" not in self.config:
             self.ssx += ["-t", LIBEV_TIMEOUT]
-        if server and "-6" not in flags and self.config.get("ipv6_first") is True:
+        # ssx-server reads ipv6_first itself; passed as -6 here, it would override the file's prefer_ipv6.
+        if server and "-6" not in flags and self.config.get("ipv6_first") is True and "prefer_ipv6" not in self.config:
             self.ssx.append("--prefer-ipv6")
         self.ssx += self.url_file(self.has_password(flags))
         user = self.twistd_user()

@@ -94,6 +94,20 @@ class OriginalServerTests(unittest.SynchronousTestCase):
         p = plan("ssx-ssserver", "-c", "f", "-d", "start", config={"pid-file": "/a.pid", "log-file": "/a.log"})
         self.assertEqual(split(p)[0], ["--pidfile", "/a.pid", "--logfile", "/a.log"])
 
+    def test_daemon_key(self):
+        """The file's daemon key is -d, as in the original; -d on the command line wins; a bad value is a usage error."""
+        p = plan("ssx-ssserver", "-c", "f", config={"daemon": "start", "pid-file": "/a.pid"})
+        self.assertEqual((p.action, split(p)[0][:2]), ("run", ["--pidfile", "/a.pid"]))
+        p = plan("ssx-ssserver", "-c", "f", "-d", "stop", config={"daemon": "start", "pid-file": "/a.pid"})
+        self.assertEqual((p.action, p.pid_file), ("stop", "/a.pid"))
+        with self.assertRaises(UsageError):
+            plan("ssx-ssserver", "-c", "f", config={"daemon": "yes"})
+
+    def test_ipv6_first_beside_prefer_ipv6(self):
+        """libev's ipv6_first is not passed as -6 when the file also sets prefer_ipv6, which ssx-server lets win."""
+        options = split(plan("ssx-ss-server", "-c", "f", config={"ipv6_first": True, "prefer_ipv6": False}))[2]
+        self.assertNotIn("--prefer-ipv6", options)
+
     def test_daemon_stop_restart(self):
         """-d stop and -d restart name the pid file to stop; a bad -d value is a usage error."""
         p = plan("ssx-ssserver", "-d", "stop", "--pid-file", "/tmp/x.pid")

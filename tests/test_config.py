@@ -554,15 +554,15 @@ class UnusedKeyWarningTests(unittest.SynchronousTestCase):
         from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
         for build, tap, values in (
-            (server_config, server_tap, {"password": "pw", "fast_open": True, "workers": 4}),
-            (local_config, local_tap, {"server": "192.0.2.1", "password": "pw", "fast_open": True, "workers": 4}),
+            (server_config, server_tap, {"password": "pw", "fast_open": True, "colour": 4}),
+            (local_config, local_tap, {"server": "192.0.2.1", "password": "pw", "fast_open": True, "colour": 4}),
         ):
             log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
             tap.build_service(MemoryReactorClock(), build(values))
             named = [e for e in log if "fast_open" in formatEvent(e)]
             self.assertEqual(len(named), 1, [formatEvent(e) for e in log])
             self.assertEqual(named[0]["log_level"], LogLevel.warn)
-            self.assertIn("fast_open, workers", formatEvent(named[0]))
+            self.assertIn("colour, fast_open", formatEvent(named[0]))
 
 
 class UrlFileTests(unittest.SynchronousTestCase):

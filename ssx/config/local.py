@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple
 
-from ssx.config.file import unused_keys
+from ssx.config.known_keys import LOCAL_PEER_KEYS, no_method_warning, peer_key_notes
 from ssx.numbers import parse_number, parse_port, parse_seconds
 from ssx.config.upstreams import ServerEntry, server_list, url_entries
 from ssx.config.values import (
@@ -59,7 +59,11 @@ LOCAL_KEYS = COMMON_KEYS | {
     "local_address", "local_port", "server_endpoint", "socks_user", "socks_password", "tunnel_address", "tunnels",
     "servers", "shadowsocks", "url", "online_config", "online_config_interval", "online_config_ca",
     "health_check_interval", "health_check_url",
+    # The original's tunnel (its tunnel.py), read into `tunnels`.
+    "tunnel_remote", "tunnel_remote_port", "tunnel_port",
 }
+# The original's defaults for its tunnel's target.
+ORIGINAL_TUNNEL_TARGET = ("8.8.8.8", 53)
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,13 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
     tunnels = _tunnel_address(values, listen, address, relays)
     socks_listen = () if tunnels else listen
     tunnels += _tunnel_list(values, address)
+    original_tunnel, note = _original_tunnel(values, address)
+    tunnels += original_tunnel
+    warnings += note
+    if "method" not in values and given.entries:
+        warnings += (no_method_warning(method),)
+    peer_warnings, ignored = peer_key_notes(values, LOCAL_KEYS, LOCAL_PEER_KEYS)
+    warnings += peer_warnings
     credentials = _socks_credentials(values)
     return LocalConfig(
         listen=socks_listen,
@@ -160,7 +171,7 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         limits=read_limits(values),
         tunnels=tuple(tunnels),
         plugin=plugin,
-        ignored=unused_keys(values, LOCAL_KEYS),
+        ignored=ignored,
         warnings=warnings,
         servers=tuple(servers),
         online=online,
@@ -262,6 +273,28 @@ def _tunnel_list(values: Mapping[str, Any], address: str) -> list[Tunnel]:
     if not isinstance(raw, list):
         raise ConfigError("tunnels", "expected a list of [ADDRESS:]PORT=HOST:PORT")
     return [_tunnel(item, address) for item in raw]
+
+
+def _original_tunnel(values: Mapping[str, Any], address: str) -> tuple[list[Tunnel], tuple[str, ...]]:
+    """
+    The original's tunnel_port, tunnel_remote and tunnel_remote_port: one
+    more port forwarded to tunnel_remote:tunnel_remote_port (8.8.8.8:53 by
+    default), as `tunnels` would.  Only tunnel_port opens it: the original's
+    default port (53) needs root, and its shared config.json often carries
+    the keys for a tunnel that was never started.
+    """
+    given = [k for k in ("tunnel_remote", "tunnel_remote_port") if values.get(k) is not None]
+    if values.get("tunnel_port") is None:
+        if not given:
+            return [], ()
+        return [], (f"config key {' and '.join(given)}: no tunnel opened without tunnel_port "
+                    "(the original's default port, 53, is not assumed); set tunnel_port to open it",)
+    port = parse_port(values["tunnel_port"], "tunnel_port", allow_zero=True)
+    host = values.get("tunnel_remote", ORIGINAL_TUNNEL_TARGET[0])
+    if not isinstance(host, str) or not host:
+        raise ConfigError("tunnel_remote", "expected the tunnel's target host")
+    remote_port = parse_port(values.get("tunnel_remote_port", ORIGINAL_TUNNEL_TARGET[1]), "tunnel_remote_port")
+    return [Tunnel(tcp_description(address, port), Address(host, remote_port), (address, port))], ()
 
 
 def _socks_credentials(values: Mapping[str, Any]) -> tuple[bytes, bytes] | None:

@@ -23,6 +23,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ssx.config.known_keys import SERVER_PEER_KEYS, peer_key_notes
 from ssx.config.values import RelayModes
 from ssx.errors import ConfigError
 from ssx.wire.sip003 import Plugin
@@ -138,14 +139,15 @@ def _servers(values: Mapping[str, Any], servers: Any) -> tuple[list[Entry], tupl
         raise ConfigError("servers", 'expected a list of {"server_port": ..., "password": ..., "method": ...}')
     base = _base(values)
     entries = []
-    warnings = []
+    warnings: list[str] = []
     for i, entry in enumerate(servers):
         label = f"servers[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(label, 'expected an object such as {"server_port": 8001, "password": "..."}')
-        unknown = sorted(set(entry) - ENTRY_KEYS)
+        # shadowsocks-rust reads more per server (acl, fast_open, ...).
+        advice, unknown = peer_key_notes(entry, ENTRY_KEYS, SERVER_PEER_KEYS, prefix=f"{label}.")
+        warnings += advice
         if unknown:
-            # shadowsocks-rust reads more per server (acl, fast_open, ...).
             warnings.append(f"{label}: keys not used: {', '.join(unknown)}")
         if "server_port" not in entry:
             raise ConfigError(f"{label}.server_port", "required: the port this server listens on")

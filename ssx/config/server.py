@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ssx.config.file import unused_keys
+from ssx.config.known_keys import SERVER_PEER_KEYS, no_method_warning, peer_key_notes
 from ssx.config.values import (
     COMMON_KEYS,
+    DEFAULT_METHOD,
     DEFAULT_SERVER_PORT,
     Limits,
     RelayModes,
@@ -54,6 +55,8 @@ SERVER_KEYS = COMMON_KEYS | {
     "nameserver", "forbidden_ip", "hosts_file", "resolv_conf", "prefer_ipv6", "users", "replay_history",
     "url_file",
     "max_handshakes", "max_handshakes_per_ip", "dns_server", "port_password", "servers",
+    # libev's name for prefer_ipv6.
+    "ipv6_first",
 } | MANAGER_KEYS
 # What a manager's `add` may set for its port; the rest comes from the config's top level.
 ADD_KEYS = frozenset({
@@ -134,6 +137,12 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         ports.append(port)
         warnings += notes
     _check_distinct(ports)
+    # A generated password's ss:// URL carries the method: only a given
+    # secret, from a deployment of another implementation, may expect the original's.
+    if any("method" not in entry and not port.password_generated for (_, entry, _), port in zip(entries, ports)):
+        warnings += (no_method_warning(DEFAULT_METHOD),)
+    peer_warnings, ignored = peer_key_notes(values, SERVER_KEYS, SERVER_PEER_KEYS)
+    warnings += peer_warnings
     first = ports[0]
     forbidden = parse_forbidden(values.get("forbidden_ip"))
     warnings += _forbidden_warnings(forbidden)
@@ -151,14 +160,14 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         forbidden=forbidden,
         hosts_file=read_string(values, "hosts_file", "/etc/hosts"),
         resolv_conf=read_string(values, "resolv_conf", "/etc/resolv.conf"),
-        prefer_ipv6=read_bool(values, "prefer_ipv6"),
+        prefer_ipv6=_prefer_ipv6(values),
         relays=first.relays,
         limits=read_limits(values),
         hosts=first.hosts,
         users=first.users,
         replay_history=read_count(values, "replay_history", DEFAULT_REPLAY_HISTORY, minimum=0, maximum=MAX_REPLAY_HISTORY),
         plugin=first.plugin,
-        ignored=unused_keys(values, SERVER_KEYS),
+        ignored=ignored,
         warnings=warnings,
         url_file=_url_file(values, first.password_generated),
         max_handshakes=read_count(values, "max_handshakes", DEFAULT_MAX_HANDSHAKES, minimum=0),
@@ -183,6 +192,13 @@ def added_port(defaults: Mapping[str, Any], request: Mapping[str, Any]) -> PortC
         defaults = {k: v for k, v in defaults.items() if k != "plugin_opts"}
     port, _ = _port_config(f"port {own.get('server_port')}", {**defaults, **own}, required=True)
     return port
+
+
+def _prefer_ipv6(values: Mapping[str, Any]) -> bool:
+    """prefer_ipv6, or libev's ipv6_first where it is not given."""
+    if values.get("prefer_ipv6") is None and values.get("ipv6_first") is not None:
+        return read_bool(values, "ipv6_first")
+    return read_bool(values, "prefer_ipv6")
 
 
 def _port_config(label: str, values: Mapping[str, Any], required: bool) -> tuple[PortConfig, tuple[str, ...]]:
