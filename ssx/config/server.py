@@ -97,6 +97,8 @@ class ServerConfig:
     # Every port served, each with its own keys; the fields above that
     # describe a port (listen, method, password, port, ...) are the first's.
     ports: tuple[PortConfig, ...] = ()
+    # TCP Fast Open on every TCP listening socket (data in the SYN).
+    fast_open: bool = False
 
     def port_configs(self) -> tuple[PortConfig, ...]:
         """`ports`, or for a config made without them, the one port its fields describe."""
@@ -153,6 +155,7 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         max_handshakes_per_ip=read_count(values, "max_handshakes_per_ip", DEFAULT_MAX_HANDSHAKES_PER_IP, minimum=0),
         verbose=read_verbose(values),
         ports=tuple(ports),
+        fast_open=read_bool(values, "fast_open"),
     )
 
 

@@ -161,7 +161,8 @@ def build_service(reactor: Any, config: LocalConfig) -> LocalService:
         # UDP does not go through it.  (Config allows a plugin only with one server.)
         entry = config.servers[0]
         plugin = PluginService(reactor, config.plugin, "ssx-local", (entry.host, entry.port))
-    top = LocalService(ServerPicker([make_upstream(reactor, entry, plugin) for entry in config.servers]), plugin)
+    upstreams = [make_upstream(reactor, entry, plugin, config.fast_open) for entry in config.servers]
+    top = LocalService(ServerPicker(upstreams), plugin)
     # UDP goes to the first configured server (checked by local_config).
     udp_server = top.picker.upstreams()[0] if config.relays.udp else None
     _add_proxy_ports(top, reactor, config, udp_server)
@@ -180,7 +181,9 @@ def build_service(reactor: Any, config: LocalConfig) -> LocalService:
             reactor,
             online.url,
             online.interval,
-            lambda entries: picker.replace_dynamic(entries, lambda entry: make_upstream(reactor, entry)),
+            lambda entries: picker.replace_dynamic(
+                entries, lambda entry: make_upstream(reactor, entry, fast_open=config.fast_open),
+            ),
             trust_root,
         )
         top.online.setServiceParent(top)

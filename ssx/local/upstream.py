@@ -67,11 +67,16 @@ def server_endpoint(reactor: Any, entry: ServerEntry) -> IStreamClientEndpoint:
     return endpoint_type(reactor, entry.host, entry.port, timeout=CONNECT_TIMEOUT)
 
 
-def make_upstream(reactor: Any, entry: ServerEntry, plugin: PluginService | None = None) -> Upstream:
+def make_upstream(
+    reactor: Any, entry: ServerEntry, plugin: PluginService | None = None, fast_open: bool = False,
+) -> Upstream:
     """
     A server ready for connections: its keys derived once, the way to reach
     it built; with a plugin, TCP goes to the plugin's loopback port instead
     (the plugin picks it when it starts, so it is looked up per connection).
+    With `fast_open`, a server given by IP address is reached with TCP Fast
+    Open (the first write in the SYN); a plugin makes its own connections,
+    and a host name goes through Twisted's endpoint, both without it.
     """
     suite = make_suite(reactor, entry.method, entry.password, entry.key)
     connect: Callable[[Protocol], Deferred]
@@ -84,7 +89,9 @@ def make_upstream(reactor: Any, entry: ServerEntry, plugin: PluginService | None
 
     elif entry.endpoint is None and is_ip_literal(entry.host):
         # The common case, and the fastest path (no endpoint wrappers).
-        connect = lambda protocol: connect_tcp(reactor, entry.host, entry.port, protocol, CONNECT_TIMEOUT)  # noqa: E731
+        connect = lambda protocol: connect_tcp(  # noqa: E731
+            reactor, entry.host, entry.port, protocol, CONNECT_TIMEOUT, fast_open,
+        )
     else:
         endpoint = server_endpoint(reactor, entry)
         connect = lambda protocol: connect_protocol(endpoint, protocol)  # noqa: E731

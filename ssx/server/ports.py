@@ -23,6 +23,7 @@ from ssx.crypto import SaltFilter
 from ssx.net.listener import DatagramListenerService, ListenerService, serve
 from ssx.net.plugin import PluginService
 from ssx.net.resolver import TargetResolver
+from ssx.net.tcp import FAST_OPEN_QUEUE
 from ssx.server.accounting import UserTraffic
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.server.protocol import ShadowsocksServerFactory
@@ -48,6 +49,9 @@ class SharedParts:
     # Count each port's TCP bytes (`ServerPort.traffic`), for the manager
     # API's figures: one wrapper call per read and write when on.
     count_traffic: bool = False
+    # TCP Fast Open on the ports' own listening sockets (not behind a
+    # plugin, which takes the public connections itself).
+    fast_open: bool = False
 
 
 class ServerPort(MultiService):
@@ -115,7 +119,10 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
         port.plugin = add(PluginService(reactor, config.plugin, "ssx-server", remote, listener=listener))
     elif relays.tcp:
         for description in config.listen:
-            listener = serve(port, reactor, description, factory, "ssx-server", v6only=config.v6only)
+            listener = serve(
+                port, reactor, description, factory, "ssx-server", v6only=config.v6only,
+                fast_open=FAST_OPEN_QUEUE if shared.fast_open else 0,
+            )
             port.listeners.append(listener)
             if relays.udp:
                 # UDP on the very address and port the listener bound.
