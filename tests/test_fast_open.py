@@ -102,6 +102,21 @@ class ListeningSocketTests(unittest.TestCase):
             self.addCleanup(service.stopService)
             self.assertEqual(_queue(service.listeners[0].port.socket), queue)
 
+    def test_ssx_server_fast_open_per_port(self):
+        """A servers entry's own fast_open decides for its port's listening socket."""
+        from ssx.config import server_config
+        from ssx.server import tap as server_tap
+
+        entry = {"server": "127.0.0.1", "password": support.PASSWORD}
+        config = server_config({"fast_open": True, "forbidden_ip": "", "url_file": "", "servers": [
+            {**entry, "server_port": support.free_port()}, {**entry, "server_port": support.free_port(), "fast_open": False},
+        ]})
+        service = server_tap.build_service(reactor, config)
+        service.startService()
+        self.addCleanup(service.stopService)
+        queues = [_queue(listener.port.socket) for listener in service.listeners]
+        self.assertEqual(queues, [tcp.FAST_OPEN_QUEUE, 0])
+
     def test_refused_option_warns_and_listens(self):
         """Where the kernel refuses TCP_FASTOPEN, the port listens without it and one warning says so."""
         self.patch(tcp, "TCP_FASTOPEN", 9999)  # an option no kernel knows: ENOPROTOOPT

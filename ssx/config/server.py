@@ -97,7 +97,8 @@ class ServerConfig:
     # Every port served, each with its own keys; the fields above that
     # describe a port (listen, method, password, port, ...) are the first's.
     ports: tuple[PortConfig, ...] = ()
-    # TCP Fast Open on every TCP listening socket (data in the SYN).
+    # TCP Fast Open on the TCP listening sockets (data in the SYN): the
+    # top-level key; a `servers` entry may set its own (`ports`).
     fast_open: bool = False
 
     def port_configs(self) -> tuple[PortConfig, ...]:
@@ -108,6 +109,7 @@ class ServerConfig:
             label="", port=self.port, hosts=self.hosts or (self.host,), listen=self.listen, method=self.method,
             password=self.password, key=self.key, password_generated=self.password_generated, relays=self.relays,
             timeout=self.timeout, users=self.users, plugin=self.plugin, v6only=dual_stack(self.hosts),
+            fast_open=self.fast_open,
         ),)
 
 
@@ -190,6 +192,7 @@ def _port_config(label: str, values: Mapping[str, Any], required: bool) -> tuple
         users=users,
         plugin=plugin,
         v6only=dual_stack(hosts),
+        fast_open=read_bool(values, "fast_open"),
     )
     return config, warnings
 

@@ -49,9 +49,6 @@ class SharedParts:
     # Count each port's TCP bytes (`ServerPort.traffic`), for the manager
     # API's figures: one wrapper call per read and write when on.
     count_traffic: bool = False
-    # TCP Fast Open on the ports' own listening sockets (not behind a
-    # plugin, which takes the public connections itself).
-    fast_open: bool = False
 
 
 class ServerPort(MultiService):
@@ -121,7 +118,8 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
         for description in config.listen:
             listener = serve(
                 port, reactor, description, factory, "ssx-server", v6only=config.v6only,
-                fast_open=FAST_OPEN_QUEUE if shared.fast_open else 0,
+                # Not behind a plugin, which takes the public connections itself.
+                fast_open=FAST_OPEN_QUEUE if config.fast_open else 0,
             )
             port.listeners.append(listener)
             if relays.udp:

@@ -142,7 +142,6 @@ def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = Fals
         max_handshakes_per_ip=config.max_handshakes_per_ip,
         verbose=config.verbose,
         count_traffic=count_traffic,
-        fast_open=config.fast_open,
     )
     service = ServerService()
     if config.forbidden.host is not None:
