@@ -188,14 +188,15 @@ class OutgoingSocketTests(unittest.TestCase):
         return defer.Deferred.fromCoroutine(run())
 
     def test_ssx_local_fast_open(self):
-        """ssx-local with fast_open connects to an IP-literal server with TCP_FASTOPEN_CONNECT; without, not."""
+        """ssx-local with fast_open connects to a server (IP or host name) with TCP_FASTOPEN_CONNECT; without, not."""
         if not _client_allowed():
             raise unittest.SkipTest("net.ipv4.tcp_fastopen on this host does not allow clients (bit 1)")
         number, accepted = self._listen()
 
         async def run() -> None:
-            for fast_open, option in ((True, 1), (False, 0)):
-                service, _ = support.start_local(number, fast_open=fast_open)
+            for fast_open, option, server in ((True, 1, "127.0.0.1"), (False, 0, "127.0.0.1"),
+                                              (True, 1, "localhost"), (False, 0, "localhost")):
+                service, _ = support.start_local(number, fast_open=fast_open, server=server)
                 self.addCleanup(service.stopService)
                 upstream = service.picker.upstreams()[0]
                 outbound = OutboundProtocol(lambda protocol: None)

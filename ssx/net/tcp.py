@@ -33,7 +33,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet import defer, tcp
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
-from twisted.internet.interfaces import IConnector, IListeningPort, IProtocolFactory, IReactorTCP, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IConnector,
+    IListeningPort,
+    IProtocolFactory,
+    IReactorPluggableNameResolver,
+    IReactorTCP,
+    IStreamServerEndpoint,
+)
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
@@ -51,6 +58,7 @@ __all__ = [
     "TWISTED_PRIVATE_NAMES",
     "ServerEndpoint",
     "connect",
+    "fast_open_reactor",
     "listen",
     "on_process_exit",
     "server_endpoint",
@@ -245,6 +253,34 @@ def connect(
     connector.fast_open = fast_open
     connector.connect()
     return connector
+
+
+# HostnameEndpoint looks for the name resolver by interface; the rest
+# (callLater, seconds, connectTCP) it only calls.
+@implementer(IReactorPluggableNameResolver)
+class _FastOpenReactor:
+    """`reactor`, except that `connectTCP` connects with TCP Fast Open (`connect`)."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.reactor, name)
+
+    def connectTCP(
+        self, host: str, port: int, factory: ClientFactory, timeout: float = 30, bindAddress: Any = None,
+    ) -> IConnector:
+        if bindAddress is not None:
+            return self.reactor.connectTCP(host, port, factory, timeout, bindAddress)
+        return connect(self.reactor, host, port, factory, timeout, fast_open=True)
+
+
+def fast_open_reactor(reactor: Any) -> Any:
+    """
+    A view of `reactor` for client endpoints (`HostnameEndpoint`): the
+    connections they make go through `connect` with TCP Fast Open.
+    """
+    return _FastOpenReactor(reactor)
 
 
 @implementer(IStreamServerEndpoint)
