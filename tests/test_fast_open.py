@@ -205,3 +205,51 @@ class OutgoingSocketTests(unittest.TestCase):
                 outbound.transport.abortConnection()
 
         return defer.Deferred.fromCoroutine(run())
+
+
+class SysctlNoteTests(unittest.TestCase):
+    """The start-up warning when the host's net.ipv4.tcp_fastopen does not allow an end TCP Fast Open."""
+
+    def _sysctl(self, value: str) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(value + "\n")
+        self.patch(tcp, "FAST_OPEN_SYSCTL", path)
+
+    def test_note(self):
+        """Bit 1 allows clients, bit 2 servers; a missing bit is named; no setting to read, no note."""
+        self._sysctl("1")
+        self.assertIsNone(tcp.fast_open_sysctl_note(server=False))
+        note = tcp.fast_open_sysctl_note(server=True)
+        assert note is not None
+        self.assertIn("net.ipv4.tcp_fastopen is 1, which does not allow servers (2)", note)
+        self._sysctl("2")
+        self.assertIsNone(tcp.fast_open_sysctl_note(server=True))
+        self.assertIn("does not allow clients (1)", tcp.fast_open_sysctl_note(server=False) or "")
+        self._sysctl("3")
+        self.assertIsNone(tcp.fast_open_sysctl_note(server=True))
+        self.assertIsNone(tcp.fast_open_sysctl_note(server=False))
+        self.patch(tcp, "FAST_OPEN_SYSCTL", self.mktemp())  # no such file
+        self.assertIsNone(tcp.fast_open_sysctl_note(server=True))
+
+    def test_both_ends_warn_at_start(self):
+        """With fast_open on, each end logs one warning at start when the host does not allow its side; off, none."""
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.logger import LogLevel, formatEvent
+
+        from ssx.config import local_config, server_config
+        from ssx.local import tap as local_tap
+        from ssx.server import tap as server_tap
+
+        self._sysctl("0")
+        for fast_open in (True, False):
+            for build, tap, values in (
+                (server_config, server_tap, {"password": "pw", "url_file": ""}),
+                (local_config, local_tap, {"server": "192.0.2.1", "password": "pw"}),
+            ):
+                log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+                tap.build_service(MemoryReactorClock(), build({**values, "fast_open": fast_open}))
+                named = [e for e in log if "net.ipv4.tcp_fastopen" in formatEvent(e)]
+                self.assertEqual(len(named), 1 if fast_open else 0, [formatEvent(e) for e in log])
+                if named:
+                    self.assertEqual(named[0]["log_level"], LogLevel.warn)

@@ -23,6 +23,7 @@ from ssx.local.online import OnlineConfigService, describe_url, load_trust_root
 from ssx.local.picker import ServerPicker
 from ssx.local.upstream import make_upstream
 from ssx.net.plugin import PluginService
+from ssx.net.tcp import fast_open_sysctl_note
 from ssx.config.options import SsxOptions, check_endpoint, log_config_notes
 
 __all__ = ["LocalService", "Options", "build_service", "makeService"]
@@ -237,6 +238,10 @@ def _log_configuration(config: LocalConfig) -> None:
     methods = sorted({entry.method for entry in config.servers}) or [config.method]
     for i, method in enumerate(methods):
         log_config_notes("ssx-local", method, config.warnings if i == 0 else (), config.ignored if i == 0 else ())
+    if config.fast_open:
+        note = fast_open_sysctl_note(server=False)
+        if note is not None:
+            _log.warn(note)
     for entry in config.servers:
         _log.info(
             "ssx-local: server {server}, method {method}, timeout {timeout:g}s",

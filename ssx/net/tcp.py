@@ -59,6 +59,7 @@ __all__ = [
     "ServerEndpoint",
     "connect",
     "fast_open_reactor",
+    "fast_open_sysctl_note",
     "listen",
     "on_process_exit",
     "server_endpoint",
@@ -93,6 +94,8 @@ TCP_FASTOPEN_CONNECT: int = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)
 # the handshake completes (shadowsocks-libev's value); beyond it, a SYN's
 # data is dropped and the handshake goes on without it.
 FAST_OPEN_QUEUE = 256
+# Which ends may use TCP Fast Open: 1 clients, 2 servers (a bit mask).
+FAST_OPEN_SYSCTL = "/proc/sys/net/ipv4/tcp_fastopen"
 
 _log = Logger()
 
@@ -273,6 +276,27 @@ class _FastOpenReactor:
         if bindAddress is not None:
             return self.reactor.connectTCP(host, port, factory, timeout, bindAddress)
         return connect(self.reactor, host, port, factory, timeout, fast_open=True)
+
+
+def fast_open_sysctl_note(server: bool) -> str | None:
+    """
+    A warning when this host's net.ipv4.tcp_fastopen keeps this end (a
+    server's if `server`, else a client's) from TCP Fast Open: the options
+    are then set but change nothing (None where it allows it, or where
+    there is no such setting to read).
+    """
+    try:
+        with open(FAST_OPEN_SYSCTL) as f:
+            value = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    bit, side = (2, "servers") if server else (1, "clients")
+    if value & bit:
+        return None
+    return (
+        f"fast_open: net.ipv4.tcp_fastopen is {value}, which does not allow {side} ({bit}); "
+        "connections go on without TCP Fast Open (sysctl -w net.ipv4.tcp_fastopen=3 allows both ends)"
+    )
 
 
 def fast_open_reactor(reactor: Any) -> Any:
