@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -47,7 +48,8 @@ class ServerConfigTests(unittest.SynchronousTestCase):
         self.assertEqual(config.listen, ("tcp:8389:interface=127.0.0.1", "tcp:8389:interface=\\:\\:1"))
         self.assertEqual(config.method, "aes-256-gcm")
         self.assertEqual(config.nameservers, (("1.1.1.1", 53), ("2606:4700::1111", 53)))
-        self.assertEqual(config.ignored, ("fast_open",))
+        self.assertEqual(config.ignored, ())
+        self.assertTrue(config.fast_open)
         self.assertFalse(config.password_generated)
 
     def test_empty_forbidden_disables(self):
@@ -243,12 +245,40 @@ class UdpAndTunnelOptionTests(unittest.SynchronousTestCase):
     """-u, -U, -L and --tunnel as libev users write them."""
 
     def test_libev_flags_accepted(self):
-        """--fast-open and --no-delay from libev command lines are accepted (and change nothing)."""
+        """--no-delay from libev command lines is accepted (and changes nothing); --fast-open sets fast_open."""
         options = server_tap.Options()
         options.parseOptions(["-k", "pw", "--fast-open", "--no-delay"])
         plain = server_tap.Options()
         plain.parseOptions(["-k", "pw"])
-        self.assertEqual(options.config, plain.config)
+        self.assertTrue(options.config.fast_open)
+        self.assertFalse(plain.config.fast_open)
+        ports = tuple(dataclasses.replace(port, fast_open=False) for port in options.config.ports)
+        self.assertEqual(dataclasses.replace(options.config, fast_open=False, ports=ports), plain.config)
+
+    def test_fast_open_flag_and_key(self):
+        """Both ends: --fast-open or "fast_open": true turns it on; without the flag the file's value stands."""
+        for tap, args in ((server_tap, ["-k", "pw"]), (local_tap, ["-s", "192.0.2.1", "-k", "pw"])):
+            options = tap.Options()
+            options.parseOptions([*args, "--fast-open"])
+            self.assertTrue(options.config.fast_open)
+            path = self.mktemp()
+            with open(path, "w") as f:
+                json.dump({"fast_open": True}, f)
+            options = tap.Options()
+            options.parseOptions([*args, "-c", path])
+            self.assertTrue(options.config.fast_open)
+            options = tap.Options()
+            options.parseOptions(args)
+            self.assertFalse(options.config.fast_open)
+
+    def test_bad_fast_open(self):
+        """A fast_open that is not true or false stops start-up naming the key."""
+        with self.assertRaises(ConfigError) as raised:
+            server_config({"fast_open": "yes"})
+        self.assertEqual(raised.exception.key, "fast_open")
+        with self.assertRaises(ConfigError) as raised:
+            local_config({"server": "192.0.2.1", "password": "pw", "fast_open": 1})
+        self.assertEqual(raised.exception.key, "fast_open")
 
     def test_flags_set_mode(self):
         """-u relays TCP and UDP, -U UDP only; without them the file's mode stands."""
@@ -554,15 +584,15 @@ class UnusedKeyWarningTests(unittest.SynchronousTestCase):
         from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
         for build, tap, values in (
-            (server_config, server_tap, {"password": "pw", "fast_open": True, "colour": 4}),
-            (local_config, local_tap, {"server": "192.0.2.1", "password": "pw", "fast_open": True, "colour": 4}),
+            (server_config, server_tap, {"password": "pw", "colour": 4, "flavour": 1}),
+            (local_config, local_tap, {"server": "192.0.2.1", "password": "pw", "colour": 4, "flavour": 1}),
         ):
             log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
             tap.build_service(MemoryReactorClock(), build(values))
-            named = [e for e in log if "fast_open" in formatEvent(e)]
+            named = [e for e in log if "config keys not used" in formatEvent(e)]
             self.assertEqual(len(named), 1, [formatEvent(e) for e in log])
             self.assertEqual(named[0]["log_level"], LogLevel.warn)
-            self.assertIn("colour, fast_open", formatEvent(named[0]))
+            self.assertIn("colour, flavour", formatEvent(named[0]))
 
 
 class UrlFileTests(unittest.SynchronousTestCase):

@@ -95,8 +95,20 @@ class PortConfigTests(unittest.SynchronousTestCase):
 
     def test_servers_unknown_key_warned(self):
         """A key ssx does not read in a servers entry is named in a warning."""
-        config = server_config({"servers": [{"server_port": 8001, "password": "p", "fast_open": True}]})
-        self.assertIn("servers[0]: keys not used: fast_open", config.warnings)
+        config = server_config({"servers": [{"server_port": 8001, "password": "p", "colour": "blue"}]})
+        self.assertIn("servers[0]: keys not used: colour", config.warnings)
+
+    def test_fast_open_per_port(self):
+        """fast_open applies to every port; a servers entry may set its own; a bad one is named after its entry."""
+        config = server_config({"fast_open": True, "servers": [
+            {"server_port": 8001, "password": "p"}, {"server_port": 8002, "password": "p", "fast_open": False}]})
+        self.assertEqual([port.fast_open for port in config.ports], [True, False])
+        config = server_config({"port_password": {"8001": "a", "8002": "b"}, "fast_open": True})
+        self.assertEqual([port.fast_open for port in config.ports], [True, True])
+        self.assertEqual([port.fast_open for port in server_config({}).port_configs()], [False])
+        with self.assertRaises(ConfigError) as raised:
+            server_config({"servers": [{"server_port": 8001, "password": "p", "fast_open": "on"}]})
+        self.assertEqual(raised.exception.key, "servers[0].fast_open")
 
     def test_bad_entries_named(self):
         """A bad entry stops start-up with one line naming the entry and its key."""

@@ -21,6 +21,7 @@ from ssx.config.values import (
     Limits,
     RelayModes,
     read_limits,
+    read_bool,
     read_listen,
     read_method,
     read_plugin,
@@ -127,6 +128,9 @@ class LocalConfig:
     health_check: HealthCheck | None = None
     # A log line for every connection's failure, its destination included.
     verbose: bool = False
+    # TCP Fast Open to the servers: the first write (salt, header, first
+    # bytes) in the SYN.
+    fast_open: bool = False
 
 
 def local_config(values: Mapping[str, Any]) -> LocalConfig:
@@ -177,6 +181,7 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         online=online,
         health_check=_health_check(values),
         verbose=read_verbose(values),
+        fast_open=read_bool(values, "fast_open"),
     )
 
 

@@ -56,7 +56,8 @@ class SsxOptions(usage.Options):
          "summary every 10 minutes and no line names a destination"],
         # Accepted so that shadowsocks-libev command lines work unchanged.
         ["no-delay", None, "accepted for compatibility: TCP_NODELAY is always on"],
-        ["fast-open", None, "accepted for compatibility and ignored: TCP Fast Open is not used"],
+        ["fast-open", None, "TCP Fast Open (key fast_open): the server takes data in SYNs, the local end sends its "
+         "first bytes in the SYN; needs net.ipv4.tcp_fastopen to allow it (see README)"],
     ]
     # Each command declares --plugin and --plugin-opts itself, with its side's help.
     common_keys: Mapping[str, str] = {
@@ -74,6 +75,7 @@ class SsxOptions(usage.Options):
         "plugin": "plugin",
         "plugin-opts": "plugin_opts",
         "verbose": "verbose",
+        "fast-open": "fast_open",
     }
     flag_keys: Mapping[str, str] = {}
     build: Callable[[Mapping[str, Any]], Any]
@@ -98,6 +100,7 @@ class SsxOptions(usage.Options):
     def postOptions(self) -> None:
         # A switch not given must not override the file's value.
         self["verbose"] = True if self["verbose"] else None
+        self["fast-open"] = True if self["fast-open"] else None
         try:
             file_values = read_config_file(self["config"]) if self["config"] else {}
             keys = {**self.common_keys, **self.flag_keys}

@@ -9,7 +9,7 @@ and `port_entries`, which reads the forms existing deployments have:
 - `server_port` as a list of ports sharing `password` (the original);
 - `servers`, shadowsocks-rust's list of entries, each with its own
   `server`, `server_port`, `password`/`key`, `method`, `mode`,
-  `plugin`/`plugin_opts`, `timeout` and 2022 `users`.
+  `plugin`/`plugin_opts`, `timeout`, `fast_open` and 2022 `users`.
 
 Each entry is the top-level keys overridden by the entry's own, checked
 by `ssx.config.server` as a single port would be; a bad entry's
@@ -33,7 +33,7 @@ __all__ = ["ENTRY_KEYS", "Entry", "PORT_LIST_KEYS", "PortConfig", "dual_stack", 
 # The keys a `servers` entry may set for its own port.
 ENTRY_KEYS = frozenset({
     "server", "server_port", "password", "key", "method", "mode", "plugin", "plugin_opts", "plugin_args",
-    "timeout", "users", "udp_timeout", "udp_max_associations",
+    "timeout", "users", "udp_timeout", "udp_max_associations", "fast_open",
 })
 # The keys that list several ports.
 PORT_LIST_KEYS = frozenset({"port_password", "servers"})
@@ -63,6 +63,8 @@ class PortConfig:
     # IPv6 sockets set IPV6_V6ONLY: `hosts` has an IPv4 address too, which
     # binds the same port beside them (libev's ["::0", "0.0.0.0"]).
     v6only: bool = False
+    # TCP Fast Open on the port's TCP listening sockets.
+    fast_open: bool = False
 
 
 def dual_stack(hosts: tuple[str, ...]) -> bool:
@@ -144,7 +146,7 @@ def _servers(values: Mapping[str, Any], servers: Any) -> tuple[list[Entry], tupl
         label = f"servers[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(label, 'expected an object such as {"server_port": 8001, "password": "..."}')
-        # shadowsocks-rust reads more per server (acl, fast_open, ...).
+        # shadowsocks-rust reads more per server (acl, no_delay, ...).
         advice, unknown = peer_key_notes(entry, ENTRY_KEYS, SERVER_PEER_KEYS, prefix=f"{label}.")
         warnings += advice
         if unknown:

@@ -112,6 +112,9 @@ class ServerConfig:
     # port it adds inherits from the top level.
     manager: ManagerAddress | None = None
     port_defaults: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # TCP Fast Open on the TCP listening sockets (data in the SYN): the
+    # top-level key; a `servers` entry may set its own (`ports`).
+    fast_open: bool = False
 
     def port_configs(self) -> tuple[PortConfig, ...]:
         """`ports`, or for a config made without them, the one port its fields describe."""
@@ -121,6 +124,7 @@ class ServerConfig:
             label="", port=self.port, hosts=self.hosts or (self.host,), listen=self.listen, method=self.method,
             password=self.password, key=self.key, password_generated=self.password_generated, relays=self.relays,
             timeout=self.timeout, users=self.users, plugin=self.plugin, v6only=dual_stack(self.hosts),
+            fast_open=self.fast_open,
         ),)
 
 
@@ -176,6 +180,7 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         ports=tuple(ports),
         manager=read_manager_address(values),
         port_defaults={k: v for k, v in values.items() if k not in _NOT_INHERITED},
+        fast_open=read_bool(values, "fast_open"),
     )
 
 
@@ -232,6 +237,7 @@ def _port_config(label: str, values: Mapping[str, Any], required: bool) -> tuple
         users=users,
         plugin=plugin,
         v6only=dual_stack(hosts),
+        fast_open=read_bool(values, "fast_open"),
     )
     return config, warnings
 

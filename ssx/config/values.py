@@ -56,7 +56,7 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 COMMON_KEYS = frozenset({
     "server", "server_port", "password", "key", "method", "timeout", "listen", "mode", "plugin", "plugin_opts",
     "plugin_args", "udp_timeout", "udp_max_associations", "handshake_timeout", "max_connections", "shutdown_grace",
-    "verbose",
+    "verbose", "fast_open",
 })
 
 

@@ -23,6 +23,7 @@ from ssx.local.online import OnlineConfigService, describe_url, load_trust_root
 from ssx.local.picker import ServerPicker
 from ssx.local.upstream import make_upstream
 from ssx.net.plugin import PluginService
+from ssx.net.tcp import fast_open_sysctl_note
 from ssx.config.options import SsxOptions, check_endpoint, log_config_notes
 
 __all__ = ["LocalService", "Options", "build_service", "makeService"]
@@ -161,7 +162,8 @@ def build_service(reactor: Any, config: LocalConfig) -> LocalService:
         # UDP does not go through it.  (Config allows a plugin only with one server.)
         entry = config.servers[0]
         plugin = PluginService(reactor, config.plugin, "ssx-local", (entry.host, entry.port))
-    top = LocalService(ServerPicker([make_upstream(reactor, entry, plugin) for entry in config.servers]), plugin)
+    upstreams = [make_upstream(reactor, entry, plugin, config.fast_open) for entry in config.servers]
+    top = LocalService(ServerPicker(upstreams), plugin)
     # UDP goes to the first configured server (checked by local_config).
     udp_server = top.picker.upstreams()[0] if config.relays.udp else None
     _add_proxy_ports(top, reactor, config, udp_server)
@@ -180,7 +182,9 @@ def build_service(reactor: Any, config: LocalConfig) -> LocalService:
             reactor,
             online.url,
             online.interval,
-            lambda entries: picker.replace_dynamic(entries, lambda entry: make_upstream(reactor, entry)),
+            lambda entries: picker.replace_dynamic(
+                entries, lambda entry: make_upstream(reactor, entry, fast_open=config.fast_open),
+            ),
             trust_root,
         )
         top.online.setServiceParent(top)
@@ -234,6 +238,10 @@ def _log_configuration(config: LocalConfig) -> None:
     methods = sorted({entry.method for entry in config.servers}) or [config.method]
     for i, method in enumerate(methods):
         log_config_notes("ssx-local", method, config.warnings if i == 0 else (), config.ignored if i == 0 else ())
+    if config.fast_open:
+        note = fast_open_sysctl_note(server=False)
+        if note is not None:
+            _log.warn(note)
     for entry in config.servers:
         _log.info(
             "ssx-local: server {server}, method {method}, timeout {timeout:g}s",

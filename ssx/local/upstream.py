@@ -30,6 +30,7 @@ from ssx.config.upstreams import ServerEntry
 from ssx.interfaces import ICipherSuite, IUpstream
 from ssx.net.plugin import PluginService
 from ssx.net.relay import connect_protocol, connect_tcp
+from ssx.net.tcp import fast_open_reactor
 from ssx.wire.address import is_ip_literal
 
 __all__ = ["CONNECT_TIMEOUT", "Upstream", "make_upstream", "server_endpoint"]
@@ -54,24 +55,35 @@ class Upstream:
         return f"<Upstream {self.label}>"
 
 
-def server_endpoint(reactor: Any, entry: ServerEntry) -> IStreamClientEndpoint:
-    """How the local end reaches one server (without a plugin)."""
+def server_endpoint(reactor: Any, entry: ServerEntry, fast_open: bool = False) -> IStreamClientEndpoint:
+    """
+    How the local end reaches one server (without a plugin); with
+    `fast_open`, a host name's connections use TCP Fast Open (an endpoint
+    description is Twisted's to connect, without it).
+    """
     if entry.endpoint is not None:
         return clientFromString(reactor, entry.endpoint)
     try:
         version = ipaddress.ip_address(entry.host).version
     except ValueError:
-        return HostnameEndpoint(reactor, entry.host, entry.port, timeout=CONNECT_TIMEOUT)
+        connecting = fast_open_reactor(reactor) if fast_open else reactor
+        return HostnameEndpoint(connecting, entry.host, entry.port, timeout=CONNECT_TIMEOUT)
     # An IP literal needs no name look-up (HostnameEndpoint would ask a thread).
     endpoint_type = TCP6ClientEndpoint if version == 6 else TCP4ClientEndpoint
     return endpoint_type(reactor, entry.host, entry.port, timeout=CONNECT_TIMEOUT)
 
 
-def make_upstream(reactor: Any, entry: ServerEntry, plugin: PluginService | None = None) -> Upstream:
+def make_upstream(
+    reactor: Any, entry: ServerEntry, plugin: PluginService | None = None, fast_open: bool = False,
+) -> Upstream:
     """
     A server ready for connections: its keys derived once, the way to reach
     it built; with a plugin, TCP goes to the plugin's loopback port instead
     (the plugin picks it when it starts, so it is looked up per connection).
+    With `fast_open`, a server given by IP address or host name is reached
+    with TCP Fast Open (the first write in the SYN); a plugin makes its own
+    connections, and an endpoint description is Twisted's to connect, both
+    without it.
     """
     suite = make_suite(reactor, entry.method, entry.password, entry.key)
     connect: Callable[[Protocol], Deferred]
@@ -84,8 +96,10 @@ def make_upstream(reactor: Any, entry: ServerEntry, plugin: PluginService | None
 
     elif entry.endpoint is None and is_ip_literal(entry.host):
         # The common case, and the fastest path (no endpoint wrappers).
-        connect = lambda protocol: connect_tcp(reactor, entry.host, entry.port, protocol, CONNECT_TIMEOUT)  # noqa: E731
+        connect = lambda protocol: connect_tcp(  # noqa: E731
+            reactor, entry.host, entry.port, protocol, CONNECT_TIMEOUT, fast_open,
+        )
     else:
-        endpoint = server_endpoint(reactor, entry)
+        endpoint = server_endpoint(reactor, entry, fast_open)
         connect = lambda protocol: connect_protocol(endpoint, protocol)  # noqa: E731
     return Upstream(entry, suite, connect)

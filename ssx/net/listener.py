@@ -174,14 +174,15 @@ class _V6OnlyUdpPort(udp.Port):
 
 def serve(
     top: MultiService, reactor: Any, description: str, factory: Factory, label: str, udp: Any = None,
-    v6only: bool = False,
+    v6only: bool = False, fast_open: int = 0,
 ) -> ListenerService:
     """
     Listen with `factory` on `description` under `top`, with the UDP
     protocol `udp` beside it if given; with `v6only`, an IPv6 socket sets
-    IPV6_V6ONLY.
+    IPV6_V6ONLY; with `fast_open`, a TCP socket accepts data in SYNs
+    (TCP_FASTOPEN, that queue length).
     """
-    endpoint = tcp.server_endpoint(reactor, description, LISTEN_BACKLOG, v6only)
+    endpoint = tcp.server_endpoint(reactor, description, LISTEN_BACKLOG, v6only, fast_open)
     listener = ListenerService(endpoint, factory, description, label)
     listener.setServiceParent(top)
     if udp is not None:

@@ -106,13 +106,16 @@ class _OneTcpConnection(ClientFactory):
             self._connected.errback(reason)
 
 
-def connect_tcp(reactor: Any, host: str, port: int, protocol: Protocol, timeout: float) -> Deferred:
+def connect_tcp(
+    reactor: Any, host: str, port: int, protocol: Protocol, timeout: float, fast_open: bool = False,
+) -> Deferred:
     """
     Connect `protocol` to an IP literal over TCP, as `connect_protocol`
     does through a TCP endpoint, but without the endpoint's wrapping
     protocol, which would add a call to every read for the connection's
     life.  The Deferred fails with the connect error; cancelling it stops
-    the attempt.
+    the attempt.  With `fast_open`, the first write goes in the SYN where
+    the kernel allows it (`ssx.net.tcp.connect`).
     """
     connector: list[Any] = []
 
@@ -123,7 +126,7 @@ def connect_tcp(reactor: Any, host: str, port: int, protocol: Protocol, timeout:
 
     connected: Deferred = Deferred(cancel)
     factory = _OneTcpConnection(protocol, connected)
-    connector.append(tcp.connect(reactor, host, port, factory, timeout))
+    connector.append(tcp.connect(reactor, host, port, factory, timeout, fast_open))
     if isinstance(protocol, OutboundProtocol):
         connected.addCallback(lambda built: built.ready)
     return connected

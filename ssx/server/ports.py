@@ -23,6 +23,7 @@ from ssx.crypto import SaltFilter
 from ssx.net.listener import DatagramListenerService, ListenerService, serve
 from ssx.net.plugin import PluginService
 from ssx.net.resolver import TargetResolver
+from ssx.net.tcp import FAST_OPEN_QUEUE
 from ssx.server.accounting import UserTraffic
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.server.protocol import ShadowsocksServerFactory
@@ -117,7 +118,11 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
         port.plugin = add(PluginService(reactor, config.plugin, "ssx-server", remote, listener=listener))
     elif relays.tcp:
         for description in config.listen:
-            listener = serve(port, reactor, description, factory, "ssx-server", v6only=config.v6only)
+            listener = serve(
+                port, reactor, description, factory, "ssx-server", v6only=config.v6only,
+                # Not behind a plugin, which takes the public connections itself.
+                fast_open=FAST_OPEN_QUEUE if config.fast_open else 0,
+            )
             port.listeners.append(listener)
             if relays.udp:
                 # UDP on the very address and port the listener bound.

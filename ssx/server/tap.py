@@ -19,6 +19,7 @@ from ssx.net.listener import DrainService
 from ssx.errors import ConfigError
 from ssx.net.plugin import find_plugin
 from ssx.net.resolver import TargetResolver
+from ssx.net.tcp import fast_open_sysctl_note
 from ssx.server.host_address_watch import HostAddressWatcher
 from ssx.server.manager import ManagerProtocol, ManagerService
 from ssx.server.ports import SharedParts, build_port
@@ -179,6 +180,10 @@ def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = Fals
 
 def _report(config: ServerConfig, resolver: TargetResolver) -> None:
     log_config_notes("ssx-server", config.method, config.warnings, config.ignored)
+    if any(port.fast_open for port in config.port_configs()):
+        note = fast_open_sysctl_note(server=True)
+        if note is not None:
+            _log.warn(note)
     _log.info(
         "ssx-server: method {method}, timeout {timeout:g}s, DNS {dns}, forbidden {forbidden}",
         method=", ".join(dict.fromkeys(p.method for p in config.port_configs())),
