@@ -6,7 +6,7 @@ the online config.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
@@ -22,7 +22,8 @@ from ssx.local.udp import LocalUdpRelay, Socks5UdpRelay, TunnelUdpRelay
 from ssx.local.online import OnlineConfigService, describe_url, load_trust_root
 from ssx.local.picker import ServerPicker
 from ssx.local.upstream import make_upstream
-from ssx.net.plugin import PluginService
+from ssx.errors import ConfigError
+from ssx.net.plugin import PluginService, find_plugin
 from ssx.config.options import SsxOptions, check_endpoint, log_config_notes
 
 __all__ = ["LocalService", "Options", "build_service", "makeService"]
@@ -67,8 +68,9 @@ class Options(SsxOptions):
          "several; 0 turns them off [default: 60]"],
         ["health-check-url", None, None, "http:// URL fetched through each server to check it and measure its "
          "latency [default: http://www.gstatic.com/generate_204]"],
-        ["plugin", None, None, "SIP003 plugin (a name on PATH or a path), e.g. obfs-local or v2ray-plugin: ssx "
-         "sends TCP to it on a loopback port and it reaches -s/-p; UDP (-u) goes straight to -s/-p"],
+        ["plugin", None, None, "SIP003 plugin (a name on PATH or a path), e.g. obfs-local or v2ray-plugin, for the "
+         "server -s/-p (or a lone --url): ssx sends TCP to it on a loopback port and it reaches the server; UDP (-u) "
+         "goes straight to the server. Other servers name their own (servers entry plugin/plugin_opts, URL ?plugin=)"],
         ["plugin-opts", None, None, "the plugin's options (SS_PLUGIN_OPTIONS), e.g. \"obfs=http;obfs-host=example.com\""],
     ]
     flag_keys = {
@@ -116,19 +118,25 @@ class Options(SsxOptions):
                 check_endpoint("server_endpoint", entry.endpoint, server=False)
         if config.online is not None and config.online.ca_file is not None:
             load_trust_root(config.online.ca_file)
+        for entry, plugin in zip(config.servers, config.plugins):
+            if plugin is not None and len(config.servers) > 1:
+                try:
+                    find_plugin(plugin.name)
+                except ConfigError as e:
+                    raise ConfigError(e.key, f"server {entry.label}: {e.message}") from None
 
 
 class LocalService(MultiService):
     """
     The root of the local end's service tree, its parts by name: the SIP003
-    plugin, the server picker, the proxy and tunnel ports (factories and
+    plugins (one per server that has one), the server picker, the proxy and tunnel ports (factories and
     listeners), the UDP relays, the graceful-shutdown drain, the health
     check and the online config.
     """
 
-    def __init__(self, picker: ServerPicker, plugin: PluginService | None = None) -> None:
+    def __init__(self, picker: ServerPicker, plugins: Sequence[PluginService] = ()) -> None:
         MultiService.__init__(self)
-        self.plugin = plugin
+        self.plugins = list(plugins)
         self.picker = picker
         self.factories: list[LocalFactory] = []
         self.listeners: list[ListenerService] = []
@@ -136,10 +144,15 @@ class LocalService(MultiService):
         self.drain: DrainService | None = None
         self.health: HealthCheckService | None = None
         self.online: OnlineConfigService | None = None
-        if plugin is not None:
+        for plugin in self.plugins:
             # First in the tree: started (and listening) before any
-            # listener's connection can want it.
+            # listener's connection can want them.
             plugin.setServiceParent(self)
+
+    @property
+    def plugin(self) -> PluginService | None:
+        """The first server's plugin (with one server: its plugin)."""
+        return self.plugins[0] if self.plugins else None
 
     @property
     def factory(self) -> LocalFactory | None:
@@ -156,12 +169,16 @@ class LocalService(MultiService):
 
 def build_service(reactor: Any, config: LocalConfig) -> LocalService:
     """The local end's service tree for `config`."""
-    plugin = None
-    if config.plugin is not None:
-        # UDP does not go through it.  (Config allows a plugin only with one server.)
-        entry = config.servers[0]
-        plugin = PluginService(reactor, config.plugin, "ssx-local", (entry.host, entry.port))
-    top = LocalService(ServerPicker([make_upstream(reactor, entry, plugin) for entry in config.servers]), plugin)
+    upstreams, plugins = [], []
+    for entry, plugin in zip(config.servers, config.plugins):
+        service = None
+        if plugin is not None:
+            # Each on its own loopback port; UDP does not go through it.
+            label = "ssx-local" if len(config.servers) == 1 else f"ssx-local (server {entry.label})"
+            service = PluginService(reactor, plugin, label, (entry.host, entry.port))
+            plugins.append(service)
+        upstreams.append(make_upstream(reactor, entry, service))
+    top = LocalService(ServerPicker(upstreams), plugins)
     # UDP goes to the first configured server (checked by local_config).
     udp_server = top.picker.upstreams()[0] if config.relays.udp else None
     _add_proxy_ports(top, reactor, config, udp_server)
@@ -229,8 +246,9 @@ def _add_tunnels(top: LocalService, reactor: Any, config: LocalConfig, udp_serve
 
 def _log_configuration(config: LocalConfig) -> None:
     """The start-up lines: the plugin, each method's notes, each server, the online config."""
-    if config.plugin is not None:
-        _log.info("ssx-local: TCP to the server goes through plugin {name}", name=config.plugin.name)
+    for entry, plugin in zip(config.servers, config.plugins):
+        if plugin is not None:
+            _log.info("ssx-local: TCP to {server} goes through plugin {name}", server=entry.label, name=plugin.name)
     methods = sorted({entry.method for entry in config.servers}) or [config.method]
     for i, method in enumerate(methods):
         log_config_notes("ssx-local", method, config.warnings if i == 0 else (), config.ignored if i == 0 else ())
