@@ -179,7 +179,8 @@ def build_service(reactor: Any, config: LocalConfig) -> LocalService:
             plugins.append(service)
         upstreams.append(make_upstream(reactor, entry, service))
     top = LocalService(ServerPicker(upstreams), plugins)
-    # UDP goes to the first configured server (checked by local_config).
+    # UDP starts with the first configured server (checked by local_config),
+    # then follows the picker's choice as servers go down.
     udp_server = top.picker.upstreams()[0] if config.relays.udp else None
     _add_proxy_ports(top, reactor, config, udp_server)
     _add_tunnels(top, reactor, config, udp_server)
@@ -212,7 +213,9 @@ def _add_proxy_ports(top: LocalService, reactor: Any, config: LocalConfig, udp_s
         socks_udp = None
         if udp_server is not None:
             address = (udp_server.entry.host, udp_server.entry.port)
-            socks_udp = Socks5UdpRelay(reactor, udp_server.suite, address, relays.timeout, relays.capacity)
+            socks_udp = Socks5UdpRelay(
+                reactor, udp_server.suite, address, relays.timeout, relays.capacity, picker=top.picker
+            )
             top.udp_relays.append(socks_udp)
         factory = MixedLocalFactory(
             reactor, top.picker, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
@@ -230,7 +233,8 @@ def _add_tunnels(top: LocalService, reactor: Any, config: LocalConfig, udp_serve
         if udp_server is not None:
             address = (udp_server.entry.host, udp_server.entry.port)
             tunnel_udp = TunnelUdpRelay(
-                reactor, udp_server.suite, address, tunnel.target, timeout=relays.timeout, capacity=relays.capacity
+                reactor, udp_server.suite, address, tunnel.target, timeout=relays.timeout, capacity=relays.capacity,
+                picker=top.picker,
             )
             top.udp_relays.append(tunnel_udp)
         if relays.tcp:
