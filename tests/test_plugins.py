@@ -25,6 +25,7 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.logger import formatEvent
 from twisted.trial import unittest
+from twisted.web import resource, server as web_server
 
 from ssx.config import local_config
 import ssx.local.tap as local_tap
@@ -459,3 +460,67 @@ class PluginPerServerTests(PluginTestCase):
     def test_two_servers_two_plugins(self):
         """Two ssx-servers behind obfs-server (http, tls), one ssx-local list with obfs-local each: bytes go through either, and through the survivor when one stops."""
         return defer.Deferred.fromCoroutine(self._two())
+
+
+class _Document(resource.Resource):
+    """Serves the SIP008 document the test puts in `body`."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = b""
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        return self.body
+
+
+class OnlinePluginTests(PluginTestCase):
+    """Online config servers with plugins: a plugin starts when its server appears and stops when it leaves."""
+
+    skip = _skip("obfs-local", "obfs-server")
+
+    def document(self, *servers: dict) -> None:
+        self.config.body = json.dumps({"version": 1, "servers": list(servers)}).encode()
+
+    def entry(self, port: int, **extra: Any) -> dict:
+        return {"server": "127.0.0.1", "server_port": port, "password": support.PASSWORD, "method": METHOD,
+                "remarks": f"s{port}", **extra}
+
+    async def _online(self) -> None:
+        key, cert = support.make_certificate(os.path.join(self.directory, "web"))
+        self.config = _Document()
+        web = support.listen_web(web_server.Site(self.config), key, cert)
+        self.addCleanup(web.stopListening)
+        _, obfs_port = self.server("obfs-server", "obfs=http")
+        plain, plain_port = support.start_server(method=METHOD)
+        self.addCleanup(plain.stopService)
+        self.document(self.entry(obfs_port, plugin="obfs-local", plugin_opts="obfs=http;obfs-host=www.bing.com"))
+        values = {"online_config": f"https://localhost:{web.getHost().port}/sip008", "online_config_ca": cert,
+                  "listen": "tcp:0:interface=127.0.0.1", "health_check_interval": 0}
+        local = local_tap.build_service(reactor, local_config(values))
+        local.startService()
+        self.addCleanup(local.stopService)
+        socks_port = local.listeners[0].port.getHost().port
+        online = local.online_upstreams
+        await support.wait_until(lambda: bool(online.plugins), 10)
+        [plugin] = online.plugins.values()
+        self.assertEqual(plugin.remote, ("127.0.0.1", obfs_port))
+        await support.wait_for_port(plugin.local_address[1])
+        await self.echo_through(socks_port, 512 * 1024)
+
+        # The server leaves the list (a plain one and one whose plugin is missing come in): its plugin stops.
+        self.document(self.entry(plain_port), self.entry(obfs_port, plugin="ssx-no-such-plugin"))
+        self.assertTrue(await local.online.refresh())
+        self.assertEqual(online.plugins, {})
+        self.assertEqual([u.entry.port for u in local.picker.upstreams()], [plain_port])
+        await plugin.monitor.ended()
+        self.assertFalse(plugin.running)
+        self.assertEqual(plugin.monitor.protocols, {})
+        self.assertIn("ssx-no-such-plugin", self.logged())
+        await self.echo_through(socks_port, 512 * 1024)
+
+    def test_plugin_follows_the_list(self):
+        """An online server behind obfs gets obfs-local started and carries bytes; when it leaves the list, obfs-local stops."""
+        return defer.Deferred.fromCoroutine(self._online())

@@ -20,6 +20,7 @@ from ssx.local.tunnel import TunnelFactory
 from ssx.local.front import MixedLocalFactory
 from ssx.local.udp import LocalUdpRelay, Socks5UdpRelay, TunnelUdpRelay
 from ssx.local.online import OnlineConfigService, describe_url, load_trust_root
+from ssx.local.online_upstreams import OnlineUpstreams
 from ssx.local.picker import ServerPicker
 from ssx.local.upstream import make_upstream
 from ssx.errors import ConfigError
@@ -129,7 +130,8 @@ class Options(SsxOptions):
 class LocalService(MultiService):
     """
     The root of the local end's service tree, its parts by name: the SIP003
-    plugins (one per server that has one), the server picker, the proxy and tunnel ports (factories and
+    plugins (one per configured server that has one; the online config's
+    servers' plugins are added and removed as they come and go), the server picker, the proxy and tunnel ports (factories and
     listeners), the UDP relays, the graceful-shutdown drain, the health
     check and the online config.
     """
@@ -144,6 +146,7 @@ class LocalService(MultiService):
         self.drain: DrainService | None = None
         self.health: HealthCheckService | None = None
         self.online: OnlineConfigService | None = None
+        self.online_upstreams: OnlineUpstreams | None = None
         for plugin in self.plugins:
             # First in the tree: started (and listening) before any
             # listener's connection can want them.
@@ -193,14 +196,8 @@ def build_service(reactor: Any, config: LocalConfig) -> LocalService:
     online = config.online
     if online is not None:
         trust_root = load_trust_root(online.ca_file) if online.ca_file is not None else None
-        picker = top.picker
-        top.online = OnlineConfigService(
-            reactor,
-            online.url,
-            online.interval,
-            lambda entries: picker.replace_dynamic(entries, lambda entry: make_upstream(reactor, entry)),
-            trust_root,
-        )
+        top.online_upstreams = OnlineUpstreams(reactor, top.picker, top, plugins=config.relays.tcp)
+        top.online = OnlineConfigService(reactor, online.url, online.interval, top.online_upstreams.apply, trust_root)
         top.online.setServiceParent(top)
     _log_configuration(config)
     return top
