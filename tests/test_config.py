@@ -404,6 +404,17 @@ class PerServerPluginTests(unittest.SynchronousTestCase):
                                "online_config": "https://example.org/x"})
         self.assertEqual(config.plugins, (Plugin("obfs-local"),))
 
+    def test_missing_plugin_names_its_server(self):
+        """A later server's missing plugin stops start-up with one line naming plugin and that server."""
+        entry = {"server_port": 1, "password": "p", "method": "aes-128-gcm"}
+        path = write_config(self, {"servers": [{**entry, "server": "192.0.2.1"},
+                                               {**entry, "server": "192.0.2.2", "plugin": "no-such-plugin-ssx"}]})
+        with self.assertRaises(SystemExit) as caught:
+            local_tap.Options().parseOptions(["-c", path])
+        message = str(caught.exception.code)
+        self.assertNotIn("\n", message)
+        self.assertIn("bad configuration: plugin: server 192.0.2.2:1: 'no-such-plugin-ssx' not found", message)
+
 
 # Text that str.isdigit() (or float()) accepts but that is not a plain ASCII
 # number, and values out of any range: each must be a ConfigError naming

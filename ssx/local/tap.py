@@ -111,6 +111,13 @@ class Options(SsxOptions):
         super().postOptions()
 
     def check(self, config: LocalConfig) -> None:
+        for entry, plugin in zip(config.servers, config.plugins):
+            if plugin is not None and len(config.servers) > 1:
+                # Before the common check (the first plugin): the message names the server.
+                try:
+                    find_plugin(plugin.name)
+                except ConfigError as e:
+                    raise ConfigError(e.key, f"server {entry.label}: {e.message}") from None
         super().check(config)
         for tunnel in config.tunnels:
             check_endpoint("listen", tunnel.listen, server=True)
@@ -119,12 +126,6 @@ class Options(SsxOptions):
                 check_endpoint("server_endpoint", entry.endpoint, server=False)
         if config.online is not None and config.online.ca_file is not None:
             load_trust_root(config.online.ca_file)
-        for entry, plugin in zip(config.servers, config.plugins):
-            if plugin is not None and len(config.servers) > 1:
-                try:
-                    find_plugin(plugin.name)
-                except ConfigError as e:
-                    raise ConfigError(e.key, f"server {entry.label}: {e.message}") from None
 
 
 class LocalService(MultiService):
