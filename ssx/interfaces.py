@@ -129,6 +129,12 @@ class IServerPicker(Interface):
     def upstreams() -> list[IUpstream]:
         """Every server currently known, in configuration order."""
 
+    def health(upstream: IUpstream) -> tuple[bool, float | None, int]:
+        """
+        (up, average latency in seconds or None, consecutive failures) of a
+        known server; KeyError for one no longer known.
+        """
+
     def succeeded(upstream: IUpstream) -> None:
         """A connection reached `upstream`."""
 

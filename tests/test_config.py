@@ -369,12 +369,14 @@ class ServerListTests(unittest.SynchronousTestCase):
             ({"servers": [{"server": "h", "server_port": 70000, "password": "p", "method": "aes-128-gcm"}]}, "servers[0].server_port"),
             ({"servers": [{"server_port": 1, "password": "p", "method": "aes-128-gcm"}]}, "servers[0].server"),
             ({"servers": [{"server": "h", "server_port": 1, "method": "aes-128-gcm"}]}, "servers[0].password"),
-            # A plugin works with one server; per-server plugins in a list are refused.
-            ({"servers": [{"server": "h", "server_port": 1, "password": "p", "method": "aes-128-gcm", "plugin": "x"},
-                          {"server": "i", "server_port": 1, "password": "p", "method": "aes-128-gcm"}]}, "plugin"),
+            # The top-level plugin belongs to -s or a lone server: with several others it is ambiguous.
+            ({"plugin": "obfs-local", "servers": [{"server": "h", "server_port": 1, "password": "p", "method": "aes-128-gcm"},
+                                                   {"server": "i", "server_port": 1, "password": "p", "method": "aes-128-gcm"}]}, "plugin"),
+            # A servers entry's plugin options are checked like the top-level ones.
+            ({"servers": [{"server": "h", "server_port": 1, "password": "p", "method": "aes-128-gcm", "plugin": "x", "plugin_opts": "a;;"},
+                          {"server": "i", "server_port": 1, "password": "p", "method": "aes-128-gcm"}]}, "plugin_opts"),
             ({"servers": {"server": "h"}}, "servers"),
             ({"url": "ss://nonsense"}, "url"),
-            ({"url": ["ss://YWVzLTEyOC1nY206dGVzdA@h:1/?plugin=obfs-local", "ss://YWVzLTEyOC1nY206dGVzdA@i:1"]}, "plugin"),
             ({"url": "ss://" + "cm90MTM6eA" + "@h:1"}, "url"),  # rot13:x
             ({"url": "ss://YWVzLTEyOC1nY206dGVzdA@h:1", "mode": "tcp_and_udp", "servers": []}, None),
             ({"online_config": "https://example.org/x", "mode": "tcp_and_udp"}, "server"),
@@ -407,6 +409,41 @@ class SingleServerPluginTests(unittest.SynchronousTestCase):
         """The plugin and options of a single --url become the local end's plugin."""
         config = local_config({"url": "ss://YWVzLTEyOC1nY206dGVzdA@h:1/?plugin=obfs-local%3Bobfs%3Dhttp"})
         self.assertEqual((config.plugin.name, config.plugin.options), ("obfs-local", "obfs=http"))
+
+
+class PerServerPluginTests(unittest.SynchronousTestCase):
+    """In a list of several servers, each server has its own plugin or none."""
+
+    def test_each_server_its_own(self):
+        """Servers entries and URLs name their own plugins; -s takes the top-level one; others have none."""
+        entry = {"server_port": 1, "password": "p", "method": "aes-128-gcm"}
+        config = local_config({
+            "server": "192.0.2.1", "password": "pw", "plugin": "v2ray-plugin",
+            "servers": [{**entry, "server": "h", "plugin": "obfs-local", "plugin_opts": "obfs=tls"}, {**entry, "server": "i"}],
+            "url": ["ss://YWVzLTEyOC1nY206dGVzdA@j:1/?plugin=obfs-local%3Bobfs%3Dhttp"],
+        })
+        self.assertEqual(
+            [(e.host, p) for e, p in zip(config.servers, config.plugins)],
+            [("192.0.2.1", Plugin("v2ray-plugin")), ("h", Plugin("obfs-local", "obfs=tls")), ("i", None),
+             ("j", Plugin("obfs-local", "obfs=http"))],
+        )
+
+    def test_online_config_beside_plugin(self):
+        """A plugin for -s no longer stops start-up when an online config adds servers."""
+        config = local_config({"server": "192.0.2.1", "password": "pw", "plugin": "obfs-local",
+                               "online_config": "https://example.org/x"})
+        self.assertEqual(config.plugins, (Plugin("obfs-local"),))
+
+    def test_missing_plugin_names_its_server(self):
+        """A later server's missing plugin stops start-up with one line naming plugin and that server."""
+        entry = {"server_port": 1, "password": "p", "method": "aes-128-gcm"}
+        path = write_config(self, {"servers": [{**entry, "server": "192.0.2.1"},
+                                               {**entry, "server": "192.0.2.2", "plugin": "no-such-plugin-ssx"}]})
+        with self.assertRaises(SystemExit) as caught:
+            local_tap.Options().parseOptions(["-c", path])
+        message = str(caught.exception.code)
+        self.assertNotIn("\n", message)
+        self.assertIn("bad configuration: plugin: server 192.0.2.2:1: 'no-such-plugin-ssx' not found", message)
 
 
 # Text that str.isdigit() (or float()) accepts but that is not a plain ASCII

@@ -181,3 +181,64 @@ class FailoverTests(unittest.TestCase):
     def test_all_servers_down(self):
         """With every server down, HTTP clients get 502 and SOCKS5 clients a refusal, at once."""
         return defer.Deferred.fromCoroutine(self._all_down())
+
+
+class UdpFailoverTests(unittest.TestCase):
+    """SOCKS5 UDP through ssx-local with two ssx-server processes: UDP follows the picker when a server is down."""
+
+    async def server(self) -> tuple[support.ChildProcess, int]:
+        port = support.free_port()
+        child = await support.start_twistd(
+            self, "-n", "--pidfile=", "ssx-server", "-s", "127.0.0.1", "-p", str(port), "-k", PASSWORD, "-m", METHOD,
+            "-u", "--shutdown-grace", "0", "--forbidden-ip=", ready=b"listening on",
+        )
+        return child, port
+
+    async def _udp(self) -> None:
+        (a, port_a), (b, port_b) = await self.server(), await self.server()
+        values = {
+            "servers": [{"server": "127.0.0.1", "server_port": p, "password": PASSWORD, "method": METHOD, "remarks": f"s{p}"}
+                        for p in (port_a, port_b)],
+            "listen": "tcp:0:interface=127.0.0.1",
+            "mode": "tcp_and_udp",
+            "health_check_interval": 0,
+            "timeout": 10,
+        }
+        local = local_tap.build_service(reactor, local_config(values))
+        local.startService()
+        self.addCleanup(local.stopService)
+        socks_port = local.listeners[0].port.getHost().port
+        first, second = local.picker.upstreams()
+        udp_port, echo = support.listen_udp_echo()
+        self.addCleanup(udp_port.stopListening)
+        target = udp_port.getHost().port
+        tcp_echo = support.listen_echo()
+        self.addCleanup(tcp_echo.stopListening)
+
+        old = support.Socks5UdpClient()
+        self.addCleanup(old.close)
+        self.assertEqual(await old.open(socks_port), 0)
+        await old.exchange("127.0.0.1", target, [os.urandom(n) for n in (1, 500, 1400)])
+
+        await a.stop()
+        # A TCP connection finds the first server gone: it is marked down and the connection goes to the second.
+        payload = os.urandom(100_000)
+        reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.1", tcp_echo.getHost().port, payload)
+        self.assertEqual(reply, 0)
+        self.assertEqual(support.sha256(received), support.sha256(payload))
+        self.assertFalse(local.picker.health(first)[0], "the stopped server is not marked down")
+        self.assertIs(local.picker.candidates()[0], second)
+
+        # The existing association's next datagrams, and a new association's, reach the target through the second.
+        before = echo.count
+        await old.exchange("127.0.0.1", target, [os.urandom(n) for n in (2, 600, 1300)])
+        new = support.Socks5UdpClient()
+        self.addCleanup(new.close)
+        self.assertEqual(await new.open(socks_port), 0)
+        await new.exchange("127.0.0.1", target, [os.urandom(n) for n in (3, 700, 1200)])
+        self.assertGreaterEqual(echo.count, before + 6)
+        await b.stop()
+
+    def test_udp_follows_tcp_failover(self):
+        """The first server stopped and marked down by a failing TCP connection: UDP datagrams, old association and new, go through the second."""
+        return defer.Deferred.fromCoroutine(self._udp())

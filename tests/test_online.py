@@ -53,14 +53,18 @@ class DocumentTests(unittest.SynchronousTestCase):
         self.assertEqual((parsed.bytes_used, parsed.bytes_remaining), (274877906944, 824633720832))
 
     def test_aliases_plugins_and_unknown_keys(self):
-        """rust's address/port/name aliases are read, unknown keys ignored, plugin servers left out with a reason."""
+        """rust's address/port/name aliases are read, unknown keys ignored; plugin servers kept, unless their options are malformed."""
         parsed = parse_online_config(document(
             {"address": "2001:db8::1", "port": 443, "name": "v6", "password": "p", "method": "AES-256-GCM", "custom_key": 1},
             server(plugin="v2ray-plugin", plugin_opts="tls"),
+            server(plugin="obfs-local", plugin_opts="obfs=http;;", remarks="bad"),
         ))
-        self.assertEqual(parsed.servers, (ServerEntry("2001:db8::1", 443, "aes-256-gcm", "p", name="v6"),))
+        self.assertEqual(parsed.servers, (
+            ServerEntry("2001:db8::1", 443, "aes-256-gcm", "p", name="v6"),
+            ServerEntry("198.51.100.4", 8388, "chacha20-ietf-poly1305", "example", plugin="v2ray-plugin", plugin_opts="tls", name="one"),
+        ))
         self.assertEqual(len(parsed.skipped), 1)
-        self.assertIn("v2ray-plugin", parsed.skipped[0])
+        self.assertIn("servers[2] (bad): plugin_opts", parsed.skipped[0])
 
     def test_malformed(self):
         """Each malformed document is one ConfigError naming online_config and the problem."""
@@ -76,7 +80,7 @@ class DocumentTests(unittest.SynchronousTestCase):
             (document(server(), server(password="")), "servers[1].password"),
             (document(server(server_port=0)), "servers[0].server_port"),
             (document(server(server=None)), "servers[0].server"),
-            (document(server(plugin="obfs-local")), "no usable server"),
+            (document(server(plugin="obfs-local", plugin_opts="a;;")), "no usable server"),
             (b" " * (MAX_DOCUMENT + 1), "larger"),
             # json.loads raises plain ValueError (int digit limit) and RecursionError for these
             (b'{"version": 1, "servers": [], "bytes_used": ' + b"9" * 5000 + b"}", "not JSON"),

@@ -25,7 +25,10 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.logger import formatEvent
 from twisted.trial import unittest
+from twisted.web import resource, server as web_server
 
+from ssx.config import local_config
+import ssx.local.tap as local_tap
 from ssx.wire import socks5
 from ssx.net.plugin import PluginService
 from ssx.wire.sip003 import Plugin
@@ -394,3 +397,130 @@ class UdpBesidePluginTests(PluginTestCase):
     def test_udp_plain_path(self):
         """With -u and obfs on both ends, UDP datagrams go straight to server:port and come back intact; TCP still works."""
         return defer.Deferred.fromCoroutine(self._udp())
+
+
+class PluginPerServerTests(PluginTestCase):
+    """Several servers, each behind its own plugin, in one ssx-local servers list."""
+
+    skip = _skip("obfs-local", "obfs-server")
+
+    def local_list(self, servers: list[tuple[int, str]]) -> Any:
+        """ssx-local with a servers list: (port, obfs mode) each, obfs-local for every one; checked on request only."""
+        check_port = support.listen_echo()
+        self.addCleanup(check_port.stopListening)
+        values = {
+            "servers": [
+                {"server": "127.0.0.1", "server_port": port, "password": support.PASSWORD, "method": METHOD,
+                 "plugin": "obfs-local", "plugin_opts": f"obfs={mode};obfs-host=www.bing.com", "remarks": f"s{port}"}
+                for port, mode in servers
+            ],
+            "listen": "tcp:0:interface=127.0.0.1",
+            "health_check_interval": 3600,
+            "health_check_url": f"http://127.0.0.1:{check_port.getHost().port}/",
+        }
+        service = local_tap.build_service(reactor, local_config(values))
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service, service.listeners[0].port.getHost().port
+
+    async def _two(self) -> None:
+        servers = {}
+        for mode in ("http", "tls"):
+            service, port = self.server("obfs-server", f"obfs={mode}")
+            servers[port] = service
+        local, socks_port = self.local_list([(port, mode) for port, mode in zip(servers, ("http", "tls"))])
+        picker = local.picker
+        first, second = picker.upstreams()
+        # One obfs-local per server, each on its own loopback port, each aimed at its server.
+        self.assertEqual(len(local.plugins), 2)
+        self.assertEqual([p.remote for p in local.plugins], [("127.0.0.1", port) for port in servers])
+        self.assertNotEqual(local.plugins[0].local_address, local.plugins[1].local_address)
+        # The start-up health round went through both plugins.
+        await support.wait_until(lambda: all(picker.health(u)[1] is not None for u in (first, second)), 10)
+        self.assertTrue(all(picker.health(u)[0] for u in (first, second)), self.logged())
+
+        # Bytes through each server's plugin: the other one marked down for the transfer.
+        for upstream, other in ((first, second), (second, first)):
+            picker.failed(other, "test: not this one")
+            self.assertIs(picker.candidates()[0], upstream)
+            await self.echo_through(socks_port, 512 * 1024)
+            picker.succeeded(other)
+
+        # The preferred server stops (server and its obfs-server): the health check marks it down and
+        # new connections go through the other's plugin.
+        preferred = picker.candidates()[0]
+        survivor = second if preferred is first else first
+        await servers[preferred.entry.port].stopService()
+        await local.health.check_all()
+        self.assertFalse(picker.health(preferred)[0], "the stopped server is not marked down")
+        self.assertTrue(picker.health(survivor)[0])
+        self.assertIs(picker.candidates()[0], survivor)
+        await self.echo_through(socks_port, 512 * 1024)
+
+    def test_two_servers_two_plugins(self):
+        """Two ssx-servers behind obfs-server (http, tls), one ssx-local list with obfs-local each: bytes go through either, and through the survivor when one stops."""
+        return defer.Deferred.fromCoroutine(self._two())
+
+
+class _Document(resource.Resource):
+    """Serves the SIP008 document the test puts in `body`."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = b""
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        return self.body
+
+
+class OnlinePluginTests(PluginTestCase):
+    """Online config servers with plugins: a plugin starts when its server appears and stops when it leaves."""
+
+    skip = _skip("obfs-local", "obfs-server")
+
+    def document(self, *servers: dict) -> None:
+        self.config.body = json.dumps({"version": 1, "servers": list(servers)}).encode()
+
+    def entry(self, port: int, **extra: Any) -> dict:
+        return {"server": "127.0.0.1", "server_port": port, "password": support.PASSWORD, "method": METHOD,
+                "remarks": f"s{port}", **extra}
+
+    async def _online(self) -> None:
+        key, cert = support.make_certificate(os.path.join(self.directory, "web"))
+        self.config = _Document()
+        web = support.listen_web(web_server.Site(self.config), key, cert)
+        self.addCleanup(web.stopListening)
+        _, obfs_port = self.server("obfs-server", "obfs=http")
+        plain, plain_port = support.start_server(method=METHOD)
+        self.addCleanup(plain.stopService)
+        self.document(self.entry(obfs_port, plugin="obfs-local", plugin_opts="obfs=http;obfs-host=www.bing.com"))
+        values = {"online_config": f"https://localhost:{web.getHost().port}/sip008", "online_config_ca": cert,
+                  "listen": "tcp:0:interface=127.0.0.1", "health_check_interval": 0}
+        local = local_tap.build_service(reactor, local_config(values))
+        local.startService()
+        self.addCleanup(local.stopService)
+        socks_port = local.listeners[0].port.getHost().port
+        online = local.online_upstreams
+        await support.wait_until(lambda: bool(online.plugins), 10)
+        [plugin] = online.plugins.values()
+        self.assertEqual(plugin.remote, ("127.0.0.1", obfs_port))
+        await support.wait_for_port(plugin.local_address[1])
+        await self.echo_through(socks_port, 512 * 1024)
+
+        # The server leaves the list (a plain one and one whose plugin is missing come in): its plugin stops.
+        self.document(self.entry(plain_port), self.entry(obfs_port, plugin="ssx-no-such-plugin"))
+        self.assertTrue(await local.online.refresh())
+        self.assertEqual(online.plugins, {})
+        self.assertEqual([u.entry.port for u in local.picker.upstreams()], [plain_port])
+        await plugin.monitor.ended()
+        self.assertFalse(plugin.running)
+        self.assertEqual(plugin.monitor.protocols, {})
+        self.assertIn("ssx-no-such-plugin", self.logged())
+        await self.echo_through(socks_port, 512 * 1024)
+
+    def test_plugin_follows_the_list(self):
+        """An online server behind obfs gets obfs-local started and carries bytes; when it leaves the list, obfs-local stops."""
+        return defer.Deferred.fromCoroutine(self._online())

@@ -29,6 +29,8 @@ from ssx.server.forbidden import parse_forbidden
 from ssx.local.socks import ProxyPortFactory
 from ssx.local.udp import Socks5UdpRelay
 from ssx.local.picker import ServerPicker
+from ssx.local.upstream import make_upstream
+from ssx.config.upstreams import ServerEntry
 from ssx.server.udp import Shadowsocks2022UdpRelay, ShadowsocksUdpRelay
 from tests import support
 from tests.support import Zone, mixed_payloads
@@ -782,6 +784,65 @@ class Socks5RelayOwnershipTests(unittest.SynchronousTestCase):
         self.relay.datagramReceived(self.datagram, ("127.0.0.1", 4000))
         self.assertEqual((self.sent(), self.relay.unassociated), (0, 1))
         self.assertFalse(self.relay.active(association))
+
+
+class PickerFollowingRelayTests(unittest.SynchronousTestCase):
+    """The local UDP relay with a picker, on a fake reactor: which server each application's socket goes to."""
+
+    def setUp(self) -> None:
+        self.reactor = _FakeLocalReactor()
+        entries = [ServerEntry(f"192.0.2.{i}", 8388, "chacha20-ietf-poly1305", "pw") for i in (1, 2)]
+        self.picker = ServerPicker([make_upstream(self.reactor, entry) for entry in entries])
+        self.first, self.second = self.picker.upstreams()
+        self.relay = Socks5UdpRelay(self.reactor, self.first.suite, ("192.0.2.1", 8388), timeout=60, capacity=100,
+                                    picker=self.picker)
+        self.relay.transport = _FakePort()
+        self.relay.startProtocol()
+        self.addCleanup(self.relay.stopProtocol)
+        self.datagram = support.socks5_udp_header("93.184.216.34", 53) + b"q"
+
+    def send(self, port: int) -> None:
+        self.relay.associate("127.0.0.1", port)
+        self.relay.datagramReceived(self.datagram, ("127.0.0.1", port))
+
+    def servers(self) -> list[tuple[str, int]]:
+        """Where each socket towards a server is connected, and whether it is still open."""
+        return [(port.connected[0], len(port.written)) for port in self.reactor.ports]
+
+    def test_follows_the_picker(self):
+        """A server marked down: the next datagram of its application moves to the preferred one; an up server keeps its sockets."""
+        self.send(4000)
+        self.assertEqual(self.servers(), [("192.0.2.1", 1)])
+        self.picker.failed(self.first, "test")
+        self.relay.datagramReceived(self.datagram, ("127.0.0.1", 4000))
+        self.send(4001)
+        self.assertEqual(self.servers(), [("192.0.2.1", 1), ("192.0.2.2", 1), ("192.0.2.2", 1)])
+        self.assertEqual(len(self.relay.nat), 2)
+        # The first server up again: sockets on the second (up) stay where they are.
+        self.picker.succeeded(self.first)
+        self.relay.datagramReceived(self.datagram, ("127.0.0.1", 4000))
+        self.assertEqual(len(self.reactor.ports), 3)
+
+    def test_all_down_stays(self):
+        """With every server down there is nothing better: the socket is kept, not reopened per datagram."""
+        self.send(4000)
+        self.picker.failed(self.first, "test")
+        self.picker.failed(self.second, "test")
+        self.picker.failed(self.second, "test again")  # ranked after the first
+        self.relay.datagramReceived(self.datagram, ("127.0.0.1", 4000))
+        self.assertEqual(self.servers(), [("192.0.2.1", 2)])
+
+    def test_server_dropped(self):
+        """A server that left the picker (an online config refresh) loses its sockets at their next datagram."""
+        picker = ServerPicker()
+        picker.replace_dynamic([ServerEntry("192.0.2.3", 8388, "chacha20-ietf-poly1305", "pw")],
+                               lambda entry: make_upstream(self.reactor, entry))
+        self.relay.picker = picker
+        self.send(4000)
+        picker.replace_dynamic([ServerEntry("192.0.2.4", 8388, "chacha20-ietf-poly1305", "pw")],
+                               lambda entry: make_upstream(self.reactor, entry))
+        self.relay.datagramReceived(self.datagram, ("127.0.0.1", 4000))
+        self.assertEqual(self.servers(), [("192.0.2.3", 1), ("192.0.2.4", 1)])
 
 
 class _ListeningPort(_FakePort):

@@ -117,8 +117,9 @@ class LocalConfig:
     limits: Limits
     # The main listener offers SOCKS5, unless -L/tunnel_address makes it a tunnel.
     tunnels: tuple[Tunnel, ...] = ()
-    # With a plugin, TCP goes to the plugin's loopback port; it reaches server:server_port.
-    plugin: Plugin | None = None
+    # Per server, in the order of `servers`: its SIP003 plugin or None.  With
+    # a plugin, TCP goes to the plugin's loopback port; it reaches the server.
+    plugins: tuple[Plugin | None, ...] = ()
     ignored: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     # Every server known at start, in order: -s/-p (or each of a "server"
@@ -131,6 +132,11 @@ class LocalConfig:
     # TCP Fast Open to the servers: the first write (salt, header, first
     # bytes) in the SYN.
     fast_open: bool = False
+
+    @property
+    def plugin(self) -> Plugin | None:
+        """The first server's plugin that has one (with one server: its plugin)."""
+        return next((plugin for plugin in self.plugins if plugin is not None), None)
 
 
 def local_config(values: Mapping[str, Any]) -> LocalConfig:
@@ -149,7 +155,7 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         listen = (tcp_description(address, read_port(values, "local_port", DEFAULT_LOCAL_PORT, allow_zero=True)),)
     relays = read_relay_modes(values)
     _check_servers(servers, relays)
-    plugin, warnings = _local_plugin(values, relays, servers, given.endpoint, online)
+    plugins, warnings = _local_plugins(values, relays, servers, given)
     tunnels = _tunnel_address(values, listen, address, relays)
     socks_listen = () if tunnels else listen
     tunnels += _tunnel_list(values, address)
@@ -174,7 +180,7 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         relays=relays,
         limits=read_limits(values),
         tunnels=tuple(tunnels),
-        plugin=plugin,
+        plugins=plugins,
         ignored=ignored,
         warnings=warnings,
         servers=tuple(servers),
@@ -228,31 +234,39 @@ def _check_servers(servers: list[ServerEntry], relays: RelayModes) -> None:
         )
 
 
-def _local_plugin(
-    values: Mapping[str, Any],
-    relays: RelayModes,
-    servers: list[ServerEntry],
-    endpoint: str | None,
-    online: OnlineConfig | None,
-) -> tuple[Plugin | None, tuple[str, ...]]:
-    """The plugin the keys name, or else the one a server's URL or entry names, and warnings."""
-    plugin, warnings = read_plugin(values, relays)
-    named = [entry for entry in servers if entry.plugin]
-    if plugin is None and named and relays.tcp:
-        # A single server's URL or entry may name the plugin (SIP002 ?plugin=).
-        plugin, more = read_plugin({"plugin": named[0].plugin, "plugin_opts": named[0].plugin_opts or None}, relays)
-        warnings += more
-    if plugin is not None:
-        if endpoint is not None:
-            raise ConfigError(
-                "plugin", "a plugin connects to the server itself: give the server with -s/-p, not --server-endpoint"
-            )
-        if len(servers) != 1 or online is not None:
-            raise ConfigError(
-                "plugin", "a plugin works with one server (-s/-p or one URL); plugins per server in a servers "
-                "list, or with an online config, are not supported yet"
-            )
-    return plugin, warnings
+def _local_plugins(
+    values: Mapping[str, Any], relays: RelayModes, servers: list[ServerEntry], given: _GivenServer
+) -> tuple[tuple[Plugin | None, ...], tuple[str, ...]]:
+    """
+    Each server's plugin (None: TCP goes straight to it), and warnings.  The
+    top-level plugin keys belong to the server the top-level keys name (-s),
+    or to a lone server from a URL or a servers entry; any other server
+    may name its own (its entry's plugin/plugin_opts, or its URL's ?plugin=).
+    """
+    top, warnings = read_plugin(values, relays)
+    if top is not None and given.endpoint is not None:
+        raise ConfigError(
+            "plugin", "a plugin connects to the server itself: give the server with -s/-p, not --server-endpoint"
+        )
+    lone = len(servers) == 1
+    if top is not None and not given.entries and not lone:
+        raise ConfigError(
+            "plugin", "with several servers, name each server's plugin in its servers entry (plugin, plugin_opts) "
+            "or in its ss:// URL (?plugin=)"
+        )
+    plugins: list[Plugin | None] = []
+    for i, entry in enumerate(servers):
+        plugin = None
+        if top is not None and (i < len(given.entries) or lone):
+            plugin = top
+        elif entry.plugin:
+            try:
+                plugin, more = read_plugin({"plugin": entry.plugin, "plugin_opts": entry.plugin_opts or None}, relays)
+            except ConfigError as e:
+                raise ConfigError(e.key, f"server {entry.label}: {e.message}") from None
+            warnings += more
+        plugins.append(plugin)
+    return tuple(plugins), warnings
 
 
 def _tunnel_address(

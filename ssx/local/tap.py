@@ -6,7 +6,7 @@ the online config.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
@@ -20,9 +20,11 @@ from ssx.local.tunnel import TunnelFactory
 from ssx.local.front import MixedLocalFactory
 from ssx.local.udp import LocalUdpRelay, Socks5UdpRelay, TunnelUdpRelay
 from ssx.local.online import OnlineConfigService, describe_url, load_trust_root
+from ssx.local.online_upstreams import OnlineUpstreams
 from ssx.local.picker import ServerPicker
 from ssx.local.upstream import make_upstream
-from ssx.net.plugin import PluginService
+from ssx.errors import ConfigError
+from ssx.net.plugin import PluginService, find_plugin
 from ssx.net.tcp import fast_open_sysctl_note
 from ssx.config.options import SsxOptions, check_endpoint, log_config_notes
 
@@ -68,8 +70,9 @@ class Options(SsxOptions):
          "several; 0 turns them off [default: 60]"],
         ["health-check-url", None, None, "http:// URL fetched through each server to check it and measure its "
          "latency [default: http://www.gstatic.com/generate_204]"],
-        ["plugin", None, None, "SIP003 plugin (a name on PATH or a path), e.g. obfs-local or v2ray-plugin: ssx "
-         "sends TCP to it on a loopback port and it reaches -s/-p; UDP (-u) goes straight to -s/-p"],
+        ["plugin", None, None, "SIP003 plugin (a name on PATH or a path), e.g. obfs-local or v2ray-plugin, for the "
+         "server -s/-p (or a lone --url): ssx sends TCP to it on a loopback port and it reaches the server; UDP (-u) "
+         "goes straight to the server. Other servers name their own (servers entry plugin/plugin_opts, URL ?plugin=)"],
         ["plugin-opts", None, None, "the plugin's options (SS_PLUGIN_OPTIONS), e.g. \"obfs=http;obfs-host=example.com\""],
     ]
     flag_keys = {
@@ -109,6 +112,13 @@ class Options(SsxOptions):
         super().postOptions()
 
     def check(self, config: LocalConfig) -> None:
+        for entry, plugin in zip(config.servers, config.plugins):
+            if plugin is not None and len(config.servers) > 1:
+                # Before the common check (the first plugin): the message names the server.
+                try:
+                    find_plugin(plugin.name)
+                except ConfigError as e:
+                    raise ConfigError(e.key, f"server {entry.label}: {e.message}") from None
         super().check(config)
         for tunnel in config.tunnels:
             check_endpoint("listen", tunnel.listen, server=True)
@@ -122,14 +132,15 @@ class Options(SsxOptions):
 class LocalService(MultiService):
     """
     The root of the local end's service tree, its parts by name: the SIP003
-    plugin, the server picker, the proxy and tunnel ports (factories and
+    plugins (one per configured server that has one; the online config's
+    servers' plugins are added and removed as they come and go), the server picker, the proxy and tunnel ports (factories and
     listeners), the UDP relays, the graceful-shutdown drain, the health
     check and the online config.
     """
 
-    def __init__(self, picker: ServerPicker, plugin: PluginService | None = None) -> None:
+    def __init__(self, picker: ServerPicker, plugins: Sequence[PluginService] = ()) -> None:
         MultiService.__init__(self)
-        self.plugin = plugin
+        self.plugins = list(plugins)
         self.picker = picker
         self.factories: list[LocalFactory] = []
         self.listeners: list[ListenerService] = []
@@ -137,10 +148,16 @@ class LocalService(MultiService):
         self.drain: DrainService | None = None
         self.health: HealthCheckService | None = None
         self.online: OnlineConfigService | None = None
-        if plugin is not None:
+        self.online_upstreams: OnlineUpstreams | None = None
+        for plugin in self.plugins:
             # First in the tree: started (and listening) before any
-            # listener's connection can want it.
+            # listener's connection can want them.
             plugin.setServiceParent(self)
+
+    @property
+    def plugin(self) -> PluginService | None:
+        """The first server's plugin (with one server: its plugin)."""
+        return self.plugins[0] if self.plugins else None
 
     @property
     def factory(self) -> LocalFactory | None:
@@ -157,14 +174,18 @@ class LocalService(MultiService):
 
 def build_service(reactor: Any, config: LocalConfig) -> LocalService:
     """The local end's service tree for `config`."""
-    plugin = None
-    if config.plugin is not None:
-        # UDP does not go through it.  (Config allows a plugin only with one server.)
-        entry = config.servers[0]
-        plugin = PluginService(reactor, config.plugin, "ssx-local", (entry.host, entry.port))
-    upstreams = [make_upstream(reactor, entry, plugin, config.fast_open) for entry in config.servers]
-    top = LocalService(ServerPicker(upstreams), plugin)
-    # UDP goes to the first configured server (checked by local_config).
+    upstreams, plugins = [], []
+    for entry, plugin in zip(config.servers, config.plugins):
+        service = None
+        if plugin is not None:
+            # Each on its own loopback port; UDP does not go through it.
+            label = "ssx-local" if len(config.servers) == 1 else f"ssx-local (server {entry.label})"
+            service = PluginService(reactor, plugin, label, (entry.host, entry.port))
+            plugins.append(service)
+        upstreams.append(make_upstream(reactor, entry, service, config.fast_open))
+    top = LocalService(ServerPicker(upstreams), plugins)
+    # UDP starts with the first configured server (checked by local_config),
+    # then follows the picker's choice as servers go down.
     udp_server = top.picker.upstreams()[0] if config.relays.udp else None
     _add_proxy_ports(top, reactor, config, udp_server)
     _add_tunnels(top, reactor, config, udp_server)
@@ -177,16 +198,8 @@ def build_service(reactor: Any, config: LocalConfig) -> LocalService:
     online = config.online
     if online is not None:
         trust_root = load_trust_root(online.ca_file) if online.ca_file is not None else None
-        picker = top.picker
-        top.online = OnlineConfigService(
-            reactor,
-            online.url,
-            online.interval,
-            lambda entries: picker.replace_dynamic(
-                entries, lambda entry: make_upstream(reactor, entry, fast_open=config.fast_open),
-            ),
-            trust_root,
-        )
+        top.online_upstreams = OnlineUpstreams(reactor, top.picker, top, plugins=config.relays.tcp, fast_open=config.fast_open)
+        top.online = OnlineConfigService(reactor, online.url, online.interval, top.online_upstreams.apply, trust_root)
         top.online.setServiceParent(top)
     _log_configuration(config)
     return top
@@ -199,7 +212,9 @@ def _add_proxy_ports(top: LocalService, reactor: Any, config: LocalConfig, udp_s
         socks_udp = None
         if udp_server is not None:
             address = (udp_server.entry.host, udp_server.entry.port)
-            socks_udp = Socks5UdpRelay(reactor, udp_server.suite, address, relays.timeout, relays.capacity)
+            socks_udp = Socks5UdpRelay(
+                reactor, udp_server.suite, address, relays.timeout, relays.capacity, picker=top.picker
+            )
             top.udp_relays.append(socks_udp)
         factory = MixedLocalFactory(
             reactor, top.picker, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
@@ -217,7 +232,8 @@ def _add_tunnels(top: LocalService, reactor: Any, config: LocalConfig, udp_serve
         if udp_server is not None:
             address = (udp_server.entry.host, udp_server.entry.port)
             tunnel_udp = TunnelUdpRelay(
-                reactor, udp_server.suite, address, tunnel.target, timeout=relays.timeout, capacity=relays.capacity
+                reactor, udp_server.suite, address, tunnel.target, timeout=relays.timeout, capacity=relays.capacity,
+                picker=top.picker,
             )
             top.udp_relays.append(tunnel_udp)
         if relays.tcp:
@@ -233,8 +249,9 @@ def _add_tunnels(top: LocalService, reactor: Any, config: LocalConfig, udp_serve
 
 def _log_configuration(config: LocalConfig) -> None:
     """The start-up lines: the plugin, each method's notes, each server, the online config."""
-    if config.plugin is not None:
-        _log.info("ssx-local: TCP to the server goes through plugin {name}", name=config.plugin.name)
+    for entry, plugin in zip(config.servers, config.plugins):
+        if plugin is not None:
+            _log.info("ssx-local: TCP to {server} goes through plugin {name}", server=entry.label, name=plugin.name)
     methods = sorted({entry.method for entry in config.servers}) or [config.method]
     for i, method in enumerate(methods):
         log_config_notes("ssx-local", method, config.warnings if i == 0 else (), config.ignored if i == 0 else ())

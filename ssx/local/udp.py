@@ -9,6 +9,14 @@ address in a `NatTable`, connected to the server so nothing else can answer
 on it.  The server's datagrams come
 back on that socket, are opened and handed to the application (with the
 SOCKS5 header, or bare for a tunnel).  Bad datagrams are dropped and counted.
+
+With a picker (`IServerPicker`), the server is chosen per application
+address: the picker's best server with an address, when its socket is
+opened.  When that server is marked down (health check, failed TCP
+connections) and the picker prefers another, the application's next
+datagram opens a socket to the other one; without a picker, every
+datagram goes to the one server given.  UDP never goes through a SIP003
+plugin: it goes to the server's own address and port.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from ssx.wire.address import Address, decode_address, encode_address
-from ssx.interfaces import ICipherSuite
+from ssx.interfaces import ICipherSuite, IServerPicker, IUpstream
 from ssx.errors import ProtocolError
 from ssx.net.nat import MAX_DATAGRAM, READ_SIZE, SweptNatProtocol, send_datagram
 from ssx.wire.socks5 import UDP_HEADER, udp_to_shadowsocks
@@ -39,16 +47,26 @@ class _ServerSocket(DatagramProtocol):
 
     noisy = False
 
-    def __init__(self, relay: "LocalUdpRelay", client: tuple) -> None:
+    def __init__(
+        self,
+        relay: "LocalUdpRelay",
+        client: tuple,
+        suite: ICipherSuite,
+        server: tuple[str, int],
+        upstream: IUpstream | None = None,
+    ) -> None:
         self.relay = relay
         self.client = client
+        self.server = server
+        # The picker's server this socket goes to (None: the relay's fixed one).
+        self.upstream = upstream
         # Per application: 2022 sessions carry state (session and packet IDs).
-        self.codec = relay.suite.udp_client_codec()
+        self.codec = suite.udp_client_codec()
         self.port: Any = None
         self._pending: list[bytes] | None = []
 
     def open(self) -> None:
-        d = self.relay.server_ip()
+        d = self.relay.server_ip(self.server[0])
         d.addCallbacks(self._connect, self._unresolved)
 
     def _connect(self, ip: str) -> None:
@@ -58,7 +76,7 @@ class _ServerSocket(DatagramProtocol):
             self.port = self.relay.reactor.listenUDP(
                 0, self, interface="::" if ":" in ip else "0.0.0.0", maxPacketSize=READ_SIZE
             )
-            self.port.connect(ip, self.relay.server[1])
+            self.port.connect(ip, self.server[1])
         except (CannotListenError, OSError) as e:
             _log.warn("UDP: cannot open a socket to the server: {error}", error=e)
             self.relay.dropped += len(self._pending)
@@ -71,7 +89,7 @@ class _ServerSocket(DatagramProtocol):
     def _unresolved(self, failure: Any) -> None:
         if self._pending is not None:
             self.relay.dropped += len(self._pending)
-            _log.info("UDP: cannot resolve the server {host}: {error}", host=self.relay.server[0], error=failure.getErrorMessage())
+            _log.info("UDP: cannot resolve the server {host}: {error}", host=self.server[0], error=failure.getErrorMessage())
             self.relay.nat.remove(self.client)
 
     def send(self, packet: bytes) -> None:
@@ -116,31 +134,54 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
         server: tuple[str, int],
         timeout: float = 60.0,
         capacity: int = 1024,
+        picker: IServerPicker | None = None,
     ) -> None:
         self.setup_nat(reactor, timeout, capacity)
         self.suite = suite
         self.server = server
-        self._server_ip: str | None = None
+        self.picker = picker
+        self._server_ips: dict[str, str] = {}
 
-    def server_ip(self) -> Any:
-        """A Deferred IP for the server (resolved once, then remembered)."""
+    def server_ip(self, host: str | None = None) -> Any:
+        """A Deferred IP for a server's host, the fixed server's by default (resolved once, then remembered)."""
         from twisted.internet.defer import succeed
 
-        if self._server_ip is not None:
-            return succeed(self._server_ip)
-        host = self.server[0]
+        if host is None:
+            host = self.server[0]
+        known = self._server_ips.get(host)
+        if known is not None:
+            return succeed(known)
         try:
             ipaddress.ip_address(host)
         except ValueError:
             d = self.reactor.resolve(host)
 
             def remember(ip: str) -> str:
-                self._server_ip = ip
+                self._server_ips[host] = ip
                 return ip
 
             return d.addCallback(remember)
-        self._server_ip = host
+        self._server_ips[host] = host
         return succeed(host)
+
+    def choose(self) -> tuple[IUpstream | None, ICipherSuite, tuple[str, int]]:
+        """Where a new application's datagrams go: the picker's best server with an address, or the fixed one."""
+        if self.picker is not None:
+            for upstream in self.picker.candidates():
+                entry = upstream.entry
+                if entry.host:  # not a --server-endpoint alone
+                    return upstream, upstream.suite, (entry.host, entry.port)
+        return None, self.suite, self.server
+
+    def _still_chosen(self, sock: _ServerSocket) -> bool:
+        """Whether an application's socket may go on to its server: up, or no better one."""
+        if sock.upstream is None or self.picker is None:
+            return True
+        try:
+            up = self.picker.health(sock.upstream)[0]
+        except KeyError:  # dropped by an online config refresh
+            return False
+        return up or self.choose()[0] is sock.upstream
 
     # What subclasses decide.
     def accepts(self, client: tuple) -> bool:
@@ -166,8 +207,13 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
             self.dropped += 1
             return
         sock = self.nat.get(addr)
+        if sock is not None and not self._still_chosen(sock):
+            _log.info("UDP: {client} moves to server {server}", client=addr, server=self.choose()[2])
+            self.nat.remove(addr)  # closes its socket
+            sock = None
         if sock is None:
-            sock = _ServerSocket(self, addr)
+            upstream, suite, server = self.choose()
+            sock = _ServerSocket(self, addr, suite, server, upstream)
             self.nat.add(addr, sock)
             sock.open()
         try:

@@ -173,7 +173,9 @@ class PluginService(Service):
     `remote` (the public address and port) and connects to the loopback
     port `listener` bound.  Without it (the local end) the plugin listens
     on a free loopback port, `local_address`, and connects to `remote`
-    (the server).
+    (the server).  With `wait` false the start does not wait for the plugin
+    to listen (nor check its executable: the caller does, `find_plugin`);
+    connections before it listens are refused, as when it restarts.
     """
 
     def __init__(
@@ -184,6 +186,7 @@ class PluginService(Service):
         remote: tuple[str, int],
         listener: Any = None,
         deadline: float = START_DEADLINE,
+        wait: bool = True,
     ) -> None:
         self.reactor = reactor
         self.plugin = plugin
@@ -191,6 +194,9 @@ class PluginService(Service):
         self.remote = remote
         self.listener = listener
         self.deadline = deadline
+        # Block in startService until the plugin listens: at start-up, yes;
+        # started later by a running reactor (an online config's server), no.
+        self.wait = wait
         self.monitor = PluginMonitor(reactor)
         self.local_address: tuple[str, int] | None = None
 
@@ -215,7 +221,8 @@ class PluginService(Service):
         self.monitor.addProcess(self.process_name, [path, *self.plugin.args], env=env)
         Service.startService(self)
         self.monitor.startService()
-        self._wait_listening(probe)
+        if self.wait:
+            self._wait_listening(probe)
 
     def stopService(self) -> Deferred:
         Service.stopService(self)

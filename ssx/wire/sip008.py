@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ssx.errors import ConfigError
 from ssx.config.upstreams import ServerEntry, server_entry
+from ssx.wire.sip003 import PluginOptionsError, parse_plugin_options
 
 __all__ = ["MAX_DOCUMENT", "OnlineServers", "parse_online_config"]
 
@@ -64,9 +65,12 @@ def parse_online_config(body: bytes) -> OnlineServers:
             raise _reject(str(e)) from None
         if entry is None:
             continue
-        if entry.plugin:
-            skipped.append(f"servers[{i}] ({entry.name or entry.host}): SIP003 plugin {entry.plugin} not supported yet")
-            continue
+        if entry.plugin_opts:
+            try:
+                parse_plugin_options(entry.plugin_opts)
+            except PluginOptionsError as e:
+                skipped.append(f"servers[{i}] ({entry.name or entry.host}): plugin_opts not a SIP003 option string: {e}")
+                continue
         servers.append(entry)
     if not servers:
         raise _reject("no usable server in the list" + (f" ({'; '.join(skipped)})" if skipped else ""))
