@@ -16,7 +16,9 @@ plain `listenTCP`/`connectTCP` on anything else (a `MemoryReactor` in tests).
 They also set TCP Fast Open when asked: TCP_FASTOPEN on a listening socket
 (the server accepts data in a SYN), TCP_FASTOPEN_CONNECT on an outgoing one
 (the kernel defers the SYN to the first write and carries that write in it,
-once it holds the server's cookie).
+once it holds the server's cookie).  `connect` also binds an outgoing
+connection to a source address and a device (SO_BINDTODEVICE) when asked:
+the server end's `--outbound-address` and `--interface`.
 
 Those transports read Twisted's private state, `server_endpoint` reads the
 values a parsed endpoint description keeps privately, and `on_process_exit`
