@@ -280,7 +280,6 @@ class _Libev(_Translation):
         switches = {"-u": "-u", "-U": "-U", "--fast-open": "--fast-open", "--no-delay": "--no-delay",
                     "-v": "--verbose"}
         unsupported = {
-            "-i": "sending through a chosen interface",
             "-n": "raising the open-file limit",
             "--reuse-port": "SO_REUSEPORT",
             "--acl": "access control lists",
@@ -291,9 +290,11 @@ class _Libev(_Translation):
         if server:
             params["-d"] = "--nameserver"
             switches["-6"] = "--prefer-ipv6"
-            unsupported["-b"] = "the source address of outgoing connections"
+            # The source address and interface of connections to targets.
+            params.update({"-b": "--outbound-address", "-i": "--interface"})
         else:
             params.update({"-b": "-b", "-l": "-l"})
+            unsupported["-i"] = "sending through a chosen interface on the local end"
             unsupported["-6"] = "preferring IPv6 on the local end"
         pid_file = None
         hosts: list[str] = []

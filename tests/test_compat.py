@@ -254,9 +254,15 @@ class LibevServerTests(unittest.SynchronousTestCase):
                                        "--uid", "65534", "--gid", "65534"])
         self.assertEqual(p.pid_file, "/run/ss.pid")
 
+    def test_outbound(self):
+        """-b (the source address of connections to targets) and -i (their interface) go to ssx-server."""
+        _, _, ssx = split(plan("ssx-ss-server", "-b", "192.0.2.1", "-i", "eth0"))
+        self.assertIn(("--outbound-address", "192.0.2.1"), pairs(ssx))
+        self.assertIn(("--interface", "eth0"), pairs(ssx))
+
     def test_refused(self):
-        """-i -b -n --reuse-port --acl --manager-address --mtu --mptcp: refused, naming the flag."""
-        cases = [["-i", "eth0"], ["-b", "192.0.2.1"], ["-n", "4096"], ["--reuse-port"], ["--acl", "x.acl"],
+        """-n --reuse-port --acl --manager-address --mtu --mptcp: refused, naming the flag."""
+        cases = [["-n", "4096"], ["--reuse-port"], ["--acl", "x.acl"],
                  ["--manager-address", "/tmp/m.sock"], ["--mtu", "1400"], ["--mptcp"]]
         for argv in cases:
             with self.assertRaises(Refused) as caught:
@@ -277,7 +283,7 @@ class LibevLocalTests(unittest.SynchronousTestCase):
     """ssx-ss-local takes ss-local's flags."""
 
     def test_flags(self):
-        """-s -p -b -l -k -m -u go to ssx-local; -6 and a second -s are refused."""
+        """-s -p -b -l -k -m -u go to ssx-local; -6, -i and a second -s are refused."""
         _, tap, ssx = split(plan("ssx-ss-local", "-s", "203.0.113.1", "-p", "8388", "-b", "127.0.0.1", "-l", "1080",
                                  "-k", "pw", "-m", "aes-128-gcm", "-u"))
         self.assertEqual(tap, "ssx-local")
@@ -286,6 +292,7 @@ class LibevLocalTests(unittest.SynchronousTestCase):
             self.assertIn(pair, pairs(ssx))
         self.assertIn("-u", ssx)
         self.assertRaises(Refused, plan, "ssx-ss-local", "-6")
+        self.assertRaises(Refused, plan, "ssx-ss-local", "-i", "eth0")
         self.assertRaises(Refused, plan, "ssx-ss-local", "-s", "a", "-s", "b")
         self.assertRaises(UsageError, plan, "ssx-ss-local", "-d", "1.1.1.1")
 

@@ -20,6 +20,7 @@ import ssx.local.tap as local_tap
 import ssx.server.tap as server_tap
 from ssx.config import local_config, server_config
 from ssx.config.known_keys import LOCAL_PEER_KEYS, SERVER_PEER_KEYS
+from ssx.config.server import LOOPBACK_LOCAL_ADDRESS
 from tests import support
 
 SERVER = {"password": "pw", "method": "aes-256-gcm", "server_port": 0}
@@ -183,8 +184,10 @@ class OriginalConfigTwistdTests(unittest.TestCase):
             }, f)
         child = await support.start_twistd(self, "-n", "--pidfile=", "ssx-server", "-c", path, ready=b"clients connect to")
         text = child.text()
-        for key in ("workers", "one_time_auth", "libopenssl", "local_address", "local_port"):
+        for key in ("workers", "one_time_auth", "libopenssl", "local_port"):
             self.assertIn(f"config key {key}: {SERVER_PEER_KEYS[key]}", text)
+        # The shared config's loopback local_address is sslocal's: not a source address.
+        self.assertIn(LOOPBACK_LOCAL_ADDRESS.format(address="127.0.0.1"), text)
         self.assertNotIn("config keys not used", text)  # fast_open is honoured
         local, socks_port = support.start_local(
             server_port, password="barfoo!", method="aes-256-cfb", server="127.0.0.1",

@@ -43,10 +43,6 @@ _BOTH: dict[str, str] = {
 SERVER_PEER_KEYS: Mapping[str, str] = {
     **_BOTH,
     "workers": "ssx runs one process; --workers is not supported yet",
-    # libev's ss-server: the source address of outbound connections (on
-    # the local end, and in the original's shared config, the listen address).
-    "local_address": "ssx-server does not bind outbound connections to a source address yet; ignored "
-                     "(on the local end it is the listen address)",
     "local_port": _LOCAL_ONLY,
     "tunnel_remote": _LOCAL_ONLY,
     "tunnel_remote_port": _LOCAL_ONLY,
@@ -62,6 +58,8 @@ LOCAL_PEER_KEYS: Mapping[str, str] = {
     "workers": _SERVER_ONLY,
     "port_password": _SERVER_ONLY,
     "forbidden_ip": _SERVER_ONLY,
+    "outbound_address": _SERVER_ONLY,
+    "interface": "ssx-server sends through a chosen interface; ssx-local does not; ignored",
     "prefer_ipv6": "ssx-local does not prefer IPv6 yet; ignored",
     "ipv6_first": "ssx-local does not prefer IPv6 yet; ignored",
     "dns_server": "ssx-local resolves server names with the system's resolver; ignored",

@@ -6,6 +6,7 @@ The server end's configuration: `server_config` checks the merged keys
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -32,6 +33,7 @@ from ssx.config.values import (
     tcp_description,
 )
 from ssx.crypto import lookup_method, make_suite
+from ssx.net.outbound import Outbound
 from ssx.errors import ConfigError
 from ssx.config.nameservers import parse_nameservers
 from ssx.config.manager import MANAGER_KEYS, ManagerAddress, read_manager_address
@@ -40,7 +42,7 @@ from ssx.server.forbidden import ForbiddenNetworks, parse_forbidden
 from ssx.server.handshakes import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_IP
 from ssx.wire.sip003 import Plugin
 
-__all__ = ["PLUGIN_BACKEND_LISTEN", "SERVER_KEYS", "PortConfig", "ServerConfig", "added_port", "server_config"]
+__all__ = ["LOOPBACK_LOCAL_ADDRESS", "PLUGIN_BACKEND_LISTEN", "SERVER_KEYS", "PortConfig", "ServerConfig", "added_port", "read_outbound", "server_config"]
 
 DEFAULT_REPLAY_HISTORY = 1_000_000
 # About 360 MiB of filters, allocated at start.
@@ -57,6 +59,8 @@ SERVER_KEYS = COMMON_KEYS | {
     "max_handshakes", "max_handshakes_per_ip", "dns_server", "port_password", "servers",
     # libev's name for prefer_ipv6.
     "ipv6_first",
+    # Where connections to targets leave from; local_address is libev's name (`read_outbound`).
+    "outbound_address", "local_address", "interface",
 } | MANAGER_KEYS
 # What a manager's `add` may set for its port; the rest comes from the config's top level.
 ADD_KEYS = frozenset({
@@ -115,6 +119,9 @@ class ServerConfig:
     # TCP Fast Open on the TCP listening sockets (data in the SYN): the
     # top-level key; a `servers` entry may set its own (`ports`).
     fast_open: bool = False
+    # The source addresses and interface of connections and datagrams to
+    # targets (None: as the kernel chooses).
+    outbound: Outbound | None = None
 
     def port_configs(self) -> tuple[PortConfig, ...]:
         """`ports`, or for a config made without them, the one port its fields describe."""
@@ -151,6 +158,8 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
     forbidden = parse_forbidden(values.get("forbidden_ip"))
     warnings += _forbidden_warnings(forbidden)
     dns_key = "nameserver" if values.get("nameserver") is not None else "dns_server"
+    outbound, notes = read_outbound(values)
+    warnings += notes
     return ServerConfig(
         listen=first.listen,
         method=first.method,
@@ -181,7 +190,63 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         manager=read_manager_address(values),
         port_defaults={k: v for k, v in values.items() if k not in _NOT_INHERITED},
         fast_open=read_bool(values, "fast_open"),
+        outbound=outbound,
     )
+
+
+# The warning for a loopback local_address, which is never meant for the server.
+LOOPBACK_LOCAL_ADDRESS = (
+    "config key local_address: {address} is a loopback address, ignored: in the original shadowsocks' shared "
+    "config.json it is sslocal's listen address, and binding ssx-server's outgoing connections to it would "
+    "reach loopback targets only (set outbound_address for a source address)"
+)
+# Linux's IFNAMSIZ, less the terminating NUL.
+_MAX_INTERFACE_NAME = 15
+
+
+def read_outbound(values: Mapping[str, Any]) -> tuple[Outbound | None, tuple[str, ...]]:
+    """
+    (where connections to targets leave from, warnings): outbound_address,
+    or libev's server-side local_address where it is not given (without
+    its loopback addresses, which the original's shared config.json sets
+    for sslocal), at most one IPv4 and one IPv6 address; and interface.
+    """
+    key = "outbound_address" if values.get("outbound_address") is not None else "local_address"
+    raw = values.get(key)
+    if raw is None:
+        items: list[Any] = []
+    elif isinstance(raw, str):
+        items = [item.strip() for item in raw.split(",") if item.strip()]
+    elif isinstance(raw, list):
+        items = raw
+    else:
+        raise ConfigError(key, "expected an IP address, or a list of one IPv4 and one IPv6 address")
+    warnings: list[str] = []
+    sources: dict[int, str] = {}
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(key, f"{item!r} is not an IP address")
+        try:
+            address = ipaddress.ip_address(item.strip())
+        except ValueError:
+            raise ConfigError(key, f"{item!r} is not an IP address") from None
+        if key == "local_address" and address.is_loopback:
+            warnings.append(LOOPBACK_LOCAL_ADDRESS.format(address=address))
+            continue
+        if address.is_unspecified:
+            continue  # 0.0.0.0 or ::, the kernel's choice: no bind needed
+        if address.version in sources:
+            raise ConfigError(key, f"two IPv{address.version} addresses ({sources[address.version]}, {address}): "
+                                   "give at most one IPv4 and one IPv6 address")
+        sources[address.version] = str(address)
+    device = values.get("interface")
+    if device is not None:
+        if not isinstance(device, str) or not device or len(device) > _MAX_INTERFACE_NAME or "/" in device \
+                or any(c.isspace() for c in device):
+            raise ConfigError("interface", f"{device!r} is not an interface name")
+    if not sources and device is None:
+        return None, tuple(warnings)
+    return Outbound(ipv4=sources.get(4), ipv6=sources.get(6), device=device), tuple(warnings)
 
 
 def added_port(defaults: Mapping[str, Any], request: Mapping[str, Any]) -> PortConfig:

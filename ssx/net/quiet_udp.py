@@ -28,6 +28,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ssx.net.outbound import bind_device
+
 __all__ = ["QuietUdpPort", "QuietUdpReactor", "listen_udp"]
 
 # As Twisted's port: bytes read per readiness event before the reactor
@@ -46,8 +48,11 @@ class QuietUdpPort:
         protocol: DatagramProtocol,
         interface: str = "",
         max_packet_size: int = 8192,
+        device: str | None = None,
     ) -> None:
         self.reactor = reactor
+        # The interface sent through (SO_BINDTODEVICE), if any.
+        self.device = device
         self.port = port
         self.protocol = protocol
         self.interface = interface
@@ -62,6 +67,8 @@ class QuietUdpPort:
             raise CannotListenError(self.interface, self.port, e) from None
         try:
             sock.setblocking(False)
+            if self.device is not None:
+                bind_device(sock, self.device)
             sock.bind((self.interface, self.port))
         except OSError as e:
             sock.close()
@@ -139,12 +146,16 @@ class QuietUdpPort:
 
 
 def listen_udp(
-    reactor: IReactorUDP, port: int, protocol: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192
+    reactor: IReactorUDP, port: int, protocol: DatagramProtocol, interface: str = "", maxPacketSize: int = 8192,
+    device: str | None = None,
 ) -> IListeningPort:
-    """`reactor.listenUDP`, without its log lines where the reactor allows."""
+    """
+    `reactor.listenUDP`, without its log lines where the reactor allows
+    (and there, through `device` if given: SO_BINDTODEVICE).
+    """
     if not isinstance(reactor, PosixReactorBase):
         return reactor.listenUDP(port, protocol, interface=interface, maxPacketSize=maxPacketSize)
-    udp = QuietUdpPort(reactor, port, protocol, interface, maxPacketSize)
+    udp = QuietUdpPort(reactor, port, protocol, interface, maxPacketSize, device)
     udp.startListening()
     return udp
 

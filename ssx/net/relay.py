@@ -108,6 +108,7 @@ class _OneTcpConnection(ClientFactory):
 
 def connect_tcp(
     reactor: Any, host: str, port: int, protocol: Protocol, timeout: float, fast_open: bool = False,
+    bind_address: tuple[str, int] | None = None, device: str | None = None,
 ) -> Deferred:
     """
     Connect `protocol` to an IP literal over TCP, as `connect_protocol`
@@ -115,7 +116,8 @@ def connect_tcp(
     protocol, which would add a call to every read for the connection's
     life.  The Deferred fails with the connect error; cancelling it stops
     the attempt.  With `fast_open`, the first write goes in the SYN where
-    the kernel allows it (`ssx.net.tcp.connect`).
+    the kernel allows it (`ssx.net.tcp.connect`); `bind_address` and
+    `device` set the source address and the interface sent through.
     """
     connector: list[Any] = []
 
@@ -126,7 +128,7 @@ def connect_tcp(
 
     connected: Deferred = Deferred(cancel)
     factory = _OneTcpConnection(protocol, connected)
-    connector.append(tcp.connect(reactor, host, port, factory, timeout, fast_open))
+    connector.append(tcp.connect(reactor, host, port, factory, timeout, fast_open, bind_address, device))
     if isinstance(protocol, OutboundProtocol):
         connected.addCallback(lambda built: built.ready)
     return connected

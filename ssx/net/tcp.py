@@ -16,7 +16,9 @@ plain `listenTCP`/`connectTCP` on anything else (a `MemoryReactor` in tests).
 They also set TCP Fast Open when asked: TCP_FASTOPEN on a listening socket
 (the server accepts data in a SYN), TCP_FASTOPEN_CONNECT on an outgoing one
 (the kernel defers the SYN to the first write and carries that write in it,
-once it holds the server's cookie).
+once it holds the server's cookie).  `connect` also binds an outgoing
+connection to a source address and a device (SO_BINDTODEVICE) when asked:
+the server end's `--outbound-address` and `--interface`.
 
 Those transports read Twisted's private state, `server_endpoint` reads the
 values a parsed endpoint description keeps privately, and `on_process_exit`
@@ -46,6 +48,8 @@ from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from ssx.net.outbound import bind_device
 
 if TYPE_CHECKING:
     from twisted.runner.procmon import ProcessMonitor
@@ -183,6 +187,17 @@ class FastOpenClient(Client):
         return sock
 
 
+class DeviceClient(Client):
+    """An outgoing connection sent through its connector's `device` (SO_BINDTODEVICE)."""
+
+    def createInternetSocket(self) -> socket.socket:
+        sock: socket.socket = Client.createInternetSocket(self)
+        # Twisted sets `connector` before it creates the socket; an error
+        # here makes the connection fail as a bind error would.
+        bind_device(sock, self.connector.device)
+        return sock
+
+
 class Port(tcp.Port):
     """
     A listening port whose connections send at once; with `v6only`, an
@@ -211,9 +226,10 @@ class Connector(tcp.Connector):
     """A connector whose connections send at once (and with `fast_open`, send their first write in the SYN)."""
 
     fast_open = False
+    device: str | None = None
 
     def _makeTransport(self) -> Client:
-        transport = FastOpenClient if self.fast_open else Client
+        transport = DeviceClient if self.device is not None else FastOpenClient if self.fast_open else Client
         return transport(self.host, self.port, self.bindAddress, self, self.reactor)
 
 
@@ -242,18 +258,23 @@ def listen(
 
 def connect(
     reactor: IReactorTCP, host: str, port: int, factory: ClientFactory, timeout: float, fast_open: bool = False,
+    bind_address: tuple[str, int] | None = None, device: str | None = None,
 ) -> IConnector:
     """
     Like `reactor.connectTCP`, with these transports; with `fast_open`,
     TCP_FASTOPEN_CONNECT where the kernel takes it.  The connection is then
     made at once when the kernel holds a cookie for the server (the SYN
     waits for the first write), so a server that cannot be reached shows as
-    a connection lost rather than one that failed.
+    a connection lost rather than one that failed.  `bind_address` is the
+    source address (Twisted's `bindAddress`); `device`, the interface sent
+    through (SO_BINDTODEVICE, on Twisted's POSIX reactors; not with
+    `fast_open`, which the server end does not use).
     """
     if not _fast(reactor):
-        return reactor.connectTCP(host, port, factory, timeout=timeout)
-    connector = Connector(host, port, factory, timeout, None, reactor)
+        return reactor.connectTCP(host, port, factory, timeout=timeout, bindAddress=bind_address)
+    connector = Connector(host, port, factory, timeout, bind_address, reactor)
     connector.fast_open = fast_open
+    connector.device = device
     connector.connect()
     return connector
 

@@ -21,6 +21,7 @@ from ssx.config.options import make_suite
 from ssx.config.ports import PortConfig
 from ssx.crypto import SaltFilter
 from ssx.net.listener import DatagramListenerService, ListenerService, serve
+from ssx.net.outbound import Outbound
 from ssx.net.plugin import PluginService
 from ssx.net.resolver import TargetResolver
 from ssx.net.tcp import FAST_OPEN_QUEUE
@@ -49,6 +50,8 @@ class SharedParts:
     # Count each port's encrypted bytes, TCP and UDP (`ServerPort.traffic`),
     # for the manager API's figures: one call per read, write or datagram when on.
     count_traffic: bool = False
+    # Where connections and datagrams to targets leave from (None: as the kernel chooses).
+    outbound: Outbound | None = None
 
 
 class ServerPort(MultiService):
@@ -83,6 +86,7 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
         max_handshakes_per_ip=shared.max_handshakes_per_ip if config.plugin is None else 0,
         verbose=shared.verbose,
         port_traffic=traffic,
+        outbound=shared.outbound,
         **shared.limits.factory_arguments(),
     )
     port = ServerPort(config, factory, traffic)
@@ -94,7 +98,7 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
         relay = udp_relay_for(suite)(
             reactor, suite, shared.resolver, shared.forbidden, relays.timeout, relays.capacity,
             salt_filter=shared.salt_filter, lookups=shared.lookups, verbose=shared.verbose, traffic=port.traffic,
-            **sessions,
+            outbound=shared.outbound, **sessions,
         )
         port.udp_relays.append(relay)
         return relay

@@ -40,6 +40,7 @@ from ssx.interfaces import ITrafficCounter, IUserTrafficSink
 from ssx.server.accounting import UserTrafficTable, counted, counted_wire
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.wire.address import is_ip_literal
+from ssx.net.outbound import Outbound
 from ssx.net.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol, can_half_close, connect_tcp
 from ssx.net.resolver import NameResolutionError, TargetResolver
 from ssx.server.handshakes import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_IP, HandshakeTable, source_group
@@ -67,9 +68,12 @@ class ShadowsocksServerFactory(RelayFactory):
         max_handshakes_per_ip: int = DEFAULT_MAX_HANDSHAKES_PER_IP,
         user_traffic: IUserTrafficSink | None = None,
         port_traffic: ITrafficCounter | None = None,
+        outbound: Outbound | None = None,
         **limits: Any,
     ) -> None:
         RelayFactory.__init__(self, reactor, timeout, **limits)
+        # Where connections to targets leave from (None: as the kernel chooses).
+        self.outbound = outbound
         self.salt_filter = salt_filter
         self.suite = suite
         self.resolver = resolver
@@ -239,7 +243,14 @@ class ShadowsocksServerProtocol(InboundProtocol):
             return
         outbound = OutboundProtocol(self._target_connected)
         try:
-            d = connect_tcp(factory.reactor, allowed[0], address.port, outbound, factory.connect_timeout)
+            source = factory.outbound
+            if source is None:
+                d = connect_tcp(factory.reactor, allowed[0], address.port, outbound, factory.connect_timeout)
+            else:
+                d = connect_tcp(
+                    factory.reactor, allowed[0], address.port, outbound, factory.connect_timeout,
+                    bind_address=source.bind_address(allowed[0]), device=source.device,
+                )
         except Exception as e:  # e.g. socket.gaierror for an address the OS cannot use
             self._unreachable(Failure(e), address)
             return

@@ -19,6 +19,7 @@ from ssx.net.listener import DrainService
 from ssx.errors import ConfigError
 from ssx.net.plugin import find_plugin
 from ssx.net.resolver import TargetResolver
+from ssx.net.outbound import device_problem
 from ssx.net.tcp import fast_open_sysctl_note
 from ssx.server.host_address_watch import HostAddressWatcher
 from ssx.server.manager import ManagerProtocol, ManagerService
@@ -69,6 +70,11 @@ class Options(SsxOptions):
          "\"server;host=example.com\""],
         ["manager-address", None, None, "where the manager API answers (add/remove/list/ping, stat reports): "
          "host:port for UDP, or a path for a Unix datagram socket; loopback only unless --manager-allow-remote"],
+        ["outbound-address", None, None, "source address of connections and UDP datagrams to targets "
+         "(key outbound_address; libev's server-side local_address, -b): an IPv4 address for IPv4 targets, an "
+         "IPv6 one for IPv6 targets, or both, comma-separated [default: the kernel's choice]"],
+        ["interface", None, None, "send connections and datagrams to targets through this interface only "
+         "(key interface; libev's -i; SO_BINDTODEVICE, needs root or CAP_NET_RAW)"],
         ["url-file", None, None, "file the ss:// URL is written to at start, mode 0600 (it carries the "
          "password), relative to twistd's --rundir; '' for none [default: ssx-server.url]"],
     ]
@@ -87,6 +93,8 @@ class Options(SsxOptions):
         "max-handshakes": "max_handshakes",
         "max-handshakes-per-ip": "max_handshakes_per_ip",
         "manager-address": "manager_address",
+        "outbound-address": "outbound_address",
+        "interface": "interface",
     }
     build = staticmethod(server_config)
 
@@ -121,6 +129,10 @@ class Options(SsxOptions):
                 except ConfigError as e:
                     raise ConfigError(f"{port.label}.plugin" if port.label.startswith("servers[") else "plugin",
                                       e.message) from None
+        if config.outbound is not None and config.outbound.device is not None:
+            problem = device_problem(config.outbound.device)
+            if problem is not None:
+                raise ConfigError("interface", problem)
         # twistd changes to --rundir before the services start: the URL file
         # is read now and written then, so both must mean the same file.
         parent = getattr(self, "parent", None)
@@ -154,6 +166,7 @@ def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = Fals
         max_handshakes_per_ip=config.max_handshakes_per_ip,
         verbose=config.verbose,
         count_traffic=count_traffic or config.manager is not None,
+        outbound=config.outbound,
     )
     service = ServerService()
     if config.forbidden.host is not None:

@@ -35,6 +35,7 @@ from ssx.server.forbidden import ForbiddenNetworks
 from ssx.wire.address import is_ip_literal
 from ssx.net.nat import MAX_DATAGRAM, READ_SIZE, SweptNatProtocol, send_datagram
 from ssx.net.resolver import TargetResolver
+from ssx.net.outbound import Outbound
 from ssx.net.quiet_udp import listen_udp
 
 __all__ = [
@@ -64,9 +65,20 @@ class _ClientSockets:
             protocol = _Upstream(self)
             try:
                 # Quiet: one per association a client starts, which must not cost log lines.
-                transport = listen_udp(
-                    self.relay.reactor, 0, protocol, interface="::" if version == 6 else "0.0.0.0", maxPacketSize=READ_SIZE
-                )
+                outbound = self.relay.outbound
+                if outbound is None:
+                    transport = listen_udp(
+                        self.relay.reactor, 0, protocol, interface="::" if version == 6 else "0.0.0.0",
+                        maxPacketSize=READ_SIZE,
+                    )
+                else:
+                    # From the configured source address of the family, on a port the OS picks.
+                    source = outbound.ipv6 if version == 6 else outbound.ipv4
+                    transport = listen_udp(
+                        self.relay.reactor, 0, protocol,
+                        interface=source if source is not None else "::" if version == 6 else "0.0.0.0",
+                        maxPacketSize=READ_SIZE, device=outbound.device,
+                    )
             except CannotListenError as e:
                 relay = self.relay
                 relay.dropped += 1
@@ -222,8 +234,11 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         lookups: UdpLookups | None = None,
         verbose: bool = False,
         traffic: ITrafficCounter | None = None,
+        outbound: Outbound | None = None,
     ) -> None:
         self.setup_nat(reactor, timeout, capacity)
+        # Where the associations' sockets send from (None: the wildcard address).
+        self.outbound = outbound
         # The port's counter of encrypted bytes (the manager API's), if any.
         self.traffic = traffic
         # Replayed datagrams (same salt/IV) are dropped like forged ones;
