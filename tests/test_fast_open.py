@@ -23,33 +23,6 @@ from ssx.net.relay import OutboundProtocol
 from tests import support
 
 
-class _Keep(protocol.Protocol):
-    """Hands its connection to `made`, collects what it reads, fires `lost` at the end."""
-
-    def __init__(self, made: defer.Deferred | None = None) -> None:
-        self.made = made
-        self.lost: defer.Deferred = defer.Deferred()
-        self.received = bytearray()
-
-    def connectionMade(self) -> None:
-        if self.made is not None:
-            self.made.callback(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: object = None) -> None:
-        self.lost.callback(bytes(self.received))
-
-
-class _Factory(protocol.ClientFactory):
-    def __init__(self, build) -> None:  # type: ignore[no-untyped-def]
-        self.build = build
-
-    def buildProtocol(self, addr: object) -> protocol.Protocol:
-        return self.build()
-
-
 # Read before any test patches them.
 _TCP_FASTOPEN = tcp.TCP_FASTOPEN
 _TCP_FASTOPEN_CONNECT = tcp.TCP_FASTOPEN_CONNECT
@@ -77,17 +50,17 @@ class ListeningSocketTests(unittest.TestCase):
 
     def test_listen_sets_the_queue(self):
         """`listen(fast_open=N)` gives the listening socket a Fast Open queue of N; without it, none."""
-        port = tcp.listen(reactor, 0, _Factory(_Keep), interface="127.0.0.1", fast_open=tcp.FAST_OPEN_QUEUE)
+        port = tcp.listen(reactor, 0, support.BuildingFactory(support.KeepingProtocol), interface="127.0.0.1", fast_open=tcp.FAST_OPEN_QUEUE)
         self.addCleanup(port.stopListening)
         self.assertEqual(_queue(port.socket), tcp.FAST_OPEN_QUEUE)
-        plain = tcp.listen(reactor, 0, _Factory(_Keep), interface="127.0.0.1")
+        plain = tcp.listen(reactor, 0, support.BuildingFactory(support.KeepingProtocol), interface="127.0.0.1")
         self.addCleanup(plain.stopListening)
         self.assertEqual(_queue(plain.socket), 0)
 
     def test_serve_keeps_it_after_raising_the_backlog(self):
         """`serve(fast_open=...)` listens with the queue set, still there after the backlog is raised."""
         top = MultiService()
-        served = listener.serve(top, reactor, "tcp:0:interface=127.0.0.1", protocol.Factory.forProtocol(_Keep),
+        served = listener.serve(top, reactor, "tcp:0:interface=127.0.0.1", protocol.Factory.forProtocol(support.KeepingProtocol),
                                 "test", fast_open=tcp.FAST_OPEN_QUEUE)
         top.privilegedStartService()
         top.startService()
@@ -121,7 +94,7 @@ class ListeningSocketTests(unittest.TestCase):
         """Where the kernel refuses TCP_FASTOPEN, the port listens without it and one warning says so."""
         self.patch(tcp, "TCP_FASTOPEN", 9999)  # an option no kernel knows: ENOPROTOOPT
         log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        port = tcp.listen(reactor, 0, _Factory(_Keep), interface="127.0.0.1", fast_open=tcp.FAST_OPEN_QUEUE)
+        port = tcp.listen(reactor, 0, support.BuildingFactory(support.KeepingProtocol), interface="127.0.0.1", fast_open=tcp.FAST_OPEN_QUEUE)
         self.addCleanup(port.stopListening)
         self.assertEqual(len([e for e in log if "TCP Fast Open is not available" in e["log_format"]]), 1)
         raw = socket.create_connection(("127.0.0.1", port.getHost().port))
@@ -130,8 +103,8 @@ class ListeningSocketTests(unittest.TestCase):
     def test_other_reactors(self):
         """A reactor other than Twisted's POSIX ones gets plain listenTCP/connectTCP, fast_open or not."""
         memory = MemoryReactor()
-        tcp.listen(memory, 8388, _Factory(_Keep), fast_open=tcp.FAST_OPEN_QUEUE)
-        tcp.connect(memory, "127.0.0.1", 8388, _Factory(_Keep), 5, fast_open=True)
+        tcp.listen(memory, 8388, support.BuildingFactory(support.KeepingProtocol), fast_open=tcp.FAST_OPEN_QUEUE)
+        tcp.connect(memory, "127.0.0.1", 8388, support.BuildingFactory(support.KeepingProtocol), 5, fast_open=True)
         self.assertEqual(len(memory.tcpServers), 1)
         self.assertEqual(len(memory.tcpClients), 1)
 
@@ -139,14 +112,14 @@ class ListeningSocketTests(unittest.TestCase):
 class OutgoingSocketTests(unittest.TestCase):
     """ssx-local's side: TCP_FASTOPEN_CONNECT on its connections to the server."""
 
-    def _listen(self) -> tuple[int, list[_Keep]]:
-        accepted: list[_Keep] = []
+    def _listen(self) -> tuple[int, list[support.KeepingProtocol]]:
+        accepted: list[support.KeepingProtocol] = []
 
-        def build() -> _Keep:
-            accepted.append(_Keep())
+        def build() -> support.KeepingProtocol:
+            accepted.append(support.KeepingProtocol())
             return accepted[-1]
 
-        port = tcp.listen(reactor, 0, _Factory(build), interface="127.0.0.1")
+        port = tcp.listen(reactor, 0, support.BuildingFactory(build), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return port.getHost().port, accepted
 
@@ -154,7 +127,7 @@ class OutgoingSocketTests(unittest.TestCase):
         """Connect with `fast_open`, send a payload, close: the option's value, the hashes sent and received."""
         number, accepted = self._listen()
         made: defer.Deferred = defer.Deferred()
-        tcp.connect(reactor, "127.0.0.1", number, _Factory(lambda: _Keep(made)), 5, fast_open=fast_open)
+        tcp.connect(reactor, "127.0.0.1", number, support.BuildingFactory(lambda: support.KeepingProtocol(made)), 5, fast_open=fast_open)
         client = await made
         option = _connect_option(client.transport.socket)
         payload = os.urandom(300_000)

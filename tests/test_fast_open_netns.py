@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from tests import support
+from tests.support import netns
 
 METHOD = "aes-256-gcm"
 CONNECTIONS = 5
@@ -87,9 +87,6 @@ print(json.dumps({"sent": sent, "received": sorted(received), "returned": return
 """
 
 
-def _ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-
 
 def _host_fastopen() -> str:
     with open("/proc/sys/net/ipv4/tcp_fastopen") as f:
@@ -102,16 +99,7 @@ class FastOpenNamespaceTests(unittest.TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        if not sys.platform.startswith("linux") or os.geteuid() != 0:
-            raise unittest.SkipTest("network namespaces need Linux and root")
-        if shutil.which("ip") is None or _ip("netns", "list").returncode != 0:
-            raise unittest.SkipTest("`ip netns` (iproute2) is not available")
-        self.name = f"ssx-tfo-{secrets.token_hex(4)}"
-        made = _ip("netns", "add", self.name)
-        if made.returncode != 0:
-            raise unittest.SkipTest(f"cannot create a network namespace: {made.stderr.strip()}")
-        self.addCleanup(_ip, "netns", "del", self.name)
-        self.in_namespace("ip", "link", "set", "lo", "up")
+        self.name = netns.new_namespace(self, "ssx-tfo")
         host = _host_fastopen()
         self.in_namespace("sysctl", "-w", "net.ipv4.tcp_fastopen=3")
         if _host_fastopen() != host:
@@ -122,10 +110,7 @@ class FastOpenNamespaceTests(unittest.TestCase):
         os.makedirs(self.directory)
 
     def in_namespace(self, *command: str) -> str:
-        done = subprocess.run(["ip", "netns", "exec", self.name, *command], capture_output=True, text=True, timeout=30)
-        if done.returncode != 0:
-            raise AssertionError(f"{' '.join(command)} in the namespace: {done.stderr.strip()}")
-        return done.stdout
+        return netns.in_namespace(self.name, *command)
 
     def counters(self) -> dict[str, int]:
         """The namespace's TcpExt counters (/proc/net/netstat)."""

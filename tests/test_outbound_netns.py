@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
-import subprocess
 import sys
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from tests import support
+from tests.support import netns
 
 METHOD = "aes-256-gcm"
 TARGET = "10.77.0.1"
@@ -55,9 +54,6 @@ print(json.dumps({"tcp": tcp_source, "udp": udp_source}), flush=True)
 """
 
 
-def _ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-
 
 class OutboundNamespaceTests(unittest.TestCase):
     """The targets see the source address ssx-server is told to use, in a namespace with two addresses on lo."""
@@ -65,16 +61,7 @@ class OutboundNamespaceTests(unittest.TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        if not sys.platform.startswith("linux") or os.geteuid() != 0:
-            raise unittest.SkipTest("network namespaces need Linux and root")
-        if shutil.which("ip") is None or _ip("netns", "list").returncode != 0:
-            raise unittest.SkipTest("`ip netns` (iproute2) is not available")
-        self.name = f"ssx-outbound-{secrets.token_hex(4)}"
-        made = _ip("netns", "add", self.name)
-        if made.returncode != 0:
-            raise unittest.SkipTest(f"cannot create a network namespace: {made.stderr.strip()}")
-        self.addCleanup(_ip, "netns", "del", self.name)
-        self.in_namespace("ip", "link", "set", "lo", "up")
+        self.name = netns.new_namespace(self, "ssx-outbound")
         for address in (TARGET, SOURCE):
             self.in_namespace("ip", "addr", "add", f"{address}/32", "dev", "lo")
         for address in (TARGET6, SOURCE6):
@@ -84,10 +71,7 @@ class OutboundNamespaceTests(unittest.TestCase):
         os.makedirs(self.directory)
 
     def in_namespace(self, *command: str) -> str:
-        done = subprocess.run(["ip", "netns", "exec", self.name, *command], capture_output=True, text=True, timeout=30)
-        if done.returncode != 0:
-            raise AssertionError(f"{' '.join(command)} in the namespace: {done.stderr.strip()}")
-        return done.stdout
+        return netns.in_namespace(self.name, *command)
 
     def spawn(self, *args: str) -> support.ChildProcess:
         """Run `args` inside the namespace; stopped at the test's end."""

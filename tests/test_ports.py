@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import socket
-import subprocess
 import sys
 from typing import Any
 
@@ -26,6 +24,7 @@ from ssx.crypto import generate_psk
 from ssx.errors import ConfigError
 import ssx.server.tap as server_tap
 from tests import support
+from tests.support import netns
 from tests.support import HashingEchoFactory, whole_echo_transfer
 
 PAYLOAD_SIZE = 200_000
@@ -418,16 +417,7 @@ class WildcardDualStackTests(unittest.TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        if not sys.platform.startswith("linux") or os.geteuid() != 0:
-            raise unittest.SkipTest("network namespaces need Linux and root")
-        if shutil.which("ip") is None or _ip("netns", "list").returncode != 0:
-            raise unittest.SkipTest("`ip netns` (iproute2) is not available")
-        self.name = f"ssx-ports-{secrets.token_hex(4)}"
-        made = _ip("netns", "add", self.name)
-        if made.returncode != 0:
-            raise unittest.SkipTest(f"cannot create a network namespace: {made.stderr.strip()}")
-        self.addCleanup(_ip, "netns", "del", self.name)
-        _ip("-n", self.name, "link", "set", "lo", "up")
+        self.name = netns.new_namespace(self, "ssx-ports")
 
     async def _wildcards(self) -> None:
         directory = os.path.abspath(self.mktemp())
@@ -452,9 +442,6 @@ class WildcardDualStackTests(unittest.TestCase):
         """["::0", "0.0.0.0"] on one port starts, TCP and UDP on both, as libev's ss-server does."""
         return defer.Deferred.fromCoroutine(self._wildcards())
 
-
-def _ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
 
 
 class UrlEntryTests(unittest.SynchronousTestCase):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import socket
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
@@ -18,36 +18,9 @@ from tests import support
 from tests.support import sha256
 
 
-class _Keep(protocol.Protocol):
-    """Hands its connection to `made`, collects what it reads, fires `lost` at the end."""
-
-    def __init__(self, made: defer.Deferred | None = None) -> None:
-        self.made = made
-        self.lost: defer.Deferred = defer.Deferred()
-        self.received = bytearray()
-
-    def connectionMade(self) -> None:
-        if self.made is not None:
-            self.made.callback(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: object = None) -> None:
-        self.lost.callback(bytes(self.received))
-
-
-class _Factory(protocol.ClientFactory):
-    def __init__(self, build) -> None:  # type: ignore[no-untyped-def]
-        self.build = build
-
-    def buildProtocol(self, addr: object) -> protocol.Protocol:
-        return self.build()
-
-
 class SendAtOnceTests(unittest.TestCase):
     def _listen(self, build) -> int:  # type: ignore[no-untyped-def]
-        port = tcp.listen(reactor, 0, _Factory(build), interface="127.0.0.1")
+        port = tcp.listen(reactor, 0, support.BuildingFactory(build), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.assertIsInstance(port, tcp.Port)
         return port.getHost().port
@@ -56,7 +29,7 @@ class SendAtOnceTests(unittest.TestCase):
     def test_write_is_sent_before_the_reactor_turns(self):
         """A write into an empty buffer reaches the peer's socket during the call itself."""
         made: defer.Deferred = defer.Deferred()
-        number = self._listen(lambda: _Keep(made))
+        number = self._listen(lambda: support.KeepingProtocol(made))
         raw = socket.create_connection(("127.0.0.1", number))
         self.addCleanup(raw.close)
         server = yield made
@@ -70,11 +43,11 @@ class SendAtOnceTests(unittest.TestCase):
     def test_large_and_interleaved_writes_arrive_whole_and_in_order(self):
         """What the kernel does not take is buffered; later writes queue behind it, none is lost."""
         made: defer.Deferred = defer.Deferred()
-        number = self._listen(lambda: _Keep(made))
-        client = _Keep()
+        number = self._listen(lambda: support.KeepingProtocol(made))
+        client = support.KeepingProtocol()
         connected: defer.Deferred = defer.Deferred()
         client.made = connected
-        connector = tcp.connect(reactor, "127.0.0.1", number, _Factory(lambda: client), 5)
+        connector = tcp.connect(reactor, "127.0.0.1", number, support.BuildingFactory(lambda: client), 5)
         self.assertIsInstance(connector, tcp.Connector)
         yield connected
         self.assertIsInstance(client.transport, tcp.Client)
@@ -91,7 +64,7 @@ class SendAtOnceTests(unittest.TestCase):
     def test_nothing_is_sent_after_an_abort(self):
         """After abortConnection a write goes nowhere: the peer sees a reset, not the bytes."""
         made: defer.Deferred = defer.Deferred()
-        number = self._listen(lambda: _Keep(made))
+        number = self._listen(lambda: support.KeepingProtocol(made))
         raw = socket.create_connection(("127.0.0.1", number))
         self.addCleanup(raw.close)
         server = yield made
@@ -116,11 +89,11 @@ class SendAtOnceTests(unittest.TestCase):
         with open(cert_path, "rb") as g:
             client_options = ssl.optionsForClientTLS("localhost", ssl.Certificate.loadPEM(g.read()))
         made: defer.Deferred = defer.Deferred()
-        number = self._listen(lambda: _Keep(made))
-        client = _Keep()
+        number = self._listen(lambda: support.KeepingProtocol(made))
+        client = support.KeepingProtocol()
         connected: defer.Deferred = defer.Deferred()
         client.made = connected
-        tcp.connect(reactor, "127.0.0.1", number, _Factory(lambda: client), 5)
+        tcp.connect(reactor, "127.0.0.1", number, support.BuildingFactory(lambda: client), 5)
         yield connected
         server = yield made
         server.transport.startTLS(server_options)
@@ -133,17 +106,17 @@ class SendAtOnceTests(unittest.TestCase):
 
     def test_a_taken_port_is_refused(self):
         """Binding a port in use fails with CannotListenError, as with listenTCP."""
-        first = tcp.listen(reactor, 0, _Factory(_Keep), interface="127.0.0.1")
+        first = tcp.listen(reactor, 0, support.BuildingFactory(support.KeepingProtocol), interface="127.0.0.1")
         self.addCleanup(first.stopListening)
         with self.assertRaises(CannotListenError):
-            tcp.listen(reactor, first.getHost().port, _Factory(_Keep), interface="127.0.0.1")
+            tcp.listen(reactor, first.getHost().port, support.BuildingFactory(support.KeepingProtocol), interface="127.0.0.1")
 
 
 class EndpointTests(unittest.TestCase):
     def test_plain_tcp_gets_these_transports_and_the_backlog(self):
         """A tcp: description becomes an endpoint that listens with ssx.net.tcp's port and the given backlog."""
         endpoint = tcp.server_endpoint(reactor, "tcp:0:interface=127.0.0.1", 4096)
-        port = self.successResultOf(endpoint.listen(_Factory(_Keep)))
+        port = self.successResultOf(endpoint.listen(support.BuildingFactory(support.KeepingProtocol)))
         self.addCleanup(port.stopListening)
         self.assertIsInstance(port, tcp.Port)
         self.assertEqual((port.getHost().host, port.backlog), ("127.0.0.1", 4096))
@@ -161,8 +134,8 @@ class EndpointTests(unittest.TestCase):
     def test_other_reactors_get_twisteds_tcp(self):
         """On a reactor that is not Twisted's POSIX one, listen and connect fall back to listenTCP/connectTCP."""
         memory = MemoryReactor()
-        tcp.listen(memory, 1080, _Factory(_Keep), 50, "127.0.0.1")
-        tcp.connect(memory, "127.0.0.1", 8388, _Factory(_Keep), 5)
+        tcp.listen(memory, 1080, support.BuildingFactory(support.KeepingProtocol), 50, "127.0.0.1")
+        tcp.connect(memory, "127.0.0.1", 8388, support.BuildingFactory(support.KeepingProtocol), 5)
         self.assertEqual(memory.tcpServers[0][:1], (1080,))
         self.assertEqual(memory.tcpClients[0][:2], ("127.0.0.1", 8388))
 
@@ -192,12 +165,12 @@ class PullProducerTests(unittest.TestCase):
     def test_pull_producer_is_resumed_after_an_immediate_send(self):
         """A pull producer gets every chunk out, not only the first."""
         made: defer.Deferred = defer.Deferred()
-        port = tcp.listen(reactor, 0, _Factory(lambda: _Keep(made)), interface="127.0.0.1")
+        port = tcp.listen(reactor, 0, support.BuildingFactory(lambda: support.KeepingProtocol(made)), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        client = _Keep()
+        client = support.KeepingProtocol()
         connected: defer.Deferred = defer.Deferred()
         client.made = connected
-        tcp.connect(reactor, "127.0.0.1", port.getHost().port, _Factory(lambda: client), 5)
+        tcp.connect(reactor, "127.0.0.1", port.getHost().port, support.BuildingFactory(lambda: client), 5)
         yield connected
         server = yield made
         chunks = [b"a" * 100, b"b" * 100, b"c" * 100]

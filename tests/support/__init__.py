@@ -23,6 +23,8 @@ from tests.support.chains import (
     start_server,
 )
 from tests.support.clients import (
+    BuildingFactory,
+    KeepingProtocol,
     TRANSFER_SECONDS,
     RawClient,
     Socks5UdpClient,
@@ -70,6 +72,8 @@ from tests.support.targets import (
 from tests.support.waiting import coroutine_test, outgoing_connections, sleep, wait_for, wait_until, within
 
 __all__ = [
+    "BuildingFactory",
+    "KeepingProtocol",
     "fd_table",
     "open_fds",
     # chains

@@ -401,3 +401,32 @@ class Socks5UdpClient:
         if self.port is not None:
             self.port.stopListening()
             self.port = None
+
+
+class KeepingProtocol(protocol.Protocol):
+    """Hands its connection to `made`, collects what it reads, fires `lost` at the end."""
+
+    def __init__(self, made: defer.Deferred | None = None) -> None:
+        self.made = made
+        self.lost: defer.Deferred = defer.Deferred()
+        self.received = bytearray()
+
+    def connectionMade(self) -> None:
+        if self.made is not None:
+            self.made.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost.callback(bytes(self.received))
+
+
+class BuildingFactory(protocol.ClientFactory):
+    """A client factory whose protocols come from `build()`."""
+
+    def __init__(self, build) -> None:  # type: ignore[no-untyped-def]
+        self.build = build
+
+    def buildProtocol(self, addr: object) -> protocol.Protocol:
+        return self.build()
