@@ -110,7 +110,7 @@ def default_user_lookup(name: str) -> tuple[int, int]:
     """A user name (or number) as the uid and primary gid twistd switches to."""
     try:
         entry = pwd.getpwuid(int(name)) if name.isascii() and name.isdigit() else pwd.getpwnam(name)
-    except (KeyError, OverflowError):
+    except (KeyError, OverflowError, ValueError):  # ValueError: an embedded NUL
         raise UsageError(f"user {name!r}: no such user") from None
     return entry.pw_uid, entry.pw_gid
 

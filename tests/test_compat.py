@@ -169,8 +169,9 @@ class OriginalServerTests(unittest.SynchronousTestCase):
 
     def test_user_not_a_number(self):
         """--user with a non-ASCII digit is looked up as a name (one usage error), not a traceback."""
-        with self.assertRaises(UsageError):
-            default_user_lookup("\u00b2")
+        for name in ("\u00b2", "a\x00b"):
+            with self.assertRaises(UsageError):
+                default_user_lookup(name)
 
     def test_obsolete(self):
         """-a and --libopenssl=/--libmbedtls=/--libsodium= are accepted with a warning each, and not passed on."""

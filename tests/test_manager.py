@@ -36,9 +36,13 @@ class TextProtocolTests(unittest.SynchronousTestCase):
         for data in (b"add: {bad", b"bogus", b'add: ["x"]', b"remove", b"\xff\xfe", b"stat: {}"):
             with self.assertRaises(ManagerRequestError, msg=data):
                 parse_request(data)
-        for data in (b'remove: {}', b'remove: {"server_port": 0}', b'remove: {"server_port": "x"}'):
+        for data in (b'remove: {}', b'remove: {"server_port": 0}', b'remove: {"server_port": "x"}',
+                     'remove: {"server_port": "\u00b2"}'.encode(), b'remove: {"server_port": "' + b"9" * 5000 + b'"}'):
             with self.assertRaises(ManagerRequestError, msg=data):
                 parse_request(data).port()
+        # json.loads raises RecursionError (not a ValueError) for deep nesting.
+        with self.assertRaises(ManagerRequestError):
+            parse_request(b"add: " + b"[" * 5000)
 
     def test_stat_reports_at_most_50_ports(self):
         """The periodic report splits 120 ports into datagrams of 50, 50 and 20, ports as strings."""
@@ -165,6 +169,18 @@ class ManagerTests(unittest.TestCase):
         with socket.socket() as probe:
             self.assertNotEqual(probe.connect_ex(("127.0.0.1", port)), 0)
         self.assertNotIn(str(port), stat_table(await client.ask(manager, b"ping")))
+
+    @support.coroutine_test
+    async def test_reply_larger_than_a_datagram(self):
+        """A `list` that cannot fit one datagram gets an error reply; the manager goes on answering."""
+        manager = ("127.0.0.1", support.free_port())
+        self.start(f"127.0.0.1:{manager[1]}")
+        client = self.client()
+        for _ in range(9):
+            add = {"server_port": support.free_port(), "password": "p" * 7900, "mode": "tcp_only"}
+            self.assertEqual(await client.ask(manager, b"add: " + json.dumps(add).encode()), b"ok")
+        self.assertTrue((await client.ask(manager, b"list")).startswith(b"err: "))
+        self.assertTrue((await client.ask(manager, b"ping")).startswith(b"stat: "))
 
     @support.coroutine_test
     async def test_add_relay_stat_list_remove(self):

@@ -80,6 +80,7 @@ class OutboundConfigTests(unittest.SynchronousTestCase):
             ("interface", ""),
             ("interface", "a-name-far-too-long"),
             ("interface", 3),
+            ("interface", "\udcff"),  # not encodable: a name from undecodable argv bytes
         ]
         for key, value in cases:
             with self.assertRaises(ConfigError) as caught:

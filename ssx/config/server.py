@@ -242,7 +242,7 @@ def read_outbound(values: Mapping[str, Any]) -> tuple[Outbound | None, tuple[str
     device = values.get("interface")
     if device is not None:
         if not isinstance(device, str) or not device or len(device) > _MAX_INTERFACE_NAME or "/" in device \
-                or any(c.isspace() for c in device):
+                or any(c.isspace() for c in device) or not device.isascii():
             raise ConfigError("interface", f"{device!r} is not an interface name")
     if not sources and device is None:
         return None, tuple(warnings)

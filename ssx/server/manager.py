@@ -15,6 +15,7 @@ import stat
 from typing import Any, Callable
 
 from twisted.application.service import Service
+from twisted.internet.error import MessageLengthError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -64,6 +65,9 @@ class ManagerProtocol(DatagramProtocol):
         if addr and self.transport is not None:
             try:
                 self.transport.write(reply, addr)
+            except MessageLengthError:
+                # `list` or `ping` over many ports: more than one datagram holds.
+                self.transport.write(error_reply("the reply is larger than one datagram"), addr)
             except OSError as e:
                 _log.info("manager: cannot reply to {addr}: {error}", addr=addr, error=e)
 
@@ -110,7 +114,7 @@ class ManagerProtocol(DatagramProtocol):
         for datagram in stat_reports(moved):
             try:
                 self.transport.write(datagram, self.last_sender)
-            except OSError:
+            except (OSError, MessageLengthError):
                 return
 
 

@@ -37,7 +37,7 @@ class ManagerRequest:
         if not isinstance(self.body, dict) or "server_port" not in self.body:
             raise ManagerRequestError(f"{self.command}: server_port required")
         value = self.body["server_port"]
-        if isinstance(value, str) and value.isdigit():
+        if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 5:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
             raise ManagerRequestError(f"{self.command}: server_port must be a port number, 1-65535")
@@ -58,8 +58,9 @@ def parse_request(data: bytes) -> ManagerRequest:
     if colon and rest.strip():
         try:
             body = json.loads(rest)
-        except ValueError as e:
-            raise ManagerRequestError(f"{command}: bad JSON: {e}") from None
+        except (ValueError, RecursionError) as e:
+            # RecursionError: nesting deeper than the stack (not a ValueError).
+            raise ManagerRequestError(f"{command}: bad JSON: {type(e).__name__}: {str(e)[:100]}") from None
     if command in ("add", "remove") and not isinstance(body, dict):
         raise ManagerRequestError(f'{command}: expected {command}: {{"server_port": ...}}')
     return ManagerRequest(command, body)
