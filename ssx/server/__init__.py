@@ -2,9 +2,11 @@
 Everything only `twistd ssx-server` runs.
 
 `tap` parses the options and builds the service tree, whose root and
-named parts are `service`; `protocol` is one client connection (decrypt,
+named parts are `service`, with one `ports.ServerPort` per served port
+(added and removed at run time by the `manager` API); `protocol` is one
+client connection (decrypt,
 check the target, connect, relay), bounded while unfinished by
-`handshakes`, and `accounting` counts each user's bytes; `udp` is the UDP
+`handshakes`, and `accounting` counts each user's and port's bytes; `udp` is the UDP
 relay of both editions, whose 2022 sessions keep their replay windows
 in `session_windows`; `forbidden` (with `host_addresses` and its
 watcher) decides which destinations are refused; `url_file` writes the
