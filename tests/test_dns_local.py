@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings, strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.names import dns
@@ -24,7 +25,7 @@ from ssx.local import tap as local_tap
 from ssx.local.dns import DnsServerFactory, DnsSummaryService, RoutingResolver
 from ssx.local.dns_cache import NEGATIVE_TTL_CAP, DnsCache
 from ssx.local.dns_remote import _QuerySocket, message_for
-from ssx.wire.address import Address, encode_address
+from ssx.wire.address import Address, encode_address, is_hostname
 from tests import support
 
 LOCAL_ADDRESS = "192.0.2.1"
@@ -334,6 +335,21 @@ class ServerBoundsTests(unittest.SynchronousTestCase):
         self.remote.pending[0].callback(_answer(b"a.test", REMOTE_ADDRESS, 60))
         reply = self.replies()[query_id]
         self.assertEqual((reply.rCode, reply.answers[0].payload.dottedQuad()), (dns.OK, REMOTE_ADDRESS))
+
+    @given(st.binary(max_size=600))
+    @settings(max_examples=300, deadline=None, database=None)
+    def test_garbage_datagrams_quiet(self, data: bytes) -> None:
+        """Any datagram from a client is answered or dropped without an error logged, and only host names go upstream."""
+        self.transport.written.clear()
+        self.remote.asked.clear()
+        self.protocol.datagramReceived(data, ("127.0.0.1", 5353))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        for name in self.remote.asked:
+            self.assertTrue(name == "" or is_hostname(name.rstrip(".")), name)
+        for pending in self.remote.pending:
+            if not pending.called:
+                pending.cancel()
+        self.remote.pending.clear()
 
     def test_nxdomain_reply(self) -> None:
         """An upstream NXDOMAIN reaches the client as NXDOMAIN, with no traceback logged."""
