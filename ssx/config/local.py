@@ -3,16 +3,18 @@ The local end's configuration: `local_config` checks the merged keys
 (`ssx.config.file`) and returns one frozen `LocalConfig`, with the parts
 only the local end has: the servers it may use and where they come from
 (`ssx.config.upstreams`), tunnels, the SOCKS credentials, the SIP008
-online config and the health check.  `ssx.local.tap` builds the service
+online config, the health check and the local DNS server.  `ssx.local.tap` builds the service
 tree from it.  No Twisted here.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple
 
 from ssx.config.known_keys import LOCAL_PEER_KEYS, no_method_warning, peer_key_notes
+from ssx.config.nameservers import parse_nameservers
 from ssx.numbers import parse_number, parse_port, parse_seconds
 from ssx.config.upstreams import ServerEntry, server_list, url_entries
 from ssx.config.values import (
@@ -41,6 +43,8 @@ from ssx.wire.sip003 import Plugin
 
 __all__ = [
     "DEFAULT_CHECK_URL",
+    "DEFAULT_DNS_REMOTE",
+    "DnsServer",
     "HealthCheck",
     "LOCAL_KEYS",
     "LocalConfig",
@@ -59,7 +63,7 @@ DEFAULT_ONLINE_INTERVAL = 3600.0
 LOCAL_KEYS = COMMON_KEYS | {
     "local_address", "local_port", "server_endpoint", "socks_user", "socks_password", "tunnel_address", "tunnels",
     "servers", "shadowsocks", "url", "online_config", "online_config_interval", "online_config_ca",
-    "health_check_interval", "health_check_url",
+    "health_check_interval", "health_check_url", "dns_listen", "dns_local", "dns_remote",
     # The original's tunnel (its tunnel.py), read into `tunnels`.
     "tunnel_remote", "tunnel_remote_port", "tunnel_port",
 }
@@ -100,6 +104,24 @@ class OnlineConfig:
     ca_file: str | None = None
 
 
+# Where proxied DNS queries go when dns_remote is not set (as
+# shadowsocks-rust and the tunnels' usual target).
+DEFAULT_DNS_REMOTE = ("8.8.8.8", 53)
+
+
+@dataclass(frozen=True)
+class DnsServer:
+    """
+    The local DNS server: where it listens (UDP and TCP), the resolvers it
+    asks for names sent direct (empty: the system's, from resolv.conf) and
+    the resolver it asks through the proxy for the others.
+    """
+
+    listen: tuple[str, int]
+    local: tuple[tuple[str, int], ...]
+    remote: tuple[str, int]
+
+
 @dataclass(frozen=True)
 class LocalConfig:
     """Everything `ssx-local` needs to start."""
@@ -132,6 +154,8 @@ class LocalConfig:
     # TCP Fast Open to the servers: the first write (salt, header, first
     # bytes) in the SYN.
     fast_open: bool = False
+    # The local DNS server (--dns-listen), or None.
+    dns: DnsServer | None = None
 
     @property
     def plugin(self) -> Plugin | None:
@@ -188,6 +212,7 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         health_check=_health_check(values),
         verbose=read_verbose(values),
         fast_open=read_bool(values, "fast_open"),
+        dns=_dns_server(values),
     )
 
 
@@ -377,6 +402,47 @@ def _health_check(values: Mapping[str, Any]) -> HealthCheck:
     # A check slower than this counts as failed.
     timeout = min(10.0, max(interval, 1.0))
     return HealthCheck(interval, Address(host, port), request, timeout)
+
+
+def _dns_server(values: Mapping[str, Any]) -> DnsServer | None:
+    """The local DNS server's settings, if dns_listen is set (dns_local and dns_remote alone are an error)."""
+    listen = values.get("dns_listen")
+    if listen is None:
+        for key in ("dns_local", "dns_remote"):
+            if values.get(key) is not None:
+                raise ConfigError(key, "set without dns_listen (--dns-listen ADDR:PORT), which starts the DNS server")
+        return None
+    if not isinstance(listen, str) or not listen.strip():
+        raise ConfigError("dns_listen", "expected ADDR:PORT, e.g. 127.0.0.1:5353 or [::1]:53")
+    address = _ip_and_port(listen.strip(), "dns_listen")
+    local = parse_nameservers(values.get("dns_local"), "dns_local")
+    if values.get("dns_local") is not None and not local:
+        raise ConfigError("dns_local", "expected IP[:PORT] of one or more resolvers, comma-separated")
+    remote = DEFAULT_DNS_REMOTE
+    if values.get("dns_remote") is not None:
+        given = parse_nameservers(values.get("dns_remote"), "dns_remote")
+        if len(given) != 1:
+            raise ConfigError("dns_remote", "expected one resolver's IP[:PORT], e.g. 8.8.8.8:53 or [2001:4860:4860::8888]:53")
+        remote = given[0]
+    return DnsServer(address, local, remote)
+
+
+def _ip_and_port(text: str, key: str) -> tuple[str, int]:
+    """`IP:PORT` or `[IPv6]:PORT` (port 0: any free one)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            port_text = None
+    if port_text is None:
+        raise ConfigError(key, f"expected ADDR:PORT or [IPv6]:PORT, not {text!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(key, f"{host!r} is not an IP address") from None
+    return host, parse_port(port_text, key, allow_zero=True)
 
 
 def _url_port(url: str, key: str) -> None:

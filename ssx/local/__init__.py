@@ -8,4 +8,7 @@ relay through a server with `relay`; `udp` carries SOCKS5 UDP and UDP
 tunnels.  `upstream` is one server as the local end reaches it, `picker`
 chooses among them, `health` measures them and `online` fetches SIP008
 lists of them (`online_upstreams` builds their servers and plugins).
+`dns` is the local DNS server (`--dns-listen`): it routes each name
+direct or through a server (`dns_remote`) and caches the answers
+(`dns_cache`).
 """

@@ -1,18 +1,24 @@
 """
 `twistd ssx-local`: options and the service tree of the local end: the
-mixed proxy port and tunnels, the server picker with its health check, and
-the online config.
+mixed proxy port and tunnels, the server picker with its health check, the
+online config and the local DNS server.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutFactory
+from twisted.names.dns import DNSDatagramProtocol
 
 from ssx.config import LocalConfig, local_config
+from ssx.config.local import DnsServer
+from ssx.config.values import tcp_description
 from ssx.interfaces import IUpstream
+from ssx.local.dns import DnsServerFactory, DnsSummaryService, LocalResolver, RoutingResolver
+from ssx.local.dns_remote import RelayedTcpDns, RelayedUdpDns
 from ssx.local.health import HealthCheckService
 from ssx.net.listener import DatagramListenerService, DrainService, ListenerService, serve
 from ssx.local.relay import LocalFactory
@@ -25,12 +31,19 @@ from ssx.local.picker import ServerPicker
 from ssx.local.upstream import make_upstream
 from ssx.errors import ConfigError
 from ssx.net.plugin import PluginService, find_plugin
+from ssx.net.resolver import nameservers_from_resolv_conf
+from ssx.wire.address import Address
 from ssx.net.tcp import fast_open_sysctl_note
 from ssx.config.options import SsxOptions, check_endpoint, log_config_notes
 
 __all__ = ["LocalService", "Options", "build_service", "makeService"]
 
 _log = Logger()
+
+# Where the DNS server's default local resolvers come from.
+RESOLV_CONF = "/etc/resolv.conf"
+# A DNS client's TCP connection idle this long is closed.
+DNS_TCP_IDLE = 30
 
 
 class Options(SsxOptions):
@@ -74,6 +87,12 @@ class Options(SsxOptions):
          "server -s/-p (or a lone --url): ssx sends TCP to it on a loopback port and it reaches the server; UDP (-u) "
          "goes straight to the server. Other servers name their own (servers entry plugin/plugin_opts, URL ?plugin=)"],
         ["plugin-opts", None, None, "the plugin's options (SS_PLUGIN_OPTIONS), e.g. \"obfs=http;obfs-host=example.com\""],
+        ["dns-listen", None, None, "run a DNS server on ADDR:PORT (UDP and TCP), e.g. 127.0.0.1:5353: names the ACL "
+         "sends direct are asked of --dns-local, all others of --dns-remote through the server"],
+        ["dns-local", None, None, "IP[:PORT] of the resolvers for names sent direct, comma-separated "
+         "[default: the nameservers of /etc/resolv.conf]"],
+        ["dns-remote", None, None, "IP[:PORT] of the resolver asked through the server, over the UDP relay "
+         "(-u) or else DNS over TCP through the TCP relay [default: 8.8.8.8:53]"],
     ]
     flag_keys = {
         "local-address": "local_address",
@@ -87,6 +106,9 @@ class Options(SsxOptions):
         "online-config-ca": "online_config_ca",
         "health-check-interval": "health_check_interval",
         "health-check-url": "health_check_url",
+        "dns-listen": "dns_listen",
+        "dns-local": "dns_local",
+        "dns-remote": "dns_remote",
     }
     build = staticmethod(local_config)
 
@@ -127,6 +149,13 @@ class Options(SsxOptions):
                 check_endpoint("server_endpoint", entry.endpoint, server=False)
         if config.online is not None and config.online.ca_file is not None:
             load_trust_root(config.online.ca_file)
+        if config.dns is not None:
+            local = _dns_local_servers(config.dns)
+            if not local:
+                raise ConfigError("dns_local", f"no nameserver in {RESOLV_CONF}: give the local resolvers (IP[:PORT])")
+            if config.dns.listen in local:
+                raise ConfigError("dns_local", f"names the DNS server's own address {config.dns.listen[0]}:"
+                                  f"{config.dns.listen[1]}: queries would loop")
 
 
 class LocalService(MultiService):
@@ -149,6 +178,8 @@ class LocalService(MultiService):
         self.health: HealthCheckService | None = None
         self.online: OnlineConfigService | None = None
         self.online_upstreams: OnlineUpstreams | None = None
+        self.dns: RoutingResolver | None = None
+        self.dns_listener: ListenerService | None = None
         for plugin in self.plugins:
             # First in the tree: started (and listening) before any
             # listener's connection can want them.
@@ -172,8 +203,13 @@ class LocalService(MultiService):
         self.listeners.append(serve(self, reactor, description, factory, label, udp))
 
 
-def build_service(reactor: Any, config: LocalConfig) -> LocalService:
-    """The local end's service tree for `config`."""
+def build_service(
+    reactor: Any, config: LocalConfig, should_proxy: Callable[[str], bool] | None = None,
+) -> LocalService:
+    """
+    The local end's service tree for `config`; `should_proxy` decides
+    which names the DNS server sends through the proxy (all by default).
+    """
     upstreams, plugins = [], []
     for entry, plugin in zip(config.servers, config.plugins):
         service = None
@@ -189,6 +225,8 @@ def build_service(reactor: Any, config: LocalConfig) -> LocalService:
     udp_server = top.picker.upstreams()[0] if config.relays.udp else None
     _add_proxy_ports(top, reactor, config, udp_server)
     _add_tunnels(top, reactor, config, udp_server)
+    if config.dns is not None:
+        _add_dns_server(top, reactor, config, config.dns, should_proxy or (lambda name: True))
     top.drain = DrainService(reactor, top.factories, config.limits.shutdown_grace, "ssx-local")
     top.drain.setServiceParent(top)
     check = config.health_check
@@ -245,6 +283,34 @@ def _add_tunnels(top: LocalService, reactor: Any, config: LocalConfig, udp_serve
         else:
             assert tunnel.address is not None
             DatagramListenerService(reactor, tunnel_udp, label, address=tunnel.address).setServiceParent(top)
+
+
+def _dns_local_servers(dns: DnsServer) -> tuple[tuple[str, int], ...]:
+    """The resolvers for names sent direct: the configured ones, or the system's."""
+    return dns.local or nameservers_from_resolv_conf(RESOLV_CONF)
+
+
+def _add_dns_server(
+    top: LocalService, reactor: Any, config: LocalConfig, dns: DnsServer, should_proxy: Callable[[str], bool],
+) -> None:
+    """The DNS server on UDP and TCP, asking the remote resolver over the UDP relay if UDP is on, else over TCP."""
+    target = Address(*dns.remote)
+    tcp = RelayedTcpDns(top.picker, target) if config.relays.tcp else None
+    remote: Any = RelayedUdpDns(reactor, top.picker, target, tcp) if config.relays.udp else tcp
+    local = LocalResolver(reactor, _dns_local_servers(dns))
+    top.dns = RoutingResolver(reactor, should_proxy, local, remote, verbose=config.verbose)
+    factory = DnsServerFactory(top.dns)
+    host, port = dns.listen
+    tcp_factory: Any = TimeoutFactory(factory, timeoutPeriod=DNS_TCP_IDLE)
+    top.dns_listener = serve(
+        top, reactor, tcp_description(host, port), tcp_factory,
+        "ssx-local DNS", udp=DNSDatagramProtocol(factory),
+    )
+    DnsSummaryService(reactor, top.dns).setServiceParent(top)
+    _log.info(
+        "ssx-local DNS: proxied names to {remote} over {how}",
+        remote=f"{target.host}:{target.port}", how="the UDP relay" if config.relays.udp else "TCP through the relay",
+    )
 
 
 def _log_configuration(config: LocalConfig) -> None:

@@ -8,6 +8,7 @@ never from each other.
 - `clients`: raw TCP, SOCKS5 CONNECT and SOCKS5 UDP clients.
 - `chains`: ssx-server and ssx-local in trial's reactor, and TestCase bases.
 - `peers`: child processes (twistd, shadowsocks-libev, sing-box, plugins, curl).
+- `dns_servers`: recording upstream DNS servers (twisted.names) and a DNS client.
 - `in_memory`: StringTransport-based stand-ins for protocol unit tests.
 - `payloads`: test payloads and their digests.
 - `logs`: capturing log events.

@@ -1,0 +1,158 @@
+"""
+ssx-local's DNS server end to end: a real ssx-server (twistd child), the
+DNS server on a loopback socket, and two upstream DNS servers built with
+twisted.names that record what they are asked: names sent direct reach
+only the "local" one, proxied names only the "remote" one, through the
+server over the UDP relay or, in tcp_only mode, as DNS over TCP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.names import dns
+from twisted.trial import unittest
+
+from ssx.config import local_config
+from ssx.local import tap as local_tap
+from tests import support
+from tests.support import PASSWORD, LoopbackCase, coroutine_test
+from tests.support.dns_servers import DnsUpstream, RecordingZone, ask, listen_dns
+
+METHOD = "chacha20-ietf-poly1305"
+LOCAL_ADDRESS = "192.0.2.1"
+REMOTE_ADDRESS = "198.51.100.2"
+
+
+def _direct(name: str) -> bool:
+    """The tests' routing: names under direct.test go direct, all others through the proxy."""
+    return not (name == "direct.test" or name.endswith(".direct.test"))
+
+
+def _addresses(message: dns.Message) -> list[str]:
+    return [rr.payload.dottedQuad() for rr in message.answers if rr.type == dns.A]
+
+
+class DnsThroughServerTests(LoopbackCase):
+    """Each test: the fakes, an ssx-server child and an in-process ssx-local with --dns-listen."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.local_zone = RecordingZone(LOCAL_ADDRESS)
+        self.remote_zone = RecordingZone(REMOTE_ADDRESS)
+        self.local_dns = self._serve(self.local_zone)
+        self.remote_dns = self._serve(self.remote_zone)
+
+    def _serve(self, zone: RecordingZone) -> DnsUpstream:
+        upstream = listen_dns(zone)
+        for port in upstream.listening:
+            self.listen(port)
+        return upstream
+
+    async def _server(self, *args: str) -> int:
+        port = support.free_port()
+        await support.start_twistd(
+            self, "-n", "--pidfile=", "ssx-server", "-s", "127.0.0.1", "-p", str(port), "-k", PASSWORD, "-m", METHOD,
+            "--shutdown-grace", "0", *args, ready=b"listening on",
+        )
+        return port
+
+    def _local(self, server_port: int, mode: str) -> tuple[Any, int]:
+        values = {
+            "password": PASSWORD, "method": METHOD, "server": "127.0.0.1", "server_port": server_port,
+            "listen": "tcp:0:interface=127.0.0.1", "mode": mode, "dns_listen": "127.0.0.1:0",
+            "dns_local": f"127.0.0.1:{self.local_dns.port}", "dns_remote": f"127.0.0.1:{self.remote_dns.port}",
+        }
+        service = local_tap.build_service(reactor, local_config(values), should_proxy=_direct)
+        service.startService()
+        self._services.append(service)
+        return service, service.dns_listener.port.getHost().port
+
+    async def _routes(self, mode: str, client_tcp: bool, remote_transport: str) -> None:
+        server_port = await self._server("-u", "--forbidden-ip=")
+        _, dns_port = self._local(server_port, mode)
+        direct = await ask(dns_port, "www.direct.test", tcp=client_tcp)
+        self.assertEqual(_addresses(direct), [LOCAL_ADDRESS])
+        self.assertEqual(self.local_zone.names, ["www.direct.test"])
+        self.assertEqual(self.remote_zone.names, [])
+        proxied = await ask(dns_port, "www.proxied.test", tcp=client_tcp)
+        self.assertEqual(_addresses(proxied), [REMOTE_ADDRESS])
+        self.assertEqual(self.remote_zone.names, ["www.proxied.test"])
+        self.assertEqual(self.local_zone.names, ["www.direct.test"])
+        self.assertEqual(self.remote_dns.transports, [remote_transport])
+
+    @coroutine_test
+    async def test_udp_relay_udp_client(self) -> None:
+        """Over UDP to the DNS server, tcp_and_udp: direct names reach only the local fake, proxied ones only the remote, over the UDP relay."""
+        await self._routes("tcp_and_udp", client_tcp=False, remote_transport="udp")
+
+    @coroutine_test
+    async def test_udp_relay_tcp_client(self) -> None:
+        """Over TCP to the DNS server, tcp_and_udp: the same routes, the remote asked over the UDP relay."""
+        await self._routes("tcp_and_udp", client_tcp=True, remote_transport="udp")
+
+    @coroutine_test
+    async def test_tcp_relay_udp_client(self) -> None:
+        """Over UDP to the DNS server, tcp_only: proxied names reach the remote fake as DNS over TCP through the relay."""
+        await self._routes("tcp_only", client_tcp=False, remote_transport="tcp")
+
+    @coroutine_test
+    async def test_tcp_relay_tcp_client(self) -> None:
+        """Over TCP to the DNS server, tcp_only: the same routes, the remote asked over TCP through the relay."""
+        await self._routes("tcp_only", client_tcp=True, remote_transport="tcp")
+
+    @coroutine_test
+    async def test_proxied_goes_through_the_server(self) -> None:
+        """With a server that refuses loopback targets, a proxied name gets SERVFAIL and reaches neither fake."""
+        server_port = await self._server("-u")  # loopback forbidden, the default
+        service, dns_port = self._local(server_port, "tcp_only")
+        service.dns.timeout = 1.0
+        answer = await ask(dns_port, "www.proxied.test")
+        self.assertEqual(answer.rCode, dns.ESERVER)
+        self.assertEqual(self.remote_zone.names, [])
+        self.assertEqual(self.local_zone.names, [])
+
+    @coroutine_test
+    async def test_negative_answers(self) -> None:
+        """A proxied name that does not exist gets NXDOMAIN; one without records gets none, the second time from the cache."""
+        server_port = await self._server("-u", "--forbidden-ip=")
+        _, dns_port = self._local(server_port, "tcp_and_udp")
+        missing = await ask(dns_port, "missing.proxied.test")
+        self.assertEqual(missing.rCode, dns.ENAME)
+        for _ in range(2):
+            nodata = await ask(dns_port, "nodata.proxied.test")
+            self.assertEqual((nodata.rCode, nodata.answers), (dns.OK, []))
+        self.assertEqual(self.remote_zone.names, ["missing.proxied.test", "nodata.proxied.test"])
+        self.assertEqual(self.local_zone.names, [])
+
+
+class DnsOptionTests(unittest.TestCase):
+    """`twistd ssx-local --dns-listen` starts the DNS server."""
+
+    @coroutine_test
+    async def test_dns_listen_option(self) -> None:
+        """twistd ssx-local with --dns-listen/--dns-local/--dns-remote answers a proxied name from the remote fake through ssx-server."""
+        zones = {"local": RecordingZone(LOCAL_ADDRESS), "remote": RecordingZone(REMOTE_ADDRESS)}
+        served = {}
+        for which, zone in zones.items():
+            served[which] = listen_dns(zone)
+            for port in served[which].listening:
+                self.addCleanup(port.stopListening)
+        server_port = support.free_port()
+        await support.start_twistd(
+            self, "-n", "--pidfile=", "ssx-server", "-s", "127.0.0.1", "-p", str(server_port), "-k", PASSWORD,
+            "-m", METHOD, "-u", "--shutdown-grace", "0", "--forbidden-ip=", ready=b"listening on",
+        )
+        dns_port = support.free_port()
+        await support.start_twistd(
+            self, "-n", "--pidfile=", "ssx-local", "-s", "127.0.0.1", "-p", str(server_port), "-k", PASSWORD,
+            "-m", METHOD, "-u", "-l", str(support.free_port()), "--shutdown-grace", "0",
+            "--dns-listen", f"127.0.0.1:{dns_port}", "--dns-local", f"127.0.0.1:{served['local'].port}",
+            "--dns-remote", f"127.0.0.1:{served['remote'].port}", ready=b"ssx-local DNS relaying UDP on",
+        )
+        answer = await ask(dns_port, "www.example.test")
+        self.assertEqual(_addresses(answer), [REMOTE_ADDRESS])
+        self.assertEqual(zones["remote"].names, ["www.example.test"])
+        self.assertEqual(zones["local"].names, [])
+        self.assertEqual(served["remote"].transports, ["udp"])
