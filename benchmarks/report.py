@@ -75,7 +75,7 @@ TARGETS: dict[str, tuple[str, str, float]] = {
     "idle_kib": ("absolute", "<=", 8.0),
 }
 
-PEERS = ("libev", "pproxy", "floor")
+PEERS = ("libev", "pproxy", "python", "floor")
 
 
 def _median(values: list[Any]) -> Any:
@@ -250,7 +250,7 @@ def write_png(path: Path, summary: dict[str, Any], ratio_table: dict[str, Any], 
         return "matplotlib is not installed"
     methods = list(ratio_table)
     figures = [f for f in FIGURES if f.key != "conn_p50"]
-    panels = [p for p in ("libev", "pproxy") if any(f"ssx/{p}" in ratio_table[m][f.key] for m in methods for f in figures)]
+    panels = [p for p in ("libev", "pproxy", "python") if any(f"ssx/{p}" in ratio_table[m][f.key] for m in methods for f in figures)]
     if not panels:
         return "no ratio of ssx to libev or pproxy to draw"
     fig, axes = plt.subplots(len(panels), 1, figsize=(15, 5.2 * len(panels)), squeeze=False)
