@@ -1,7 +1,7 @@
 """
 The ssx benchmark suite: ssx, its peers and the floor, side by side.
 
-    python benchmarks/run.py [--quick] [--chains ssx,libev,pproxy,floor]
+    python benchmarks/run.py [--quick] [--chains ssx,libev,pproxy,python,floor]
                              [--methods aes-128-gcm,...] [--runs N] [--out DIR]
 
 For each run, each method and each chain (in an order that rotates from run
