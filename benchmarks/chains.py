@@ -7,6 +7,9 @@ server it talks to, both on free loopback ports:
 * ``ssx``: ``twistd -n ssx-local`` + ``twistd -n ssx-server`` (epoll reactor);
 * ``libev``: Debian's ``ss-local`` + ``ss-server`` (shadowsocks-libev);
 * ``pproxy``: ``python -m pproxy`` twice (asyncio on uvloop, PyPI's peer);
+* ``python``: the original Python shadowsocks (``sslocal`` + ``ssserver``
+  of its 3.0 code, the one with AEAD ciphers, run from a checkout that
+  ``SSX_BENCH_ORIGINAL`` names: it is not on PyPI and is not part of ssx);
 * ``floor``: no proxy at all; the loads talk to the far end directly.
 
 `start_chain` returns once a real request/reply has crossed the chain, and
@@ -47,7 +50,17 @@ __all__ = [
     "versions",
 ]
 
-CHAINS = ("ssx", "libev", "pproxy", "floor")
+CHAINS = ("ssx", "libev", "pproxy", "python", "floor")
+# Where the original Python shadowsocks is checked out (the directory that
+# holds its ``shadowsocks`` package).
+ORIGINAL_ENV = "SSX_BENCH_ORIGINAL"
+# Its 3.0 code predates Python 3.10, which moved MutableMapping out of
+# collections: put the name back, then run its command's main().
+_ORIGINAL = (
+    "import collections, collections.abc, sys; "
+    "collections.MutableMapping = collections.abc.MutableMapping; "
+    "from shadowsocks import {module}; sys.argv[0] = {command!r}; {module}.main()"
+)
 
 _READY_TIMEOUT = 20.0
 _STOP_TIMEOUT = 5.0
@@ -232,6 +245,16 @@ def _commands(
             "-ul", f"socks5://127.0.0.1:{local_port}", "-ur", server_url,
         ]
         return server, local, "direct"
+    if name == "python":
+        original = [sys.executable, "-c"]
+        server = original + [_ORIGINAL.format(module="server", command="ssserver"),
+                             "-s", "127.0.0.1", "-p", str(server_port), "-k", password, "-m", method, "--forbidden-ip", "", "-q"]
+        local = original + [_ORIGINAL.format(module="local", command="sslocal"),
+                            "-s", "127.0.0.1", "-p", str(server_port), "-b", "127.0.0.1",
+                            "-l", str(local_port), "-k", password, "-m", method, "-q"]
+        # -q: by default it logs a line per connection and per datagram, a
+        # cost an operator would turn off.  It relays UDP on both ends always, and its SOCKS5 takes UDP ASSOCIATE.
+        return server, local, "associate"
     raise ValueError(f"unknown chain {name!r}")
 
 
@@ -285,11 +308,12 @@ def start_chain(
     try:
         for role, argv in (("server", server_argv), ("local", local_argv)):
             log = logdir / f"{name}-{method}-{role}.log"
+            environment = _environment(os.environ[ORIGINAL_ENV] if name == "python" else pythonpath)
             with open(log, "wb") as out:
                 # cwd: not the checkout, whose ssx/ would shadow PYTHONPATH.
                 popen = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                    cwd=logdir, env=_environment(pythonpath),
+                    cwd=logdir, env=environment,
                 )
             chain.processes.append(ProxyProcess(role, popen, log))
         deadline = time.monotonic() + _READY_TIMEOUT
@@ -320,6 +344,12 @@ def missing(name: str) -> str | None:
                 return f"{program} not found (apt-get install shadowsocks-libev)"
     if name == "pproxy" and importlib.util.find_spec("pproxy") is None:
         return "pproxy is not installed (pip install -e '.[bench]')"
+    if name == "python":
+        where = os.environ.get(ORIGINAL_ENV)
+        if not where:
+            return f"{ORIGINAL_ENV} is not set (see benchmarks/README.md)"
+        if not (Path(where) / "shadowsocks" / "crypto" / "aead.py").exists():
+            return f"{ORIGINAL_ENV}={where} is not a checkout of the original's 3.0 code (no shadowsocks/crypto/aead.py)"
     return None
 
 
@@ -371,6 +401,14 @@ def versions() -> dict[str, str]:
             found[dist] = version(dist)
         except Exception:
             found[dist] = "not installed"
+    where = os.environ.get(ORIGINAL_ENV)
+    if where:
+        try:
+            init = (Path(where) / "setup.py").read_text()
+            match = re.search(r"version=['\"]([^'\"]+)", init)
+            found["shadowsocks (original)"] = match.group(1) if match else "unknown"
+        except OSError:
+            found["shadowsocks (original)"] = "not found"
     try:
         out = subprocess.run(["ss-server", "-h"], capture_output=True, text=True, timeout=10).stdout
         match = re.search(r"shadowsocks-libev ([\d.]+)", out)

@@ -9,6 +9,10 @@ prints one JSON object with what it measured and what it checked:
   ``sendmsg`` from a 1 MiB zero-copy window and read with ``recv_into`` into
   a 256 KiB buffer, hashed on the receiving side (`payload`).  Bounded by
   ``--seconds`` and ``--max-frames``.
+* ``paced``: the same transfer, upload or download, with the sender
+  never more than `payload.PACED_WINDOW` bytes ahead of what the receiver
+  has acknowledged: the regime of a receiver that drains as data arrives,
+  where a saturating sender lets the chain read in large batches.
 * ``rr``: connection rate.  ``--concurrency`` connections at a time, each
   SOCKS5 CONNECT + 100-byte request + 100-byte reply + the far end's close,
   on asyncio with uvloop and bare protocols (no streams) to keep the client
@@ -163,6 +167,48 @@ def run_bulk(args: argparse.Namespace) -> dict[str, Any]:
         "bytes_sent": payload.Pattern.stream_size(scanner.frames),
         "seconds": elapsed,
         "digest": digest_.hexdigest(),
+    }
+
+
+def run_paced(args: argparse.Namespace) -> dict[str, Any]:
+    signal.alarm(int(args.seconds) + 60)
+    upload = args.direction == "up"
+    sock = _open(args.socks, args.target)
+    request = payload.bulk_request(
+        payload.MODE_PACED_UPLOAD if upload else payload.MODE_PACED_DOWNLOAD,
+        args.seconds,
+        args.max_frames,
+        args.seed,
+    )
+    with sock:
+        started = time.perf_counter()
+        sock.sendall(request)
+        if upload:
+            sender = payload.PacedSender(sock, payload.Pattern(args.seed))
+            sender.send(started + args.seconds, args.max_frames, time.perf_counter)
+            reply = None
+            while reply is None:
+                reply = sender.read_answer()
+            digest, received, total = payload.UPLOAD_REPLY.unpack(reply)
+            return {
+                "frames": sender.frames,
+                "frames_received": received,
+                "bytes": total,
+                "bytes_sent": payload.Pattern.stream_size(sender.frames),
+                "seconds": time.perf_counter() - started,
+                "digest": digest.hex(),
+            }
+        receiver = payload.AckingReceiver(sock, _READ_SIZE)
+        receiver.receive()
+        elapsed = time.perf_counter() - started
+    frames = receiver.scanner.frames
+    return {
+        "frames": frames,
+        "frames_received": frames,
+        "bytes": receiver.scanner.total,
+        "bytes_sent": payload.Pattern.stream_size(frames),
+        "seconds": elapsed,
+        "digest": receiver.digest.hexdigest(),
     }
 
 
@@ -549,6 +595,12 @@ def _parser() -> argparse.ArgumentParser:
     bulk.add_argument("--max-frames", type=int, default=4096)
     bulk.add_argument("--seed", type=int, required=True)
 
+    paced = sub.add_parser("paced", help="one bulk transfer paced by the receiver's acknowledgements")
+    common(paced)
+    paced.add_argument("--direction", choices=("up", "down"), required=True)
+    paced.add_argument("--max-frames", type=int, default=4096)
+    paced.add_argument("--seed", type=int, required=True)
+
     rr = sub.add_parser("rr", help="connection rate")
     common(rr)
     rr.add_argument("--concurrency", type=int, default=32)
@@ -574,6 +626,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.load == "bulk":
             result = run_bulk(args)
+        elif args.load == "paced":
+            result = run_paced(args)
         elif args.load == "udp":
             result = run_udp(args)
         else:

@@ -18,9 +18,15 @@ instead of reporting a fast number:
   substitution read backwards, so an echo or a proxy that answers itself
   does not pass.
 
+* Paced bulk streams carry the same frames, but the sender keeps at most
+  `PACED_WINDOW` bytes beyond what the receiver has acknowledged (the
+  receiver sends an `ACK` every `PACED_ACK_EVERY` bytes it has read), so the
+  chain relays a stream that its receiver drains as it arrives instead of a
+  saturated one (`PacedSender`, `AckingReceiver`).
+
 `targets.py` (the far end) and `load.py` (the clients) share this module,
-and `run.py` checks digests with it.  Its only I/O is `send_frame`, one
-frame onto a blocking socket.
+and `run.py` checks digests with it.  Its only I/O is on blocking sockets
+handed to it: `send_frame`, `PacedSender` and `AckingReceiver`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import hashlib
 import random
 import socket
 import struct
+from typing import Callable
 
 __all__ = [
     "BULK_MAGIC",
@@ -38,8 +45,14 @@ __all__ = [
     "FrameScanner",
     "MODE_DOWNLOAD",
     "MODE_HOLD",
+    "MODE_PACED_DOWNLOAD",
+    "MODE_PACED_UPLOAD",
     "MODE_REPLY",
     "MODE_UPLOAD",
+    "AckingReceiver",
+    "PACED_ACK_EVERY",
+    "PACED_WINDOW",
+    "PacedSender",
     "Pattern",
     "REQUEST_SIZE",
     "StreamDigests",
@@ -55,6 +68,10 @@ __all__ = [
 BULK_MAGIC = b"SXB1"
 MODE_UPLOAD = b"U"
 MODE_DOWNLOAD = b"D"
+# The same, paced by the receiver's acknowledgements.
+MODE_PACED_UPLOAD = b"u"
+MODE_PACED_DOWNLOAD = b"d"
+_BULK_MODES = (MODE_UPLOAD, MODE_DOWNLOAD, MODE_PACED_UPLOAD, MODE_PACED_DOWNLOAD)
 # magic, mode, duration in ms, frame cap, pattern seed
 _BULK_REQUEST = struct.Struct("!4scIII")
 BULK_REQUEST_SIZE = _BULK_REQUEST.size
@@ -69,6 +86,16 @@ END_FRAME = _FRAME_HEADER.pack(0)
 # What the bulk sink answers after the end frame: SHA-256 of everything it
 # read after the request header, the number of data frames, the byte count.
 UPLOAD_REPLY = struct.Struct("!32sQQ")
+
+# Paced streams: the sender keeps at most PACED_WINDOW bytes unacknowledged
+# and writes PACED_SLICE bytes at a time; the receiver acknowledges every
+# PACED_ACK_EVERY bytes with ACK_TAG + the count of stream bytes read so far.
+# A paced upload's final answer is REPLY_TAG + UPLOAD_REPLY.
+PACED_WINDOW = 512 * 1024
+PACED_SLICE = 64 * 1024
+PACED_ACK_EVERY = 64 * 1024
+ACK_TAG, REPLY_TAG = b"A", b"R"
+_ACK = struct.Struct("!cQ")
 
 REQUEST_SIZE = 100
 MODE_REPLY = b"R"  # answer, then close (the connection-rate exchange)
@@ -155,6 +182,82 @@ def send_frame(sock: socket.socket, header: bytes, body: memoryview) -> None:
         sock.sendall(body[sent:])
 
 
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
+class PacedSender:
+    """
+    Sends frames of `pattern` in `PACED_SLICE` pieces onto a blocking socket,
+    never more than `PACED_WINDOW` bytes past the receiver's last `ACK`.
+    """
+
+    def __init__(self, sock: socket.socket, pattern: Pattern) -> None:
+        self._sock = sock
+        self._pattern = pattern
+        self.sent = 0  # stream bytes sent (after the request header)
+        self.acked = 0  # stream bytes the receiver said it has read
+        self.frames = 0
+
+    def send(self, deadline: float, max_frames: int, clock: Callable[[], float]) -> None:
+        """Frames until `deadline` or `max_frames`, then the end frame."""
+        while self.frames < max_frames and clock() < deadline:
+            header, body = self._pattern.frame(self.frames)
+            self._send_piece(header + bytes(body[: PACED_SLICE - len(header)]))
+            for start in range(PACED_SLICE - len(header), len(body), PACED_SLICE):
+                self._send_piece(body[start : start + PACED_SLICE])
+            self.frames += 1
+        self._send_piece(END_FRAME)
+
+    def _send_piece(self, piece: bytes | memoryview) -> None:
+        while self.sent + len(piece) - self.acked > PACED_WINDOW:
+            self.read_answer()
+        self._sock.sendall(piece)
+        self.sent += len(piece)
+
+    def read_answer(self) -> bytes | None:
+        """Reads one acknowledgement (None) or the final reply (its body)."""
+        tag = _recv_exactly(self._sock, 1)
+        if tag == ACK_TAG:
+            self.acked = _ACK.unpack(tag + _recv_exactly(self._sock, _ACK.size - 1))[1]
+            return None
+        if tag == REPLY_TAG:
+            return _recv_exactly(self._sock, UPLOAD_REPLY.size)
+        raise ValueError(f"unexpected answer {tag!r} in a paced stream")
+
+
+class AckingReceiver:
+    """Reads a bulk stream, hashing it, and acknowledges every `PACED_ACK_EVERY` bytes."""
+
+    def __init__(self, sock: socket.socket, read_size: int) -> None:
+        self._sock = sock
+        self._buffer = bytearray(read_size)
+        self.digest = hashlib.sha256()
+        self.scanner = FrameScanner()
+
+    def receive(self) -> None:
+        """Until the end frame; ConnectionError if the stream ends before it."""
+        view = memoryview(self._buffer)
+        acked = 0
+        while True:
+            n = self._sock.recv_into(self._buffer)
+            if not n:
+                raise ConnectionError(f"paced stream ended before its end frame, after {self.scanner.total} bytes")
+            chunk = view[:n]
+            self.digest.update(chunk)
+            if self.scanner.feed(chunk):
+                return
+            if self.scanner.total - acked >= PACED_ACK_EVERY:
+                acked = self.scanner.total
+                self._sock.sendall(_ACK.pack(ACK_TAG, acked))
+
+
 class StreamDigests:
     """
     SHA-256 of the first ``k`` frames plus the end frame, for any ``k``.
@@ -192,7 +295,7 @@ def bulk_request(mode: bytes, seconds: float, max_frames: int, seed: int) -> byt
 def parse_bulk_request(header: bytes) -> tuple[bytes, float, int, int]:
     """(mode, seconds, max_frames, seed) from a bulk header; ValueError if bad."""
     magic, mode, millis, max_frames, seed = _BULK_REQUEST.unpack(header)
-    if magic != BULK_MAGIC or mode not in (MODE_UPLOAD, MODE_DOWNLOAD):
+    if magic != BULK_MAGIC or mode not in _BULK_MODES:
         raise ValueError("not a bulk request")
     return mode, millis / 1000, max_frames, seed
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from steal import HIGH as STEAL_HIGH
+
 __all__ = [
     "FIGURES",
     "Figure",
@@ -49,6 +51,9 @@ FIGURES = (
     Figure("bulk_up", "bulk upload", "MB/s", True, 0),
     Figure("bulk_down", "bulk download", "MB/s", True, 0),
     Figure("cpu_per_gib", "CPU per GiB relayed", "CPU-s/GiB", False, 2),
+    Figure("paced_up", "paced upload", "MB/s", True, 0),
+    Figure("paced_down", "paced download", "MB/s", True, 0),
+    Figure("paced_cpu_per_gib", "CPU per GiB, paced", "CPU-s/GiB", False, 2),
     Figure("conn_rate", "connection rate", "conn/s", True, 0),
     Figure("conn_p50", "connection latency p50", "ms", False, 2),
     Figure("conn_p99", "connection latency p99", "ms", False, 2),
@@ -58,18 +63,19 @@ FIGURES = (
 )
 _BY_KEY = {f.key: f for f in FIGURES}
 
-# The issue's targets: (what ssx is compared with, comparison, bound).
+# The targets of the issue "Every core, and cheaper connections":
+# (what ssx is compared with, comparison, bound).
 TARGETS: dict[str, tuple[str, str, float]] = {
-    "bulk_up": ("libev", ">=", 1.0),
-    "bulk_down": ("libev", ">=", 1.0),
-    "cpu_per_gib": ("libev", "<=", 1.0),
-    "conn_rate": ("libev", ">=", 0.5),
-    "cpu_per_conn": ("libev", "<=", 3.0),
-    "udp_rate": ("libev", ">=", 0.3),
+    "bulk_up": ("libev", ">=", 1.5),
+    "bulk_down": ("libev", ">=", 1.5),
+    "cpu_per_gib": ("libev", "<=", 0.67),
+    "paced_cpu_per_gib": ("libev", "<=", 0.67),
+    "cpu_per_conn": ("libev", "<=", 2.5),
+    "udp_rate": ("libev", ">=", 0.5),
     "idle_kib": ("absolute", "<=", 8.0),
 }
 
-PEERS = ("libev", "pproxy", "floor")
+PEERS = ("libev", "pproxy", "python", "floor")
 
 
 def _median(values: list[Any]) -> Any:
@@ -92,6 +98,19 @@ def summarize(records: list[dict[str, Any]], methods: list[str], chains: list[st
                 f.key: _median([r["figures"].get(f.key) for r in mine if f.key in r["figures"]]) for f in FIGURES
             }
     return summary
+
+
+def steal_summary(records: list[dict[str, Any]], methods: list[str], chains: list[str]) -> dict[str, Any]:
+    """steal[method][chain] = {"max": highest steal of any step in %, "high": whether it passed steal.HIGH}."""
+    out: dict[str, Any] = {}
+    for method in methods:
+        out[method] = {}
+        for chain in chains:
+            mine = [r for r in records if r["chain"] == chain and (chain == "floor" or r["method"] == method)]
+            values = [v for r in mine for v in r.get("steal", {}).values() if isinstance(v, (int, float))]
+            peak = max(values) if values else None
+            out[method][chain] = {"max": peak, "high": peak is not None and peak > STEAL_HIGH}
+    return out
 
 
 def ratios(summary: dict[str, Any]) -> dict[str, Any]:
@@ -135,8 +154,24 @@ def _cell(value: Any, decimals: int) -> str:
     return "-" if value is None else str(value)
 
 
-def render_table(summary: dict[str, Any], ratio_table: dict[str, Any], targets: dict[str, Any], chains: list[str]) -> str:
-    """One block per method: each chain's medians, the ratios, and the targets."""
+def _steal_row(stolen: dict[str, Any] | None, method: str, chains: list[str]) -> tuple[list[str], bool] | None:
+    """The table row of each chain's highest steal, '!' where it passed STEAL_HIGH."""
+    if not stolen or method not in stolen:
+        return None
+    cells = []
+    for chain in chains:
+        entry = stolen[method].get(chain, {})
+        peak = entry.get("max")
+        cells.append("-" if peak is None else f"{peak:.1f}" + ("!" if entry.get("high") else ""))
+    flagged = any(stolen[method].get(c, {}).get("high") for c in chains)
+    return ["hypervisor steal, max", "%"] + cells, flagged
+
+
+def render_table(
+    summary: dict[str, Any], ratio_table: dict[str, Any], targets: dict[str, Any], chains: list[str],
+    stolen: dict[str, Any] | None = None,
+) -> str:
+    """One block per method: each chain's medians, the ratios, the targets, and the steal seen."""
     lines: list[str] = []
     peers = [p for p in PEERS if p in chains and "ssx" in chains]
     header = ["figure", "unit"] + chains + [f"ssx/{p}" for p in peers] + ["target", "met"]
@@ -152,6 +187,10 @@ def render_table(summary: dict[str, Any], ratio_table: dict[str, Any], targets: 
             else:
                 row += ["", ""]
             rows.append(row)
+        steal_row = _steal_row(stolen, method, chains)
+        if steal_row:
+            cells, flagged = steal_row
+            rows.append(cells + [""] * len(peers) + [f"<= {STEAL_HIGH:g}", "NO: rerun" if flagged else "yes"])
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines.append(f"== {method} ==")
         for n, row in enumerate(rows):
@@ -163,7 +202,10 @@ def render_table(summary: dict[str, Any], ratio_table: dict[str, Any], targets: 
     return "\n".join(lines)
 
 
-def render_markdown(summary: dict[str, Any], ratio_table: dict[str, Any], targets: dict[str, Any], chains: list[str]) -> str:
+def render_markdown(
+    summary: dict[str, Any], ratio_table: dict[str, Any], targets: dict[str, Any], chains: list[str],
+    stolen: dict[str, Any] | None = None,
+) -> str:
     """The table of `render_table` as Markdown, for RESULTS.md."""
     peers = [p for p in PEERS if p in chains and "ssx" in chains]
     lines: list[str] = []
@@ -183,6 +225,11 @@ def render_markdown(summary: dict[str, Any], ratio_table: dict[str, Any], target
             else:
                 row += ["", ""]
             lines.append("| " + " | ".join(row) + " |")
+        steal_row = _steal_row(stolen, method, chains)
+        if steal_row:
+            cells, flagged = steal_row
+            cells += [""] * len(peers) + [f"≤ {STEAL_HIGH:g} (else not a result)", "**no: rerun**" if flagged else "yes"]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -203,7 +250,7 @@ def write_png(path: Path, summary: dict[str, Any], ratio_table: dict[str, Any], 
         return "matplotlib is not installed"
     methods = list(ratio_table)
     figures = [f for f in FIGURES if f.key != "conn_p50"]
-    panels = [p for p in ("libev", "pproxy") if any(f"ssx/{p}" in ratio_table[m][f.key] for m in methods for f in figures)]
+    panels = [p for p in ("libev", "pproxy", "python") if any(f"ssx/{p}" in ratio_table[m][f.key] for m in methods for f in figures)]
     if not panels:
         return "no ratio of ssx to libev or pproxy to draw"
     fig, axes = plt.subplots(len(panels), 1, figsize=(15, 5.2 * len(panels)), squeeze=False)
@@ -274,4 +321,5 @@ if __name__ == "__main__":
     import sys
 
     document = json.loads(Path(sys.argv[1]).read_text())
-    print(render_markdown(document["summary"], document["ratios"], document["targets"], document["settings"]["chains"]))
+    print(render_markdown(document["summary"], document["ratios"], document["targets"], document["settings"]["chains"],
+                          document.get("steal")))

@@ -1,7 +1,7 @@
 """
 The ssx benchmark suite: ssx, its peers and the floor, side by side.
 
-    python benchmarks/run.py [--quick] [--chains ssx,libev,pproxy,floor]
+    python benchmarks/run.py [--quick] [--chains ssx,libev,pproxy,python,floor]
                              [--methods aes-128-gcm,...] [--runs N] [--out DIR]
 
 For each run, each method and each chain (in an order that rotates from run
@@ -35,6 +35,7 @@ from typing import Any
 import chains as chains_module
 import payload
 import report
+import steal
 from chains import Chain, ChainError
 
 HERE = Path(__file__).resolve().parent
@@ -132,12 +133,15 @@ class Measurement:
         self.figures: dict[str, Any] = {}
         self.details: dict[str, Any] = {}
         self.errors: dict[str, str] = {}
+        # Hypervisor steal during each step, in % of the machine's CPU time.
+        self.steal: dict[str, float | None] = {}
 
     def run(self) -> None:
         proxied = self.chain.socks is not None
         steps = [("idle", self.idle)] if proxied else []
-        steps += [("bulk", self.bulk), ("conn", self.connections), ("udp", self.udp)]
+        steps += [("bulk", self.bulk), ("paced", self.paced), ("conn", self.connections), ("udp", self.udp)]
         for name, step in steps:
+            before = steal.read()
             try:
                 step()
             except (FigureError, ChainError, OSError, ValueError) as e:
@@ -145,12 +149,16 @@ class Measurement:
                 for key in {
                     "idle": ["idle_kib"],
                     "bulk": ["bulk_up", "bulk_down", "cpu_per_gib"],
+                    "paced": ["paced_up", "paced_down", "paced_cpu_per_gib"],
                     "conn": ["conn_rate", "conn_p50", "conn_p99", "cpu_per_conn"],
                     "udp": ["udp_rate"],
                 }[name]:
                     self.figures.setdefault(key, report.FAIL)
+            self.steal[name] = steal.percent(before, steal.read())
         if not proxied:
-            self.figures.update(idle_kib=report.NA, cpu_per_gib=report.NA, cpu_per_conn=report.NA)
+            self.figures.update(
+                idle_kib=report.NA, cpu_per_gib=report.NA, paced_cpu_per_gib=report.NA, cpu_per_conn=report.NA
+            )
 
     def _cpu(self) -> float:
         return self.chain.cpu_seconds() if self.chain.processes else 0.0
@@ -193,34 +201,41 @@ class Measurement:
         return rss
 
     def bulk(self) -> None:
-        """One connection each way; MB/s, and proxy CPU over both directions per GiB."""
+        """One connection each way, the sender saturating the chain; MB/s, and proxy CPU per GiB."""
+        self._transfers("bulk", "bulk", "cpu_per_gib")
+
+    def paced(self) -> None:
+        """The same, the sender paced by the receiver's acknowledgements."""
+        self._transfers("paced", "paced", "paced_cpu_per_gib")
+
+    def _transfers(self, load: str, prefix: str, cpu_key: str) -> None:
         cpu = 0.0
         relayed = 0
         for direction in ("up", "down"):
             before = self._cpu()
             result = _load(
-                ["bulk", *_chain_args(self.chain), "--target", _address(self.far.bulk), "--direction", direction,
+                [load, *_chain_args(self.chain), "--target", _address(self.far.bulk), "--direction", direction,
                  "--seconds", str(self.settings.bulk_seconds), "--max-frames", str(self.settings.max_frames),
                  "--seed", str(self.far.seed)],
                 timeout=self.settings.bulk_seconds + 90,
             )
             spent = self._cpu() - before
-            self._check_bulk(direction, result)
-            self.figures[f"bulk_{direction}"] = result["bytes"] / result["seconds"] / 1e6
-            self.details[f"bulk_{direction}"] = {**result, "cpu_seconds": spent}
+            self._check_bulk(f"{prefix} {direction}", result)
+            self.figures[f"{prefix}_{direction}"] = result["bytes"] / result["seconds"] / 1e6
+            self.details[f"{prefix}_{direction}"] = {**result, "cpu_seconds": spent}
             cpu += spent
             relayed += result["bytes"]
         if self.chain.processes:
-            self.figures["cpu_per_gib"] = cpu / (relayed / _GIB)
+            self.figures[cpu_key] = cpu / (relayed / _GIB)
 
-    def _check_bulk(self, direction: str, result: dict[str, Any]) -> None:
+    def _check_bulk(self, what: str, result: dict[str, Any]) -> None:
         frames = result["frames"]
         if frames < 1:
-            raise FigureError(f"bulk {direction}: no frame got through")
+            raise FigureError(f"{what}: no frame got through")
         if result["frames_received"] != frames or result["bytes"] != result["bytes_sent"]:
-            raise FigureError(f"bulk {direction}: sent {frames} frames, {result['frames_received']} arrived")
+            raise FigureError(f"{what}: sent {frames} frames, {result['frames_received']} arrived")
         if bytes.fromhex(result["digest"]) != self.digests.digest(frames):
-            raise FigureError(f"bulk {direction}: SHA-256 of the {frames} frames received is wrong")
+            raise FigureError(f"{what}: SHA-256 of the {frames} frames received is wrong")
 
     def connections(self) -> None:
         """CONNECT + 100-byte request + 100-byte reply at N concurrent: rate, latency, CPU per connection."""
@@ -298,6 +313,7 @@ def _one(name: str, method: str | None, far: Far, settings: Settings, digests: p
         "figures": {},
         "details": {},
         "errors": {},
+        "steal": {},
         # The machine is shared: a high load average explains a slow run.
         "load_average": os.getloadavg()[0],
     }
@@ -310,7 +326,9 @@ def _one(name: str, method: str | None, far: Far, settings: Settings, digests: p
                 chain.check_alive()
             except ChainError as e:
                 measurement.errors["exit"] = str(e)
-        record.update(figures=measurement.figures, details=measurement.details, errors=measurement.errors)
+        record.update(
+            figures=measurement.figures, details=measurement.details, errors=measurement.errors, steal=measurement.steal
+        )
     except (ChainError, OSError) as e:
         record["errors"]["start"] = str(e)
         record["figures"] = {f.key: report.FAIL for f in report.FIGURES}
@@ -328,11 +346,16 @@ def _progress(run: int, record: dict[str, Any]) -> None:
     line = (
         f"run {run + 1} {record['chain']:<6} {record['method'] or '-':<22} "
         f"up {show('bulk_up', '.0f')} down {show('bulk_down', '.0f')} MB/s, "
-        f"{show('cpu_per_gib', '.2f')} CPU-s/GiB, {show('conn_rate', '.0f')} conn/s "
+        f"{show('cpu_per_gib', '.2f')} CPU-s/GiB, paced up {show('paced_up', '.0f')} down "
+        f"{show('paced_down', '.0f')} MB/s {show('paced_cpu_per_gib', '.2f')} CPU-s/GiB, {show('conn_rate', '.0f')} conn/s "
         f"({show('cpu_per_conn', '.3f')} CPU-ms), udp {show('udp_rate', '.0f')}/s, "
         f"idle {show('idle_kib', '.1f')} KiB/conn  [{record['seconds']}s, load {record['load_average']:.1f}]"
     )
     print(line, flush=True)
+    high = {step: pct for step, pct in record["steal"].items() if pct is not None and pct > steal.HIGH}
+    stolen = ", ".join(f"{step} {pct:.1f}%" for step, pct in record["steal"].items() if pct is not None)
+    if stolen:
+        print(f"    steal: {stolen}" + ("  << over 5 %: not a result, rerun" if high else ""), flush=True)
     for step, error in record["errors"].items():
         print(f"    {step}: {error}", flush=True)
 
@@ -398,9 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     finished = datetime.datetime.now(datetime.timezone.utc)
 
     summary = report.summarize(records, methods, chain_names)
+    stolen = report.steal_summary(records, methods, chain_names)
     ratio_table = report.ratios(summary)
     targets = report.check_targets(summary, ratio_table)
-    table = report.render_table(summary, ratio_table, targets, chain_names)
+    table = report.render_table(summary, ratio_table, targets, chain_names, stolen)
     print()
     print(f"medians of {runs} run(s); ratios are ssx / peer, measured in this suite run")
     print(table)
@@ -413,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "ratios": ratio_table,
         "targets": targets,
+        # The highest hypervisor steal of any step, per method and chain (%),
+        # and whether any step went over steal.HIGH: such figures are not results.
+        "steal": stolen,
         "records": records,
     }
     report.write_json(out / "results.json", document)

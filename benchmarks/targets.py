@@ -9,6 +9,8 @@ listens on 127.0.0.1 and prints its ports as one JSON line when ready:
   and 256 KiB buffers is the cheapest Python can do).  An upload is read to
   its end frame while hashed, then answered with `payload.UPLOAD_REPLY`; a
   download is sent frame by frame until its duration or frame cap is spent.
+  Paced modes do the same with acknowledgements (`payload.PacedSender`,
+  `payload.AckingReceiver`).
 * ``rr`` (TCP, asyncio on uvloop): reads one 100-byte request, answers
   `payload.reply_for` it, then closes (mode R) or holds the connection open
   until the client closes (mode H).  The target closes first so TIME_WAIT
@@ -69,8 +71,16 @@ class BulkServer:
                 )
                 if mode == payload.MODE_UPLOAD:
                     self._sink(conn)
-                else:
+                elif mode == payload.MODE_DOWNLOAD:
                     self._source(conn, self._pattern(seed), seconds, max_frames)
+                elif mode == payload.MODE_PACED_UPLOAD:
+                    receiver = payload.AckingReceiver(conn, _READ_SIZE)
+                    receiver.receive()
+                    conn.sendall(payload.REPLY_TAG + payload.UPLOAD_REPLY.pack(
+                        receiver.digest.digest(), receiver.scanner.frames, receiver.scanner.total))
+                else:
+                    sender = payload.PacedSender(conn, self._pattern(seed))
+                    sender.send(time.monotonic() + seconds, max_frames, time.monotonic)
                 # Let the client close first, then wait for its FIN.
                 while conn.recv(_READ_SIZE):
                     pass
