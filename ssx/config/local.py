@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple
 
 from ssx.config.known_keys import LOCAL_PEER_KEYS, no_method_warning, peer_key_notes
+from ssx.config.metrics import METRICS_KEYS, read_metrics
 from ssx.numbers import parse_number, parse_port, parse_seconds
 from ssx.config.upstreams import ServerEntry, server_list, url_entries
 from ssx.config.values import (
@@ -62,7 +63,7 @@ LOCAL_KEYS = COMMON_KEYS | {
     "health_check_interval", "health_check_url",
     # The original's tunnel (its tunnel.py), read into `tunnels`.
     "tunnel_remote", "tunnel_remote_port", "tunnel_port",
-}
+} | METRICS_KEYS
 # The original's defaults for its tunnel's target.
 ORIGINAL_TUNNEL_TARGET = ("8.8.8.8", 53)
 
@@ -132,6 +133,8 @@ class LocalConfig:
     # TCP Fast Open to the servers: the first write (salt, header, first
     # bytes) in the SYN.
     fast_open: bool = False
+    # The endpoint description /metrics is served on (None: no metrics).
+    metrics: str | None = None
 
     @property
     def plugin(self) -> Plugin | None:
@@ -188,6 +191,7 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         health_check=_health_check(values),
         verbose=read_verbose(values),
         fast_open=read_bool(values, "fast_open"),
+        metrics=read_metrics(values),
     )
 
 

@@ -7,5 +7,6 @@ application connection on the mixed port and hands it to SOCKS5 or SOCKS4
 relay through a server with `relay`; `udp` carries SOCKS5 UDP and UDP
 tunnels.  `upstream` is one server as the local end reaches it, `picker`
 chooses among them, `health` measures them and `online` fetches SIP008
-lists of them (`online_upstreams` builds their servers and plugins).
+lists of them (`online_upstreams` builds their servers and plugins);
+`metrics` is the Prometheus registry of ``--metrics``.
 """

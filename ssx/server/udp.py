@@ -252,6 +252,8 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         self.verbose = verbose
         self.refused = 0
         self.socket_failures = 0
+        # Datagrams whose target name did not resolve (also in `dropped`).
+        self.unresolvable = 0
 
     def reply(self, client: Any, source: Address, data: bytes) -> None:
         """A target's datagram for the NAT entry `client`, to be sealed and sent back."""
@@ -266,6 +268,7 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
 
     def _unresolved(self) -> None:
         self.dropped += 1
+        self.unresolvable += 1
 
     def _send(self, client: tuple, target: Address, ips: list[str], payload: bytes) -> None:
         allowed = [ip for ip in ips if not self.forbidden.forbids(ip)]

@@ -233,6 +233,24 @@ class RawClient(protocol.Protocol):
         return self.closed_at - self.opened_at
 
 
+class DecryptingClient(RawClient):
+    """
+    A `RawClient` that sends a ready-made Shadowsocks request and decrypts
+    what comes back with `codec` (a client codec): `plain` holds the
+    plaintext, `wire` counts the encrypted bytes as they came.
+    """
+
+    def __init__(self, request: bytes, codec: Any) -> None:
+        RawClient.__init__(self, request)
+        self.codec = codec
+        self.plain = bytearray()
+        self.wire = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.wire += len(data)
+        self.plain += self.codec.decrypt(data)
+
+
 class SocksClient(RawClient):
     """
     Speaks SOCKS5 (no authentication) to CONNECT to host:port, then sends
