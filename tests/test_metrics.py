@@ -15,20 +15,25 @@ import math
 import os
 import sys
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from ssx.config import local_config, server_config
 from ssx.config.metrics import read_metrics
-from ssx.crypto import make_suite
+from ssx.crypto import CipherSuite, make_suite
+from ssx.net.resolver import NameResolutionError
+from ssx.server.forbidden import parse_forbidden
+from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.errors import ConfigError
 from ssx.server.tap import Options as ServerOptions
 from ssx.wire.address import Address, encode_address
 from ssx.wire.sip002 import format_url
 from tests import support
-from tests.support.forged import password_for, tcp_request
+from tests.support.forged import password_for, tcp_request, udp_datagram
 from tests.support.waiting import coroutine_test, within
 
 METHOD = "aes-128-gcm"
@@ -209,6 +214,32 @@ class ScrapeTests(unittest.TestCase):
         self.assertIsNone(samples.get("ssx_local_data_bytes_total", server=server_label(dead), proto="tcp", dir="c>p"))
 
     @coroutine_test
+    async def test_udp_bytes_and_nat(self) -> None:
+        """A UDP round trip: c>p and p>c are the datagrams' sizes, one NAT entry added and held."""
+        port, metrics_port = await self.server("--forbidden-ip=", "-u")
+        echo_port, echo = support.listen_udp_echo()
+        self.addCleanup(echo_port.stopListening)
+        collector = support.DatagramCollector()
+        client = reactor.listenUDP(0, collector, interface="127.0.0.1")
+        self.addCleanup(client.stopListening)
+        payload = os.urandom(1000)
+        header = encode_address(Address("127.0.0.1", echo_port.getHost().port))
+        datagram = udp_datagram(METHOD, header, payload, reactor.seconds)
+        client.write(datagram, ("127.0.0.1", port))
+        reply, _ = await within(10, collector.queue.get(), "the UDP echo through ssx-server")
+        self.assertEqual(make_suite(METHOD, password_for(METHOD)).udp_open(reply), header + payload)
+        labels = {"port": str(port)}
+        samples = await support.scrape(metrics_port)
+        self.assertEqual(samples.value("ssx_server_data_bytes_total", dir="c>p", proto="udp", **labels), len(datagram))
+        self.assertEqual(samples.value("ssx_server_data_bytes_total", dir="p>c", proto="udp", **labels), len(reply))
+        self.assertEqual(samples.value("ssx_server_data_bytes_total", dir="c>p", proto="tcp", **labels), 0)
+        self.assertEqual(samples.value("ssx_server_udp_datagrams_total", **labels), 1)
+        self.assertEqual(samples.value("ssx_server_udp_nat_entries", **labels), 1)
+        self.assertEqual(samples.value("ssx_server_udp_nat_added_total", **labels), 1)
+        self.assertEqual(samples.value("ssx_server_udp_nat_removed_total", **labels), 0)
+        self.assertEqual(samples.value("ssx_server_udp_dropped_total", **labels), 0)
+
+    @coroutine_test
     async def test_bad_endpoint(self) -> None:
         """A --metrics that no endpoint parser takes stops start-up with one line naming the key."""
         out, err, code = await getProcessOutputAndValue(
@@ -311,3 +342,93 @@ class ConfigTests(unittest.TestCase):
         self.assertIn("bad configuration: metrics: ", message)
         self.assertIn("prometheus-client", message)
         self.assertNotIn("\n", message)
+
+
+class _Recorder:
+    """A port observer that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.handshakes: list[float] = []
+        self.connects: list[float] = []
+        self.searches: list[bool] = []
+
+    def handshake(self, seconds: float) -> None:
+        self.handshakes.append(seconds)
+
+    def connect(self, seconds: float) -> None:
+        self.connects.append(seconds)
+
+    def key_search(self, seconds: float, found: bool) -> None:
+        self.searches.append(found)
+
+
+class _Resolver:
+    """Resolves names after `delay` seconds of `clock`, or fails them when `addresses` is empty."""
+
+    def __init__(self, clock: MemoryReactorClock, addresses: list[str], delay: float = 0.0) -> None:
+        self.clock, self.addresses, self.delay = clock, addresses, delay
+
+    def resolve(self, name: str) -> defer.Deferred:
+        if not self.addresses:
+            return defer.fail(NameResolutionError(name))
+        d: defer.Deferred = defer.Deferred()
+        self.clock.callLater(self.delay, d.callback, self.addresses)
+        return d
+
+
+class ObserverTests(unittest.SynchronousTestCase):
+    """What the server's connections report to the metrics, on a fake reactor."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.suite = CipherSuite(METHOD, "pw")
+        self.resolver = _Resolver(self.reactor, ["93.184.216.34"], delay=0.25)
+        self.factory = ShadowsocksServerFactory(self.reactor, self.suite, self.resolver, parse_forbidden(None),
+                                                timeout=60)
+        self.recorder = _Recorder()
+        self.factory.observer = self.recorder
+        self.factory.closed_by_status = {}
+
+    def connect(self) -> tuple[object, StringTransport]:
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "198.51.100.1", 40000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.1", 40000))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_handshake_and_connect_times(self) -> None:
+        """Handshake time runs from accept to the header, connect time from the header to the target, on the clock."""
+        protocol, transport = self.connect()
+        self.reactor.advance(1.5)
+        protocol.dataReceived(self.suite.tcp_encryptor().encrypt(encode_address(Address("example.com", 443)) + b"hi"))
+        self.assertEqual(self.recorder.handshakes, [1.5])
+        self.assertEqual(self.recorder.searches, [True])
+        self.reactor.advance(0.25)
+        [(_, _, target_factory, _, _)] = self.reactor.tcpClients
+        self.reactor.advance(0.5)
+        target = target_factory.buildProtocol(None)
+        target.makeConnection(StringTransport())
+        self.assertEqual(self.recorder.connects, [0.75])
+        protocol.connectionLost(None)
+        self.assertEqual(self.factory.closed_by_status, {"relayed": 1})
+
+    def test_bad_data_and_no_header(self) -> None:
+        """Garbage is a failed key search and closes as bad_data; a silent client closes as no_header."""
+        garbage, _ = self.connect()
+        garbage.dataReceived(os.urandom(100))
+        silent, _ = self.connect()
+        self.assertEqual(self.recorder.searches, [False])
+        self.assertEqual(self.recorder.handshakes, [])
+        garbage.connectionLost(None)
+        silent.connectionLost(None)
+        self.assertEqual(self.factory.closed_by_status, {"bad_data": 1, "no_header": 1})
+
+    def test_unresolvable_counted_apart(self) -> None:
+        """A name that does not resolve counts as unresolvable (and unreachable, as the summary logs it)."""
+        self.resolver.addresses = []
+        protocol, transport = self.connect()
+        protocol.dataReceived(self.suite.tcp_encryptor().encrypt(encode_address(Address("nx.example", 80)) + b"x"))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual((self.factory.targets_unresolvable, self.factory.targets_unreachable), (1, 1))
+        protocol.connectionLost(None)
+        self.assertEqual(self.factory.closed_by_status, {"not_connected": 1})
+        self.assertEqual(self.recorder.connects, [])

@@ -25,6 +25,7 @@ from tests.support.chains import (
 )
 from tests.support.clients import (
     BuildingFactory,
+    DatagramCollector,
     DecryptingClient,
     KeepingProtocol,
     TRANSFER_SECONDS,
@@ -79,6 +80,7 @@ __all__ = [
     "scrape",
     "scrape_until",
     "BuildingFactory",
+    "DatagramCollector",
     "DecryptingClient",
     "KeepingProtocol",
     "fd_table",

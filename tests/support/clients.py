@@ -318,7 +318,9 @@ def socks5_udp_header(host: str, port: int) -> bytes:
     return b"\x00\x00\x00" + socks5_request(host, port)[3:]
 
 
-class _Collector(protocol.DatagramProtocol):
+class DatagramCollector(protocol.DatagramProtocol):
+    """A UDP socket's protocol that queues every (datagram, source) it receives."""
+
     def __init__(self) -> None:
         self.queue: defer.DeferredQueue = defer.DeferredQueue()
 
@@ -336,7 +338,7 @@ class Socks5UdpClient:
     def __init__(self) -> None:
         self.control: protocol.Protocol | None = None
         self.relay: tuple[str, int] | None = None
-        self.udp = _Collector()
+        self.udp = DatagramCollector()
         self.port: Any = None
         self.reply = b""
 
