@@ -238,6 +238,35 @@ class ScrapeTests(unittest.TestCase):
         self.assertEqual(samples.value("ssx_server_udp_nat_added_total", **labels), 1)
         self.assertEqual(samples.value("ssx_server_udp_nat_removed_total", **labels), 0)
         self.assertEqual(samples.value("ssx_server_udp_dropped_total", **labels), 0)
+        for direction in ("p>t", "t>p"):
+            self.assertEqual(
+                samples.value("ssx_server_payload_bytes_total", key="", dir=direction, proto="udp", **labels), len(payload)
+            )
+
+    @coroutine_test
+    async def test_local_udp_bytes(self) -> None:
+        """SOCKS5 UDP through twistd ssx-local and ssx-server: each datagram's address and payload counted per server."""
+        port, _ = await self.server("--forbidden-ip=", "-u")
+        socks_port, metrics_port = support.free_port(), support.free_port()
+        await support.start_twistd(
+            self, "-n", "--pidfile=", "ssx-local", "--url", make_url(port, f"s{port}"), "-l", str(socks_port), "-u",
+            "--metrics", str(metrics_port), ready=b"metrics listening on",
+        )
+        echo_port, echo = support.listen_udp_echo()
+        self.addCleanup(echo_port.stopListening)
+        client = support.Socks5UdpClient()
+        self.assertEqual(await client.open(socks_port), 0)
+        self.addCleanup(client.close)
+        payload = os.urandom(700)
+        resent = await client.exchange("127.0.0.1", echo_port.getHost().port, [payload])
+        size = len(encode_address(Address("127.0.0.1", echo_port.getHost().port))) + len(payload)
+        label = server_label(port)
+        samples = await support.scrape_until(metrics_port, lambda s: s.get(
+            "ssx_local_data_bytes_total", server=label, proto="udp", dir="p>c") == echo.count * size)
+        self.assertEqual(samples.value("ssx_local_data_bytes_total", server=label, proto="udp", dir="c>p"),
+                         (1 + resent) * size)
+        self.assertEqual(samples.value("ssx_local_data_bytes_total", server=label, proto="udp", dir="p>c"),
+                         echo.count * size)
 
     @coroutine_test
     async def test_bad_endpoint(self) -> None:

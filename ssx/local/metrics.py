@@ -7,7 +7,9 @@ Read at scrape time (`LocalCollector`): each server's state in the picker
 the factories' counters (`ssx.local.relay`: failovers, connections by
 the protocol the application spoke, broken relays) and each server's
 payload bytes, counted per relay read through the factories'
-`server_traffic` while metrics are on.  Observed as they happen: each
+`server_traffic` while metrics are on (UDP: per datagram, through the UDP
+relays' `server_traffic`, the Shadowsocks plaintext: target address and
+payload).  Observed as they happen: each
 health check's latency (`ssx.local.health`), a histogram.
 
 Labels are bounded by what the operator configures (or the online
@@ -62,18 +64,27 @@ class LocalMetrics:
 
     def __init__(self, top: "LocalService") -> None:
         self.registry = CollectorRegistry()
-        # By server label: kept when an online config drops a server and brings it back.
+        # By protocol and server label: kept when an online config drops a server and brings it back.
         self.traffic: dict[str, ServerTraffic] = {}
+        self.udp_traffic: dict[str, ServerTraffic] = {}
         self.check_seconds = Histogram(
             "ssx_local_health_check_seconds", "Health checks through each server: time to the target's first byte",
             ["server"], registry=self.registry, buckets=CHECK_BUCKETS,
         )
-        self.registry.register(LocalCollector(top, self.traffic))
+        self.registry.register(LocalCollector(top, {"tcp": self.traffic, "udp": self.udp_traffic}))
 
     def server_traffic(self, upstream: IUpstream) -> ServerTraffic:
+        """`upstream`'s counter of TCP payload bytes."""
         counter = self.traffic.get(upstream.label)
         if counter is None:
             counter = self.traffic[upstream.label] = ServerTraffic()
+        return counter
+
+    def udp_server_traffic(self, upstream: IUpstream) -> ServerTraffic:
+        """`upstream`'s counter of UDP plaintext bytes (each datagram's target address and payload)."""
+        counter = self.udp_traffic.get(upstream.label)
+        if counter is None:
+            counter = self.udp_traffic[upstream.label] = ServerTraffic()
         return counter
 
     def instrument(self, factory: LocalFactory) -> None:
@@ -90,7 +101,7 @@ class LocalMetrics:
 class LocalCollector(Collector):
     """Reads the picker and the factories at scrape time (in the web thread: it copies what it iterates)."""
 
-    def __init__(self, top: "LocalService", traffic: dict[str, ServerTraffic]) -> None:
+    def __init__(self, top: "LocalService", traffic: dict[str, dict[str, ServerTraffic]]) -> None:
         self._top = top
         self._traffic = traffic
 
@@ -116,9 +127,10 @@ class LocalCollector(Collector):
                 latency.add_metric([upstream.label], average)
         data = CounterMetricFamily("ssx_local_data_bytes", "Payload bytes relayed through each server, by direction",
                                    labels=["server", "proto", "dir"])
-        for label, counter in list(self._traffic.items()):
-            data.add_metric([label, "tcp", "c>p"], counter.up)
-            data.add_metric([label, "tcp", "p>c"], counter.down)
+        for proto, table in self._traffic.items():
+            for label, counter in list(table.items()):
+                data.add_metric([label, proto, "c>p"], counter.up)
+                data.add_metric([label, proto, "p>c"], counter.down)
         failovers: dict[str, int] = {}
         fronts: dict[str, int] = {}
         active = broken = 0

@@ -220,6 +220,8 @@ def _add_metrics(top: LocalService, reactor: Any, description: str) -> None:
     top.metrics = metrics = LocalMetrics(top)
     for factory in top.factories:
         metrics.instrument(factory)
+    for relay in top.udp_relays:
+        relay.server_traffic = metrics.udp_server_traffic
     if top.health is not None:
         top.health.observe = metrics.observe_check
     top.metrics_listener = serve_metrics(top, reactor, description, metrics.registry, "ssx-local")

@@ -7,11 +7,12 @@ Nearly everything is read at scrape time from the counters the server
 keeps anyway (`ServerCollector`): each port's factory counters
 (`ssx.server.protocol`), its traffic (`ssx.server.accounting`: the
 encrypted bytes of the port's TCP and UDP apart, and the payload bytes of
-each key or user), its UDP relays' counters and NAT tables.  Nothing is
+each key or user, TCP and UDP), its UDP relays' counters and NAT tables.  Nothing is
 called per packet for them.  What cannot be read later is observed per
 connection: the handshake, key search and connect histograms, one call
 each through the factory's `observer` (`PortObserver`), and how each
-connection ended.  With metrics off, none of this exists.
+connection ended; the payload bytes, a wrapper per TCP read and a counter
+per UDP datagram.  With metrics off, none of this exists.
 
 Labels are bounded by what the operator configures: `port`, `key` (a
 2022 user's name or a key's id; empty on a single-key port), `proto`,
@@ -144,11 +145,11 @@ class ServerCollector(Collector):
                 if traffic is not None:
                     data.add_metric([label, proto, "c>p"], traffic.up)
                     data.add_metric([label, proto, "p>c"], traffic.down)
-            sink = factory.user_traffic
-            if isinstance(sink, UserTrafficTable):
-                for key, counter in sink.snapshot():
-                    payload.add_metric([label, key, "tcp", "p>t"], counter.up)
-                    payload.add_metric([label, key, "tcp", "t>p"], counter.down)
+            for proto, sink in (("tcp", factory.user_traffic), ("udp", port.udp_payload)):
+                if isinstance(sink, UserTrafficTable):
+                    for key, counter in sink.snapshot():
+                        payload.add_metric([label, key, proto, "p>t"], counter.up)
+                        payload.add_metric([label, key, proto, "t>p"], counter.down)
             opened.add_metric([label], factory.accepted)
             active.add_metric([label], len(factory.connections))
             if factory.closed_by_status is not None:

@@ -25,7 +25,7 @@ from ssx.net.outbound import Outbound
 from ssx.net.plugin import PluginService
 from ssx.net.resolver import TargetResolver
 from ssx.net.tcp import FAST_OPEN_QUEUE
-from ssx.server.accounting import UserTraffic
+from ssx.server.accounting import UserTraffic, UserTrafficTable
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.server.session_windows import SessionWindows
@@ -76,6 +76,8 @@ class ServerPort(MultiService):
         # (UDP too unless `udp_traffic` counts UDP apart, for the metrics).
         self.traffic = traffic
         self.udp_traffic = udp_traffic
+        # Each key's UDP payload bytes, with metrics on (TCP's: the factory's `user_traffic`).
+        self.udp_payload: UserTrafficTable | None = UserTrafficTable() if udp_traffic is not None else None
         self.listeners: list[ListenerService] = []
         self.plugin: PluginService | None = None
         self.udp_relays: list[UdpRelay] = []
@@ -117,6 +119,7 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
             traffic=port.udp_traffic if port.udp_traffic is not None else port.traffic,
             outbound=shared.outbound, **sessions,
         )
+        relay.payload_traffic = port.udp_payload
         port.udp_relays.append(relay)
         return relay
 
