@@ -21,6 +21,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
+from twisted.web import resource, server as web_server, static
 
 from ssx.config import local_config, server_config
 from ssx.config.metrics import read_metrics
@@ -267,6 +268,35 @@ class ScrapeTests(unittest.TestCase):
                          (1 + resent) * size)
         self.assertEqual(samples.value("ssx_local_data_bytes_total", server=label, proto="udp", dir="p>c"),
                          echo.count * size)
+
+    @coroutine_test
+    async def test_local_health_checks(self) -> None:
+        """Health checks through twistd ssx-local: the live server's latency and checks, the dead one down."""
+        root = resource.Resource()
+        root.putChild(b"check", static.Data(b"", "text/plain"))
+        web = support.listen_web(web_server.Site(root))
+        self.addCleanup(web.stopListening)
+        dead = support.free_port()
+        port, _ = await self.server("--forbidden-ip=")
+        socks_port, metrics_port = support.free_port(), support.free_port()
+        await support.start_twistd(
+            self, "-n", "--pidfile=", "ssx-local", "--url", make_url(port, f"s{port}"), "--url", make_url(dead, f"s{dead}"),
+            "-l", str(socks_port), "--metrics", str(metrics_port), "--health-check-interval", "0.2",
+            "--health-check-url", f"http://127.0.0.1:{web.getHost().port}/check", ready=b"metrics listening on",
+        )
+        live, gone = server_label(port), server_label(dead)
+        samples = await support.scrape_until(metrics_port, lambda s: (s.get("ssx_local_health_check_seconds_count",
+                                                                            server=live) or 0) >= 2
+                                             and s.get("ssx_local_server_up", server=gone) == 0)
+        self.assertGreaterEqual(samples.value("ssx_local_health_check_seconds_count", server=live), 2)
+        latency = samples.value("ssx_local_server_latency_seconds", server=live)
+        # A moving average of the checks' latencies: above 0, below their sum.
+        self.assertTrue(0 < latency <= samples.value("ssx_local_health_check_seconds_sum", server=live), latency)
+        self.assertEqual(samples.value("ssx_local_server_up", server=live), 1)
+        self.assertEqual(samples.value("ssx_local_server_up", server=gone), 0)
+        self.assertGreaterEqual(samples.value("ssx_local_server_failures", server=gone), 1)
+        self.assertIsNone(samples.get("ssx_local_server_latency_seconds", server=gone))
+        self.assertIsNone(samples.get("ssx_local_health_check_seconds_count", server=gone))
 
     @coroutine_test
     async def test_bad_endpoint(self) -> None:
