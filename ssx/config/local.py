@@ -15,6 +15,7 @@ from typing import Any, Mapping, NamedTuple
 
 from ssx.config.known_keys import LOCAL_PEER_KEYS, no_method_warning, peer_key_notes
 from ssx.config.nameservers import parse_nameservers
+from ssx.config.metrics import METRICS_KEYS, read_metrics
 from ssx.numbers import parse_number, parse_port, parse_seconds
 from ssx.config.upstreams import ServerEntry, server_list, url_entries
 from ssx.config.values import (
@@ -66,7 +67,7 @@ LOCAL_KEYS = COMMON_KEYS | {
     "health_check_interval", "health_check_url", "dns_listen", "dns_local", "dns_remote",
     # The original's tunnel (its tunnel.py), read into `tunnels`.
     "tunnel_remote", "tunnel_remote_port", "tunnel_port",
-}
+} | METRICS_KEYS
 # The original's defaults for its tunnel's target.
 ORIGINAL_TUNNEL_TARGET = ("8.8.8.8", 53)
 
@@ -156,6 +157,8 @@ class LocalConfig:
     fast_open: bool = False
     # The local DNS server (--dns-listen), or None.
     dns: DnsServer | None = None
+    # The endpoint description /metrics is served on (None: no metrics).
+    metrics: str | None = None
 
     @property
     def plugin(self) -> Plugin | None:
@@ -213,6 +216,7 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         verbose=read_verbose(values),
         fast_open=read_bool(values, "fast_open"),
         dns=_dns_server(values),
+        metrics=read_metrics(values),
     )
 
 

@@ -17,7 +17,7 @@ from ssx.crypto import METHODS, lookup_method
 from ssx.errors import ConfigError
 from ssx.net.plugin import find_plugin
 
-__all__ = ["SsxOptions", "check_endpoint", "log_config_notes", "make_suite", "method_help"]
+__all__ = ["SsxOptions", "check_endpoint", "check_metrics_library", "log_config_notes", "make_suite", "method_help"]
 
 
 def method_help() -> str:
@@ -47,6 +47,9 @@ class SsxOptions(usage.Options):
         ["udp-timeout", None, None, "seconds a UDP association lives without traffic [default: 60]"],
         ["udp-max-associations", None, None, "most UDP associations kept at once; the least recently used "
          "goes first [default: 1024]"],
+        ["metrics", None, None, "serve Prometheus metrics at /metrics on this Twisted endpoint, e.g. "
+         "tcp:9090:interface=127.0.0.1, or PORT (on 127.0.0.1) or IP:PORT; keep it off public addresses "
+         "[default: none]"],
     ]
     optFlags = [
         ["tcp-and-udp", "u", "relay UDP as well as TCP (mode tcp_and_udp)"],
@@ -76,6 +79,7 @@ class SsxOptions(usage.Options):
         "plugin-opts": "plugin_opts",
         "verbose": "verbose",
         "fast-open": "fast_open",
+        "metrics": "metrics",
     }
     flag_keys: Mapping[str, str] = {}
     build: Callable[[Mapping[str, Any]], Any]
@@ -120,6 +124,9 @@ class SsxOptions(usage.Options):
     def check(self, config: Any) -> None:
         for description in config.listen:
             check_endpoint("listen", description, server=True)
+        if config.metrics is not None:
+            check_endpoint("metrics", config.metrics, server=True)
+            check_metrics_library()
         if config.plugin is not None:
             find_plugin(config.plugin.name)
 
@@ -138,6 +145,16 @@ def check_endpoint(key: str, description: str, server: bool) -> None:
             # Twisted loads every *.pem file in the directory as a certificate.
             hint = " (every .pem file in the trustRoots directory must be a certificate: keep keys elsewhere)"
         raise ConfigError(key, f"bad endpoint description {description!r}: {e}{hint}") from None
+
+
+def check_metrics_library() -> None:
+    """Metrics need prometheus-client: without it, one line naming the key stops start-up."""
+    # Found, not imported: its Twisted resource imports the reactor, which
+    # twistd has not installed yet while it reads the options.
+    import importlib.util
+
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError("metrics", "needs the prometheus-client library (pip install prometheus-client)")
 
 
 def make_suite(reactor: Any, method: str, password: str, key: bytes | None, users: Any = ()) -> Any:

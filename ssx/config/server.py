@@ -37,6 +37,7 @@ from ssx.net.outbound import Outbound
 from ssx.errors import ConfigError
 from ssx.config.nameservers import parse_nameservers
 from ssx.config.manager import MANAGER_KEYS, ManagerAddress, read_manager_address
+from ssx.config.metrics import METRICS_KEYS, read_metrics
 from ssx.config.ports import PORT_LIST_KEYS, PortConfig, dual_stack, port_entries
 from ssx.server.forbidden import ForbiddenNetworks, parse_forbidden
 from ssx.server.handshakes import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_IP
@@ -61,7 +62,7 @@ SERVER_KEYS = COMMON_KEYS | {
     "ipv6_first",
     # Where connections to targets leave from; local_address is libev's name (`read_outbound`).
     "outbound_address", "local_address", "interface",
-} | MANAGER_KEYS
+} | MANAGER_KEYS | METRICS_KEYS
 # What a manager's `add` may set for its port; the rest comes from the config's top level.
 ADD_KEYS = frozenset({
     "server_port", "password", "method", "mode", "fast_open", "no_delay", "plugin", "plugin_opts", "plugin_mode",
@@ -122,6 +123,8 @@ class ServerConfig:
     # The source addresses and interface of connections and datagrams to
     # targets (None: as the kernel chooses).
     outbound: Outbound | None = None
+    # The endpoint description /metrics is served on (None: no metrics).
+    metrics: str | None = None
 
     def port_configs(self) -> tuple[PortConfig, ...]:
         """`ports`, or for a config made without them, the one port its fields describe."""
@@ -191,6 +194,7 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         port_defaults={k: v for k, v in values.items() if k not in _NOT_INHERITED},
         fast_open=read_bool(values, "fast_open"),
         outbound=outbound,
+        metrics=read_metrics(values),
     )
 
 

@@ -10,5 +10,5 @@ chooses among them, `health` measures them and `online` fetches SIP008
 lists of them (`online_upstreams` builds their servers and plugins).
 `dns` is the local DNS server (`--dns-listen`): it routes each name
 direct or through a server (`dns_remote`) and caches the answers
-(`dns_cache`).
+(`dns_cache`).  `metrics` is the Prometheus registry of ``--metrics``.
 """

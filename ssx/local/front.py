@@ -74,16 +74,19 @@ class ProxySniffer(Protocol):
         # In udp_only mode the port is only for SOCKS5 UDP ASSOCIATE.
         tcp = socks5.CMD_CONNECT in self.factory.commands
         if first == 5:
-            handler = Socks5LocalProtocol(self.factory)
+            handler, front = Socks5LocalProtocol(self.factory), "socks5"
         elif first == 4 and tcp:
-            handler = Socks4LocalProtocol(self.factory)
+            handler, front = Socks4LocalProtocol(self.factory), "socks4"
         elif _is_http_method_start(first) and tcp:
-            handler = HttpProxyProtocol(self.factory)
+            handler, front = HttpProxyProtocol(self.factory), "http"
         else:
             if self.factory.verbose:
                 _log.debug("closing a connection that speaks no known proxy protocol (first byte {byte:#04x})", byte=first)
             self.transport.loseConnection()
             return
+        fronts = self.factory.fronts
+        if fronts is not None:
+            fronts[front] = fronts.get(front, 0) + 1
         self.handler = handler
         # The handler takes this connection's place in the factory's
         # bookkeeping (its connectionMade counts it again).

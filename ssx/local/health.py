@@ -15,7 +15,7 @@ there is nothing to choose, so nothing is sent.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError as DeferredTimeout
@@ -101,6 +101,8 @@ class HealthCheckService(Service):
         self._loop = LoopingCall(self.check_all)
         self._loop.clock = reactor
         self._running: Deferred | None = None
+        # With metrics on: called with each check's server label and latency (None: failed).
+        self.observe: Callable[[str, float | None], None] | None = None
 
     def check_all(self) -> Deferred | None:
         """One round: every server once, at the same time; fires when all are done."""
@@ -122,8 +124,12 @@ class HealthCheckService(Service):
                 reason = str(e) or type(e).__name__
             _log.debug("health check through {server} failed: {reason}", server=upstream.label, reason=reason)
             self.picker.checked(upstream, None)
+            if self.observe is not None:
+                self.observe(upstream.label, None)
             return
         self.picker.checked(upstream, latency)
+        if self.observe is not None:
+            self.observe(upstream.label, latency)
 
     def startService(self) -> None:
         Service.startService(self)

@@ -9,11 +9,17 @@ servers and connects to the best one, trying the next if it cannot be
 reached; then the handshake's success reply, the target address header and
 the application's first bytes in one encrypted write (`ssx.crypto`), then
 relay (`ssx.net.relay`), encrypting upwards and decrypting downwards.
+
+Counted on the factory: connections that moved on to the next server
+(`failovers`, by the server left); with metrics on (`ssx.local.metrics`),
+each server's payload bytes through `server_traffic` (one wrapper per
+read) and, on the mixed port, connections by the protocol spoken
+(`fronts`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
@@ -23,7 +29,7 @@ from twisted.python.failure import Failure
 
 from ssx.wire.address import Address, decode_target, encode_address
 from ssx.errors import AddressError, ProtocolError
-from ssx.interfaces import IServerPicker, ITcpClientCodec, IUpstream
+from ssx.interfaces import IServerPicker, ITcpClientCodec, ITrafficCounter, IUpstream
 from ssx.net.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol
 
 __all__ = [
@@ -68,6 +74,12 @@ class LocalFactory(RelayFactory):
         RelayFactory.__init__(self, reactor, timeout, **limits)
         self.servers = servers
         self.relays_broken = 0
+        # Connections that could not reach a server and tried the next, by the server's label.
+        self.failovers: dict[str, int] = {}
+        # Metrics (None: off): each server's payload counter, and
+        # connections by the protocol the application spoke.
+        self.server_traffic: Callable[[IUpstream], ITrafficCounter] | None = None
+        self.fronts: dict[str, int] | None = None
 
     def relay_broken(self, error: ProtocolError) -> None:
         """
@@ -105,6 +117,9 @@ class LocalRelayProtocol(InboundProtocol):
         self._opened = False  # the stream's first write (target + first data) went out
         self._upstream: IUpstream | None = None
         self._candidates: list[IUpstream] = []
+        # The counted encrypt and first write, with metrics on.
+        self._encrypt: Callable[[bytes], bytes] | None = None
+        self._first: Callable[[Address, bytes], bytes] | None = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._state == RELAYING:
@@ -168,6 +183,7 @@ class LocalRelayProtocol(InboundProtocol):
                 peer.transport.loseConnection()
         self._state = WAITING
         self._codec = None
+        self._encrypt = self._first = None
         self._opened = False
         self.transform = None
         self._early = b""
@@ -193,6 +209,8 @@ class LocalRelayProtocol(InboundProtocol):
         self.factory.servers.failed(upstream, failure.getErrorMessage())
         verbose = self.factory.verbose
         if self._candidates:
+            failovers = self.factory.failovers
+            failovers[upstream.label] = failovers.get(upstream.label, 0) + 1
             if verbose:
                 _log.debug(
                     "cannot reach server {server} for {target} ({error}); trying {next}",
@@ -220,6 +238,8 @@ class LocalRelayProtocol(InboundProtocol):
         self.factory.servers.succeeded(self._upstream)
         self._codec = codec = self._upstream.suite.client_codec()
         server.transform = codec.decrypt
+        if self.factory.server_traffic is not None:
+            self._count(server, self.factory.server_traffic(self._upstream))
         self._state = RELAYING
         self.relay_ready()
         self.join(server)
@@ -231,6 +251,30 @@ class LocalRelayProtocol(InboundProtocol):
             self._header_call = self.factory.reactor.callLater(FIRST_DATA_WAIT, self._send_header_alone)
         self.transport.resumeProducing()
 
+    def _count(self, server: OutboundProtocol, counter: ITrafficCounter) -> None:
+        """Count the payload bytes of this relay: what the application sends (up) and receives (down)."""
+        codec = self._codec
+        assert codec is not None
+        decrypt, encrypt, first = codec.decrypt, codec.encrypt, codec.first
+        add_up, add_down = counter.add_up, counter.add_down
+
+        def counted_decrypt(data: bytes) -> bytes:
+            out = decrypt(data)
+            add_down(len(out))
+            return out
+
+        def counted_encrypt(data: bytes) -> bytes:
+            add_up(len(data))
+            return encrypt(data)
+
+        def counted_first(target: Address, data: bytes) -> bytes:
+            add_up(len(data))
+            return first(target, data)
+
+        server.transform = counted_decrypt
+        self._encrypt = counted_encrypt
+        self._first = counted_first
+
     def _first_transform(self, data: bytes) -> bytes:
         self._cancel_header_call()
         return self._start_stream(data)
@@ -238,6 +282,11 @@ class LocalRelayProtocol(InboundProtocol):
     def _start_stream(self, data: bytes) -> bytes:
         codec = self._codec
         assert codec is not None and self._target is not None
+        if self._encrypt is not None:
+            self.transform, first = self._encrypt, self._first
+            assert first is not None
+            self._opened = True
+            return first(self._target, data)
         self.transform = codec.encrypt
         self._opened = True
         return codec.first(self._target, data)

@@ -164,7 +164,8 @@ class LocalService(MultiService):
     plugins (one per configured server that has one; the online config's
     servers' plugins are added and removed as they come and go), the server picker, the proxy and tunnel ports (factories and
     listeners), the UDP relays, the graceful-shutdown drain, the health
-    check and the online config.
+    check, the online config and, with --metrics, the metrics (`metrics`)
+    and their listener (`metrics_listener`).
     """
 
     def __init__(self, picker: ServerPicker, plugins: Sequence[PluginService] = ()) -> None:
@@ -180,6 +181,9 @@ class LocalService(MultiService):
         self.online_upstreams: OnlineUpstreams | None = None
         self.dns: RoutingResolver | None = None
         self.dns_listener: ListenerService | None = None
+        # With --metrics: the registry (`ssx.local.metrics.LocalMetrics`) and its listener.
+        self.metrics: Any = None
+        self.metrics_listener: ListenerService | None = None
         for plugin in self.plugins:
             # First in the tree: started (and listening) before any
             # listener's connection can want them.
@@ -239,8 +243,26 @@ def build_service(
         top.online_upstreams = OnlineUpstreams(reactor, top.picker, top, plugins=config.relays.tcp, fast_open=config.fast_open)
         top.online = OnlineConfigService(reactor, online.url, online.interval, top.online_upstreams.apply, trust_root)
         top.online.setServiceParent(top)
+    if config.metrics is not None:
+        _add_metrics(top, reactor, config.metrics)
     _log_configuration(config)
     return top
+
+
+def _add_metrics(top: LocalService, reactor: Any, description: str) -> None:
+    """A registry of this local end's own, served at /metrics on `description`."""
+    # Imported only when asked for: prometheus-client is needed for nothing else.
+    from ssx.local.metrics import LocalMetrics
+    from ssx.net.metrics import serve_metrics
+
+    top.metrics = metrics = LocalMetrics(top)
+    for factory in top.factories:
+        metrics.instrument(factory)
+    for relay in top.udp_relays:
+        relay.server_traffic = metrics.udp_server_traffic
+    if top.health is not None:
+        top.health.observe = metrics.observe_check
+    top.metrics_listener = serve_metrics(top, reactor, description, metrics.registry, "ssx-local")
 
 
 def _add_proxy_ports(top: LocalService, reactor: Any, config: LocalConfig, udp_server: IUpstream | None) -> None:

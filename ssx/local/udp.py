@@ -22,14 +22,14 @@ plugin: it goes to the server's own address and port.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from ssx.wire.address import Address, decode_address, encode_address
-from ssx.interfaces import ICipherSuite, IServerPicker, IUpstream
+from ssx.interfaces import ICipherSuite, IServerPicker, ITrafficCounter, IUpstream
 from ssx.errors import ProtocolError
 from ssx.net.nat import MAX_DATAGRAM, READ_SIZE, SweptNatProtocol, send_datagram
 from ssx.wire.socks5 import UDP_HEADER, udp_to_shadowsocks
@@ -141,6 +141,9 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
         self.server = server
         self.picker = picker
         self._server_ips: dict[str, str] = {}
+        # With metrics on: each server's counter of the Shadowsocks
+        # plaintext (target address and payload) sent and received.
+        self.server_traffic: Callable[[IUpstream], ITrafficCounter] | None = None
 
     def server_ip(self, host: str | None = None) -> Any:
         """A Deferred IP for a server's host, the fixed server's by default (resolved once, then remembered)."""
@@ -225,16 +228,21 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
             self.dropped += 1
             return
         sock.send(packet)
+        if self.server_traffic is not None and sock.upstream is not None:
+            self.server_traffic(sock.upstream).add_up(len(plaintext))
 
     def from_server(self, client: tuple, packet: bytes) -> None:
         sock = self.nat.peek(client)
         if self.transport is None or sock is None:
             return
         try:
-            datagram = self.to_client(sock.codec.open(packet))
+            plaintext = sock.codec.open(packet)
+            datagram = self.to_client(plaintext)
         except ProtocolError:
             self.dropped += 1
             return
+        if self.server_traffic is not None and sock.upstream is not None:
+            self.server_traffic(sock.upstream).add_down(len(plaintext))
         self.nat.touch(client)
         try:
             send_datagram(self.transport, datagram, client)

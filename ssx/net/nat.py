@@ -46,6 +46,8 @@ class NatTable(Generic[K, V]):
         self._entries: OrderedDict[K, list] = OrderedDict()
         self.evicted = 0
         self.expired = 0
+        # Keys added in all (those removed since: `added - len(self)`).
+        self.added = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -79,6 +81,8 @@ class NatTable(Generic[K, V]):
         old = self._entries.pop(key, None)
         if old is not None:
             self._on_evict(key, old[0])
+        else:
+            self.added += 1
         while len(self._entries) >= self.capacity:
             lru_key, (lru_value, _) = self._entries.popitem(last=False)
             self.evicted += 1

@@ -10,5 +10,7 @@ check the target, connect, relay), bounded while unfinished by
 relay of both editions, whose 2022 sessions keep their replay windows
 in `session_windows`; `forbidden` (with `host_addresses` and its
 watcher) decides which destinations are refused; `url_file` writes the
-ss:// URL at start and takes a generated password back from it.
+ss:// URL at start and takes a generated password back from it;
+`metrics` is the Prometheus registry of ``--metrics``, read from all of
+these at scrape time.
 """

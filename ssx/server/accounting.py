@@ -62,6 +62,10 @@ class UserTrafficTable(Mapping[str, UserTraffic]):
     def __len__(self) -> int:
         return len(self._users)
 
+    def snapshot(self) -> list[tuple[str, UserTraffic]]:
+        """(user, counter) pairs, copied at once: safe to take from another thread (a scrape's)."""
+        return list(self._users.items())
+
 
 def counted(counter: ITrafficCounter, decrypt: Transform, encrypt: Transform) -> tuple[Transform, Transform]:
     """A connection's (decrypt, encrypt) that also add what they pass to `counter`."""

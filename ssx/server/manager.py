@@ -4,7 +4,7 @@ service, UDP or a Unix datagram socket, that adds, removes and lists
 ports of the running server and reports their traffic, in the text
 protocol of `ssx.wire.manager`.  Ports come and go through
 `ServerService.add_port`/`remove_port`, built by the same `build_port`
-as the configured ones; figures come from each port's `traffic` (its
+as the configured ones; figures come from each port's counters (`ServerPort.total_bytes`: its
 encrypted bytes, TCP and UDP).
 """
 
@@ -100,7 +100,7 @@ class ManagerProtocol(DatagramProtocol):
     def totals(self) -> dict[int, int]:
         """Each port's bytes since it was added, both directions."""
         return {
-            number: port.traffic.up + port.traffic.down if port.traffic is not None else 0
+            number: port.total_bytes()
             for number, port in sorted(self.server.ports.items())
         }
 

@@ -25,7 +25,7 @@ from ssx.net.outbound import Outbound
 from ssx.net.plugin import PluginService
 from ssx.net.resolver import TargetResolver
 from ssx.net.tcp import FAST_OPEN_QUEUE
-from ssx.server.accounting import UserTraffic
+from ssx.server.accounting import UserTraffic, UserTrafficTable
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.server.session_windows import SessionWindows
@@ -52,6 +52,9 @@ class SharedParts:
     count_traffic: bool = False
     # Where connections and datagrams to targets leave from (None: as the kernel chooses).
     outbound: Outbound | None = None
+    # The server's metrics (`ssx.server.metrics.ServerMetrics`), None when off:
+    # each port's factory is instrumented as it is built, added ports too.
+    metrics: Any = None
 
 
 class ServerPort(MultiService):
@@ -62,22 +65,34 @@ class ServerPort(MultiService):
     only this port.
     """
 
-    def __init__(self, config: PortConfig, factory: ShadowsocksServerFactory, traffic: UserTraffic | None = None) -> None:
+    def __init__(
+        self, config: PortConfig, factory: ShadowsocksServerFactory, traffic: UserTraffic | None = None,
+        udp_traffic: UserTraffic | None = None,
+    ) -> None:
         MultiService.__init__(self)
         self.config = config
         self.factory = factory
-        # The port's encrypted bytes, both directions, TCP and UDP, when counted.
+        # The port's encrypted bytes, both directions, when counted: TCP
+        # (UDP too unless `udp_traffic` counts UDP apart, for the metrics).
         self.traffic = traffic
+        self.udp_traffic = udp_traffic
+        # Each key's UDP payload bytes, with metrics on (TCP's: the factory's `user_traffic`).
+        self.udp_payload: UserTrafficTable | None = UserTrafficTable() if udp_traffic is not None else None
         self.listeners: list[ListenerService] = []
         self.plugin: PluginService | None = None
         self.udp_relays: list[UdpRelay] = []
         self.datagram_listeners: list[DatagramListenerService] = []
 
+    def total_bytes(self) -> int:
+        """The encrypted bytes counted, both directions, TCP and UDP (0 when not counted)."""
+        return sum(t.up + t.down for t in (self.traffic, self.udp_traffic) if t is not None)
+
 
 def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
     """The service of the port `config` describes, not started."""
     reactor = shared.reactor
-    traffic = UserTraffic() if shared.count_traffic else None
+    counting = shared.count_traffic or shared.metrics is not None
+    traffic = UserTraffic() if counting else None
     suite = make_suite(reactor, config.method, config.password, config.key, config.users)
     factory = ShadowsocksServerFactory(
         reactor, suite, shared.resolver, shared.forbidden, timeout=config.timeout, salt_filter=shared.salt_filter,
@@ -89,7 +104,10 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
         outbound=shared.outbound,
         **shared.limits.factory_arguments(),
     )
-    port = ServerPort(config, factory, traffic)
+    # The metrics tell TCP from UDP.
+    port = ServerPort(config, factory, traffic, UserTraffic() if shared.metrics is not None else None)
+    if shared.metrics is not None:
+        shared.metrics.instrument(port)
     relays = config.relays
     # One store of 2022 session windows for every address of the port.
     sessions = {"sessions": SessionWindows(suite.replay_window, relays.capacity)} if suite.spec.family == "aead2022" else {}
@@ -97,9 +115,11 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
     def udp_relay() -> UdpRelay:
         relay = udp_relay_for(suite)(
             reactor, suite, shared.resolver, shared.forbidden, relays.timeout, relays.capacity,
-            salt_filter=shared.salt_filter, lookups=shared.lookups, verbose=shared.verbose, traffic=port.traffic,
+            salt_filter=shared.salt_filter, lookups=shared.lookups, verbose=shared.verbose,
+            traffic=port.udp_traffic if port.udp_traffic is not None else port.traffic,
             outbound=shared.outbound, **sessions,
         )
+        relay.payload_traffic = port.udp_payload
         port.udp_relays.append(relay)
         return relay
 

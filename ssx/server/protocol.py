@@ -19,12 +19,16 @@ make room.
 
 Peers' failures are counted on the factory, not logged one by one (the
 service logs a periodic summary); `verbose` logs them, destinations
-included.
+included.  With metrics on (`ssx.server.metrics`), the factory's
+`observer` also times each handshake, key search and connect, and its
+`closed_by_status` counts how connections ended; without, neither costs
+more than an attribute test.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
@@ -50,6 +54,24 @@ __all__ = ["ShadowsocksServerFactory", "ShadowsocksServerProtocol"]
 _log = Logger()
 
 _HEADER, _CONNECTING, _RELAY, _DISCARD = range(4)
+# How a connection ended, by the state it was in (`closed_by_status`):
+# before a whole header (client gone, handshake timeout, evicted), after
+# bad data, before its target connected (refused, unreachable, client
+# gone meanwhile), or after relaying.
+CLOSED_STATUS = {_HEADER: "no_header", _DISCARD: "bad_data", _CONNECTING: "not_connected", _RELAY: "relayed"}
+
+
+class HandshakeObserver(TypingProtocol):
+    """What a port's metrics record per connection (`ssx.server.metrics.PortObserver`)."""
+
+    def handshake(self, seconds: float) -> None:
+        """From accept to a whole, valid header."""
+
+    def connect(self, seconds: float) -> None:
+        """From the header to the target connected (name look-up included)."""
+
+    def key_search(self, seconds: float, found: bool) -> None:
+        """The time to find the connection's key (or to fail to), and whether one was found."""
 
 
 class ShadowsocksServerFactory(RelayFactory):
@@ -103,6 +125,25 @@ class ShadowsocksServerFactory(RelayFactory):
         # Where the port's encrypted bytes are counted, all users together,
         # if anything asked (a wrapper per read: off by default).
         self.port_traffic = port_traffic
+        # Target names that did not resolve (a part of those unreachable).
+        self.targets_unresolvable = 0
+        # Metrics (None: off).  `observer` times handshakes, key searches
+        # and connects; `closed_by_status` counts ended connections by
+        # `CLOSED_STATUS`; `default_user` is the name single-key
+        # connections are counted under in `user_traffic` (None: not counted).
+        self.observer: HandshakeObserver | None = None
+        self.closed_by_status: dict[str, int] | None = None
+        self.default_user: str | None = None
+
+    def observe_key_search(self, seconds: float, found: bool) -> None:
+        """
+        Record the time a connection took to find its key (trial
+        decryption included), or to find that none matched: a no-op with
+        metrics off.
+        """
+        observer = self.observer
+        if observer is not None:
+            observer.key_search(seconds, found)
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         # A ShadowsocksServerProtocol, typed as Factory's contract says:
@@ -157,6 +198,8 @@ class ShadowsocksServerProtocol(InboundProtocol):
         self._connecting: Deferred | None = None
         # Encrypted bytes taken before the relay, for the port's traffic.
         self._wire_in = 0
+        # When the header was whole (with metrics on), for the connect time.
+        self._header_at = 0.0
 
     # The idle timer starts at connectionMade and nothing resets it before
     # the relay starts: a client gets one timeout's worth of time to present
@@ -187,20 +230,51 @@ class ShadowsocksServerProtocol(InboundProtocol):
             return
         self._wire_in += len(data)
         codec = self._codec
+        observer = self.factory.observer
+        if observer is not None and state == _HEADER:
+            self._timed_header(data)
+            return
         try:
             self._plain += codec.decrypt(data)
         except ProtocolError as e:
             self._discard(e)
             return
         if state == _HEADER and codec.address is not None:
-            self._state = _CONNECTING
-            self.factory.handshakes.remove(self)
-            # Hold further reads until the target answers: bounds what we
-            # buffer to one read.
-            self.transport.pauseProducing()
-            self._open_target(codec.address)
+            self._header_done(codec.address)
         elif state == _HEADER:
             self.factory.handshake_fed(self)
+
+    def _timed_header(self, data: bytes) -> None:
+        # dataReceived's header path, with metrics on: the decrypt that
+        # finds the key (or fails to) is timed, and the handshake.
+        codec = self._codec
+        factory = self.factory
+        started = time.perf_counter()
+        try:
+            plain = codec.decrypt(data)
+        except ProtocolError as e:
+            factory.observe_key_search(time.perf_counter() - started, False)
+            self._discard(e)
+            return
+        self._plain += plain
+        if codec.address is not None:
+            factory.observe_key_search(time.perf_counter() - started, True)
+            self._header_done(codec.address)
+        else:
+            factory.handshake_fed(self)
+
+    def _header_done(self, address: Address) -> None:
+        observer = self.factory.observer
+        if observer is not None:
+            # Nothing resets last_activity before the relay: it is the accept time.
+            self._header_at = self.factory.reactor.seconds()
+            observer.handshake(self._header_at - self.last_activity)
+        self._state = _CONNECTING
+        self.factory.handshakes.remove(self)
+        # Hold further reads until the target answers: bounds what we
+        # buffer to one read.
+        self.transport.pauseProducing()
+        self._open_target(address)
 
     def _discard(self, error: ProtocolError) -> None:
         if self.factory.verbose:
@@ -271,6 +345,8 @@ class ShadowsocksServerProtocol(InboundProtocol):
             else:
                 _log.debug("cannot connect to {target}: {error!r}", target=address, error=failure.value)
         self.factory.targets_unreachable += 1
+        if failure.check(NameResolutionError):
+            self.factory.targets_unresolvable += 1
         self.transport.loseConnection()
 
     def _target_connected(self, target: OutboundProtocol) -> None:
@@ -280,8 +356,13 @@ class ShadowsocksServerProtocol(InboundProtocol):
             target.transport.loseConnection()
             return
         self._state = _RELAY
+        factory = self.factory
+        if factory.observer is not None:
+            factory.observer.connect(factory.reactor.seconds() - self._header_at)
         decrypt, encrypt = self._codec.data_path()
         user = self._codec.user
+        if user is None:
+            user = factory.default_user
         if user is not None:
             # Multi-user ports count each user's application bytes;
             # single-user ports relay bare.
@@ -331,6 +412,10 @@ class ShadowsocksServerProtocol(InboundProtocol):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        closed = self.factory.closed_by_status
+        if closed is not None:
+            status = CLOSED_STATUS[self._state]
+            closed[status] = closed.get(status, 0) + 1
         self.factory.handshakes.remove(self)
         if self._connecting is not None:
             self._connecting.cancel()

@@ -46,7 +46,8 @@ class ServerService(MultiService):
     - `factories`, `listeners`, `udp_relays` and `datagram_listeners`:
       those of every port together; `factory` and `plugin` are the first
       port's (with one port, the server's);
-    - `drain`, `resolver_cache`, `counter_report`, `manager` (if any) and
+    - `drain`, `resolver_cache`, `counter_report`, `manager` (if any),
+      `metrics_listener` (with --metrics, serving `metrics`' registry) and
       `url_announcement`, the services that follow them.
     """
 
@@ -56,6 +57,9 @@ class ServerService(MultiService):
     url_announcement: UrlAnnouncement
     # The manager API's service, when --manager-address is given.
     manager: Service | None = None
+    # With --metrics: the registry and its histograms (`ssx.server.metrics.ServerMetrics`), and its listener.
+    metrics: Any = None
+    metrics_listener: ListenerService | None = None
 
     def __init__(self) -> None:
         MultiService.__init__(self)
@@ -148,6 +152,7 @@ class CounterReport(Service):
         ("handshakes_evicted", "unfinished handshakes closed early to make room"),
         ("connections_refused", "forbidden targets refused"),
         ("targets_unreachable", "targets unreachable"),
+        ("targets_unresolvable", "of which target names unresolvable"),
         ("relays_broken", "relays closed on a broken stream"),
         ("limit_reached", "times at the connection limit"),
     )

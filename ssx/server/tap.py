@@ -146,8 +146,16 @@ def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = Fals
     """
     The server's service tree for `config`: one `ServerPort` per configured
     port; with `count_traffic` or a manager, each counts its encrypted
-    bytes, TCP and UDP (`traffic`).
+    bytes, TCP and UDP (`traffic`).  With `config.metrics`, a registry of
+    its own (`service.metrics`), served at /metrics there.
     """
+    service = ServerService()
+    metrics = None
+    if config.metrics is not None:
+        # Imported only when asked for: prometheus-client is needed for nothing else.
+        from ssx.server.metrics import ServerMetrics
+
+        metrics = ServerMetrics(lambda: service.ports)
     resolver = TargetResolver(
         reactor,
         nameservers=config.nameservers,
@@ -167,8 +175,8 @@ def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = Fals
         verbose=config.verbose,
         count_traffic=count_traffic or config.manager is not None,
         outbound=config.outbound,
+        metrics=metrics,
     )
-    service = ServerService()
     if config.forbidden.host is not None:
         # Reads the addresses at start and after every change (a check made
         # before the first read reads them itself).
@@ -183,6 +191,11 @@ def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = Fals
             service, lambda port: build_port(shared, port), lambda request: added_port(config.port_defaults, request)
         )
         service.manager = service.add(ManagerService(reactor, config.manager, protocol))
+    if metrics is not None and config.metrics is not None:
+        from ssx.net.metrics import serve_metrics
+
+        service.metrics = metrics
+        service.metrics_listener = serve_metrics(service, reactor, config.metrics, metrics.registry, "ssx-server")
     _report(config, resolver)
     # With several ports, the URL file carries the first port's URL.
     service.url_announcement = service.add(

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from ssx.wire.address import Address, decode_target, encode_address
 from ssx.crypto import CipherSuite, Suite2022
 from ssx.errors import ProtocolError, ReplayError
-from ssx.interfaces import ITrafficCounter
+from ssx.interfaces import ITrafficCounter, IUserTrafficSink
 from ssx.server.session_windows import SessionState, SessionWindows
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.wire.address import is_ip_literal
@@ -252,6 +252,15 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         self.verbose = verbose
         self.refused = 0
         self.socket_failures = 0
+        # Datagrams whose target name did not resolve (also in `dropped`).
+        self.unresolvable = 0
+        # With metrics on: where each key's payload bytes to and from
+        # targets are counted (None: not counted).
+        self.payload_traffic: IUserTrafficSink | None = None
+
+    def user_of(self, key: Any) -> str:
+        """The key (user) name a NAT entry's datagrams are counted under: "" where a port has one key."""
+        return ""
 
     def reply(self, client: Any, source: Address, data: bytes) -> None:
         """A target's datagram for the NAT entry `client`, to be sealed and sent back."""
@@ -266,6 +275,7 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
 
     def _unresolved(self) -> None:
         self.dropped += 1
+        self.unresolvable += 1
 
     def _send(self, client: tuple, target: Address, ips: list[str], payload: bytes) -> None:
         allowed = [ip for ip in ips if not self.forbidden.forbids(ip)]
@@ -278,6 +288,8 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         sockets = self.nat.peek(client)
         if sockets is not None:
             sockets.send(payload, allowed[0], target.port)
+            if self.payload_traffic is not None:
+                self.payload_traffic.counter(self.user_of(client)).add_up(len(payload))
 
 
 class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
@@ -325,6 +337,8 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
             return
         if self.traffic is not None:
             self.traffic.add_down(len(packet))
+        if self.payload_traffic is not None:
+            self.payload_traffic.counter(self.user_of(client)).add_down(len(data))
 
 
 class _Session:
@@ -413,6 +427,12 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
             return
         if self.traffic is not None:
             self.traffic.add_down(len(packet))
+        if self.payload_traffic is not None:
+            self.payload_traffic.counter(self.user_of(client)).add_down(len(data))
+
+    def user_of(self, key: Any) -> str:
+        # Sessions are keyed (user, session ID); a single-user port's user is None.
+        return key[0] or ""
 
 
 def udp_relay_for(suite: CipherSuite | Suite2022) -> type[UdpRelay[Any]]:

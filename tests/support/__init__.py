@@ -12,6 +12,7 @@ never from each other.
 - `in_memory`: StringTransport-based stand-ins for protocol unit tests.
 - `payloads`: test payloads and their digests.
 - `logs`: capturing log events.
+- `metrics`: scraping /metrics over HTTP and reading the samples.
 """
 
 from tests.support.chains import (
@@ -25,6 +26,8 @@ from tests.support.chains import (
 )
 from tests.support.clients import (
     BuildingFactory,
+    DatagramCollector,
+    DecryptingClient,
     KeepingProtocol,
     TRANSFER_SECONDS,
     RawClient,
@@ -40,6 +43,7 @@ from tests.support.clients import (
 )
 from tests.support.in_memory import FakeServer, HalfCloseTransport, Link
 from tests.support.logs import event_texts, log_events
+from tests.support.metrics import Samples, scrape, scrape_until
 from tests.support.payloads import mixed_payloads, sha256
 from tests.support.peers import (
     fd_table,
@@ -73,7 +77,12 @@ from tests.support.targets import (
 from tests.support.waiting import coroutine_test, outgoing_connections, sleep, wait_for, wait_until, within
 
 __all__ = [
+    "Samples",
+    "scrape",
+    "scrape_until",
     "BuildingFactory",
+    "DatagramCollector",
+    "DecryptingClient",
     "KeepingProtocol",
     "fd_table",
     "open_fds",

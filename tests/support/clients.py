@@ -233,6 +233,24 @@ class RawClient(protocol.Protocol):
         return self.closed_at - self.opened_at
 
 
+class DecryptingClient(RawClient):
+    """
+    A `RawClient` that sends a ready-made Shadowsocks request and decrypts
+    what comes back with `codec` (a client codec): `plain` holds the
+    plaintext, `wire` counts the encrypted bytes as they came.
+    """
+
+    def __init__(self, request: bytes, codec: Any) -> None:
+        RawClient.__init__(self, request)
+        self.codec = codec
+        self.plain = bytearray()
+        self.wire = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.wire += len(data)
+        self.plain += self.codec.decrypt(data)
+
+
 class SocksClient(RawClient):
     """
     Speaks SOCKS5 (no authentication) to CONNECT to host:port, then sends
@@ -300,7 +318,9 @@ def socks5_udp_header(host: str, port: int) -> bytes:
     return b"\x00\x00\x00" + socks5_request(host, port)[3:]
 
 
-class _Collector(protocol.DatagramProtocol):
+class DatagramCollector(protocol.DatagramProtocol):
+    """A UDP socket's protocol that queues every (datagram, source) it receives."""
+
     def __init__(self) -> None:
         self.queue: defer.DeferredQueue = defer.DeferredQueue()
 
@@ -318,7 +338,7 @@ class Socks5UdpClient:
     def __init__(self) -> None:
         self.control: protocol.Protocol | None = None
         self.relay: tuple[str, int] | None = None
-        self.udp = _Collector()
+        self.udp = DatagramCollector()
         self.port: Any = None
         self.reply = b""
 

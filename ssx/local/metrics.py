@@ -1,0 +1,162 @@
+"""
+The local end's Prometheus metrics (``--metrics``): one
+`CollectorRegistry` per local end, served by `ssx.net.metrics`.
+
+Read at scrape time (`LocalCollector`): each server's state in the picker
+(`ssx.local.picker`: up or down, average latency, consecutive failures),
+the factories' counters (`ssx.local.relay`: failovers, connections by
+the protocol the application spoke, broken relays) and each server's
+payload bytes, counted per relay read through the factories'
+`server_traffic` while metrics are on (UDP: per datagram, through the UDP
+relays' `server_traffic`, the Shadowsocks plaintext: target address and
+payload).  Observed as they happen: each
+health check's latency (`ssx.local.health`), a histogram.
+
+Labels are bounded by what the operator configures (or the online
+config lists): `server` (its label: the name given, else host:port),
+`front` (socks5, socks4, http, tunnel), `proto`, `dir`.  No
+application address and no destination is ever a label.  Directions:
+``c>p``, from the application to ssx-local (and on to the server),
+``p>c`` back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from zope.interface import implementer
+
+from ssx.interfaces import ITrafficCounter, IUpstream
+from ssx.local.relay import LocalFactory
+from ssx.local.tunnel import TunnelFactory
+
+if TYPE_CHECKING:
+    from ssx.local.tap import LocalService
+
+__all__ = ["LocalCollector", "LocalMetrics", "ServerTraffic"]
+
+# Seconds to the first byte of the check target's answer, through a server.
+CHECK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@implementer(ITrafficCounter)
+class ServerTraffic:
+    """One server's payload bytes: `up` (from applications) and `down`."""
+
+    __slots__ = ("up", "down")
+
+    def __init__(self) -> None:
+        self.up = 0
+        self.down = 0
+
+    def add_up(self, count: int) -> None:
+        self.up += count
+
+    def add_down(self, count: int) -> None:
+        self.down += count
+
+
+class LocalMetrics:
+    """A local end's registry, its health-check histogram, and the collector of its counters."""
+
+    def __init__(self, top: "LocalService") -> None:
+        self.registry = CollectorRegistry()
+        # By protocol and server label: kept when an online config drops a server and brings it back.
+        self.traffic: dict[str, ServerTraffic] = {}
+        self.udp_traffic: dict[str, ServerTraffic] = {}
+        self.check_seconds = Histogram(
+            "ssx_local_health_check_seconds", "Health checks through each server: time to the target's first byte",
+            ["server"], registry=self.registry, buckets=CHECK_BUCKETS,
+        )
+        self.registry.register(LocalCollector(top, {"tcp": self.traffic, "udp": self.udp_traffic}))
+
+    def server_traffic(self, upstream: IUpstream) -> ServerTraffic:
+        """`upstream`'s counter of TCP payload bytes."""
+        counter = self.traffic.get(upstream.label)
+        if counter is None:
+            counter = self.traffic[upstream.label] = ServerTraffic()
+        return counter
+
+    def udp_server_traffic(self, upstream: IUpstream) -> ServerTraffic:
+        """`upstream`'s counter of UDP plaintext bytes (each datagram's target address and payload)."""
+        counter = self.udp_traffic.get(upstream.label)
+        if counter is None:
+            counter = self.udp_traffic[upstream.label] = ServerTraffic()
+        return counter
+
+    def instrument(self, factory: LocalFactory) -> None:
+        """Have `factory`'s relays count their servers' bytes, and its connections by protocol."""
+        factory.server_traffic = self.server_traffic
+        if not isinstance(factory, TunnelFactory):
+            factory.fronts = {}
+
+    def observe_check(self, server: str, latency: float | None) -> None:
+        if latency is not None:
+            self.check_seconds.labels(server=server).observe(latency)
+
+
+class LocalCollector(Collector):
+    """Reads the picker and the factories at scrape time (in the web thread: it copies what it iterates)."""
+
+    def __init__(self, top: "LocalService", traffic: dict[str, dict[str, ServerTraffic]]) -> None:
+        self._top = top
+        self._traffic = traffic
+
+    def collect(self) -> Iterator[Metric]:
+        picker = self._top.picker
+        upstreams = list(picker.upstreams())
+        factories = list(self._top.factories)
+        yield GaugeMetricFamily("ssx_local_servers", "Servers known (configured and from the online config)",
+                                value=len(upstreams))
+        up = GaugeMetricFamily("ssx_local_server_up", "1 while a server is taken as up, 0 once marked down",
+                               labels=["server"])
+        latency = GaugeMetricFamily("ssx_local_server_latency_seconds",
+                                    "A server's moving average latency from the health checks", labels=["server"])
+        failures = GaugeMetricFamily("ssx_local_server_failures", "A server's consecutive failures", labels=["server"])
+        for upstream in upstreams:
+            try:
+                is_up, average, failed = picker.health(upstream)
+            except KeyError:  # dropped by an online config meanwhile
+                continue
+            up.add_metric([upstream.label], 1 if is_up else 0)
+            failures.add_metric([upstream.label], failed)
+            if average is not None:
+                latency.add_metric([upstream.label], average)
+        data = CounterMetricFamily("ssx_local_data_bytes", "Payload bytes relayed through each server, by direction",
+                                   labels=["server", "proto", "dir"])
+        for proto, table in self._traffic.items():
+            for label, counter in list(table.items()):
+                data.add_metric([label, proto, "c>p"], counter.up)
+                data.add_metric([label, proto, "p>c"], counter.down)
+        failovers: dict[str, int] = {}
+        fronts: dict[str, int] = {}
+        active = broken = 0
+        for factory in factories:
+            for label, count in list(factory.failovers.items()):
+                failovers[label] = failovers.get(label, 0) + count
+            if isinstance(factory, TunnelFactory):
+                fronts["tunnel"] = fronts.get("tunnel", 0) + factory.accepted
+            elif factory.fronts is not None:
+                for front, count in list(factory.fronts.items()):
+                    fronts[front] = fronts.get(front, 0) + count
+            active += len(factory.connections)
+            broken += factory.relays_broken
+        failover = CounterMetricFamily(
+            "ssx_local_failovers", "Connections that could not reach a server and tried the next, by the server left",
+            labels=["server"],
+        )
+        for label, count in sorted(failovers.items()):
+            failover.add_metric([label], count)
+        connections = CounterMetricFamily(
+            "ssx_local_connections", "Application connections, by the protocol spoken (socks5, socks4, http, tunnel)",
+            labels=["front"],
+        )
+        for front, count in sorted(fronts.items()):
+            connections.add_metric([front], count)
+        yield from (up, latency, failures, data, failover, connections)
+        yield GaugeMetricFamily("ssx_local_connections_active", "Application connections open", value=active)
+        yield CounterMetricFamily("ssx_local_relays_broken", "Relays closed on a stream from a server that failed "
+                                  "to decrypt", value=broken)
