@@ -5,7 +5,9 @@ The server end's UDP relay (full-cone NAT).
 AEAD-2017) and `Shadowsocks2022UdpRelay` open and seal datagrams in their
 edition's framing, and `udp_relay_for` picks one for a suite.
 
-Each datagram from a client is opened (`CipherSuite.udp_open`), its target
+Each datagram from a client is opened with the port's keys (the
+`KeyRing` of its `PortCredentials`, which tries each key on a port of
+several; the key that opened it seals the replies), its target
 address parsed, resolved and checked against the forbidden networks, and its
 payload sent from the client's own outgoing socket.  Whatever arrives on that
 socket, from any source, goes back to the client sealed with the source's
@@ -30,6 +32,7 @@ from ssx.wire.address import Address, decode_target, encode_address
 from ssx.crypto import CipherSuite, Suite2022
 from ssx.errors import ProtocolError, ReplayError
 from ssx.interfaces import ITrafficCounter
+from ssx.server.credentials import PortCredentials, credentials_of
 from ssx.server.session_windows import SessionState, SessionWindows
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.wire.address import is_ip_literal
@@ -56,6 +59,8 @@ class _ClientSockets:
     def __init__(self, relay: "UdpRelay", client: tuple) -> None:
         self.relay = relay
         self.client = client
+        # The suite of the key the client's latest datagram opened with (AEAD-2017).
+        self.suite: Any = None
         self._ports: dict[int, Any] = {}
 
     def send(self, payload: bytes, ip: str, port: int) -> None:
@@ -225,7 +230,7 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
     def __init__(
         self,
         reactor: Any,
-        suite: _Suite,
+        suite: _Suite | PortCredentials,
         resolver: TargetResolver,
         forbidden: ForbiddenNetworks,
         timeout: float = 60.0,
@@ -243,8 +248,10 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         self.traffic = traffic
         # Replayed datagrams (same salt/IV) are dropped like forged ones;
         # the 2022 edition keeps a replay window per session instead.
-        self.salt_filter = salt_filter if suite.spec.family != "aead2022" and suite.spec.salt_size else None
-        self.suite: _Suite = suite
+        #: The port's keys; may be replaced while the relay runs.
+        self.credentials = credentials_of(suite)
+        spec = self.credentials.spec
+        self.salt_filter = salt_filter if spec.family != "aead2022" and spec.salt_size else None
         self.resolver = resolver
         self.forbidden = forbidden
         # Shared by a server's relays, so that its bounds are the server's.
@@ -252,6 +259,11 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         self.verbose = verbose
         self.refused = 0
         self.socket_failures = 0
+
+    @property
+    def suite(self) -> _Suite:
+        """The suite of the port's first key (of its only key, on most ports)."""
+        return self.credentials.ring.suite  # type: ignore[return-value]
 
     def reply(self, client: Any, source: Address, data: bytes) -> None:
         """A target's datagram for the NAT entry `client`, to be sealed and sent back."""
@@ -286,7 +298,7 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
         try:
-            plaintext = self.suite.udp_open(data)
+            key, plaintext = self.credentials.ring.open_datagram(data)
             parsed = decode_target(plaintext)
         except ProtocolError:
             self.dropped += 1
@@ -294,7 +306,8 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
         if parsed is None:
             self.dropped += 1
             return
-        if self.salt_filter is not None and not self.salt_filter.check_and_add(data[: self.suite.spec.salt_size]):
+        suite = key.suite
+        if self.salt_filter is not None and not self.salt_filter.check_and_add(data[: suite.spec.salt_size]):
             self.dropped += 1
             return
         target, end = parsed
@@ -303,18 +316,21 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
         if sockets is None:
             sockets = _ClientSockets(self, addr)
             self.nat.add(addr, sockets)
+        sockets.suite = suite
         if self.traffic is not None:
             self.traffic.add_up(len(data))
         self._route(addr, target, payload)
 
     def reply(self, client: tuple, source: Address, data: bytes) -> None:
         """A target's datagram for `client`: sealed with its source address and sent back."""
-        if self.transport is None or client not in self.nat:
+        sockets = self.nat.peek(client)
+        if self.transport is None or sockets is None:
             return
         self.nat.touch(client)
+        suite = sockets.suite
         # Our own salts are recognisable: a captured reply sent back is a replay.
-        salt = self.salt_filter.own_salt(self.suite.spec.salt_size) if self.salt_filter is not None else None
-        packet = self.suite.udp_seal(encode_address(source) + data, salt)
+        salt = self.salt_filter.own_salt(suite.spec.salt_size) if self.salt_filter is not None else None
+        packet = suite.udp_seal(encode_address(source) + data, salt)
         if len(packet) > MAX_DATAGRAM:
             self.dropped += 1
             return
@@ -358,13 +374,18 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
 
     def __init__(self, *args: Any, sessions: SessionWindows | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._decoder = self.suite.udp_server_decoder()
+        self._ring = self.credentials.ring
+        self._decoder = self._ring.udp_server_decoder()
         # Shared by a server's 2022 relays, so a packet captured on one
         # address is refused on another.
         self.sessions = sessions if sessions is not None else SessionWindows(self.suite.replay_window, self.nat.capacity)
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
+        if self.credentials.ring is not self._ring:
+            # The port's keys were replaced: new sessions are opened with the new ones.
+            self._ring = self.credentials.ring
+            self._decoder = self._ring.udp_server_decoder()
         try:
             packet = self._decoder.decode(data)
         except ProtocolError:
@@ -415,6 +436,6 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
             self.traffic.add_down(len(packet))
 
 
-def udp_relay_for(suite: CipherSuite | Suite2022) -> type[UdpRelay[Any]]:
+def udp_relay_for(suite: CipherSuite | Suite2022 | PortCredentials) -> type[UdpRelay[Any]]:
     """The server UDP relay class for a suite's edition."""
     return Shadowsocks2022UdpRelay if suite.spec.family == "aead2022" else ShadowsocksUdpRelay
