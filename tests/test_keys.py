@@ -359,6 +359,28 @@ class Chacha2022UsersTests(_KeysCase):
         """Users of a 2022-blake3-chacha20-poly1305 port relay intact, each counted under its name."""
         return defer.Deferred.fromCoroutine(self._users())
 
+    async def _udp(self) -> None:
+        echo_port, _ = support.listen_udp_echo()
+        self.listen(echo_port)
+        psks = {name: base64.b64encode(os.urandom(32)).decode() for name in ("ann", "ben")}
+        server, port = self.server(
+            method=CHACHA_2022, password=base64.b64encode(os.urandom(32)).decode(), mode="tcp_and_udp",
+            users=[{"name": n, "password": p} for n, p in psks.items()],
+        )
+        for name in ("ben", "ann"):
+            _, socks = self.local(port, method=CHACHA_2022, password=psks[name], mode="tcp_and_udp")
+            client = support.Socks5UdpClient()
+            self._udp_clients.append(client)
+            self.assertEqual(await client.open(socks), 0)
+            # The replies are sealed with the user's own key, or its client could not open them.
+            await client.exchange("127.0.0.1", echo_port.getHost().port, [os.urandom(n) for n in (1, 500, 1400)])
+            self.assertEqual(server.udp_relays[0].credentials.ring.keys[0].id, name)
+        self.assertEqual(server.udp_relays[0].dropped, 0)
+
+    def test_chacha_users_udp(self):
+        """Datagrams of two users of a 2022 ChaCha port reach the echo and come back under each user's key."""
+        return defer.Deferred.fromCoroutine(self._udp())
+
 
 class KeyLimitTests(_KeysCase):
     """A key past its limits gets silence; the operator gets one line."""
