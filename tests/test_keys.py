@@ -24,6 +24,7 @@ from ssx.config import read_config_file, server_config
 from ssx.crypto import AccessKey, CipherSuite, KeyRing, Suite2022, make_key_ring, make_suite
 from ssx.errors import AuthenticationError, ConfigError
 from ssx.server.key_limits import KeyLimit, KeyUsage
+from ssx.server.ports import port_credentials
 from ssx.server.accounting import UserTraffic
 from ssx.wire.address import Address, encode_address
 from tests import support
@@ -306,6 +307,33 @@ class ThreeKeysTests(_KeysCase):
     def test_udp_per_key(self):
         """Datagrams of clients with different keys of one port each reach the echo and come back under their own key."""
         return defer.Deferred.fromCoroutine(self._udp())
+
+
+class ReplaceKeysTests(_KeysCase):
+    """A running port's keys replaced in place, as a reload does."""
+
+    async def _replace(self) -> None:
+        server, port = self.server(keys=KEYS[:2], timeout=30, mode="tcp_and_udp")
+        alice, bob, carol = KEYS
+        _, alice_socks = self.local(port, method=alice["cipher"], password=alice["secret"])
+        await self.relay_through(alice_socks, 10_000)
+        config = server_config({"server_port": port, "keys": [bob, carol]}).ports[0]
+        (served,) = server.ports.values()
+        new = port_credentials(config, reactor.seconds)
+        served.replace_credentials(new)
+        self.assertTrue(all(relay.credentials is new for relay in served.udp_relays))
+        _, carol_socks = self.local(port, method=carol["cipher"], password=carol["secret"])
+        await self.relay_through(carol_socks, 10_000)
+        stranger = make_suite(alice["cipher"], alice["secret"])
+        client = await self.connect(port, support.RawClient(_request(stranger)))
+        await support.wait_for(lambda: server.factory.handshake_failures == 1, 5, lambda: "alice was not refused")
+        self.assertEqual(bytes(client.received), b"")
+        client.transport.loseConnection()
+        await client.closed
+
+    def test_replace_credentials(self):
+        """After a port's credentials are replaced, an added key relays and a removed one gets silence."""
+        return defer.Deferred.fromCoroutine(self._replace())
 
 
 class OutlineFileTests(_KeysCase):

@@ -76,6 +76,20 @@ class ServerPort(MultiService):
         self.udp_relays: list[UdpRelay] = []
         self.datagram_listeners: list[DatagramListenerService] = []
 
+    @property
+    def credentials(self) -> PortCredentials:
+        """The port's keys and their limits, which its factory and UDP relays share."""
+        return self.factory.credentials
+
+    def replace_credentials(self, credentials: PortCredentials) -> None:
+        """
+        New keys (from `port_credentials`) for the port's new connections
+        and datagrams; relays already running keep the codecs they have.
+        """
+        self.factory.credentials = credentials
+        for relay in self.udp_relays:
+            relay.credentials = credentials
+
 
 def port_credentials(config: PortConfig, now: Callable[[], float]) -> PortCredentials:
     """
