@@ -292,6 +292,8 @@ class ThreeKeysTests(_KeysCase):
         echo_port, echo = support.listen_udp_echo()
         self.listen(echo_port)
         server, port = self.server(keys=KEYS, mode="tcp_and_udp")
+        sent = {key["id"]: 0 for key in KEYS}
+        resent = 0
         for key in (KEYS[2], KEYS[0], KEYS[1], KEYS[0]):
             _, socks = self.local(port, method=key["cipher"], password=key["secret"], mode="tcp_and_udp")
             client = support.Socks5UdpClient()
@@ -299,13 +301,21 @@ class ThreeKeysTests(_KeysCase):
             self.assertEqual(await client.open(socks), 0)
             payloads = [os.urandom(n) for n in (1, 100, 1400)]
             # Each echo comes back sealed with the sender's key, or its client could not open it.
-            await client.exchange("127.0.0.1", echo_port.getHost().port, payloads)
+            resent += await client.exchange("127.0.0.1", echo_port.getHost().port, payloads)
+            sent[key["id"]] += sum(map(len, payloads))
             relay = server.udp_relays[0]
             self.assertEqual(relay.credentials.ring.keys[0].id, key["id"])
         self.assertEqual(server.udp_relays[0].dropped, 0)
+        # Each key's payloads, both ways, under its id (more only if loopback lost a datagram).
+        traffic = server.factory.user_traffic
+        counted = {user: (traffic[user].up, traffic[user].down) for user in traffic}
+        if resent:
+            self.assertTrue(all(counted[user][0] >= n and counted[user][1] >= n for user, n in sent.items()), counted)
+        else:
+            self.assertEqual(counted, {user: (n, n) for user, n in sent.items()})
 
     def test_udp_per_key(self):
-        """Datagrams of clients with different keys of one port each reach the echo and come back under their own key."""
+        """Datagrams of clients with different keys of one port each come back under their own key, counted under its id."""
         return defer.Deferred.fromCoroutine(self._udp())
 
 
@@ -401,12 +411,15 @@ class Chacha2022UsersTests(_KeysCase):
             self._udp_clients.append(client)
             self.assertEqual(await client.open(socks), 0)
             # The replies are sealed with the user's own key, or its client could not open them.
-            await client.exchange("127.0.0.1", echo_port.getHost().port, [os.urandom(n) for n in (1, 500, 1400)])
+            resent = await client.exchange("127.0.0.1", echo_port.getHost().port, [os.urandom(n) for n in (1, 500, 1400)])
             self.assertEqual(server.udp_relays[0].credentials.ring.keys[0].id, name)
+            if not resent:
+                traffic = server.factory.user_traffic[name]
+                self.assertEqual((traffic.up, traffic.down), (1901, 1901))
         self.assertEqual(server.udp_relays[0].dropped, 0)
 
     def test_chacha_users_udp(self):
-        """Datagrams of two users of a 2022 ChaCha port reach the echo and come back under each user's key."""
+        """Datagrams of two users of a 2022 ChaCha port come back under each user's key, counted under the user's name."""
         return defer.Deferred.fromCoroutine(self._udp())
 
 

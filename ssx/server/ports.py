@@ -136,7 +136,7 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
         relay = udp_relay_for(credentials)(
             reactor, factory.credentials, shared.resolver, shared.forbidden, relays.timeout, relays.capacity,
             salt_filter=shared.salt_filter, lookups=shared.lookups, verbose=shared.verbose, traffic=port.traffic,
-            outbound=shared.outbound, **sessions,
+            outbound=shared.outbound, user_traffic=factory.user_traffic, **sessions,
         )
         port.udp_relays.append(relay)
         return relay

@@ -16,7 +16,8 @@ on the reactor clock), so a flood of client addresses costs at most its
 capacity in sockets.  Target names are looked up through `UdpLookups`,
 which bounds the look-ups in flight (each costs sockets) and lets datagrams
 for the same name wait on one.  Bad datagrams are dropped and counted,
-never answered.
+never answered.  The payloads of a named key's or user's datagrams are
+counted under its id in the per-user accounting, as its TCP bytes are.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from twisted.python.failure import Failure
 from ssx.wire.address import Address, decode_target, encode_address
 from ssx.crypto import CipherSuite, Suite2022
 from ssx.errors import ProtocolError, ReplayError
-from ssx.interfaces import ITrafficCounter
+from ssx.interfaces import ITrafficCounter, IUserTrafficSink
 from ssx.server.credentials import PortCredentials, credentials_of
 from ssx.server.session_windows import SessionState, SessionWindows
 from ssx.server.forbidden import ForbiddenNetworks
@@ -61,6 +62,8 @@ class _ClientSockets:
         self.client = client
         # The suite of the key the client's latest datagram opened with (AEAD-2017).
         self.suite: Any = None
+        # That key's per-user counter (keys with an id), else None.
+        self.user: ITrafficCounter | None = None
         self._ports: dict[int, Any] = {}
 
     def send(self, payload: bytes, ip: str, port: int) -> None:
@@ -240,12 +243,15 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         verbose: bool = False,
         traffic: ITrafficCounter | None = None,
         outbound: Outbound | None = None,
+        user_traffic: IUserTrafficSink | None = None,
     ) -> None:
         self.setup_nat(reactor, timeout, capacity)
         # Where the associations' sockets send from (None: the wildcard address).
         self.outbound = outbound
         # The port's counter of encrypted bytes (the manager API's), if any.
         self.traffic = traffic
+        # Where the payloads of named keys and users are counted, by id (as their TCP is).
+        self.user_traffic = user_traffic
         # Replayed datagrams (same salt/IV) are dropped like forged ones;
         # the 2022 edition keeps a replay window per session instead.
         #: The port's keys; may be replaced while the relay runs.
@@ -317,6 +323,9 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
             sockets = _ClientSockets(self, addr)
             self.nat.add(addr, sockets)
         sockets.suite = suite
+        if key.id is not None and self.user_traffic is not None:
+            sockets.user = self.user_traffic.counter(key.id)
+            sockets.user.add_up(len(payload))
         if self.traffic is not None:
             self.traffic.add_up(len(data))
         self._route(addr, target, payload)
@@ -339,6 +348,8 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
         except OSError:
             self.dropped += 1
             return
+        if sockets.user is not None:
+            sockets.user.add_down(len(data))
         if self.traffic is not None:
             self.traffic.add_down(len(packet))
 
@@ -352,6 +363,8 @@ class _Session:
         self.state = state
         self.client: tuple | None = None
         self.sockets = _ClientSockets(relay, key)
+        # The user's counter (multi-user ports), else None.
+        self.user: ITrafficCounter | None = None
 
     def send(self, payload: bytes, ip: str, port: int) -> None:
         self.sockets.send(payload, ip, port)
@@ -405,6 +418,8 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
                 self.dropped += 1
                 return
             session = _Session(self, key, state)
+            if packet.user is not None and self.user_traffic is not None:
+                session.user = self.user_traffic.counter(packet.user.name)
             self.nat.add(key, session)
         elif not session.state.window.accept(packet.packet_id):
             self.dropped += 1
@@ -413,6 +428,8 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
         if packet.timestamp > state.newest:
             state.newest = packet.timestamp
         session.client = addr
+        if session.user is not None:
+            session.user.add_up(len(packet.payload))
         if self.traffic is not None:
             self.traffic.add_up(len(data))
         target = packet.address
@@ -432,6 +449,8 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
         except OSError:
             self.dropped += 1
             return
+        if session.user is not None:
+            session.user.add_down(len(data))
         if self.traffic is not None:
             self.traffic.add_down(len(packet))
 
