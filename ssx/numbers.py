@@ -17,7 +17,10 @@ import re
 
 from ssx.errors import ConfigError
 
-__all__ = ["MAX_COUNT", "MAX_SECONDS", "parse_count", "parse_number", "parse_port", "parse_seconds"]
+__all__ = [
+    "MAX_COUNT", "MAX_SECONDS", "parse_count", "parse_duration", "parse_number", "parse_port", "parse_seconds",
+    "parse_size",
+]
 
 # 19 digits hold every whole number any key allows; int() of them is cheap.
 _WHOLE = re.compile(r"[0-9]{1,19}")
@@ -85,6 +88,31 @@ def parse_seconds(value: object, key: str, *, allow_zero: bool = False, meaning_
             above_minimum=not allow_zero,
         )
     )
+
+
+# Sizes count in powers of 1024, as traffic panels do: 10G is 10 GiB.
+_SIZE = re.compile(r"([0-9]{1,19})\s*([KMGTP]?)(?:i?B)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+MAX_SIZE = 1 << 62
+_DURATION = re.compile(r"([0-9]{1,9})\s*([smhdw])", re.IGNORECASE)
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_size(value: object, key: str) -> int:
+    """A positive number of bytes: a whole number, or with K, M, G, T or P (powers of 1024; "10G", "512MiB")."""
+    match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is not None:
+        value = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+    expected = 'a positive number of bytes such as 1073741824, "500M" or "10G"'
+    return int(parse_number(value, key, expected, minimum=1, maximum=MAX_SIZE))
+
+
+def parse_duration(value: object, key: str) -> float:
+    """A positive duration: seconds, or a whole number with s, m, h, d or w ("30d", "12h")."""
+    match = _DURATION.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is not None:
+        value = int(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+    return parse_seconds(value, key)
 
 
 def _shown(value: object) -> str:

@@ -7,8 +7,10 @@ the flags over it (`file`); `server_config` (`server`) and `local_config`
 files: server, server_port, password, method, ...) and return one frozen
 value, from the per-key readers both ends share (`values`).  Every bad
 value raises `ConfigError` naming its key.  The servers a config names
-are `upstreams`; a server's ports, `ports`; its manager address,
-`manager`; where either end serves its metrics, `metrics`; nameserver lists, `nameservers`; the keys of other
+are `upstreams`; a server's ports, `ports`; a port's access keys
+(outline-ss-server's, also from its YAML file), `keys`; its manager address,
+`manager`; where either end serves its metrics, `metrics`; nameserver lists,
+`nameservers`; the keys of other
 implementations and the advice for each, `known_keys`; the twistd options
 both commands share, `options`.
 """

@@ -34,7 +34,7 @@ class SsxOptions(usage.Options):
     # usage.Options gathers optParameters from every class in the hierarchy:
     # these are the ones both commands have.
     optParameters = [
-        ["config", "c", None, "JSON config file (shadowsocks key names)"],
+        ["config", "c", None, "JSON config file (shadowsocks key names), or YAML (.yml/.yaml, or text that is not JSON)"],
         ["key", None, None, "master key in URL-safe base64, instead of a password"],
         ["method", "m", None, method_help() + " [default: chacha20-ietf-poly1305]"],
         ["timeout", "t", None, "idle timeout in seconds [default: 300]"],

@@ -9,7 +9,11 @@ and `port_entries`, which reads the forms existing deployments have:
 - `server_port` as a list of ports sharing `password` (the original);
 - `servers`, shadowsocks-rust's list of entries, each with its own
   `server`, `server_port`, `password`/`key`, `method`, `mode`,
-  `plugin`/`plugin_opts`, `timeout`, `fast_open` and 2022 `users`.
+  `plugin`/`plugin_opts`, `timeout`, `fast_open`, 2022 `users` and
+  access `keys` (`ssx.config.keys`);
+- `keys`, outline-ss-server's list of access keys, each with its `port`:
+  one port per distinct port, with its keys (UDP too, as Outline relays
+  it, unless `mode` says otherwise).
 
 Each entry is the top-level keys overridden by the entry's own, checked
 by `ssx.config.server` as a single port would be; a bad entry's
@@ -23,6 +27,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ssx.config.keys import KeyConfig, read_keys
 from ssx.config.known_keys import SERVER_PEER_KEYS, peer_key_notes
 from ssx.config.values import RelayModes
 from ssx.errors import ConfigError
@@ -33,10 +38,10 @@ __all__ = ["ENTRY_KEYS", "Entry", "PORT_LIST_KEYS", "PortConfig", "dual_stack", 
 # The keys a `servers` entry may set for its own port.
 ENTRY_KEYS = frozenset({
     "server", "server_port", "password", "key", "method", "mode", "plugin", "plugin_opts", "plugin_args",
-    "timeout", "users", "udp_timeout", "udp_max_associations", "fast_open",
+    "timeout", "users", "udp_timeout", "udp_max_associations", "fast_open", "keys",
 })
 # The keys that list several ports.
-PORT_LIST_KEYS = frozenset({"port_password", "servers"})
+PORT_LIST_KEYS = frozenset({"port_password", "servers", "keys"})
 _OWN_PORT = frozenset({"server_port"})
 _OWN_PORT_PASSWORD = frozenset({"server_port", "password"})
 
@@ -65,6 +70,9 @@ class PortConfig:
     v6only: bool = False
     # TCP Fast Open on the port's TCP listening sockets.
     fast_open: bool = False
+    # Access keys (several on one port, found by trial decryption); when
+    # given, method is the first key's and password is empty.
+    keys: tuple[KeyConfig, ...] = field(default=(), repr=False)
 
 
 def dual_stack(hosts: tuple[str, ...]) -> bool:
@@ -89,8 +97,14 @@ def port_entries(values: Mapping[str, Any]) -> tuple[list[Entry], tuple[str, ...
     servers = values.get("servers")
     port_password = values.get("port_password")
     server_port = values.get("server_port")
+    keys = values.get("keys")
     if servers is not None and port_password is not None:
         raise ConfigError("servers", "give either servers or port_password, not both")
+    if keys is not None and (servers is not None or port_password is not None):
+        raise ConfigError("keys", "top-level keys name their own ports: not with servers or port_password "
+                                  "(a servers entry may have its own keys)")
+    if keys is not None:
+        return _key_ports(values, read_keys(keys)), ()
     if servers is not None:
         return _servers(values, servers)
     if port_password is not None:
@@ -134,6 +148,22 @@ def _port_list(values: Mapping[str, Any], ports: list[Any]) -> list[Entry]:
         raise ConfigError("server_port", "expected a port or a non-empty list of ports")
     base = _original_mode(_base(values))
     return [(f"server_port[{i}]", {**base, "server_port": port}, _OWN_PORT) for i, port in enumerate(ports)]
+
+
+def _key_ports(values: Mapping[str, Any], keys: tuple[KeyConfig, ...]) -> list[Entry]:
+    if all(key.port is None for key in keys):
+        # One port, the configured one, as any single port.
+        return [("", {**values, "keys": keys}, frozenset(values))]
+    if isinstance(values.get("server_port"), list):
+        raise ConfigError("server_port", "with keys, give each key its port (or one server_port)")
+    base = _original_mode(_base(values))
+    by_port: dict[Any, list[KeyConfig]] = {}
+    for key in keys:
+        by_port.setdefault(key.port if key.port is not None else base.get("server_port"), []).append(key)
+    return [
+        (f"keys (port {port})", {**base, "server_port": port, "keys": tuple(port_keys)}, _OWN_PORT)
+        for port, port_keys in by_port.items()
+    ]
 
 
 def _servers(values: Mapping[str, Any], servers: Any) -> tuple[list[Entry], tuple[str, ...]]:

@@ -32,7 +32,8 @@ from ssx.config.values import (
     read_verbose,
     tcp_description,
 )
-from ssx.crypto import lookup_method, make_suite
+from ssx.config.keys import KeyConfig, read_keys
+from ssx.crypto import lookup_method, make_key_ring
 from ssx.net.outbound import Outbound
 from ssx.errors import ConfigError
 from ssx.config.nameservers import parse_nameservers
@@ -56,7 +57,7 @@ PLUGIN_BACKEND_LISTEN = "tcp:0:interface=127.0.0.1"
 
 SERVER_KEYS = COMMON_KEYS | {
     "nameserver", "forbidden_ip", "hosts_file", "resolv_conf", "prefer_ipv6", "users", "replay_history",
-    "url_file",
+    "url_file", "keys",
     "max_handshakes", "max_handshakes_per_ip", "dns_server", "port_password", "servers",
     # libev's name for prefer_ipv6.
     "ipv6_first",
@@ -276,9 +277,15 @@ def _prefer_ipv6(values: Mapping[str, Any]) -> bool:
 
 
 def _port_config(label: str, values: Mapping[str, Any], required: bool) -> tuple[PortConfig, tuple[str, ...]]:
-    """One port's settings; with several ports each needs its password (or key)."""
-    method = read_method(values)
-    password, key, generated = read_secret(values, method, required=required)
+    """One port's settings; with several ports each needs its password (or key), or its access keys."""
+    keys = _keys(values.get("keys"))
+    if keys:
+        if values.get("users") is not None:
+            raise ConfigError("users", "give a port either access keys or users, not both")
+        method, password, key, generated = keys[0].method, "", None, False
+    else:
+        method = read_method(values)
+        password, key, generated = read_secret(values, method, required=required)
     users = _users(values, method)
     hosts = read_bind_hosts(values)
     port = read_port(values, "server_port", DEFAULT_SERVER_PORT, allow_zero=True)
@@ -286,7 +293,7 @@ def _port_config(label: str, values: Mapping[str, Any], required: bool) -> tuple
     relays = read_relay_modes(values)
     # Keys are checked now (decoded, lengths, user table), so a bad one
     # stops start-up naming its key.
-    make_suite(method, password, key=key, users=dict(users))
+    make_key_ring(method, password, key=key, users=dict(users), keys=[(k.id, k.method, k.secret) for k in keys])
     if not relays.tcp and values.get("listen") is not None:
         raise ConfigError("listen", "endpoint descriptions are for TCP; in udp_only mode use server and server_port")
     plugin, warnings = read_plugin(values, relays)
@@ -307,13 +314,25 @@ def _port_config(label: str, values: Mapping[str, Any], required: bool) -> tuple
         plugin=plugin,
         v6only=dual_stack(hosts),
         fast_open=read_bool(values, "fast_open"),
+        keys=keys,
     )
     return config, warnings
 
 
+def _keys(raw: Any) -> tuple[KeyConfig, ...]:
+    """A port's access keys: read by `ports` already (top-level keys), or a servers entry's list."""
+    if raw is None:
+        return ()
+    if isinstance(raw, tuple):
+        return raw
+    return read_keys(raw, ports=False)
+
+
 def _named(label: str, own: frozenset[str], error: ConfigError) -> ConfigError:
     """`error` named after the port entry, when the entry itself set the bad key."""
-    if not label or error.key not in own:
+    # keys[2].cipher is the entry's own when the entry sets keys.
+    root = error.key.split("[", 1)[0].split(".", 1)[0]
+    if not label or (error.key not in own and root not in own):
         return error
     if label.startswith("servers["):
         return ConfigError(f"{label}.{error.key}", error.message)

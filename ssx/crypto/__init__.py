@@ -15,16 +15,19 @@ codecs) over `_aead`, `_stream`, `_plain` and `_kdf`; `_chunks` (the AEAD
 chunk loop both editions share); `_xchacha` (XChaCha20-Poly1305, for
 AEAD-2017's xchacha20-ietf-poly1305 and the 2022 ChaCha method's UDP);
 `_salt_filter` (the servers' replay filter
-for stream and AEAD-2017 salts); `edition2022/` (everything of the 2022
+for stream and AEAD-2017 salts); `_keyring` (`KeyRing`, a server port's
+keys, found per connection and datagram by trial decryption when there are
+several: `make_key_ring`); `edition2022/` (everything of the 2022
 edition, its own replay checks included); `certificate` (TLS keys for the
 `ssl:` endpoints, not Shadowsocks).
 """
 
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from ssx.crypto.edition2022 import MAX_TIME_DIFF, Suite2022, generate_psk
 from ssx.crypto._registry import METHODS, MethodSpec, lookup_method
+from ssx.crypto._keyring import AccessKey, KeyRing
 from ssx.crypto._salt_filter import SaltFilter
 from ssx.crypto._suite import CipherSuite, TcpDecryptor, TcpEncryptor
 from ssx.errors import ConfigError
@@ -40,6 +43,9 @@ __all__ = [
     "SaltFilter",
     "generate_psk",
     "make_suite",
+    "AccessKey",
+    "KeyRing",
+    "make_key_ring",
     "MAX_TIME_DIFF",
 ]
 
@@ -67,3 +73,28 @@ def make_suite(
     if key is not None:
         return CipherSuite.from_key(spec.name, key)
     return CipherSuite(spec.name, password)
+
+
+def make_key_ring(
+    method: str,
+    password: str,
+    *,
+    key: bytes | None = None,
+    users: Mapping[str, str] | None = None,
+    keys: Sequence[tuple[str, str, str]] = (),
+    now: Callable[[], float] = time.time,
+) -> KeyRing:
+    """
+    A server port's keys: each of `keys` ((id, method, secret), as
+    outline-ss-server lists them), or for a 2022 ChaCha method the `users`
+    (it has no identity header: each user's key is tried), or else the
+    one suite of `method` and `password` (with its 2022 identity-header
+    users, if any).
+    """
+    if keys:
+        return KeyRing([AccessKey(id, make_suite(cipher, secret, now=now)) for id, cipher, secret in keys])
+    spec = lookup_method(method)
+    if users and spec.family == "aead2022" and spec.name == "2022-blake3-chacha20-poly1305":
+        make_suite(method, password, key=key, now=now)  # the port's own PSK is checked as ever
+        return KeyRing([AccessKey(name, Suite2022(spec.name, psk, now=now)) for name, psk in users.items()])
+    return KeyRing([AccessKey(None, make_suite(method, password, key=key, users=users, now=now))])

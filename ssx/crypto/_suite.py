@@ -20,8 +20,10 @@ from typing import Callable, Protocol
 from zope.interface import implementer
 
 from ssx.wire.address import Address, decode_target, encode_address
-from ssx.crypto._aead import AEAD_PRIMITIVES, AeadTcpDecryptor, AeadTcpEncryptor, aead_udp_open, aead_udp_seal
-from ssx.crypto._kdf import evp_bytes_to_key
+from cryptography.exceptions import InvalidTag
+
+from ssx.crypto._aead import AEAD_PRIMITIVES, TAG_SIZE, AeadTcpDecryptor, AeadTcpEncryptor, aead_udp_open, aead_udp_seal
+from ssx.crypto._kdf import derive_subkey, evp_bytes_to_key
 from ssx.crypto._plain import PlainTcpDecryptor, PlainTcpEncryptor
 from ssx.crypto._registry import MethodSpec, lookup_method
 from ssx.crypto._salt_filter import SaltFilter
@@ -228,6 +230,30 @@ class CipherSuite:
                 STREAM_CIPHERS[spec.name], self._key, spec.salt_size
             )
         return PlainTcpDecryptor()
+
+    @property
+    def first_chunk_size(self) -> int:
+        """Bytes a stream's start needs for `opens_first_chunk`: the salt and the sealed length."""
+        return self.spec.salt_size + 2 + TAG_SIZE
+
+    def opens_first_chunk(self, data: bytes | memoryview) -> bool:
+        """
+        Whether this key opens the sealed length after the salt at the
+        start of `data` (at least `first_chunk_size` bytes): how a port
+        with several keys finds a connection's (AEAD methods only).
+        """
+        spec = self.spec
+        if spec.family != "aead":
+            raise ValueError(f"{spec.name} has no tag to try a key on")
+        algorithm = AEAD_PRIMITIVES[spec.name]
+        size = spec.salt_size
+        view = memoryview(data)
+        subkey = derive_subkey(self._key, bytes(view[:size]))
+        try:
+            algorithm.factory(subkey).decrypt(bytes(algorithm.nonce_size), view[size : size + 2 + TAG_SIZE], None)
+        except InvalidTag:
+            return False
+        return True
 
     def client_codec(self) -> ITcpClientCodec:
         """The local end's codec for one new TCP connection."""

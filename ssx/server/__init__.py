@@ -3,7 +3,9 @@ Everything only `twistd ssx-server` runs.
 
 `tap` parses the options and builds the service tree, whose root and
 named parts are `service`, with one `ports.ServerPort` per served port
-(added and removed at run time by the `manager` API); `protocol` is one
+(added and removed at run time by the `manager` API), whose keys and
+their limits are one `credentials.PortCredentials` (the state of those
+limits, connections and quota use by key id, is `key_limits`); `protocol` is one
 client connection (decrypt,
 check the target, connect, relay), bounded while unfinished by
 `handshakes`, and `accounting` counts each user's and port's bytes; `udp` is the UDP

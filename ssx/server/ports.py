@@ -1,6 +1,8 @@
 """
 One served port: `build_port` makes, from one `PortConfig`, the port's
-cipher suite, its TCP factory (with its counters and, if asked, its
+credentials (`port_credentials`: its keys and their limits, one object
+the TCP factory and the UDP relays share, so that it can be replaced
+while the port runs), its TCP factory (with its counters and, if asked, its
 traffic through the accounting seam), its TCP listeners (or
 its SIP003 plugin and ssx's loopback listener behind it) and its UDP
 relays, as one `ServerPort` service.  `ssx.server.tap.build_service` adds
@@ -12,26 +14,27 @@ filter, limits) comes in a `SharedParts`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import MultiService
 
 from ssx.config import Limits
-from ssx.config.options import make_suite
 from ssx.config.ports import PortConfig
-from ssx.crypto import SaltFilter
+from ssx.crypto import SaltFilter, make_key_ring
 from ssx.net.listener import DatagramListenerService, ListenerService, serve
 from ssx.net.outbound import Outbound
 from ssx.net.plugin import PluginService
 from ssx.net.resolver import TargetResolver
 from ssx.net.tcp import FAST_OPEN_QUEUE
 from ssx.server.accounting import UserTraffic, UserTrafficTable
+from ssx.server.credentials import PortCredentials
+from ssx.server.key_limits import KeyLimit
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.server.session_windows import SessionWindows
 from ssx.server.udp import UdpLookups, UdpRelay, udp_relay_for
 
-__all__ = ["ServerPort", "SharedParts", "build_port"]
+__all__ = ["ServerPort", "SharedParts", "build_port", "port_credentials"]
 
 
 @dataclass(frozen=True)
@@ -87,15 +90,46 @@ class ServerPort(MultiService):
         """The encrypted bytes counted, both directions, TCP and UDP (0 when not counted)."""
         return sum(t.up + t.down for t in (self.traffic, self.udp_traffic) if t is not None)
 
+    @property
+    def credentials(self) -> PortCredentials:
+        """The port's keys and their limits, which its factory and UDP relays share."""
+        return self.factory.credentials
+
+    def replace_credentials(self, credentials: PortCredentials) -> None:
+        """
+        New keys (from `port_credentials`) for the port's new connections
+        and datagrams; relays already running keep the codecs they have.
+        """
+        self.factory.credentials = credentials
+        for relay in self.udp_relays:
+            relay.credentials = credentials
+
+
+def port_credentials(config: PortConfig, now: Callable[[], float]) -> PortCredentials:
+    """
+    The keys of the port `config` describes, derived now, and their
+    limits: its access keys, or its one password (with its 2022 users).
+    2022 headers are stamped and checked on the clock `now` (the reactor's).
+    """
+    ring = make_key_ring(
+        config.method, config.password, key=config.key, users=dict(config.users),
+        keys=[(key.id, key.method, key.secret) for key in config.keys], now=now,
+    )
+    limits = {
+        key.id: KeyLimit(key.max_connections, key.quota_bytes, key.quota_period)
+        for key in config.keys if key.max_connections or key.quota_bytes
+    }
+    return PortCredentials(ring, limits)
+
 
 def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
     """The service of the port `config` describes, not started."""
     reactor = shared.reactor
     counting = shared.count_traffic or shared.metrics is not None
     traffic = UserTraffic() if counting else None
-    suite = make_suite(reactor, config.method, config.password, config.key, config.users)
+    credentials = port_credentials(config, reactor.seconds)
     factory = ShadowsocksServerFactory(
-        reactor, suite, shared.resolver, shared.forbidden, timeout=config.timeout, salt_filter=shared.salt_filter,
+        reactor, credentials, shared.resolver, shared.forbidden, timeout=config.timeout, salt_filter=shared.salt_filter,
         max_handshakes=shared.max_handshakes,
         # Behind a plugin every connection comes from the plugin's address.
         max_handshakes_per_ip=shared.max_handshakes_per_ip if config.plugin is None else 0,
@@ -110,14 +144,18 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
         shared.metrics.instrument(port)
     relays = config.relays
     # One store of 2022 session windows for every address of the port.
-    sessions = {"sessions": SessionWindows(suite.replay_window, relays.capacity)} if suite.spec.family == "aead2022" else {}
+    sessions = (
+        {"sessions": SessionWindows(credentials.ring.replay_window, relays.capacity)}
+        if credentials.spec.family == "aead2022" else {}
+    )
 
     def udp_relay() -> UdpRelay:
-        relay = udp_relay_for(suite)(
-            reactor, suite, shared.resolver, shared.forbidden, relays.timeout, relays.capacity,
+        # Every relay holds the factory's credentials: a port's keys are one object.
+        relay = udp_relay_for(credentials)(
+            reactor, factory.credentials, shared.resolver, shared.forbidden, relays.timeout, relays.capacity,
             salt_filter=shared.salt_filter, lookups=shared.lookups, verbose=shared.verbose,
             traffic=port.udp_traffic if port.udp_traffic is not None else port.traffic,
-            outbound=shared.outbound, **sessions,
+            outbound=shared.outbound, user_traffic=factory.user_traffic, **sessions,
         )
         relay.payload_traffic = port.udp_payload
         port.udp_relays.append(relay)

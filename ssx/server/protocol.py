@@ -6,8 +6,15 @@ finds the target address in its header (either edition), then resolve it (`ssx.n
 refuse forbidden IPs (`ssx.server.forbidden`), connect, then relay (`ssx.net.relay`):
 client bytes are decrypted towards the target, target bytes encrypted back.
 
+The port's keys (`ssx.server.credentials.PortCredentials`, held by the
+factory) give each connection its codec: the one key's, or on a port of
+several keys one that finds the connection's key by trial decryption
+(`ssx.crypto.KeyRing`).  A key's connections count under its id in the
+per-user accounting, and its limits (`ssx.server.key_limits`) are
+checked once the header is in.
+
 Anything that fails before the relay starts because of the client's bytes
-(a bad tag, a malformed header) gets silence: the connection keeps reading
+(a bad tag, no key matching, a malformed header, a key at its limit) gets silence: the connection keeps reading
 and discarding until its timeout, then closes with a FIN, so a prober learns
 nothing from how it closed, nor (below the bounds that follow) from when.
 
@@ -42,6 +49,8 @@ from ssx.crypto import CipherSuite
 from ssx.errors import ProtocolError
 from ssx.interfaces import ITrafficCounter, IUserTrafficSink
 from ssx.server.accounting import UserTrafficTable, counted, counted_wire
+from ssx.server.credentials import PortCredentials, credentials_of
+from ssx.server.key_limits import KeyUsage
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.wire.address import is_ip_literal
 from ssx.net.outbound import Outbound
@@ -75,12 +84,17 @@ class HandshakeObserver(TypingProtocol):
 
 
 class ShadowsocksServerFactory(RelayFactory):
-    """Holds what every server connection shares: keys, resolver, policy, clock."""
+    """
+    Holds what every server connection shares: keys, resolver, policy,
+    clock.  `credentials` (a `PortCredentials`, or a bare suite for a port
+    of one key) may be replaced while the port runs: new connections take
+    the new keys, running ones keep theirs.
+    """
 
     def __init__(
         self,
         reactor: Any,
-        suite: CipherSuite,
+        suite: CipherSuite | PortCredentials | Any,
         resolver: TargetResolver,
         forbidden: ForbiddenNetworks,
         timeout: float = 300.0,
@@ -97,7 +111,9 @@ class ShadowsocksServerFactory(RelayFactory):
         # Where connections to targets leave from (None: as the kernel chooses).
         self.outbound = outbound
         self.salt_filter = salt_filter
-        self.suite = suite
+        self.credentials: PortCredentials = credentials_of(suite)
+        # Connections and quota use by key id: kept when the keys are replaced.
+        self.key_usage = KeyUsage(reactor.seconds)
         self.resolver = resolver
         self.forbidden = forbidden
         self.connect_timeout = connect_timeout
@@ -193,7 +209,9 @@ class ShadowsocksServerProtocol(InboundProtocol):
     def __init__(self, factory: ShadowsocksServerFactory) -> None:
         InboundProtocol.__init__(self, factory)
         self._state = _HEADER
-        self._codec = factory.suite.server_codec(factory.salt_filter)
+        self._codec = factory.credentials.ring.server_codec(factory.salt_filter)
+        # The key whose limits admitted this connection (to release at the end).
+        self._admitted: str | None = None
         self._plain = bytearray()
         self._connecting: Deferred | None = None
         # Encrypted bytes taken before the relay, for the port's traffic.
@@ -264,6 +282,12 @@ class ShadowsocksServerProtocol(InboundProtocol):
             factory.handshake_fed(self)
 
     def _header_done(self, address: Address) -> None:
+        if not self._admit():
+            # From outside exactly a wrong key: silence until the timeout.
+            self._state = _DISCARD
+            self._plain = bytearray()
+            self.factory.handshake_fed(self)
+            return
         observer = self.factory.observer
         if observer is not None:
             # Nothing resets last_activity before the relay: it is the accept time.
@@ -275,6 +299,20 @@ class ShadowsocksServerProtocol(InboundProtocol):
         # buffer to one read.
         self.transport.pauseProducing()
         self._open_target(address)
+
+    def _admit(self) -> bool:
+        """Whether the connection's key is within its limits (counted as open if so)."""
+        key = getattr(self._codec, "key", None)
+        if key is None or key.id is None:
+            return True
+        factory = self.factory
+        limit = factory.credentials.limit(key)
+        if not limit:
+            return True
+        if not factory.key_usage.admit(key.id, limit):
+            return False
+        self._admitted = key.id
+        return True
 
     def _discard(self, error: ProtocolError) -> None:
         if self.factory.verbose:
@@ -367,6 +405,8 @@ class ShadowsocksServerProtocol(InboundProtocol):
             # Multi-user ports count each user's application bytes;
             # single-user ports relay bare.
             counter = self.factory.user_traffic.counter(user)
+            if self._admitted is not None:
+                counter = self.factory.key_usage.counted_against(self._admitted, counter)
             counter.add_up(len(self._plain))  # the request's first payload
             decrypt, encrypt = counted(counter, decrypt, encrypt)
         port_traffic = self.factory.port_traffic
@@ -417,6 +457,9 @@ class ShadowsocksServerProtocol(InboundProtocol):
             status = CLOSED_STATUS[self._state]
             closed[status] = closed.get(status, 0) + 1
         self.factory.handshakes.remove(self)
+        if self._admitted is not None:
+            self.factory.key_usage.release(self._admitted)
+            self._admitted = None
         if self._connecting is not None:
             self._connecting.cancel()
         InboundProtocol.connectionLost(self, reason)

@@ -5,7 +5,9 @@ The server end's UDP relay (full-cone NAT).
 AEAD-2017) and `Shadowsocks2022UdpRelay` open and seal datagrams in their
 edition's framing, and `udp_relay_for` picks one for a suite.
 
-Each datagram from a client is opened (`CipherSuite.udp_open`), its target
+Each datagram from a client is opened with the port's keys (the
+`KeyRing` of its `PortCredentials`, which tries each key on a port of
+several; the key that opened it seals the replies), its target
 address parsed, resolved and checked against the forbidden networks, and its
 payload sent from the client's own outgoing socket.  Whatever arrives on that
 socket, from any source, goes back to the client sealed with the source's
@@ -14,7 +16,8 @@ on the reactor clock), so a flood of client addresses costs at most its
 capacity in sockets.  Target names are looked up through `UdpLookups`,
 which bounds the look-ups in flight (each costs sockets) and lets datagrams
 for the same name wait on one.  Bad datagrams are dropped and counted,
-never answered.
+never answered.  The payloads of a named key's or user's datagrams are
+counted under its id in the per-user accounting, as its TCP bytes are.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ssx.wire.address import Address, decode_target, encode_address
 from ssx.crypto import CipherSuite, Suite2022
 from ssx.errors import ProtocolError, ReplayError
 from ssx.interfaces import ITrafficCounter, IUserTrafficSink
+from ssx.server.credentials import PortCredentials, credentials_of
 from ssx.server.session_windows import SessionState, SessionWindows
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.wire.address import is_ip_literal
@@ -56,6 +60,12 @@ class _ClientSockets:
     def __init__(self, relay: "UdpRelay", client: tuple) -> None:
         self.relay = relay
         self.client = client
+        # The suite of the key the client's latest datagram opened with (AEAD-2017).
+        self.suite: Any = None
+        # That key's per-user counter (keys with an id), else None.
+        self.user: ITrafficCounter | None = None
+        # The key's id, for the metrics' labels ("" where a port has one key).
+        self.user_name = ""
         self._ports: dict[int, Any] = {}
 
     def send(self, payload: bytes, ip: str, port: int) -> None:
@@ -225,7 +235,7 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
     def __init__(
         self,
         reactor: Any,
-        suite: _Suite,
+        suite: _Suite | PortCredentials,
         resolver: TargetResolver,
         forbidden: ForbiddenNetworks,
         timeout: float = 60.0,
@@ -235,16 +245,21 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         verbose: bool = False,
         traffic: ITrafficCounter | None = None,
         outbound: Outbound | None = None,
+        user_traffic: IUserTrafficSink | None = None,
     ) -> None:
         self.setup_nat(reactor, timeout, capacity)
         # Where the associations' sockets send from (None: the wildcard address).
         self.outbound = outbound
         # The port's counter of encrypted bytes (the manager API's), if any.
         self.traffic = traffic
+        # Where the payloads of named keys and users are counted, by id (as their TCP is).
+        self.user_traffic = user_traffic
         # Replayed datagrams (same salt/IV) are dropped like forged ones;
         # the 2022 edition keeps a replay window per session instead.
-        self.salt_filter = salt_filter if suite.spec.family != "aead2022" and suite.spec.salt_size else None
-        self.suite: _Suite = suite
+        #: The port's keys; may be replaced while the relay runs.
+        self.credentials = credentials_of(suite)
+        spec = self.credentials.spec
+        self.salt_filter = salt_filter if spec.family != "aead2022" and spec.salt_size else None
         self.resolver = resolver
         self.forbidden = forbidden
         # Shared by a server's relays, so that its bounds are the server's.
@@ -258,9 +273,10 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         # targets are counted (None: not counted).
         self.payload_traffic: IUserTrafficSink | None = None
 
-    def user_of(self, key: Any) -> str:
-        """The key (user) name a NAT entry's datagrams are counted under: "" where a port has one key."""
-        return ""
+    @property
+    def suite(self) -> _Suite:
+        """The suite of the port's first key (of its only key, on most ports)."""
+        return self.credentials.ring.suite  # type: ignore[return-value]
 
     def reply(self, client: Any, source: Address, data: bytes) -> None:
         """A target's datagram for the NAT entry `client`, to be sealed and sent back."""
@@ -289,7 +305,7 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         if sockets is not None:
             sockets.send(payload, allowed[0], target.port)
             if self.payload_traffic is not None:
-                self.payload_traffic.counter(self.user_of(client)).add_up(len(payload))
+                self.payload_traffic.counter(sockets.user_name).add_up(len(payload))
 
 
 class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
@@ -298,7 +314,7 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
         try:
-            plaintext = self.suite.udp_open(data)
+            key, plaintext = self.credentials.ring.open_datagram(data)
             parsed = decode_target(plaintext)
         except ProtocolError:
             self.dropped += 1
@@ -306,7 +322,8 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
         if parsed is None:
             self.dropped += 1
             return
-        if self.salt_filter is not None and not self.salt_filter.check_and_add(data[: self.suite.spec.salt_size]):
+        suite = key.suite
+        if self.salt_filter is not None and not self.salt_filter.check_and_add(data[: suite.spec.salt_size]):
             self.dropped += 1
             return
         target, end = parsed
@@ -315,18 +332,26 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
         if sockets is None:
             sockets = _ClientSockets(self, addr)
             self.nat.add(addr, sockets)
+        sockets.suite = suite
+        if key.id is not None:
+            sockets.user_name = key.id
+            if self.user_traffic is not None:
+                sockets.user = self.user_traffic.counter(key.id)
+                sockets.user.add_up(len(payload))
         if self.traffic is not None:
             self.traffic.add_up(len(data))
         self._route(addr, target, payload)
 
     def reply(self, client: tuple, source: Address, data: bytes) -> None:
         """A target's datagram for `client`: sealed with its source address and sent back."""
-        if self.transport is None or client not in self.nat:
+        sockets = self.nat.peek(client)
+        if self.transport is None or sockets is None:
             return
         self.nat.touch(client)
+        suite = sockets.suite
         # Our own salts are recognisable: a captured reply sent back is a replay.
-        salt = self.salt_filter.own_salt(self.suite.spec.salt_size) if self.salt_filter is not None else None
-        packet = self.suite.udp_seal(encode_address(source) + data, salt)
+        salt = self.salt_filter.own_salt(suite.spec.salt_size) if self.salt_filter is not None else None
+        packet = suite.udp_seal(encode_address(source) + data, salt)
         if len(packet) > MAX_DATAGRAM:
             self.dropped += 1
             return
@@ -335,10 +360,12 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
         except OSError:
             self.dropped += 1
             return
+        if sockets.user is not None:
+            sockets.user.add_down(len(data))
         if self.traffic is not None:
             self.traffic.add_down(len(packet))
         if self.payload_traffic is not None:
-            self.payload_traffic.counter(self.user_of(client)).add_down(len(data))
+            self.payload_traffic.counter(sockets.user_name).add_down(len(data))
 
 
 class _Session:
@@ -350,6 +377,10 @@ class _Session:
         self.state = state
         self.client: tuple | None = None
         self.sockets = _ClientSockets(relay, key)
+        # The user's counter (multi-user ports), else None.
+        self.user: ITrafficCounter | None = None
+        # The user's name, for the metrics' labels ("" on a single-user port).
+        self.user_name = ""
 
     def send(self, payload: bytes, ip: str, port: int) -> None:
         self.sockets.send(payload, ip, port)
@@ -372,13 +403,18 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
 
     def __init__(self, *args: Any, sessions: SessionWindows | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._decoder = self.suite.udp_server_decoder()
+        self._ring = self.credentials.ring
+        self._decoder = self._ring.udp_server_decoder()
         # Shared by a server's 2022 relays, so a packet captured on one
         # address is refused on another.
         self.sessions = sessions if sessions is not None else SessionWindows(self.suite.replay_window, self.nat.capacity)
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
+        if self.credentials.ring is not self._ring:
+            # The port's keys were replaced: new sessions are opened with the new ones.
+            self._ring = self.credentials.ring
+            self._decoder = self._ring.udp_server_decoder()
         try:
             packet = self._decoder.decode(data)
         except ProtocolError:
@@ -398,6 +434,10 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
                 self.dropped += 1
                 return
             session = _Session(self, key, state)
+            if packet.user is not None:
+                session.user_name = packet.user.name
+                if self.user_traffic is not None:
+                    session.user = self.user_traffic.counter(packet.user.name)
             self.nat.add(key, session)
         elif not session.state.window.accept(packet.packet_id):
             self.dropped += 1
@@ -406,6 +446,8 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
         if packet.timestamp > state.newest:
             state.newest = packet.timestamp
         session.client = addr
+        if session.user is not None:
+            session.user.add_up(len(packet.payload))
         if self.traffic is not None:
             self.traffic.add_up(len(data))
         target = packet.address
@@ -425,16 +467,14 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
         except OSError:
             self.dropped += 1
             return
+        if session.user is not None:
+            session.user.add_down(len(data))
         if self.traffic is not None:
             self.traffic.add_down(len(packet))
         if self.payload_traffic is not None:
-            self.payload_traffic.counter(self.user_of(client)).add_down(len(data))
-
-    def user_of(self, key: Any) -> str:
-        # Sessions are keyed (user, session ID); a single-user port's user is None.
-        return key[0] or ""
+            self.payload_traffic.counter(session.user_name).add_down(len(data))
 
 
-def udp_relay_for(suite: CipherSuite | Suite2022) -> type[UdpRelay[Any]]:
+def udp_relay_for(suite: CipherSuite | Suite2022 | PortCredentials) -> type[UdpRelay[Any]]:
     """The server UDP relay class for a suite's edition."""
     return Shadowsocks2022UdpRelay if suite.spec.family == "aead2022" else ShadowsocksUdpRelay

@@ -19,7 +19,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 
 from ssx.config import ServerConfig
-from ssx.crypto import lookup_method, make_suite
+from ssx.crypto import lookup_method, make_key_ring
 from ssx.errors import ConfigError
 from ssx.net.listener import DatagramListenerService, ListenerService
 from ssx.safe_file import read_private_file, write_file
@@ -55,7 +55,7 @@ def reuse_generated_password(config: ServerConfig, rundir: str = ".", uid: int |
         method = lookup_method(saved.method).name
         if method != config.method:
             return _warn(config, f"{path} is for method {method}, not {config.method}: generated a new password")
-        make_suite(config.method, saved.password, users=dict(config.users))
+        make_key_ring(config.method, saved.password, users=dict(config.users))
     except FileNotFoundError:
         return config
     except (OSError, UnicodeDecodeError, ConfigError) as e:
@@ -92,6 +92,10 @@ class UrlAnnouncement(Service):
         host, port = self._address()
         if config.key is not None:
             _log.info("no ss:// URL: the server is configured with a raw key (--key), which URLs cannot carry")
+            return
+        if config.port_configs()[0].keys:
+            # One URL per key would put every key's secret in one file.
+            _log.info("no ss:// URL: the port has access keys (keys), each with its own secret and URL")
             return
         plugin = config.plugin
         url = format_url(

@@ -55,6 +55,7 @@ from tests.support.peers import (
     requires,
     skip_without,
     spawn,
+    start_ss_local,
     start_twistd,
     twistd_env,
     wait_for_port,

@@ -117,6 +117,25 @@ async def start_twistd(testcase: Any, *args: str, ready: bytes, seconds: float =
     return child
 
 
+async def start_ss_local(
+    testcase: Any, server_port: int, method: str, password: str, *extra: str
+) -> tuple[ChildProcess, int]:
+    """libev's ss-local (verbose) aimed at 127.0.0.1:`server_port`, once it accepts on its SOCKS port; stopped at the test's end."""
+    from tests.support.targets import free_port
+
+    port = free_port()
+    child = spawn("ss-local", [
+        "-s", "127.0.0.1", "-p", str(server_port), "-b", "127.0.0.1", "-l", str(port), "-k", password, "-m", method,
+        *extra, "-v",
+    ])
+    testcase.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
+    try:
+        await wait_for_port(port)
+    except Exception as e:
+        raise AssertionError(f"ss-local never listened on {port} ({e!r}); its output:\n{child.text()}") from None
+    return child, port
+
+
 async def wait_for_port(port: int, host: str = "127.0.0.1", seconds: float = 10.0) -> None:
     """Wait until something accepts TCP connections on host:port."""
     deadline = reactor.seconds() + seconds

@@ -20,9 +20,12 @@ from typing import TYPE_CHECKING, Callable, Mapping
 from zope.interface import implementer
 
 from ssx.wire.address import Address, decode_address, encode_address
-from ssx.crypto.edition2022.keys import PskChain, lookup_method_2022, parse_password, user_table
+from cryptography.exceptions import InvalidTag
+
+from ssx.crypto.edition2022.chunks import TAG_SIZE, nonce_bytes
+from ssx.crypto.edition2022.keys import PskChain, lookup_method_2022, parse_password, session_subkey, user_table
 from ssx.crypto.edition2022.replay import Clock, SaltPool, SlidingWindow
-from ssx.crypto.edition2022.tcp import RequestDecoder, RequestEncoder, ResponseEncoder
+from ssx.crypto.edition2022.tcp import _FIXED_HEADER_SIZE, RequestDecoder, RequestEncoder, ResponseEncoder
 from ssx.crypto.edition2022.udp import UdpClientSession, UdpServerDecoder
 from ssx.crypto._registry import MethodSpec, lookup_method
 from ssx.errors import ProtocolError
@@ -136,6 +139,39 @@ class Suite2022:
 
     def __repr__(self) -> str:
         return f"<Suite2022 method={self.spec.name!r}>"
+
+    @property
+    def has_users(self) -> bool:
+        """Whether the port knows its users by identity headers."""
+        return self._users is not None
+
+    @property
+    def psk(self) -> bytes:
+        """The server's own PSK (with users: its identity PSK)."""
+        return self._psk
+
+    @property
+    def first_chunk_size(self) -> int:
+        """Bytes a request's start needs for `opens_first_chunk`: the salt and the sealed fixed header."""
+        return self._method.salt_size + _FIXED_HEADER_SIZE + TAG_SIZE
+
+    def opens_first_chunk(self, data: bytes | memoryview) -> bool:
+        """
+        Whether this suite's own PSK opens the fixed request header after
+        the salt at the start of `data`: how a port with several keys (or
+        a ChaCha port's users, which have no identity header) finds a
+        connection's.  Not for a suite with users (identity headers).
+        """
+        if self._users:
+            raise ValueError("a suite with identity headers finds its users by them")
+        size = self._method.salt_size
+        view = memoryview(data)
+        aead = self._method.aead(session_subkey(self._psk, bytes(view[:size])))
+        try:
+            aead.decrypt(nonce_bytes(0), view[size : size + _FIXED_HEADER_SIZE + TAG_SIZE], None)
+        except InvalidTag:
+            return False
+        return True
 
     def client_codec(self) -> ITcpClientCodec:
         return Aead2022TcpClientCodec(self.spec.name, self._keys, self._now)
