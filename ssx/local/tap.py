@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
 
-from ssx.config import LocalConfig, local_config
+from ssx.config import LocalConfig, Tunnel, local_config
 from ssx.interfaces import IUpstream
 from ssx.local.health import HealthCheckService
 from ssx.net.listener import DatagramListenerService, DrainService, ListenerService, serve
@@ -22,9 +22,11 @@ from ssx.local.udp import LocalUdpRelay, Socks5UdpRelay, TunnelUdpRelay
 from ssx.local.online import OnlineConfigService, describe_url, load_trust_root
 from ssx.local.online_upstreams import OnlineUpstreams
 from ssx.local.picker import ServerPicker
+from ssx.local.reload import LocalReload
 from ssx.local.upstream import make_upstream
 from ssx.errors import ConfigError
 from ssx.net.plugin import PluginService, find_plugin
+from ssx.net.reload import ReloadService
 from ssx.net.tcp import fast_open_sysctl_note
 from ssx.config.options import SsxOptions, check_endpoint, log_config_notes
 
@@ -111,7 +113,7 @@ class Options(SsxOptions):
         self.flag_keys = {**self.flag_keys, "tunnels": "tunnels", "url": "url"}
         super().postOptions()
 
-    def check(self, config: LocalConfig) -> None:
+    def check(self, config: LocalConfig) -> LocalConfig:
         for entry, plugin in zip(config.servers, config.plugins):
             if plugin is not None and len(config.servers) > 1:
                 # Before the common check (the first plugin): the message names the server.
@@ -127,6 +129,7 @@ class Options(SsxOptions):
                 check_endpoint("server_endpoint", entry.endpoint, server=False)
         if config.online is not None and config.online.ca_file is not None:
             load_trust_root(config.online.ca_file)
+        return config
 
 
 class LocalService(MultiService):
@@ -149,6 +152,12 @@ class LocalService(MultiService):
         self.health: HealthCheckService | None = None
         self.online: OnlineConfigService | None = None
         self.online_upstreams: OnlineUpstreams | None = None
+        # Each proxy port's and tunnel's factory (None for a UDP-only
+        # tunnel) and services, by its listen description: what a reload
+        # stops when it goes.
+        self.ports: dict[str, tuple[LocalFactory | None, list[Service]]] = {}
+        # What applies a reload (`ssx.local.reload.LocalReload`).
+        self.reload: Any = None
         for plugin in self.plugins:
             # First in the tree: started (and listening) before any
             # listener's connection can want them.
@@ -169,7 +178,28 @@ class LocalService(MultiService):
     ) -> None:
         """Listen with `factory` on `description`, with `udp` beside it on the same port if given."""
         self.factories.append(factory)
-        self.listeners.append(serve(self, reactor, description, factory, label, udp))
+        before = len(self.services)
+        listener = serve(self, reactor, description, factory, label, udp)
+        self.listeners.append(listener)
+        self.ports[description] = (factory, list(self.services[before:]))
+
+    def remove_port(self, description: str) -> None:
+        """
+        Stop the proxy port or tunnel listening on `description` (a
+        reload): its listeners close at once, and its running connections
+        get the shutdown grace, as at SIGTERM.
+        """
+        factory, services = self.ports.pop(description)
+        for service in services:
+            service.disownServiceParent()
+            if service in self.listeners:
+                self.listeners.remove(service)
+        if factory is not None:
+            self.factories[:] = [f for f in self.factories if f is not factory]
+            grace = self.drain.grace if self.drain is not None else 0.0
+            DrainService(factory.reactor, [factory], grace, f"ssx-local on {description}").stopService()
+        for relay in [r for r in self.udp_relays if any(getattr(s, "protocol", None) is r for s in services)]:
+            self.udp_relays.remove(relay)
 
 
 def build_service(reactor: Any, config: LocalConfig) -> LocalService:
@@ -202,49 +232,62 @@ def build_service(reactor: Any, config: LocalConfig) -> LocalService:
         top.online = OnlineConfigService(reactor, online.url, online.interval, top.online_upstreams.apply, trust_root)
         top.online.setServiceParent(top)
     _log_configuration(config)
+    top.reload = LocalReload(reactor, top, config)
     return top
 
 
 def _add_proxy_ports(top: LocalService, reactor: Any, config: LocalConfig, udp_server: IUpstream | None) -> None:
     """The mixed proxy ports (SOCKS5, SOCKS4, HTTP), each with its SOCKS5 UDP relay if UDP is relayed."""
-    relays = config.relays
     for description in config.listen:
-        socks_udp = None
-        if udp_server is not None:
-            address = (udp_server.entry.host, udp_server.entry.port)
-            socks_udp = Socks5UdpRelay(
-                reactor, udp_server.suite, address, relays.timeout, relays.capacity, picker=top.picker
-            )
-            top.udp_relays.append(socks_udp)
-        factory = MixedLocalFactory(
-            reactor, top.picker, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
-            verbose=config.verbose, **config.limits.factory_arguments(),
+        add_proxy_port(top, reactor, config, description, udp_server)
+
+
+def add_proxy_port(top: LocalService, reactor: Any, config: LocalConfig, description: str, udp_server: IUpstream | None) -> None:
+    """One mixed proxy port, on `description`, with its SOCKS5 UDP relay if UDP is relayed (at start, or a reload)."""
+    relays = config.relays
+    socks_udp = None
+    if udp_server is not None:
+        address = (udp_server.entry.host, udp_server.entry.port)
+        socks_udp = Socks5UdpRelay(
+            reactor, udp_server.suite, address, relays.timeout, relays.capacity, picker=top.picker
         )
-        top.add_port(reactor, description, factory, "ssx-local", socks_udp)
+        top.udp_relays.append(socks_udp)
+    factory = MixedLocalFactory(
+        reactor, top.picker, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
+        verbose=config.verbose, **config.limits.factory_arguments(),
+    )
+    top.add_port(reactor, description, factory, "ssx-local", socks_udp)
 
 
 def _add_tunnels(top: LocalService, reactor: Any, config: LocalConfig, udp_server: IUpstream | None) -> None:
     """The port forwards: TCP, UDP beside it on the same port, or UDP alone."""
-    relays = config.relays
     for tunnel in config.tunnels:
-        label = f"ssx-local tunnel to {tunnel.target}"
-        tunnel_udp = None
-        if udp_server is not None:
-            address = (udp_server.entry.host, udp_server.entry.port)
-            tunnel_udp = TunnelUdpRelay(
-                reactor, udp_server.suite, address, tunnel.target, timeout=relays.timeout, capacity=relays.capacity,
-                picker=top.picker,
-            )
-            top.udp_relays.append(tunnel_udp)
-        if relays.tcp:
-            factory = TunnelFactory(
-                reactor, top.picker, tunnel.target, config.timeout, verbose=config.verbose,
-                **config.limits.factory_arguments(),
-            )
-            top.add_port(reactor, tunnel.listen, factory, label, tunnel_udp)
-        else:
-            assert tunnel.address is not None
-            DatagramListenerService(reactor, tunnel_udp, label, address=tunnel.address).setServiceParent(top)
+        add_tunnel(top, reactor, config, tunnel, udp_server)
+
+
+def add_tunnel(top: LocalService, reactor: Any, config: LocalConfig, tunnel: Tunnel, udp_server: IUpstream | None) -> None:
+    """One port forward (at start, or a reload): TCP, UDP beside it on the same port, or UDP alone."""
+    relays = config.relays
+    label = f"ssx-local tunnel to {tunnel.target}"
+    tunnel_udp = None
+    if udp_server is not None:
+        address = (udp_server.entry.host, udp_server.entry.port)
+        tunnel_udp = TunnelUdpRelay(
+            reactor, udp_server.suite, address, tunnel.target, timeout=relays.timeout, capacity=relays.capacity,
+            picker=top.picker,
+        )
+        top.udp_relays.append(tunnel_udp)
+    if relays.tcp:
+        factory = TunnelFactory(
+            reactor, top.picker, tunnel.target, config.timeout, verbose=config.verbose,
+            **config.limits.factory_arguments(),
+        )
+        top.add_port(reactor, tunnel.listen, factory, label, tunnel_udp)
+    else:
+        assert tunnel.address is not None
+        service = DatagramListenerService(reactor, tunnel_udp, label, address=tunnel.address)
+        service.setServiceParent(top)
+        top.ports[tunnel.listen] = (None, [service])
 
 
 def _log_configuration(config: LocalConfig) -> None:
@@ -271,4 +314,9 @@ def _log_configuration(config: LocalConfig) -> None:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    return build_service(reactor, options.config)
+    service = build_service(reactor, options.config)
+    # SIGHUP: the file read again, the start's command line over it.
+    ReloadService(reactor, "ssx-local", options.load_config, service.reload.apply, options.config_error).setServiceParent(
+        service
+    )
+    return service

@@ -31,7 +31,7 @@ from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.server.session_windows import SessionWindows
 from ssx.server.udp import UdpLookups, UdpRelay, udp_relay_for
 
-__all__ = ["ServerPort", "SharedParts", "build_port"]
+__all__ = ["ServerPort", "SharedParts", "build_port", "port_credentials"]
 
 
 @dataclass(frozen=True)
@@ -73,12 +73,66 @@ class ServerPort(MultiService):
         self.udp_relays: list[UdpRelay] = []
         self.datagram_listeners: list[DatagramListenerService] = []
 
+    def rekey(self, config: PortConfig) -> list[Any]:
+        """
+        Take `config`'s credentials (a reload; the method is this port's):
+        rebuilt by `port_credentials` and handed to the factory and the UDP
+        relays, so new connections and datagrams are opened with them at
+        once, while running connections keep the codec they have.  Returns
+        those running connections whose key is gone (every one when the
+        port's own password or key changed, else those of users removed or
+        given a new key), for the caller to end after the grace.
+        """
+        old = self.config
+        credentials = port_credentials(self.factory.reactor, config)
+        self.factory.suite = credentials
+        for relay in self.udp_relays:
+            relay.rekey(credentials)
+        self.config = config
+        running = list(self.factory.connections)
+        if (old.password, old.key) != (config.password, config.key):
+            return running
+        kept = dict(config.users)
+        gone = {name for name, key in old.users if kept.get(name) != key}
+        if not gone:
+            return []
+        # A connection not yet past its header may still turn out to be one of them.
+        return [c for c in running if getattr(c, "user", None) in gone or getattr(c, "user", None) is None]
+
+    def configure(self, config: PortConfig, shared: SharedParts) -> None:
+        """
+        Take the settings that apply in place (a reload): the port's idle
+        timeout and the shared forbidden ranges, limits, handshake bounds
+        and verbosity, for what comes next.
+        """
+        factory = self.factory
+        factory.forbidden = shared.forbidden
+        factory.verbose = shared.verbose
+        limits = shared.limits
+        factory.set_limits(config.timeout, limits.handshake_timeout, limits.max_connections)
+        factory.set_handshake_bounds(
+            shared.max_handshakes, shared.max_handshakes_per_ip if config.plugin is None else 0,
+        )
+        for relay in self.udp_relays:
+            relay.forbidden = shared.forbidden
+            relay.verbose = shared.verbose
+        self.config = config
+
+
+def port_credentials(reactor: Any, config: PortConfig) -> Any:
+    """
+    The port's credentials, built from `config` here only: its cipher
+    suite (keys derived once; 2022 users with it), which the TCP factory
+    and the UDP relays hold by reference.
+    """
+    return make_suite(reactor, config.method, config.password, config.key, config.users)
+
 
 def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
     """The service of the port `config` describes, not started."""
     reactor = shared.reactor
     traffic = UserTraffic() if shared.count_traffic else None
-    suite = make_suite(reactor, config.method, config.password, config.key, config.users)
+    suite = port_credentials(reactor, config)
     factory = ShadowsocksServerFactory(
         reactor, suite, shared.resolver, shared.forbidden, timeout=config.timeout, salt_filter=shared.salt_filter,
         max_handshakes=shared.max_handshakes,

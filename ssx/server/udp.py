@@ -253,6 +253,10 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         self.refused = 0
         self.socket_failures = 0
 
+    def rekey(self, suite: _Suite) -> None:
+        """Open new datagrams with `suite` (the port's new credentials, same method) from now on."""
+        self.suite = suite
+
     def reply(self, client: Any, source: Address, data: bytes) -> None:
         """A target's datagram for the NAT entry `client`, to be sealed and sent back."""
         raise NotImplementedError
@@ -362,6 +366,11 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
         # Shared by a server's 2022 relays, so a packet captured on one
         # address is refused on another.
         self.sessions = sessions if sessions is not None else SessionWindows(self.suite.replay_window, self.nat.capacity)
+
+    def rekey(self, suite: Suite2022) -> None:
+        # Open sessions keep the keys they were opened with.
+        super().rekey(suite)
+        self._decoder = suite.udp_server_decoder()
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
