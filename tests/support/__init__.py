@@ -5,7 +5,7 @@ never from each other.
 
 - `waiting`: waiting for a condition or a Deferred with a deadline.
 - `targets`: loopback echo targets, web sites, certificates, DNS servers, free ports.
-- `clients`: raw TCP, SOCKS5 CONNECT and SOCKS5 UDP clients.
+- `clients`: raw TCP, SOCKS5 CONNECT and SOCKS5 UDP clients, a manager API client.
 - `chains`: ssx-server and ssx-local in trial's reactor, and TestCase bases.
 - `peers`: child processes (twistd, shadowsocks-libev, sing-box, plugins, curl).
 - `in_memory`: StringTransport-based stand-ins for protocol unit tests.
@@ -25,6 +25,7 @@ from tests.support.chains import (
 from tests.support.clients import (
     BuildingFactory,
     KeepingProtocol,
+    ManagerClient,
     TRANSFER_SECONDS,
     RawClient,
     Socks5UdpClient,
@@ -48,6 +49,7 @@ from tests.support.peers import (
     ChildProcess,
     late_lines_quoted,
     requires,
+    sighup,
     skip_without,
     spawn,
     start_twistd,
@@ -96,6 +98,7 @@ __all__ = [
     "SocksClient",
     "socks5_udp_header",
     "Socks5UdpClient",
+    "ManagerClient",
     # in_memory
     "HalfCloseTransport",
     "Link",
@@ -115,6 +118,7 @@ __all__ = [
     "TWISTD",
     "twistd_env",
     "start_twistd",
+    "sighup",
     "wait_for_port",
     "late_lines_quoted",
     # targets
