@@ -5,11 +5,14 @@ configurations of each end, without a reactor.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from ssx.config import local_config, server_config
+from ssx.errors import ConfigError
+import ssx.server.tap as server_tap
 from ssx.config.changes import IN_PLACE, KEEP, RESTART, local_changes, port_update, server_changes
 
 _METHOD = "aes-128-gcm"
@@ -145,3 +148,35 @@ class LocalChangesTests(SynchronousTestCase):
         changes = local_changes(_local(), _local(timeout=30, max_connections=9, mode="tcp_and_udp"))
         self.assertEqual(set(changes.settings), {"timeout", "max_connections"})
         self.assertEqual(changes.fixed, ("mode",))
+
+
+class ReloadReadTests(SynchronousTestCase):
+    """`load_config`, which a reload calls: the file read again, the start's command line over it."""
+
+    def test_command_line_stays_over_the_new_file(self) -> None:
+        """A flag given at start still overrides the file after a reload; the file's other changes are read."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            json.dump({"server": "127.0.0.1", "server_port": 8001, "password": "a", "method": _METHOD,
+                       "timeout": 100, "url_file": ""}, f)
+        options = server_tap.Options()
+        options.parseOptions(["-c", path, "--timeout", "50"])
+        self.assertEqual(options.config.timeout, 50)
+        with open(path, "w") as f:
+            json.dump({"server": "127.0.0.1", "server_port": 8002, "password": "a", "method": _METHOD,
+                       "timeout": 200, "url_file": ""}, f)
+        reloaded = options.load_config()
+        self.assertEqual((reloaded.timeout, reloaded.port), (50, 8002))
+
+    def test_bad_file_raises_the_start_up_error(self) -> None:
+        """A file broken after start raises ConfigError, whose line is the start-up error's text."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            json.dump({"server": "127.0.0.1", "password": "a", "method": _METHOD, "url_file": ""}, f)
+        options = server_tap.Options()
+        options.parseOptions(["-c", path])
+        with open(path, "w") as f:
+            json.dump({"server": "127.0.0.1", "password": "a", "method": "rot13", "url_file": ""}, f)
+        with self.assertRaises(ConfigError) as raised:
+            options.load_config()
+        self.assertTrue(options.config_error(raised.exception).startswith("ssx-server: bad configuration: method: "))

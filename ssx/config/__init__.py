@@ -10,7 +10,8 @@ value raises `ConfigError` naming its key.  The servers a config names
 are `upstreams`; a server's ports, `ports`; its manager address,
 `manager`; nameserver lists, `nameservers`; the keys of other
 implementations and the advice for each, `known_keys`; the twistd options
-both commands share, `options`.
+both commands share, `options`; what changed between two reads of a
+config (for a reload), `changes`.
 """
 
 from ssx.config.file import merge, read_config_file

@@ -8,4 +8,5 @@ relay through a server with `relay`; `udp` carries SOCKS5 UDP and UDP
 tunnels.  `upstream` is one server as the local end reaches it, `picker`
 chooses among them, `health` measures them and `online` fetches SIP008
 lists of them (`online_upstreams` builds their servers and plugins).
+`reload` applies a SIGHUP's new configuration to the running tree.
 """

@@ -10,5 +10,6 @@ check the target, connect, relay), bounded while unfinished by
 relay of both editions, whose 2022 sessions keep their replay windows
 in `session_windows`; `forbidden` (with `host_addresses` and its
 watcher) decides which destinations are refused; `url_file` writes the
-ss:// URL at start and takes a generated password back from it.
+ss:// URL at start and takes a generated password back from it; `reload`
+applies a SIGHUP's new configuration to the running tree.
 """
