@@ -85,8 +85,9 @@ class ServerChangesTests(SynchronousTestCase):
         base = {"server_port": 8001, "password": "a"}
         old = _ports(base)
         for entry, named in (
-            ({"server": "127.0.0.2"}, "hosts"),
-            ({"mode": "tcp_and_udp"}, "relays"),
+            ({"server": "127.0.0.2"}, "server"),
+            ({"mode": "tcp_and_udp"}, "mode"),
+            ({"mode": "tcp_and_udp", "udp_timeout": 5}, "udp_timeout"),
             ({"method": "chacha20-ietf-poly1305"}, "method"),
         ):
             new = _ports({**base, **entry})

@@ -135,6 +135,22 @@ class ServerReloadTests(_ReloadCase):
         self.assertNotIn("secret", child.text())
 
     @support.coroutine_test
+    async def test_mode_change_restarts_the_port(self):
+        """A port whose mode changed is restarted on its number: its running relay finishes byte for byte, new clients relay."""
+        port = support.free_port()
+        child = await self.server({port: "same"})
+        first, rest = os.urandom(100_000), os.urandom(200_000)
+        socks_port = self.local(port, "same")
+        running = await self.held(socks_port, first)
+
+        self.write(self.ports_file({port: "same"}, mode="tcp_and_udp"))
+        line = await support.sighup(child)
+        self.assertIn(f"port {port} restarted: mode", line)
+
+        await self.finish(running, first, rest)
+        await self.transfer(socks_port)
+
+    @support.coroutine_test
     async def test_old_key_relay_ends_after_the_grace(self):
         """A relay whose password was changed away is closed once the shutdown grace has passed, not before the reload."""
         port = support.free_port()

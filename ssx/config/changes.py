@@ -37,8 +37,12 @@ __all__ = [
 KEEP, IN_PLACE, RESTART = "keep", "in place", "restart"
 
 # A port's fields that its running listeners, plugin and UDP relays were
-# built from (the method too: it decides the UDP relay's edition).
-_PORT_RESTART_FIELDS = ("hosts", "listen", "plugin", "relays", "v6only", "fast_open", "method")
+# built from (the method too: it decides the UDP relay's edition), with
+# the config keys the log names them by (v6only follows from `server`).
+_PORT_RESTART_FIELDS = (
+    ("hosts", "server"), ("listen", "listen"), ("plugin", "plugin"), ("v6only", "server"),
+    ("fast_open", "fast_open"), ("method", "method"),
+)
 # The server's settings that only a restart changes, by config key, with
 # the `ServerConfig` fields they are read into.
 _SERVER_FIXED = (
@@ -77,8 +81,15 @@ def port_update(running: PortConfig, wanted: PortConfig) -> PortUpdate:
     not change it.
     """
     wanted = wanted_port(running, wanted)
-    restart = tuple(name for name in _PORT_RESTART_FIELDS if getattr(running, name) != getattr(wanted, name))
-    changed: list[str] = list(restart)
+    restart = [key for name, key in _PORT_RESTART_FIELDS if getattr(running, name) != getattr(wanted, name)]
+    before, after = running.relays, wanted.relays
+    if (before.tcp, before.udp) != (after.tcp, after.udp):
+        restart.append("mode")
+    if after.udp and before.timeout != after.timeout:
+        restart.append("udp_timeout")
+    if after.udp and before.capacity != after.capacity:
+        restart.append("udp_max_associations")
+    changed: list[str] = list(dict.fromkeys(restart))
     if running.password != wanted.password or running.key != wanted.key:
         changed.append("password" if wanted.key is None and running.key is None else "key")
     changed += _users_changed(running, wanted)
