@@ -26,6 +26,7 @@ import dataclasses
 from typing import Any
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ssx.config.changes import IN_PLACE, KEEP, RESTART, port_update, server_changes, wanted_port
 from ssx.config.ports import PortConfig
@@ -60,10 +61,11 @@ class ServerReload:
             notes.append("changed " + ", ".join(changes.settings))
         for number in changes.removed:
             if number in self.service.ports:
-                self.service.remove_port(number)
+                # Its relays drain in the background, for at most the grace.
+                self.service.remove_port(number).addErrback(_removal_failed, number)
                 notes.append(f"port {number} removed")
         for wanted in changes.added + changes.changed:
-            note = await self._port(wanted)
+            note = await self._apply_port(wanted)
             if note:
                 notes.append(note)
         if changes.fixed:
@@ -72,7 +74,7 @@ class ServerReload:
         self.config = new
         return notes
 
-    async def _port(self, wanted: PortConfig) -> str | None:
+    async def _apply_port(self, wanted: PortConfig) -> str | None:
         number = wanted.port
         running = self.service.ports.get(number)
         if running is None:
@@ -117,3 +119,7 @@ class ServerReload:
             max_handshakes_per_ip=new.max_handshakes_per_ip,
             verbose=new.verbose,
         )
+
+
+def _removal_failed(failure: Failure, number: int) -> None:
+    _log.failure("ssx-server: reload: removing port {port}", failure, port=number)
