@@ -43,8 +43,8 @@ class SsxOptions(usage.Options):
          "(the Shadowsocks header, or SOCKS5) [default: 30, at most the idle timeout]"],
         ["max-connections", None, None, "most connections at once; more wait in the listen backlog "
          "[default: 0, no limit]"],
-        ["shutdown-grace", None, None, "on SIGTERM, seconds running connections get to finish "
-         "[default: 10]"],
+        ["shutdown-grace", None, None, "on SIGTERM, seconds running connections get to finish; at a reload "
+         "(SIGHUP), those of a removed port, listener or key [default: 10]"],
         ["udp-timeout", None, None, "seconds a UDP association lives without traffic [default: 60]"],
         ["udp-max-associations", None, None, "most UDP associations kept at once; the least recently used "
          "goes first [default: 1024]"],

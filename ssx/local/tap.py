@@ -45,7 +45,7 @@ class Options(SsxOptions):
         "a servers list in the config file, or --online-config (SIP008); with several, each "
         "new connection goes to the healthiest, and to the next one when a server cannot be "
         "reached. Keys and flags follow shadowsocks-libev, shadowsocks-rust and the original "
-        "Python shadowsocks: -c config.json, then flags override the file. Example: "
+        "Python shadowsocks: -c config.json, then flags override the file; SIGHUP reloads the file. Example: "
         "twistd -n ssx-local -s 203.0.113.5 -p 8388 -l 1080 -k SECRET -m aes-256-gcm"
     )
     optParameters = [

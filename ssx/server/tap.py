@@ -47,6 +47,7 @@ class Options(SsxOptions):
         "python -m ssx url -c FILE prints it with a QR code) and logs where it is. Keys and "
         "flags follow shadowsocks-libev and the "
         "original Python shadowsocks: -c config.json, then flags override the file. "
+        "SIGHUP reloads the config file (the command line stays as given). "
         "Example: twistd -n ssx-server -p 8388 -k SECRET -m aes-256-gcm"
     )
     optParameters = [
