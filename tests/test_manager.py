@@ -20,7 +20,7 @@ from ssx.errors import ConfigError
 from ssx.wire.manager import ManagerRequestError, parse_request, stat_reports
 import ssx.server.tap as server_tap
 from tests import support
-from tests.support import HashingEchoFactory, whole_echo_transfer
+from tests.support import HashingEchoFactory, ManagerClient, whole_echo_transfer
 
 
 class TextProtocolTests(unittest.SynchronousTestCase):
@@ -74,32 +74,6 @@ class AddressTests(unittest.TestCase):
         options = server_tap.Options()
         options.parseOptions(["-k", "p", "--url-file", "", "--manager-address", "192.0.2.1:6001", "--manager-allow-remote"])
         self.assertEqual(options.config.manager.host, "192.0.2.1")
-
-
-class ManagerClient:
-    """A manager panel's side, from the spec: text datagrams on a plain socket."""
-
-    def __init__(self, family: int = socket.AF_INET, bind: Any = ("127.0.0.1", 0)) -> None:
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.bind(bind)
-        self.sock.setblocking(False)
-        self.received: list[bytes] = []
-
-    def _poll(self) -> bool:
-        try:
-            self.received.append(self.sock.recv(65535))
-        except BlockingIOError:
-            return False
-        return True
-
-    async def next(self, seconds: float = 5.0) -> bytes:
-        if not self.received:
-            await support.wait_for(self._poll, seconds, "no datagram from the manager")
-        return self.received.pop(0)
-
-    async def ask(self, address: Any, request: bytes) -> bytes:
-        self.sock.sendto(request, address)
-        return await self.next()
 
 
 def stat_table(reply: bytes) -> dict[str, int]:

@@ -12,7 +12,8 @@ are `upstreams`; a server's ports, `ports`; a port's access keys
 `manager`; where either end serves its metrics, `metrics`; nameserver lists,
 `nameservers`; the keys of other
 implementations and the advice for each, `known_keys`; the twistd options
-both commands share, `options`.
+both commands share, `options`; what changed between two reads of a
+config (for a reload), `changes`.
 """
 
 from ssx.config.file import merge, read_config_file

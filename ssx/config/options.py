@@ -5,6 +5,7 @@ What the two commands' options share: `-c config.json`, repeatable
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping
 
 from twisted.internet.endpoints import clientFromString, serverFromString
@@ -42,8 +43,8 @@ class SsxOptions(usage.Options):
          "(the Shadowsocks header, or SOCKS5) [default: 30, at most the idle timeout]"],
         ["max-connections", None, None, "most connections at once; more wait in the listen backlog "
          "[default: 0, no limit]"],
-        ["shutdown-grace", None, None, "on SIGTERM, seconds running connections get to finish "
-         "[default: 10]"],
+        ["shutdown-grace", None, None, "on SIGTERM, seconds running connections get to finish; at a reload "
+         "(SIGHUP), those of a removed port, listener or key [default: 10]"],
         ["udp-timeout", None, None, "seconds a UDP association lives without traffic [default: 60]"],
         ["udp-max-associations", None, None, "most UDP associations kept at once; the least recently used "
          "goes first [default: 1024]"],
@@ -105,23 +106,37 @@ class SsxOptions(usage.Options):
         # A switch not given must not override the file's value.
         self["verbose"] = True if self["verbose"] else None
         self["fast-open"] = True if self["fast-open"] else None
+        # A reload reads the same file from twistd's --rundir.
+        self.config_path = os.path.abspath(self["config"]) if self["config"] else None
         try:
-            file_values = read_config_file(self["config"]) if self["config"] else {}
-            keys = {**self.common_keys, **self.flag_keys}
-            flags = {key: self[name] for name, key in keys.items()}
-            flags["listen"] = self["listen"]
-            if self["udp-only"]:
-                flags["mode"] = "udp_only"
-            elif self["tcp-and-udp"]:
-                flags["mode"] = "tcp_and_udp"
-            self.config = type(self).build(merge(file_values, flags))
-            self.check(self.config)
+            self.config = self.load_config()
         except ConfigError as e:
             # One line naming the key, rather than twistd's full usage text:
             # the command line itself was well-formed.
-            raise SystemExit(f"{self.command}: bad configuration: {e}") from None
+            raise SystemExit(self.config_error(e)) from None
 
-    def check(self, config: Any) -> None:
+    def load_config(self) -> Any:
+        """
+        The configuration: the file (-c) read now, the command line given
+        at start over it, checked; a bad one raises `ConfigError`.  A
+        reload (SIGHUP) calls it again.
+        """
+        file_values = read_config_file(self.config_path) if self.config_path else {}
+        keys = {**self.common_keys, **self.flag_keys}
+        flags = {key: self[name] for name, key in keys.items()}
+        flags["listen"] = self["listen"]
+        if self["udp-only"]:
+            flags["mode"] = "udp_only"
+        elif self["tcp-and-udp"]:
+            flags["mode"] = "tcp_and_udp"
+        return self.check(type(self).build(merge(file_values, flags)))
+
+    def config_error(self, error: ConfigError) -> str:
+        """The one line a bad configuration is refused with, at start and at a reload."""
+        return f"{self.command}: bad configuration: {error}"
+
+    def check(self, config: Any) -> Any:
+        """What is checked beyond the values (endpoints, plugins on PATH): `config`, or the one made of it."""
         for description in config.listen:
             check_endpoint("listen", description, server=True)
         if config.metrics is not None:
@@ -129,6 +144,7 @@ class SsxOptions(usage.Options):
             check_metrics_library()
         if config.plugin is not None:
             find_plugin(config.plugin.name)
+        return config
 
 
 def check_endpoint(key: str, description: str, server: bool) -> None:

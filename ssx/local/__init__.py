@@ -11,4 +11,5 @@ lists of them (`online_upstreams` builds their servers and plugins).
 `dns` is the local DNS server (`--dns-listen`): it routes each name
 direct or through a server (`dns_remote`) and caches the answers
 (`dns_cache`).  `metrics` is the Prometheus registry of ``--metrics``.
+`reload` applies a SIGHUP's new configuration to the running tree.
 """

@@ -94,6 +94,30 @@ class ServerPicker:
         _log.debug("server {server}: {ms:.1f} ms to the check target", server=upstream.label, ms=latency * 1000)
         self.succeeded(upstream)
 
+    def replace_static(self, entries: Sequence[ServerEntry], build: Callable[[ServerEntry], IUpstream]) -> None:
+        """
+        Make the configured servers exactly `entries`, in that order (a
+        reload): a server already there keeps its upstream and health, a
+        new one is built; the running connections of one that goes keep it.
+        """
+        known = {u.entry: u for u in self._static}
+        static: list[IUpstream] = []
+        for entry in entries:
+            upstream = known.pop(entry, None)
+            if upstream is None:
+                upstream = build(entry)
+                self._health[upstream] = _Health()
+            static.append(upstream)
+        for gone in known.values():
+            del self._health[gone]
+        self._static = static
+        # An online server that is now configured is the configured one.
+        wanted = set(entries)
+        dynamic = [u for u in self._dynamic if u.entry not in wanted]
+        for gone in [u for u in self._dynamic if u not in dynamic]:
+            del self._health[gone]
+        self._dynamic = dynamic
+
     def replace_dynamic(self, entries: Sequence[ServerEntry], build: Callable[[ServerEntry], IUpstream]) -> None:
         known = {u.entry: u for u in self._dynamic}
         static = {u.entry for u in self._static}

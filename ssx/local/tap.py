@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutFactory
 from twisted.names.dns import DNSDatagramProtocol
@@ -16,6 +16,7 @@ from twisted.names.dns import DNSDatagramProtocol
 from ssx.config import LocalConfig, local_config
 from ssx.config.local import DnsServer
 from ssx.config.values import tcp_description
+from ssx.config import LocalConfig, Tunnel, local_config
 from ssx.interfaces import IUpstream
 from ssx.local.dns import DnsServerFactory, DnsSummaryService, LocalResolver, RoutingResolver
 from ssx.local.dns_remote import RelayedTcpDns, RelayedUdpDns
@@ -28,11 +29,13 @@ from ssx.local.udp import LocalUdpRelay, Socks5UdpRelay, TunnelUdpRelay
 from ssx.local.online import OnlineConfigService, describe_url, load_trust_root
 from ssx.local.online_upstreams import OnlineUpstreams
 from ssx.local.picker import ServerPicker
+from ssx.local.reload import LocalReload
 from ssx.local.upstream import make_upstream
 from ssx.errors import ConfigError
 from ssx.net.plugin import PluginService, find_plugin
 from ssx.net.resolver import nameservers_from_resolv_conf
 from ssx.wire.address import Address
+from ssx.net.reload import ReloadService
 from ssx.net.tcp import fast_open_sysctl_note
 from ssx.config.options import SsxOptions, check_endpoint, log_config_notes
 
@@ -56,7 +59,7 @@ class Options(SsxOptions):
         "a servers list in the config file, or --online-config (SIP008); with several, each "
         "new connection goes to the healthiest, and to the next one when a server cannot be "
         "reached. Keys and flags follow shadowsocks-libev, shadowsocks-rust and the original "
-        "Python shadowsocks: -c config.json, then flags override the file. Example: "
+        "Python shadowsocks: -c config.json, then flags override the file; SIGHUP reloads the file. Example: "
         "twistd -n ssx-local -s 203.0.113.5 -p 8388 -l 1080 -k SECRET -m aes-256-gcm"
     )
     optParameters = [
@@ -133,7 +136,7 @@ class Options(SsxOptions):
         self.flag_keys = {**self.flag_keys, "tunnels": "tunnels", "url": "url"}
         super().postOptions()
 
-    def check(self, config: LocalConfig) -> None:
+    def check(self, config: LocalConfig) -> LocalConfig:
         for entry, plugin in zip(config.servers, config.plugins):
             if plugin is not None and len(config.servers) > 1:
                 # Before the common check (the first plugin): the message names the server.
@@ -156,6 +159,7 @@ class Options(SsxOptions):
             if config.dns.listen in local:
                 raise ConfigError("dns_local", f"names the DNS server's own address {config.dns.listen[0]}:"
                                   f"{config.dns.listen[1]}: queries would loop")
+        return config
 
 
 class LocalService(MultiService):
@@ -184,6 +188,12 @@ class LocalService(MultiService):
         # With --metrics: the registry (`ssx.local.metrics.LocalMetrics`) and its listener.
         self.metrics: Any = None
         self.metrics_listener: ListenerService | None = None
+        # Each proxy port's and tunnel's factory (None for a UDP-only
+        # tunnel) and services, by its listen description: what a reload
+        # stops when it goes.
+        self.ports: dict[str, tuple[LocalFactory | None, list[Service]]] = {}
+        # What applies a reload (`ssx.local.reload.LocalReload`).
+        self.reload: Any = None
         for plugin in self.plugins:
             # First in the tree: started (and listening) before any
             # listener's connection can want them.
@@ -204,7 +214,28 @@ class LocalService(MultiService):
     ) -> None:
         """Listen with `factory` on `description`, with `udp` beside it on the same port if given."""
         self.factories.append(factory)
-        self.listeners.append(serve(self, reactor, description, factory, label, udp))
+        before = len(self.services)
+        listener = serve(self, reactor, description, factory, label, udp)
+        self.listeners.append(listener)
+        self.ports[description] = (factory, list(self.services[before:]))
+
+    def remove_port(self, description: str) -> None:
+        """
+        Stop the proxy port or tunnel listening on `description` (a
+        reload): its listeners close at once, and its running connections
+        get the shutdown grace, as at SIGTERM.
+        """
+        factory, services = self.ports.pop(description)
+        for service in services:
+            service.disownServiceParent()
+            if service in self.listeners:
+                self.listeners.remove(service)
+        if factory is not None:
+            self.factories[:] = [f for f in self.factories if f is not factory]
+            grace = self.drain.grace if self.drain is not None else 0.0
+            DrainService(factory.reactor, [factory], grace, f"ssx-local on {description}").stopService()
+        for relay in [r for r in self.udp_relays if any(getattr(s, "protocol", None) is r for s in services)]:
+            self.udp_relays.remove(relay)
 
 
 def build_service(
@@ -246,6 +277,7 @@ def build_service(
     if config.metrics is not None:
         _add_metrics(top, reactor, config.metrics)
     _log_configuration(config)
+    top.reload = LocalReload(reactor, top, config)
     return top
 
 
@@ -267,44 +299,56 @@ def _add_metrics(top: LocalService, reactor: Any, description: str) -> None:
 
 def _add_proxy_ports(top: LocalService, reactor: Any, config: LocalConfig, udp_server: IUpstream | None) -> None:
     """The mixed proxy ports (SOCKS5, SOCKS4, HTTP), each with its SOCKS5 UDP relay if UDP is relayed."""
-    relays = config.relays
     for description in config.listen:
-        socks_udp = None
-        if udp_server is not None:
-            address = (udp_server.entry.host, udp_server.entry.port)
-            socks_udp = Socks5UdpRelay(
-                reactor, udp_server.suite, address, relays.timeout, relays.capacity, picker=top.picker
-            )
-            top.udp_relays.append(socks_udp)
-        factory = MixedLocalFactory(
-            reactor, top.picker, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
-            verbose=config.verbose, **config.limits.factory_arguments(),
+        add_proxy_port(top, reactor, config, description, udp_server)
+
+
+def add_proxy_port(top: LocalService, reactor: Any, config: LocalConfig, description: str, udp_server: IUpstream | None) -> None:
+    """One mixed proxy port, on `description`, with its SOCKS5 UDP relay if UDP is relayed (at start, or a reload)."""
+    relays = config.relays
+    socks_udp = None
+    if udp_server is not None:
+        address = (udp_server.entry.host, udp_server.entry.port)
+        socks_udp = Socks5UdpRelay(
+            reactor, udp_server.suite, address, relays.timeout, relays.capacity, picker=top.picker
         )
-        top.add_port(reactor, description, factory, "ssx-local", socks_udp)
+        top.udp_relays.append(socks_udp)
+    factory = MixedLocalFactory(
+        reactor, top.picker, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
+        verbose=config.verbose, **config.limits.factory_arguments(),
+    )
+    top.add_port(reactor, description, factory, "ssx-local", socks_udp)
 
 
 def _add_tunnels(top: LocalService, reactor: Any, config: LocalConfig, udp_server: IUpstream | None) -> None:
     """The port forwards: TCP, UDP beside it on the same port, or UDP alone."""
-    relays = config.relays
     for tunnel in config.tunnels:
-        label = f"ssx-local tunnel to {tunnel.target}"
-        tunnel_udp = None
-        if udp_server is not None:
-            address = (udp_server.entry.host, udp_server.entry.port)
-            tunnel_udp = TunnelUdpRelay(
-                reactor, udp_server.suite, address, tunnel.target, timeout=relays.timeout, capacity=relays.capacity,
-                picker=top.picker,
-            )
-            top.udp_relays.append(tunnel_udp)
-        if relays.tcp:
-            factory = TunnelFactory(
-                reactor, top.picker, tunnel.target, config.timeout, verbose=config.verbose,
-                **config.limits.factory_arguments(),
-            )
-            top.add_port(reactor, tunnel.listen, factory, label, tunnel_udp)
-        else:
-            assert tunnel.address is not None
-            DatagramListenerService(reactor, tunnel_udp, label, address=tunnel.address).setServiceParent(top)
+        add_tunnel(top, reactor, config, tunnel, udp_server)
+
+
+def add_tunnel(top: LocalService, reactor: Any, config: LocalConfig, tunnel: Tunnel, udp_server: IUpstream | None) -> None:
+    """One port forward (at start, or a reload): TCP, UDP beside it on the same port, or UDP alone."""
+    relays = config.relays
+    label = f"ssx-local tunnel to {tunnel.target}"
+    tunnel_udp = None
+    if udp_server is not None:
+        address = (udp_server.entry.host, udp_server.entry.port)
+        tunnel_udp = TunnelUdpRelay(
+            reactor, udp_server.suite, address, tunnel.target, timeout=relays.timeout, capacity=relays.capacity,
+            picker=top.picker,
+        )
+        top.udp_relays.append(tunnel_udp)
+    if relays.tcp:
+        factory = TunnelFactory(
+            reactor, top.picker, tunnel.target, config.timeout, verbose=config.verbose,
+            **config.limits.factory_arguments(),
+        )
+        top.add_port(reactor, tunnel.listen, factory, label, tunnel_udp)
+    else:
+        assert tunnel.address is not None
+        service = DatagramListenerService(reactor, tunnel_udp, label, address=tunnel.address)
+        service.setServiceParent(top)
+        top.ports[tunnel.listen] = (None, [service])
 
 
 def _dns_local_servers(dns: DnsServer) -> tuple[tuple[str, int], ...]:
@@ -359,4 +403,9 @@ def _log_configuration(config: LocalConfig) -> None:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    return build_service(reactor, options.config)
+    service = build_service(reactor, options.config)
+    # SIGHUP: the file read again, the start's command line over it.
+    ReloadService(reactor, "ssx-local", options.load_config, service.reload.apply, options.config_error).setServiceParent(
+        service
+    )
+    return service

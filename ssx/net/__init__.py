@@ -10,4 +10,5 @@ table of the UDP relays; `resolver` is name resolution on twisted.names;
 `plugin` runs a SIP003 plugin as a supervised child process; `outbound`
 is the source address and interface of a server's connections to targets;
 `metrics` serves an end's Prometheus registry at /metrics.
+`reload` is the SIGHUP handler both ends install to reload their config.
 """

@@ -369,6 +369,21 @@ class RelayFactory(Factory[Any]):
         self._sweep: Any = None
         self.accepted = 0
 
+    def set_limits(self, timeout: float, handshake_timeout: float | None, max_connections: int) -> None:
+        """
+        New timeouts and connection limit (a reload): connections opened from
+        now on take the timeouts; the limit applies at once, pausing or
+        resuming accepting as it would have at the last connection.
+        """
+        self.timeout = timeout
+        self.handshake_timeout = min(handshake_timeout or timeout, timeout)
+        self.max_connections = max_connections
+        full = bool(max_connections) and len(self.connections) >= max_connections
+        if full != self._paused:
+            self._paused = full
+            for port in self.ports:
+                port.stopReading() if full else port.startReading()
+
     def connection_opened(self, protocol: Any) -> None:
         """Track `protocol` (it has `idle_limit`, `last_activity` and `timeoutConnection`)."""
         self.connections.add(protocol)

@@ -14,5 +14,6 @@ in `session_windows`; `forbidden` (with `host_addresses` and its
 watcher) decides which destinations are refused; `url_file` writes the
 ss:// URL at start and takes a generated password back from it;
 `metrics` is the Prometheus registry of ``--metrics``, read from all of
-these at scrape time.
+these at scrape time; `reload` applies a SIGHUP's new configuration to the
+running tree.
 """

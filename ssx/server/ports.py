@@ -104,6 +104,51 @@ class ServerPort(MultiService):
         for relay in self.udp_relays:
             relay.credentials = credentials
 
+    def rekey(self, config: PortConfig) -> list[Any]:
+        """
+        Take `config`'s credentials (a reload; the method is this port's):
+        rebuilt by `port_credentials` and handed to the factory and the UDP
+        relays, so new connections and datagrams are opened with them at
+        once, while running connections keep the codec they have.  Returns
+        those running connections whose key is gone (every one when the
+        port's own password or key changed, else those of users removed or
+        given a new key), for the caller to end after the grace.
+        """
+        old = self.config
+        self.replace_credentials(port_credentials(config, self.factory.reactor.seconds))
+        self.config = config
+        running = list(self.factory.connections)
+        if (old.password, old.key) != (config.password, config.key):
+            return running
+        kept = dict(config.users)
+        gone = {name for name, key in old.users if kept.get(name) != key}
+        # Access keys (many keys on one port) removed, or given another cipher or secret.
+        keys = {key.id: (key.method, key.secret) for key in config.keys}
+        gone |= {key.id for key in old.keys if keys.get(key.id) != (key.method, key.secret)}
+        if not gone:
+            return []
+        # A connection not yet past its header may still turn out to be one of them.
+        return [c for c in running if getattr(c, "user", None) in gone or getattr(c, "user", None) is None]
+
+    def configure(self, config: PortConfig, shared: SharedParts) -> None:
+        """
+        Take the settings that apply in place (a reload): the port's idle
+        timeout and the shared forbidden ranges, limits, handshake bounds
+        and verbosity, for what comes next.
+        """
+        factory = self.factory
+        factory.forbidden = shared.forbidden
+        factory.verbose = shared.verbose
+        limits = shared.limits
+        factory.set_limits(config.timeout, limits.handshake_timeout, limits.max_connections)
+        factory.set_handshake_bounds(
+            shared.max_handshakes, shared.max_handshakes_per_ip if config.plugin is None else 0,
+        )
+        for relay in self.udp_relays:
+            relay.forbidden = shared.forbidden
+            relay.verbose = shared.verbose
+        self.config = config
+
 
 def port_credentials(config: PortConfig, now: Callable[[], float]) -> PortCredentials:
     """

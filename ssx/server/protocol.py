@@ -117,17 +117,8 @@ class ShadowsocksServerFactory(RelayFactory):
         self.resolver = resolver
         self.forbidden = forbidden
         self.connect_timeout = connect_timeout
-        if self.max_connections:
-            # Unfinished handshakes that have had their chance never hold
-            # more than half the connection slots.
-            half = max(1, self.max_connections // 2)
-            max_handshakes = min(max_handshakes, half) if max_handshakes else half
-        self.handshakes = HandshakeTable(max_handshakes, max_handshakes_per_ip)
-        # Connections accepted together are read only after the next batch
-        # is accepted: at most two batches are unread at any time, and the
-        # table keeps up to twice its bounds of those.
-        bounds = [bound for bound in (max_handshakes, max_handshakes_per_ip) if bound]
-        self.accept_batch = min(bounds) if bounds else 0
+        self.handshakes = HandshakeTable()
+        self.set_handshake_bounds(max_handshakes, max_handshakes_per_ip)
         # Counters for logs and tests now, for per-user stats and metrics later.
         self.connections_refused = 0
         self.handshake_failures = 0
@@ -160,6 +151,21 @@ class ShadowsocksServerFactory(RelayFactory):
         observer = self.observer
         if observer is not None:
             observer.key_search(seconds, found)
+
+    def set_handshake_bounds(self, max_handshakes: int, max_handshakes_per_ip: int) -> None:
+        """Bound the unfinished handshakes, in all and per source (0: no bound), from now on (a reload too)."""
+        if self.max_connections:
+            # Unfinished handshakes that have had their chance never hold
+            # more than half the connection slots.
+            half = max(1, self.max_connections // 2)
+            max_handshakes = min(max_handshakes, half) if max_handshakes else half
+        self.handshakes.limit = max_handshakes
+        self.handshakes.per_source = max_handshakes_per_ip
+        # Connections accepted together are read only after the next batch
+        # is accepted: at most two batches are unread at any time, and the
+        # table keeps up to twice its bounds of those.
+        bounds = [bound for bound in (max_handshakes, max_handshakes_per_ip) if bound]
+        self.accept_batch = min(bounds) if bounds else 0
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         # A ShadowsocksServerProtocol, typed as Factory's contract says:
@@ -218,6 +224,12 @@ class ShadowsocksServerProtocol(InboundProtocol):
         self._wire_in = 0
         # When the header was whole (with metrics on), for the connect time.
         self._header_at = 0.0
+
+    @property
+    def user(self) -> str | None:
+        """The user the client authenticated as, on a multi-user port (None before, or on a single-key port)."""
+        user: str | None = self._codec.user
+        return user
 
     # The idle timer starts at connectionMade and nothing resets it before
     # the relay starts: a client gets one timeout's worth of time to present

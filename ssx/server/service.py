@@ -69,6 +69,10 @@ class ServerService(MultiService):
         self.listeners: list[ListenerService] = []
         self.udp_relays: list[UdpRelay] = []
         self.datagram_listeners: list[DatagramListenerService] = []
+        # Timers ending the connections of keys a reload removed.
+        self._retiring: list[Any] = []
+        # What applies a reload (`ssx.server.reload.ServerReload`), set by `ssx.server.tap`.
+        self.reload: Any = None
 
     @property
     def factory(self) -> ShadowsocksServerFactory:
@@ -121,10 +125,60 @@ class ServerService(MultiService):
         port = self.ports[number]
         self._forget(port)
         stopped = maybeDeferred(port.disownServiceParent)
-        if grace is None:
-            grace = self.drain.grace if hasattr(self, "drain") else 0.0
-        drained = maybeDeferred(DrainService(self._reactor_of(port), [port.factory], grace, f"port {number}").stopService)
+        drained = self._drain(port, grace)
         return gatherResults([stopped, drained]).addCallback(lambda _: None)
+
+    def _drain(self, port: ServerPort, grace: float | None) -> Deferred[None]:
+        if grace is None:
+            grace = self._grace()
+        label = f"port {port.config.port}"
+        return maybeDeferred(DrainService(self._reactor_of(port), [port.factory], grace, label).stopService)
+
+    def _grace(self) -> float:
+        return self.drain.grace if hasattr(self, "drain") else 0.0
+
+    def restart_port(self, port: ServerPort, grace: float | None = None) -> Deferred[None]:
+        """
+        Serve `port` instead of the running port of its number (a reload
+        that changed its addresses, plugin, mode or method): the running
+        one's listeners, plugin and UDP relays stop, its running TCP relays
+        get `grace` seconds as at `remove_port`, and `port` starts once the
+        old listeners are closed.  Fails with `PortUnavailable` if it cannot.
+        """
+        old = self.ports[port.config.port]
+        self._forget(old)
+        stopped = maybeDeferred(old.disownServiceParent)
+        self._drain(old, grace)
+        return stopped.addCallback(lambda _: self.add_port(port)).addCallback(lambda _: None)
+
+    def end_after_grace(self, port: ServerPort, connections: Sequence[Any], grace: float | None = None) -> None:
+        """
+        Let `connections` of `port` (whose key a reload took away) run for
+        `grace` seconds, by default the shutdown grace, then abort those
+        still open.
+        """
+        if not connections:
+            return
+        factory = port.factory
+
+        def end() -> None:
+            self._retiring.remove(call)
+            live = [c for c in connections if c in factory.connections]
+            if live:
+                _log.info("port {port}: closing {count} connections whose key was removed",
+                          port=port.config.port, count=len(live))
+            for protocol in live:
+                protocol.close_both(abort=True)
+
+        call = self._reactor_of(port).callLater(self._grace() if grace is None else grace, end)
+        self._retiring.append(call)
+
+    def stopService(self) -> Any:
+        # The drain ends whatever still runs.
+        for call in self._retiring:
+            call.cancel()
+        self._retiring.clear()
+        return MultiService.stopService(self)
 
     @staticmethod
     def _reactor_of(port: ServerPort) -> Any:

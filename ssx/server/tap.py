@@ -6,9 +6,11 @@ checked configuration (`ssx.config.server`).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from ssx.config import ServerConfig, server_config
@@ -18,12 +20,14 @@ from ssx.crypto import SaltFilter
 from ssx.net.listener import DrainService
 from ssx.errors import ConfigError
 from ssx.net.plugin import find_plugin
+from ssx.net.reload import ReloadService
 from ssx.net.resolver import TargetResolver
 from ssx.net.outbound import device_problem
 from ssx.net.tcp import fast_open_sysctl_note
 from ssx.server.host_address_watch import HostAddressWatcher
 from ssx.server.manager import ManagerProtocol, ManagerService
 from ssx.server.ports import SharedParts, build_port
+from ssx.server.reload import ServerReload
 from ssx.server.service import CounterReport, ResolverCache, ServerService
 from ssx.server.udp import UdpLookups
 from ssx.server.url_file import UrlAnnouncement, reuse_generated_password
@@ -43,6 +47,7 @@ class Options(SsxOptions):
         "python -m ssx url -c FILE prints it with a QR code) and logs where it is. Keys and "
         "flags follow shadowsocks-libev and the "
         "original Python shadowsocks: -c config.json, then flags override the file. "
+        "SIGHUP reloads the config file (the command line stays as given). "
         "Example: twistd -n ssx-server -p 8388 -k SECRET -m aes-256-gcm"
     )
     optParameters = [
@@ -119,7 +124,7 @@ class Options(SsxOptions):
         self.flag_keys = {**self.flag_keys, "prefer-ipv6": "prefer_ipv6", "manager-allow-remote": "manager_allow_remote"}
         super().postOptions()
 
-    def check(self, config: ServerConfig) -> None:
+    def check(self, config: ServerConfig) -> ServerConfig:
         super().check(config)
         for port in config.ports[1:]:
             # The first port's plugin was looked for with the config's own.
@@ -134,12 +139,14 @@ class Options(SsxOptions):
             if problem is not None:
                 raise ConfigError("interface", problem)
         # twistd changes to --rundir before the services start: the URL file
-        # is read now and written then, so both must mean the same file.
+        # is read now and written then, so both must mean the same file (and
+        # a reload, run in --rundir, reads the same file again).
         parent = getattr(self, "parent", None)
-        rundir = parent.get("rundir", ".") if parent is not None else "."
+        if not hasattr(self, "_rundir"):
+            self._rundir = os.path.abspath((parent.get("rundir", ".") if parent is not None else ".") or ".")
         # The file of an earlier start belongs to the user twistd switches to.
         uid = parent.get("uid") if parent is not None else None
-        self.config = reuse_generated_password(config, rundir or ".", uid)
+        return reuse_generated_password(config, self._rundir, uid)
 
 
 def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = False) -> ServerService:
@@ -186,9 +193,12 @@ def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = Fals
     service.drain = service.add(DrainService(reactor, service.factories, config.limits.shutdown_grace, "ssx-server"))
     service.resolver_cache = service.add(ResolverCache(resolver))
     service.counter_report = service.add(CounterReport(reactor, service.factories, service.udp_relays))
+    # Reloads change the shared parts and the top-level keys that added ports inherit.
+    reload = service.reload = ServerReload(service, shared, config)
     if config.manager is not None:
         protocol = ManagerProtocol(
-            service, lambda port: build_port(shared, port), lambda request: added_port(config.port_defaults, request)
+            service, lambda port: build_port(reload.shared, port),
+            lambda request: added_port(reload.config.port_defaults, request),
         )
         service.manager = service.add(ManagerService(reactor, config.manager, protocol))
     if metrics is not None and config.metrics is not None:
@@ -222,4 +232,10 @@ def _report(config: ServerConfig, resolver: TargetResolver) -> None:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    return build_service(reactor, options.config)
+    service = build_service(reactor, options.config)
+    # SIGHUP: the file read again, the start's command line over it.
+    ReloadService(
+        reactor, "ssx-server", options.load_config, lambda config: Deferred.fromCoroutine(service.reload.apply(config)),
+        options.config_error,
+    ).setServiceParent(service)
+    return service

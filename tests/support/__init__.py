@@ -5,7 +5,7 @@ never from each other.
 
 - `waiting`: waiting for a condition or a Deferred with a deadline.
 - `targets`: loopback echo targets, web sites, certificates, DNS servers, free ports.
-- `clients`: raw TCP, SOCKS5 CONNECT and SOCKS5 UDP clients.
+- `clients`: raw TCP, SOCKS5 CONNECT and SOCKS5 UDP clients, a manager API client.
 - `chains`: ssx-server and ssx-local in trial's reactor, and TestCase bases.
 - `peers`: child processes (twistd, shadowsocks-libev, sing-box, plugins, curl).
 - `dns_servers`: recording upstream DNS servers (twisted.names) and a DNS client.
@@ -29,6 +29,7 @@ from tests.support.clients import (
     DatagramCollector,
     DecryptingClient,
     KeepingProtocol,
+    ManagerClient,
     TRANSFER_SECONDS,
     RawClient,
     Socks5UdpClient,
@@ -53,6 +54,7 @@ from tests.support.peers import (
     ChildProcess,
     late_lines_quoted,
     requires,
+    sighup,
     skip_without,
     spawn,
     start_ss_local,
@@ -107,6 +109,7 @@ __all__ = [
     "SocksClient",
     "socks5_udp_header",
     "Socks5UdpClient",
+    "ManagerClient",
     # in_memory
     "HalfCloseTransport",
     "Link",
@@ -126,6 +129,7 @@ __all__ = [
     "TWISTD",
     "twistd_env",
     "start_twistd",
+    "sighup",
     "wait_for_port",
     "late_lines_quoted",
     # targets

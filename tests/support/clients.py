@@ -2,7 +2,8 @@
 The clients the loopback tests drive, written from the RFCs independently of
 ssx's own codecs: a raw TCP client that records how its connection ended,
 SOCKS5 CONNECT clients (one that half-closes, one that waits for the whole
-echo, one that holds the connection open) and a SOCKS5 UDP ASSOCIATE client.
+echo, one that holds the connection open), a SOCKS5 UDP ASSOCIATE client
+and a manager API client.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, c
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from zope.interface import implementer
 
+from tests.support.waiting import wait_for
+
 __all__ = [
     "TRANSFER_SECONDS",
     "socks5_request",
@@ -28,6 +31,7 @@ __all__ = [
     "SocksClient",
     "socks5_udp_header",
     "Socks5UdpClient",
+    "ManagerClient",
 ]
 
 # How long a whole-echo transfer may take before it is aborted.
@@ -450,3 +454,29 @@ class BuildingFactory(protocol.ClientFactory):
 
     def buildProtocol(self, addr: object) -> protocol.Protocol:
         return self.build()
+
+
+class ManagerClient:
+    """A manager panel's side, from the spec: text datagrams on a plain socket."""
+
+    def __init__(self, family: int = socket.AF_INET, bind: Any = ("127.0.0.1", 0)) -> None:
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.bind(bind)
+        self.sock.setblocking(False)
+        self.received: list[bytes] = []
+
+    def _poll(self) -> bool:
+        try:
+            self.received.append(self.sock.recv(65535))
+        except BlockingIOError:
+            return False
+        return True
+
+    async def next(self, seconds: float = 5.0) -> bytes:
+        if not self.received:
+            await wait_for(self._poll, seconds, "no datagram from the manager")
+        return self.received.pop(0)
+
+    async def ask(self, address: Any, request: bytes) -> bytes:
+        self.sock.sendto(request, address)
+        return await self.next()

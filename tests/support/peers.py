@@ -26,6 +26,7 @@ __all__ = [
     "TWISTD",
     "twistd_env",
     "start_twistd",
+    "sighup",
     "wait_for_port",
     "late_lines_quoted",
 ]
@@ -134,6 +135,23 @@ async def start_ss_local(
     except Exception as e:
         raise AssertionError(f"ss-local never listened on {port} ({e!r}); its output:\n{child.text()}") from None
     return child, port
+# The lines that end a reload of ssx-server or ssx-local (`ssx.net.reload`).
+_RELOAD_ENDS = (b": reload done: ", b"(reload refused: ")
+
+
+async def sighup(child: ChildProcess, seconds: float = 10.0) -> str:
+    """Send SIGHUP to a twistd child and wait for the line that ends its reload (done or refused); returns that line."""
+
+    def ended() -> list[bytes]:
+        return [line for line in b"".join(child.output).splitlines() if any(end in line for end in _RELOAD_ENDS)]
+
+    before = len(ended())
+    child.transport.signalProcess("HUP")
+    await wait_until(lambda: len(ended()) > before or child.ended.called, seconds, step=0.05)
+    lines = ended()
+    if len(lines) <= before:
+        raise AssertionError(f"no reload finished after SIGHUP: {child.text()}")
+    return lines[before].decode(errors="replace")
 
 
 async def wait_for_port(port: int, host: str = "127.0.0.1", seconds: float = 10.0) -> None:
