@@ -16,6 +16,7 @@ from ssx.interfaces import IUpstream
 from ssx.local.health import HealthCheckService
 from ssx.net.listener import DatagramListenerService, DrainService, ListenerService, serve
 from ssx.local.relay import LocalFactory
+from ssx.local.redir import check_transparent, add_transparent_ports
 from ssx.local.tunnel import TunnelFactory
 from ssx.local.front import MixedLocalFactory
 from ssx.local.udp import LocalUdpRelay, Socks5UdpRelay, TunnelUdpRelay
@@ -74,6 +75,8 @@ class Options(SsxOptions):
          "server -s/-p (or a lone --url): ssx sends TCP to it on a loopback port and it reaches the server; UDP (-u) "
          "goes straight to the server. Other servers name their own (servers entry plugin/plugin_opts, URL ?plugin=)"],
         ["plugin-opts", None, None, "the plugin's options (SS_PLUGIN_OPTIONS), e.g. \"obfs=http;obfs-host=example.com\""],
+        ["outbound-fwmark", None, None, "firewall mark (SO_MARK) on the connections and datagrams to the servers, so "
+         "that the rules of --redir/--tproxy let them pass (needs CAP_NET_ADMIN)"],
     ]
     flag_keys = {
         "local-address": "local_address",
@@ -87,6 +90,7 @@ class Options(SsxOptions):
         "online-config-ca": "online_config_ca",
         "health-check-interval": "health_check_interval",
         "health-check-url": "health_check_url",
+        "outbound-fwmark": "outbound_fwmark",
     }
     build = staticmethod(local_config)
 
@@ -94,12 +98,26 @@ class Options(SsxOptions):
         super().__init__()
         self["tunnels"] = None
         self["url"] = None
+        self["redir"] = None
+        self["tproxy"] = None
 
     def opt_tunnel(self, spec: str) -> None:
         """[ADDRESS:]PORT=HOST:PORT: forward a further local port to HOST:PORT through the server (repeatable), e.g. 5353=8.8.8.8:53."""
         if self["tunnels"] is None:
             self["tunnels"] = []
         self["tunnels"].append(spec)
+
+    def opt_redir(self, spec: str) -> None:
+        """[ADDRESS:]PORT: transparent proxy port for connections a firewall NAT-redirects here (REDIRECT; with -u, UDP by TPROXY on the same port), like ss-redir; repeatable; a PORT alone listens on 0.0.0.0 and ::."""
+        if self["redir"] is None:
+            self["redir"] = []
+        self["redir"].append(spec)
+
+    def opt_tproxy(self, spec: str) -> None:
+        """[ADDRESS:]PORT: transparent proxy port for TCP (and with -u, UDP) a firewall diverts here with TPROXY, like ss-redir -T; repeatable; needs CAP_NET_ADMIN."""
+        if self["tproxy"] is None:
+            self["tproxy"] = []
+        self["tproxy"].append(spec)
 
     def opt_url(self, url: str) -> None:
         """ss:// URL of a server (SIP002 or the legacy base64 form); repeatable, for several servers with failover."""
@@ -108,7 +126,7 @@ class Options(SsxOptions):
         self["url"].append(url)
 
     def postOptions(self) -> None:
-        self.flag_keys = {**self.flag_keys, "tunnels": "tunnels", "url": "url"}
+        self.flag_keys = {**self.flag_keys, "tunnels": "tunnels", "url": "url", "redir": "redir", "tproxy": "tproxy"}
         super().postOptions()
 
     def check(self, config: LocalConfig) -> None:
@@ -127,6 +145,7 @@ class Options(SsxOptions):
                 check_endpoint("server_endpoint", entry.endpoint, server=False)
         if config.online is not None and config.online.ca_file is not None:
             load_trust_root(config.online.ca_file)
+        check_transparent(config)
 
 
 class LocalService(MultiService):
@@ -182,13 +201,16 @@ def build_service(reactor: Any, config: LocalConfig) -> LocalService:
             label = "ssx-local" if len(config.servers) == 1 else f"ssx-local (server {entry.label})"
             service = PluginService(reactor, plugin, label, (entry.host, entry.port))
             plugins.append(service)
-        upstreams.append(make_upstream(reactor, entry, service, config.fast_open))
+        upstreams.append(make_upstream(reactor, entry, service, config.fast_open, config.outbound_fwmark))
     top = LocalService(ServerPicker(upstreams), plugins)
     # UDP starts with the first configured server (checked by local_config),
     # then follows the picker's choice as servers go down.
     udp_server = top.picker.upstreams()[0] if config.relays.udp else None
     _add_proxy_ports(top, reactor, config, udp_server)
     _add_tunnels(top, reactor, config, udp_server)
+    add_transparent_ports(top, reactor, config)
+    for relay in top.udp_relays:
+        relay.mark = config.outbound_fwmark
     top.drain = DrainService(reactor, top.factories, config.limits.shutdown_grace, "ssx-local")
     top.drain.setServiceParent(top)
     check = config.health_check
@@ -198,7 +220,8 @@ def build_service(reactor: Any, config: LocalConfig) -> LocalService:
     online = config.online
     if online is not None:
         trust_root = load_trust_root(online.ca_file) if online.ca_file is not None else None
-        top.online_upstreams = OnlineUpstreams(reactor, top.picker, top, plugins=config.relays.tcp, fast_open=config.fast_open)
+        top.online_upstreams = OnlineUpstreams(reactor, top.picker, top, plugins=config.relays.tcp, fast_open=config.fast_open,
+                                              mark=config.outbound_fwmark)
         top.online = OnlineConfigService(reactor, online.url, online.interval, top.online_upstreams.apply, trust_root)
         top.online.setServiceParent(top)
     _log_configuration(config)
