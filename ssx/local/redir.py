@@ -13,7 +13,8 @@ one server socket per LAN client in the NAT) whose datagrams carry their
 original destination as the Shadowsocks address; the server's answers are
 sent to the client from a socket bound to the address they came from, one
 per such address, kept in a `NatTable` of their own with the same idle
-timeout and bound.
+timeout and bound; with --outbound-fwmark they carry the mark too, so the
+firewall's exception for ssx-local's own traffic covers them.
 
 The listening sockets are made in `privilegedStartService` (before twistd
 drops root) and adopted by the reactor.
@@ -169,7 +170,7 @@ class TproxyUdpRelay(LocalUdpRelay):
         reply = self.replies.get(key)
         try:
             if reply is None:
-                reply = _ReplySocket(transparent.reply_socket(key))
+                reply = _ReplySocket(transparent.reply_socket(key, self.mark))
                 self.replies.add(key, reply)
             reply.socket.sendto(plaintext[offset:], client[:2])
         except OSError as e:

@@ -185,15 +185,18 @@ def udp_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-def reply_socket(source: tuple[str, int]) -> socket.socket:
+def reply_socket(source: tuple[str, int], mark: int | None = None) -> socket.socket:
     """
     A UDP socket bound transparently to `source`, a diverted datagram's
-    destination (an address not necessarily ours), to answer from it.
+    destination (an address not necessarily ours), to answer from it;
+    its packets carry `mark` (SO_MARK) if given.
     """
     sock = socket.socket(_family(source[0]), socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         _make_transparent(sock)
+        if mark is not None:
+            set_mark(sock, mark)
         sock.bind(source)
         sock.setblocking(False)
     except BaseException:
