@@ -15,6 +15,7 @@ import shutil
 import socket
 import sys
 
+from hypothesis import given, strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -72,6 +73,18 @@ class SockaddrTests(unittest.SynchronousTestCase):
         self.assertIsNone(transparent.original_destination([]))
         self.assertIsNone(transparent.original_destination([(0, 2, b"\x40\x00\x00\x00")]))
         self.assertIsNone(transparent.original_destination([(0, 20, SOCKADDR_IN[:8])]))
+
+    @given(st.binary(max_size=40), st.sampled_from([(0, 20), (41, 74), (0, 2)]))
+    def test_fuzz(self, data, kind):
+        """Any bytes give an address or ValueError, and any control message an address or None: nothing else."""
+        try:
+            host, port = transparent.parse_sockaddr(data)
+        except ValueError:
+            pass
+        else:
+            self.assertTrue(0 <= port <= 65535 and host)
+        found = transparent.original_destination([(*kind, data)])
+        self.assertTrue(found is None or isinstance(found, tuple))
 
     def test_not_redirected(self):
         """A connection the firewall did not redirect has no SO_ORIGINAL_DST: OSError."""
