@@ -142,7 +142,9 @@ class TproxyUdpRelay(LocalUdpRelay):
 
     def diverted(self, data: bytes, client: tuple, destination: tuple[str, int]) -> None:
         """A datagram from `client` that was going to `destination`."""
-        self.datagramReceived(encode_address(Address(*destination)) + data, client[:2])
+        # The whole address as the socket gave it: an IPv6 link-local
+        # client's answers need its scope.
+        self.datagramReceived(encode_address(Address(*destination)) + data, client)
 
     def to_server(self, datagram: bytes) -> bytes:
         return datagram  # `diverted` put the address in front already
@@ -172,7 +174,7 @@ class TproxyUdpRelay(LocalUdpRelay):
             if reply is None:
                 reply = _ReplySocket(transparent.reply_socket(key, self.mark))
                 self.replies.add(key, reply)
-            reply.socket.sendto(plaintext[offset:], client[:2])
+            reply.socket.sendto(plaintext[offset:], client)
         except OSError as e:
             self.dropped += 1
             _log.debug("UDP: cannot answer from {source}: {error}", source=key, error=e)
