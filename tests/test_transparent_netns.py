@@ -9,8 +9,11 @@ client's traffic to ssx-local (REDIRECT, or TPROXY with policy routing),
 which relays it through ssx-server in the target's namespace to a target
 that records the bytes (their SHA-256) and the source it saw, and answers
 with that digest.  The client checks each answer, and, for UDP, that it
-came from the very address and port it sent to.  Needs root, `ip netns`
-and nft.
+came from the very address and port it sent to.  README's recipes
+(nftables, TPROXY with policy routing, and REDIRECT) are loaded as written,
+for the outside addresses 198.51.100.9 and 2001:db8:9::9 (which they do
+not leave alone, unlike the private ranges).  Needs root, `ip netns` and
+nft.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ PROXY_PORT = 12345  # ssx-local's transparent port
 MARK = 42
 OUTSIDE = "10.18.9.9"
 OUTSIDE6 = "fd18:9::9"
+# Outside addresses that README's recipe does not leave alone (its bypass
+# sets hold the private ranges): documentation ranges, inside the namespaces.
+PUBLIC = "198.51.100.9"
+PUBLIC6 = "2001:db8:9::9"
+TARGETS = (OUTSIDE, OUTSIDE6, PUBLIC, PUBLIC6)
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
 SERVER = "10.18.2.2"
 CLIENT_IP = "10.18.1.2"
 CLIENT_IP6 = "fd18:1::2"
@@ -158,10 +167,13 @@ class TransparentNamespaceTests(unittest.TestCase):
         self.addresses(self.router, "wan0", "10.18.2.1/24", "fd18:2::1/64")
         self.addresses(self.target, "wan1", "10.18.2.2/24", "fd18:2::2/64")
         self.addresses(self.target, "lo", f"{OUTSIDE}/32", f"{OUTSIDE6}/128")
+        self.addresses(self.target, "lo", f"{PUBLIC}/32", f"{PUBLIC6}/128")
         netns.in_namespace(self.lan, "ip", "route", "add", "default", "via", "10.18.1.1")
         netns.in_namespace(self.lan, "ip", "-6", "route", "add", "default", "via", "fd18:1::1")
         netns.in_namespace(self.router, "ip", "route", "add", "10.18.9.0/24", "via", "10.18.2.2")
         netns.in_namespace(self.router, "ip", "-6", "route", "add", "fd18:9::/64", "via", "fd18:2::2")
+        netns.in_namespace(self.router, "ip", "route", "add", f"{PUBLIC}/32", "via", "10.18.2.2")
+        netns.in_namespace(self.router, "ip", "-6", "route", "add", f"{PUBLIC6}/128", "via", "fd18:2::2")
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
 
@@ -196,7 +208,7 @@ class TransparentNamespaceTests(unittest.TestCase):
 
     async def start(self, *local: str) -> tuple[support.ChildProcess, support.ChildProcess, support.ChildProcess]:
         """The target and ssx-server in the target's namespace, ssx-local with `local` options in the router's."""
-        target = self.spawn(self.target, sys.executable, "-c", TARGET, str(PORT), OUTSIDE, OUTSIDE6)
+        target = self.spawn(self.target, sys.executable, "-c", TARGET, str(PORT), *TARGETS)
         server = self.spawn(
             self.target, sys.executable, *support.TWISTD, "-n", "--pidfile=", "ssx-server", "-s", SERVER, "-p", "8388",
             "-k", support.PASSWORD, "-m", METHOD, "-u", "--forbidden-ip", "", "--url-file", "",
@@ -235,7 +247,7 @@ class TransparentNamespaceTests(unittest.TestCase):
         # (A UDP datagram the client sent again after a lost answer is recorded twice.)
         self.assertEqual(sorted({record[kind] for record in records}), sorted(set(result["sent"])))
         # Relayed by ssx-server from the target's own namespace, never the LAN client itself.
-        self.assertTrue(all(record["source"] in (OUTSIDE, OUTSIDE6) for record in records), records)
+        self.assertTrue(all(record["source"] in TARGETS for record in records), records)
 
     @support.coroutine_test
     async def test_redirect_tcp(self):
@@ -260,3 +272,52 @@ class TransparentNamespaceTests(unittest.TestCase):
         target, server, proxy = await self.start("-u", "--tproxy", str(PROXY_PORT), "--outbound-fwmark", str(MARK))
         await self.check("tcp", OUTSIDE6, target, server, proxy)
         await self.check("udp", OUTSIDE6, target, server, proxy)
+
+    @support.coroutine_test
+    async def test_readme_recipe(self):
+        """README's TPROXY recipe (nftables and policy routing), on the router as written: TCP and UDP, both families."""
+        with open(README, encoding="utf-8") as f:
+            text = f.read()
+        routing = _literal_block(text, "ip rule add fwmark 1 lookup 100")
+        rules = _literal_block(text, 'define LAN = "br-lan"', "tproxy ip to")
+        path = os.path.join(self.directory, "readme.nft")
+        with open(path, "w") as f:
+            f.write(rules.replace('"br-lan"', '"lan1"').replace("203.0.113.5", SERVER))
+        netns.in_namespace(self.router, "nft", "-f", path)
+        for line in routing.splitlines():
+            netns.in_namespace(self.router, *line.split())
+        target, server, proxy = await self.start("-u", "--tproxy", str(PROXY_PORT), "--outbound-fwmark", "255")
+        for host in (PUBLIC, PUBLIC6):
+            await self.check("tcp", host, target, server, proxy)
+            await self.check("udp", host, target, server, proxy)
+
+
+    @support.coroutine_test
+    async def test_readme_redirect_recipe(self):
+        """README's NAT REDIRECT recipe (nftables), on the router as written: TCP, both families."""
+        with open(README, encoding="utf-8") as f:
+            rules = _literal_block(f.read(), 'define LAN = "br-lan"', "redirect to")
+        path = os.path.join(self.directory, "readme.nft")
+        with open(path, "w") as f:
+            f.write(rules.replace('"br-lan"', '"lan1"').replace("203.0.113.5", SERVER))
+        netns.in_namespace(self.router, "nft", "-f", path)
+        target, server, proxy = await self.start("--redir", str(PROXY_PORT), "--outbound-fwmark", "255")
+        for host in (PUBLIC, PUBLIC6):
+            await self.check("tcp", host, target, server, proxy)
+
+
+def _literal_block(text: str, start: str, containing: str = "") -> str:
+    """The first of README's indented literal blocks that begins with `start` (and holds `containing`), dedented."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() != start or not line.startswith("    "):
+            continue
+        block = []
+        for following in lines[i:]:
+            if following and not following.startswith("    "):
+                break
+            block.append(following[4:])
+        found = "\n".join(block).strip() + "\n"
+        if containing in found:
+            return found
+    raise AssertionError(f"no literal block starting {start!r} in README.rst")
