@@ -28,6 +28,7 @@ from ssx.errors import ConfigError
 from ssx.local import tap as local_tap
 from ssx.local.redir import REDIRECT, TPROXY, RedirFactory, RedirProtocol, TproxyUdpRelay
 from ssx.net import transparent
+from ssx.wire import sockaddr
 from ssx.wire.address import Address, encode_address
 
 # As the kernel returns them (recvmsg's control messages, getsockopt
@@ -48,42 +49,42 @@ class SockaddrTests(unittest.SynchronousTestCase):
 
     def test_sockaddr_in(self):
         """A sockaddr_in: family in host order, port in network order."""
-        self.assertEqual(transparent.parse_sockaddr(SOCKADDR_IN), ("10.18.9.9", 7000))
+        self.assertEqual(sockaddr.parse_sockaddr(SOCKADDR_IN), ("10.18.9.9", 7000))
 
     def test_sockaddr_in6(self):
         """A sockaddr_in6, flow info and scope skipped."""
-        self.assertEqual(transparent.parse_sockaddr(SOCKADDR_IN6), ("fd18:9::9", 7000))
+        self.assertEqual(sockaddr.parse_sockaddr(SOCKADDR_IN6), ("fd18:9::9", 7000))
 
     def test_mapped(self):
         """An IPv4-mapped IPv6 address comes back as IPv4."""
-        self.assertEqual(transparent.parse_sockaddr(SOCKADDR_IN6_MAPPED), ("10.18.9.9", 7000))
+        self.assertEqual(sockaddr.parse_sockaddr(SOCKADDR_IN6_MAPPED), ("10.18.9.9", 7000))
 
     def test_truncated_or_foreign(self):
         """Short bytes, or another family, are a ValueError, never an IndexError or struct.error."""
         for data in (b"", b"\x02", SOCKADDR_IN[:15], SOCKADDR_IN6[:27], b"\x01\x00" + SOCKADDR_IN[2:]):
-            self.assertRaises(ValueError, transparent.parse_sockaddr, data)
+            self.assertRaises(ValueError, sockaddr.parse_sockaddr, data)
 
     def test_ancillary(self):
         """The original destination is found among other control messages, for each family."""
-        self.assertEqual(transparent.original_destination(ANCILLARY_IPV4), ("10.18.9.9", 7000))
-        self.assertEqual(transparent.original_destination(ANCILLARY_IPV6), ("fd18:9::9", 7000))
+        self.assertEqual(sockaddr.original_destination(ANCILLARY_IPV4), ("10.18.9.9", 7000))
+        self.assertEqual(sockaddr.original_destination(ANCILLARY_IPV6), ("fd18:9::9", 7000))
 
     def test_no_destination(self):
         """Without the control message, or with a broken one, there is no destination."""
-        self.assertIsNone(transparent.original_destination([]))
-        self.assertIsNone(transparent.original_destination([(0, 2, b"\x40\x00\x00\x00")]))
-        self.assertIsNone(transparent.original_destination([(0, 20, SOCKADDR_IN[:8])]))
+        self.assertIsNone(sockaddr.original_destination([]))
+        self.assertIsNone(sockaddr.original_destination([(0, 2, b"\x40\x00\x00\x00")]))
+        self.assertIsNone(sockaddr.original_destination([(0, 20, SOCKADDR_IN[:8])]))
 
     @given(st.binary(max_size=40), st.sampled_from([(0, 20), (41, 74), (0, 2)]))
     def test_fuzz(self, data, kind):
         """Any bytes give an address or ValueError, and any control message an address or None: nothing else."""
         try:
-            host, port = transparent.parse_sockaddr(data)
+            host, port = sockaddr.parse_sockaddr(data)
         except ValueError:
             pass
         else:
             self.assertTrue(0 <= port <= 65535 and host)
-        found = transparent.original_destination([(*kind, data)])
+        found = sockaddr.original_destination([(*kind, data)])
         self.assertTrue(found is None or isinstance(found, tuple))
 
     def test_not_redirected(self):

@@ -37,6 +37,7 @@ from ssx.local.udp import LocalUdpRelay
 from ssx.net import transparent
 from ssx.net.nat import NatTable
 from ssx.wire.address import Address, decode_address, encode_address, is_ip_literal
+from ssx.wire.sockaddr import plain_ip
 
 __all__ = [
     "REDIRECT",
@@ -91,7 +92,7 @@ class RedirProtocol(LocalRelayProtocol):
             host = self.transport.getHost()
             if not isinstance(host, (IPv4Address, IPv6Address)):
                 return None
-            return transparent.plain_ip(host.host), host.port
+            return plain_ip(host.host), host.port
         try:
             found = transparent.redirected_destination(self.transport.getHandle())
         except OSError:
@@ -168,7 +169,7 @@ class TproxyUdpRelay(LocalUdpRelay):
             self.dropped += 1
             return
         self.nat.touch(client)
-        key = (transparent.plain_ip(source.host), source.port)
+        key = (plain_ip(source.host), source.port)
         reply = self.replies.get(key)
         try:
             if reply is None:

@@ -17,8 +17,8 @@ it to us:
   a socket bound transparently to that address (`reply_socket`), so the
   client sees an answer from the address it sent to.
 
-The parsers take the kernel's bytes (`sockaddr_in`/`sockaddr_in6`, control
-messages) and need no socket; `set_mark` (SO_MARK) marks the local end's
+The kernel's bytes (`sockaddr_in`/`sockaddr_in6`, control messages) are
+parsed by `ssx.wire.sockaddr`; `set_mark` (SO_MARK) marks the local end's
 own connections so the firewall does not divert them again.  Setting
 `IP_TRANSPARENT` and `SO_MARK` needs CAP_NET_ADMIN: `transparent_problem`
 and `mark_problem` say so in one line, for start-up.
@@ -27,30 +27,34 @@ and `mark_problem` say so in one line, for start-up.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
-import struct
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IConnector, IReactorPluggableNameResolver
-from zope.interface import implementer
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from ssx.wire.sockaddr import (
+    IP_ORIGDSTADDR,
+    IPV6_ORIGDSTADDR,
+    SOCKADDR_IN6_SIZE,
+    SOCKADDR_IN_SIZE,
+    SOL_IP,
+    SOL_IPV6,
+    original_destination,
+    parse_sockaddr,
+)
 
 __all__ = [
     "IP6T_SO_ORIGINAL_DST",
-    "IPV6_ORIGDSTADDR",
     "IPV6_TRANSPARENT",
-    "IP_ORIGDSTADDR",
     "IP_TRANSPARENT",
     "SO_MARK",
     "SO_ORIGINAL_DST",
     "TransparentDatagramReader",
     "MarkingReactor",
     "mark_problem",
-    "original_destination",
-    "parse_sockaddr",
-    "plain_ip",
     "redirected_destination",
     "reply_socket",
     "set_mark",
@@ -63,72 +67,27 @@ _log = Logger()
 
 # Linux's values (<linux/in.h>, <linux/in6.h>, <linux/netfilter_ipv4.h>);
 # Python's socket module names only some of them, and only on some builds.
-SOL_IP = 0
-SOL_IPV6 = 41
 IP_TRANSPARENT: int = getattr(socket, "IP_TRANSPARENT", 19)
-IP_RECVORIGDSTADDR = 20
-IP_ORIGDSTADDR = IP_RECVORIGDSTADDR  # the control message's type
+IP_RECVORIGDSTADDR = IP_ORIGDSTADDR
 IPV6_TRANSPARENT = 75
-IPV6_RECVORIGDSTADDR = 74
-IPV6_ORIGDSTADDR = IPV6_RECVORIGDSTADDR
+IPV6_RECVORIGDSTADDR = IPV6_ORIGDSTADDR
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
 SO_MARK: int = getattr(socket, "SO_MARK", 36)
 
-_SOCKADDR_IN_SIZE = 16
-_SOCKADDR_IN6_SIZE = 28
 # Room for one control message carrying a sockaddr_in6 (the larger).
-ANCILLARY_SIZE = socket.CMSG_SPACE(_SOCKADDR_IN6_SIZE)
+ANCILLARY_SIZE = socket.CMSG_SPACE(SOCKADDR_IN6_SIZE)
 READ_SIZE = 65535
 # Datagrams read per readable event, so one busy socket cannot starve the reactor.
 _READS_PER_EVENT = 64
 
 
-def parse_sockaddr(data: bytes) -> tuple[str, int]:
-    """
-    (IP, port) of a kernel `sockaddr_in` or `sockaddr_in6`; ValueError for
-    anything else.  The family field is in host byte order, the port in
-    network order (so each is unpacked apart: struct takes one order per format).
-    IPv4-mapped IPv6 addresses come back as IPv4.
-    """
-    if len(data) < 2:
-        raise ValueError("no address family in a socket address of %d bytes" % len(data))
-    family = struct.unpack_from("=H", data)[0]
-    if family == socket.AF_INET and len(data) >= _SOCKADDR_IN_SIZE:
-        port = struct.unpack_from("!H", data, 2)[0]
-        return socket.inet_ntop(socket.AF_INET, data[4:8]), port
-    if family == socket.AF_INET6 and len(data) >= _SOCKADDR_IN6_SIZE:
-        port = struct.unpack_from("!H", data, 2)[0]
-        return plain_ip(socket.inet_ntop(socket.AF_INET6, data[8:24])), port
-    raise ValueError(f"not a sockaddr_in or sockaddr_in6: family {family}, {len(data)} bytes")
-
-
-def plain_ip(ip: str) -> str:
-    """An IPv4-mapped IPv6 address as IPv4; any other address as given."""
-    try:
-        mapped = getattr(ipaddress.ip_address(ip), "ipv4_mapped", None)
-    except ValueError:
-        return ip
-    return str(mapped) if mapped is not None else ip
-
-
-def original_destination(ancillary: Iterable[tuple[int, int, bytes]]) -> tuple[str, int] | None:
-    """A datagram's destination before TPROXY, from `recvmsg`'s control messages (None: none there)."""
-    for level, kind, data in ancillary:
-        if (level, kind) in ((SOL_IP, IP_ORIGDSTADDR), (SOL_IPV6, IPV6_ORIGDSTADDR)):
-            try:
-                return parse_sockaddr(data)
-            except ValueError:
-                return None
-    return None
-
-
 def redirected_destination(sock: socket.socket) -> tuple[str, int]:
     """An accepted connection's destination before NAT redirect (OSError where there was none)."""
     if sock.family == socket.AF_INET6:
-        raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6_SIZE)
+        raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, SOCKADDR_IN6_SIZE)
     else:
-        raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_SIZE)
+        raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, SOCKADDR_IN_SIZE)
     try:
         return parse_sockaddr(raw)
     except ValueError as e:
