@@ -198,15 +198,31 @@ class TproxyUdpRelayTests(unittest.TestCase):
         relay.from_server(("127.0.0.1", 5000), suite.udp_seal(encode_address(Address("::1", 53)) + b"x"))
         self.assertEqual((relay.dropped, len(relay.replies)), (1, 0))
 
+    def test_replies_expire(self):
+        """Answering sockets close after the UDP timeout without traffic, with the clients' NAT entries."""
+        clock = Clock()
+        suite = make_suite(METHOD, PASSWORD)
+        relay = TproxyUdpRelay(clock, suite, ("127.0.0.1", 9), timeout=60.0)
+        relay.doStart()
+        self.addCleanup(relay.doStop)
+        client, answering = _FakeServerSocket(suite), _FakeServerSocket(suite)
+        relay.nat.add(("127.0.0.1", 5000), client)
+        relay.replies.add(("192.0.2.1", 53), answering)  # type: ignore[arg-type]
+        clock.advance(30)
+        self.assertEqual((len(relay.nat), len(relay.replies)), (1, 1))
+        clock.advance(45)
+        self.assertEqual((len(relay.nat), len(relay.replies), client.closed, answering.closed), (0, 0, True, True))
+
 
 class _FakeServerSocket:
     """A client's socket towards the server, as the relay's NAT holds it."""
 
     def __init__(self, suite) -> None:
         self.codec = suite.udp_client_codec()
+        self.closed = False
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
 def _readable(sock: socket.socket) -> bool:
