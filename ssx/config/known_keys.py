@@ -64,6 +64,8 @@ LOCAL_PEER_KEYS: Mapping[str, str] = {
     "ipv6_first": "ssx-local does not prefer IPv6 yet; ignored",
     "dns_server": "ssx-local resolves server names with the system's resolver; ignored",
     "nameserver": "ssx-local resolves server names with the system's resolver; ignored",
+    "tcp_tproxy": "ss-redir's switch: ssx-local takes the transparent port itself, --tproxy PORT "
+                  "(key tproxy) or --redir PORT (key redir); ignored",
 }
 
 

@@ -38,7 +38,7 @@ from ssx.config.values import (
 )
 from ssx.crypto import make_suite
 from ssx.errors import ConfigError
-from ssx.wire.address import Address
+from ssx.wire.address import Address, is_ip_literal
 from ssx.wire.http_message import HttpError, absolute_target
 from ssx.wire.sip003 import Plugin
 
@@ -50,6 +50,7 @@ __all__ = [
     "LOCAL_KEYS",
     "LocalConfig",
     "OnlineConfig",
+    "TransparentPort",
     "Tunnel",
     "local_config",
 ]
@@ -67,7 +68,14 @@ LOCAL_KEYS = COMMON_KEYS | {
     "health_check_interval", "health_check_url", "dns_listen", "dns_local", "dns_remote",
     # The original's tunnel (its tunnel.py), read into `tunnels`.
     "tunnel_remote", "tunnel_remote_port", "tunnel_port",
+    # Transparent proxying: ssx's keys, and shadowsocks-rust's `locals`
+    # entries with "protocol": "redir".
+    "redir", "tproxy", "locals", "outbound_fwmark",
 } | METRICS_KEYS
+# How each transparent TCP port learns a connection's destination.
+TCP_REDIR_MODES = ("redirect", "tproxy")
+# The largest SO_MARK (an unsigned 32-bit value).
+MAX_MARK = 2**32 - 1
 # The original's defaults for its tunnel's target.
 ORIGINAL_TUNNEL_TARGET = ("8.8.8.8", 53)
 
@@ -80,6 +88,24 @@ class Tunnel:
     target: Address
     # Where a UDP-only tunnel binds (TCP tunnels put UDP beside `listen`).
     address: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class TransparentPort:
+    """
+    A port the firewall diverts a LAN's traffic to: TCP by NAT redirect
+    ("redirect") or TPROXY ("tproxy"), or no TCP (None); UDP (always by
+    TPROXY) or not.
+    """
+
+    host: str
+    port: int
+    tcp: str | None
+    udp: bool
+
+    @property
+    def label(self) -> str:
+        return "ssx-local redir" if self.tcp == "redirect" else "ssx-local tproxy"
 
 
 @dataclass(frozen=True)
@@ -159,6 +185,10 @@ class LocalConfig:
     dns: DnsServer | None = None
     # The endpoint description /metrics is served on (None: no metrics).
     metrics: str | None = None
+    # The ports for transparent proxying (--redir, --tproxy, rust's redir locals).
+    transparent: tuple[TransparentPort, ...] = ()
+    # SO_MARK on the connections and datagrams to the servers (None: unmarked).
+    outbound_fwmark: int | None = None
 
     @property
     def plugin(self) -> Plugin | None:
@@ -181,14 +211,17 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
     if not listen:
         listen = (tcp_description(address, read_port(values, "local_port", DEFAULT_LOCAL_PORT, allow_zero=True)),)
     relays = read_relay_modes(values)
+    transparent_ports, locals_notes = _transparent_ports(values, relays)
     _check_servers(servers, relays)
+    if any(port.udp for port in transparent_ports) and not relays.udp:
+        _check_servers(servers, RelayModes(relays.tcp, True, relays.timeout, relays.capacity))
     plugins, warnings = _local_plugins(values, relays, servers, given)
     tunnels = _tunnel_address(values, listen, address, relays)
     socks_listen = () if tunnels else listen
     tunnels += _tunnel_list(values, address)
     original_tunnel, note = _original_tunnel(values, address)
     tunnels += original_tunnel
-    warnings += note
+    warnings += note + locals_notes
     if "method" not in values and given.entries:
         warnings += (no_method_warning(method),)
     peer_warnings, ignored = peer_key_notes(values, LOCAL_KEYS, LOCAL_PEER_KEYS)
@@ -217,6 +250,8 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         fast_open=read_bool(values, "fast_open"),
         dns=_dns_server(values),
         metrics=read_metrics(values),
+        transparent=transparent_ports,
+        outbound_fwmark=_outbound_fwmark(values),
     )
 
 
@@ -490,3 +525,87 @@ def _tunnel(text: Any, default_address: str) -> Tunnel:
         raise ConfigError("tunnels", f"no local address in {text!r}")
     number = parse_port(port, "tunnels", allow_zero=True)
     return Tunnel(tcp_description(address, number), _target(target, "tunnels"), (address, number))
+
+
+def _transparent_ports(values: Mapping[str, Any], relays: RelayModes) -> tuple[tuple[TransparentPort, ...], tuple[str, ...]]:
+    """
+    --redir and --tproxy ([ADDRESS:]PORT, each a string or a list), then
+    rust's `locals` entries with "protocol": "redir"; and a warning for each
+    `locals` entry of another protocol (ssx reads only those).  `mode`
+    says which relays run: TCP as the option says, UDP always by TPROXY
+    (as ss-redir -u and rust's udp_redir do).
+    """
+    ports: list[TransparentPort] = []
+    for key in ("redir", "tproxy"):
+        raw = values.get(key)
+        if raw is None:
+            continue
+        items = [raw] if isinstance(raw, (str, int)) else raw
+        if not isinstance(items, list) or not items:
+            raise ConfigError(key, "expected [ADDRESS:]PORT, or a list of them")
+        tcp = ("redirect" if key == "redir" else "tproxy") if relays.tcp else None
+        for item in items:
+            for host, port in _transparent_address(item, key):
+                ports.append(TransparentPort(host, port, tcp, relays.udp))
+    notes: list[str] = []
+    raw_locals = values.get("locals")
+    if raw_locals is not None:
+        if not isinstance(raw_locals, list) or not all(isinstance(entry, Mapping) for entry in raw_locals):
+            raise ConfigError("locals", "expected a list of objects")
+        for i, entry in enumerate(raw_locals):
+            protocol = entry.get("protocol", "socks")
+            if entry.get("disabled") is True:
+                continue
+            if protocol != "redir":
+                notes.append(f"config key locals[{i}]: protocol {protocol!r} is not read from locals "
+                             "(only \"redir\"); use the top-level keys or --listen/--tunnel; ignored")
+                continue
+            ports.append(_redir_local(entry, i, relays))
+    return tuple(ports), tuple(notes)
+
+
+def _transparent_address(item: Any, key: str) -> list[tuple[str, int]]:
+    """ADDRESS:PORT or [IPv6]:PORT; a PORT alone is both wildcards, 0.0.0.0 and ::."""
+    text = str(item) if isinstance(item, int) and not isinstance(item, bool) else item
+    if not isinstance(text, str) or not text:
+        raise ConfigError(key, "expected [ADDRESS:]PORT, e.g. 0.0.0.0:12345 or [::]:12345")
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        number = parse_port(text, key)
+        return [("0.0.0.0", number), ("::", number)]
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not is_ip_literal(host):
+        raise ConfigError(key, f"expected an IP address before the port, not {host!r}")
+    return [(host, parse_port(port, key))]
+
+
+def _redir_local(entry: Mapping[str, Any], i: int, relays: RelayModes) -> TransparentPort:
+    """One of rust's `locals` entries with "protocol": "redir"."""
+    key = f"locals[{i}]"
+    host = entry.get("local_address", "0.0.0.0")
+    if not isinstance(host, str) or not is_ip_literal(host):
+        raise ConfigError(f"{key}.local_address", "expected an IP address")
+    port = parse_port(entry.get("local_port"), f"{key}.local_port")
+    modes = read_relay_modes(entry) if "mode" in entry else relays
+    tcp_redir = entry.get("tcp_redir", "redirect")
+    if tcp_redir not in TCP_REDIR_MODES:
+        raise ConfigError(f"{key}.tcp_redir", "expected \"redirect\" or \"tproxy\" (ssx runs on Linux only)")
+    udp_redir = entry.get("udp_redir", "tproxy")
+    if udp_redir != "tproxy":
+        raise ConfigError(f"{key}.udp_redir", "expected \"tproxy\" (the only way to divert UDP on Linux)")
+    return TransparentPort(host, port, tcp_redir if modes.tcp else None, modes.udp)
+
+
+def _outbound_fwmark(values: Mapping[str, Any]) -> int | None:
+    """outbound_fwmark: SO_MARK for the connections to the servers (rust's key), 1 to 2^32-1."""
+    raw = values.get("outbound_fwmark")
+    if raw is None:
+        return None
+    if isinstance(raw, str) and raw.lower().startswith("0x"):
+        try:
+            raw = int(raw, 16)
+        except ValueError:
+            raise ConfigError("outbound_fwmark", "expected a firewall mark, a number from 1 to 4294967295") from None
+    return int(parse_number(raw, "outbound_fwmark", "a firewall mark, a number from 1 to 4294967295",
+                            minimum=1, maximum=MAX_MARK))

@@ -34,8 +34,10 @@ class OnlineUpstreams:
 
     def __init__(
         self, reactor: Any, picker: IServerPicker, parent: MultiService, plugins: bool = True, fast_open: bool = False,
+        mark: int | None = None,
     ) -> None:
         self.fast_open = fast_open
+        self.mark = mark
         self.reactor = reactor
         self.picker = picker
         self.parent = parent
@@ -74,4 +76,4 @@ class OnlineUpstreams:
             service.setServiceParent(self.parent)
             _log.info("online server {server}: TCP goes through plugin {name} on {where}",
                       server=entry.label, name=entry.plugin, where=service.local_address)
-        return make_upstream(self.reactor, entry, service, self.fast_open)
+        return make_upstream(self.reactor, entry, service, self.fast_open, self.mark)

@@ -23,6 +23,7 @@ from ssx.local.dns_remote import RelayedTcpDns, RelayedUdpDns
 from ssx.local.health import HealthCheckService
 from ssx.net.listener import DatagramListenerService, DrainService, ListenerService, serve
 from ssx.local.relay import LocalFactory
+from ssx.local.redir import check_transparent, add_transparent_ports
 from ssx.local.tunnel import TunnelFactory
 from ssx.local.front import MixedLocalFactory
 from ssx.local.udp import LocalUdpRelay, Socks5UdpRelay, TunnelUdpRelay
@@ -96,6 +97,8 @@ class Options(SsxOptions):
          "[default: the nameservers of /etc/resolv.conf]"],
         ["dns-remote", None, None, "IP[:PORT] of the resolver asked through the server, over the UDP relay "
          "(-u) or else DNS over TCP through the TCP relay [default: 8.8.8.8:53]"],
+        ["outbound-fwmark", None, None, "firewall mark (SO_MARK) on the connections and datagrams to the servers, so "
+         "that the rules of --redir/--tproxy let them pass (needs CAP_NET_ADMIN)"],
     ]
     flag_keys = {
         "local-address": "local_address",
@@ -112,6 +115,7 @@ class Options(SsxOptions):
         "dns-listen": "dns_listen",
         "dns-local": "dns_local",
         "dns-remote": "dns_remote",
+        "outbound-fwmark": "outbound_fwmark",
     }
     build = staticmethod(local_config)
 
@@ -119,12 +123,26 @@ class Options(SsxOptions):
         super().__init__()
         self["tunnels"] = None
         self["url"] = None
+        self["redir"] = None
+        self["tproxy"] = None
 
     def opt_tunnel(self, spec: str) -> None:
         """[ADDRESS:]PORT=HOST:PORT: forward a further local port to HOST:PORT through the server (repeatable), e.g. 5353=8.8.8.8:53."""
         if self["tunnels"] is None:
             self["tunnels"] = []
         self["tunnels"].append(spec)
+
+    def opt_redir(self, spec: str) -> None:
+        """[ADDRESS:]PORT: transparent proxy port for connections a firewall NAT-redirects here (REDIRECT; with -u, UDP by TPROXY on the same port), like ss-redir; repeatable; a PORT alone listens on 0.0.0.0 and ::."""
+        if self["redir"] is None:
+            self["redir"] = []
+        self["redir"].append(spec)
+
+    def opt_tproxy(self, spec: str) -> None:
+        """[ADDRESS:]PORT: transparent proxy port for TCP (and with -u, UDP) a firewall diverts here with TPROXY, like ss-redir -T; repeatable; needs CAP_NET_ADMIN."""
+        if self["tproxy"] is None:
+            self["tproxy"] = []
+        self["tproxy"].append(spec)
 
     def opt_url(self, url: str) -> None:
         """ss:// URL of a server (SIP002 or the legacy base64 form); repeatable, for several servers with failover."""
@@ -133,7 +151,7 @@ class Options(SsxOptions):
         self["url"].append(url)
 
     def postOptions(self) -> None:
-        self.flag_keys = {**self.flag_keys, "tunnels": "tunnels", "url": "url"}
+        self.flag_keys = {**self.flag_keys, "tunnels": "tunnels", "url": "url", "redir": "redir", "tproxy": "tproxy"}
         super().postOptions()
 
     def check(self, config: LocalConfig) -> LocalConfig:
@@ -159,6 +177,7 @@ class Options(SsxOptions):
             if config.dns.listen in local:
                 raise ConfigError("dns_local", f"names the DNS server's own address {config.dns.listen[0]}:"
                                   f"{config.dns.listen[1]}: queries would loop")
+        check_transparent(config)
         return config
 
 
@@ -253,7 +272,7 @@ def build_service(
             label = "ssx-local" if len(config.servers) == 1 else f"ssx-local (server {entry.label})"
             service = PluginService(reactor, plugin, label, (entry.host, entry.port))
             plugins.append(service)
-        upstreams.append(make_upstream(reactor, entry, service, config.fast_open))
+        upstreams.append(make_upstream(reactor, entry, service, config.fast_open, config.outbound_fwmark))
     top = LocalService(ServerPicker(upstreams), plugins)
     # UDP starts with the first configured server (checked by local_config),
     # then follows the picker's choice as servers go down.
@@ -262,6 +281,9 @@ def build_service(
     _add_tunnels(top, reactor, config, udp_server)
     if config.dns is not None:
         _add_dns_server(top, reactor, config, config.dns, should_proxy or (lambda name: True))
+    add_transparent_ports(top, reactor, config)
+    for relay in top.udp_relays:
+        relay.mark = config.outbound_fwmark
     top.drain = DrainService(reactor, top.factories, config.limits.shutdown_grace, "ssx-local")
     top.drain.setServiceParent(top)
     check = config.health_check
@@ -271,7 +293,8 @@ def build_service(
     online = config.online
     if online is not None:
         trust_root = load_trust_root(online.ca_file) if online.ca_file is not None else None
-        top.online_upstreams = OnlineUpstreams(reactor, top.picker, top, plugins=config.relays.tcp, fast_open=config.fast_open)
+        top.online_upstreams = OnlineUpstreams(reactor, top.picker, top, plugins=config.relays.tcp, fast_open=config.fast_open,
+                                              mark=config.outbound_fwmark)
         top.online = OnlineConfigService(reactor, online.url, online.interval, top.online_upstreams.apply, trust_root)
         top.online.setServiceParent(top)
     if config.metrics is not None:

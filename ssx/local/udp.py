@@ -32,6 +32,7 @@ from ssx.wire.address import Address, decode_address, encode_address
 from ssx.interfaces import ICipherSuite, IServerPicker, ITrafficCounter, IUpstream
 from ssx.errors import ProtocolError
 from ssx.net.nat import MAX_DATAGRAM, READ_SIZE, SweptNatProtocol, send_datagram
+from ssx.net.transparent import set_mark
 from ssx.wire.socks5 import UDP_HEADER, udp_to_shadowsocks
 
 __all__ = ["LocalUdpRelay", "Socks5Association", "Socks5UdpRelay", "TunnelUdpRelay"]
@@ -76,6 +77,8 @@ class _ServerSocket(DatagramProtocol):
             self.port = self.relay.reactor.listenUDP(
                 0, self, interface="::" if ":" in ip else "0.0.0.0", maxPacketSize=READ_SIZE
             )
+            if self.relay.mark is not None:
+                set_mark(self.port.socket, self.relay.mark)
             self.port.connect(ip, self.server[1])
         except (CannotListenError, OSError) as e:
             _log.warn("UDP: cannot open a socket to the server: {error}", error=e)
@@ -126,6 +129,8 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
     """
 
     noisy = False
+    # The firewall mark (SO_MARK) of the sockets to the servers (None: unmarked).
+    mark: int | None = None
 
     def __init__(
         self,

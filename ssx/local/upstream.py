@@ -31,6 +31,7 @@ from ssx.interfaces import ICipherSuite, IUpstream
 from ssx.net.plugin import PluginService
 from ssx.net.relay import connect_protocol, connect_tcp
 from ssx.net.tcp import fast_open_reactor
+from ssx.net.transparent import MarkingReactor
 from ssx.wire.address import is_ip_literal
 
 __all__ = ["CONNECT_TIMEOUT", "Upstream", "make_upstream", "server_endpoint"]
@@ -75,6 +76,7 @@ def server_endpoint(reactor: Any, entry: ServerEntry, fast_open: bool = False) -
 
 def make_upstream(
     reactor: Any, entry: ServerEntry, plugin: PluginService | None = None, fast_open: bool = False,
+    mark: int | None = None,
 ) -> Upstream:
     """
     A server ready for connections: its keys derived once, the way to reach
@@ -83,10 +85,14 @@ def make_upstream(
     With `fast_open`, a server given by IP address or host name is reached
     with TCP Fast Open (the first write in the SYN); a plugin makes its own
     connections, and an endpoint description is Twisted's to connect, both
-    without it.
+    without it.  With `mark`, the connections to the server (not to a
+    plugin, which makes its own) carry that firewall mark (SO_MARK), and go
+    without Fast Open.
     """
     suite = make_suite(reactor, entry.method, entry.password, entry.key)
     connect: Callable[[Protocol], Deferred]
+    if mark is not None and plugin is None:
+        reactor, fast_open = MarkingReactor(reactor, mark), False
     if plugin is not None:
 
         def connect(protocol: Protocol) -> Deferred:

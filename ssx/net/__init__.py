@@ -11,4 +11,6 @@ table of the UDP relays; `resolver` is name resolution on twisted.names;
 is the source address and interface of a server's connections to targets;
 `metrics` serves an end's Prometheus registry at /metrics.
 `reload` is the SIGHUP handler both ends install to reload their config.
+`transparent` builds the sockets of transparent proxying (original
+destinations, IP_TRANSPARENT, SO_MARK) and reads TPROXY UDP with recvmsg.
 """

@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.trial import unittest
 
-__all__ = ["in_namespace", "ip", "new_namespace"]
+__all__ = ["in_namespace", "ip", "link_namespaces", "new_namespace"]
 
 
 def ip(*args: str) -> subprocess.CompletedProcess:
@@ -48,3 +48,14 @@ def in_namespace(name: str, *command: str) -> str:
     if done.returncode != 0:
         raise AssertionError(f"{' '.join(command)} in the namespace: {done.stderr.strip()}")
     return done.stdout
+
+
+def link_namespaces(first: str, first_end: str, second: str, second_end: str) -> None:
+    """
+    A veth pair between namespaces `first` and `second`, its ends named
+    `first_end` and `second_end` (made inside the namespaces, so the names
+    never meet the host's), both up.
+    """
+    in_namespace(first, "ip", "link", "add", first_end, "type", "veth", "peer", "name", second_end, "netns", second)
+    in_namespace(first, "ip", "link", "set", first_end, "up")
+    in_namespace(second, "ip", "link", "set", second_end, "up")

@@ -1,0 +1,308 @@
+"""
+Transparent proxying on the local end (`--redir`, `--tproxy`; ss-redir,
+rust's `redir` locals): the firewall diverts a LAN's connections and
+datagrams to these ports, with no proxy settings in any application.
+
+TCP: each accepted connection is a tunnel (`ssx.local.tunnel`) whose target
+comes from the socket (`ssx.net.transparent`: `SO_ORIGINAL_DST` after a NAT
+redirect, the local address under TPROXY); from there on it is the same
+relay as SOCKS5 CONNECT (`ssx.local.relay`): server picking, plugins, 2022.
+
+UDP (TPROXY only): `TproxyUdpRelay` is a local UDP relay (`ssx.local.udp`,
+one server socket per LAN client in the NAT) whose datagrams carry their
+original destination as the Shadowsocks address; the server's answers are
+sent to the client from a socket bound to the address they came from, one
+per such address, kept in a `NatTable` of their own with the same idle
+timeout and bound; with --outbound-fwmark they carry the mark too, so the
+firewall's exception for ssx-local's own traffic covers them.
+
+The listening sockets are made in `privilegedStartService` (before twistd
+drops root) and adopted by the reactor.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ssx.errors import ConfigError, ProtocolError
+from ssx.interfaces import ICipherSuite
+from ssx.local.relay import LocalFactory, LocalRelayProtocol
+from ssx.local.udp import LocalUdpRelay
+from ssx.net import transparent
+from ssx.net.nat import NatTable
+from ssx.wire.address import Address, decode_address, encode_address, is_ip_literal
+from ssx.wire.sockaddr import plain_ip
+
+__all__ = [
+    "REDIRECT",
+    "TPROXY",
+    "RedirFactory",
+    "RedirProtocol",
+    "TproxyUdpRelay",
+    "TransparentTcpService",
+    "TransparentUdpService",
+    "add_transparent_ports",
+    "check_transparent",
+]
+
+_log = Logger()
+
+# How a TCP listener learns each connection's destination.
+REDIRECT = "redirect"
+TPROXY = "tproxy"
+
+
+class RedirFactory(LocalFactory):
+    """The connections of one transparent TCP port (`mode`: REDIRECT or TPROXY)."""
+
+    def __init__(self, reactor: Any, servers: Any, mode: str, timeout: float = 300.0, **limits: Any) -> None:
+        LocalFactory.__init__(self, reactor, servers, timeout, **limits)
+        self.mode = mode
+        self.unknown_destinations = 0
+
+    def buildProtocol(self, addr: Any) -> "RedirProtocol":
+        return RedirProtocol(self)
+
+
+class RedirProtocol(LocalRelayProtocol):
+    """A diverted connection: relayed at once to where it was going."""
+
+    factory: RedirFactory
+
+    def connectionMade(self) -> None:
+        LocalRelayProtocol.connectionMade(self)
+        destination = self.destination()
+        if destination is None:
+            self.factory.unknown_destinations += 1
+            if self.factory.verbose:
+                _log.debug("transparent connection without an original destination: closed")
+            self.transport.abortConnection()
+            return
+        self.open_relay(Address(*destination))
+
+    def destination(self) -> tuple[str, int] | None:
+        """Where the connection was going before the firewall diverted it (None: unknown)."""
+        if self.factory.mode == TPROXY:
+            host = self.transport.getHost()
+            if not isinstance(host, (IPv4Address, IPv6Address)):
+                return None
+            return plain_ip(host.host), host.port
+        try:
+            found = transparent.redirected_destination(self.transport.getHandle())
+        except OSError:
+            # Not redirected: a connection made to the port itself.
+            return None
+        local = self.transport.getHost()
+        if (found[0], found[1]) == (getattr(local, "host", None), getattr(local, "port", None)):
+            return None  # would relay to ourselves
+        return found
+
+
+class _ReplySocket:
+    """A socket bound to a diverted datagram's destination, to answer from it."""
+
+    __slots__ = ("socket",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.socket = sock
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class TproxyUdpRelay(LocalUdpRelay):
+    """
+    UDP under TPROXY: each LAN client's datagrams go through the server to
+    their original destinations; answers come back from those addresses.
+    """
+
+    def __init__(
+        self, reactor: Any, suite: ICipherSuite, server: tuple[str, int], timeout: float = 60.0,
+        capacity: int = 1024, picker: Any = None,
+    ) -> None:
+        super().__init__(reactor, suite, server, timeout, capacity, picker)
+        self.replies: NatTable[tuple[str, int], _ReplySocket] = NatTable(
+            reactor.seconds, timeout, capacity, on_evict=lambda key, value: value.close()
+        )
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = reactor
+
+    def _sweep(self) -> None:
+        self.nat.sweep()
+        self.replies.sweep()
+
+    def stopProtocol(self) -> None:
+        super().stopProtocol()
+        self.replies.clear()
+
+    def diverted(self, data: bytes, client: tuple, destination: tuple[str, int]) -> None:
+        """A datagram from `client` that was going to `destination`."""
+        # The whole address as the socket gave it: an IPv6 link-local
+        # client's answers need its scope.
+        self.datagramReceived(encode_address(Address(*destination)) + data, client)
+
+    def to_server(self, datagram: bytes) -> bytes:
+        return datagram  # `diverted` put the address in front already
+
+    def from_server(self, client: tuple, packet: bytes) -> None:
+        sock = self.nat.peek(client)
+        if sock is None:
+            return
+        try:
+            plaintext = sock.codec.open(packet)
+            parsed = decode_address(plaintext)
+            if parsed is None:
+                raise ProtocolError("server datagram truncated inside its address")
+        except ProtocolError:
+            self.dropped += 1
+            return
+        source, offset = parsed
+        if not is_ip_literal(source.host) or (":" in source.host) != (":" in client[0]):
+            # An answer from a name, or from the other family, cannot be
+            # sent as if from where the client sent.
+            self.dropped += 1
+            return
+        self.nat.touch(client)
+        key = (plain_ip(source.host), source.port)
+        reply = self.replies.get(key)
+        try:
+            if reply is None:
+                reply = _ReplySocket(transparent.reply_socket(key, self.mark))
+                self.replies.add(key, reply)
+            reply.socket.sendto(plaintext[offset:], client)
+        except OSError as e:
+            self.dropped += 1
+            _log.debug("UDP: cannot answer from {source}: {error}", source=key, error=e)
+
+
+def _describe(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class TransparentTcpService(Service):
+    """A transparent TCP port (REDIRECT or TPROXY) listening with `factory` while running."""
+
+    def __init__(self, reactor: Any, host: str, port: int, factory: RedirFactory, label: str) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.bind_port = port
+        self.factory = factory
+        self.label = label
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        self._listen()
+        Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        if self.port is None:
+            self._listen()
+        Service.startService(self)
+
+    def _listen(self) -> None:
+        where = _describe(self.host, self.bind_port)
+        try:
+            sock = transparent.tcp_listener(self.host, self.bind_port, self.factory.mode == TPROXY)
+        except OSError as e:
+            raise SystemExit(f"{self.label}: cannot listen on {where}: {e.strerror or e}") from None
+        try:
+            self.port = self.reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory)
+        finally:
+            sock.close()  # the reactor holds its own duplicate
+        self.factory.ports.append(self.port)
+        bound = self.port.getHost()
+        _log.info("{label} listening on {address}", label=self.label, address=_describe(bound.host, bound.port))
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+
+class TransparentUdpService(Service):
+    """A TPROXY UDP port feeding `relay` while running."""
+
+    def __init__(self, reactor: Any, host: str, port: int, relay: TproxyUdpRelay, label: str) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.bind_port = port
+        self.relay = relay
+        self.label = label
+        self.reader: transparent.TransparentDatagramReader | None = None
+
+    def privilegedStartService(self) -> None:
+        self._listen()
+        Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        if self.reader is None:
+            self._listen()
+        Service.startService(self)
+
+    def _listen(self) -> None:
+        where = _describe(self.host, self.bind_port)
+        try:
+            sock = transparent.udp_listener(self.host, self.bind_port)
+        except OSError as e:
+            raise SystemExit(f"{self.label}: cannot listen for UDP on {where}: {e.strerror or e}") from None
+        self.reader = transparent.TransparentDatagramReader(self.reactor, sock, self.relay.diverted)
+        # The relay answers through its reply sockets: it has no transport of its own.
+        self.relay.doStart()
+        self.reader.startReading()
+        host, port = self.reader.getHost()
+        _log.info("{label} relaying UDP on {address}", label=self.label, address=_describe(host, port))
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        reader, self.reader = self.reader, None
+        if reader is not None:
+            reader.close()
+            self.relay.doStop()
+        return None
+
+
+def check_transparent(config: Any) -> None:
+    """
+    Stop start-up, naming the capability and the option, where the
+    transparent ports or the outbound mark need a privilege we lack
+    (REDIRECT needs none: only TPROXY's IP_TRANSPARENT and SO_MARK do).
+    """
+    tproxy = [port for port in config.transparent if port.tcp == TPROXY or port.udp]
+    if tproxy:
+        option = "tproxy" if any(port.tcp == TPROXY for port in tproxy) else "redir"
+        problem = transparent.transparent_problem()
+        if problem is not None:
+            raise ConfigError(option, problem if option == "tproxy" else f"UDP (-u) is by TPROXY: {problem}")
+    if config.outbound_fwmark is not None:
+        problem = transparent.mark_problem(config.outbound_fwmark)
+        if problem is not None:
+            raise ConfigError("outbound_fwmark", problem)
+
+
+def add_transparent_ports(top: Any, reactor: Any, config: Any) -> None:
+    """The transparent ports of `config` under `top` (an `ssx.local.tap.LocalService`)."""
+    relays = config.relays
+    udp_upstream = top.picker.upstreams()[0] if any(port.udp for port in config.transparent) else None
+    for port in config.transparent:
+        if port.tcp is not None:
+            factory = RedirFactory(
+                reactor, top.picker, port.tcp, config.timeout, verbose=config.verbose,
+                **config.limits.factory_arguments(),
+            )
+            top.factories.append(factory)
+            TransparentTcpService(reactor, port.host, port.port, factory, port.label).setServiceParent(top)
+        if port.udp and udp_upstream is not None:
+            entry = udp_upstream.entry
+            relay = TproxyUdpRelay(
+                reactor, udp_upstream.suite, (entry.host, entry.port), relays.timeout, relays.capacity, picker=top.picker,
+            )
+            top.udp_relays.append(relay)
+            TransparentUdpService(reactor, port.host, port.port, relay, port.label).setServiceParent(top)

@@ -1,0 +1,323 @@
+"""
+Transparent proxying through real kernel paths, in three network
+namespaces the tests create and remove: a LAN client, a router and a
+target, joined by two veth pairs (10.18.1.0/24 and fd18:1::/64 on the LAN,
+10.18.2.0/24 and fd18:2::/64 between router and target).  The target holds
+the "outside" addresses 10.18.9.9 and fd18:9::9, which the client reaches
+through the router.  The router forwards nothing: nftables diverts the
+client's traffic to ssx-local (REDIRECT, or TPROXY with policy routing),
+which relays it through ssx-server in the target's namespace to a target
+that records the bytes (their SHA-256) and the source it saw, and answers
+with that digest.  The client checks each answer, and, for UDP, that it
+came from the very address and port it sent to.  README's recipes
+(nftables, TPROXY with policy routing, and REDIRECT) are loaded as written,
+for the outside addresses 198.51.100.9 and 2001:db8:9::9 (which they do
+not leave alone, unlike the private ranges).  Needs root, `ip netns` and
+nft.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from tests import support
+from tests.support import netns
+
+METHOD = "chacha20-ietf-poly1305"
+PORT = 7000  # the target's TCP and UDP port
+PROXY_PORT = 12345  # ssx-local's transparent port
+MARK = 42
+OUTSIDE = "10.18.9.9"
+OUTSIDE6 = "fd18:9::9"
+# Outside addresses that README's recipe does not leave alone (its bypass
+# sets hold the private ranges): documentation ranges, inside the namespaces.
+PUBLIC = "198.51.100.9"
+PUBLIC6 = "2001:db8:9::9"
+TARGETS = (OUTSIDE, OUTSIDE6, PUBLIC, PUBLIC6)
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
+SERVER = "10.18.2.2"
+CLIENT_IP = "10.18.1.2"
+CLIENT_IP6 = "fd18:1::2"
+
+# In the target's namespace: TCP and UDP on PORT at each address given;
+# one JSON line per connection or datagram: its digest and its source.
+TARGET = r"""
+import hashlib, json, selectors, socket, sys
+port, addresses = int(sys.argv[1]), sys.argv[2:]
+selector = selectors.DefaultSelector()
+for host in addresses:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port)); listener.listen(8)
+    selector.register(listener, selectors.EVENT_READ, "tcp")
+    udp = socket.socket(family, socket.SOCK_DGRAM); udp.bind((host, port))
+    selector.register(udp, selectors.EVENT_READ, "udp")
+print("target ready", flush=True)
+while True:
+    for key, _ in selector.select():
+        if key.data == "udp":
+            data, source = key.fileobj.recvfrom(65535)
+            digest = hashlib.sha256(data).hexdigest()
+            print(json.dumps({"udp": digest, "source": source[0]}), flush=True)
+            key.fileobj.sendto(digest.encode(), source)
+            continue
+        connection, source = key.fileobj.accept()
+        connection.settimeout(30)
+        digest = hashlib.sha256()
+        while True:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            digest.update(chunk)
+        print(json.dumps({"tcp": digest.hexdigest(), "source": source[0]}), flush=True)
+        connection.sendall(digest.hexdigest().encode())
+        connection.close()
+"""
+
+# In the LAN client's namespace: TCP (256 KiB, then a half-close) or UDP
+# (three datagrams) to HOST:PORT; prints what it sent and what came back.
+CLIENT = r"""
+import hashlib, json, os, socket, sys
+kind, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+if kind == "tcp":
+    payload = os.urandom(256 * 1024)
+    sock = socket.create_connection((host, port), timeout=20)
+    peer = sock.getpeername()[:2]
+    sock.sendall(payload)
+    sock.shutdown(socket.SHUT_WR)
+    reply = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+    print(json.dumps({"sent": [hashlib.sha256(payload).hexdigest()], "replies": [reply.decode()],
+                      "sources": [list(peer)]}), flush=True)
+else:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.settimeout(3)
+    sent, replies, sources = [], [], []
+    for size in (1, 1200, 8000):
+        payload = os.urandom(size)
+        for attempt in range(5):
+            sock.sendto(payload, (host, port))
+            try:
+                reply, source = sock.recvfrom(65535)
+                break
+            except socket.timeout:
+                continue
+        else:
+            reply, source = b"", ("", 0)
+        sent.append(hashlib.sha256(payload).hexdigest())
+        replies.append(reply.decode())
+        sources.append(list(source[:2]))
+    print(json.dumps({"sent": sent, "replies": replies, "sources": sources}), flush=True)
+"""
+
+TPROXY_RULES = f"""
+table inet ssx_test {{
+    chain divert {{
+        type filter hook prerouting priority mangle; policy accept;
+        iifname "lan1" ip daddr 10.18.9.0/24 meta l4proto {{ tcp, udp }} tproxy ip to :{PROXY_PORT} meta mark set 1 accept
+        iifname "lan1" ip6 daddr fd18:9::/64 meta l4proto {{ tcp, udp }} tproxy ip6 to :{PROXY_PORT} meta mark set 1 accept
+    }}
+    chain own {{
+        type filter hook output priority filter; policy accept;
+        ip daddr {SERVER} meta mark != {MARK} counter drop
+    }}
+}}
+"""
+
+REDIRECT_RULES = f"""
+table inet ssx_test {{
+    chain divert {{
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "lan1" ip daddr 10.18.9.0/24 tcp dport {PORT} redirect to :{PROXY_PORT}
+        iifname "lan1" ip6 daddr fd18:9::/64 tcp dport {PORT} redirect to :{PROXY_PORT}
+    }}
+}}
+"""
+
+
+class TransparentNamespaceTests(unittest.TestCase):
+    """A LAN client's TCP and UDP reach the target through ssx-local on a router, diverted by nftables."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        if shutil.which("nft") is None:
+            raise unittest.SkipTest("nft not on PATH: install nftables to run these tests")
+        prefix = f"ssx-transparent-{os.getpid()}"
+        self.lan = netns.new_namespace(self, f"{prefix}-lan")
+        self.router = netns.new_namespace(self, f"{prefix}-router")
+        self.target = netns.new_namespace(self, f"{prefix}-target")
+        netns.link_namespaces(self.lan, "lan0", self.router, "lan1")
+        netns.link_namespaces(self.router, "wan0", self.target, "wan1")
+        self.addresses(self.lan, "lan0", "10.18.1.2/24", "fd18:1::2/64")
+        self.addresses(self.router, "lan1", "10.18.1.1/24", "fd18:1::1/64")
+        self.addresses(self.router, "wan0", "10.18.2.1/24", "fd18:2::1/64")
+        self.addresses(self.target, "wan1", "10.18.2.2/24", "fd18:2::2/64")
+        self.addresses(self.target, "lo", f"{OUTSIDE}/32", f"{OUTSIDE6}/128")
+        self.addresses(self.target, "lo", f"{PUBLIC}/32", f"{PUBLIC6}/128")
+        netns.in_namespace(self.lan, "ip", "route", "add", "default", "via", "10.18.1.1")
+        netns.in_namespace(self.lan, "ip", "-6", "route", "add", "default", "via", "fd18:1::1")
+        netns.in_namespace(self.router, "ip", "route", "add", "10.18.9.0/24", "via", "10.18.2.2")
+        netns.in_namespace(self.router, "ip", "-6", "route", "add", "fd18:9::/64", "via", "fd18:2::2")
+        netns.in_namespace(self.router, "ip", "route", "add", f"{PUBLIC}/32", "via", "10.18.2.2")
+        netns.in_namespace(self.router, "ip", "-6", "route", "add", f"{PUBLIC6}/128", "via", "fd18:2::2")
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+
+    def addresses(self, name: str, device: str, ipv4: str, ipv6: str) -> None:
+        netns.in_namespace(name, "ip", "addr", "add", ipv4, "dev", device)
+        # nodad: usable at once, without duplicate address detection's wait.
+        netns.in_namespace(name, "ip", "addr", "add", ipv6, "dev", device, "nodad")
+
+    def firewall(self, rules: str, tproxy: bool) -> None:
+        """Load `rules` into the router; for TPROXY, route marked packets to the router itself."""
+        path = os.path.join(self.directory, "rules.nft")
+        with open(path, "w") as f:
+            f.write(rules)
+        netns.in_namespace(self.router, "nft", "-f", path)
+        if tproxy:
+            for family in ("-4", "-6"):
+                netns.in_namespace(self.router, "ip", family, "rule", "add", "fwmark", "1", "lookup", "100")
+                netns.in_namespace(self.router, "ip", family, "route", "add", "local", "default", "dev", "lo", "table", "100")
+
+    def spawn(self, name: str, *args: str) -> support.ChildProcess:
+        """Run `args` inside namespace `name`; stopped at the test's end."""
+        child = support.ChildProcess()
+        command = ["ip", "netns", "exec", name, *args]
+        reactor.spawnProcess(child, shutil.which("ip"), command, env=support.twistd_env(), path=self.directory)
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(child.stop()))
+        return child
+
+    async def ready(self, child: support.ChildProcess, text: str) -> None:
+        await support.wait_until(lambda: text in child.text() or child.ended.called, 20)
+        if text not in child.text():
+            raise AssertionError(f"not ready ({text!r}): {child.text()}")
+
+    async def start(self, *local: str) -> tuple[support.ChildProcess, support.ChildProcess, support.ChildProcess]:
+        """The target and ssx-server in the target's namespace, ssx-local with `local` options in the router's."""
+        target = self.spawn(self.target, sys.executable, "-c", TARGET, str(PORT), *TARGETS)
+        server = self.spawn(
+            self.target, sys.executable, *support.TWISTD, "-n", "--pidfile=", "ssx-server", "-s", SERVER, "-p", "8388",
+            "-k", support.PASSWORD, "-m", METHOD, "-u", "--forbidden-ip", "", "--url-file", "",
+        )
+        proxy = self.spawn(
+            self.router, sys.executable, *support.TWISTD, "-n", "--pidfile=", "ssx-local", "-s", SERVER, "-p", "8388",
+            "-k", support.PASSWORD, "-m", METHOD, "-b", "127.0.0.1", "-l", "1080", *local,
+        )
+        await self.ready(target, "target ready")
+        await self.ready(server, "listening on")
+        await self.ready(proxy, "listening on [::]")
+        return target, server, proxy
+
+    async def exchange(self, kind: str, host: str, *logs: support.ChildProcess) -> dict[str, Any]:
+        """Run the LAN client once; what it sent and got back."""
+        client = self.spawn(self.lan, sys.executable, "-c", CLIENT, kind, host, str(PORT))
+        await client.ended
+        try:
+            return json.loads(client.text().strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            others = "\n".join(child.text() for child in logs)
+            raise AssertionError(f"the client failed: {client.text()}\n{others}") from None
+
+    def seen(self, target: support.ChildProcess, kind: str) -> list[dict[str, str]]:
+        """The target's records of one kind (tcp or udp)."""
+        records = [json.loads(line) for line in target.text().splitlines() if line.startswith("{")]
+        return [record for record in records if kind in record]
+
+    async def check(self, kind: str, host: str, target: support.ChildProcess, *logs: support.ChildProcess) -> None:
+        """One exchange of `kind` with `host`: every payload arrives whole, every answer from `host`:PORT."""
+        before = len(self.seen(target, kind))
+        result = await self.exchange(kind, host, target, *logs)
+        self.assertEqual(result["replies"], result["sent"], "the target's digests of what the client sent")
+        self.assertEqual(result["sources"], [[host, PORT]] * len(result["sent"]))
+        records = self.seen(target, kind)[before:]
+        # (A UDP datagram the client sent again after a lost answer is recorded twice.)
+        self.assertEqual(sorted({record[kind] for record in records}), sorted(set(result["sent"])))
+        # Relayed by ssx-server from the target's own namespace, never the LAN client itself.
+        self.assertTrue(all(record["source"] in TARGETS for record in records), records)
+
+    @support.coroutine_test
+    async def test_redirect_tcp(self):
+        """NAT REDIRECT: the client's TCP to an IPv4 and an IPv6 outside address arrives whole through the relay."""
+        self.firewall(REDIRECT_RULES, tproxy=False)
+        target, server, proxy = await self.start("--redir", str(PROXY_PORT))
+        await self.check("tcp", OUTSIDE, target, server, proxy)
+        await self.check("tcp", OUTSIDE6, target, server, proxy)
+
+    @support.coroutine_test
+    async def test_tproxy_ipv4(self):
+        """TPROXY, IPv4: TCP and UDP arrive whole; UDP answers come from the address sent to; outbound is marked."""
+        self.firewall(TPROXY_RULES, tproxy=True)
+        target, server, proxy = await self.start("-u", "--tproxy", str(PROXY_PORT), "--outbound-fwmark", str(MARK))
+        await self.check("tcp", OUTSIDE, target, server, proxy)
+        await self.check("udp", OUTSIDE, target, server, proxy)
+
+    @support.coroutine_test
+    async def test_tproxy_ipv6(self):
+        """TPROXY, IPv6: TCP and UDP arrive whole; UDP answers come from the address sent to; outbound is marked."""
+        self.firewall(TPROXY_RULES, tproxy=True)
+        target, server, proxy = await self.start("-u", "--tproxy", str(PROXY_PORT), "--outbound-fwmark", str(MARK))
+        await self.check("tcp", OUTSIDE6, target, server, proxy)
+        await self.check("udp", OUTSIDE6, target, server, proxy)
+
+    @support.coroutine_test
+    async def test_readme_recipe(self):
+        """README's TPROXY recipe (nftables and policy routing), on the router as written: TCP and UDP, both families."""
+        with open(README, encoding="utf-8") as f:
+            text = f.read()
+        routing = _literal_block(text, "ip rule add fwmark 1 lookup 100")
+        rules = _literal_block(text, 'define LAN = "br-lan"', "tproxy ip to")
+        path = os.path.join(self.directory, "readme.nft")
+        with open(path, "w") as f:
+            f.write(rules.replace('"br-lan"', '"lan1"').replace("203.0.113.5", SERVER))
+        netns.in_namespace(self.router, "nft", "-f", path)
+        for line in routing.splitlines():
+            netns.in_namespace(self.router, *line.split())
+        target, server, proxy = await self.start("-u", "--tproxy", str(PROXY_PORT), "--outbound-fwmark", "255")
+        for host in (PUBLIC, PUBLIC6):
+            await self.check("tcp", host, target, server, proxy)
+            await self.check("udp", host, target, server, proxy)
+
+
+    @support.coroutine_test
+    async def test_readme_redirect_recipe(self):
+        """README's NAT REDIRECT recipe (nftables), on the router as written: TCP, both families."""
+        with open(README, encoding="utf-8") as f:
+            rules = _literal_block(f.read(), 'define LAN = "br-lan"', "redirect to")
+        path = os.path.join(self.directory, "readme.nft")
+        with open(path, "w") as f:
+            f.write(rules.replace('"br-lan"', '"lan1"').replace("203.0.113.5", SERVER))
+        netns.in_namespace(self.router, "nft", "-f", path)
+        target, server, proxy = await self.start("--redir", str(PROXY_PORT), "--outbound-fwmark", "255")
+        for host in (PUBLIC, PUBLIC6):
+            await self.check("tcp", host, target, server, proxy)
+
+
+def _literal_block(text: str, start: str, containing: str = "") -> str:
+    """The first of README's indented literal blocks that begins with `start` (and holds `containing`), dedented."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() != start or not line.startswith("    "):
+            continue
+        block = []
+        for following in lines[i:]:
+            if following and not following.startswith("    "):
+                break
+            block.append(following[4:])
+        found = "\n".join(block).strip() + "\n"
+        if containing in found:
+            return found
+    raise AssertionError(f"no literal block starting {start!r} in README.rst")
