@@ -557,10 +557,16 @@ class SummaryLogTests(LoopbackCase):
         probes += [RawClient(os.urandom(10)) for _ in range(N)]  # never a whole header
         probes += [RawClient(first("127.0.0.2", echo_port, b"x")) for _ in range(N)]  # forbidden
         probes += [RawClient(first(f"missing{i}.ssx.test", 80, b"x")) for i in range(N)]  # no such name
-        # Relays whose stream breaks after the header: a chunk that fails its tag.
-        probes += [RawClient(first("127.0.0.1", echo_port, b"x"), ((0.1, os.urandom(40)),)) for _ in range(N)]
+        # Relays whose stream breaks after the header: a chunk that fails its
+        # tag, sent once the echo's answer shows the relay runs (sent sooner,
+        # it could arrive with the header and fail the handshake instead).
+        broken = [RawClient(first("127.0.0.1", echo_port, b"x")) for _ in range(N)]
+        probes += broken
         for probe in probes:
             await self.connect(port, probe)
+        self.assertTrue(await wait_until(lambda: all(p.received for p in broken), 10))
+        for probe in broken:
+            probe.transport.write(os.urandom(40))
         # Over UDP: garbage, names that do not exist, forbidden targets, and
         # N clients each with an association of its own (a socket each on
         # the server).
