@@ -132,6 +132,10 @@ class LocalConfig:
     # TCP Fast Open to the servers: the first write (salt, header, first
     # bytes) in the SYN.
     fast_open: bool = False
+    # Processes serving the ports (1: this one, no supervisor), and
+    # SO_REUSEPORT on the listening sockets (so several processes bind one port).
+    workers: int = 1
+    reuse_port: bool = False
 
     @property
     def plugin(self) -> Plugin | None:

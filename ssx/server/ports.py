@@ -52,6 +52,9 @@ class SharedParts:
     count_traffic: bool = False
     # Where connections and datagrams to targets leave from (None: as the kernel chooses).
     outbound: Outbound | None = None
+    # SO_REUSEPORT on every listening socket (--reuse-port, and in a worker
+    # the ports the manager adds, which every worker binds).
+    reuse_port: bool = False
 
 
 class ServerPort(MultiService):
@@ -106,6 +109,7 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
     def udp_at(address: tuple[str, int] | None = None, beside: ListenerService | None = None) -> None:
         port.datagram_listeners.append(add(DatagramListenerService(
             reactor, udp_relay(), "ssx-server", address=address, beside=beside, v6only=config.v6only,
+            reuse_port=shared.reuse_port,
         )))
 
     def add(child: Any) -> Any:
@@ -125,7 +129,7 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
             listener = serve(
                 port, reactor, description, factory, "ssx-server", v6only=config.v6only,
                 # Not behind a plugin, which takes the public connections itself.
-                fast_open=FAST_OPEN_QUEUE if config.fast_open else 0,
+                fast_open=FAST_OPEN_QUEUE if config.fast_open else 0, reuse_port=shared.reuse_port,
             )
             port.listeners.append(listener)
             if relays.udp:

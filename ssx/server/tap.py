@@ -142,11 +142,17 @@ class Options(SsxOptions):
         self.config = reuse_generated_password(config, rundir or ".", uid)
 
 
-def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = False) -> ServerService:
+def build_service(
+    reactor: Any, config: ServerConfig, count_traffic: bool = False, salt_filter: SaltFilter | None = None,
+    manager_listens: bool = True,
+) -> ServerService:
     """
     The server's service tree for `config`: one `ServerPort` per configured
     port; with `count_traffic` or a manager, each counts its encrypted
-    bytes, TCP and UDP (`traffic`).
+    bytes, TCP and UDP (`traffic`).  A worker (`ssx.workers.worker`) passes
+    the replay filter it shares with the other workers, and takes manager
+    requests from its supervisor (`manager_listens` false: the protocol is
+    `service.manager_protocol`, with no socket of its own).
     """
     resolver = TargetResolver(
         reactor,
@@ -160,13 +166,15 @@ def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = Fals
         resolver=resolver,
         forbidden=config.forbidden,
         lookups=UdpLookups(resolver),
-        salt_filter=SaltFilter(config.replay_history) if config.replay_history >= 2 else None,
+        salt_filter=salt_filter if salt_filter is not None else
+        SaltFilter(config.replay_history) if config.replay_history >= 2 else None,
         limits=config.limits,
         max_handshakes=config.max_handshakes,
         max_handshakes_per_ip=config.max_handshakes_per_ip,
         verbose=config.verbose,
         count_traffic=count_traffic or config.manager is not None,
         outbound=config.outbound,
+        reuse_port=config.reuse_port,
     )
     service = ServerService()
     if config.forbidden.host is not None:
@@ -182,7 +190,9 @@ def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = Fals
         protocol = ManagerProtocol(
             service, lambda port: build_port(shared, port), lambda request: added_port(config.port_defaults, request)
         )
-        service.manager = service.add(ManagerService(reactor, config.manager, protocol))
+        service.manager_protocol = protocol
+        if manager_listens:
+            service.manager = service.add(ManagerService(reactor, config.manager, protocol))
     _report(config, resolver)
     # With several ports, the URL file carries the first port's URL.
     service.url_announcement = service.add(
@@ -209,4 +219,8 @@ def _report(config: ServerConfig, resolver: TargetResolver) -> None:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    if options.config.workers > 1:
+        from ssx.workers.supervisor import Supervisor
+
+        return Supervisor(reactor, "ssx-server", options.argv, options.config, options.cwd)
     return build_service(reactor, options.config)

@@ -11,6 +11,8 @@ never from each other.
 - `in_memory`: StringTransport-based stand-ins for protocol unit tests.
 - `payloads`: test payloads and their digests.
 - `logs`: capturing log events.
+- `workers`: a `--workers` server seen from outside (which process holds a
+  connection, live pids), and a forwarder recording a client's bytes.
 """
 
 from tests.support.chains import (
@@ -54,6 +56,7 @@ from tests.support.peers import (
     twistd_env,
     wait_for_port,
 )
+from tests.support.workers import Recorder, alive, connection_owner, started_workers
 from tests.support.targets import (
     CountingEchoFactory,
     Echo,
@@ -138,4 +141,9 @@ __all__ = [
     "wait_for",
     "within",
     "outgoing_connections",
+    # workers
+    "Recorder",
+    "alive",
+    "connection_owner",
+    "started_workers",
 ]
