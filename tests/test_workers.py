@@ -20,7 +20,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
 from ssx.config import server_config
-from ssx.crypto import SharedSaltFilter
+from ssx.crypto import SharedSaltFilter, generate_psk
 from ssx.errors import ConfigError
 from ssx.workers.sockets import Listener, close_all, open_slot_sockets
 from ssx.workers.supervisor import WorkerTotals
@@ -92,10 +92,10 @@ class WorkersTests(unittest.TestCase):
         self.echo = reactor.listenTCP(0, self.echo_factory, interface="127.0.0.1")
         self.addCleanup(self.echo.stopListening)
 
-    async def start(self, *extra: str) -> tuple[Any, int, list[int]]:
+    async def start(self, *extra: str, method: str = METHOD, password: str = PASSWORD) -> tuple[Any, int, list[int]]:
         """The server with 2 workers, once both listen: (child, port, worker pids)."""
         child = await support.start_twistd(
-            self, "--nodaemon", "--pidfile=", "ssx-server", "-s", "127.0.0.1", "-p", "0", "-k", PASSWORD, "-m", METHOD,
+            self, "--nodaemon", "--pidfile=", "ssx-server", "-s", "127.0.0.1", "-p", "0", "-k", password, "-m", method,
             "--forbidden-ip", "", "--url-file", "", "--workers", "2", "--shutdown-grace", "1", *extra,
             ready=b"supervising 2 workers", seconds=20,
         )
@@ -106,8 +106,8 @@ class WorkersTests(unittest.TestCase):
         self.assertEqual(len(pids), 2)
         return child, port, pids
 
-    def local(self, port: int) -> int:
-        local, socks_port = support.start_local(port, method=METHOD, password=PASSWORD)
+    def local(self, port: int, method: str = METHOD, password: str = PASSWORD) -> int:
+        local, socks_port = support.start_local(port, method=method, password=password)
         self.addCleanup(local.stopService)
         return socks_port
 
@@ -144,11 +144,20 @@ class WorkersTests(unittest.TestCase):
     @support.coroutine_test
     async def test_replay_refused_by_every_worker(self):
         """A recorded first packet replayed 16 times reaches both workers; each replay gets silence and no target."""
-        child, port, pids = await self.start("--handshake-timeout", "2")
+        await self._replays(METHOD, PASSWORD)
+
+    @support.coroutine_test
+    async def test_2022_replay_refused_by_every_worker(self):
+        """The same for a 2022 method, whose salts go to the shared filter too."""
+        method = "2022-blake3-aes-256-gcm"
+        await self._replays(method, generate_psk(method))
+
+    async def _replays(self, method: str, password: str) -> None:
+        child, port, pids = await self.start("--handshake-timeout", "2", method=method, password=password)
         recorder = support.Recorder(port)
         listening = recorder.listen()
         self.addCleanup(listening.stopListening)
-        socks_port = self.local(listening.getHost().port)
+        socks_port = self.local(listening.getHost().port, method, password)
         payload = os.urandom(5000)
         reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.1", self.echo.getHost().port, payload)
         self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payload)))

@@ -19,7 +19,7 @@ from twisted.application.service import MultiService
 from ssx.config import Limits
 from ssx.config.options import make_suite
 from ssx.config.ports import PortConfig
-from ssx.crypto import SaltFilter
+from ssx.crypto import SaltFilter, SharedSaltFilter
 from ssx.net.listener import DatagramListenerService, ListenerService, serve
 from ssx.net.outbound import Outbound
 from ssx.net.plugin import PluginService
@@ -82,6 +82,10 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
     reactor = shared.reactor
     traffic = UserTraffic() if shared.count_traffic else None
     suite = make_suite(reactor, config.method, config.password, config.key, config.users)
+    if suite.spec.family == "aead2022" and isinstance(shared.salt_filter, SharedSaltFilter):
+        # Workers: a 2022 salt seen by any of them is refused by all (the
+        # shared filter, instead of the suite's exact pool of one process).
+        suite.salts = shared.salt_filter
     factory = ShadowsocksServerFactory(
         reactor, suite, shared.resolver, shared.forbidden, timeout=config.timeout, salt_filter=shared.salt_filter,
         max_handshakes=shared.max_handshakes,
