@@ -261,6 +261,56 @@ class WorkersTests(unittest.TestCase):
         await support.wait_for(asked, 15, lambda: f"manager totals {totals[-3:]} never reached {recorder.total()}", step=0.2)
 
 
+class LocalWorkersTests(unittest.TestCase):
+    """ssx-local --workers 2 as a twistd child, before an in-process server."""
+
+    @support.coroutine_test
+    async def test_both_workers_relay(self):
+        """Both local workers carry SOCKS5 connections to the server, bytes intact; SIGTERM leaves no worker."""
+        echo_factory = support.HashingEchoFactory()
+        echo = reactor.listenTCP(0, echo_factory, interface="127.0.0.1")
+        self.addCleanup(echo.stopListening)
+        server, server_port = support.start_server(method=METHOD, password=PASSWORD)
+        self.addCleanup(server.stopService)
+        child = await support.start_twistd(
+            self, "--nodaemon", "--pidfile=", "ssx-local", "-s", "127.0.0.1", "-p", str(server_port), "-l", "0",
+            "-b", "127.0.0.1", "-k", PASSWORD, "-m", METHOD, "--workers", "2", "--shutdown-grace", "1",
+            ready=b"supervising 2 workers", seconds=20,
+        )
+        await support.wait_for(lambda: child.text().count("ssx-local listening on") >= 2, 30,
+                               lambda: f"the workers did not listen: {child.text()}")
+        socks_port = int(re.search(rb"supervisor: TCP on 127\.0\.0\.1:(\d+)", b"".join(child.output)).group(1))
+        pids = [pid for _, pid in support.started_workers(child.text())]
+        seen: set[int | None] = set()
+        for _ in range(5):
+            clients = [support.SocksClient("127.0.0.1", echo.getHost().port, b"hello") for _ in range(8)]
+            for client in clients:
+                await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
+            await defer.gatherResults([client.echoed for client in clients])
+            sources = [p.transport.getPeer().port for p in server.factory.connections]
+            seen |= {support.connection_owner(pids, source) for source in sources}
+            for client in clients:
+                client.transport.loseConnection()
+            if seen >= set(pids):
+                break
+        self.assertEqual(seen - {None}, set(pids))
+        payload = os.urandom(200_000)
+        reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.1", echo.getHost().port, payload)
+        self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payload)))
+        child.transport.signalProcess("TERM")
+        await support.within(20, child.ended, "the supervisor did not exit")
+        await support.wait_for(lambda: not any(support.alive(pid) for pid in pids), 5, "a worker outlived the supervisor")
+
+    def test_socks_udp_refused(self):
+        """Several workers with SOCKS5 UDP are refused, naming the key: an association's datagrams could reach another worker."""
+        from ssx.config import local_config
+
+        with self.assertRaises(ConfigError) as caught:
+            local_config({"server": "127.0.0.1", "password": "x", "workers": 2, "mode": "tcp_and_udp"})
+        self.assertEqual(caught.exception.key, "workers")
+        self.assertEqual(local_config({"server": "127.0.0.1", "password": "x", "workers": 2}).workers, 2)
+
+
 class ReusePortTests(unittest.TestCase):
     """--reuse-port: two single-process servers on one port, as libev's --reuse-port allows."""
 

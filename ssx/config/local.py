@@ -31,6 +31,8 @@ from ssx.config.values import (
     read_secret,
     read_string,
     read_verbose,
+    read_workers,
+    is_plain_tcp,
     tcp_description,
 )
 from ssx.crypto import make_suite
@@ -192,7 +194,24 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         health_check=_health_check(values),
         verbose=read_verbose(values),
         fast_open=read_bool(values, "fast_open"),
+        workers=_workers(values, socks_listen, tunnels, relays),
+        reuse_port=read_bool(values, "reuse_port"),
     )
+
+
+def _workers(values: Mapping[str, Any], listen: tuple[str, ...], tunnels: list[Tunnel], relays: RelayModes) -> int:
+    """`workers`, refused where the processes cannot share the listeners."""
+    workers = read_workers(values)
+    if workers > 1:
+        if relays.udp and listen:
+            # The datagrams of an association may reach another worker than its TCP connection.
+            raise ConfigError("workers", "not with SOCKS5 UDP (mode tcp_and_udp or udp_only on a SOCKS port): "
+                                         "an association's datagrams must reach the process holding its connection")
+        for description in (*listen, *(tunnel.listen for tunnel in tunnels if relays.tcp)):
+            if not is_plain_tcp(description):
+                raise ConfigError("workers", f"listeners must be plain TCP (tcp:, tcp6: or an address), "
+                                             f"not {description!r}")
+    return workers
 
 
 class _GivenServer(NamedTuple):

@@ -138,6 +138,9 @@ class LocalService(MultiService):
     check and the online config.
     """
 
+    # SO_REUSEPORT on the listening sockets (--reuse-port).
+    reuse_port = False
+
     def __init__(self, picker: ServerPicker, plugins: Sequence[PluginService] = ()) -> None:
         MultiService.__init__(self)
         self.plugins = list(plugins)
@@ -169,7 +172,7 @@ class LocalService(MultiService):
     ) -> None:
         """Listen with `factory` on `description`, with `udp` beside it on the same port if given."""
         self.factories.append(factory)
-        self.listeners.append(serve(self, reactor, description, factory, label, udp))
+        self.listeners.append(serve(self, reactor, description, factory, label, udp, reuse_port=self.reuse_port))
 
 
 def build_service(reactor: Any, config: LocalConfig) -> LocalService:
@@ -184,6 +187,7 @@ def build_service(reactor: Any, config: LocalConfig) -> LocalService:
             plugins.append(service)
         upstreams.append(make_upstream(reactor, entry, service, config.fast_open))
     top = LocalService(ServerPicker(upstreams), plugins)
+    top.reuse_port = config.reuse_port
     # UDP starts with the first configured server (checked by local_config),
     # then follows the picker's choice as servers go down.
     udp_server = top.picker.upstreams()[0] if config.relays.udp else None
@@ -244,7 +248,9 @@ def _add_tunnels(top: LocalService, reactor: Any, config: LocalConfig, udp_serve
             top.add_port(reactor, tunnel.listen, factory, label, tunnel_udp)
         else:
             assert tunnel.address is not None
-            DatagramListenerService(reactor, tunnel_udp, label, address=tunnel.address).setServiceParent(top)
+            DatagramListenerService(
+                reactor, tunnel_udp, label, address=tunnel.address, reuse_port=top.reuse_port,
+            ).setServiceParent(top)
 
 
 def _log_configuration(config: LocalConfig) -> None:
@@ -271,4 +277,8 @@ def _log_configuration(config: LocalConfig) -> None:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    if options.config.workers > 1:
+        from ssx.workers.supervisor import Supervisor, local_listeners
+
+        return Supervisor(reactor, "ssx-local", options.argv, options.config, options.cwd, listeners=local_listeners)
     return build_service(reactor, options.config)

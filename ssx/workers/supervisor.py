@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from ssx.workers.control import CONTROL_IN, CONTROL_OUT, hello_line, parse_stat, request_line
 from ssx.workers.sockets import Listener, SlotSockets, close_all, open_slot_sockets
 
-__all__ = ["Supervisor", "WorkerTotals", "server_listeners"]
+__all__ = ["Supervisor", "WorkerTotals", "local_listeners", "server_listeners"]
 
 _log = Logger()
 
@@ -62,6 +62,17 @@ def server_listeners(config: Any) -> list[Listener]:
         elif port.relays.udp:
             for host in port.hosts:
                 listeners.append(Listener(host=host, port=port.port, v6only=port.v6only))
+    return listeners
+
+
+def local_listeners(config: Any) -> list[Listener]:
+    """The listeners of an `ssx-local` configuration: its SOCKS/HTTP ports (no UDP with workers) and tunnels."""
+    listeners = [Listener(description=description, udp=config.relays.udp) for description in config.listen]
+    for tunnel in config.tunnels:
+        if config.relays.tcp:
+            listeners.append(Listener(description=tunnel.listen, udp=config.relays.udp))
+        elif tunnel.address is not None:
+            listeners.append(Listener(host=tunnel.address[0], port=tunnel.address[1]))
     return listeners
 
 

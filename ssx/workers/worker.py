@@ -118,7 +118,9 @@ def _build(reactor: Any, hello: dict[str, Any]) -> Any:
         from ssx.local import tap as local_tap
 
         options = local_tap.Options()
-    options.overrides = {**hello.get("overrides", {}), **({} if hello["slot"] == 0 else {"url_file": ""})}
+    # One worker writes the server's URL file.
+    quiet = {"url_file": ""} if command == "ssx-server" and hello["slot"] != 0 else {}
+    options.overrides = {**hello.get("overrides", {}), **quiet}
     options.parseOptions(hello["argv"])
     config = dataclasses.replace(options.config, workers=1, reuse_port=True)
     os.chdir(hello["rundir"])
