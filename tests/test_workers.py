@@ -214,6 +214,54 @@ class WorkersTests(unittest.TestCase):
             self.assertNotEqual(probe.connect_ex(("127.0.0.1", port)), 0)
 
     @support.coroutine_test
+    async def test_sighup_passed_on(self):
+        """SIGHUP to the supervisor reaches both workers, which go on serving under the same pids."""
+        child, port, pids = await self.start()
+        child.transport.signalProcess("HUP")
+        await support.wait_for(lambda: child.text().count("SIGHUP received") == 2, 10,
+                               lambda: f"the workers did not both get SIGHUP: {child.text()}")
+        self.assertTrue(all(support.alive(pid) for pid in pids))
+        self.assertEqual(len(support.started_workers(child.text())), 2)
+
+    @support.coroutine_test
+    async def test_manager_add_reaches_every_worker(self):
+        """A port added through the supervisor's manager is served by both workers; remove stops it everywhere."""
+        manager_port = support.free_port()
+        child, port, pids = await self.start("--manager-address", f"127.0.0.1:{manager_port}")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.settimeout(5)
+        added = support.free_port()
+
+        def ask(request: bytes) -> bytes:
+            """The reply to `request`, past any periodic stat: report (short: the supervisor answers at once)."""
+            sock.sendto(request, ("127.0.0.1", manager_port))
+            while True:
+                reply = sock.recv(65536)
+                if not reply.startswith(b"stat:"):
+                    return reply
+
+        self.assertEqual(ask(b'add: {"server_port": %d, "password": "added", "method": "chacha20-ietf-poly1305"}' % added),
+                         b"ok")
+        await support.wait_for(lambda: child.text().count(f"listening on 127.0.0.1:{added}") >= 2
+                               or child.text().count(f"listening on 0.0.0.0:{added}") >= 2, 10,
+                               lambda: f"the added port did not start in both workers: {child.text()}")
+        socks_port = self.local(added, "chacha20-ietf-poly1305", "added")
+        seen: set[int] = set()
+        for _ in range(5):
+            seen |= await self.owners_of_echo_connections(socks_port, pids, 8)
+            if seen == set(pids):
+                break
+        self.assertEqual(seen, set(pids))
+        self.assertEqual(ask(b'remove: {"server_port": %d}' % added), b"ok")
+
+        def refused() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", added)) != 0
+
+        await support.wait_for(refused, 10, "the removed port still accepts")
+
+    @support.coroutine_test
     async def test_supervisor_killed_workers_follow(self):
         """SIGKILL to the supervisor: the workers see their control pipe end and exit."""
         child, port, pids = await self.start()
