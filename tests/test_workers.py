@@ -17,13 +17,16 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from ssx.config import server_config
 from ssx.crypto import SharedSaltFilter, generate_psk
 from ssx.errors import ConfigError
 from ssx.workers.sockets import Listener, close_all, open_slot_sockets
-from ssx.workers.supervisor import WorkerTotals
+from ssx.workers.supervisor import Supervisor, WorkerTotals
 from tests import support
 
 PASSWORD = "workers secret"
@@ -70,6 +73,23 @@ class SharedPartsTests(unittest.SynchronousTestCase):
         self.assertTrue(all(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for slot in slots
                             for sock in slot.values()))
 
+    def test_restart_back_off(self):
+        """A worker dying young is restarted after 1, 2, 4 ... at most 30 s; one that lived a minute after 1 s again."""
+        reactor_ = _SpawningClock()
+        supervisor = Supervisor(reactor_, "ssx-server", [], server_config({"password": "x", "workers": 1}), ".")
+        supervisor.sockets = [{}]
+        delays = []
+        supervisor.start_worker(0)
+        for lived in (0, 0, 0, 0, 0, 0, 0, 61, 0):
+            reactor_.advance(lived)
+            worker = supervisor.workers[0]
+            worker.processEnded(Failure(ProcessTerminated(signal=9)))
+            [call] = reactor_.getDelayedCalls()
+            delays.append(call.getTime() - reactor_.seconds())
+            reactor_.advance(delays[-1])
+        self.assertEqual(delays, [1, 2, 4, 8, 16, 30, 30, 1, 2])
+        self.assertEqual(len(reactor_.spawned), 10)
+
     def test_totals(self):
         """Totals sum the live workers' latest reports and keep a dead worker's bytes."""
         totals = WorkerTotals()
@@ -82,6 +102,21 @@ class SharedPartsTests(unittest.SynchronousTestCase):
         self.assertEqual(totals.total(8388), 175)
         totals.forget(8388)
         self.assertEqual(totals.total(8388), 0)
+
+
+class _SpawningClock(MemoryReactorClock):
+    """A clock whose spawnProcess connects the process protocol to a fake transport and keeps it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[Any] = []
+
+    def spawnProcess(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
+        transport = StringTransport()
+        transport.pid = 1000 + len(self.spawned)  # type: ignore[attr-defined]
+        transport.writeToChild = lambda fd, data: None  # type: ignore[attr-defined]
+        protocol.makeConnection(transport)
+        self.spawned.append(protocol)
 
 
 class WorkersTests(unittest.TestCase):
@@ -212,6 +247,20 @@ class WorkersTests(unittest.TestCase):
         self.assertIn("all workers stopped", child.text())
         with socket.socket() as probe:
             self.assertNotEqual(probe.connect_ex(("127.0.0.1", port)), 0)
+
+    @support.coroutine_test
+    async def test_udp_through_workers(self):
+        """UDP relays through the workers: several clients' datagrams all come back, byte for byte."""
+        child, port, pids = await self.start("-u")
+        udp_port, _ = support.listen_udp_echo()
+        self.addCleanup(udp_port.stopListening)
+        local, socks_port = support.start_local(port, method=METHOD, password=PASSWORD, mode="tcp_and_udp")
+        self.addCleanup(local.stopService)
+        for _ in range(4):
+            client = support.Socks5UdpClient()
+            self.addCleanup(client.close)
+            self.assertEqual(await client.open(socks_port), 0)
+            await client.exchange("127.0.0.1", udp_port.getHost().port, [os.urandom(n) for n in (1, 500, 1400, 8000)])
 
     @support.coroutine_test
     async def test_sighup_passed_on(self):
