@@ -311,6 +311,26 @@ class WorkersTests(unittest.TestCase):
         await support.wait_for(refused, 10, "the removed port still accepts")
 
     @support.coroutine_test
+    async def test_sigterm_drains(self):
+        """After SIGTERM a running connection keeps relaying within the grace; the supervisor exits once it is done."""
+        child, port, pids = await self.start("--shutdown-grace", "20")
+        socks_port = self.local(port)
+        client = support.SocksClient("127.0.0.1", self.echo.getHost().port, b"before")
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
+        await support.within(10, client.echoed, "no echo before SIGTERM")
+        child.transport.signalProcess("TERM")
+        await support.wait_for(lambda: "letting 1 connections finish" in child.text(), 10,
+                               lambda: f"no worker drained: {child.text()}")
+        later = os.urandom(50_000)
+        client.send(later)
+        await support.wait_for(lambda: client.count >= len(b"before") + len(later), 10, "no echo after SIGTERM")
+        self.assertEqual(bytes(client.received), b"before" + later)
+        self.assertFalse(child.ended.called)
+        client.transport.loseConnection()
+        await support.within(15, child.ended, "the supervisor did not exit once the connection was done")
+        self.assertFalse(any(support.alive(pid) for pid in pids))
+
+    @support.coroutine_test
     async def test_supervisor_killed_workers_follow(self):
         """SIGKILL to the supervisor: the workers see their control pipe end and exit."""
         child, port, pids = await self.start()

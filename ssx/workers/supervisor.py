@@ -33,6 +33,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from ssx.net.tcp import FAST_OPEN_QUEUE
 from ssx.workers.control import CONTROL_IN, CONTROL_OUT, hello_line, parse_stat, request_line
 from ssx.workers.sockets import Listener, SlotSockets, close_all, open_slot_sockets
 
@@ -53,12 +54,11 @@ FIRST_SOCKET = 5
 def server_listeners(config: Any) -> list[Listener]:
     """The listeners of an `ssx-server` configuration (`config.workers` > 1 checked them plain TCP, no plugin)."""
     listeners = []
-    fast_open = 256
     for port in config.port_configs():
         if port.relays.tcp:
             for description in port.listen:
                 listeners.append(Listener(description=description, udp=port.relays.udp, v6only=port.v6only,
-                                          fast_open=fast_open if port.fast_open else 0))
+                                          fast_open=FAST_OPEN_QUEUE if port.fast_open else 0))
         elif port.relays.udp:
             for host in port.hosts:
                 listeners.append(Listener(host=host, port=port.port, v6only=port.v6only))

@@ -25,6 +25,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, formatEvent, globalLogBeginner
 from twisted.python.failure import Failure
 
+from ssx.errors import ConfigError
+from ssx.wire.manager import ManagerRequestError, parse_request
 from ssx.workers.control import CONTROL_IN, CONTROL_OUT, parse_hello, stat_line
 
 __all__ = ["main"]
@@ -85,9 +87,6 @@ class _Control(Protocol):
             self._request(line)
 
     def _request(self, line: bytes) -> None:
-        from ssx.errors import ConfigError
-        from ssx.wire.manager import ManagerRequestError, parse_request
-
         protocol = getattr(self.service, "manager_protocol", None)
         if protocol is None:
             return
