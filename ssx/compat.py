@@ -235,7 +235,7 @@ class _Original(_Translation):
                 self.ssx.append("--prefer-ipv6")
             elif flag == "--workers":
                 if value != "1":
-                    raise Refused("--workers", "several worker processes")
+                    self.ssx += ["--workers", value]
             elif flag == "--manager-address":
                 # The original's server is the manager: ssx-server's --manager-address.
                 self.ssx += ["--manager-address", value]
@@ -278,10 +278,9 @@ class _Libev(_Translation):
         params = {"-p": "-p", "-k": "-k", "--password": "-k", "-m": "-m", "-c": "-c", "-t": "-t",
                   "--plugin": "--plugin", "--plugin-opts": "--plugin-opts", "--key": "--key"}
         switches = {"-u": "-u", "-U": "-U", "--fast-open": "--fast-open", "--no-delay": "--no-delay",
-                    "-v": "--verbose"}
+                    "-v": "--verbose", "--reuse-port": "--reuse-port"}
         unsupported = {
             "-n": "raising the open-file limit",
-            "--reuse-port": "SO_REUSEPORT",
             "--acl": "access control lists",
             "--manager-address": "reporting traffic to an external ss-manager (ssx-server's own --manager-address answers the manager API itself)",
             "--mtu": "the UDP MTU",
@@ -415,7 +414,7 @@ def _usage(command: Command) -> str:
         if command.end == "local":
             lines.append("  -b LOCAL_ADDR -l LOCAL_PORT")
         else:
-            lines.append("  --forbidden-ip LIST --prefer-ipv6 --workers 1")
+            lines.append("  --forbidden-ip LIST --prefer-ipv6 --workers N")
         lines += [
             "  -d start|stop|restart --pid-file PATH [/var/run/shadowsocks.pid] --log-file PATH "
             "[/var/log/shadowsocks.log] --user NAME",

@@ -155,12 +155,9 @@ class OriginalServerTests(unittest.SynchronousTestCase):
         self.assertIn(("--forbidden-ip", "10.0.0.0/8"), pairs(ssx))
         self.assertNotIn("--workers", ssx)
 
-    def test_refused(self):
-        """--workers N>1 is refused, naming the flag."""
-        with self.assertRaises(Refused) as caught:
-            plan("ssx-ssserver", "--workers", "4")
-        self.assertEqual(caught.exception.flag, "--workers")
-        self.assertIn("not supported by ssx yet", str(caught.exception))
+    def test_workers(self):
+        """--workers N>1 passes through to ssx-server's own --workers."""
+        self.assertIn(("--workers", "4"), pairs(split(plan("ssx-ssserver", "--workers", "4"))[2]))
 
     def test_manager_address(self):
         """The original's --manager-address (the server answers the manager API) is ssx-server's."""
@@ -262,8 +259,9 @@ class LibevServerTests(unittest.SynchronousTestCase):
         self.assertIn(("--interface", "eth0"), pairs(ssx))
 
     def test_refused(self):
-        """-n --reuse-port --acl --manager-address --mtu --mptcp: refused, naming the flag."""
-        cases = [["-n", "4096"], ["--reuse-port"], ["--acl", "x.acl"],
+        """-n --acl --manager-address --mtu --mptcp: refused, naming the flag; --reuse-port passes through."""
+        self.assertIn("--reuse-port", split(plan("ssx-ss-server", "-k", "pw", "--reuse-port"))[2])
+        cases = [["-n", "4096"], ["--acl", "x.acl"],
                  ["--manager-address", "/tmp/m.sock"], ["--mtu", "1400"], ["--mptcp"]]
         for argv in cases:
             with self.assertRaises(Refused) as caught:

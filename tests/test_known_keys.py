@@ -54,8 +54,10 @@ class PeerKeyWarningTests(unittest.SynchronousTestCase):
             self.assertFalse([line for line in lines if "config keys not used" in line], lines)
 
     def test_advice_is_specific(self):
-        """The advice the brief names: one process, OTA obsolete, the cryptography library, twistd's flags, TCP_NODELAY."""
-        self.assertIn("--workers is not supported yet", SERVER_PEER_KEYS["workers"])
+        """The advice the brief names: OTA obsolete, the cryptography library, twistd's flags, TCP_NODELAY."""
+        # workers and reuse_port are ssx's own keys now.
+        self.assertNotIn("workers", SERVER_PEER_KEYS)
+        self.assertNotIn("reuse_port", SERVER_PEER_KEYS)
         self.assertIn("OTA was removed", SERVER_PEER_KEYS["one_time_auth"])
         for key in ("libopenssl", "libmbedtls", "libsodium"):
             self.assertIn("cryptography library", SERVER_PEER_KEYS[key])
@@ -69,9 +71,9 @@ class PeerKeyWarningTests(unittest.SynchronousTestCase):
     def test_unknown_keys_stay_generic(self):
         """A key in no peer's config (often a misspelt one) stays in the one 'config keys not used' line."""
         for end in ("server", "local"):
-            lines = self.warnings(end, {"pasword": "x", "workers": 2})
+            lines = self.warnings(end, {"pasword": "x", "mtu": 1400})
             self.assertIn(f"config keys not used by ssx-{end}: pasword", lines)
-            self.assertEqual(len([line for line in lines if "workers" in line]), 1, lines)
+            self.assertEqual(len([line for line in lines if "mtu" in line]), 1, lines)
 
     def test_servers_entry(self):
         """A shadowsocks-rust servers entry's keys go through the same table, named by the entry."""
@@ -171,7 +173,7 @@ class OriginalConfigTwistdTests(unittest.TestCase):
 
     @support.coroutine_test
     async def test_warns_and_serves(self):
-        """twistd ssx-server -c with one_time_auth, workers, fast_open and libopenssl prints a line for each and relays."""
+        """twistd ssx-server -c with one_time_auth, fast_open and libopenssl prints a line for each and relays (workers 1: one process)."""
         echo = support.listen_echo()
         self.addCleanup(echo.stopListening)
         server_port = support.free_port()
@@ -184,7 +186,7 @@ class OriginalConfigTwistdTests(unittest.TestCase):
             }, f)
         child = await support.start_twistd(self, "-n", "--pidfile=", "ssx-server", "-c", path, ready=b"clients connect to")
         text = child.text()
-        for key in ("workers", "one_time_auth", "libopenssl", "local_port"):
+        for key in ("one_time_auth", "libopenssl", "local_port"):
             self.assertIn(f"config key {key}: {SERVER_PEER_KEYS[key]}", text)
         # The shared config's loopback local_address is sslocal's: not a source address.
         self.assertIn(LOOPBACK_LOCAL_ADDRESS.format(address="127.0.0.1"), text)

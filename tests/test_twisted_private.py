@@ -83,7 +83,7 @@ class PrivateNamesTests(unittest.TestCase):
             return [serverFromString(reactor, "tcp:0:interface=127.0.0.1")]
         if owner == "twisted.internet.endpoints.TCP6ServerEndpoint":
             return [serverFromString(reactor, r"tcp6:0:interface=\:\:1")]
-        if owner in ("twisted.internet.tcp.Connector", "twisted.runner.procmon.ProcessMonitor"):
+        if owner in ("twisted.internet.tcp.Connector", "twisted.internet.tcp.Port", "twisted.runner.procmon.ProcessMonitor"):
             # ssx's subclass or wrapper has the name whatever Twisted does: ask Twisted's class.
             return [namedAny(owner)]
         self.fail(f"{owner} is in ssx.net.tcp.TWISTED_PRIVATE_NAMES, but this test has no way to make one")

@@ -36,13 +36,11 @@ _BOTH: dict[str, str] = {
     "acl": "access control lists are not supported yet (ssx-server's forbidden_ip blocks destinations); ignored",
     "mtu": "ssx does not size UDP datagrams by an MTU; ignored",
     "mptcp": "multipath TCP is not supported; ignored",
-    "reuse_port": "SO_REUSEPORT is not used (ssx runs one process); ignored",
     "no_delay": "ssx always sets TCP_NODELAY on relayed connections; ignored",
 }
 
 SERVER_PEER_KEYS: Mapping[str, str] = {
     **_BOTH,
-    "workers": "ssx runs one process; --workers is not supported yet",
     "local_port": _LOCAL_ONLY,
     "tunnel_remote": _LOCAL_ONLY,
     "tunnel_remote_port": _LOCAL_ONLY,
@@ -55,7 +53,6 @@ SERVER_PEER_KEYS: Mapping[str, str] = {
 LOCAL_PEER_KEYS: Mapping[str, str] = {
     **_BOTH,
     "manager_address": _SERVER_ONLY,
-    "workers": _SERVER_ONLY,
     "port_password": _SERVER_ONLY,
     "forbidden_ip": _SERVER_ONLY,
     "outbound_address": _SERVER_ONLY,

@@ -34,6 +34,8 @@ from ssx.config.values import (
     read_secret,
     read_string,
     read_verbose,
+    read_workers,
+    is_plain_tcp,
     tcp_description,
 )
 from ssx.crypto import make_suite
@@ -189,6 +191,10 @@ class LocalConfig:
     transparent: tuple[TransparentPort, ...] = ()
     # SO_MARK on the connections and datagrams to the servers (None: unmarked).
     outbound_fwmark: int | None = None
+    # Processes serving the ports (1: this one, no supervisor), and
+    # SO_REUSEPORT on the listening sockets (so several processes bind one port).
+    workers: int = 1
+    reuse_port: bool = False
 
     @property
     def plugin(self) -> Plugin | None:
@@ -252,7 +258,24 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         metrics=read_metrics(values),
         transparent=transparent_ports,
         outbound_fwmark=_outbound_fwmark(values),
+        workers=_workers(values, socks_listen, tunnels, relays),
+        reuse_port=read_bool(values, "reuse_port"),
     )
+
+
+def _workers(values: Mapping[str, Any], listen: tuple[str, ...], tunnels: list[Tunnel], relays: RelayModes) -> int:
+    """`workers`, refused where the processes cannot share the listeners."""
+    workers = read_workers(values)
+    if workers > 1:
+        if relays.udp and listen:
+            # The datagrams of an association may reach another worker than its TCP connection.
+            raise ConfigError("workers", "not with SOCKS5 UDP (mode tcp_and_udp or udp_only on a SOCKS port): "
+                                         "an association's datagrams must reach the process holding its connection")
+        for description in (*listen, *(tunnel.listen for tunnel in tunnels if relays.tcp)):
+            if not is_plain_tcp(description):
+                raise ConfigError("workers", f"listeners must be plain TCP (tcp:, tcp6: or an address), "
+                                             f"not {description!r}")
+    return workers
 
 
 class _GivenServer(NamedTuple):

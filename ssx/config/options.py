@@ -51,6 +51,8 @@ class SsxOptions(usage.Options):
         ["metrics", None, None, "serve Prometheus metrics at /metrics on this Twisted endpoint, e.g. "
          "tcp:9090:interface=127.0.0.1, or PORT (on 127.0.0.1) or IP:PORT; keep it off public addresses "
          "[default: none]"],
+        ["workers", None, None, "processes serving every port, TCP and UDP (key workers); above 1, this process "
+         "supervises them (restarts, signals, totals); 0 or auto: one per core [default: 1, this process alone]"],
     ]
     optFlags = [
         ["tcp-and-udp", "u", "relay UDP as well as TCP (mode tcp_and_udp)"],
@@ -60,6 +62,8 @@ class SsxOptions(usage.Options):
          "summary every 10 minutes and no line names a destination"],
         # Accepted so that shadowsocks-libev command lines work unchanged.
         ["no-delay", None, "accepted for compatibility: TCP_NODELAY is always on"],
+        ["reuse-port", None, "SO_REUSEPORT on the listening sockets (key reuse_port), so several processes "
+         "(another ssx, a libev ss-server) bind one port and the kernel spreads connections between them"],
         ["fast-open", None, "TCP Fast Open (key fast_open): the server takes data in SYNs, the local end sends its "
          "first bytes in the SYN; needs net.ipv4.tcp_fastopen to allow it (see README)"],
     ]
@@ -81,9 +85,25 @@ class SsxOptions(usage.Options):
         "verbose": "verbose",
         "fast-open": "fast_open",
         "metrics": "metrics",
+        "workers": "workers",
+        "reuse-port": "reuse_port",
     }
     flag_keys: Mapping[str, str] = {}
     build: Callable[[Mapping[str, Any]], Any]
+    # Values over both the file's and the flags' (what a `--workers`
+    # supervisor settled for its workers: the password it generated).
+    overrides: Mapping[str, Any] = {}
+    # The command line and the directory it was read in, for the workers.
+    argv: list[str] = []
+    cwd: str = "."
+
+    def parseOptions(self, options: Any = None) -> None:
+        import os
+        import sys
+
+        self.argv = list(sys.argv[1:] if options is None else options)
+        self.cwd = os.getcwd()
+        super().parseOptions(options)
 
     def __init__(self) -> None:
         super().__init__()
@@ -106,6 +126,7 @@ class SsxOptions(usage.Options):
         # A switch not given must not override the file's value.
         self["verbose"] = True if self["verbose"] else None
         self["fast-open"] = True if self["fast-open"] else None
+        self["reuse-port"] = True if self["reuse-port"] else None
         # A reload reads the same file from twistd's --rundir.
         self.config_path = os.path.abspath(self["config"]) if self["config"] else None
         try:
@@ -129,7 +150,7 @@ class SsxOptions(usage.Options):
             flags["mode"] = "udp_only"
         elif self["tcp-and-udp"]:
             flags["mode"] = "tcp_and_udp"
-        return self.check(type(self).build(merge(file_values, flags)))
+        return self.check(type(self).build({**merge(file_values, flags), **self.overrides}))
 
     def config_error(self, error: ConfigError) -> str:
         """The one line a bad configuration is refused with, at start and at a reload."""

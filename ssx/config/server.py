@@ -30,6 +30,8 @@ from ssx.config.values import (
     read_secret,
     read_string,
     read_verbose,
+    read_workers,
+    is_plain_tcp,
     tcp_description,
 )
 from ssx.config.keys import KeyConfig, read_keys
@@ -121,6 +123,10 @@ class ServerConfig:
     # TCP Fast Open on the TCP listening sockets (data in the SYN): the
     # top-level key; a `servers` entry may set its own (`ports`).
     fast_open: bool = False
+    # Processes serving the ports (1: this one, no supervisor), and
+    # SO_REUSEPORT on the listening sockets (so several processes bind one port).
+    workers: int = 1
+    reuse_port: bool = False
     # The source addresses and interface of connections and datagrams to
     # targets (None: as the kernel chooses).
     outbound: Outbound | None = None
@@ -196,7 +202,24 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         fast_open=read_bool(values, "fast_open"),
         outbound=outbound,
         metrics=read_metrics(values),
+        workers=_workers(values, ports),
+        reuse_port=read_bool(values, "reuse_port"),
     )
+
+
+def _workers(values: Mapping[str, Any], ports: list[PortConfig]) -> int:
+    """`workers`, refused with what the supervisor cannot share between processes."""
+    workers = read_workers(values)
+    if workers > 1:
+        for port in ports:
+            if port.plugin is not None:
+                raise ConfigError("workers", "not with a SIP003 plugin (each worker would start its own on one port)")
+            if port.relays.tcp:
+                for description in port.listen:
+                    if not is_plain_tcp(description):
+                        raise ConfigError("workers", f"listeners must be plain TCP (tcp:, tcp6: or an address), "
+                                                     f"not {description!r}")
+    return workers
 
 
 # The warning for a loopback local_address, which is never meant for the server.

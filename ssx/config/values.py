@@ -41,6 +41,8 @@ __all__ = [
     "read_secret",
     "read_string",
     "read_verbose",
+    "read_workers",
+    "is_plain_tcp",
     "tcp_description",
 ]
 
@@ -56,8 +58,10 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 COMMON_KEYS = frozenset({
     "server", "server_port", "password", "key", "method", "timeout", "listen", "mode", "plugin", "plugin_opts",
     "plugin_args", "udp_timeout", "udp_max_associations", "handshake_timeout", "max_connections", "shutdown_grace",
-    "verbose", "fast_open",
+    "verbose", "fast_open", "workers", "reuse_port",
 })
+# `workers` beyond this is refused as a typo (one process per core is the aim).
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,30 @@ def read_bool(values: Mapping[str, Any], key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(key, "expected true or false")
     return value
+
+
+def read_workers(values: Mapping[str, Any]) -> int:
+    """
+    `workers`: how many processes serve the ports [default: 1, no
+    supervisor]; 0 or "auto", one per core this process may run on.
+    """
+    import os
+
+    value = values.get("workers", 1)
+    if value == "auto" or value == "0" or value == 0:
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return max(1, os.cpu_count() or 1)
+    if isinstance(value, str) and not value.isdigit():
+        raise ConfigError("workers", "expected a number of processes, or 0 or auto for one per core")
+    return parse_count(value, "workers", minimum=1, maximum=MAX_WORKERS)
+
+
+def is_plain_tcp(description: str) -> bool:
+    """Whether a listen description is a plain TCP one (what several processes can share)."""
+    kind = description.split(":", 1)[0]
+    return kind in ("tcp", "tcp6")
 
 
 def read_verbose(values: Mapping[str, Any]) -> bool:

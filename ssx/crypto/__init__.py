@@ -15,7 +15,8 @@ codecs) over `_aead`, `_stream`, `_plain` and `_kdf`; `_chunks` (the AEAD
 chunk loop both editions share); `_xchacha` (XChaCha20-Poly1305, for
 AEAD-2017's xchacha20-ietf-poly1305 and the 2022 ChaCha method's UDP);
 `_salt_filter` (the servers' replay filter
-for stream and AEAD-2017 salts); `_keyring` (`KeyRing`, a server port's
+for stream and AEAD-2017 salts); `_shared_salt_filter` (the same filter in
+a file the processes of `--workers` share); `_keyring` (`KeyRing`, a server port's
 keys, found per connection and datagram by trial decryption when there are
 several: `make_key_ring`); `edition2022/` (everything of the 2022
 edition, its own replay checks included); `certificate` (TLS keys for the
@@ -29,6 +30,7 @@ from ssx.crypto.edition2022 import MAX_TIME_DIFF, Suite2022, generate_psk
 from ssx.crypto._registry import METHODS, MethodSpec, lookup_method
 from ssx.crypto._keyring import AccessKey, KeyRing
 from ssx.crypto._salt_filter import SaltFilter
+from ssx.crypto._shared_salt_filter import SharedSaltFilter
 from ssx.crypto._suite import CipherSuite, TcpDecryptor, TcpEncryptor
 from ssx.errors import ConfigError
 
@@ -41,6 +43,7 @@ __all__ = [
     "TcpEncryptor",
     "TcpDecryptor",
     "SaltFilter",
+    "SharedSaltFilter",
     "generate_psk",
     "make_suite",
     "AccessKey",

@@ -191,6 +191,9 @@ class LocalService(MultiService):
     and their listener (`metrics_listener`).
     """
 
+    # SO_REUSEPORT on the listening sockets (--reuse-port).
+    reuse_port = False
+
     def __init__(self, picker: ServerPicker, plugins: Sequence[PluginService] = ()) -> None:
         MultiService.__init__(self)
         self.plugins = list(plugins)
@@ -234,7 +237,7 @@ class LocalService(MultiService):
         """Listen with `factory` on `description`, with `udp` beside it on the same port if given."""
         self.factories.append(factory)
         before = len(self.services)
-        listener = serve(self, reactor, description, factory, label, udp)
+        listener = serve(self, reactor, description, factory, label, udp, reuse_port=self.reuse_port)
         self.listeners.append(listener)
         self.ports[description] = (factory, list(self.services[before:]))
 
@@ -274,6 +277,7 @@ def build_service(
             plugins.append(service)
         upstreams.append(make_upstream(reactor, entry, service, config.fast_open, config.outbound_fwmark))
     top = LocalService(ServerPicker(upstreams), plugins)
+    top.reuse_port = config.reuse_port
     # UDP starts with the first configured server (checked by local_config),
     # then follows the picker's choice as servers go down.
     udp_server = top.picker.upstreams()[0] if config.relays.udp else None
@@ -369,7 +373,7 @@ def add_tunnel(top: LocalService, reactor: Any, config: LocalConfig, tunnel: Tun
         top.add_port(reactor, tunnel.listen, factory, label, tunnel_udp)
     else:
         assert tunnel.address is not None
-        service = DatagramListenerService(reactor, tunnel_udp, label, address=tunnel.address)
+        service = DatagramListenerService(reactor, tunnel_udp, label, address=tunnel.address, reuse_port=top.reuse_port)
         service.setServiceParent(top)
         top.ports[tunnel.listen] = (None, [service])
 
@@ -426,6 +430,10 @@ def _log_configuration(config: LocalConfig) -> None:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    if options.config.workers > 1:
+        from ssx.workers.supervisor import Supervisor, local_listeners
+
+        return Supervisor(reactor, "ssx-local", options.argv, options.config, options.cwd, listeners=local_listeners)
     service = build_service(reactor, options.config)
     # SIGHUP: the file read again, the start's command line over it.
     ReloadService(reactor, "ssx-local", options.load_config, service.reload.apply, options.config_error).setServiceParent(

@@ -13,4 +13,5 @@ is the source address and interface of a server's connections to targets;
 `reload` is the SIGHUP handler both ends install to reload their config.
 `transparent` builds the sockets of transparent proxying (original
 destinations, IP_TRANSPARENT, SO_MARK) and reads TPROXY UDP with recvmsg.
+`inherited` records the listening sockets a `--workers` worker was handed.
 """

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ssx.net import tcp
+from ssx.net.inherited import datagram_key, inherited, stream_key
 __all__ = ["DatagramListenerService", "DrainService", "ListenerService", "serve"]
 
 _log = Logger()
@@ -116,9 +117,11 @@ class DatagramListenerService(Service):
         address: tuple[str, int] | None = None,
         beside: ListenerService | None = None,
         v6only: bool = False,
+        reuse_port: bool = False,
     ) -> None:
         self.reactor = reactor
         self.v6only = v6only
+        self.reuse_port = reuse_port
         self.protocol = protocol
         self.label = label
         self.address = address
@@ -143,10 +146,15 @@ class DatagramListenerService(Service):
                 _log.warn("{label}: no UDP beside {where}: not an IP listener", label=self.label, where=self.beside.description)
                 return
             address = (bound.host, bound.port)
+        adopted = inherited(datagram_key(*address))
         try:
             # 65535: Twisted's default read size (8192) would truncate larger datagrams.
-            if self.v6only and ":" in address[0] and isinstance(self.reactor, PosixReactorBase):
-                self.port = _V6OnlyUdpPort(address[1], self.protocol, address[0], 65535, self.reactor)
+            if adopted is not None:
+                self.port = self.reactor.adoptDatagramPort(adopted[0], adopted[1], self.protocol, 65535)
+            elif (self.v6only and ":" in address[0] or self.reuse_port) and isinstance(self.reactor, PosixReactorBase):
+                self.port = _UdpPort(address[1], self.protocol, address[0], 65535, self.reactor)
+                self.port.v6only = self.v6only
+                self.port.reuse_port = self.reuse_port
                 self.port.startListening()
             else:
                 self.port = self.reactor.listenUDP(address[1], self.protocol, interface=address[0], maxPacketSize=65535)
@@ -162,31 +170,54 @@ class DatagramListenerService(Service):
         return None
 
 
-class _V6OnlyUdpPort(udp.Port):
-    """A UDP port whose IPv6 socket takes IPv6 only, so an IPv4 one binds the same port beside it."""
+class _UdpPort(udp.Port):
+    """
+    A UDP port whose IPv6 socket takes IPv6 only with `v6only` (so an IPv4
+    one binds the same port beside it), and that shares its port with
+    `reuse_port` (SO_REUSEPORT: the kernel hashes each client's address to
+    one socket, so a client's datagrams keep reaching one process).
+    """
+
+    v6only = False
+    reuse_port = False
 
     def createInternetSocket(self) -> socket.socket:
         sock: socket.socket = udp.Port.createInternetSocket(self)
-        if self.addressFamily == socket.AF_INET6:
+        if self.v6only and self.addressFamily == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if self.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         return sock
+
+
+class _V6OnlyUdpPort(_UdpPort):
+    """A UDP port whose IPv6 socket takes IPv6 only, so an IPv4 one binds the same port beside it."""
+
+    v6only = True
 
 
 def serve(
     top: MultiService, reactor: Any, description: str, factory: Factory, label: str, udp: Any = None,
-    v6only: bool = False, fast_open: int = 0,
+    v6only: bool = False, fast_open: int = 0, reuse_port: bool = False,
 ) -> ListenerService:
     """
     Listen with `factory` on `description` under `top`, with the UDP
     protocol `udp` beside it if given; with `v6only`, an IPv6 socket sets
     IPV6_V6ONLY; with `fast_open`, a TCP socket accepts data in SYNs
-    (TCP_FASTOPEN, that queue length).
+    (TCP_FASTOPEN, that queue length); with `reuse_port`, SO_REUSEPORT.
+    A worker takes the socket its supervisor opened for `description`
+    (`ssx.net.inherited`) instead.
     """
-    endpoint = tcp.server_endpoint(reactor, description, LISTEN_BACKLOG, v6only, fast_open)
+    adopted = inherited(stream_key(description))
+    endpoint: Any
+    if adopted is not None:
+        endpoint = tcp.AdoptedEndpoint(reactor, *adopted)
+    else:
+        endpoint = tcp.server_endpoint(reactor, description, LISTEN_BACKLOG, v6only, fast_open, reuse_port)
     listener = ListenerService(endpoint, factory, description, label)
     listener.setServiceParent(top)
     if udp is not None:
-        DatagramListenerService(reactor, udp, label, beside=listener).setServiceParent(top)
+        DatagramListenerService(reactor, udp, label, beside=listener, reuse_port=reuse_port).setServiceParent(top)
     return listener
 
 

@@ -60,13 +60,16 @@ __all__ = [
     "TCP_FASTOPEN",
     "TCP_FASTOPEN_CONNECT",
     "TWISTED_PRIVATE_NAMES",
+    "AdoptedEndpoint",
     "ServerEndpoint",
+    "adopt",
     "connect",
     "fast_open_reactor",
     "fast_open_sysctl_note",
     "listen",
     "on_process_exit",
     "server_endpoint",
+    "tcp_listen_address",
 ]
 
 #: The names private to Twisted that ssx relies on, by the class whose
@@ -79,6 +82,9 @@ TWISTED_PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
     # A parsed `tcp:`/`tcp6:` description keeps its values here.
     "twisted.internet.endpoints.TCP4ServerEndpoint": ("_port", "_backlog", "_interface"),
     "twisted.internet.endpoints.TCP6ServerEndpoint": ("_port", "_backlog", "_interface"),
+    # Builds a port around a listening socket made elsewhere (a worker's
+    # inherited socket), with ssx's transports; `adoptStreamPort` gives Twisted's.
+    "twisted.internet.tcp.Port": ("_fromListeningDescriptor",),
     # What a monitored process's protocol calls when the process ends.
     "twisted.runner.procmon.ProcessMonitor": ("_monitoredProcessExited",),
 }
@@ -209,11 +215,14 @@ class Port(tcp.Port):
     transport = Server
     v6only = False
     fast_open = 0
+    reuse_port = False
 
     def createInternetSocket(self) -> socket.socket:
         sock: socket.socket = tcp.Port.createInternetSocket(self)
         if self.v6only and self.addressFamily == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if self.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if self.fast_open:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, self.fast_open)
@@ -239,11 +248,12 @@ def _fast(reactor: IReactorTCP) -> bool:
 
 def listen(
     reactor: IReactorTCP, port: int, factory: IProtocolFactory, backlog: int = 50, interface: str = "",
-    v6only: bool = False, fast_open: int = 0,
+    v6only: bool = False, fast_open: int = 0, reuse_port: bool = False,
 ) -> IListeningPort:
     """
     Like `reactor.listenTCP`, with these transports (and IPV6_V6ONLY on IPv6
-    if `v6only`; TCP_FASTOPEN with a queue of `fast_open` if not 0).
+    if `v6only`; TCP_FASTOPEN with a queue of `fast_open` if not 0;
+    SO_REUSEPORT with `reuse_port`).
     """
     if not _fast(reactor):
         # IReactorTCP declares a ServerFactory, but endpoints pass any
@@ -252,6 +262,20 @@ def listen(
     listening = Port(port, factory, backlog, interface, reactor)
     listening.v6only = v6only
     listening.fast_open = fast_open
+    listening.reuse_port = reuse_port
+    listening.startListening()
+    return listening
+
+
+def adopt(reactor: Any, fd: int, family: int, factory: IProtocolFactory) -> IListeningPort:
+    """
+    Accept on the listening socket `fd` (made by another process and
+    inherited; the caller keeps and closes `fd`, the port works on a
+    duplicate), with these transports on Twisted's POSIX reactors.
+    """
+    if not _fast(reactor):
+        return reactor.adoptStreamPort(fd, family, factory)
+    listening: Port = Port._fromListeningDescriptor(reactor, fd, family, factory)
     listening.startListening()
     return listening
 
@@ -334,6 +358,7 @@ class ServerEndpoint:
 
     def __init__(
         self, reactor: IReactorTCP, port: int, backlog: int, interface: str, v6only: bool = False, fast_open: int = 0,
+        reuse_port: bool = False,
     ) -> None:
         self.reactor = reactor
         self.port = port
@@ -341,28 +366,54 @@ class ServerEndpoint:
         self.interface = interface
         self.v6only = v6only
         self.fast_open = fast_open
+        self.reuse_port = reuse_port
 
     def listen(self, factory: IProtocolFactory) -> defer.Deferred:
         return defer.execute(
             listen, self.reactor, self.port, factory, self.backlog, self.interface, self.v6only, self.fast_open,
+            self.reuse_port,
         )
+
+
+@implementer(IStreamServerEndpoint)
+class AdoptedEndpoint:
+    """Listens on an inherited listening socket (`adopt`), as a worker does."""
+
+    def __init__(self, reactor: Any, fd: int, family: int) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.family = family
+
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred:
+        return defer.execute(adopt, self.reactor, self.fd, self.family, factory)
+
+
+def tcp_listen_address(description: str) -> tuple[str, int, int | None]:
+    """The interface, port and backlog (None if not given) of a plain `tcp:`/`tcp6:` description."""
+    endpoint = serverFromString(None, description)
+    if not isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+        raise ValueError(f"not a plain TCP description: {description!r}")
+    # Twisted keeps the parsed description in private attributes.
+    return endpoint._interface, endpoint._port, endpoint._backlog if "backlog=" in description else None
 
 
 def server_endpoint(
     reactor: IReactorTCP, description: str, backlog: int, v6only: bool = False, fast_open: int = 0,
+    reuse_port: bool = False,
 ) -> IStreamServerEndpoint:
     """
     `serverFromString(reactor, description)`, except that plain TCP listens
     with these transports, and with `backlog` unless the description gives
     one (and an IPv6 socket with IPV6_V6ONLY if `v6only`, TCP_FASTOPEN with
-    a queue of `fast_open` if not 0; other kinds of endpoint go without).
+    a queue of `fast_open` if not 0, SO_REUSEPORT with `reuse_port`; other
+    kinds of endpoint go without).
     """
     endpoint = serverFromString(reactor, description)
     if isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
         # Twisted keeps the parsed description in private attributes.
         if "backlog=" in description:
             backlog = endpoint._backlog
-        return ServerEndpoint(reactor, endpoint._port, backlog, endpoint._interface, v6only, fast_open)
+        return ServerEndpoint(reactor, endpoint._port, backlog, endpoint._interface, v6only, fast_open, reuse_port)
     return endpoint
 
 

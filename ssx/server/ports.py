@@ -20,7 +20,7 @@ from twisted.application.service import MultiService
 
 from ssx.config import Limits
 from ssx.config.ports import PortConfig
-from ssx.crypto import SaltFilter, make_key_ring
+from ssx.crypto import SaltFilter, SharedSaltFilter, make_key_ring
 from ssx.net.listener import DatagramListenerService, ListenerService, serve
 from ssx.net.outbound import Outbound
 from ssx.net.plugin import PluginService
@@ -58,6 +58,9 @@ class SharedParts:
     # The server's metrics (`ssx.server.metrics.ServerMetrics`), None when off:
     # each port's factory is instrumented as it is built, added ports too.
     metrics: Any = None
+    # SO_REUSEPORT on every listening socket (--reuse-port, and in a worker
+    # the ports the manager adds, which every worker binds).
+    reuse_port: bool = False
 
 
 class ServerPort(MultiService):
@@ -75,6 +78,9 @@ class ServerPort(MultiService):
         MultiService.__init__(self)
         self.config = config
         self.factory = factory
+        # The replay filter 2022 salts go to when --workers share one (None:
+        # each suite's own pool): new credentials at a reload take it too.
+        self.shared_salts: SharedSaltFilter | None = None
         # The port's encrypted bytes, both directions, when counted: TCP
         # (UDP too unless `udp_traffic` counts UDP apart, for the metrics).
         self.traffic = traffic
@@ -115,7 +121,7 @@ class ServerPort(MultiService):
         given a new key), for the caller to end after the grace.
         """
         old = self.config
-        self.replace_credentials(port_credentials(config, self.factory.reactor.seconds))
+        self.replace_credentials(port_credentials(config, self.factory.reactor.seconds, self.shared_salts))
         self.config = config
         running = list(self.factory.connections)
         if (old.password, old.key) != (config.password, config.key):
@@ -150,16 +156,23 @@ class ServerPort(MultiService):
         self.config = config
 
 
-def port_credentials(config: PortConfig, now: Callable[[], float]) -> PortCredentials:
+def port_credentials(
+    config: PortConfig, now: Callable[[], float], shared_salts: SharedSaltFilter | None = None,
+) -> PortCredentials:
     """
     The keys of the port `config` describes, derived now, and their
     limits: its access keys, or its one password (with its 2022 users).
-    2022 headers are stamped and checked on the clock `now` (the reactor's).
+    2022 headers are stamped and checked on the clock `now` (the reactor's),
+    and their salts in `shared_salts` when given (the filter of --workers).
     """
     ring = make_key_ring(
         config.method, config.password, key=config.key, users=dict(config.users),
         keys=[(key.id, key.method, key.secret) for key in config.keys], now=now,
     )
+    if shared_salts is not None:
+        for access in ring.keys:
+            if access.suite.spec.family == "aead2022":
+                access.suite.salts = shared_salts  # type: ignore[union-attr]
     limits = {
         key.id: KeyLimit(key.max_connections, key.quota_bytes, key.quota_period)
         for key in config.keys if key.max_connections or key.quota_bytes
@@ -172,7 +185,10 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
     reactor = shared.reactor
     counting = shared.count_traffic or shared.metrics is not None
     traffic = UserTraffic() if counting else None
-    credentials = port_credentials(config, reactor.seconds)
+    # Workers: a 2022 salt seen by any of them is refused by all (the
+    # shared filter, instead of each suite's exact pool of one process).
+    shared_salts = shared.salt_filter if isinstance(shared.salt_filter, SharedSaltFilter) else None
+    credentials = port_credentials(config, reactor.seconds, shared_salts)
     factory = ShadowsocksServerFactory(
         reactor, credentials, shared.resolver, shared.forbidden, timeout=config.timeout, salt_filter=shared.salt_filter,
         max_handshakes=shared.max_handshakes,
@@ -185,6 +201,7 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
     )
     # The metrics tell TCP from UDP.
     port = ServerPort(config, factory, traffic, UserTraffic() if shared.metrics is not None else None)
+    port.shared_salts = shared_salts
     if shared.metrics is not None:
         shared.metrics.instrument(port)
     relays = config.relays
@@ -209,6 +226,7 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
     def udp_at(address: tuple[str, int] | None = None, beside: ListenerService | None = None) -> None:
         port.datagram_listeners.append(add(DatagramListenerService(
             reactor, udp_relay(), "ssx-server", address=address, beside=beside, v6only=config.v6only,
+            reuse_port=shared.reuse_port,
         )))
 
     def add(child: Any) -> Any:
@@ -228,7 +246,7 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
             listener = serve(
                 port, reactor, description, factory, "ssx-server", v6only=config.v6only,
                 # Not behind a plugin, which takes the public connections itself.
-                fast_open=FAST_OPEN_QUEUE if config.fast_open else 0,
+                fast_open=FAST_OPEN_QUEUE if config.fast_open else 0, reuse_port=shared.reuse_port,
             )
             port.listeners.append(listener)
             if relays.udp:

@@ -55,11 +55,13 @@ class ServerService(MultiService):
     resolver_cache: ResolverCache
     counter_report: CounterReport
     url_announcement: UrlAnnouncement
-    # The manager API's service, when --manager-address is given.
+    # The manager API's service, when --manager-address is given, and the
+    # protocol answering it (a worker has the protocol alone).
     manager: Service | None = None
     # With --metrics: the registry and its histograms (`ssx.server.metrics.ServerMetrics`), and its listener.
     metrics: Any = None
     metrics_listener: ListenerService | None = None
+    manager_protocol: Any = None
 
     def __init__(self) -> None:
         MultiService.__init__(self)

@@ -149,12 +149,19 @@ class Options(SsxOptions):
         return reuse_generated_password(config, self._rundir, uid)
 
 
-def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = False) -> ServerService:
+def build_service(
+    reactor: Any, config: ServerConfig, count_traffic: bool = False, salt_filter: SaltFilter | None = None,
+    manager_listens: bool = True,
+) -> ServerService:
     """
     The server's service tree for `config`: one `ServerPort` per configured
     port; with `count_traffic` or a manager, each counts its encrypted
     bytes, TCP and UDP (`traffic`).  With `config.metrics`, a registry of
-    its own (`service.metrics`), served at /metrics there.
+    its own (`service.metrics`), served at /metrics there.  A worker
+    (`ssx.workers.worker`) passes the replay filter it shares with the other
+    workers, and takes manager requests from its supervisor
+    (`manager_listens` false: the protocol is `service.manager_protocol`,
+    with no socket of its own).
     """
     service = ServerService()
     metrics = None
@@ -175,7 +182,8 @@ def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = Fals
         resolver=resolver,
         forbidden=config.forbidden,
         lookups=UdpLookups(resolver),
-        salt_filter=SaltFilter(config.replay_history) if config.replay_history >= 2 else None,
+        salt_filter=salt_filter if salt_filter is not None else
+        SaltFilter(config.replay_history) if config.replay_history >= 2 else None,
         limits=config.limits,
         max_handshakes=config.max_handshakes,
         max_handshakes_per_ip=config.max_handshakes_per_ip,
@@ -183,6 +191,7 @@ def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = Fals
         count_traffic=count_traffic or config.manager is not None,
         outbound=config.outbound,
         metrics=metrics,
+        reuse_port=config.reuse_port,
     )
     if config.forbidden.host is not None:
         # Reads the addresses at start and after every change (a check made
@@ -200,7 +209,9 @@ def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = Fals
             service, lambda port: build_port(reload.shared, port),
             lambda request: added_port(reload.config.port_defaults, request),
         )
-        service.manager = service.add(ManagerService(reactor, config.manager, protocol))
+        service.manager_protocol = protocol
+        if manager_listens:
+            service.manager = service.add(ManagerService(reactor, config.manager, protocol))
     if metrics is not None and config.metrics is not None:
         from ssx.net.metrics import serve_metrics
 
@@ -232,6 +243,10 @@ def _report(config: ServerConfig, resolver: TargetResolver) -> None:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    if options.config.workers > 1:
+        from ssx.workers.supervisor import Supervisor
+
+        return Supervisor(reactor, "ssx-server", options.argv, options.config, options.cwd)
     service = build_service(reactor, options.config)
     # SIGHUP: the file read again, the start's command line over it.
     ReloadService(

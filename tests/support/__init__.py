@@ -13,6 +13,8 @@ never from each other.
 - `payloads`: test payloads and their digests.
 - `logs`: capturing log events.
 - `metrics`: scraping /metrics over HTTP and reading the samples.
+- `workers`: a `--workers` server seen from outside (which process holds a
+  connection, live pids), and a forwarder recording a client's bytes.
 """
 
 from tests.support.chains import (
@@ -62,6 +64,7 @@ from tests.support.peers import (
     twistd_env,
     wait_for_port,
 )
+from tests.support.workers import Recorder, alive, connection_owner, started_workers
 from tests.support.targets import (
     CountingEchoFactory,
     Echo,
@@ -153,4 +156,9 @@ __all__ = [
     "wait_for",
     "within",
     "outgoing_connections",
+    # workers
+    "Recorder",
+    "alive",
+    "connection_owner",
+    "started_workers",
 ]

@@ -1,0 +1,92 @@
+"""
+The manager API of a `--workers` server, answered by the supervisor: the
+same protocol as one process's (`ssx.server.manager.ManagerProtocol`,
+over `ManagerService`), against a table of ports whose figures are the
+sums of every worker's `stat:` reports (`WorkerTotals`).  `add` and
+`remove` are checked here, then forwarded to every worker, which starts
+or stops the port itself (binding an added port with SO_REUSEPORT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+
+from ssx.config.ports import PortConfig
+from ssx.config.server import added_port
+from ssx.server.manager import ManagerProtocol, ManagerService
+from ssx.server.service import PortUnavailable
+from ssx.wire.manager import ManagerRequest
+
+if TYPE_CHECKING:
+    from ssx.workers.supervisor import Supervisor, WorkerTotals
+
+__all__ = ["WorkerPorts", "supervisor_manager"]
+
+
+class _Traffic:
+    """A port's bytes over all workers (`up` holds both directions, as `ManagerProtocol.totals` adds them)."""
+
+    def __init__(self, totals: WorkerTotals, number: int) -> None:
+        self._totals = totals
+        self._number = number
+        self.down = 0
+
+    @property
+    def up(self) -> int:
+        return self._totals.total(self._number)
+
+
+@dataclass
+class _Port:
+    config: PortConfig
+    traffic: Any = None
+
+
+class WorkerPorts:
+    """The ports every worker serves, as `ManagerProtocol` sees a `ServerService`."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.ports: dict[int, _Port] = {}
+        for config in supervisor.config.port_configs():
+            self.ports[config.port] = _Port(config, _Traffic(supervisor.totals, config.port))
+
+    def add_port(self, port: _Port) -> _Port:
+        if port.config.port in self.ports:
+            raise PortUnavailable(f"port {port.config.port} is already served")
+        port.traffic = _Traffic(self.supervisor.totals, port.config.port)
+        self.ports[port.config.port] = port
+        return port
+
+    def remove_port(self, number: int, grace: float | None = None) -> defer.Deferred[None]:
+        del self.ports[number]
+        self.supervisor.totals.forget(number)
+        return defer.succeed(None)
+
+
+class _SupervisorManagerProtocol(ManagerProtocol):
+    def answer(self, request: ManagerRequest) -> bytes:
+        reply = super().answer(request)
+        if request.command in ("add", "remove"):
+            self.supervisor.forward_request(request.command, request.body)
+        return reply
+
+    supervisor: Supervisor
+
+
+def supervisor_manager(supervisor: Supervisor) -> None:
+    """The manager API of `supervisor` (its config has a manager address), as its child service."""
+    config = supervisor.config
+    ports = WorkerPorts(supervisor)
+    # WorkerPorts and _Port have what ManagerProtocol uses of a ServerService and a ServerPort.
+    protocol = _SupervisorManagerProtocol(
+        ports,  # type: ignore[arg-type]
+        lambda port_config: _Port(port_config),  # type: ignore[arg-type,return-value]
+        lambda request: added_port(config.port_defaults, request),
+    )
+    protocol.supervisor = supervisor
+    supervisor.manager_protocol = protocol
+    ManagerService(supervisor.reactor, config.manager, protocol).setServiceParent(supervisor)
