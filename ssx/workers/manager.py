@@ -44,6 +44,10 @@ class _Port:
     config: PortConfig
     traffic: Any = None
 
+    def total_bytes(self) -> int:
+        """The port's bytes over all workers, both directions (as `ServerPort.total_bytes`)."""
+        return self.traffic.up if self.traffic is not None else 0
+
 
 class WorkerPorts:
     """The ports every worker serves, as `ManagerProtocol` sees a `ServerService`."""
