@@ -47,6 +47,9 @@ class SsxOptions(usage.Options):
         ["udp-timeout", None, None, "seconds a UDP association lives without traffic [default: 60]"],
         ["udp-max-associations", None, None, "most UDP associations kept at once; the least recently used "
          "goes first [default: 1024]"],
+        ["acl", None, None, "ACL file (shadowsocks-libev/rust format): on ssx-local, which targets go through the "
+         "server ([proxy_list]) and which directly ([bypass_list]); on ssx-server, which clients are served "
+         "([black_list]/[white_list]) and which destinations refused ([outbound_block_list]); reread on SIGHUP"],
     ]
     optFlags = [
         ["tcp-and-udp", "u", "relay UDP as well as TCP (mode tcp_and_udp)"],
@@ -76,6 +79,7 @@ class SsxOptions(usage.Options):
         "plugin-opts": "plugin_opts",
         "verbose": "verbose",
         "fast-open": "fast_open",
+        "acl": "acl",
     }
     flag_keys: Mapping[str, str] = {}
     build: Callable[[Mapping[str, Any]], Any]

@@ -30,6 +30,7 @@ from ssx.config.values import (
     read_secret,
     read_string,
     read_verbose,
+    read_acl,
     tcp_description,
 )
 from ssx.crypto import lookup_method, make_suite
@@ -38,6 +39,7 @@ from ssx.errors import ConfigError
 from ssx.config.nameservers import parse_nameservers
 from ssx.config.manager import MANAGER_KEYS, ManagerAddress, read_manager_address
 from ssx.config.ports import PORT_LIST_KEYS, PortConfig, dual_stack, port_entries
+from ssx.acl import Acl
 from ssx.server.forbidden import ForbiddenNetworks, parse_forbidden
 from ssx.server.handshakes import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_IP
 from ssx.wire.sip003 import Plugin
@@ -122,6 +124,9 @@ class ServerConfig:
     # The source addresses and interface of connections and datagrams to
     # targets (None: as the kernel chooses).
     outbound: Outbound | None = None
+    # The ACL file (`acl`): client black/white lists and outbound block/allow lists.
+    acl: Acl | None = None
+    acl_path: str | None = None
 
     def port_configs(self) -> tuple[PortConfig, ...]:
         """`ports`, or for a config made without them, the one port its fields describe."""
@@ -191,6 +196,8 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         port_defaults={k: v for k, v in values.items() if k not in _NOT_INHERITED},
         fast_open=read_bool(values, "fast_open"),
         outbound=outbound,
+        acl=read_acl(values),
+        acl_path=values.get("acl"),
     )
 
 

@@ -16,6 +16,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ssx.acl import Acl, load_acl
 from ssx.numbers import MAX_COUNT, parse_count, parse_number, parse_port, parse_seconds
 from ssx.crypto import generate_psk, lookup_method
 from ssx.errors import ConfigError
@@ -29,6 +30,7 @@ __all__ = [
     "Limits",
     "RelayModes",
     "read_bind_hosts",
+    "read_acl",
     "read_bool",
     "read_count",
     "read_limits",
@@ -56,7 +58,7 @@ DEFAULT_SHUTDOWN_GRACE = 10.0
 COMMON_KEYS = frozenset({
     "server", "server_port", "password", "key", "method", "timeout", "listen", "mode", "plugin", "plugin_opts",
     "plugin_args", "udp_timeout", "udp_max_associations", "handshake_timeout", "max_connections", "shutdown_grace",
-    "verbose", "fast_open",
+    "verbose", "fast_open", "acl",
 })
 
 
@@ -159,6 +161,13 @@ def read_bool(values: Mapping[str, Any], key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(key, "expected true or false")
     return value
+
+
+def read_acl(values: Mapping[str, Any]) -> Acl | None:
+    """The ACL file named by `acl`, loaded (a bad line stops start-up), or None."""
+    if values.get("acl") is None:
+        return None
+    return load_acl(read_string(values, "acl", ""))
 
 
 def read_verbose(values: Mapping[str, Any]) -> bool:

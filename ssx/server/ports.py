@@ -26,6 +26,7 @@ from ssx.net.plugin import PluginService
 from ssx.net.resolver import TargetResolver
 from ssx.net.tcp import FAST_OPEN_QUEUE
 from ssx.server.accounting import UserTraffic
+from ssx.net.acl_holder import AclHolder
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.server.session_windows import SessionWindows
@@ -52,6 +53,8 @@ class SharedParts:
     count_traffic: bool = False
     # Where connections and datagrams to targets leave from (None: as the kernel chooses).
     outbound: Outbound | None = None
+    # The ACL (client and outbound lists), reloadable, or None.
+    acl: AclHolder | None = None
 
 
 class ServerPort(MultiService):
@@ -87,6 +90,7 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
         verbose=shared.verbose,
         port_traffic=traffic,
         outbound=shared.outbound,
+        acl=shared.acl,
         **shared.limits.factory_arguments(),
     )
     port = ServerPort(config, factory, traffic)
@@ -98,7 +102,7 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
         relay = udp_relay_for(suite)(
             reactor, suite, shared.resolver, shared.forbidden, relays.timeout, relays.capacity,
             salt_filter=shared.salt_filter, lookups=shared.lookups, verbose=shared.verbose, traffic=port.traffic,
-            outbound=shared.outbound, **sessions,
+            outbound=shared.outbound, acl=shared.acl, **sessions,
         )
         port.udp_relays.append(relay)
         return relay

@@ -15,6 +15,7 @@ from ssx.config import ServerConfig, server_config
 from ssx.config.server import added_port
 from ssx.config.options import SsxOptions, log_config_notes
 from ssx.crypto import SaltFilter
+from ssx.net.acl_holder import AclHolder, AclReloadService
 from ssx.net.listener import DrainService
 from ssx.errors import ConfigError
 from ssx.net.plugin import find_plugin
@@ -167,8 +168,12 @@ def build_service(reactor: Any, config: ServerConfig, count_traffic: bool = Fals
         verbose=config.verbose,
         count_traffic=count_traffic or config.manager is not None,
         outbound=config.outbound,
+        acl=AclHolder(config.acl_path, config.acl) if config.acl is not None and config.acl_path else None,
     )
     service = ServerService()
+    if shared.acl is not None:
+        service.acl = shared.acl
+        service.acl_reload = service.add(AclReloadService(reactor, shared.acl))
     if config.forbidden.host is not None:
         # Reads the addresses at start and after every change (a check made
         # before the first read reads them itself).
@@ -204,6 +209,8 @@ def _report(config: ServerConfig, resolver: TargetResolver) -> None:
         dns=",".join(h for h, _ in resolver.nameservers),
         forbidden=str(config.forbidden),
     )
+    if config.acl is not None:
+        _log.info("ssx-server: ACL {acl}", acl=config.acl)
 
 
 def makeService(options: Options) -> IService:

@@ -31,6 +31,7 @@ from ssx.crypto import CipherSuite, Suite2022
 from ssx.errors import ProtocolError, ReplayError
 from ssx.interfaces import ITrafficCounter
 from ssx.server.session_windows import SessionState, SessionWindows
+from ssx.net.acl_holder import AclHolder
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.wire.address import is_ip_literal
 from ssx.net.nat import MAX_DATAGRAM, READ_SIZE, SweptNatProtocol, send_datagram
@@ -235,8 +236,14 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         verbose: bool = False,
         traffic: ITrafficCounter | None = None,
         outbound: Outbound | None = None,
+        acl: AclHolder | None = None,
     ) -> None:
         self.setup_nat(reactor, timeout, capacity)
+        # The ACL's client and outbound lists, read at each decision (reloadable).
+        self.acl = acl
+        # Datagrams refused by the ACL: from refused clients, to refused targets.
+        self.acl_clients_refused = 0
+        self.acl_refused = 0
         # Where the associations' sockets send from (None: the wildcard address).
         self.outbound = outbound
         # The port's counter of encrypted bytes (the manager API's), if any.
@@ -257,8 +264,33 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         """A target's datagram for the NAT entry `client`, to be sealed and sent back."""
         raise NotImplementedError
 
+    def _client_refused(self, addr: Any) -> bool:
+        """Whether the ACL refuses the client at `addr` (its datagram is then dropped unread)."""
+        acl = self.acl.acl if self.acl is not None else None
+        if acl is None or not acl.checks_clients or acl.client_allowed(addr[0]):
+            return False
+        self.acl_clients_refused += 1
+        return True
+
+    def _acl_refuses(self, target: Address, ips: list[str] | None) -> bool:
+        """The ACL's outbound check of `target`'s name (`ips` None: before resolving) or of its addresses."""
+        acl = self.acl.acl if self.acl is not None else None
+        if acl is None or not acl.checks_outbound:
+            return False
+        if ips is None:
+            refused = acl.outbound_name_allowed(target.host) is False
+        else:
+            refused = not acl.outbound_addresses_allowed(target.host, ips)
+        if refused:
+            if self.verbose:
+                _log.debug("UDP: refused {target}: ACL", target=target)
+            self.acl_refused += 1
+        return refused
+
     def _route(self, key: Any, target: Address, payload: bytes) -> None:
         """Send `payload` for the NAT entry `key` to `target`, resolving a name first."""
+        if self.acl is not None and not is_ip_literal(target.host) and self._acl_refuses(target, None):
+            return
         if is_ip_literal(target.host):
             self._send(key, target, [target.host], payload)
         else:
@@ -268,6 +300,8 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         self.dropped += 1
 
     def _send(self, client: tuple, target: Address, ips: list[str], payload: bytes) -> None:
+        if self.acl is not None and self._acl_refuses(target, ips):
+            return
         allowed = [ip for ip in ips if not self.forbidden.forbids(ip)]
         if not allowed:
             # Counted for the summary; the destination is named only with verbose.
@@ -285,6 +319,8 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
+        if self.acl is not None and self._client_refused(addr):
+            return
         try:
             plaintext = self.suite.udp_open(data)
             parsed = decode_target(plaintext)
@@ -365,6 +401,8 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
+        if self.acl is not None and self._client_refused(addr):
+            return
         try:
             packet = self._decoder.decode(data)
         except ProtocolError:

@@ -112,13 +112,17 @@ class HashingEchoFactory(protocol.Factory):
 
 
 class UdpEcho(protocol.DatagramProtocol):
-    """Echoes every datagram to where it came from; counts them."""
+    """Echoes every datagram to where it came from; counts them and keeps each one and its source."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.received: list[bytes] = []
+        self.sources: list[tuple[str, int]] = []
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.count += 1
+        self.received.append(data)
+        self.sources.append(addr)
         self.transport.write(data, addr)
 
 
