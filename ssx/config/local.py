@@ -31,8 +31,10 @@ from ssx.config.values import (
     read_secret,
     read_string,
     read_verbose,
+    read_acl,
     tcp_description,
 )
+from ssx.acl import Acl
 from ssx.crypto import make_suite
 from ssx.errors import ConfigError
 from ssx.wire.address import Address
@@ -59,7 +61,7 @@ DEFAULT_ONLINE_INTERVAL = 3600.0
 LOCAL_KEYS = COMMON_KEYS | {
     "local_address", "local_port", "server_endpoint", "socks_user", "socks_password", "tunnel_address", "tunnels",
     "servers", "shadowsocks", "url", "online_config", "online_config_interval", "online_config_ca",
-    "health_check_interval", "health_check_url",
+    "health_check_interval", "health_check_url", "acl_resolve",
     # The original's tunnel (its tunnel.py), read into `tunnels`.
     "tunnel_remote", "tunnel_remote_port", "tunnel_port",
 }
@@ -132,6 +134,12 @@ class LocalConfig:
     # TCP Fast Open to the servers: the first write (salt, header, first
     # bytes) in the SYN.
     fast_open: bool = False
+    # The ACL file (`acl`): which targets go through a server and which
+    # ssx-local reaches itself; with `acl_resolve`, a name no name rule
+    # matches is resolved here and its addresses matched.
+    acl: Acl | None = None
+    acl_path: str | None = None
+    acl_resolve: bool = False
 
     @property
     def plugin(self) -> Plugin | None:
@@ -188,6 +196,9 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         health_check=_health_check(values),
         verbose=read_verbose(values),
         fast_open=read_bool(values, "fast_open"),
+        acl=read_acl(values),
+        acl_path=values.get("acl"),
+        acl_resolve=read_bool(values, "acl_resolve"),
     )
 
 

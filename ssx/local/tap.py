@@ -22,8 +22,10 @@ from ssx.local.udp import LocalUdpRelay, Socks5UdpRelay, TunnelUdpRelay
 from ssx.local.online import OnlineConfigService, describe_url, load_trust_root
 from ssx.local.online_upstreams import OnlineUpstreams
 from ssx.local.picker import ServerPicker
+from ssx.local.routing import AclRouter
 from ssx.local.upstream import make_upstream
 from ssx.errors import ConfigError
+from ssx.net.acl_holder import AclHolder, AclReloadService
 from ssx.net.plugin import PluginService, find_plugin
 from ssx.net.tcp import fast_open_sysctl_note
 from ssx.config.options import SsxOptions, check_endpoint, log_config_notes
@@ -75,7 +77,12 @@ class Options(SsxOptions):
          "goes straight to the server. Other servers name their own (servers entry plugin/plugin_opts, URL ?plugin=)"],
         ["plugin-opts", None, None, "the plugin's options (SS_PLUGIN_OPTIONS), e.g. \"obfs=http;obfs-host=example.com\""],
     ]
+    optFlags = [
+        ["acl-resolve", None, "with --acl, resolve a name that no name rule matches and match its addresses "
+         "against the address rules (as shadowsocks-rust does); without it such a name takes the default"],
+    ]
     flag_keys = {
+        "acl-resolve": "acl_resolve",
         "local-address": "local_address",
         "local-port": "local_port",
         "socks-user": "socks_user",
@@ -108,6 +115,7 @@ class Options(SsxOptions):
         self["url"].append(url)
 
     def postOptions(self) -> None:
+        self["acl-resolve"] = True if self["acl-resolve"] else None
         self.flag_keys = {**self.flag_keys, "tunnels": "tunnels", "url": "url"}
         super().postOptions()
 
@@ -149,6 +157,9 @@ class LocalService(MultiService):
         self.health: HealthCheckService | None = None
         self.online: OnlineConfigService | None = None
         self.online_upstreams: OnlineUpstreams | None = None
+        # The ACL (`--acl`) every port reads at decision time, and its SIGHUP reload.
+        self.router: AclRouter | None = None
+        self.acl_reload: AclReloadService | None = None
         for plugin in self.plugins:
             # First in the tree: started (and listening) before any
             # listener's connection can want them.
@@ -184,6 +195,11 @@ def build_service(reactor: Any, config: LocalConfig) -> LocalService:
             plugins.append(service)
         upstreams.append(make_upstream(reactor, entry, service, config.fast_open))
     top = LocalService(ServerPicker(upstreams), plugins)
+    if config.acl is not None and config.acl_path:
+        holder = AclHolder(config.acl_path, config.acl)
+        top.router = AclRouter(reactor, holder, config.acl_resolve, config.verbose)
+        top.acl_reload = AclReloadService(reactor, holder)
+        top.acl_reload.setServiceParent(top)
     # UDP starts with the first configured server (checked by local_config),
     # then follows the picker's choice as servers go down.
     udp_server = top.picker.upstreams()[0] if config.relays.udp else None
@@ -213,12 +229,13 @@ def _add_proxy_ports(top: LocalService, reactor: Any, config: LocalConfig, udp_s
         if udp_server is not None:
             address = (udp_server.entry.host, udp_server.entry.port)
             socks_udp = Socks5UdpRelay(
-                reactor, udp_server.suite, address, relays.timeout, relays.capacity, picker=top.picker
+                reactor, udp_server.suite, address, relays.timeout, relays.capacity, picker=top.picker,
+                router=top.router,
             )
             top.udp_relays.append(socks_udp)
         factory = MixedLocalFactory(
             reactor, top.picker, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
-            verbose=config.verbose, **config.limits.factory_arguments(),
+            verbose=config.verbose, router=top.router, **config.limits.factory_arguments(),
         )
         top.add_port(reactor, description, factory, "ssx-local", socks_udp)
 
@@ -233,12 +250,12 @@ def _add_tunnels(top: LocalService, reactor: Any, config: LocalConfig, udp_serve
             address = (udp_server.entry.host, udp_server.entry.port)
             tunnel_udp = TunnelUdpRelay(
                 reactor, udp_server.suite, address, tunnel.target, timeout=relays.timeout, capacity=relays.capacity,
-                picker=top.picker,
+                picker=top.picker, router=top.router,
             )
             top.udp_relays.append(tunnel_udp)
         if relays.tcp:
             factory = TunnelFactory(
-                reactor, top.picker, tunnel.target, config.timeout, verbose=config.verbose,
+                reactor, top.picker, tunnel.target, config.timeout, verbose=config.verbose, router=top.router,
                 **config.limits.factory_arguments(),
             )
             top.add_port(reactor, tunnel.listen, factory, label, tunnel_udp)
@@ -264,6 +281,9 @@ def _log_configuration(config: LocalConfig) -> None:
             "ssx-local: server {server}, method {method}, timeout {timeout:g}s",
             server=entry.label, method=entry.method, timeout=config.timeout,
         )
+    if config.acl is not None:
+        _log.info("ssx-local: ACL {acl}{resolving}", acl=config.acl,
+                  resolving=", unmatched names resolved here" if config.acl_resolve else "")
     if config.online is not None:
         _log.info("ssx-local: servers also from the online config at {where}", where=describe_url(config.online.url))
 

@@ -31,6 +31,7 @@ from tests.support.clients import (
     SocksClient,
     SocksTransfer,
     WholeEchoTransfer,
+    http_connect_echo,
     socks5_request,
     socks5_udp_header,
     socks_transfer,
@@ -86,6 +87,7 @@ __all__ = [
     "ChainTestCase",
     # clients
     "TRANSFER_SECONDS",
+    "http_connect_echo",
     "socks5_request",
     "SocksTransfer",
     "socks_transfer",
