@@ -10,19 +10,29 @@ from __future__ import annotations
 
 import ipaddress
 from bisect import bisect_right
-from typing import Union
+import socket
+from typing import Tuple
 
-__all__ = ["AddressRanges", "parse_ip"]
+__all__ = ["AddressRanges", "IpValue", "parse_ip"]
 
-_IP = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+# (IP version, the address as an integer).
+IpValue = Tuple[int, int]
 _MAPPED = 0xFFFF << 32
 
 
-def parse_ip(text: str) -> _IP | None:
-    """The address `text` is the literal of, or None for anything else (a name)."""
+def parse_ip(text: str) -> IpValue | None:
+    """(4 or 6, the address as an integer) for an IP literal, or None for anything else (a name)."""
+    # inet_pton: strict literals, and several times faster than ipaddress.
+    if ":" in text:
+        try:
+            return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+        except (OSError, ValueError):
+            return None
+    if not text[-1:].isdigit():
+        return None
     try:
-        return ipaddress.ip_address(text)
-    except ValueError:
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except (OSError, ValueError):
         return None
 
 
@@ -79,9 +89,9 @@ class AddressRanges:
         self._v4.merge()
         self._v6.merge()
 
-    def contains(self, address: _IP) -> bool:
-        value = int(address)
-        if address.version == 4:
+    def contains(self, address: IpValue) -> bool:
+        version, value = address
+        if version == 4:
             return self._v4.contains(value) or (bool(self._v6.starts) and self._v6.contains(_MAPPED | value))
         if self._v6.contains(value):
             return True

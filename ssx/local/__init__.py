@@ -8,4 +8,6 @@ relay through a server with `relay`; `udp` carries SOCKS5 UDP and UDP
 tunnels.  `upstream` is one server as the local end reaches it, `picker`
 chooses among them, `health` measures them and `online` fetches SIP008
 lists of them (`online_upstreams` builds their servers and plugins).
+With an ACL, `routing` decides per target whether it goes through a
+server or direct, and `direct` is the upstream of direct targets.
 """

@@ -9,6 +9,9 @@ servers and connects to the best one, trying the next if it cannot be
 reached; then the handshake's success reply, the target address header and
 the application's first bytes in one encrypted write (`ssx.crypto`), then
 relay (`ssx.net.relay`), encrypting upwards and decrypting downwards.
+With an ACL, `open_relay` first asks the router (`ssx.local.routing`):
+a direct target's one "server" is a `ssx.local.direct.DirectUpstream`,
+whose codec passes bytes through.
 """
 
 from __future__ import annotations

@@ -16,7 +16,10 @@ opened.  When that server is marked down (health check, failed TCP
 connections) and the picker prefers another, the application's next
 datagram opens a socket to the other one; without a picker, every
 datagram goes to the one server given.  UDP never goes through a SIP003
-plugin: it goes to the server's own address and port.
+plugin: it goes to the server's own address and port.  With an ACL
+(`ssx.local.routing`), datagrams to direct targets go from the
+application's own socket towards them (`_DirectSocket`, in the `direct`
+table), and their answers come back the same way.
 """
 
 from __future__ import annotations

@@ -8,5 +8,6 @@ nothing; `listener` turns endpoints into services; `relay` joins two
 connections with flow control and idle timeouts; `nat` is the expiring
 table of the UDP relays; `resolver` is name resolution on twisted.names;
 `plugin` runs a SIP003 plugin as a supervised child process; `outbound`
-is the source address and interface of a server's connections to targets.
+is the source address and interface of a server's connections to targets;
+`acl_holder` keeps each end's ACL (`ssx.acl`) and rereads it on SIGHUP.
 """

@@ -3,13 +3,15 @@ The server end: one `ShadowsocksServerProtocol` per client connection.
 
 Data path: the suite's server codec (`ssx.crypto`) decrypts the stream and
 finds the target address in its header (either edition), then resolve it (`ssx.net.resolver`),
-refuse forbidden IPs (`ssx.server.forbidden`), connect, then relay (`ssx.net.relay`):
+refuse what the ACL's outbound lists refuse (`ssx.acl`: the name before
+resolving, every address after) and forbidden IPs (`ssx.server.forbidden`), connect, then relay (`ssx.net.relay`):
 client bytes are decrypted towards the target, target bytes encrypted back.
 
 Anything that fails before the relay starts because of the client's bytes
 (a bad tag, a malformed header) gets silence: the connection keeps reading
 and discarding until its timeout, then closes with a FIN, so a prober learns
 nothing from how it closed, nor (below the bounds that follow) from when.
+A client the ACL refuses is closed at accept, before a byte is read.
 
 Connections that have not yet presented a valid header are bounded, per
 source and in all (`ssx.server.handshakes`; with max_connections, to half its

@@ -6,7 +6,8 @@ AEAD-2017) and `Shadowsocks2022UdpRelay` open and seal datagrams in their
 edition's framing, and `udp_relay_for` picks one for a suite.
 
 Each datagram from a client is opened (`CipherSuite.udp_open`), its target
-address parsed, resolved and checked against the forbidden networks, and its
+address parsed, resolved and checked against the ACL's outbound lists and
+the forbidden networks (a client the ACL refuses is dropped unread), and its
 payload sent from the client's own outgoing socket.  Whatever arrives on that
 socket, from any source, goes back to the client sealed with the source's
 address in front.  Clients live in a `NatTable` (bounded, idle entries swept
