@@ -1,7 +1,8 @@
 """
 ssx-local (a twistd child) with `--acl`: each target goes through
 ssx-server or straight from ssx-local, as the ACL says, for SOCKS5, HTTP
-CONNECT and SOCKS5 UDP; and a SIGHUP rereads the file.
+CONNECT, SOCKS5 UDP, SOCKS4, plain HTTP and tunnels; `--acl-resolve`; and a
+SIGHUP rereads the file.
 
 The in-process ssx-server connects to targets from 127.0.0.9
 (`outbound_address`), so each target knows exactly which way a connection
@@ -15,6 +16,9 @@ import hashlib
 import os
 
 from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.web import server as web_server
 from twisted.trial import unittest
 
 from zope.interface.verify import verifyObject
@@ -42,6 +46,7 @@ class DirectUpstreamTests(unittest.SynchronousTestCase):
         self.assertEqual((codec.encrypt(b"a"), codec.decrypt(b"b")), (b"a", b"b"))
 
 
+@support.requires("curl", package="curl")
 class AclLocalTests(unittest.TestCase):
     """An ssx-local child between test clients and an in-process ssx-server, with loopback targets."""
 
@@ -145,6 +150,41 @@ class AclLocalTests(unittest.TestCase):
         )
         self.assertEqual(await self.udp_sources(proxy, "127.0.0.2"), {SERVER_SOURCE})
         self.assertNotIn(SERVER_SOURCE, await self.udp_sources(proxy, "127.0.0.3"))
+
+    @support.coroutine_test
+    async def test_socks4_plain_http_and_tunnels(self) -> None:
+        """SOCKS4, plain HTTP proxying and TCP tunnels follow the ACL too: [proxy_list] targets cross the server."""
+        web = {}
+        for address in ("127.0.0.2", "127.0.0.3"):
+            port = reactor.listenTCP(0, web_server.Site(support.DigestAndSource()), interface=address)
+            self.addCleanup(port.stopListening)
+            web[address] = port.getHost().port
+        tunnels = {address: support.free_port() for address in ("127.0.0.2", "127.0.0.3")}
+        args = [f"--tunnel={tunnels[a]}={a}:{self.tcp[a][1]}" for a in tunnels]
+        _, proxy, _ = await self.local("[bypass_all]\n[proxy_list]\n127.0.0.2\n", *args)
+        expected = {"127.0.0.2": SERVER_SOURCE, "127.0.0.3": "127.0.0.1"}
+        body_path = os.path.abspath(self.mktemp())
+        for address, source in expected.items():
+            for how in (["--socks4", f"127.0.0.1:{proxy}"], ["-x", f"http://127.0.0.1:{proxy}"]):
+                body = os.urandom(30_000)
+                with open(body_path, "wb") as f:
+                    f.write(body)
+                out, err, code = await getProcessOutputAndValue(
+                    "curl", ["-sS", "--max-time", "20", *how, "--data-binary", f"@{body_path}",
+                             f"http://{address}:{web[address]}/"],
+                    env=dict(os.environ, no_proxy="", NO_PROXY=""),
+                )
+                self.assertEqual(code, 0, err)
+                self.assertEqual(out.decode(), f"{hashlib.sha256(body).hexdigest()} {source}", how)
+            await support.wait_for_port(tunnels[address])
+            payload = os.urandom(100_000)
+            client = support.RawClient(payload)
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", tunnels[address]), client)
+            await support.wait_for(lambda: len(client.received) >= len(payload), 10, lambda: "no whole echo")
+            self.assertEqual(bytes(client.received), payload)
+            client.transport.loseConnection()
+            await client.closed
+            self.assertEqual(self.arrived(address, payload), source)
 
     @support.coroutine_test
     async def test_acl_resolve(self) -> None:

@@ -57,6 +57,7 @@ from tests.support.peers import (
 )
 from tests.support.targets import (
     CountingEchoFactory,
+    DigestAndSource,
     Echo,
     FakeDns,
     HashingEcho,
@@ -127,6 +128,7 @@ __all__ = [
     "CountingEchoFactory",
     "HashingEcho",
     "HashingEchoFactory",
+    "DigestAndSource",
     "UdpEcho",
     "listen_udp_echo",
     "make_certificate",
