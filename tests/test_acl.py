@@ -1,19 +1,24 @@
 """
 The ACL file format (`ssx.acl`): every section and rule form, comments,
 bad lines, punycode, the precedence shadowsocks-rust applies, a large
-generated file, and the holder's reload.
+generated file; `--acl` at each end's start-up, and the holder's reload.
 """
 
 from __future__ import annotations
 
 import os
 
+from twisted.internet import reactor
 from twisted.trial import unittest
 
 from ssx.acl import Acl, load_acl, parse_acl
 from ssx.acl.names import REGEXES_PER_PATTERN
 from ssx.errors import ConfigError
-from ssx.net.acl_holder import AclHolder
+from ssx.local import tap as local_tap
+from ssx.local.tap import Options as LocalOptions
+from ssx.net.acl_holder import AclHolder, AclReloadService
+from ssx.server import tap as server_tap
+from ssx.server.tap import Options as ServerOptions
 from tests.support.acl_files import large_acl
 
 
@@ -237,6 +242,51 @@ class LargeAclTests(unittest.SynchronousTestCase):
             self.assertFalse(acl.proxies(host), host)
         self.assertGreater(len(samples.proxied), 100)
         self.assertGreater(len(samples.bypassed), 100)
+
+
+class StartUpTests(unittest.SynchronousTestCase):
+    """--acl on the command line of each end: a bad file stops start-up with one line; a good one is held."""
+
+    def acl_file(self, text: str) -> str:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_bad_line_stops_start_up(self) -> None:
+        """ssx-server and ssx-local: one line naming the key, the file and the line."""
+        path = self.acl_file("[proxy_list]\n10.0.0.0/8\n999.1.1.1/8\n")
+        for options, argv in ((ServerOptions(), ["-k", "pw"]), (LocalOptions(), ["-s", "127.0.0.1", "-k", "pw"])):
+            with self.assertRaises(SystemExit) as caught:
+                options.parseOptions([*argv, "--acl", path])
+            message = str(caught.exception)
+            self.assertIn(f"bad configuration: acl: {path} line 3: bad address or network", message)
+            self.assertNotIn("\n", message)
+
+    def test_server_holds_acl(self) -> None:
+        """ssx-server with --acl: every port's factory reads the one holder, reloaded on SIGHUP by a service."""
+        options = ServerOptions()
+        options.parseOptions(["-k", "pw", "--acl", self.acl_file("[black_list]\n127.0.0.2\n"), "--forbidden-ip="])
+        service = server_tap.build_service(reactor, options.config)
+        self.assertIsNotNone(service.acl)
+        self.assertIs(service.factory.acl, service.acl)
+        self.assertIsInstance(service.acl_reload, AclReloadService)
+        assert service.acl is not None and service.acl.acl is not None
+        self.assertFalse(service.acl.acl.client_allowed("127.0.0.2"))
+
+    def test_local_holds_acl(self) -> None:
+        """ssx-local with --acl and --acl-resolve: the factories share one router; acl_resolve alone warns."""
+        options = LocalOptions()
+        options.parseOptions(["-s", "127.0.0.1", "-k", "pw", "--acl", self.acl_file("[bypass_all]\n"), "--acl-resolve"])
+        self.assertTrue(options.config.acl_resolve)
+        service = local_tap.build_service(reactor, options.config)
+        self.assertIsNotNone(service.router)
+        self.assertIs(service.factory.router, service.router)
+        assert service.router is not None
+        self.assertTrue(service.router.resolve)
+        alone = LocalOptions()
+        alone.parseOptions(["-s", "127.0.0.1", "-k", "pw", "--acl-resolve"])
+        self.assertIn("acl_resolve without acl: no ACL to resolve names for; ignored", alone.config.warnings)
 
 
 class HolderTests(unittest.SynchronousTestCase):

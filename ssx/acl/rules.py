@@ -65,10 +65,12 @@ class Acl:
     outbound_allow: RuleList = field(default_factory=RuleList)
 
     def __str__(self) -> str:
+        lists = (self.bypass, self.proxy, self.outbound_block, self.outbound_allow)
+        regexes = sum(rules.names.regex_count for rules in lists)
         return (
             f"{self.name}: {'proxy' if self.proxy_all else 'bypass'} by default, {len(self.bypass)} bypass/black, "
             f"{len(self.proxy)} proxy/white, {len(self.outbound_block)} outbound block, "
-            f"{len(self.outbound_allow)} outbound allow rules ({self.bypass.names.regex_count + self.proxy.names.regex_count + self.outbound_block.names.regex_count + self.outbound_allow.names.regex_count} regular expressions)"
+            f"{len(self.outbound_allow)} outbound allow rules ({regexes} regular expressions)"
         )
 
     # The local end.

@@ -175,6 +175,8 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
     peer_warnings, ignored = peer_key_notes(values, LOCAL_KEYS, LOCAL_PEER_KEYS)
     warnings += peer_warnings
     credentials = _socks_credentials(values)
+    if read_bool(values, "acl_resolve") and values.get("acl") is None:
+        warnings += ("acl_resolve without acl: no ACL to resolve names for; ignored",)
     return LocalConfig(
         listen=socks_listen,
         server=given.host,

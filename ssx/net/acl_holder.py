@@ -8,6 +8,7 @@ leaves the old rules in place, with one log line.
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any, Callable
 
@@ -26,7 +27,8 @@ class AclHolder:
     """The ACL loaded from `path`, replaced by `reload()`; `acl` is None when the end has none."""
 
     def __init__(self, path: str, acl: Acl | None = None) -> None:
-        self.path = path
+        # Absolute: twistd may change directory before a reload.
+        self.path = os.path.abspath(path)
         self.acl: Acl | None = acl if acl is not None else load_acl(path)
         self.reloads = 0
         self.reload_failures = 0
