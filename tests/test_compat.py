@@ -261,9 +261,14 @@ class LibevServerTests(unittest.SynchronousTestCase):
         self.assertIn(("--outbound-address", "192.0.2.1"), pairs(ssx))
         self.assertIn(("--interface", "eth0"), pairs(ssx))
 
+    def test_acl(self):
+        """--acl FILE goes to either end as it is."""
+        for command in ("ssx-ss-server", "ssx-ss-local"):
+            self.assertIn(("--acl", "x.acl"), pairs(split(plan(command, "-k", "pw", "--acl", "x.acl"))[2]))
+
     def test_refused(self):
-        """-n --reuse-port --acl --manager-address --mtu --mptcp: refused, naming the flag."""
-        cases = [["-n", "4096"], ["--reuse-port"], ["--acl", "x.acl"],
+        """-n --reuse-port --manager-address --mtu --mptcp: refused, naming the flag."""
+        cases = [["-n", "4096"], ["--reuse-port"],
                  ["--manager-address", "/tmp/m.sock"], ["--mtu", "1400"], ["--mptcp"]]
         for argv in cases:
             with self.assertRaises(Refused) as caught:
@@ -310,9 +315,9 @@ class MainTests(unittest.SynchronousTestCase):
 
     def test_refused_one_line(self):
         """A refused flag: one line naming it, exit status 2."""
-        self.assertEqual(compat.main("ssx-ss-server", ["-k", "pw", "--acl", "a.acl"]), 2)
+        self.assertEqual(compat.main("ssx-ss-server", ["-k", "pw", "--mtu", "1400"]), 2)
         self.assertEqual(self.err.getvalue().splitlines(),
-                         ["ssx-ss-server: --acl (access control lists) is not supported by ssx yet"])
+                         ["ssx-ss-server: --mtu (the UDP MTU) is not supported by ssx yet"])
 
     def test_unknown_flag(self):
         """A flag neither command knows: one line, exit status 2."""
