@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.trial import unittest
 
@@ -226,6 +228,41 @@ class BadLineTests(unittest.SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             load_acl(self.mktemp())
         self.assertIn("cannot read", str(caught.exception))
+
+
+# Lines that look like rules, and anything at all.
+_RULE_ALPHABET = "ab.|^$()[]{}*+?\\-_/:0123456789#\u00fc\u0430 "
+_lines = st.one_of(
+    st.text(_RULE_ALPHABET, max_size=30),
+    st.sampled_from(["[proxy_list]", "[bypass_list]", "[bypass_all]", "[outbound_block_list]", "[reject_all]"]),
+    st.text(max_size=20),
+)
+_settings = settings(max_examples=300, deadline=None, database=None)
+
+
+class FuzzTests(unittest.SynchronousTestCase):
+    """Whatever a file holds, parsing gives an Acl or one ConfigError; whatever is asked, an answer."""
+
+    @_settings
+    @given(st.lists(_lines, max_size=12))
+    def test_parse_anything(self, lines: list[str]) -> None:
+        """Any text parses into an Acl or raises ConfigError naming a line, nothing else."""
+        try:
+            acl = parse_acl("\n".join(lines), "fuzz.acl")
+        except ConfigError as e:
+            self.assertIn("fuzz.acl line ", str(e))
+            return
+        self.assertIsInstance(acl, Acl)
+
+    @_settings
+    @given(st.text(max_size=70))
+    def test_decide_anything(self, host: str) -> None:
+        """Any host string gets a decision from every question, never an exception."""
+        acl = parse_acl("[bypass_list]\n||example.com\n10.0.0.0/8\n::/64\nab+c$\n"
+                        "[outbound_block_list]\n|x.test\n[black_list]\n127.0.0.2\n")
+        for answer in (acl.proxies(host), acl.outbound_allowed(host), acl.client_allowed(host),
+                       acl.outbound_addresses_allowed(host, [host]), acl.resolving_decides(host)):
+            self.assertIsInstance(answer, bool)
 
 
 class LargeAclTests(unittest.SynchronousTestCase):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from ssx.net.acl_holder import AclHolder
 from ssx.wire.address import Address
 
-__all__ = ["AclRouter", "Route"]
+__all__ = ["AclRouter", "Lookup", "Route", "system_lookup"]
 
 _log = Logger()
 
@@ -37,14 +37,35 @@ class Route:
     addresses: tuple[str, ...] = ()
 
 
-class AclRouter:
-    """The local end's decisions; `holder.acl` is read at each one, so a reload applies at once."""
+# How a name's addresses are found: (host, port) -> Deferred list of IP strings.
+Lookup = Callable[[str, int], "Deferred[list[str]]"]
 
-    def __init__(self, reactor: Any, holder: AclHolder, resolve: bool = False, verbose: bool = False) -> None:
-        self._reactor = reactor
+
+def system_lookup(reactor: Any) -> Lookup:
+    """getaddrinfo in the reactor's thread pool (hosts file, then the system's DNS), as ssx-local connects."""
+
+    def lookup(host: str, port: int) -> Deferred[list[str]]:
+        d = deferToThreadPool(reactor, reactor.getThreadPool(), socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+        return d.addCallback(lambda infos: list(dict.fromkeys(str(info[4][0]) for info in infos)))
+
+    return lookup
+
+
+class AclRouter:
+    """
+    The local end's decisions; `holder.acl` is read at each one, so a
+    reload applies at once.  `lookup` finds a name's addresses for
+    `resolve` (by default `system_lookup`).
+    """
+
+    def __init__(
+        self, reactor: Any, holder: AclHolder, resolve: bool = False, verbose: bool = False,
+        lookup: Lookup | None = None,
+    ) -> None:
         self.holder = holder
         self.resolve = resolve
         self.verbose = verbose
+        self._lookup = lookup if lookup is not None else system_lookup(reactor)
 
     def route_now(self, target: Address) -> Route:
         """The decision from the rules alone (a name no rule matches takes the default)."""
@@ -58,14 +79,11 @@ class AclRouter:
         acl = self.holder.acl
         if acl is None or not self.resolve or not acl.resolving_decides(target.host):
             return self.route_now(target)
-        d = deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), socket.getaddrinfo, target.host, target.port,
-            0, socket.SOCK_STREAM,
-        )
+        d = self._lookup(target.host, target.port)
         return d.addCallbacks(self._resolved, self._unresolved, callbackArgs=(target,), errbackArgs=(target,))
 
-    def _resolved(self, infos: list[Any], target: Address) -> Route:
-        addresses = tuple(dict.fromkeys(str(info[4][0]) for info in infos))
+    def _resolved(self, found: list[str], target: Address) -> Route:
+        addresses = tuple(found)
         acl = self.holder.acl
         proxied = True if acl is None else acl.addresses_proxy(addresses)
         route = Route(proxied, () if proxied else addresses)
