@@ -22,6 +22,8 @@ from ssx.net.acl_holder import AclHolder, AclReloadService
 from ssx.server import tap as server_tap
 from ssx.server.tap import Options as ServerOptions
 from tests.support.acl_files import large_acl
+from tests.support.logs import event_texts, log_events
+from tests.support.peers import requires
 
 
 class RuleFormTests(unittest.SynchronousTestCase):
@@ -310,6 +312,16 @@ class StartUpTests(unittest.SynchronousTestCase):
         self.assertIsInstance(service.acl_reload, AclReloadService)
         assert service.acl is not None and service.acl.acl is not None
         self.assertFalse(service.acl.acl.client_allowed("127.0.0.2"))
+
+    @requires("obfs-server", package="simple-obfs")
+    def test_plugin_port_warns_about_client_lists(self) -> None:
+        """Client lists on a port behind a plugin: a warning at start (clients all come from the plugin)."""
+        events = log_events(self)
+        options = ServerOptions()
+        options.parseOptions(["-k", "pw", "--acl", self.acl_file("[black_list]\n127.0.0.2\n"),
+                              "--plugin", "obfs-server", "--plugin-opts", "obfs=http"])
+        server_tap.build_service(reactor, options.config)
+        self.assertTrue(any("the ACL's client lists judge that address" in text for text in event_texts(events)))
 
     def test_local_holds_acl(self) -> None:
         """ssx-local with --acl and --acl-resolve: the factories share one router; acl_resolve alone warns."""

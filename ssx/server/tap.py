@@ -211,6 +211,10 @@ def _report(config: ServerConfig, resolver: TargetResolver) -> None:
     )
     if config.acl is not None:
         _log.info("ssx-server: ACL {acl}", acl=config.acl)
+        if config.acl.checks_clients and any(port.plugin is not None for port in config.port_configs()):
+            # The plugin connects to ssx from loopback, whoever its client is.
+            _log.warn("ssx-server: on a port behind a plugin every client comes from the plugin's loopback "
+                      "address: the ACL's client lists judge that address, not the clients'")
 
 
 def makeService(options: Options) -> IService:
