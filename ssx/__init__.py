@@ -5,9 +5,10 @@ ssx: a Shadowsocks proxy suite built on Twisted.
 the local end that offers SOCKS5, SOCKS4 and HTTP to applications
 (`ssx.local`).  Both stand on `ssx.net` (the Twisted plumbing they share),
 `ssx.crypto` (every cipher and replay filter), `ssx.wire` (wire formats,
-no Twisted) and `ssx.config` (config.json and flags); the seams between
-them are declared in `ssx.interfaces`.  `ssx.workers` runs either end as
-several processes (`--workers`).  `python -m ssx` is `ssx.cli`.
+no Twisted), `ssx.acl` (ACL files, no Twisted) and `ssx.config`
+(config.json and flags); the seams between them are declared in
+`ssx.interfaces`.  `ssx.workers` runs either end as several processes
+(`--workers`).  `python -m ssx` is `ssx.cli`.
 See README.rst.
 """
 

@@ -276,12 +276,11 @@ class _Libev(_Translation):
                 "plugin-opts=", "password=", "key=", "help"]
         pairs = self.parse(argv, short, long, gnu=True)
         params = {"-p": "-p", "-k": "-k", "--password": "-k", "-m": "-m", "-c": "-c", "-t": "-t",
-                  "--plugin": "--plugin", "--plugin-opts": "--plugin-opts", "--key": "--key"}
+                  "--plugin": "--plugin", "--plugin-opts": "--plugin-opts", "--key": "--key", "--acl": "--acl"}
         switches = {"-u": "-u", "-U": "-U", "--fast-open": "--fast-open", "--no-delay": "--no-delay",
                     "-v": "--verbose", "--reuse-port": "--reuse-port"}
         unsupported = {
             "-n": "raising the open-file limit",
-            "--acl": "access control lists",
             "--manager-address": "reporting traffic to an external ss-manager (ssx-server's own --manager-address answers the manager API itself)",
             "--mtu": "the UDP MTU",
             "--mptcp": "multipath TCP",

@@ -258,10 +258,15 @@ class LibevServerTests(unittest.SynchronousTestCase):
         self.assertIn(("--outbound-address", "192.0.2.1"), pairs(ssx))
         self.assertIn(("--interface", "eth0"), pairs(ssx))
 
+    def test_acl(self):
+        """--acl FILE goes to either end as it is."""
+        for command in ("ssx-ss-server", "ssx-ss-local"):
+            self.assertIn(("--acl", "x.acl"), pairs(split(plan(command, "-k", "pw", "--acl", "x.acl"))[2]))
+
     def test_refused(self):
-        """-n --acl --manager-address --mtu --mptcp: refused, naming the flag; --reuse-port passes through."""
+        """-n --manager-address --mtu --mptcp: refused, naming the flag; --reuse-port passes through."""
         self.assertIn("--reuse-port", split(plan("ssx-ss-server", "-k", "pw", "--reuse-port"))[2])
-        cases = [["-n", "4096"], ["--acl", "x.acl"],
+        cases = [["-n", "4096"],
                  ["--manager-address", "/tmp/m.sock"], ["--mtu", "1400"], ["--mptcp"]]
         for argv in cases:
             with self.assertRaises(Refused) as caught:
@@ -308,9 +313,9 @@ class MainTests(unittest.SynchronousTestCase):
 
     def test_refused_one_line(self):
         """A refused flag: one line naming it, exit status 2."""
-        self.assertEqual(compat.main("ssx-ss-server", ["-k", "pw", "--acl", "a.acl"]), 2)
+        self.assertEqual(compat.main("ssx-ss-server", ["-k", "pw", "--mtu", "1400"]), 2)
         self.assertEqual(self.err.getvalue().splitlines(),
-                         ["ssx-ss-server: --acl (access control lists) is not supported by ssx yet"])
+                         ["ssx-ss-server: --mtu (the UDP MTU) is not supported by ssx yet"])
 
     def test_unknown_flag(self):
         """A flag neither command knows: one line, exit status 2."""

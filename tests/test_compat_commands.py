@@ -202,7 +202,7 @@ class RefusedTests(CompatTestCase):
     @defer.inlineCallbacks
     def test_refused_flag(self):
         """One line naming the flag, exit status 2, for each command."""
-        cases = [("ssx-ss-server", "--mptcp", []), ("ssx-ss-server", "--mtu", ["1400"]), ("ssx-ss-local", "--acl", ["x"])]
+        cases = [("ssx-ss-server", "--mptcp", []), ("ssx-ss-local", "--mtu", ["1400"])]
         for name, flag, extra in cases:
             out, err, code = yield self.run_command(name, "-k", "pw", flag, *extra)
             self.assertEqual(code, 2, (name, out, err))

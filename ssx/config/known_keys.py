@@ -33,7 +33,6 @@ _BOTH: dict[str, str] = {
     "pid-file": "the ssx-ssserver/ssx-sslocal commands read it (with -d start); twistd itself takes --pidfile",
     "log-file": "the ssx-ssserver/ssx-sslocal commands read it (with -d start); twistd itself takes --logfile",
     "user": "the drop-in commands (ssx-ssserver, ssx-ss-server, ...) read it; twistd itself takes --uid/--gid",
-    "acl": "access control lists are not supported yet (ssx-server's forbidden_ip blocks destinations); ignored",
     "mtu": "ssx does not size UDP datagrams by an MTU; ignored",
     "mptcp": "multipath TCP is not supported; ignored",
     "no_delay": "ssx always sets TCP_NODELAY on relayed connections; ignored",

@@ -36,8 +36,10 @@ from ssx.config.values import (
     read_verbose,
     read_workers,
     is_plain_tcp,
+    read_acl,
     tcp_description,
 )
+from ssx.acl import Acl
 from ssx.crypto import make_suite
 from ssx.errors import ConfigError
 from ssx.wire.address import Address, is_ip_literal
@@ -68,6 +70,7 @@ LOCAL_KEYS = COMMON_KEYS | {
     "local_address", "local_port", "server_endpoint", "socks_user", "socks_password", "tunnel_address", "tunnels",
     "servers", "shadowsocks", "url", "online_config", "online_config_interval", "online_config_ca",
     "health_check_interval", "health_check_url", "dns_listen", "dns_local", "dns_remote",
+    "health_check_interval", "health_check_url", "acl_resolve",
     # The original's tunnel (its tunnel.py), read into `tunnels`.
     "tunnel_remote", "tunnel_remote_port", "tunnel_port",
     # Transparent proxying: ssx's keys, and shadowsocks-rust's `locals`
@@ -195,6 +198,12 @@ class LocalConfig:
     # SO_REUSEPORT on the listening sockets (so several processes bind one port).
     workers: int = 1
     reuse_port: bool = False
+    # The ACL file (`acl`): which targets go through a server and which
+    # ssx-local reaches itself; with `acl_resolve`, a name no name rule
+    # matches is resolved here and its addresses matched.
+    acl: Acl | None = None
+    acl_path: str | None = None
+    acl_resolve: bool = False
 
     @property
     def plugin(self) -> Plugin | None:
@@ -233,6 +242,8 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
     peer_warnings, ignored = peer_key_notes(values, LOCAL_KEYS, LOCAL_PEER_KEYS)
     warnings += peer_warnings
     credentials = _socks_credentials(values)
+    if read_bool(values, "acl_resolve") and values.get("acl") is None:
+        warnings += ("acl_resolve without acl: no ACL to resolve names for; ignored",)
     return LocalConfig(
         listen=socks_listen,
         server=given.host,
@@ -260,6 +271,9 @@ def local_config(values: Mapping[str, Any]) -> LocalConfig:
         outbound_fwmark=_outbound_fwmark(values),
         workers=_workers(values, socks_listen, tunnels, relays),
         reuse_port=read_bool(values, "reuse_port"),
+        acl=read_acl(values),
+        acl_path=values.get("acl"),
+        acl_resolve=read_bool(values, "acl_resolve"),
     )
 
 

@@ -53,6 +53,9 @@ class SsxOptions(usage.Options):
          "[default: none]"],
         ["workers", None, None, "processes serving every port, TCP and UDP (key workers); above 1, this process "
          "supervises them (restarts, signals, totals); 0 or auto: one per core [default: 1, this process alone]"],
+        ["acl", None, None, "ACL file (shadowsocks-libev/rust format): on ssx-local, which targets go through the "
+         "server ([proxy_list]) and which directly ([bypass_list]); on ssx-server, which clients are served "
+         "([black_list]/[white_list]) and which destinations refused ([outbound_block_list]); reread on SIGHUP"],
     ]
     optFlags = [
         ["tcp-and-udp", "u", "relay UDP as well as TCP (mode tcp_and_udp)"],
@@ -87,6 +90,7 @@ class SsxOptions(usage.Options):
         "metrics": "metrics",
         "workers": "workers",
         "reuse-port": "reuse_port",
+        "acl": "acl",
     }
     flag_keys: Mapping[str, str] = {}
     build: Callable[[Mapping[str, Any]], Any]

@@ -32,6 +32,7 @@ from ssx.config.values import (
     read_verbose,
     read_workers,
     is_plain_tcp,
+    read_acl,
     tcp_description,
 )
 from ssx.config.keys import KeyConfig, read_keys
@@ -42,6 +43,7 @@ from ssx.config.nameservers import parse_nameservers
 from ssx.config.manager import MANAGER_KEYS, ManagerAddress, read_manager_address
 from ssx.config.metrics import METRICS_KEYS, read_metrics
 from ssx.config.ports import PORT_LIST_KEYS, PortConfig, dual_stack, port_entries
+from ssx.acl import Acl
 from ssx.server.forbidden import ForbiddenNetworks, parse_forbidden
 from ssx.server.handshakes import DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_IP
 from ssx.wire.sip003 import Plugin
@@ -132,6 +134,9 @@ class ServerConfig:
     outbound: Outbound | None = None
     # The endpoint description /metrics is served on (None: no metrics).
     metrics: str | None = None
+    # The ACL file (`acl`): client black/white lists and outbound block/allow lists.
+    acl: Acl | None = None
+    acl_path: str | None = None
 
     def port_configs(self) -> tuple[PortConfig, ...]:
         """`ports`, or for a config made without them, the one port its fields describe."""
@@ -204,6 +209,8 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         metrics=read_metrics(values),
         workers=_workers(values, ports),
         reuse_port=read_bool(values, "reuse_port"),
+        acl=read_acl(values),
+        acl_path=values.get("acl"),
     )
 
 

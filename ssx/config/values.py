@@ -16,6 +16,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ssx.acl import Acl, load_acl
 from ssx.numbers import MAX_COUNT, parse_count, parse_number, parse_port, parse_seconds
 from ssx.crypto import generate_psk, lookup_method
 from ssx.errors import ConfigError
@@ -29,6 +30,7 @@ __all__ = [
     "Limits",
     "RelayModes",
     "read_bind_hosts",
+    "read_acl",
     "read_bool",
     "read_count",
     "read_limits",
@@ -59,6 +61,7 @@ COMMON_KEYS = frozenset({
     "server", "server_port", "password", "key", "method", "timeout", "listen", "mode", "plugin", "plugin_opts",
     "plugin_args", "udp_timeout", "udp_max_associations", "handshake_timeout", "max_connections", "shutdown_grace",
     "verbose", "fast_open", "workers", "reuse_port",
+    "verbose", "fast_open", "acl",
 })
 # `workers` beyond this is refused as a typo (one process per core is the aim).
 MAX_WORKERS = 256
@@ -187,6 +190,11 @@ def is_plain_tcp(description: str) -> bool:
     """Whether a listen description is a plain TCP one (what several processes can share)."""
     kind = description.split(":", 1)[0]
     return kind in ("tcp", "tcp6")
+def read_acl(values: Mapping[str, Any]) -> Acl | None:
+    """The ACL file named by `acl`, loaded (a bad line stops start-up), or None."""
+    if values.get("acl") is None:
+        return None
+    return load_acl(read_string(values, "acl", ""))
 
 
 def read_verbose(values: Mapping[str, Any]) -> bool:

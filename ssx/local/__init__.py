@@ -13,4 +13,6 @@ lists of them (`online_upstreams` builds their servers and plugins).
 direct or through a server (`dns_remote`) and caches the answers
 (`dns_cache`).  `metrics` is the Prometheus registry of ``--metrics``.
 `reload` applies a SIGHUP's new configuration to the running tree.
+With an ACL, `routing` decides per target whether it goes through a
+server or direct, and `direct` is the upstream of direct targets.
 """

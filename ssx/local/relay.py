@@ -15,6 +15,9 @@ Counted on the factory: connections that moved on to the next server
 each server's payload bytes through `server_traffic` (one wrapper per
 read) and, on the mixed port, connections by the protocol spoken
 (`fronts`).
+With an ACL, `open_relay` first asks the router (`ssx.local.routing`):
+a direct target's one "server" is a `ssx.local.direct.DirectUpstream`,
+whose codec passes bytes through.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from ssx.wire.address import Address, decode_target, encode_address
 from ssx.errors import AddressError, ProtocolError
 from ssx.interfaces import IServerPicker, ITcpClientCodec, ITrafficCounter, IUpstream
 from ssx.net.relay import InboundProtocol, OutboundProtocol, RelayFactory, RelayProtocol
+from ssx.local.direct import DirectUpstream
+from ssx.local.routing import AclRouter, Route
+from ssx.local.upstream import CONNECT_TIMEOUT
 
 __all__ = [
     "ASSOCIATED",
@@ -70,7 +76,10 @@ class NoServerAvailable(ConnectError):
 class LocalFactory(RelayFactory):
     """What every application connection shares: the servers (and their keys), clock, timeout."""
 
-    def __init__(self, reactor: Any, servers: IServerPicker, timeout: float = 300.0, **limits: Any) -> None:
+    def __init__(
+        self, reactor: Any, servers: IServerPicker, timeout: float = 300.0, router: AclRouter | None = None,
+        **limits: Any,
+    ) -> None:
         RelayFactory.__init__(self, reactor, timeout, **limits)
         self.servers = servers
         self.relays_broken = 0
@@ -80,6 +89,10 @@ class LocalFactory(RelayFactory):
         # connections by the protocol the application spoke.
         self.server_traffic: Callable[[IUpstream], ITrafficCounter] | None = None
         self.fronts: dict[str, int] | None = None
+        # With an ACL: which targets go direct, and how many went each way.
+        self.router = router
+        self.acl_proxied = 0
+        self.acl_direct = 0
 
     def relay_broken(self, error: ProtocolError) -> None:
         """
@@ -144,6 +157,40 @@ class LocalRelayProtocol(InboundProtocol):
             self._state = CLOSED
             self.relay_failed(Failure(e))
             return
+        router = self.factory.router
+        if router is None:
+            self._through_servers()
+            return
+        route = router.route(target)
+        if isinstance(route, Deferred):
+            # A name being resolved for the ACL: hold the application's bytes.
+            self.transport.pauseProducing()
+            self._connecting = route
+            route.addCallback(self._routed).addErrback(self._route_failed)
+            return
+        self._routed(route)
+
+    def _routed(self, route: Route) -> None:
+        self._connecting = None
+        if self._closed or self._state != CONNECTING:
+            return
+        factory = self.factory
+        if route.proxied:
+            factory.acl_proxied += 1
+            self._through_servers()
+            return
+        factory.acl_direct += 1
+        assert self._target is not None
+        self._candidates = [DirectUpstream(factory.reactor, self._target, CONNECT_TIMEOUT, route.addresses)]
+        self.transport.pauseProducing()
+        self._try_next_server()
+
+    def _route_failed(self, failure: Failure) -> None:
+        if not failure.check(CancelledError):
+            _log.failure("ACL decision failed", failure)
+            self.transport.loseConnection()
+
+    def _through_servers(self) -> None:
         self._candidates = self.factory.servers.candidates()[:MAX_ATTEMPTS]
         if not self._candidates:
             _log.warn("no server to relay a connection through")

@@ -31,8 +31,10 @@ from ssx.local.online import OnlineConfigService, describe_url, load_trust_root
 from ssx.local.online_upstreams import OnlineUpstreams
 from ssx.local.picker import ServerPicker
 from ssx.local.reload import LocalReload
+from ssx.local.routing import AclRouter
 from ssx.local.upstream import make_upstream
 from ssx.errors import ConfigError
+from ssx.net.acl_holder import AclHolder, AclReloadService
 from ssx.net.plugin import PluginService, find_plugin
 from ssx.net.resolver import nameservers_from_resolv_conf
 from ssx.wire.address import Address
@@ -100,7 +102,12 @@ class Options(SsxOptions):
         ["outbound-fwmark", None, None, "firewall mark (SO_MARK) on the connections and datagrams to the servers, so "
          "that the rules of --redir/--tproxy let them pass (needs CAP_NET_ADMIN)"],
     ]
+    optFlags = [
+        ["acl-resolve", None, "with --acl, resolve a name that no name rule matches and match its addresses "
+         "against the address rules (as shadowsocks-rust does); without it such a name takes the default"],
+    ]
     flag_keys = {
+        "acl-resolve": "acl_resolve",
         "local-address": "local_address",
         "local-port": "local_port",
         "socks-user": "socks_user",
@@ -151,6 +158,7 @@ class Options(SsxOptions):
         self["url"].append(url)
 
     def postOptions(self) -> None:
+        self["acl-resolve"] = True if self["acl-resolve"] else None
         self.flag_keys = {**self.flag_keys, "tunnels": "tunnels", "url": "url", "redir": "redir", "tproxy": "tproxy"}
         super().postOptions()
 
@@ -216,6 +224,9 @@ class LocalService(MultiService):
         self.ports: dict[str, tuple[LocalFactory | None, list[Service]]] = {}
         # What applies a reload (`ssx.local.reload.LocalReload`).
         self.reload: Any = None
+        # The ACL (`--acl`) every port reads at decision time, and its SIGHUP reload.
+        self.router: AclRouter | None = None
+        self.acl_reload: AclReloadService | None = None
         for plugin in self.plugins:
             # First in the tree: started (and listening) before any
             # listener's connection can want them.
@@ -278,12 +289,23 @@ def build_service(
         upstreams.append(make_upstream(reactor, entry, service, config.fast_open, config.outbound_fwmark))
     top = LocalService(ServerPicker(upstreams), plugins)
     top.reuse_port = config.reuse_port
+    if config.acl is not None and config.acl_path:
+        holder = AclHolder(config.acl_path, config.acl)
+        top.router = AclRouter(reactor, holder, config.acl_resolve, config.verbose)
+        top.acl_reload = AclReloadService(reactor, holder)
+        top.acl_reload.setServiceParent(top)
     # UDP starts with the first configured server (checked by local_config),
     # then follows the picker's choice as servers go down.
     udp_server = top.picker.upstreams()[0] if config.relays.udp else None
     _add_proxy_ports(top, reactor, config, udp_server)
     _add_tunnels(top, reactor, config, udp_server)
     if config.dns is not None:
+        if should_proxy is None and top.router is not None:
+            # The ACL as it is at each query: a SIGHUP's new rules apply at once.
+            holder = top.router.holder
+
+            def should_proxy(name: str) -> bool:
+                return holder.acl.proxies(name) if holder.acl is not None else True
         _add_dns_server(top, reactor, config, config.dns, should_proxy or (lambda name: True))
     add_transparent_ports(top, reactor, config)
     for relay in top.udp_relays:
@@ -337,12 +359,13 @@ def add_proxy_port(top: LocalService, reactor: Any, config: LocalConfig, descrip
     if udp_server is not None:
         address = (udp_server.entry.host, udp_server.entry.port)
         socks_udp = Socks5UdpRelay(
-            reactor, udp_server.suite, address, relays.timeout, relays.capacity, picker=top.picker
+            reactor, udp_server.suite, address, relays.timeout, relays.capacity, picker=top.picker,
+            router=top.router,
         )
         top.udp_relays.append(socks_udp)
     factory = MixedLocalFactory(
         reactor, top.picker, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
-        verbose=config.verbose, **config.limits.factory_arguments(),
+        verbose=config.verbose, router=top.router, **config.limits.factory_arguments(),
     )
     top.add_port(reactor, description, factory, "ssx-local", socks_udp)
 
@@ -362,12 +385,12 @@ def add_tunnel(top: LocalService, reactor: Any, config: LocalConfig, tunnel: Tun
         address = (udp_server.entry.host, udp_server.entry.port)
         tunnel_udp = TunnelUdpRelay(
             reactor, udp_server.suite, address, tunnel.target, timeout=relays.timeout, capacity=relays.capacity,
-            picker=top.picker,
+            picker=top.picker, router=top.router,
         )
         top.udp_relays.append(tunnel_udp)
     if relays.tcp:
         factory = TunnelFactory(
-            reactor, top.picker, tunnel.target, config.timeout, verbose=config.verbose,
+            reactor, top.picker, tunnel.target, config.timeout, verbose=config.verbose, router=top.router,
             **config.limits.factory_arguments(),
         )
         top.add_port(reactor, tunnel.listen, factory, label, tunnel_udp)
@@ -423,6 +446,9 @@ def _log_configuration(config: LocalConfig) -> None:
             "ssx-local: server {server}, method {method}, timeout {timeout:g}s",
             server=entry.label, method=entry.method, timeout=config.timeout,
         )
+    if config.acl is not None:
+        _log.info("ssx-local: ACL {acl}{resolving}", acl=config.acl,
+                  resolving=", unmatched names resolved here" if config.acl_resolve else "")
     if config.online is not None:
         _log.info("ssx-local: servers also from the online config at {where}", where=describe_url(config.online.url))
 

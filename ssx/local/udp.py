@@ -16,7 +16,10 @@ opened.  When that server is marked down (health check, failed TCP
 connections) and the picker prefers another, the application's next
 datagram opens a socket to the other one; without a picker, every
 datagram goes to the one server given.  UDP never goes through a SIP003
-plugin: it goes to the server's own address and port.
+plugin: it goes to the server's own address and port.  With an ACL
+(`ssx.local.routing`), datagrams to direct targets go from the
+application's own socket towards them (`_DirectSocket`, in the `direct`
+table), and their answers come back the same way.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from ssx.wire.address import Address, decode_address, encode_address
+from ssx.wire.address import Address, decode_address, encode_address, is_ip_literal
 from ssx.interfaces import ICipherSuite, IServerPicker, ITrafficCounter, IUpstream
 from ssx.errors import ProtocolError
-from ssx.net.nat import MAX_DATAGRAM, READ_SIZE, SweptNatProtocol, send_datagram
+from ssx.local.routing import AclRouter
+from ssx.net.nat import MAX_DATAGRAM, READ_SIZE, NatTable, SweptNatProtocol, send_datagram
 from ssx.net.transparent import set_mark
 from ssx.wire.socks5 import UDP_HEADER, udp_to_shadowsocks
 
@@ -121,6 +125,70 @@ class _ServerSocket(DatagramProtocol):
             port.stopListening()
 
 
+class _DirectSocket(DatagramProtocol):
+    """
+    One application's socket towards the targets the ACL sends direct: not
+    connected (each datagram names its target), one port per address family,
+    opened when first needed; a target's datagrams come back on it.
+    """
+
+    noisy = False
+
+    def __init__(self, relay: "LocalUdpRelay", client: tuple) -> None:
+        self.relay = relay
+        self.client = client
+        self._ports: dict[int, Any] = {}
+        self._closed = False
+
+    def send(self, target: Address, payload: bytes) -> None:
+        if is_ip_literal(target.host):
+            self._send_to(target.host, target.port, payload)
+            return
+        d = self.relay.reactor.resolve(target.host)
+        d.addCallbacks(self._send_to, self._unresolved, callbackArgs=(target.port, payload))
+
+    def _unresolved(self, failure: Any) -> None:
+        self.relay.dropped += 1
+
+    def _send_to(self, ip: str, port: int, payload: bytes) -> None:
+        if self._closed:
+            return
+        family = 6 if ":" in ip else 4
+        listening = self._ports.get(family)
+        try:
+            if listening is None:
+                listening = self._ports[family] = self.relay.reactor.listenUDP(
+                    0, _DirectPort(self), interface="::" if family == 6 else "0.0.0.0", maxPacketSize=READ_SIZE,
+                )
+            listening.write(payload, (ip, port))
+        except (CannotListenError, OSError):
+            self.relay.dropped += 1
+
+    def from_target(self, data: bytes, addr: Any) -> None:
+        self.relay.from_direct(self.client, Address(_plain_ip(addr[0]), addr[1]), data)
+
+    def close(self) -> None:
+        self._closed = True
+        ports, self._ports = self._ports, {}
+        for port in ports.values():
+            port.stopListening()
+
+
+class _DirectPort(DatagramProtocol):
+    """One family's port of a `_DirectSocket` (a protocol per port: Twisted binds one to each)."""
+
+    noisy = False
+
+    def __init__(self, owner: _DirectSocket) -> None:
+        self.owner = owner
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.owner.from_target(data, addr)
+
+    def connectionRefused(self) -> None:
+        pass
+
+
 class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
     """
     The shared part of the local UDP relays; subclasses say which
@@ -140,6 +208,7 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
         timeout: float = 60.0,
         capacity: int = 1024,
         picker: IServerPicker | None = None,
+        router: AclRouter | None = None,
     ) -> None:
         self.setup_nat(reactor, timeout, capacity)
         self.suite = suite
@@ -149,6 +218,30 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
         # With metrics on: each server's counter of the Shadowsocks
         # plaintext (target address and payload) sent and received.
         self.server_traffic: Callable[[IUpstream], ITrafficCounter] | None = None
+        # With an ACL: the applications' sockets to direct targets, in a
+        # table of their own, and how many datagrams went each way.
+        self.router = router
+        self.direct: NatTable[Any, _DirectSocket] = NatTable(
+            reactor.seconds, timeout, capacity, on_evict=lambda key, value: value.close()
+        )
+        self._direct_sweeper: Any = None
+        self.acl_proxied = 0
+        self.acl_direct = 0
+
+    def startProtocol(self) -> None:
+        SweptNatProtocol.startProtocol(self)
+        if self.router is not None:
+            from twisted.internet.task import LoopingCall
+
+            self._direct_sweeper = LoopingCall(self.direct.sweep)
+            self._direct_sweeper.clock = self.reactor
+            self._direct_sweeper.start(max(1.0, min(self.direct.timeout / 4, 15.0)), now=False)
+
+    def stopProtocol(self) -> None:
+        SweptNatProtocol.stopProtocol(self)
+        if self._direct_sweeper is not None and self._direct_sweeper.running:
+            self._direct_sweeper.stop()
+        self.direct.clear()
 
     def server_ip(self, host: str | None = None) -> Any:
         """A Deferred IP for a server's host, the fixed server's by default (resolved once, then remembered)."""
@@ -214,6 +307,8 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
         if not self.accepts(addr):
             self.dropped += 1
             return
+        if self.router is not None and not self._through_server(addr, plaintext):
+            return
         sock = self.nat.get(addr)
         if sock is not None and not self._still_chosen(sock):
             _log.info("UDP: {client} moves to server {server}", client=addr, server=self.choose()[2])
@@ -235,6 +330,39 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
         sock.send(packet)
         if self.server_traffic is not None and sock.upstream is not None:
             self.server_traffic(sock.upstream).add_up(len(plaintext))
+
+    def _through_server(self, client: tuple, plaintext: bytes) -> bool:
+        """Whether the datagram goes to the server; if the ACL sends it direct, send it."""
+        assert self.router is not None
+        parsed = decode_address(plaintext)
+        if parsed is None:  # pragma: no cover (to_server built or checked it)
+            return True
+        target, end = parsed
+        if self.router.route_now(target).proxied:
+            self.acl_proxied += 1
+            return True
+        self.acl_direct += 1
+        sock = self.direct.get(client)
+        if sock is None:
+            sock = _DirectSocket(self, client)
+            self.direct.add(client, sock)
+        sock.send(target, plaintext[end:])
+        return False
+
+    def from_direct(self, client: tuple, source: Address, data: bytes) -> None:
+        """A direct target's datagram for the application at `client`."""
+        if self.transport is None or self.direct.peek(client) is None:
+            return
+        try:
+            datagram = self.to_client(encode_address(source) + data)
+        except ProtocolError:
+            self.dropped += 1
+            return
+        self.direct.touch(client)
+        try:
+            send_datagram(self.transport, datagram, client)
+        except OSError:
+            self.dropped += 1
 
     def from_server(self, client: tuple, packet: bytes) -> None:
         sock = self.nat.peek(client)
@@ -322,16 +450,17 @@ class Socks5UdpRelay(LocalUdpRelay):
         address = (association.ip, association.port)
         if self._owners.get(address) is association:
             del self._owners[address]
-            for client in self.nat:
-                if _plain_address(client) == address:
-                    self.nat.remove(client)
+            for table in (self.nat, self.direct):
+                for client in table:
+                    if _plain_address(client) == address:
+                        table.remove(client)
 
     def active(self, association: Socks5Association) -> bool:
         """Whether `association`'s application used UDP within the timeout."""
         if association.port is None:
             return False
         address = (association.ip, association.port)
-        return any(_plain_address(client) == address for client in self.nat)
+        return any(_plain_address(client) == address for client in (*self.nat, *self.direct))
 
     def accepts(self, client: tuple) -> bool:
         """Whether `client` owns an association, or now claims the oldest one waiting at its IP."""

@@ -14,4 +14,5 @@ is the source address and interface of a server's connections to targets;
 `transparent` builds the sockets of transparent proxying (original
 destinations, IP_TRANSPARENT, SO_MARK) and reads TPROXY UDP with recvmsg.
 `inherited` records the listening sockets a `--workers` worker was handed.
+`acl_holder` keeps each end's ACL (`ssx.acl`) and rereads it on SIGHUP.
 """

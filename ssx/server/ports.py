@@ -29,6 +29,7 @@ from ssx.net.tcp import FAST_OPEN_QUEUE
 from ssx.server.accounting import UserTraffic, UserTrafficTable
 from ssx.server.credentials import PortCredentials
 from ssx.server.key_limits import KeyLimit
+from ssx.net.acl_holder import AclHolder
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.server.session_windows import SessionWindows
@@ -61,6 +62,8 @@ class SharedParts:
     # SO_REUSEPORT on every listening socket (--reuse-port, and in a worker
     # the ports the manager adds, which every worker binds).
     reuse_port: bool = False
+    # The ACL (client and outbound lists), reloadable, or None.
+    acl: AclHolder | None = None
 
 
 class ServerPort(MultiService):
@@ -197,6 +200,7 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
         verbose=shared.verbose,
         port_traffic=traffic,
         outbound=shared.outbound,
+        acl=shared.acl,
         **shared.limits.factory_arguments(),
     )
     # The metrics tell TCP from UDP.
@@ -217,7 +221,7 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
             reactor, factory.credentials, shared.resolver, shared.forbidden, relays.timeout, relays.capacity,
             salt_filter=shared.salt_filter, lookups=shared.lookups, verbose=shared.verbose,
             traffic=port.udp_traffic if port.udp_traffic is not None else port.traffic,
-            outbound=shared.outbound, user_traffic=factory.user_traffic, **sessions,
+            outbound=shared.outbound, user_traffic=factory.user_traffic, acl=shared.acl, **sessions,
         )
         relay.payload_traffic = port.udp_payload
         port.udp_relays.append(relay)

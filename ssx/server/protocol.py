@@ -3,7 +3,8 @@ The server end: one `ShadowsocksServerProtocol` per client connection.
 
 Data path: the suite's server codec (`ssx.crypto`) decrypts the stream and
 finds the target address in its header (either edition), then resolve it (`ssx.net.resolver`),
-refuse forbidden IPs (`ssx.server.forbidden`), connect, then relay (`ssx.net.relay`):
+refuse what the ACL's outbound lists refuse (`ssx.acl`: the name before
+resolving, every address after) and forbidden IPs (`ssx.server.forbidden`), connect, then relay (`ssx.net.relay`):
 client bytes are decrypted towards the target, target bytes encrypted back.
 
 The port's keys (`ssx.server.credentials.PortCredentials`, held by the
@@ -17,6 +18,7 @@ Anything that fails before the relay starts because of the client's bytes
 (a bad tag, no key matching, a malformed header, a key at its limit) gets silence: the connection keeps reading
 and discarding until its timeout, then closes with a FIN, so a prober learns
 nothing from how it closed, nor (below the bounds that follow) from when.
+A client the ACL refuses is closed at accept, before a byte is read.
 
 Connections that have not yet presented a valid header are bounded, per
 source and in all (`ssx.server.handshakes`; with max_connections, to half its
@@ -51,6 +53,7 @@ from ssx.interfaces import ITrafficCounter, IUserTrafficSink
 from ssx.server.accounting import UserTrafficTable, counted, counted_wire
 from ssx.server.credentials import PortCredentials, credentials_of
 from ssx.server.key_limits import KeyUsage
+from ssx.net.acl_holder import AclHolder
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.wire.address import is_ip_literal
 from ssx.net.outbound import Outbound
@@ -105,9 +108,12 @@ class ShadowsocksServerFactory(RelayFactory):
         user_traffic: IUserTrafficSink | None = None,
         port_traffic: ITrafficCounter | None = None,
         outbound: Outbound | None = None,
+        acl: AclHolder | None = None,
         **limits: Any,
     ) -> None:
         RelayFactory.__init__(self, reactor, timeout, **limits)
+        # The ACL's client and outbound lists, read at each decision (reloadable).
+        self.acl = acl
         # Where connections to targets leave from (None: as the kernel chooses).
         self.outbound = outbound
         self.salt_filter = salt_filter
@@ -127,6 +133,9 @@ class ShadowsocksServerFactory(RelayFactory):
         self.handshakes_evicted = 0
         self.relays_broken = 0
         self.limit_reached = 0
+        # Refused by the ACL: clients at accept, targets (by name or address).
+        self.acl_clients_refused = 0
+        self.acl_refused = 0
         # Where multi-user ports count each user's bytes.
         self.user_traffic: IUserTrafficSink = user_traffic if user_traffic is not None else UserTrafficTable()
         # Where the port's encrypted bytes are counted, all users together,
@@ -167,7 +176,17 @@ class ShadowsocksServerFactory(RelayFactory):
         bounds = [bound for bound in (max_handshakes, max_handshakes_per_ip) if bound]
         self.accept_batch = min(bounds) if bounds else 0
 
-    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        acl = self.acl.acl if self.acl is not None else None
+        if acl is not None and acl.checks_clients:
+            host = getattr(addr, "host", None)
+            if isinstance(host, str) and not acl.client_allowed(host):
+                # None: the listening port closes the socket at once,
+                # before a byte is read or written.
+                self.acl_clients_refused += 1
+                if self.verbose:
+                    _log.debug("refused client {client}: ACL", client=host)
+                return None
         # A ShadowsocksServerProtocol, typed as Factory's contract says:
         # RelayFactory is not generic over its protocol.
         return ShadowsocksServerProtocol(self)
@@ -345,6 +364,8 @@ class ShadowsocksServerProtocol(InboundProtocol):
         if is_ip_literal(address.host):
             self._connect_to([address.host], address)
             return
+        if self.factory.acl is not None and self._refused_by_acl(address):
+            return
         try:
             d = self.factory.resolver.resolve(address.host)
         except Exception as e:
@@ -355,9 +376,34 @@ class ShadowsocksServerProtocol(InboundProtocol):
         # Also catches anything _connect_to raises.
         d.addErrback(self._unreachable, address)
 
+    def _refused_by_acl(self, address: Address, ips: list[str] | None = None) -> bool:
+        """
+        Check the target's name (`ips` None: before resolving it) or each
+        address it resolved to against the ACL; a refused one closes the
+        connection as a forbidden one does.
+        """
+        factory = self.factory
+        acl = factory.acl.acl if factory.acl is not None else None
+        if acl is None or not acl.checks_outbound:
+            return False
+        if ips is None:
+            # Only a name rule refuses now: otherwise the addresses decide.
+            refused = acl.outbound_name_allowed(address.host) is False
+        else:
+            refused = not acl.outbound_addresses_allowed(address.host, ips)
+        if not refused:
+            return False
+        factory.acl_refused += 1
+        if factory.verbose:
+            _log.debug("refused {target}: ACL", target=address)
+        self.transport.loseConnection()
+        return True
+
     def _connect_to(self, ips: list[str], address: Address) -> None:
         self._connecting = None
         factory = self.factory
+        if factory.acl is not None and self._refused_by_acl(address, ips):
+            return
         allowed = [ip for ip in ips if not factory.forbidden.forbids(ip)]
         if not allowed:
             if factory.verbose:

@@ -14,6 +14,8 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from ssx.net.acl_holder import AclHolder
+
 from ssx.net.listener import DatagramListenerService, DrainService, ListenerService
 from ssx.net.plugin import PluginService
 from ssx.net.resolver import TargetResolver
@@ -62,6 +64,9 @@ class ServerService(MultiService):
     metrics: Any = None
     metrics_listener: ListenerService | None = None
     manager_protocol: Any = None
+    # The ACL (`--acl`) every port reads at decision time, and its SIGHUP reload.
+    acl: AclHolder | None = None
+    acl_reload: Service | None = None
 
     def __init__(self) -> None:
         MultiService.__init__(self)
@@ -211,10 +216,14 @@ class CounterReport(Service):
         ("targets_unresolvable", "of which target names unresolvable"),
         ("relays_broken", "relays closed on a broken stream"),
         ("limit_reached", "times at the connection limit"),
+        ("acl_clients_refused", "clients refused by the ACL"),
+        ("acl_refused", "targets refused by the ACL"),
     )
     UDP_COUNTERS = (
         ("dropped", "UDP datagrams dropped (bad, replayed, unresolved or over a bound)"),
         ("refused", "UDP datagrams to forbidden targets"),
+        ("acl_clients_refused", "UDP datagrams from clients refused by the ACL"),
+        ("acl_refused", "UDP datagrams to targets refused by the ACL"),
     )
 
     def __init__(self, reactor: Any, factories: Sequence[ShadowsocksServerFactory], relays: Sequence[UdpRelay]) -> None:

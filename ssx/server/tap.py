@@ -17,6 +17,7 @@ from ssx.config import ServerConfig, server_config
 from ssx.config.server import added_port
 from ssx.config.options import SsxOptions, log_config_notes
 from ssx.crypto import SaltFilter
+from ssx.net.acl_holder import AclHolder, AclReloadService
 from ssx.net.listener import DrainService
 from ssx.errors import ConfigError
 from ssx.net.plugin import find_plugin
@@ -192,7 +193,11 @@ def build_service(
         outbound=config.outbound,
         metrics=metrics,
         reuse_port=config.reuse_port,
+        acl=AclHolder(config.acl_path, config.acl) if config.acl is not None and config.acl_path else None,
     )
+    if shared.acl is not None:
+        service.acl = shared.acl
+        service.acl_reload = service.add(AclReloadService(reactor, shared.acl))
     if config.forbidden.host is not None:
         # Reads the addresses at start and after every change (a check made
         # before the first read reads them itself).
@@ -238,6 +243,12 @@ def _report(config: ServerConfig, resolver: TargetResolver) -> None:
         dns=",".join(h for h, _ in resolver.nameservers),
         forbidden=str(config.forbidden),
     )
+    if config.acl is not None:
+        _log.info("ssx-server: ACL {acl}", acl=config.acl)
+        if config.acl.checks_clients and any(port.plugin is not None for port in config.port_configs()):
+            # The plugin connects to ssx from loopback, whoever its client is.
+            _log.warn("ssx-server: on a port behind a plugin every client comes from the plugin's loopback "
+                      "address: the ACL's client lists judge that address, not the clients'")
 
 
 def makeService(options: Options) -> IService:

@@ -8,7 +8,8 @@ edition's framing, and `udp_relay_for` picks one for a suite.
 Each datagram from a client is opened with the port's keys (the
 `KeyRing` of its `PortCredentials`, which tries each key on a port of
 several; the key that opened it seals the replies), its target
-address parsed, resolved and checked against the forbidden networks, and its
+address parsed, resolved and checked against the ACL's outbound lists and
+the forbidden networks (a client the ACL refuses is dropped unread), and its
 payload sent from the client's own outgoing socket.  Whatever arrives on that
 socket, from any source, goes back to the client sealed with the source's
 address in front.  Clients live in a `NatTable` (bounded, idle entries swept
@@ -35,6 +36,7 @@ from ssx.errors import ProtocolError, ReplayError
 from ssx.interfaces import ITrafficCounter, IUserTrafficSink
 from ssx.server.credentials import PortCredentials, credentials_of
 from ssx.server.session_windows import SessionState, SessionWindows
+from ssx.net.acl_holder import AclHolder
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.wire.address import is_ip_literal
 from ssx.net.nat import MAX_DATAGRAM, READ_SIZE, SweptNatProtocol, send_datagram
@@ -246,8 +248,14 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         traffic: ITrafficCounter | None = None,
         outbound: Outbound | None = None,
         user_traffic: IUserTrafficSink | None = None,
+        acl: AclHolder | None = None,
     ) -> None:
         self.setup_nat(reactor, timeout, capacity)
+        # The ACL's client and outbound lists, read at each decision (reloadable).
+        self.acl = acl
+        # Datagrams refused by the ACL: from refused clients, to refused targets.
+        self.acl_clients_refused = 0
+        self.acl_refused = 0
         # Where the associations' sockets send from (None: the wildcard address).
         self.outbound = outbound
         # The port's counter of encrypted bytes (the manager API's), if any.
@@ -282,8 +290,33 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         """A target's datagram for the NAT entry `client`, to be sealed and sent back."""
         raise NotImplementedError
 
+    def _client_refused(self, addr: Any) -> bool:
+        """Whether the ACL refuses the client at `addr` (its datagram is then dropped unread)."""
+        acl = self.acl.acl if self.acl is not None else None
+        if acl is None or not acl.checks_clients or acl.client_allowed(addr[0]):
+            return False
+        self.acl_clients_refused += 1
+        return True
+
+    def _acl_refuses(self, target: Address, ips: list[str] | None) -> bool:
+        """The ACL's outbound check of `target`'s name (`ips` None: before resolving) or of its addresses."""
+        acl = self.acl.acl if self.acl is not None else None
+        if acl is None or not acl.checks_outbound:
+            return False
+        if ips is None:
+            refused = acl.outbound_name_allowed(target.host) is False
+        else:
+            refused = not acl.outbound_addresses_allowed(target.host, ips)
+        if refused:
+            if self.verbose:
+                _log.debug("UDP: refused {target}: ACL", target=target)
+            self.acl_refused += 1
+        return refused
+
     def _route(self, key: Any, target: Address, payload: bytes) -> None:
         """Send `payload` for the NAT entry `key` to `target`, resolving a name first."""
+        if self.acl is not None and not is_ip_literal(target.host) and self._acl_refuses(target, None):
+            return
         if is_ip_literal(target.host):
             self._send(key, target, [target.host], payload)
         else:
@@ -294,6 +327,8 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
         self.unresolvable += 1
 
     def _send(self, client: tuple, target: Address, ips: list[str], payload: bytes) -> None:
+        if self.acl is not None and self._acl_refuses(target, ips):
+            return
         allowed = [ip for ip in ips if not self.forbidden.forbids(ip)]
         if not allowed:
             # Counted for the summary; the destination is named only with verbose.
@@ -313,6 +348,8 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
+        if self.acl is not None and self._client_refused(addr):
+            return
         try:
             key, plaintext = self.credentials.ring.open_datagram(data)
             parsed = decode_target(plaintext)
@@ -411,6 +448,8 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.received += 1
+        if self.acl is not None and self._client_refused(addr):
+            return
         if self.credentials.ring is not self._ring:
             # The port's keys were replaced: new sessions are opened with the new ones.
             self._ring = self.credentials.ring

@@ -38,6 +38,7 @@ from tests.support.clients import (
     SocksClient,
     SocksTransfer,
     WholeEchoTransfer,
+    http_connect_echo,
     socks5_request,
     socks5_udp_header,
     socks_transfer,
@@ -67,6 +68,7 @@ from tests.support.peers import (
 from tests.support.workers import Recorder, alive, connection_owner, started_workers
 from tests.support.targets import (
     CountingEchoFactory,
+    DigestAndSource,
     Echo,
     FakeDns,
     HashingEcho,
@@ -102,6 +104,7 @@ __all__ = [
     "ChainTestCase",
     # clients
     "TRANSFER_SECONDS",
+    "http_connect_echo",
     "socks5_request",
     "SocksTransfer",
     "socks_transfer",
@@ -143,6 +146,7 @@ __all__ = [
     "CountingEchoFactory",
     "HashingEcho",
     "HashingEchoFactory",
+    "DigestAndSource",
     "UdpEcho",
     "listen_udp_echo",
     "make_certificate",

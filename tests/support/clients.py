@@ -2,8 +2,8 @@
 The clients the loopback tests drive, written from the RFCs independently of
 ssx's own codecs: a raw TCP client that records how its connection ended,
 SOCKS5 CONNECT clients (one that half-closes, one that waits for the whole
-echo, one that holds the connection open), a SOCKS5 UDP ASSOCIATE client
-and a manager API client.
+echo, one that holds the connection open), a SOCKS5 UDP ASSOCIATE client,
+a manager API client and an HTTP CONNECT client.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, c
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from zope.interface import implementer
 
-from tests.support.waiting import wait_for
+from tests.support.waiting import wait_for, wait_until
 
 __all__ = [
     "TRANSFER_SECONDS",
@@ -425,6 +425,27 @@ class Socks5UdpClient:
         if self.port is not None:
             self.port.stopListening()
             self.port = None
+
+
+async def http_connect_echo(proxy_port: int, host: str, port: int, payload: bytes, seconds: float = 10.0) -> tuple[bytes, bytes]:
+    """
+    CONNECT to host:port through the HTTP proxy on 127.0.0.1:proxy_port,
+    send `payload` with the request, and collect the answer until as many
+    bytes as `payload` follow the proxy's response head: (head, the rest).
+    """
+    request = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    client = RawClient(request + payload)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy_port), client)
+
+    def split() -> tuple[bytes, bytes]:
+        data = bytes(client.received)
+        end = data.find(b"\r\n\r\n")
+        return (data, b"") if end < 0 else (data[:end + 4], data[end + 4:])
+
+    await wait_until(lambda: len(split()[1]) >= len(payload) or client.closed.called, seconds)
+    client.transport.loseConnection()
+    await client.closed
+    return split()
 
 
 class KeepingProtocol(protocol.Protocol):

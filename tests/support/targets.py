@@ -15,6 +15,7 @@ from typing import Any
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.names import common, dns, error as dns_error
+from twisted.web import resource
 from zope.interface import implementer
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "listen_udp_echo",
     "make_certificate",
     "listen_web",
+    "DigestAndSource",
     "FakeDns",
     "Zone",
 ]
@@ -112,13 +114,17 @@ class HashingEchoFactory(protocol.Factory):
 
 
 class UdpEcho(protocol.DatagramProtocol):
-    """Echoes every datagram to where it came from; counts them."""
+    """Echoes every datagram to where it came from; counts them and keeps each one and its source."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.received: list[bytes] = []
+        self.sources: list[tuple[str, int]] = []
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.count += 1
+        self.received.append(data)
+        self.sources.append(addr)
         self.transport.write(data, addr)
 
 
@@ -158,6 +164,16 @@ def listen_web(site: Any, key_path: str | None = None, cert_path: str | None = N
         cert = f.read()
     options = ssl.PrivateCertificate.loadPEM(key + cert).options()
     return reactor.listenSSL(0, site, options, interface="127.0.0.1")
+
+
+class DigestAndSource(resource.Resource):
+    """A web resource answering a POST with the SHA-256 of its body and the client's address: "HEX HOST"."""
+
+    isLeaf = True
+
+    def render_POST(self, request: Any) -> bytes:
+        body = request.content.read()
+        return f"{hashlib.sha256(body).hexdigest()} {request.getClientAddress().host}".encode()
 
 
 class FakeDns(protocol.DatagramProtocol):
