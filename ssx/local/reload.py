@@ -26,6 +26,7 @@ from ssx.config.local import LocalConfig
 from ssx.config.upstreams import ServerEntry
 from ssx.interfaces import IUpstream
 from ssx.local.upstream import make_upstream
+from ssx.net.acl_holder import apply_acl
 from ssx.net.plugin import PluginService
 from ssx.wire.sip003 import Plugin
 
@@ -85,6 +86,11 @@ class LocalReload:
         for tunnel in changes.tunnels_added:
             add_tunnel(top, self.reactor, new, tunnel, udp_server)
             notes.append(f"tunnel {tunnel.listen} to {tunnel.target} added")
+        acl = apply_acl(top.router.holder if top.router is not None else None, new.acl, new.acl_path)
+        if acl is not None:
+            notes.append(acl)
+        if top.router is not None:
+            top.router.resolve = new.acl_resolve
         if changes.fixed:
             notes.append("not applied before a restart: " + ", ".join(changes.fixed))
             _log.warn("ssx-local: changed settings that only a restart applies: {keys}", keys=", ".join(changes.fixed))

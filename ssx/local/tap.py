@@ -34,7 +34,7 @@ from ssx.local.reload import LocalReload
 from ssx.local.routing import AclRouter
 from ssx.local.upstream import make_upstream
 from ssx.errors import ConfigError
-from ssx.net.acl_holder import AclHolder, AclReloadService
+from ssx.net.acl_holder import AclHolder
 from ssx.net.plugin import PluginService, find_plugin
 from ssx.net.resolver import nameservers_from_resolv_conf
 from ssx.wire.address import Address
@@ -224,9 +224,8 @@ class LocalService(MultiService):
         self.ports: dict[str, tuple[LocalFactory | None, list[Service]]] = {}
         # What applies a reload (`ssx.local.reload.LocalReload`).
         self.reload: Any = None
-        # The ACL (`--acl`) every port reads at decision time, and its SIGHUP reload.
+        # The ACL (`--acl`) every port reads at decision time (a reload replaces its rules).
         self.router: AclRouter | None = None
-        self.acl_reload: AclReloadService | None = None
         for plugin in self.plugins:
             # First in the tree: started (and listening) before any
             # listener's connection can want them.
@@ -292,8 +291,6 @@ def build_service(
     if config.acl is not None and config.acl_path:
         holder = AclHolder(config.acl_path, config.acl)
         top.router = AclRouter(reactor, holder, config.acl_resolve, config.verbose)
-        top.acl_reload = AclReloadService(reactor, holder)
-        top.acl_reload.setServiceParent(top)
     # UDP starts with the first configured server (checked by local_config),
     # then follows the picker's choice as servers go down.
     udp_server = top.picker.upstreams()[0] if config.relays.udp else None

@@ -1,24 +1,23 @@
 """
 The one place each end keeps its ACL (`ssx.acl`): factories and relays
-hold the `AclHolder` and read `holder.acl` at decision time, so that
-`reload()` (on SIGHUP, through `reload_on_sighup`) swaps the rules for
-every connection that starts afterwards.  A file that no longer parses
-leaves the old rules in place, with one log line.
+hold the `AclHolder` and read `holder.acl` at decision time, so that a
+reload swaps the rules for every connection that starts afterwards.  On
+SIGHUP the whole configuration is read again (`ssx.net.reload`), the ACL
+file with it, and each end's reload hands the new rules over with
+`apply_acl`; a file that no longer parses refuses that reload with one
+line, and the old rules stay.  `AclHolder.reload` rereads the file alone.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-from typing import Any, Callable
 
-from twisted.application.service import Service
 from twisted.logger import Logger
 
 from ssx.acl import Acl, load_acl
 from ssx.errors import ConfigError
 
-__all__ = ["AclHolder", "AclReloadService"]
+__all__ = ["AclHolder", "apply_acl"]
 
 _log = Logger()
 
@@ -47,30 +46,22 @@ class AclHolder:
         return True
 
 
-class AclReloadService(Service):
+def apply_acl(holder: AclHolder | None, acl: Acl | None, path: str | None) -> str | None:
     """
-    Reloads the holder's ACL on SIGHUP while running.  A handler already
-    installed (the whole config's reload, for one) is still called after
-    it; stopping puts it back.  Whoever reloads everything on SIGHUP may
-    call `holder.reload()` instead and leave this service out.
+    A reload's ACL (`acl`, read from `path`; None: the file names none)
+    into the running `holder`; what it did, for the reload's line.  An
+    end started without an ACL has no holder: one named now waits for a
+    restart.
     """
-
-    def __init__(self, reactor: Any, holder: AclHolder) -> None:
-        self._reactor = reactor
-        self.holder = holder
-        self._previous: Any = None
-
-    def startService(self) -> None:
-        Service.startService(self)
-        self._previous = signal.signal(signal.SIGHUP, self._on_signal)
-
-    def stopService(self) -> None:
-        Service.stopService(self)
-        if signal.getsignal(signal.SIGHUP) == self._on_signal:
-            signal.signal(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
-
-    def _on_signal(self, number: int, frame: Any) -> None:
-        self._reactor.callFromThread(self.holder.reload)
-        previous: Callable[..., Any] | Any = self._previous
-        if callable(previous):
-            previous(number, frame)
+    if holder is None:
+        return "acl: not applied before a restart (ssx started without one)" if acl is not None else None
+    if acl is None:
+        if holder.acl is None:
+            return None
+        holder.acl = None
+        return "acl removed"
+    if path:
+        holder.path = os.path.abspath(path)
+    holder.acl = acl
+    holder.reloads += 1
+    return f"acl reread ({acl})"

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from ssx.config.changes import IN_PLACE, KEEP, RESTART, port_update, server_changes, wanted_port
 from ssx.config.ports import PortConfig
 from ssx.config.server import ServerConfig
+from ssx.net.acl_holder import apply_acl
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.server.host_address_watch import HostAddressWatcher
 from ssx.server.ports import SharedParts, build_port
@@ -68,6 +69,9 @@ class ServerReload:
             note = await self._apply_port(wanted)
             if note:
                 notes.append(note)
+        acl = apply_acl(self.service.acl, new.acl, new.acl_path)
+        if acl is not None:
+            notes.append(acl)
         if changes.fixed:
             notes.append("not applied before a restart: " + ", ".join(changes.fixed))
             _log.warn("ssx-server: changed settings that only a restart applies: {keys}", keys=", ".join(changes.fixed))

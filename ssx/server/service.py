@@ -64,9 +64,8 @@ class ServerService(MultiService):
     metrics: Any = None
     metrics_listener: ListenerService | None = None
     manager_protocol: Any = None
-    # The ACL (`--acl`) every port reads at decision time, and its SIGHUP reload.
+    # The ACL (`--acl`) every port reads at decision time (a reload replaces its rules).
     acl: AclHolder | None = None
-    acl_reload: Service | None = None
 
     def __init__(self) -> None:
         MultiService.__init__(self)

@@ -17,7 +17,7 @@ from ssx.config import ServerConfig, server_config
 from ssx.config.server import added_port
 from ssx.config.options import SsxOptions, log_config_notes
 from ssx.crypto import SaltFilter
-from ssx.net.acl_holder import AclHolder, AclReloadService
+from ssx.net.acl_holder import AclHolder
 from ssx.net.listener import DrainService
 from ssx.errors import ConfigError
 from ssx.net.plugin import find_plugin
@@ -195,9 +195,8 @@ def build_service(
         reuse_port=config.reuse_port,
         acl=AclHolder(config.acl_path, config.acl) if config.acl is not None and config.acl_path else None,
     )
-    if shared.acl is not None:
-        service.acl = shared.acl
-        service.acl_reload = service.add(AclReloadService(reactor, shared.acl))
+    # Every port reads the ACL here; a reload (SIGHUP) puts the new one in.
+    service.acl = shared.acl
     if config.forbidden.host is not None:
         # Reads the addresses at start and after every change (a check made
         # before the first read reads them itself).
