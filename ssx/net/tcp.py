@@ -30,6 +30,7 @@ a release that moves one fails that test, naming it.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -50,6 +51,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ssx.net.outbound import bind_device
+from ssx.wire.address import is_ip_literal
 
 if TYPE_CHECKING:
     from twisted.runner.procmon import ProcessMonitor
@@ -60,6 +62,8 @@ __all__ = [
     "TCP_FASTOPEN",
     "TCP_FASTOPEN_CONNECT",
     "TWISTED_PRIVATE_NAMES",
+    "LEAN_PATH",
+    "SendAtOnce",
     "ServerEndpoint",
     "connect",
     "fast_open_reactor",
@@ -102,6 +106,13 @@ FAST_OPEN_QUEUE = 256
 FAST_OPEN_SYSCTL = "/proc/sys/net/ipv4/tcp_fastopen"
 
 _log = Logger()
+
+#: Whether `listen` and `connect` accept and connect with `ssx.net.lean`
+#: (on Twisted's POSIX reactors, for IP addresses) rather than with
+#: Twisted's `Port` and `Connector`.  SSX_TCP_PATH=twisted in the
+#: environment turns it off: the benchmark suite's comparison, and a way
+#: back should the lean path misbehave somewhere.
+LEAN_PATH: bool = os.environ.get("SSX_TCP_PATH", "lean") != "twisted"
 
 
 _SET_LATER = (
@@ -157,6 +168,10 @@ class _SendAtOnce(tcp.Connection):
         tcp.Connection.write(self, data)
 
 
+#: The send-at-once base, for the transports of `ssx.net.lean`.
+SendAtOnce = _SendAtOnce
+
+
 class Server(_SendAtOnce, tcp.Server):
     """An accepted connection."""
 
@@ -209,11 +224,14 @@ class Port(tcp.Port):
     transport = Server
     v6only = False
     fast_open = 0
+    reuse_port = False
 
     def createInternetSocket(self) -> socket.socket:
         sock: socket.socket = tcp.Port.createInternetSocket(self)
         if self.v6only and self.addressFamily == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if self.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if self.fast_open:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, self.fast_open)
@@ -239,19 +257,24 @@ def _fast(reactor: IReactorTCP) -> bool:
 
 def listen(
     reactor: IReactorTCP, port: int, factory: IProtocolFactory, backlog: int = 50, interface: str = "",
-    v6only: bool = False, fast_open: int = 0,
+    v6only: bool = False, fast_open: int = 0, reuse_port: bool = False,
 ) -> IListeningPort:
     """
     Like `reactor.listenTCP`, with these transports (and IPV6_V6ONLY on IPv6
-    if `v6only`; TCP_FASTOPEN with a queue of `fast_open` if not 0).
+    if `v6only`; TCP_FASTOPEN with a queue of `fast_open` if not 0;
+    SO_REUSEPORT with `reuse_port`), accepting with `ssx.net.lean.LeanPort`
+    while `LEAN_PATH` holds.
     """
     if not _fast(reactor):
         # IReactorTCP declares a ServerFactory, but endpoints pass any
         # IProtocolFactory on, as Twisted's own TCP endpoints do.
         return reactor.listenTCP(port, factory, backlog, interface)  # type: ignore[arg-type]
+    if LEAN_PATH:
+        return lean.listen_port(reactor, port, factory, backlog, interface, v6only, fast_open, reuse_port)
     listening = Port(port, factory, backlog, interface, reactor)
     listening.v6only = v6only
     listening.fast_open = fast_open
+    listening.reuse_port = reuse_port
     listening.startListening()
     return listening
 
@@ -272,6 +295,10 @@ def connect(
     """
     if not _fast(reactor):
         return reactor.connectTCP(host, port, factory, timeout=timeout, bindAddress=bind_address)
+    if LEAN_PATH and is_ip_literal(host):
+        lean_connector = lean.LeanConnector(reactor, host, port, factory, timeout, bind_address, device, fast_open)
+        lean_connector.connect()
+        return lean_connector
     connector = Connector(host, port, factory, timeout, bind_address, reactor)
     connector.fast_open = fast_open
     connector.device = device
@@ -334,6 +361,7 @@ class ServerEndpoint:
 
     def __init__(
         self, reactor: IReactorTCP, port: int, backlog: int, interface: str, v6only: bool = False, fast_open: int = 0,
+        reuse_port: bool = False,
     ) -> None:
         self.reactor = reactor
         self.port = port
@@ -341,10 +369,12 @@ class ServerEndpoint:
         self.interface = interface
         self.v6only = v6only
         self.fast_open = fast_open
+        self.reuse_port = reuse_port
 
     def listen(self, factory: IProtocolFactory) -> defer.Deferred:
         return defer.execute(
             listen, self.reactor, self.port, factory, self.backlog, self.interface, self.v6only, self.fast_open,
+            self.reuse_port,
         )
 
 
@@ -380,3 +410,8 @@ def on_process_exit(monitor: ProcessMonitor, exited: Callable[[str, Failure | No
         exited(name, reason)
 
     setattr(monitor, "_monitoredProcessExited", handled)
+
+
+# Last: ssx.net.lean builds on this module's transports (a cycle Python
+# resolves, since nothing here uses it until called).
+from ssx.net import lean  # noqa: E402

@@ -11,6 +11,7 @@ never from each other.
 - `in_memory`: StringTransport-based stand-ins for protocol unit tests.
 - `payloads`: test payloads and their digests.
 - `logs`: capturing log events.
+- `tcp_paths`: running a test on ssx.net.lean's path or on Twisted's.
 """
 
 from tests.support.chains import (
@@ -24,6 +25,7 @@ from tests.support.chains import (
 )
 from tests.support.clients import (
     BuildingFactory,
+    HalfClosingExchange,
     KeepingProtocol,
     TRANSFER_SECONDS,
     RawClient,
@@ -69,10 +71,12 @@ from tests.support.targets import (
     listen_web,
     make_certificate,
 )
+from tests.support.tcp_paths import LeanTcp, TwistedTcp
 from tests.support.waiting import coroutine_test, outgoing_connections, sleep, wait_for, wait_until, within
 
 __all__ = [
     "BuildingFactory",
+    "HalfClosingExchange",
     "KeepingProtocol",
     "fd_table",
     "open_fds",
@@ -131,6 +135,9 @@ __all__ = [
     "listen_web",
     "FakeDns",
     "Zone",
+    # tcp_paths
+    "LeanTcp",
+    "TwistedTcp",
     # waiting
     "coroutine_test",
     "sleep",
