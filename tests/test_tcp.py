@@ -6,8 +6,11 @@ and what only the lean path does (ssx.net.lean).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import struct
+import termios
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import UNIXServerEndpoint
@@ -20,8 +23,11 @@ from twisted.internet.error import (
     UserError,
 )
 from twisted.internet.testing import MemoryReactor
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.python.failure import Failure
 from twisted.trial import unittest
+
+from zope.interface import implementer
 
 from ssx.net import lean, tcp
 from tests import support
@@ -366,3 +372,85 @@ class LeanPathTests(support.LeanTcp, unittest.TestCase):
         first, _ = self._echo_port()
         with self.assertRaises(CannotListenError):
             tcp.listen(reactor, first.getHost().port, support.HashingEchoFactory(), interface="127.0.0.1")
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes waiting in `sock`'s receive buffer."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+@implementer(IHalfCloseableProtocol)
+class _Closing(support.KeepingProtocol):
+    """Records, in order, the calls it makes on its transport and the callbacks it gets."""
+
+    def __init__(self, made: defer.Deferred) -> None:
+        super().__init__(made)
+        self.calls: list[str] = []
+
+    def readConnectionLost(self) -> None:
+        self.calls.append("readConnectionLost")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.calls.append("writeConnectionLost")
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.calls.append("connectionLost")
+        super().connectionLost(reason)
+
+
+class CloseAtOnceTests(support.LeanTcp, unittest.TestCase):
+    """ssx.net.lean's transports close in the call when nothing is left to send, and the peer sees the same stream."""
+
+    async def _pair(self) -> tuple[_Closing, socket.socket]:
+        made: defer.Deferred = defer.Deferred()
+        port = tcp.listen(reactor, 0, support.BuildingFactory(lambda: _Closing(made)), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        raw = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(raw.close)
+        server = await support.within(5, made, "not accepted")
+        self.assertIsInstance(server.transport, lean.LeanServer)
+        return server, raw
+
+    @support.coroutine_test
+    async def test_close_in_the_call(self) -> None:
+        """write then loseConnection: connectionLost has run when it returns, and the peer reads the bytes, then a FIN."""
+        server, raw = await self._pair()
+        server.transport.write(b"last words")
+        server.transport.loseConnection()
+        self.assertEqual(server.calls, ["connectionLost"])
+        raw.settimeout(5)
+        got = b""
+        while True:
+            chunk = raw.recv(100)
+            if not chunk:
+                break
+            got += chunk
+        self.assertEqual(got, b"last words")
+
+    @support.coroutine_test
+    async def test_half_close_in_the_call(self) -> None:
+        """loseWriteConnection: writeConnectionLost has run when it returns; the peer reads EOF and can still send."""
+        server, raw = await self._pair()
+        server.transport.write(b"done")
+        server.transport.loseWriteConnection()
+        self.assertEqual(server.calls, ["writeConnectionLost"])
+        raw.settimeout(5)
+        self.assertEqual(raw.recv(100), b"done")
+        self.assertEqual(raw.recv(100), b"")
+        raw.sendall(b"still open")
+        raw.shutdown(socket.SHUT_WR)
+        got = await support.within(5, server.lost, "the connection did not end")
+        self.assertEqual(got, b"still open")
+        self.assertEqual(server.calls, ["writeConnectionLost", "readConnectionLost", "connectionLost"])
+
+    @support.coroutine_test
+    async def test_unread_bytes_still_end_with_a_fin(self) -> None:
+        """Closed with bytes it never read, the connection still ends with a FIN, not a reset (a prober sees no difference)."""
+        server, raw = await self._pair()
+        server.transport.pauseProducing()
+        raw.sendall(b"unread")
+        await support.wait_for(lambda: _unread(server.transport.socket) == 6, 5, lambda: "the bytes never arrived")
+        server.transport.loseConnection()
+        raw.settimeout(5)
+        self.assertEqual(raw.recv(100), b"")

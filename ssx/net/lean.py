@@ -91,12 +91,12 @@ def _address(family: int, pair: tuple[Any, ...]) -> IPv4Address | IPv6Address:
     return IPv4Address("TCP", *pair)
 
 
-class LeanServer(tcp.SendAtOnce):
+class LeanServer(tcp.CloseAtOnce):
     """An accepted connection of a `LeanPort`."""
 
     def __init__(self, sock: socket.socket, protocol: Any, peer: tuple[Any, ...], reactor: Any) -> None:
         self._reserve()
-        tcp.SendAtOnce.__init__(self, sock, protocol, reactor)
+        tcp.CloseAtOnce.__init__(self, sock, protocol, reactor)
         self.peer_address = peer
         # Twisted formats "Protocol,session,host" here for every connection;
         # the protocol's name is enough to tell log lines apart.
@@ -114,12 +114,12 @@ class LeanServer(tcp.SendAtOnce):
         return f"<LeanServer {self.logstr} from {self.peer_address!r}>"
 
 
-class LeanClient(tcp.SendAtOnce):
+class LeanClient(tcp.CloseAtOnce):
     """An outgoing connection made by a `LeanConnector`."""
 
     def __init__(self, sock: socket.socket, protocol: Any, connector: "LeanConnector", reactor: Any) -> None:
         self._reserve()
-        tcp.SendAtOnce.__init__(self, sock, protocol, reactor)
+        tcp.CloseAtOnce.__init__(self, sock, protocol, reactor)
         self.connector = connector
         self.logstr = protocol.__class__.__name__
         self.startReading()
@@ -134,7 +134,7 @@ class LeanClient(tcp.SendAtOnce):
     def connectionLost(self, reason: Failure) -> None:
         if not hasattr(self, "socket"):
             return  # twice: see tcp.Connection.connectionLost
-        tcp.SendAtOnce.connectionLost(self, reason)
+        tcp.CloseAtOnce.connectionLost(self, reason)
         self.connector.connection_lost(reason)
 
     def __repr__(self) -> str:
@@ -227,7 +227,8 @@ class LeanPort:
             host = socket.getnameinfo(peer, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
             peer = (host, *peer[1:])
         try:
-            protocol = self.factory.buildProtocol(_address(sock.family, peer))
+            # The port's family: a socket's `family` is an enum conversion per call.
+            protocol = self.factory.buildProtocol(_address(self.family, peer))
             if protocol is None:
                 sock.close()
                 return

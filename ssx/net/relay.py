@@ -258,7 +258,8 @@ class RelayProtocol(Protocol):
             # would otherwise wait for it before closing.
             peer.release_producer()
             peer.transport.loseConnection()
-            if peer.clock is not None and peer.linger > 0 and peer._linger_call is None:
+            # A transport with nothing to send closes in the call (ssx.net.lean's).
+            if not peer._closed and peer.clock is not None and peer.linger > 0 and peer._linger_call is None:
                 peer._linger_call = peer.clock.callLater(peer.linger, peer._abort)
 
 

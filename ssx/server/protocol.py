@@ -157,6 +157,8 @@ class ShadowsocksServerProtocol(InboundProtocol):
         self._connecting: Deferred | None = None
         # Encrypted bytes taken before the relay, for the port's traffic.
         self._wire_in = 0
+        # Reads held while the target is being connected.
+        self._held = False
 
     # The idle timer starts at connectionMade and nothing resets it before
     # the relay starts: a client gets one timeout's worth of time to present
@@ -195,12 +197,16 @@ class ShadowsocksServerProtocol(InboundProtocol):
         if state == _HEADER and codec.address is not None:
             self._state = _CONNECTING
             self.factory.handshakes.remove(self)
-            # Hold further reads until the target answers: bounds what we
-            # buffer to one read.
-            self.transport.pauseProducing()
             self._open_target(codec.address)
         elif state == _HEADER:
             self.factory.handshake_fed(self)
+        elif not self._held:
+            # More came before the target answered: hold further reads until
+            # it does, which bounds what we buffer to this read.  (Not at the
+            # header already: most clients wait for the target's first bytes,
+            # and holding costs two epoll_ctl calls a connection.)
+            self._held = True
+            self.transport.pauseProducing()
 
     def _discard(self, error: ProtocolError) -> None:
         if self.factory.verbose:
@@ -302,7 +308,8 @@ class ShadowsocksServerProtocol(InboundProtocol):
             target.release_producer()
             if can_half_close(target.transport):
                 target.transport.loseWriteConnection()
-        else:
+        elif self._held:
+            self._held = False
             self.transport.resumeProducing()
 
     def timeoutConnection(self) -> None:
