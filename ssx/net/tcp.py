@@ -34,8 +34,9 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.internet import defer, tcp
+from twisted.internet import abstract, defer, tcp
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import (
     IConnector,
     IListeningPort,
@@ -80,8 +81,8 @@ TWISTED_PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
     # Read by the transports' `write` to tell an idle, open connection.
     "twisted.internet.tcp.Connection": (
         "_tempDataBuffer", "_writeDisconnecting", "_writeDisconnected", "_aborting",
-        # Read, set, called or overridden by CloseAtOnce, to close in the call.
-        "_closeWriteConnection",
+        # Called by CloseAtOnce, to close in the call.
+        "_closeWriteConnection", "_closeSocket",
     ),
     # Overridden, so that connecting makes one of these transports.
     "twisted.internet.tcp.Connector": ("_makeTransport",),
@@ -213,12 +214,20 @@ class CloseAtOnce(_SendAtOnce):
             and not (self.disconnecting or self._writeDisconnecting or self._aborting)
         )
 
+    # These never run TLS (TLS listeners and `tls:` servers stay on
+    # Twisted's transports), so they skip the TLS layer's checks.
+    registerProducer = abstract.FileDescriptor.registerProducer
+    unregisterProducer = abstract.FileDescriptor.unregisterProducer
+
+    def startTLS(self, ctx: Any, normal: bool = True) -> None:
+        raise NotImplementedError("TLS runs on Twisted's own transports, not on ssx.net.lean's")
+
     def loseConnection(self) -> None:
         if self._nothing_to_send():
             self.disconnecting = 1
             self.connectionLost(connectionDone)
             return
-        tcp.Connection.loseConnection(self)
+        abstract.FileDescriptor.loseConnection(self)
 
     def loseWriteConnection(self) -> None:
         if self._nothing_to_send() and not self._writeDisconnected:
@@ -227,6 +236,19 @@ class CloseAtOnce(_SendAtOnce):
             self._closeWriteConnection()
             return
         tcp.Connection.loseWriteConnection(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        # tcp.Connection.connectionLost, with an isinstance for its
+        # Failure.check (a dozen calls a connection).
+        if not hasattr(self, "socket"):
+            return  # twice (an abort, then an error in the same turn)
+        abstract.FileDescriptor.connectionLost(self, reason)
+        self._closeSocket(not isinstance(reason.value, ConnectionAborted))
+        protocol = self.protocol
+        del self.protocol
+        del self.socket
+        del self.fileno
+        protocol.connectionLost(reason)
 
     def doWrite(self) -> Any:
         # The reactor may still hand a write event to a connection that
