@@ -209,6 +209,8 @@ class LeanPort:
     def doRead(self) -> None:
         accept = self.socket.accept
         for _ in range(self.numberAccepts):
+            if not self.listening:
+                return  # a connection's protocol stopped the port
             try:
                 sock, peer = accept()
             except BlockingIOError:
@@ -226,6 +228,7 @@ class LeanPort:
             # An IPv6 peer with a scope: Twisted's form of its host ("fe80::1%eth0").
             host = socket.getnameinfo(peer, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
             peer = (host, *peer[1:])
+        transport = None
         try:
             # The port's family: a socket's `family` is an enum conversion per call.
             protocol = self.factory.buildProtocol(_address(self.family, peer))
@@ -235,8 +238,12 @@ class LeanPort:
             transport = LeanServer(sock, protocol, peer, self.reactor)
             protocol.makeConnection(transport)
         except Exception:
+            # A bug of the factory or protocol: that connection ends, the port goes on.
             _log.failure("serving a connection accepted from {peer}", peer=peer)
-            sock.close()
+            if transport is None:
+                sock.close()
+            elif transport.connected:
+                transport.abortConnection()
 
     def _pause_accepting(self, error: OSError) -> None:
         _log.warn(
