@@ -498,3 +498,19 @@ class LeanPortFaultTests(support.LeanTcp, unittest.TestCase):
 def _with_factory(protocol: Any, factory: Any) -> Any:
     protocol.factory = factory
     return protocol
+
+
+class ReusePortEndpointTests(support.LeanTcp, unittest.TestCase):
+    def test_reuse_port_through_a_description(self) -> None:
+        """server_endpoint(reuse_port=True) lets two listeners bind one tcp: description's port."""
+        first = self.successResultOf(
+            tcp.server_endpoint(reactor, "tcp:0:interface=127.0.0.1", 50, reuse_port=True).listen(support.HashingEchoFactory())
+        )
+        self.addCleanup(first.stopListening)
+        description = f"tcp:{first.getHost().port}:interface=127.0.0.1"
+        second = self.successResultOf(
+            tcp.server_endpoint(reactor, description, 50, reuse_port=True).listen(support.HashingEchoFactory())
+        )
+        self.addCleanup(second.stopListening)
+        self.assertEqual(second.getHost().port, first.getHost().port)
+        self.assertIsInstance(second, self.port_type)

@@ -466,19 +466,21 @@ class ServerEndpoint:
 
 def server_endpoint(
     reactor: IReactorTCP, description: str, backlog: int, v6only: bool = False, fast_open: int = 0,
+    reuse_port: bool = False,
 ) -> IStreamServerEndpoint:
     """
     `serverFromString(reactor, description)`, except that plain TCP listens
     with these transports, and with `backlog` unless the description gives
     one (and an IPv6 socket with IPV6_V6ONLY if `v6only`, TCP_FASTOPEN with
-    a queue of `fast_open` if not 0; other kinds of endpoint go without).
+    a queue of `fast_open` if not 0, SO_REUSEPORT with `reuse_port`; other
+    kinds of endpoint go without).
     """
     endpoint = serverFromString(reactor, description)
     if isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
         # Twisted keeps the parsed description in private attributes.
         if "backlog=" in description:
             backlog = endpoint._backlog
-        return ServerEndpoint(reactor, endpoint._port, backlog, endpoint._interface, v6only, fast_open)
+        return ServerEndpoint(reactor, endpoint._port, backlog, endpoint._interface, v6only, fast_open, reuse_port)
     return endpoint
 
 
