@@ -200,11 +200,12 @@ class ShadowsocksServerProtocol(InboundProtocol):
             self._open_target(codec.address)
         elif state == _HEADER:
             self.factory.handshake_fed(self)
-        elif not self._held:
+        elif not self._held and self._connecting is not None:
             # More came before the target answered: hold further reads until
             # it does, which bounds what we buffer to this read.  (Not at the
             # header already: most clients wait for the target's first bytes,
-            # and holding costs two epoll_ctl calls a connection.)
+            # and holding costs two epoll_ctl calls a connection.  Nor once
+            # the target was refused: the connection is closing.)
             self._held = True
             self.transport.pauseProducing()
 
