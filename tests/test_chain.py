@@ -1,5 +1,10 @@
 """
 ssx-local -> ssx-server -> target, on real loopback sockets in trial's reactor.
+
+Relaying with half-closes (`BulkTests`), backpressure (`SlowReaderTests`)
+and aborts at the timeouts (`StalledPeerTests`) run on both connection
+paths: ssx.net.lean's (the default) and Twisted's Port and Connector (the
+`...OnTwistedTcpTests` twins).
 """
 
 from __future__ import annotations
@@ -33,12 +38,16 @@ def _make_bulk_test(method: str):
     return test
 
 
-class BulkTests(ChainTestCase):
+class BulkTests(support.LeanTcp, ChainTestCase):
     """Every AEAD method and two stream methods carry 8 MiB each way intact."""
 
     for _method in ("aes-128-gcm", "aes-192-gcm", "aes-256-gcm", "chacha20-ietf-poly1305", "aes-256-cfb", "chacha20-ietf"):
         locals()["test_" + _method.replace("-", "_")] = _make_bulk_test(_method)
     del _method
+
+
+class BulkOnTwistedTcpTests(support.TwistedTcp, BulkTests):
+    """The same, with both ends listening and connecting on Twisted's Port and Connector."""
 
 
 class TargetTests(ChainTestCase):
@@ -179,7 +188,7 @@ class ServerFailureTests(ChainTestCase):
         return defer.Deferred.fromCoroutine(self._wrong_password())
 
 
-class SlowReaderTests(ChainTestCase):
+class SlowReaderTests(support.LeanTcp, ChainTestCase):
     """Backpressure: a target that stops reading stalls the sender instead of filling the proxies' memory."""
 
     async def _slow(self) -> None:
@@ -299,7 +308,11 @@ class LogSecrecyTests(ChainTestCase):
         return defer.Deferred.fromCoroutine(self._relay_and_log())
 
 
-class StalledPeerTests(ChainTestCase):
+class SlowReaderOnTwistedTcpTests(support.TwistedTcp, SlowReaderTests):
+    """The same, with both ends listening and connecting on Twisted's Port and Connector."""
+
+
+class StalledPeerTests(support.LeanTcp, ChainTestCase):
     """Peers that stop reading, or vanish, cannot hold connections open past the timeouts."""
 
     def _firehose(self) -> tuple:
@@ -395,6 +408,10 @@ class StalledPeerTests(ChainTestCase):
 
     async def _within(self, seconds: float, d: defer.Deferred) -> None:
         await support.within(seconds, d, "not closed")
+
+
+class StalledPeerOnTwistedTcpTests(support.TwistedTcp, StalledPeerTests):
+    """The same, with both ends listening and connecting on Twisted's Port and Connector."""
 
 
 class TlsTransportTests(ChainTestCase):

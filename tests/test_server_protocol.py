@@ -97,6 +97,29 @@ class ServerHandshakeTests(unittest.SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.factory.connections_refused, 1)
 
+    def test_bytes_after_a_refused_header_are_ignored(self):
+        """More bytes after a refused target neither pause nor reopen anything: the connection just closes."""
+        self.resolver.addresses = ["127.0.0.1"]
+        encryptor = self.suite.tcp_encryptor()
+        self.protocol.dataReceived(encryptor.encrypt(encode_address(Address("evil.example", 22)) + b"x"))
+        self.protocol.dataReceived(encryptor.encrypt(b"more"))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_reads_held_only_when_data_comes_during_connect(self):
+        """The header alone leaves reads running; bytes before the target answers pause them; the answer resumes them."""
+        encryptor = self.suite.tcp_encryptor()
+        self.protocol.dataReceived(encryptor.encrypt(encode_address(Address("93.184.216.34", 443)) + b"first"))
+        self.assertEqual(self.transport.producerState, "producing")
+        self.protocol.dataReceived(encryptor.encrypt(b"second"))
+        self.assertEqual(self.transport.producerState, "paused")
+        [(_, _, factory, _, _)] = self.reactor.tcpClients
+        target = StringTransport()
+        factory.buildProtocol(None).makeConnection(target)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(target.value(), b"firstsecond")
+
     def test_ipv4_mapped_loopback_forbidden(self):
         """An IPv6 literal that maps IPv4 loopback (::ffff:127.0.0.1) is refused too."""
         self.resolver.addresses = ["::ffff:127.0.0.1"]

@@ -60,8 +60,8 @@ class _ProcessReactor(MemoryReactorClock):
         self.spawned.append(processProtocol)
 
 
-class PrivateNamesTests(unittest.TestCase):
-    """Each listed name on a live instance of its owner, as the code meets it."""
+class PrivateNamesTests(support.TwistedTcp, unittest.TestCase):
+    """Each listed name on a live instance of its owner, as the code meets it (on Twisted's connection path)."""
 
     async def _connected_transports(self) -> list[Any]:
         """Both ends of a real loopback connection made with ssx.net.tcp."""

@@ -168,7 +168,7 @@ class HttpProxyProtocol(LocalRelayProtocol):
         if self._state == RELAYING:
             self.relayReceived(data)
         elif self._state == CONNECTING:
-            self._early += data
+            self.keep_early(data)
 
     def _refuse(self, status: int, message: str, extra: tuple[tuple[str, str], ...] = ()) -> None:
         """Answer with an error of the proxy's own and close (only if no response has begun)."""

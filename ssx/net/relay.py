@@ -119,6 +119,11 @@ def connect_tcp(
     the kernel allows it (`ssx.net.tcp.connect`); `bind_address` and
     `device` set the source address and the interface sent through.
     """
+    if isinstance(protocol, OutboundProtocol):
+        # Its own `ready` is the answer: one Deferred a connection, not two chained.
+        ready_factory = _ReadyWhenConnected(protocol)
+        protocol.connector = tcp.connect(reactor, host, port, ready_factory, timeout, fast_open, bind_address, device)
+        return protocol.ready
     connector: list[Any] = []
 
     def cancel(d: Deferred) -> None:
@@ -129,9 +134,25 @@ def connect_tcp(
     connected: Deferred = Deferred(cancel)
     factory = _OneTcpConnection(protocol, connected)
     connector.append(tcp.connect(reactor, host, port, factory, timeout, fast_open, bind_address, device))
-    if isinstance(protocol, OutboundProtocol):
-        connected.addCallback(lambda built: built.ready)
     return connected
+
+
+class _ReadyWhenConnected(ClientFactory):
+    """Connects one `OutboundProtocol`, whose `ready` fails with the connect error."""
+
+    noisy = False
+
+    def __init__(self, protocol: "OutboundProtocol") -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        return self._protocol
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        protocol = self._protocol
+        protocol.connector = None
+        if not protocol.ready.called and not protocol.cancelled:
+            protocol.ready.errback(reason)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -258,7 +279,8 @@ class RelayProtocol(Protocol):
             # would otherwise wait for it before closing.
             peer.release_producer()
             peer.transport.loseConnection()
-            if peer.clock is not None and peer.linger > 0 and peer._linger_call is None:
+            # A transport with nothing to send closes in the call (ssx.net.lean's).
+            if not peer._closed and peer.clock is not None and peer.linger > 0 and peer._linger_call is None:
                 peer._linger_call = peer.clock.callLater(peer.linger, peer._abort)
 
 
@@ -278,8 +300,13 @@ class OutboundProtocol(RelayProtocol):
         RelayProtocol.__init__(self)
         self._on_connected: Callable[["OutboundProtocol"], None] | None = on_connected
         self.ready: Deferred = Deferred(self._cancel)
+        # While `connect_tcp` connects it: the connector (to stop), and
+        # whether `ready` was cancelled (its failure is then CancelledError).
+        self.connector: Any = None
+        self.cancelled = False
 
     def connectionMade(self) -> None:
+        self.connector = None
         set_no_delay(self.transport)
         if not ISSLTransport.providedBy(self.transport):
             self._ready()
@@ -296,8 +323,12 @@ class OutboundProtocol(RelayProtocol):
 
     def _cancel(self, ready: Deferred) -> None:
         self._on_connected = None
+        self.cancelled = True
         if self.transport is not None:
             self.transport.abortConnection()
+        elif self.connector is not None:
+            connector, self.connector = self.connector, None
+            connector.stopConnecting()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._on_connected = None

@@ -30,11 +30,13 @@ a release that moves one fails that test, naming it.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.internet import defer, tcp
+from twisted.internet import abstract, defer, tcp
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import (
     IConnector,
     IListeningPort,
@@ -44,12 +46,13 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.posixbase import PosixReactorBase
-from twisted.internet.protocol import ClientFactory
+from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ssx.net.outbound import bind_device
+from ssx.wire.address import is_ip_literal
 
 if TYPE_CHECKING:
     from twisted.runner.procmon import ProcessMonitor
@@ -61,6 +64,9 @@ __all__ = [
     "TCP_FASTOPEN_CONNECT",
     "TWISTED_PRIVATE_NAMES",
     "AdoptedEndpoint",
+    "LEAN_PATH",
+    "CloseAtOnce",
+    "SendAtOnce",
     "ServerEndpoint",
     "adopt",
     "connect",
@@ -76,7 +82,11 @@ __all__ = [
 #: instances have them (dotted path).  Only this module uses them.
 TWISTED_PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
     # Read by the transports' `write` to tell an idle, open connection.
-    "twisted.internet.tcp.Connection": ("_tempDataBuffer", "_writeDisconnecting", "_writeDisconnected", "_aborting"),
+    "twisted.internet.tcp.Connection": (
+        "_tempDataBuffer", "_writeDisconnecting", "_writeDisconnected", "_aborting",
+        # Called by CloseAtOnce, to close in the call.
+        "_closeWriteConnection", "_closeSocket",
+    ),
     # Overridden, so that connecting makes one of these transports.
     "twisted.internet.tcp.Connector": ("_makeTransport",),
     # A parsed `tcp:`/`tcp6:` description keeps its values here.
@@ -109,12 +119,23 @@ FAST_OPEN_SYSCTL = "/proc/sys/net/ipv4/tcp_fastopen"
 
 _log = Logger()
 
+#: Whether `listen` and `connect` accept and connect with `ssx.net.lean`
+#: (on Twisted's POSIX reactors, for IP addresses) rather than with
+#: Twisted's `Port` and `Connector`.  SSX_TCP_PATH=twisted in the
+#: environment turns it off: the benchmark suite's comparison, and a way
+#: back should the lean path misbehave somewhere.
+LEAN_PATH: bool = os.environ.get("SSX_TCP_PATH", "lean") != "twisted"
+
 
 _SET_LATER = (
     "producer", "streamingProducer", "producerPaused", "dataBuffer", "offset",
     "disconnecting", "disconnected", "_writeDisconnecting", "_writeDisconnected", "_aborting",
     "doRead", "doWrite", "realAddress", "protocol", "connected", "logstr",
 )
+
+
+# The transport classes whose first instance has made room (`_reserve`).
+_RESERVED: set[type] = set()
 
 
 class _SendAtOnce(tcp.Connection):
@@ -128,10 +149,17 @@ class _SendAtOnce(tcp.Connection):
         # later (Twisted sets these on registering a producer, on a
         # buffered write, on connecting and closing) turns every instance
         # into a full dict, about 0.4 KiB per transport (measured).  Setting
-        # and deleting them here makes room without changing any value.
+        # and deleting them on the first instance of each class makes room
+        # for all later ones (their names stay in the class's shared keys;
+        # measured: the same size as doing it on every instance, without
+        # 64 calls per connection).
+        cls = type(self)
+        if cls in _RESERVED:
+            return
         for name in _SET_LATER:
             setattr(self, name, None)
             delattr(self, name)
+        _RESERVED.add(cls)
 
     def write(self, data: bytes) -> None:
         if (
@@ -161,6 +189,79 @@ class _SendAtOnce(tcp.Connection):
                 return
             data = data[sent:]
         tcp.Connection.write(self, data)
+
+
+#: The send-at-once base.
+SendAtOnce = _SendAtOnce
+
+
+class CloseAtOnce(_SendAtOnce):
+    """
+    The base of `ssx.net.lean`'s transports: they also close at once.
+
+    Twisted closes (and half-closes) on the reactor's next turn even with
+    nothing left to send: register for writability, wait for the event,
+    send nothing, unregister, then close.  With nothing buffered and no
+    producer registered there is nothing to wait for, so these close in
+    the call itself, as Twisted's own transport does once its write side
+    is closed: the protocol's `connectionLost` (or `writeConnectionLost`)
+    comes before `loseConnection` (`loseWriteConnection`) returns.  (They
+    keep Twisted's `shutdown(SHUT_RDWR)` before `close()`: without it a
+    socket closed with unread bytes sends a reset, not a FIN, and the
+    server end must close a prober's connection as it closes any other.)
+    """
+
+    def _nothing_to_send(self) -> bool:
+        return bool(
+            self.connected
+            and self.producer is None
+            and not self._tempDataBuffer
+            and self.offset == len(self.dataBuffer)
+            and not (self.disconnecting or self._writeDisconnecting or self._aborting)
+        )
+
+    # These never run TLS (TLS listeners and `tls:` servers stay on
+    # Twisted's transports), so they skip the TLS layer's checks.
+    registerProducer = abstract.FileDescriptor.registerProducer
+    unregisterProducer = abstract.FileDescriptor.unregisterProducer
+
+    def startTLS(self, ctx: Any, normal: bool = True) -> None:
+        raise NotImplementedError("TLS runs on Twisted's own transports, not on ssx.net.lean's")
+
+    def loseConnection(self) -> None:
+        if self._nothing_to_send():
+            self.disconnecting = 1
+            self.connectionLost(connectionDone)
+            return
+        abstract.FileDescriptor.loseConnection(self)
+
+    def loseWriteConnection(self) -> None:
+        if self._nothing_to_send() and not self._writeDisconnected:
+            self._writeDisconnecting = True
+            self._writeDisconnected = True
+            self._closeWriteConnection()
+            return
+        tcp.Connection.loseWriteConnection(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        # tcp.Connection.connectionLost, with an isinstance for its
+        # Failure.check (a dozen calls a connection).
+        if not hasattr(self, "socket"):
+            return  # twice (an abort, then an error in the same turn)
+        abstract.FileDescriptor.connectionLost(self, reason)
+        self._closeSocket(not isinstance(reason.value, ConnectionAborted))
+        protocol = self.protocol
+        del self.protocol
+        del self.socket
+        del self.fileno
+        protocol.connectionLost(reason)
+
+    def doWrite(self) -> Any:
+        # The reactor may still hand a write event to a connection that
+        # closed at once while it handled the read of the same event.
+        if self.disconnected:
+            return None
+        return tcp.Connection.doWrite(self)
 
 
 class Server(_SendAtOnce, tcp.Server):
@@ -253,12 +354,15 @@ def listen(
     """
     Like `reactor.listenTCP`, with these transports (and IPV6_V6ONLY on IPv6
     if `v6only`; TCP_FASTOPEN with a queue of `fast_open` if not 0;
-    SO_REUSEPORT with `reuse_port`).
+    SO_REUSEPORT with `reuse_port`), accepting with `ssx.net.lean.LeanPort`
+    while `LEAN_PATH` holds.
     """
     if not _fast(reactor):
         # IReactorTCP declares a ServerFactory, but endpoints pass any
         # IProtocolFactory on, as Twisted's own TCP endpoints do.
         return reactor.listenTCP(port, factory, backlog, interface)  # type: ignore[arg-type]
+    if LEAN_PATH:
+        return lean.listen_port(reactor, port, factory, backlog, interface, v6only, fast_open, reuse_port)
     listening = Port(port, factory, backlog, interface, reactor)
     listening.v6only = v6only
     listening.fast_open = fast_open
@@ -275,6 +379,8 @@ def adopt(reactor: Any, fd: int, family: int, factory: IProtocolFactory) -> ILis
     """
     if not _fast(reactor):
         return reactor.adoptStreamPort(fd, family, factory)
+    if LEAN_PATH:
+        return lean.adopt_listening_socket(fd, factory, reactor)
     listening: Port = Port._fromListeningDescriptor(reactor, fd, family, factory)
     listening.startListening()
     return listening
@@ -296,6 +402,10 @@ def connect(
     """
     if not _fast(reactor):
         return reactor.connectTCP(host, port, factory, timeout=timeout, bindAddress=bind_address)
+    if LEAN_PATH and is_ip_literal(host):
+        lean_connector = lean.LeanConnector(reactor, host, port, factory, timeout, bind_address, device, fast_open)
+        lean_connector.connect()
+        return lean_connector
     connector = Connector(host, port, factory, timeout, bind_address, reactor)
     connector.fast_open = fast_open
     connector.device = device
@@ -431,3 +541,8 @@ def on_process_exit(monitor: ProcessMonitor, exited: Callable[[str, Failure | No
         exited(name, reason)
 
     setattr(monitor, "_monitoredProcessExited", handled)
+
+
+# Last: ssx.net.lean builds on this module's transports (a cycle Python
+# resolves, since nothing here uses it until called).
+from ssx.net import lean  # noqa: E402

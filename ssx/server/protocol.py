@@ -243,6 +243,8 @@ class ShadowsocksServerProtocol(InboundProtocol):
         self._wire_in = 0
         # When the header was whole (with metrics on), for the connect time.
         self._header_at = 0.0
+        # Reads held while the target is being connected.
+        self._held = False
 
     @property
     def user(self) -> str | None:
@@ -292,6 +294,14 @@ class ShadowsocksServerProtocol(InboundProtocol):
             self._header_done(codec.address)
         elif state == _HEADER:
             self.factory.handshake_fed(self)
+        elif not self._held and self._connecting is not None:
+            # More came before the target answered: hold further reads until
+            # it does, which bounds what we buffer to this read.  (Not at the
+            # header already: most clients wait for the target's first bytes,
+            # and holding costs two epoll_ctl calls a connection.  Nor once
+            # the target was refused: the connection is closing.)
+            self._held = True
+            self.transport.pauseProducing()
 
     def _timed_header(self, data: bytes) -> None:
         # dataReceived's header path, with metrics on: the decrypt that
@@ -326,9 +336,6 @@ class ShadowsocksServerProtocol(InboundProtocol):
             observer.handshake(self._header_at - self.last_activity)
         self._state = _CONNECTING
         self.factory.handshakes.remove(self)
-        # Hold further reads until the target answers: bounds what we
-        # buffer to one read.
-        self.transport.pauseProducing()
         self._open_target(address)
 
     def _admit(self) -> bool:
@@ -481,7 +488,8 @@ class ShadowsocksServerProtocol(InboundProtocol):
             target.release_producer()
             if can_half_close(target.transport):
                 target.transport.loseWriteConnection()
-        else:
+        elif self._held:
+            self._held = False
             self.transport.resumeProducing()
 
     def timeoutConnection(self) -> None:

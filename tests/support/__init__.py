@@ -15,6 +15,7 @@ never from each other.
 - `metrics`: scraping /metrics over HTTP and reading the samples.
 - `workers`: a `--workers` server seen from outside (which process holds a
   connection, live pids), and a forwarder recording a client's bytes.
+- `tcp_paths`: running a test on ssx.net.lean's path or on Twisted's.
 """
 
 from tests.support.chains import (
@@ -30,6 +31,7 @@ from tests.support.clients import (
     BuildingFactory,
     DatagramCollector,
     DecryptingClient,
+    HalfClosingExchange,
     KeepingProtocol,
     ManagerClient,
     TRANSFER_SECONDS,
@@ -82,6 +84,7 @@ from tests.support.targets import (
     listen_web,
     make_certificate,
 )
+from tests.support.tcp_paths import LeanTcp, TwistedTcp
 from tests.support.waiting import coroutine_test, outgoing_connections, sleep, wait_for, wait_until, within
 
 __all__ = [
@@ -91,6 +94,7 @@ __all__ = [
     "BuildingFactory",
     "DatagramCollector",
     "DecryptingClient",
+    "HalfClosingExchange",
     "KeepingProtocol",
     "fd_table",
     "open_fds",
@@ -153,6 +157,9 @@ __all__ = [
     "listen_web",
     "FakeDns",
     "Zone",
+    # tcp_paths
+    "LeanTcp",
+    "TwistedTcp",
     # waiting
     "coroutine_test",
     "sleep",

@@ -21,6 +21,7 @@ from zope.interface import implementer
 from tests.support.waiting import wait_for, wait_until
 
 __all__ = [
+    "HalfClosingExchange",
     "TRANSFER_SECONDS",
     "socks5_request",
     "SocksTransfer",
@@ -465,6 +466,25 @@ class KeepingProtocol(protocol.Protocol):
 
     def connectionLost(self, reason: object = None) -> None:
         self.lost.callback(bytes(self.received))
+
+
+class HalfClosingExchange(protocol.Protocol):
+    """Sends `payload`, half-closes, and fires `done` with all it read once the connection ends."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.received = bytearray()
+        self.done: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.payload)
+        self.transport.loseWriteConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.done.callback(bytes(self.received))
 
 
 class BuildingFactory(protocol.ClientFactory):
