@@ -22,7 +22,7 @@ plugin: it goes to the server's own address and port.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from ssx.wire.address import Address, decode_address, encode_address
 from ssx.interfaces import ICipherSuite, IServerPicker, IUpstream
 from ssx.errors import ProtocolError
-from ssx.net.nat import MAX_DATAGRAM, READ_SIZE, SweptNatProtocol, send_datagram
+from ssx.net.nat import MAX_DATAGRAM, READ_SIZE, SweptNatProtocol
 from ssx.wire.socks5 import UDP_HEADER, udp_to_shadowsocks
 
 __all__ = ["LocalUdpRelay", "Socks5Association", "Socks5UdpRelay", "TunnelUdpRelay"]
@@ -63,6 +63,9 @@ class _ServerSocket(DatagramProtocol):
         # Per application: 2022 sessions carry state (session and packet IDs).
         self.codec = suite.udp_client_codec()
         self.port: Any = None
+        # The connected socket's own send once open: a datagram then costs
+        # one call, not Twisted's checks in `Port.write`.
+        self._send: Callable[[bytes], Any] | None = None
         self._pending: list[bytes] | None = []
 
     def open(self) -> None:
@@ -77,6 +80,8 @@ class _ServerSocket(DatagramProtocol):
                 0, self, interface="::" if ":" in ip else "0.0.0.0", maxPacketSize=READ_SIZE
             )
             self.port.connect(ip, self.server[1])
+            sock = getattr(self.port, "socket", None)
+            self._send = self.port.write if sock is None else sock.send
         except (CannotListenError, OSError) as e:
             _log.warn("UDP: cannot open a socket to the server: {error}", error=e)
             self.relay.dropped += len(self._pending)
@@ -93,15 +98,17 @@ class _ServerSocket(DatagramProtocol):
             self.relay.nat.remove(self.client)
 
     def send(self, packet: bytes) -> None:
-        if self.port is None:
-            if self._pending is not None and len(self._pending) < _PENDING_LIMIT:
+        send = self._send
+        if send is None:
+            if self.port is None and self._pending is not None and len(self._pending) < _PENDING_LIMIT:
                 self._pending.append(packet)
             else:
                 self.relay.dropped += 1
             return
         try:
-            self.port.write(packet)
+            send(packet)
         except OSError:
+            # Also a refusal (ICMP) reported for an earlier datagram: this one was not sent.
             self.relay.dropped += 1
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
@@ -113,6 +120,7 @@ class _ServerSocket(DatagramProtocol):
 
     def close(self) -> None:
         self._pending = None
+        self._send = None
         if self.port is not None:
             port, self.port = self.port, None
             port.stopListening()
@@ -237,7 +245,7 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
             return
         self.nat.touch(client)
         try:
-            send_datagram(self.transport, datagram, client)
+            (self._sendto or self.bind_sender())(datagram, client)
         except OSError:
             self.dropped += 1
 
