@@ -330,9 +330,9 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
 
     def reply(self, client: tuple, source: Address, data: bytes) -> None:
         """A target's datagram for `client`: sealed with its source address and sent back."""
-        if self.transport is None or client not in self.nat:
+        # One look-up that also marks the entry as used.
+        if self.transport is None or self.nat.get(client) is None:
             return
-        self.nat.touch(client)
         # Our own salts are recognisable: a captured reply sent back is a replay.
         salt = self.salt_filter.own_salt(self.suite.spec.salt_size) if self.salt_filter is not None else None
         packet = self.suite.udp_seal(_reply_header(source) + data, salt)
