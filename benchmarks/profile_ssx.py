@@ -15,6 +15,13 @@ the load, and writes per process and load:
   included) and by total time (anywhere on the stack), in % of the
   process's busy samples.
 
+With ``--native`` py-spy samples the C frames too (it then pauses the
+processes for each sample, so the figures of that run are lower), and
+``profile.md`` also splits each process's busy samples by where the
+innermost frame is: the cipher (OpenSSL inside cryptography's Rust
+module, or libcrypto), the C library's system-call wrappers (socket
+reads and writes, epoll), or elsewhere (the interpreter, Python code).
+
 py-spy must be allowed to read the processes' memory (root, or ptrace_scope 0).
 """
 
@@ -58,16 +65,34 @@ def _short(frame: str) -> str:
     return f"{match['function']} ({file})"
 
 
+# Where a native sample's innermost frame is: the cipher lives in OpenSSL,
+# which cryptography's wheels link into their Rust module.
+_CIPHER_FILE = re.compile(r"_rust\.abi3\.so|libcrypto")
+_LIBC_FILE = re.compile(r"libc\.so|libc-|libpthread")
+
+
+def _where(leaf: str) -> str:
+    match = _FRAME.match(leaf)
+    file = match["file"] if match else leaf
+    if _CIPHER_FILE.search(file):
+        return "cipher (OpenSSL)"
+    if _LIBC_FILE.search(file):
+        return "system calls (libc)"
+    return "elsewhere (interpreter, Python)"
+
+
 def summarize(raw: Path, seconds: float, top: int = 12) -> dict:
     """Busy share and the top functions (self, total) from a raw py-spy file."""
     self_time: collections.Counter[str] = collections.Counter()
     total_time: collections.Counter[str] = collections.Counter()
+    where: collections.Counter[str] = collections.Counter()
     samples = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
+        where[_where(stack.split(";")[-1])] += count
         frames = [_short(f) for f in stack.split(";")]
         samples += count
         self_time[frames[-1]] += count
@@ -83,13 +108,16 @@ def summarize(raw: Path, seconds: float, top: int = 12) -> dict:
         "samples": samples,
         "self": share(self_time),
         "total": share(total_time),
+        "where": share(where),
     }
 
 
-def _record(pid: int, output: Path) -> subprocess.Popen:
+def _record(pid: int, output: Path, native: bool = False) -> subprocess.Popen:
+    # py-spy reads native stacks only from a paused process.
+    mode = ["--native"] if native else ["--nonblocking"]
     return subprocess.Popen(
         ["py-spy", "record", "--pid", str(pid), "--rate", str(_RATE), "--format", "raw", "--function",
-         "--nonblocking", "--output", str(output)],
+         *mode, "--output", str(output)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
 
@@ -99,6 +127,8 @@ def main() -> int:
     parser.add_argument("--method", default="aes-256-gcm")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each load")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--native", action="store_true", help="sample C frames too, and split by library")
+    parser.add_argument("--loads", default="bulk-up,bulk-down,conn,udp", help="comma-separated subset")
     args = parser.parse_args()
     if shutil.which("py-spy") is None:
         parser.error("py-spy is not installed: pip install -e '.[bench]'")
@@ -121,11 +151,14 @@ def main() -> int:
                 "conn": ["rr", *socks, "--target", _address(far.rr), "--seconds", seconds, "--concurrency", "32"],
                 "udp": ["udp", *socks, "--target", _address(far.udp), "--seconds", seconds, "--window", "32"],
             }
+            wanted = args.loads.split(",")
             for name, arguments in loads.items():
+                if name not in wanted:
+                    continue
                 recorders = {}
                 for process in chain.processes:
                     raw = out / f"profile-{name}-ssx-{process.role}.txt"
-                    recorders[process.role] = (raw, _record(process.popen.pid, raw))
+                    recorders[process.role] = (raw, _record(process.popen.pid, raw, args.native))
                 time.sleep(1.0)  # py-spy attaches
                 started = time.monotonic()
                 cpu_before = chain.cpu_seconds()
@@ -160,7 +193,8 @@ def main() -> int:
         far.popen.terminate()
         far.popen.wait(10)
 
-    lines = [f"# py-spy profile of ssx ({args.method}, {args.seconds:g}s loads, {_RATE} Hz)", ""]
+    kind = ", native frames" if args.native else ""
+    lines = [f"# py-spy profile of ssx ({args.method}, {args.seconds:g}s loads, {_RATE} Hz{kind})", ""]
     for name, entry in report.items():
         lines.append(f"## {name}: {entry['figure']}, both ssx processes used {entry['proxy_cpu_seconds']} CPU-s")
         for role, summary in entry["processes"].items():
@@ -173,6 +207,9 @@ def main() -> int:
             ]
             for (s_name, s_pct), (t_name, t_pct) in zip(summary["self"], summary["total"]):
                 lines.append(f"| {s_pct:.1f} | `{s_name}` | | {t_pct:.1f} | `{t_name}` |")
+            if args.native:
+                lines += ["", "| innermost frame in | % of busy samples |", "|---|---:|"]
+                lines += [f"| {w_name} | {w_pct:.1f} |" for w_name, w_pct in summary["where"]]
         lines.append("")
     (out / "profile.md").write_text("\n".join(lines) + "\n")
     (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
