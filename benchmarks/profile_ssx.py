@@ -17,10 +17,12 @@ the load, and writes per process and load:
 
 With ``--native`` py-spy samples the C frames too (it then pauses the
 processes for each sample, so the figures of that run are lower), and
-``profile.md`` also splits each process's busy samples by where the
-innermost frame is: the cipher (OpenSSL inside cryptography's Rust
-module, or libcrypto), the C library's system-call wrappers (socket
-reads and writes, epoll), or elsewhere (the interpreter, Python code).
+``profile.md`` also splits each process's samples by where the innermost
+frame is: waiting in ``epoll_wait`` (which native sampling counts), the
+cipher (OpenSSL inside cryptography's Rust module, or libcrypto), the C
+library's system-call wrappers (socket reads and writes: the kernel's
+work), or elsewhere (the interpreter, Python code), and gives the shares
+of the samples not waiting.
 
 py-spy must be allowed to read the processes' memory (root, or ptrace_scope 0).
 """
@@ -41,6 +43,7 @@ from pathlib import Path
 
 import chains
 import payload
+import steal
 from run import HERE, LOAD, _address, _start_far
 
 _RATE = 200
@@ -74,6 +77,9 @@ _LIBC_FILE = re.compile(r"libc\.so|libc-|libpthread")
 def _where(leaf: str) -> str:
     match = _FRAME.match(leaf)
     file = match["file"] if match else leaf
+    if match and match["function"] == "epoll_wait":
+        # Blocked until a socket is ready: py-spy's native mode samples it.
+        return "waiting (epoll_wait)"
     if _CIPHER_FILE.search(file):
         return "cipher (OpenSSL)"
     if _LIBC_FILE.search(file):
@@ -162,10 +168,12 @@ def main() -> int:
                 time.sleep(1.0)  # py-spy attaches
                 started = time.monotonic()
                 cpu_before = chain.cpu_seconds()
+                steal_before = steal.read()
                 done = subprocess.run([sys.executable, LOAD, *arguments], capture_output=True, text=True,
                                       timeout=args.seconds + 90)
                 elapsed = time.monotonic() - started
                 cpu = chain.cpu_seconds() - cpu_before
+                stolen = steal.percent(steal_before, steal.read())
                 for _, recorder in recorders.values():
                     recorder.send_signal(signal.SIGINT)
                 for _, recorder in recorders.values():
@@ -186,6 +194,7 @@ def main() -> int:
                 report[name] = {
                     "figure": figure,
                     "proxy_cpu_seconds": round(cpu, 2),
+                    "steal_percent": stolen,
                     "processes": {role: summarize(raw, elapsed + 1.0) for role, (raw, _) in recorders.items()},
                 }
                 print(f"{name}: {figure}", flush=True)
@@ -196,7 +205,10 @@ def main() -> int:
     kind = ", native frames" if args.native else ""
     lines = [f"# py-spy profile of ssx ({args.method}, {args.seconds:g}s loads, {_RATE} Hz{kind})", ""]
     for name, entry in report.items():
-        lines.append(f"## {name}: {entry['figure']}, both ssx processes used {entry['proxy_cpu_seconds']} CPU-s")
+        lines.append(
+            f"## {name}: {entry['figure']}, both ssx processes used {entry['proxy_cpu_seconds']} CPU-s, "
+            f"steal {entry['steal_percent']}%"
+        )
         for role, summary in entry["processes"].items():
             lines += [
                 "",
@@ -208,8 +220,13 @@ def main() -> int:
             for (s_name, s_pct), (t_name, t_pct) in zip(summary["self"], summary["total"]):
                 lines.append(f"| {s_pct:.1f} | `{s_name}` | | {t_pct:.1f} | `{t_name}` |")
             if args.native:
-                lines += ["", "| innermost frame in | % of busy samples |", "|---|---:|"]
-                lines += [f"| {w_name} | {w_pct:.1f} |" for w_name, w_pct in summary["where"]]
+                waiting = dict(summary["where"]).get("waiting (epoll_wait)", 0.0)
+                working = 100.0 - waiting
+                lines += ["", "| innermost frame in | % of samples | % of samples not waiting |", "|---|---:|---:|"]
+                lines += [
+                    f"| {w_name} | {w_pct:.1f} | {'' if w_name.startswith('waiting') or not working else f'{100 * w_pct / working:.1f}'} |"
+                    for w_name, w_pct in summary["where"]
+                ]
         lines.append("")
     (out / "profile.md").write_text("\n".join(lines) + "\n")
     (out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
