@@ -20,9 +20,10 @@ processes for each sample, so the figures of that run are lower), and
 ``profile.md`` also splits each process's samples by where the innermost
 frame is: waiting in ``epoll_wait`` (which native sampling counts), the
 cipher (OpenSSL inside cryptography's Rust module, or libcrypto), the C
-library's system-call wrappers (socket reads and writes: the kernel's
-work), or elsewhere (the interpreter, Python code), and gives the shares
-of the samples not waiting.
+library's socket system calls (reads and writes: the kernel's work), the
+rest of the C library (memory copies, allocation), or elsewhere (the
+interpreter, Python code), and gives the shares of the samples not
+waiting.
 
 py-spy must be allowed to read the processes' memory (root, or ptrace_scope 0).
 """
@@ -72,6 +73,9 @@ def _short(frame: str) -> str:
 # which cryptography's wheels link into their Rust module.
 _CIPHER_FILE = re.compile(r"_rust\.abi3\.so|libcrypto")
 _LIBC_FILE = re.compile(r"libc\.so|libc-|libpthread")
+# The C library's system-call wrappers that a relay's samples end in.
+_SYSCALLS = {"recv", "send", "recvfrom", "sendto", "recvmsg", "sendmsg", "read", "write", "writev", "readv",
+             "accept4", "connect", "close", "__libc_recv", "__libc_send"}
 
 
 def _where(leaf: str) -> str:
@@ -83,7 +87,9 @@ def _where(leaf: str) -> str:
     if _CIPHER_FILE.search(file):
         return "cipher (OpenSSL)"
     if _LIBC_FILE.search(file):
-        return "system calls (libc)"
+        if match and match["function"] in _SYSCALLS:
+            return "socket system calls (libc)"
+        return "other libc (memory copies, allocation)"
     return "elsewhere (interpreter, Python)"
 
 
