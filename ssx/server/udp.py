@@ -34,7 +34,7 @@ from ssx.interfaces import ITrafficCounter
 from ssx.server.session_windows import SessionState, SessionWindows
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.wire.address import is_ip_literal
-from ssx.net.nat import MAX_DATAGRAM, READ_SIZE, SweptNatProtocol, datagram_sender, send_datagram
+from ssx.net.nat import MAX_DATAGRAM, READ_SIZE, SweptNatProtocol, datagram_sender
 from ssx.net.resolver import TargetResolver
 from ssx.net.outbound import Outbound
 from ssx.net.quiet_udp import listen_udp
@@ -428,7 +428,7 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
             self.dropped += 1
             return
         try:
-            send_datagram(self.transport, packet, session.client)
+            (self._sendto or self.bind_sender())(packet, session.client)
         except OSError:
             self.dropped += 1
             return
