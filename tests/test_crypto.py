@@ -27,7 +27,7 @@ from ssx.interfaces import ICipherSuite, ITcpClientCodec, ITcpServerCodec, IUdpC
 # suite and tests (tests/test_crypto_2022.py).
 METHODS = tuple(m for m in ALL_METHODS if lookup_method(m).family != "aead2022")
 METHODS_2022 = tuple(m for m in ALL_METHODS if lookup_method(m).family == "aead2022")
-from ssx.crypto._kdf import derive_subkey, evp_bytes_to_key, hkdf_sha1
+from ssx.crypto._kdf import derive_subkey, evp_bytes_to_key, hkdf_sha1, subkey_deriver
 from ssx.crypto._xchacha import XChaCha20Poly1305
 from ssx.errors import AuthenticationError, ConfigError, ProtocolError
 
@@ -252,6 +252,19 @@ class KeyDerivationTests(SynchronousTestCase):
         for size, salt, subkey in rows:
             self.assertEqual(derive_subkey(k32[:size], salt), h(subkey))
 
+    def test_bound_deriver(self) -> None:
+        """§2.2: subkey_deriver (the per-datagram path's HKDF) gives the ss-subkey table's subkeys."""
+        k32 = evp_bytes_to_key(b"password", 32)
+        rows = [
+            (16, bytes(range(16)), "ed2a618d9490d1701de885d82aa80616"),
+            (24, bytes(range(24)), "f542f92afe59abf1f7af97889b127549827646a9b6f31b82"),
+            (32, bytes(range(32)), "ee187aed3f87574907a39db98606f60a526114831288097cac66054b33a9464f"),
+            (32, bytes(range(0x40, 0x60)), "d680cdccaffafa1e9401e127a3889c00cd15f36867b8f245d3b352d1955ada45"),
+        ]
+        derivers = {size: subkey_deriver(k32[:size]) for size in (16, 24, 32)}
+        for size, salt, subkey in rows:
+            self.assertEqual(derivers[size](salt), h(subkey))
+
 
 class AeadVectorTests(SynchronousTestCase):
     """AEAD-2017 known answers (test-vectors.md §3.1-§3.3)."""
@@ -420,6 +433,26 @@ class StreamVectorTests(SynchronousTestCase):
 
 class FramingTests(SynchronousTestCase):
     """Behaviour of the framing that the vectors do not pin down."""
+
+    def test_bound_udp_functions_match_the_reference(self) -> None:
+        """Every AEAD and stream method: the suite's bound seal equals aead_udp_seal/stream_udp_seal, and its open inverts both for bytes, bytearray and memoryview."""
+        from ssx.crypto._aead import AEAD_PRIMITIVES, aead_udp_seal
+        from ssx.crypto._stream import STREAM_CIPHERS, stream_udp_seal
+
+        for method in METHODS:
+            suite = CipherSuite(method, "pw")
+            spec = suite.spec
+            if spec.family == "none":
+                continue
+            salt = os.urandom(spec.salt_size)
+            plaintext = os.urandom(300)
+            if spec.family == "aead":
+                reference = aead_udp_seal(AEAD_PRIMITIVES[method], suite._key, salt, plaintext)
+            else:
+                reference = stream_udp_seal(STREAM_CIPHERS[method], suite._key, salt, plaintext)
+            self.assertEqual(suite.udp_seal(plaintext, salt), reference, method)
+            for packet in (reference, bytearray(reference), memoryview(reference)):
+                self.assertEqual(suite.udp_open(packet), plaintext, method)
 
     def test_empty_writes_emit_nothing(self) -> None:
         """Empty data encrypts to b'' for every method, not even the salt."""

@@ -8,7 +8,7 @@ import socket
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from ssx.net.nat import NatTable, send_datagram
+from ssx.net.nat import NatTable, datagram_sender, send_datagram
 
 
 class NatTableTests(unittest.SynchronousTestCase):
@@ -109,4 +109,32 @@ class SendDatagramTests(unittest.TestCase):
                 written.append((data, address))
 
         send_datagram(FakePort(), b"d", ("192.0.2.1", 53))
+        self.assertEqual(written, [(b"d", ("192.0.2.1", 53))])
+
+    def test_bound_sender_is_the_sockets_sendto(self):
+        """datagram_sender binds the port's socket's sendto, and the datagram arrives whole from the port."""
+        from twisted.internet import protocol, reactor
+
+        port = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        sendto = datagram_sender(port)
+        self.assertEqual(sendto, port.socket.sendto)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+            receiver.bind(("127.0.0.1", 0))
+            receiver.settimeout(5)
+            payload = os.urandom(1200)
+            sendto(payload, receiver.getsockname())
+            data, source = receiver.recvfrom(2048)
+        self.assertEqual(data, payload)
+        self.assertEqual(source, ("127.0.0.1", port.getHost().port))
+
+    def test_bound_sender_of_a_fake_is_its_write(self):
+        """datagram_sender of a port with no socket (a test fake) is its write()."""
+        written = []
+
+        class FakePort:
+            def write(self, data, address):
+                written.append((data, address))
+
+        datagram_sender(FakePort())(b"d", ("192.0.2.1", 53))
         self.assertEqual(written, [(b"d", ("192.0.2.1", 53))])

@@ -540,6 +540,17 @@ class UdpDatagramTests(SynchronousTestCase):
             with self.assertRaises(ProtocolError, msg=datagram):
                 udp_to_shadowsocks(datagram)
 
+    def test_ip_addresses_checked_by_length(self):
+        """IPv4 and IPv6 targets pass whole and are refused one byte short (port included)."""
+        from ssx.errors import ProtocolError
+        from ssx.wire.socks5 import udp_to_shadowsocks
+
+        for address in (b"\x01" + bytes(4) + b"\x00\x35", b"\x04" + bytes(range(16)) + b"\x00\x35"):
+            self.assertEqual(udp_to_shadowsocks(b"\x00\x00\x00" + address), address)
+            self.assertEqual(udp_to_shadowsocks(b"\x00\x00\x00" + address + b"data"), address + b"data")
+            with self.assertRaises(ProtocolError):
+                udp_to_shadowsocks(b"\x00\x00\x00" + address[:-1])
+
     @given(st.binary(max_size=64))
     def test_arbitrary_bytes(self, datagram):
         """Arbitrary bytes give a plaintext starting with a whole address, or ProtocolError, nothing else."""

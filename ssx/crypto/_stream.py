@@ -13,6 +13,7 @@ same encryptor()/decryptor() face.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Callable, Protocol
 
 from Crypto.Cipher import Salsa20
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers.algorithms import AES, ChaCha20
 from cryptography.hazmat.primitives.ciphers.modes import CTR
 
+from ssx.crypto._aead import UdpSeal
 from ssx.errors import ProtocolError
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "StreamTcpDecryptor",
     "stream_udp_seal",
     "stream_udp_open",
+    "stream_udp_sealer",
+    "stream_udp_opener",
 ]
 
 
@@ -186,3 +190,30 @@ def stream_udp_open(
         raise ProtocolError(f"stream UDP packet too short ({len(packet)} bytes)")
     view = memoryview(packet)
     return factory(key, bytes(view[:iv_size])).decryptor().update(view[iv_size:])
+
+
+def stream_udp_sealer(factory: StreamCipherFactory, key: bytes, iv_size: int, name: str) -> UdpSeal:
+    """`stream_udp_seal` with the cipher and key bound; a fresh IV when none is given."""
+    urandom = os.urandom
+
+    def seal(plaintext: bytes, salt: bytes | None = None) -> bytes:
+        if salt is None:
+            salt = urandom(iv_size)
+        elif len(salt) != iv_size:
+            raise ValueError(f"{name} salt must be {iv_size} bytes, not {len(salt)}")
+        else:
+            salt = bytes(salt)
+        return salt + factory(key, salt).encryptor().update(plaintext)
+
+    return seal
+
+
+def stream_udp_opener(factory: StreamCipherFactory, key: bytes, iv_size: int) -> Callable[[bytes], bytes]:
+    """`stream_udp_open` with the cipher and key bound."""
+
+    def open_(packet: bytes) -> bytes:
+        if len(packet) < iv_size:
+            raise ProtocolError(f"stream UDP packet too short ({len(packet)} bytes)")
+        return factory(key, bytes(packet[:iv_size])).decryptor().update(packet[iv_size:])
+
+    return open_

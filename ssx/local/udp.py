@@ -68,6 +68,9 @@ class _ServerSocket(DatagramProtocol):
         # Per application: 2022 sessions carry state (session and packet IDs).
         self.codec = suite.udp_client_codec()
         self.port: Any = None
+        # The connected socket's own send once open: a datagram then costs
+        # one call, not Twisted's checks in `Port.write`.
+        self._send: Callable[[bytes], Any] | None = None
         self._pending: list[bytes] | None = []
 
     def open(self) -> None:
@@ -84,6 +87,8 @@ class _ServerSocket(DatagramProtocol):
             if self.relay.mark is not None:
                 set_mark(self.port.socket, self.relay.mark)
             self.port.connect(ip, self.server[1])
+            sock = getattr(self.port, "socket", None)
+            self._send = self.port.write if sock is None else sock.send
         except (CannotListenError, OSError) as e:
             _log.warn("UDP: cannot open a socket to the server: {error}", error=e)
             self.relay.dropped += len(self._pending)
@@ -100,15 +105,17 @@ class _ServerSocket(DatagramProtocol):
             self.relay.nat.remove(self.client)
 
     def send(self, packet: bytes) -> None:
-        if self.port is None:
-            if self._pending is not None and len(self._pending) < _PENDING_LIMIT:
+        send = self._send
+        if send is None:
+            if self.port is None and self._pending is not None and len(self._pending) < _PENDING_LIMIT:
                 self._pending.append(packet)
             else:
                 self.relay.dropped += 1
             return
         try:
-            self.port.write(packet)
+            send(packet)
         except OSError:
+            # Also a refusal (ICMP) reported for an earlier datagram: this one was not sent.
             self.relay.dropped += 1
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
@@ -120,6 +127,7 @@ class _ServerSocket(DatagramProtocol):
 
     def close(self) -> None:
         self._pending = None
+        self._send = None
         if self.port is not None:
             port, self.port = self.port, None
             port.stopListening()
@@ -378,7 +386,7 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
             self.server_traffic(sock.upstream).add_down(len(plaintext))
         self.nat.touch(client)
         try:
-            send_datagram(self.transport, datagram, client)
+            (self._sendto or self.bind_sender())(datagram, client)
         except OSError:
             self.dropped += 1
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Callable, Generic, Hashable, Iterator, TypeVar
 
-__all__ = ["MAX_DATAGRAM", "READ_SIZE", "NatTable", "SweptNatProtocol", "send_datagram"]
+__all__ = ["MAX_DATAGRAM", "READ_SIZE", "NatTable", "SweptNatProtocol", "datagram_sender", "send_datagram"]
 
 # The largest UDP payload an IPv4 datagram can carry.
 MAX_DATAGRAM = 65507
@@ -134,6 +134,16 @@ def send_datagram(port: Any, data: bytes, address: tuple) -> None:
         sock.sendto(data, address)
 
 
+def datagram_sender(port: Any) -> Callable[[bytes, tuple], Any]:
+    """
+    `send_datagram` bound to `port` once: its socket's own `sendto`, so a
+    datagram costs one call.  Valid while the port listens (its socket
+    does not change); raises OSError as `send_datagram` does.
+    """
+    sock = getattr(port, "socket", None)
+    return port.write if sock is None else sock.sendto
+
+
 class SweptNatProtocol:
     """
     Mixin for a UDP relay protocol (a twisted DatagramProtocol) that keeps
@@ -154,11 +164,23 @@ class SweptNatProtocol:
         # Counters for logs and tests now, for stats and metrics later.
         self.received = 0
         self.dropped = 0
+        # `datagram_sender` of this protocol's port, bound at first use.
+        self._sendto: Callable[[bytes, tuple], Any] | None = None
+
+    def bind_sender(self) -> Callable[[bytes, tuple], Any]:
+        """
+        `datagram_sender` of this protocol's port, kept in `_sendto` until
+        the protocol stops: the hot paths call
+        ``(self._sendto or self.bind_sender())(data, client)``.
+        """
+        sendto = self._sendto = datagram_sender(self.transport)  # type: ignore[attr-defined]
+        return sendto
 
     def startProtocol(self) -> None:
         self._sweeper.start(max(1.0, min(self.nat.timeout / 4, 15.0)), now=False)
 
     def stopProtocol(self) -> None:
+        self._sendto = None
         if self._sweeper.running:
             self._sweeper.stop()
         self.nat.clear()

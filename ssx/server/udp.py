@@ -23,14 +23,15 @@ counted under its id in the per-user accounting, as its TCP bytes are.
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from functools import lru_cache
+from typing import Any, Callable, Generic, TypeVar
 
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ssx.wire.address import Address, decode_target, encode_address
+from ssx.wire.address import ATYP_DOMAIN, Address, decode_target, encode_address
 from ssx.crypto import CipherSuite, Suite2022
 from ssx.errors import ProtocolError, ReplayError
 from ssx.interfaces import ITrafficCounter, IUserTrafficSink
@@ -39,7 +40,7 @@ from ssx.server.session_windows import SessionState, SessionWindows
 from ssx.net.acl_holder import AclHolder
 from ssx.server.forbidden import ForbiddenNetworks
 from ssx.wire.address import is_ip_literal
-from ssx.net.nat import MAX_DATAGRAM, READ_SIZE, SweptNatProtocol, send_datagram
+from ssx.net.nat import MAX_DATAGRAM, READ_SIZE, SweptNatProtocol, datagram_sender
 from ssx.net.resolver import TargetResolver
 from ssx.net.outbound import Outbound
 from ssx.net.quiet_udp import listen_udp
@@ -69,11 +70,13 @@ class _ClientSockets:
         # The key's id, for the metrics' labels ("" where a port has one key).
         self.user_name = ""
         self._ports: dict[int, Any] = {}
+        # version -> that port's `datagram_sender`: one call per datagram.
+        self._senders: dict[int, Callable[[bytes, tuple], Any]] = {}
 
     def send(self, payload: bytes, ip: str, port: int) -> None:
         version = 6 if ":" in ip else 4
-        transport = self._ports.get(version)
-        if transport is None:
+        sendto = self._senders.get(version)
+        if sendto is None:
             protocol = _Upstream(self)
             try:
                 # Quiet: one per association a client starts, which must not cost log lines.
@@ -101,12 +104,14 @@ class _ClientSockets:
                     _log.warn("UDP: cannot open an outgoing socket: {error}", error=e.socketError)
                 return
             self._ports[version] = transport
+            sendto = self._senders[version] = datagram_sender(transport)
         try:
-            send_datagram(transport, payload, (ip, port))
+            sendto(payload, (ip, port))
         except OSError:
             self.relay.dropped += 1
 
     def close(self) -> None:
+        self._senders = {}
         ports, self._ports = self._ports, {}
         for port in ports.values():
             port.stopListening()
@@ -121,10 +126,22 @@ class _Upstream(DatagramProtocol):
         self.sockets = sockets
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        host, port = addr[0], addr[1]
-        if host.startswith("::ffff:") and "." in host:
-            host = host[7:]
-        self.sockets.relay.reply(self.sockets.client, Address(host.split("%", 1)[0], port), data)
+        self.sockets.relay.reply(self.sockets.client, _source_address(addr[0], addr[1]), data)
+
+
+@lru_cache(maxsize=1024)
+def _source_address(host: str, port: int) -> Address:
+    # A target's answers come from the same few addresses over and over:
+    # the plain IP text (IPv4-mapped as IPv4, no IPv6 zone) is made once.
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return Address(host.split("%", 1)[0], port)
+
+
+@lru_cache(maxsize=1024)
+def _reply_header(source: Address) -> bytes:
+    # The wire form of `_source_address`'s results, made once for each.
+    return encode_address(source)
 
 
 # The bounds of `UdpLookups`.  A name in flight costs two sockets (A and
@@ -377,23 +394,27 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
                 sockets.user.add_up(len(payload))
         if self.traffic is not None:
             self.traffic.add_up(len(data))
-        self._route(addr, target, payload)
+        if plaintext[0] == ATYP_DOMAIN:
+            self._route(addr, target, payload)
+        else:
+            # ATYP 1 and 4 carry an IP by construction: no look-up, no parse.
+            self._send(addr, target, [target.host], payload)
 
     def reply(self, client: tuple, source: Address, data: bytes) -> None:
         """A target's datagram for `client`: sealed with its source address and sent back."""
-        sockets = self.nat.peek(client)
-        if self.transport is None or sockets is None:
+        # One look-up that also marks the entry as used.
+        sockets = self.nat.get(client) if self.transport is not None else None
+        if sockets is None:
             return
-        self.nat.touch(client)
         suite = sockets.suite
         # Our own salts are recognisable: a captured reply sent back is a replay.
         salt = self.salt_filter.own_salt(suite.spec.salt_size) if self.salt_filter is not None else None
-        packet = suite.udp_seal(encode_address(source) + data, salt)
+        packet = suite.udp_seal(_reply_header(source) + data, salt)
         if len(packet) > MAX_DATAGRAM:
             self.dropped += 1
             return
         try:
-            send_datagram(self.transport, packet, client)
+            (self._sendto or self.bind_sender())(packet, client)
         except OSError:
             self.dropped += 1
             return
@@ -502,7 +523,7 @@ class Shadowsocks2022UdpRelay(UdpRelay[Suite2022]):
             self.dropped += 1
             return
         try:
-            send_datagram(self.transport, packet, session.client)
+            (self._sendto or self.bind_sender())(packet, session.client)
         except OSError:
             self.dropped += 1
             return

@@ -17,7 +17,7 @@ import ipaddress
 from dataclasses import dataclass
 from enum import Enum, auto
 
-from ssx.wire.address import Address, decode_address, encode_address
+from ssx.wire.address import ATYP_IPV4, ATYP_IPV6, Address, decode_address, encode_address
 from ssx.errors import (
     AddressError,
     ProtocolError,
@@ -113,7 +113,13 @@ def udp_to_shadowsocks(datagram: bytes) -> bytes:
     if datagram[2] != 0:
         raise ProtocolError("SOCKS5 UDP fragment (FRAG != 0)")
     plaintext = datagram[3:]
-    if decode_address(plaintext) is None:
+    atyp = plaintext[0] if plaintext else 0
+    if atyp == ATYP_IPV4 or atyp == ATYP_IPV6:
+        # Any bytes are an IP: the length is the whole check (no Address
+        # built and thrown away for every datagram).
+        if len(plaintext) < (7 if atyp == ATYP_IPV4 else 19):  # ATYP, the IP, the port
+            raise AddressError("SOCKS5 UDP datagram truncated inside its address")
+    elif decode_address(plaintext) is None:
         raise AddressError("SOCKS5 UDP datagram truncated inside its address")
     return plaintext
 
