@@ -164,6 +164,38 @@ class ServerReloadTests(_ReloadCase):
         await support.wait_for(lambda: "closing 1 connections whose key was removed" in child.text(), 10, child.text)
 
     @support.coroutine_test
+    async def test_outline_keys_added_and_removed(self):
+        """An Outline key file reloaded: an added key relays, a removed key's running relay finishes and its new connections get silence, a kept key relays."""
+        port = support.free_port()
+        self.path += ".yml"
+
+        def keys(*entries: tuple[str, str]) -> str:
+            return "keys:\n" + "".join(
+                f"  - id: {key_id}\n    port: {port}\n    cipher: {METHOD}\n    secret: {secret}\n" for key_id, secret in entries
+            )
+
+        self.write(keys(("alice", "alice-secret"), ("bob", "bob-secret")))
+        child = await support.start_twistd(
+            self, "-n", "--pidfile=", "ssx-server", "-c", self.path, "-s", "127.0.0.1", "--forbidden-ip=",
+            "--shutdown-grace", str(GRACE), "--handshake-timeout", "2", ready=b"listening on",
+        )
+        await support.wait_for_port(port)
+        first, rest = os.urandom(100_000), os.urandom(200_000)
+        running = await self.held(self.local(port, "bob-secret"), first)
+
+        self.write(keys(("alice", "alice-secret"), ("carol", "carol-secret")))
+        line = await support.sighup(child)
+        self.assertIn("key carol added", line)
+        self.assertIn("key bob removed", line)
+        self.assertNotIn("alice", line)
+
+        await self.finish(running, first, rest)
+        await self.transfer(self.local(port, "carol-secret"))
+        await self.transfer(self.local(port, "alice-secret"))
+        await self.silence(self.local(port, "bob-secret"))
+        self.assertNotIn("-secret", child.text())
+
+    @support.coroutine_test
     async def test_broken_file_keeps_the_running_config(self):
         """A file that does not parse, or does not check, is refused with one line; the running config stays."""
         port = support.free_port()
