@@ -8,6 +8,7 @@ server over the UDP relay or, in tcp_only mode, as DNS over TCP.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet import reactor
@@ -133,6 +134,30 @@ class DnsOptionTests(unittest.TestCase):
     @coroutine_test
     async def test_dns_listen_option(self) -> None:
         """twistd ssx-local with --dns-listen/--dns-local/--dns-remote answers a proxied name from the remote fake through ssx-server."""
+        await self._dns_listen()
+
+    @coroutine_test
+    async def test_dns_follows_the_acl(self) -> None:
+        """twistd ssx-local with --acl and --dns-listen: a [bypass_list] name is asked of the local fake, the others through ssx-server, and a SIGHUP's new ACL applies."""
+        acl = os.path.abspath(self.mktemp())
+        with open(acl, "w") as f:
+            f.write("[proxy_all]\n[bypass_list]\n||direct.test\n")
+        dns_port, zones, child = await self._dns_listen("--acl", acl)
+        answer = await ask(dns_port, "www.direct.test")
+        self.assertEqual(_addresses(answer), [LOCAL_ADDRESS])
+        self.assertEqual(zones["local"].names, ["www.direct.test"])
+        self.assertEqual(zones["remote"].names, ["www.example.test"])
+        # The ACL reread at a SIGHUP decides the next query.
+        with open(acl, "w") as f:
+            f.write("[proxy_all]\n[bypass_list]\n||example.test\n")
+        self.assertIn("reload done: acl reread", await support.sighup(child))
+        answer = await ask(dns_port, "other.example.test")
+        self.assertEqual(_addresses(answer), [LOCAL_ADDRESS])
+        self.assertEqual(zones["local"].names, ["www.direct.test", "other.example.test"])
+        self.assertEqual(zones["remote"].names, ["www.example.test"])
+
+    async def _dns_listen(self, *extra: str) -> tuple[int, dict[str, RecordingZone], Any]:
+        """ssx-server and ssx-local (with `extra`) as twistd children; one proxied name asked and checked."""
         zones = {"local": RecordingZone(LOCAL_ADDRESS), "remote": RecordingZone(REMOTE_ADDRESS)}
         served = {}
         for which, zone in zones.items():
@@ -145,14 +170,15 @@ class DnsOptionTests(unittest.TestCase):
             "-m", METHOD, "-u", "--shutdown-grace", "0", "--forbidden-ip=", ready=b"listening on",
         )
         dns_port = support.free_port()
-        await support.start_twistd(
+        child = await support.start_twistd(
             self, "-n", "--pidfile=", "ssx-local", "-s", "127.0.0.1", "-p", str(server_port), "-k", PASSWORD,
             "-m", METHOD, "-u", "-l", str(support.free_port()), "--shutdown-grace", "0",
             "--dns-listen", f"127.0.0.1:{dns_port}", "--dns-local", f"127.0.0.1:{served['local'].port}",
-            "--dns-remote", f"127.0.0.1:{served['remote'].port}", ready=b"ssx-local DNS relaying UDP on",
+            "--dns-remote", f"127.0.0.1:{served['remote'].port}", *extra, ready=b"ssx-local DNS relaying UDP on",
         )
         answer = await ask(dns_port, "www.example.test")
         self.assertEqual(_addresses(answer), [REMOTE_ADDRESS])
         self.assertEqual(zones["remote"].names, ["www.example.test"])
         self.assertEqual(zones["local"].names, [])
         self.assertEqual(served["remote"].transports, ["udp"])
+        return dns_port, zones, child
