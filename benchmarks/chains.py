@@ -43,6 +43,7 @@ __all__ = [
     "Chain",
     "ChainError",
     "free_port",
+    "is_workers_chain",
     "missing",
     "snapshot_ssx",
     "ssx_source",
@@ -50,7 +51,8 @@ __all__ = [
     "versions",
 ]
 
-CHAINS = ("ssx", "libev", "pproxy", "python", "floor")
+CHAINS = ("ssx", "ssx-w2", "libev", "pproxy", "python", "floor")
+# `ssx-wN`: ssx with --workers N on both ends (any N may be named with --chains).
 # Where the original Python shadowsocks is checked out (the directory that
 # holds its ``shadowsocks`` package).
 ORIGINAL_ENV = "SSX_BENCH_ORIGINAL"
@@ -111,14 +113,22 @@ class Chain:
 
     @property
     def pids(self) -> list[int]:
-        return [p.popen.pid for p in self.processes]
+        """The proxy processes and their children (the workers of ``--workers``)."""
+        pids = []
+        for p in self.processes:
+            pids.append(p.popen.pid)
+            pids += _children(p.popen.pid)
+        return pids
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the proxy processes so far."""
         total = 0
         for pid in self.pids:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:  # a worker that ended meanwhile
+                continue
             total += int(fields[11]) + int(fields[12])  # utime, stime
         return total / _CLOCK_TICKS
 
@@ -126,10 +136,13 @@ class Chain:
         """Resident memory of the proxy processes now."""
         total = 0
         for pid in self.pids:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1])
+            except OSError:
+                continue
         return total
 
     def check_alive(self) -> None:
@@ -153,6 +166,18 @@ class Chain:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` now (none if the kernel does not list them)."""
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(child) for child in f.read().split()]
+    except OSError:
+        pass
+    return found
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -214,7 +239,8 @@ def _commands(
 ) -> tuple[list[str], list[str], str | None]:
     """(server argv, local argv, UDP mode) of one chain."""
     server_url = f"ss://{method}:{password}@127.0.0.1:{server_port}"
-    if name == "ssx":
+    if name == "ssx" or _workers(name):
+        workers = _workers(name)
         udp = ["-u"] if _ssx_has_udp(pythonpath) else []
         twistd = [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "-r", "epoll"]
         server = twistd + [
@@ -224,7 +250,14 @@ def _commands(
         local = twistd + [
             "ssx-local", "-s", "127.0.0.1", "-p", str(server_port), "-b", "127.0.0.1",
             "-l", str(local_port), "-k", password, "-m", method,
-        ] + udp
+        ]
+        if workers:
+            # SOCKS5 UDP needs one process per association (ssx-local refuses
+            # it with workers): the UDP figure reads n/a for these chains.
+            server += ["--workers", str(workers)]
+            local += ["--workers", str(workers)]
+        else:
+            local += udp
         # Without -u the association is still tried: ssx answers 07 and the
         # UDP figure reads n/a.
         return server, local, "associate"
@@ -256,6 +289,18 @@ def _commands(
         # cost an operator would turn off.  It relays UDP on both ends always, and its SOCKS5 takes UDP ASSOCIATE.
         return server, local, "associate"
     raise ValueError(f"unknown chain {name!r}")
+
+
+def is_workers_chain(name: str) -> bool:
+    """Whether `name` is ``ssx-wN``: ssx with --workers N on both ends."""
+    return _workers(name) > 0
+
+
+def _workers(name: str) -> int:
+    """N of a chain named ``ssx-wN`` (ssx with --workers N), else 0."""
+    if name.startswith("ssx-w") and name[5:].isdigit():
+        return int(name[5:])
+    return 0
 
 
 def _wait_listening(chain: Chain, port: int, deadline: float) -> None:
@@ -336,7 +381,7 @@ def start_chain(
 
 def missing(name: str) -> str | None:
     """Why chain `name` cannot run on this machine, or None if it can."""
-    if name == "ssx" and importlib.util.find_spec("ssx") is None:
+    if (name == "ssx" or _workers(name)) and importlib.util.find_spec("ssx") is None:
         return "ssx is not installed (pip install -e .)"
     if name == "libev":
         for program in ("ss-server", "ss-local"):

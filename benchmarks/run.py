@@ -363,14 +363,17 @@ def _progress(run: int, record: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one run, shorter loads (about 2 minutes)")
-    parser.add_argument("--chains", default=",".join(chains_module.CHAINS), help="comma-separated subset of %(default)s")
+    parser.add_argument("--chains", default=",".join(chains_module.CHAINS),
+                        help="comma-separated subset of %(default)s; ssx-wN for ssx with --workers N")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, default %(default)s")
     parser.add_argument("--runs", type=int, help="runs to take medians over (default 3, 1 with --quick)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="output directory (default %(default)s)")
     args = parser.parse_args(argv)
 
-    chain_names = [c for c in chains_module.CHAINS if c in args.chains.split(",")]
-    unknown = set(filter(None, args.chains.split(","))) - set(chains_module.CHAINS)
+    asked = [c for c in args.chains.split(",") if c]
+    extra = [c for c in asked if c not in chains_module.CHAINS and chains_module.is_workers_chain(c)]
+    chain_names = [c for c in chains_module.CHAINS if c in asked] + extra
+    unknown = set(asked) - set(chains_module.CHAINS) - set(extra)
     if unknown:
         parser.error(f"unknown chains: {', '.join(sorted(unknown))}")
     for name in list(chain_names):
@@ -393,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     # Others may edit the checkout meanwhile: every ssx chain of this run
     # runs a copy of ssx taken now.
-    pythonpath = chains_module.snapshot_ssx(out / "ssx-snapshot") if "ssx" in chain_names else None
+    ssx_chains = [c for c in chain_names if c == "ssx" or chains_module.is_workers_chain(c)]
+    pythonpath = chains_module.snapshot_ssx(out / "ssx-snapshot") if ssx_chains else None
     machine = _machine(pythonpath)
     far = _start_far(seed, logdir, lifetime=3600.0)
     proxies = [c for c in chain_names if c != "floor"]
