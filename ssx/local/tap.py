@@ -307,6 +307,8 @@ def build_service(
     add_transparent_ports(top, reactor, config)
     for relay in top.udp_relays:
         relay.mark = config.outbound_fwmark
+    for factory in top.factories:
+        factory.mark = config.outbound_fwmark  # on their direct connections (ACL)
     top.drain = DrainService(reactor, top.factories, config.limits.shutdown_grace, "ssx-local")
     top.drain.setServiceParent(top)
     check = config.health_check
