@@ -1,10 +1,12 @@
 """
 Transparent proxying's parts that need no namespace: the kernel's socket
 addresses and control messages parsed from captured bytes, the
-destination of a diverted TCP connection, the UDP relay's answers from the
-original destination (on loopback), the config keys (--redir, --tproxy,
-rust's redir `locals`, outbound_fwmark) and the one-line start-up error
-without CAP_NET_ADMIN.  The kernel paths themselves are in
+destination of a diverted TCP connection, the loop guard (destinations
+that are ssx-local's own listeners), the UDP relay's answers from the
+original destination and from an ACL-bypassed one (on loopback), the config
+keys (--redir, --tproxy, rust's redir `locals`, outbound_fwmark), what a
+reload does with them, and the one-line start-up error without
+CAP_NET_ADMIN.  The kernel paths themselves are in
 tests/test_transparent_netns.py.
 """
 
@@ -19,6 +21,7 @@ from hypothesis import given, strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from tests import support
@@ -390,6 +393,25 @@ class TransparentConfigTests(unittest.SynchronousTestCase):
             with self.assertRaises(ConfigError, msg=str(values)) as caught:
                 self.config(**values)
             self.assertEqual(caught.exception.key, key, str(values))
+
+
+class TransparentReloadTests(unittest.SynchronousTestCase):
+    """A reload and the transparent ports and mark, which only a restart changes."""
+
+    def test_named_not_applied_and_mark_kept(self):
+        """Changed redir/tproxy and mark are named as waiting for a restart; a listener the reload adds gets the start's mark."""
+        values = {"server": "192.0.2.1", "password": "pw", "method": METHOD, "mode": "tcp_and_udp",
+                  "local_address": "127.0.0.1", "local_port": 1080}
+        old = local_config({**values, "tproxy": "127.0.0.1:12345", "outbound_fwmark": 255})
+        top = local_tap.build_service(MemoryReactorClock(), old)
+        transparent_ports = [factory for factory in top.factories if isinstance(factory, RedirFactory)]
+        new = local_config({**values, "tproxy": "127.0.0.1:12346", "outbound_fwmark": 256, "tunnels": ["5353=192.0.2.2:53"]})
+        notes = top.reload.apply(new)
+        self.assertIn("not applied before a restart: redir/tproxy, outbound_fwmark", notes)
+        self.assertEqual([f for f in top.factories if isinstance(f, RedirFactory)], transparent_ports)
+        self.assertEqual(len(top.factories), 3)  # the proxy port, the transparent port, the new tunnel
+        self.assertEqual({factory.mark for factory in top.factories}, {255})
+        self.assertEqual({relay.mark for relay in top.udp_relays}, {255})
 
 
 class CapabilityTests(unittest.TestCase):
