@@ -150,6 +150,25 @@ class LocalChangesTests(SynchronousTestCase):
         self.assertEqual(set(changes.settings), {"timeout", "max_connections"})
         self.assertEqual(changes.fixed, ("mode",))
 
+    def test_transparent_ports_and_mark_need_a_restart(self) -> None:
+        """Changed redir/tproxy ports and outbound_fwmark are named as waiting for a restart, nothing applied."""
+        old = _local(redir="12345", tproxy="127.0.0.1:12346", outbound_fwmark=255)
+        for new, fixed in (
+            (_local(redir="12347", tproxy="127.0.0.1:12346", outbound_fwmark=255), ("redir/tproxy",)),
+            (_local(redir="12345", outbound_fwmark=255), ("redir/tproxy",)),
+            (_local(redir="12345", tproxy="127.0.0.1:12346", outbound_fwmark="0x100"), ("outbound_fwmark",)),
+            (_local(redir="12345", tproxy="127.0.0.1:12346"), ("outbound_fwmark",)),
+            (_local(), ("redir/tproxy", "outbound_fwmark")),
+        ):
+            changes = local_changes(old, new)
+            self.assertEqual(changes.fixed, fixed)
+            self.assertEqual((changes.settings, changes.listen_added, changes.listen_removed), ((), (), ()))
+
+    def test_same_transparent_ports_change_nothing(self) -> None:
+        """The same transparent ports and mark read again change nothing."""
+        values = {"redir": "12345", "tproxy": ["127.0.0.1:12346"], "outbound_fwmark": "0xff", "mode": "tcp_and_udp"}
+        self.assertFalse(local_changes(_local(**values), _local(**values)))
+
 
 class ReloadReadTests(SynchronousTestCase):
     """`load_config`, which a reload calls: the file read again, the start's command line over it."""

@@ -1,10 +1,12 @@
 """
 Transparent proxying's parts that need no namespace: the kernel's socket
 addresses and control messages parsed from captured bytes, the
-destination of a diverted TCP connection, the UDP relay's answers from the
-original destination (on loopback), the config keys (--redir, --tproxy,
-rust's redir `locals`, outbound_fwmark) and the one-line start-up error
-without CAP_NET_ADMIN.  The kernel paths themselves are in
+destination of a diverted TCP connection, the loop guard (destinations
+that are ssx-local's own listeners), the UDP relay's answers from the
+original destination and from an ACL-bypassed one (on loopback), the config
+keys (--redir, --tproxy, rust's redir `locals`, outbound_fwmark), what a
+reload does with them, and the one-line start-up error without
+CAP_NET_ADMIN.  The kernel paths themselves are in
 tests/test_transparent_netns.py.
 """
 
@@ -19,6 +21,7 @@ from hypothesis import given, strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from tests import support
@@ -26,7 +29,10 @@ from ssx.config import local_config
 from ssx.crypto import make_suite
 from ssx.errors import ConfigError
 from ssx.local import tap as local_tap
-from ssx.local.redir import REDIRECT, TPROXY, RedirFactory, RedirProtocol, TproxyUdpRelay
+from ssx.acl import parse_acl
+from ssx.local.redir import REDIRECT, TPROXY, OwnListeners, RedirFactory, RedirProtocol, TproxyUdpRelay
+from ssx.local.routing import AclRouter
+from ssx.net.acl_holder import AclHolder
 from ssx.net import transparent
 from ssx.wire import sockaddr
 from ssx.wire.address import Address, encode_address
@@ -155,6 +161,75 @@ class RedirProtocolTests(unittest.SynchronousTestCase):
         self.assertEqual(protocol.factory.unknown_destinations, 1)
 
 
+class LoopGuardTests(unittest.SynchronousTestCase):
+    """Destinations that are ssx-local's own listening addresses are refused, quietly and counted."""
+
+    def test_own_listeners(self):
+        """A listener's exact address, or its port on any of the host's addresses under a wildcard, is ours."""
+        own = OwnListeners(
+            lambda: [("127.0.0.1", 1080), ("0.0.0.0", 12345), ("::", 12346)], lambda: [("0.0.0.0", 5300)],
+            is_local=lambda ip: ip in ("10.18.1.1", "fd18:1::1", "127.0.0.1"),
+        )
+        for destination in (("127.0.0.1", 1080), ("10.18.1.1", 12345), ("fd18:1::1", 12346), ("::ffff:127.0.0.1", 1080)):
+            self.assertTrue(own.includes(destination), destination)
+        for destination in (("127.0.0.2", 1080), ("192.0.2.1", 12345), ("10.18.1.1", 1080), ("10.18.1.1", 5300)):
+            self.assertFalse(own.includes(destination), destination)
+        self.assertTrue(own.includes(("10.18.1.1", 5300), udp=True))
+        self.assertFalse(own.includes(("10.18.1.1", 12345), udp=True))
+
+    def test_local_address(self):
+        """The host's own addresses are told from others by binding them (nothing is sent)."""
+        self.assertTrue(transparent.is_local_address("127.0.0.1"))
+        self.assertFalse(transparent.is_local_address("not an address"))
+        if not _nonlocal_bind():
+            self.assertFalse(transparent.is_local_address("192.0.2.1"))
+
+    def test_tproxy_to_own_port_refused(self):
+        """TPROXY: a connection made straight to the port (its local address is the listener's) is aborted and counted."""
+        factory = RedirFactory(Clock(), _Picker(), TPROXY)
+        factory.own = OwnListeners(lambda: [("0.0.0.0", 12345)], lambda: [])
+        factory.connection_opened = lambda p: None  # type: ignore[method-assign]
+        opened = []
+        protocol = RedirProtocol(factory)
+        protocol.open_relay = opened.append  # type: ignore[method-assign]
+        protocol.transport = transport = _Transport(("127.0.0.1", 12345))
+        protocol.connectionMade()
+        self.assertEqual((transport.aborted, factory.loops_refused, opened), (True, 1, []))
+        # Another destination on the same port number, not ours, is relayed.
+        other = RedirProtocol(factory)
+        other.open_relay = opened.append  # type: ignore[method-assign]
+        other.transport = _Transport(("192.0.2.1", 12345))
+        other.connectionMade()
+        self.assertEqual((other.transport.aborted, factory.loops_refused), (False, 1))
+        self.assertEqual(opened, [Address("192.0.2.1", 12345)])
+
+    def test_redirect_to_own_listener_refused(self):
+        """REDIRECT: an original destination that is another of our listeners (the SOCKS port) is refused."""
+        factory = RedirFactory(Clock(), _Picker(), REDIRECT)
+        factory.own = OwnListeners(lambda: [("127.0.0.1", 1080), ("0.0.0.0", 12345)], lambda: [])
+        factory.connection_opened = lambda p: None  # type: ignore[method-assign]
+        protocol = RedirProtocol(factory)
+        protocol.destination = lambda: ("127.0.0.1", 1080)  # type: ignore[method-assign]
+        protocol.transport = transport = _Transport(("127.0.0.1", 12345))
+        protocol.connectionMade()
+        self.assertEqual((transport.aborted, factory.loops_refused), (True, 1))
+
+    def test_udp_to_own_port_dropped(self):
+        """TPROXY UDP: a datagram whose destination is one of our UDP ports is dropped and counted, no association made."""
+        relay = TproxyUdpRelay(Clock(), make_suite(METHOD, PASSWORD), ("127.0.0.1", 9))
+        relay.own = OwnListeners(lambda: [], lambda: [("0.0.0.0", 12345)])
+        relay.diverted(b"x", ("10.18.1.2", 5000), ("127.0.0.1", 12345))
+        self.assertEqual((relay.loops_refused, relay.dropped, len(relay.nat)), (1, 1, 0))
+
+
+def _nonlocal_bind() -> bool:
+    try:
+        with open("/proc/sys/net/ipv4/ip_nonlocal_bind") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return False
+
+
 class TproxyUdpRelayTests(unittest.TestCase):
     """The UDP relay under TPROXY, on loopback: out with the destination in front, answers from that destination."""
 
@@ -189,6 +264,37 @@ class TproxyUdpRelayTests(unittest.TestCase):
         data, source = client.recvfrom(65535)
         self.assertEqual((data, source), (answer, destination))
         self.assertEqual(list(relay.replies), [destination])
+
+    @support.coroutine_test
+    async def test_direct_round_trip(self):
+        """ACL bypass: the datagram goes straight to its destination, whose answer reaches the client from its address."""
+        problem = transparent.transparent_problem()
+        if problem is not None:
+            raise unittest.SkipTest(problem)
+        suite = make_suite(METHOD, PASSWORD)
+        target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(target.close)
+        # The answering socket binds the target's address beside it.
+        target.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        target.bind(("127.0.0.1", 0))
+        target.setblocking(False)
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(client.close)
+        client.bind(("127.0.0.1", 0))
+        client.setblocking(False)
+        router = AclRouter(reactor, AclHolder("unused.acl", parse_acl("[proxy_all]\n[bypass_list]\n127.0.0.0/8\n")))
+        relay = TproxyUdpRelay(reactor, suite, ("127.0.0.1", support.free_port()), router=router)
+        relay.doStart()
+        self.addCleanup(relay.doStop)
+        payload = os.urandom(1000)
+        relay.diverted(payload, client.getsockname(), target.getsockname())
+        await support.wait_until(lambda: _readable(target), 5)
+        data, via = target.recvfrom(65535)
+        self.assertEqual((data, relay.acl_direct, len(relay.nat)), (payload, 1, 0))
+        answer = os.urandom(700)
+        target.sendto(answer, via)
+        await support.wait_until(lambda: _readable(client), 5)
+        self.assertEqual(client.recvfrom(65535), (answer, target.getsockname()))
 
     def test_other_family_dropped(self):
         """An answer from an IPv6 source for an IPv4 client is dropped and counted, never sent."""
@@ -287,6 +393,25 @@ class TransparentConfigTests(unittest.SynchronousTestCase):
             with self.assertRaises(ConfigError, msg=str(values)) as caught:
                 self.config(**values)
             self.assertEqual(caught.exception.key, key, str(values))
+
+
+class TransparentReloadTests(unittest.SynchronousTestCase):
+    """A reload and the transparent ports and mark, which only a restart changes."""
+
+    def test_named_not_applied_and_mark_kept(self):
+        """Changed redir/tproxy and mark are named as waiting for a restart; a listener the reload adds gets the start's mark."""
+        values = {"server": "192.0.2.1", "password": "pw", "method": METHOD, "mode": "tcp_and_udp",
+                  "local_address": "127.0.0.1", "local_port": 1080}
+        old = local_config({**values, "tproxy": "127.0.0.1:12345", "outbound_fwmark": 255})
+        top = local_tap.build_service(MemoryReactorClock(), old)
+        transparent_ports = [factory for factory in top.factories if isinstance(factory, RedirFactory)]
+        new = local_config({**values, "tproxy": "127.0.0.1:12346", "outbound_fwmark": 256, "tunnels": ["5353=192.0.2.2:53"]})
+        notes = top.reload.apply(new)
+        self.assertIn("not applied before a restart: redir/tproxy, outbound_fwmark", notes)
+        self.assertEqual([f for f in top.factories if isinstance(f, RedirFactory)], transparent_ports)
+        self.assertEqual(len(top.factories), 3)  # the proxy port, the transparent port, the new tunnel
+        self.assertEqual({factory.mark for factory in top.factories}, {255})
+        self.assertEqual({relay.mark for relay in top.udp_relays}, {255})
 
 
 class CapabilityTests(unittest.TestCase):

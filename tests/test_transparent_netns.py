@@ -12,8 +12,11 @@ with that digest.  The client checks each answer, and, for UDP, that it
 came from the very address and port it sent to.  README's recipes
 (nftables, TPROXY with policy routing, and REDIRECT) are loaded as written,
 for the outside addresses 198.51.100.9 and 2001:db8:9::9 (which they do
-not leave alone, unlike the private ranges).  Needs root, `ip netns` and
-nft.
+not leave alone, unlike the private ranges).  With an ACL, ssx-local
+connects to a bypassed destination (198.51.100.10, 2001:db8:9::10) itself:
+the target sees the router's address as the source, not ssx-server's, and
+ssx-local's own marked packets are not diverted back to it.  Needs root,
+`ip netns` and nft.
 """
 
 from __future__ import annotations
@@ -40,11 +43,17 @@ OUTSIDE6 = "fd18:9::9"
 # sets hold the private ranges): documentation ranges, inside the namespaces.
 PUBLIC = "198.51.100.9"
 PUBLIC6 = "2001:db8:9::9"
-TARGETS = (OUTSIDE, OUTSIDE6, PUBLIC, PUBLIC6)
+# Outside addresses the ACL test's [bypass_list] sends direct.
+BYPASSED = "198.51.100.10"
+BYPASSED6 = "2001:db8:9::10"
+TARGETS = (OUTSIDE, OUTSIDE6, PUBLIC, PUBLIC6, BYPASSED, BYPASSED6)
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
 SERVER = "10.18.2.2"
 CLIENT_IP = "10.18.1.2"
 CLIENT_IP6 = "fd18:1::2"
+# The router's addresses: towards the target (a direct connection's source) and on the LAN.
+ROUTER_WAN = ("10.18.2.1", "fd18:2::1")
+ROUTER_LAN = "10.18.1.1"
 
 # In the target's namespace: TCP and UDP on PORT at each address given;
 # one JSON line per connection or datagram: its digest and its source.
@@ -88,7 +97,21 @@ CLIENT = r"""
 import hashlib, json, os, socket, sys
 kind, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 family = socket.AF_INET6 if ":" in host else socket.AF_INET
-if kind == "tcp":
+if kind == "probe":
+    # TCP straight to HOST:PORT: what comes back before the connection ends.
+    reply = b""
+    try:
+        sock = socket.create_connection((host, port), timeout=20)
+        sock.sendall(os.urandom(1024))
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        pass  # closed at once (an abort can come before connect returns)
+    print(json.dumps({"received": len(reply)}), flush=True)
+elif kind == "tcp":
     payload = os.urandom(256 * 1024)
     sock = socket.create_connection((host, port), timeout=20)
     peer = sock.getpeername()[:2]
@@ -148,6 +171,19 @@ table inet ssx_test {{
 """
 
 
+WATCH_RULES = f"""
+table inet ssx_watch {{
+    counter recaptured {{
+    }}
+    chain prerouting {{
+        type filter hook prerouting priority mangle - 10; policy accept;
+        iifname "lo" ip daddr {BYPASSED} counter name "recaptured"
+        iifname "lo" ip6 daddr {BYPASSED6} counter name "recaptured"
+    }}
+}}
+"""
+
+
 class TransparentNamespaceTests(unittest.TestCase):
     """A LAN client's TCP and UDP reach the target through ssx-local on a router, diverted by nftables."""
 
@@ -168,12 +204,15 @@ class TransparentNamespaceTests(unittest.TestCase):
         self.addresses(self.target, "wan1", "10.18.2.2/24", "fd18:2::2/64")
         self.addresses(self.target, "lo", f"{OUTSIDE}/32", f"{OUTSIDE6}/128")
         self.addresses(self.target, "lo", f"{PUBLIC}/32", f"{PUBLIC6}/128")
+        self.addresses(self.target, "lo", f"{BYPASSED}/32", f"{BYPASSED6}/128")
         netns.in_namespace(self.lan, "ip", "route", "add", "default", "via", "10.18.1.1")
         netns.in_namespace(self.lan, "ip", "-6", "route", "add", "default", "via", "fd18:1::1")
         netns.in_namespace(self.router, "ip", "route", "add", "10.18.9.0/24", "via", "10.18.2.2")
         netns.in_namespace(self.router, "ip", "-6", "route", "add", "fd18:9::/64", "via", "fd18:2::2")
         netns.in_namespace(self.router, "ip", "route", "add", f"{PUBLIC}/32", "via", "10.18.2.2")
         netns.in_namespace(self.router, "ip", "-6", "route", "add", f"{PUBLIC6}/128", "via", "fd18:2::2")
+        netns.in_namespace(self.router, "ip", "route", "add", f"{BYPASSED}/32", "via", "10.18.2.2")
+        netns.in_namespace(self.router, "ip", "-6", "route", "add", f"{BYPASSED6}/128", "via", "fd18:2::2")
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
 
@@ -222,9 +261,11 @@ class TransparentNamespaceTests(unittest.TestCase):
         await self.ready(proxy, "listening on [::]")
         return target, server, proxy
 
-    async def exchange(self, kind: str, host: str, *logs: support.ChildProcess) -> dict[str, Any]:
+    async def exchange(
+        self, kind: str, host: str, *logs: support.ChildProcess, port: int = PORT,
+    ) -> dict[str, Any]:
         """Run the LAN client once; what it sent and got back."""
-        client = self.spawn(self.lan, sys.executable, "-c", CLIENT, kind, host, str(PORT))
+        client = self.spawn(self.lan, sys.executable, "-c", CLIENT, kind, host, str(port))
         await client.ended
         try:
             return json.loads(client.text().strip().splitlines()[-1])
@@ -237,8 +278,14 @@ class TransparentNamespaceTests(unittest.TestCase):
         records = [json.loads(line) for line in target.text().splitlines() if line.startswith("{")]
         return [record for record in records if kind in record]
 
-    async def check(self, kind: str, host: str, target: support.ChildProcess, *logs: support.ChildProcess) -> None:
-        """One exchange of `kind` with `host`: every payload arrives whole, every answer from `host`:PORT."""
+    async def check(
+        self, kind: str, host: str, target: support.ChildProcess, *logs: support.ChildProcess,
+        sources: tuple[str, ...] = TARGETS,
+    ) -> None:
+        """
+        One exchange of `kind` with `host`: every payload arrives whole, every
+        answer from `host`:PORT, and the target saw it come from one of `sources`.
+        """
         before = len(self.seen(target, kind))
         result = await self.exchange(kind, host, target, *logs)
         self.assertEqual(result["replies"], result["sent"], "the target's digests of what the client sent")
@@ -246,8 +293,8 @@ class TransparentNamespaceTests(unittest.TestCase):
         records = self.seen(target, kind)[before:]
         # (A UDP datagram the client sent again after a lost answer is recorded twice.)
         self.assertEqual(sorted({record[kind] for record in records}), sorted(set(result["sent"])))
-        # Relayed by ssx-server from the target's own namespace, never the LAN client itself.
-        self.assertTrue(all(record["source"] in TARGETS for record in records), records)
+        # By default relayed by ssx-server from the target's own namespace, never the LAN client itself.
+        self.assertTrue(all(record["source"] in sources for record in records), records)
 
     @support.coroutine_test
     async def test_redirect_tcp(self):
@@ -276,6 +323,57 @@ class TransparentNamespaceTests(unittest.TestCase):
     @support.coroutine_test
     async def test_readme_recipe(self):
         """README's TPROXY recipe (nftables and policy routing), on the router as written: TCP and UDP, both families."""
+        self.readme_tproxy()
+        target, server, proxy = await self.start("-u", "--tproxy", str(PROXY_PORT), "--outbound-fwmark", "255")
+        for host in (PUBLIC, PUBLIC6):
+            await self.check("tcp", host, target, server, proxy)
+            await self.check("udp", host, target, server, proxy)
+
+
+    @support.coroutine_test
+    async def test_acl_bypass(self):
+        """
+        TPROXY and README's recipe with an ACL: a bypassed destination is reached
+        from the router itself, a proxied one through the server; TCP and UDP,
+        both families, whole both ways, UDP answers from the address sent to;
+        ssx-local's direct packets carry the mark and are never diverted back.
+        """
+        self.readme_tproxy()
+        # Counts packets to the bypassed destinations that come back in
+        # through lo: ssx-local's own, diverted again for want of the mark.
+        watch = os.path.join(self.directory, "watch.nft")
+        with open(watch, "w") as f:
+            f.write(WATCH_RULES)
+        netns.in_namespace(self.router, "nft", "-f", watch)
+        acl = os.path.join(self.directory, "bypass.acl")
+        with open(acl, "w") as f:
+            f.write(f"[proxy_all]\n\n[bypass_list]\n{BYPASSED}/32\n{BYPASSED6}/128\n")
+        target, server, proxy = await self.start(
+            "-u", "--tproxy", str(PROXY_PORT), "--outbound-fwmark", "255", "--acl", acl,
+        )
+        for host in (BYPASSED, BYPASSED6):
+            for kind in ("tcp", "udp"):
+                await self.check(kind, host, target, server, proxy, sources=ROUTER_WAN)
+        for host in (PUBLIC, PUBLIC6):
+            for kind in ("tcp", "udp"):
+                await self.check(kind, host, target, server, proxy, sources=(host,))
+        counted = netns.in_namespace(self.router, "nft", "list", "counter", "inet", "ssx_watch", "recaptured")
+        self.assertIn("packets 0 bytes 0", counted)
+
+    @support.coroutine_test
+    async def test_loop_refused(self):
+        """A LAN client's connection made straight to the TPROXY port (not diverted) is closed, not relayed to ssx-local."""
+        self.readme_tproxy()
+        target, server, proxy = await self.start("-u", "--tproxy", str(PROXY_PORT), "--outbound-fwmark", "255", "-v")
+        result = await self.exchange("probe", ROUTER_LAN, target, server, proxy, port=PROXY_PORT)
+        self.assertEqual(result, {"received": 0})
+        line = f"transparent connection to ssx-local's own {ROUTER_LAN}:{PROXY_PORT}: closed"
+        await support.wait_until(lambda: line in proxy.text(), 10)
+        self.assertIn(line, proxy.text())
+        self.assertEqual(self.seen(target, "tcp"), [])
+
+    def readme_tproxy(self) -> None:
+        """README's TPROXY recipe (nftables and policy routing) on the router, for its LAN `lan1` and our server."""
         with open(README, encoding="utf-8") as f:
             text = f.read()
         routing = _literal_block(text, "ip rule add fwmark 1 lookup 100")
@@ -286,11 +384,6 @@ class TransparentNamespaceTests(unittest.TestCase):
         netns.in_namespace(self.router, "nft", "-f", path)
         for line in routing.splitlines():
             netns.in_namespace(self.router, *line.split())
-        target, server, proxy = await self.start("-u", "--tproxy", str(PROXY_PORT), "--outbound-fwmark", "255")
-        for host in (PUBLIC, PUBLIC6):
-            await self.check("tcp", host, target, server, proxy)
-            await self.check("udp", host, target, server, proxy)
-
 
     @support.coroutine_test
     async def test_readme_redirect_recipe(self):

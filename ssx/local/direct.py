@@ -5,6 +5,9 @@ Targets the ACL sends direct: ssx-local connects to them itself.
 (`ssx.local.relay`) connects "through" it as through a server: its codec
 passes bytes through unchanged and sends no address header.  The picker
 does not know it, so its successes and failures change no server's health.
+With --outbound-fwmark its connections carry the mark as the servers' do
+(`ssx.net.transparent.MarkingReactor`), so a transparent proxy's firewall
+does not divert them back to ssx-local.
 UDP to such targets is `ssx.local.udp`'s (`_DirectSocket`).
 """
 
@@ -19,6 +22,7 @@ from zope.interface import implementer
 
 from ssx.interfaces import ITcpClientCodec, IUpstream
 from ssx.net.relay import connect_protocol, connect_tcp
+from ssx.net.transparent import MarkingReactor
 from ssx.wire.address import Address, is_ip_literal
 
 __all__ = ["DIRECT", "DirectUpstream", "PassThroughCodec", "PassThroughSuite"]
@@ -60,15 +64,18 @@ class DirectUpstream:
     """
     One target reached without a server: `connect` opens a TCP connection
     to it (to the first of `addresses` when they were resolved already,
-    else to the name through Twisted's `HostnameEndpoint`).
+    else to the name through Twisted's `HostnameEndpoint`), marked with
+    `mark` (SO_MARK) if given.
     """
 
     entry = None
     suite = _SUITE
     label = DIRECT
 
-    def __init__(self, reactor: Any, target: Address, timeout: float, addresses: Sequence[str] = ()) -> None:
-        self._reactor = reactor
+    def __init__(
+        self, reactor: Any, target: Address, timeout: float, addresses: Sequence[str] = (), mark: int | None = None,
+    ) -> None:
+        self._reactor = reactor if mark is None else MarkingReactor(reactor, mark)
         self.target = target
         self.timeout = timeout
         self.addresses = tuple(addresses)

@@ -16,6 +16,16 @@ per such address, kept in a `NatTable` of their own with the same idle
 timeout and bound; with --outbound-fwmark they carry the mark too, so the
 firewall's exception for ssx-local's own traffic covers them.
 
+With an ACL, both follow it as the SOCKS5 relays do: a bypassed
+destination is connected (or sent to) directly, and under TPROXY the
+direct targets' UDP answers go back from their address, as the server's do.
+
+Loops: a connection or datagram whose destination is one of ssx-local's
+own listening addresses (made straight to a transparent port, or diverted
+back to one) would be relayed to ssx-local again; `OwnListeners` knows
+those addresses, and such connections are closed and datagrams dropped
+quietly, and counted (`loops_refused`).
+
 The listening sockets are made in `privilegedStartService` (before twistd
 drops root) and adopted by the reactor.
 """
@@ -23,7 +33,7 @@ drops root) and adopted by the reactor.
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -42,6 +52,7 @@ from ssx.wire.sockaddr import plain_ip
 __all__ = [
     "REDIRECT",
     "TPROXY",
+    "OwnListeners",
     "RedirFactory",
     "RedirProtocol",
     "TproxyUdpRelay",
@@ -57,6 +68,40 @@ _log = Logger()
 REDIRECT = "redirect"
 TPROXY = "tproxy"
 
+# Addresses a listener bound that stand for all of the host's.
+_WILDCARDS = frozenset({"0.0.0.0", "::"})
+
+# Where ssx-local listens: (host, port) pairs, as bound.
+Listening = Callable[[], Iterable[tuple[str, int]]]
+
+
+class OwnListeners:
+    """
+    ssx-local's own listening addresses (`tcp()` and `udp()` list them as
+    they are at each call, so listeners a reload adds or removes count),
+    to recognise a destination that would bring a connection or datagram
+    back to ssx-local.  A listener on a wildcard address owns that port
+    on every address of the host (`is_local`).
+    """
+
+    def __init__(
+        self, tcp: Listening, udp: Listening, is_local: Callable[[str], bool] = transparent.is_local_address,
+    ) -> None:
+        self.tcp = tcp
+        self.udp = udp
+        self.is_local = is_local
+
+    def includes(self, destination: tuple[str, int], udp: bool = False) -> bool:
+        """Whether `destination` (an IP and port) is one of our own listening addresses."""
+        host, port = plain_ip(destination[0]), destination[1]
+        for own_host, own_port in (self.udp if udp else self.tcp)():
+            if own_port != port:
+                continue
+            own_host = plain_ip(own_host)
+            if own_host == host or (own_host in _WILDCARDS and self.is_local(host)):
+                return True
+        return False
+
 
 class RedirFactory(LocalFactory):
     """The connections of one transparent TCP port (`mode`: REDIRECT or TPROXY)."""
@@ -65,6 +110,9 @@ class RedirFactory(LocalFactory):
         LocalFactory.__init__(self, reactor, servers, timeout, **limits)
         self.mode = mode
         self.unknown_destinations = 0
+        # With `own`: connections whose destination is ssx-local itself are refused.
+        self.own: OwnListeners | None = None
+        self.loops_refused = 0
 
     def buildProtocol(self, addr: Any) -> "RedirProtocol":
         return RedirProtocol(self)
@@ -82,6 +130,14 @@ class RedirProtocol(LocalRelayProtocol):
             self.factory.unknown_destinations += 1
             if self.factory.verbose:
                 _log.debug("transparent connection without an original destination: closed")
+            self.transport.abortConnection()
+            return
+        own = self.factory.own
+        if own is not None and own.includes(destination):
+            self.factory.loops_refused += 1
+            if self.factory.verbose:
+                _log.debug("transparent connection to ssx-local's own {address}: closed",
+                           address=_describe(*destination))
             self.transport.abortConnection()
             return
         self.open_relay(Address(*destination))
@@ -124,9 +180,14 @@ class TproxyUdpRelay(LocalUdpRelay):
 
     def __init__(
         self, reactor: Any, suite: ICipherSuite, server: tuple[str, int], timeout: float = 60.0,
-        capacity: int = 1024, picker: Any = None,
+        capacity: int = 1024, picker: Any = None, router: Any = None,
     ) -> None:
-        super().__init__(reactor, suite, server, timeout, capacity, picker)
+        super().__init__(reactor, suite, server, timeout, capacity, picker, router)
+        # The TPROXY socket read for this relay, while it listens.
+        self.reader: transparent.TransparentDatagramReader | None = None
+        # With `own`: datagrams whose destination is ssx-local itself are dropped.
+        self.own: OwnListeners | None = None
+        self.loops_refused = 0
         self.replies: NatTable[tuple[str, int], _ReplySocket] = NatTable(
             reactor.seconds, timeout, capacity, on_evict=lambda key, value: value.close()
         )
@@ -143,6 +204,11 @@ class TproxyUdpRelay(LocalUdpRelay):
 
     def diverted(self, data: bytes, client: tuple, destination: tuple[str, int]) -> None:
         """A datagram from `client` that was going to `destination`."""
+        if self.own is not None and self.own.includes(destination, udp=True):
+            self.received += 1
+            self.dropped += 1
+            self.loops_refused += 1
+            return
         # The whole address as the socket gave it: an IPv6 link-local
         # client's answers need its scope.
         self.datagramReceived(encode_address(Address(*destination)) + data, client)
@@ -169,16 +235,29 @@ class TproxyUdpRelay(LocalUdpRelay):
             self.dropped += 1
             return
         self.nat.touch(client)
-        key = (plain_ip(source.host), source.port)
-        reply = self.replies.get(key)
+        self._answer(client, (plain_ip(source.host), source.port), plaintext[offset:])
+
+    def from_direct(self, client: tuple, source: Address, data: bytes) -> None:
+        """A direct target's answer (the ACL bypassed it): from its address too, as the server's are."""
+        if self.direct.peek(client) is None:
+            return
+        if (":" in source.host) != (":" in client[0]):
+            self.dropped += 1
+            return
+        self.direct.touch(client)
+        self._answer(client, (plain_ip(source.host), source.port), data)
+
+    def _answer(self, client: tuple, source: tuple[str, int], data: bytes) -> None:
+        """Send `data` to `client` from `source`, through that address's reply socket."""
+        reply = self.replies.get(source)
         try:
             if reply is None:
-                reply = _ReplySocket(transparent.reply_socket(key, self.mark))
-                self.replies.add(key, reply)
-            reply.socket.sendto(plaintext[offset:], client)
+                reply = _ReplySocket(transparent.reply_socket(source, self.mark))
+                self.replies.add(source, reply)
+            reply.socket.sendto(data, client)
         except OSError as e:
             self.dropped += 1
-            _log.debug("UDP: cannot answer from {source}: {error}", source=key, error=e)
+            _log.debug("UDP: cannot answer from {source}: {error}", source=source, error=e)
 
 
 def _describe(host: str, port: int) -> str:
@@ -223,6 +302,8 @@ class TransparentTcpService(Service):
         Service.stopService(self)
         port, self.port = self.port, None
         if port is not None:
+            if port in self.factory.ports:
+                self.factory.ports.remove(port)
             return port.stopListening()
         return None
 
@@ -254,6 +335,7 @@ class TransparentUdpService(Service):
         except OSError as e:
             raise SystemExit(f"{self.label}: cannot listen for UDP on {where}: {e.strerror or e}") from None
         self.reader = transparent.TransparentDatagramReader(self.reactor, sock, self.relay.diverted)
+        self.relay.reader = self.reader
         # The relay answers through its reply sockets: it has no transport of its own.
         self.relay.doStart()
         self.reader.startReading()
@@ -264,6 +346,7 @@ class TransparentUdpService(Service):
         Service.stopService(self)
         reader, self.reader = self.reader, None
         if reader is not None:
+            self.relay.reader = None
             reader.close()
             self.relay.doStop()
         return None
@@ -288,21 +371,57 @@ def check_transparent(config: Any) -> None:
 
 
 def add_transparent_ports(top: Any, reactor: Any, config: Any) -> None:
-    """The transparent ports of `config` under `top` (an `ssx.local.tap.LocalService`)."""
+    """
+    The transparent ports of `config` under `top` (an
+    `ssx.local.tap.LocalService`), following its ACL (`top.router`) and
+    refusing destinations among its own listeners.
+    """
     relays = config.relays
     udp_upstream = top.picker.upstreams()[0] if any(port.udp for port in config.transparent) else None
+    own = OwnListeners(lambda: _tcp_listening(top), lambda: _udp_listening(top))
     for port in config.transparent:
         if port.tcp is not None:
             factory = RedirFactory(
-                reactor, top.picker, port.tcp, config.timeout, verbose=config.verbose,
+                reactor, top.picker, port.tcp, config.timeout, verbose=config.verbose, router=top.router,
                 **config.limits.factory_arguments(),
             )
+            factory.own = own
             top.factories.append(factory)
             TransparentTcpService(reactor, port.host, port.port, factory, port.label).setServiceParent(top)
         if port.udp and udp_upstream is not None:
             entry = udp_upstream.entry
             relay = TproxyUdpRelay(
                 reactor, udp_upstream.suite, (entry.host, entry.port), relays.timeout, relays.capacity, picker=top.picker,
+                router=top.router,
             )
+            relay.own = own
             top.udp_relays.append(relay)
             TransparentUdpService(reactor, port.host, port.port, relay, port.label).setServiceParent(top)
+
+
+def _bound(port: Any) -> list[tuple[str, int]]:
+    """Where a listening port (TCP) or UDP transport is bound: one (host, port), or none (not IP, or closed)."""
+    try:
+        address = port.getHost()
+    except (AttributeError, OSError):  # closed: Twisted drops its socket
+        return []
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return [(address.host, address.port)]
+    return []
+
+
+def _tcp_listening(top: Any) -> list[tuple[str, int]]:
+    """Where `top`'s TCP listeners (proxy ports, tunnels, transparent ports) are bound."""
+    return [found for factory in top.factories for port in factory.ports for found in _bound(port)]
+
+
+def _udp_listening(top: Any) -> list[tuple[str, int]]:
+    """Where `top`'s UDP relays (SOCKS5, tunnels, TPROXY) are bound."""
+    found: list[tuple[str, int]] = []
+    for relay in top.udp_relays:
+        reader = getattr(relay, "reader", None)
+        if reader is not None:
+            found.append(reader.getHost())
+        elif relay.transport is not None:
+            found += _bound(relay.transport)
+    return found

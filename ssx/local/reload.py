@@ -13,6 +13,11 @@ to the running `LocalService`:
   connections get the shutdown grace), new ones are started;
 - timeouts, limits, verbosity and the SOCKS credentials go to every
   listener for the connections that come next.
+
+The transparent ports (`redir`, `tproxy`) and `outbound_fwmark` are only
+named as waiting for a restart: their sockets need CAP_NET_ADMIN, which
+twistd's --uid has dropped by then, and the mark is on every server's
+connections; servers and listeners a reload adds get the mark of the start.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class LocalReload:
         self.reactor = reactor
         self.top = top
         self.config = config
+        # --outbound-fwmark as at start: only a restart changes it.
+        self.mark = config.outbound_fwmark
         # The configured servers' plugins, by server.
         plugins = iter(top.plugins)
         self.plugins: dict[ServerEntry, PluginService] = {
@@ -86,6 +93,12 @@ class LocalReload:
         for tunnel in changes.tunnels_added:
             add_tunnel(top, self.reactor, new, tunnel, udp_server)
             notes.append(f"tunnel {tunnel.listen} to {tunnel.target} added")
+        # New listeners' sockets to servers and direct targets carry the
+        # mark given at start (a changed one waits for a restart).
+        for relay in top.udp_relays:
+            relay.mark = self.mark
+        for factory in top.factories:
+            factory.mark = self.mark
         acl = apply_acl(top.router.holder if top.router is not None else None, new.acl, new.acl_path)
         if acl is not None:
             notes.append(acl)
@@ -105,7 +118,7 @@ class LocalReload:
             self.plugins[entry] = service
             self.top.plugins.append(service)
             service.setServiceParent(self.top)
-        return make_upstream(self.reactor, entry, service, config.fast_open)
+        return make_upstream(self.reactor, entry, service, config.fast_open, self.mark)
 
     def _stop_plugin(self, entry: ServerEntry, grace: float) -> None:
         service = self.plugins.pop(entry, None)

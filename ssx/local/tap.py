@@ -99,8 +99,8 @@ class Options(SsxOptions):
          "[default: the nameservers of /etc/resolv.conf]"],
         ["dns-remote", None, None, "IP[:PORT] of the resolver asked through the server, over the UDP relay "
          "(-u) or else DNS over TCP through the TCP relay [default: 8.8.8.8:53]"],
-        ["outbound-fwmark", None, None, "firewall mark (SO_MARK) on the connections and datagrams to the servers, so "
-         "that the rules of --redir/--tproxy let them pass (needs CAP_NET_ADMIN)"],
+        ["outbound-fwmark", None, None, "firewall mark (SO_MARK) on the connections and datagrams to the servers "
+         "and the ACL's direct targets, so that the rules of --redir/--tproxy let them pass (needs CAP_NET_ADMIN)"],
     ]
     optFlags = [
         ["acl-resolve", None, "with --acl, resolve a name that no name rule matches and match its addresses "
@@ -307,6 +307,8 @@ def build_service(
     add_transparent_ports(top, reactor, config)
     for relay in top.udp_relays:
         relay.mark = config.outbound_fwmark
+    for factory in top.factories:
+        factory.mark = config.outbound_fwmark  # on their direct connections (ACL)
     top.drain = DrainService(reactor, top.factories, config.limits.shutdown_grace, "ssx-local")
     top.drain.setServiceParent(top)
     check = config.health_check

@@ -165,9 +165,17 @@ class _DirectSocket(DatagramProtocol):
         listening = self._ports.get(family)
         try:
             if listening is None:
-                listening = self._ports[family] = self.relay.reactor.listenUDP(
+                listening = self.relay.reactor.listenUDP(
                     0, _DirectPort(self), interface="::" if family == 6 else "0.0.0.0", maxPacketSize=READ_SIZE,
                 )
+                if self.relay.mark is not None:
+                    # As the server sockets: unmarked, a transparent proxy's firewall would divert it back.
+                    try:
+                        set_mark(listening.socket, self.relay.mark)
+                    except OSError:
+                        listening.stopListening()
+                        raise
+                self._ports[family] = listening
             listening.write(payload, (ip, port))
         except (CannotListenError, OSError):
             self.relay.dropped += 1

@@ -19,7 +19,8 @@ it to us:
 
 The kernel's bytes (`sockaddr_in`/`sockaddr_in6`, control messages) are
 parsed by `ssx.wire.sockaddr`; `set_mark` (SO_MARK) marks the local end's
-own connections so the firewall does not divert them again.  Setting
+own connections so the firewall does not divert them again;
+`is_local_address` tells the host's own addresses, for the loop guard.  Setting
 `IP_TRANSPARENT` and `SO_MARK` needs CAP_NET_ADMIN: `transparent_problem`
 and `mark_problem` say so in one line, for start-up.
 """
@@ -54,6 +55,7 @@ __all__ = [
     "SO_ORIGINAL_DST",
     "TransparentDatagramReader",
     "MarkingReactor",
+    "is_local_address",
     "mark_problem",
     "redirected_destination",
     "reply_socket",
@@ -167,6 +169,20 @@ def reply_socket(source: tuple[str, int], mark: int | None = None) -> socket.soc
 def set_mark(sock: socket.socket, mark: int) -> None:
     """Mark `sock`'s packets with `mark` (SO_MARK) for the firewall (OSError if refused)."""
     sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
+
+def is_local_address(ip: str) -> bool:
+    """
+    Whether `ip` is one of this host's own addresses: a plain socket (not
+    transparent) can bind it.  (With the `ip_nonlocal_bind` sysctl on, any
+    address binds and counts as ours.)
+    """
+    try:
+        with socket.socket(_family(ip), socket.SOCK_DGRAM) as sock:
+            sock.bind((ip, 0))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _refused(e: OSError) -> bool:
