@@ -47,7 +47,7 @@ from tests.support.clients import (
 )
 from tests.support.in_memory import FakeServer, HalfCloseTransport, Link
 from tests.support.logs import event_texts, log_events
-from tests.support.metrics import Samples, scrape, scrape_until
+from tests.support.metrics import Samples, metrics_port, scrape, scrape_until
 from tests.support.payloads import mixed_payloads, sha256
 from tests.support.peers import (
     fd_table,
@@ -86,6 +86,7 @@ from tests.support.waiting import coroutine_test, outgoing_connections, sleep, w
 
 __all__ = [
     "Samples",
+    "metrics_port",
     "scrape",
     "scrape_until",
     "BuildingFactory",
