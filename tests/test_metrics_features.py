@@ -1,8 +1,9 @@
 """
 The metrics of the features beside them: many keys on one port (each
 key's bytes, TCP and UDP, the key search of both, refusals at a key's
-limits and its quota use) and the server's ACL (refused targets and
-clients).  In-process ssx-server and ssx-local
+limits and its quota use), the ACL on both ends (the local end's
+decisions, the server's refused targets and clients), the local DNS
+server and the transparent ports.  In-process ssx-server and ssx-local
 services on loopback, scraped over HTTP and parsed with prometheus-client's
 parser; the bytes moved checked byte for byte at both ends.
 """
@@ -15,13 +16,17 @@ from typing import Any
 from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import Clock
+from twisted.names import dns
 from twisted.trial import unittest
 
+from ssx.config import local_config
 from ssx.crypto import make_suite
+from ssx.local import tap as local_tap
 from ssx.server.key_limits import KeyLimit, KeyReport, KeyUsage
 from ssx.wire.address import Address, encode_address
 from tests import support
 from tests.support import forged
+from tests.support.dns_servers import RecordingZone, ask, listen_dns
 
 # Three keys on one port, two AEAD-2017 ciphers among them.
 KEYS = [
@@ -31,6 +36,8 @@ KEYS = [
 ]
 METHOD = "aes-256-gcm"
 METRICS = "tcp:0:interface=127.0.0.1"
+LOCAL_ADDRESS = "192.0.2.1"
+REMOTE_ADDRESS = "198.51.100.2"
 
 
 def port_label(server: Any) -> str:
@@ -223,6 +230,31 @@ class AclTests(_MetricsCase):
         return path
 
     @support.coroutine_test
+    async def test_local_decisions(self) -> None:
+        """[proxy_all] + [bypass_list] 127.0.0.2: each TCP connection and UDP datagram counted by route and protocol."""
+        direct_echo = support.HashingEchoFactory()
+        direct_port = self.listen(reactor.listenTCP(0, direct_echo, interface="127.0.0.2")).getHost().port
+        udp = {}
+        for address in ("127.0.0.1", "127.0.0.2"):
+            udp_port, _ = support.listen_udp_echo(address)
+            udp[address] = self.listen(udp_port).getHost().port
+        _, port = self.server(mode="tcp_and_udp")
+        local, socks = self.local(
+            port, mode="tcp_and_udp", health_check_interval=0, metrics=METRICS,
+            acl=self.acl_file("[proxy_all]\n[bypass_list]\n127.0.0.2\n"),
+        )
+        await self.relay_through(socks, 50_000)
+        await self.relay_through(socks, 40_000, direct_echo, "127.0.0.2", direct_port)
+        _, proxied_resent = await self.udp_round_trips(socks, "127.0.0.1", udp["127.0.0.1"], (1, 100, 1400))
+        _, direct_resent = await self.udp_round_trips(socks, "127.0.0.2", udp["127.0.0.2"], (10, 2000))
+        samples = await support.scrape(support.metrics_port(local))
+        self.assertEqual(samples.value("ssx_local_acl_decisions_total", route="proxy", proto="tcp"), 1)
+        self.assertEqual(samples.value("ssx_local_acl_decisions_total", route="direct", proto="tcp"), 1)
+        # One decision per datagram sent (a resent one is decided again).
+        self.assertEqual(samples.value("ssx_local_acl_decisions_total", route="proxy", proto="udp"), 3 + proxied_resent)
+        self.assertEqual(samples.value("ssx_local_acl_decisions_total", route="direct", proto="udp"), 2 + direct_resent)
+
+    @support.coroutine_test
     async def test_server_refusals(self) -> None:
         """A blocked target (TCP, UDP) counts as refused reason acl; a black-listed client as a probe (TCP) and a refused client (UDP)."""
         server, port = self.server(
@@ -255,3 +287,60 @@ class AclTests(_MetricsCase):
         self.assertEqual(samples.value("ssx_server_udp_clients_refused_total", reason="acl", **labels), 1)
         self.assertEqual(samples.value("ssx_server_refused_total", proto="tcp", reason="forbidden", **labels), 0)
         self.assertEqual(self.echo.inbound, [])
+
+
+class DnsTests(_MetricsCase):
+    """The local DNS server's counters."""
+
+    @support.coroutine_test
+    async def test_queries_by_route(self) -> None:
+        """A direct name asked twice (once from the cache), a proxied one through the server, a bad name: each counted."""
+        zones = {"local": RecordingZone(LOCAL_ADDRESS), "remote": RecordingZone(REMOTE_ADDRESS)}
+        upstreams = {}
+        for which, zone in zones.items():
+            upstreams[which] = listen_dns(zone)
+            for listening in upstreams[which].listening:
+                self.listen(listening)
+        _, server_port = self.server(mode="tcp_and_udp")
+        values = {
+            "password": support.PASSWORD, "server": "127.0.0.1", "server_port": server_port,
+            "listen": "tcp:0:interface=127.0.0.1", "mode": "tcp_and_udp", "dns_listen": "127.0.0.1:0",
+            "dns_local": f"127.0.0.1:{upstreams['local'].port}", "dns_remote": f"127.0.0.1:{upstreams['remote'].port}",
+            "health_check_interval": 0, "metrics": METRICS,
+        }
+        local = local_tap.build_service(reactor, local_config(values), should_proxy=lambda name: name != "direct.test")
+        local.startService()
+        self._services.append(local)
+        dns_port = local.dns_listener.port.getHost().port
+        for name in ("direct.test", "direct.test", "proxied.test"):
+            answer = await ask(dns_port, name)
+            expected = LOCAL_ADDRESS if name == "direct.test" else REMOTE_ADDRESS
+            self.assertEqual([rr.payload.dottedQuad() for rr in answer.answers if rr.type == dns.A], [expected])
+        bad = await ask(dns_port, "bad_name!.test")
+        self.assertNotEqual(bad.rCode, dns.OK)
+        self.assertEqual((zones["local"].names, zones["remote"].names), (["direct.test"], ["proxied.test"]))
+        samples = await support.scrape(support.metrics_port(local))
+        self.assertEqual(samples.value("ssx_local_dns_queries_total", route="direct"), 1)
+        self.assertEqual(samples.value("ssx_local_dns_queries_total", route="proxied"), 1)
+        self.assertEqual(samples.value("ssx_local_dns_cache_hits_total"), 1)
+        self.assertEqual(samples.value("ssx_local_dns_failures_total"), 1)
+        self.assertEqual(samples.value("ssx_local_dns_cache_entries"), 2)
+
+
+class TransparentTests(_MetricsCase):
+    """A --redir port's connections in the local end's metrics."""
+
+    @support.coroutine_test
+    async def test_redir_front_and_no_destination(self) -> None:
+        """A connection made to a --redir port itself (not redirected) counts under front redir, and as without destination."""
+        _, server_port = self.server()
+        redir_port = support.free_port()
+        local, _ = self.local(server_port, health_check_interval=0, metrics=METRICS, redir=[f"127.0.0.1:{redir_port}"])
+        client = support.RawClient(b"GET / HTTP/1.0\r\n\r\n")
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", redir_port), client)
+        await support.within(10, client.closed, "the redir port kept a connection without a destination open")
+        self.assertEqual(client.received, b"")
+        samples = await support.scrape(support.metrics_port(local))
+        self.assertEqual(samples.value("ssx_local_connections_total", front="redir"), 1)
+        self.assertEqual(samples.value("ssx_local_transparent_no_destination_total", front="redir"), 1)
+        self.assertIsNone(samples.get("ssx_local_connections_total", front="socks5"))
