@@ -107,8 +107,11 @@ class ManyKeysTests(_MetricsCase):
         self.assertEqual(samples.value("ssx_server_keys", **labels), 3)
         self.assertEqual(samples.value("ssx_server_key_search_seconds_count", proto="tcp", found_key="true", **labels), 2)
         self.assertEqual(samples.value("ssx_server_key_search_seconds_count", proto="tcp", found_key="false", **labels), 0)
-        # No key has limits: nothing of the limits' series.
+        # No key has limits, no ACL: nothing of their series.
         self.assertEqual(samples.labels_of("ssx_server_key_refused_total"), [])
+        self.assertEqual(samples.labels_of("ssx_server_udp_clients_refused_total"), [])
+        self.assertIsNone(samples.get("ssx_server_refused_total", proto="tcp", reason="acl", **labels))
+        self.assertIsNone(samples.get("ssx_server_probes_total", reason="acl", **labels))
 
     @support.coroutine_test
     async def test_udp_bytes_and_key_search_per_key(self) -> None:
@@ -332,7 +335,7 @@ class TransparentTests(_MetricsCase):
 
     @support.coroutine_test
     async def test_redir_front_and_no_destination(self) -> None:
-        """A connection made to a --redir port itself (not redirected) counts under front redir, and as without destination."""
+        """A connection made to a --redir port itself (not redirected) counts under front redir, and as without destination; no ACL or DNS series."""
         _, server_port = self.server()
         redir_port = support.free_port()
         local, _ = self.local(server_port, health_check_interval=0, metrics=METRICS, redir=[f"127.0.0.1:{redir_port}"])
@@ -344,3 +347,6 @@ class TransparentTests(_MetricsCase):
         self.assertEqual(samples.value("ssx_local_connections_total", front="redir"), 1)
         self.assertEqual(samples.value("ssx_local_transparent_no_destination_total", front="redir"), 1)
         self.assertIsNone(samples.get("ssx_local_connections_total", front="socks5"))
+        # No --acl, no --dns-listen: none of their series.
+        self.assertEqual(samples.labels_of("ssx_local_acl_decisions_total"), [])
+        self.assertIsNone(samples.get("ssx_local_dns_cache_hits_total"))

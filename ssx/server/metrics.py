@@ -108,12 +108,8 @@ def port_label(port: ServerPort) -> str:
     return str(port.config.port)
 
 
-# (factory counter, reason) of connections that never presented a valid header
-# (or, "acl", were closed at accept: clients the ACL refuses).
-PROBE_COUNTERS = (
-    ("handshake_failures", "bad_data"), ("handshakes_timed_out", "timeout"), ("handshakes_evicted", "evicted"),
-    ("acl_clients_refused", "acl"),
-)
+# (factory counter, reason) of connections that never presented a valid header.
+PROBE_COUNTERS = (("handshake_failures", "bad_data"), ("handshakes_timed_out", "timeout"), ("handshakes_evicted", "evicted"))
 
 
 class ServerCollector(Collector):
@@ -193,10 +189,16 @@ class ServerCollector(Collector):
             if factory.closed_by_status is not None:
                 for status, count in list(factory.closed_by_status.items()):
                     closed.add_metric([label, status], count)
+            # The ACL's series only with --acl (a reload cannot add one).
+            acl = factory.acl is not None
             for name, reason in PROBE_COUNTERS:
                 probes.add_metric([label, reason], getattr(factory, name))
+            if acl:
+                # Clients the ACL refuses, closed at accept.
+                probes.add_metric([label, "acl"], factory.acl_clients_refused)
             refused.add_metric([label, "tcp", "forbidden"], factory.connections_refused)
-            refused.add_metric([label, "tcp", "acl"], factory.acl_refused)
+            if acl:
+                refused.add_metric([label, "tcp", "acl"], factory.acl_refused)
             refused.add_metric([label, "tcp", "unresolvable"], factory.targets_unresolvable)
             refused.add_metric([label, "tcp", "unreachable"], factory.targets_unreachable - factory.targets_unresolvable)
             broken.add_metric([label], factory.relays_broken)
@@ -209,9 +211,10 @@ class ServerCollector(Collector):
             relays = list(port.udp_relays)
             if relays:
                 refused.add_metric([label, "udp", "forbidden"], sum(r.refused for r in relays))
-                refused.add_metric([label, "udp", "acl"], sum(r.acl_refused for r in relays))
+                if acl:
+                    refused.add_metric([label, "udp", "acl"], sum(r.acl_refused for r in relays))
+                    udp_clients.add_metric([label, "acl"], sum(r.acl_clients_refused for r in relays))
                 refused.add_metric([label, "udp", "unresolvable"], sum(r.unresolvable for r in relays))
-                udp_clients.add_metric([label, "acl"], sum(r.acl_clients_refused for r in relays))
                 datagrams.add_metric([label], sum(r.received for r in relays))
                 dropped.add_metric([label], sum(r.dropped for r in relays))
                 entries = sum(len(r.nat) for r in relays)
