@@ -153,6 +153,31 @@ class ManyKeysTests(_MetricsCase):
             self.assertEqual(found, datagrams)
         self.assertIsNone(samples.get("ssx_server_payload_bytes_total", key="bob", proto="udp", dir="p>t", **labels))
 
+    @support.coroutine_test
+    async def test_udp_key_search_2022(self) -> None:
+        """A 2022 port's datagrams: each one's search (identity and opening) timed as udp, found or not; TCP's apart."""
+        udp_port, _ = support.listen_udp_echo()
+        self.listen(udp_port)
+        method = "2022-blake3-aes-128-gcm"
+        password = forged.password_for(method)
+        server, port = self.server(method=method, password=password, mode="tcp_and_udp", metrics=METRICS)
+        _, socks = self.local(port, method=method, password=password, mode="tcp_and_udp", health_check_interval=0)
+        _, resent = await self.udp_round_trips(socks, "127.0.0.1", udp_port.getHost().port, (1, 100, 1400))
+        sender = self.listen(reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1"))
+        sender.write(os.urandom(100), ("127.0.0.1", port))
+        labels = {"port": port_label(server)}
+        samples = await support.scrape_until(
+            support.metrics_port(server),
+            lambda s: s.get("ssx_server_key_search_seconds_count", proto="udp", found_key="false", **labels) == 1,
+        )
+        self.assertEqual(samples.value("ssx_server_key_search_seconds_count", proto="udp", found_key="false", **labels), 1)
+        found = samples.value("ssx_server_key_search_seconds_count", proto="udp", found_key="true", **labels)
+        if resent:
+            self.assertGreaterEqual(found, 3)
+        else:
+            self.assertEqual(found, 3)
+        self.assertEqual(samples.value("ssx_server_key_search_seconds_count", proto="tcp", found_key="true", **labels), 0)
+
     async def silenced(self, server: Any, port: int, key: dict, refusals: int) -> None:
         """A request under `key` that its limits refuse: silence, nothing at the echo; closed by us after."""
         suite = make_suite(key["cipher"], key["secret"])
