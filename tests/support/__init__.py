@@ -12,7 +12,7 @@ never from each other.
 - `in_memory`: StringTransport-based stand-ins for protocol unit tests.
 - `payloads`: test payloads and their digests.
 - `logs`: capturing log events.
-- `metrics`: scraping /metrics over HTTP and reading the samples.
+- `metrics`: scraping /metrics over HTTP and reading the samples; the port an in-process end serves it on.
 - `workers`: a `--workers` server seen from outside (which process holds a
   connection, live pids), and a forwarder recording a client's bytes.
 """
