@@ -124,8 +124,8 @@ class ScrapeTests(unittest.TestCase):
         self.assertEqual(samples.value("ssx_server_connections_active", **labels), 0)
         self.assertEqual(samples.value("ssx_server_handshake_seconds_count", **labels), 1)
         self.assertEqual(samples.value("ssx_server_connect_seconds_count", **labels), 1)
-        self.assertEqual(samples.value("ssx_server_key_search_seconds_count", found_key="true", **labels), 1)
-        self.assertEqual(samples.value("ssx_server_key_search_seconds_count", found_key="false", **labels), 0)
+        self.assertEqual(samples.value("ssx_server_key_search_seconds_count", proto="tcp", found_key="true", **labels), 1)
+        self.assertEqual(samples.value("ssx_server_key_search_seconds_count", proto="tcp", found_key="false", **labels), 0)
         self.assertEqual(samples.value("ssx_server_ports"), 1)
         self.assertEqual(samples.value("ssx_server_keys", **labels), 1)
         self.assertEqual(samples.types["ssx_server_data_bytes"], "counter")
@@ -175,7 +175,7 @@ class ScrapeTests(unittest.TestCase):
             metrics_port, lambda s: s.get("ssx_server_probes_total", reason="bad_data", **labels) == 1
         )
         self.assertEqual(samples.value("ssx_server_probes_total", reason="bad_data", **labels), 1)
-        self.assertEqual(samples.value("ssx_server_key_search_seconds_count", found_key="false", **labels), 1)
+        self.assertEqual(samples.value("ssx_server_key_search_seconds_count", proto="tcp", found_key="false", **labels), 1)
         self.assertEqual(samples.value("ssx_server_refused_total", proto="tcp", reason="forbidden", **labels), 0)
         # The prober hears nothing: the connection stays open, silent.
         self.assertEqual(bytes(garbage.received), b"")

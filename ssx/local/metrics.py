@@ -9,12 +9,17 @@ the protocol the application spoke, broken relays) and each server's
 payload bytes, counted per relay read through the factories'
 `server_traffic` while metrics are on (UDP: per datagram, through the UDP
 relays' `server_traffic`, the Shadowsocks plaintext: target address and
-payload).  Observed as they happen: each
+payload).  With an ACL, its decisions: the factories' and UDP relays'
+`acl_proxied` and `acl_direct` (`ssx.local.routing`); with
+--dns-listen, the DNS server's counters (`ssx.local.dns.RoutingResolver`);
+transparent ports (`ssx.local.redir`) count as fronts of their own.
+Observed as they happen: each
 health check's latency (`ssx.local.health`), a histogram.
 
 Labels are bounded by what the operator configures (or the online
 config lists): `server` (its label: the name given, else host:port),
-`front` (socks5, socks4, http, tunnel), `proto`, `dir`.  No
+`front` (socks5, socks4, http, tunnel, redir, tproxy), `proto`, `dir`,
+`route`.  No
 application address and no destination is ever a label.  Directions:
 ``c>p``, from the application to ssx-local (and on to the server),
 ``p>c`` back.
@@ -30,8 +35,11 @@ from prometheus_client.registry import Collector
 from zope.interface import implementer
 
 from ssx.interfaces import ITrafficCounter, IUpstream
+from ssx.local.dns import RoutingResolver
+from ssx.local.redir import REDIRECT, RedirFactory
 from ssx.local.relay import LocalFactory
 from ssx.local.tunnel import TunnelFactory
+from ssx.local.udp import LocalUdpRelay
 
 if TYPE_CHECKING:
     from ssx.local.tap import LocalService
@@ -90,7 +98,7 @@ class LocalMetrics:
     def instrument(self, factory: LocalFactory) -> None:
         """Have `factory`'s relays count their servers' bytes, and its connections by protocol."""
         factory.server_traffic = self.server_traffic
-        if not isinstance(factory, TunnelFactory):
+        if not isinstance(factory, (TunnelFactory, RedirFactory)):
             factory.fronts = {}
 
     def observe_check(self, server: str, latency: float | None) -> None:
@@ -109,6 +117,7 @@ class LocalCollector(Collector):
         picker = self._top.picker
         upstreams = list(picker.upstreams())
         factories = list(self._top.factories)
+        relays = list(self._top.udp_relays)
         yield GaugeMetricFamily("ssx_local_servers", "Servers known (configured and from the online config)",
                                 value=len(upstreams))
         up = GaugeMetricFamily("ssx_local_server_up", "1 while a server is taken as up, 0 once marked down",
@@ -133,12 +142,18 @@ class LocalCollector(Collector):
                 data.add_metric([label, proto, "p>c"], counter.down)
         failovers: dict[str, int] = {}
         fronts: dict[str, int] = {}
+        # Transparent connections whose original destination was not found, by front.
+        unknown: dict[str, int] = {}
         active = broken = 0
         for factory in factories:
             for label, count in list(factory.failovers.items()):
                 failovers[label] = failovers.get(label, 0) + count
             if isinstance(factory, TunnelFactory):
                 fronts["tunnel"] = fronts.get("tunnel", 0) + factory.accepted
+            elif isinstance(factory, RedirFactory):
+                front = "redir" if factory.mode == REDIRECT else "tproxy"
+                fronts[front] = fronts.get(front, 0) + factory.accepted
+                unknown[front] = unknown.get(front, 0) + factory.unknown_destinations
             elif factory.fronts is not None:
                 for front, count in list(factory.fronts.items()):
                     fronts[front] = fronts.get(front, 0) + count
@@ -151,12 +166,54 @@ class LocalCollector(Collector):
         for label, count in sorted(failovers.items()):
             failover.add_metric([label], count)
         connections = CounterMetricFamily(
-            "ssx_local_connections", "Application connections, by the protocol spoken (socks5, socks4, http, tunnel)",
+            "ssx_local_connections",
+            "Application connections, by the protocol spoken or the port taking them "
+            "(socks5, socks4, http, tunnel, redir, tproxy)",
             labels=["front"],
         )
         for front, count in sorted(fronts.items()):
             connections.add_metric([front], count)
-        yield from (up, latency, failures, data, failover, connections)
+        no_destination = CounterMetricFamily(
+            "ssx_local_transparent_no_destination",
+            "Transparent connections closed at once: their original destination was not found", labels=["front"],
+        )
+        for front, count in sorted(unknown.items()):
+            no_destination.add_metric([front], count)
+        yield from (up, latency, failures, data, failover, connections, no_destination)
+        if self._top.router is not None:
+            yield self._acl_decisions(factories, relays)
+        if self._top.dns is not None:
+            yield from self._dns(self._top.dns)
         yield GaugeMetricFamily("ssx_local_connections_active", "Application connections open", value=active)
         yield CounterMetricFamily("ssx_local_relays_broken", "Relays closed on a stream from a server that failed "
                                   "to decrypt", value=broken)
+
+    @staticmethod
+    def _acl_decisions(factories: list[LocalFactory], relays: list[LocalUdpRelay]) -> Metric:
+        decisions = CounterMetricFamily(
+            "ssx_local_acl_decisions", "The ACL's decisions: targets sent through a server (proxy) or direct",
+            labels=["route", "proto"],
+        )
+        decisions.add_metric(["proxy", "tcp"], sum(f.acl_proxied for f in factories))
+        decisions.add_metric(["direct", "tcp"], sum(f.acl_direct for f in factories))
+        decisions.add_metric(["proxy", "udp"], sum(r.acl_proxied for r in relays))
+        decisions.add_metric(["direct", "udp"], sum(r.acl_direct for r in relays))
+        return decisions
+
+    @staticmethod
+    def _dns(resolver: RoutingResolver) -> Iterator[Metric]:
+        queries = CounterMetricFamily(
+            "ssx_local_dns_queries", "DNS queries asked of a resolver: direct (--dns-local) or proxied (--dns-remote)",
+            labels=["route"],
+        )
+        queries.add_metric(["direct"], resolver.direct)
+        queries.add_metric(["proxied"], resolver.proxied)
+        yield queries
+        yield CounterMetricFamily("ssx_local_dns_cache_hits", "DNS queries answered from the cache",
+                                  value=resolver.cache_hits)
+        yield CounterMetricFamily(
+            "ssx_local_dns_failures", "DNS queries failed (no answer in time, upstream error, bad name, too many queries)",
+            value=resolver.failures,
+        )
+        yield GaugeMetricFamily("ssx_local_dns_cache_entries", "DNS answers held in the cache",
+                                value=len(resolver.cache))

@@ -21,14 +21,14 @@ Nothing here reads the reactor: the clock is passed in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping, NamedTuple
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from ssx.interfaces import ITrafficCounter
 
-__all__ = ["KeyLimit", "KeyUsage", "NO_LIMIT"]
+__all__ = ["KeyLimit", "KeyReport", "KeyUsage", "NO_LIMIT"]
 
 _log = Logger()
 
@@ -48,8 +48,19 @@ class KeyLimit:
 NO_LIMIT = KeyLimit()
 
 
+class KeyReport(NamedTuple):
+    """What the metrics read of one key: its refusals by limit, and its quota use this period (None: no quota)."""
+
+    key: str
+    refused_connections: int
+    refused_quota: int
+    quota_used: int | None
+
+
 class _KeyState:
-    __slots__ = ("open", "warned_connections", "period_start", "used", "warned_quota")
+    __slots__ = (
+        "open", "warned_connections", "period_start", "used", "warned_quota", "refused_connections", "refused_quota",
+    )
 
     def __init__(self) -> None:
         self.open = 0
@@ -57,6 +68,8 @@ class _KeyState:
         self.period_start: float | None = None
         self.used = 0
         self.warned_quota = False
+        self.refused_connections = 0
+        self.refused_quota = 0
 
 
 @implementer(ITrafficCounter)
@@ -106,9 +119,11 @@ class KeyUsage:
             state = self._keys[key_id] = _KeyState()
         if limit.quota_bytes and self._over_quota(key_id, state, limit):
             self.refused += 1
+            state.refused_quota += 1
             return False
         if limit.max_connections and state.open >= limit.max_connections:
             self.refused += 1
+            state.refused_connections += 1
             if not state.warned_connections:
                 state.warned_connections = True
                 _log.warn(
@@ -128,6 +143,25 @@ class KeyUsage:
         state.open -= 1
         # Below the bound again: the next time it is reached is worth a line.
         state.warned_connections = False
+
+    def report(self, limits: Mapping[str, KeyLimit]) -> list[KeyReport]:
+        """
+        Each key seen so far, for the metrics (read in another thread: it
+        copies what it iterates, and changes nothing).  A quota whose
+        period has ended reads 0, although the tally is reset only at
+        the key's next connection.
+        """
+        now = self._now()
+        reports = []
+        for key_id, state in list(self._keys.items()):
+            limit = limits.get(key_id, NO_LIMIT)
+            used: int | None = None
+            if limit.quota_bytes:
+                start = state.period_start
+                ended = start is not None and limit.quota_period > 0 and now >= start + limit.quota_period
+                used = 0 if ended else state.used
+            reports.append(KeyReport(key_id, state.refused_connections, state.refused_quota, used))
+        return reports
 
     def counted_against(self, key_id: str, counter: ITrafficCounter) -> ITrafficCounter:
         """`counter`, also adding what it counts to `key_id`'s quota."""

@@ -7,12 +7,16 @@ Nearly everything is read at scrape time from the counters the server
 keeps anyway (`ServerCollector`): each port's factory counters
 (`ssx.server.protocol`), its traffic (`ssx.server.accounting`: the
 encrypted bytes of the port's TCP and UDP apart, and the payload bytes of
-each key or user, TCP and UDP), its UDP relays' counters and NAT tables.  Nothing is
-called per packet for them.  What cannot be read later is observed per
+each key or user, TCP and UDP), its UDP relays' counters and NAT tables,
+the ACL's refusals (`acl_refused`, `acl_clients_refused` of the factory
+and the relays) and each key's refusals at its limits and quota use
+(`ssx.server.key_limits`, the factory's `key_usage`).  Nothing is called
+per packet for them.  What cannot be read later is observed per
 connection: the handshake, key search and connect histograms, one call
 each through the factory's `observer` (`PortObserver`), and how each
-connection ended; the payload bytes, a wrapper per TCP read and a counter
-per UDP datagram.  With metrics off, none of this exists.
+connection ended; each datagram's key search through its UDP relay's
+`observe_key_search`; the payload bytes, a wrapper per TCP read and a
+counter per UDP datagram.  With metrics off, none of this exists.
 
 Labels are bounded by what the operator configures: `port`, `key` (a
 2022 user's name or a key's id; empty on a single-key port), `proto`,
@@ -31,6 +35,7 @@ from prometheus_client.registry import Collector
 
 from ssx.server.accounting import UserTrafficTable
 from ssx.server.ports import ServerPort
+from ssx.server.udp import UdpRelay
 
 __all__ = ["PortObserver", "ServerCollector", "ServerMetrics"]
 
@@ -50,8 +55,7 @@ class PortObserver:
     def __init__(self, metrics: "ServerMetrics", port: str) -> None:
         self.handshake: Callable[[float], None] = metrics.handshake_seconds.labels(port=port).observe
         self.connect: Callable[[float], None] = metrics.connect_seconds.labels(port=port).observe
-        self._found = metrics.key_search_seconds.labels(port=port, found_key="true").observe
-        self._not_found = metrics.key_search_seconds.labels(port=port, found_key="false").observe
+        self._found, self._not_found = metrics.key_search_observers(port, "tcp")
 
     def key_search(self, seconds: float, found: bool) -> None:
         (self._found if found else self._not_found)(seconds)
@@ -71,8 +75,9 @@ class ServerMetrics:
             ["port"], registry=self.registry, buckets=LATENCY_BUCKETS,
         )
         self.key_search_seconds = Histogram(
-            "ssx_server_key_search_seconds", "CPU time to find a connection's key, or that none matches",
-            ["port", "found_key"], registry=self.registry, buckets=KEY_SEARCH_BUCKETS,
+            "ssx_server_key_search_seconds",
+            "CPU time to find a connection's or a datagram's key, or that none matches",
+            ["port", "proto", "found_key"], registry=self.registry, buckets=KEY_SEARCH_BUCKETS,
         )
         self.registry.register(ServerCollector(ports))
 
@@ -82,6 +87,21 @@ class ServerMetrics:
         factory.observer = PortObserver(self, port_label(port))
         factory.closed_by_status = {}
         factory.default_user = ""
+
+    def instrument_udp(self, port: ServerPort, relay: UdpRelay) -> None:
+        """Have `relay` (one of `port`'s) time each datagram's key search."""
+        found, not_found = self.key_search_observers(port_label(port), "udp")
+
+        def observe(seconds: float, matched: bool) -> None:
+            (found if matched else not_found)(seconds)
+
+        relay.observe_key_search = observe
+
+    def key_search_observers(self, port: str, proto: str) -> tuple[Callable[[float], None], Callable[[float], None]]:
+        """The key search histogram's `observe` of `port` and `proto` for (found, not found)."""
+        search = self.key_search_seconds
+        return (search.labels(port=port, proto=proto, found_key="true").observe,
+                search.labels(port=port, proto=proto, found_key="false").observe)
 
 
 def port_label(port: ServerPort) -> str:
@@ -118,11 +138,12 @@ class ServerCollector(Collector):
             labels=["port", "status"],
         )
         probes = CounterMetricFamily(
-            "ssx_server_probes", "Connections without a valid header: bad data, handshake timeouts, evictions",
+            "ssx_server_probes",
+            "Connections without a valid header: bad data, handshake timeouts, evictions, clients the ACL refuses",
             labels=["port", "reason"],
         )
         refused = CounterMetricFamily(
-            "ssx_server_refused", "Targets refused or not reached (forbidden, unresolvable, unreachable)",
+            "ssx_server_refused", "Targets refused or not reached (forbidden, acl, unresolvable, unreachable)",
             labels=["port", "proto", "reason"],
         )
         broken = CounterMetricFamily("ssx_server_relays_broken", "Relays closed on a broken stream", labels=["port"])
@@ -138,9 +159,22 @@ class ServerCollector(Collector):
         nat_removed = CounterMetricFamily(
             "ssx_server_udp_nat_removed", "UDP associations closed (idle, evicted or at stop)", labels=["port"]
         )
+        udp_clients = CounterMetricFamily(
+            "ssx_server_udp_clients_refused", "UDP datagrams dropped unread from clients the ACL refuses",
+            labels=["port", "reason"],
+        )
+        key_refused = CounterMetricFamily(
+            "ssx_server_key_refused",
+            "Connections refused after their header because their key was at a limit (max_connections, quota)",
+            labels=["port", "key", "reason"],
+        )
+        quota_used = GaugeMetricFamily(
+            "ssx_server_key_quota_used_bytes", "Bytes counted against a key's quota in its current period",
+            labels=["port", "key"],
+        )
         for label, port in ports:
             factory = port.factory
-            keys.add_metric([label], len(port.config.users) or 1)
+            keys.add_metric([label], len(port.config.keys) or len(port.config.users) or 1)
             for proto, traffic in (("tcp", port.traffic), ("udp", port.udp_traffic)):
                 if traffic is not None:
                     data.add_metric([label, proto, "c>p"], traffic.up)
@@ -155,16 +189,31 @@ class ServerCollector(Collector):
             if factory.closed_by_status is not None:
                 for status, count in list(factory.closed_by_status.items()):
                     closed.add_metric([label, status], count)
+            # The ACL's series only with --acl (a reload cannot add one).
+            acl = factory.acl is not None
             for name, reason in PROBE_COUNTERS:
                 probes.add_metric([label, reason], getattr(factory, name))
+            if acl:
+                # Clients the ACL refuses, closed at accept.
+                probes.add_metric([label, "acl"], factory.acl_clients_refused)
             refused.add_metric([label, "tcp", "forbidden"], factory.connections_refused)
+            if acl:
+                refused.add_metric([label, "tcp", "acl"], factory.acl_refused)
             refused.add_metric([label, "tcp", "unresolvable"], factory.targets_unresolvable)
             refused.add_metric([label, "tcp", "unreachable"], factory.targets_unreachable - factory.targets_unresolvable)
             broken.add_metric([label], factory.relays_broken)
             limit.add_metric([label], factory.limit_reached)
+            for report in factory.key_usage.report(factory.credentials.limits):
+                key_refused.add_metric([label, report.key, "max_connections"], report.refused_connections)
+                key_refused.add_metric([label, report.key, "quota"], report.refused_quota)
+                if report.quota_used is not None:
+                    quota_used.add_metric([label, report.key], report.quota_used)
             relays = list(port.udp_relays)
             if relays:
                 refused.add_metric([label, "udp", "forbidden"], sum(r.refused for r in relays))
+                if acl:
+                    refused.add_metric([label, "udp", "acl"], sum(r.acl_refused for r in relays))
+                    udp_clients.add_metric([label, "acl"], sum(r.acl_clients_refused for r in relays))
                 refused.add_metric([label, "udp", "unresolvable"], sum(r.unresolvable for r in relays))
                 datagrams.add_metric([label], sum(r.received for r in relays))
                 dropped.add_metric([label], sum(r.dropped for r in relays))
@@ -174,4 +223,4 @@ class ServerCollector(Collector):
                 nat_added.add_metric([label], added)
                 nat_removed.add_metric([label], added - entries)
         yield from (keys, data, payload, opened, active, closed, probes, refused, broken, limit,
-                    datagrams, dropped, nat, nat_added, nat_removed)
+                    datagrams, dropped, nat, nat_added, nat_removed, udp_clients, key_refused, quota_used)

@@ -224,6 +224,8 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
             outbound=shared.outbound, user_traffic=factory.user_traffic, acl=shared.acl, **sessions,
         )
         relay.payload_traffic = port.udp_payload
+        if shared.metrics is not None:
+            shared.metrics.instrument_udp(port, relay)
         port.udp_relays.append(relay)
         return relay
 

@@ -12,7 +12,7 @@ never from each other.
 - `in_memory`: StringTransport-based stand-ins for protocol unit tests.
 - `payloads`: test payloads and their digests.
 - `logs`: capturing log events.
-- `metrics`: scraping /metrics over HTTP and reading the samples.
+- `metrics`: scraping /metrics over HTTP and reading the samples; the port an in-process end serves it on.
 - `workers`: a `--workers` server seen from outside (which process holds a
   connection, live pids), and a forwarder recording a client's bytes.
 - `tcp_paths`: running a test on ssx.net.lean's path or on Twisted's.
@@ -49,7 +49,7 @@ from tests.support.clients import (
 )
 from tests.support.in_memory import FakeServer, HalfCloseTransport, Link
 from tests.support.logs import event_texts, log_events
-from tests.support.metrics import Samples, scrape, scrape_until
+from tests.support.metrics import Samples, metrics_port, scrape, scrape_until
 from tests.support.payloads import mixed_payloads, sha256
 from tests.support.peers import (
     fd_table,
@@ -89,6 +89,7 @@ from tests.support.waiting import coroutine_test, outgoing_connections, sleep, w
 
 __all__ = [
     "Samples",
+    "metrics_port",
     "scrape",
     "scrape_until",
     "BuildingFactory",

@@ -13,7 +13,7 @@ from twisted.web.client import Agent, readBody
 
 from tests.support.waiting import sleep
 
-__all__ = ["Samples", "scrape", "scrape_until"]
+__all__ = ["Samples", "metrics_port", "scrape", "scrape_until"]
 
 
 class Samples:
@@ -63,3 +63,8 @@ async def scrape_until(port: int, predicate: Callable[[Samples], Any], seconds: 
         if reactor.seconds() > deadline:
             return samples
         await sleep(0.05)
+
+
+def metrics_port(service: Any) -> int:
+    """The port an in-process ssx-server or ssx-local service serves /metrics on (its `metrics` listener)."""
+    return service.metrics_listener.port.getHost().port
