@@ -25,7 +25,8 @@ from twisted.trial import unittest
 from ssx.config import server_config
 from ssx.crypto import SharedSaltFilter, generate_psk
 from ssx.errors import ConfigError
-from ssx.workers.sockets import Listener, close_all, open_slot_sockets
+from ssx.net.inherited import stream_key
+from ssx.workers.sockets import Listener, close_all, open_slot_sockets, release_removed
 from ssx.workers.supervisor import Supervisor, WorkerTotals
 from tests import support
 
@@ -104,6 +105,18 @@ class SharedPartsTests(unittest.SynchronousTestCase):
         self.assertEqual(totals.total(8388), 0)
 
 
+    def test_release_removed(self):
+        """A reload's listeners keep their sockets; every slot's sockets of a listener gone (TCP and the UDP beside it) are closed."""
+        kept, gone = Listener(description="tcp:0:interface=127.0.0.1"), Listener(description="tcp:0:interface=127.0.0.2", udp=True)
+        slots = open_slot_sockets([kept, gone], 2)
+        self.addCleanup(close_all, slots)
+        removed_sockets = [sock for slot in slots for key, sock in slot.items() if "127.0.0.2" in key]
+        released = release_removed(slots, [kept])
+        self.assertEqual(len(released), 2)
+        self.assertEqual([list(slot) for slot in slots], [[stream_key(kept.description)]] * 2)
+        self.assertEqual([sock.fileno() for sock in removed_sockets], [-1] * 4)
+        self.assertEqual(release_removed(slots, [kept]), [])
+
 class _SpawningClock(MemoryReactorClock):
     """A clock whose spawnProcess connects the process protocol to a fake transport and keeps it."""
 
@@ -119,27 +132,13 @@ class _SpawningClock(MemoryReactorClock):
         self.spawned.append(protocol)
 
 
-class WorkersTests(unittest.TestCase):
-    """ssx-server --workers 2 as a twistd child."""
+class _WorkersCase(unittest.TestCase):
+    """An echo target that hashes what reaches it; clients through an in-process ssx-local."""
 
     def setUp(self) -> None:
         self.echo_factory = support.HashingEchoFactory()
         self.echo = reactor.listenTCP(0, self.echo_factory, interface="127.0.0.1")
         self.addCleanup(self.echo.stopListening)
-
-    async def start(self, *extra: str, method: str = METHOD, password: str = PASSWORD) -> tuple[Any, int, list[int]]:
-        """The server with 2 workers, once both listen: (child, port, worker pids)."""
-        child = await support.start_twistd(
-            self, "--nodaemon", "--pidfile=", "ssx-server", "-s", "127.0.0.1", "-p", "0", "-k", password, "-m", method,
-            "--forbidden-ip", "", "--url-file", "", "--workers", "2", "--shutdown-grace", "1", *extra,
-            ready=b"supervising 2 workers", seconds=20,
-        )
-        await support.wait_for(lambda: child.text().count("ssx-server listening on") >= 2, 30,
-                               lambda: f"the workers did not listen: {child.text()}")
-        port = int(_BOUND.search(b"".join(child.output)).group(1))
-        pids = [pid for _, pid in support.started_workers(child.text())]
-        self.assertEqual(len(pids), 2)
-        return child, port, pids
 
     def local(self, port: int, method: str = METHOD, password: str = PASSWORD) -> int:
         local, socks_port = support.start_local(port, method=method, password=password)
@@ -159,6 +158,33 @@ class WorkersTests(unittest.TestCase):
         finally:
             for client in clients:
                 client.transport.loseConnection()
+
+    async def carried_by(self, socks_port: int, pids: list[int]) -> set[int]:
+        """The worker pids seen carrying relayed connections, until all of `pids` are (at most 5 rounds of 8)."""
+        seen: set[int] = set()
+        for _ in range(5):
+            seen |= await self.owners_of_echo_connections(socks_port, pids, 8)
+            if seen == set(pids):
+                break
+        return seen
+
+
+class WorkersTests(_WorkersCase):
+    """ssx-server --workers 2 as a twistd child."""
+
+    async def start(self, *extra: str, method: str = METHOD, password: str = PASSWORD) -> tuple[Any, int, list[int]]:
+        """The server with 2 workers, once both listen: (child, port, worker pids)."""
+        child = await support.start_twistd(
+            self, "--nodaemon", "--pidfile=", "ssx-server", "-s", "127.0.0.1", "-p", "0", "-k", password, "-m", method,
+            "--forbidden-ip", "", "--url-file", "", "--workers", "2", "--shutdown-grace", "1", *extra,
+            ready=b"supervising 2 workers", seconds=20,
+        )
+        await support.wait_for(lambda: child.text().count("ssx-server listening on") >= 2, 30,
+                               lambda: f"the workers did not listen: {child.text()}")
+        port = int(_BOUND.search(b"".join(child.output)).group(1))
+        pids = [pid for _, pid in support.started_workers(child.text())]
+        self.assertEqual(len(pids), 2)
+        return child, port, pids
 
     @support.coroutine_test
     async def test_both_workers_accept(self):
@@ -263,14 +289,18 @@ class WorkersTests(unittest.TestCase):
             await client.exchange("127.0.0.1", udp_port.getHost().port, [os.urandom(n) for n in (1, 500, 1400, 8000)])
 
     @support.coroutine_test
-    async def test_sighup_passed_on(self):
-        """SIGHUP to the supervisor reaches both workers, which go on serving under the same pids."""
+    async def test_sighup_reloads_every_worker(self):
+        """SIGHUP to the supervisor has both workers reload (no file: nothing changes); same pids, one line when both are done."""
         child, port, pids = await self.start()
-        child.transport.signalProcess("HUP")
-        await support.wait_for(lambda: child.text().count("SIGHUP received") == 2, 10,
-                               lambda: f"the workers did not both get SIGHUP: {child.text()}")
+        line = await support.reload_workers(child)
+        self.assertIn("ssx-server: reload done in every worker (2)", line)
+        self.assertEqual(child.text().count("reload done: nothing changed"), 2, child.text())
         self.assertTrue(all(support.alive(pid) for pid in pids))
         self.assertEqual(len(support.started_workers(child.text())), 2)
+        os.kill(pids[0], signal.SIGHUP)
+        await support.wait_for(lambda: "SIGHUP ignored" in child.text(), 10, lambda: f"no line for the worker's SIGHUP: {child.text()}")
+        self.assertTrue(support.alive(pids[0]))
+        self.assertEqual(child.text().count("reloading the configuration"), 3, child.text())
 
     @support.coroutine_test
     async def test_manager_add_reaches_every_worker(self):
@@ -376,6 +406,104 @@ class WorkersTests(unittest.TestCase):
             return False
 
         await support.wait_for(asked, 15, lambda: f"manager totals {totals[-3:]} never reached {recorder.total()}", step=0.2)
+
+
+class WorkersReloadTests(_WorkersCase):
+    """ssx-server -c FILE --workers 2 as a twistd child: SIGHUP reloads the file in every worker."""
+
+    async def start_file(self, ports: dict[int, str], *extra: str) -> tuple[Any, list[int]]:
+        """The server with 2 workers on the file's `ports` (number -> password), once both listen: (child, worker pids)."""
+        self.path = os.path.abspath(self.mktemp())
+        self.write(ports)
+        child = await support.start_twistd(
+            self, "--nodaemon", "--pidfile=", "ssx-server", "-c", self.path, "--workers", "2", *extra,
+            ready=b"supervising 2 workers", seconds=20,
+        )
+        await support.wait_for(lambda: child.text().count("ssx-server listening on") >= 2 * len(ports), 30,
+                               lambda: f"the workers did not listen: {child.text()}")
+        pids = [pid for _, pid in support.started_workers(child.text())]
+        self.assertEqual(len(pids), 2)
+        return child, pids
+
+    def write(self, ports: dict[int, str] | str) -> None:
+        with open(self.path, "w") as f:
+            if isinstance(ports, str):
+                f.write(ports)
+                return
+            json.dump({
+                "server": "127.0.0.1", "method": METHOD, "forbidden_ip": "", "url_file": "", "shutdown_grace": 1,
+                # A wrong key's connection is closed (silently) this soon.
+                "handshake_timeout": 2,
+                "servers": [{"server_port": port, "password": password} for port, password in ports.items()],
+            }, f)
+
+    async def silence(self, socks_port: int) -> None:
+        """8 connections at once through `socks_port` get no byte back and reach no target: the server closes each at its timeout."""
+        targets = len(self.echo_factory.inbound)
+        clients = [support.SocksClient("127.0.0.1", self.echo.getHost().port, payload=os.urandom(1000)) for _ in range(8)]
+        for client in clients:
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
+        for client in clients:
+            await support.within(20, client.closed, "the server did not close a connection with a wrong key")
+        self.assertEqual([client.count for client in clients], [0] * 8)
+        self.assertEqual(len(self.echo_factory.inbound), targets)
+
+    async def transfer(self, socks_port: int) -> None:
+        payload = os.urandom(300_000)
+        reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.1", self.echo.getHost().port, payload)
+        self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payload)))
+        self.assertEqual(self.echo_factory.inbound[-1].digest.hexdigest(), support.sha256(payload))
+
+    @support.coroutine_test
+    async def test_changed_password(self):
+        """A new password reaches both workers: new-password clients relay through both, old-password ones get silence."""
+        port = support.free_port()
+        child, pids = await self.start_file({port: "old-secret"})
+        self.write({port: "new-secret"})
+        line = await support.reload_workers(child)
+        self.assertIn("ssx-server: reload done in every worker (2)", line)
+        self.assertEqual(child.text().count(f"reload done: port {port}: password"), 2, child.text())
+        new = self.local(port, password="new-secret")
+        self.assertEqual(await self.carried_by(new, pids), set(pids))
+        await self.transfer(new)
+        await self.silence(self.local(port, password="old-secret"))
+
+    @support.coroutine_test
+    async def test_broken_file_refused_once(self):
+        """A broken file is refused by the supervisor with one line and never reaches the workers; the old config keeps relaying."""
+        port = support.free_port()
+        child, pids = await self.start_file({port: "kept"})
+        self.write('{"servers": [')
+        line = await support.reload_workers(child)
+        self.assertIn("ssx-server: bad configuration: config: ", line)
+        self.assertIn("(reload refused: the running configuration stays)", line)
+        self.assertEqual(child.text().count("bad configuration"), 1, child.text())
+        self.assertEqual(child.text().count("reloading the configuration"), 1, child.text())
+        self.assertNotIn("Traceback", child.text())
+        socks_port = self.local(port, password="kept")
+        self.assertEqual(await self.carried_by(socks_port, pids), set(pids))
+        await self.transfer(socks_port)
+
+    @support.coroutine_test
+    async def test_port_added_and_removed(self):
+        """A port added at a reload is served by both workers; a removed port refuses connections (no socket left to queue them)."""
+        removed, added = support.free_port(), support.free_port()
+        child, pids = await self.start_file({removed: "removed"})
+        self.write({added: "added"})
+        line = await support.reload_workers(child)
+        self.assertIn("reload done in every worker (2)", line)
+        self.assertEqual(child.text().count(f"port {added} added"), 2, child.text())
+        socks_port = self.local(added, password="added")
+        self.assertEqual(await self.carried_by(socks_port, pids), set(pids))
+        await self.transfer(socks_port)
+
+        def refused() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", removed)) != 0
+
+        await support.wait_for(refused, 10, lambda: f"the removed port still accepts: {child.text()}")
+        # Several tries: with SO_REUSEPORT each one is hashed to a socket anew.
+        self.assertTrue(all(refused() for _ in range(16)))
 
 
 class LocalWorkersTests(unittest.TestCase):

@@ -7,7 +7,8 @@ and names in its pid file) when N > 1.  It opens every listener's sockets
 
 - restarts a worker that dies, after 1 s, doubling to 30 s while workers
   keep dying young, back to 1 s once one has lived a minute;
-- passes SIGHUP on to every worker; at stop (SIGTERM) sends each SIGTERM,
+- on SIGHUP checks the configuration file itself and has every worker
+  reload it (`ssx.workers.reload`); at stop (SIGTERM) sends each SIGTERM,
   so that each drains within the shutdown grace, kills what is left 5 s
   after the grace, and returns once all have ended;
 - logs the workers' log lines (they write them to their stdout) under
@@ -33,8 +34,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from ssx.errors import ConfigError
 from ssx.net.tcp import FAST_OPEN_QUEUE
-from ssx.workers.control import CONTROL_IN, CONTROL_OUT, hello_line, parse_stat, request_line
+from ssx.workers.control import CONTROL_IN, CONTROL_OUT, hello_line, parse_reloaded, parse_stat, request_line
 from ssx.workers.sockets import Listener, SlotSockets, close_all, open_slot_sockets
 
 __all__ = ["Supervisor", "WorkerTotals", "local_listeners", "server_listeners"]
@@ -128,6 +130,9 @@ class _Worker(ProcessProtocol):
                 totals = parse_stat(line)
                 if totals is not None:
                     self.supervisor.totals.report(self.slot, totals)
+                reloaded = parse_reloaded(line)
+                if reloaded is not None and self.supervisor.reloading is not None:
+                    self.supervisor.reloading.reported(self.slot, *reloaded)
             else:
                 self._relog(line.decode("utf-8", "replace"))
 
@@ -159,11 +164,16 @@ class _Worker(ProcessProtocol):
 
 
 class Supervisor(MultiService):
-    """Runs `config.workers` workers of `command` (read from `argv`, as parsed in `cwd`)."""
+    """
+    Runs `config.workers` workers of `command` (read from `argv`, as parsed
+    in `cwd`).  With `load` (the options' `load_config`) and `refusal`,
+    SIGHUP reloads: the file is checked here, then every worker reloads it.
+    """
 
     def __init__(
         self, reactor: Any, command: str, argv: list[str], config: Any, cwd: str,
         listeners: Callable[[Any], list[Listener]] = server_listeners, overrides: Mapping[str, Any] | None = None,
+        load: Callable[[], Any] | None = None, refusal: Callable[[ConfigError], str] | None = None,
     ) -> None:
         MultiService.__init__(self)
         self.reactor = reactor
@@ -172,6 +182,7 @@ class Supervisor(MultiService):
         self.config = config
         self.cwd = cwd
         self.count = config.workers
+        self.listener_fn = listeners
         self.listeners = listeners(config)
         self.overrides = dict(overrides or {})
         self.totals = WorkerTotals()
@@ -190,6 +201,11 @@ class Supervisor(MultiService):
             from ssx.workers.manager import supervisor_manager
 
             supervisor_manager(self)
+        self.reloading: Any = None
+        if load is not None and refusal is not None:
+            from ssx.workers.reload import SupervisorReload
+
+            self.reloading = SupervisorReload(self, load, refusal)
 
     def privilegedStartService(self) -> None:
         try:
@@ -215,7 +231,10 @@ class Supervisor(MultiService):
             self.start_worker(slot)
 
     def _hup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.forward_signal, "HUP")
+        if self.reloading is not None:
+            self.reactor.callFromThread(self.reloading.reload)
+        else:
+            self.reactor.callFromThread(self.forward_signal, "HUP")
 
     def forward_signal(self, name: str) -> None:
         _log.info("{command}: passing SIG{name} on to the workers", command=self.command, name=name)
@@ -264,6 +283,8 @@ class Supervisor(MultiService):
         if self.workers.get(worker.slot) is worker:
             del self.workers[worker.slot]
         self.totals.retire(worker.slot)
+        if self.reloading is not None:
+            self.reloading.gone(worker.slot)
         how = _exit_description(reason)
         if self._stopping:
             _log.info("{command}: worker {slot} (pid {pid}) stopped: {how}", command=self.command, slot=worker.slot,
@@ -280,6 +301,8 @@ class Supervisor(MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         self._stopping = True
+        if self.reloading is not None:
+            self.reloading.stop()
         for call in self._restarts.values():
             if call.active():
                 call.cancel()
