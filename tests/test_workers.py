@@ -26,6 +26,7 @@ from ssx.config import server_config
 from ssx.crypto import SharedSaltFilter, generate_psk
 from ssx.errors import ConfigError
 from ssx.net.inherited import stream_key
+from ssx.workers.metrics import sum_families
 from ssx.workers.sockets import Listener, close_all, open_slot_sockets, release_removed
 from ssx.workers.supervisor import Supervisor, WorkerTotals
 from tests import support
@@ -116,6 +117,40 @@ class SharedPartsTests(unittest.SynchronousTestCase):
         self.assertEqual([list(slot) for slot in slots], [[stream_key(kept.description)]] * 2)
         self.assertEqual([sock.fileno() for sock in removed_sockets], [-1] * 4)
         self.assertEqual(release_removed(slots, [kept]), [])
+
+    def test_metrics_sums(self):
+        """Two workers' expositions: counters, histograms and held gauges add up; configuration gauges and _created do not."""
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+        from prometheus_client.parser import text_string_to_metric_families
+
+        texts = []
+        for count, created in ((3, 100.0), (4, 50.0)):
+            registry = CollectorRegistry()
+            counter = Counter("ssx_server_data_bytes", "bytes", ["port"], registry=registry)
+            counter.labels(port="8388").inc(count * 100)
+            counter.labels(port="8388")._created = created
+            Gauge("ssx_server_connections_active", "open", registry=registry).set(count)
+            Gauge("ssx_server_ports", "ports", registry=registry).set(2)
+            Histogram("ssx_server_handshake_seconds", "h", registry=registry, buckets=(0.1, 1.0)).observe(0.5 * count)
+            texts.append(generate_latest(registry).decode())
+        registry = CollectorRegistry(auto_describe=False)
+
+        class Summed:
+            def collect(self):
+                return sum_families(texts + ["not an exposition {"])
+
+        registry.register(Summed())  # type: ignore[arg-type]
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+        self.assertEqual(samples[("ssx_server_data_bytes_total", (("port", "8388"),))], 700)
+        self.assertEqual(samples[("ssx_server_data_bytes_created", (("port", "8388"),))], 50)
+        self.assertEqual(samples[("ssx_server_connections_active", ())], 7)
+        self.assertEqual(samples[("ssx_server_ports", ())], 2)
+        self.assertEqual(samples[("ssx_server_handshake_seconds_count", ())], 2)
+        self.assertEqual(samples[("ssx_server_handshake_seconds_sum", ())], 3.5)
+        self.assertEqual(samples[("ssx_server_handshake_seconds_bucket", (("le", "1.0"),))], 0)
+        self.assertEqual(samples[("ssx_server_handshake_seconds_bucket", (("le", "+Inf"),))], 2)
+
 
 class _SpawningClock(MemoryReactorClock):
     """A clock whose spawnProcess connects the process protocol to a fake transport and keeps it."""
@@ -408,6 +443,36 @@ class WorkersTests(_WorkersCase):
         await support.wait_for(asked, 15, lambda: f"manager totals {totals[-3:]} never reached {recorder.total()}", step=0.2)
 
 
+    @support.coroutine_test
+    async def test_metrics_sum_both_workers(self):
+        """The supervisor's /metrics sums both workers: encrypted bytes equal what the clients sent and got, connections their count."""
+        metrics_port = support.free_port()
+        # A fixed port: the metrics name ports by their configured number.
+        child, port, pids = await self.start("--metrics", f"127.0.0.1:{metrics_port}", "-p", str(support.free_port()))
+        recorder = support.Recorder(port)
+        listening = recorder.listen()
+        self.addCleanup(listening.stopListening)
+        socks_port = self.local(listening.getHost().port)
+        self.assertEqual(await self.carried_by(socks_port, pids), set(pids))
+        payload = os.urandom(100_000)
+        reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.1", self.echo.getHost().port, payload)
+        self.assertEqual(support.sha256(received), support.sha256(payload))
+        await support.wait_for(lambda: len(recorder.returned) == len(recorder.recorded), 10, "a connection did not finish")
+
+        def data(samples: support.Samples) -> float:
+            return sum(samples.get("ssx_server_data_bytes_total", port=str(port), proto="tcp", dir=way) or 0
+                       for way in ("c>p", "p>c"))
+
+        samples = await support.scrape_until(metrics_port, lambda s: data(s) == recorder.total(), 15)
+        self.assertEqual(data(samples), recorder.total(), samples.text[:3000] + child.text()[-3000:])
+        self.assertEqual(samples.value("ssx_server_connections_opened_total", port=str(port)), len(recorder.recorded))
+        self.assertEqual(samples.value("ssx_server_supervisor_workers"), 2)
+        self.assertEqual(samples.value("ssx_server_supervisor_workers_scraped"), 2)
+        self.assertEqual(samples.value("ssx_server_supervisor_worker_restarts_total"), 0)
+        # Configuration every worker sees alike is not doubled.
+        self.assertEqual(samples.value("ssx_server_ports"), 1)
+
+
 class WorkersReloadTests(_WorkersCase):
     """ssx-server -c FILE --workers 2 as a twistd child: SIGHUP reloads the file in every worker."""
 
@@ -511,24 +576,27 @@ class LocalWorkersTests(unittest.TestCase):
 
     @support.coroutine_test
     async def test_both_workers_relay(self):
-        """Both local workers carry SOCKS5 connections to the server, bytes intact; SIGTERM leaves no worker."""
+        """Both local workers carry SOCKS5 connections to the server, bytes intact, summed in the supervisor's metrics; SIGTERM leaves no worker."""
         echo_factory = support.HashingEchoFactory()
         echo = reactor.listenTCP(0, echo_factory, interface="127.0.0.1")
         self.addCleanup(echo.stopListening)
         server, server_port = support.start_server(method=METHOD, password=PASSWORD)
         self.addCleanup(server.stopService)
+        metrics_port = support.free_port()
         child = await support.start_twistd(
             self, "--nodaemon", "--pidfile=", "ssx-local", "-s", "127.0.0.1", "-p", str(server_port), "-l", "0",
             "-b", "127.0.0.1", "-k", PASSWORD, "-m", METHOD, "--workers", "2", "--shutdown-grace", "1",
-            ready=b"supervising 2 workers", seconds=20,
+            "--metrics", f"127.0.0.1:{metrics_port}", ready=b"supervising 2 workers", seconds=20,
         )
         await support.wait_for(lambda: child.text().count("ssx-local listening on") >= 2, 30,
                                lambda: f"the workers did not listen: {child.text()}")
         socks_port = int(re.search(rb"supervisor: TCP on 127\.0\.0\.1:(\d+)", b"".join(child.output)).group(1))
         pids = [pid for _, pid in support.started_workers(child.text())]
         seen: set[int | None] = set()
+        opened = 0
         for _ in range(5):
             clients = [support.SocksClient("127.0.0.1", echo.getHost().port, b"hello") for _ in range(8)]
+            opened += len(clients)
             for client in clients:
                 await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
             await defer.gatherResults([client.echoed for client in clients])
@@ -542,6 +610,17 @@ class LocalWorkersTests(unittest.TestCase):
         payload = os.urandom(200_000)
         reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.1", echo.getHost().port, payload)
         self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payload)))
+        # Payload both ways: 5 bytes per small connection, and the transfer's.
+        relayed = 2 * (5 * opened + len(payload))
+
+        def data(samples: support.Samples) -> float:
+            return sum(samples.get("ssx_local_data_bytes_total", server=f"127.0.0.1:{server_port}", proto="tcp", dir=way)
+                       or 0 for way in ("c>p", "p>c", "p>t", "t>p"))
+
+        samples = await support.scrape_until(metrics_port, lambda s: data(s) == relayed, 15)
+        self.assertEqual(data(samples), relayed, samples.text)
+        self.assertEqual(samples.value("ssx_local_connections_total", front="socks5"), opened + 1)
+        self.assertEqual(samples.value("ssx_local_supervisor_workers_scraped"), 2)
         child.transport.signalProcess("TERM")
         await support.within(20, child.ended, "the supervisor did not exit")
         await support.wait_for(lambda: not any(support.alive(pid) for pid in pids), 5, "a worker outlived the supervisor")

@@ -9,5 +9,6 @@ them), `worker` (``python -m ssx.workers.worker``: one worker's entry),
 `control` (the lines they exchange: a hello, manager requests, `stat:`
 reports, reloads), `manager` (the manager API answered by the supervisor),
 `reload` (SIGHUP: the file checked by the supervisor, then reloaded by
-every worker).
+every worker), `metrics` (``--metrics``: the supervisor's /metrics, the
+sums of what each worker serves on a private Unix socket).
 """

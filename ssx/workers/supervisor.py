@@ -15,7 +15,9 @@ and names in its pid file) when N > 1.  It opens every listener's sockets
   their index and pid, and their starts and exits;
 - holds the totals of all workers (`totals`: each worker reports its
   ports' bytes with the manager protocol's `stat:` line), and answers the
-  manager API itself, forwarding `add` and `remove` to every worker.
+  manager API itself, forwarding `add` and `remove` to every worker;
+- with ``--metrics``, serves the sums of the workers' metrics, which each
+  serves on a private Unix socket (`ssx.workers.metrics`).
 
 A worker watches its control pipe: when the supervisor is gone (even by
 SIGKILL), the pipe's end is read and the worker stops.
@@ -24,8 +26,10 @@ SIGKILL), the pipe's end is read and the worker stops.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Any, Callable, Mapping
 
 from twisted.application.service import MultiService
@@ -206,6 +210,31 @@ class Supervisor(MultiService):
             from ssx.workers.reload import SupervisorReload
 
             self.reloading = SupervisorReload(self, load, refusal)
+        # --metrics: the workers' sockets (a private directory), what is scraped, and restarts counted.
+        self.metrics_dir: str | None = None
+        self.metrics_sockets: tuple[str, ...] = ()
+        self.restarts = 0
+        self.metrics_listener: Any = None
+        if getattr(config, "metrics", None) is not None:
+            self._serve_metrics(config.metrics)
+
+    def _serve_metrics(self, description: str) -> None:
+        from ssx.net.metrics import serve_metrics
+        from ssx.workers.metrics import WorkersCollector, collector_registry
+
+        prefix = "ssx_server_supervisor" if self.command == "ssx-server" else "ssx_local_supervisor"
+        collector = WorkersCollector(prefix, lambda: self.metrics_sockets, lambda: len(self.workers), lambda: self.restarts)
+        self.metrics_listener = serve_metrics(self, self.reactor, description, collector_registry(collector),
+                                              f"{self.command} supervisor")
+
+    def _metrics_socket(self, slot: int) -> str:
+        assert self.metrics_dir is not None
+        return os.path.join(self.metrics_dir, f"worker-{slot}.sock")
+
+    def _update_metrics_sockets(self) -> None:
+        if self.metrics_dir is not None:
+            # Replaced whole: the scrape reads it in another thread.
+            self.metrics_sockets = tuple(self._metrics_socket(slot) for slot in sorted(self.workers))
 
     def privilegedStartService(self) -> None:
         try:
@@ -226,6 +255,9 @@ class Supervisor(MultiService):
         MultiService.startService(self)
         if hasattr(signal, "SIGHUP"):
             self._previous_hup = signal.signal(signal.SIGHUP, self._hup)
+        if self.metrics_listener is not None:
+            # After twistd dropped privileges: the workers, run as the same user, bind in it.
+            self.metrics_dir = tempfile.mkdtemp(prefix="ssx-metrics-")
         _log.info("{command}: supervising {count} workers", command=self.command, count=self.count)
         for slot in range(self.count):
             self.start_worker(slot)
@@ -263,9 +295,18 @@ class Supervisor(MultiService):
         if self.salt_fd is not None:
             child_fds[number] = self.salt_fd
             salt_fd = number
+        overrides = dict(self.overrides)
+        if self.metrics_dir is not None:
+            from ssx.workers.metrics import worker_endpoint
+
+            path = self._metrics_socket(slot)
+            # A dead predecessor's socket file would stop the bind.
+            if os.path.lexists(path):
+                os.unlink(path)
+            overrides["metrics"] = worker_endpoint(path)
         hello = {
             "command": self.command, "argv": self.argv, "cwd": self.cwd, "rundir": os.getcwd(), "slot": slot,
-            "sockets": sockets, "salt_fd": salt_fd, "overrides": self.overrides,
+            "sockets": sockets, "salt_fd": salt_fd, "overrides": overrides,
         }
         env = dict(os.environ)
         # The workers import ssx from where this process did.
@@ -276,6 +317,7 @@ class Supervisor(MultiService):
         )
         worker.started = self.reactor.seconds()
         self.workers[slot] = worker
+        self._update_metrics_sockets()
         worker.send(hello_line(hello))
         _log.info("{command}: worker {slot} started (pid {pid})", command=self.command, slot=slot, pid=worker.pid)
 
@@ -283,6 +325,7 @@ class Supervisor(MultiService):
         if self.workers.get(worker.slot) is worker:
             del self.workers[worker.slot]
         self.totals.retire(worker.slot)
+        self._update_metrics_sockets()
         if self.reloading is not None:
             self.reloading.gone(worker.slot)
         how = _exit_description(reason)
@@ -297,6 +340,7 @@ class Supervisor(MultiService):
         self.delays[worker.slot] = min(MAX_DELAY, delay * 2)
         _log.warn("{command}: worker {slot} (pid {pid}) ended: {how}; restarting it in {delay:g} s",
                   command=self.command, slot=worker.slot, pid=worker.pid, how=how, delay=delay)
+        self.restarts += 1
         self._restarts[worker.slot] = self.reactor.callLater(delay, self.start_worker, worker.slot)
 
     def stopService(self) -> defer.Deferred[None]:
@@ -328,6 +372,9 @@ class Supervisor(MultiService):
             if self.salt_fd is not None:
                 os.close(self.salt_fd)
                 self.salt_fd = None
+            if self.metrics_dir is not None:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+                self.metrics_dir = None
             _log.info("{command}: all workers stopped", command=self.command)
             return MultiService.stopService(self)
 

@@ -7,8 +7,10 @@ It reads the supervisor's `hello` line, reads the configuration from the
 same command line as the supervisor did, builds the same service tree as
 a single process (`build_service`), with the inherited sockets
 (`ssx.net.inherited`), the shared replay filter, SO_REUSEPORT for ports
-the manager or a reload adds, and no manager socket of its own; then
-runs the reactor.  It logs to its stdout (level, then text), which the supervisor reads;
+the manager or a reload adds, no manager socket of its own, and, with
+``--metrics``, its registry served on the private Unix socket the
+supervisor named (the supervisor serves the sums); then runs the reactor.
+It logs to its stdout (level, then text), which the supervisor reads;
 SIGTERM drains it as it would a single process; the end of its control
 pipe (the supervisor gone, whatever way) stops it the same way.
 
