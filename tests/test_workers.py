@@ -473,6 +473,38 @@ class WorkersTests(_WorkersCase):
         self.assertEqual(samples.value("ssx_server_ports"), 1)
 
 
+    @support.coroutine_test
+    async def test_acl_in_every_worker(self):
+        """--acl: each worker refuses a blocked target (nothing reaches it), lets others through; a reload rereads it in both."""
+        blocked = support.CountingEchoFactory()
+        other = reactor.listenTCP(self.echo.getHost().port, blocked, interface="127.0.0.5")
+        self.addCleanup(other.stopListening)
+        acl = os.path.abspath(self.mktemp())
+        with open(acl, "w") as f:
+            f.write("[accept_all]\n[outbound_block_list]\n127.0.0.5\n")
+        child, port, pids = await self.start("--acl", acl)
+        self.assertEqual(child.text().count("ssx-server: ACL "), 2, child.text())
+        socks_port = self.local(port)
+        self.assertEqual(await self.carried_by(socks_port, pids), set(pids))
+        clients = [support.SocksClient("127.0.0.5", self.echo.getHost().port, b"blocked?") for _ in range(8)]
+        for client in clients:
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
+        for client in clients:
+            await support.within(10, client.closed, "a connection to a blocked target stayed open")
+        self.assertEqual([client.count for client in clients], [0] * 8)
+        self.assertEqual(blocked.connections, 0)
+
+        with open(acl, "w") as f:
+            f.write("[accept_all]\n")
+        line = await support.reload_workers(child)
+        self.assertIn("reload done in every worker (2)", line)
+        self.assertEqual(child.text().count("reload done: acl reread"), 2, child.text())
+        payload = os.urandom(50_000)
+        reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.5", self.echo.getHost().port, payload)
+        self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payload)))
+        self.assertEqual(blocked.connections, 1)
+
+
 class WorkersReloadTests(_WorkersCase):
     """ssx-server -c FILE --workers 2 as a twistd child: SIGHUP reloads the file in every worker."""
 
