@@ -18,6 +18,7 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -27,6 +28,8 @@ from ssx.crypto import SharedSaltFilter, generate_psk
 from ssx.errors import ConfigError
 from ssx.net.inherited import stream_key
 from ssx.workers.metrics import sum_families
+from ssx.workers.control import reload_line
+from ssx.workers.reload import REPORT_WAIT, SupervisorReload
 from ssx.workers.sockets import Listener, close_all, open_slot_sockets, release_removed
 from ssx.workers.supervisor import Supervisor, WorkerTotals
 from tests import support
@@ -150,6 +153,82 @@ class SharedPartsTests(unittest.SynchronousTestCase):
         self.assertEqual(samples[("ssx_server_handshake_seconds_sum", ())], 3.5)
         self.assertEqual(samples[("ssx_server_handshake_seconds_bucket", (("le", "1.0"),))], 0)
         self.assertEqual(samples[("ssx_server_handshake_seconds_bucket", (("le", "+Inf"),))], 2)
+
+
+class SupervisorReloadTests(unittest.SynchronousTestCase):
+    """The supervisor's side of a reload, with fake workers and a Clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.config = server_config({"password": "x", "workers": 2, "server_port": 8388})
+        self.supervisor = _FakeSupervisor(self.clock, self.config)
+        self.loaded: list[Any] = []
+        self.reload = SupervisorReload(self.supervisor, self.load, lambda e: f"ssx-server: bad configuration: {e}")
+        self.events = support.log_events(self)
+
+    def load(self) -> Any:
+        if isinstance(self.config, ConfigError):
+            raise self.config
+        self.loaded.append(self.config)
+        return self.config
+
+    def lines(self) -> list[str]:
+        return support.event_texts(self.events)
+
+    def test_refused_file_reaches_no_worker(self):
+        """A file that does not load is refused with one line; nothing is sent to any worker."""
+        self.config = ConfigError("method", "unknown method 'x'")  # type: ignore[assignment]
+        self.reload.reload()
+        self.assertEqual([line for line in self.lines() if "bad configuration" in line],
+                         ["ssx-server: bad configuration: method: unknown method 'x' (reload refused: the running configuration stays)"])
+        self.assertEqual([w.sent for w in self.supervisor.workers.values()], [[], []])
+
+    def test_done_once_every_worker_reported(self):
+        """Each worker gets the reload request; the line comes once both reported, and a SIGHUP in between reloads again after."""
+        self.reload.reload()
+        self.assertEqual([w.sent for w in self.supervisor.workers.values()], [[reload_line([])]] * 2)
+        self.reload.reload()
+        self.reload.reported(0, True, "")
+        self.assertFalse(any("reload done" in line for line in self.lines()))
+        self.reload.reported(1, True, "")
+        self.assertIn("ssx-server: reload done in every worker (2)", self.lines())
+        self.assertEqual(len(self.loaded), 2)
+        self.assertEqual([len(w.sent) for w in self.supervisor.workers.values()], [2, 2])
+
+    def test_refusal_end_and_silence_named(self):
+        """A worker's refusal, a worker's end and a worker's silence are each named in a line of their own."""
+        self.reload.reload()
+        self.reload.reported(0, False, "ssx-server: bad configuration: x")
+        self.reload.gone(1)
+        self.assertIn("ssx-server: reload: worker 0 refused it: ssx-server: bad configuration: x", self.lines())
+        self.assertTrue(any(line.startswith("ssx-server: reload: worker 1 ended before it reported") for line in self.lines()))
+        self.reload.reload()
+        self.clock.advance(REPORT_WAIT)
+        self.assertEqual([line for line in self.lines() if "did not report" in line],
+                         [f"ssx-server: reload: worker {slot} did not report within {REPORT_WAIT:g} s" for slot in (0, 1)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class _FakeWorker:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, line: bytes) -> None:
+        self.sent.append(line)
+
+
+class _FakeSupervisor:
+    """What `SupervisorReload` reads of a supervisor: two workers that keep the lines sent to them, no sockets."""
+
+    command = "ssx-server"
+    count = 2
+
+    def __init__(self, reactor: Any, config: Any) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.sockets: list[Any] = [{}, {}]
+        self.workers = {0: _FakeWorker(), 1: _FakeWorker()}
+        self.listener_fn = lambda config: []
 
 
 class _SpawningClock(MemoryReactorClock):

@@ -14,8 +14,9 @@ its own at once, so that no listening socket is left taking a share of a
 removed port's connections that nobody accepts.  Ports the file adds are
 bound by each worker itself, with SO_REUSEPORT; a worker started later
 reads the file as it is then.  One line says when every worker reported
-its reload done, or which refused it (the file changed in between, a port
-that could not be bound is not a refusal: the worker's own line names it).
+its reload done, or which did not: refused it (the file changed in
+between), ended, or did not report in time.  A port that could not be
+bound is not a refusal: the worker's own reload line names it.
 """
 
 from __future__ import annotations
@@ -90,20 +91,20 @@ class SupervisorReload:
             return
         self.waiting.discard(slot)
         if not ok:
-            self.refused[slot] = error
+            self.refused[slot] = f"refused it: {error}"
         if not self.waiting:
             self._finish()
 
     def gone(self, slot: int) -> None:
         """Worker `slot` ended (its successor reads the file as it is)."""
         if slot in self.waiting:
-            self.refused[slot] = "ended before it reported"
+            self.refused[slot] = "ended before it reported (its successor reads the file as it is)"
             self.reported(slot, True, "")
 
     def _late(self) -> None:
         self._timeout = None
         for slot in sorted(self.waiting):
-            self.refused[slot] = f"no report within {REPORT_WAIT:g} s"
+            self.refused[slot] = f"did not report within {REPORT_WAIT:g} s"
         self.waiting = set()
         self._finish()
 
@@ -116,7 +117,7 @@ class SupervisorReload:
             _log.info("{command}: reload done in every worker ({count})", command=command,
                       count=len(self.supervisor.workers))
         for slot, error in sorted(self.refused.items()):
-            _log.error("{command}: reload: worker {slot} refused it: {error}", command=command, slot=slot, error=error)
+            _log.error("{command}: reload: worker {slot} {error}", command=command, slot=slot, error=error)
         if self._again:
             self._again = False
             self.reload()

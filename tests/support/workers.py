@@ -18,8 +18,8 @@ __all__ = ["Recorder", "alive", "connection_owner", "reload_workers", "started_w
 
 _STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
 _WORKER_LINE = re.compile(rb"worker \d+ \[\d+\]: ")
-# The supervisor's lines that end a reload: every worker done, a worker refused, or the file refused.
-_RELOAD_ENDS = (b"reload done in every worker", b"refused it: ", b"(reload refused: ")
+# The supervisor's lines that end a reload: every worker done, a worker's failure, or the file refused.
+_RELOAD_ENDS = (b"reload done in every worker", b": reload: worker ", b"(reload refused: ")
 
 
 def started_workers(text: str) -> list[tuple[int, int]]:
