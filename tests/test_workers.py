@@ -359,8 +359,9 @@ class WorkersTests(_WorkersCase):
 
     @support.coroutine_test
     async def test_killed_worker_replaced(self):
-        """A worker killed with SIGKILL is restarted under a new pid; the port goes on serving."""
-        child, port, pids = await self.start()
+        """A worker killed with SIGKILL is restarted under a new pid; the port goes on serving, the metrics count the restart."""
+        metrics_port = support.free_port()
+        child, port, pids = await self.start("--metrics", f"127.0.0.1:{metrics_port}")
         os.kill(pids[0], signal.SIGKILL)
         await support.wait_for(lambda: len(support.started_workers(child.text())) == 3, 20,
                                lambda: f"no worker restarted: {child.text()}")
@@ -376,6 +377,10 @@ class WorkersTests(_WorkersCase):
             if seen == {new, pids[1]}:
                 break
         self.assertEqual(seen, {new, pids[1]})
+        # The new worker serves its metrics where its predecessor did.
+        samples = await support.scrape_until(metrics_port, lambda s: s.get("ssx_server_supervisor_workers_scraped") == 2)
+        self.assertEqual(samples.value("ssx_server_supervisor_workers_scraped"), 2)
+        self.assertEqual(samples.value("ssx_server_supervisor_worker_restarts_total"), 1)
 
     @support.coroutine_test
     async def test_sigterm_stops_everything(self):
@@ -735,6 +740,54 @@ class LocalWorkersTests(unittest.TestCase):
         child.transport.signalProcess("TERM")
         await support.within(20, child.ended, "the supervisor did not exit")
         await support.wait_for(lambda: not any(support.alive(pid) for pid in pids), 5, "a worker outlived the supervisor")
+
+    @support.coroutine_test
+    async def test_reload_adds_tunnel(self):
+        """A tunnel added to the file at a SIGHUP is served by both local workers, byte for byte."""
+        echo_factory = support.HashingEchoFactory()
+        echo = reactor.listenTCP(0, echo_factory, interface="127.0.0.1")
+        self.addCleanup(echo.stopListening)
+        server, server_port = support.start_server(method=METHOD, password=PASSWORD)
+        self.addCleanup(server.stopService)
+        socks_port, tunnel_port = support.free_port(), support.free_port()
+        path = os.path.abspath(self.mktemp())
+
+        def write(tunnels: list[str]) -> None:
+            with open(path, "w") as f:
+                json.dump({"server": "127.0.0.1", "server_port": server_port, "password": PASSWORD, "method": METHOD,
+                           "local_address": "127.0.0.1", "local_port": socks_port, "shutdown_grace": 1,
+                           "tunnels": tunnels}, f)
+
+        write([])
+        child = await support.start_twistd(self, "--nodaemon", "--pidfile=", "ssx-local", "-c", path, "--workers", "2",
+                                           ready=b"supervising 2 workers", seconds=20)
+        await support.wait_for(lambda: child.text().count("ssx-local listening on") >= 2, 30,
+                               lambda: f"the workers did not listen: {child.text()}")
+        pids = [pid for _, pid in support.started_workers(child.text())]
+        write([f"127.0.0.1:{tunnel_port}=127.0.0.1:{echo.getHost().port}"])
+        line = await support.reload_workers(child)
+        self.assertIn("ssx-local: reload done in every worker (2)", line)
+        self.assertEqual(child.text().count(f"tunnel tcp:{tunnel_port}:interface=127.0.0.1 to "), 2, child.text())
+        seen: set[int | None] = set()
+        for _ in range(5):
+            clients = [support.RawClient(b"hello") for _ in range(8)]
+            for client in clients:
+                await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", tunnel_port), client)
+            await support.wait_for(lambda: all(len(c.received) == 5 for c in clients), 10, "a tunnel did not echo")
+            seen |= {support.connection_owner(pids, tunnel_port, c.transport.getHost().port) for c in clients}
+            for client in clients:
+                client.transport.loseConnection()
+            if seen >= set(pids):
+                break
+        self.assertEqual(seen - {None}, set(pids))
+        payload = os.urandom(300_000)
+        client = support.RawClient(payload)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", tunnel_port), client)
+        await support.wait_for(lambda: len(client.received) >= len(payload) or client.closed.called, 20,
+                               lambda: f"{len(client.received)} of {len(payload)} bytes came back")
+        client.transport.loseConnection()
+        self.assertEqual(support.sha256(bytes(client.received)), support.sha256(payload))
+        self.assertEqual(echo_factory.inbound[-1].digest.hexdigest(), support.sha256(payload))
 
     def test_socks_udp_refused(self):
         """Several workers with SOCKS5 UDP are refused, naming the key: an association's datagrams could reach another worker."""
