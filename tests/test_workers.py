@@ -18,6 +18,7 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -25,7 +26,11 @@ from twisted.trial import unittest
 from ssx.config import server_config
 from ssx.crypto import SharedSaltFilter, generate_psk
 from ssx.errors import ConfigError
-from ssx.workers.sockets import Listener, close_all, open_slot_sockets
+from ssx.net.inherited import stream_key
+from ssx.workers.metrics import sum_families
+from ssx.workers.control import reload_line
+from ssx.workers.reload import REPORT_WAIT, SupervisorReload
+from ssx.workers.sockets import Listener, close_all, open_slot_sockets, release_removed
 from ssx.workers.supervisor import Supervisor, WorkerTotals
 from tests import support
 
@@ -104,6 +109,128 @@ class SharedPartsTests(unittest.SynchronousTestCase):
         self.assertEqual(totals.total(8388), 0)
 
 
+    def test_release_removed(self):
+        """A reload's listeners keep their sockets; every slot's sockets of a listener gone (TCP and the UDP beside it) are closed."""
+        kept, gone = Listener(description="tcp:0:interface=127.0.0.1"), Listener(description="tcp:0:interface=127.0.0.2", udp=True)
+        slots = open_slot_sockets([kept, gone], 2)
+        self.addCleanup(close_all, slots)
+        removed_sockets = [sock for slot in slots for key, sock in slot.items() if "127.0.0.2" in key]
+        released = release_removed(slots, [kept])
+        self.assertEqual(len(released), 2)
+        self.assertEqual([list(slot) for slot in slots], [[stream_key(kept.description)]] * 2)
+        self.assertEqual([sock.fileno() for sock in removed_sockets], [-1] * 4)
+        self.assertEqual(release_removed(slots, [kept]), [])
+
+    def test_metrics_sums(self):
+        """Two workers' expositions: counters, histograms and held gauges add up; configuration gauges and _created do not."""
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+        from prometheus_client.parser import text_string_to_metric_families
+
+        texts = []
+        for count, created in ((3, 100.0), (4, 50.0)):
+            registry = CollectorRegistry()
+            counter = Counter("ssx_server_data_bytes", "bytes", ["port"], registry=registry)
+            counter.labels(port="8388").inc(count * 100)
+            counter.labels(port="8388")._created = created
+            Gauge("ssx_server_connections_active", "open", registry=registry).set(count)
+            Gauge("ssx_server_ports", "ports", registry=registry).set(2)
+            Histogram("ssx_server_handshake_seconds", "h", registry=registry, buckets=(0.1, 1.0)).observe(0.5 * count)
+            texts.append(generate_latest(registry).decode())
+        registry = CollectorRegistry(auto_describe=False)
+
+        class Summed:
+            def collect(self):
+                return sum_families(texts + ["not an exposition {"])
+
+        registry.register(Summed())  # type: ignore[arg-type]
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+        self.assertEqual(samples[("ssx_server_data_bytes_total", (("port", "8388"),))], 700)
+        self.assertEqual(samples[("ssx_server_data_bytes_created", (("port", "8388"),))], 50)
+        self.assertEqual(samples[("ssx_server_connections_active", ())], 7)
+        self.assertEqual(samples[("ssx_server_ports", ())], 2)
+        self.assertEqual(samples[("ssx_server_handshake_seconds_count", ())], 2)
+        self.assertEqual(samples[("ssx_server_handshake_seconds_sum", ())], 3.5)
+        self.assertEqual(samples[("ssx_server_handshake_seconds_bucket", (("le", "1.0"),))], 0)
+        self.assertEqual(samples[("ssx_server_handshake_seconds_bucket", (("le", "+Inf"),))], 2)
+
+
+class SupervisorReloadTests(unittest.SynchronousTestCase):
+    """The supervisor's side of a reload, with fake workers and a Clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.config = server_config({"password": "x", "workers": 2, "server_port": 8388})
+        self.supervisor = _FakeSupervisor(self.clock, self.config)
+        self.loaded: list[Any] = []
+        self.reload = SupervisorReload(self.supervisor, self.load, lambda e: f"ssx-server: bad configuration: {e}")
+        self.events = support.log_events(self)
+
+    def load(self) -> Any:
+        if isinstance(self.config, ConfigError):
+            raise self.config
+        self.loaded.append(self.config)
+        return self.config
+
+    def lines(self) -> list[str]:
+        return support.event_texts(self.events)
+
+    def test_refused_file_reaches_no_worker(self):
+        """A file that does not load is refused with one line; nothing is sent to any worker."""
+        self.config = ConfigError("method", "unknown method 'x'")  # type: ignore[assignment]
+        self.reload.reload()
+        self.assertEqual([line for line in self.lines() if "bad configuration" in line],
+                         ["ssx-server: bad configuration: method: unknown method 'x' (reload refused: the running configuration stays)"])
+        self.assertEqual([w.sent for w in self.supervisor.workers.values()], [[], []])
+
+    def test_done_once_every_worker_reported(self):
+        """Each worker gets the reload request; the line comes once both reported, and a SIGHUP in between reloads again after."""
+        self.reload.reload()
+        self.assertEqual([w.sent for w in self.supervisor.workers.values()], [[reload_line([])]] * 2)
+        self.reload.reload()
+        self.reload.reported(0, True, "")
+        self.assertFalse(any("reload done" in line for line in self.lines()))
+        self.reload.reported(1, True, "")
+        self.assertIn("ssx-server: reload done in every worker (2)", self.lines())
+        self.assertEqual(len(self.loaded), 2)
+        self.assertEqual([len(w.sent) for w in self.supervisor.workers.values()], [2, 2])
+
+    def test_refusal_end_and_silence_named(self):
+        """A worker's refusal, a worker's end and a worker's silence are each named in a line of their own."""
+        self.reload.reload()
+        self.reload.reported(0, False, "ssx-server: bad configuration: x")
+        self.reload.gone(1)
+        self.assertIn("ssx-server: reload: worker 0 refused it: ssx-server: bad configuration: x", self.lines())
+        self.assertTrue(any(line.startswith("ssx-server: reload: worker 1 ended before it reported") for line in self.lines()))
+        self.reload.reload()
+        self.clock.advance(REPORT_WAIT)
+        self.assertEqual([line for line in self.lines() if "did not report" in line],
+                         [f"ssx-server: reload: worker {slot} did not report within {REPORT_WAIT:g} s" for slot in (0, 1)])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class _FakeWorker:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, line: bytes) -> None:
+        self.sent.append(line)
+
+
+class _FakeSupervisor:
+    """What `SupervisorReload` reads of a supervisor: two workers that keep the lines sent to them, no sockets."""
+
+    command = "ssx-server"
+    count = 2
+
+    def __init__(self, reactor: Any, config: Any) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.sockets: list[Any] = [{}, {}]
+        self.workers = {0: _FakeWorker(), 1: _FakeWorker()}
+        self.listener_fn = lambda config: []
+
+
 class _SpawningClock(MemoryReactorClock):
     """A clock whose spawnProcess connects the process protocol to a fake transport and keeps it."""
 
@@ -119,27 +246,13 @@ class _SpawningClock(MemoryReactorClock):
         self.spawned.append(protocol)
 
 
-class WorkersTests(unittest.TestCase):
-    """ssx-server --workers 2 as a twistd child."""
+class _WorkersCase(unittest.TestCase):
+    """An echo target that hashes what reaches it; clients through an in-process ssx-local."""
 
     def setUp(self) -> None:
         self.echo_factory = support.HashingEchoFactory()
         self.echo = reactor.listenTCP(0, self.echo_factory, interface="127.0.0.1")
         self.addCleanup(self.echo.stopListening)
-
-    async def start(self, *extra: str, method: str = METHOD, password: str = PASSWORD) -> tuple[Any, int, list[int]]:
-        """The server with 2 workers, once both listen: (child, port, worker pids)."""
-        child = await support.start_twistd(
-            self, "--nodaemon", "--pidfile=", "ssx-server", "-s", "127.0.0.1", "-p", "0", "-k", password, "-m", method,
-            "--forbidden-ip", "", "--url-file", "", "--workers", "2", "--shutdown-grace", "1", *extra,
-            ready=b"supervising 2 workers", seconds=20,
-        )
-        await support.wait_for(lambda: child.text().count("ssx-server listening on") >= 2, 30,
-                               lambda: f"the workers did not listen: {child.text()}")
-        port = int(_BOUND.search(b"".join(child.output)).group(1))
-        pids = [pid for _, pid in support.started_workers(child.text())]
-        self.assertEqual(len(pids), 2)
-        return child, port, pids
 
     def local(self, port: int, method: str = METHOD, password: str = PASSWORD) -> int:
         local, socks_port = support.start_local(port, method=method, password=password)
@@ -159,6 +272,33 @@ class WorkersTests(unittest.TestCase):
         finally:
             for client in clients:
                 client.transport.loseConnection()
+
+    async def carried_by(self, socks_port: int, pids: list[int]) -> set[int]:
+        """The worker pids seen carrying relayed connections, until all of `pids` are (at most 5 rounds of 8)."""
+        seen: set[int] = set()
+        for _ in range(5):
+            seen |= await self.owners_of_echo_connections(socks_port, pids, 8)
+            if seen == set(pids):
+                break
+        return seen
+
+
+class WorkersTests(_WorkersCase):
+    """ssx-server --workers 2 as a twistd child."""
+
+    async def start(self, *extra: str, method: str = METHOD, password: str = PASSWORD) -> tuple[Any, int, list[int]]:
+        """The server with 2 workers, once both listen: (child, port, worker pids)."""
+        child = await support.start_twistd(
+            self, "--nodaemon", "--pidfile=", "ssx-server", "-s", "127.0.0.1", "-p", "0", "-k", password, "-m", method,
+            "--forbidden-ip", "", "--url-file", "", "--workers", "2", "--shutdown-grace", "1", *extra,
+            ready=b"supervising 2 workers", seconds=20,
+        )
+        await support.wait_for(lambda: child.text().count("ssx-server listening on") >= 2, 30,
+                               lambda: f"the workers did not listen: {child.text()}")
+        port = int(_BOUND.search(b"".join(child.output)).group(1))
+        pids = [pid for _, pid in support.started_workers(child.text())]
+        self.assertEqual(len(pids), 2)
+        return child, port, pids
 
     @support.coroutine_test
     async def test_both_workers_accept(self):
@@ -219,8 +359,9 @@ class WorkersTests(unittest.TestCase):
 
     @support.coroutine_test
     async def test_killed_worker_replaced(self):
-        """A worker killed with SIGKILL is restarted under a new pid; the port goes on serving."""
-        child, port, pids = await self.start()
+        """A worker killed with SIGKILL is restarted under a new pid; the port goes on serving, the metrics count the restart."""
+        metrics_port = support.free_port()
+        child, port, pids = await self.start("--metrics", f"127.0.0.1:{metrics_port}")
         os.kill(pids[0], signal.SIGKILL)
         await support.wait_for(lambda: len(support.started_workers(child.text())) == 3, 20,
                                lambda: f"no worker restarted: {child.text()}")
@@ -236,6 +377,10 @@ class WorkersTests(unittest.TestCase):
             if seen == {new, pids[1]}:
                 break
         self.assertEqual(seen, {new, pids[1]})
+        # The new worker serves its metrics where its predecessor did.
+        samples = await support.scrape_until(metrics_port, lambda s: s.get("ssx_server_supervisor_workers_scraped") == 2)
+        self.assertEqual(samples.value("ssx_server_supervisor_workers_scraped"), 2)
+        self.assertEqual(samples.value("ssx_server_supervisor_worker_restarts_total"), 1)
 
     @support.coroutine_test
     async def test_sigterm_stops_everything(self):
@@ -263,14 +408,18 @@ class WorkersTests(unittest.TestCase):
             await client.exchange("127.0.0.1", udp_port.getHost().port, [os.urandom(n) for n in (1, 500, 1400, 8000)])
 
     @support.coroutine_test
-    async def test_sighup_passed_on(self):
-        """SIGHUP to the supervisor reaches both workers, which go on serving under the same pids."""
+    async def test_sighup_reloads_every_worker(self):
+        """SIGHUP to the supervisor has both workers reload (no file: nothing changes); same pids, one line when both are done."""
         child, port, pids = await self.start()
-        child.transport.signalProcess("HUP")
-        await support.wait_for(lambda: child.text().count("SIGHUP received") == 2, 10,
-                               lambda: f"the workers did not both get SIGHUP: {child.text()}")
+        line = await support.reload_workers(child)
+        self.assertIn("ssx-server: reload done in every worker (2)", line)
+        self.assertEqual(child.text().count("reload done: nothing changed"), 2, child.text())
         self.assertTrue(all(support.alive(pid) for pid in pids))
         self.assertEqual(len(support.started_workers(child.text())), 2)
+        os.kill(pids[0], signal.SIGHUP)
+        await support.wait_for(lambda: "SIGHUP ignored" in child.text(), 10, lambda: f"no line for the worker's SIGHUP: {child.text()}")
+        self.assertTrue(support.alive(pids[0]))
+        self.assertEqual(child.text().count("reloading the configuration"), 3, child.text())
 
     @support.coroutine_test
     async def test_manager_add_reaches_every_worker(self):
@@ -378,29 +527,192 @@ class WorkersTests(unittest.TestCase):
         await support.wait_for(asked, 15, lambda: f"manager totals {totals[-3:]} never reached {recorder.total()}", step=0.2)
 
 
+    @support.coroutine_test
+    async def test_metrics_sum_both_workers(self):
+        """The supervisor's /metrics sums both workers: encrypted bytes equal what the clients sent and got, connections their count."""
+        metrics_port = support.free_port()
+        # A fixed port: the metrics name ports by their configured number.
+        child, port, pids = await self.start("--metrics", f"127.0.0.1:{metrics_port}", "-p", str(support.free_port()))
+        recorder = support.Recorder(port)
+        listening = recorder.listen()
+        self.addCleanup(listening.stopListening)
+        socks_port = self.local(listening.getHost().port)
+        self.assertEqual(await self.carried_by(socks_port, pids), set(pids))
+        payload = os.urandom(100_000)
+        reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.1", self.echo.getHost().port, payload)
+        self.assertEqual(support.sha256(received), support.sha256(payload))
+        await support.wait_for(lambda: len(recorder.returned) == len(recorder.recorded), 10, "a connection did not finish")
+
+        def data(samples: support.Samples) -> float:
+            return sum(samples.get("ssx_server_data_bytes_total", port=str(port), proto="tcp", dir=way) or 0
+                       for way in ("c>p", "p>c"))
+
+        samples = await support.scrape_until(metrics_port, lambda s: data(s) == recorder.total(), 15)
+        self.assertEqual(data(samples), recorder.total(), samples.text[:3000] + child.text()[-3000:])
+        self.assertEqual(samples.value("ssx_server_connections_opened_total", port=str(port)), len(recorder.recorded))
+        self.assertEqual(samples.value("ssx_server_supervisor_workers"), 2)
+        self.assertEqual(samples.value("ssx_server_supervisor_workers_scraped"), 2)
+        self.assertEqual(samples.value("ssx_server_supervisor_worker_restarts_total"), 0)
+        # Configuration every worker sees alike is not doubled.
+        self.assertEqual(samples.value("ssx_server_ports"), 1)
+
+
+    @support.coroutine_test
+    async def test_acl_in_every_worker(self):
+        """--acl: each worker refuses a blocked target (nothing reaches it), lets others through; a reload rereads it in both."""
+        blocked = support.CountingEchoFactory()
+        other = reactor.listenTCP(self.echo.getHost().port, blocked, interface="127.0.0.5")
+        self.addCleanup(other.stopListening)
+        acl = os.path.abspath(self.mktemp())
+        with open(acl, "w") as f:
+            f.write("[accept_all]\n[outbound_block_list]\n127.0.0.5\n")
+        child, port, pids = await self.start("--acl", acl)
+        self.assertEqual(child.text().count("ssx-server: ACL "), 2, child.text())
+        socks_port = self.local(port)
+        self.assertEqual(await self.carried_by(socks_port, pids), set(pids))
+        clients = [support.SocksClient("127.0.0.5", self.echo.getHost().port, b"blocked?") for _ in range(8)]
+        for client in clients:
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
+        for client in clients:
+            await support.within(10, client.closed, "a connection to a blocked target stayed open")
+        self.assertEqual([client.count for client in clients], [0] * 8)
+        self.assertEqual(blocked.connections, 0)
+
+        with open(acl, "w") as f:
+            f.write("[accept_all]\n")
+        line = await support.reload_workers(child)
+        self.assertIn("reload done in every worker (2)", line)
+        self.assertEqual(child.text().count("reload done: acl reread"), 2, child.text())
+        payload = os.urandom(50_000)
+        reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.5", self.echo.getHost().port, payload)
+        self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payload)))
+        self.assertEqual(blocked.connections, 1)
+
+
+class WorkersReloadTests(_WorkersCase):
+    """ssx-server -c FILE --workers 2 as a twistd child: SIGHUP reloads the file in every worker."""
+
+    async def start_file(self, ports: dict[int, str], *extra: str) -> tuple[Any, list[int]]:
+        """The server with 2 workers on the file's `ports` (number -> password), once both listen: (child, worker pids)."""
+        self.path = os.path.abspath(self.mktemp())
+        self.write(ports)
+        child = await support.start_twistd(
+            self, "--nodaemon", "--pidfile=", "ssx-server", "-c", self.path, "--workers", "2", *extra,
+            ready=b"supervising 2 workers", seconds=20,
+        )
+        await support.wait_for(lambda: child.text().count("ssx-server listening on") >= 2 * len(ports), 30,
+                               lambda: f"the workers did not listen: {child.text()}")
+        pids = [pid for _, pid in support.started_workers(child.text())]
+        self.assertEqual(len(pids), 2)
+        return child, pids
+
+    def write(self, ports: dict[int, str] | str) -> None:
+        with open(self.path, "w") as f:
+            if isinstance(ports, str):
+                f.write(ports)
+                return
+            json.dump({
+                "server": "127.0.0.1", "method": METHOD, "forbidden_ip": "", "url_file": "", "shutdown_grace": 1,
+                # A wrong key's connection is closed (silently) this soon.
+                "handshake_timeout": 2,
+                "servers": [{"server_port": port, "password": password} for port, password in ports.items()],
+            }, f)
+
+    async def silence(self, socks_port: int) -> None:
+        """8 connections at once through `socks_port` get no byte back and reach no target: the server closes each at its timeout."""
+        targets = len(self.echo_factory.inbound)
+        clients = [support.SocksClient("127.0.0.1", self.echo.getHost().port, payload=os.urandom(1000)) for _ in range(8)]
+        for client in clients:
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
+        for client in clients:
+            await support.within(20, client.closed, "the server did not close a connection with a wrong key")
+        self.assertEqual([client.count for client in clients], [0] * 8)
+        self.assertEqual(len(self.echo_factory.inbound), targets)
+
+    async def transfer(self, socks_port: int) -> None:
+        payload = os.urandom(300_000)
+        reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.1", self.echo.getHost().port, payload)
+        self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payload)))
+        self.assertEqual(self.echo_factory.inbound[-1].digest.hexdigest(), support.sha256(payload))
+
+    @support.coroutine_test
+    async def test_changed_password(self):
+        """A new password reaches both workers: new-password clients relay through both, old-password ones get silence."""
+        port = support.free_port()
+        child, pids = await self.start_file({port: "old-secret"})
+        self.write({port: "new-secret"})
+        line = await support.reload_workers(child)
+        self.assertIn("ssx-server: reload done in every worker (2)", line)
+        self.assertEqual(child.text().count(f"reload done: port {port}: password"), 2, child.text())
+        new = self.local(port, password="new-secret")
+        self.assertEqual(await self.carried_by(new, pids), set(pids))
+        await self.transfer(new)
+        await self.silence(self.local(port, password="old-secret"))
+
+    @support.coroutine_test
+    async def test_broken_file_refused_once(self):
+        """A broken file is refused by the supervisor with one line and never reaches the workers; the old config keeps relaying."""
+        port = support.free_port()
+        child, pids = await self.start_file({port: "kept"})
+        self.write('{"servers": [')
+        line = await support.reload_workers(child)
+        self.assertIn("ssx-server: bad configuration: config: ", line)
+        self.assertIn("(reload refused: the running configuration stays)", line)
+        self.assertEqual(child.text().count("bad configuration"), 1, child.text())
+        self.assertEqual(child.text().count("reloading the configuration"), 1, child.text())
+        self.assertNotIn("Traceback", child.text())
+        socks_port = self.local(port, password="kept")
+        self.assertEqual(await self.carried_by(socks_port, pids), set(pids))
+        await self.transfer(socks_port)
+
+    @support.coroutine_test
+    async def test_port_added_and_removed(self):
+        """A port added at a reload is served by both workers; a removed port refuses connections (no socket left to queue them)."""
+        removed, added = support.free_port(), support.free_port()
+        child, pids = await self.start_file({removed: "removed"})
+        self.write({added: "added"})
+        line = await support.reload_workers(child)
+        self.assertIn("reload done in every worker (2)", line)
+        self.assertEqual(child.text().count(f"port {added} added"), 2, child.text())
+        socks_port = self.local(added, password="added")
+        self.assertEqual(await self.carried_by(socks_port, pids), set(pids))
+        await self.transfer(socks_port)
+
+        def refused() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", removed)) != 0
+
+        await support.wait_for(refused, 10, lambda: f"the removed port still accepts: {child.text()}")
+        # Several tries: with SO_REUSEPORT each one is hashed to a socket anew.
+        self.assertTrue(all(refused() for _ in range(16)))
+
+
 class LocalWorkersTests(unittest.TestCase):
     """ssx-local --workers 2 as a twistd child, before an in-process server."""
 
     @support.coroutine_test
     async def test_both_workers_relay(self):
-        """Both local workers carry SOCKS5 connections to the server, bytes intact; SIGTERM leaves no worker."""
+        """Both local workers carry SOCKS5 connections to the server, bytes intact, summed in the supervisor's metrics; SIGTERM leaves no worker."""
         echo_factory = support.HashingEchoFactory()
         echo = reactor.listenTCP(0, echo_factory, interface="127.0.0.1")
         self.addCleanup(echo.stopListening)
         server, server_port = support.start_server(method=METHOD, password=PASSWORD)
         self.addCleanup(server.stopService)
+        metrics_port = support.free_port()
         child = await support.start_twistd(
             self, "--nodaemon", "--pidfile=", "ssx-local", "-s", "127.0.0.1", "-p", str(server_port), "-l", "0",
             "-b", "127.0.0.1", "-k", PASSWORD, "-m", METHOD, "--workers", "2", "--shutdown-grace", "1",
-            ready=b"supervising 2 workers", seconds=20,
+            "--metrics", f"127.0.0.1:{metrics_port}", ready=b"supervising 2 workers", seconds=20,
         )
         await support.wait_for(lambda: child.text().count("ssx-local listening on") >= 2, 30,
                                lambda: f"the workers did not listen: {child.text()}")
         socks_port = int(re.search(rb"supervisor: TCP on 127\.0\.0\.1:(\d+)", b"".join(child.output)).group(1))
         pids = [pid for _, pid in support.started_workers(child.text())]
         seen: set[int | None] = set()
+        opened = 0
         for _ in range(5):
             clients = [support.SocksClient("127.0.0.1", echo.getHost().port, b"hello") for _ in range(8)]
+            opened += len(clients)
             for client in clients:
                 await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)
             await defer.gatherResults([client.echoed for client in clients])
@@ -414,9 +726,68 @@ class LocalWorkersTests(unittest.TestCase):
         payload = os.urandom(200_000)
         reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.1", echo.getHost().port, payload)
         self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payload)))
+        # Payload both ways: 5 bytes per small connection, and the transfer's.
+        relayed = 2 * (5 * opened + len(payload))
+
+        def data(samples: support.Samples) -> float:
+            return sum(samples.get("ssx_local_data_bytes_total", server=f"127.0.0.1:{server_port}", proto="tcp", dir=way)
+                       or 0 for way in ("c>p", "p>c", "p>t", "t>p"))
+
+        samples = await support.scrape_until(metrics_port, lambda s: data(s) == relayed, 15)
+        self.assertEqual(data(samples), relayed, samples.text)
+        self.assertEqual(samples.value("ssx_local_connections_total", front="socks5"), opened + 1)
+        self.assertEqual(samples.value("ssx_local_supervisor_workers_scraped"), 2)
         child.transport.signalProcess("TERM")
         await support.within(20, child.ended, "the supervisor did not exit")
         await support.wait_for(lambda: not any(support.alive(pid) for pid in pids), 5, "a worker outlived the supervisor")
+
+    @support.coroutine_test
+    async def test_reload_adds_tunnel(self):
+        """A tunnel added to the file at a SIGHUP is served by both local workers, byte for byte."""
+        echo_factory = support.HashingEchoFactory()
+        echo = reactor.listenTCP(0, echo_factory, interface="127.0.0.1")
+        self.addCleanup(echo.stopListening)
+        server, server_port = support.start_server(method=METHOD, password=PASSWORD)
+        self.addCleanup(server.stopService)
+        socks_port, tunnel_port = support.free_port(), support.free_port()
+        path = os.path.abspath(self.mktemp())
+
+        def write(tunnels: list[str]) -> None:
+            with open(path, "w") as f:
+                json.dump({"server": "127.0.0.1", "server_port": server_port, "password": PASSWORD, "method": METHOD,
+                           "local_address": "127.0.0.1", "local_port": socks_port, "shutdown_grace": 1,
+                           "tunnels": tunnels}, f)
+
+        write([])
+        child = await support.start_twistd(self, "--nodaemon", "--pidfile=", "ssx-local", "-c", path, "--workers", "2",
+                                           ready=b"supervising 2 workers", seconds=20)
+        await support.wait_for(lambda: child.text().count("ssx-local listening on") >= 2, 30,
+                               lambda: f"the workers did not listen: {child.text()}")
+        pids = [pid for _, pid in support.started_workers(child.text())]
+        write([f"127.0.0.1:{tunnel_port}=127.0.0.1:{echo.getHost().port}"])
+        line = await support.reload_workers(child)
+        self.assertIn("ssx-local: reload done in every worker (2)", line)
+        self.assertEqual(child.text().count(f"tunnel tcp:{tunnel_port}:interface=127.0.0.1 to "), 2, child.text())
+        seen: set[int | None] = set()
+        for _ in range(5):
+            clients = [support.RawClient(b"hello") for _ in range(8)]
+            for client in clients:
+                await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", tunnel_port), client)
+            await support.wait_for(lambda: all(len(c.received) == 5 for c in clients), 10, "a tunnel did not echo")
+            seen |= {support.connection_owner(pids, tunnel_port, c.transport.getHost().port) for c in clients}
+            for client in clients:
+                client.transport.loseConnection()
+            if seen >= set(pids):
+                break
+        self.assertEqual(seen - {None}, set(pids))
+        payload = os.urandom(300_000)
+        client = support.RawClient(payload)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", tunnel_port), client)
+        await support.wait_for(lambda: len(client.received) >= len(payload) or client.closed.called, 20,
+                               lambda: f"{len(client.received)} of {len(payload)} bytes came back")
+        client.transport.loseConnection()
+        self.assertEqual(support.sha256(bytes(client.received)), support.sha256(payload))
+        self.assertEqual(echo_factory.inbound[-1].digest.hexdigest(), support.sha256(payload))
 
     def test_socks_udp_refused(self):
         """Several workers with SOCKS5 UDP are refused, naming the key: an association's datagrams could reach another worker."""

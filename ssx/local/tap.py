@@ -458,7 +458,8 @@ def makeService(options: Options) -> IService:
     if options.config.workers > 1:
         from ssx.workers.supervisor import Supervisor, local_listeners
 
-        return Supervisor(reactor, "ssx-local", options.argv, options.config, options.cwd, listeners=local_listeners)
+        return Supervisor(reactor, "ssx-local", options.argv, options.config, options.cwd, listeners=local_listeners,
+                          load=options.load_config, refusal=options.config_error)
     service = build_service(reactor, options.config)
     # SIGHUP: the file read again, the start's command line over it.
     ReloadService(reactor, "ssx-local", options.load_config, service.reload.apply, options.config_error).setServiceParent(

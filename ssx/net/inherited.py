@@ -8,12 +8,17 @@ the worker records them here once, at start (`inherit`), and the
 listeners (`ssx.net.listener`) take theirs instead of binding: TCP by
 the listener's endpoint description, UDP by the address it would bind.
 A listener with no inherited socket (a port the manager API adds while a
-worker runs) binds its own, with SO_REUSEPORT in a worker.  No Twisted here.
+worker runs) binds its own, with SO_REUSEPORT in a worker.  A listener
+gone at a reload has its socket closed (`release`): a listening socket
+left open would keep taking its share of the port's connections.  No
+Twisted here.
 """
 
 from __future__ import annotations
 
-__all__ = ["datagram_key", "inherit", "inherited", "stream_key"]
+import os
+
+__all__ = ["datagram_key", "inherit", "inherited", "release", "stream_key"]
 
 # key -> (file descriptor, address family); empty outside a worker.
 _sockets: dict[str, tuple[int, int]] = {}
@@ -37,3 +42,13 @@ def inherit(sockets: dict[str, tuple[int, int]]) -> None:
 def inherited(key: str) -> tuple[int, int] | None:
     """The file descriptor and family of the socket inherited for `key`, if any."""
     return _sockets.get(key)
+
+
+def release(key: str) -> None:
+    """Close the socket inherited for `key` (a listener a reload removed), if any; its listener, stopped, holds its own copy."""
+    entry = _sockets.pop(key, None)
+    if entry is not None:
+        try:
+            os.close(entry[0])
+        except OSError:
+            pass

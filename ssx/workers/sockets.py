@@ -10,7 +10,9 @@ sockets back (connections waiting in a dead worker's accept queue are not
 lost), privileged ports are bound once, as root, before twistd drops
 privileges, and port 0 is resolved once (the first slot's bind picks the
 port, the others bind it).  See benchmarks/RESULTS.md for why one socket
-per worker rather than one shared by all.  No Twisted here.
+per worker rather than one shared by all.  At a reload, the sockets of
+listeners gone from the configuration are closed (`release_removed`).
+No Twisted here.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from ssx.net.inherited import datagram_key, stream_key
 from ssx.net.tcp import TCP_FASTOPEN, tcp_listen_address
 
-__all__ = ["Listener", "SlotSockets", "open_slot_sockets"]
+__all__ = ["Listener", "SlotSockets", "close_all", "open_slot_sockets", "release_removed"]
 
 LISTEN_BACKLOG = 4096
 
@@ -100,3 +102,25 @@ def close_all(opened: list[SlotSockets]) -> None:
     for slot in opened:
         for sock in slot.values():
             sock.close()
+
+
+def release_removed(opened: list[SlotSockets], listeners: list[Listener]) -> list[str]:
+    """Close, in every slot, the sockets of listeners not in `listeners` (a reload's); their keys."""
+    wanted: set[str] = set()
+    for listener in listeners:
+        if listener.description is None:
+            wanted.add(datagram_key(listener.host, listener.port))
+            continue
+        key = stream_key(listener.description)
+        wanted.add(key)
+        for slot in opened:
+            if listener.udp and key in slot:
+                bound = slot[key].getsockname()
+                wanted.add(datagram_key(bound[0], bound[1]))
+    removed = sorted({key for slot in opened for key in slot} - wanted)
+    for slot in opened:
+        for key in removed:
+            sock = slot.pop(key, None)
+            if sock is not None:
+                sock.close()
+    return removed

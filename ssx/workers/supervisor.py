@@ -7,14 +7,17 @@ and names in its pid file) when N > 1.  It opens every listener's sockets
 
 - restarts a worker that dies, after 1 s, doubling to 30 s while workers
   keep dying young, back to 1 s once one has lived a minute;
-- passes SIGHUP on to every worker; at stop (SIGTERM) sends each SIGTERM,
+- on SIGHUP checks the configuration file itself and has every worker
+  reload it (`ssx.workers.reload`); at stop (SIGTERM) sends each SIGTERM,
   so that each drains within the shutdown grace, kills what is left 5 s
   after the grace, and returns once all have ended;
 - logs the workers' log lines (they write them to their stdout) under
   their index and pid, and their starts and exits;
 - holds the totals of all workers (`totals`: each worker reports its
   ports' bytes with the manager protocol's `stat:` line), and answers the
-  manager API itself, forwarding `add` and `remove` to every worker.
+  manager API itself, forwarding `add` and `remove` to every worker;
+- with ``--metrics``, serves the sums of the workers' metrics, which each
+  serves on a private Unix socket (`ssx.workers.metrics`).
 
 A worker watches its control pipe: when the supervisor is gone (even by
 SIGKILL), the pipe's end is read and the worker stops.
@@ -23,8 +26,10 @@ SIGKILL), the pipe's end is read and the worker stops.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from typing import Any, Callable, Mapping
 
 from twisted.application.service import MultiService
@@ -33,8 +38,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from ssx.errors import ConfigError
 from ssx.net.tcp import FAST_OPEN_QUEUE
-from ssx.workers.control import CONTROL_IN, CONTROL_OUT, hello_line, parse_stat, request_line
+from ssx.workers.control import CONTROL_IN, CONTROL_OUT, hello_line, parse_reloaded, parse_stat, request_line
 from ssx.workers.sockets import Listener, SlotSockets, close_all, open_slot_sockets
 
 __all__ = ["Supervisor", "WorkerTotals", "local_listeners", "server_listeners"]
@@ -128,6 +134,9 @@ class _Worker(ProcessProtocol):
                 totals = parse_stat(line)
                 if totals is not None:
                     self.supervisor.totals.report(self.slot, totals)
+                reloaded = parse_reloaded(line)
+                if reloaded is not None and self.supervisor.reloading is not None:
+                    self.supervisor.reloading.reported(self.slot, *reloaded)
             else:
                 self._relog(line.decode("utf-8", "replace"))
 
@@ -159,11 +168,16 @@ class _Worker(ProcessProtocol):
 
 
 class Supervisor(MultiService):
-    """Runs `config.workers` workers of `command` (read from `argv`, as parsed in `cwd`)."""
+    """
+    Runs `config.workers` workers of `command` (read from `argv`, as parsed
+    in `cwd`).  With `load` (the options' `load_config`) and `refusal`,
+    SIGHUP reloads: the file is checked here, then every worker reloads it.
+    """
 
     def __init__(
         self, reactor: Any, command: str, argv: list[str], config: Any, cwd: str,
         listeners: Callable[[Any], list[Listener]] = server_listeners, overrides: Mapping[str, Any] | None = None,
+        load: Callable[[], Any] | None = None, refusal: Callable[[ConfigError], str] | None = None,
     ) -> None:
         MultiService.__init__(self)
         self.reactor = reactor
@@ -172,6 +186,7 @@ class Supervisor(MultiService):
         self.config = config
         self.cwd = cwd
         self.count = config.workers
+        self.listener_fn = listeners
         self.listeners = listeners(config)
         self.overrides = dict(overrides or {})
         self.totals = WorkerTotals()
@@ -190,6 +205,36 @@ class Supervisor(MultiService):
             from ssx.workers.manager import supervisor_manager
 
             supervisor_manager(self)
+        self.reloading: Any = None
+        if load is not None and refusal is not None:
+            from ssx.workers.reload import SupervisorReload
+
+            self.reloading = SupervisorReload(self, load, refusal)
+        # --metrics: the workers' sockets (a private directory), what is scraped, and restarts counted.
+        self.metrics_dir: str | None = None
+        self.metrics_sockets: tuple[str, ...] = ()
+        self.restarts = 0
+        self.metrics_listener: Any = None
+        if getattr(config, "metrics", None) is not None:
+            self._serve_metrics(config.metrics)
+
+    def _serve_metrics(self, description: str) -> None:
+        from ssx.net.metrics import serve_metrics
+        from ssx.workers.metrics import WorkersCollector, collector_registry
+
+        prefix = "ssx_server_supervisor" if self.command == "ssx-server" else "ssx_local_supervisor"
+        collector = WorkersCollector(prefix, lambda: self.metrics_sockets, lambda: len(self.workers), lambda: self.restarts)
+        self.metrics_listener = serve_metrics(self, self.reactor, description, collector_registry(collector),
+                                              f"{self.command} supervisor")
+
+    def _metrics_socket(self, slot: int) -> str:
+        assert self.metrics_dir is not None
+        return os.path.join(self.metrics_dir, f"worker-{slot}.sock")
+
+    def _update_metrics_sockets(self) -> None:
+        if self.metrics_dir is not None:
+            # Replaced whole: the scrape reads it in another thread.
+            self.metrics_sockets = tuple(self._metrics_socket(slot) for slot in sorted(self.workers))
 
     def privilegedStartService(self) -> None:
         try:
@@ -210,12 +255,18 @@ class Supervisor(MultiService):
         MultiService.startService(self)
         if hasattr(signal, "SIGHUP"):
             self._previous_hup = signal.signal(signal.SIGHUP, self._hup)
+        if self.metrics_listener is not None:
+            # After twistd dropped privileges: the workers, run as the same user, bind in it.
+            self.metrics_dir = tempfile.mkdtemp(prefix="ssx-metrics-")
         _log.info("{command}: supervising {count} workers", command=self.command, count=self.count)
         for slot in range(self.count):
             self.start_worker(slot)
 
     def _hup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.forward_signal, "HUP")
+        if self.reloading is not None:
+            self.reactor.callFromThread(self.reloading.reload)
+        else:
+            self.reactor.callFromThread(self.forward_signal, "HUP")
 
     def forward_signal(self, name: str) -> None:
         _log.info("{command}: passing SIG{name} on to the workers", command=self.command, name=name)
@@ -244,9 +295,18 @@ class Supervisor(MultiService):
         if self.salt_fd is not None:
             child_fds[number] = self.salt_fd
             salt_fd = number
+        overrides = dict(self.overrides)
+        if self.metrics_dir is not None:
+            from ssx.workers.metrics import worker_endpoint
+
+            path = self._metrics_socket(slot)
+            # A dead predecessor's socket file would stop the bind.
+            if os.path.lexists(path):
+                os.unlink(path)
+            overrides["metrics"] = worker_endpoint(path)
         hello = {
             "command": self.command, "argv": self.argv, "cwd": self.cwd, "rundir": os.getcwd(), "slot": slot,
-            "sockets": sockets, "salt_fd": salt_fd, "overrides": self.overrides,
+            "sockets": sockets, "salt_fd": salt_fd, "overrides": overrides,
         }
         env = dict(os.environ)
         # The workers import ssx from where this process did.
@@ -257,6 +317,7 @@ class Supervisor(MultiService):
         )
         worker.started = self.reactor.seconds()
         self.workers[slot] = worker
+        self._update_metrics_sockets()
         worker.send(hello_line(hello))
         _log.info("{command}: worker {slot} started (pid {pid})", command=self.command, slot=slot, pid=worker.pid)
 
@@ -264,6 +325,9 @@ class Supervisor(MultiService):
         if self.workers.get(worker.slot) is worker:
             del self.workers[worker.slot]
         self.totals.retire(worker.slot)
+        self._update_metrics_sockets()
+        if self.reloading is not None:
+            self.reloading.gone(worker.slot)
         how = _exit_description(reason)
         if self._stopping:
             _log.info("{command}: worker {slot} (pid {pid}) stopped: {how}", command=self.command, slot=worker.slot,
@@ -276,10 +340,13 @@ class Supervisor(MultiService):
         self.delays[worker.slot] = min(MAX_DELAY, delay * 2)
         _log.warn("{command}: worker {slot} (pid {pid}) ended: {how}; restarting it in {delay:g} s",
                   command=self.command, slot=worker.slot, pid=worker.pid, how=how, delay=delay)
+        self.restarts += 1
         self._restarts[worker.slot] = self.reactor.callLater(delay, self.start_worker, worker.slot)
 
     def stopService(self) -> defer.Deferred[None]:
         self._stopping = True
+        if self.reloading is not None:
+            self.reloading.stop()
         for call in self._restarts.values():
             if call.active():
                 call.cancel()
@@ -305,6 +372,9 @@ class Supervisor(MultiService):
             if self.salt_fd is not None:
                 os.close(self.salt_fd)
                 self.salt_fd = None
+            if self.metrics_dir is not None:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+                self.metrics_dir = None
             _log.info("{command}: all workers stopped", command=self.command)
             return MultiService.stopService(self)
 

@@ -7,10 +7,18 @@ It reads the supervisor's `hello` line, reads the configuration from the
 same command line as the supervisor did, builds the same service tree as
 a single process (`build_service`), with the inherited sockets
 (`ssx.net.inherited`), the shared replay filter, SO_REUSEPORT for ports
-the manager adds, and no manager socket of its own; then runs the
-reactor.  It logs to its stdout (level, then text), which the supervisor
-reads; SIGTERM drains it as it would a single process; the end of its
-control pipe (the supervisor gone, whatever way) stops it the same way.
+the manager or a reload adds, no manager socket of its own, and, with
+``--metrics``, its registry served on the private Unix socket the
+supervisor named (the supervisor serves the sums); then runs the reactor.
+It logs to its stdout (level, then text), which the supervisor reads;
+SIGTERM drains it as it would a single process; the end of its control
+pipe (the supervisor gone, whatever way) stops it the same way.
+
+A reload is the supervisor's `reload:` request (SIGHUP itself is left to
+the supervisor, which checks the file first): the same `ReloadService`
+reload as a single process runs, the file read again here, after which
+the inherited sockets of listeners gone from the file are closed and the
+outcome is reported (`reloaded:`).
 """
 
 from __future__ import annotations
@@ -26,8 +34,10 @@ from twisted.logger import Logger, formatEvent, globalLogBeginner
 from twisted.python.failure import Failure
 
 from ssx.errors import ConfigError
+from ssx.net.inherited import release
+from ssx.net.reload import ReloadService
 from ssx.wire.manager import ManagerRequestError, parse_request
-from ssx.workers.control import CONTROL_IN, CONTROL_OUT, parse_hello, stat_line
+from ssx.workers.control import CONTROL_IN, CONTROL_OUT, parse_hello, parse_reload, reloaded_line, stat_line
 
 __all__ = ["main"]
 
@@ -65,9 +75,10 @@ def _observer(out: TextIO) -> Any:
 class _Control(Protocol):
     """The supervisor's requests in; the end of the pipe stops this worker."""
 
-    def __init__(self, reactor: Any, service: Any, pending: bytes) -> None:
+    def __init__(self, reactor: Any, service: Any, pending: bytes, reload: WorkerReload | None = None) -> None:
         self.reactor = reactor
         self.service = service
+        self.reload = reload
         self._buffer = pending
         self.stopping = False
         reactor.addSystemEventTrigger("before", "shutdown", self._stopping)
@@ -87,6 +98,11 @@ class _Control(Protocol):
             self._request(line)
 
     def _request(self, line: bytes) -> None:
+        released = parse_reload(line)
+        if released is not None:
+            if self.reload is not None:
+                self.reload.run(released).addCallback(self._reloaded)
+            return
         protocol = getattr(self.service, "manager_protocol", None)
         if protocol is None:
             return
@@ -99,13 +115,62 @@ class _Control(Protocol):
         if self.transport is not None:
             self.transport.write(stat_line(totals))
 
+    def _reloaded(self, outcome: tuple[bool, str]) -> None:
+        if self.transport is not None:
+            self.transport.write(reloaded_line(*outcome))
+
     def connectionLost(self, reason: Any = None) -> None:
         if self.reactor.running and not self.stopping:
             _log.info("the supervisor is gone: stopping")
             self.reactor.stop()
 
 
-def _build(reactor: Any, hello: dict[str, Any]) -> Any:
+class WorkerReload:
+    """
+    A single process's reload (`ReloadService`, over the end's `apply`),
+    run at the supervisor's request: `run` fires with (ok, the refusal's
+    or failure's line).
+    """
+
+    def __init__(self, reactor: Any, label: str, load: Any, apply: Any, refusal: Any) -> None:
+        self._load = load
+        self._apply = apply
+        self._refusal = refusal
+        self._outcome: tuple[bool, str] = (True, "")
+        self.service = ReloadService(reactor, label, self._loading, self._applying, refusal)
+
+    def _loading(self) -> Any:
+        try:
+            return self._load()
+        except ConfigError as e:
+            self._outcome = (False, self._refusal(e))
+            raise
+
+    def _applying(self, config: Any) -> Any:
+        from twisted.internet.defer import maybeDeferred
+
+        def failed(failure: Failure) -> Failure:
+            self._outcome = (False, f"reload failed: {failure.getErrorMessage()}")
+            return failure
+
+        return maybeDeferred(self._apply, config).addErrback(failed)
+
+    def run(self, release_keys: list[str]) -> Any:
+        self._outcome = (True, "")
+
+        def finished(_: Any) -> tuple[bool, str]:
+            if self._outcome[0]:
+                for key in release_keys:
+                    release(key)
+            return self._outcome
+
+        return self.service.reload().addCallback(finished)
+
+
+def _build(reactor: Any, hello: dict[str, Any]) -> tuple[Any, WorkerReload]:
+    """The worker's service tree, and what reloads it."""
+    from twisted.internet.defer import Deferred
+
     from ssx.crypto import SharedSaltFilter
 
     command = hello["command"]
@@ -121,14 +186,22 @@ def _build(reactor: Any, hello: dict[str, Any]) -> Any:
     quiet = {"url_file": ""} if command == "ssx-server" and hello["slot"] != 0 else {}
     options.overrides = {**hello.get("overrides", {}), **quiet}
     options.parseOptions(hello["argv"])
+
+    def load() -> Any:
+        # One worker of several: ports it adds are shared with SO_REUSEPORT.
+        return dataclasses.replace(options.load_config(), workers=1, reuse_port=True)
+
     config = dataclasses.replace(options.config, workers=1, reuse_port=True)
     os.chdir(hello["rundir"])
     if command == "ssx-server":
         salt_filter = None
         if hello.get("salt_fd") is not None:
             salt_filter = SharedSaltFilter(hello["salt_fd"], config.replay_history)
-        return server_tap.build_service(reactor, config, salt_filter=salt_filter, manager_listens=False)
-    return local_tap.build_service(reactor, config)
+        server = server_tap.build_service(reactor, config, salt_filter=salt_filter, manager_listens=False)
+        apply: Any = lambda new: Deferred.fromCoroutine(server.reload.apply(new))
+        return server, WorkerReload(reactor, command, load, apply, options.config_error)
+    service = local_tap.build_service(reactor, config)
+    return service, WorkerReload(reactor, command, load, service.reload.apply, options.config_error)
 
 
 def _totals(service: Any) -> dict[int, int]:
@@ -147,13 +220,15 @@ def main() -> None:
     globalLogBeginner.beginLoggingTo([_observer(sys.stdout)], redirectStandardIO=False)
     os.chdir(hello["cwd"])
     inherit({key: (fd, family) for key, (fd, family) in hello["sockets"].items()})
-    service = _build(reactor, hello)
-    # SIGHUP is passed on by the supervisor; it must not end a worker.
-    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(_log.info, "SIGHUP received"))  # type: ignore[attr-defined]
+    service, reload = _build(reactor, hello)
+    # The supervisor reloads the workers (its `reload:` request): a SIGHUP
+    # sent to the whole process group must neither end nor reload a worker.
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(  # type: ignore[attr-defined]
+        _log.info, "SIGHUP ignored: the supervisor reloads the workers"))
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    control = _Control(reactor, service, pending)
+    control = _Control(reactor, service, pending, reload)
     # mypy sees the Windows StandardIO, which has no stdin/stdout arguments.
     StandardIO(control, stdin=CONTROL_IN, stdout=CONTROL_OUT, reactor=reactor)  # type: ignore[call-arg]
     last: dict[int, int] = {}

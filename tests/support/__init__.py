@@ -67,7 +67,7 @@ from tests.support.peers import (
     twistd_env,
     wait_for_port,
 )
-from tests.support.workers import Recorder, alive, connection_owner, started_workers
+from tests.support.workers import Recorder, alive, connection_owner, reload_workers, started_workers
 from tests.support.targets import (
     CountingEchoFactory,
     DigestAndSource,
@@ -172,5 +172,6 @@ __all__ = [
     "Recorder",
     "alive",
     "connection_owner",
+    "reload_workers",
     "started_workers",
 ]

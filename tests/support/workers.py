@@ -1,8 +1,9 @@
 """
 Watching a `--workers` server from outside: which process holds a TCP
 connection (from /proc), whether a pid is still running, the worker pids
-the supervisor's log names; and `Recorder`, a loopback forwarder that keeps
-the bytes a client sent through it (a valid first packet, to replay).
+the supervisor's log names, the end of a reload the supervisor ran; and
+`Recorder`, a loopback forwarder that keeps the bytes a client sent
+through it (a valid first packet, to replay).
 """
 
 from __future__ import annotations
@@ -13,14 +14,34 @@ from typing import Any
 
 from twisted.internet import protocol, reactor
 
-__all__ = ["Recorder", "alive", "connection_owner", "started_workers"]
+__all__ = ["Recorder", "alive", "connection_owner", "reload_workers", "started_workers"]
 
 _STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
+_WORKER_LINE = re.compile(rb"worker \d+ \[\d+\]: ")
+# The supervisor's lines that end a reload: every worker done, a worker's failure, or the file refused.
+_RELOAD_ENDS = (b"reload done in every worker", b": reload: worker ", b"(reload refused: ")
 
 
 def started_workers(text: str) -> list[tuple[int, int]]:
     """(slot, pid) of every worker start the supervisor logged, in order."""
     return [(int(slot), int(pid)) for slot, pid in _STARTED.findall(text)]
+
+
+async def reload_workers(child: Any, seconds: float = 20.0) -> str:
+    """SIGHUP to a `--workers` supervisor (a twistd child); the supervisor's line that ends the reload."""
+    from tests.support.waiting import wait_until
+
+    def ended() -> list[bytes]:
+        return [line for line in b"".join(child.output).splitlines()
+                if not _WORKER_LINE.search(line) and any(end in line for end in _RELOAD_ENDS)]
+
+    before = len(ended())
+    child.transport.signalProcess("HUP")
+    await wait_until(lambda: len(ended()) > before or child.ended.called, seconds, step=0.05)
+    lines = ended()
+    if len(lines) <= before:
+        raise AssertionError(f"the supervisor did not finish a reload after SIGHUP: {child.text()}")
+    return lines[before].decode(errors="replace")
 
 
 def alive(pid: int) -> bool:
