@@ -40,7 +40,12 @@ OUTSIDE6 = "fd18:9::9"
 # sets hold the private ranges): documentation ranges, inside the namespaces.
 PUBLIC = "198.51.100.9"
 PUBLIC6 = "2001:db8:9::9"
-TARGETS = (OUTSIDE, OUTSIDE6, PUBLIC, PUBLIC6)
+# In the outside range too, but not in the ACL tests' bypass list.
+OUTSIDE_PROXIED = "10.18.9.10"
+TARGETS = (OUTSIDE, OUTSIDE6, PUBLIC, PUBLIC6, OUTSIDE_PROXIED)
+# The router's addresses towards the target: a direct connection's source.
+ROUTER_WAN = "10.18.2.1"
+ROUTER_WAN6 = "fd18:2::1"
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
 SERVER = "10.18.2.2"
 CLIENT_IP = "10.18.1.2"
@@ -168,6 +173,7 @@ class TransparentNamespaceTests(unittest.TestCase):
         self.addresses(self.target, "wan1", "10.18.2.2/24", "fd18:2::2/64")
         self.addresses(self.target, "lo", f"{OUTSIDE}/32", f"{OUTSIDE6}/128")
         self.addresses(self.target, "lo", f"{PUBLIC}/32", f"{PUBLIC6}/128")
+        netns.in_namespace(self.target, "ip", "addr", "add", f"{OUTSIDE_PROXIED}/32", "dev", "lo")
         netns.in_namespace(self.lan, "ip", "route", "add", "default", "via", "10.18.1.1")
         netns.in_namespace(self.lan, "ip", "-6", "route", "add", "default", "via", "fd18:1::1")
         netns.in_namespace(self.router, "ip", "route", "add", "10.18.9.0/24", "via", "10.18.2.2")
@@ -304,6 +310,44 @@ class TransparentNamespaceTests(unittest.TestCase):
         target, server, proxy = await self.start("--redir", str(PROXY_PORT), "--outbound-fwmark", "255")
         for host in (PUBLIC, PUBLIC6):
             await self.check("tcp", host, target, server, proxy)
+
+    async def check_direct(self, kind: str, host: str, target: support.ChildProcess, *logs: support.ChildProcess) -> None:
+        """One exchange of `kind` with `host` that the ACL bypasses: whole, answered from `host`, sent by the router."""
+        before = len(self.seen(target, kind))
+        result = await self.exchange(kind, host, target, *logs)
+        self.assertEqual(result["replies"], result["sent"], "the target's digests of what the client sent")
+        self.assertEqual(result["sources"], [[host, PORT]] * len(result["sent"]))
+        records = self.seen(target, kind)[before:]
+        self.assertEqual(sorted({record[kind] for record in records}), sorted(set(result["sent"])))
+        # Connected to from the router's own WAN address, not relayed by ssx-server.
+        self.assertEqual({record["source"] for record in records}, {ROUTER_WAN6 if ":" in host else ROUTER_WAN})
+
+    @support.coroutine_test
+    async def test_tproxy_acl_bypass(self):
+        """TPROXY with an ACL: a bypassed destination's TCP and UDP go direct from the router, a proxied one through the server."""
+        self.firewall(TPROXY_RULES, tproxy=True)
+        acl = os.path.join(self.directory, "bypass.acl")
+        with open(acl, "w") as f:
+            f.write(f"[proxy_all]\n[bypass_list]\n{OUTSIDE}/32\n{OUTSIDE6}/128\n")
+        target, server, proxy = await self.start(
+            "-u", "--tproxy", str(PROXY_PORT), "--outbound-fwmark", str(MARK), "--acl", acl,
+        )
+        for host in (OUTSIDE, OUTSIDE6):
+            await self.check_direct("tcp", host, target, server, proxy)
+            await self.check_direct("udp", host, target, server, proxy)
+        await self.check("tcp", OUTSIDE_PROXIED, target, server, proxy)
+        await self.check("udp", OUTSIDE_PROXIED, target, server, proxy)
+
+    @support.coroutine_test
+    async def test_redirect_acl_bypass(self):
+        """NAT REDIRECT with an ACL: a bypassed destination's TCP goes direct from the router."""
+        self.firewall(REDIRECT_RULES, tproxy=False)
+        acl = os.path.join(self.directory, "bypass.acl")
+        with open(acl, "w") as f:
+            f.write(f"[proxy_all]\n[bypass_list]\n{OUTSIDE}/32\n")
+        target, server, proxy = await self.start("--redir", str(PROXY_PORT), "--acl", acl)
+        await self.check_direct("tcp", OUTSIDE, target, server, proxy)
+        await self.check("tcp", OUTSIDE_PROXIED, target, server, proxy)
 
 
 def _literal_block(text: str, start: str, containing: str = "") -> str:

@@ -6,7 +6,8 @@ datagrams to these ports, with no proxy settings in any application.
 TCP: each accepted connection is a tunnel (`ssx.local.tunnel`) whose target
 comes from the socket (`ssx.net.transparent`: `SO_ORIGINAL_DST` after a NAT
 redirect, the local address under TPROXY); from there on it is the same
-relay as SOCKS5 CONNECT (`ssx.local.relay`): server picking, plugins, 2022.
+relay as SOCKS5 CONNECT (`ssx.local.relay`): server picking, plugins, 2022,
+and the ACL (`--acl`: a bypassed destination is connected to directly).
 
 UDP (TPROXY only): `TproxyUdpRelay` is a local UDP relay (`ssx.local.udp`,
 one server socket per LAN client in the NAT) whose datagrams carry their
@@ -14,7 +15,9 @@ original destination as the Shadowsocks address; the server's answers are
 sent to the client from a socket bound to the address they came from, one
 per such address, kept in a `NatTable` of their own with the same idle
 timeout and bound; with --outbound-fwmark they carry the mark too, so the
-firewall's exception for ssx-local's own traffic covers them.
+firewall's exception for ssx-local's own traffic covers them.  With an
+ACL, a datagram to a bypassed destination goes direct (`ssx.local.udp`'s
+direct sockets), and its answers are sent from that destination the same way.
 
 The listening sockets are made in `privilegedStartService` (before twistd
 drops root) and adopted by the reactor.
@@ -124,9 +127,9 @@ class TproxyUdpRelay(LocalUdpRelay):
 
     def __init__(
         self, reactor: Any, suite: ICipherSuite, server: tuple[str, int], timeout: float = 60.0,
-        capacity: int = 1024, picker: Any = None,
+        capacity: int = 1024, picker: Any = None, router: Any = None,
     ) -> None:
-        super().__init__(reactor, suite, server, timeout, capacity, picker)
+        super().__init__(reactor, suite, server, timeout, capacity, picker, router)
         self.replies: NatTable[tuple[str, int], _ReplySocket] = NatTable(
             reactor.seconds, timeout, capacity, on_evict=lambda key, value: value.close()
         )
@@ -163,22 +166,35 @@ class TproxyUdpRelay(LocalUdpRelay):
             self.dropped += 1
             return
         source, offset = parsed
+        if self._answer(client, source, plaintext[offset:]):
+            self.nat.touch(client)
+
+    def from_direct(self, client: tuple, source: Address, data: bytes) -> None:
+        """A direct target's answer (the ACL sent the datagram direct): from the address the client sent to."""
+        if self.direct.peek(client) is None:
+            return
+        if self._answer(client, source, data):
+            self.direct.touch(client)
+
+    def _answer(self, client: tuple, source: Address, payload: bytes) -> bool:
+        """Send `payload` to `client` as if from `source`; False if it cannot be."""
         if not is_ip_literal(source.host) or (":" in source.host) != (":" in client[0]):
             # An answer from a name, or from the other family, cannot be
             # sent as if from where the client sent.
             self.dropped += 1
-            return
-        self.nat.touch(client)
+            return False
         key = (plain_ip(source.host), source.port)
         reply = self.replies.get(key)
         try:
             if reply is None:
                 reply = _ReplySocket(transparent.reply_socket(key, self.mark))
                 self.replies.add(key, reply)
-            reply.socket.sendto(plaintext[offset:], client)
+            reply.socket.sendto(payload, client)
         except OSError as e:
             self.dropped += 1
             _log.debug("UDP: cannot answer from {source}: {error}", source=key, error=e)
+            return False
+        return True
 
 
 def _describe(host: str, port: int) -> str:
@@ -294,7 +310,7 @@ def add_transparent_ports(top: Any, reactor: Any, config: Any) -> None:
     for port in config.transparent:
         if port.tcp is not None:
             factory = RedirFactory(
-                reactor, top.picker, port.tcp, config.timeout, verbose=config.verbose,
+                reactor, top.picker, port.tcp, config.timeout, verbose=config.verbose, router=top.router,
                 **config.limits.factory_arguments(),
             )
             top.factories.append(factory)
@@ -303,6 +319,7 @@ def add_transparent_ports(top: Any, reactor: Any, config: Any) -> None:
             entry = udp_upstream.entry
             relay = TproxyUdpRelay(
                 reactor, udp_upstream.suite, (entry.host, entry.port), relays.timeout, relays.capacity, picker=top.picker,
+                router=top.router,
             )
             top.udp_relays.append(relay)
             TransparentUdpService(reactor, port.host, port.port, relay, port.label).setServiceParent(top)
