@@ -349,6 +349,42 @@ class TransparentNamespaceTests(unittest.TestCase):
         await self.check_direct("tcp", OUTSIDE, target, server, proxy)
         await self.check("tcp", OUTSIDE_PROXIED, target, server, proxy)
 
+    @support.coroutine_test
+    async def test_reload_added_server_is_marked(self):
+        """A server a SIGHUP adds is reached with --outbound-fwmark's mark (the firewall drops unmarked packets to it)."""
+        self.firewall(TPROXY_RULES, tproxy=True)
+        target = self.spawn(self.target, sys.executable, "-c", TARGET, str(PORT), *TARGETS)
+        servers = [
+            self.spawn(
+                self.target, sys.executable, *support.TWISTD, "-n", "--pidfile=", "ssx-server", "-s", SERVER,
+                "-p", str(port), "-k", support.PASSWORD, "-m", METHOD, "--forbidden-ip", "", "--url-file", "",
+            )
+            for port in (8388, 8389)
+        ]
+        path = os.path.join(self.directory, "local.json")
+
+        def write(server_port: int) -> None:
+            with open(path, "w") as f:
+                json.dump({
+                    "server": SERVER, "server_port": server_port, "password": support.PASSWORD, "method": METHOD,
+                    "local_address": "127.0.0.1", "local_port": 1080, "tproxy": [PROXY_PORT], "outbound_fwmark": MARK,
+                }, f)
+
+        write(8388)
+        proxy = self.spawn(self.router, sys.executable, *support.TWISTD, "-n", "--pidfile=", "ssx-local", "-c", path)
+        await self.ready(target, "target ready")
+        for server in servers:
+            await self.ready(server, "listening on")
+        await self.ready(proxy, "listening on [::]")
+        await self.check("tcp", OUTSIDE, target, proxy, *servers)
+
+        write(8389)
+        line = await support.sighup(proxy)
+        # The new server is the only one left: the relay can only go there.
+        self.assertIn(f"server {SERVER}:8388 removed", line)
+        self.assertIn(f"server {SERVER}:8389 added", line)
+        await self.check("tcp", OUTSIDE, target, proxy, *servers)
+
 
 def _literal_block(text: str, start: str, containing: str = "") -> str:
     """The first of README's indented literal blocks that begins with `start` (and holds `containing`), dedented."""

@@ -105,7 +105,8 @@ class LocalReload:
             self.plugins[entry] = service
             self.top.plugins.append(service)
             service.setServiceParent(self.top)
-        return make_upstream(self.reactor, entry, service, config.fast_open)
+        # The mark of the start (a changed one waits for a restart, as the firewall's rules would).
+        return make_upstream(self.reactor, entry, service, config.fast_open, self.top.mark)
 
     def _stop_plugin(self, entry: ServerEntry, grace: float) -> None:
         service = self.plugins.pop(entry, None)

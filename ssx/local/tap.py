@@ -226,6 +226,9 @@ class LocalService(MultiService):
         self.reload: Any = None
         # The ACL (`--acl`) every port reads at decision time (a reload replaces its rules).
         self.router: AclRouter | None = None
+        # --outbound-fwmark, fixed at start: the mark of every socket to a
+        # server, also of those a reload adds (None: unmarked).
+        self.mark: int | None = None
         for plugin in self.plugins:
             # First in the tree: started (and listening) before any
             # listener's connection can want them.
@@ -288,6 +291,7 @@ def build_service(
         upstreams.append(make_upstream(reactor, entry, service, config.fast_open, config.outbound_fwmark))
     top = LocalService(ServerPicker(upstreams), plugins)
     top.reuse_port = config.reuse_port
+    top.mark = config.outbound_fwmark
     if config.acl is not None and config.acl_path:
         holder = AclHolder(config.acl_path, config.acl)
         top.router = AclRouter(reactor, holder, config.acl_resolve, config.verbose)
@@ -359,6 +363,7 @@ def add_proxy_port(top: LocalService, reactor: Any, config: LocalConfig, descrip
             reactor, udp_server.suite, address, relays.timeout, relays.capacity, picker=top.picker,
             router=top.router,
         )
+        socks_udp.mark = top.mark
         top.udp_relays.append(socks_udp)
     factory = MixedLocalFactory(
         reactor, top.picker, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
@@ -384,6 +389,7 @@ def add_tunnel(top: LocalService, reactor: Any, config: LocalConfig, tunnel: Tun
             reactor, udp_server.suite, address, tunnel.target, timeout=relays.timeout, capacity=relays.capacity,
             picker=top.picker, router=top.router,
         )
+        tunnel_udp.mark = top.mark
         top.udp_relays.append(tunnel_udp)
     if relays.tcp:
         factory = TunnelFactory(
