@@ -138,6 +138,8 @@ table inet ssx_test {{
     chain own {{
         type filter hook output priority filter; policy accept;
         ip daddr {SERVER} meta mark != {MARK} counter drop
+        ip daddr 10.18.9.0/24 meta mark != {MARK} counter drop
+        ip6 daddr fd18:9::/64 meta mark != {MARK} counter drop
     }}
 }}
 """

@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from ssx.interfaces import ITcpClientCodec, IUpstream
 from ssx.net.relay import connect_protocol, connect_tcp
+from ssx.net.transparent import MarkingReactor
 from ssx.wire.address import Address, is_ip_literal
 
 __all__ = ["DIRECT", "DirectUpstream", "PassThroughCodec", "PassThroughSuite"]
@@ -60,15 +61,20 @@ class DirectUpstream:
     """
     One target reached without a server: `connect` opens a TCP connection
     to it (to the first of `addresses` when they were resolved already,
-    else to the name through Twisted's `HostnameEndpoint`).
+    else to the name through Twisted's `HostnameEndpoint`); with `mark`
+    (--outbound-fwmark) it carries that firewall mark, as the connections
+    to the servers do, so a transparent proxy's rules do not divert it
+    back to ssx-local.
     """
 
     entry = None
     suite = _SUITE
     label = DIRECT
 
-    def __init__(self, reactor: Any, target: Address, timeout: float, addresses: Sequence[str] = ()) -> None:
-        self._reactor = reactor
+    def __init__(
+        self, reactor: Any, target: Address, timeout: float, addresses: Sequence[str] = (), mark: int | None = None,
+    ) -> None:
+        self._reactor = reactor if mark is None else MarkingReactor(reactor, mark)
         self.target = target
         self.timeout = timeout
         self.addresses = tuple(addresses)

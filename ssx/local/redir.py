@@ -313,6 +313,7 @@ def add_transparent_ports(top: Any, reactor: Any, config: Any) -> None:
                 reactor, top.picker, port.tcp, config.timeout, verbose=config.verbose, router=top.router,
                 **config.limits.factory_arguments(),
             )
+            factory.mark = top.mark
             top.factories.append(factory)
             TransparentTcpService(reactor, port.host, port.port, factory, port.label).setServiceParent(top)
         if port.udp and udp_upstream is not None:

@@ -93,6 +93,8 @@ class LocalFactory(RelayFactory):
         self.router = router
         self.acl_proxied = 0
         self.acl_direct = 0
+        # --outbound-fwmark: the mark of the direct connections (None: unmarked).
+        self.mark: int | None = None
 
     def relay_broken(self, error: ProtocolError) -> None:
         """
@@ -181,7 +183,9 @@ class LocalRelayProtocol(InboundProtocol):
             return
         factory.acl_direct += 1
         assert self._target is not None
-        self._candidates = [DirectUpstream(factory.reactor, self._target, CONNECT_TIMEOUT, route.addresses)]
+        self._candidates = [
+            DirectUpstream(factory.reactor, self._target, CONNECT_TIMEOUT, route.addresses, factory.mark)
+        ]
         self.transport.pauseProducing()
         self._try_next_server()
 

@@ -249,6 +249,7 @@ class LocalService(MultiService):
     ) -> None:
         """Listen with `factory` on `description`, with `udp` beside it on the same port if given."""
         self.factories.append(factory)
+        factory.mark = self.mark
         before = len(self.services)
         listener = serve(self, reactor, description, factory, label, udp, reuse_port=self.reuse_port)
         self.listeners.append(listener)
@@ -415,7 +416,7 @@ def _add_dns_server(
     """The DNS server on UDP and TCP, asking the remote resolver over the UDP relay if UDP is on, else over TCP."""
     target = Address(*dns.remote)
     tcp = RelayedTcpDns(top.picker, target) if config.relays.tcp else None
-    remote: Any = RelayedUdpDns(reactor, top.picker, target, tcp) if config.relays.udp else tcp
+    remote: Any = RelayedUdpDns(reactor, top.picker, target, tcp, top.mark) if config.relays.udp else tcp
     local = LocalResolver(reactor, _dns_local_servers(dns))
     top.dns = RoutingResolver(reactor, should_proxy, local, remote, verbose=config.verbose)
     factory = DnsServerFactory(top.dns)

@@ -160,6 +160,8 @@ class _DirectSocket(DatagramProtocol):
                 listening = self._ports[family] = self.relay.reactor.listenUDP(
                     0, _DirectPort(self), interface="::" if family == 6 else "0.0.0.0", maxPacketSize=READ_SIZE,
                 )
+                if self.relay.mark is not None:
+                    set_mark(listening.socket, self.relay.mark)
             listening.write(payload, (ip, port))
         except (CannotListenError, OSError):
             self.relay.dropped += 1
@@ -197,7 +199,8 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
     """
 
     noisy = False
-    # The firewall mark (SO_MARK) of the sockets to the servers (None: unmarked).
+    # The firewall mark (SO_MARK) of the sockets to the servers and to
+    # direct targets (None: unmarked).
     mark: int | None = None
 
     def __init__(
