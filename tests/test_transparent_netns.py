@@ -46,6 +46,7 @@ TARGETS = (OUTSIDE, OUTSIDE6, PUBLIC, PUBLIC6, OUTSIDE_PROXIED)
 # The router's addresses towards the target: a direct connection's source.
 ROUTER_WAN = "10.18.2.1"
 ROUTER_WAN6 = "fd18:2::1"
+ROUTER_LAN = "10.18.1.1"
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
 SERVER = "10.18.2.2"
 CLIENT_IP = "10.18.1.2"
@@ -126,6 +127,27 @@ else:
         replies.append(reply.decode())
         sources.append(list(source[:2]))
     print(json.dumps({"sent": sent, "replies": replies, "sources": sources}), flush=True)
+"""
+
+# In the LAN client's namespace: TCP, then UDP, to HOST:PORT; prints how
+# many bytes came back on the connection and whether a datagram came back.
+OWN_PORT_CLIENT = r"""
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+sock = socket.create_connection((host, port), timeout=10)
+sock.sendall(b"x" * 100)
+try:
+    reply = sock.recv(100)
+except OSError:
+    reply = b""
+print("tcp", len(reply), flush=True)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.settimeout(2)
+udp.sendto(b"y" * 100, (host, port))
+try:
+    print("udp", len(udp.recv(100)), flush=True)
+except socket.timeout:
+    print("udp none", flush=True)
 """
 
 TPROXY_RULES = f"""
@@ -386,6 +408,23 @@ class TransparentNamespaceTests(unittest.TestCase):
         self.assertIn(f"server {SERVER}:8388 removed", line)
         self.assertIn(f"server {SERVER}:8389 added", line)
         await self.check("tcp", OUTSIDE, target, proxy, *servers)
+
+    @support.coroutine_test
+    async def test_own_port_not_relayed(self):
+        """TPROXY with an ACL bypassing the LAN: TCP and UDP sent to the transparent port itself end there, never relayed to it again."""
+        self.firewall(TPROXY_RULES, tproxy=True)
+        acl = os.path.join(self.directory, "bypass.acl")
+        with open(acl, "w") as f:
+            f.write("[proxy_all]\n[bypass_list]\n10.18.1.0/24\n")
+        target, server, proxy = await self.start(
+            "-u", "--tproxy", str(PROXY_PORT), "--outbound-fwmark", str(MARK), "--acl", acl, "-v",
+        )
+        client = self.spawn(self.lan, sys.executable, "-c", OWN_PORT_CLIENT, ROUTER_LAN, str(PROXY_PORT))
+        await client.ended
+        self.assertEqual(client.text().split(), ["tcp", "0", "udp", "none"], client.text())
+        # Not one relay decision for the port itself: it never left ssx-local.
+        self.assertEqual(proxy.text().count(f"ACL: {ROUTER_LAN}:{PROXY_PORT}"), 0)
+        await self.check("tcp", OUTSIDE, target, server, proxy)
 
 
 def _literal_block(text: str, start: str, containing: str = "") -> str:

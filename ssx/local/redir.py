@@ -95,7 +95,12 @@ class RedirProtocol(LocalRelayProtocol):
             host = self.transport.getHost()
             if not isinstance(host, (IPv4Address, IPv6Address)):
                 return None
-            return plain_ip(host.host), host.port
+            destination = plain_ip(host.host), host.port
+            if _own_port(destination, [port.getHost().port for port in self.factory.ports]):
+                # Made to the port itself, not diverted: relayed (direct,
+                # by an ACL) it would come back here, again and again.
+                return None
+            return destination
         try:
             found = transparent.redirected_destination(self.transport.getHandle())
         except OSError:
@@ -135,6 +140,8 @@ class TproxyUdpRelay(LocalUdpRelay):
         )
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
+        # The ports of the transparent sockets feeding this relay.
+        self.listen_ports: list[int] = []
 
     def _sweep(self) -> None:
         self.nat.sweep()
@@ -146,6 +153,10 @@ class TproxyUdpRelay(LocalUdpRelay):
 
     def diverted(self, data: bytes, client: tuple, destination: tuple[str, int]) -> None:
         """A datagram from `client` that was going to `destination`."""
+        if _own_port(destination, self.listen_ports):
+            # Sent to the port itself: relayed, it could come back here.
+            self.dropped += 1
+            return
         # The whole address as the socket gave it: an IPv6 link-local
         # client's answers need its scope.
         self.datagramReceived(encode_address(Address(*destination)) + data, client)
@@ -195,6 +206,11 @@ class TproxyUdpRelay(LocalUdpRelay):
             _log.debug("UDP: cannot answer from {source}: {error}", source=key, error=e)
             return False
         return True
+
+
+def _own_port(destination: tuple[str, int], ports: list[int]) -> bool:
+    """Whether `destination` is one of our transparent `ports` on one of this host's addresses."""
+    return destination[1] in ports and transparent.is_local_address(destination[0])
 
 
 def _describe(host: str, port: int) -> str:
@@ -270,6 +286,7 @@ class TransparentUdpService(Service):
         except OSError as e:
             raise SystemExit(f"{self.label}: cannot listen for UDP on {where}: {e.strerror or e}") from None
         self.reader = transparent.TransparentDatagramReader(self.reactor, sock, self.relay.diverted)
+        self.relay.listen_ports.append(self.reader.getHost()[1])
         # The relay answers through its reply sockets: it has no transport of its own.
         self.relay.doStart()
         self.reader.startReading()

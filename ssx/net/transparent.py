@@ -126,6 +126,16 @@ def tcp_listener(host: str, port: int, transparent: bool, backlog: int = 1024) -
     return sock
 
 
+def is_local_address(ip: str) -> bool:
+    """Whether `ip` is one of this host's own addresses (a plain socket can bind it)."""
+    try:
+        with socket.socket(_family(ip), socket.SOCK_DGRAM) as sock:
+            sock.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
 def udp_listener(host: str, port: int) -> socket.socket:
     """A TPROXY UDP socket on host:port that reports each datagram's original destination."""
     sock = socket.socket(_family(host), socket.SOCK_DGRAM)
