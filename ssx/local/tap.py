@@ -250,6 +250,8 @@ class LocalService(MultiService):
         """Listen with `factory` on `description`, with `udp` beside it on the same port if given."""
         self.factories.append(factory)
         factory.mark = self.mark
+        if self.metrics is not None:  # a port a reload adds
+            self.metrics.instrument(factory)
         before = len(self.services)
         listener = serve(self, reactor, description, factory, label, udp, reuse_port=self.reuse_port)
         self.listeners.append(listener)
@@ -268,6 +270,8 @@ class LocalService(MultiService):
                 self.listeners.remove(service)
         if factory is not None:
             self.factories[:] = [f for f in self.factories if f is not factory]
+            if self.metrics is not None:
+                self.metrics.retire(factory)
             grace = self.drain.grace if self.drain is not None else 0.0
             DrainService(factory.reactor, [factory], grace, f"ssx-local on {description}").stopService()
         for relay in [r for r in self.udp_relays if any(getattr(s, "protocol", None) is r for s in services)]:
@@ -365,6 +369,8 @@ def add_proxy_port(top: LocalService, reactor: Any, config: LocalConfig, descrip
             router=top.router,
         )
         socks_udp.mark = top.mark
+        if top.metrics is not None:  # a port a reload adds
+            socks_udp.server_traffic = top.metrics.udp_server_traffic
         top.udp_relays.append(socks_udp)
     factory = MixedLocalFactory(
         reactor, top.picker, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
@@ -391,6 +397,8 @@ def add_tunnel(top: LocalService, reactor: Any, config: LocalConfig, tunnel: Tun
             picker=top.picker, router=top.router,
         )
         tunnel_udp.mark = top.mark
+        if top.metrics is not None:  # a tunnel a reload adds
+            tunnel_udp.server_traffic = top.metrics.udp_server_traffic
         top.udp_relays.append(tunnel_udp)
     if relays.tcp:
         factory = TunnelFactory(
