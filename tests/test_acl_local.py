@@ -27,6 +27,7 @@ from ssx.interfaces import IUpstream
 from ssx.local.direct import DirectUpstream
 from ssx.wire.address import Address
 from tests import support
+from tests.support.dns_servers import RecordingZone, ask, listen_dns
 
 METHOD = "chacha20-ietf-poly1305"
 SERVER_SOURCE = "127.0.0.9"
@@ -219,3 +220,28 @@ class AclLocalTests(unittest.TestCase):
         self.assertIn("reload refused", line)
         self.assertIn(f"{path} line 3", line)
         self.assertEqual(await self.socks5(proxy, "127.0.0.2", "127.0.0.2"), SERVER_SOURCE)
+
+    @support.coroutine_test
+    async def test_hostile_name_against_backtracking_regex(self) -> None:
+        """A DNS query whose name makes a list's regex backtrack exponentially is answered, and so are the next ones."""
+        zones = {"local": RecordingZone("192.0.2.1"), "remote": RecordingZone("198.51.100.2")}
+        served = {}
+        for which, zone in zones.items():
+            served[which] = listen_dns(zone)
+            for port in served[which].listening:
+                self.addCleanup(port.stopListening)
+        dns_port = support.free_port()
+        await self.local(
+            "[proxy_all]\n[bypass_list]\n||direct.test\n^(a|aa)+\\.b\\.example\\.com$\n",
+            "--dns-listen", f"127.0.0.1:{dns_port}", "--dns-local", f"127.0.0.1:{served['local'].port}",
+            "--dns-remote", f"127.0.0.1:{served['remote'].port}",
+        )
+        await support.wait_for_port(dns_port)
+        # Ends as the regex does (so it is tried), but cannot match: (a|aa)+ tries every split of the a's.
+        hostile = "a" * 59 + "c.b.example.com"
+        # Out of time, the regex counts as not matching: proxied, as by default.
+        answer = await ask(dns_port, hostile)
+        self.assertEqual([rr.payload.dottedQuad() for rr in answer.answers], ["198.51.100.2"])
+        answer = await ask(dns_port, "www.direct.test")
+        self.assertEqual([rr.payload.dottedQuad() for rr in answer.answers], ["192.0.2.1"])
+        self.assertEqual((zones["remote"].names, zones["local"].names), ([hostile], ["www.direct.test"]))
