@@ -150,6 +150,13 @@ class LocalChangesTests(SynchronousTestCase):
         self.assertEqual(set(changes.settings), {"timeout", "max_connections"})
         self.assertEqual(changes.fixed, ("mode",))
 
+    def test_restart_only_parts_named(self) -> None:
+        """A changed DNS server, transparent port, metrics endpoint, worker count or reuse_port is named as waiting for a restart."""
+        old = _local(dns_listen="127.0.0.1:5353", dns_local="127.0.0.1:53", tproxy="12345", metrics="9100")
+        new = _local(dns_listen="127.0.0.1:5353", dns_local="127.0.0.1:54", tproxy="12346", metrics="9101",
+                     workers=2, reuse_port=True)
+        self.assertEqual(set(local_changes(old, new).fixed), {"dns", "redir/tproxy", "metrics", "workers", "reuse_port"})
+
 
 class ReloadReadTests(SynchronousTestCase):
     """`load_config`, which a reload calls: the file read again, the start's command line over it."""
