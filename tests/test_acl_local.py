@@ -47,6 +47,26 @@ class DirectUpstreamTests(unittest.SynchronousTestCase):
         self.assertEqual((codec.encrypt(b"a"), codec.decrypt(b"b")), (b"a", b"b"))
 
 
+class DirectConnectTests(unittest.TestCase):
+    """A direct target's resolved addresses, on loopback."""
+
+    @support.coroutine_test
+    async def test_next_address_when_the_first_refuses(self) -> None:
+        """With --acl-resolve's addresses, a refused first address is not the end: the next one is connected to."""
+        factory = support.HashingEchoFactory()
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.3")
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        upstream = DirectUpstream(reactor, Address("two.test", port), 5.0, ("127.0.0.2", "127.0.0.3"))
+        payload = os.urandom(10_000)
+        client = support.RawClient(payload)
+        await upstream.connect(client)
+        await support.wait_for(lambda: len(client.received) >= len(payload), 10, "no echo")
+        client.transport.loseConnection()
+        self.assertEqual(support.sha256(bytes(client.received)), support.sha256(payload))
+        self.assertEqual(client.transport.getPeer().host, "127.0.0.3")
+
+
 @support.requires("curl", package="curl")
 class AclLocalTests(unittest.TestCase):
     """An ssx-local child between test clients and an in-process ssx-server, with loopback targets."""
