@@ -27,6 +27,7 @@ from ssx.interfaces import IUpstream
 from ssx.local.direct import DirectUpstream
 from ssx.wire.address import Address
 from tests import support
+from tests.support.dns_servers import RecordingZone, ask, listen_dns
 
 METHOD = "chacha20-ietf-poly1305"
 SERVER_SOURCE = "127.0.0.9"
@@ -44,6 +45,26 @@ class DirectUpstreamTests(unittest.SynchronousTestCase):
         codec = upstream.suite.client_codec()
         self.assertEqual(codec.first(Address("example.com", 443), b"hello"), b"hello")
         self.assertEqual((codec.encrypt(b"a"), codec.decrypt(b"b")), (b"a", b"b"))
+
+
+class DirectConnectTests(unittest.TestCase):
+    """A direct target's resolved addresses, on loopback."""
+
+    @support.coroutine_test
+    async def test_next_address_when_the_first_refuses(self) -> None:
+        """With --acl-resolve's addresses, a refused first address is not the end: the next one is connected to."""
+        factory = support.HashingEchoFactory()
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.3")
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        upstream = DirectUpstream(reactor, Address("two.test", port), 5.0, ("127.0.0.2", "127.0.0.3"))
+        payload = os.urandom(10_000)
+        client = support.RawClient(payload)
+        await upstream.connect(client)
+        await support.wait_for(lambda: len(client.received) >= len(payload), 10, "no echo")
+        client.transport.loseConnection()
+        self.assertEqual(support.sha256(bytes(client.received)), support.sha256(payload))
+        self.assertEqual(client.transport.getPeer().host, "127.0.0.3")
 
 
 @support.requires("curl", package="curl")
@@ -219,3 +240,28 @@ class AclLocalTests(unittest.TestCase):
         self.assertIn("reload refused", line)
         self.assertIn(f"{path} line 3", line)
         self.assertEqual(await self.socks5(proxy, "127.0.0.2", "127.0.0.2"), SERVER_SOURCE)
+
+    @support.coroutine_test
+    async def test_hostile_name_against_backtracking_regex(self) -> None:
+        """A DNS query whose name makes a list's regex backtrack exponentially is answered, and so are the next ones."""
+        zones = {"local": RecordingZone("192.0.2.1"), "remote": RecordingZone("198.51.100.2")}
+        served = {}
+        for which, zone in zones.items():
+            served[which] = listen_dns(zone)
+            for port in served[which].listening:
+                self.addCleanup(port.stopListening)
+        dns_port = support.free_port()
+        await self.local(
+            "[proxy_all]\n[bypass_list]\n||direct.test\n^(a|aa)+\\.b\\.example\\.com$\n",
+            "--dns-listen", f"127.0.0.1:{dns_port}", "--dns-local", f"127.0.0.1:{served['local'].port}",
+            "--dns-remote", f"127.0.0.1:{served['remote'].port}",
+        )
+        await support.wait_for_port(dns_port)
+        # Ends as the regex does (so it is tried), but cannot match: (a|aa)+ tries every split of the a's.
+        hostile = "a" * 59 + "c.b.example.com"
+        # Out of time, the regex counts as not matching: proxied, as by default.
+        answer = await ask(dns_port, hostile)
+        self.assertEqual([rr.payload.dottedQuad() for rr in answer.answers], ["198.51.100.2"])
+        answer = await ask(dns_port, "www.direct.test")
+        self.assertEqual([rr.payload.dottedQuad() for rr in answer.answers], ["192.0.2.1"])
+        self.assertEqual((zones["remote"].names, zones["local"].names), ([hostile], ["www.direct.test"]))

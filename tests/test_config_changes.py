@@ -161,13 +161,19 @@ class LocalChangesTests(SynchronousTestCase):
             (_local(), ("redir/tproxy", "outbound_fwmark")),
         ):
             changes = local_changes(old, new)
-            self.assertEqual(changes.fixed, fixed)
+            self.assertEqual(set(changes.fixed), set(fixed))
             self.assertEqual((changes.settings, changes.listen_added, changes.listen_removed), ((), (), ()))
 
     def test_same_transparent_ports_change_nothing(self) -> None:
         """The same transparent ports and mark read again change nothing."""
         values = {"redir": "12345", "tproxy": ["127.0.0.1:12346"], "outbound_fwmark": "0xff", "mode": "tcp_and_udp"}
         self.assertFalse(local_changes(_local(**values), _local(**values)))
+    def test_restart_only_parts_named(self) -> None:
+        """A changed DNS server, transparent port, metrics endpoint, worker count or reuse_port is named as waiting for a restart."""
+        old = _local(dns_listen="127.0.0.1:5353", dns_local="127.0.0.1:53", tproxy="12345", metrics="9100")
+        new = _local(dns_listen="127.0.0.1:5353", dns_local="127.0.0.1:54", tproxy="12346", metrics="9101",
+                     workers=2, reuse_port=True)
+        self.assertEqual(set(local_changes(old, new).fixed), {"dns", "redir/tproxy", "metrics", "workers", "reuse_port"})
 
 
 class ReloadReadTests(SynchronousTestCase):

@@ -9,6 +9,7 @@ server over the UDP relay or, in tcp_only mode, as DNS over TCP.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 from twisted.internet import reactor
@@ -17,6 +18,7 @@ from twisted.trial import unittest
 
 from ssx.config import local_config
 from ssx.local import tap as local_tap
+from ssx.net import transparent
 from tests import support
 from tests.support import PASSWORD, LoopbackCase, coroutine_test
 from tests.support.dns_servers import DnsUpstream, RecordingZone, ask, listen_dns
@@ -24,6 +26,7 @@ from tests.support.dns_servers import DnsUpstream, RecordingZone, ask, listen_dn
 METHOD = "chacha20-ietf-poly1305"
 LOCAL_ADDRESS = "192.0.2.1"
 REMOTE_ADDRESS = "198.51.100.2"
+MARK = 42
 
 
 def _direct(name: str) -> bool:
@@ -59,13 +62,14 @@ class DnsThroughServerTests(LoopbackCase):
         )
         return port
 
-    def _local(self, server_port: int, mode: str) -> tuple[Any, int]:
+    def _local(self, server_port: int, mode: str, on: Any = reactor, **more: Any) -> tuple[Any, int]:
         values = {
             "password": PASSWORD, "method": METHOD, "server": "127.0.0.1", "server_port": server_port,
             "listen": "tcp:0:interface=127.0.0.1", "mode": mode, "dns_listen": "127.0.0.1:0",
             "dns_local": f"127.0.0.1:{self.local_dns.port}", "dns_remote": f"127.0.0.1:{self.remote_dns.port}",
+            **more,
         }
-        service = local_tap.build_service(reactor, local_config(values), should_proxy=_direct)
+        service = local_tap.build_service(on, local_config(values), should_proxy=_direct)
         service.startService()
         self._services.append(service)
         return service, service.dns_listener.port.getHost().port
@@ -126,6 +130,40 @@ class DnsThroughServerTests(LoopbackCase):
             self.assertEqual((nodata.rCode, nodata.answers), (dns.OK, []))
         self.assertEqual(self.remote_zone.names, ["missing.proxied.test", "nodata.proxied.test"])
         self.assertEqual(self.local_zone.names, [])
+
+    @coroutine_test
+    async def test_udp_relay_marked(self) -> None:
+        """With --outbound-fwmark, a proxied query's socket to the server carries the mark before it sends."""
+        if transparent.mark_problem(MARK) is not None:
+            raise unittest.SkipTest("SO_MARK needs CAP_NET_ADMIN")
+        server_port = await self._server("-u", "--forbidden-ip=")
+        seeing = _MarkSeeingReactor(reactor)
+        _, dns_port = self._local(server_port, "tcp_and_udp", on=seeing, outbound_fwmark=MARK)
+        proxied = await ask(dns_port, "www.proxied.test")
+        self.assertEqual(_addresses(proxied), [REMOTE_ADDRESS])
+        self.assertEqual(seeing.marks, [MARK])
+
+
+class _MarkSeeingReactor:
+    """The reactor, noting the SO_MARK of each UDP socket it makes as that socket is connected."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.marks: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def listenUDP(self, *args: Any, **kwargs: Any) -> Any:
+        port = self._real.listenUDP(*args, **kwargs)
+        connect = port.connect
+
+        def noting(host: str, number: int) -> Any:
+            self.marks.append(port.socket.getsockopt(socket.SOL_SOCKET, transparent.SO_MARK))
+            return connect(host, number)
+
+        port.connect = noting
+        return port
 
 
 class DnsOptionTests(unittest.TestCase):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -315,6 +316,40 @@ class ScrapeTests(unittest.TestCase):
         path = self.mktemp()
         os.makedirs(path)
         return path
+
+    @coroutine_test
+    async def test_local_port_replaced_at_reload(self) -> None:
+        """A reload that moves the proxy port: the new port's connection and bytes are counted, the old port's stay counted."""
+        echo, echo_port = self.echo()
+        port, _ = await self.server("--forbidden-ip=")
+        metrics_port = support.free_port()
+        path = os.path.abspath(self.mktemp())
+
+        def write(socks_port: int) -> None:
+            with open(path, "w") as f:
+                json.dump({"server": "127.0.0.1", "server_port": port, "password": password_for(METHOD), "method": METHOD,
+                           "local_address": "127.0.0.1", "local_port": socks_port, "health_check_interval": 0,
+                           "metrics": str(metrics_port), "shutdown_grace": 0}, f)
+
+        first_port, second_port = support.free_port(), support.free_port()
+        write(first_port)
+        child = await support.start_twistd(self, "-n", "--pidfile=", "ssx-local", "-c", path, ready=b"metrics listening on")
+        payloads = [os.urandom(100_000), os.urandom(50_000)]
+        reply, received = await support.whole_echo_transfer(first_port, "127.0.0.1", echo_port, payloads[0])
+        self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payloads[0])))
+
+        write(second_port)
+        line = await support.sighup(child)
+        self.assertIn(f"listening on tcp:{second_port}", line)
+        reply, received = await support.whole_echo_transfer(second_port, "127.0.0.1", echo_port, payloads[1])
+        self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payloads[1])))
+
+        label = f"127.0.0.1:{port}"
+        total = sum(map(len, payloads))
+        samples = await support.scrape_until(metrics_port, lambda s: s.get(
+            "ssx_local_data_bytes_total", server=label, proto="tcp", dir="p>c") == total)
+        self.assertEqual(samples.value("ssx_local_data_bytes_total", server=label, proto="tcp", dir="c>p"), total)
+        self.assertEqual(samples.value("ssx_local_connections_total", front="socks5"), 2)
 
 
 class OffTests(unittest.TestCase):

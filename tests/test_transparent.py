@@ -446,3 +446,27 @@ class CapabilityTests(unittest.TestCase):
         lines = await self.first_lines("--outbound-fwmark", "1")
         self.assertEqual(lines, ["ssx-local: bad configuration: outbound_fwmark: marking sockets needs CAP_NET_ADMIN "
                                  "(SO_MARK not permitted): run as root or grant the capability"])
+
+
+class OutboundMarkReloadTests(unittest.SynchronousTestCase):
+    """--outbound-fwmark across a reload: what a reload adds is marked as at start."""
+
+    def config(self, **values):
+        return local_config({
+            "server": "192.0.2.1", "password": "pw", "mode": "tcp_and_udp", "local_address": "127.0.0.1",
+            "local_port": 1080, "outbound_fwmark": 42, **values,
+        })
+
+    def test_added_port_udp_relay_marked(self):
+        """The SOCKS5 UDP relay of a port a reload adds sends to the server with the mark."""
+        top = local_tap.build_service(Clock(), self.config())
+        top.reload.apply(self.config(local_port=1081))
+        self.assertEqual(len(top.udp_relays), 1)
+        self.assertEqual([relay.mark for relay in top.udp_relays], [42])
+
+    def test_changed_mark_waits_for_restart(self):
+        """A changed outbound_fwmark is named as not applied; what the reload adds keeps the start's mark."""
+        top = local_tap.build_service(Clock(), self.config())
+        notes = top.reload.apply(self.config(local_port=1081, outbound_fwmark=43))
+        self.assertIn("not applied before a restart: outbound_fwmark", notes)
+        self.assertEqual([relay.mark for relay in top.udp_relays], [42])

@@ -47,6 +47,9 @@ PUBLIC6 = "2001:db8:9::9"
 BYPASSED = "198.51.100.10"
 BYPASSED6 = "2001:db8:9::10"
 TARGETS = (OUTSIDE, OUTSIDE6, PUBLIC, PUBLIC6, BYPASSED, BYPASSED6)
+# In the outside range too, but not in the ACL tests' bypass list.
+OUTSIDE_PROXIED = "10.18.9.10"
+TARGETS = (OUTSIDE, OUTSIDE6, PUBLIC, PUBLIC6, OUTSIDE_PROXIED)
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
 SERVER = "10.18.2.2"
 CLIENT_IP = "10.18.1.2"
@@ -146,6 +149,27 @@ else:
     print(json.dumps({"sent": sent, "replies": replies, "sources": sources}), flush=True)
 """
 
+# In the LAN client's namespace: TCP, then UDP, to HOST:PORT; prints how
+# many bytes came back on the connection and whether a datagram came back.
+OWN_PORT_CLIENT = r"""
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+sock = socket.create_connection((host, port), timeout=10)
+sock.sendall(b"x" * 100)
+try:
+    reply = sock.recv(100)
+except OSError:
+    reply = b""
+print("tcp", len(reply), flush=True)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.settimeout(2)
+udp.sendto(b"y" * 100, (host, port))
+try:
+    print("udp", len(udp.recv(100)), flush=True)
+except socket.timeout:
+    print("udp none", flush=True)
+"""
+
 TPROXY_RULES = f"""
 table inet ssx_test {{
     chain divert {{
@@ -156,6 +180,8 @@ table inet ssx_test {{
     chain own {{
         type filter hook output priority filter; policy accept;
         ip daddr {SERVER} meta mark != {MARK} counter drop
+        ip daddr 10.18.9.0/24 meta mark != {MARK} counter drop
+        ip6 daddr fd18:9::/64 meta mark != {MARK} counter drop
     }}
 }}
 """
@@ -205,6 +231,7 @@ class TransparentNamespaceTests(unittest.TestCase):
         self.addresses(self.target, "lo", f"{OUTSIDE}/32", f"{OUTSIDE6}/128")
         self.addresses(self.target, "lo", f"{PUBLIC}/32", f"{PUBLIC6}/128")
         self.addresses(self.target, "lo", f"{BYPASSED}/32", f"{BYPASSED6}/128")
+        netns.in_namespace(self.target, "ip", "addr", "add", f"{OUTSIDE_PROXIED}/32", "dev", "lo")
         netns.in_namespace(self.lan, "ip", "route", "add", "default", "via", "10.18.1.1")
         netns.in_namespace(self.lan, "ip", "-6", "route", "add", "default", "via", "fd18:1::1")
         netns.in_namespace(self.router, "ip", "route", "add", "10.18.9.0/24", "via", "10.18.2.2")
@@ -397,6 +424,97 @@ class TransparentNamespaceTests(unittest.TestCase):
         target, server, proxy = await self.start("--redir", str(PROXY_PORT), "--outbound-fwmark", "255")
         for host in (PUBLIC, PUBLIC6):
             await self.check("tcp", host, target, server, proxy)
+
+    async def check_direct(self, kind: str, host: str, target: support.ChildProcess, *logs: support.ChildProcess) -> None:
+        """One exchange of `kind` with `host` that the ACL bypasses: whole, answered from `host`, sent by the router."""
+        before = len(self.seen(target, kind))
+        result = await self.exchange(kind, host, target, *logs)
+        self.assertEqual(result["replies"], result["sent"], "the target's digests of what the client sent")
+        self.assertEqual(result["sources"], [[host, PORT]] * len(result["sent"]))
+        records = self.seen(target, kind)[before:]
+        self.assertEqual(sorted({record[kind] for record in records}), sorted(set(result["sent"])))
+        # Connected to from the router's own WAN address, not relayed by ssx-server.
+        self.assertEqual({record["source"] for record in records}, {ROUTER_WAN[1] if ":" in host else ROUTER_WAN[0]})
+
+    @support.coroutine_test
+    async def test_tproxy_acl_bypass(self):
+        """TPROXY with an ACL: a bypassed destination's TCP and UDP go direct from the router, a proxied one through the server."""
+        self.firewall(TPROXY_RULES, tproxy=True)
+        acl = os.path.join(self.directory, "bypass.acl")
+        with open(acl, "w") as f:
+            f.write(f"[proxy_all]\n[bypass_list]\n{OUTSIDE}/32\n{OUTSIDE6}/128\n")
+        target, server, proxy = await self.start(
+            "-u", "--tproxy", str(PROXY_PORT), "--outbound-fwmark", str(MARK), "--acl", acl,
+        )
+        for host in (OUTSIDE, OUTSIDE6):
+            await self.check_direct("tcp", host, target, server, proxy)
+            await self.check_direct("udp", host, target, server, proxy)
+        await self.check("tcp", OUTSIDE_PROXIED, target, server, proxy)
+        await self.check("udp", OUTSIDE_PROXIED, target, server, proxy)
+
+    @support.coroutine_test
+    async def test_redirect_acl_bypass(self):
+        """NAT REDIRECT with an ACL: a bypassed destination's TCP goes direct from the router."""
+        self.firewall(REDIRECT_RULES, tproxy=False)
+        acl = os.path.join(self.directory, "bypass.acl")
+        with open(acl, "w") as f:
+            f.write(f"[proxy_all]\n[bypass_list]\n{OUTSIDE}/32\n")
+        target, server, proxy = await self.start("--redir", str(PROXY_PORT), "--acl", acl)
+        await self.check_direct("tcp", OUTSIDE, target, server, proxy)
+        await self.check("tcp", OUTSIDE_PROXIED, target, server, proxy)
+
+    @support.coroutine_test
+    async def test_reload_added_server_is_marked(self):
+        """A server a SIGHUP adds is reached with --outbound-fwmark's mark (the firewall drops unmarked packets to it)."""
+        self.firewall(TPROXY_RULES, tproxy=True)
+        target = self.spawn(self.target, sys.executable, "-c", TARGET, str(PORT), *TARGETS)
+        servers = [
+            self.spawn(
+                self.target, sys.executable, *support.TWISTD, "-n", "--pidfile=", "ssx-server", "-s", SERVER,
+                "-p", str(port), "-k", support.PASSWORD, "-m", METHOD, "--forbidden-ip", "", "--url-file", "",
+            )
+            for port in (8388, 8389)
+        ]
+        path = os.path.join(self.directory, "local.json")
+
+        def write(server_port: int) -> None:
+            with open(path, "w") as f:
+                json.dump({
+                    "server": SERVER, "server_port": server_port, "password": support.PASSWORD, "method": METHOD,
+                    "local_address": "127.0.0.1", "local_port": 1080, "tproxy": [PROXY_PORT], "outbound_fwmark": MARK,
+                }, f)
+
+        write(8388)
+        proxy = self.spawn(self.router, sys.executable, *support.TWISTD, "-n", "--pidfile=", "ssx-local", "-c", path)
+        await self.ready(target, "target ready")
+        for server in servers:
+            await self.ready(server, "listening on")
+        await self.ready(proxy, "listening on [::]")
+        await self.check("tcp", OUTSIDE, target, proxy, *servers)
+
+        write(8389)
+        line = await support.sighup(proxy)
+        # The new server is the only one left: the relay can only go there.
+        self.assertIn(f"server {SERVER}:8388 removed", line)
+        self.assertIn(f"server {SERVER}:8389 added", line)
+        await self.check("tcp", OUTSIDE, target, proxy, *servers)
+
+    @support.coroutine_test
+    async def test_own_port_not_relayed(self):
+        """TPROXY with an ACL bypassing the LAN: TCP and UDP sent to the transparent port itself end there, never relayed to it again."""
+        self.firewall(TPROXY_RULES, tproxy=True)
+        acl = os.path.join(self.directory, "bypass.acl")
+        with open(acl, "w") as f:
+            f.write("[proxy_all]\n[bypass_list]\n10.18.1.0/24\n")
+        target, server, proxy = await self.start(
+            "-u", "--tproxy", str(PROXY_PORT), "--outbound-fwmark", str(MARK), "--acl", acl, "-v",
+        )
+        client = self.spawn(self.lan, sys.executable, "-c", OWN_PORT_CLIENT, ROUTER_LAN, str(PROXY_PORT))
+        await client.ended
+        self.assertEqual(client.text().split(), ["tcp", "0", "udp", "none"], client.text())
+        # Not one relay decision for the port itself: it never left ssx-local.
+        self.assertEqual(proxy.text().count(f"ACL: {ROUTER_LAN}:{PROXY_PORT}"), 0)
+        await self.check("tcp", OUTSIDE, target, server, proxy)
 
 
 def _literal_block(text: str, start: str, containing: str = "") -> str:

@@ -7,16 +7,27 @@ matched against: lower case, no trailing dot, Unicode labels in punycode
 one list's name rules: `|name` in a set, `||name` in a set of suffixes
 walked label by label (O(labels), whatever the number of rules), and the
 regular expressions compiled into a few alternations.
+
+The names come from the LAN (a SOCKS or HTTP request, a DNS query) and the
+regular expressions from lists often downloaded: a backtracking engine can
+take exponential time on a crafted name (`^(a|aa)+b\.example$` on a long
+run of `a`), and one such search would stop the whole process.  So the
+regular expressions run on the `regex` module's engine (the same syntax as
+`re`), each search given at most `MATCH_TIMEOUT` seconds: one that runs out
+counts as not matching (`NameRules.timeouts` counts them).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Pattern
-
 import idna
+import regex
 
-__all__ = ["REGEXES_PER_PATTERN", "BadRegex", "NameRules", "ascii_host", "simple_regex"]
+__all__ = ["MATCH_TIMEOUT", "REGEXES_PER_PATTERN", "BadRegex", "NameRules", "ascii_host", "simple_regex"]
+
+# Seconds one search of a name may take (a name of 253 characters against
+# thousands of sane rules takes well under a millisecond).
+MATCH_TIMEOUT = 0.05
 
 # Alternatives per compiled pattern: Python's re has no limit that forces a
 # split before this, and a few large patterns compile no slower than one.
@@ -31,43 +42,52 @@ _SUFFIX_REGEX = re.compile(r"\((?:\?:)?\^\|\\\.\)(" + _LABELS + r")\$", re.IGNOR
 _EXACT_REGEX = re.compile(r"\^(" + _LABELS + r")\$", re.IGNORECASE)
 # A back-reference counts groups: such a pattern cannot share an alternation.
 _GROUP_NUMBERED = re.compile(r"\\[1-9]|\(\?P=|\(\?\(")
+# A global inline flag (`(?x)`, `(?s)`): the `regex` module applies it to the
+# whole pattern wherever it stands, so such a rule cannot share one.
+_GLOBAL_FLAG = re.compile(r"\(\?[aiLmsux]+\)")
 
+Pattern = regex.Pattern[str]
 
-_FLAGS = re.IGNORECASE | re.ASCII
+_FLAGS = regex.IGNORECASE | regex.ASCII | regex.VERSION0
 
 
 class BadRegex(ValueError):
     """A rule's regular expression does not compile: `number` is its line."""
 
-    def __init__(self, number: int, error: re.error) -> None:
+    def __init__(self, number: int, error: Exception) -> None:
         super().__init__(str(error))
         self.number = number
 
 
-def _compile_one(number: int, regex: str) -> Pattern[str]:
+def _compile_one(number: int, rule: str) -> Pattern:
     try:
-        return re.compile(regex, _FLAGS)
-    except re.error as e:
+        return regex.compile(rule, _FLAGS)
+    except regex.error as e:
         raise BadRegex(number, e) from None
 
 
-def _combined(rules: list[tuple[int, str]]) -> list[Pattern[str]]:
-    """The rules as few compiled patterns (a back-reference alone: it counts groups)."""
-    patterns: list[Pattern[str]] = []
+def _alone(rule: str) -> bool:
+    """Whether the regex `rule` must be compiled alone: a back-reference counts groups, a global flag spreads."""
+    return _GROUP_NUMBERED.search(rule) is not None or _GLOBAL_FLAG.search(rule) is not None
+
+
+def _combined(rules: list[tuple[int, str]]) -> list[Pattern]:
+    """The rules as few compiled patterns (a back-reference or a global flag alone)."""
+    patterns: list[Pattern] = []
     shared: list[tuple[int, str]] = []
-    for number, regex in rules:
-        if _GROUP_NUMBERED.search(regex):
-            patterns.append(_compile_one(number, regex))
+    for number, rule in rules:
+        if _alone(rule):
+            patterns.append(_compile_one(number, rule))
         else:
-            shared.append((number, regex))
+            shared.append((number, rule))
     for start in range(0, len(shared), REGEXES_PER_PATTERN):
         chunk = shared[start:start + REGEXES_PER_PATTERN]
         if len(chunk) == 1:
             patterns.append(_compile_one(*chunk[0]))
             continue
         try:
-            patterns.append(re.compile("|".join(f"(?:{regex})" for _, regex in chunk), _FLAGS))
-        except re.error:
+            patterns.append(regex.compile("|".join(f"(?:{rule})" for _, rule in chunk), _FLAGS))
+        except regex.error:
             # One of them is bad, or cannot share (a global flag not at the
             # start): each on its own then, naming the bad one.
             patterns.extend(_compile_one(number, regex) for number, regex in chunk)
@@ -162,17 +182,19 @@ def simple_regex(rule: str) -> tuple[str, str] | None:
 class NameRules:
     """The name rules of one list, and the question whether a name matches any."""
 
-    __slots__ = ("exact", "suffixes", "patterns", "tails", "tail_lengths", "regex_count")
+    __slots__ = ("exact", "suffixes", "patterns", "tails", "tail_lengths", "regex_count", "timeouts")
 
     def __init__(self) -> None:
         self.exact: set[str] = set()
         self.suffixes: set[str] = set()
-        self.patterns: list[Pattern[str]] = []
+        self.patterns: list[Pattern] = []
         # Literal tail -> the alternation of the regexes that end with it,
         # as text until first used, then compiled.
-        self.tails: dict[str, str | Pattern[str]] = {}
+        self.tails: dict[str, str | Pattern] = {}
         self.tail_lengths: list[int] = []
         self.regex_count = 0
+        # Searches that ran out of MATCH_TIMEOUT (counted as no match).
+        self.timeouts = 0
 
     def __bool__(self) -> bool:
         return bool(self.exact or self.suffixes or self.patterns or self.tails)
@@ -190,18 +212,18 @@ class NameRules:
         """
         general: list[tuple[int, str]] = []
         by_tail: dict[str, list[tuple[int, str]]] = {}
-        for number, regex in regexes:
+        for number, rule in regexes:
             self.regex_count += 1
-            tail = "" if _GROUP_NUMBERED.search(regex) else literal_tail(regex)
+            tail = "" if _alone(rule) else literal_tail(rule)
             if tail:
-                by_tail.setdefault(tail, []).append((number, regex))
+                by_tail.setdefault(tail, []).append((number, rule))
             else:
-                general.append((number, regex))
+                general.append((number, rule))
         self.patterns = _combined(general)
         # Checked now (a bad line stops start-up), compiled per tail when a
         # name first ends with it: thousands of small compiles cost seconds.
         _combined([rule for rules in by_tail.values() for rule in rules])
-        self.tails = {tail: "|".join(f"(?:{regex})" for _, regex in rules) for tail, rules in by_tail.items()}
+        self.tails = {tail: "|".join(f"(?:{rule})" for _, rule in rules) for tail, rules in by_tail.items()}
         self.tail_lengths = sorted({len(tail) for tail in self.tails})
 
     def matches(self, host: str) -> bool:
@@ -227,10 +249,18 @@ class NameRules:
                 if pattern is None:
                     continue
                 if isinstance(pattern, str):
-                    pattern = self.tails[key] = re.compile(pattern, _FLAGS)
-                if pattern.search(host) is not None:
+                    pattern = self.tails[key] = regex.compile(pattern, _FLAGS)
+                if self._search(pattern, host):
                     return True
         for pattern in self.patterns:
-            if pattern.search(host) is not None:
+            if self._search(pattern, host):
                 return True
         return False
+
+    def _search(self, pattern: Pattern, host: str) -> bool:
+        """Whether `pattern` is found in `host` within MATCH_TIMEOUT (if not: no)."""
+        try:
+            return pattern.search(host, timeout=MATCH_TIMEOUT) is not None
+        except TimeoutError:
+            self.timeouts += 1
+            return False

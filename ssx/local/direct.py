@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ssx.interfaces import ITcpClientCodec, IUpstream
@@ -63,9 +64,11 @@ _SUITE = PassThroughSuite()
 class DirectUpstream:
     """
     One target reached without a server: `connect` opens a TCP connection
-    to it (to the first of `addresses` when they were resolved already,
-    else to the name through Twisted's `HostnameEndpoint`), marked with
-    `mark` (SO_MARK) if given.
+    to it (to each of `addresses` in turn, until one answers, when they were
+    resolved already, else to the name through Twisted's `HostnameEndpoint`); with `mark`
+    (--outbound-fwmark) it carries that firewall mark, as the connections
+    to the servers do, so a transparent proxy's rules do not divert it
+    back to ssx-local.
     """
 
     entry = None
@@ -88,6 +91,19 @@ class DirectUpstream:
         if is_ip_literal(host):
             return connect_tcp(self._reactor, host, port, protocol, self.timeout)
         if self.addresses:
-            return connect_tcp(self._reactor, self.addresses[0], port, protocol, self.timeout)
+            return self._connect_each(self.addresses, protocol)
         endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self.timeout)
         return connect_protocol(endpoint, protocol)
+
+    def _connect_each(self, addresses: Sequence[str], protocol: Protocol) -> Deferred:
+        """Connect to the first of `addresses`; if it fails, to the next (a cancel stops the attempt in progress)."""
+        d = connect_tcp(self._reactor, addresses[0], self.target.port, protocol, self.timeout)
+        if len(addresses) > 1:
+
+            def next_one(failure: Failure) -> Deferred | Failure:
+                if failure.check(CancelledError):
+                    return failure
+                return self._connect_each(addresses[1:], protocol)
+
+            d.addErrback(next_one)
+        return d

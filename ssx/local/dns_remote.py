@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from ssx.errors import ProtocolError
 from ssx.interfaces import IServerPicker, ITcpClientCodec, IUdpClientCodec, IUpstream
 from ssx.net.nat import READ_SIZE
+from ssx.net.transparent import set_mark
 from ssx.wire.address import Address, decode_address, encode_address, is_ip_literal
 
 __all__ = ["NoServer", "RelayedTcpDns", "RelayedUdpDns", "message_for", "sections_of"]
@@ -125,10 +126,18 @@ class _QuerySocket(DatagramProtocol):
 
 
 class RelayedUdpDns:
-    """Queries to `target` as Shadowsocks UDP through the picker's server (`tcp`: asked again there if truncated)."""
+    """
+    Queries to `target` as Shadowsocks UDP through the picker's server
+    (`tcp`: asked again there if truncated), from sockets carrying `mark`
+    (--outbound-fwmark) if given.
+    """
 
-    def __init__(self, reactor: Any, picker: IServerPicker, target: Address, tcp: "RelayedTcpDns | None" = None) -> None:
+    def __init__(
+        self, reactor: Any, picker: IServerPicker, target: Address, tcp: "RelayedTcpDns | None" = None,
+        mark: int | None = None,
+    ) -> None:
         self._reactor = reactor
+        self.mark = mark
         self._picker = picker
         self.target = target
         self._header = encode_address(target)
@@ -181,6 +190,8 @@ class RelayedUdpDns:
                 sock.port = self._reactor.listenUDP(
                     0, sock, interface="::" if ":" in ip else "0.0.0.0", maxPacketSize=READ_SIZE
                 )
+                if self.mark is not None:
+                    set_mark(sock.port.socket, self.mark)
                 sock.port.connect(ip, upstream.entry.port)
                 sock.port.write(sock.codec.seal(self._header + request))
             except (CannotListenError, OSError, ProtocolError) as e:

@@ -13,8 +13,10 @@ payload).  With an ACL, its decisions: the factories' and UDP relays'
 `acl_proxied` and `acl_direct` (`ssx.local.routing`); with
 --dns-listen, the DNS server's counters (`ssx.local.dns.RoutingResolver`);
 transparent ports (`ssx.local.redir`) count as fronts of their own.
-Observed as they happen: each
-health check's latency (`ssx.local.health`), a histogram.
+Observed as they happen: each health check's latency (`ssx.local.health`),
+a histogram.  A port a reload adds is counted from its start; one it stops
+leaves its counts in the totals (`RetiredCounts`), so counters never go
+down.
 
 Labels are bounded by what the operator configures (or the online
 config lists): `server` (its label: the name given, else host:port),
@@ -79,7 +81,10 @@ class LocalMetrics:
             "ssx_local_health_check_seconds", "Health checks through each server: time to the target's first byte",
             ["server"], registry=self.registry, buckets=CHECK_BUCKETS,
         )
-        self.registry.register(LocalCollector(top, {"tcp": self.traffic, "udp": self.udp_traffic}))
+        # The counts of the factories a reload stopped (their ports went):
+        # kept, so that no counter goes down.
+        self.retired = RetiredCounts()
+        self.registry.register(LocalCollector(top, {"tcp": self.traffic, "udp": self.udp_traffic}, self.retired))
 
     def server_traffic(self, upstream: IUpstream) -> ServerTraffic:
         """`upstream`'s counter of TCP payload bytes."""
@@ -101,17 +106,63 @@ class LocalMetrics:
         if not isinstance(factory, (TunnelFactory, RedirFactory)):
             factory.fronts = {}
 
+    def retire(self, factory: LocalFactory) -> None:
+        """Keep the counts of `factory`, whose port a reload stopped, in the totals."""
+        self.retired.add(factory)
+
     def observe_check(self, server: str, latency: float | None) -> None:
         if latency is not None:
             self.check_seconds.labels(server=server).observe(latency)
 
 
+class RetiredCounts:
+    """The counters of factories no longer serving a port, summed."""
+
+    def __init__(self) -> None:
+        self.failovers: dict[str, int] = {}
+        self.fronts: dict[str, int] = {}
+        self.unknown: dict[str, int] = {}
+        self.broken = 0
+
+    def add(self, factory: LocalFactory) -> None:
+        for label, count in factory.failovers.items():
+            self.failovers[label] = self.failovers.get(label, 0) + count
+        for front, count in _fronts(factory).items():
+            self.fronts[front] = self.fronts.get(front, 0) + count
+        for front, count in _unknown(factory).items():
+            self.unknown[front] = self.unknown.get(front, 0) + count
+        self.broken += factory.relays_broken
+
+
+def _fronts(factory: LocalFactory) -> dict[str, int]:
+    """`factory`'s connections by the protocol the application spoke (a transparent port's: its mode)."""
+    if isinstance(factory, TunnelFactory):
+        return {"tunnel": factory.accepted}
+    if isinstance(factory, RedirFactory):
+        return {_redir_front(factory): factory.accepted}
+    return dict(factory.fronts) if factory.fronts is not None else {}
+
+
+def _unknown(factory: LocalFactory) -> dict[str, int]:
+    """A transparent port's connections whose original destination was not found, by front."""
+    if isinstance(factory, RedirFactory):
+        return {_redir_front(factory): factory.unknown_destinations}
+    return {}
+
+
+def _redir_front(factory: RedirFactory) -> str:
+    return "redir" if factory.mode == REDIRECT else "tproxy"
+
+
 class LocalCollector(Collector):
     """Reads the picker and the factories at scrape time (in the web thread: it copies what it iterates)."""
 
-    def __init__(self, top: "LocalService", traffic: dict[str, dict[str, ServerTraffic]]) -> None:
+    def __init__(
+        self, top: "LocalService", traffic: dict[str, dict[str, ServerTraffic]], retired: RetiredCounts | None = None,
+    ) -> None:
         self._top = top
         self._traffic = traffic
+        self._retired = retired if retired is not None else RetiredCounts()
 
     def collect(self) -> Iterator[Metric]:
         picker = self._top.picker
@@ -140,23 +191,19 @@ class LocalCollector(Collector):
             for label, counter in list(table.items()):
                 data.add_metric([label, proto, "c>p"], counter.up)
                 data.add_metric([label, proto, "p>c"], counter.down)
-        failovers: dict[str, int] = {}
-        fronts: dict[str, int] = {}
+        retired = self._retired
+        failovers = dict(retired.failovers)
+        fronts = dict(retired.fronts)
         # Transparent connections whose original destination was not found, by front.
-        unknown: dict[str, int] = {}
-        active = broken = 0
+        unknown = dict(retired.unknown)
+        active, broken = 0, retired.broken
         for factory in factories:
             for label, count in list(factory.failovers.items()):
                 failovers[label] = failovers.get(label, 0) + count
-            if isinstance(factory, TunnelFactory):
-                fronts["tunnel"] = fronts.get("tunnel", 0) + factory.accepted
-            elif isinstance(factory, RedirFactory):
-                front = "redir" if factory.mode == REDIRECT else "tproxy"
-                fronts[front] = fronts.get(front, 0) + factory.accepted
-                unknown[front] = unknown.get(front, 0) + factory.unknown_destinations
-            elif factory.fronts is not None:
-                for front, count in list(factory.fronts.items()):
-                    fronts[front] = fronts.get(front, 0) + count
+            for front, count in _fronts(factory).items():
+                fronts[front] = fronts.get(front, 0) + count
+            for front, count in _unknown(factory).items():
+                unknown[front] = unknown.get(front, 0) + count
             active += len(factory.connections)
             broken += factory.relays_broken
         failover = CounterMetricFamily(

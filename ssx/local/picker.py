@@ -100,17 +100,7 @@ class ServerPicker:
         reload): a server already there keeps its upstream and health, a
         new one is built; the running connections of one that goes keep it.
         """
-        known = {u.entry: u for u in self._static}
-        static: list[IUpstream] = []
-        for entry in entries:
-            upstream = known.pop(entry, None)
-            if upstream is None:
-                upstream = build(entry)
-                self._health[upstream] = _Health()
-            static.append(upstream)
-        for gone in known.values():
-            del self._health[gone]
-        self._static = static
+        self._static = self._rebuilt(self._static, entries, build, set())
         # An online server that is now configured is the configured one.
         wanted = set(entries)
         dynamic = [u for u in self._dynamic if u.entry not in wanted]
@@ -119,17 +109,29 @@ class ServerPicker:
         self._dynamic = dynamic
 
     def replace_dynamic(self, entries: Sequence[ServerEntry], build: Callable[[ServerEntry], IUpstream]) -> None:
-        known = {u.entry: u for u in self._dynamic}
-        static = {u.entry for u in self._static}
-        dynamic: list[IUpstream] = []
+        # Each server once, and not again beside the configured one.
+        unique = list(dict.fromkeys(entries))
+        self._dynamic = self._rebuilt(self._dynamic, unique, build, {u.entry for u in self._static})
+
+    def _rebuilt(
+        self, current: list[IUpstream], entries: Sequence[ServerEntry], build: Callable[[ServerEntry], IUpstream],
+        skip: set[ServerEntry],
+    ) -> list[IUpstream]:
+        """
+        The upstreams of `entries` (but those in `skip`): those of `current`
+        kept with their health, new ones built; the health of those that
+        went is forgotten.
+        """
+        known = {u.entry: u for u in current}
+        upstreams: list[IUpstream] = []
         for entry in entries:
-            if entry in static or any(u.entry == entry for u in dynamic):
+            if entry in skip:
                 continue
             upstream = known.pop(entry, None)
             if upstream is None:
                 upstream = build(entry)
                 self._health[upstream] = _Health()
-            dynamic.append(upstream)
+            upstreams.append(upstream)
         for gone in known.values():
             del self._health[gone]
-        self._dynamic = dynamic
+        return upstreams

@@ -93,7 +93,7 @@ class LocalFactory(RelayFactory):
         self.router = router
         self.acl_proxied = 0
         self.acl_direct = 0
-        # SO_MARK on the direct connections too (--outbound-fwmark; None: unmarked).
+        # --outbound-fwmark: the mark of the direct connections (None: unmarked).
         self.mark: int | None = None
 
     def relay_broken(self, error: ProtocolError) -> None:
@@ -197,7 +197,9 @@ class LocalRelayProtocol(InboundProtocol):
             return
         factory.acl_direct += 1
         assert self._target is not None
-        self._candidates = [DirectUpstream(factory.reactor, self._target, CONNECT_TIMEOUT, route.addresses, factory.mark)]
+        self._candidates = [
+            DirectUpstream(factory.reactor, self._target, CONNECT_TIMEOUT, route.addresses, factory.mark)
+        ]
         self.transport.pauseProducing()
         self._try_next_server()
 

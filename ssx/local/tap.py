@@ -226,6 +226,9 @@ class LocalService(MultiService):
         self.reload: Any = None
         # The ACL (`--acl`) every port reads at decision time (a reload replaces its rules).
         self.router: AclRouter | None = None
+        # --outbound-fwmark, fixed at start: the mark of every socket to a
+        # server, also of those a reload adds (None: unmarked).
+        self.mark: int | None = None
         for plugin in self.plugins:
             # First in the tree: started (and listening) before any
             # listener's connection can want them.
@@ -246,6 +249,9 @@ class LocalService(MultiService):
     ) -> None:
         """Listen with `factory` on `description`, with `udp` beside it on the same port if given."""
         self.factories.append(factory)
+        factory.mark = self.mark
+        if self.metrics is not None:  # a port a reload adds
+            self.metrics.instrument(factory)
         before = len(self.services)
         listener = serve(self, reactor, description, factory, label, udp, reuse_port=self.reuse_port)
         self.listeners.append(listener)
@@ -264,6 +270,8 @@ class LocalService(MultiService):
                 self.listeners.remove(service)
         if factory is not None:
             self.factories[:] = [f for f in self.factories if f is not factory]
+            if self.metrics is not None:
+                self.metrics.retire(factory)
             grace = self.drain.grace if self.drain is not None else 0.0
             DrainService(factory.reactor, [factory], grace, f"ssx-local on {description}").stopService()
         for relay in [r for r in self.udp_relays if any(getattr(s, "protocol", None) is r for s in services)]:
@@ -288,6 +296,7 @@ def build_service(
         upstreams.append(make_upstream(reactor, entry, service, config.fast_open, config.outbound_fwmark))
     top = LocalService(ServerPicker(upstreams), plugins)
     top.reuse_port = config.reuse_port
+    top.mark = config.outbound_fwmark
     if config.acl is not None and config.acl_path:
         holder = AclHolder(config.acl_path, config.acl)
         top.router = AclRouter(reactor, holder, config.acl_resolve, config.verbose)
@@ -361,6 +370,9 @@ def add_proxy_port(top: LocalService, reactor: Any, config: LocalConfig, descrip
             reactor, udp_server.suite, address, relays.timeout, relays.capacity, picker=top.picker,
             router=top.router,
         )
+        socks_udp.mark = top.mark
+        if top.metrics is not None:  # a port a reload adds
+            socks_udp.server_traffic = top.metrics.udp_server_traffic
         top.udp_relays.append(socks_udp)
     factory = MixedLocalFactory(
         reactor, top.picker, config.timeout, config.socks_credentials, udp_relay=socks_udp, tcp=relays.tcp,
@@ -386,6 +398,9 @@ def add_tunnel(top: LocalService, reactor: Any, config: LocalConfig, tunnel: Tun
             reactor, udp_server.suite, address, tunnel.target, timeout=relays.timeout, capacity=relays.capacity,
             picker=top.picker, router=top.router,
         )
+        tunnel_udp.mark = top.mark
+        if top.metrics is not None:  # a tunnel a reload adds
+            tunnel_udp.server_traffic = top.metrics.udp_server_traffic
         top.udp_relays.append(tunnel_udp)
     if relays.tcp:
         factory = TunnelFactory(
@@ -411,7 +426,7 @@ def _add_dns_server(
     """The DNS server on UDP and TCP, asking the remote resolver over the UDP relay if UDP is on, else over TCP."""
     target = Address(*dns.remote)
     tcp = RelayedTcpDns(top.picker, target) if config.relays.tcp else None
-    remote: Any = RelayedUdpDns(reactor, top.picker, target, tcp) if config.relays.udp else tcp
+    remote: Any = RelayedUdpDns(reactor, top.picker, target, tcp, top.mark) if config.relays.udp else tcp
     local = LocalResolver(reactor, _dns_local_servers(dns))
     top.dns = RoutingResolver(reactor, should_proxy, local, remote, verbose=config.verbose)
     factory = DnsServerFactory(top.dns)

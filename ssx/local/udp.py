@@ -213,7 +213,8 @@ class LocalUdpRelay(SweptNatProtocol, DatagramProtocol):
     """
 
     noisy = False
-    # The firewall mark (SO_MARK) of the sockets to the servers (None: unmarked).
+    # The firewall mark (SO_MARK) of the sockets to the servers and to
+    # direct targets (None: unmarked).
     mark: int | None = None
 
     def __init__(
