@@ -46,10 +46,9 @@ PUBLIC6 = "2001:db8:9::9"
 # Outside addresses the ACL test's [bypass_list] sends direct.
 BYPASSED = "198.51.100.10"
 BYPASSED6 = "2001:db8:9::10"
-TARGETS = (OUTSIDE, OUTSIDE6, PUBLIC, PUBLIC6, BYPASSED, BYPASSED6)
 # In the outside range too, but not in the ACL tests' bypass list.
 OUTSIDE_PROXIED = "10.18.9.10"
-TARGETS = (OUTSIDE, OUTSIDE6, PUBLIC, PUBLIC6, OUTSIDE_PROXIED)
+TARGETS = (OUTSIDE, OUTSIDE6, PUBLIC, PUBLIC6, BYPASSED, BYPASSED6, OUTSIDE_PROXIED)
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
 SERVER = "10.18.2.2"
 CLIENT_IP = "10.18.1.2"

@@ -213,8 +213,8 @@ def local_changes(old: LocalConfig, new: LocalConfig) -> LocalChanges:
     fixed = tuple(
         key for key, name in (
             ("mode", "relays"), ("online_config", "online"), ("health_check", "health_check"),
-            ("fast_open", "fast_open"), ("outbound_fwmark", "outbound_fwmark"), ("dns", "dns"),
-            ("redir/tproxy", "transparent"), ("metrics", "metrics"), ("workers", "workers"),
+            ("fast_open", "fast_open"), ("redir/tproxy", "transparent"), ("outbound_fwmark", "outbound_fwmark"),
+            ("dns", "dns"), ("metrics", "metrics"), ("workers", "workers"),
             ("reuse_port", "reuse_port"),
         )
         if getattr(old, name) != getattr(new, name)
