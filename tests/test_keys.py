@@ -423,6 +423,34 @@ class Chacha2022UsersTests(_KeysCase):
         return defer.Deferred.fromCoroutine(self._udp())
 
 
+class Mixed2022KeysTests(_KeysCase):
+    """Access keys of different 2022 methods on one port."""
+
+    async def _udp(self) -> None:
+        echo_port, _ = support.listen_udp_echo()
+        self.listen(echo_port)
+        keys = [
+            {"id": "aes128", "cipher": "2022-blake3-aes-128-gcm", "secret": base64.b64encode(os.urandom(16)).decode()},
+            {"id": "aes256", "cipher": "2022-blake3-aes-256-gcm", "secret": base64.b64encode(os.urandom(32)).decode()},
+            {"id": "chacha", "cipher": CHACHA_2022, "secret": base64.b64encode(os.urandom(32)).decode()},
+        ]
+        server, port = self.server(keys=keys, mode="tcp_and_udp")
+        # The first key tried is another method's: the session must still be the sender's.
+        for key in (keys[2], keys[1], keys[0], keys[2]):
+            _, socks = self.local(port, method=key["cipher"], password=key["secret"], mode="tcp_and_udp")
+            client = support.Socks5UdpClient()
+            self._udp_clients.append(client)
+            self.assertEqual(await client.open(socks), 0)
+            # Each echo comes back sealed in the sender's method and key, or its client could not open it.
+            await client.exchange("127.0.0.1", echo_port.getHost().port, [os.urandom(n) for n in (1, 700)])
+            self.assertEqual(server.udp_relays[0].credentials.ring.keys[0].id, key["id"])
+        self.assertEqual(server.udp_relays[0].dropped, 0)
+
+    def test_udp_replies_in_each_keys_method(self):
+        """UDP through a port of 2022 keys of three methods: each client's replies are sealed in its own key's method."""
+        return defer.Deferred.fromCoroutine(self._udp())
+
+
 class KeyLimitTests(_KeysCase):
     """A key past its limits gets silence; the operator gets one line."""
 
