@@ -189,6 +189,26 @@ class ServerReloadTests(_ReloadCase):
         self.assertFalse(await self.replayed(port, request))
 
     @support.coroutine_test
+    async def test_key_limit_holds_across_a_port_restart(self):
+        """A key at its max_connections stays at it when a reload restarts its port: a second connection gets silence, the first finishes."""
+        port = support.free_port()
+        keys = {
+            "server": "127.0.0.1", "forbidden_ip": "", "url_file": "", "shutdown_grace": GRACE, "handshake_timeout": 2,
+            "keys": [{"id": "alice", "port": port, "cipher": METHOD, "secret": "alice", "max_connections": 1}],
+        }
+        self.write(keys)
+        child = await support.start_twistd(self, "-n", "--pidfile=", "ssx-server", "-c", self.path, ready=b"no ss:// URL")
+        first, rest = os.urandom(100_000), os.urandom(200_000)
+        socks_port = self.local(port, "alice")
+        running = await self.held(socks_port, first)
+
+        self.write({**keys, "mode": "tcp_only"})
+        line = await support.sighup(child)
+        self.assertIn(f"port {port} restarted: mode", line)
+        await self.silence(socks_port)
+        await self.finish(running, first, rest)
+
+    @support.coroutine_test
     async def test_old_key_relay_ends_after_the_grace(self):
         """A relay whose password was changed away is closed once the shutdown grace has passed, not before the reload."""
         port = support.free_port()

@@ -149,9 +149,13 @@ class ServerService(MultiService):
         that changed its addresses, plugin, mode or method): the running
         one's listeners, plugin and UDP relays stop, its running TCP relays
         get `grace` seconds as at `remove_port`, and `port` starts once the
-        old listeners are closed.  Fails with `PortUnavailable` if it cannot.
+        old listeners are closed, with the running one's key limits' state.
+        Fails with `PortUnavailable` if it cannot.
         """
         old = self.ports[port.config.port]
+        # The keys' connections and quota use go on: the running relays
+        # still count against them, and a restart is no new quota period.
+        port.factory.key_usage = old.factory.key_usage
         self._forget(old)
         stopped = maybeDeferred(old.disownServiceParent)
         self._drain(old, grace)
