@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -129,6 +130,29 @@ class ScrapeTests(unittest.TestCase):
         self.assertEqual(samples.value("ssx_server_ports"), 1)
         self.assertEqual(samples.value("ssx_server_keys", **labels), 1)
         self.assertEqual(samples.types["ssx_server_data_bytes"], "counter")
+
+    @coroutine_test
+    async def test_server_keys_of_a_keys_port(self) -> None:
+        """ssx_server_keys counts a port's access keys, and follows a reload that adds one."""
+        port, metrics_port = support.free_port(), support.free_port()
+        path = os.path.abspath(self.mktemp())
+        keys = [{"id": f"k{i}", "port": port, "cipher": METHOD, "secret": f"secret {i}"} for i in range(4)]
+
+        def write(count: int) -> None:
+            with open(path, "w") as f:
+                json.dump({"server": "127.0.0.1", "url_file": "", "keys": keys[:count]}, f)
+
+        write(3)
+        child = await support.start_twistd(
+            self, "-n", "--pidfile=", "ssx-server", "-c", path, "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1",
+            ready=b"metrics listening on",
+        )
+        samples = await support.scrape(metrics_port)
+        self.assertEqual(samples.value("ssx_server_keys", port=str(port)), 3)
+        write(4)
+        await support.sighup(child)
+        samples = await support.scrape(metrics_port)
+        self.assertEqual(samples.value("ssx_server_keys", port=str(port)), 4)
 
     @coroutine_test
     async def test_local_and_server_during_traffic(self) -> None:

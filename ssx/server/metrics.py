@@ -140,7 +140,8 @@ class ServerCollector(Collector):
         )
         for label, port in ports:
             factory = port.factory
-            keys.add_metric([label], len(port.config.users) or 1)
+            # Access keys, or a 2022 port's users, or its one password.
+            keys.add_metric([label], len(port.config.keys) or len(port.config.users) or 1)
             for proto, traffic in (("tcp", port.traffic), ("udp", port.udp_traffic)):
                 if traffic is not None:
                     data.add_metric([label, proto, "c>p"], traffic.up)
