@@ -264,13 +264,48 @@ class WorkersTests(unittest.TestCase):
 
     @support.coroutine_test
     async def test_sighup_passed_on(self):
-        """SIGHUP to the supervisor reaches both workers, which go on serving under the same pids."""
+        """SIGHUP to the supervisor reaches both workers, which reload and go on serving under the same pids."""
         child, port, pids = await self.start()
         child.transport.signalProcess("HUP")
-        await support.wait_for(lambda: child.text().count("SIGHUP received") == 2, 10,
+        await support.wait_for(lambda: child.text().count("reload done: nothing changed") == 2, 10,
                                lambda: f"the workers did not both get SIGHUP: {child.text()}")
         self.assertTrue(all(support.alive(pid) for pid in pids))
         self.assertEqual(len(support.started_workers(child.text())), 2)
+
+    @support.coroutine_test
+    async def test_sighup_reloads_every_worker(self):
+        """A port added to the file and SIGHUP to the supervisor: both workers reload and serve it, bytes intact."""
+        path = os.path.abspath(self.mktemp())
+        kept, added = support.free_port(), support.free_port()
+        base = {"server": "127.0.0.1", "method": METHOD, "forbidden_ip": "", "url_file": "", "shutdown_grace": 1}
+
+        def write(ports: dict[int, str]) -> None:
+            with open(path, "w") as f:
+                json.dump({**base, "servers": [{"server_port": n, "password": p} for n, p in ports.items()]}, f)
+
+        write({kept: PASSWORD})
+        child = await support.start_twistd(
+            self, "--nodaemon", "--pidfile=", "ssx-server", "-c", path, "--workers", "2",
+            ready=b"supervising 2 workers", seconds=20,
+        )
+        await support.wait_for(lambda: child.text().count("ssx-server listening on") >= 2, 30,
+                               lambda: f"the workers did not listen: {child.text()}")
+        pids = [pid for _, pid in support.started_workers(child.text())]
+        write({kept: PASSWORD, added: "added"})
+        child.transport.signalProcess("HUP")
+        await support.wait_for(lambda: child.text().count(f"port {added} added") >= 2, 10,
+                               lambda: f"the workers did not both reload: {child.text()}")
+        socks_port = self.local(added, password="added")
+        seen: set[int] = set()
+        for _ in range(5):
+            seen |= await self.owners_of_echo_connections(socks_port, pids, 8)
+            if seen == set(pids):
+                break
+        self.assertEqual(seen, set(pids))
+        payload = os.urandom(100_000)
+        reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.1", self.echo.getHost().port, payload)
+        self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payload)))
+        self.assertEqual(self.echo_factory.inbound[-1].digest.hexdigest(), support.sha256(payload))
 
     @support.coroutine_test
     async def test_manager_add_reaches_every_worker(self):

@@ -5,7 +5,7 @@ supervisor (`ssx.workers.supervisor`) with its control pipes on fds 3
 
 It reads the supervisor's `hello` line, reads the configuration from the
 same command line as the supervisor did, builds the same service tree as
-a single process (`build_service`), with the inherited sockets
+a single process (`build_service`, reloaded on SIGHUP), with the inherited sockets
 (`ssx.net.inherited`), the shared replay filter, SO_REUSEPORT for ports
 the manager adds, and no manager socket of its own; then runs the
 reactor.  It logs to its stdout (level, then text), which the supervisor
@@ -16,16 +16,19 @@ control pipe (the supervisor gone, whatever way) stops it the same way.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import signal
 import sys
 from typing import Any, TextIO
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, formatEvent, globalLogBeginner
 from twisted.python.failure import Failure
 
 from ssx.errors import ConfigError
+from ssx.net.reload import ReloadService
 from ssx.wire.manager import ManagerRequestError, parse_request
 from ssx.workers.control import CONTROL_IN, CONTROL_OUT, parse_hello, stat_line
 
@@ -121,14 +124,31 @@ def _build(reactor: Any, hello: dict[str, Any]) -> Any:
     quiet = {"url_file": ""} if command == "ssx-server" and hello["slot"] != 0 else {}
     options.overrides = {**hello.get("overrides", {}), **quiet}
     options.parseOptions(hello["argv"])
-    config = dataclasses.replace(options.config, workers=1, reuse_port=True)
+
+    def worker_config(config: Any) -> Any:
+        return dataclasses.replace(config, workers=1, reuse_port=True)
+
+    config = worker_config(options.config)
     os.chdir(hello["rundir"])
     if command == "ssx-server":
         salt_filter = None
         if hello.get("salt_fd") is not None:
             salt_filter = SharedSaltFilter(hello["salt_fd"], config.replay_history)
-        return server_tap.build_service(reactor, config, salt_filter=salt_filter, manager_listens=False)
-    return local_tap.build_service(reactor, config)
+        service: Any = server_tap.build_service(reactor, config, salt_filter=salt_filter, manager_listens=False)
+    else:
+        service = local_tap.build_service(reactor, config)
+    # SIGHUP (passed on by the supervisor) reloads the worker as it does
+    # a single process: the file read again, the same command line over it.
+    ReloadService(
+        reactor, command, lambda: worker_config(options.load_config()), lambda new: _applied(service.reload.apply(new)),
+        options.config_error,
+    ).setServiceParent(service)
+    return service
+
+
+def _applied(result: Any) -> Any:
+    """What an end's reload `apply` returned, as ReloadService takes it (the server's is a coroutine)."""
+    return Deferred.fromCoroutine(result) if inspect.iscoroutine(result) else result
 
 
 def _totals(service: Any) -> dict[int, int]:
@@ -148,7 +168,8 @@ def main() -> None:
     os.chdir(hello["cwd"])
     inherit({key: (fd, family) for key, (fd, family) in hello["sockets"].items()})
     service = _build(reactor, hello)
-    # SIGHUP is passed on by the supervisor; it must not end a worker.
+    # SIGHUP is passed on by the supervisor; it must not end a worker
+    # before the service's reload handler takes it over.
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(_log.info, "SIGHUP received"))  # type: ignore[attr-defined]
     service.privilegedStartService()
     service.startService()
