@@ -50,6 +50,17 @@ class SharedPartsTests(unittest.SynchronousTestCase):
                 server_config({"password": "x", **bad})
             self.assertEqual(caught.exception.key, "workers")
 
+    def test_key_limits_refused(self):
+        """Per-key max_connections or quota with workers above 1 is refused naming workers (each worker would count them apart)."""
+        key = {"id": "alice", "cipher": METHOD, "secret": "x"}
+        self.assertEqual(server_config({"keys": [key], "workers": 2}).workers, 2)
+        for limit in ({"max_connections": 2}, {"quota": {"bytes": "1G", "period": "30d"}}):
+            self.assertEqual(server_config({"keys": [{**key, **limit}]}).workers, 1)
+            with self.assertRaises(ConfigError) as caught:
+                server_config({"keys": [{**key, **limit}], "workers": 2})
+            self.assertEqual(caught.exception.key, "workers")
+            self.assertIn("alice", caught.exception.message)
+
     def test_shared_filter_refuses_across_processes_views(self):
         """A salt added through one mapping is refused through another; own salts too; history turns over."""
         fd = SharedSaltFilter.create(1000)

@@ -221,6 +221,10 @@ def _workers(values: Mapping[str, Any], ports: list[PortConfig]) -> int:
         for port in ports:
             if port.plugin is not None:
                 raise ConfigError("workers", "not with a SIP003 plugin (each worker would start its own on one port)")
+            limited = [key.id for key in port.keys if key.max_connections or key.quota_bytes]
+            if limited:
+                raise ConfigError("workers", f"not with per-key max_connections or quota (key {limited[0]!r} on port "
+                                             f"{port.port}): each worker would count them apart, allowing N times as much")
             if port.relays.tcp:
                 for description in port.listen:
                     if not is_plain_tcp(description):
