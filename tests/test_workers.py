@@ -283,26 +283,31 @@ class WorkersTests(unittest.TestCase):
         self.assertTrue(all(support.alive(pid) for pid in pids))
         self.assertEqual(len(support.started_workers(child.text())), 2)
 
+    async def start_from_file(self, ports: dict[int, str], *extra: str) -> tuple[Any, list[int]]:
+        """The server with 2 workers from a config file of `ports` (number: password), once both listen: (child, pids)."""
+        child = await support.start_twistd(
+            self, "--nodaemon", "--pidfile=", "ssx-server", "-c", self.write_ports(ports), "--workers", "2", *extra,
+            ready=b"supervising 2 workers", seconds=20,
+        )
+        await support.wait_for(lambda: child.text().count("ssx-server listening on") >= 2 * len(ports), 30,
+                               lambda: f"the workers did not listen: {child.text()}")
+        return child, [pid for _, pid in support.started_workers(child.text())]
+
+    def write_ports(self, ports: dict[int, str]) -> str:
+        """(Re)write the test's config file with `ports` (number: password); returns its path."""
+        if not hasattr(self, "config_path"):
+            self.config_path = os.path.abspath(self.mktemp())
+        base = {"server": "127.0.0.1", "method": METHOD, "forbidden_ip": "", "url_file": "", "shutdown_grace": 1}
+        with open(self.config_path, "w") as f:
+            json.dump({**base, "servers": [{"server_port": n, "password": p} for n, p in ports.items()]}, f)
+        return self.config_path
+
     @support.coroutine_test
     async def test_sighup_reloads_every_worker(self):
         """A port added to the file and SIGHUP to the supervisor: both workers reload and serve it, bytes intact."""
-        path = os.path.abspath(self.mktemp())
         kept, added = support.free_port(), support.free_port()
-        base = {"server": "127.0.0.1", "method": METHOD, "forbidden_ip": "", "url_file": "", "shutdown_grace": 1}
-
-        def write(ports: dict[int, str]) -> None:
-            with open(path, "w") as f:
-                json.dump({**base, "servers": [{"server_port": n, "password": p} for n, p in ports.items()]}, f)
-
-        write({kept: PASSWORD})
-        child = await support.start_twistd(
-            self, "--nodaemon", "--pidfile=", "ssx-server", "-c", path, "--workers", "2",
-            ready=b"supervising 2 workers", seconds=20,
-        )
-        await support.wait_for(lambda: child.text().count("ssx-server listening on") >= 2, 30,
-                               lambda: f"the workers did not listen: {child.text()}")
-        pids = [pid for _, pid in support.started_workers(child.text())]
-        write({kept: PASSWORD, added: "added"})
+        child, pids = await self.start_from_file({kept: PASSWORD})
+        self.write_ports({kept: PASSWORD, added: "added"})
         child.transport.signalProcess("HUP")
         await support.wait_for(lambda: child.text().count(f"port {added} added") >= 2, 10,
                                lambda: f"the workers did not both reload: {child.text()}")
@@ -317,6 +322,26 @@ class WorkersTests(unittest.TestCase):
         reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.1", self.echo.getHost().port, payload)
         self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payload)))
         self.assertEqual(self.echo_factory.inbound[-1].digest.hexdigest(), support.sha256(payload))
+
+    @support.coroutine_test
+    async def test_manager_follows_a_reload(self):
+        """After SIGHUP adds one port and removes another, the supervisor's manager lists and pings the file's ports."""
+        manager_port = support.free_port()
+        removed, added = support.free_port(), support.free_port()
+        child, pids = await self.start_from_file({removed: PASSWORD}, "--manager-address", f"127.0.0.1:{manager_port}")
+        self.write_ports({added: "added"})
+        child.transport.signalProcess("HUP")
+        await support.wait_for(lambda: child.text().count(f"port {added} added") >= 2, 10,
+                               lambda: f"the workers did not both reload: {child.text()}")
+        manager = support.ManagerClient()
+        self.addCleanup(manager.sock.close)
+        address = ("127.0.0.1", manager_port)
+        listed = await manager.ask(address, b"list")
+        while listed.startswith(b"stat:"):
+            listed = await manager.next()
+        self.assertEqual([entry["server_port"] for entry in json.loads(listed)], [str(added)])
+        pinged = await manager.ask(address, b"ping")
+        self.assertEqual(list(json.loads(pinged[len(b"stat: "):])), [str(added)])
 
     @support.coroutine_test
     async def test_manager_add_reaches_every_worker(self):

@@ -258,7 +258,7 @@ def makeService(options: Options) -> IService:
     if options.config.workers > 1:
         from ssx.workers.supervisor import Supervisor
 
-        return Supervisor(reactor, "ssx-server", options.argv, options.config, options.cwd)
+        return Supervisor(reactor, "ssx-server", options.argv, options.config, options.cwd, load=options.load_config)
     service = build_service(reactor, options.config)
     # SIGHUP: the file read again, the start's command line over it.
     ReloadService(

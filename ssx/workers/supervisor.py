@@ -7,7 +7,8 @@ and names in its pid file) when N > 1.  It opens every listener's sockets
 
 - restarts a worker that dies, after 1 s, doubling to 30 s while workers
   keep dying young, back to 1 s once one has lived a minute;
-- passes SIGHUP on to every worker; at stop (SIGTERM) sends each SIGTERM,
+- passes SIGHUP on to every worker (each reloads) and reads the
+  configuration again for its manager's table of ports; at stop (SIGTERM) sends each SIGTERM,
   so that each drains within the shutdown grace, kills what is left 5 s
   after the grace, and returns once all have ended;
 - logs the workers' log lines (they write them to their stdout) under
@@ -33,6 +34,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from ssx.errors import ConfigError
 from ssx.net.tcp import FAST_OPEN_QUEUE
 from ssx.workers.control import CONTROL_IN, CONTROL_OUT, hello_line, parse_stat, request_line
 from ssx.workers.sockets import Listener, SlotSockets, close_all, open_slot_sockets
@@ -164,10 +166,15 @@ class Supervisor(MultiService):
     def __init__(
         self, reactor: Any, command: str, argv: list[str], config: Any, cwd: str,
         listeners: Callable[[Any], list[Listener]] = server_listeners, overrides: Mapping[str, Any] | None = None,
+        load: Callable[[], Any] | None = None,
     ) -> None:
         MultiService.__init__(self)
         self.reactor = reactor
         self.command = command
+        # Reads the configuration again at SIGHUP (as the workers do), for
+        # what the supervisor keeps of it: `reloaded` is called with it.
+        self.load = load
+        self.reloaded: list[Callable[[Any], None]] = []
         self.argv = argv
         self.config = config
         self.cwd = cwd
@@ -215,7 +222,20 @@ class Supervisor(MultiService):
             self.start_worker(slot)
 
     def _hup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.forward_signal, "HUP")
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """SIGHUP: passed on to the workers (each reloads), and the configuration read again for `reloaded`."""
+        self.forward_signal("HUP")
+        if self.load is None or not self.reloaded:
+            return
+        try:
+            config = self.load()
+        except ConfigError:
+            # Each worker refuses it with its line; the supervisor keeps what it has.
+            return
+        for apply in self.reloaded:
+            apply(config)
 
     def forward_signal(self, name: str) -> None:
         _log.info("{command}: passing SIG{name} on to the workers", command=self.command, name=name)
