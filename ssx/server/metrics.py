@@ -83,6 +83,19 @@ class ServerMetrics:
         factory.closed_by_status = {}
         factory.default_user = ""
 
+    def forget(self, port: ServerPort) -> None:
+        """`port` is no longer served: its histograms' series go (a port restarted on its number keeps them)."""
+        label = port_label(port)
+        for histogram, labels in (
+            (self.handshake_seconds, [(label,)]), (self.connect_seconds, [(label,)]),
+            (self.key_search_seconds, [(label, "true"), (label, "false")]),
+        ):
+            for values in labels:
+                try:
+                    histogram.remove(*values)
+                except KeyError:
+                    pass
+
 
 def port_label(port: ServerPort) -> str:
     return str(port.config.port)

@@ -130,6 +130,8 @@ class ServerService(MultiService):
         """
         port = self.ports[number]
         self._forget(port)
+        if self.metrics is not None:
+            self.metrics.forget(port)
         stopped = maybeDeferred(port.disownServiceParent)
         drained = self._drain(port, grace)
         return gatherResults([stopped, drained]).addCallback(lambda _: None)
