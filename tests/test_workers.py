@@ -13,12 +13,14 @@ import os
 import re
 import signal
 import socket
+import sys
 from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -60,6 +62,13 @@ class SharedPartsTests(unittest.SynchronousTestCase):
                 server_config({"keys": [{**key, **limit}], "workers": 2})
             self.assertEqual(caught.exception.key, "workers")
             self.assertIn("alice", caught.exception.message)
+
+    def test_metrics_refused(self):
+        """--metrics with workers above 1 is refused naming workers (each worker would bind the metrics port)."""
+        self.assertEqual(server_config({"password": "x", "metrics": "tcp:9100"}).workers, 1)
+        with self.assertRaises(ConfigError) as caught:
+            server_config({"password": "x", "metrics": "tcp:9100", "workers": 2})
+        self.assertEqual(caught.exception.key, "workers")
 
     def test_shared_filter_refuses_across_processes_views(self):
         """A salt added through one mapping is refused through another; own salts too; history turns over."""
@@ -272,6 +281,21 @@ class WorkersTests(unittest.TestCase):
             self.addCleanup(client.close)
             self.assertEqual(await client.open(socks_port), 0)
             await client.exchange("127.0.0.1", udp_port.getHost().port, [os.urandom(n) for n in (1, 500, 1400, 8000)])
+
+    @support.coroutine_test
+    async def test_metrics_with_workers_one_line(self):
+        """twistd ssx-server --workers 2 --metrics stops at start with one line naming workers, no worker started."""
+        path = self.mktemp()
+        os.makedirs(path)
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, [*support.TWISTD, "-n", "--pidfile=", "ssx-server", "-s", "127.0.0.1", "-p", "0", "-k", "pw",
+                             "--url-file=", "--workers", "2", "--metrics", f"tcp:{support.free_port()}:interface=127.0.0.1"],
+            env=support.twistd_env(), path=path,
+        )
+        lines = (out + err).decode().strip().splitlines()
+        self.assertNotEqual(code, 0)
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].startswith("ssx-server: bad configuration: workers: "), lines[0])
 
     @support.coroutine_test
     async def test_sighup_passed_on(self):

@@ -218,6 +218,8 @@ def _workers(values: Mapping[str, Any], ports: list[PortConfig]) -> int:
     """`workers`, refused with what the supervisor cannot share between processes."""
     workers = read_workers(values)
     if workers > 1:
+        if read_metrics(values) is not None:
+            raise ConfigError("workers", "not with metrics (each worker would serve its own counters on one port)")
         for port in ports:
             if port.plugin is not None:
                 raise ConfigError("workers", "not with a SIP003 plugin (each worker would start its own on one port)")
