@@ -164,8 +164,10 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         warnings += notes
     _check_distinct(ports)
     # A generated password's ss:// URL carries the method: only a given
-    # secret, from a deployment of another implementation, may expect the original's.
-    if any("method" not in entry and not port.password_generated for (_, entry, _), port in zip(entries, ports)):
+    # secret, from a deployment of another implementation, may expect the
+    # original's.  Access keys each name their cipher.
+    if any("method" not in entry and not port.password_generated and not port.keys
+           for (_, entry, _), port in zip(entries, ports)):
         warnings += (no_method_warning(DEFAULT_METHOD),)
     peer_warnings, ignored = peer_key_notes(values, SERVER_KEYS, SERVER_PEER_KEYS)
     warnings += peer_warnings
