@@ -203,6 +203,22 @@ class KeysConfigTests(unittest.SynchronousTestCase):
         key = config.ports[0].keys[0]
         self.assertEqual((key.max_connections, key.quota_bytes, key.quota_period), (3, 10 << 30, 30 * 86400.0))
 
+    def test_password_beside_keys_refused(self):
+        """A password (or key) that keys would leave unused stops start-up naming it: top-level keys, or an entry's own."""
+        key = {"id": "a", "cipher": "aes-128-gcm", "secret": "x"}
+        for values, name in (
+            ({"server_port": 8388, "password": "y", "keys": [{**key, "port": 9000}]}, "password"),
+            ({"server_port": 9000, "password": "y", "keys": [key]}, "password"),
+            ({"key": "A" * 22 + "==", "keys": [key]}, "key"),
+            ({"servers": [{"server_port": 9000, "password": "y", "keys": [key]}]}, "servers[0].password"),
+        ):
+            with self.assertRaises(ConfigError) as caught:
+                server_config(values)
+            self.assertEqual(caught.exception.key, name, values)
+        # A top-level password for other entries is no entry's own.
+        config = server_config({"password": "y", "servers": [{"server_port": 9000, "keys": [key]}, {"server_port": 9001}]})
+        self.assertEqual([(p.port, len(p.keys), p.password) for p in config.port_configs()], [(9000, 1, ""), (9001, 0, "y")])
+
     def test_bad_entries(self):
         """Each bad key is one ConfigError naming the key and the entry."""
         good = {"id": "a", "cipher": "aes-128-gcm", "secret": "x"}
