@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 
 from ssx.errors import ConfigError
 
@@ -115,9 +116,15 @@ def parse_duration(value: object, key: str) -> float:
     return parse_seconds(value, key)
 
 
+# Quotes a few levels and items of a value, however large: a YAML file's
+# aliases can make a list of billions of items out of a few lines.
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxlist, _QUOTE.maxtuple, _QUOTE.maxdict, _QUOTE.maxstring = 3, 4, 4, 4, 40
+
+
 def _shown(value: object) -> str:
     """The value as an error message may quote it: short, whatever was given."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return "a number that large"
-    text = repr(value)
+    text = _QUOTE.repr(value)
     return text if len(text) <= 40 else text[:37] + "..."

@@ -219,6 +219,31 @@ class KeysConfigTests(unittest.SynchronousTestCase):
         config = server_config({"password": "y", "servers": [{"server_port": 9000, "keys": [key]}, {"server_port": 9001}]})
         self.assertEqual([(p.port, len(p.keys), p.password) for p in config.port_configs()], [(9000, 1, ""), (9001, 0, "y")])
 
+    def test_alias_bomb_quoted_short(self):
+        """A YAML alias bomb where a number belongs is refused naming the key, quoted without walking all of it."""
+
+        class Deep:
+            def __repr__(self) -> str:
+                raise AssertionError("the error message walked the whole value")
+
+        bomb: object = [Deep()] * 9
+        for _ in range(8):
+            bomb = [bomb] * 9
+        with self.assertRaises(ConfigError) as caught:
+            server_config({"password": "x", "timeout": bomb})
+        self.assertEqual(caught.exception.key, "timeout")
+        self.assertLess(len(str(caught.exception)), 200)
+        path = self.mktemp()
+        with open(path + ".yml", "w") as f:
+            f.write('a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n')
+            for level in "bcdefghij":
+                previous = chr(ord(level) - 1)
+                f.write(f"{level}: &{level} [{', '.join(['*' + previous] * 9)}]\n")
+            f.write("password: x\ntimeout: *j\n")
+        with self.assertRaises(ConfigError) as caught:
+            server_config(read_config_file(path + ".yml"))
+        self.assertEqual(caught.exception.key, "timeout")
+
     def test_bad_entries(self):
         """Each bad key is one ConfigError naming the key and the entry."""
         good = {"id": "a", "cipher": "aes-128-gcm", "secret": "x"}
