@@ -229,10 +229,11 @@ class KeysConfigTests(unittest.SynchronousTestCase):
         bomb: object = [Deep()] * 9
         for _ in range(8):
             bomb = [bomb] * 9
-        with self.assertRaises(ConfigError) as caught:
-            server_config({"password": "x", "timeout": bomb})
-        self.assertEqual(caught.exception.key, "timeout")
-        self.assertLess(len(str(caught.exception)), 200)
+        for key in ("timeout", "local_address"):
+            with self.assertRaises(ConfigError) as caught:
+                server_config({"password": "x", key: bomb if key == "timeout" else [bomb]})
+            self.assertEqual(caught.exception.key, key)
+            self.assertLess(len(str(caught.exception)), 200)
         path = self.mktemp()
         with open(path + ".yml", "w") as f:
             f.write('a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n')

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ssx.config.known_keys import SERVER_PEER_KEYS, no_method_warning, peer_key_notes
+from ssx.numbers import quoted
 from ssx.config.values import (
     COMMON_KEYS,
     DEFAULT_METHOD,
@@ -268,7 +269,7 @@ def read_outbound(values: Mapping[str, Any]) -> tuple[Outbound | None, tuple[str
     sources: dict[int, str] = {}
     for item in items:
         if not isinstance(item, str):
-            raise ConfigError(key, f"{item!r} is not an IP address")
+            raise ConfigError(key, f"{quoted(item)} is not an IP address")
         try:
             address = ipaddress.ip_address(item.strip())
         except ValueError:
