@@ -348,6 +348,25 @@ class WorkersTests(unittest.TestCase):
         self.assertEqual(self.echo_factory.inbound[-1].digest.hexdigest(), support.sha256(payload))
 
     @support.coroutine_test
+    async def test_port_removed_by_reload_refuses(self):
+        """A port SIGHUP removes from the file is closed for good: new connections are refused, not left unanswered."""
+        kept, removed = support.free_port(), support.free_port()
+        child, pids = await self.start_from_file({kept: PASSWORD, removed: PASSWORD})
+        self.write_ports({kept: PASSWORD})
+        child.transport.signalProcess("HUP")
+        await support.wait_for(lambda: child.text().count(f"port {removed} removed") >= 2, 10,
+                               lambda: f"the workers did not both reload: {child.text()}")
+
+        def refused() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", removed)) != 0
+
+        await support.wait_for(refused, 10, "the removed port still accepts connections")
+        payload = os.urandom(50_000)
+        reply, received = await support.whole_echo_transfer(self.local(kept), "127.0.0.1", self.echo.getHost().port, payload)
+        self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payload)))
+
+    @support.coroutine_test
     async def test_manager_follows_a_reload(self):
         """After SIGHUP adds one port and removes another, the supervisor's manager lists and pings the file's ports."""
         manager_port = support.free_port()

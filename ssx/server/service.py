@@ -15,6 +15,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ssx.net.acl_holder import AclHolder
+from ssx.net.inherited import release
 
 from ssx.net.listener import DatagramListenerService, DrainService, ListenerService
 from ssx.net.plugin import PluginService
@@ -133,6 +134,12 @@ class ServerService(MultiService):
         if self.metrics is not None:
             self.metrics.forget(port)
         stopped = maybeDeferred(port.disownServiceParent)
+        # In a worker: the sockets it inherited for the port close with it.
+        keys = [listener.inherited_key for listener in port.listeners]
+        keys += [listener.inherited_key for listener in port.datagram_listeners]
+        for key in keys:
+            if key is not None:
+                release(key)
         drained = self._drain(port, grace)
         return gatherResults([stopped, drained]).addCallback(lambda _: None)
 

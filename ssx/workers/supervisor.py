@@ -35,6 +35,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from ssx.errors import ConfigError
+from ssx.net.inherited import datagram_key, stream_key
 from ssx.net.tcp import FAST_OPEN_QUEUE
 from ssx.workers.control import CONTROL_IN, CONTROL_OUT, hello_line, parse_stat, request_line
 from ssx.workers.sockets import Listener, SlotSockets, close_all, open_slot_sockets
@@ -180,6 +181,7 @@ class Supervisor(MultiService):
         self.cwd = cwd
         self.count = config.workers
         self.listeners = listeners(config)
+        self._listeners_of = listeners
         self.overrides = dict(overrides or {})
         self.totals = WorkerTotals()
         self.sockets: list[SlotSockets] = []
@@ -227,15 +229,36 @@ class Supervisor(MultiService):
     def reload(self) -> None:
         """SIGHUP: passed on to the workers (each reloads), and the configuration read again for `reloaded`."""
         self.forward_signal("HUP")
-        if self.load is None or not self.reloaded:
+        if self.load is None:
             return
         try:
             config = self.load()
         except ConfigError:
             # Each worker refuses it with its line; the supervisor keeps what it has.
             return
+        self._close_removed(self._listeners_of(config))
         for apply in self.reloaded:
             apply(config)
+
+    def _close_removed(self, listeners: list[Listener]) -> None:
+        """Close this process's sockets of the listeners a reload removed (the workers close theirs)."""
+        removed = [listener for listener in self.listeners if listener not in listeners]
+        self.listeners = [listener for listener in self.listeners if listener in listeners]
+        for slot in self.sockets:
+            for listener in removed:
+                if listener.description is not None:
+                    sock = slot.pop(stream_key(listener.description), None)
+                    if sock is None:
+                        continue
+                    if listener.udp:
+                        beside = slot.pop(datagram_key(*sock.getsockname()[:2]), None)
+                        if beside is not None:
+                            beside.close()
+                    sock.close()
+                else:
+                    udp = slot.pop(datagram_key(listener.host, listener.port), None)
+                    if udp is not None:
+                        udp.close()
 
     def forward_signal(self, name: str) -> None:
         _log.info("{command}: passing SIG{name} on to the workers", command=self.command, name=name)
