@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 
 from ssx.errors import ConfigError
 
 __all__ = [
     "MAX_COUNT", "MAX_SECONDS", "parse_count", "parse_duration", "parse_number", "parse_port", "parse_seconds",
-    "parse_size",
+    "parse_size", "quoted",
 ]
 
 # 19 digits hold every whole number any key allows; int() of them is cheap.
@@ -61,7 +62,7 @@ def parse_number(
         elif not fraction and _WHOLE.fullmatch(value):
             number = int(value)
     if number is None or not (minimum < number if above_minimum else minimum <= number) or not number <= maximum:
-        raise ConfigError(key, f"expected {expected}, not {_shown(value)}" if show else f"expected {expected}")
+        raise ConfigError(key, f"expected {expected}, not {quoted(value)}" if show else f"expected {expected}")
     return float(number) if fraction else number
 
 
@@ -115,9 +116,15 @@ def parse_duration(value: object, key: str) -> float:
     return parse_seconds(value, key)
 
 
-def _shown(value: object) -> str:
+# Quotes a few levels and items of a value, however large: a YAML file's
+# aliases can make a list of billions of items out of a few lines.
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxlist, _QUOTE.maxtuple, _QUOTE.maxdict, _QUOTE.maxstring = 3, 4, 4, 4, 40
+
+
+def quoted(value: object) -> str:
     """The value as an error message may quote it: short, whatever was given."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return "a number that large"
-    text = repr(value)
+    text = _QUOTE.repr(value)
     return text if len(text) <= 40 else text[:37] + "..."

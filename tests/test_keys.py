@@ -203,6 +203,48 @@ class KeysConfigTests(unittest.SynchronousTestCase):
         key = config.ports[0].keys[0]
         self.assertEqual((key.max_connections, key.quota_bytes, key.quota_period), (3, 10 << 30, 30 * 86400.0))
 
+    def test_password_beside_keys_refused(self):
+        """A password (or key) that keys would leave unused stops start-up naming it: top-level keys, or an entry's own."""
+        key = {"id": "a", "cipher": "aes-128-gcm", "secret": "x"}
+        for values, name in (
+            ({"server_port": 8388, "password": "y", "keys": [{**key, "port": 9000}]}, "password"),
+            ({"server_port": 9000, "password": "y", "keys": [key]}, "password"),
+            ({"key": "A" * 22 + "==", "keys": [key]}, "key"),
+            ({"servers": [{"server_port": 9000, "password": "y", "keys": [key]}]}, "servers[0].password"),
+        ):
+            with self.assertRaises(ConfigError) as caught:
+                server_config(values)
+            self.assertEqual(caught.exception.key, name, values)
+        # A top-level password for other entries is no entry's own.
+        config = server_config({"password": "y", "servers": [{"server_port": 9000, "keys": [key]}, {"server_port": 9001}]})
+        self.assertEqual([(p.port, len(p.keys), p.password) for p in config.port_configs()], [(9000, 1, ""), (9001, 0, "y")])
+
+    def test_alias_bomb_quoted_short(self):
+        """A YAML alias bomb where a number belongs is refused naming the key, quoted without walking all of it."""
+
+        class Deep:
+            def __repr__(self) -> str:
+                raise AssertionError("the error message walked the whole value")
+
+        bomb: object = [Deep()] * 9
+        for _ in range(8):
+            bomb = [bomb] * 9
+        for key in ("timeout", "local_address"):
+            with self.assertRaises(ConfigError) as caught:
+                server_config({"password": "x", key: bomb if key == "timeout" else [bomb]})
+            self.assertEqual(caught.exception.key, key)
+            self.assertLess(len(str(caught.exception)), 200)
+        path = self.mktemp()
+        with open(path + ".yml", "w") as f:
+            f.write('a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n')
+            for level in "bcdefghij":
+                previous = chr(ord(level) - 1)
+                f.write(f"{level}: &{level} [{', '.join(['*' + previous] * 9)}]\n")
+            f.write("password: x\ntimeout: *j\n")
+        with self.assertRaises(ConfigError) as caught:
+            server_config(read_config_file(path + ".yml"))
+        self.assertEqual(caught.exception.key, "timeout")
+
     def test_bad_entries(self):
         """Each bad key is one ConfigError naming the key and the entry."""
         good = {"id": "a", "cipher": "aes-128-gcm", "secret": "x"}
@@ -420,6 +462,34 @@ class Chacha2022UsersTests(_KeysCase):
 
     def test_chacha_users_udp(self):
         """Datagrams of two users of a 2022 ChaCha port come back under each user's key, counted under the user's name."""
+        return defer.Deferred.fromCoroutine(self._udp())
+
+
+class Mixed2022KeysTests(_KeysCase):
+    """Access keys of different 2022 methods on one port."""
+
+    async def _udp(self) -> None:
+        echo_port, _ = support.listen_udp_echo()
+        self.listen(echo_port)
+        keys = [
+            {"id": "aes128", "cipher": "2022-blake3-aes-128-gcm", "secret": base64.b64encode(os.urandom(16)).decode()},
+            {"id": "aes256", "cipher": "2022-blake3-aes-256-gcm", "secret": base64.b64encode(os.urandom(32)).decode()},
+            {"id": "chacha", "cipher": CHACHA_2022, "secret": base64.b64encode(os.urandom(32)).decode()},
+        ]
+        server, port = self.server(keys=keys, mode="tcp_and_udp")
+        # The first key tried is another method's: the session must still be the sender's.
+        for key in (keys[2], keys[1], keys[0], keys[2]):
+            _, socks = self.local(port, method=key["cipher"], password=key["secret"], mode="tcp_and_udp")
+            client = support.Socks5UdpClient()
+            self._udp_clients.append(client)
+            self.assertEqual(await client.open(socks), 0)
+            # Each echo comes back sealed in the sender's method and key, or its client could not open it.
+            await client.exchange("127.0.0.1", echo_port.getHost().port, [os.urandom(n) for n in (1, 700)])
+            self.assertEqual(server.udp_relays[0].credentials.ring.keys[0].id, key["id"])
+        self.assertEqual(server.udp_relays[0].dropped, 0)
+
+    def test_udp_replies_in_each_keys_method(self):
+        """UDP through a port of 2022 keys of three methods: each client's replies are sealed in its own key's method."""
         return defer.Deferred.fromCoroutine(self._udp())
 
 

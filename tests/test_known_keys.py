@@ -109,6 +109,15 @@ class PeerKeyWarningTests(unittest.SynchronousTestCase):
         self.assertTrue([w for w in unnamed.warnings if "no method" in w])
 
 
+class NoMethodKeysTests(unittest.SynchronousTestCase):
+    def test_access_keys_need_no_method(self):
+        """A port of access keys, each naming its cipher, gets no warning about a missing method."""
+        keys = [{"id": "a", "port": 9000, "cipher": "aes-128-gcm", "secret": "x"}]
+        self.assertFalse([w for w in server_config({"keys": keys}).warnings if "no method" in w])
+        entry = server_config({"servers": [{"server_port": 9001, "keys": [{"id": "b", "cipher": "aes-128-gcm", "secret": "y"}]}]})
+        self.assertFalse([w for w in entry.warnings if "no method" in w])
+
+
 class Ipv6FirstTests(unittest.SynchronousTestCase):
     """libev's ipv6_first is ssx-server's prefer_ipv6."""
 

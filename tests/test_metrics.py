@@ -132,6 +132,54 @@ class ScrapeTests(unittest.TestCase):
         self.assertEqual(samples.types["ssx_server_data_bytes"], "counter")
 
     @coroutine_test
+    async def test_server_keys_of_a_keys_port(self) -> None:
+        """ssx_server_keys counts a port's access keys, and follows a reload that adds one."""
+        port, metrics_port = support.free_port(), support.free_port()
+        path = os.path.abspath(self.mktemp())
+        keys = [{"id": f"k{i}", "port": port, "cipher": METHOD, "secret": f"secret {i}"} for i in range(4)]
+
+        def write(count: int) -> None:
+            with open(path, "w") as f:
+                json.dump({"server": "127.0.0.1", "url_file": "", "keys": keys[:count]}, f)
+
+        write(3)
+        child = await support.start_twistd(
+            self, "-n", "--pidfile=", "ssx-server", "-c", path, "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1",
+            ready=b"metrics listening on",
+        )
+        samples = await support.scrape(metrics_port)
+        self.assertEqual(samples.value("ssx_server_keys", port=str(port)), 3)
+        write(4)
+        await support.sighup(child)
+        samples = await support.scrape(metrics_port)
+        self.assertEqual(samples.value("ssx_server_keys", port=str(port)), 4)
+
+    @coroutine_test
+    async def test_removed_port_leaves_no_series(self) -> None:
+        """A port a reload removes is in no series of the next scrape (histograms included); the kept port still is."""
+        kept, removed, metrics_port = support.free_port(), support.free_port(), support.free_port()
+        path = os.path.abspath(self.mktemp())
+
+        def write(*ports: int) -> None:
+            with open(path, "w") as f:
+                json.dump({"server": "127.0.0.1", "url_file": "", "method": METHOD,
+                           "servers": [{"server_port": n, "password": f"pw {n}"} for n in ports]}, f)
+
+        write(kept, removed)
+        child = await support.start_twistd(
+            self, "-n", "--pidfile=", "ssx-server", "-c", path, "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1",
+            ready=b"metrics listening on",
+        )
+        before = await support.scrape(metrics_port)
+        self.assertIn(str(removed), {dict(labels)["port"] for _, labels in before.samples if "port" in dict(labels)})
+        write(kept)
+        self.assertIn(f"port {removed} removed", await support.sighup(child))
+        after = await support.scrape(metrics_port)
+        ports = {dict(labels)["port"] for _, labels in after.samples if "port" in dict(labels)}
+        self.assertEqual(ports, {str(kept)})
+        self.assertEqual(after.value("ssx_server_handshake_seconds_count", port=str(kept)), 0)
+
+    @coroutine_test
     async def test_local_and_server_during_traffic(self) -> None:
         """Through twistd ssx-local and ssx-server: payload counters exact at both ends, encrypted ones whole AEAD chunks."""
         echo, echo_port = self.echo()

@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from ssx.config import server_config
+from ssx.crypto import Suite2022
 import ssx.server.tap as server_tap
+from ssx.wire.address import Address
 
 _USER_METHOD = "2022-blake3-aes-128-gcm"
 _PSK = "AAECAwQFBgcICQoLDA0ODw=="
@@ -29,12 +32,19 @@ class _Connection:
         self.user = user
 
 
-def _port(**values: Any) -> Any:
+def _port(reactor: Any = None, **values: Any) -> Any:
     config = server_config({
         "server": "127.0.0.1", "server_port": 8001, "mode": "tcp_and_udp", "forbidden_ip": "", "url_file": "",
         **values,
     })
-    return server_tap.build_service(MemoryReactorClock(), config).ports[8001]
+    return server_tap.build_service(reactor or MemoryReactorClock(), config).ports[8001]
+
+
+def _handshake(port: Any, request: bytes) -> None:
+    """One client connection to `port`'s factory that sends `request` in one read."""
+    protocol = port.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    protocol.makeConnection(StringTransport())
+    protocol.dataReceived(request)
 
 
 class RekeyTests(SynchronousTestCase):
@@ -64,6 +74,21 @@ class RekeyTests(SynchronousTestCase):
         port = _port(method="aes-128-gcm", password="same")
         port.factory.connections.add(_Connection(None))
         self.assertEqual(port.rekey(dataclasses.replace(port.config, timeout=10.0)), [])
+
+    def test_2022_replay_refused_after_rekey(self) -> None:
+        """A 2022 request accepted before a reload is refused when replayed after it: the port's salts outlive its keys."""
+        reactor = MemoryReactorClock()
+        reactor.advance(1_000_000)
+        port = _port(reactor, method=_USER_METHOD, password=_PSK)
+        client = Suite2022(_USER_METHOD, _PSK, now=reactor.seconds)
+        request = client.client_codec().first(Address("192.0.2.1", 80), b"hello")
+        _handshake(port, request)
+        self.assertEqual(port.factory.handshake_failures, 0)
+        _handshake(port, request)
+        self.assertEqual(port.factory.handshake_failures, 1)
+        port.rekey(dataclasses.replace(port.config, timeout=10.0))
+        _handshake(port, request)
+        self.assertEqual(port.factory.handshake_failures, 2)
 
     def test_configure_applies_timeout_and_limits(self) -> None:
         """`configure` gives the factory the port's new timeout and the shared limits and bounds."""

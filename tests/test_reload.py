@@ -8,6 +8,7 @@ for byte at both ends.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -17,10 +18,13 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
+from ssx.crypto import Suite2022
+from ssx.wire.address import Address
 from tests import support
 from tests.support import HashingEchoFactory, ManagerClient, RawClient, SocksClient
 
 METHOD = "aes-128-gcm"
+METHOD_2022 = "2022-blake3-aes-256-gcm"
 # A relay must outlive a reload by a margin a loaded machine keeps.
 GRACE = 60
 
@@ -149,6 +153,60 @@ class ServerReloadTests(_ReloadCase):
 
         await self.finish(running, first, rest)
         await self.transfer(socks_port)
+
+    async def replayed(self, port: int, request: bytes) -> bool:
+        """Whether `request`, sent as a new connection's first bytes to `port`, reached the echo target."""
+        before = len(self.echo_factory.inbound)
+        client = RawClient(request)
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        self.addCleanup(lambda: client.transport.abortConnection() if not client.closed.called else None)
+        # Accepted: the echo answers; refused: silence until the handshake timeout closes it.
+        await support.wait_for(lambda: client.received or client.closed.called, 20, "neither an echo nor a close")
+        client.transport.loseConnection()
+        await client.closed
+        return len(self.echo_factory.inbound) > before
+
+    @support.coroutine_test
+    async def test_2022_replay_refused_after_reload(self):
+        """A 2022 request captured before a reload, replayed after a rekey in place and after a restart of its port, is refused."""
+        port = support.free_port()
+        psk = base64.b64encode(os.urandom(32)).decode()
+        values = {"method": METHOD_2022}
+        child = await self.server({port: psk}, **values)
+        suite = Suite2022(METHOD_2022, psk)
+        request = suite.client_codec().first(Address("127.0.0.1", self.echo_port), os.urandom(100))
+        self.assertTrue(await self.replayed(port, request))
+        self.assertFalse(await self.replayed(port, request))
+
+        self.write(self.ports_file({port: psk}, timeout=120, **values))
+        line = await support.sighup(child)
+        self.assertIn(f"port {port}: timeout", line)
+        self.assertFalse(await self.replayed(port, request))
+
+        self.write(self.ports_file({port: psk}, timeout=120, mode="tcp_and_udp", **values))
+        line = await support.sighup(child)
+        self.assertIn(f"port {port} restarted: mode", line)
+        self.assertFalse(await self.replayed(port, request))
+
+    @support.coroutine_test
+    async def test_key_limit_holds_across_a_port_restart(self):
+        """A key at its max_connections stays at it when a reload restarts its port: a second connection gets silence, the first finishes."""
+        port = support.free_port()
+        keys = {
+            "server": "127.0.0.1", "forbidden_ip": "", "url_file": "", "shutdown_grace": GRACE, "handshake_timeout": 2,
+            "keys": [{"id": "alice", "port": port, "cipher": METHOD, "secret": "alice", "max_connections": 1}],
+        }
+        self.write(keys)
+        child = await support.start_twistd(self, "-n", "--pidfile=", "ssx-server", "-c", self.path, ready=b"no ss:// URL")
+        first, rest = os.urandom(100_000), os.urandom(200_000)
+        socks_port = self.local(port, "alice")
+        running = await self.held(socks_port, first)
+
+        self.write({**keys, "mode": "tcp_only"})
+        line = await support.sighup(child)
+        self.assertIn(f"port {port} restarted: mode", line)
+        await self.silence(socks_port)
+        await self.finish(running, first, rest)
 
     @support.coroutine_test
     async def test_old_key_relay_ends_after_the_grace(self):

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import sys
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -20,6 +21,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -54,6 +56,17 @@ class SharedPartsTests(unittest.SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 server_config({"password": "x", **bad})
             self.assertEqual(caught.exception.key, "workers")
+
+    def test_key_limits_refused(self):
+        """Per-key max_connections or quota with workers above 1 is refused naming workers (each worker would count them apart)."""
+        key = {"id": "alice", "cipher": METHOD, "secret": "x"}
+        self.assertEqual(server_config({"keys": [key], "workers": 2}).workers, 2)
+        for limit in ({"max_connections": 2}, {"quota": {"bytes": "1G", "period": "30d"}}):
+            self.assertEqual(server_config({"keys": [{**key, **limit}]}).workers, 1)
+            with self.assertRaises(ConfigError) as caught:
+                server_config({"keys": [{**key, **limit}], "workers": 2})
+            self.assertEqual(caught.exception.key, "workers")
+            self.assertIn("alice", caught.exception.message)
 
     def test_shared_filter_refuses_across_processes_views(self):
         """A salt added through one mapping is refused through another; own salts too; history turns over."""
@@ -420,6 +433,85 @@ class WorkersTests(_WorkersCase):
         await support.wait_for(lambda: "SIGHUP ignored" in child.text(), 10, lambda: f"no line for the worker's SIGHUP: {child.text()}")
         self.assertTrue(support.alive(pids[0]))
         self.assertEqual(child.text().count("reloading the configuration"), 3, child.text())
+
+    async def start_from_file(self, ports: dict[int, str], *extra: str) -> tuple[Any, list[int]]:
+        """The server with 2 workers from a config file of `ports` (number: password), once both listen: (child, pids)."""
+        child = await support.start_twistd(
+            self, "--nodaemon", "--pidfile=", "ssx-server", "-c", self.write_ports(ports), "--workers", "2", *extra,
+            ready=b"supervising 2 workers", seconds=20,
+        )
+        await support.wait_for(lambda: child.text().count("ssx-server listening on") >= 2 * len(ports), 30,
+                               lambda: f"the workers did not listen: {child.text()}")
+        return child, [pid for _, pid in support.started_workers(child.text())]
+
+    def write_ports(self, ports: dict[int, str]) -> str:
+        """(Re)write the test's config file with `ports` (number: password); returns its path."""
+        if not hasattr(self, "config_path"):
+            self.config_path = os.path.abspath(self.mktemp())
+        base = {"server": "127.0.0.1", "method": METHOD, "forbidden_ip": "", "url_file": "", "shutdown_grace": 1}
+        with open(self.config_path, "w") as f:
+            json.dump({**base, "servers": [{"server_port": n, "password": p} for n, p in ports.items()]}, f)
+        return self.config_path
+
+    @support.coroutine_test
+    async def test_sighup_reloads_every_worker(self):
+        """A port added to the file and SIGHUP to the supervisor: both workers reload and serve it, bytes intact."""
+        kept, added = support.free_port(), support.free_port()
+        child, pids = await self.start_from_file({kept: PASSWORD})
+        self.write_ports({kept: PASSWORD, added: "added"})
+        child.transport.signalProcess("HUP")
+        await support.wait_for(lambda: child.text().count(f"port {added} added") >= 2, 10,
+                               lambda: f"the workers did not both reload: {child.text()}")
+        socks_port = self.local(added, password="added")
+        seen: set[int] = set()
+        for _ in range(5):
+            seen |= await self.owners_of_echo_connections(socks_port, pids, 8)
+            if seen == set(pids):
+                break
+        self.assertEqual(seen, set(pids))
+        payload = os.urandom(100_000)
+        reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.1", self.echo.getHost().port, payload)
+        self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payload)))
+        self.assertEqual(self.echo_factory.inbound[-1].digest.hexdigest(), support.sha256(payload))
+
+    @support.coroutine_test
+    async def test_port_removed_by_reload_refuses(self):
+        """A port SIGHUP removes from the file is closed for good: new connections are refused, not left unanswered."""
+        kept, removed = support.free_port(), support.free_port()
+        child, pids = await self.start_from_file({kept: PASSWORD, removed: PASSWORD})
+        self.write_ports({kept: PASSWORD})
+        child.transport.signalProcess("HUP")
+        await support.wait_for(lambda: child.text().count(f"port {removed} removed") >= 2, 10,
+                               lambda: f"the workers did not both reload: {child.text()}")
+
+        def refused() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", removed)) != 0
+
+        await support.wait_for(refused, 10, "the removed port still accepts connections")
+        payload = os.urandom(50_000)
+        reply, received = await support.whole_echo_transfer(self.local(kept), "127.0.0.1", self.echo.getHost().port, payload)
+        self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payload)))
+
+    @support.coroutine_test
+    async def test_manager_follows_a_reload(self):
+        """After SIGHUP adds one port and removes another, the supervisor's manager lists and pings the file's ports."""
+        manager_port = support.free_port()
+        removed, added = support.free_port(), support.free_port()
+        child, pids = await self.start_from_file({removed: PASSWORD}, "--manager-address", f"127.0.0.1:{manager_port}")
+        self.write_ports({added: "added"})
+        child.transport.signalProcess("HUP")
+        await support.wait_for(lambda: child.text().count(f"port {added} added") >= 2, 10,
+                               lambda: f"the workers did not both reload: {child.text()}")
+        manager = support.ManagerClient()
+        self.addCleanup(manager.sock.close)
+        address = ("127.0.0.1", manager_port)
+        listed = await manager.ask(address, b"list")
+        while listed.startswith(b"stat:"):
+            listed = await manager.next()
+        self.assertEqual([entry["server_port"] for entry in json.loads(listed)], [str(added)])
+        pinged = await manager.ask(address, b"ping")
+        self.assertEqual(list(json.loads(pinged[len(b"stat: "):])), [str(added)])
 
     @support.coroutine_test
     async def test_manager_add_reaches_every_worker(self):

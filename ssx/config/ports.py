@@ -151,6 +151,7 @@ def _port_list(values: Mapping[str, Any], ports: list[Any]) -> list[Entry]:
 
 
 def _key_ports(values: Mapping[str, Any], keys: tuple[KeyConfig, ...]) -> list[Entry]:
+    _no_secret_beside_keys(values, "")
     if all(key.port is None for key in keys):
         # One port, the configured one, as any single port.
         return [("", {**values, "keys": keys}, frozenset(values))]
@@ -164,6 +165,14 @@ def _key_ports(values: Mapping[str, Any], keys: tuple[KeyConfig, ...]) -> list[E
         (f"keys (port {port})", {**base, "server_port": port, "keys": tuple(port_keys)}, _OWN_PORT)
         for port, port_keys in by_port.items()
     ]
+
+
+def _no_secret_beside_keys(values: Mapping[str, Any], prefix: str) -> None:
+    """A port of access keys takes only its keys: a password or key given beside them would go unused."""
+    for name in ("password", "key"):
+        if values.get(name) is not None:
+            raise ConfigError(f"{prefix}{name}", "not used beside keys (a port of access keys takes only its keys): "
+                                                 "give it as one more key, or on a port of its own")
 
 
 def _servers(values: Mapping[str, Any], servers: Any) -> tuple[list[Entry], tuple[str, ...]]:
@@ -183,6 +192,8 @@ def _servers(values: Mapping[str, Any], servers: Any) -> tuple[list[Entry], tupl
             warnings.append(f"{label}: keys not used: {', '.join(unknown)}")
         if "server_port" not in entry:
             raise ConfigError(f"{label}.server_port", "required: the port this server listens on")
+        if "keys" in entry:
+            _no_secret_beside_keys(entry, f"{label}.")
         merged = {**base, **entry}
         if "key" in entry:
             merged.pop("password", None)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ssx.config.known_keys import SERVER_PEER_KEYS, no_method_warning, peer_key_notes
+from ssx.numbers import quoted
 from ssx.config.values import (
     COMMON_KEYS,
     DEFAULT_METHOD,
@@ -164,8 +165,10 @@ def server_config(values: Mapping[str, Any]) -> ServerConfig:
         warnings += notes
     _check_distinct(ports)
     # A generated password's ss:// URL carries the method: only a given
-    # secret, from a deployment of another implementation, may expect the original's.
-    if any("method" not in entry and not port.password_generated for (_, entry, _), port in zip(entries, ports)):
+    # secret, from a deployment of another implementation, may expect the
+    # original's.  Access keys each name their cipher.
+    if any("method" not in entry and not port.password_generated and not port.keys
+           for (_, entry, _), port in zip(entries, ports)):
         warnings += (no_method_warning(DEFAULT_METHOD),)
     peer_warnings, ignored = peer_key_notes(values, SERVER_KEYS, SERVER_PEER_KEYS)
     warnings += peer_warnings
@@ -221,6 +224,10 @@ def _workers(values: Mapping[str, Any], ports: list[PortConfig]) -> int:
         for port in ports:
             if port.plugin is not None:
                 raise ConfigError("workers", "not with a SIP003 plugin (each worker would start its own on one port)")
+            limited = [key.id for key in port.keys if key.max_connections or key.quota_bytes]
+            if limited:
+                raise ConfigError("workers", f"not with per-key max_connections or quota (key {limited[0]!r} on port "
+                                             f"{port.port}): each worker would count them apart, allowing N times as much")
             if port.relays.tcp:
                 for description in port.listen:
                     if not is_plain_tcp(description):
@@ -260,7 +267,7 @@ def read_outbound(values: Mapping[str, Any]) -> tuple[Outbound | None, tuple[str
     sources: dict[int, str] = {}
     for item in items:
         if not isinstance(item, str):
-            raise ConfigError(key, f"{item!r} is not an IP address")
+            raise ConfigError(key, f"{quoted(item)} is not an IP address")
         try:
             address = ipaddress.ip_address(item.strip())
         except ValueError:

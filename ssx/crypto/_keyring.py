@@ -232,10 +232,15 @@ class _TrialUdpDecoder:
     def __init__(self, ring: KeyRing) -> None:
         self._ring = ring
         self._decoders: dict[int, tuple[UdpServerDecoder, UserKey]] = {}
+        # By key id (unique on a port): a session's replies are sealed by
+        # the decoder of the key that opened it, in that key's method.
+        self._by_id: dict[str, UdpServerDecoder] = {}
         for key in ring.keys:
             suite = key.suite
             assert isinstance(suite, Suite2022) and key.id is not None
-            self._decoders[id(key)] = (suite.udp_server_decoder(), UserKey(key.id, suite.psk))
+            decoder = suite.udp_server_decoder()
+            self._decoders[id(key)] = (decoder, UserKey(key.id, suite.psk))
+            self._by_id[key.id] = decoder
 
     def decode(self, packet: bytes) -> UdpClientPacket:
         ring = self._ring
@@ -251,5 +256,6 @@ class _TrialUdpDecoder:
         raise AuthenticationError("no key of the port opens the datagram")
 
     def session(self, packet: UdpClientPacket) -> UdpServerSession:
-        decoder, _ = next(iter(self._decoders.values()))
-        return decoder.session(packet)
+        """The reply side of `packet`'s session, in the method of the key that opened it."""
+        assert packet.user is not None
+        return self._by_id[packet.user.name].session(packet)

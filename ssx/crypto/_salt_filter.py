@@ -18,8 +18,10 @@ import hashlib
 import math
 import os
 import struct
+from contextlib import AbstractContextManager, nullcontext
 from functools import reduce
 from operator import or_
+from typing import Any
 
 __all__ = ["DEFAULT_HISTORY", "MARK_SIZE", "SaltFilter"]
 
@@ -51,6 +53,10 @@ _BIT = [1 << i for i in range(_BLOCK_BITS)]
 
 class SaltFilter:
     """Remembers between `capacity/2` and `capacity` recent salts."""
+
+    # Held around each look-up and change of the filters: one process's
+    # filter needs nothing; the one --workers share locks its file.
+    _lock: AbstractContextManager[Any] = nullcontext()
 
     def __init__(self, capacity: int = DEFAULT_HISTORY, false_positive_rate: float = 1e-6) -> None:
         if capacity < 2:
@@ -109,23 +115,32 @@ class SaltFilter:
             self.replays += 1
             return False
         offset, mask = self._locate(salt)
-        end = offset + _BLOCK
-        for bloom in (self._active, self._old):
-            if int.from_bytes(bloom.bits[offset:end], "little") & mask == mask:
+        with self._lock:
+            if self._holds(offset, mask):
                 self.replays += 1
                 return False
-        self._set(offset, mask)
+            self._set(offset, mask)
         return True
 
     def remembers(self, salt: bytes) -> bool:
         """Whether `salt` was added (up to the false positive rate), without adding it."""
         offset, mask = self._locate(salt)
-        end = offset + _BLOCK
-        return any(int.from_bytes(bloom.bits[offset:end], "little") & mask == mask for bloom in (self._active, self._old))
+        with self._lock:
+            return self._holds(offset, mask)
 
     def add(self, salt: bytes) -> None:
         """Remember `salt` without checking it (the server's own outgoing salts)."""
-        self._set(*self._locate(salt))
+        offset, mask = self._locate(salt)
+        with self._lock:
+            self._set(offset, mask)
+
+    def _filters(self) -> tuple[bytearray | memoryview, bytearray | memoryview]:
+        """The active filter's bits, then the old one's (under `_lock`)."""
+        return self._active.bits, self._old.bits
+
+    def _holds(self, offset: int, mask: int) -> bool:
+        end = offset + _BLOCK
+        return any(int.from_bytes(bits[offset:end], "little") & mask == mask for bits in self._filters())
 
     def _set(self, offset: int, mask: int) -> None:
         active = self._active

@@ -2,7 +2,8 @@
 The replay filter of `SaltFilter`, shared by the worker processes of one
 server (`--workers`): its two Bloom filters, their keys and the count of
 the active one live in a file every worker maps, and each check-and-add
-holds an exclusive `fcntl.lockf` lock on it, so a salt seen by one worker
+holds an exclusive `fcntl.lockf` lock on it (the base class's checks,
+under its `_lock`), so a salt seen by one worker
 is refused by all, whichever the kernel hands a replay to.
 
 The supervisor makes the file (`create`: in /dev/shm where there is one,
@@ -15,13 +16,11 @@ No Twisted here.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import mmap
 import os
 import struct
 import tempfile
-from typing import Iterator
 
 from ssx.crypto._salt_filter import _BLOCK, DEFAULT_HISTORY, SaltFilter
 
@@ -41,6 +40,21 @@ class _SharedBloom:
         self.bits = bits
 
 
+class _FileLock:
+    """An exclusive `fcntl.lockf` lock on the shared file while held (`with`)."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
+
+
 class SharedSaltFilter(SaltFilter):
     """`SaltFilter` over a shared file (`create` makes it; each worker maps it from its descriptor)."""
 
@@ -54,6 +68,7 @@ class SharedSaltFilter(SaltFilter):
         self._views = (view[_HEADER_SIZE:_HEADER_SIZE + size], view[_HEADER_SIZE + size:])
         _, _, self._key, self._mark_key = _HEADER.unpack_from(self._map, 0)
         self._active = self._old = _SharedBloom(self._views[0])  # type: ignore[assignment]
+        self._lock = _FileLock(fd)
 
     @classmethod
     def create(cls, capacity: int = DEFAULT_HISTORY, false_positive_rate: float = 1e-6) -> int:
@@ -67,46 +82,16 @@ class SharedSaltFilter(SaltFilter):
         os.pwrite(fd, _HEADER.pack(0, 0, os.urandom(32), os.urandom(32)), 0)
         return fd
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[tuple[memoryview, memoryview]]:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
-        try:
-            active = struct.unpack_from("<Q", self._map, 0)[0]
-            yield self._views[active], self._views[1 - active]
-        finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+    def _filters(self) -> tuple[memoryview, memoryview]:
+        active = struct.unpack_from("<Q", self._map, 0)[0]
+        return self._views[active], self._views[1 - active]
 
-    def check_and_add(self, salt: bytes) -> bool:
-        if self._is_own(salt):
-            self.replays += 1
-            return False
-        offset, mask = self._locate(salt)
-        end = offset + _BLOCK
-        with self._locked() as blooms:
-            for bits in blooms:
-                if int.from_bytes(bits[offset:end], "little") & mask == mask:
-                    self.replays += 1
-                    return False
-            self._set_locked(blooms[0], offset, mask)
-        return True
-
-    def remembers(self, salt: bytes) -> bool:
-        offset, mask = self._locate(salt)
-        end = offset + _BLOCK
-        with self._locked() as blooms:
-            return any(int.from_bytes(bits[offset:end], "little") & mask == mask for bits in blooms)
-
-    def add(self, salt: bytes) -> None:
-        offset, mask = self._locate(salt)
-        with self._locked() as blooms:
-            self._set_locked(blooms[0], offset, mask)
-
-    def _set_locked(self, bits: memoryview, offset: int, mask: int) -> None:
+    def _set(self, offset: int, mask: int) -> None:
         active, count = struct.unpack_from("<QQ", self._map, 0)
         if count >= self._half:
             active, count = 1 - active, 0
-            bits = self._views[active]
-            bits[:] = bytes(len(bits))
+            self._views[active][:] = bytes(len(self._views[active]))
+        bits = self._views[active]
         end = offset + _BLOCK
         bits[offset:end] = (int.from_bytes(bits[offset:end], "little") | mask).to_bytes(_BLOCK, "little")
         struct.pack_into("<QQ", self._map, 0, active, count + 1)

@@ -11,6 +11,7 @@ line, and the old rules stay.  `AclHolder.reload` rereads the file alone.
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 from twisted.logger import Logger
 
@@ -44,6 +45,19 @@ class AclHolder:
         self.reloads += 1
         _log.info("ACL reloaded: {acl}", acl=acl)
         return True
+
+    def refuses_target(self, host: str, ips: Sequence[str] | None = None) -> bool:
+        """
+        Whether the server's outbound lists refuse the target `host`:
+        before it is resolved (`ips` None) only a name rule refuses it,
+        otherwise the addresses it resolved to decide.
+        """
+        acl = self.acl
+        if acl is None or not acl.checks_outbound:
+            return False
+        if ips is None:
+            return acl.outbound_name_allowed(host) is False
+        return not acl.outbound_addresses_allowed(host, ips)
 
 
 def apply_acl(holder: AclHolder | None, acl: Acl | None, path: str | None) -> str | None:

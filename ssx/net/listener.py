@@ -39,6 +39,8 @@ class ListenerService(Service):
         self.description = description
         self.label = label
         self.port: IListeningPort | None = None
+        # The key of the socket inherited from a supervisor, if it took one.
+        self.inherited_key: str | None = None
 
     def privilegedStartService(self) -> None:
         self._listen()
@@ -127,6 +129,8 @@ class DatagramListenerService(Service):
         self.address = address
         self.beside = beside
         self.port: Any = None
+        # The key of the socket inherited from a supervisor, if it took one.
+        self.inherited_key: str | None = None
 
     def privilegedStartService(self) -> None:
         self._listen()
@@ -146,7 +150,10 @@ class DatagramListenerService(Service):
                 _log.warn("{label}: no UDP beside {where}: not an IP listener", label=self.label, where=self.beside.description)
                 return
             address = (bound.host, bound.port)
-        adopted = inherited(datagram_key(*address))
+        key = datagram_key(*address)
+        adopted = inherited(key)
+        if adopted is not None:
+            self.inherited_key = key
         try:
             # 65535: Twisted's default read size (8192) would truncate larger datagrams.
             if adopted is not None:
@@ -215,6 +222,8 @@ def serve(
     else:
         endpoint = tcp.server_endpoint(reactor, description, LISTEN_BACKLOG, v6only, fast_open, reuse_port)
     listener = ListenerService(endpoint, factory, description, label)
+    if adopted is not None:
+        listener.inherited_key = stream_key(description)
     listener.setServiceParent(top)
     if udp is not None:
         DatagramListenerService(reactor, udp, label, beside=listener, reuse_port=reuse_port).setServiceParent(top)

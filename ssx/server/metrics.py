@@ -103,6 +103,19 @@ class ServerMetrics:
         return (search.labels(port=port, proto=proto, found_key="true").observe,
                 search.labels(port=port, proto=proto, found_key="false").observe)
 
+    def forget(self, port: ServerPort) -> None:
+        """`port` is no longer served: its histograms' series go (a port restarted on its number keeps them)."""
+        label = port_label(port)
+        for histogram, labels in (
+            (self.handshake_seconds, [(label,)]), (self.connect_seconds, [(label,)]),
+            (self.key_search_seconds, [(label, proto, found) for proto in ("tcp", "udp") for found in ("true", "false")]),
+        ):
+            for values in labels:
+                try:
+                    histogram.remove(*values)
+                except KeyError:
+                    pass
+
 
 def port_label(port: ServerPort) -> str:
     return str(port.config.port)
@@ -174,6 +187,7 @@ class ServerCollector(Collector):
         )
         for label, port in ports:
             factory = port.factory
+            # Access keys, or a 2022 port's users, or its one password.
             keys.add_metric([label], len(port.config.keys) or len(port.config.users) or 1)
             for proto, traffic in (("tcp", port.traffic), ("udp", port.udp_traffic)):
                 if traffic is not None:

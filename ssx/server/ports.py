@@ -21,6 +21,7 @@ from twisted.application.service import MultiService
 from ssx.config import Limits
 from ssx.config.ports import PortConfig
 from ssx.crypto import SaltFilter, SharedSaltFilter, make_key_ring
+from ssx.crypto.edition2022 import SaltChecker
 from ssx.net.listener import DatagramListenerService, ListenerService, serve
 from ssx.net.outbound import Outbound
 from ssx.net.plugin import PluginService
@@ -64,6 +65,11 @@ class SharedParts:
     reuse_port: bool = False
     # The ACL (client and outbound lists), reloadable, or None.
     acl: AclHolder | None = None
+    # The 2022 request salts of every port (a `SaltPool`), which outlive a
+    # port's keys: a request captured before a reload or a port's restart is
+    # still a replay after it.  None: each key's own pool.  Workers check
+    # theirs in the shared `salt_filter` instead.
+    salts_2022: SaltChecker | None = None
 
 
 class ServerPort(MultiService):
@@ -81,9 +87,10 @@ class ServerPort(MultiService):
         MultiService.__init__(self)
         self.config = config
         self.factory = factory
-        # The replay filter 2022 salts go to when --workers share one (None:
-        # each suite's own pool): new credentials at a reload take it too.
-        self.shared_salts: SharedSaltFilter | None = None
+        # Where 2022 salts are checked (the server's pool, or the filter
+        # --workers share; None: each suite's own pool): new credentials at
+        # a reload take it too.
+        self.shared_salts: SaltChecker | None = None
         # The port's encrypted bytes, both directions, when counted: TCP
         # (UDP too unless `udp_traffic` counts UDP apart, for the metrics).
         self.traffic = traffic
@@ -160,13 +167,14 @@ class ServerPort(MultiService):
 
 
 def port_credentials(
-    config: PortConfig, now: Callable[[], float], shared_salts: SharedSaltFilter | None = None,
+    config: PortConfig, now: Callable[[], float], shared_salts: SaltChecker | None = None,
 ) -> PortCredentials:
     """
     The keys of the port `config` describes, derived now, and their
     limits: its access keys, or its one password (with its 2022 users).
     2022 headers are stamped and checked on the clock `now` (the reactor's),
-    and their salts in `shared_salts` when given (the filter of --workers).
+    and their salts in `shared_salts` when given (the server's pool, or
+    the filter of --workers).
     """
     ring = make_key_ring(
         config.method, config.password, key=config.key, users=dict(config.users),
@@ -190,7 +198,7 @@ def build_port(shared: SharedParts, config: PortConfig) -> ServerPort:
     traffic = UserTraffic() if counting else None
     # Workers: a 2022 salt seen by any of them is refused by all (the
     # shared filter, instead of each suite's exact pool of one process).
-    shared_salts = shared.salt_filter if isinstance(shared.salt_filter, SharedSaltFilter) else None
+    shared_salts = shared.salt_filter if isinstance(shared.salt_filter, SharedSaltFilter) else shared.salts_2022
     credentials = port_credentials(config, reactor.seconds, shared_salts)
     factory = ShadowsocksServerFactory(
         reactor, credentials, shared.resolver, shared.forbidden, timeout=config.timeout, salt_filter=shared.salt_filter,

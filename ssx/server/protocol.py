@@ -390,15 +390,7 @@ class ShadowsocksServerProtocol(InboundProtocol):
         connection as a forbidden one does.
         """
         factory = self.factory
-        acl = factory.acl.acl if factory.acl is not None else None
-        if acl is None or not acl.checks_outbound:
-            return False
-        if ips is None:
-            # Only a name rule refuses now: otherwise the addresses decide.
-            refused = acl.outbound_name_allowed(address.host) is False
-        else:
-            refused = not acl.outbound_addresses_allowed(address.host, ips)
-        if not refused:
+        if factory.acl is None or not factory.acl.refuses_target(address.host, ips):
             return False
         factory.acl_refused += 1
         if factory.verbose:

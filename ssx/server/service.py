@@ -15,6 +15,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ssx.net.acl_holder import AclHolder
+from ssx.net.inherited import release
 
 from ssx.net.listener import DatagramListenerService, DrainService, ListenerService
 from ssx.net.plugin import PluginService
@@ -130,7 +131,15 @@ class ServerService(MultiService):
         """
         port = self.ports[number]
         self._forget(port)
+        if self.metrics is not None:
+            self.metrics.forget(port)
         stopped = maybeDeferred(port.disownServiceParent)
+        # In a worker: the sockets it inherited for the port close with it.
+        keys = [listener.inherited_key for listener in port.listeners]
+        keys += [listener.inherited_key for listener in port.datagram_listeners]
+        for key in keys:
+            if key is not None:
+                release(key)
         drained = self._drain(port, grace)
         return gatherResults([stopped, drained]).addCallback(lambda _: None)
 
@@ -149,9 +158,13 @@ class ServerService(MultiService):
         that changed its addresses, plugin, mode or method): the running
         one's listeners, plugin and UDP relays stop, its running TCP relays
         get `grace` seconds as at `remove_port`, and `port` starts once the
-        old listeners are closed.  Fails with `PortUnavailable` if it cannot.
+        old listeners are closed, with the running one's key limits' state.
+        Fails with `PortUnavailable` if it cannot.
         """
         old = self.ports[port.config.port]
+        # The keys' connections and quota use go on: the running relays
+        # still count against them, and a restart is no new quota period.
+        port.factory.key_usage = old.factory.key_usage
         self._forget(old)
         stopped = maybeDeferred(old.disownServiceParent)
         self._drain(old, grace)

@@ -17,6 +17,7 @@ from ssx.config import ServerConfig, server_config
 from ssx.config.server import added_port
 from ssx.config.options import SsxOptions, log_config_notes
 from ssx.crypto import SaltFilter
+from ssx.crypto.edition2022 import SaltPool
 from ssx.net.acl_holder import AclHolder
 from ssx.net.listener import DrainService
 from ssx.errors import ConfigError
@@ -194,6 +195,7 @@ def build_service(
         metrics=metrics,
         reuse_port=config.reuse_port,
         acl=AclHolder(config.acl_path, config.acl) if config.acl is not None and config.acl_path else None,
+        salts_2022=SaltPool(reactor.seconds),
     )
     # Every port reads the ACL here; a reload (SIGHUP) puts the new one in.
     service.acl = shared.acl

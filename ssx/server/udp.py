@@ -323,18 +323,12 @@ class UdpRelay(SweptNatProtocol, DatagramProtocol, Generic[_Suite]):
 
     def _acl_refuses(self, target: Address, ips: list[str] | None) -> bool:
         """The ACL's outbound check of `target`'s name (`ips` None: before resolving) or of its addresses."""
-        acl = self.acl.acl if self.acl is not None else None
-        if acl is None or not acl.checks_outbound:
+        if self.acl is None or not self.acl.refuses_target(target.host, ips):
             return False
-        if ips is None:
-            refused = acl.outbound_name_allowed(target.host) is False
-        else:
-            refused = not acl.outbound_addresses_allowed(target.host, ips)
-        if refused:
-            if self.verbose:
-                _log.debug("UDP: refused {target}: ACL", target=target)
-            self.acl_refused += 1
-        return refused
+        if self.verbose:
+            _log.debug("UDP: refused {target}: ACL", target=target)
+        self.acl_refused += 1
+        return True
 
     def _route(self, key: Any, target: Address, payload: bytes) -> None:
         """Send `payload` for the NAT entry `key` to `target`, resolving a name first."""

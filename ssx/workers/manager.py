@@ -4,7 +4,8 @@ same protocol as one process's (`ssx.server.manager.ManagerProtocol`,
 over `ManagerService`), against a table of ports whose figures are the
 sums of every worker's `stat:` reports (`WorkerTotals`).  `add` and
 `remove` are checked here, then forwarded to every worker, which starts
-or stops the port itself (binding an added port with SO_REUSEPORT).
+or stops the port itself (binding an added port with SO_REUSEPORT).  A
+reload (SIGHUP) changes the table as it changes each worker's ports.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 
+from ssx.config.changes import server_changes, wanted_port
 from ssx.config.ports import PortConfig
 from ssx.config.server import added_port
 from ssx.server.manager import ManagerProtocol, ManagerService
@@ -55,8 +57,28 @@ class WorkerPorts:
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
         self.ports: dict[int, _Port] = {}
+        # The file's configuration as last read (what a reload is told from).
+        self.config = supervisor.config
         for config in supervisor.config.port_configs():
             self.ports[config.port] = _Port(config, _Traffic(supervisor.totals, config.port))
+
+    def reload(self, new: Any) -> None:
+        """
+        Follow a reload as each worker's `ServerReload` does: the file's
+        ports removed, added or changed; ports the manager added stay
+        unless the file now defines their number.
+        """
+        changes = server_changes(self.config, new)
+        self.config = new
+        for number in changes.removed:
+            if number in self.ports:
+                self.remove_port(number)
+        for wanted in changes.added + changes.changed:
+            running = self.ports.get(wanted.port)
+            if running is None:
+                self.add_port(_Port(wanted))
+            else:
+                running.config = wanted_port(running.config, wanted)
 
     def add_port(self, port: _Port) -> _Port:
         if port.config.port in self.ports:
@@ -93,4 +115,5 @@ def supervisor_manager(supervisor: Supervisor) -> None:
     )
     protocol.supervisor = supervisor
     supervisor.manager_protocol = protocol
+    supervisor.reloaded.append(ports.reload)
     ManagerService(supervisor.reactor, config.manager, protocol).setServiceParent(supervisor)

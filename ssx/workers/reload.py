@@ -67,6 +67,9 @@ class SupervisorReload:
             _log.warn("{command}: workers {count} not applied before a restart", command=command, count=config.workers)
         released = release_removed(supervisor.sockets, supervisor.listener_fn(config))
         supervisor.config = config
+        # What the supervisor keeps of the configuration (its manager's table of ports).
+        for apply in supervisor.reloaded:
+            apply(config)
         line = reload_line(released)
         self.refused = {}
         self.waiting = set(supervisor.workers)

@@ -182,12 +182,17 @@ class Supervisor(MultiService):
         MultiService.__init__(self)
         self.reactor = reactor
         self.command = command
+        # Reads the configuration again at SIGHUP (as the workers do), for
+        # what the supervisor keeps of it: `reloaded` is called with it.
+        self.load = load
+        self.reloaded: list[Callable[[Any], None]] = []
         self.argv = argv
         self.config = config
         self.cwd = cwd
         self.count = config.workers
         self.listener_fn = listeners
         self.listeners = listeners(config)
+        self._listeners_of = listeners
         self.overrides = dict(overrides or {})
         self.totals = WorkerTotals()
         self.sockets: list[SlotSockets] = []

@@ -5,7 +5,7 @@ supervisor (`ssx.workers.supervisor`) with its control pipes on fds 3
 
 It reads the supervisor's `hello` line, reads the configuration from the
 same command line as the supervisor did, builds the same service tree as
-a single process (`build_service`), with the inherited sockets
+a single process (`build_service`, reloaded on SIGHUP), with the inherited sockets
 (`ssx.net.inherited`), the shared replay filter, SO_REUSEPORT for ports
 the manager or a reload adds, no manager socket of its own, and, with
 ``--metrics``, its registry served on the private Unix socket the
@@ -24,11 +24,13 @@ outcome is reported (`reloaded:`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import signal
 import sys
 from typing import Any, TextIO
 
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, formatEvent, globalLogBeginner
 from twisted.python.failure import Failure

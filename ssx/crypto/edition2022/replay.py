@@ -85,7 +85,8 @@ class SaltPool:
     """
     The exact set of client salts accepted in the last `retention` seconds.
 
-    One per TCP server port, shared by all its connections.  Exact (no Bloom
+    One per server, shared by all its ports' connections and kept across
+    reloads (a suite alone has one of its own).  Exact (no Bloom
     filter: a false positive would refuse an honest client) and bounded by
     time only: entries can only be added by clients that hold a key, and
     each leaves after `retention` seconds.  Expiry is amortised O(1): salts
