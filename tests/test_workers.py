@@ -242,6 +242,8 @@ class _FakeSupervisor:
         self.sockets: list[Any] = [{}, {}]
         self.workers = {0: _FakeWorker(), 1: _FakeWorker()}
         self.listener_fn = lambda config: []
+        # What the supervisor keeps of a reloaded configuration (its manager's ports).
+        self.reloaded: list[Any] = []
 
 
 class _SpawningClock(MemoryReactorClock):
