@@ -153,9 +153,10 @@ else:
 OWN_PORT_CLIENT = r"""
 import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])
-sock = socket.create_connection((host, port), timeout=10)
-sock.sendall(b"x" * 100)
 try:
+    # Refused at once: the reset may come as early as connect's return.
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.sendall(b"x" * 100)
     reply = sock.recv(100)
 except OSError:
     reply = b""
