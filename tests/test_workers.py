@@ -29,6 +29,7 @@ from ssx.config import server_config
 from ssx.crypto import SharedSaltFilter, generate_psk
 from ssx.errors import ConfigError
 from ssx.net.inherited import stream_key
+from ssx.wire.manager import parse_request
 from ssx.workers.metrics import sum_families
 from ssx.workers.control import reload_line
 from ssx.workers.reload import REPORT_WAIT, SupervisorReload
@@ -220,6 +221,33 @@ class SupervisorReloadTests(unittest.SynchronousTestCase):
         self.assertEqual([line for line in self.lines() if "did not report" in line],
                          [f"ssx-server: reload: worker {slot} did not report within {REPORT_WAIT:g} s" for slot in (0, 1)])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class SupervisorManagerTests(unittest.SynchronousTestCase):
+    """The manager API the supervisor answers: its `add` checked as the workers will apply it."""
+
+    def setUp(self) -> None:
+        self.values = {"server_port": 8388, "password": "x", "method": "aes-128-gcm", "workers": 2,
+                       "manager_address": "127.0.0.1:6001"}
+        self.supervisor = Supervisor(MemoryReactorClock(), "ssx-server", [], server_config(self.values), ".")
+        self.worker = _FakeWorker()
+        self.supervisor.workers = {0: self.worker}
+        self.protocol = self.supervisor.manager_protocol
+
+    def answer(self, line: bytes) -> bytes:
+        return self.protocol.answer(parse_request(line))
+
+    def test_add_takes_the_reloaded_defaults(self):
+        """After a SIGHUP that changes the top-level method, an added port is listed with the new method the workers use."""
+        key = generate_psk("2022-blake3-aes-128-gcm")
+        new = server_config({**self.values, "method": "2022-blake3-aes-128-gcm", "password": key})
+        for apply in self.supervisor.reloaded:
+            apply(new)
+        self.assertEqual(self.answer(b'add: {"server_port": 8390, "password": "%s"}' % key.encode()), b"ok")
+        listed = json.loads(self.answer(b"list"))
+        self.assertIn({"server_port": "8390", "password": key, "method": "2022-blake3-aes-128-gcm"}, listed)
+        with self.assertRaises(ConfigError):
+            self.answer(b'add: {"server_port": 8391, "password": "not a 2022 key"}')
 
 
 class _FakeWorker:

@@ -103,6 +103,15 @@ class _SupervisorManagerProtocol(ManagerProtocol):
     supervisor: Supervisor
 
 
+def _added_port(ports: WorkerPorts, request: Any) -> PortConfig:
+    """
+    The port an `add` asks for, read as the workers will read it: over the
+    top-level keys of the configuration last loaded (a reload changes
+    them).
+    """
+    return added_port(ports.config.port_defaults, request)
+
+
 def supervisor_manager(supervisor: Supervisor) -> None:
     """The manager API of `supervisor` (its config has a manager address), as its child service."""
     config = supervisor.config
@@ -111,7 +120,7 @@ def supervisor_manager(supervisor: Supervisor) -> None:
     protocol = _SupervisorManagerProtocol(
         ports,  # type: ignore[arg-type]
         lambda port_config: _Port(port_config),  # type: ignore[arg-type,return-value]
-        lambda request: added_port(config.port_defaults, request),
+        lambda request: _added_port(ports, request),
     )
     protocol.supervisor = supervisor
     supervisor.manager_protocol = protocol
