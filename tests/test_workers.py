@@ -249,6 +249,14 @@ class SupervisorManagerTests(unittest.SynchronousTestCase):
         with self.assertRaises(ConfigError):
             self.answer(b'add: {"server_port": 8391, "password": "not a 2022 key"}')
 
+    def test_add_with_plugin_refused(self):
+        """`add` with a plugin is refused naming plugin, as --workers refuses one at start; no worker is asked."""
+        with self.assertRaises(ConfigError) as caught:
+            self.answer(b'add: {"server_port": 8390, "password": "p", "plugin": "obfs-server"}')
+        self.assertEqual(caught.exception.key, "plugin")
+        self.assertEqual(self.worker.sent, [])
+        self.assertNotIn(8390, self.supervisor.manager_protocol.server.ports)
+
 
 class _FakeWorker:
     def __init__(self) -> None:

@@ -18,6 +18,7 @@ from twisted.internet import defer
 from ssx.config.changes import server_changes, wanted_port
 from ssx.config.ports import PortConfig
 from ssx.config.server import added_port
+from ssx.errors import ConfigError
 from ssx.server.manager import ManagerProtocol, ManagerService
 from ssx.server.service import PortUnavailable
 from ssx.wire.manager import ManagerRequest
@@ -107,9 +108,13 @@ def _added_port(ports: WorkerPorts, request: Any) -> PortConfig:
     """
     The port an `add` asks for, read as the workers will read it: over the
     top-level keys of the configuration last loaded (a reload changes
-    them).
+    them), and without a plugin (each worker would start its own on one
+    port, as `workers` at start-up says).
     """
-    return added_port(ports.config.port_defaults, request)
+    port = added_port(ports.config.port_defaults, request)
+    if port.plugin is not None:
+        raise ConfigError("plugin", "not with --workers above 1 (each worker would start its own on one port)")
+    return port
 
 
 def supervisor_manager(supervisor: Supervisor) -> None:
