@@ -36,6 +36,7 @@ from ssx.workers.reload import REPORT_WAIT, SupervisorReload
 from ssx.workers.sockets import Listener, close_all, open_slot_sockets, release_removed
 from ssx.workers.supervisor import Supervisor, WorkerTotals
 from tests import support
+from tests.support.dns_servers import RecordingZone, ask, listen_dns
 
 PASSWORD = "workers secret"
 METHOD = "aes-256-gcm"
@@ -918,6 +919,35 @@ class LocalWorkersTests(unittest.TestCase):
         client.transport.loseConnection()
         self.assertEqual(support.sha256(bytes(client.received)), support.sha256(payload))
         self.assertEqual(echo_factory.inbound[-1].digest.hexdigest(), support.sha256(payload))
+
+    @support.coroutine_test
+    async def test_transparent_and_dns_ports_in_every_worker(self):
+        """--redir and --dns-listen under --workers 2: both workers listen on each (none restarted), and DNS answers over UDP and TCP."""
+        zone = RecordingZone("192.0.2.7")
+        upstream = listen_dns(zone)
+        for port in upstream.listening:
+            self.addCleanup(port.stopListening)
+        acl = self.mktemp()
+        with open(acl, "w") as f:
+            f.write("[bypass_all]\n")
+        dns_port, redir_port = support.free_port(), support.free_port()
+        child = await support.start_twistd(
+            self, "--nodaemon", "--pidfile=", "ssx-local", "-s", "127.0.0.1", "-p", "9", "-l", "0", "-b", "127.0.0.1",
+            "-k", PASSWORD, "-m", METHOD, "--workers", "2", "--shutdown-grace", "1", "--acl", os.path.abspath(acl),
+            "--dns-listen", f"127.0.0.1:{dns_port}", "--dns-local", f"127.0.0.1:{upstream.port}",
+            "--dns-remote", "127.0.0.1:9", "--redir", f"127.0.0.1:{redir_port}",
+            ready=b"supervising 2 workers", seconds=20,
+        )
+        await support.wait_for(
+            lambda: child.text().count("ssx-local redir listening on") >= 2
+            and child.text().count("ssx-local DNS relaying UDP on") >= 2, 30,
+            lambda: f"the workers did not both listen: {child.text()}",
+        )
+        for tcp in (False, True, False, True):
+            answer = await ask(dns_port, "a.test", tcp=tcp)
+            self.assertEqual([record.payload.dottedQuad() for record in answer.answers], ["192.0.2.7"])
+        self.assertNotIn("cannot listen", child.text())
+        self.assertNotIn("restarting it", child.text())
 
     def test_socks_udp_refused(self):
         """Several workers with SOCKS5 UDP are refused, naming the key: an association's datagrams could reach another worker."""

@@ -111,11 +111,19 @@ def _make_transparent(sock: socket.socket) -> None:
         sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
 
 
-def tcp_listener(host: str, port: int, transparent: bool, backlog: int = 1024) -> socket.socket:
-    """A listening TCP socket on host:port, non-blocking; `transparent` for TPROXY (IP_TRANSPARENT)."""
+def tcp_listener(
+    host: str, port: int, transparent: bool, backlog: int = 1024, reuse_port: bool = False,
+) -> socket.socket:
+    """
+    A listening TCP socket on host:port, non-blocking; `transparent` for
+    TPROXY (IP_TRANSPARENT); `reuse_port` shares the port (SO_REUSEPORT:
+    --reuse-port, and every --workers worker binding its own).
+    """
     sock = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if transparent:
             _make_transparent(sock)
         elif sock.family == socket.AF_INET6:
@@ -129,11 +137,13 @@ def tcp_listener(host: str, port: int, transparent: bool, backlog: int = 1024) -
     return sock
 
 
-def udp_listener(host: str, port: int) -> socket.socket:
-    """A TPROXY UDP socket on host:port that reports each datagram's original destination."""
+def udp_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A TPROXY UDP socket on host:port that reports each datagram's original destination (`reuse_port`: as TCP's)."""
     sock = socket.socket(_family(host), socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         _make_transparent(sock)
         if sock.family == socket.AF_INET6:
             sock.setsockopt(SOL_IPV6, IPV6_RECVORIGDSTADDR, 1)
