@@ -466,13 +466,6 @@ class OutboundMarkReloadTests(unittest.SynchronousTestCase):
         self.assertEqual(len(top.udp_relays), 1)
         self.assertEqual([relay.mark for relay in top.udp_relays], [42])
 
-    def test_changed_mark_waits_for_restart(self):
-        """A changed outbound_fwmark is named as not applied; what the reload adds keeps the start's mark."""
-        top = local_tap.build_service(Clock(), self.config())
-        notes = top.reload.apply(self.config(local_port=1081, outbound_fwmark=43))
-        self.assertIn("not applied before a restart: outbound_fwmark", notes)
-        self.assertEqual([relay.mark for relay in top.udp_relays], [42])
-
 
 class MarkedConnectionTests(support.LeanTcp, unittest.TestCase):
     """--outbound-fwmark's connections (MarkingReactor) on the TCP path every other connection takes."""
