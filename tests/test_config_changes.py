@@ -122,6 +122,12 @@ class ServerChangesTests(SynchronousTestCase):
                      manager_address="127.0.0.1:6001")
         self.assertEqual(set(server_changes(old, new).fixed), {"nameserver", "replay_history", "manager_address"})
 
+    def test_metrics_workers_reuse_port_need_a_restart(self) -> None:
+        """A changed metrics endpoint, worker count or reuse_port is named as waiting for a restart, as on the local end."""
+        old = _ports({"server_port": 8001, "password": "a"}, metrics="9100")
+        new = _ports({"server_port": 8001, "password": "a"}, metrics="9101", workers=2, reuse_port=True)
+        self.assertEqual(set(server_changes(old, new).fixed), {"metrics", "workers", "reuse_port"})
+
 
 class LocalChangesTests(SynchronousTestCase):
     def test_same_config_changes_nothing(self) -> None:

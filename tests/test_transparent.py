@@ -20,6 +20,7 @@ import sys
 from hypothesis import given, strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
@@ -33,6 +34,7 @@ from ssx.acl import parse_acl
 from ssx.local.redir import REDIRECT, TPROXY, OwnListeners, RedirFactory, RedirProtocol, TproxyUdpRelay
 from ssx.local.routing import AclRouter
 from ssx.net.acl_holder import AclHolder
+from ssx.net.relay import connect_tcp
 from ssx.net import transparent
 from ssx.wire import sockaddr
 from ssx.wire.address import Address, encode_address
@@ -464,9 +466,43 @@ class OutboundMarkReloadTests(unittest.SynchronousTestCase):
         self.assertEqual(len(top.udp_relays), 1)
         self.assertEqual([relay.mark for relay in top.udp_relays], [42])
 
-    def test_changed_mark_waits_for_restart(self):
-        """A changed outbound_fwmark is named as not applied; what the reload adds keeps the start's mark."""
-        top = local_tap.build_service(Clock(), self.config())
-        notes = top.reload.apply(self.config(local_port=1081, outbound_fwmark=43))
-        self.assertIn("not applied before a restart: outbound_fwmark", notes)
-        self.assertEqual([relay.mark for relay in top.udp_relays], [42])
+
+class MarkedConnectionTests(support.LeanTcp, unittest.TestCase):
+    """--outbound-fwmark's connections (MarkingReactor) on the TCP path every other connection takes."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        if transparent.mark_problem(42) is not None:
+            raise unittest.SkipTest("SO_MARK needs CAP_NET_ADMIN")
+        self.accepted: list[support.KeepingProtocol] = []
+        factory = Factory()
+        factory.buildProtocol = lambda addr: self.accepted.append(support.KeepingProtocol()) or self.accepted[-1]
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.port = listening.getHost().port
+
+    async def connected(self) -> support.KeepingProtocol:
+        """A connection to the listener made through a MarkingReactor with mark 42 (closed at the test's end)."""
+        made: defer.Deferred = defer.Deferred()
+        protocol = support.KeepingProtocol(made)
+        await connect_tcp(transparent.MarkingReactor(reactor, 42), "127.0.0.1", self.port, protocol, 5)
+        await made
+        await support.wait_until(lambda: self.accepted, 10)
+
+        async def close() -> None:
+            protocol.transport.loseConnection()
+            await defer.DeferredList([protocol.lost, *(accepted.lost for accepted in self.accepted)])
+
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(close()))
+        return protocol
+
+    @support.coroutine_test
+    async def test_marked_on_the_path(self):
+        """A marked connection is made by this path's connector and its socket carries the mark."""
+        protocol = await self.connected()
+        self.assertIsInstance(protocol.transport, self.client_type)
+        self.assertEqual(protocol.transport.socket.getsockopt(socket.SOL_SOCKET, transparent.SO_MARK), 42)
+
+
+class MarkedConnectionOnTwistedTcpTests(support.TwistedTcp, MarkedConnectionTests):
+    """The same on Twisted's Connector (SSX_TCP_PATH=twisted)."""

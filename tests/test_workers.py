@@ -29,12 +29,14 @@ from ssx.config import server_config
 from ssx.crypto import SharedSaltFilter, generate_psk
 from ssx.errors import ConfigError
 from ssx.net.inherited import stream_key
+from ssx.wire.manager import parse_request
 from ssx.workers.metrics import sum_families
 from ssx.workers.control import reload_line
 from ssx.workers.reload import REPORT_WAIT, SupervisorReload
 from ssx.workers.sockets import Listener, close_all, open_slot_sockets, release_removed
 from ssx.workers.supervisor import Supervisor, WorkerTotals
 from tests import support
+from tests.support.dns_servers import RecordingZone, ask, listen_dns
 
 PASSWORD = "workers secret"
 METHOD = "aes-256-gcm"
@@ -220,6 +222,41 @@ class SupervisorReloadTests(unittest.SynchronousTestCase):
         self.assertEqual([line for line in self.lines() if "did not report" in line],
                          [f"ssx-server: reload: worker {slot} did not report within {REPORT_WAIT:g} s" for slot in (0, 1)])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class SupervisorManagerTests(unittest.SynchronousTestCase):
+    """The manager API the supervisor answers: its `add` checked as the workers will apply it."""
+
+    def setUp(self) -> None:
+        self.values = {"server_port": 8388, "password": "x", "method": "aes-128-gcm", "workers": 2,
+                       "manager_address": "127.0.0.1:6001"}
+        self.supervisor = Supervisor(MemoryReactorClock(), "ssx-server", [], server_config(self.values), ".")
+        self.worker = _FakeWorker()
+        self.supervisor.workers = {0: self.worker}
+        self.protocol = self.supervisor.manager_protocol
+
+    def answer(self, line: bytes) -> bytes:
+        return self.protocol.answer(parse_request(line))
+
+    def test_add_takes_the_reloaded_defaults(self):
+        """After a SIGHUP that changes the top-level method, an added port is listed with the new method the workers use."""
+        key = generate_psk("2022-blake3-aes-128-gcm")
+        new = server_config({**self.values, "method": "2022-blake3-aes-128-gcm", "password": key})
+        for apply in self.supervisor.reloaded:
+            apply(new)
+        self.assertEqual(self.answer(b'add: {"server_port": 8390, "password": "%s"}' % key.encode()), b"ok")
+        listed = json.loads(self.answer(b"list"))
+        self.assertIn({"server_port": "8390", "password": key, "method": "2022-blake3-aes-128-gcm"}, listed)
+        with self.assertRaises(ConfigError):
+            self.answer(b'add: {"server_port": 8391, "password": "not a 2022 key"}')
+
+    def test_add_with_plugin_refused(self):
+        """`add` with a plugin is refused naming plugin, as --workers refuses one at start; no worker is asked."""
+        with self.assertRaises(ConfigError) as caught:
+            self.answer(b'add: {"server_port": 8390, "password": "p", "plugin": "obfs-server"}')
+        self.assertEqual(caught.exception.key, "plugin")
+        self.assertEqual(self.worker.sent, [])
+        self.assertNotIn(8390, self.supervisor.manager_protocol.server.ports)
 
 
 class _FakeWorker:
@@ -454,46 +491,6 @@ class WorkersTests(_WorkersCase):
         with open(self.config_path, "w") as f:
             json.dump({**base, "servers": [{"server_port": n, "password": p} for n, p in ports.items()]}, f)
         return self.config_path
-
-    @support.coroutine_test
-    async def test_sighup_reloads_every_worker(self):
-        """A port added to the file and SIGHUP to the supervisor: both workers reload and serve it, bytes intact."""
-        kept, added = support.free_port(), support.free_port()
-        child, pids = await self.start_from_file({kept: PASSWORD})
-        self.write_ports({kept: PASSWORD, added: "added"})
-        child.transport.signalProcess("HUP")
-        await support.wait_for(lambda: child.text().count(f"port {added} added") >= 2, 10,
-                               lambda: f"the workers did not both reload: {child.text()}")
-        socks_port = self.local(added, password="added")
-        seen: set[int] = set()
-        for _ in range(5):
-            seen |= await self.owners_of_echo_connections(socks_port, pids, 8)
-            if seen == set(pids):
-                break
-        self.assertEqual(seen, set(pids))
-        payload = os.urandom(100_000)
-        reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.1", self.echo.getHost().port, payload)
-        self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payload)))
-        self.assertEqual(self.echo_factory.inbound[-1].digest.hexdigest(), support.sha256(payload))
-
-    @support.coroutine_test
-    async def test_port_removed_by_reload_refuses(self):
-        """A port SIGHUP removes from the file is closed for good: new connections are refused, not left unanswered."""
-        kept, removed = support.free_port(), support.free_port()
-        child, pids = await self.start_from_file({kept: PASSWORD, removed: PASSWORD})
-        self.write_ports({kept: PASSWORD})
-        child.transport.signalProcess("HUP")
-        await support.wait_for(lambda: child.text().count(f"port {removed} removed") >= 2, 10,
-                               lambda: f"the workers did not both reload: {child.text()}")
-
-        def refused() -> bool:
-            with socket.socket() as probe:
-                return probe.connect_ex(("127.0.0.1", removed)) != 0
-
-        await support.wait_for(refused, 10, "the removed port still accepts connections")
-        payload = os.urandom(50_000)
-        reply, received = await support.whole_echo_transfer(self.local(kept), "127.0.0.1", self.echo.getHost().port, payload)
-        self.assertEqual((reply, support.sha256(received)), (0, support.sha256(payload)))
 
     @support.coroutine_test
     async def test_manager_follows_a_reload(self):
@@ -761,10 +758,10 @@ class WorkersReloadTests(_WorkersCase):
 
     @support.coroutine_test
     async def test_port_added_and_removed(self):
-        """A port added at a reload is served by both workers; a removed port refuses connections (no socket left to queue them)."""
-        removed, added = support.free_port(), support.free_port()
-        child, pids = await self.start_file({removed: "removed"})
-        self.write({added: "added"})
+        """A reload's added port is served by both workers, a removed one refuses connections (no socket left to queue them), a kept one relays."""
+        kept, removed, added = support.free_port(), support.free_port(), support.free_port()
+        child, pids = await self.start_file({kept: "kept", removed: "removed"})
+        self.write({kept: "kept", added: "added"})
         line = await support.reload_workers(child)
         self.assertIn("reload done in every worker (2)", line)
         self.assertEqual(child.text().count(f"port {added} added"), 2, child.text())
@@ -779,6 +776,7 @@ class WorkersReloadTests(_WorkersCase):
         await support.wait_for(refused, 10, lambda: f"the removed port still accepts: {child.text()}")
         # Several tries: with SO_REUSEPORT each one is hashed to a socket anew.
         self.assertTrue(all(refused() for _ in range(16)))
+        await self.transfer(self.local(kept, password="kept"))
 
 
 class LocalWorkersTests(unittest.TestCase):
@@ -882,6 +880,35 @@ class LocalWorkersTests(unittest.TestCase):
         client.transport.loseConnection()
         self.assertEqual(support.sha256(bytes(client.received)), support.sha256(payload))
         self.assertEqual(echo_factory.inbound[-1].digest.hexdigest(), support.sha256(payload))
+
+    @support.coroutine_test
+    async def test_transparent_and_dns_ports_in_every_worker(self):
+        """--redir and --dns-listen under --workers 2: both workers listen on each (none restarted), and DNS answers over UDP and TCP."""
+        zone = RecordingZone("192.0.2.7")
+        upstream = listen_dns(zone)
+        for port in upstream.listening:
+            self.addCleanup(port.stopListening)
+        acl = self.mktemp()
+        with open(acl, "w") as f:
+            f.write("[bypass_all]\n")
+        dns_port, redir_port = support.free_port(), support.free_port()
+        child = await support.start_twistd(
+            self, "--nodaemon", "--pidfile=", "ssx-local", "-s", "127.0.0.1", "-p", "9", "-l", "0", "-b", "127.0.0.1",
+            "-k", PASSWORD, "-m", METHOD, "--workers", "2", "--shutdown-grace", "1", "--acl", os.path.abspath(acl),
+            "--dns-listen", f"127.0.0.1:{dns_port}", "--dns-local", f"127.0.0.1:{upstream.port}",
+            "--dns-remote", "127.0.0.1:9", "--redir", f"127.0.0.1:{redir_port}",
+            ready=b"supervising 2 workers", seconds=20,
+        )
+        await support.wait_for(
+            lambda: child.text().count("ssx-local redir listening on") >= 2
+            and child.text().count("ssx-local DNS relaying UDP on") >= 2, 30,
+            lambda: f"the workers did not both listen: {child.text()}",
+        )
+        for tcp in (False, True, False, True):
+            answer = await ask(dns_port, "a.test", tcp=tcp)
+            self.assertEqual([record.payload.dottedQuad() for record in answer.answers], ["192.0.2.7"])
+        self.assertNotIn("cannot listen", child.text())
+        self.assertNotIn("restarting it", child.text())
 
     def test_socks_udp_refused(self):
         """Several workers with SOCKS5 UDP are refused, naming the key: an association's datagrams could reach another worker."""

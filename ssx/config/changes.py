@@ -54,6 +54,9 @@ _SERVER_FIXED = (
     ("manager_address", ("manager",)),
     ("outbound_address/interface", ("outbound",)),
     ("url_file", ("url_file",)),
+    ("metrics", ("metrics",)),
+    ("workers", ("workers",)),
+    ("reuse_port", ("reuse_port",)),
 )
 
 

@@ -267,12 +267,15 @@ def _describe(host: str, port: int) -> str:
 class TransparentTcpService(Service):
     """A transparent TCP port (REDIRECT or TPROXY) listening with `factory` while running."""
 
-    def __init__(self, reactor: Any, host: str, port: int, factory: RedirFactory, label: str) -> None:
+    def __init__(
+        self, reactor: Any, host: str, port: int, factory: RedirFactory, label: str, reuse_port: bool = False,
+    ) -> None:
         self.reactor = reactor
         self.host = host
         self.bind_port = port
         self.factory = factory
         self.label = label
+        self.reuse_port = reuse_port
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
@@ -287,7 +290,8 @@ class TransparentTcpService(Service):
     def _listen(self) -> None:
         where = _describe(self.host, self.bind_port)
         try:
-            sock = transparent.tcp_listener(self.host, self.bind_port, self.factory.mode == TPROXY)
+            sock = transparent.tcp_listener(self.host, self.bind_port, self.factory.mode == TPROXY,
+                                            reuse_port=self.reuse_port)
         except OSError as e:
             raise SystemExit(f"{self.label}: cannot listen on {where}: {e.strerror or e}") from None
         try:
@@ -311,12 +315,15 @@ class TransparentTcpService(Service):
 class TransparentUdpService(Service):
     """A TPROXY UDP port feeding `relay` while running."""
 
-    def __init__(self, reactor: Any, host: str, port: int, relay: TproxyUdpRelay, label: str) -> None:
+    def __init__(
+        self, reactor: Any, host: str, port: int, relay: TproxyUdpRelay, label: str, reuse_port: bool = False,
+    ) -> None:
         self.reactor = reactor
         self.host = host
         self.bind_port = port
         self.relay = relay
         self.label = label
+        self.reuse_port = reuse_port
         self.reader: transparent.TransparentDatagramReader | None = None
 
     def privilegedStartService(self) -> None:
@@ -331,7 +338,7 @@ class TransparentUdpService(Service):
     def _listen(self) -> None:
         where = _describe(self.host, self.bind_port)
         try:
-            sock = transparent.udp_listener(self.host, self.bind_port)
+            sock = transparent.udp_listener(self.host, self.bind_port, self.reuse_port)
         except OSError as e:
             raise SystemExit(f"{self.label}: cannot listen for UDP on {where}: {e.strerror or e}") from None
         self.reader = transparent.TransparentDatagramReader(self.reactor, sock, self.relay.diverted)
@@ -387,7 +394,8 @@ def add_transparent_ports(top: Any, reactor: Any, config: Any) -> None:
             )
             factory.own = own
             top.factories.append(factory)
-            TransparentTcpService(reactor, port.host, port.port, factory, port.label).setServiceParent(top)
+            service: Service = TransparentTcpService(reactor, port.host, port.port, factory, port.label, top.reuse_port)
+            service.setServiceParent(top)
         if port.udp and udp_upstream is not None:
             entry = udp_upstream.entry
             relay = TproxyUdpRelay(
@@ -396,7 +404,8 @@ def add_transparent_ports(top: Any, reactor: Any, config: Any) -> None:
             )
             relay.own = own
             top.udp_relays.append(relay)
-            TransparentUdpService(reactor, port.host, port.port, relay, port.label).setServiceParent(top)
+            service = TransparentUdpService(reactor, port.host, port.port, relay, port.label, top.reuse_port)
+            service.setServiceParent(top)
 
 
 def _bound(port: Any) -> list[tuple[str, int]]:

@@ -434,7 +434,7 @@ def _add_dns_server(
     tcp_factory: Any = TimeoutFactory(factory, timeoutPeriod=DNS_TCP_IDLE)
     top.dns_listener = serve(
         top, reactor, tcp_description(host, port), tcp_factory,
-        "ssx-local DNS", udp=DNSDatagramProtocol(factory),
+        "ssx-local DNS", udp=DNSDatagramProtocol(factory), reuse_port=top.reuse_port,
     )
     DnsSummaryService(reactor, top.dns).setServiceParent(top)
     _log.info(

@@ -10,7 +10,8 @@ nothing; `listener` turns endpoints into services; `relay` joins two
 connections with flow control and idle timeouts; `nat` is the expiring
 table of the UDP relays; `resolver` is name resolution on twisted.names;
 `plugin` runs a SIP003 plugin as a supervised child process; `outbound`
-is the source address and interface of a server's connections to targets;
+is the source address and interface of a server's connections to targets,
+and the firewall mark (SO_MARK) of the local end's own traffic;
 `metrics` serves an end's Prometheus registry at /metrics.
 `reload` is the SIGHUP handler both ends install to reload their config.
 `transparent` builds the sockets of transparent proxying (original

@@ -57,7 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ssx.net.outbound import bind_device
+from ssx.net.outbound import bind_device, set_mark
 from ssx.net import tcp
 
 __all__ = [
@@ -323,6 +323,7 @@ class LeanConnector:
     def __init__(
         self, reactor: Any, host: str, port: int, factory: ClientFactory, timeout: float,
         bind_address: tuple[str, int] | None = None, device: str | None = None, fast_open: bool = False,
+        mark: int | None = None,
     ) -> None:
         self.reactor = reactor
         self.host = host
@@ -332,6 +333,7 @@ class LeanConnector:
         self.bind_address = bind_address
         self.device = device
         self.fast_open = fast_open
+        self.mark = mark
         self.state = "disconnected"
         self.transport: LeanClient | None = None
         self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -465,6 +467,8 @@ class LeanConnector:
                     pass  # an older kernel, or no client bit in net.ipv4.tcp_fastopen
             if self.device is not None:
                 bind_device(sock, self.device)
+            if self.mark is not None:
+                set_mark(sock, self.mark)
             if self.bind_address is not None:
                 sock.bind(self.bind_address)
         except OSError:

@@ -1,7 +1,9 @@
 """
 Where the server's outgoing traffic leaves from: a source address per
 address family (libev's server-side `local_address`, `-b`) and an
-interface to send through (libev's `-i`, SO_BINDTODEVICE).  The server
+interface to send through (libev's `-i`, SO_BINDTODEVICE), and the
+firewall mark (SO_MARK) that ssx-local's --outbound-fwmark puts on its own
+connections and datagrams (`set_mark`; `ssx.net.transparent` says why).  The server
 end's TCP connections to targets (`ssx.net.relay.connect_tcp`) and the UDP
 relay's per-association sockets (`ssx.server.udp`) take one `Outbound`;
 without one, they are made as before, with nothing to look at.  No Twisted
@@ -14,10 +16,11 @@ import errno
 import socket
 from dataclasses import dataclass
 
-__all__ = ["Outbound", "bind_device", "device_problem"]
+__all__ = ["SO_MARK", "Outbound", "bind_device", "device_problem", "set_mark"]
 
 # Linux's value; Python's socket module names it only where the platform does.
 SO_BINDTODEVICE: int = getattr(socket, "SO_BINDTODEVICE", 25)
+SO_MARK: int = getattr(socket, "SO_MARK", 36)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,11 @@ class Outbound:
 def bind_device(sock: socket.socket, device: str) -> None:
     """Send and receive `sock`'s traffic through `device` only (SO_BINDTODEVICE; OSError if refused)."""
     sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, device.encode())
+
+
+def set_mark(sock: socket.socket, mark: int) -> None:
+    """Mark `sock`'s packets with `mark` (SO_MARK) for the firewall (OSError if refused)."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
 
 
 def device_problem(device: str) -> str | None:

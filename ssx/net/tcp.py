@@ -51,7 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ssx.net.outbound import bind_device
+from ssx.net.outbound import bind_device, set_mark
 from ssx.wire.address import is_ip_literal
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ __all__ = [
     "ServerEndpoint",
     "adopt",
     "connect",
+    "is_posix",
     "fast_open_reactor",
     "fast_open_sysctl_note",
     "listen",
@@ -295,13 +296,19 @@ class FastOpenClient(Client):
 
 
 class DeviceClient(Client):
-    """An outgoing connection sent through its connector's `device` (SO_BINDTODEVICE)."""
+    """
+    An outgoing connection sent through its connector's `device`
+    (SO_BINDTODEVICE), if any, and carrying its `mark` (SO_MARK), if any.
+    """
 
     def createInternetSocket(self) -> socket.socket:
         sock: socket.socket = Client.createInternetSocket(self)
         # Twisted sets `connector` before it creates the socket; an error
         # here makes the connection fail as a bind error would.
-        bind_device(sock, self.connector.device)
+        if self.connector.device is not None:
+            bind_device(sock, self.connector.device)
+        if self.connector.mark is not None:
+            set_mark(sock, self.connector.mark)
         return sock
 
 
@@ -337,13 +344,16 @@ class Connector(tcp.Connector):
 
     fast_open = False
     device: str | None = None
+    mark: int | None = None
 
     def _makeTransport(self) -> Client:
-        transport = DeviceClient if self.device is not None else FastOpenClient if self.fast_open else Client
+        options = self.device is not None or self.mark is not None
+        transport = DeviceClient if options else FastOpenClient if self.fast_open else Client
         return transport(self.host, self.port, self.bindAddress, self, self.reactor)
 
 
-def _fast(reactor: IReactorTCP) -> bool:
+def is_posix(reactor: Any) -> bool:
+    """Whether `listen` and `connect` use ssx's ports and connectors on `reactor` (else Twisted's own)."""
     return isinstance(reactor, PosixReactorBase)
 
 
@@ -357,7 +367,7 @@ def listen(
     SO_REUSEPORT with `reuse_port`), accepting with `ssx.net.lean.LeanPort`
     while `LEAN_PATH` holds.
     """
-    if not _fast(reactor):
+    if not is_posix(reactor):
         # IReactorTCP declares a ServerFactory, but endpoints pass any
         # IProtocolFactory on, as Twisted's own TCP endpoints do.
         return reactor.listenTCP(port, factory, backlog, interface)  # type: ignore[arg-type]
@@ -377,7 +387,7 @@ def adopt(reactor: Any, fd: int, family: int, factory: IProtocolFactory) -> ILis
     inherited; the caller keeps and closes `fd`, the port works on a
     duplicate), with these transports on Twisted's POSIX reactors.
     """
-    if not _fast(reactor):
+    if not is_posix(reactor):
         return reactor.adoptStreamPort(fd, family, factory)
     if LEAN_PATH:
         return lean.adopt_listening_socket(fd, factory, reactor)
@@ -388,7 +398,7 @@ def adopt(reactor: Any, fd: int, family: int, factory: IProtocolFactory) -> ILis
 
 def connect(
     reactor: IReactorTCP, host: str, port: int, factory: ClientFactory, timeout: float, fast_open: bool = False,
-    bind_address: tuple[str, int] | None = None, device: str | None = None,
+    bind_address: tuple[str, int] | None = None, device: str | None = None, mark: int | None = None,
 ) -> IConnector:
     """
     Like `reactor.connectTCP`, with these transports; with `fast_open`,
@@ -398,17 +408,19 @@ def connect(
     a connection lost rather than one that failed.  `bind_address` is the
     source address (Twisted's `bindAddress`); `device`, the interface sent
     through (SO_BINDTODEVICE, on Twisted's POSIX reactors; not with
-    `fast_open`, which the server end does not use).
+    `fast_open`, which the server end does not use); `mark`, the firewall
+    mark (SO_MARK) the connection carries (not with `fast_open` either).
     """
-    if not _fast(reactor):
+    if not is_posix(reactor):
         return reactor.connectTCP(host, port, factory, timeout=timeout, bindAddress=bind_address)
     if LEAN_PATH and is_ip_literal(host):
-        lean_connector = lean.LeanConnector(reactor, host, port, factory, timeout, bind_address, device, fast_open)
+        lean_connector = lean.LeanConnector(reactor, host, port, factory, timeout, bind_address, device, fast_open, mark)
         lean_connector.connect()
         return lean_connector
     connector = Connector(host, port, factory, timeout, bind_address, reactor)
     connector.fast_open = fast_open
     connector.device = device
+    connector.mark = mark
     connector.connect()
     return connector
 

@@ -36,6 +36,8 @@ from twisted.internet.interfaces import IConnector, IReactorPluggableNameResolve
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ssx.net import tcp
+from ssx.net.outbound import SO_MARK, set_mark
 from ssx.wire.sockaddr import (
     IP_ORIGDSTADDR,
     IPV6_ORIGDSTADDR,
@@ -75,7 +77,6 @@ IPV6_TRANSPARENT = 75
 IPV6_RECVORIGDSTADDR = IPV6_ORIGDSTADDR
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
-SO_MARK: int = getattr(socket, "SO_MARK", 36)
 
 # Room for one control message carrying a sockaddr_in6 (the larger).
 ANCILLARY_SIZE = socket.CMSG_SPACE(SOCKADDR_IN6_SIZE)
@@ -110,11 +111,19 @@ def _make_transparent(sock: socket.socket) -> None:
         sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
 
 
-def tcp_listener(host: str, port: int, transparent: bool, backlog: int = 1024) -> socket.socket:
-    """A listening TCP socket on host:port, non-blocking; `transparent` for TPROXY (IP_TRANSPARENT)."""
+def tcp_listener(
+    host: str, port: int, transparent: bool, backlog: int = 1024, reuse_port: bool = False,
+) -> socket.socket:
+    """
+    A listening TCP socket on host:port, non-blocking; `transparent` for
+    TPROXY (IP_TRANSPARENT); `reuse_port` shares the port (SO_REUSEPORT:
+    --reuse-port, and every --workers worker binding its own).
+    """
     sock = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if transparent:
             _make_transparent(sock)
         elif sock.family == socket.AF_INET6:
@@ -128,11 +137,13 @@ def tcp_listener(host: str, port: int, transparent: bool, backlog: int = 1024) -
     return sock
 
 
-def udp_listener(host: str, port: int) -> socket.socket:
-    """A TPROXY UDP socket on host:port that reports each datagram's original destination."""
+def udp_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A TPROXY UDP socket on host:port that reports each datagram's original destination (`reuse_port`: as TCP's)."""
     sock = socket.socket(_family(host), socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         _make_transparent(sock)
         if sock.family == socket.AF_INET6:
             sock.setsockopt(SOL_IPV6, IPV6_RECVORIGDSTADDR, 1)
@@ -164,11 +175,6 @@ def reply_socket(source: tuple[str, int], mark: int | None = None) -> socket.soc
         sock.close()
         raise
     return sock
-
-
-def set_mark(sock: socket.socket, mark: int) -> None:
-    """Mark `sock`'s packets with `mark` (SO_MARK) for the firewall (OSError if refused)."""
-    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
 
 
 def is_local_address(ip: str) -> bool:
@@ -260,11 +266,15 @@ class TransparentDatagramReader(FileDescriptor):
 class MarkingReactor:
     """
     `reactor`, except that the TCP connections it makes carry `mark`
-    (SO_MARK), for the local end's connections to its servers.  Twisted
-    creates a client's socket at once and connects it on a later turn of
-    the reactor, so the mark is on the socket before its SYN leaves.
-    (HostnameEndpoint looks for the name resolver by interface; the rest
-    it only calls.)
+    (SO_MARK), for the local end's connections to its servers and direct
+    targets.  On a POSIX reactor they are `ssx.net.tcp.connect`'s, as every
+    other connection (the lean connector, or ssx's transports on Twisted's),
+    with the mark set on the socket before it connects; a socket the kernel
+    refuses to mark fails the connection rather than go unmarked.
+    Elsewhere, Twisted's connector: it creates a client's socket at once and
+    connects it on a later turn of the reactor, so the mark is on the socket
+    before its SYN leaves.  (HostnameEndpoint looks for the name resolver by
+    interface; the rest it only calls.)
     """
 
     def __init__(self, reactor: Any, mark: int) -> None:
@@ -277,6 +287,8 @@ class MarkingReactor:
     def connectTCP(
         self, host: str, port: int, factory: Any, timeout: float = 30, bindAddress: Any = None,
     ) -> IConnector:
+        if tcp.is_posix(self.reactor):
+            return tcp.connect(self.reactor, host, port, factory, timeout, bind_address=bindAddress, mark=self.mark)
         connector = self.reactor.connectTCP(host, port, factory, timeout, bindAddress)
         sock = getattr(getattr(connector, "transport", None), "socket", None)
         if sock is not None:

@@ -18,6 +18,7 @@ from twisted.internet import defer
 from ssx.config.changes import server_changes, wanted_port
 from ssx.config.ports import PortConfig
 from ssx.config.server import added_port
+from ssx.errors import ConfigError
 from ssx.server.manager import ManagerProtocol, ManagerService
 from ssx.server.service import PortUnavailable
 from ssx.wire.manager import ManagerRequest
@@ -103,6 +104,19 @@ class _SupervisorManagerProtocol(ManagerProtocol):
     supervisor: Supervisor
 
 
+def _added_port(ports: WorkerPorts, request: Any) -> PortConfig:
+    """
+    The port an `add` asks for, read as the workers will read it: over the
+    top-level keys of the configuration last loaded (a reload changes
+    them), and without a plugin (each worker would start its own on one
+    port, as `workers` at start-up says).
+    """
+    port = added_port(ports.config.port_defaults, request)
+    if port.plugin is not None:
+        raise ConfigError("plugin", "not with --workers above 1 (each worker would start its own on one port)")
+    return port
+
+
 def supervisor_manager(supervisor: Supervisor) -> None:
     """The manager API of `supervisor` (its config has a manager address), as its child service."""
     config = supervisor.config
@@ -111,7 +125,7 @@ def supervisor_manager(supervisor: Supervisor) -> None:
     protocol = _SupervisorManagerProtocol(
         ports,  # type: ignore[arg-type]
         lambda port_config: _Port(port_config),  # type: ignore[arg-type,return-value]
-        lambda request: added_port(config.port_defaults, request),
+        lambda request: _added_port(ports, request),
     )
     protocol.supervisor = supervisor
     supervisor.manager_protocol = protocol
