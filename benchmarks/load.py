@@ -72,37 +72,27 @@ def _socks5_request(command: int, host: str, port: int) -> bytes:
     return b"\x05" + bytes((command, 0, 1)) + socket.inet_aton(host) + port.to_bytes(2, "big")
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(data)} of {size} bytes")
-        data += chunk
-    return data
-
-
 def socks5_handshake(sock: socket.socket, command: int, host: str, port: int) -> tuple[str, int]:
     """Greeting and one request on a blocking socket; the bound address, or Socks5Refused."""
     sock.sendall(_GREETING)
-    if _recv_exactly(sock, 2) != b"\x05\x00":
+    if payload.recv_exactly(sock, 2) != b"\x05\x00":
         raise ConnectionError("SOCKS5 server refused the no-authentication method")
     sock.sendall(_socks5_request(command, host, port))
-    head = _recv_exactly(sock, 4)
+    head = payload.recv_exactly(sock, 4)
     if head[0] != 5:
         raise ConnectionError(f"not a SOCKS5 reply: {head!r}")
     if head[1] != 0:
         raise Socks5Refused(head[1])
     atyp = head[3]
     if atyp == 1:
-        bound = socket.inet_ntoa(_recv_exactly(sock, 4))
+        bound = socket.inet_ntoa(payload.recv_exactly(sock, 4))
     elif atyp == 4:
-        bound = socket.inet_ntop(socket.AF_INET6, _recv_exactly(sock, 16))
+        bound = socket.inet_ntop(socket.AF_INET6, payload.recv_exactly(sock, 16))
     elif atyp == 3:
-        bound = _recv_exactly(sock, _recv_exactly(sock, 1)[0]).decode()
+        bound = payload.recv_exactly(sock, payload.recv_exactly(sock, 1)[0]).decode()
     else:
         raise ConnectionError(f"bad address type {atyp} in the SOCKS5 reply")
-    return bound, int.from_bytes(_recv_exactly(sock, 2), "big")
+    return bound, int.from_bytes(payload.recv_exactly(sock, 2), "big")
 
 
 def _open(socks: tuple[str, int] | None, target: tuple[str, int]) -> socket.socket:
@@ -137,7 +127,7 @@ def run_bulk(args: argparse.Namespace) -> dict[str, Any]:
                 payload.send_frame(sock, *pattern.frame(frames))
                 frames += 1
             sock.sendall(payload.END_FRAME)
-            digest, received, total = payload.UPLOAD_REPLY.unpack(_recv_exactly(sock, payload.UPLOAD_REPLY.size))
+            digest, received, total = payload.UPLOAD_REPLY.unpack(payload.recv_exactly(sock, payload.UPLOAD_REPLY.size))
             elapsed = time.perf_counter() - started
             return {
                 "frames": frames,

@@ -60,6 +60,7 @@ __all__ = [
     "bulk_request",
     "make_request",
     "parse_bulk_request",
+    "recv_exactly",
     "reply_for",
     "request_from_reply",
     "send_frame",
@@ -182,7 +183,8 @@ def send_frame(sock: socket.socket, header: bytes, body: memoryview) -> None:
         sock.sendall(body[sent:])
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """Exactly `size` bytes from a blocking socket; ConnectionError if it closes first."""
     data = b""
     while len(data) < size:
         chunk = sock.recv(size - len(data))
@@ -223,12 +225,12 @@ class PacedSender:
 
     def read_answer(self) -> bytes | None:
         """Reads one acknowledgement (None) or the final reply (its body)."""
-        tag = _recv_exactly(self._sock, 1)
+        tag = recv_exactly(self._sock, 1)
         if tag == ACK_TAG:
-            self.acked = _ACK.unpack(tag + _recv_exactly(self._sock, _ACK.size - 1))[1]
+            self.acked = _ACK.unpack(tag + recv_exactly(self._sock, _ACK.size - 1))[1]
             return None
         if tag == REPLY_TAG:
-            return _recv_exactly(self._sock, UPLOAD_REPLY.size)
+            return recv_exactly(self._sock, UPLOAD_REPLY.size)
         raise ValueError(f"unexpected answer {tag!r} in a paced stream")
 
 

@@ -7,8 +7,9 @@ the local end that offers SOCKS5, SOCKS4 and HTTP to applications
 `ssx.crypto` (every cipher and replay filter), `ssx.wire` (wire formats,
 no Twisted), `ssx.acl` (ACL files, no Twisted) and `ssx.config`
 (config.json and flags); the seams between them are declared in
-`ssx.interfaces`.  `ssx.workers` runs either end as several processes
-(`--workers`).  `python -m ssx` is `ssx.cli`.
+`ssx.interfaces`, and `ssx.traffic` is the byte counter both ends keep.
+`ssx.workers` runs either end as several processes (`--workers`).
+`python -m ssx` is `ssx.cli`.
 See README.rst.
 """
 

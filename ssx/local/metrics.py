@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING, Iterator
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from zope.interface import implementer
 
-from ssx.interfaces import ITrafficCounter, IUpstream
+from ssx.interfaces import IUpstream
 from ssx.local.dns import RoutingResolver
 from ssx.local.redir import REDIRECT, RedirFactory
 from ssx.local.relay import LocalFactory
 from ssx.local.tunnel import TunnelFactory
 from ssx.local.udp import LocalUdpRelay
+from ssx.traffic import TrafficCounter
 
 if TYPE_CHECKING:
     from ssx.local.tap import LocalService
@@ -52,21 +52,8 @@ __all__ = ["LocalCollector", "LocalMetrics", "ServerTraffic"]
 CHECK_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-@implementer(ITrafficCounter)
-class ServerTraffic:
-    """One server's payload bytes: `up` (from applications) and `down`."""
-
-    __slots__ = ("up", "down")
-
-    def __init__(self) -> None:
-        self.up = 0
-        self.down = 0
-
-    def add_up(self, count: int) -> None:
-        self.up += count
-
-    def add_down(self, count: int) -> None:
-        self.down += count
+# One server's payload bytes: `up` (from applications) and `down`.
+ServerTraffic = TrafficCounter
 
 
 class LocalMetrics:

@@ -20,27 +20,15 @@ from typing import Callable, Iterator, Mapping
 from zope.interface import implementer
 
 from ssx.interfaces import ITrafficCounter, IUserTrafficSink
+from ssx.traffic import TrafficCounter
 
 __all__ = ["UserTraffic", "UserTrafficTable", "counted", "counted_wire"]
 
 Transform = Callable[[bytes], bytes]
 
 
-@implementer(ITrafficCounter)
-class UserTraffic:
-    """One user's relayed application bytes: `up` (client to target) and `down`."""
-
-    __slots__ = ("up", "down")
-
-    def __init__(self) -> None:
-        self.up = 0
-        self.down = 0
-
-    def add_up(self, count: int) -> None:
-        self.up += count
-
-    def add_down(self, count: int) -> None:
-        self.down += count
+# One user's (or key's, or port's) relayed bytes: `up` (client to target) and `down`.
+UserTraffic = TrafficCounter
 
 
 @implementer(IUserTrafficSink)
