@@ -132,6 +132,34 @@ class DnsThroughServerTests(LoopbackCase):
         self.assertEqual(self.local_zone.names, [])
 
     @coroutine_test
+    async def test_tcp_clients_bounded(self) -> None:
+        """300 TCP clients at once: 256 stay connected, the 44 newest are closed and counted, and UDP still answers."""
+        service, dns_port = self._local(support.free_port(), "tcp_only")
+        clients = []
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", dns_port))
+            self.addCleanup(sock.close)
+            sock.setblocking(False)
+            clients.append(sock)
+        factory = service.dns_listener.factory
+
+        def closed() -> int:
+            count = 0
+            for sock in clients:
+                try:
+                    count += sock.recv(1) == b""
+                except BlockingIOError:
+                    pass
+            return count
+
+        await support.wait_for(lambda: service.dns.tcp_refused == 44, 10, "the clients beyond the bound were not refused")
+        await support.wait_for(lambda: closed() == 44, 10, "the refused clients were not closed")
+        self.assertEqual(len(factory.protocols), 256)
+        direct = await ask(dns_port, "www.direct.test")
+        self.assertEqual(_addresses(direct), [LOCAL_ADDRESS])
+        self.assertEqual(closed(), 44)
+
+    @coroutine_test
     async def test_udp_relay_marked(self) -> None:
         """With --outbound-fwmark, a proxied query's socket to the server carries the mark before it sends."""
         if transparent.mark_problem(MARK) is not None:

@@ -11,7 +11,9 @@ poisoned local resolver cannot answer for a proxied name.  Answers are
 cached by route and question (`ssx.local.dns_cache`).  At most
 `max_in_flight` queries wait for an upstream at once (more are answered
 SERVFAIL at once), and one that has no answer within `timeout` seconds is
-answered SERVFAIL.
+answered SERVFAIL.  At most `DEFAULT_MAX_TCP_CLIENTS` clients are connected
+over TCP at once (`DnsTcpFactory`): a newer one is closed at once, so
+a LAN client cannot spend the process's file descriptors.
 
 Twisted's `DNSServerFactory` and `DNSDatagramProtocol` read and answer the
 clients' messages; `RoutingResolver` is its resolver.  `DnsSummaryService`
@@ -31,6 +33,7 @@ from twisted.logger import Logger
 from twisted.names import client, dns, server
 from twisted.names.common import ResolverBase
 from twisted.names.error import DNSNameError, DomainError
+from twisted.protocols.policies import TimeoutFactory
 from twisted.python.failure import Failure
 
 from ssx.local.dns_cache import DEFAULT_CAPACITY, DnsCache
@@ -38,8 +41,10 @@ from ssx.wire.address import is_hostname
 
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_MAX_TCP_CLIENTS",
     "DEFAULT_TIMEOUT",
     "DnsServerFactory",
+    "DnsTcpFactory",
     "DnsSummaryService",
     "LocalResolver",
     "RoutingResolver",
@@ -50,6 +55,9 @@ _log = Logger()
 
 DEFAULT_MAX_IN_FLIGHT = 256
 DEFAULT_TIMEOUT = 5.0
+# DNS over TCP is rare (truncated answers, some stub resolvers); a few
+# hundred clients at once is far more than a LAN needs.
+DEFAULT_MAX_TCP_CLIENTS = 256
 
 
 class TooManyQueries(Exception):
@@ -125,6 +133,8 @@ class RoutingResolver(ResolverBase):
         self.proxied = 0
         self.cache_hits = 0
         self.failures = 0
+        # Counted by the TCP listener (`DnsTcpFactory`).
+        self.tcp_refused = 0
 
     def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Deferred:
         # ResolverBase's lookup* methods, for callers other than the server.
@@ -208,6 +218,7 @@ class DnsServerFactory(server.DNSServerFactory):
         # The resolver itself, not a chain around it: it keeps the
         # question's class and its failures as they are.
         self.resolver = resolver  # type: ignore[assignment]
+        self.routing = resolver
 
     def gotResolverError(self, failure: Failure, protocol: Any, message: dns.Message, address: Any) -> None:
         """
@@ -225,6 +236,27 @@ class DnsServerFactory(server.DNSServerFactory):
         self.sendReply(protocol, response, address)
 
 
+class DnsTcpFactory(TimeoutFactory):
+    """
+    The DNS server's TCP side: a client idle for `timeout` seconds is
+    closed, and beyond `max_clients` connected at once a new client is
+    closed at once (counted in the resolver's `tcp_refused`).
+    """
+
+    noisy = False
+
+    def __init__(self, factory: DnsServerFactory, timeout: float, max_clients: int = DEFAULT_MAX_TCP_CLIENTS) -> None:
+        TimeoutFactory.__init__(self, factory, timeoutPeriod=timeout)
+        self.resolver = factory.routing
+        self.max_clients = max_clients
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.protocols) >= self.max_clients:
+            self.resolver.tcp_refused += 1
+            return None  # Twisted closes the connection
+        return TimeoutFactory.buildProtocol(self, addr)
+
+
 class DnsSummaryService(Service):
     """Logs every `interval` seconds (and at stop) how many queries went where, when there were any."""
 
@@ -234,6 +266,7 @@ class DnsSummaryService(Service):
         ("proxied", "sent through the proxy"),
         ("cache_hits", "answered from the cache"),
         ("failures", "failed (SERVFAIL)"),
+        ("tcp_refused", "TCP clients refused (too many connected)"),
     )
 
     def __init__(self, reactor: Any, resolver: RoutingResolver) -> None:
