@@ -5,9 +5,10 @@ and follows the routing decision.
 A query's name goes to `should_proxy` (the ACL's decision; everything is
 proxied without one).  A name sent direct is asked of the local resolvers
 (`LocalResolver`: `twisted.names.client` to `--dns-local`, by default the
-system's); every other name is asked of the remote resolver through a
-Shadowsocks server (`ssx.local.dns_remote`), never of the local ones, so a
-poisoned local resolver cannot answer for a proxied name.  Answers are
+system's, from sockets carrying --outbound-fwmark); every other name is
+asked of the remote resolver through a Shadowsocks server
+(`ssx.local.dns_remote`), never of the local ones, so a poisoned local
+resolver cannot answer for a proxied name.  Answers are
 cached by route and question (`ssx.local.dns_cache`).  At most
 `max_in_flight` queries wait for an upstream at once (more are answered
 SERVFAIL at once), and one that has no answer within `timeout` seconds is
@@ -37,6 +38,8 @@ from twisted.protocols.policies import TimeoutFactory
 from twisted.python.failure import Failure
 
 from ssx.local.dns_cache import DEFAULT_CAPACITY, DnsCache
+from ssx.net import tcp
+from ssx.net.outbound import set_mark
 from ssx.wire.address import is_hostname
 
 __all__ = [
@@ -68,15 +71,48 @@ class _BadName(Exception):
     """A query name that is not a host name: not sent anywhere."""
 
 
+class _MarkedReactor:
+    """
+    `reactor` for `twisted.names.client`, whose own sockets then carry the
+    firewall mark `mark` (--outbound-fwmark) before they send: its UDP
+    sockets marked as they are bound, its TCP connections made by
+    `ssx.net.tcp.connect`, which marks the socket before it connects.
+    """
+
+    def __init__(self, reactor: Any, mark: int) -> None:
+        self._reactor = reactor
+        self.mark = mark
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> Any:
+        listening = self._reactor.listenUDP(port, protocol, interface=interface, maxPacketSize=maxPacketSize)
+        try:
+            set_mark(listening.socket, self.mark)
+        except OSError:
+            listening.stopListening()
+            raise
+        return listening
+
+    def connectTCP(self, host: str, port: int, factory: Any, timeout: float = 30, bindAddress: Any = None) -> Any:
+        return tcp.connect(self._reactor, host, port, factory, timeout, bind_address=bindAddress, mark=self.mark)
+
+
 class LocalResolver:
     """
     The direct side: `twisted.names.client.Resolver` asking `servers` in
     turn, within `timeout` seconds in all (a truncated answer is asked
-    again over TCP).  Cancelling a query only stops waiting for it: the
-    client's own timeouts, shorter than `timeout`, end it.
+    again over TCP), from sockets carrying `mark` (--outbound-fwmark) if
+    given.  Cancelling a query only stops waiting for it: the client's own
+    timeouts, shorter than `timeout`, end it.
     """
 
-    def __init__(self, reactor: Any, servers: Sequence[tuple[str, int]], timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, reactor: Any, servers: Sequence[tuple[str, int]], timeout: float = DEFAULT_TIMEOUT, mark: int | None = None,
+    ) -> None:
+        if mark is not None:
+            reactor = _MarkedReactor(reactor, mark)
         self._resolver = client.Resolver(servers=list(servers), reactor=reactor)
         # Two tries per server, the second longer, together well inside the
         # server's own timeout.

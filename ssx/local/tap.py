@@ -426,7 +426,7 @@ def _add_dns_server(
     target = Address(*dns.remote)
     tcp = RelayedTcpDns(top.picker, target) if config.relays.tcp else None
     remote: Any = RelayedUdpDns(reactor, top.picker, target, tcp, top.mark) if config.relays.udp else tcp
-    local = LocalResolver(reactor, _dns_local_servers(dns))
+    local = LocalResolver(reactor, _dns_local_servers(dns), mark=top.mark)
     top.dns = RoutingResolver(reactor, should_proxy, local, remote, verbose=config.verbose)
     factory = DnsServerFactory(top.dns)
     host, port = dns.listen
