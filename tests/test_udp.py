@@ -98,6 +98,14 @@ class SocksUdpTests(UdpChainTestCase):
         self.assertNotEqual(port, held)
         self.assertEqual(server.datagram_listeners[0].port.getHost().port, port)
 
+    def test_free_port_free_for_udp(self):
+        """The number support.free_port hands out for a child or a manager binds for UDP and TCP at once."""
+        for _ in range(20):
+            number = support.free_port()
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+                udp.bind(("127.0.0.1", number))
+                tcp.bind(("127.0.0.1", number))
+
     async def _targets(self) -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".hosts", delete=False) as f:
             f.write("127.0.0.1 udp.ssx.test\n")
