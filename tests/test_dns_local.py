@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from hypothesis import given, settings, strategies as st
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.names import dns
@@ -22,7 +23,7 @@ from ssx.config.local import DEFAULT_DNS_REMOTE
 from ssx.crypto import make_suite
 from ssx.errors import ConfigError
 from ssx.local import tap as local_tap
-from ssx.local.dns import DnsServerFactory, DnsSummaryService, RoutingResolver
+from ssx.local.dns import DnsServerFactory, DnsSummaryService, DnsTcpFactory, RoutingResolver
 from ssx.local.dns_cache import NEGATIVE_TTL_CAP, DnsCache
 from ssx.local.dns_remote import _QuerySocket, message_for
 from ssx.wire.address import Address, encode_address, is_hostname
@@ -372,7 +373,7 @@ class LoggingTests(unittest.SynchronousTestCase):
         self.assertEqual(lines, ["DNS A loud.test (proxied): 1 answers"])
 
     def test_summary_counts(self) -> None:
-        """The summary reports queries sent direct and proxied, cache hits and failures since the last one."""
+        """The summary reports queries sent direct and proxied, cache hits, failures and refused TCP clients since the last one."""
         clock = Clock()
         resolver = _resolver(clock, proxied={"p.test"})
         summary = DnsSummaryService(clock, resolver)
@@ -380,9 +381,11 @@ class LoggingTests(unittest.SynchronousTestCase):
         events = support.log_events(self)
         for name in ("p.test", "p.test", "d.test", "bad\x01.test"):
             _ask(resolver, name).addErrback(lambda f: None)
+        full = DnsTcpFactory(DnsServerFactory(resolver), 30, max_clients=0)
+        self.assertIsNone(full.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5353)))
         clock.advance(summary.interval)
         counts = [e["counts"] for e in events if "counts" in e]
-        self.assertEqual(counts, [{"direct": 1, "proxied": 1, "cache_hits": 1, "failures": 1}])
+        self.assertEqual(counts, [{"direct": 1, "proxied": 1, "cache_hits": 1, "failures": 1, "tcp_refused": 1}])
         summary.stopService()
         self.assertEqual(len([e for e in events if "counts" in e]), 1)  # nothing new: no second line
 

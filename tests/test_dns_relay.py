@@ -12,12 +12,12 @@ import os
 import socket
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import protocol, reactor
 from twisted.names import dns
 from twisted.trial import unittest
 
 from ssx.config import local_config
-from ssx.local import tap as local_tap
+from ssx.local import dns as local_dns, tap as local_tap
 from ssx.net import transparent
 from tests import support
 from tests.support import PASSWORD, LoopbackCase, coroutine_test
@@ -132,6 +132,34 @@ class DnsThroughServerTests(LoopbackCase):
         self.assertEqual(self.local_zone.names, [])
 
     @coroutine_test
+    async def test_tcp_clients_bounded(self) -> None:
+        """300 TCP clients at once: 256 stay connected, the 44 newest are closed and counted, and UDP still answers."""
+        service, dns_port = self._local(support.free_port(), "tcp_only")
+        clients = []
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", dns_port))
+            self.addCleanup(sock.close)
+            sock.setblocking(False)
+            clients.append(sock)
+        factory = service.dns_listener.factory
+
+        def closed() -> int:
+            count = 0
+            for sock in clients:
+                try:
+                    count += sock.recv(1) == b""
+                except BlockingIOError:
+                    pass
+            return count
+
+        await support.wait_for(lambda: service.dns.tcp_refused == 44, 10, "the clients beyond the bound were not refused")
+        await support.wait_for(lambda: closed() == 44, 10, "the refused clients were not closed")
+        self.assertEqual(len(factory.protocols), 256)
+        direct = await ask(dns_port, "www.direct.test")
+        self.assertEqual(_addresses(direct), [LOCAL_ADDRESS])
+        self.assertEqual(closed(), 44)
+
+    @coroutine_test
     async def test_udp_relay_marked(self) -> None:
         """With --outbound-fwmark, a proxied query's socket to the server carries the mark before it sends."""
         if transparent.mark_problem(MARK) is not None:
@@ -143,12 +171,43 @@ class DnsThroughServerTests(LoopbackCase):
         self.assertEqual(_addresses(proxied), [REMOTE_ADDRESS])
         self.assertEqual(seeing.marks, [MARK])
 
+    @coroutine_test
+    async def test_local_resolvers_marked(self) -> None:
+        """With --outbound-fwmark, a direct query's socket to the --dns-local resolver carries the mark before it sends."""
+        if transparent.mark_problem(MARK) is not None:
+            raise unittest.SkipTest("SO_MARK needs CAP_NET_ADMIN")
+        seeing = _MarkSeeingReactor(reactor, watched=(("127.0.0.1", self.local_dns.port),))
+        _, dns_port = self._local(support.free_port(), "tcp_only", on=seeing, outbound_fwmark=MARK)
+        direct = await ask(dns_port, "www.direct.test")
+        self.assertEqual(_addresses(direct), [LOCAL_ADDRESS])
+        self.assertEqual(self.local_zone.names, ["www.direct.test"])
+        self.assertEqual(seeing.marks, [MARK])
+
+    @coroutine_test
+    async def test_local_resolvers_marked_over_tcp(self) -> None:
+        """With a mark, the local resolvers' TCP connections (truncated answers asked again) carry it before they connect."""
+        if transparent.mark_problem(MARK) is not None:
+            raise unittest.SkipTest("SO_MARK needs CAP_NET_ADMIN")
+        echo = self.listen(support.listen_echo())
+        marks: list[int] = []
+
+        class Noting(protocol.Protocol):
+            def connectionMade(self) -> None:
+                marks.append(self.transport.getHandle().getsockopt(socket.SOL_SOCKET, transparent.SO_MARK))
+                self.transport.loseConnection()
+
+        factory = protocol.ClientFactory.forProtocol(Noting)
+        local_dns._MarkedReactor(reactor, MARK).connectTCP("127.0.0.1", echo.getHost().port, factory)
+        await support.wait_until(lambda: bool(marks), 5)
+        self.assertEqual(marks, [MARK])
+
 
 class _MarkSeeingReactor:
-    """The reactor, noting the SO_MARK of each UDP socket it makes as that socket is connected."""
+    """The reactor, noting the SO_MARK of each UDP socket it makes as that socket is connected or first sends to `watched`."""
 
-    def __init__(self, real: Any) -> None:
+    def __init__(self, real: Any, watched: tuple[tuple[str, int], ...] = ()) -> None:
         self._real = real
+        self.watched = watched
         self.marks: list[int] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -156,13 +215,24 @@ class _MarkSeeingReactor:
 
     def listenUDP(self, *args: Any, **kwargs: Any) -> Any:
         port = self._real.listenUDP(*args, **kwargs)
-        connect = port.connect
+        connect, write = port.connect, port.write
+        seen: list[bool] = []
 
-        def noting(host: str, number: int) -> Any:
-            self.marks.append(port.socket.getsockopt(socket.SOL_SOCKET, transparent.SO_MARK))
+        def note() -> None:
+            if not seen:
+                seen.append(True)
+                self.marks.append(port.socket.getsockopt(socket.SOL_SOCKET, transparent.SO_MARK))
+
+        def connecting(host: str, number: int) -> Any:
+            note()
             return connect(host, number)
 
-        port.connect = noting
+        def writing(packet: bytes, addr: Any = None) -> Any:
+            if addr is not None and tuple(addr) in self.watched:
+                note()
+            return write(packet, addr)
+
+        port.connect, port.write = connecting, writing
         return port
 
 

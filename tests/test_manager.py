@@ -162,6 +162,26 @@ class ManagerTests(unittest.TestCase):
         await self._round_trip()
 
     @support.coroutine_test
+    async def test_list_port_of_access_keys(self):
+        """`list` shows a port of access keys with an empty password string and its key ids, no key's secret."""
+        manager = ("127.0.0.1", support.free_port())
+        keyed = support.free_port()
+        service = server_tap.build_service(reactor, server_config({
+            "server": "127.0.0.1", "forbidden_ip": "", "url_file": "", "manager_address": f"127.0.0.1:{manager[1]}",
+            "shutdown_grace": 1, "mode": "tcp_only", "servers": [{"server_port": keyed, "keys": [
+                {"id": "alice", "cipher": "aes-128-gcm", "secret": "alice's secret"},
+                {"id": "bob", "cipher": "chacha20-ietf-poly1305", "secret": "bob's secret"},
+            ]}],
+        }))
+        service.startService()
+        self.addCleanup(service.stopService)
+        reply = await self.client().ask(manager, b"list")
+        self.assertNotIn(b"secret", reply)
+        self.assertEqual(json.loads(reply), [
+            {"server_port": str(keyed), "password": "", "method": "aes-128-gcm", "keys": ["alice", "bob"]},
+        ])
+
+    @support.coroutine_test
     async def test_bad_requests(self):
         """Bad JSON, unknown commands, a port in use or absent, no password: one err line each, nothing changes."""
         manager = ("127.0.0.1", support.free_port())

@@ -33,6 +33,7 @@ from ssx.local.upstream import make_upstream
 from ssx.config.upstreams import ServerEntry
 from ssx.server.udp import Shadowsocks2022UdpRelay, ShadowsocksUdpRelay
 from tests import support
+from tests.support import chains
 from tests.support import Zone, mixed_payloads
 
 
@@ -84,6 +85,26 @@ class SocksUdpTests(UdpChainTestCase):
     def test_thousand_datagrams(self):
         """1,000 datagrams of mixed sizes (1 byte to the largest that fits) come back intact; one too large is dropped."""
         return defer.Deferred.fromCoroutine(self._thousand())
+
+    def test_chain_port_taken_for_udp(self):
+        """A chain whose first TCP port has its UDP twin held elsewhere starts on another port, UDP relaying."""
+        taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        held = taken.getsockname()[1]
+        self.patch(chains, "_loopback_ports", lambda: iter([held, 0]))
+        server, port = support.start_server(method=self.method, mode="tcp_and_udp")
+        self.addCleanup(server.stopService)
+        self.assertNotEqual(port, held)
+        self.assertEqual(server.datagram_listeners[0].port.getHost().port, port)
+
+    def test_free_port_free_for_udp(self):
+        """The number support.free_port hands out for a child or a manager binds for UDP and TCP at once."""
+        for _ in range(20):
+            number = support.free_port()
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+                udp.bind(("127.0.0.1", number))
+                tcp.bind(("127.0.0.1", number))
 
     async def _targets(self) -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".hosts", delete=False) as f:

@@ -5,13 +5,16 @@ and follows the routing decision.
 A query's name goes to `should_proxy` (the ACL's decision; everything is
 proxied without one).  A name sent direct is asked of the local resolvers
 (`LocalResolver`: `twisted.names.client` to `--dns-local`, by default the
-system's); every other name is asked of the remote resolver through a
-Shadowsocks server (`ssx.local.dns_remote`), never of the local ones, so a
-poisoned local resolver cannot answer for a proxied name.  Answers are
+system's, from sockets carrying --outbound-fwmark); every other name is
+asked of the remote resolver through a Shadowsocks server
+(`ssx.local.dns_remote`), never of the local ones, so a poisoned local
+resolver cannot answer for a proxied name.  Answers are
 cached by route and question (`ssx.local.dns_cache`).  At most
 `max_in_flight` queries wait for an upstream at once (more are answered
 SERVFAIL at once), and one that has no answer within `timeout` seconds is
-answered SERVFAIL.
+answered SERVFAIL.  At most `DEFAULT_MAX_TCP_CLIENTS` clients are connected
+over TCP at once (`DnsTcpFactory`): a newer one is closed at once, so
+a LAN client cannot spend the process's file descriptors.
 
 Twisted's `DNSServerFactory` and `DNSDatagramProtocol` read and answer the
 clients' messages; `RoutingResolver` is its resolver.  `DnsSummaryService`
@@ -31,15 +34,20 @@ from twisted.logger import Logger
 from twisted.names import client, dns, server
 from twisted.names.common import ResolverBase
 from twisted.names.error import DNSNameError, DomainError
+from twisted.protocols.policies import TimeoutFactory
 from twisted.python.failure import Failure
 
 from ssx.local.dns_cache import DEFAULT_CAPACITY, DnsCache
+from ssx.net import tcp
+from ssx.net.outbound import set_mark
 from ssx.wire.address import is_hostname
 
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_MAX_TCP_CLIENTS",
     "DEFAULT_TIMEOUT",
     "DnsServerFactory",
+    "DnsTcpFactory",
     "DnsSummaryService",
     "LocalResolver",
     "RoutingResolver",
@@ -50,6 +58,9 @@ _log = Logger()
 
 DEFAULT_MAX_IN_FLIGHT = 256
 DEFAULT_TIMEOUT = 5.0
+# DNS over TCP is rare (truncated answers, some stub resolvers); a few
+# hundred clients at once is far more than a LAN needs.
+DEFAULT_MAX_TCP_CLIENTS = 256
 
 
 class TooManyQueries(Exception):
@@ -60,15 +71,48 @@ class _BadName(Exception):
     """A query name that is not a host name: not sent anywhere."""
 
 
+class _MarkedReactor:
+    """
+    `reactor` for `twisted.names.client`, whose own sockets then carry the
+    firewall mark `mark` (--outbound-fwmark) before they send: its UDP
+    sockets marked as they are bound, its TCP connections made by
+    `ssx.net.tcp.connect`, which marks the socket before it connects.
+    """
+
+    def __init__(self, reactor: Any, mark: int) -> None:
+        self._reactor = reactor
+        self.mark = mark
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> Any:
+        listening = self._reactor.listenUDP(port, protocol, interface=interface, maxPacketSize=maxPacketSize)
+        try:
+            set_mark(listening.socket, self.mark)
+        except OSError:
+            listening.stopListening()
+            raise
+        return listening
+
+    def connectTCP(self, host: str, port: int, factory: Any, timeout: float = 30, bindAddress: Any = None) -> Any:
+        return tcp.connect(self._reactor, host, port, factory, timeout, bind_address=bindAddress, mark=self.mark)
+
+
 class LocalResolver:
     """
     The direct side: `twisted.names.client.Resolver` asking `servers` in
     turn, within `timeout` seconds in all (a truncated answer is asked
-    again over TCP).  Cancelling a query only stops waiting for it: the
-    client's own timeouts, shorter than `timeout`, end it.
+    again over TCP), from sockets carrying `mark` (--outbound-fwmark) if
+    given.  Cancelling a query only stops waiting for it: the client's own
+    timeouts, shorter than `timeout`, end it.
     """
 
-    def __init__(self, reactor: Any, servers: Sequence[tuple[str, int]], timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, reactor: Any, servers: Sequence[tuple[str, int]], timeout: float = DEFAULT_TIMEOUT, mark: int | None = None,
+    ) -> None:
+        if mark is not None:
+            reactor = _MarkedReactor(reactor, mark)
         self._resolver = client.Resolver(servers=list(servers), reactor=reactor)
         # Two tries per server, the second longer, together well inside the
         # server's own timeout.
@@ -125,6 +169,8 @@ class RoutingResolver(ResolverBase):
         self.proxied = 0
         self.cache_hits = 0
         self.failures = 0
+        # Counted by the TCP listener (`DnsTcpFactory`).
+        self.tcp_refused = 0
 
     def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Deferred:
         # ResolverBase's lookup* methods, for callers other than the server.
@@ -208,6 +254,7 @@ class DnsServerFactory(server.DNSServerFactory):
         # The resolver itself, not a chain around it: it keeps the
         # question's class and its failures as they are.
         self.resolver = resolver  # type: ignore[assignment]
+        self.routing = resolver
 
     def gotResolverError(self, failure: Failure, protocol: Any, message: dns.Message, address: Any) -> None:
         """
@@ -225,6 +272,27 @@ class DnsServerFactory(server.DNSServerFactory):
         self.sendReply(protocol, response, address)
 
 
+class DnsTcpFactory(TimeoutFactory):
+    """
+    The DNS server's TCP side: a client idle for `timeout` seconds is
+    closed, and beyond `max_clients` connected at once a new client is
+    closed at once (counted in the resolver's `tcp_refused`).
+    """
+
+    noisy = False
+
+    def __init__(self, factory: DnsServerFactory, timeout: float, max_clients: int = DEFAULT_MAX_TCP_CLIENTS) -> None:
+        TimeoutFactory.__init__(self, factory, timeoutPeriod=timeout)
+        self.resolver = factory.routing
+        self.max_clients = max_clients
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.protocols) >= self.max_clients:
+            self.resolver.tcp_refused += 1
+            return None  # Twisted closes the connection
+        return TimeoutFactory.buildProtocol(self, addr)
+
+
 class DnsSummaryService(Service):
     """Logs every `interval` seconds (and at stop) how many queries went where, when there were any."""
 
@@ -234,6 +302,7 @@ class DnsSummaryService(Service):
         ("proxied", "sent through the proxy"),
         ("cache_hits", "answered from the cache"),
         ("failures", "failed (SERVFAIL)"),
+        ("tcp_refused", "TCP clients refused (too many connected)"),
     )
 
     def __init__(self, reactor: Any, resolver: RoutingResolver) -> None:

@@ -10,7 +10,6 @@ from typing import Any, Callable, Sequence
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutFactory
 from twisted.names.dns import DNSDatagramProtocol
 
 from ssx.config import LocalConfig, local_config
@@ -18,7 +17,7 @@ from ssx.config.local import DnsServer
 from ssx.config.values import tcp_description
 from ssx.config import LocalConfig, Tunnel, local_config
 from ssx.interfaces import IUpstream
-from ssx.local.dns import DnsServerFactory, DnsSummaryService, LocalResolver, RoutingResolver
+from ssx.local.dns import DnsServerFactory, DnsSummaryService, DnsTcpFactory, LocalResolver, RoutingResolver
 from ssx.local.dns_remote import RelayedTcpDns, RelayedUdpDns
 from ssx.local.health import HealthCheckService
 from ssx.net.listener import DatagramListenerService, DrainService, ListenerService, serve
@@ -427,11 +426,11 @@ def _add_dns_server(
     target = Address(*dns.remote)
     tcp = RelayedTcpDns(top.picker, target) if config.relays.tcp else None
     remote: Any = RelayedUdpDns(reactor, top.picker, target, tcp, top.mark) if config.relays.udp else tcp
-    local = LocalResolver(reactor, _dns_local_servers(dns))
+    local = LocalResolver(reactor, _dns_local_servers(dns), mark=top.mark)
     top.dns = RoutingResolver(reactor, should_proxy, local, remote, verbose=config.verbose)
     factory = DnsServerFactory(top.dns)
     host, port = dns.listen
-    tcp_factory: Any = TimeoutFactory(factory, timeoutPeriod=DNS_TCP_IDLE)
+    tcp_factory: Any = DnsTcpFactory(factory, DNS_TCP_IDLE)
     top.dns_listener = serve(
         top, reactor, tcp_description(host, port), tcp_factory,
         "ssx-local DNS", udp=DNSDatagramProtocol(factory), reuse_port=top.reuse_port,

@@ -77,7 +77,8 @@ class ManagerProtocol(DatagramProtocol):
             return stat_reply(self.totals())
         if request.command == "list":
             return list_reply(
-                (number, port.config.password, port.config.method) for number, port in sorted(self.server.ports.items())
+                (number, port.config.password, port.config.method, [key.id for key in port.config.keys])
+                for number, port in sorted(self.server.ports.items())
             )
         number = request.port()
         if request.command == "remove":

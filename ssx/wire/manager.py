@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = [
     "COMMANDS", "ManagerRequest", "ManagerRequestError", "OK", "STAT_PORTS_PER_DATAGRAM",
@@ -82,9 +82,17 @@ def stat_reports(traffic: Mapping[int, int]) -> list[bytes]:
     return [stat_reply(dict(items[i:i + STAT_PORTS_PER_DATAGRAM])) for i in range(0, len(items), STAT_PORTS_PER_DATAGRAM)]
 
 
-def list_reply(entries: Iterable[tuple[int, str, str]]) -> bytes:
-    """The `list` reply: ``[{"server_port": "8001", "password": ..., "method": ...}]`` (libev's string ports)."""
-    return json.dumps(
-        [{"server_port": str(port), "password": password, "method": method} for port, password, method in entries],
-        separators=(",", ":"),
-    ).encode("utf-8")
+def list_reply(entries: Iterable[tuple[int, str, str, Sequence[str]]]) -> bytes:
+    """
+    The `list` reply: ``[{"server_port": "8001", "password": ..., "method": ...}]``
+    (libev's string ports).  A port of access keys has no password of its
+    own: ``""`` (panels expect a string; a key's secret is not the port's),
+    its method is its first key's, and ``"keys"`` lists its key ids.
+    """
+    listed = []
+    for port, password, method, keys in entries:
+        entry: dict[str, Any] = {"server_port": str(port), "password": password or "", "method": method}
+        if keys:
+            entry["keys"] = list(keys)
+        listed.append(entry)
+    return json.dumps(listed, separators=(",", ":")).encode("utf-8")

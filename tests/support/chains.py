@@ -6,9 +6,10 @@ that start chains and end whatever a test started.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
@@ -43,9 +44,7 @@ def start_server(**values: Any) -> Any:
         # A port of access keys takes no password.
         values.setdefault("password", PASSWORD)
     values.setdefault("forbidden_ip", "")
-    values.setdefault("listen", "tcp:0:interface=127.0.0.1")
-    service = server_tap.build_service(reactor, server_config(values))
-    service.startService()
+    service = _start_beside_udp(lambda: server_tap.build_service(reactor, server_config(values)), values)
     if service.plugin is not None:
         # Clients reach the plugin, on the public port.
         return service, service.plugin.remote[1]
@@ -57,10 +56,39 @@ def start_local(server_port: int, **values: Any) -> Any:
     values.setdefault("password", PASSWORD)
     values.setdefault("server", "127.0.0.1")
     values.setdefault("server_port", server_port)
-    values.setdefault("listen", "tcp:0:interface=127.0.0.1")
-    service = local_tap.build_service(reactor, local_config(values))
-    service.startService()
+    service = _start_beside_udp(lambda: local_tap.build_service(reactor, local_config(values)), values)
     return service, service.listeners[0].port.getHost().port
+
+
+def _loopback_ports() -> Iterator[int]:
+    """The TCP ports a chain's listener tries in turn: 0, a free one each time."""
+    return itertools.repeat(0, 20)
+
+
+def _start_beside_udp(build: Callable[[], Any], values: dict[str, Any]) -> Any:
+    """
+    Build and start a service on a free loopback port unless `values` names
+    one. Its UDP port binds the number its TCP port got, which another
+    process may hold for UDP (parallel runs): then close it and take
+    another port.
+    """
+    if "listen" in values:
+        service = build()
+        service.startService()
+        return service
+    ports = list(_loopback_ports())
+    for attempt, port in enumerate(ports):
+        values["listen"] = f"tcp:{port}:interface=127.0.0.1"
+        service = build()
+        try:
+            service.startService()
+        except SystemExit as e:
+            service.stopService()
+            if "cannot listen for UDP" not in str(e) or attempt == len(ports) - 1:
+                raise
+            continue
+        return service
+    raise AssertionError("no port to try")
 
 
 def first_listener(service: Any) -> ListenerService:

@@ -37,10 +37,23 @@ __all__ = [
 
 
 def free_port(family: int = socket.AF_INET) -> int:
-    """A port that was free a moment ago (for child processes that need a number)."""
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
-        return s.getsockname()[1]
+    """
+    A port that was free a moment ago for both TCP and UDP (for child
+    processes and managers that need a number: a server with UDP binds
+    both). Taken from UDP, then checked for TCP: a TCP-only check handed
+    out ports another process held for UDP.
+    """
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    for _ in range(50):
+        with socket.socket(family, socket.SOCK_DGRAM) as udp, socket.socket(family, socket.SOCK_STREAM) as tcp:
+            udp.bind((host, 0))
+            port: int = udp.getsockname()[1]
+            try:
+                tcp.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no port free for both TCP and UDP")
 
 
 def ipv6_loopback() -> bool:
