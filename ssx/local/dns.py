@@ -27,9 +27,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Sequence
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, TimeoutError, fail, maybeDeferred, succeed
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.names import client, dns, server
 from twisted.names.common import ResolverBase
@@ -40,6 +38,7 @@ from twisted.python.failure import Failure
 from ssx.local.dns_cache import DEFAULT_CAPACITY, DnsCache
 from ssx.net import tcp
 from ssx.net.outbound import set_mark
+from ssx.net.summary import CounterSummary
 from ssx.wire.address import is_hostname
 
 __all__ = [
@@ -293,10 +292,9 @@ class DnsTcpFactory(TimeoutFactory):
         return TimeoutFactory.buildProtocol(self, addr)
 
 
-class DnsSummaryService(Service):
+class DnsSummaryService(CounterSummary):
     """Logs every `interval` seconds (and at stop) how many queries went where, when there were any."""
 
-    interval = 600.0
     COUNTERS = (
         ("direct", "sent direct"),
         ("proxied", "sent through the proxy"),
@@ -306,34 +304,8 @@ class DnsSummaryService(Service):
     )
 
     def __init__(self, reactor: Any, resolver: RoutingResolver) -> None:
-        self.clock = reactor
         self.resolver = resolver
-        self._last = self._counts()
-        self._call: LoopingCall | None = None
-
-    def _counts(self) -> tuple[int, ...]:
-        return tuple(getattr(self.resolver, name) for name, _ in self.COUNTERS)
-
-    def report(self) -> None:
-        now = self._counts()
-        delta = [b - a for a, b in zip(self._last, now)]
-        self._last = now
-        if any(delta):
-            _log.info(
-                "ssx-local DNS: {summary}",
-                summary=", ".join(f"{count} {what}" for count, (_, what) in zip(delta, self.COUNTERS)),
-                counts=dict(zip([name for name, _ in self.COUNTERS], delta)),
-            )
-
-    def startService(self) -> None:
-        Service.startService(self)
-        self._last = self._counts()
-        self._call = LoopingCall(self.report)
-        self._call.clock = self.clock
-        self._call.start(self.interval, now=False)
-
-    def stopService(self) -> None:
-        Service.stopService(self)
-        if self._call is not None and self._call.running:
-            self._call.stop()
-        self.report()
+        CounterSummary.__init__(
+            self, reactor, self.COUNTERS, lambda: [getattr(resolver, name) for name, _ in self.COUNTERS],
+            "ssx-local DNS", at_stop=True,
+        )

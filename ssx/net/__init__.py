@@ -13,6 +13,7 @@ table of the UDP relays; `resolver` is name resolution on twisted.names;
 is the source address and interface of a server's connections to targets,
 and the firewall mark (SO_MARK) of the local end's own traffic;
 `metrics` serves an end's Prometheus registry at /metrics.
+`summary` logs a periodic line of what counters rose (both ends' summaries).
 `reload` is the SIGHUP handler both ends install to reload their config.
 `transparent` builds the sockets of transparent proxying (original
 destinations, IP_TRANSPARENT, SO_MARK) and reads TPROXY UDP with recvmsg.

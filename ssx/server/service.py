@@ -11,7 +11,6 @@ from typing import Any, Sequence, TypeVar
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ssx.net.acl_holder import AclHolder
@@ -19,6 +18,7 @@ from ssx.net.inherited import release
 
 from ssx.net.listener import DatagramListenerService, DrainService, ListenerService
 from ssx.net.plugin import PluginService
+from ssx.net.summary import CounterSummary
 from ssx.net.resolver import TargetResolver
 from ssx.server.host_address_watch import HostAddressWatcher
 from ssx.server.ports import ServerPort
@@ -209,7 +209,7 @@ class ServerService(MultiService):
         return child
 
 
-class CounterReport(Service):
+class CounterReport(CounterSummary):
     """
     Logs, every `interval` seconds, what peers caused meanwhile that
     failed or was refused: one line instead of one per event (those are
@@ -217,7 +217,6 @@ class CounterReport(Service):
     `clock` (the reactor) may be replaced before the service starts.
     """
 
-    interval = 600.0
     # (counter on the factory, or on each UDP relay, summed; what it counts)
     TCP_COUNTERS = (
         ("handshake_failures", "connections failed authentication, replayed or sent a bad header"),
@@ -239,42 +238,17 @@ class CounterReport(Service):
     )
 
     def __init__(self, reactor: Any, factories: Sequence[ShadowsocksServerFactory], relays: Sequence[UdpRelay]) -> None:
-        self.clock = reactor
         self.factories = factories
         self.relays = relays
-        self._last = self._counts()
-        self._call: LoopingCall | None = None
+        CounterSummary.__init__(self, reactor, self.TCP_COUNTERS + self.UDP_COUNTERS, self._counts, "ssx-server")
 
     def _counts(self) -> tuple[int, ...]:
         tcp = [sum(getattr(f, name) for f in self.factories) for name, _ in self.TCP_COUNTERS]
         udp = [sum(getattr(r, name) for r in self.relays) for name, _ in self.UDP_COUNTERS]
         return (*tcp, *udp)
 
-    def _report(self) -> None:
-        now = self._counts()
-        delta = [b - a for a, b in zip(self._last, now)]
-        self._last = now
-        described = [what for _, what in self.TCP_COUNTERS + self.UDP_COUNTERS]
-        parts = [f"{count} {what}" for count, what in zip(delta, described) if count]
-        if parts:
-            _log.info(
-                "ssx-server, last {minutes:g} min: {summary}",
-                minutes=self.interval / 60,
-                summary=", ".join(parts),
-                counts=dict(zip([name for name, _ in self.TCP_COUNTERS + self.UDP_COUNTERS], delta)),
-            )
-
-    def startService(self) -> None:
-        Service.startService(self)
-        self._last = self._counts()
-        self._call = LoopingCall(self._report)
-        self._call.clock = self.clock
-        self._call.start(self.interval, now=False)
-
-    def stopService(self) -> None:
-        Service.stopService(self)
-        if self._call is not None and self._call.running:
-            self._call.stop()
+    def heading(self) -> str:
+        return f"ssx-server, last {self.interval / 60:g} min"
 
 
 class ResolverCache(Service):
