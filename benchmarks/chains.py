@@ -242,7 +242,7 @@ def _commands(
     if name == "ssx" or _workers(name):
         workers = _workers(name)
         udp = ["-u"] if _ssx_has_udp(pythonpath) else []
-        twistd = [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "-r", "epoll"]
+        twistd = [sys.executable, "-c", _TWISTD, "-n", "--pidfile="]
         server = twistd + [
             "ssx-server", "--listen", f"tcp:{server_port}:interface=127.0.0.1",
             "-k", password, "-m", method, "--forbidden-ip=",

@@ -9,8 +9,8 @@ order that rotates from run to run:
 
 * ``libev``: ss-local + ss-server (the reference);
 * ``ssx``: ssx-local + ssx-server on ssx's connection path (`ssx.net.lean`);
-* ``ssx-twisted``: the same with ``SSX_TCP_PATH=twisted`` (Twisted's Port
-  and Connector under ssx's transports);
+* ``ssx-twisted``: the same with ``SSX_TCP_PATH=twisted`` (Twisted's Port,
+  Connector and epoll reactor under ssx's transports);
 * ``fwd-twisted``, ``fwd-lean``, ``fwd-epoll``: two bare forwarders in a
   row (`forwarders.py`), no SOCKS5 and no encryption: Twisted's path, ssx's
   path, and a raw `select.epoll` loop (the limit of Python here).

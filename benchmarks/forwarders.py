@@ -11,7 +11,8 @@ would cost if ssx did nothing but move bytes.  KIND:
 * ``twisted``: Twisted's `listenTCP`/`connectTCP` (Port, Connector, their
   transports), the 30-line forwarder of RESULTS.md;
 * ``lean``: the same protocols on ssx's connection path (`ssx.net.lean`'s
-  port and connector, `ssx.net.tcp`'s send-at-once transports);
+  port and connector, `ssx.net.tcp`'s send-at-once transports, ssx's
+  reactor `ssx.net.reactor`);
 * ``epoll``: no Twisted: one `select.epoll` loop over non-blocking sockets,
   the limit of a Python process on this machine.
 
@@ -29,9 +30,14 @@ from typing import Any
 
 
 def run_twisted(listen: int, target: int, lean: bool) -> None:
-    from twisted.internet import epollreactor
+    if lean:
+        from ssx.net.reactor import install
 
-    epollreactor.install()
+        install()
+    else:
+        from twisted.internet import epollreactor
+
+        epollreactor.install()
     from twisted.internet import protocol, reactor
     from twisted.internet.interfaces import IHalfCloseableProtocol
     from zope.interface import implementer
