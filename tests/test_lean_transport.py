@@ -71,19 +71,25 @@ class _HalfClosing(_Recording):
         self.write_closed += 1
 
 
-class _ShutdownSpy:
-    """Stands for a transport's socket and counts its shutdown() calls (everything else goes to the socket)."""
+class _ShutdownSpy(socket.socket):
+    """A socket that counts its shutdown() calls."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
+        super().__init__(sock.family, sock.type, sock.proto, sock.detach())
+        self.setblocking(False)
         self.shutdowns: list[int] = []
 
     def shutdown(self, how: int) -> None:
         self.shutdowns.append(how)
-        self._sock.shutdown(how)
+        super().shutdown(how)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
+
+def _spy_on(transport: Any) -> _ShutdownSpy:
+    """Put a _ShutdownSpy in place of `transport`'s socket (the same descriptor)."""
+    spy = _ShutdownSpy(transport.socket)
+    transport.socket = spy
+    transport.fileno = spy.fileno
+    return spy
 
 
 class _Pushing:
@@ -213,8 +219,7 @@ class LeanTransportTests(support.LeanTcp, unittest.TestCase):
     async def test_eof_then_close_sends_a_fin_without_shutdown(self) -> None:
         """After the peer's FIN was read, the close calls no shutdown(), and the peer reads the bytes and a FIN (no reset)."""
         server, raw = await self._accepted(_HalfClosing)
-        spy = _ShutdownSpy(server.transport.socket)
-        server.transport.socket = spy
+        spy = _spy_on(server.transport)
         raw.sendall(b"question")
         raw.shutdown(socket.SHUT_WR)
         self.assertEqual(await support.within(5, server.eof, "no EOF"), b"question")
@@ -228,8 +233,7 @@ class LeanTransportTests(support.LeanTcp, unittest.TestCase):
     async def test_unread_bytes_close_with_shutdown_and_a_fin(self) -> None:
         """Closed with bytes it never read, the transport shuts down first, and the peer reads a FIN (no reset)."""
         server, raw = await self._accepted()
-        spy = _ShutdownSpy(server.transport.socket)
-        server.transport.socket = spy
+        spy = _spy_on(server.transport)
         server.transport.pauseProducing()
         raw.sendall(b"unread")
         await support.wait_for(lambda: _waiting(spy) == 6, 5, "the bytes never arrived")

@@ -93,6 +93,10 @@ _OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 _IN_PROGRESS = frozenset((0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EISCONN))
 
 
+def _no_fileno() -> int:
+    return -1
+
+
 def _address(family: int, pair: tuple[Any, ...]) -> IPv4Address | IPv6Address:
     if family == socket.AF_INET6:
         return IPv6Address("TCP", *pair)
@@ -102,18 +106,19 @@ def _address(family: int, pair: tuple[Any, ...]) -> IPv4Address | IPv6Address:
 class LeanServer(LeanTransport):
     """An accepted connection of a `LeanPort`."""
 
-    def __init__(self, sock: socket.socket, protocol: Any, peer: tuple[Any, ...], reactor: Any) -> None:
+    def __init__(self, sock: socket.socket, protocol: Any, peer: IPv4Address | IPv6Address, reactor: Any) -> None:
         LeanTransport.__init__(self, sock, protocol, reactor)
-        self.peer_address = peer
+        # The address the factory was given: built once per connection.
+        self.peer = peer
 
     def getPeer(self) -> IPv4Address | IPv6Address:
-        return _address(socket.AF_INET6 if len(self.peer_address) == 4 else socket.AF_INET, self.peer_address)
+        return self.peer
 
     def getHost(self) -> IPv4Address | IPv6Address:
-        return _address(socket.AF_INET6 if len(self.peer_address) == 4 else socket.AF_INET, _sockname(self))
+        return _address(socket.AF_INET6 if isinstance(self.peer, IPv6Address) else socket.AF_INET, _sockname(self))
 
     def __repr__(self) -> str:
-        return f"<LeanServer {self.logstr} from {self.peer_address!r}>"
+        return f"<LeanServer {self.logstr} from {self.peer.host}:{self.peer.port}>"
 
 
 class LeanClient(LeanTransport):
@@ -157,7 +162,7 @@ class LeanPort:
         self.fileno = sock.fileno
         self.factory = factory
         self.reactor = reactor
-        self.family = sock.family
+        self.family = int(sock.family)
         self.listening = False
         self.backlog = 0
         self._reading = False
@@ -206,12 +211,17 @@ class LeanPort:
         return "ssx.net.lean.LeanPort"
 
     def doRead(self) -> None:
-        accept = self.socket.accept
+        # The socket module's own accept() wraps this one in Python: it
+        # reads the listening socket's family and type as enums and its
+        # timeout, every time.  The port knows them already.
+        accept = self.socket._accept  # type: ignore[attr-defined]
+        family = self.family
         for _ in range(self.numberAccepts):
             if not self.listening:
                 return  # a connection's protocol stopped the port
             try:
-                sock, peer = accept()
+                fd, peer = accept()
+                sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             except BlockingIOError:
                 return
             except OSError as e:
@@ -233,11 +243,12 @@ class LeanPort:
         transport = None
         try:
             # The port's family: a socket's `family` is an enum conversion per call.
-            protocol = self.factory.buildProtocol(_address(self.family, peer))
+            address = _address(self.family, peer)
+            protocol = self.factory.buildProtocol(address)
             if protocol is None:
                 sock.close()
                 return
-            transport = LeanServer(sock, protocol, peer, self.reactor)
+            transport = LeanServer(sock, protocol, address, self.reactor)
             protocol.makeConnection(transport)
         except Exception:
             # A bug of the factory or protocol: that connection ends, the port goes on.
@@ -341,6 +352,7 @@ class LeanConnector:
         self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket: socket.socket | None = None
         self._timer: Any = None
+        self._destination: IPv4Address | IPv6Address | None = None
 
     # IConnector
 
@@ -358,6 +370,7 @@ class LeanConnector:
             self._timer = self.reactor.callLater(0, self._fail, Failure(ConnectBindError(e.errno, e.strerror)))
             return
         self._socket = sock
+        self.fileno = sock.fileno
         try:
             result = sock.connect_ex((self.host, self.port))
         except OSError as e:  # an address the kernel cannot use at all
@@ -383,13 +396,15 @@ class LeanConnector:
             self.transport.loseConnection()
 
     def getDestination(self) -> IPv4Address | IPv6Address:
-        return _address(self.family, (self.host, self.port))
+        destination = self._destination
+        if destination is None:
+            destination = self._destination = _address(self.family, (self.host, self.port))
+        return destination
 
-    # The reactor's side, while connecting
+    # The reactor's side, while connecting: `fileno` is the socket's own
+    # while there is one (the reactor asks for it at every turn).
 
-    def fileno(self) -> int:
-        sock = self._socket
-        return sock.fileno() if sock is not None else -1
+    fileno = staticmethod(_no_fileno)
 
     def logPrefix(self) -> str:
         return "ssx.net.lean.LeanConnector"
@@ -404,6 +419,7 @@ class LeanConnector:
             return
         self.reactor.removeWriter(self)
         self._socket = None
+        self.fileno = _no_fileno
         self._cancel_timer()
         self.state = "connected"
         protocol = self.factory.buildProtocol(self.getDestination())
@@ -445,6 +461,7 @@ class LeanConnector:
         if sock is not None:
             self.reactor.removeWriter(self)
             sock.close()
+        self.fileno = _no_fileno
         self.state = "disconnected"
         self.factory.clientConnectionFailed(self, reason)
         if self.state == "disconnected":

@@ -47,6 +47,7 @@ notification.
 
 from __future__ import annotations
 
+import _socket
 import socket
 import struct
 from errno import ENOBUFS
@@ -103,6 +104,11 @@ def _half_closeable(protocol: Any) -> Any:
         return protocol
     # An instance's own declaration, or an adapter: as Twisted asks.
     return IHalfCloseableProtocol(protocol, None)
+
+
+# The socket's C close: socket.socket.close wraps it in two Python calls
+# that only matter to sockets with makefile() objects, which these never have.
+_close = _socket.socket.close
 
 
 def _closed_fileno() -> int:
@@ -325,7 +331,7 @@ class LeanTransport:
                 sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        sock.close()
+        _close(sock)
         protocol = self.protocol
         self.protocol = None
         protocol.connectionLost(reason)
@@ -404,10 +410,12 @@ class LeanTransport:
     # Half-closes
 
     def _input_ended(self, reason: Failure) -> None:
-        self._stop_reading()
+        if self._reading:
+            self._reading = False
+            self.reactor.removeReader(self)
         self._read_done = True
         protocol = self.protocol
-        half = _half_closeable(protocol)
+        half = protocol if _HALF_CLOSEABLE.get(protocol.__class__) else _half_closeable(protocol)
         if half is None:
             self.connectionLost(reason)
             return
@@ -423,7 +431,7 @@ class LeanTransport:
         except OSError:
             pass
         protocol = self.protocol
-        half = _half_closeable(protocol)
+        half = protocol if _HALF_CLOSEABLE.get(protocol.__class__) else _half_closeable(protocol)
         if half is not None:
             try:
                 half.writeConnectionLost()
