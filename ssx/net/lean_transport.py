@@ -51,7 +51,7 @@ import _socket
 import socket
 import struct
 from errno import ENOBUFS
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
@@ -139,6 +139,9 @@ class LeanTransport:
         # Twisted formats "Protocol,session,host" for every connection; the
         # protocol's name is enough to tell log lines apart.
         self.logstr: str = protocol.__class__.__name__
+        # The reactor asks for the log prefix before every event: the
+        # string's own __str__ answers without a Python call.
+        self.logPrefix: Callable[[], str] = self.logstr.__str__
         self.connector: Any = None
         self.connected = 1
         self.disconnecting = 0
@@ -218,9 +221,6 @@ class LeanTransport:
 
     def writeConnectionLost(self, reason: Failure) -> None:
         self.connectionLost(reason)
-
-    def logPrefix(self) -> str:
-        return self.logstr
 
     # Writing
 
