@@ -247,7 +247,7 @@ class SlowReaderTests(support.LeanTcp, ChainTestCase):
                 for side in (proto, proto.peer):
                     if side is not None:
                         t = side.transport
-                        total += len(t.dataBuffer) + t._tempDataLen
+                        total += support.buffered_bytes(t)
         return total
 
     def test_slow_reader_bounded(self):

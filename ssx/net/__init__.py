@@ -1,12 +1,14 @@
 """
 The Twisted plumbing both ends share.
 
-`tcp` holds the lean TCP transports and is the one module that touches
-Twisted's private names (listed in `tcp.TWISTED_PRIVATE_NAMES`, checked by
-tests/test_twisted_private.py); `lean` accepts and connects below
-Twisted's `Port` and `Connector` (on `IReactorFDSet`), handing each
-connection to one of `tcp`'s transports; `reactor` is the epoll reactor
-twistd runs ssx on (no log context per event); `quiet_udp` is a UDP socket that logs
+`tcp` holds the send-at-once transports of Twisted's TCP path and is the
+one module that touches Twisted's private names (listed in
+`tcp.TWISTED_PRIVATE_NAMES`, checked by tests/test_twisted_private.py);
+`lean` accepts and connects below Twisted's `Port` and `Connector` (on
+`IReactorFDSet`), serving each connection on `lean_transport`'s
+`LeanTransport`, a TCP transport of ssx's own that does a fraction of the
+calls per connection of Twisted's; `reactor` is the epoll reactor twistd
+runs ssx on (no log context per event); `quiet_udp` is a UDP socket that logs
 nothing; `listener` turns endpoints into services; `relay` joins two
 connections with flow control and idle timeouts; `nat` is the expiring
 table of the UDP relays; `resolver` is name resolution on twisted.names;

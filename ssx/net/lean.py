@@ -8,22 +8,25 @@ to "resolve" an IP literal, then registers the socket for reading and
 writing, calls `doConnect` twice and formats another log prefix.  This
 module builds both steps on the reactor's public `IReactorFDSet`
 (`addReader`, `addWriter`, `removeWriter`) with objects of its own, as
-Twisted's own tcp module is built, and hands each connection to one of
-`ssx.net.tcp`'s send-at-once transports, so protocols see the same
-`ITCPTransport` (write, writeSequence, half-close, producers, abort) as on
-Twisted's path.
+Twisted's own tcp module is built, and serves each connection on
+`ssx.net.lean_transport.LeanTransport` (as `LeanServer` or `LeanClient`),
+so protocols see the same `ITCPTransport` (write, writeSequence,
+half-close, producers, abort) as on Twisted's path, at a fraction of
+Twisted's per-connection calls.
 
 - `LeanPort` is a listening socket whose `doRead` accepts up to
   `numberAccepts` connections per readiness event (the limit the relay
   factories' accept batch and connection limit set), builds their protocols
-  and transports directly, and backs off for a moment when the process is
+  and transports (`LeanServer`) directly, and backs off for a moment when the process is
   out of file descriptors.  `listen_port` makes one from an address (with
   SO_REUSEPORT, IPV6_V6ONLY, TCP_FASTOPEN as asked);
   `adopt_listening_socket` from a listening socket's file descriptor that
   another process (a supervisor of workers) handed over.
 - `LeanConnector` is an `IConnector` that makes a non-blocking `connect()`
   (with the source address, device and TCP Fast Open `ssx.net.tcp.connect`
-  takes), waits for writability, reads SO_ERROR and reports failures to
+  takes) on a socket created non-blocking, waits for writability, reads
+  SO_ERROR, serves the connection on a `LeanClient` (whose end it hears
+  of, as Twisted's connectors do) and reports failures to
   the factory as Twisted's connectors do (`clientConnectionFailed` with a
   `ConnectError`; `TimeoutError` after `timeout` seconds; `UserError` from
   `stopConnecting`).
@@ -57,6 +60,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ssx.net.lean_transport import LeanTransport
 from ssx.net.outbound import bind_device, set_mark
 from ssx.net import tcp
 
@@ -81,8 +85,16 @@ ACCEPT_BATCH = 64
 # (the kernel keeps the connections in the backlog meanwhile).
 OUT_OF_FILES_PAUSE = 0.1
 
+# A stream socket created non-blocking where the system has the flag (Linux).
+_SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
+_NONBLOCKING_STREAM: int = socket.SOCK_STREAM | _SOCK_NONBLOCK
+
 _OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _IN_PROGRESS = frozenset((0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EISCONN))
+
+
+def _no_fileno() -> int:
+    return -1
 
 
 def _address(family: int, pair: tuple[Any, ...]) -> IPv4Address | IPv6Address:
@@ -91,54 +103,46 @@ def _address(family: int, pair: tuple[Any, ...]) -> IPv4Address | IPv6Address:
     return IPv4Address("TCP", *pair)
 
 
-class LeanServer(tcp.CloseAtOnce):
+class LeanServer(LeanTransport):
     """An accepted connection of a `LeanPort`."""
 
-    def __init__(self, sock: socket.socket, protocol: Any, peer: tuple[Any, ...], reactor: Any) -> None:
-        self._reserve()
-        tcp.CloseAtOnce.__init__(self, sock, protocol, reactor)
-        self.peer_address = peer
-        # Twisted formats "Protocol,session,host" here for every connection;
-        # the protocol's name is enough to tell log lines apart.
-        self.logstr = protocol.__class__.__name__
-        self.startReading()
-        self.connected = 1
+    def __init__(self, sock: socket.socket, protocol: Any, peer: IPv4Address | IPv6Address, reactor: Any) -> None:
+        LeanTransport.__init__(self, sock, protocol, reactor)
+        # The address the factory was given: built once per connection.
+        self.peer = peer
 
     def getPeer(self) -> IPv4Address | IPv6Address:
-        return _address(socket.AF_INET6 if len(self.peer_address) == 4 else socket.AF_INET, self.peer_address)
+        return self.peer
 
     def getHost(self) -> IPv4Address | IPv6Address:
-        return _address(self.socket.family, self.socket.getsockname())
+        return _address(socket.AF_INET6 if isinstance(self.peer, IPv6Address) else socket.AF_INET, _sockname(self))
 
     def __repr__(self) -> str:
-        return f"<LeanServer {self.logstr} from {self.peer_address!r}>"
+        return f"<LeanServer {self.logstr} from {self.peer.host}:{self.peer.port}>"
 
 
-class LeanClient(tcp.CloseAtOnce):
-    """An outgoing connection made by a `LeanConnector`."""
+class LeanClient(LeanTransport):
+    """An outgoing connection made by a `LeanConnector` (which hears when it ends)."""
 
     def __init__(self, sock: socket.socket, protocol: Any, connector: "LeanConnector", reactor: Any) -> None:
-        self._reserve()
-        tcp.CloseAtOnce.__init__(self, sock, protocol, reactor)
+        LeanTransport.__init__(self, sock, protocol, reactor)
         self.connector = connector
-        self.logstr = protocol.__class__.__name__
-        self.startReading()
-        self.connected = 1
 
     def getPeer(self) -> IPv4Address | IPv6Address:
         return self.connector.getDestination()
 
     def getHost(self) -> IPv4Address | IPv6Address:
-        return _address(self.socket.family, self.socket.getsockname())
-
-    def connectionLost(self, reason: Failure) -> None:
-        if not hasattr(self, "socket"):
-            return  # twice: see tcp.Connection.connectionLost
-        tcp.CloseAtOnce.connectionLost(self, reason)
-        self.connector.connection_lost(reason)
+        return _address(self.connector.family, _sockname(self))
 
     def __repr__(self) -> str:
         return f"<LeanClient {self.logstr} to {self.connector.host}:{self.connector.port}>"
+
+
+def _sockname(transport: LeanTransport) -> tuple[Any, ...]:
+    sock = transport.socket
+    if sock is None:
+        raise OSError(errno.EBADF, "the connection is closed")
+    return sock.getsockname()
 
 
 @implementer(IListeningPort, IReadDescriptor)
@@ -158,7 +162,7 @@ class LeanPort:
         self.fileno = sock.fileno
         self.factory = factory
         self.reactor = reactor
-        self.family = sock.family
+        self.family = int(sock.family)
         self.listening = False
         self.backlog = 0
         self._reading = False
@@ -207,12 +211,17 @@ class LeanPort:
         return "ssx.net.lean.LeanPort"
 
     def doRead(self) -> None:
-        accept = self.socket.accept
+        # The socket module's own accept() wraps this one in Python: it
+        # reads the listening socket's family and type as enums and its
+        # timeout, every time.  The port knows them already.
+        accept = self.socket._accept  # type: ignore[attr-defined]
+        family = self.family
         for _ in range(self.numberAccepts):
             if not self.listening:
                 return  # a connection's protocol stopped the port
             try:
-                sock, peer = accept()
+                fd, peer = accept()
+                sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             except BlockingIOError:
                 return
             except OSError as e:
@@ -224,6 +233,9 @@ class LeanPort:
             self._serve(sock, peer)
 
     def _serve(self, sock: socket.socket, peer: tuple[Any, ...]) -> None:
+        # accept() makes a blocking socket (Python's accept4 passes no
+        # SOCK_NONBLOCK): one ioctl, the only one a connection costs.
+        sock.setblocking(False)
         if len(peer) == 4 and peer[3]:
             # An IPv6 peer with a scope: Twisted's form of its host ("fe80::1%eth0").
             host = socket.getnameinfo(peer, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
@@ -231,11 +243,12 @@ class LeanPort:
         transport = None
         try:
             # The port's family: a socket's `family` is an enum conversion per call.
-            protocol = self.factory.buildProtocol(_address(self.family, peer))
+            address = _address(self.family, peer)
+            protocol = self.factory.buildProtocol(address)
             if protocol is None:
                 sock.close()
                 return
-            transport = LeanServer(sock, protocol, peer, self.reactor)
+            transport = LeanServer(sock, protocol, address, self.reactor)
             protocol.makeConnection(transport)
         except Exception:
             # A bug of the factory or protocol: that connection ends, the port goes on.
@@ -339,6 +352,7 @@ class LeanConnector:
         self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket: socket.socket | None = None
         self._timer: Any = None
+        self._destination: IPv4Address | IPv6Address | None = None
 
     # IConnector
 
@@ -356,6 +370,7 @@ class LeanConnector:
             self._timer = self.reactor.callLater(0, self._fail, Failure(ConnectBindError(e.errno, e.strerror)))
             return
         self._socket = sock
+        self.fileno = sock.fileno
         try:
             result = sock.connect_ex((self.host, self.port))
         except OSError as e:  # an address the kernel cannot use at all
@@ -381,13 +396,15 @@ class LeanConnector:
             self.transport.loseConnection()
 
     def getDestination(self) -> IPv4Address | IPv6Address:
-        return _address(self.family, (self.host, self.port))
+        destination = self._destination
+        if destination is None:
+            destination = self._destination = _address(self.family, (self.host, self.port))
+        return destination
 
-    # The reactor's side, while connecting
+    # The reactor's side, while connecting: `fileno` is the socket's own
+    # while there is one (the reactor asks for it at every turn).
 
-    def fileno(self) -> int:
-        sock = self._socket
-        return sock.fileno() if sock is not None else -1
+    fileno = staticmethod(_no_fileno)
 
     def logPrefix(self) -> str:
         return "ssx.net.lean.LeanConnector"
@@ -402,6 +419,7 @@ class LeanConnector:
             return
         self.reactor.removeWriter(self)
         self._socket = None
+        self.fileno = _no_fileno
         self._cancel_timer()
         self.state = "connected"
         protocol = self.factory.buildProtocol(self.getDestination())
@@ -443,6 +461,7 @@ class LeanConnector:
         if sock is not None:
             self.reactor.removeWriter(self)
             sock.close()
+        self.fileno = _no_fileno
         self.state = "disconnected"
         self.factory.clientConnectionFailed(self, reason)
         if self.state == "disconnected":
@@ -457,9 +476,11 @@ class LeanConnector:
             self.factory.doStop()
 
     def _make_socket(self) -> socket.socket:
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        # Non-blocking from the start: no ioctl to make it so.
+        sock = socket.socket(self.family, _NONBLOCKING_STREAM)
         try:
-            sock.setblocking(False)
+            if not _NONBLOCKING_STREAM & _SOCK_NONBLOCK:
+                sock.setblocking(False)
             if self.fast_open:
                 try:
                     sock.setsockopt(socket.IPPROTO_TCP, tcp.TCP_FASTOPEN_CONNECT, 1)

@@ -11,8 +11,11 @@ relayed).  These transports call `send()` directly while nothing is queued,
 and fall back to Twisted's buffering for whatever the kernel does not take
 (and for every error, which Twisted then reports as usual).
 
-`listen` and `connect` use them on Twisted's own POSIX reactors, and
-plain `listenTCP`/`connectTCP` on anything else (a `MemoryReactor` in tests).
+`listen` and `connect` use them on Twisted's own POSIX reactors when
+SSX_TCP_PATH=twisted (by default they accept and connect with
+`ssx.net.lean`, whose transport, `ssx.net.lean_transport.LeanTransport`,
+also sends at once and needs none of Twisted's private names), and plain
+`listenTCP`/`connectTCP` on anything else (a `MemoryReactor` in tests).
 They also set TCP Fast Open when asked: TCP_FASTOPEN on a listening socket
 (the server accepts data in a SYN), TCP_FASTOPEN_CONNECT on an outgoing one
 (the kernel defers the SYN to the first write and carries that write in it,
@@ -36,9 +39,8 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.internet import abstract, defer, tcp
+from twisted.internet import defer, tcp
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
-from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import (
     IConnector,
     IListeningPort,
@@ -48,11 +50,12 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.posixbase import PosixReactorBase
-from twisted.internet.protocol import ClientFactory, connectionDone
+from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ssx.net.lean_transport import READ_SIZE
 from ssx.net.outbound import bind_device, set_mark
 from ssx.wire.address import is_ip_literal
 
@@ -67,7 +70,6 @@ __all__ = [
     "TWISTED_PRIVATE_NAMES",
     "AdoptedEndpoint",
     "LEAN_PATH",
-    "CloseAtOnce",
     "SendAtOnce",
     "ServerEndpoint",
     "adopt",
@@ -87,8 +89,6 @@ TWISTED_PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
     # Read by the transports' `write` to tell an idle, open connection.
     "twisted.internet.tcp.Connection": (
         "_tempDataBuffer", "_writeDisconnecting", "_writeDisconnected", "_aborting",
-        # Called by CloseAtOnce, to close in the call.
-        "_closeWriteConnection", "_closeSocket",
     ),
     # Overridden, so that connecting makes one of these transports.
     "twisted.internet.tcp.Connector": ("_makeTransport",),
@@ -105,12 +105,6 @@ TWISTED_PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
     "twisted.internet.epollreactor.EPollReactor": ("_poller", "_selectables", "_reads", "_disconnectSelectable"),
 }
 
-# Twisted reads 65,536 bytes.  Relayed connections read 130,800: with AEAD
-# framing (eight chunks of at most 16,383 bytes) that is exactly 128 KiB on
-# the wire, so one read on one side is one read on the other.  Measured in
-# the benchmark suite: 65,400 saved about 8% CPU per GiB over Twisted's
-# size, and 130,800 about 4% more once writes went out at once.
-READ_SIZE = 130800
 
 # Linux's values (TCP_FASTOPEN_CONNECT: 4.11 and later, and not named by
 # Python's socket module).
@@ -199,75 +193,6 @@ class _SendAtOnce(tcp.Connection):
 
 #: The send-at-once base.
 SendAtOnce = _SendAtOnce
-
-
-class CloseAtOnce(_SendAtOnce):
-    """
-    The base of `ssx.net.lean`'s transports: they also close at once.
-
-    Twisted closes (and half-closes) on the reactor's next turn even with
-    nothing left to send: register for writability, wait for the event,
-    send nothing, unregister, then close.  With nothing buffered and no
-    producer registered there is nothing to wait for, so these close in
-    the call itself, as Twisted's own transport does once its write side
-    is closed: the protocol's `connectionLost` (or `writeConnectionLost`)
-    comes before `loseConnection` (`loseWriteConnection`) returns.  (They
-    keep Twisted's `shutdown(SHUT_RDWR)` before `close()`: without it a
-    socket closed with unread bytes sends a reset, not a FIN, and the
-    server end must close a prober's connection as it closes any other.)
-    """
-
-    def _nothing_to_send(self) -> bool:
-        return bool(
-            self.connected
-            and self.producer is None
-            and not self._tempDataBuffer
-            and self.offset == len(self.dataBuffer)
-            and not (self.disconnecting or self._writeDisconnecting or self._aborting)
-        )
-
-    # These never run TLS (TLS listeners and `tls:` servers stay on
-    # Twisted's transports), so they skip the TLS layer's checks.
-    registerProducer = abstract.FileDescriptor.registerProducer
-    unregisterProducer = abstract.FileDescriptor.unregisterProducer
-
-    def startTLS(self, ctx: Any, normal: bool = True) -> None:
-        raise NotImplementedError("TLS runs on Twisted's own transports, not on ssx.net.lean's")
-
-    def loseConnection(self) -> None:
-        if self._nothing_to_send():
-            self.disconnecting = 1
-            self.connectionLost(connectionDone)
-            return
-        abstract.FileDescriptor.loseConnection(self)
-
-    def loseWriteConnection(self) -> None:
-        if self._nothing_to_send() and not self._writeDisconnected:
-            self._writeDisconnecting = True
-            self._writeDisconnected = True
-            self._closeWriteConnection()
-            return
-        tcp.Connection.loseWriteConnection(self)
-
-    def connectionLost(self, reason: Failure) -> None:
-        # tcp.Connection.connectionLost, with an isinstance for its
-        # Failure.check (a dozen calls a connection).
-        if not hasattr(self, "socket"):
-            return  # twice (an abort, then an error in the same turn)
-        abstract.FileDescriptor.connectionLost(self, reason)
-        self._closeSocket(not isinstance(reason.value, ConnectionAborted))
-        protocol = self.protocol
-        del self.protocol
-        del self.socket
-        del self.fileno
-        protocol.connectionLost(reason)
-
-    def doWrite(self) -> Any:
-        # The reactor may still hand a write event to a connection that
-        # closed at once while it handled the read of the same event.
-        if self.disconnected:
-            return None
-        return tcp.Connection.doWrite(self)
 
 
 class Server(_SendAtOnce, tcp.Server):
@@ -560,6 +485,6 @@ def on_process_exit(monitor: ProcessMonitor, exited: Callable[[str, Failure | No
     setattr(monitor, "_monitoredProcessExited", handled)
 
 
-# Last: ssx.net.lean builds on this module's transports (a cycle Python
+# Last: ssx.net.lean uses this module's constants (a cycle Python
 # resolves, since nothing here uses it until called).
 from ssx.net import lean  # noqa: E402

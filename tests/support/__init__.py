@@ -15,7 +15,7 @@ never from each other.
 - `metrics`: scraping /metrics over HTTP and reading the samples; the port an in-process end serves it on.
 - `workers`: a `--workers` server seen from outside (which process holds a
   connection, live pids), and a forwarder recording a client's bytes.
-- `tcp_paths`: running a test on ssx.net.lean's path or on Twisted's.
+- `tcp_paths`: running a test on ssx.net.lean's path or on Twisted's; the bytes a transport holds unsent.
 """
 
 from tests.support.chains import (
@@ -84,7 +84,7 @@ from tests.support.targets import (
     listen_web,
     make_certificate,
 )
-from tests.support.tcp_paths import LeanTcp, TwistedTcp
+from tests.support.tcp_paths import LeanTcp, TwistedTcp, buffered_bytes
 from tests.support.waiting import coroutine_test, outgoing_connections, sleep, wait_for, wait_until, within
 
 __all__ = [
@@ -160,6 +160,7 @@ __all__ = [
     "Zone",
     # tcp_paths
     "LeanTcp",
+    "buffered_bytes",
     "TwistedTcp",
     # waiting
     "coroutine_test",
