@@ -1,7 +1,8 @@
 """
-The local end's per-connection shortcuts give the answers of the long
-ways they replace: the relayable-target check, the offered SOCKS5
-commands, the one-server candidate list.
+The local end's per-connection and per-datagram shortcuts give the
+answers of the long ways they replace: the relayable-target check, the
+offered SOCKS5 commands, the one-server candidate list, the UDP relay's
+owner check.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ssx.errors import AddressError
 from ssx.local.picker import ServerPicker
 from ssx.local.relay import check_relayable
 from ssx.local.socks import ProxyPortFactory
+from ssx.local.udp import Socks5UdpRelay
 from ssx.local.upstream import Upstream
 from ssx.wire import socks5
 from ssx.wire.address import Address, decode_target, encode_address
@@ -113,3 +115,19 @@ class OneServerCandidatesTests(unittest.SynchronousTestCase):
         """A server marked down is still offered when it is the only one."""
         self.picker.failed(self.upstream, "refused")
         self.assertEqual(self.picker.candidates(), [self.upstream])
+
+
+class AcceptsTests(unittest.SynchronousTestCase):
+    """`Socks5UdpRelay.accepts` takes an owner's datagrams in every spelling of its address, and only those."""
+
+    def test_owner_spellings(self) -> None:
+        """Plain, IPv4-mapped and IPv6 socket tuples of an owned address are accepted; another port is not."""
+        relay = Socks5UdpRelay(MemoryReactorClock(), CipherSuite("chacha20-ietf-poly1305", "pw"), ("192.0.2.1", 8388))
+        relay.associate("127.0.0.1", 4000)
+        relay.associate("::1", 4000)
+        for client in (("127.0.0.1", 4000), ("::ffff:127.0.0.1", 4000), ("::ffff:127.0.0.1", 4000, 0, 0), ("::1", 4000, 0, 0)):
+            self.assertTrue(relay.accepts(client), client)
+        self.assertEqual(relay.unassociated, 0)
+        for client in (("127.0.0.1", 4001), ("::ffff:127.0.0.2", 4000, 0, 0), ("::2", 4000, 0, 0)):
+            self.assertFalse(relay.accepts(client), client)
+        self.assertEqual(relay.unassociated, 3)
