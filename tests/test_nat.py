@@ -61,6 +61,19 @@ class NatTableTests(unittest.SynchronousTestCase):
         self.table.sweep()
         self.assertIsNone(self.table.get("client"))
 
+    def test_touch(self):
+        """touch() refreshes an entry's time and LRU place as get() does; a missing key is left missing."""
+        self.table.add("a", 1)
+        self.table.add("b", 2)
+        self.clock.advance(59)
+        self.table.touch("a")
+        self.table.touch("missing")
+        self.assertNotIn("missing", self.table)
+        self.assertEqual(list(self.table), ["b", "a"])
+        self.clock.advance(1)
+        self.assertEqual(self.table.sweep(), 1)
+        self.assertEqual(list(self.table), ["a"])
+
     def test_replace_and_remove(self):
         """Replacing an entry evicts the old value; remove() and clear() run the callback too."""
         self.table.add("k", 1)

@@ -23,7 +23,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ssx.wire import socks5
 from ssx.local.relay import LocalRelayProtocol
 from ssx.local.socks import ProxyPortFactory, Socks4LocalProtocol, Socks5LocalProtocol
 from ssx.local.http import HttpProxyProtocol
@@ -72,7 +71,7 @@ class ProxySniffer(Protocol):
         first = data[0]
         handler: LocalRelayProtocol
         # In udp_only mode the port is only for SOCKS5 UDP ASSOCIATE.
-        tcp = socks5.CMD_CONNECT in self.factory.commands
+        tcp = self.factory.tcp  # as CMD_CONNECT in its `commands`, without building them
         if first == 5:
             handler, front = Socks5LocalProtocol(self.factory), "socks5"
         elif first == 4 and tcp:

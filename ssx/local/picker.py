@@ -53,6 +53,9 @@ class ServerPicker:
         return self._static + self._dynamic
 
     def candidates(self) -> list[IUpstream]:
+        if not self._dynamic and len(self._static) == 1:
+            # One server (the common case): the ranking has nothing to order.
+            return list(self._static)
         ranked = []
         for index, upstream in enumerate(self.upstreams()):
             h = self._health[upstream]

@@ -22,6 +22,7 @@ whose codec passes bytes through.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -49,6 +50,7 @@ __all__ = [
     "LocalFactory",
     "LocalRelayProtocol",
     "NoServerAvailable",
+    "check_relayable",
 ]
 
 _log = Logger()
@@ -67,6 +69,27 @@ FIRST_DATA_WAIT = 0.2
 # Servers tried for one connection before the application is told it failed
 # (each may take the connect timeout when it does not answer at all).
 MAX_ATTEMPTS = 3
+
+
+def check_relayable(target: Address) -> None:
+    """
+    Raise `AddressError` unless `target` can be sent (`encode_address`) and
+    names something a server acts on (`decode_target`), with the error those
+    raise.  A host that passed once is not encoded and decoded again for
+    each connection to it: only its port is looked at.
+    """
+    port = target.port
+    if type(port) is int and 0 < port <= 0xFFFF:
+        _check_relayable_host(target.host)
+    else:
+        decode_target(encode_address(target))
+
+
+@lru_cache(maxsize=4096)
+def _check_relayable_host(host: str) -> None:
+    # The port plays no part in the checks of the host, so any valid one
+    # stands in; a host that raises is not cached.
+    decode_target(encode_address(Address(host, 1)))
 
 
 class NoServerAvailable(ConnectError):
@@ -166,7 +189,7 @@ class LocalRelayProtocol(InboundProtocol):
             # Refuse here, at once, what cannot be sent or what no server
             # acts on (a name that is not a host name, port 0): the server
             # would only keep silent until its handshake timeout.
-            decode_target(encode_address(target))
+            check_relayable(target)
         except AddressError as e:
             if self.factory.verbose:
                 _log.debug("cannot relay to {target!r}: {error}", target=target.host, error=e)

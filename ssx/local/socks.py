@@ -41,6 +41,19 @@ __all__ = ["ProxyPortFactory", "Socks4LocalProtocol", "Socks5LocalProtocol", "re
 
 _log = Logger()
 
+# The commands a proxy port offers, by (TCP relayed, UDP relay listening):
+# built once, as the property below is read for every new connection.
+_COMMANDS = {
+    (tcp, udp): frozenset(
+        ({socks5.CMD_CONNECT} if tcp else set()) | ({socks5.CMD_UDP_ASSOCIATE} if udp else set())
+    )
+    for tcp in (False, True)
+    for udp in (False, True)
+}
+
+# The reply to every CONNECT that reached a server (no bound address given).
+_REPLY_SUCCEEDED = socks5.build_reply(socks5.REP_SUCCEEDED)
+
 
 def reply_code_for(failure: Failure) -> int:
     """The SOCKS5 reply code for a failure to reach the server."""
@@ -85,11 +98,9 @@ class ProxyPortFactory(LocalFactory):
     @property
     def commands(self) -> frozenset[int]:
         """The SOCKS5 commands offered to the next application."""
-        commands = {socks5.CMD_CONNECT} if self.tcp else set()
+        relay = self.udp_relay
         # A relay with no port (none beside a Unix-socket listener) cannot associate.
-        if self.udp_relay is not None and self.udp_relay.transport is not None:
-            commands.add(socks5.CMD_UDP_ASSOCIATE)
-        return frozenset(commands)
+        return _COMMANDS[bool(self.tcp), relay is not None and relay.transport is not None]
 
     def buildProtocol(self, addr: Any) -> Protocol:
         """SOCKS5 alone (`MixedLocalFactory` builds its sniffer instead)."""
@@ -160,7 +171,7 @@ class Socks5LocalProtocol(LocalRelayProtocol):
         self.transport.write(socks5.build_reply(socks5.REP_SUCCEEDED, bind))
 
     def relay_ready(self) -> None:
-        self.transport.write(socks5.build_reply(socks5.REP_SUCCEEDED))
+        self.transport.write(_REPLY_SUCCEEDED)
 
     def relay_failed(self, failure: Failure) -> None:
         self.transport.write(socks5.build_reply(reply_code_for(failure)))

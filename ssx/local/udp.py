@@ -481,6 +481,10 @@ class Socks5UdpRelay(LocalUdpRelay):
 
     def accepts(self, client: tuple) -> bool:
         """Whether `client` owns an association, or now claims the oldest one waiting at its IP."""
+        if client in self._owners:
+            # An (IP, port) pair already in its plain form (the keys are,
+            # and no other source tuple equals one): the common case.
+            return True
         address = _plain_address(client)
         if address in self._owners:
             return True

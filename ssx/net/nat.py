@@ -74,7 +74,11 @@ class NatTable(Generic[K, V]):
 
     def touch(self, key: K) -> None:
         """Mark `key` as just used."""
-        self.get(key)
+        # `get`'s body, not a call to it: the UDP relays touch on every datagram.
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry[1] = self._now()
+            self._entries.move_to_end(key)
 
     def add(self, key: K, value: V) -> None:
         """Insert (or replace) `key`; evicts the least recently used entry when full."""
