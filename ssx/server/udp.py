@@ -423,7 +423,8 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
         suite = sockets.suite
         # Our own salts are recognisable: a captured reply sent back is a replay.
         salt = self.salt_filter.own_salt(suite.spec.salt_size) if self.salt_filter is not None else None
-        packet = suite.udp_seal(_reply_header(source) + data, salt)
+        # The suite's bound sealer itself: one call fewer per datagram than `udp_seal`.
+        packet = suite._seal(_reply_header(source) + data, salt)
         if len(packet) > MAX_DATAGRAM:
             self.dropped += 1
             return
