@@ -145,7 +145,13 @@ class SaltFilter:
 
     def _check_and_set(self, offset: int, mask: int) -> bool:
         """Set the bits of `mask` at `offset` unless a filter holds them all (under `_lock`): whether it set them."""
-        if self._holds(offset, mask):
+        # `_holds` on this process's own two filters, written out (the
+        # shared filter, whose bits live elsewhere, overrides this).
+        end = offset + _BLOCK
+        if (
+            int.from_bytes(self._active.bits[offset:end], "little") & mask == mask
+            or int.from_bytes(self._old.bits[offset:end], "little") & mask == mask
+        ):
             return False
         self._set(offset, mask)
         return True
