@@ -143,9 +143,11 @@ def _source_address(host: str, port: int) -> Address:
 
 
 @lru_cache(maxsize=1024)
-def _reply_header(source: Address) -> bytes:
-    # The wire form of `_source_address`'s results, made once for each.
-    return encode_address(source)
+def _reply_header(host: str, port: int) -> bytes:
+    # The wire form of `_source_address`'s results, made once for each
+    # (cached by host and port: hashing those is done in C, hashing an
+    # `Address` calls its Python `__hash__`).
+    return encode_address(Address(host, port))
 
 
 # The bounds of `UdpLookups`.  A name in flight costs two sockets (A and
@@ -426,7 +428,7 @@ class ShadowsocksUdpRelay(UdpRelay[CipherSuite]):
         # Our own salts are recognisable: a captured reply sent back is a replay.
         salt = self.salt_filter.own_salt(suite.spec.salt_size) if self.salt_filter is not None else None
         # The suite's bound sealer itself: one call fewer per datagram than `udp_seal`.
-        packet = suite._seal(_reply_header(source) + data, salt)
+        packet = suite._seal(_reply_header(source.host, source.port) + data, salt)
         if len(packet) > MAX_DATAGRAM:
             self.dropped += 1
             return
