@@ -432,10 +432,9 @@ class ShadowsocksServerProtocol(InboundProtocol):
             return
         if not d.called:
             self._connecting = d
-        d.addCallbacks(self._connected, self._unreachable, errbackArgs=(address,))
-
-    def _connected(self, target: OutboundProtocol) -> None:
-        self._connecting = None
+        # Success is `_target_connected`'s (the target's `on_connected`,
+        # called just before `d` fires): only the failure needs `d`.
+        d.addErrback(self._unreachable, address)
 
     def _unreachable(self, failure: Failure, address: Address) -> None:
         self._connecting = None
@@ -452,6 +451,7 @@ class ShadowsocksServerProtocol(InboundProtocol):
         self.transport.loseConnection()
 
     def _target_connected(self, target: OutboundProtocol) -> None:
+        self._connecting = None
         if self._closed or self._state != _CONNECTING:
             # Gone, or (over TLS, where reads can arrive while paused) the
             # stream failed authentication meanwhile.
