@@ -97,6 +97,17 @@ class HandshakeTableTests(unittest.SynchronousTestCase):
         self.assertEqual(table.over(1.0), ["x"])
         self.assertEqual(len(table), 2)
 
+    def test_add_closes_as_a_bound_is_passed(self):
+        """add returns nothing up to each bound, and the oldest that had its chance the moment one is passed, by either bound."""
+        table = HandshakeTable(limit=3, per_source=2, grace=2.0)
+        self.assertEqual([table.add(c, "a", 0.0) for c in ("a1", "a2")], [[], []])
+        self.assertEqual(table.fed("a1"), [])
+        self.assertEqual(table.add("a3", "a", 0.0), ["a1"])
+        self.assertEqual(table.add("b1", "b", 0.0), [])
+        self.assertEqual(table.fed("b1"), [])
+        self.assertEqual(table.add("c1", None, 0.0), ["b1"])
+        self.assertEqual(len(table), 3)
+
     def test_finished_handshakes_leave(self):
         """A connection removed (its header came, or it closed) is never returned, and frees its place."""
         table = HandshakeTable(limit=0, per_source=1, grace=0.0)

@@ -84,3 +84,29 @@ class SaltFilterTests(unittest.SynchronousTestCase):
         salts = {f.own_salt(32) for _ in range(1000)}
         self.assertEqual(len(salts), 1000)
         self.assertGreater(len({s[-4:] for s in salts}), 990)
+
+    def test_paths_agree_on_bits(self):
+        """A salt put in with add() is refused by check_and_add, and one check_and_add took is remembered, with and without a lock."""
+        locked = SaltFilter(1000)
+        entered: list[bool] = []
+
+        class _Lock:
+            def __enter__(self) -> None:
+                entered.append(True)
+
+            def __exit__(self, *exc: object) -> None:
+                pass
+
+        locked._lock = _Lock()
+        for f in (SaltFilter(1000), locked):
+            added = [os.urandom(32) for _ in range(200)]
+            for salt in added:
+                f.add(salt)
+            self.assertTrue(all(f.remembers(s) for s in added))
+            self.assertFalse(any(f.check_and_add(s) for s in added))
+            self.assertEqual(f.replays, len(added))
+            checked = [os.urandom(12) for _ in range(200)]
+            self.assertTrue(all(f.check_and_add(s) for s in checked))
+            self.assertTrue(all(f.remembers(s) for s in checked))
+        # Every look-up and change of the locked filter held its lock.
+        self.assertEqual(len(entered), 200 * 5)

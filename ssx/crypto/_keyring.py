@@ -134,7 +134,8 @@ class KeyRing:
         keys = self._keys
         if len(keys) == 1:
             key = keys[0]
-            return key, key.suite.udp_open(packet)  # type: ignore[union-attr]
+            # The suite's bound opener itself: one call fewer per datagram than `udp_open`.
+            return key, key.suite._open(packet)  # type: ignore[union-attr]
         for index, key in enumerate(keys):
             try:
                 plaintext = key.suite.udp_open(packet)  # type: ignore[union-attr]

@@ -18,9 +18,9 @@ import hashlib
 import math
 import os
 import struct
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from functools import reduce
-from operator import or_
+from operator import and_, or_
 from typing import Any
 
 __all__ = ["DEFAULT_HISTORY", "MARK_SIZE", "SaltFilter"]
@@ -55,8 +55,9 @@ class SaltFilter:
     """Remembers between `capacity/2` and `capacity` recent salts."""
 
     # Held around each look-up and change of the filters: one process's
-    # filter needs nothing; the one --workers share locks its file.
-    _lock: AbstractContextManager[Any] = nullcontext()
+    # filter needs nothing (None: no `with` on every salt); the one
+    # --workers share locks its file.
+    _lock: AbstractContextManager[Any] | None = None
 
     def __init__(self, capacity: int = DEFAULT_HISTORY, false_positive_rate: float = 1e-6) -> None:
         if capacity < 2:
@@ -68,7 +69,12 @@ class SaltFilter:
         bits = -half * math.log(false_positive_rate / 10) / (math.log(2) ** 2)
         self._blocks = max(1, math.ceil(bits / _BLOCK_BITS))
         self._hashes = min(28, max(1, round(bits / half * math.log(2))))
+        # The digest: 8 bytes choose the block, then 2 per bit position.
+        self._digest_size = 8 + 2 * self._hashes
         self._layout = f"<{self._hashes}H"
+        # One 1023 per position: `map(and_, positions, _low_bits)` keeps each
+        # in its block's 1024 bits without a Python-level loop.
+        self._low_bits = (_BLOCK_BITS - 1,) * self._hashes
         self._half = half
         self._active = _Bloom(self._blocks * _BLOCK)
         self._old = _Bloom(self._blocks * _BLOCK)
@@ -83,10 +89,12 @@ class SaltFilter:
 
     def _locate(self, salt: bytes) -> tuple[int, int]:
         """The byte offset of the salt's block and the mask of its bits there."""
-        digest = hashlib.blake2b(salt, key=self._key, digest_size=8 + 2 * self._hashes).digest()
+        digest = hashlib.blake2b(salt, key=self._key, digest_size=self._digest_size).digest()
         offset = (int.from_bytes(digest[:8], "little") % self._blocks) * _BLOCK
         positions = struct.unpack_from(self._layout, digest, 8)
-        return offset, reduce(or_, [_BIT[p & 1023] for p in positions])
+        # The OR of each position's bit, every step in C (this runs for
+        # every connection and every datagram).
+        return offset, reduce(or_, map(_BIT.__getitem__, map(and_, positions, self._low_bits)))
 
     def own_salt(self, size: int) -> bytes:
         """
@@ -98,7 +106,8 @@ class SaltFilter:
         """
         if size >= MARKED_MIN:
             head = os.urandom(size - MARK_SIZE)
-            return head + self._mark(head)
+            # `_mark(head)`, inline: this runs for every connection.
+            return head + hashlib.blake2b(head, key=self._mark_key, digest_size=MARK_SIZE).digest()
         salt = os.urandom(size)
         self.add(salt)
         return salt
@@ -111,27 +120,59 @@ class SaltFilter:
 
     def check_and_add(self, salt: bytes) -> bool:
         """True if `salt` is new (and now remembered); False for a replay."""
-        if self._is_own(salt):
+        # This runs for every connection and every datagram, so `_is_own`
+        # and `_locate` are written out here, and `_lock` is entered only
+        # where there is one (a filter shared by workers).
+        if len(salt) >= MARKED_MIN and (
+            hashlib.blake2b(salt[:-MARK_SIZE], key=self._mark_key, digest_size=MARK_SIZE).digest()
+            == salt[-MARK_SIZE:]
+        ):
             self.replays += 1
             return False
-        offset, mask = self._locate(salt)
-        with self._lock:
-            if self._holds(offset, mask):
-                self.replays += 1
-                return False
-            self._set(offset, mask)
+        digest = hashlib.blake2b(salt, key=self._key, digest_size=self._digest_size).digest()
+        offset = (int.from_bytes(digest[:8], "little") % self._blocks) * _BLOCK
+        positions = struct.unpack_from(self._layout, digest, 8)
+        mask = reduce(or_, map(_BIT.__getitem__, map(and_, positions, self._low_bits)))
+        lock = self._lock
+        if lock is None:
+            new = self._check_and_set(offset, mask)
+        else:
+            with lock:
+                new = self._check_and_set(offset, mask)
+        if not new:
+            self.replays += 1
+        return new
+
+    def _check_and_set(self, offset: int, mask: int) -> bool:
+        """Set the bits of `mask` at `offset` unless a filter holds them all (under `_lock`): whether it set them."""
+        # `_holds` on this process's own two filters, written out (the
+        # shared filter, whose bits live elsewhere, overrides this).
+        end = offset + _BLOCK
+        if (
+            int.from_bytes(self._active.bits[offset:end], "little") & mask == mask
+            or int.from_bytes(self._old.bits[offset:end], "little") & mask == mask
+        ):
+            return False
+        self._set(offset, mask)
         return True
 
     def remembers(self, salt: bytes) -> bool:
         """Whether `salt` was added (up to the false positive rate), without adding it."""
         offset, mask = self._locate(salt)
-        with self._lock:
+        lock = self._lock
+        if lock is None:
+            return self._holds(offset, mask)
+        with lock:
             return self._holds(offset, mask)
 
     def add(self, salt: bytes) -> None:
         """Remember `salt` without checking it (the server's own outgoing salts)."""
         offset, mask = self._locate(salt)
-        with self._lock:
+        lock = self._lock
+        if lock is None:
+            self._set(offset, mask)
+            return
+        with lock:
             self._set(offset, mask)
 
     def _filters(self) -> tuple[bytearray | memoryview, bytearray | memoryview]:
@@ -140,7 +181,12 @@ class SaltFilter:
 
     def _holds(self, offset: int, mask: int) -> bool:
         end = offset + _BLOCK
-        return any(int.from_bytes(bits[offset:end], "little") & mask == mask for bits in self._filters())
+        active, old = self._filters()
+        # Both filters written out (not a generator over them): one call fewer per salt.
+        return (
+            int.from_bytes(active[offset:end], "little") & mask == mask
+            or int.from_bytes(old[offset:end], "little") & mask == mask
+        )
 
     def _set(self, offset: int, mask: int) -> None:
         active = self._active

@@ -82,6 +82,13 @@ class SharedSaltFilter(SaltFilter):
         os.pwrite(fd, _HEADER.pack(0, 0, os.urandom(32), os.urandom(32)), 0)
         return fd
 
+    def _check_and_set(self, offset: int, mask: int) -> bool:
+        # The base class's, through `_filters` (the active one is named in the file).
+        if self._holds(offset, mask):
+            return False
+        self._set(offset, mask)
+        return True
+
     def _filters(self) -> tuple[memoryview, memoryview]:
         active = struct.unpack_from("<Q", self._map, 0)[0]
         return self._views[active], self._views[1 - active]

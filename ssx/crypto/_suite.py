@@ -15,6 +15,7 @@ and seals/opens single UDP datagrams by dispatching to the family modules
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Callable, Protocol
 
 from zope.interface import implementer
@@ -115,7 +116,7 @@ class Aead2017TcpServerCodec:
         self.address: Address | None = None
         self.user: str | None = None
         self._suite = suite
-        self._decryptor = suite.tcp_decryptor()
+        self._decryptor = suite._new_decryptor()
         self._decrypt = self._decryptor.decrypt
         self._head = b""
         self._encrypt: Callable[[bytes], bytes] | None = None
@@ -147,8 +148,10 @@ class Aead2017TcpServerCodec:
             salts = self._salts
             # With a filter, our own salts are made recognisable (a reflected
             # response is then refused as a replay).
-            salt = salts.own_salt(self._suite.spec.salt_size) if salts is not None else None
-            self._encrypt = self._suite.tcp_encryptor(salt).encrypt
+            suite = self._suite
+            size = suite.spec.salt_size
+            salt = salts.own_salt(size) if salts is not None else os.urandom(size)
+            self._encrypt = suite._new_encryptor(salt).encrypt
         return self._encrypt
 
     def encrypt(self, data: bytes) -> bytes:
@@ -179,11 +182,14 @@ class Aead2017UdpClientCodec:
 class CipherSuite:
     """One configured method and password; the master key is derived once here."""
 
-    __slots__ = ("spec", "_key", "_seal", "_open")
+    __slots__ = ("spec", "_key", "_seal", "_open", "_new_encryptor", "_new_decryptor")
 
     spec: MethodSpec
     _seal: UdpSeal
     _open: UdpOpen
+    # A TCP direction's encryptor from its salt, and a decryptor.
+    _new_encryptor: Callable[[bytes], TcpEncryptor]
+    _new_decryptor: Callable[[], TcpDecryptor]
 
     def __init__(self, method: str, password: str | bytes) -> None:
         spec = lookup_method(method)
@@ -192,7 +198,7 @@ class CipherSuite:
         secret = password.encode("utf-8") if isinstance(password, str) else password
         self.spec = spec
         self._key = evp_bytes_to_key(secret, spec.key_size)
-        self._bind_udp()
+        self._bind()
 
     @classmethod
     def from_key(cls, method: str, key: bytes) -> CipherSuite:
@@ -208,24 +214,31 @@ class CipherSuite:
         suite = cls.__new__(cls)
         suite.spec = spec
         suite._key = bytes(key)
-        suite._bind_udp()
+        suite._bind()
         return suite
 
-    def _bind_udp(self) -> None:
-        # The datagram path, with the method and key bound once (a datagram
-        # then costs no family dispatch or table lookups).
+    def _bind(self) -> None:
+        # The datagram path and the TCP directions' constructors, with the
+        # method and key bound once (a datagram or a connection then costs
+        # no family dispatch or table lookups).
         spec, key = self.spec, self._key
         if spec.family == "aead":
             algorithm = AEAD_PRIMITIVES[spec.name]
             self._seal = aead_udp_sealer(algorithm, key, spec.salt_size, spec.name)
             self._open = aead_udp_opener(algorithm, key, spec.salt_size)
+            self._new_encryptor = partial(AeadTcpEncryptor, algorithm, key)
+            self._new_decryptor = partial(AeadTcpDecryptor, algorithm, key, spec.salt_size)
         elif spec.family == "stream":
             cipher = STREAM_CIPHERS[spec.name]
             self._seal = stream_udp_sealer(cipher, key, spec.salt_size, spec.name)
             self._open = stream_udp_opener(cipher, key, spec.salt_size)
+            self._new_encryptor = partial(StreamTcpEncryptor, cipher, key)
+            self._new_decryptor = partial(StreamTcpDecryptor, cipher, key, spec.salt_size)
         else:
             self._seal = _plain_seal
             self._open = bytes
+            self._new_encryptor = _plain_encryptor
+            self._new_decryptor = PlainTcpDecryptor
 
     def __repr__(self) -> str:
         # Never show the key: suites end up in logs and tracebacks.
@@ -241,26 +254,11 @@ class CipherSuite:
 
     def tcp_encryptor(self, salt: bytes | None = None) -> TcpEncryptor:
         """A new sending direction; `salt` fixes the salt/IV (tests only)."""
-        spec = self.spec
-        salt = self._fresh_salt(salt)
-        if spec.family == "aead":
-            return AeadTcpEncryptor(AEAD_PRIMITIVES[spec.name], self._key, salt)
-        if spec.family == "stream":
-            return StreamTcpEncryptor(STREAM_CIPHERS[spec.name], self._key, salt)
-        return PlainTcpEncryptor()
+        return self._new_encryptor(self._fresh_salt(salt))
 
     def tcp_decryptor(self) -> TcpDecryptor:
         """A new receiving direction."""
-        spec = self.spec
-        if spec.family == "aead":
-            return AeadTcpDecryptor(
-                AEAD_PRIMITIVES[spec.name], self._key, spec.salt_size
-            )
-        if spec.family == "stream":
-            return StreamTcpDecryptor(
-                STREAM_CIPHERS[spec.name], self._key, spec.salt_size
-            )
-        return PlainTcpDecryptor()
+        return self._new_decryptor()
 
     @property
     def first_chunk_size(self) -> int:
@@ -312,3 +310,8 @@ def _plain_seal(plaintext: bytes, salt: bytes | None = None) -> bytes:
     if salt:
         raise ValueError(f"none salt must be 0 bytes, not {len(salt)}")
     return bytes(plaintext)
+
+
+def _plain_encryptor(salt: bytes) -> PlainTcpEncryptor:
+    # The none method's sending direction: it has no salt to take.
+    return PlainTcpEncryptor()

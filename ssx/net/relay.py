@@ -231,25 +231,28 @@ class RelayProtocol(Protocol):
     def activity(self) -> None:
         """Data moved; subclasses reset their idle timer here."""
 
+    # Every relayed connection ends through these: the checks that
+    # `release_producer`, `can_half_close` and a "both halves closed" test
+    # would make are written out, a call fewer each.
+
     def readConnectionLost(self) -> None:
         self._read_closed = True
         peer = self.peer
         if peer is not None and not peer._closed:
-            peer.release_producer()
+            if peer._has_producer:
+                peer.release_producer()
             if peer._read_closed:
                 # Both directions are done: one close sends what is left and
                 # the FIN (a half-close first would cost another reactor turn).
                 peer.transport.loseConnection()
-            elif can_half_close(peer.transport):
+            elif not ISSLTransport.providedBy(peer.transport):  # can_half_close
                 peer.transport.loseWriteConnection()
-        self._maybe_close()
+        if self._write_closed:
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         self._write_closed = True
-        self._maybe_close()
-
-    def _maybe_close(self) -> None:
-        if self._read_closed and self._write_closed:
+        if self._read_closed:
             self.transport.loseConnection()
 
     def close_both(self, abort: bool = False) -> None:
@@ -277,7 +280,8 @@ class RelayProtocol(Protocol):
         if peer is not None and not peer._closed:
             # Unregister first: a transport whose paused producer is gone
             # would otherwise wait for it before closing.
-            peer.release_producer()
+            if peer._has_producer:
+                peer.release_producer()
             peer.transport.loseConnection()
             # A transport with nothing to send closes in the call (ssx.net.lean's).
             if not peer._closed and peer.clock is not None and peer.linger > 0 and peer._linger_call is None:
@@ -336,8 +340,10 @@ class OutboundProtocol(RelayProtocol):
             self.ready.errback(reason if reason is not None else Failure(ConnectionDone()))
         RelayProtocol.connectionLost(self, reason)
 
-    def dataReceived(self, data: bytes) -> None:
-        self.relayReceived(data)
+    # Only relays: every read goes straight to `relayReceived` (one call
+    # fewer a read than a method calling it; a subclass that overrides
+    # `relayReceived` must override this too).
+    dataReceived = RelayProtocol.relayReceived
 
     def report_broken(self, error: ProtocolError) -> None:
         peer = self.peer
@@ -509,14 +515,21 @@ class InboundProtocol(RelayProtocol):
         self.last_activity = self.factory.reactor.seconds()
 
     def connectionMade(self) -> None:
-        self.factory.connection_opened(self)
+        factory = self.factory
+        factory.connection_opened(self)
         set_no_delay(self.transport)
-        # Until the relay starts, the (shorter) handshake timeout applies.
-        self.set_idle_timeout(self.factory.handshake_timeout)
+        # Until the relay starts, the (shorter) handshake timeout applies
+        # (`set_idle_timeout`, written out here and in `join`: every
+        # connection passes through both).
+        self.idle_limit = factory.handshake_timeout
+        self.last_activity = factory.reactor.seconds()
 
     def join(self, peer: RelayProtocol, clock: Any = None, linger: float = 0.0) -> None:
-        RelayProtocol.join(self, peer, self.factory.reactor, self.factory.timeout)
-        self.set_idle_timeout(self.factory.timeout)
+        factory = self.factory
+        reactor = factory.reactor
+        RelayProtocol.join(self, peer, reactor, factory.timeout)
+        self.idle_limit = factory.timeout
+        self.last_activity = reactor.seconds()
 
     def activity(self) -> None:
         self.last_activity = self.factory.reactor.seconds()

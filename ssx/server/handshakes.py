@@ -113,8 +113,15 @@ class HandshakeTable:
         """Track `connection` from `group`, accepted at `now`; returns the ones to close."""
         self._all[connection] = group
         self._new[connection] = now
-        if group is not None and self.per_source:
-            self._groups.setdefault(group, {})[connection] = None
+        per_source = self.per_source
+        members = None
+        if group is not None and per_source:
+            members = self._groups.setdefault(group, {})
+            members[connection] = None
+        # Within both bounds (nearly always): nothing to close, and no
+        # call to `_trim` to find that out.
+        if (members is None or len(members) <= per_source) and (not self.limit or len(self._all) <= self.limit):
+            return []
         return self._trim(group)
 
     def fed(self, connection: Any) -> list[Any]:

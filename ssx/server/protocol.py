@@ -37,6 +37,7 @@ more than an attribute test.
 from __future__ import annotations
 
 import time
+from itertools import filterfalse
 from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -195,7 +196,12 @@ class ShadowsocksServerFactory(RelayFactory):
         """A connection was accepted: bound the unfinished handshakes, closing the oldest beyond."""
         group = None
         if self.handshakes.per_source:
-            group = source_group(getattr(protocol.transport.getPeer(), "host", ""))
+            transport = protocol.transport
+            # `ssx.net.lean`'s transports keep the peer's (host, port, ...)
+            # as accepted: read it rather than build an address object.
+            peer = getattr(transport, "peer_address", None)
+            host = peer[0] if peer is not None else getattr(transport.getPeer(), "host", "")
+            group = source_group(host)
         for old in self.handshakes.add(protocol, group, self.reactor.seconds()):
             old.evict()
 
@@ -403,7 +409,8 @@ class ShadowsocksServerProtocol(InboundProtocol):
         factory = self.factory
         if factory.acl is not None and self._refused_by_acl(address, ips):
             return
-        allowed = [ip for ip in ips if not factory.forbidden.forbids(ip)]
+        # [ip for ip in ips if not forbids(ip)], in C.
+        allowed = list(filterfalse(factory.forbidden.forbids, ips))
         if not allowed:
             if factory.verbose:
                 _log.debug("refused {target}: forbidden address {ips}", target=address, ips=",".join(ips))
@@ -425,10 +432,9 @@ class ShadowsocksServerProtocol(InboundProtocol):
             return
         if not d.called:
             self._connecting = d
-        d.addCallbacks(self._connected, self._unreachable, errbackArgs=(address,))
-
-    def _connected(self, target: OutboundProtocol) -> None:
-        self._connecting = None
+        # Success is `_target_connected`'s (the target's `on_connected`,
+        # called just before `d` fires): only the failure needs `d`.
+        d.addErrback(self._unreachable, address)
 
     def _unreachable(self, failure: Failure, address: Address) -> None:
         self._connecting = None
@@ -445,6 +451,7 @@ class ShadowsocksServerProtocol(InboundProtocol):
         self.transport.loseConnection()
 
     def _target_connected(self, target: OutboundProtocol) -> None:
+        self._connecting = None
         if self._closed or self._state != _CONNECTING:
             # Gone, or (over TLS, where reads can arrive while paused) the
             # stream failed authentication meanwhile.
@@ -510,11 +517,14 @@ class ShadowsocksServerProtocol(InboundProtocol):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        state = self._state
         closed = self.factory.closed_by_status
         if closed is not None:
-            status = CLOSED_STATUS[self._state]
+            status = CLOSED_STATUS[state]
             closed[status] = closed.get(status, 0) + 1
-        self.factory.handshakes.remove(self)
+        if state == _HEADER or state == _DISCARD:
+            # Past those, `_header_done` has removed it already.
+            self.factory.handshakes.remove(self)
         if self._admitted is not None:
             self.factory.key_usage.release(self._admitted)
             self._admitted = None
