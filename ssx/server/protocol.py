@@ -196,12 +196,9 @@ class ShadowsocksServerFactory(RelayFactory):
         """A connection was accepted: bound the unfinished handshakes, closing the oldest beyond."""
         group = None
         if self.handshakes.per_source:
-            transport = protocol.transport
-            # `ssx.net.lean`'s transports keep the peer's (host, port, ...)
-            # as accepted: read it rather than build an address object.
-            peer = getattr(transport, "peer_address", None)
-            host = peer[0] if peer is not None else getattr(transport.getPeer(), "host", "")
-            group = source_group(host)
+            # `ssx.net.lean`'s accepted transports keep the address their
+            # factory was given: no object is built here.
+            group = source_group(getattr(protocol.transport.getPeer(), "host", ""))
         for old in self.handshakes.add(protocol, group, self.reactor.seconds()):
             old.evict()
 
