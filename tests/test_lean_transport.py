@@ -25,6 +25,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
@@ -442,3 +443,78 @@ async def _async_read_exactly(sock: socket.socket, size: int) -> bytes:
         got += chunk
     sock.setblocking(True)
     return bytes(got)
+
+
+class _Lost(Protocol):
+    """Keeps what it reads and every connectionLost reason (no Deferreds: for a synchronous test)."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.reasons: list[Failure] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.reasons.append(reason)
+
+
+class _StopRaises(_Pushing):
+    """An IPushProducer whose stopProducing raises (a bug of its own)."""
+
+    def stopProducing(self) -> None:
+        super().stopProducing()
+        raise RuntimeError("stopProducing failed")
+
+
+class LeanTransportOnMemoryReactorTests(unittest.SynchronousTestCase):
+    """LeanTransport on one end of a socket pair, its reactor a MemoryReactorClock driven by hand."""
+
+    def _serve(self) -> tuple[Any, _Lost, socket.socket, MemoryReactorClock]:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        self.addCleanup(theirs.close)
+        clock = MemoryReactorClock()
+        protocol = _Lost()
+        transport = lean_transport.LeanTransport(ours, protocol, clock)
+        protocol.makeConnection(transport)
+        self.addCleanup(lambda: transport.socket is not None and transport.socket.close())
+        return transport, protocol, theirs, clock
+
+    def test_resume_after_abort_reads_nothing(self) -> None:
+        """resumeProducing (and startReading) after abortConnection register no reader, so nothing is read after the abort."""
+        transport, protocol, theirs, clock = self._serve()
+        transport.abortConnection()
+        transport.resumeProducing()
+        transport.startReading()
+        self.assertNotIn(transport, clock.getReaders())
+        clock.advance(0)
+        self.assertEqual(len(protocol.reasons), 1)
+        self.assertIsInstance(protocol.reasons[0].value, ConnectionAborted)
+
+    def test_write_after_abort_registers_no_writer(self) -> None:
+        """A write after abortConnection is dropped: the transport does not register for writability it would ignore."""
+        transport, protocol, theirs, clock = self._serve()
+        transport.abortConnection()
+        transport.write(b"late")
+        self.assertNotIn(transport, clock.getWriters())
+        clock.advance(0)
+        self.assertEqual(len(protocol.reasons), 1)
+
+    def test_producer_raising_in_stop_does_not_leak_the_connection(self) -> None:
+        """A producer whose stopProducing raises is logged; the socket still closes, the reactor forgets it and the protocol hears connectionLost once."""
+        transport, protocol, theirs, clock = self._serve()
+        producer = _StopRaises()
+        transport.registerProducer(producer, True)
+        fd = transport.fileno()
+        theirs.shutdown(socket.SHUT_WR)  # EOF: a protocol without half-close ends there
+        transport.doRead()
+        self.assertEqual(producer.calls, ["stop"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(protocol.reasons), 1)
+        self.assertIsInstance(protocol.reasons[0].value, ConnectionDone)
+        self.assertIsNone(transport.socket)
+        self.assertNotIn(transport, clock.getReaders())
+        self.assertNotIn(transport, clock.getWriters())
+        with self.assertRaises(OSError):
+            os.fstat(fd)

@@ -305,7 +305,12 @@ class LeanTransport:
         producer = self.producer
         if producer is not None:
             self.producer = None
-            producer.stopProducing()
+            # As Twisted's transports: a producer's error must not keep the
+            # socket open and registered, nor the protocol from hearing of the end.
+            try:
+                producer.stopProducing()
+            except BaseException:
+                _log.failure("stopping the producer of {transport!r}", transport=self)
         # Unregister before the descriptor closes (the reactor finds it by
         # its number), and only what is registered.
         if self._reading:
@@ -387,8 +392,11 @@ class LeanTransport:
     def stopWriting(self) -> None:
         self._stop_writing()
 
+    # Nothing registers again once an abort is under way: Twisted's
+    # transports ignore reads and writes from the abort on, so a producer
+    # resumed then (a relay's peer draining) must not bring reads back.
     def _start_reading(self) -> None:
-        if not self._reading and self.socket is not None:
+        if not self._reading and self.socket is not None and not self._aborting:
             self._reading = True
             self.reactor.addReader(self)
 
@@ -398,7 +406,7 @@ class LeanTransport:
             self.reactor.removeReader(self)
 
     def _start_writing(self) -> None:
-        if not self._writing and self.socket is not None:
+        if not self._writing and self.socket is not None and not self._aborting:
             self._writing = True
             self.reactor.addWriter(self)
 
