@@ -495,6 +495,20 @@ class LeanPortFaultTests(support.LeanTcp, unittest.TestCase):
         self.assertEqual(await support.within(5, client.done, "no echo"), b"after the bug")
 
 
+class LeanConnectorFaultTests(support.LeanTcp, unittest.TestCase):
+    """A protocol's bug in connectionMade ends the connection it was made for."""
+
+    @support.coroutine_test
+    async def test_failing_protocol_closes_its_connection(self) -> None:
+        """connectionMade of an outgoing connection raising: the connection is aborted (the far end sees it end) and the failure logged once."""
+        accepted = support.KeepingProtocol()
+        listening = tcp.listen(reactor, 0, support.BuildingFactory(lambda: accepted), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        tcp.connect(reactor, "127.0.0.1", listening.getHost().port, support.BuildingFactory(_Broken), 5)
+        await support.within(5, accepted.lost, "the connection whose protocol failed stayed open")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
 def _with_factory(protocol: Any, factory: Any) -> Any:
     protocol.factory = factory
     return protocol

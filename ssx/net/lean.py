@@ -422,16 +422,25 @@ class LeanConnector:
         self.fileno = _no_fileno
         self._cancel_timer()
         self.state = "connected"
-        protocol = self.factory.buildProtocol(self.getDestination())
-        if protocol is None:
-            # As Twisted does: a stand-in protocol on a connection closed at once.
-            transport = LeanClient(sock, Protocol(), self, self.reactor)
-            self.transport = transport
-            transport.loseConnection()
-            return
-        transport = LeanClient(sock, protocol, self, self.reactor)
-        self.transport = transport
-        protocol.makeConnection(transport)
+        transport = None
+        try:
+            protocol = self.factory.buildProtocol(self.getDestination())
+            if protocol is None:
+                # As Twisted does: a stand-in protocol on a connection closed at once.
+                transport = self.transport = LeanClient(sock, Protocol(), self, self.reactor)
+                transport.loseConnection()
+                return
+            transport = self.transport = LeanClient(sock, protocol, self, self.reactor)
+            protocol.makeConnection(transport)
+        except Exception:
+            # A bug of the factory or protocol: that connection ends (the
+            # reactor, which hands this connector the event, would not end it).
+            _log.failure("starting a connection to {host}:{port}", host=self.host, port=self.port)
+            if transport is None:
+                sock.close()
+                self.connection_lost(Failure())
+            elif transport.connected:
+                transport.abortConnection()
 
     doRead = doWrite
 
