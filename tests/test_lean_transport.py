@@ -109,26 +109,6 @@ class _Pushing:
         self.calls.append("stop")
 
 
-class _PullChunks:
-    """An IPullProducer writing one chunk per resumeProducing, then closing."""
-
-    def __init__(self, transport: Any, chunks: list[bytes]) -> None:
-        self.transport = transport
-        self.chunks = list(chunks)
-        self.resumed = 0
-
-    def resumeProducing(self) -> None:
-        self.resumed += 1
-        if not self.chunks:
-            self.transport.unregisterProducer()
-            self.transport.loseConnection()
-            return
-        self.transport.write(self.chunks.pop(0))
-
-    def stopProducing(self) -> None:
-        self.chunks = []
-
-
 def _waiting(sock: Any) -> int:
     """How many bytes wait unread in `sock` (peeked)."""
     try:
@@ -325,7 +305,7 @@ class LeanTransportTests(support.LeanTcp, unittest.TestCase):
         """A pull producer is resumed each time its write has gone out: many large chunks arrive whole."""
         server, raw = await self._accepted()
         chunks = [os.urandom(500_000) for _ in range(6)]
-        producer = _PullChunks(server.transport, chunks)
+        producer = support.PullSender(server.transport, chunks)
         server.transport.registerProducer(producer, False)
         got = await support.within(10, defer.Deferred.fromCoroutine(_async_read_all(raw)), "not all read")
         self.assertEqual(support.sha256(got), support.sha256(b"".join(chunks)))

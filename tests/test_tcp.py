@@ -167,24 +167,6 @@ class EndpointTests(support.LeanTcp, unittest.TestCase):
         self.assertEqual(memory.tcpClients[0][:2], ("127.0.0.1", 8388))
 
 
-class _PullSender:
-    """An IPullProducer writing `chunks` one per resumeProducing (as FileSender does)."""
-
-    def __init__(self, transport, chunks) -> None:  # type: ignore[no-untyped-def]
-        self.transport = transport
-        self.chunks = list(chunks)
-
-    def resumeProducing(self) -> None:
-        if not self.chunks:
-            self.transport.unregisterProducer()
-            self.transport.loseConnection()
-            return
-        self.transport.write(self.chunks.pop(0))
-
-    def stopProducing(self) -> None:
-        self.chunks = []
-
-
 class PullProducerTests(support.LeanTcp, unittest.TestCase):
     """IConsumer's contract: a pull producer is asked for more whenever its last write has gone out."""
 
@@ -201,7 +183,7 @@ class PullProducerTests(support.LeanTcp, unittest.TestCase):
         yield connected
         server = yield made
         chunks = [b"a" * 100, b"b" * 100, b"c" * 100]
-        server.transport.registerProducer(_PullSender(server.transport, chunks), False)
+        server.transport.registerProducer(support.PullSender(server.transport, chunks), False)
         timeout = reactor.callLater(3, client.transport.abortConnection)
         got = yield client.lost
         if timeout.active():

@@ -33,6 +33,7 @@ from tests.support.clients import (
     DecryptingClient,
     HalfClosingExchange,
     KeepingProtocol,
+    PullSender,
     ManagerClient,
     TRANSFER_SECONDS,
     RawClient,
@@ -97,6 +98,7 @@ __all__ = [
     "DecryptingClient",
     "HalfClosingExchange",
     "KeepingProtocol",
+    "PullSender",
     "fd_table",
     "open_fds",
     # chains

@@ -449,6 +449,26 @@ async def http_connect_echo(proxy_port: int, host: str, port: int, payload: byte
     return split()
 
 
+class PullSender:
+    """An IPullProducer writing `chunks` one per resumeProducing (as FileSender does), then closing; counts its resumes."""
+
+    def __init__(self, transport: Any, chunks: list[bytes]) -> None:
+        self.transport = transport
+        self.chunks = list(chunks)
+        self.resumed = 0
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+        if not self.chunks:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+            return
+        self.transport.write(self.chunks.pop(0))
+
+    def stopProducing(self) -> None:
+        self.chunks = []
+
+
 class KeepingProtocol(protocol.Protocol):
     """Hands its connection to `made`, collects what it reads, fires `lost` at the end."""
 
