@@ -334,6 +334,18 @@ class _WorkersCase(unittest.TestCase):
                 break
         return seen
 
+    async def relayed_by_both(self, port: int, pids: list[int]) -> support.Recorder:
+        """Through a recorder in front of `port`: connections until both workers carried some, then 100 kB echoed intact."""
+        recorder = support.Recorder(port)
+        listening = recorder.listen()
+        self.addCleanup(listening.stopListening)
+        socks_port = self.local(listening.getHost().port)
+        self.assertEqual(await self.carried_by(socks_port, pids), set(pids))
+        payload = os.urandom(100_000)
+        reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.1", self.echo.getHost().port, payload)
+        self.assertEqual(support.sha256(received), support.sha256(payload))
+        return recorder
+
 
 class WorkersTests(_WorkersCase):
     """ssx-server --workers 2 as a twistd child."""
@@ -585,19 +597,7 @@ class WorkersTests(_WorkersCase):
         manager_port = support.free_port()
         # A fixed port: the manager names ports by their configured number.
         child, port, pids = await self.start("--manager-address", f"127.0.0.1:{manager_port}", "-p", str(support.free_port()))
-        recorder = support.Recorder(port)
-        listening = recorder.listen()
-        self.addCleanup(listening.stopListening)
-        socks_port = self.local(listening.getHost().port)
-        seen: set[int] = set()
-        for _ in range(5):
-            seen |= await self.owners_of_echo_connections(socks_port, pids, 8)
-            if seen == set(pids):
-                break
-        self.assertEqual(seen, set(pids))
-        payload = os.urandom(100_000)
-        reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.1", self.echo.getHost().port, payload)
-        self.assertEqual(support.sha256(received), support.sha256(payload))
+        recorder = await self.relayed_by_both(port, pids)
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(sock.close)
         sock.setblocking(False)
@@ -617,21 +617,13 @@ class WorkersTests(_WorkersCase):
 
         await support.wait_for(asked, 15, lambda: f"manager totals {totals[-3:]} never reached {recorder.total()}", step=0.2)
 
-
     @support.coroutine_test
     async def test_metrics_sum_both_workers(self):
         """The supervisor's /metrics sums both workers: encrypted bytes equal what the clients sent and got, connections their count."""
         metrics_port = support.free_port()
         # A fixed port: the metrics name ports by their configured number.
         child, port, pids = await self.start("--metrics", f"127.0.0.1:{metrics_port}", "-p", str(support.free_port()))
-        recorder = support.Recorder(port)
-        listening = recorder.listen()
-        self.addCleanup(listening.stopListening)
-        socks_port = self.local(listening.getHost().port)
-        self.assertEqual(await self.carried_by(socks_port, pids), set(pids))
-        payload = os.urandom(100_000)
-        reply, received = await support.whole_echo_transfer(socks_port, "127.0.0.1", self.echo.getHost().port, payload)
-        self.assertEqual(support.sha256(received), support.sha256(payload))
+        recorder = await self.relayed_by_both(port, pids)
         await support.wait_for(lambda: len(recorder.returned) == len(recorder.recorded), 10, "a connection did not finish")
 
         def data(samples: support.Samples) -> float:

@@ -198,6 +198,13 @@ def aead_udp_open(
 # costs one HKDF, one AEAD object and one seal or open.
 
 
+def given_salt(salt: bytes, size: int, name: str) -> bytes:
+    """A salt (or IV) a caller chose for a datagram, as bytes, after checking its size (the sealers' shared check)."""
+    if len(salt) != size:
+        raise ValueError(f"{name} salt must be {size} bytes, not {len(salt)}")
+    return bytes(salt)
+
+
 def aead_udp_sealer(algorithm: AeadAlgorithm, master_key: bytes, salt_size: int, name: str) -> UdpSeal:
     """`aead_udp_seal` with everything but the salt and plaintext bound; a fresh salt when none is given."""
     factory = algorithm.factory
@@ -206,12 +213,7 @@ def aead_udp_sealer(algorithm: AeadAlgorithm, master_key: bytes, salt_size: int,
     urandom = os.urandom
 
     def seal(plaintext: bytes, salt: bytes | None = None) -> bytes:
-        if salt is None:
-            salt = urandom(salt_size)
-        elif len(salt) != salt_size:
-            raise ValueError(f"{name} salt must be {salt_size} bytes, not {len(salt)}")
-        else:
-            salt = bytes(salt)
+        salt = urandom(salt_size) if salt is None else given_salt(salt, salt_size, name)
         # `derive_subkey`, written out: one call fewer per datagram.
         subkey = HKDF(algorithm=_SHA1, length=length, salt=salt, info=SUBKEY_INFO).derive(master_key)
         return salt + factory(subkey).encrypt(nonce, plaintext, None)

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers.algorithms import AES, ChaCha20
 from cryptography.hazmat.primitives.ciphers.modes import CTR
 
-from ssx.crypto._aead import UdpSeal
+from ssx.crypto._aead import UdpSeal, given_salt
 from ssx.errors import ProtocolError
 
 __all__ = [
@@ -197,12 +197,7 @@ def stream_udp_sealer(factory: StreamCipherFactory, key: bytes, iv_size: int, na
     urandom = os.urandom
 
     def seal(plaintext: bytes, salt: bytes | None = None) -> bytes:
-        if salt is None:
-            salt = urandom(iv_size)
-        elif len(salt) != iv_size:
-            raise ValueError(f"{name} salt must be {iv_size} bytes, not {len(salt)}")
-        else:
-            salt = bytes(salt)
+        salt = urandom(iv_size) if salt is None else given_salt(salt, iv_size, name)
         return salt + factory(key, salt).encryptor().update(plaintext)
 
     return seal

@@ -24,10 +24,11 @@ the half-close it implements.  What it reaches of the base class that
 Twisted keeps private is listed in `ssx.net.tcp.TWISTED_PRIVATE_NAMES`
 (checked against the installed Twisted by tests/test_twisted_private.py).
 
-`install_default` installs it where twistd would otherwise install its
-default: the ssx twistd plugins call it before ssx's modules are imported
-(`twisted/plugins/ssx_plugins.py`), and a `--workers` worker before it
-imports the reactor.  A reactor chosen on twistd's command line
+This module needs epoll (Linux): where importing it fails, its callers
+leave twistd's default reactor.  `install_default` installs it where
+twistd would otherwise install its default: the ssx twistd plugins call
+it before ssx's modules are imported (`twisted/plugins/ssx_plugins.py`),
+and a `--workers` worker before it imports the reactor.  A reactor chosen on twistd's command line
 (``twistd -r epoll ssx-server``) is left as it is, and so is everything
 with SSX_TCP_PATH=twisted in the environment (ssx's way back to
 Twisted's own connection path, used by the benchmark suite to compare).
@@ -50,9 +51,9 @@ __all__ = ["LeanEPollReactor", "install", "install_default", "is_wanted"]
 
 _log = Logger()
 
-_IN = select.EPOLLIN if hasattr(select, "EPOLLIN") else 1
-_OUT = select.EPOLLOUT if hasattr(select, "EPOLLOUT") else 4
-_HANG_UP = (select.EPOLLHUP | select.EPOLLERR) if hasattr(select, "EPOLLHUP") else 0x18
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_HANG_UP = select.EPOLLHUP | select.EPOLLERR
 
 
 class LeanEPollReactor(EPollReactor):
@@ -119,8 +120,8 @@ _NO_DESCRIPTOR = ConnectionFdescWentAway("File descriptor lost")
 
 
 def is_wanted() -> bool:
-    """Whether this platform and environment run ssx on `LeanEPollReactor` (Linux's epoll, SSX_TCP_PATH not `twisted`)."""
-    return hasattr(select, "epoll") and os.environ.get("SSX_TCP_PATH", "lean") != "twisted"
+    """Whether the environment runs ssx on `LeanEPollReactor` (SSX_TCP_PATH not `twisted`)."""
+    return os.environ.get("SSX_TCP_PATH", "lean") != "twisted"
 
 
 def install() -> LeanEPollReactor:

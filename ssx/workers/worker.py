@@ -37,7 +37,6 @@ from twisted.python.failure import Failure
 
 from ssx.errors import ConfigError
 from ssx.net.inherited import release
-from ssx.net.reactor import install_default
 from ssx.net.reload import ReloadService
 from ssx.wire.manager import ManagerRequestError, parse_request
 from ssx.workers.control import CONTROL_IN, CONTROL_OUT, parse_hello, parse_reload, reloaded_line, stat_line
@@ -215,7 +214,12 @@ def _totals(service: Any) -> dict[int, int]:
 def main() -> None:
     # ssx's reactor, as twistd's plugin installs it in a single process
     # (unless SSX_TCP_PATH=twisted); nothing imported so far installs one.
-    install_default()
+    try:
+        from ssx.net.reactor import install_default
+    except ImportError:
+        pass  # no epoll on this system: Twisted's default reactor
+    else:
+        install_default()
     from twisted.internet import reactor
     from twisted.internet.stdio import StandardIO
     from twisted.internet.task import LoopingCall

@@ -13,9 +13,12 @@ class _SsxServiceMaker(ServiceMaker):
 
     @property
     def options(self):  # type: ignore[no-untyped-def]
-        from ssx.net.reactor import install_default
-
-        install_default()
+        try:
+            from ssx.net.reactor import install_default
+        except ImportError:
+            pass  # no epoll on this system: twistd's default reactor
+        else:
+            install_default()
         return ServiceMaker.options.fget(self)  # type: ignore[attr-defined]
 
 
