@@ -8,8 +8,10 @@ becomes the old one and a cleared filter takes over, so the last
 `capacity / 2` to `capacity` salts are always remembered in a fixed amount
 of memory (about 4.2 MiB for the default million at a one-in-a-million
 false-positive rate).  Bit positions come from a keyed BLAKE2b, so nobody
-can aim salts at chosen bits.  The 2022 edition uses an exact pool instead
-(its timestamps bound the history).  No Twisted here.
+can aim salts at chosen bits; the same digest carries the mark of the
+server's own salts (`own_salt`), so a salt costs one keyed hash.  The 2022
+edition uses an exact pool instead (its timestamps bound the history).  No
+Twisted here.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ DEFAULT_HISTORY = 1_000_000
 # one by chance once in 2**32); only salts this long or longer are marked.
 MARK_SIZE = 4
 MARKED_MIN = 16
+# Where a salt's digest holds its bit positions (after the mark and the block).
+_POSITIONS = MARK_SIZE + 4
 
 
 class _Bloom:
@@ -69,8 +73,9 @@ class SaltFilter:
         bits = -half * math.log(false_positive_rate / 10) / (math.log(2) ** 2)
         self._blocks = max(1, math.ceil(bits / _BLOCK_BITS))
         self._hashes = min(28, max(1, round(bits / half * math.log(2))))
-        # The digest: 8 bytes choose the block, then 2 per bit position.
-        self._digest_size = 8 + 2 * self._hashes
+        # One keyed digest per salt: the mark of the server's own salts (its
+        # first MARK_SIZE bytes), 4 bytes choosing the block, then 2 per bit
+        # position (at most 64 bytes: BLAKE2b's longest).
         self._layout = f"<{self._hashes}H"
         # One 1023 per position: `map(and_, positions, _low_bits)` keeps each
         # in its block's 1024 bits without a Python-level loop.
@@ -78,8 +83,7 @@ class SaltFilter:
         self._half = half
         self._active = _Bloom(self._blocks * _BLOCK)
         self._old = _Bloom(self._blocks * _BLOCK)
-        self._key = os.urandom(32)
-        self._mark_key = os.urandom(32)
+        self._use_key(os.urandom(32))
         self.replays = 0
 
     @property
@@ -87,11 +91,23 @@ class SaltFilter:
         """Bytes held by the two filters."""
         return len(self._active.bits) + len(self._old.bits)
 
+    def _use_key(self, key: bytes) -> None:
+        """Hash salts with `key` from now on."""
+        self._key = key
+        # Copied for each salt: cheaper than keying a new hash object.
+        self._hasher = hashlib.blake2b(key=key, digest_size=_POSITIONS + 2 * self._hashes)
+
+    def _digest(self, salt: bytes) -> bytes:
+        """The keyed digest of a salt: of all but its mark's place where it is long enough to carry one."""
+        hasher = self._hasher.copy()
+        hasher.update(salt[:-MARK_SIZE] if len(salt) >= MARKED_MIN else salt)
+        return hasher.digest()
+
     def _locate(self, salt: bytes) -> tuple[int, int]:
         """The byte offset of the salt's block and the mask of its bits there."""
-        digest = hashlib.blake2b(salt, key=self._key, digest_size=self._digest_size).digest()
-        offset = (int.from_bytes(digest[:8], "little") % self._blocks) * _BLOCK
-        positions = struct.unpack_from(self._layout, digest, 8)
+        digest = self._digest(salt)
+        offset = (int.from_bytes(digest[MARK_SIZE:_POSITIONS], "little") % self._blocks) * _BLOCK
+        positions = struct.unpack_from(self._layout, digest, _POSITIONS)
         # The OR of each position's bit, every step in C (this runs for
         # every connection and every datagram).
         return offset, reduce(or_, map(_BIT.__getitem__, map(and_, positions, self._low_bits)))
@@ -106,32 +122,34 @@ class SaltFilter:
         """
         if size >= MARKED_MIN:
             head = os.urandom(size - MARK_SIZE)
-            # `_mark(head)`, inline: this runs for every connection.
-            return head + hashlib.blake2b(head, key=self._mark_key, digest_size=MARK_SIZE).digest()
+            # `_digest`, inline: this runs for every connection.
+            hasher = self._hasher.copy()
+            hasher.update(head)
+            return head + hasher.digest()[:MARK_SIZE]
         salt = os.urandom(size)
         self.add(salt)
         return salt
 
-    def _mark(self, head: bytes) -> bytes:
-        return hashlib.blake2b(head, key=self._mark_key, digest_size=MARK_SIZE).digest()
-
     def _is_own(self, salt: bytes) -> bool:
-        return len(salt) >= MARKED_MIN and self._mark(salt[:-MARK_SIZE]) == salt[-MARK_SIZE:]
+        return len(salt) >= MARKED_MIN and self._digest(salt)[:MARK_SIZE] == salt[-MARK_SIZE:]
 
     def check_and_add(self, salt: bytes) -> bool:
         """True if `salt` is new (and now remembered); False for a replay."""
-        # This runs for every connection and every datagram, so `_is_own`
-        # and `_locate` are written out here, and `_lock` is entered only
-        # where there is one (a filter shared by workers).
-        if len(salt) >= MARKED_MIN and (
-            hashlib.blake2b(salt[:-MARK_SIZE], key=self._mark_key, digest_size=MARK_SIZE).digest()
-            == salt[-MARK_SIZE:]
-        ):
-            self.replays += 1
-            return False
-        digest = hashlib.blake2b(salt, key=self._key, digest_size=self._digest_size).digest()
-        offset = (int.from_bytes(digest[:8], "little") % self._blocks) * _BLOCK
-        positions = struct.unpack_from(self._layout, digest, 8)
+        # This runs for every connection and every datagram, so `_digest`,
+        # `_is_own` and `_locate` are written out here, and `_lock` is
+        # entered only where there is one (a filter shared by workers).
+        hasher = self._hasher.copy()
+        if len(salt) >= MARKED_MIN:
+            hasher.update(salt[:-MARK_SIZE])
+            digest = hasher.digest()
+            if digest[:MARK_SIZE] == salt[-MARK_SIZE:]:
+                self.replays += 1
+                return False
+        else:
+            hasher.update(salt)
+            digest = hasher.digest()
+        offset = (int.from_bytes(digest[MARK_SIZE:_POSITIONS], "little") % self._blocks) * _BLOCK
+        positions = struct.unpack_from(self._layout, digest, _POSITIONS)
         mask = reduce(or_, map(_BIT.__getitem__, map(and_, positions, self._low_bits)))
         lock = self._lock
         if lock is None:

@@ -1,6 +1,6 @@
 """
 The replay filter of `SaltFilter`, shared by the worker processes of one
-server (`--workers`): its two Bloom filters, their keys and the count of
+server (`--workers`): its two Bloom filters, their key and the count of
 the active one live in a file every worker maps, and each check-and-add
 holds an exclusive `fcntl.lockf` lock on it (the base class's checks,
 under its `_lock`), so a salt seen by one worker
@@ -26,8 +26,8 @@ from ssx.crypto._salt_filter import _BLOCK, DEFAULT_HISTORY, SaltFilter
 
 __all__ = ["SharedSaltFilter"]
 
-# active index, active count, then the two 32-byte keys.
-_HEADER = struct.Struct("<QQ32s32s")
+# active index, active count, then the 32-byte key salts are hashed with.
+_HEADER = struct.Struct("<QQ32s")
 _HEADER_SIZE = 128
 
 
@@ -66,20 +66,20 @@ class SharedSaltFilter(SaltFilter):
         self._map = mmap.mmap(fd, _HEADER_SIZE + 2 * size)
         view = memoryview(self._map)
         self._views = (view[_HEADER_SIZE:_HEADER_SIZE + size], view[_HEADER_SIZE + size:])
-        _, _, self._key, self._mark_key = _HEADER.unpack_from(self._map, 0)
+        self._use_key(_HEADER.unpack_from(self._map, 0)[2])
         self._active = self._old = _SharedBloom(self._views[0])  # type: ignore[assignment]
         self._lock = _FileLock(fd)
 
     @classmethod
     def create(cls, capacity: int = DEFAULT_HISTORY, false_positive_rate: float = 1e-6) -> int:
-        """A new, empty, unlinked shared file for `capacity` salts, with fresh keys: its descriptor."""
+        """A new, empty, unlinked shared file for `capacity` salts, with a fresh key: its descriptor."""
         sizing = SaltFilter(capacity, false_positive_rate)
         size = sizing._blocks * _BLOCK
         directory = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
         fd, path = tempfile.mkstemp(prefix="ssx-salts-", dir=directory)
         os.unlink(path)
         os.ftruncate(fd, _HEADER_SIZE + 2 * size)
-        os.pwrite(fd, _HEADER.pack(0, 0, os.urandom(32), os.urandom(32)), 0)
+        os.pwrite(fd, _HEADER.pack(0, 0, os.urandom(32)), 0)
         return fd
 
     def _check_and_set(self, offset: int, mask: int) -> bool:
