@@ -7,6 +7,7 @@ per-event log context; twistd runs both ends on it unless told otherwise.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -15,10 +16,12 @@ from typing import Any
 from twisted.internet import error
 from twisted.internet.interfaces import IHalfCloseableDescriptor, IReadDescriptor, IWriteDescriptor
 from twisted.internet.main import CONNECTION_DONE
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from ssx.net.lean import LeanConnector
 from ssx.net.reactor import LeanEPollReactor, is_wanted
 from tests import support
 
@@ -64,6 +67,26 @@ class _HalfCloseable(_Descriptor):
 
     def writeConnectionLost(self, reason: Failure) -> None:
         self.calls.append(("write lost", reason.type))
+
+
+class _RecordingPoller:
+    """An epoll object's stand-in that records each change of registration and makes it."""
+
+    def __init__(self, poller: Any) -> None:
+        self.poller = poller
+        self.changes: list[tuple[Any, ...]] = []
+
+    def poll(self, *args: Any) -> Any:
+        return self.poller.poll(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.poller, name)
+
+        def change(*args: Any) -> Any:
+            self.changes.append((name, *args))
+            return method(*args)
+
+        return change
 
 
 class DispatchTests(unittest.TestCase):
@@ -174,6 +197,72 @@ class DispatchTests(unittest.TestCase):
         descriptor.fileno = lambda: -1  # type: ignore[method-assign]
         self.reactor.doPoll(1)
         self.assertEqual(descriptor.calls, [error.ConnectionFdescWentAway])
+
+
+    def test_hand_over_moves_a_writer_to_a_reader(self) -> None:
+        """hand_over makes the reader the socket's only descriptor, watched for reading alone."""
+        writer, theirs = self._pair()
+        reader = _Descriptor(writer.sock)
+        self.reactor.addWriter(writer)
+        self.reactor.hand_over(writer, reader)
+        fd = writer.fileno()
+        self.assertIs(self.reactor._selectables[fd], reader)
+        self.assertEqual((fd in self.reactor._reads, fd in self.reactor._writes), (True, False))
+        # Writable at once, but nobody asks to write any more: only the read reaches anyone.
+        theirs.sendall(b"after")
+        self.reactor.doPoll(1)
+        self.assertEqual((writer.calls, reader.calls), ([], ["read", b"after"]))
+
+    def test_hand_over_of_anything_else_removes_and_adds(self) -> None:
+        """A writer that is not registered (or not for writing alone) is removed and the reader added, as Twisted would."""
+        writer, theirs = self._pair()
+        reader = _Descriptor(writer.sock)
+        self.reactor.hand_over(writer, reader)
+        fd = writer.fileno()
+        self.assertIs(self.reactor._selectables[fd], reader)
+        self.assertEqual((fd in self.reactor._reads, fd in self.reactor._writes), (True, False))
+        theirs.sendall(b"x")
+        self.reactor.doPoll(1)
+        self.assertEqual((writer.calls, reader.calls), ([], ["read", b"x"]))
+
+    def test_a_lean_connection_is_handed_over(self) -> None:
+        """ssx's connector on this reactor: once connected, its transport alone watches the socket, for reading."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        received: list[bytes] = []
+
+        class Receiver(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        connector = LeanConnector(self.reactor, "127.0.0.1", listener.getsockname()[1],
+                                  ClientFactory.forProtocol(Receiver), timeout=0)
+        connector.connect()
+        accepted, _ = listener.accept()
+        self.addCleanup(accepted.close)
+        poller = self.reactor._poller
+        self.reactor._poller = recorder = _RecordingPoller(poller)
+        for _ in range(10):
+            if connector.transport is not None:
+                break
+            self.reactor.doPoll(1)
+        self.reactor._poller = poller
+        transport = connector.transport
+        self.assertIsNotNone(transport)
+        self.addCleanup(transport.abortConnection)
+        fd = transport.fileno()
+        self.assertEqual(recorder.changes, [("modify", fd, select.EPOLLIN)], "one epoll_ctl hands the socket over")
+        self.assertIs(self.reactor._selectables[fd], transport)
+        self.assertEqual((fd in self.reactor._reads, fd in self.reactor._writes), (True, False))
+        accepted.sendall(b"reply")
+        self.reactor.doPoll(1)
+        self.assertEqual(received, [b"reply"])
+        transport.write(b"request")
+        self.assertEqual(accepted.recv(100), b"request")
+        transport.connectionLost(Failure(error.ConnectionDone()))
+        self.assertNotIn(fd, self.reactor._selectables)
 
 
 def _python(code: str, **env: str) -> str:

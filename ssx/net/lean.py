@@ -124,8 +124,10 @@ class LeanServer(LeanTransport):
 class LeanClient(LeanTransport):
     """An outgoing connection made by a `LeanConnector` (which hears when it ends)."""
 
-    def __init__(self, sock: socket.socket, protocol: Any, connector: "LeanConnector", reactor: Any) -> None:
-        LeanTransport.__init__(self, sock, protocol, reactor)
+    def __init__(
+        self, sock: socket.socket, protocol: Any, connector: "LeanConnector", reactor: Any, replacing: Any = None,
+    ) -> None:
+        LeanTransport.__init__(self, sock, protocol, reactor, replacing)
         self.connector = connector
 
     def getPeer(self) -> IPv4Address | IPv6Address:
@@ -417,7 +419,13 @@ class LeanConnector:
         if err:
             self._fail(Failure(getConnectError((err, os.strerror(err)))))
             return
-        self.reactor.removeWriter(self)
+        reactor = self.reactor
+        # ssx's reactor hands the socket's registration over to the
+        # transport with one system call; on another, it is removed here and
+        # the transport adds its own.
+        replacing = self if hasattr(reactor, "hand_over") else None
+        if replacing is None:
+            reactor.removeWriter(self)
         self._socket = None
         self.fileno = _no_fileno
         self._cancel_timer()
@@ -427,16 +435,19 @@ class LeanConnector:
             protocol = self.factory.buildProtocol(self.getDestination())
             if protocol is None:
                 # As Twisted does: a stand-in protocol on a connection closed at once.
-                transport = self.transport = LeanClient(sock, Protocol(), self, self.reactor)
+                transport = self.transport = LeanClient(sock, Protocol(), self, reactor, replacing)
                 transport.loseConnection()
                 return
-            transport = self.transport = LeanClient(sock, protocol, self, self.reactor)
+            transport = self.transport = LeanClient(sock, protocol, self, reactor, replacing)
             protocol.makeConnection(transport)
         except Exception:
             # A bug of the factory or protocol: that connection ends (the
             # reactor, which hands this connector the event, would not end it).
             _log.failure("starting a connection to {host}:{port}", host=self.host, port=self.port)
             if transport is None:
+                if replacing is not None:
+                    # Still registered as the socket's writer (found by identity).
+                    reactor.removeWriter(self)
                 sock.close()
                 self.connection_lost(Failure())
             elif transport.connected:

@@ -128,7 +128,7 @@ class LeanTransport:
 
     bufferSize = READ_SIZE
 
-    def __init__(self, sock: socket.socket, protocol: Any, reactor: Any) -> None:
+    def __init__(self, sock: socket.socket, protocol: Any, reactor: Any, replacing: Any = None) -> None:
         # Every attribute an instance ever has is set here: one set later
         # would give each instance a dict of its own (CPython's compact
         # instances share the names seen on the first ones).
@@ -158,7 +158,12 @@ class LeanTransport:
         self._write_closing = False  # loseWriteConnection was called
         self._write_closed = False  # ... and the FIN has gone
         self._aborting = False
-        reactor.addReader(self)
+        if replacing is None:
+            reactor.addReader(self)
+        else:
+            # The descriptor registered for writing on this socket until now
+            # (its connector), on a reactor with `hand_over` (ssx's).
+            reactor.hand_over(replacing, self)
 
     # The reactor's side
 

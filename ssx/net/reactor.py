@@ -20,7 +20,8 @@ without pending input ends a reading descriptor cleanly, and a writing
 one as a lost connection; a read that returns a reason to disconnect
 skips the write; anything a descriptor raises is logged and disconnects
 it) and keeps Twisted's own `_disconnectSelectable` for the endings, with
-the half-close it implements.  What it reaches of the base class that
+the half-close it implements.  `hand_over` moves a connecting socket from
+its connector to its transport with one system call.  What it reaches of the base class that
 Twisted keeps private is listed in `ssx.net.tcp.TWISTED_PRIVATE_NAMES`
 (checked against the installed Twisted by tests/test_twisted_private.py).
 
@@ -113,6 +114,25 @@ class LeanEPollReactor(EPollReactor):
                 _log.failure("unhandled error disconnecting {selectable!r}", selectable=selectable)
 
     doIteration = doPoll
+
+    def hand_over(self, writer: Any, reader: Any) -> None:
+        """
+        The socket `writer` is registered for writing alone is `reader`'s
+        from now on, registered for reading alone (a connected socket going
+        from its connector to its transport): one ``epoll_ctl``, where
+        `removeWriter` then `addReader` make two.  Anything else is left to
+        those two.
+        """
+        fd = reader.fileno()
+        if self._selectables.get(fd) is not writer or fd in self._reads or fd not in self._writes:
+            self.removeWriter(writer)
+            self.addReader(reader)
+            return
+        self._poller.modify(fd, _IN)
+        # Tracked only once the call has succeeded, as Twisted's `_add` does.
+        self._writes.discard(fd)
+        self._reads.add(fd)
+        self._selectables[fd] = reader
 
 
 # The reason a descriptor whose `fileno()` is -1 is disconnected with (Twisted's own).

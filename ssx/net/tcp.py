@@ -100,9 +100,12 @@ TWISTED_PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
     "twisted.internet.tcp.Port": ("_fromListeningDescriptor",),
     # What a monitored process's protocol calls when the process ends.
     "twisted.runner.procmon.ProcessMonitor": ("_monitoredProcessExited",),
-    # ssx.net.reactor.LeanEPollReactor's doPoll, in place of Twisted's: the
-    # poller, the descriptors by number, the readers, and the endings.
-    "twisted.internet.epollreactor.EPollReactor": ("_poller", "_selectables", "_reads", "_disconnectSelectable"),
+    # ssx.net.reactor.LeanEPollReactor's doPoll, in place of Twisted's, and
+    # its hand_over: the poller, the descriptors by number, the readers, the
+    # writers, and the endings.
+    "twisted.internet.epollreactor.EPollReactor": (
+        "_poller", "_selectables", "_reads", "_writes", "_disconnectSelectable",
+    ),
 }
 
 
