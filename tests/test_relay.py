@@ -8,6 +8,8 @@ failure.
 
 from __future__ import annotations
 
+import gc
+
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -21,7 +23,9 @@ from ssx.server.forbidden import parse_forbidden
 from ssx.local.picker import ServerPicker
 from ssx.local.upstream import Upstream
 from ssx.local.socks import ProxyPortFactory
-from ssx.net.relay import OutboundProtocol, RelayFactory, connect_tcp
+from ssx.net import tcp as ssx_tcp
+from ssx.net.lean_transport import LeanTransport
+from ssx.net.relay import OutboundProtocol, RelayFactory, RelayProtocol, connect_tcp
 from ssx.server.protocol import ShadowsocksServerFactory
 from ssx.config.upstreams import ServerEntry
 from tests import support
@@ -125,3 +129,39 @@ class IdleSweepTests(unittest.SynchronousTestCase):
         self.assertEqual(later.timed_out, 1)
         # Timed out once each: no second call unless a handler asks again.
         self.assertEqual([c.timed_out for c in healthy], [1, 1, 1])
+
+
+def _live_connection_objects() -> list[object]:
+    """ssx's protocols and transports of relayed connections that the interpreter still holds (garbage included)."""
+    kinds = (RelayProtocol, LeanTransport, ssx_tcp.Server, ssx_tcp.Client)
+    return [o for o in gc.get_objects() if isinstance(o, kinds)]
+
+
+class ConnectionsFreedTests(support.LeanTcp, support.ChainTestCase):
+    """
+    A relayed connection's objects on both ends are freed by reference
+    counting once it has closed, not left in reference cycles for the
+    garbage collector (which would then walk every object of every
+    connection, and hold their memory until it ran).
+    """
+
+    @support.coroutine_test
+    async def test_closed_connections_leave_no_cycles(self) -> None:
+        """With the collector off, nothing of a relayed connection outlives its close, on either end."""
+        port = self.chain()
+        await self.echo_through(port, 1000)
+        await support.drained(self.server_service, self.local_service)
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        self.assertEqual(_live_connection_objects(), [], "connections of earlier steps are still held")
+        for size in (1, 100_000):
+            await self.echo_through(port, size)
+        await support.drained(self.server_service, self.local_service)
+        freed = await support.wait_until(lambda: not _live_connection_objects(), 5)
+        left = _live_connection_objects()
+        self.assertTrue(freed, f"still held after their close: {sorted(type(o).__name__ for o in left)}")
+
+
+class ConnectionsFreedOnTwistedTcpTests(support.TwistedTcp, ConnectionsFreedTests):
+    """The same on Twisted's port, connector and transports."""

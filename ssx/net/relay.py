@@ -146,10 +146,16 @@ class _ReadyWhenConnected(ClientFactory):
         self._protocol = protocol
 
     def buildProtocol(self, addr: object) -> Protocol:
-        return self._protocol
+        # Let go of it: the connection's transport keeps its connector, and
+        # the connector this factory, so keeping the protocol here would
+        # make a reference cycle that only the garbage collector frees.
+        protocol, self._protocol = self._protocol, None
+        return protocol
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         protocol = self._protocol
+        if protocol is None:
+            return
         protocol.connector = None
         if not protocol.ready.called and not protocol.cancelled:
             protocol.ready.errback(reason)
@@ -277,7 +283,14 @@ class RelayProtocol(Protocol):
                 self._linger_call.cancel()
             self._linger_call = None
         peer = self.peer
-        if peer is not None and not peer._closed:
+        if peer is not None and peer._closed:
+            # Both sides are done: their links to each other go, so that
+            # reference counting frees the pair and all they hold at once
+            # (a cycle waits for the garbage collector, which then has to
+            # walk every object of every connection it frees).
+            self.peer = peer.peer = None
+            return
+        if peer is not None:
             # Unregister first: a transport whose paused producer is gone
             # would otherwise wait for it before closing.
             if peer._has_producer:
@@ -286,6 +299,10 @@ class RelayProtocol(Protocol):
             # A transport with nothing to send closes in the call (ssx.net.lean's).
             if not peer._closed and peer.clock is not None and peer.linger > 0 and peer._linger_call is None:
                 peer._linger_call = peer.clock.callLater(peer.linger, peer._abort)
+
+
+def _forget(result: object) -> None:
+    return None
 
 
 @implementer(IHandshakeListener)
@@ -336,8 +353,13 @@ class OutboundProtocol(RelayProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._on_connected = None
-        if not self.ready.called:
-            self.ready.errback(reason if reason is not None else Failure(ConnectionDone()))
+        ready = self.ready
+        if not ready.called:
+            ready.errback(reason if reason is not None else Failure(ConnectionDone()))
+        elif ready.result is self:
+            # Fired with this protocol, `ready` would hold it in a cycle
+            # (see RelayProtocol.connectionLost); a later callback gets None.
+            ready.addCallback(_forget)
         RelayProtocol.connectionLost(self, reason)
 
     # Only relays: every read goes straight to `relayReceived` (one call

@@ -284,6 +284,12 @@ class Connector(tcp.Connector):
         transport = DeviceClient if options else FastOpenClient if self.fast_open else Client
         return transport(self.host, self.port, self.bindAddress, self, self.reactor)
 
+    def connectionLost(self, reason: Failure) -> None:
+        # The ended transport keeps this connector: holding it here too would
+        # leave the pair (and the protocol) to the garbage collector.
+        self.transport = None
+        tcp.Connector.connectionLost(self, reason)
+
 
 def is_posix(reactor: Any) -> bool:
     """Whether `listen` and `connect` use ssx's ports and connectors on `reactor` (else Twisted's own)."""
