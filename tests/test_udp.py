@@ -88,10 +88,22 @@ class SocksUdpTests(UdpChainTestCase):
 
     def test_chain_port_taken_for_udp(self):
         """A chain whose first TCP port has its UDP twin held elsewhere starts on another port, UDP relaying."""
-        taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # A number free for TCP (another test's connection may use any
+        # ephemeral number for TCP), whose UDP twin this test holds.
+        for _ in range(20):
+            with socket.socket() as tcp:
+                tcp.bind(("127.0.0.1", 0))
+                held = tcp.getsockname()[1]
+                taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                try:
+                    taken.bind(("127.0.0.1", held))
+                except OSError:
+                    taken.close()
+                    continue
+            break
+        else:
+            self.fail("no port number free for TCP and UDP at once")
         self.addCleanup(taken.close)
-        taken.bind(("127.0.0.1", 0))
-        held = taken.getsockname()[1]
         self.patch(chains, "_loopback_ports", lambda: iter([held, 0]))
         server, port = support.start_server(method=self.method, mode="tcp_and_udp")
         self.addCleanup(server.stopService)
