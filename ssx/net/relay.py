@@ -143,9 +143,9 @@ class _ReadyWhenConnected(ClientFactory):
     noisy = False
 
     def __init__(self, protocol: "OutboundProtocol") -> None:
-        self._protocol = protocol
+        self._protocol: OutboundProtocol | None = protocol
 
-    def buildProtocol(self, addr: object) -> Protocol:
+    def buildProtocol(self, addr: object) -> Protocol | None:
         # Let go of it: the connection's transport keeps its connector, and
         # the connector this factory, so keeping the protocol here would
         # make a reference cycle that only the garbage collector frees.
