@@ -78,6 +78,21 @@ class SaltFilterTests(unittest.SynchronousTestCase):
         # Another filter's (another server process's) salts are just new.
         self.assertTrue(f.check_and_add(SaltFilter(100).own_salt(32)))
 
+    def test_every_byte_counts_without_marks(self):
+        """A filter of names (marks=False) tells apart strings that differ only where a salt's mark would be."""
+        names = SaltFilter(100, marks=False)
+        salts = SaltFilter(100)
+        for name in (b"alice01\0" + bytes(7) + b"\x01", os.urandom(32)):
+            names.add(name)
+            salts.add(name)
+            other = name[:-1] + bytes([name[-1] ^ 1])
+            self.assertTrue(names.remembers(name))
+            self.assertFalse(names.remembers(other))
+            # A salt filter leaves out the mark's place: the same bits.
+            self.assertTrue(salts.remembers(other))
+        # Its own salts carry no mark: they are remembered, so still refused when they come back.
+        self.assertFalse(names.check_and_add(names.own_salt(32)))
+
     def test_marked_salts_look_random(self):
         """Marked salts are distinct and no two share their mark bytes by construction."""
         f = SaltFilter(100)

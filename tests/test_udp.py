@@ -5,6 +5,7 @@ loopback; the server's NAT under bad input and floods.
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import socket
@@ -31,6 +32,8 @@ from ssx.local.udp import Socks5UdpRelay
 from ssx.local.picker import ServerPicker
 from ssx.local.upstream import make_upstream
 from ssx.config.upstreams import ServerEntry
+from ssx.errors import ReplayError
+from ssx.server.session_windows import SessionWindows
 from ssx.server.udp import Shadowsocks2022UdpRelay, ShadowsocksUdpRelay
 from tests import support
 from tests.support import chains
@@ -516,6 +519,19 @@ class Server2022SessionTests(unittest.SynchronousTestCase):
         relay.datagramReceived(ahead.encode(target, b"b"), ("198.51.100.3", 5001))
         relay.datagramReceived(self.client("alice").encode(target, b"a"), ("198.51.100.1", 4001))
         self.assertEqual(relay.dropped, dropped + 1)
+
+    def test_forgotten_session_spares_its_users_next_session(self):
+        """A session forgotten early refuses only its own ID: the next session of the same user (a long name, IDs one apart) passes."""
+        windows = SessionWindows(lambda: object(), retired_capacity=0)
+        user = collections.namedtuple("User", "name")("alice01")
+        first, second = (user, (1).to_bytes(8, "big")), (user, (2).to_bytes(8, "big"))
+        state = windows.open(first, 1.0, lambda: None)
+        state.newest = 1  # a packet stamped now was accepted: the window is fresh
+        windows.close(first, state, 1.0)
+        self.assertEqual(windows.forgotten_early, 1)
+        with self.assertRaises(ReplayError):
+            windows.open(first, 1.0, lambda: None)
+        windows.open(second, 1.0, lambda: None)
 
     def test_server_session_kept_across_nat_entries(self):
         """A session that comes back after its NAT entry expired answers under the same server session ID."""

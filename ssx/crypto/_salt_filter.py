@@ -20,6 +20,7 @@ import hashlib
 import math
 import os
 import struct
+import sys
 from contextlib import AbstractContextManager
 from functools import reduce
 from operator import and_, or_
@@ -63,7 +64,7 @@ class SaltFilter:
     # --workers share locks its file.
     _lock: AbstractContextManager[Any] | None = None
 
-    def __init__(self, capacity: int = DEFAULT_HISTORY, false_positive_rate: float = 1e-6) -> None:
+    def __init__(self, capacity: int = DEFAULT_HISTORY, false_positive_rate: float = 1e-6, marks: bool = True) -> None:
         if capacity < 2:
             raise ValueError("capacity must be at least 2")
         self.capacity = capacity
@@ -81,6 +82,11 @@ class SaltFilter:
         # in its block's 1024 bits without a Python-level loop.
         self._low_bits = (_BLOCK_BITS - 1,) * self._hashes
         self._half = half
+        # Salts this long or longer may carry the server's mark, in their
+        # last MARK_SIZE bytes, which the digest leaves out.  A filter of
+        # other byte strings (`marks=False`: SessionWindows' session names)
+        # hashes every byte.
+        self._marked_min = MARKED_MIN if marks else sys.maxsize
         self._active = _Bloom(self._blocks * _BLOCK)
         self._old = _Bloom(self._blocks * _BLOCK)
         self._use_key(os.urandom(32))
@@ -100,7 +106,7 @@ class SaltFilter:
     def _digest(self, salt: bytes) -> bytes:
         """The keyed digest of a salt: of all but its mark's place where it is long enough to carry one."""
         hasher = self._hasher.copy()
-        hasher.update(salt[:-MARK_SIZE] if len(salt) >= MARKED_MIN else salt)
+        hasher.update(salt[:-MARK_SIZE] if len(salt) >= self._marked_min else salt)
         return hasher.digest()
 
     def _locate(self, salt: bytes) -> tuple[int, int]:
@@ -120,7 +126,7 @@ class SaltFilter:
         random.  Short IVs (8 bytes) would lose too much randomness to a
         mark; those are random and remembered in the filter instead.
         """
-        if size >= MARKED_MIN:
+        if size >= self._marked_min:
             head = os.urandom(size - MARK_SIZE)
             # `_digest`, inline: this runs for every connection.
             hasher = self._hasher.copy()
@@ -131,7 +137,7 @@ class SaltFilter:
         return salt
 
     def _is_own(self, salt: bytes) -> bool:
-        return len(salt) >= MARKED_MIN and self._digest(salt)[:MARK_SIZE] == salt[-MARK_SIZE:]
+        return len(salt) >= self._marked_min and self._digest(salt)[:MARK_SIZE] == salt[-MARK_SIZE:]
 
     def check_and_add(self, salt: bytes) -> bool:
         """True if `salt` is new (and now remembered); False for a replay."""
@@ -139,7 +145,7 @@ class SaltFilter:
         # `_is_own` and `_locate` are written out here, and `_lock` is
         # entered only where there is one (a filter shared by workers).
         hasher = self._hasher.copy()
-        if len(salt) >= MARKED_MIN:
+        if len(salt) >= self._marked_min:
             hasher.update(salt[:-MARK_SIZE])
             digest = hasher.digest()
             if digest[:MARK_SIZE] == salt[-MARK_SIZE:]:

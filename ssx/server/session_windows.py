@@ -61,7 +61,8 @@ class SessionWindows:
         self.retired_capacity = retired_capacity
         self._live: dict[Any, SessionState] = {}
         self._retired: OrderedDict[Any, SessionState] = OrderedDict()
-        self._forgotten = SaltFilter(forgotten)
+        # Session names, not salts: every byte of them counts.
+        self._forgotten = SaltFilter(forgotten, marks=False)
         self.forgotten_early = 0
 
     def __len__(self) -> int:
