@@ -83,6 +83,15 @@ class SharedPartsTests(unittest.SynchronousTestCase):
             two.check_and_add(os.urandom(32))
         self.assertFalse(one.remembers(salt))
 
+    def test_shared_filter_of_another_layout_is_refused(self):
+        """A worker refuses a shared filter file laid out by another ssx version (its header names the layout)."""
+        fd = SharedSaltFilter.create(1000)
+        self.addCleanup(os.close, fd)
+        os.pwrite(fd, b"ssxslt01", 48)
+        with self.assertRaises(ValueError) as caught:
+            SharedSaltFilter(fd, 1000)
+        self.assertIn("another version of ssx", str(caught.exception))
+
     def test_slot_sockets(self):
         """Port 0 is resolved once: every slot's TCP and UDP socket is bound to the same port, each its own socket."""
         slots = open_slot_sockets([Listener(description="tcp:0:interface=127.0.0.1", udp=True)], 2)

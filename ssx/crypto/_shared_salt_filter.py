@@ -26,8 +26,12 @@ from ssx.crypto._salt_filter import _BLOCK, DEFAULT_HISTORY, SaltFilter
 
 __all__ = ["SharedSaltFilter"]
 
-# active index, active count, then the 32-byte key salts are hashed with.
-_HEADER = struct.Struct("<QQ32s")
+# active index, active count, the 32-byte key salts are hashed with, then
+# the layout's name: a worker of another ssx version (code upgraded on disk
+# under a running supervisor) must not read the filters another way.
+_HEADER = struct.Struct("<QQ32s8s")
+_LAYOUT = b"ssxslt02"
+
 _HEADER_SIZE = 128
 
 
@@ -64,9 +68,13 @@ class SharedSaltFilter(SaltFilter):
         size = self._blocks * _BLOCK
         self._fd = fd
         self._map = mmap.mmap(fd, _HEADER_SIZE + 2 * size)
+        _, _, key, layout = _HEADER.unpack_from(self._map, 0)
+        if layout != _LAYOUT:
+            self._map.close()
+            raise ValueError("the shared replay filter was made by another version of ssx: restart the server")
+        self._use_key(key)
         view = memoryview(self._map)
         self._views = (view[_HEADER_SIZE:_HEADER_SIZE + size], view[_HEADER_SIZE + size:])
-        self._use_key(_HEADER.unpack_from(self._map, 0)[2])
         self._active = self._old = _SharedBloom(self._views[0])  # type: ignore[assignment]
         self._lock = _FileLock(fd)
 
@@ -79,7 +87,7 @@ class SharedSaltFilter(SaltFilter):
         fd, path = tempfile.mkstemp(prefix="ssx-salts-", dir=directory)
         os.unlink(path)
         os.ftruncate(fd, _HEADER_SIZE + 2 * size)
-        os.pwrite(fd, _HEADER.pack(0, 0, os.urandom(32)), 0)
+        os.pwrite(fd, _HEADER.pack(0, 0, os.urandom(32), _LAYOUT), 0)
         return fd
 
     def _check_and_set(self, offset: int, mask: int) -> bool:
