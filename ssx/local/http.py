@@ -31,7 +31,7 @@ from ssx.wire.http_codec import MAX_HEAD, ClientSide, Data, EndOfMessage, Origin
 from ssx.wire.http_message import HttpError, absolute_target, basic_credentials_ok, connect_target, error_response
 from ssx.local.relay import CLOSED, CONNECTING, RELAYING, WAITING, LocalRelayProtocol
 from ssx.local.socks import ProxyPortFactory
-from ssx.net.relay import OutboundProtocol, RelayProtocol
+from ssx.net.relay import OutboundProtocol
 
 __all__ = ["HttpProxyProtocol"]
 
@@ -61,7 +61,10 @@ class _OriginConnection(OutboundProtocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self.owner.origin_closed(self)
-        RelayProtocol.connectionLost(self, reason)
+        # Then as any outbound connection: `ready` fails if the connection
+        # ended before it was ready (a TLS handshake refused, say), or lets
+        # go of this protocol if it was.
+        OutboundProtocol.connectionLost(self, reason)
 
 
 class HttpProxyProtocol(LocalRelayProtocol):

@@ -92,18 +92,23 @@ class _OneTcpConnection(ClientFactory):
     noisy = False
 
     def __init__(self, protocol: Protocol, connected: Deferred) -> None:
-        self._protocol = protocol
-        self._connected = connected
+        self._protocol: Protocol | None = protocol
+        self._connected: Deferred | None = connected
         self.cancelled = False
 
-    def buildProtocol(self, addr: object) -> Protocol:
-        if not self._connected.called:
-            self._connected.callback(self._protocol)
-        return self._protocol
+    def buildProtocol(self, addr: object) -> Protocol | None:
+        # Both let go of once built, as `_ReadyWhenConnected` does: the
+        # connection's transport keeps its connector, which keeps this factory.
+        protocol, self._protocol = self._protocol, None
+        connected, self._connected = self._connected, None
+        if connected is not None and not connected.called:
+            connected.callback(protocol)
+        return protocol
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        if not self._connected.called and not self.cancelled:
-            self._connected.errback(reason)
+        connected = self._connected
+        if connected is not None and not connected.called and not self.cancelled:
+            connected.errback(reason)
 
 
 def connect_tcp(
