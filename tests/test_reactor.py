@@ -214,16 +214,21 @@ class DispatchTests(unittest.TestCase):
         self.assertEqual((writer.calls, reader.calls), ([], ["read", b"after"]))
 
     def test_hand_over_of_anything_else_removes_and_adds(self) -> None:
-        """A writer that is not registered (or not for writing alone) is removed and the reader added, as Twisted would."""
-        writer, theirs = self._pair()
-        reader = _Descriptor(writer.sock)
-        self.reactor.hand_over(writer, reader)
-        fd = writer.fileno()
-        self.assertIs(self.reactor._selectables[fd], reader)
-        self.assertEqual((fd in self.reactor._reads, fd in self.reactor._writes), (True, False))
-        theirs.sendall(b"x")
-        self.reactor.doPoll(1)
-        self.assertEqual((writer.calls, reader.calls), ([], ["read", b"x"]))
+        """A writer not registered, or registered for reading too, is removed, and the reader alone watches the socket."""
+        for reads_too in (False, True):
+            writer, theirs = self._pair()
+            reader = _Descriptor(writer.sock)
+            if reads_too:
+                self.reactor.addWriter(writer)
+                self.reactor.addReader(writer)
+            self.reactor.hand_over(writer, reader)
+            fd = writer.fileno()
+            self.assertIs(self.reactor._selectables[fd], reader)
+            self.assertEqual((fd in self.reactor._reads, fd in self.reactor._writes), (True, False))
+            theirs.sendall(b"x")
+            self.reactor.doPoll(1)
+            self.assertEqual((writer.calls, reader.calls), ([], ["read", b"x"]))
+            self.reactor.removeReader(reader)
 
     def test_a_lean_connection_is_handed_over(self) -> None:
         """ssx's connector on this reactor: once connected, its transport alone watches the socket, for reading."""

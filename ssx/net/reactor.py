@@ -126,6 +126,8 @@ class LeanEPollReactor(EPollReactor):
         fd = reader.fileno()
         if self._selectables.get(fd) is not writer or fd in self._reads or fd not in self._writes:
             self.removeWriter(writer)
+            if self._selectables.get(fd) is writer:
+                self.removeReader(writer)  # it read too: the socket is the reader's alone now
             self.addReader(reader)
             return
         self._poller.modify(fd, _IN)
