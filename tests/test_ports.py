@@ -336,7 +336,7 @@ class ManyPortsTests(unittest.TestCase):
     async def _dual_stack(self) -> None:
         if not support.ipv6_loopback():
             raise unittest.SkipTest("no IPv6 loopback")
-        port = support.free_port(socket.AF_INET6)
+        port = support.free_port(socket.AF_INET6, both_families=True)
         service = self.start({"server": ["::1", "127.0.0.1"], "server_port": port, "password": "pw",
                               "method": "aes-128-gcm", "mode": "tcp_and_udp"})
         self.assertEqual(len(service.listeners), 2)
@@ -354,7 +354,8 @@ class ManyPortsTests(unittest.TestCase):
 
     def test_v6only_asked_of_the_sockets(self):
         """With both families each listener asks for IPV6_V6ONLY; with one family none does."""
-        service = self.start({"server": ["::1", "127.0.0.1"], "server_port": support.free_port(socket.AF_INET6),
+        port = support.free_port(socket.AF_INET6, both_families=True) if support.ipv6_loopback() else 0
+        service = self.start({"server": ["::1", "127.0.0.1"], "server_port": port,
                               "password": "pw", "mode": "tcp_and_udp"}) if support.ipv6_loopback() else None
         if service is None:
             raise unittest.SkipTest("no IPv6 loopback")

@@ -36,24 +36,35 @@ __all__ = [
 ]
 
 
-def free_port(family: int = socket.AF_INET) -> int:
+def free_port(family: int = socket.AF_INET, both_families: bool = False) -> int:
     """
     A port that was free a moment ago for both TCP and UDP (for child
     processes and managers that need a number: a server with UDP binds
     both). Taken from UDP, then checked for TCP: a TCP-only check handed
-    out ports another process held for UDP.
+    out ports another process held for UDP.  With `both_families`, checked
+    on ::1 and 127.0.0.1 alike (for a server listening on both: a number
+    free in one family may be some connection's port in the other).
     """
     host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    addresses = [(socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")] if both_families else [(family, host)]
     for _ in range(50):
-        with socket.socket(family, socket.SOCK_DGRAM) as udp, socket.socket(family, socket.SOCK_STREAM) as tcp:
-            udp.bind((host, 0))
-            port: int = udp.getsockname()[1]
-            try:
-                tcp.bind((host, port))
-            except OSError:
-                continue
-            return port
+        with socket.socket(family, socket.SOCK_DGRAM) as held:
+            held.bind((host, 0))
+            port: int = held.getsockname()[1]
+            checks = [(f, a, socket.SOCK_STREAM) for f, a in addresses]
+            checks += [(f, a, socket.SOCK_DGRAM) for f, a in addresses if (f, a) != (family, host)]
+            if all(_binds(*check, port) for check in checks):
+                return port
     raise AssertionError("no port free for both TCP and UDP")
+
+
+def _binds(family: int, host: str, kind: int, port: int) -> bool:
+    with socket.socket(family, kind) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def ipv6_loopback() -> bool:
