@@ -17,7 +17,7 @@ from typing import Any
 from twisted.internet import defer, reactor, threads
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
-from twisted.web import resource, server as web_server
+from twisted.web import server as web_server
 
 from ssx.wire import socks5
 from ssx.net.relay import SWEEP_INTERVAL
@@ -106,12 +106,7 @@ class HttpTests(ChainTestCase):
     """A real client (curl) through the chain to a local HTTP server."""
 
     def _web(self, body: bytes) -> int:
-        root = resource.Resource()
-        leaf = resource.Resource()
-        leaf.render_GET = lambda request: body  # type: ignore[method-assign]
-        leaf.isLeaf = True
-        root.putChild(b"blob", leaf)
-        port = reactor.listenTCP(0, web_server.Site(root), interface="127.0.0.1")
+        port = support.listen_web(web_server.Site(support.Blob(body)))
         self.addCleanup(port.stopListening)
         return port.getHost().port
 

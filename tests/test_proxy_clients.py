@@ -30,17 +30,6 @@ NO_PROXY_ENV = {"no_proxy": "", "NO_PROXY": "", "http_proxy": "", "HTTP_PROXY": 
                 "ALL_PROXY": "", "all_proxy": ""}
 
 
-class _Blob(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, body: bytes) -> None:
-        super().__init__()
-        self.body = body
-
-    def render_GET(self, request):
-        return self.body
-
-
 class _Chunked(resource.Resource):
     """Answers without a length, so HTTP/1.1 clients get it chunked."""
 
@@ -82,7 +71,7 @@ class ProxyClientTestCase(ChainTestCase):
         super().setUp()
         self.body = os.urandom(3 * 1024 * 1024 + 17)
         root = resource.Resource()
-        root.putChild(b"blob", _Blob(self.body))
+        root.putChild(b"blob", support.Blob(self.body))
         root.putChild(b"chunked", _Chunked(self.body))
         root.putChild(b"hash", _HashBody())
         root.putChild(b"host", _Host())
@@ -176,7 +165,7 @@ class CurlModeTests(ProxyClientTestCase):
         socks_port = self.chain(method="aes-256-gcm")
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
-        other = support.listen_web(web_server.Site(_Blob(self.body[::-1])))
+        other = support.listen_web(web_server.Site(support.Blob(self.body[::-1])))
         self.addCleanup(other.stopListening)
         first, second = os.path.join(directory, "1"), os.path.join(directory, "2")
         out, err, code = await self.curl(
@@ -281,7 +270,7 @@ class KeepAliveTests(ProxyClientTestCase):
     async def _switch(self) -> None:
         socks_port = self.chain(method="aes-256-gcm")
         other_body = os.urandom(1024 * 1024)
-        other = support.listen_web(web_server.Site(_Blob(other_body)))
+        other = support.listen_web(web_server.Site(support.Blob(other_body)))
         self.addCleanup(other.stopListening)
         client = _KeepAliveClient()
         await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", socks_port), client)

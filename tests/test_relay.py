@@ -19,7 +19,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from twisted.web import resource, server as web_server
+from twisted.web import server as web_server
 
 from ssx.wire.address import Address, encode_address
 from ssx.crypto import CipherSuite
@@ -180,12 +180,7 @@ class ConnectionsFreedTests(support.LeanTcp, support.ChainTestCase):
     async def test_forwarded_http_leaves_no_cycles(self) -> None:
         """Nor of a forwarded HTTP request (curl through the HTTP proxy, the origin connection opened for it)."""
         body = os.urandom(10_000)
-        root = resource.Resource()
-        leaf = resource.Resource()
-        leaf.render_GET = lambda request: body  # type: ignore[method-assign]
-        leaf.isLeaf = True
-        root.putChild(b"blob", leaf)
-        web = reactor.listenTCP(0, web_server.Site(root), interface="127.0.0.1")
+        web = support.listen_web(web_server.Site(support.Blob(body)))
         self.addCleanup(web.stopListening)
         port = self.chain()
 

@@ -70,6 +70,7 @@ from tests.support.peers import (
 )
 from tests.support.workers import Recorder, alive, connection_owner, reload_workers, started_workers
 from tests.support.targets import (
+    Blob,
     CountingEchoFactory,
     DigestAndSource,
     Echo,
@@ -89,6 +90,7 @@ from tests.support.tcp_paths import LeanTcp, TwistedTcp, buffered_bytes
 from tests.support.waiting import coroutine_test, outgoing_connections, sleep, wait_for, wait_until, within
 
 __all__ = [
+    "Blob",
     "Samples",
     "metrics_port",
     "scrape",

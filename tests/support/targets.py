@@ -30,6 +30,7 @@ __all__ = [
     "listen_udp_echo",
     "make_certificate",
     "listen_web",
+    "Blob",
     "DigestAndSource",
     "FakeDns",
     "Zone",
@@ -188,6 +189,19 @@ def listen_web(site: Any, key_path: str | None = None, cert_path: str | None = N
         cert = f.read()
     options = ssl.PrivateCertificate.loadPEM(key + cert).options()
     return reactor.listenSSL(0, site, options, interface="127.0.0.1")
+
+
+class Blob(resource.Resource):
+    """A web resource answering every GET, whatever its path, with the same body."""
+
+    isLeaf = True
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self.body = body
+
+    def render_GET(self, request: Any) -> bytes:
+        return self.body
 
 
 class DigestAndSource(resource.Resource):
