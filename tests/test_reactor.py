@@ -205,10 +205,14 @@ class DispatchTests(unittest.TestCase):
         reader = _Descriptor(writer.sock)
         self.reactor.addWriter(writer)
         self.reactor.hand_over(writer, reader)
+        # Writable at once, but nobody asks to write any more: only the read reaches anyone.
+        self._assert_reader_alone(writer, reader, theirs)
+
+    def _assert_reader_alone(self, writer: _Descriptor, reader: _Descriptor, theirs: socket.socket) -> None:
+        """The socket is `reader`'s alone, watched for reading: bytes sent reach its doRead and nothing else."""
         fd = writer.fileno()
         self.assertIs(self.reactor._selectables[fd], reader)
         self.assertEqual((fd in self.reactor._reads, fd in self.reactor._writes), (True, False))
-        # Writable at once, but nobody asks to write any more: only the read reaches anyone.
         theirs.sendall(b"after")
         self.reactor.doPoll(1)
         self.assertEqual((writer.calls, reader.calls), ([], ["read", b"after"]))
@@ -222,12 +226,7 @@ class DispatchTests(unittest.TestCase):
                 self.reactor.addWriter(writer)
                 self.reactor.addReader(writer)
             self.reactor.hand_over(writer, reader)
-            fd = writer.fileno()
-            self.assertIs(self.reactor._selectables[fd], reader)
-            self.assertEqual((fd in self.reactor._reads, fd in self.reactor._writes), (True, False))
-            theirs.sendall(b"x")
-            self.reactor.doPoll(1)
-            self.assertEqual((writer.calls, reader.calls), ([], ["read", b"x"]))
+            self._assert_reader_alone(writer, reader, theirs)
             self.reactor.removeReader(reader)
 
     def test_a_lean_connection_is_handed_over(self) -> None:

@@ -87,7 +87,7 @@ class SharedPartsTests(unittest.SynchronousTestCase):
         """A worker refuses a shared filter file laid out by another ssx version (its header names the layout)."""
         fd = SharedSaltFilter.create(1000)
         self.addCleanup(os.close, fd)
-        os.pwrite(fd, b"ssxslt01", 48)
+        os.pwrite(fd, b"ssxslt01", 8 + 8 + 32)  # the layout's name, after index, count and key
         with self.assertRaises(ValueError) as caught:
             SharedSaltFilter(fd, 1000)
         self.assertIn("another version of ssx", str(caught.exception))

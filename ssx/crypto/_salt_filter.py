@@ -99,7 +99,6 @@ class SaltFilter:
 
     def _use_key(self, key: bytes) -> None:
         """Hash salts with `key` from now on."""
-        self._key = key
         # Copied for each salt: cheaper than keying a new hash object.
         self._hasher = hashlib.blake2b(key=key, digest_size=_POSITIONS + 2 * self._hashes)
 
@@ -136,14 +135,11 @@ class SaltFilter:
         self.add(salt)
         return salt
 
-    def _is_own(self, salt: bytes) -> bool:
-        return len(salt) >= self._marked_min and self._digest(salt)[:MARK_SIZE] == salt[-MARK_SIZE:]
-
     def check_and_add(self, salt: bytes) -> bool:
         """True if `salt` is new (and now remembered); False for a replay."""
         # This runs for every connection and every datagram, so `_digest`,
-        # `_is_own` and `_locate` are written out here, and `_lock` is
-        # entered only where there is one (a filter shared by workers).
+        # the own-mark check and `_locate` are written out here, and `_lock`
+        # is entered only where there is one (a filter shared by workers).
         hasher = self._hasher.copy()
         if len(salt) >= self._marked_min:
             hasher.update(salt[:-MARK_SIZE])

@@ -20,10 +20,11 @@ without pending input ends a reading descriptor cleanly, and a writing
 one as a lost connection; a read that returns a reason to disconnect
 skips the write; anything a descriptor raises is logged and disconnects
 it) and keeps Twisted's own `_disconnectSelectable` for the endings, with
-the half-close it implements.  `hand_over` moves a connecting socket from
-its connector to its transport with one system call.  What it reaches of the base class that
-Twisted keeps private is listed in `ssx.net.tcp.TWISTED_PRIVATE_NAMES`
-(checked against the installed Twisted by tests/test_twisted_private.py).
+the half-close it implements.  `hand_over` moves a connected socket from
+its connector to its transport with one system call.  What it reaches of
+the base class that Twisted keeps private is listed in
+`ssx.net.tcp.TWISTED_PRIVATE_NAMES` (checked against the installed Twisted
+by tests/test_twisted_private.py).
 
 This module needs epoll (Linux): where importing it fails, its callers
 leave twistd's default reactor.  `install_default` installs it where

@@ -307,6 +307,7 @@ class RelayProtocol(Protocol):
 
 
 def _forget(result: object) -> None:
+    """A callback that drops the result it is given."""
     return None
 
 
